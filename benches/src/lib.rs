@@ -1,0 +1,1 @@
+//! Benchmarks for pgbus (filled by the benchmarks issue).

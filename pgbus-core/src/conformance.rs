@@ -1,0 +1,669 @@
+//! The conformance suite: the queue contract as tests, run unchanged by every backend.
+//!
+//! Each case is a public async function taking a fresh, empty backend. A backend crate
+//! runs them all with one macro line in a test file:
+//!
+//! ```ignore
+//! async fn fresh_backend() -> MyBackend { /* an empty backend, e.g. on a new database */ }
+//! pgbus_core::conformance_tests!(fresh_backend);
+//! ```
+//!
+//! Lease expiry is exercised with short real leases: the cases wait for the condition (the
+//! message becoming claimable again) with a deadline, never for a fixed time.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Backend, ContentType, Error, Message, MessageId, NewMessage, QueueName, QueueOptions,
+    RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES,
+};
+
+/// Generates one `#[tokio::test]` per conformance case, each given a fresh backend from
+/// `$factory` (an async function with no arguments returning the backend).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:path) => {
+        $crate::conformance_tests!(@cases $factory;
+            send_and_claim_round_trip,
+            claims_by_priority_then_age,
+            delayed_messages_are_invisible_until_due,
+            bulk_send_of_ten_thousand,
+            concurrent_claimers_claim_each_message_once,
+            expired_lease_is_claimed_again_and_fenced,
+            extended_lease_keeps_message_hidden,
+            ack_batch_completes_messages,
+            nack_makes_message_visible_after_delay,
+            retry_policy_ends_in_dead_letter_queue,
+            dead_letter_retry_and_discard,
+            undecodable_payload_is_dead_lettered_and_claiming_continues,
+            paused_queue_hands_out_nothing,
+            purge_and_drop_queue,
+            create_queue_is_idempotent_and_listed,
+            unknown_queue_is_an_error,
+            oversized_payload_and_bad_group_key_are_refused,
+            stats_count_each_state,
+        );
+    };
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                $crate::conformance::$case($factory().await).await;
+            }
+        )*
+    };
+}
+
+const LONG: Duration = Duration::from_secs(600);
+const DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Job {
+    n: u32,
+    text: String,
+}
+
+fn job(n: u32) -> NewMessage {
+    NewMessage::encode(&Job {
+        n,
+        text: format!("job {n}"),
+    })
+    .expect("encodes")
+}
+
+async fn queue<B: Backend>(backend: &B, name: &str) -> QueueName {
+    queue_with(backend, name, QueueOptions::default()).await
+}
+
+async fn queue_with<B: Backend>(backend: &B, name: &str, options: QueueOptions) -> QueueName {
+    let name = QueueName::new(name).expect("valid name");
+    assert!(backend.create_queue(&name, &options).await.expect("create"));
+    name
+}
+
+fn numbers(messages: &[Message]) -> Vec<u32> {
+    messages
+        .iter()
+        .map(|m| m.decode::<Job>().expect("decodes").n)
+        .collect()
+}
+
+/// Claims until something comes back or the deadline passes.
+async fn claim_eventually<B: Backend>(backend: &B, queue: &QueueName, lease: Duration) -> Message {
+    let start = Instant::now();
+    loop {
+        let mut claimed = backend.claim(queue, 1, lease).await.expect("claim");
+        if let Some(m) = claimed.pop() {
+            return m;
+        }
+        assert!(start.elapsed() < DEADLINE, "message never became claimable");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts that claims return nothing for the whole of `period`.
+async fn assert_nothing_claimable_for<B: Backend>(
+    backend: &B,
+    queue: &QueueName,
+    period: Duration,
+) {
+    let start = Instant::now();
+    while start.elapsed() < period {
+        let claimed = backend.claim(queue, 10, LONG).await.expect("claim");
+        assert!(claimed.is_empty(), "claimed {:?} too early", claimed[0].id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn stats_of<B: Backend>(backend: &B, queue: &QueueName) -> crate::QueueStats {
+    backend
+        .stats()
+        .await
+        .expect("stats")
+        .into_iter()
+        .find(|s| &s.queue == queue)
+        .expect("queue in stats")
+}
+
+/// A sent message comes back whole: payload, headers, priority, group key; one attempt.
+pub async fn send_and_claim_round_trip<B: Backend>(backend: B) {
+    let q = queue(&backend, "round_trip").await;
+    let before = SystemTime::now() - Duration::from_secs(5);
+    let id = backend
+        .send(
+            &q,
+            job(7)
+                .priority(3)
+                .group("customer_1")
+                .header("trace", "t-1"),
+        )
+        .await
+        .expect("send");
+    let claimed = backend.claim(&q, 10, LONG).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let m = &claimed[0];
+    assert_eq!(m.id, id);
+    assert_eq!(m.queue, q);
+    assert_eq!(
+        m.decode::<Job>().unwrap(),
+        Job {
+            n: 7,
+            text: "job 7".into()
+        }
+    );
+    assert_eq!(m.content_type, ContentType::MessagePack);
+    assert_eq!(m.headers.get("trace").map(String::as_str), Some("t-1"));
+    assert_eq!(m.priority, 3);
+    assert_eq!(m.group_key.as_deref(), Some("customer_1"));
+    assert_eq!(m.attempts, 1);
+    assert_eq!(m.last_error, None);
+    assert!(m.enqueued_at >= before);
+    assert!(m.lease_expires_at > SystemTime::now() + LONG - Duration::from_secs(60));
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+
+    let json_id = backend
+        .send(
+            &q,
+            NewMessage::json(&serde_json::json!({"n": 8, "text": "j"})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let m = backend.claim(&q, 1, LONG).await.unwrap().remove(0);
+    assert_eq!(m.id, json_id);
+    assert_eq!(m.content_type, ContentType::Json);
+    assert_eq!(m.decode::<Job>().unwrap().n, 8);
+}
+
+/// Higher priority first; within a priority, oldest first.
+pub async fn claims_by_priority_then_age<B: Backend>(backend: B) {
+    let q = queue(&backend, "priorities").await;
+    for (n, priority) in [(1, 0), (2, 5), (3, 1), (4, 5), (5, -2), (6, 0)] {
+        backend.send(&q, job(n).priority(priority)).await.unwrap();
+    }
+    let claimed = backend.claim(&q, 3, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [2, 4, 3]);
+    let claimed = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [1, 6, 5]);
+}
+
+/// A delayed message is invisible until due; one scheduled in the past is visible now.
+pub async fn delayed_messages_are_invisible_until_due<B: Backend>(backend: B) {
+    let q = queue(&backend, "delayed").await;
+    backend
+        .send(&q, job(1).delay(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    backend.send(&q, job(2).delay(LONG)).await.unwrap();
+    backend
+        .send(&q, job(3).at(SystemTime::now() + Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    backend
+        .send(&q, job(4).at(SystemTime::now() - Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(numbers(&backend.claim(&q, 10, LONG).await.unwrap()), [4]);
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!((stats.scheduled, stats.in_flight), (3, 1));
+    let due = claim_eventually(&backend, &q, LONG).await;
+    assert_eq!(due.decode::<Job>().unwrap().n, 1);
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+}
+
+/// 10,000 messages in one call: ids in input order, all stored, all claimable.
+pub async fn bulk_send_of_ten_thousand<B: Backend>(backend: B) {
+    let q = queue(&backend, "bulk").await;
+    let ids = backend
+        .send_batch(&q, (0..10_000).map(job).collect())
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 10_000);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids increase in input order"
+    );
+    assert_eq!(stats_of(&backend, &q).await.ready, 10_000);
+    let mut seen = Vec::new();
+    loop {
+        let batch = backend.claim(&q, 1_000, LONG).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        seen.extend(numbers(&batch));
+    }
+    assert_eq!(seen, (0..10_000).collect::<Vec<_>>());
+    assert!(backend.send_batch(&q, Vec::new()).await.unwrap().is_empty());
+}
+
+/// 8 concurrent claimers over 10,000 messages: each message claimed exactly once while no
+/// lease expires.
+pub async fn concurrent_claimers_claim_each_message_once<B: Backend>(backend: B) {
+    let q = queue(&backend, "concurrent").await;
+    let sent: HashSet<MessageId> = backend
+        .send_batch(&q, (0..10_000).map(job).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let backend = backend.clone();
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = backend.claim(&q, 50, LONG).await.unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                let leases: Vec<_> = batch.iter().map(Message::lease).collect();
+                assert_eq!(backend.ack(&leases).await.unwrap(), leases.len() as u64);
+                mine.extend(batch.iter().map(|m| (m.id, m.attempts)));
+            }
+        }));
+    }
+    let mut claimed = Vec::new();
+    for task in tasks {
+        claimed.extend(task.await.unwrap());
+    }
+    assert_eq!(
+        claimed.len(),
+        10_000,
+        "every message claimed once, none twice"
+    );
+    assert!(claimed.iter().all(|(_, attempts)| *attempts == 1));
+    let unique: HashSet<MessageId> = claimed.iter().map(|(id, _)| *id).collect();
+    assert_eq!(unique, sent);
+    assert_eq!(stats_of(&backend, &q).await.depth(), 0);
+}
+
+/// A lease that runs out makes the message claimable again with one more attempt; the
+/// old lease can no longer settle it.
+pub async fn expired_lease_is_claimed_again_and_fenced<B: Backend>(backend: B) {
+    let q = queue(&backend, "leases").await;
+    backend.send(&q, job(1)).await.unwrap();
+    let first = backend
+        .claim(&q, 1, Duration::from_millis(200))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(first.attempts, 1);
+    assert!(
+        backend.claim(&q, 1, LONG).await.unwrap().is_empty(),
+        "hidden while leased"
+    );
+    let second = claim_eventually(&backend, &q, LONG).await;
+    assert_eq!(second.id, first.id);
+    assert_eq!(second.attempts, 2);
+    let stale = first.lease();
+    assert_eq!(backend.ack(&[stale]).await.unwrap(), 0);
+    assert!(!backend
+        .nack(&stale, Duration::ZERO, Some("late"))
+        .await
+        .unwrap());
+    assert!(!backend.dead_letter(&stale, "late").await.unwrap());
+    assert_eq!(backend.extend(&[stale], LONG).await.unwrap(), 0);
+    assert_eq!(backend.ack(&[second.lease()]).await.unwrap(), 1);
+    assert_eq!(stats_of(&backend, &q).await.depth(), 0);
+}
+
+/// Extending a lease keeps the message hidden past its original expiry.
+pub async fn extended_lease_keeps_message_hidden<B: Backend>(backend: B) {
+    let q = queue(&backend, "extend").await;
+    backend.send(&q, job(1)).await.unwrap();
+    let m = backend
+        .claim(&q, 1, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(backend.extend(&[m.lease()], LONG).await.unwrap(), 1);
+    assert_nothing_claimable_for(&backend, &q, Duration::from_millis(600)).await;
+    assert_eq!(stats_of(&backend, &q).await.in_flight, 1);
+    assert_eq!(backend.ack(&[m.lease()]).await.unwrap(), 1);
+}
+
+/// One ack call settles many messages; acked messages never come back.
+pub async fn ack_batch_completes_messages<B: Backend>(backend: B) {
+    let q = queue(&backend, "acks").await;
+    backend
+        .send_batch(&q, (0..20).map(job).collect())
+        .await
+        .unwrap();
+    let claimed = backend
+        .claim(&q, 20, Duration::from_millis(100))
+        .await
+        .unwrap();
+    let leases: Vec<_> = claimed.iter().map(Message::lease).collect();
+    assert_eq!(backend.ack(&leases).await.unwrap(), 20);
+    assert_eq!(
+        backend.ack(&leases).await.unwrap(),
+        0,
+        "second ack finds nothing"
+    );
+    assert_nothing_claimable_for(&backend, &q, Duration::from_millis(300)).await;
+    assert_eq!(stats_of(&backend, &q).await.depth(), 0);
+}
+
+/// A nack gives the message back after the delay, with the error recorded.
+pub async fn nack_makes_message_visible_after_delay<B: Backend>(backend: B) {
+    let q = queue(&backend, "nacks").await;
+    backend.send(&q, job(1)).await.unwrap();
+    let m = backend.claim(&q, 1, LONG).await.unwrap().remove(0);
+    assert!(backend
+        .nack(&m.lease(), Duration::from_millis(200), Some("boom"))
+        .await
+        .unwrap());
+    assert!(
+        backend.claim(&q, 1, LONG).await.unwrap().is_empty(),
+        "hidden during the delay"
+    );
+    assert_eq!(stats_of(&backend, &q).await.scheduled, 1);
+    let again = claim_eventually(&backend, &q, LONG).await;
+    assert_eq!((again.id, again.attempts), (m.id, 2));
+    assert_eq!(again.last_error.as_deref(), Some("boom"));
+}
+
+/// A handler that keeps failing is retried with the policy, then dead-lettered with the
+/// last error text; a retry from the dead-letter queue puts it back.
+pub async fn retry_policy_ends_in_dead_letter_queue<B: Backend>(backend: B) {
+    let policy = RetryPolicy::builder()
+        .base(Duration::from_millis(5))
+        .cap(Duration::from_millis(20))
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let q = queue_with(&backend, "retries", QueueOptions::default().retry(policy)).await;
+    let id = backend.send(&q, job(1)).await.unwrap();
+    let policy = backend.queue_info(&q).await.unwrap().options.retry;
+    assert_eq!(policy.max_attempts(), 3);
+    let mut attempts_seen = Vec::new();
+    loop {
+        let m = claim_eventually(&backend, &q, LONG).await;
+        attempts_seen.push(m.attempts);
+        let error = format!("failure on attempt {}", m.attempts);
+        match policy.decide(m.attempts) {
+            RetryDecision::RetryAfter(delay) => {
+                assert!(backend.nack(&m.lease(), delay, Some(&error)).await.unwrap())
+            }
+            RetryDecision::DeadLetter => {
+                assert!(backend.dead_letter(&m.lease(), &error).await.unwrap());
+                break;
+            }
+        }
+    }
+    assert_eq!(attempts_seen, [1, 2, 3]);
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id, dead[0].attempts), (id, 3));
+    assert_eq!(dead[0].error, "failure on attempt 3");
+    assert_eq!(stats_of(&backend, &q).await.dead_lettered, 1);
+
+    assert_eq!(
+        backend.retry_dead(&q, Selection::Ids(&[id])).await.unwrap(),
+        1
+    );
+    let back = backend.claim(&q, 1, LONG).await.unwrap().remove(0);
+    assert_eq!((back.id, back.attempts), (id, 1));
+    assert!(backend.list_dead(&q, 10).await.unwrap().is_empty());
+}
+
+/// Dead letters can be listed, retried and discarded, by id or all at once.
+pub async fn dead_letter_retry_and_discard<B: Backend>(backend: B) {
+    let q = queue(&backend, "dlq").await;
+    backend
+        .send_batch(&q, (0..4).map(job).collect())
+        .await
+        .unwrap();
+    let claimed = backend.claim(&q, 4, LONG).await.unwrap();
+    for m in &claimed {
+        assert!(backend
+            .dead_letter(&m.lease(), &format!("bad {}", m.id))
+            .await
+            .unwrap());
+    }
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 4);
+    assert_eq!(dead[0].error, format!("bad {}", dead[0].id));
+    assert_eq!(dead[0].decode_job(), 0);
+    assert_eq!(backend.list_dead(&q, 2).await.unwrap().len(), 2);
+
+    let (first, second) = (dead[0].id, dead[1].id);
+    assert_eq!(
+        backend
+            .discard_dead(&q, Selection::Ids(&[first, MessageId(i64::MAX)]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        backend
+            .retry_dead(&q, Selection::Ids(&[second]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(backend.retry_dead(&q, Selection::All).await.unwrap(), 2);
+    assert!(backend.list_dead(&q, 10).await.unwrap().is_empty());
+    assert_eq!(stats_of(&backend, &q).await.ready, 3);
+    let again = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(again.len(), 3);
+    for m in &again {
+        assert!(backend.dead_letter(&m.lease(), "again").await.unwrap());
+    }
+    assert_eq!(backend.discard_dead(&q, Selection::All).await.unwrap(), 3);
+    assert_eq!(stats_of(&backend, &q).await.dead_lettered, 0);
+}
+
+trait DecodeJob {
+    fn decode_job(&self) -> u32;
+}
+
+impl DecodeJob for crate::DeadMessage {
+    fn decode_job(&self) -> u32 {
+        self.content_type.decode::<Job>(&self.payload).unwrap().n
+    }
+}
+
+/// A payload that cannot be decoded goes to the dead-letter queue with the reason, and
+/// the claim loop goes on with the next message.
+pub async fn undecodable_payload_is_dead_lettered_and_claiming_continues<B: Backend>(backend: B) {
+    let q = queue(&backend, "poison").await;
+    backend
+        .send(
+            &q,
+            NewMessage::raw(b"\xc1\xc1 not msgpack".to_vec(), ContentType::MessagePack),
+        )
+        .await
+        .unwrap();
+    backend
+        .send(
+            &q,
+            NewMessage::raw(b"{not json".to_vec(), ContentType::Json),
+        )
+        .await
+        .unwrap();
+    backend.send(&q, job(3)).await.unwrap();
+
+    let mut processed = Vec::new();
+    loop {
+        let batch = backend.claim(&q, 1, LONG).await.unwrap();
+        let Some(m) = batch.into_iter().next() else {
+            break;
+        };
+        match m.decode::<Job>() {
+            Ok(job) => {
+                processed.push(job.n);
+                backend.ack(&[m.lease()]).await.unwrap();
+            }
+            Err(err @ Error::Decode { .. }) => {
+                let reason = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+                assert!(backend.dead_letter(&m.lease(), &reason).await.unwrap());
+            }
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+    assert_eq!(processed, [3]);
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead[0]
+            .error
+            .starts_with("could not decode MessagePack payload"),
+        "{}",
+        dead[0].error
+    );
+    assert!(
+        dead[1].error.starts_with("could not decode JSON payload"),
+        "{}",
+        dead[1].error
+    );
+}
+
+/// A paused queue hands out nothing until resumed; sending still works.
+pub async fn paused_queue_hands_out_nothing<B: Backend>(backend: B) {
+    let q = queue(&backend, "paused").await;
+    backend.set_paused(&q, true).await.unwrap();
+    backend.send(&q, job(1)).await.unwrap();
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    assert!(backend.queue_info(&q).await.unwrap().paused);
+    assert!(stats_of(&backend, &q).await.paused);
+    backend.set_paused(&q, false).await.unwrap();
+    assert_eq!(numbers(&backend.claim(&q, 10, LONG).await.unwrap()), [1]);
+}
+
+/// Purge empties a queue but keeps it; drop removes it with everything in it.
+pub async fn purge_and_drop_queue<B: Backend>(backend: B) {
+    let q = queue(&backend, "purged").await;
+    let other = queue(&backend, "kept").await;
+    backend
+        .send_batch(&q, (0..5).map(job).collect())
+        .await
+        .unwrap();
+    backend.send(&other, job(9)).await.unwrap();
+    assert_eq!(backend.purge_queue(&q).await.unwrap(), 5);
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    backend.send(&q, job(6)).await.unwrap();
+    assert!(backend.drop_queue(&q).await.unwrap());
+    assert!(!backend.drop_queue(&q).await.unwrap());
+    assert!(matches!(
+        backend.send(&q, job(1)).await,
+        Err(Error::QueueNotFound(_))
+    ));
+    assert_eq!(
+        numbers(&backend.claim(&other, 10, LONG).await.unwrap()),
+        [9],
+        "other queues untouched"
+    );
+    // A queue created again under the same name starts empty.
+    assert!(backend
+        .create_queue(&q, &QueueOptions::default())
+        .await
+        .unwrap());
+    assert_eq!(stats_of(&backend, &q).await.depth(), 0);
+}
+
+/// Creating an existing queue changes nothing; queues are listed with their settings.
+pub async fn create_queue_is_idempotent_and_listed<B: Backend>(backend: B) {
+    let options = QueueOptions::default()
+        .lease(Duration::from_secs(45))
+        .keep_history(true)
+        .retry(RetryPolicy::builder().max_attempts(9).build().unwrap());
+    let b = queue_with(&backend, "beta", options.clone()).await;
+    let a = queue(&backend, "alpha").await;
+    assert!(!backend
+        .create_queue(&b, &QueueOptions::default())
+        .await
+        .unwrap());
+    let listed = backend.list_queues().await.unwrap();
+    let names: Vec<_> = listed.iter().map(|q| q.name.clone()).collect();
+    assert_eq!(names, [a, b.clone()]);
+    let info = backend.queue_info(&b).await.unwrap();
+    assert_eq!(info.options, options);
+    assert!(!info.paused);
+}
+
+/// Operations on a queue that does not exist fail with `QueueNotFound`.
+pub async fn unknown_queue_is_an_error<B: Backend>(backend: B) {
+    let q = QueueName::new("missing").unwrap();
+    assert!(matches!(
+        backend.send(&q, job(1)).await,
+        Err(Error::QueueNotFound(_))
+    ));
+    assert!(matches!(
+        backend.send_batch(&q, vec![job(1)]).await,
+        Err(Error::QueueNotFound(_))
+    ));
+    assert!(matches!(
+        backend.claim(&q, 1, LONG).await,
+        Err(Error::QueueNotFound(_))
+    ));
+    assert!(matches!(
+        backend.queue_info(&q).await,
+        Err(Error::QueueNotFound(_))
+    ));
+    assert!(matches!(
+        backend.set_paused(&q, true).await,
+        Err(Error::QueueNotFound(_))
+    ));
+    assert!(matches!(
+        backend.purge_queue(&q).await,
+        Err(Error::QueueNotFound(_))
+    ));
+    assert!(matches!(
+        backend.list_dead(&q, 1).await,
+        Err(Error::QueueNotFound(_))
+    ));
+}
+
+/// An oversized payload or a bad group key is refused, and nothing of the batch is stored.
+pub async fn oversized_payload_and_bad_group_key_are_refused<B: Backend>(backend: B) {
+    let q = queue(&backend, "limits").await;
+    let huge = NewMessage::raw(
+        vec![0; DEFAULT_MAX_PAYLOAD_BYTES + 1],
+        ContentType::MessagePack,
+    );
+    let err = backend
+        .send_batch(&q, vec![job(1), huge])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
+    let err = backend.send(&q, job(2).group("")).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidGroupKey(_)), "{err}");
+    let err = backend
+        .send(&q, job(3).group("g".repeat(256)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidGroupKey(_)), "{err}");
+    assert_eq!(
+        stats_of(&backend, &q).await.depth(),
+        0,
+        "nothing half-stored"
+    );
+}
+
+/// Stats count ready, in-flight, scheduled and dead-lettered messages separately.
+pub async fn stats_count_each_state<B: Backend>(backend: B) {
+    let q = queue(&backend, "counted").await;
+    let empty = stats_of(&backend, &q).await;
+    assert_eq!(
+        (empty.depth(), empty.dead_lettered, empty.oldest_ready_age),
+        (0, 0, None)
+    );
+    backend
+        .send_batch(&q, (0..6).map(job).collect())
+        .await
+        .unwrap();
+    backend.send(&q, job(10).delay(LONG)).await.unwrap();
+    let claimed = backend.claim(&q, 3, LONG).await.unwrap();
+    assert!(backend.dead_letter(&claimed[0].lease(), "x").await.unwrap());
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!(stats.ready, 3);
+    assert_eq!(stats.in_flight, 2);
+    assert_eq!(stats.scheduled, 1);
+    assert_eq!(stats.dead_lettered, 1);
+    assert_eq!(stats.depth(), 6);
+    assert!(stats.oldest_ready_age.is_some());
+}

@@ -1,0 +1,63 @@
+//! The driver-agnostic core of pgbus: queue names, messages, leases, the payload codec,
+//! the retry policy, the error type, and the queue contract as small capability traits.
+//!
+//! Backends implement [`QueueAdmin`], [`Producer`], [`Consumer`], [`DeadLetters`] and
+//! [`Stats`]; together they make a [`Backend`]. [`MemoryBackend`] is the in-memory
+//! reference implementation, and the `conformance` feature provides the suite of tests every
+//! backend runs (see [`conformance_tests!`]).
+//!
+//! ```
+//! use std::time::Duration;
+//! use pgbus_core::{Consumer, MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> pgbus_core::Result<()> {
+//! let backend = MemoryBackend::new();
+//! let queue = QueueName::new("emails")?;
+//! backend.create_queue(&queue, &QueueOptions::default()).await?;
+//! backend.send(&queue, NewMessage::encode("hello")?).await?;
+//!
+//! let claimed = backend.claim(&queue, 10, Duration::from_secs(30)).await?;
+//! assert_eq!(claimed[0].decode::<String>()?, "hello");
+//! backend.ack(&[claimed[0].lease()]).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Behaviour every backend guarantees
+//!
+//! - **At-least-once delivery.** A claimed message is hidden for its lease. If the lease
+//!   runs out before the message is acked, it is claimable again and its attempt count
+//!   grows. Handlers must tolerate running twice.
+//! - **Ordering.** Claims return the highest priority first, then the message that became
+//!   visible first, then the lowest id. There is no ordering across concurrent claimers;
+//!   ordered processing per key is the job of group keys.
+//! - **Leases are fenced.** Ack, nack, extend and dead-letter act only on the delivery the
+//!   lease belongs to; once a message is claimed again, the older lease does nothing.
+//! - **Validation before storage.** Queue names, payload sizes and group keys are checked
+//!   before anything reaches the database; a refused message is never half-stored.
+
+#![forbid(unsafe_code)]
+
+mod codec;
+mod error;
+mod memory;
+mod message;
+mod name;
+mod queue;
+mod retry;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use codec::ContentType;
+pub use error::{BoxError, Error, Result};
+pub use memory::MemoryBackend;
+pub use message::{
+    DeadMessage, Headers, Lease, Message, MessageId, NewMessage, Visibility,
+    DEFAULT_MAX_PAYLOAD_BYTES, MAX_GROUP_KEY_LEN,
+};
+pub use name::{QueueName, MAX_QUEUE_NAME_LEN};
+pub use queue::{
+    Backend, Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats,
+    Selection, Stats,
+};
+pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};

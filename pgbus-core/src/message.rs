@@ -1,0 +1,284 @@
+//! Messages: what is sent, what is claimed, and the lease that proves a claim.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{ContentType, Error, QueueName, Result};
+
+/// The largest payload accepted by default: 1 MiB. Backends make it configurable.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// The longest group key accepted, in bytes.
+pub const MAX_GROUP_KEY_LEN: usize = 255;
+
+/// Message headers: free-form string pairs carried beside the payload.
+pub type Headers = BTreeMap<String, String>;
+
+/// A message id: unique across all queues and increasing in send order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub i64);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// When a new message becomes visible to claimers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Visibility {
+    /// At once.
+    #[default]
+    Now,
+    /// After a delay, measured on the backend's clock.
+    After(Duration),
+    /// At a point in time.
+    At(SystemTime),
+}
+
+/// A message to send, built with consuming setters.
+///
+/// ```
+/// use std::time::Duration;
+/// use pgbus_core::NewMessage;
+///
+/// #[derive(serde::Serialize)]
+/// struct Email<'a> { to: &'a str }
+///
+/// let msg = NewMessage::encode(&Email { to: "a@example.com" })
+///     .unwrap()
+///     .priority(5)
+///     .delay(Duration::from_secs(10))
+///     .group("customer_42")
+///     .header("trace_id", "abc");
+/// assert_eq!(msg.priority, 5);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct NewMessage {
+    /// Encoded payload.
+    pub payload: Vec<u8>,
+    /// How the payload is encoded.
+    pub content_type: ContentType,
+    /// Headers.
+    pub headers: Headers,
+    /// Higher runs first. Default 0.
+    pub priority: i16,
+    /// When the message becomes visible.
+    pub visibility: Visibility,
+    /// Messages with the same group key run one at a time, in order.
+    pub group_key: Option<String>,
+}
+
+impl NewMessage {
+    /// A message with an already encoded payload.
+    pub fn raw(payload: Vec<u8>, content_type: ContentType) -> Self {
+        Self {
+            payload,
+            content_type,
+            headers: Headers::new(),
+            priority: 0,
+            visibility: Visibility::Now,
+            group_key: None,
+        }
+    }
+
+    /// Encodes `value` as MessagePack (the default codec).
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Self::encode_as(ContentType::MessagePack, value)
+    }
+
+    /// Encodes `value` as JSON.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Self::encode_as(ContentType::Json, value)
+    }
+
+    /// Encodes `value` with the given codec.
+    pub fn encode_as<T: Serialize + ?Sized>(content_type: ContentType, value: &T) -> Result<Self> {
+        Ok(Self::raw(content_type.encode(value)?, content_type))
+    }
+
+    /// Sets the priority (higher first).
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Makes the message visible only after `delay`.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.visibility = Visibility::After(delay);
+        self
+    }
+
+    /// Makes the message visible only at `at`.
+    pub fn at(mut self, at: SystemTime) -> Self {
+        self.visibility = Visibility::At(at);
+        self
+    }
+
+    /// Puts the message in an ordered group.
+    pub fn group(mut self, key: impl Into<String>) -> Self {
+        self.group_key = Some(key.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Checks the message against the limits every backend enforces before storing it:
+    /// payload size and group key length.
+    pub fn check(&self, max_payload_bytes: usize) -> Result<()> {
+        if self.payload.len() > max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                size: self.payload.len(),
+                limit: max_payload_bytes,
+            });
+        }
+        match &self.group_key {
+            Some(key) if key.is_empty() => Err(Error::InvalidGroupKey("must not be empty")),
+            Some(key) if key.len() > MAX_GROUP_KEY_LEN => {
+                Err(Error::InvalidGroupKey("must be at most 255 bytes long"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Proof of a claim. Ack, nack, extend and dead-letter take the lease, and act only while
+/// the message has not been claimed again since: a worker whose lease expired cannot ack
+/// or fail the delivery that replaced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The claimed message.
+    pub id: MessageId,
+    /// The attempt this claim started (1 for the first delivery).
+    pub attempt: u32,
+}
+
+/// A claimed message.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Message {
+    /// Message id.
+    pub id: MessageId,
+    /// The queue it was claimed from.
+    pub queue: QueueName,
+    /// Encoded payload.
+    pub payload: Vec<u8>,
+    /// How the payload is encoded.
+    pub content_type: ContentType,
+    /// Headers.
+    pub headers: Headers,
+    /// Priority (higher first).
+    pub priority: i16,
+    /// When it was sent.
+    pub enqueued_at: SystemTime,
+    /// Deliveries so far, including this one.
+    pub attempts: u32,
+    /// Ordered group, if any.
+    pub group_key: Option<String>,
+    /// The error recorded by the previous failed attempt, if any.
+    pub last_error: Option<String>,
+    /// When this claim's lease runs out, unless extended.
+    pub lease_expires_at: SystemTime,
+}
+
+impl Message {
+    /// A message with the given identity and payload; the other fields start empty (no
+    /// headers, priority 0, first attempt, times set to now) for the backend to fill in.
+    pub fn new(
+        id: MessageId,
+        queue: QueueName,
+        payload: Vec<u8>,
+        content_type: ContentType,
+    ) -> Self {
+        let now = SystemTime::now();
+        Self {
+            id,
+            queue,
+            payload,
+            content_type,
+            headers: Headers::new(),
+            priority: 0,
+            enqueued_at: now,
+            attempts: 1,
+            group_key: None,
+            last_error: None,
+            lease_expires_at: now,
+        }
+    }
+
+    /// The lease of this delivery.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            id: self.id,
+            attempt: self.attempts,
+        }
+    }
+
+    /// Decodes the payload with the message's own codec.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        self.content_type.decode(&self.payload)
+    }
+}
+
+/// A message in the dead-letter queue.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DeadMessage {
+    /// Message id (kept when it is retried).
+    pub id: MessageId,
+    /// The queue it failed in.
+    pub queue: QueueName,
+    /// Encoded payload.
+    pub payload: Vec<u8>,
+    /// How the payload is encoded.
+    pub content_type: ContentType,
+    /// Headers.
+    pub headers: Headers,
+    /// Priority.
+    pub priority: i16,
+    /// Ordered group, if any.
+    pub group_key: Option<String>,
+    /// When it was first sent.
+    pub enqueued_at: SystemTime,
+    /// Deliveries made before it was dead-lettered.
+    pub attempts: u32,
+    /// When it was dead-lettered.
+    pub failed_at: SystemTime,
+    /// Why: the last error text.
+    pub error: String,
+}
+
+impl DeadMessage {
+    /// A dead letter with the given identity, payload and reason; the other fields start
+    /// empty (no headers, priority 0, times set to now) for the backend to fill in.
+    pub fn new(
+        id: MessageId,
+        queue: QueueName,
+        payload: Vec<u8>,
+        content_type: ContentType,
+        error: String,
+    ) -> Self {
+        let now = SystemTime::now();
+        Self {
+            id,
+            queue,
+            payload,
+            content_type,
+            headers: Headers::new(),
+            priority: 0,
+            group_key: None,
+            enqueued_at: now,
+            attempts: 0,
+            failed_at: now,
+            error,
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! [`PgBackend`]: the queue contract on PostgreSQL.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bb8::{Pool, PooledConnection};
+use bb8_postgres::PostgresConnectionManager;
+use pgbus_core::{
+    Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers, Lease, Message, MessageId,
+    NewMessage, Producer, QueueAdmin, QueueInfo, QueueName, QueueOptions, QueueStats, Result,
+    RetryPolicy, Selection, Stats, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
+use tokio_postgres::{GenericClient, NoTls, Row};
+
+use crate::connect::{config_for, connect};
+use crate::error::{db, pool};
+use crate::migrate::{self, SCHEMA_VERSION};
+use crate::sql;
+
+type Manager = PostgresConnectionManager<NoTls>;
+
+/// The Postgres backend: a connection pool (connections named `pgbus:<role>`, `pgbus:pool`
+/// by default) and the queue operations. Cheap to clone; clones share the pool.
+///
+/// Messages live in `pgbus.messages` only until they are completed, so claims stay fast as
+/// history grows; acked messages are deleted, or moved to `pgbus.archive` for queues that
+/// keep history.
+#[derive(Debug, Clone)]
+pub struct PgBackend {
+    pool: Pool<Manager>,
+    url: Arc<str>,
+    max_payload_bytes: usize,
+}
+
+/// Configures a [`PgBackend`]; see [`PgBackend::builder`].
+#[derive(Debug, Clone)]
+pub struct PgBackendBuilder {
+    url: String,
+    role: String,
+    max_connections: u32,
+    connection_timeout: Duration,
+    max_payload_bytes: usize,
+}
+
+impl PgBackendBuilder {
+    /// The role in the pool connections' `application_name` (`pgbus:<role>`); default
+    /// `pool`.
+    pub fn role(mut self, role: impl Into<String>) -> Self {
+        self.role = role.into();
+        self
+    }
+    /// Pool size; default 10.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+    /// How long an operation waits for a pooled connection; default 10 s.
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+    /// Largest payload accepted; default [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub fn max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload_bytes = limit;
+        self
+    }
+
+    /// Checks the settings and creates the pool. Connections open on first use.
+    pub fn build(self) -> Result<PgBackend> {
+        if self.max_connections == 0 {
+            return Err(Error::InvalidArgument(
+                "max_connections must be at least 1".into(),
+            ));
+        }
+        let config = config_for(&self.url, &self.role)?;
+        let pool = Pool::builder()
+            .max_size(self.max_connections)
+            .connection_timeout(self.connection_timeout)
+            .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+        Ok(PgBackend {
+            pool,
+            url: self.url.into(),
+            max_payload_bytes: self.max_payload_bytes,
+        })
+    }
+}
+
+impl PgBackend {
+    /// A builder for a backend on the database at `url`.
+    pub fn builder(url: impl Into<String>) -> PgBackendBuilder {
+        PgBackendBuilder {
+            url: url.into(),
+            role: "pool".into(),
+            max_connections: 10,
+            connection_timeout: Duration::from_secs(10),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// A backend with default settings.
+    pub fn connect(url: impl Into<String>) -> Result<Self> {
+        Self::builder(url).build()
+    }
+
+    /// The database URL this backend connects to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn conn(&self) -> Result<PooledConnection<'_, Manager>> {
+        self.pool.get().await.map_err(pool)
+    }
+
+    /// Applies missing migrations on a dedicated `pgbus:migrate` connection; safe to run
+    /// from many processes at once. Returns the versions applied.
+    pub async fn migrate(&self) -> Result<Vec<i64>> {
+        let mut client = connect(&self.url, "migrate").await?;
+        migrate::migrate(&mut client).await
+    }
+
+    /// Fails with [`Error::SchemaMismatch`] unless the schema is at [`SCHEMA_VERSION`].
+    pub async fn check_schema(&self) -> Result<()> {
+        let found = migrate::schema_version(&*self.conn().await?).await?;
+        match found {
+            Some(v) if v == SCHEMA_VERSION => Ok(()),
+            other => Err(Error::SchemaMismatch {
+                found: other.unwrap_or(0),
+                expected: SCHEMA_VERSION,
+            }),
+        }
+    }
+
+    /// Sends one message on the caller's connection or transaction: with a transaction,
+    /// the message exists only if it commits.
+    pub async fn send_in(
+        &self,
+        client: &impl GenericClient,
+        queue: &QueueName,
+        message: NewMessage,
+    ) -> Result<MessageId> {
+        let ids = self.send_batch_in(client, queue, vec![message]).await?;
+        Ok(ids[0])
+    }
+
+    /// Sends many messages in one statement on the caller's connection or transaction.
+    pub async fn send_batch_in(
+        &self,
+        client: &impl GenericClient,
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>> {
+        for message in &messages {
+            message.check(self.max_payload_bytes)?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = messages.len();
+        let mut priorities = Vec::with_capacity(n);
+        let mut ats = Vec::with_capacity(n);
+        let mut delays = Vec::with_capacity(n);
+        let mut content_types = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        let mut groups = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for m in messages {
+            priorities.push(m.priority);
+            let (at, delay) = match m.visibility {
+                Visibility::Now => (None, 0.0),
+                Visibility::After(d) => (None, d.as_secs_f64()),
+                Visibility::At(t) => (Some(t), 0.0),
+            };
+            ats.push(at);
+            delays.push(delay);
+            content_types.push(m.content_type.mime());
+            headers.push(Json(m.headers));
+            groups.push(m.group_key);
+            payloads.push(m.payload);
+        }
+        let rows = client
+            .query(
+                sql::SEND,
+                &[
+                    &queue.as_str(),
+                    &priorities,
+                    &ats,
+                    &delays,
+                    &content_types,
+                    &headers,
+                    &groups,
+                    &payloads,
+                ],
+            )
+            .await
+            .map_err(|e| missing_queue(queue, e).unwrap_or_else(|e| db("sending messages", e)))?;
+        Ok(rows.iter().map(|row| MessageId(row.get(0))).collect())
+    }
+
+    /// Deletes archived messages past their queue's retention, `batch` rows per statement
+    /// so no statement holds many locks; returns how many were deleted.
+    pub async fn prune_archive(&self, batch: usize) -> Result<u64> {
+        let batch = positive(batch, "batch")?;
+        let conn = self.conn().await?;
+        let mut total = 0;
+        loop {
+            let deleted = conn
+                .execute(sql::PRUNE_ARCHIVE, &[&batch])
+                .await
+                .map_err(|e| db("pruning the archive", e))?;
+            total += deleted;
+            if deleted < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Number of archived messages of a queue.
+    pub async fn archived_count(&self, queue: &QueueName) -> Result<u64> {
+        let row = self
+            .conn()
+            .await?
+            .query_one(sql::ARCHIVED_COUNT, &[&queue.as_str()])
+            .await
+            .map_err(|e| db("counting archived messages", e))?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Fails with [`Error::QueueNotFound`] unless the queue exists. Called only after an
+    /// operation found nothing, to tell "empty" from "missing" without a cost on the busy
+    /// path.
+    async fn ensure_exists(&self, client: &impl GenericClient, queue: &QueueName) -> Result<()> {
+        let row = client
+            .query_one(sql::QUEUE_EXISTS, &[&queue.as_str()])
+            .await
+            .map_err(|e| db("looking up the queue", e))?;
+        if row.get(0) {
+            Ok(())
+        } else {
+            Err(Error::QueueNotFound(queue.clone()))
+        }
+    }
+}
+
+/// Sending to a missing queue trips the foreign key: report it as the missing queue.
+fn missing_queue(
+    queue: &QueueName,
+    err: tokio_postgres::Error,
+) -> std::result::Result<Error, tokio_postgres::Error> {
+    match err.code() {
+        Some(code) if code == &SqlState::FOREIGN_KEY_VIOLATION => {
+            Ok(Error::QueueNotFound(queue.clone()))
+        }
+        _ => Err(err),
+    }
+}
+
+fn positive(n: usize, what: &str) -> Result<i64> {
+    match i64::try_from(n) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(Error::InvalidArgument(format!(
+            "{what} must be between 1 and {}",
+            i64::MAX
+        ))),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn attempts(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i32>) {
+    leases
+        .iter()
+        .map(|l| (l.id.0, i32::try_from(l.attempt).unwrap_or(i32::MAX)))
+        .unzip()
+}
+
+fn selection(which: Selection<'_>) -> Option<Vec<i64>> {
+    match which {
+        Selection::All => None,
+        Selection::Ids(ids) => Some(ids.iter().map(|id| id.0).collect()),
+    }
+}
+
+fn queue_info_from(row: &Row) -> Result<QueueInfo> {
+    let name = QueueName::new(row.get::<_, String>("name"))?;
+    let retry = RetryPolicy::builder()
+        .max_attempts(attempts(row.get("max_attempts")))
+        .base(Duration::from_millis(
+            row.get::<_, i64>("retry_base_ms") as u64
+        ))
+        .cap(Duration::from_millis(
+            row.get::<_, i64>("retry_cap_ms") as u64
+        ))
+        .jitter(row.get("retry_jitter"))
+        .build()?;
+    let options = QueueOptions::default()
+        .retry(retry)
+        .lease(Duration::from_millis(row.get::<_, i64>("lease_ms") as u64))
+        .keep_history(row.get("keep_history"))
+        .archive_retention(Duration::from_millis(
+            row.get::<_, i64>("archive_retention_ms") as u64,
+        ));
+    let mut info = QueueInfo::new(name, options);
+    info.paused = row.get("paused");
+    Ok(info)
+}
+
+impl QueueAdmin for PgBackend {
+    async fn create_queue(&self, name: &QueueName, options: &QueueOptions) -> Result<bool> {
+        let r = &options.retry;
+        let created = self
+            .conn()
+            .await?
+            .execute(
+                sql::CREATE_QUEUE,
+                &[
+                    &name.as_str(),
+                    &i32::try_from(r.max_attempts()).unwrap_or(i32::MAX),
+                    &millis(r.base()),
+                    &millis(r.cap()),
+                    &r.jitter(),
+                    &millis(options.lease),
+                    &options.keep_history,
+                    &millis(options.archive_retention),
+                ],
+            )
+            .await
+            .map_err(|e| db("creating a queue", e))?;
+        Ok(created == 1)
+    }
+
+    async fn drop_queue(&self, name: &QueueName) -> Result<bool> {
+        let dropped = self
+            .conn()
+            .await?
+            .execute(sql::DROP_QUEUE, &[&name.as_str()])
+            .await
+            .map_err(|e| db("dropping a queue", e))?;
+        Ok(dropped == 1)
+    }
+
+    async fn set_paused(&self, name: &QueueName, paused: bool) -> Result<()> {
+        let updated = self
+            .conn()
+            .await?
+            .execute(sql::SET_PAUSED, &[&name.as_str(), &paused])
+            .await
+            .map_err(|e| db("pausing or resuming a queue", e))?;
+        if updated == 0 {
+            return Err(Error::QueueNotFound(name.clone()));
+        }
+        Ok(())
+    }
+
+    async fn purge_queue(&self, name: &QueueName) -> Result<u64> {
+        let conn = self.conn().await?;
+        let purged = conn
+            .execute(sql::PURGE_QUEUE, &[&name.as_str()])
+            .await
+            .map_err(|e| db("purging a queue", e))?;
+        if purged == 0 {
+            self.ensure_exists(&*conn, name).await?;
+        }
+        Ok(purged)
+    }
+
+    async fn queue_info(&self, name: &QueueName) -> Result<QueueInfo> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(&sql::queue_info(), &[&name.as_str()])
+            .await
+            .map_err(|e| db("reading a queue", e))?;
+        match row {
+            Some(row) => queue_info_from(&row),
+            None => Err(Error::QueueNotFound(name.clone())),
+        }
+    }
+
+    async fn list_queues(&self) -> Result<Vec<QueueInfo>> {
+        let rows = self
+            .conn()
+            .await?
+            .query(&sql::list_queues(), &[])
+            .await
+            .map_err(|e| db("listing queues", e))?;
+        rows.iter().map(queue_info_from).collect()
+    }
+}
+
+impl Producer for PgBackend {
+    async fn send(&self, queue: &QueueName, message: NewMessage) -> Result<MessageId> {
+        let ids = self.send_batch(queue, vec![message]).await?;
+        Ok(ids[0])
+    }
+
+    async fn send_batch(
+        &self,
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn().await?;
+        self.send_batch_in(&*conn, queue, messages).await
+    }
+}
+
+impl Consumer for PgBackend {
+    async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Message>> {
+        let limit = positive(max, "claim size")?;
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(sql::CLAIM, &[&queue.as_str(), &limit, &lease.as_secs_f64()])
+            .await
+            .map_err(|e| db("claiming messages", e))?;
+        if rows.is_empty() {
+            self.ensure_exists(&*conn, queue).await?;
+            return Ok(Vec::new());
+        }
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                let was_visible: SystemTime = row.get("was_visible_at");
+                Ok((was_visible, message_from(queue, row)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        claimed.sort_by_key(|(was_visible, m)| (Reverse(m.priority), *was_visible, m.id));
+        Ok(claimed.into_iter().map(|(_, m)| m).collect())
+    }
+
+    async fn ack(&self, leases: &[Lease]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, attempts) = lease_arrays(leases);
+        let row = self
+            .conn()
+            .await?
+            .query_one(sql::ACK, &[&ids, &attempts])
+            .await
+            .map_err(|e| db("acking messages", e))?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, attempts) = lease_arrays(leases);
+        self.conn()
+            .await?
+            .execute(sql::EXTEND, &[&ids, &attempts, &lease.as_secs_f64()])
+            .await
+            .map_err(|e| db("extending leases", e))
+    }
+
+    async fn nack(&self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
+        let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
+        let updated = self
+            .conn()
+            .await?
+            .execute(
+                sql::NACK,
+                &[&ids[0], &attempts[0], &delay.as_secs_f64(), &error],
+            )
+            .await
+            .map_err(|e| db("returning a message", e))?;
+        Ok(updated == 1)
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<bool> {
+        let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
+        let moved = self
+            .conn()
+            .await?
+            .execute(sql::DEAD_LETTER, &[&ids[0], &attempts[0], &reason])
+            .await
+            .map_err(|e| db("dead-lettering a message", e))?;
+        Ok(moved == 1)
+    }
+}
+
+impl DeadLetters for PgBackend {
+    async fn list_dead(&self, queue: &QueueName, limit: usize) -> Result<Vec<DeadMessage>> {
+        let limit = positive(limit, "limit")?;
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(sql::LIST_DEAD, &[&queue.as_str(), &limit])
+            .await
+            .map_err(|e| db("listing dead letters", e))?;
+        if rows.is_empty() {
+            self.ensure_exists(&*conn, queue).await?;
+        }
+        rows.iter()
+            .map(|row| dead_message_from(queue, row))
+            .collect()
+    }
+
+    async fn retry_dead(&self, queue: &QueueName, which: Selection<'_>) -> Result<u64> {
+        let conn = self.conn().await?;
+        let moved = conn
+            .execute(sql::RETRY_DEAD, &[&queue.as_str(), &selection(which)])
+            .await
+            .map_err(|e| db("retrying dead letters", e))?;
+        if moved == 0 {
+            self.ensure_exists(&*conn, queue).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn discard_dead(&self, queue: &QueueName, which: Selection<'_>) -> Result<u64> {
+        let conn = self.conn().await?;
+        let deleted = conn
+            .execute(sql::DISCARD_DEAD, &[&queue.as_str(), &selection(which)])
+            .await
+            .map_err(|e| db("discarding dead letters", e))?;
+        if deleted == 0 {
+            self.ensure_exists(&*conn, queue).await?;
+        }
+        Ok(deleted)
+    }
+}
+
+impl Stats for PgBackend {
+    async fn stats(&self) -> Result<Vec<QueueStats>> {
+        let rows = self
+            .conn()
+            .await?
+            .query(sql::STATS, &[])
+            .await
+            .map_err(|e| db("reading queue stats", e))?;
+        rows.iter()
+            .map(|row| {
+                let mut stats = QueueStats::new(QueueName::new(row.get::<_, String>(0))?);
+                stats.paused = row.get(1);
+                stats.ready = row.get::<_, i64>(2) as u64;
+                stats.in_flight = row.get::<_, i64>(3) as u64;
+                stats.scheduled = row.get::<_, i64>(4) as u64;
+                stats.dead_lettered = row.get::<_, i64>(5) as u64;
+                stats.oldest_ready_age = row
+                    .get::<_, Option<f64>>(6)
+                    .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
+                Ok(stats)
+            })
+            .collect()
+    }
+}
+
+fn message_from(queue: &QueueName, row: &Row) -> Result<Message> {
+    let Json(headers): Json<Headers> = row.get("headers");
+    let mut m = Message::new(
+        MessageId(row.get("id")),
+        queue.clone(),
+        row.get("payload"),
+        ContentType::from_mime(row.get("content_type"))?,
+    );
+    m.headers = headers;
+    m.priority = row.get("priority");
+    m.enqueued_at = row.get("enqueued_at");
+    m.attempts = attempts(row.get("attempts"));
+    m.group_key = row.get("group_key");
+    m.last_error = row.get("last_error");
+    m.lease_expires_at = row.get("visible_at");
+    Ok(m)
+}
+
+fn dead_message_from(queue: &QueueName, row: &Row) -> Result<DeadMessage> {
+    let Json(headers): Json<Headers> = row.get("headers");
+    let mut d = DeadMessage::new(
+        MessageId(row.get("id")),
+        queue.clone(),
+        row.get("payload"),
+        ContentType::from_mime(row.get("content_type"))?,
+        row.get("error"),
+    );
+    d.headers = headers;
+    d.priority = row.get("priority");
+    d.group_key = row.get("group_key");
+    d.enqueued_at = row.get("enqueued_at");
+    d.attempts = attempts(row.get("attempts"));
+    d.failed_at = row.get("failed_at");
+    Ok(d)
+}

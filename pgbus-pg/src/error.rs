@@ -1,0 +1,47 @@
+//! Mapping driver errors to [`pgbus_core::Error`], with transient ones marked.
+
+use pgbus_core::Error;
+use tokio_postgres::error::SqlState;
+
+/// Whether a Postgres error may go away by itself: the connection broke, the server is
+/// shutting down or starting, a serialization failure or deadlock, too many connections.
+pub(crate) fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        // No server error: an I/O or protocol failure on the connection.
+        None => true,
+        Some(code) => {
+            let class = &code.code()[..2];
+            class == "08" // connection exception
+                || class == "57" && code != &SqlState::QUERY_CANCELED // operator intervention
+                || code == &SqlState::T_R_SERIALIZATION_FAILURE
+                || code == &SqlState::T_R_DEADLOCK_DETECTED
+                || code == &SqlState::TOO_MANY_CONNECTIONS
+                || code == &SqlState::LOCK_NOT_AVAILABLE
+        }
+    }
+}
+
+/// Wraps a driver error, saying what pgbus was doing.
+pub(crate) fn db(context: &str, err: tokio_postgres::Error) -> Error {
+    let transient = is_transient(&err);
+    let detail = match err.as_db_error() {
+        Some(db) => format!("{context}: {} ({})", db.message(), db.code().code()),
+        None => format!("{context}: {err}"),
+    };
+    Error::backend(detail, transient, err)
+}
+
+/// Wraps a pool checkout failure.
+pub(crate) fn pool(err: bb8::RunError<tokio_postgres::Error>) -> Error {
+    match err {
+        bb8::RunError::User(err) => db("connecting to the database", err),
+        bb8::RunError::TimedOut => Error::Backend {
+            message: "timed out waiting for a database connection from the pool".into(),
+            transient: true,
+            source: None,
+        },
+    }
+}

@@ -1,0 +1,51 @@
+//! The PostgreSQL backend of pgbus, on tokio-postgres and bb8.
+//!
+//! ```no_run
+//! use pgbus_core::{Consumer, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions};
+//! use pgbus_pg::PgBackend;
+//! use std::time::Duration;
+//!
+//! # async fn run() -> pgbus_core::Result<()> {
+//! let backend = PgBackend::connect("postgres://postgres@127.0.0.1:5432/app")?;
+//! backend.migrate().await?;
+//! let queue = QueueName::new("emails")?;
+//! backend.create_queue(&queue, &QueueOptions::default()).await?;
+//! backend.send(&queue, NewMessage::encode("hello")?).await?;
+//! for message in backend.claim(&queue, 10, Duration::from_secs(30)).await? {
+//!     println!("{}", message.decode::<String>()?);
+//!     backend.ack(&[message.lease()]).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Behaviour
+//!
+//! - **Claim** is one statement: `SELECT ... FOR UPDATE SKIP LOCKED` over the queue's visible
+//!   rows (highest priority, then earliest visible, then lowest id), updated in place to
+//!   lease them and count the attempt. Concurrent claimers never block one another and never
+//!   receive the same message while its lease holds.
+//! - **Leases** are a `visible_at` in the future; an expired lease makes the message
+//!   claimable again with no sweeper. Settling operations are fenced by the attempt number.
+//! - **Completed work leaves the hot table**: acked messages are deleted, or moved to
+//!   `pgbus.archive` for queues that keep history; [`PgBackend::prune_archive`] trims the
+//!   archive in bounded batches.
+//! - **Transactions**: [`PgBackend::send_in`] and [`PgBackend::send_batch_in`] write inside
+//!   the caller's transaction; a rollback leaves no message.
+//! - **Migrations** run in one transaction under an advisory lock; any number of processes
+//!   may call [`PgBackend::migrate`] at once.
+//! - **Connections** are named `pgbus:<role>` in `application_name` (`pgbus:pool` for the
+//!   pool, `pgbus:migrate` for migrations).
+
+#![forbid(unsafe_code)]
+
+mod backend;
+mod cluster;
+mod connect;
+mod error;
+mod migrate;
+mod sql;
+
+pub use backend::{PgBackend, PgBackendBuilder};
+pub use cluster::*;
+pub use connect::{config_for, connect};
+pub use migrate::SCHEMA_VERSION;

@@ -1,0 +1,88 @@
+//! Versioned schema migrations, applied in one transaction under an advisory lock so that
+//! any number of processes may migrate at once.
+
+use pgbus_core::{Error, Result};
+use tokio_postgres::Client;
+
+use crate::error::db;
+use crate::sql;
+
+/// One schema change.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// All migrations, in order. Append only: a released migration never changes.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "init",
+    sql: include_str!("../migrations/0001_init.sql"),
+}];
+
+/// The schema version this build of pgbus needs.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// Applies every missing migration; returns the versions applied (empty when current).
+pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i64>> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| db("starting the migration transaction", e))?;
+    tx.execute(sql::MIGRATION_LOCK, &[&sql::MIGRATION_LOCK_KEY])
+        .await
+        .map_err(|e| db("taking the migration lock", e))?;
+    tx.batch_execute(sql::CREATE_MIGRATIONS_TABLE)
+        .await
+        .map_err(|e| db("creating the migrations table", e))?;
+    let applied: Vec<i64> = tx
+        .query(sql::APPLIED_VERSIONS, &[])
+        .await
+        .map_err(|e| db("reading applied migrations", e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if let Some(&newest) = applied.last() {
+        if newest > SCHEMA_VERSION {
+            return Err(Error::SchemaMismatch {
+                found: newest,
+                expected: SCHEMA_VERSION,
+            });
+        }
+    }
+    let mut done = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        tracing::info!(target: "pgbus::migrate", version = m.version, name = m.name, "applying migration");
+        tx.batch_execute(m.sql)
+            .await
+            .map_err(|e| db(&format!("applying migration {} ({})", m.version, m.name), e))?;
+        tx.execute(sql::RECORD_MIGRATION, &[&m.version, &m.name])
+            .await
+            .map_err(|e| db("recording a migration", e))?;
+        done.push(m.version);
+    }
+    tx.commit()
+        .await
+        .map_err(|e| db("committing migrations", e))?;
+    Ok(done)
+}
+
+/// The schema version in the database, `None` when pgbus was never migrated there.
+pub(crate) async fn schema_version(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<i64>> {
+    let exists: bool = client
+        .query_one(sql::MIGRATIONS_TABLE_EXISTS, &[])
+        .await
+        .map_err(|e| db("looking for the pgbus schema", e))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_one(sql::SCHEMA_VERSION, &[])
+        .await
+        .map_err(|e| db("reading the schema version", e))?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,185 @@
+//! Every SQL statement of the Postgres backend. Queue names and all other values are bound
+//! as parameters; no statement is assembled from strings at run time.
+
+/// Serialises migrations across processes (an arbitrary constant: "pgbus" in ASCII).
+pub(crate) const MIGRATION_LOCK_KEY: i64 = 0x0070_6762_7573;
+
+pub(crate) const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+
+pub(crate) const CREATE_MIGRATIONS_TABLE: &str = "
+CREATE SCHEMA IF NOT EXISTS pgbus;
+CREATE TABLE IF NOT EXISTS pgbus.schema_migrations (
+    version    bigint PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)";
+
+pub(crate) const APPLIED_VERSIONS: &str =
+    "SELECT version FROM pgbus.schema_migrations ORDER BY version";
+
+pub(crate) const RECORD_MIGRATION: &str =
+    "INSERT INTO pgbus.schema_migrations (version, name) VALUES ($1, $2)";
+
+/// Whether pgbus was ever migrated here (a query naming a missing table fails at parse
+/// time, so this is asked first).
+pub(crate) const MIGRATIONS_TABLE_EXISTS: &str =
+    "SELECT to_regclass('pgbus.schema_migrations') IS NOT NULL";
+
+pub(crate) const SCHEMA_VERSION: &str = "SELECT max(version) FROM pgbus.schema_migrations";
+
+pub(crate) const CREATE_QUEUE: &str = "
+INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter,
+                          lease_ms, keep_history, archive_retention_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (name) DO NOTHING";
+
+pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
+
+pub(crate) const SET_PAUSED: &str = "UPDATE pgbus.queues SET paused = $2 WHERE name = $1";
+
+pub(crate) const PURGE_QUEUE: &str = "DELETE FROM pgbus.messages WHERE queue = $1";
+
+const QUEUE_COLUMNS: &str = "name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter, \
+                             lease_ms, keep_history, archive_retention_ms, paused";
+
+pub(crate) fn queue_info() -> String {
+    format!("SELECT {QUEUE_COLUMNS} FROM pgbus.queues WHERE name = $1")
+}
+
+pub(crate) fn list_queues() -> String {
+    format!("SELECT {QUEUE_COLUMNS} FROM pgbus.queues ORDER BY name")
+}
+
+pub(crate) const QUEUE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pgbus.queues WHERE name = $1)";
+
+/// Bulk send: one row per array element, ids assigned in input order. `$3` (absolute time)
+/// wins over `$4` (delay in seconds, on the database clock).
+pub(crate) const SEND: &str = "
+INSERT INTO pgbus.messages (queue, priority, visible_at, content_type, headers, group_key, payload)
+SELECT $1, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
+       m.content_type, m.headers, m.group_key, m.payload
+FROM unnest($2::smallint[], $3::timestamptz[], $4::float8[], $5::text[], $6::jsonb[],
+            $7::text[], $8::bytea[])
+     WITH ORDINALITY AS m(priority, at, delay, content_type, headers, group_key, payload, n)
+ORDER BY m.n
+RETURNING id";
+
+/// Claim: pick the best visible rows with SKIP LOCKED, lease them, count the attempt. The
+/// picked row's previous `visible_at` is returned so the caller can restore claim order
+/// (RETURNING has none).
+pub(crate) const CLAIM: &str = "
+WITH picked AS (
+    SELECT id, visible_at
+    FROM pgbus.messages
+    WHERE queue = $1
+      AND visible_at <= now()
+      AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+    ORDER BY priority DESC, visible_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgbus.messages m
+SET visible_at = now() + make_interval(secs => $3),
+    leased = true,
+    attempts = m.attempts + 1
+FROM picked
+WHERE m.id = picked.id
+RETURNING m.id, m.priority, picked.visible_at AS was_visible_at, m.visible_at,
+          m.attempts, m.enqueued_at, m.content_type, m.headers, m.group_key,
+          m.last_error, m.payload";
+
+/// Ack: delete current deliveries; archive those of history-keeping queues.
+pub(crate) const ACK: &str = "
+WITH done AS (
+    DELETE FROM pgbus.messages m
+    USING unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+    WHERE m.id = l.id AND m.attempts = l.attempt
+    RETURNING m.*
+), archived AS (
+    INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts, content_type,
+                               headers, group_key, payload)
+    SELECT d.id, d.queue, d.priority, d.enqueued_at, d.attempts, d.content_type,
+           d.headers, d.group_key, d.payload
+    FROM done d JOIN pgbus.queues q ON q.name = d.queue
+    WHERE q.keep_history
+)
+SELECT count(*) FROM done";
+
+pub(crate) const EXTEND: &str = "
+UPDATE pgbus.messages m
+SET visible_at = now() + make_interval(secs => $3)
+FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+WHERE m.id = l.id AND m.attempts = l.attempt AND m.leased";
+
+pub(crate) const NACK: &str = "
+UPDATE pgbus.messages
+SET visible_at = now() + make_interval(secs => $3), leased = false, last_error = $4
+WHERE id = $1 AND attempts = $2";
+
+pub(crate) const DEAD_LETTER: &str = "
+WITH d AS (
+    DELETE FROM pgbus.messages WHERE id = $1 AND attempts = $2 RETURNING *
+)
+INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
+                                headers, group_key, payload, error)
+SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
+       payload, $3
+FROM d";
+
+pub(crate) const LIST_DEAD: &str = "
+SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
+       payload, failed_at, error
+FROM pgbus.dead_letters
+WHERE queue = $1
+ORDER BY failed_at, id
+LIMIT $2";
+
+/// Retry from the dead-letter queue: `$2` NULL means all of the queue.
+pub(crate) const RETRY_DEAD: &str = "
+WITH r AS (
+    DELETE FROM pgbus.dead_letters
+    WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY ($2))
+    RETURNING *
+)
+INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
+                            content_type, headers, group_key, last_error, payload)
+SELECT id, queue, priority, now(), 0, enqueued_at, content_type, headers, group_key,
+       error, payload
+FROM r";
+
+pub(crate) const DISCARD_DEAD: &str = "
+DELETE FROM pgbus.dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY ($2))";
+
+/// Per-queue counts in one statement over the (small) hot table and the dead letters.
+pub(crate) const STATS: &str = "
+SELECT q.name, q.paused,
+       coalesce(m.ready, 0), coalesce(m.in_flight, 0), coalesce(m.scheduled, 0),
+       coalesce(d.dead, 0), m.oldest_ready_secs
+FROM pgbus.queues q
+LEFT JOIN (
+    SELECT queue,
+           count(*) FILTER (WHERE visible_at <= now()) AS ready,
+           count(*) FILTER (WHERE visible_at > now() AND leased) AS in_flight,
+           count(*) FILTER (WHERE visible_at > now() AND NOT leased) AS scheduled,
+           extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now()))::float8
+               AS oldest_ready_secs
+    FROM pgbus.messages
+    GROUP BY queue
+) m ON m.queue = q.name
+LEFT JOIN (
+    SELECT queue, count(*) AS dead FROM pgbus.dead_letters GROUP BY queue
+) d ON d.queue = q.name
+ORDER BY q.name";
+
+/// Deletes at most `$1` archived messages past their queue's retention.
+pub(crate) const PRUNE_ARCHIVE: &str = "
+WITH doomed AS (
+    SELECT a.id
+    FROM pgbus.archive a JOIN pgbus.queues q ON q.name = a.queue
+    WHERE a.acked_at < now() - q.archive_retention_ms * interval '1 millisecond'
+    LIMIT $1
+    FOR UPDATE OF a SKIP LOCKED
+)
+DELETE FROM pgbus.archive a USING doomed WHERE a.id = doomed.id";
+
+pub(crate) const ARCHIVED_COUNT: &str = "SELECT count(*) FROM pgbus.archive WHERE queue = $1";

@@ -1,0 +1,225 @@
+//! Behaviour specific to the Postgres backend: transactions, migrations, archive,
+//! connection naming, errors.
+
+use std::time::Duration;
+
+use pgbus_core::{
+    Consumer, Error, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, Stats,
+};
+use pgbus_pg::{connect, test_database, PgBackend, SCHEMA_VERSION};
+
+const LEASE: Duration = Duration::from_secs(60);
+
+async fn backend() -> (PgBackend, String) {
+    let db = test_database().await;
+    let backend = PgBackend::connect(db.url()).expect("backend");
+    backend.migrate().await.expect("migrate");
+    (backend, db.url().to_owned())
+}
+
+async fn queue(backend: &PgBackend, name: &str, options: QueueOptions) -> QueueName {
+    let name = QueueName::new(name).unwrap();
+    backend.create_queue(&name, &options).await.unwrap();
+    name
+}
+
+async fn depth(backend: &PgBackend, queue: &QueueName) -> u64 {
+    let stats = backend.stats().await.unwrap();
+    stats.iter().find(|s| &s.queue == queue).unwrap().depth()
+}
+
+#[tokio::test]
+async fn transactional_send_commits_or_leaves_nothing() {
+    let (backend, url) = backend().await;
+    let q = queue(&backend, "tx", QueueOptions::default()).await;
+    let mut client = connect(&url, "test").await.unwrap();
+
+    let tx = client.transaction().await.unwrap();
+    backend
+        .send_in(&tx, &q, NewMessage::encode(&1).unwrap())
+        .await
+        .unwrap();
+    backend
+        .send_batch_in(
+            &tx,
+            &q,
+            (0..100).map(|n| NewMessage::encode(&n).unwrap()).collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(depth(&backend, &q).await, 0, "invisible before commit");
+    tx.rollback().await.unwrap();
+    assert_eq!(depth(&backend, &q).await, 0, "a rollback leaves no row");
+
+    let tx = client.transaction().await.unwrap();
+    let id = backend
+        .send_in(&tx, &q, NewMessage::encode(&2).unwrap())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let claimed = backend.claim(&q, 10, LEASE).await.unwrap();
+    assert_eq!(claimed.iter().map(|m| m.id).collect::<Vec<_>>(), [id]);
+}
+
+#[tokio::test]
+async fn four_concurrent_migrations_leave_one_schema() {
+    let db = test_database().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = db.url().to_owned();
+        tasks.push(tokio::spawn(async move {
+            PgBackend::connect(url).unwrap().migrate().await
+        }));
+    }
+    let mut applied = Vec::new();
+    for task in tasks {
+        applied.push(task.await.unwrap().expect("every migration succeeds"));
+    }
+    let total: usize = applied.iter().map(Vec::len).sum();
+    assert_eq!(
+        total, SCHEMA_VERSION as usize,
+        "each migration applied exactly once"
+    );
+    let backend = PgBackend::connect(db.url()).unwrap();
+    backend.check_schema().await.unwrap();
+    assert!(
+        backend.migrate().await.unwrap().is_empty(),
+        "re-running is a no-op"
+    );
+    let client = connect(db.url(), "test").await.unwrap();
+    let rows = client
+        .query_one("SELECT count(*) FROM pgbus.schema_migrations", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), SCHEMA_VERSION);
+}
+
+#[tokio::test]
+async fn schema_check_reports_an_unmigrated_database() {
+    let db = test_database().await;
+    let backend = PgBackend::connect(db.url()).unwrap();
+    let err = backend.check_schema().await.unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaMismatch { found: 0, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pgbus migrate"));
+}
+
+#[tokio::test]
+async fn history_keeping_queue_archives_and_prunes_in_batches() {
+    let (backend, url) = backend().await;
+    let kept = queue(
+        &backend,
+        "kept",
+        QueueOptions::default()
+            .keep_history(true)
+            .archive_retention(Duration::from_secs(3600)),
+    )
+    .await;
+    let plain = queue(&backend, "plain", QueueOptions::default()).await;
+    for q in [&kept, &plain] {
+        backend
+            .send_batch(
+                q,
+                (0..25).map(|n| NewMessage::encode(&n).unwrap()).collect(),
+            )
+            .await
+            .unwrap();
+        let leases: Vec<_> = backend
+            .claim(q, 25, LEASE)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.lease())
+            .collect();
+        assert_eq!(backend.ack(&leases).await.unwrap(), 25);
+    }
+    assert_eq!(backend.archived_count(&kept).await.unwrap(), 25);
+    assert_eq!(backend.archived_count(&plain).await.unwrap(), 0);
+    assert_eq!(
+        backend.prune_archive(10).await.unwrap(),
+        0,
+        "nothing past retention yet"
+    );
+
+    // Age 21 of the archived rows past the retention.
+    let client = connect(&url, "test").await.unwrap();
+    client
+        .execute(
+            "UPDATE pgbus.archive SET acked_at = now() - interval '2 hours'
+             WHERE id IN (SELECT id FROM pgbus.archive ORDER BY id LIMIT 21)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.prune_archive(10).await.unwrap(),
+        21,
+        "three bounded batches"
+    );
+    assert_eq!(backend.archived_count(&kept).await.unwrap(), 4);
+    let hot = client
+        .query_one("SELECT count(*) FROM pgbus.messages", &[])
+        .await
+        .unwrap();
+    assert_eq!(hot.get::<_, i64>(0), 0, "completed work left the hot table");
+}
+
+#[tokio::test]
+async fn pool_connections_are_named_by_role() {
+    let db = test_database().await;
+    let backend = PgBackend::builder(db.url()).role("api").build().unwrap();
+    backend.migrate().await.unwrap();
+    backend.list_queues().await.unwrap();
+    let client = connect(db.url(), "observer").await.unwrap();
+    let rows = client
+        .query(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()
+             AND application_name LIKE 'pgbus:%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert!(names.contains(&"pgbus:api".to_owned()), "{names:?}");
+    assert!(names.contains(&"pgbus:observer".to_owned()), "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("pgbus:")));
+}
+
+#[tokio::test]
+async fn claim_size_and_bad_url_are_clear_errors() {
+    let (backend, _) = backend().await;
+    let q = queue(&backend, "sizes", QueueOptions::default()).await;
+    let err = backend.claim(&q, 0, LEASE).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let err = PgBackend::connect("not a url at all ::").unwrap_err();
+    assert!(err.to_string().contains("invalid database URL"), "{err}");
+}
+
+#[tokio::test]
+async fn unreachable_database_is_a_transient_error() {
+    // A port nobody listens on: reserve one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let backend = PgBackend::builder(format!("postgres://postgres@127.0.0.1:{port}/x"))
+        .connection_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let err = backend.list_queues().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}
+
+#[test]
+fn invalid_queue_names_never_reach_the_database() {
+    // A `QueueName` is the only way to name a queue in any operation, and it cannot be
+    // built from these: the refusal happens before any backend call exists.
+    for name in ["a;drop table x", "", &"x".repeat(200), "Ünïcode"] {
+        let err = QueueName::new(name).unwrap_err();
+        assert!(matches!(err, Error::InvalidQueueName { .. }));
+        assert!(err.to_string().contains("a queue name"), "{err}");
+    }
+}

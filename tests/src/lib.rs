@@ -1,0 +1,1 @@
+//! Cross-crate integration tests for pgbus live in `tests/tests/`.
