@@ -499,8 +499,7 @@ pub async fn undecodable_payload_is_dead_lettered_and_claiming_continues<B: Back
                 backend.ack(&[m.lease()]).await.unwrap();
             }
             Err(err @ Error::Decode { .. }) => {
-                let reason = format!("{err}: {}", std::error::Error::source(&err).unwrap());
-                assert!(backend.dead_letter(&m.lease(), &reason).await.unwrap());
+                assert!(backend.dead_letter(&m.lease(), &err.report()).await.unwrap());
             }
             Err(other) => panic!("unexpected error {other}"),
         }

@@ -99,6 +99,19 @@ impl Error {
         )
     }
 
+    /// The message with every cause after it, on one line: what a dead letter or a log
+    /// line should record.
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
     /// A backend error with the driver's error kept as its cause.
     pub fn backend(
         message: impl Into<String>,
