@@ -3,7 +3,7 @@
 //! Each case is a public async function taking a fresh, empty backend. A backend crate
 //! runs them all with one macro line in a test file:
 //!
-//! ```ignore
+//! ```text
 //! async fn fresh_backend() -> MyBackend { /* an empty backend, e.g. on a new database */ }
 //! pgbus_core::conformance_tests!(fresh_backend);
 //! ```
@@ -499,7 +499,10 @@ pub async fn undecodable_payload_is_dead_lettered_and_claiming_continues<B: Back
                 backend.ack(&[m.lease()]).await.unwrap();
             }
             Err(err @ Error::Decode { .. }) => {
-                assert!(backend.dead_letter(&m.lease(), &err.report()).await.unwrap());
+                assert!(backend
+                    .dead_letter(&m.lease(), &err.report())
+                    .await
+                    .unwrap());
             }
             Err(other) => panic!("unexpected error {other}"),
         }

@@ -66,7 +66,9 @@ pub struct Refused {
 
 impl fmt::Debug for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Refused").field("reason", &self.reason).finish_non_exhaustive()
+        f.debug_struct("Refused")
+            .field("reason", &self.reason)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,7 +98,9 @@ pub struct PoolMetadata {
 #[non_exhaustive]
 pub enum ExecError {
     /// An execution mode name that is not `threads`, `async` or `fiber`.
-    #[error("unknown execution mode {0:?}: expected threads or async (fiber is an alias of async)")]
+    #[error(
+        "unknown execution mode {0:?}: expected threads or async (fiber is an alias of async)"
+    )]
     UnknownMode(String),
     /// A pool capacity of zero.
     #[error("pool capacity must be at least 1")]
