@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Backend, ContentType, Error, Message, MessageId, NewMessage, QueueName, QueueOptions,
-    RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES,
+    Backend, ContentType, Error, Message, MessageId, NewMessage, ProcessInfo, QueueName,
+    QueueOptions, RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// Generates one `#[tokio::test]` per conformance case, each given a fresh backend from
@@ -45,6 +45,7 @@ macro_rules! conformance_tests {
             unknown_queue_is_an_error,
             oversized_payload_and_bad_group_key_are_refused,
             stats_count_each_state,
+            processes_register_heartbeat_and_go_stale,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -668,4 +669,42 @@ pub async fn stats_count_each_state<B: Backend>(backend: B) {
     assert_eq!(stats.dead_lettered, 1);
     assert_eq!(stats.depth(), 6);
     assert!(stats.oldest_ready_age.is_some());
+}
+
+/// Processes register, heartbeat, deregister, and are pruned once their heartbeats stop.
+pub async fn processes_register_heartbeat_and_go_stale<B: Backend>(backend: B) {
+    let queues = vec![QueueName::new("a").unwrap(), QueueName::new("b").unwrap()];
+    let info = ProcessInfo::current(queues, "async", 16);
+    let first = backend.register(&info).await.unwrap();
+    let second = backend.register(&info).await.unwrap();
+    assert_ne!(first, second);
+    assert!(backend.heartbeat(first, 3).await.unwrap());
+    let listed = backend.processes().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].id, first);
+    assert_eq!(listed[0].info, info);
+    assert_eq!(listed[0].busy, 3);
+    assert!(listed[0].heartbeat_at >= listed[0].started_at);
+
+    backend.deregister(second).await.unwrap();
+    assert_eq!(
+        backend.prune_stale(LONG).await.unwrap(),
+        0,
+        "fresh heartbeats are kept"
+    );
+    let start = Instant::now();
+    while backend
+        .prune_stale(Duration::from_millis(50))
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(start.elapsed() < DEADLINE, "stale process never pruned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(backend.processes().await.unwrap().is_empty());
+    assert!(
+        !backend.heartbeat(first, 0).await.unwrap(),
+        "a pruned process learns it is gone"
+    );
 }

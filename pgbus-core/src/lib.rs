@@ -42,6 +42,7 @@ mod error;
 mod memory;
 mod message;
 mod name;
+mod process;
 mod queue;
 mod retry;
 
@@ -56,8 +57,9 @@ pub use message::{
     DEFAULT_MAX_PAYLOAD_BYTES, MAX_GROUP_KEY_LEN,
 };
 pub use name::{QueueName, MAX_QUEUE_NAME_LEN};
+pub use process::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry};
 pub use queue::{
     Backend, Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats,
-    Selection, Stats,
+    Selection, Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};

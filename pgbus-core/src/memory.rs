@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use crate::process::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry};
 use crate::queue::{
     Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats, Selection,
     Stats,
@@ -29,6 +30,8 @@ pub struct MemoryBackend {
 struct State {
     next_id: i64,
     queues: BTreeMap<QueueName, QueueState>,
+    next_process: i64,
+    processes: BTreeMap<i64, ProcessRecord>,
 }
 
 #[derive(Debug)]
@@ -424,5 +427,56 @@ impl Stats for MemoryBackend {
                 stats
             })
             .collect())
+    }
+}
+
+impl ProcessRegistry for MemoryBackend {
+    async fn register(&self, info: &ProcessInfo) -> Result<ProcessId> {
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        state.next_process += 1;
+        let id = ProcessId(state.next_process);
+        state.processes.insert(
+            id.0,
+            ProcessRecord {
+                id,
+                info: info.clone(),
+                busy: 0,
+                started_at: now,
+                heartbeat_at: now,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn heartbeat(&self, id: ProcessId, busy: u32) -> Result<bool> {
+        let mut state = self.lock();
+        Ok(match state.processes.get_mut(&id.0) {
+            Some(record) => {
+                record.busy = busy;
+                record.heartbeat_at = SystemTime::now();
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn deregister(&self, id: ProcessId) -> Result<()> {
+        self.lock().processes.remove(&id.0);
+        Ok(())
+    }
+
+    async fn prune_stale(&self, stale_after: Duration) -> Result<u64> {
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        let before = state.processes.len();
+        state
+            .processes
+            .retain(|_, p| now.duration_since(p.heartbeat_at).unwrap_or_default() <= stale_after);
+        Ok((before - state.processes.len()) as u64)
+    }
+
+    async fn processes(&self) -> Result<Vec<ProcessRecord>> {
+        Ok(self.lock().processes.values().cloned().collect())
     }
 }

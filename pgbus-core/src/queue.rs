@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::process::ProcessRegistry;
 use crate::{DeadMessage, Lease, Message, MessageId, NewMessage, QueueName, Result, RetryPolicy};
 
 /// How a queue behaves. Built with consuming setters; defaults suit most queues.
@@ -238,11 +239,30 @@ pub trait Stats: Send + Sync {
 
 /// Everything a worker, a producer and an operator need from a backend.
 pub trait Backend:
-    QueueAdmin + Producer + Consumer + DeadLetters + Stats + Clone + 'static
+    QueueAdmin + Producer + Consumer + DeadLetters + Stats + ProcessRegistry + Clone + 'static
 {
 }
 
 impl<T> Backend for T where
-    T: QueueAdmin + Producer + Consumer + DeadLetters + Stats + Clone + 'static
+    T: QueueAdmin + Producer + Consumer + DeadLetters + Stats + ProcessRegistry + Clone + 'static
 {
+}
+
+/// Completing a delivery inside a transaction the handler also writes in, so that its
+/// database writes and the ack commit together or not at all.
+pub trait TransactionalAck: Send + Sync {
+    /// An open transaction; dropping it uncommitted rolls it back.
+    type Tx: Send + 'static;
+
+    /// Opens a transaction.
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
+
+    /// Acks `lease` inside `tx` and commits. When the lease is no longer current (it
+    /// expired and the message was claimed again), rolls back instead and returns `false`:
+    /// the handler's writes are undone along with the ack that cannot happen.
+    fn ack_and_commit(
+        &self,
+        tx: Self::Tx,
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }

@@ -8,3 +8,10 @@ pub use pool::{
     ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,
     StateChangeCallback,
 };
+
+mod async_pool;
+mod slots;
+mod threads;
+
+pub use async_pool::AsyncPool;
+pub use threads::ThreadPool;

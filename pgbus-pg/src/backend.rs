@@ -20,7 +20,7 @@ use crate::error::{db, pool};
 use crate::migrate::{self, SCHEMA_VERSION};
 use crate::sql;
 
-type Manager = PostgresConnectionManager<NoTls>;
+pub(crate) type Manager = PostgresConnectionManager<NoTls>;
 
 /// The Postgres backend: a connection pool (connections named `pgbus:<role>`, `pgbus:pool`
 /// by default) and the queue operations. Cheap to clone; clones share the pool.
@@ -110,7 +110,11 @@ impl PgBackend {
         &self.url
     }
 
-    async fn conn(&self) -> Result<PooledConnection<'_, Manager>> {
+    pub(crate) fn pool(&self) -> &Pool<Manager> {
+        &self.pool
+    }
+
+    pub(crate) async fn conn(&self) -> Result<PooledConnection<'_, Manager>> {
         self.pool.get().await.map_err(pool)
     }
 
@@ -275,7 +279,7 @@ fn attempts(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
 }
 
-fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i32>) {
+pub(crate) fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i32>) {
     leases
         .iter()
         .map(|l| (l.id.0, i32::try_from(l.attempt).unwrap_or(i32::MAX)))

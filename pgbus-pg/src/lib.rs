@@ -43,9 +43,12 @@ mod cluster;
 mod connect;
 mod error;
 mod migrate;
+mod registry;
 mod sql;
+mod transaction;
 
 pub use backend::{PgBackend, PgBackendBuilder};
 pub use cluster::*;
 pub use connect::{config_for, connect};
 pub use migrate::SCHEMA_VERSION;
+pub use transaction::PgTransaction;

@@ -15,11 +15,18 @@ struct Migration {
 }
 
 /// All migrations, in order. Append only: a released migration never changes.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "processes",
+        sql: include_str!("../migrations/0002_processes.sql"),
+    },
+];
 
 /// The schema version this build of pgbus needs.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;

@@ -183,3 +183,21 @@ WITH doomed AS (
 DELETE FROM pgbus.archive a USING doomed WHERE a.id = doomed.id";
 
 pub(crate) const ARCHIVED_COUNT: &str = "SELECT count(*) FROM pgbus.archive WHERE queue = $1";
+
+pub(crate) const REGISTER_PROCESS: &str = "
+INSERT INTO pgbus.processes (hostname, pid, queues, mode, capacity)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id";
+
+pub(crate) const HEARTBEAT_PROCESS: &str =
+    "UPDATE pgbus.processes SET busy = $2, heartbeat_at = now() WHERE id = $1";
+
+pub(crate) const DEREGISTER_PROCESS: &str = "DELETE FROM pgbus.processes WHERE id = $1";
+
+pub(crate) const PRUNE_PROCESSES: &str =
+    "DELETE FROM pgbus.processes WHERE heartbeat_at < now() - make_interval(secs => $1)";
+
+pub(crate) const LIST_PROCESSES: &str = "
+SELECT id, hostname, pid, queues, mode, capacity, busy, started_at, heartbeat_at
+FROM pgbus.processes
+ORDER BY id";

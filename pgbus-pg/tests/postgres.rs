@@ -223,3 +223,90 @@ fn invalid_queue_names_never_reach_the_database() {
         assert!(err.to_string().contains("a queue name"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn transactional_ack_commits_writes_and_ack_together() {
+    use pgbus_core::TransactionalAck;
+    let (backend, url) = backend().await;
+    let q = queue(&backend, "txack", QueueOptions::default()).await;
+    let client = connect(&url, "test").await.unwrap();
+    client
+        .batch_execute("CREATE TABLE effects (n int)")
+        .await
+        .unwrap();
+    backend
+        .send_batch(
+            &q,
+            (0..3).map(|n| NewMessage::encode(&n).unwrap()).collect(),
+        )
+        .await
+        .unwrap();
+    let claimed = backend.claim(&q, 3, LEASE).await.unwrap();
+    let effects = || async {
+        let row = client
+            .query_one("SELECT count(*) FROM effects", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+
+    // Success: the write and the ack commit together.
+    let tx = backend.begin().await.unwrap();
+    tx.client()
+        .execute("INSERT INTO effects VALUES (1)", &[])
+        .await
+        .unwrap();
+    assert!(backend
+        .ack_and_commit(tx, &claimed[0].lease())
+        .await
+        .unwrap());
+    assert_eq!(effects().await, 1);
+
+    // Failure after writing: the transaction is dropped; neither write nor ack remains.
+    let tx = backend.begin().await.unwrap();
+    tx.client()
+        .execute("INSERT INTO effects VALUES (2)", &[])
+        .await
+        .unwrap();
+    drop(tx);
+
+    // A lease that is no longer current: the write is rolled back with the ack.
+    let stale = pgbus_core::Lease {
+        attempt: 99,
+        ..claimed[2].lease()
+    };
+    let tx = backend.begin().await.unwrap();
+    tx.client()
+        .execute("INSERT INTO effects VALUES (3)", &[])
+        .await
+        .unwrap();
+    assert!(!backend.ack_and_commit(tx, &stale).await.unwrap());
+
+    // The dropped transaction's rollback runs in the background: wait until no session
+    // is left idle in a transaction.
+    let start = std::time::Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                 AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a dropped transaction stayed open"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(effects().await, 1);
+    let stats = backend.stats().await.unwrap();
+    assert_eq!(
+        stats[0].in_flight, 2,
+        "only the committed ack removed a message"
+    );
+}

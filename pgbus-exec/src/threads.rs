@@ -1,0 +1,195 @@
+//! The `threads` execution mode: a fixed set of OS threads, one job per thread at a time.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::pool::{
+    ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,
+    StateChangeCallback,
+};
+use crate::slots::{self, Slot, Slots};
+
+/// A job with its reserved slot, on its way to a pool thread.
+struct Task {
+    slot: Slot,
+    job: Job,
+}
+
+/// An [`ExecutionPool`] of `capacity` OS threads named `pgbus-worker-N` (N from 0).
+///
+/// Each thread owns a single-threaded tokio runtime (timers and I/O enabled) and runs one
+/// job at a time on it, so a job may block its thread (CPU work, blocking I/O,
+/// `std::thread::sleep`) without stalling the caller's runtime, and may still await timers,
+/// channels or clients whose connection task lives on another runtime. Tasks a job spawns
+/// with `tokio::spawn` run on that thread's runtime only while one of its jobs is running.
+///
+/// Jobs reach the threads through one shared channel; a slot is reserved before the send,
+/// so at most `capacity` jobs are ever queued or running and none waits for a thread for
+/// longer than it takes a finishing thread to loop round.
+///
+/// The threads exit once the pool is shut down (or dropped) and the jobs already posted
+/// have run. Dropping the pool neither waits for nor cancels running jobs; call
+/// [`kill`](ExecutionPool::kill) first for that.
+pub struct ThreadPool {
+    slots: Arc<Slots>,
+    /// `None` once shut down: dropping the sender lets the threads drain and exit.
+    sender: Mutex<Option<Sender<Task>>>,
+}
+
+impl ThreadPool {
+    /// Starts `capacity` threads.
+    ///
+    /// # Errors
+    ///
+    /// [`ExecError::ZeroCapacity`] for a capacity of zero; [`ExecError::Spawn`] when a
+    /// thread or its runtime cannot be started (the threads already started then exit).
+    pub fn new(capacity: usize) -> Result<ThreadPool, ExecError> {
+        if capacity == 0 {
+            return Err(ExecError::ZeroCapacity);
+        }
+        let slots = Slots::new(ExecutionMode::Threads, capacity);
+        let (sender, receiver) = mpsc::channel::<Task>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for index in 0..capacity {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|runtime| ThreadRuntime(Some(runtime)))
+                .map_err(ExecError::Spawn)?;
+            let receiver = Arc::clone(&receiver);
+            std::thread::Builder::new()
+                .name(format!("pgbus-worker-{index}"))
+                .spawn(move || worker_thread(&runtime, &receiver))
+                .map_err(ExecError::Spawn)?;
+        }
+        Ok(ThreadPool {
+            slots,
+            sender: Mutex::new(Some(sender)),
+        })
+    }
+
+    /// Closes the channel: threads finish what is queued, then exit.
+    fn close(&self) {
+        self.sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+}
+
+/// A thread's loop: take the next task, run it to completion on this thread's runtime.
+/// Ends when the channel is closed and empty.
+fn worker_thread(runtime: &ThreadRuntime, receiver: &Mutex<Receiver<Task>>) {
+    loop {
+        // The lock is held while waiting, so idle threads queue on the mutex, not the
+        // channel; it is released before the job runs.
+        let next = receiver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recv();
+        let Ok(Task { slot, job }) = next else { break };
+        runtime.block_on(slots::run(slot, job));
+    }
+}
+
+/// A pool thread's runtime, shut down in the background when dropped, so that dropping it
+/// outside its thread (a failed spawn inside an async caller) cannot panic.
+struct ThreadRuntime(Option<tokio::runtime::Runtime>);
+
+impl ThreadRuntime {
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.0
+            .as_ref()
+            .expect("the runtime is present until dropped")
+            .block_on(future)
+    }
+}
+
+impl Drop for ThreadRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl ExecutionPool for ThreadPool {
+    fn post(&self, job: Job) -> Result<(), Refused> {
+        let slot = match self.slots.reserve() {
+            Ok(slot) => slot,
+            Err(reason) => return Err(Refused { reason, job }),
+        };
+        let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(sender) = sender.as_ref() else {
+            // Shut down between the reservation and here: give the slot back.
+            slot.refuse();
+            return Err(Refused {
+                reason: RefusedReason::ShutDown,
+                job,
+            });
+        };
+        sender
+            .send(Task { slot, job })
+            .map_err(|mpsc::SendError(Task { slot, job })| {
+                // No thread left to receive: give the slot back (lesson 8).
+                slot.refuse();
+                Refused {
+                    reason: RefusedReason::ShutDown,
+                    job,
+                }
+            })
+    }
+
+    fn available_capacity(&self) -> usize {
+        self.slots.available()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.slots.busy() == 0
+    }
+
+    fn on_state_change(&self, callback: StateChangeCallback) {
+        self.slots.set_callback(callback);
+    }
+
+    fn shutdown(&self) {
+        self.slots.shutdown();
+        self.close();
+    }
+
+    fn wait_for_termination(
+        &self,
+        deadline: Duration,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(self.slots.wait_idle(deadline))
+    }
+
+    fn kill(&self) {
+        self.slots.kill();
+        self.close();
+    }
+
+    fn metadata(&self) -> PoolMetadata {
+        self.slots.metadata()
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.slots.shutdown();
+        self.close();
+    }
+}
+
+impl fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThreadPool")
+            .field("metadata", &self.slots.metadata())
+            .field("shut_down", &self.slots.is_shut_down())
+            .finish()
+    }
+}
