@@ -2,7 +2,9 @@
 
 #![forbid(unsafe_code)]
 
+mod handler;
 mod pool;
+mod worker;
 
 pub use pool::{
     ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,
@@ -14,4 +16,9 @@ mod slots;
 mod threads;
 
 pub use async_pool::AsyncPool;
+pub use handler::{handler_fn, FnHandler, Handler, IntoOutcome, JobContext, Outcome};
 pub use threads::ThreadPool;
+pub use worker::{
+    default_execution_mode, set_default_execution_mode, Worker, WorkerBuilder, WorkerMetadata,
+    WorkerMonitor, WorkerReport,
+};

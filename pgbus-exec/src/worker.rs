@@ -1,0 +1,734 @@
+//! The worker: claims as many messages as there are free slots, runs them on an execution
+//! pool, and settles their outcomes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use pgbus_core::{
+    Backend, Error, Lease, Message, MessageId, ProcessId, ProcessInfo, QueueName, Result,
+    RetryDecision, RetryPolicy,
+};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
+use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
+
+static DEFAULT_MODE: AtomicU8 = AtomicU8::new(MODE_ASYNC);
+const MODE_ASYNC: u8 = 0;
+const MODE_THREADS: u8 = 1;
+
+/// Sets the execution mode of workers that do not choose one themselves.
+pub fn set_default_execution_mode(mode: ExecutionMode) {
+    let value = match mode {
+        ExecutionMode::Async => MODE_ASYNC,
+        ExecutionMode::Threads => MODE_THREADS,
+    };
+    DEFAULT_MODE.store(value, Ordering::Relaxed);
+}
+
+/// The execution mode of workers that do not choose one themselves (`async` unless set).
+pub fn default_execution_mode() -> ExecutionMode {
+    match DEFAULT_MODE.load(Ordering::Relaxed) {
+        MODE_THREADS => ExecutionMode::Threads,
+        _ => ExecutionMode::Async,
+    }
+}
+
+/// Counts of what a worker did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerReport {
+    /// Messages claimed and handed to the pool.
+    pub started: u64,
+    /// Acked (including those acked in the handler's transaction).
+    pub acked: u64,
+    /// Given back for a retry.
+    pub retried: u64,
+    /// Moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Dropped on the handler's word.
+    pub discarded: u64,
+}
+
+/// What a worker is and how busy it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerMetadata {
+    /// Threads or async.
+    pub mode: ExecutionMode,
+    /// Jobs it runs at once.
+    pub capacity: usize,
+    /// Jobs running now (0 before the worker starts).
+    pub busy: usize,
+    /// Queues it works.
+    pub queues: Vec<QueueName>,
+    /// Its id in the process registry, once registered.
+    pub process: Option<ProcessId>,
+}
+
+/// Settings of a worker; see [`WorkerBuilder`].
+#[derive(Debug, Clone)]
+struct Config {
+    concurrency: usize,
+    mode: Option<ExecutionMode>,
+    poll_interval: Duration,
+    lease: Option<Duration>,
+    job_timeout: Option<Duration>,
+    drain_timeout: Duration,
+    ack_batch: usize,
+    heartbeat_interval: Duration,
+    error_backoff_cap: Duration,
+}
+
+/// Builds a [`Worker`]: the backend, a handler per queue, and settings.
+pub struct WorkerBuilder<B: Backend> {
+    backend: B,
+    handlers: Vec<(QueueName, Arc<dyn ErasedHandler<B>>)>,
+    config: Config,
+    wakeup: Arc<Notify>,
+}
+
+impl<B: Backend> WorkerBuilder<B> {
+    /// Registers a typed handler for `queue`.
+    pub fn handler<H: Handler<B>>(mut self, queue: QueueName, handler: H) -> Self {
+        self.handlers
+            .push((queue, Arc::new(Erased(Arc::new(handler)))));
+        self
+    }
+
+    /// Registers an async function or closure `(JobContext<B>, T) -> impl IntoOutcome` as
+    /// the handler for `queue`; `T` is the payload type.
+    pub fn handle<F, T, Fut, R>(self, queue: QueueName, f: F) -> Self
+    where
+        F: Fn(JobContext<B>, T) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = R> + Send,
+        R: IntoOutcome,
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.handler(queue, crate::handler::handler_fn(f))
+    }
+
+    /// Jobs run at once; default 10.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.config.concurrency = concurrency;
+        self
+    }
+
+    /// Threads or async for this worker, overriding the global default
+    /// ([`set_default_execution_mode`]).
+    pub fn execution_mode(mut self, mode: ExecutionMode) -> Self {
+        self.config.mode = Some(mode);
+        self
+    }
+
+    /// Longest idle sleep between claims when no wake-up comes; default 1 s.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// Lease for claims, instead of each queue's own.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = Some(lease);
+        self
+    }
+
+    /// A job running longer is cancelled and retried; default none.
+    pub fn job_timeout(mut self, timeout: Duration) -> Self {
+        self.config.job_timeout = Some(timeout);
+        self
+    }
+
+    /// How long shutdown waits for running jobs; default 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Most acks sent in one statement; default 500.
+    pub fn ack_batch(mut self, size: usize) -> Self {
+        self.config.ack_batch = size;
+        self
+    }
+
+    /// Process registry heartbeat interval; default 10 s. Entries silent for three
+    /// intervals are pruned as stale.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.config.heartbeat_interval = interval;
+        self
+    }
+
+    /// Checks the settings.
+    pub fn build(self) -> Result<Worker<B>> {
+        let invalid = |what: &str| Err(Error::InvalidArgument(what.to_owned()));
+        if self.handlers.is_empty() {
+            return invalid("a worker needs at least one queue handler");
+        }
+        if self.config.concurrency == 0 {
+            return invalid("concurrency must be at least 1");
+        }
+        if self.config.ack_batch == 0 {
+            return invalid("ack batch must be at least 1");
+        }
+        if self.config.poll_interval.is_zero() || self.config.heartbeat_interval.is_zero() {
+            return invalid("poll and heartbeat intervals must be positive");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (queue, _) in &self.handlers {
+            if !seen.insert(queue.clone()) {
+                return invalid(&format!("two handlers for queue {queue}"));
+            }
+        }
+        let mode = self.config.mode.unwrap_or_else(default_execution_mode);
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                mode,
+                capacity: self.config.concurrency,
+                queues: self.handlers.iter().map(|(q, _)| q.clone()).collect(),
+                pool: OnceLock::new(),
+                process: OnceLock::new(),
+            }),
+            backend: self.backend,
+            handlers: self.handlers.into_iter().collect(),
+            config: self.config,
+            wakeup: self.wakeup,
+        })
+    }
+}
+
+struct Shared {
+    mode: ExecutionMode,
+    capacity: usize,
+    queues: Vec<QueueName>,
+    pool: OnceLock<Arc<dyn ExecutionPool>>,
+    process: OnceLock<ProcessId>,
+}
+
+/// Observes a worker from outside while it runs.
+#[derive(Clone)]
+pub struct WorkerMonitor {
+    shared: Arc<Shared>,
+}
+
+impl WorkerMonitor {
+    /// Mode, capacity, busy slots, queues.
+    pub fn metadata(&self) -> WorkerMetadata {
+        let busy = self.shared.pool.get().map_or(0, |p| p.metadata().busy);
+        WorkerMetadata {
+            mode: self.shared.mode,
+            capacity: self.shared.capacity,
+            busy,
+            queues: self.shared.queues.clone(),
+            process: self.shared.process.get().copied(),
+        }
+    }
+}
+
+/// A worker for one or more queues. Build with [`Worker::builder`], start with
+/// [`Worker::run`].
+pub struct Worker<B: Backend> {
+    backend: B,
+    handlers: HashMap<QueueName, Arc<dyn ErasedHandler<B>>>,
+    config: Config,
+    wakeup: Arc<Notify>,
+    shared: Arc<Shared>,
+}
+
+/// A settled job, sent from the pool back to the worker's runtime, where all database
+/// work happens (a job on a pool thread never touches the worker's connections).
+struct Settlement {
+    lease: Lease,
+    queue: QueueName,
+    outcome: Outcome,
+}
+
+impl<B: Backend> Worker<B> {
+    /// A builder with default settings.
+    pub fn builder(backend: B) -> WorkerBuilder<B> {
+        WorkerBuilder {
+            backend,
+            handlers: Vec::new(),
+            config: Config {
+                concurrency: 10,
+                mode: None,
+                poll_interval: Duration::from_secs(1),
+                lease: None,
+                job_timeout: None,
+                drain_timeout: Duration::from_secs(30),
+                ack_batch: 500,
+                heartbeat_interval: Duration::from_secs(10),
+                error_backoff_cap: Duration::from_secs(30),
+            },
+            wakeup: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The wake-up hook: notifying it ends the worker's idle wait at once (the LISTEN
+    /// listener uses it; anything else may too).
+    pub fn waker(&self) -> Arc<Notify> {
+        Arc::clone(&self.wakeup)
+    }
+
+    /// A handle to watch the worker while it runs.
+    pub fn monitor(&self) -> WorkerMonitor {
+        WorkerMonitor {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops claiming, lets running jobs finish
+    /// for up to the drain timeout, settles them, and returns. Jobs still running at the
+    /// deadline are cancelled; their messages stay leased in the database and are
+    /// delivered again when the lease runs out.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let mut policies = HashMap::new();
+        for queue in self.handlers.keys() {
+            let info = self.backend.queue_info(queue).await?;
+            let lease = self.config.lease.unwrap_or(info.options.lease);
+            policies.insert(queue.clone(), (info.options.retry, lease));
+        }
+        let pool: Arc<dyn ExecutionPool> = match self.shared.mode {
+            ExecutionMode::Async => {
+                Arc::new(AsyncPool::new(self.config.concurrency).map_err(exec)?)
+            }
+            ExecutionMode::Threads => {
+                Arc::new(ThreadPool::new(self.config.concurrency).map_err(exec)?)
+            }
+        };
+        let _ = self.shared.pool.set(Arc::clone(&pool));
+        let slot_freed = Arc::new(Notify::new());
+        {
+            let slot_freed = Arc::clone(&slot_freed);
+            pool.on_state_change(Arc::new(move || slot_freed.notify_one()));
+        }
+
+        let in_flight: Arc<Mutex<HashMap<MessageId, Lease>>> = Arc::default();
+        let report = Arc::new(Counters::default());
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+
+        let settler = tokio::spawn(settle_loop(
+            self.backend.clone(),
+            settle_rx,
+            policies.clone(),
+            Arc::clone(&in_flight),
+            Arc::clone(&report),
+            self.config.ack_batch,
+        ));
+        let shortest_lease = policies
+            .values()
+            .map(|(_, l)| *l)
+            .min()
+            .unwrap_or(Duration::from_secs(30));
+        background.spawn(keep_leases(
+            self.backend.clone(),
+            Arc::clone(&in_flight),
+            shortest_lease,
+            stop_background.clone(),
+        ));
+        background.spawn(heartbeat(
+            self.backend.clone(),
+            Arc::clone(&self.shared),
+            Arc::clone(&pool),
+            self.config.heartbeat_interval,
+            stop_background.clone(),
+        ));
+
+        let jobs_cancel = CancellationToken::new();
+        let mut fetch = Fetch {
+            worker: &self,
+            pool: &pool,
+            policies: &policies,
+            in_flight: &in_flight,
+            settle_tx: &settle_tx,
+            jobs_cancel: &jobs_cancel,
+            report: &report,
+            next_queue: 0,
+        };
+        let mut errors = 0u32;
+        let queues: Vec<QueueName> = self.shared.queues.clone();
+        while !shutdown.is_cancelled() {
+            let round = fetch.round(&queues).await;
+            let wait = match round {
+                Err(err) => {
+                    errors += 1;
+                    let delay = backoff(errors, self.config.error_backoff_cap);
+                    tracing::warn!(target: "pgbus::worker", error = %err.report(), retry_in = ?delay, "claiming failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+                Ok(wait) => wait,
+            };
+            errors = 0;
+            match wait {
+                Wait::No => {}
+                Wait::ForSlot => tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = slot_freed.notified() => {}
+                },
+                Wait::ForWork => tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = self.wakeup.notified() => {}
+                    _ = slot_freed.notified() => {}
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                },
+            }
+        }
+
+        // Drain: no new jobs; running ones get until the deadline.
+        tracing::info!(target: "pgbus::worker", busy = pool.metadata().busy, "stopping: draining running jobs");
+        pool.shutdown();
+        if !pool.wait_for_termination(self.config.drain_timeout).await {
+            tracing::warn!(target: "pgbus::worker", busy = pool.metadata().busy, "drain deadline passed: cancelling the remaining jobs; their messages are redelivered after their leases");
+            jobs_cancel.cancel();
+            pool.kill();
+            pool.wait_for_termination(Duration::from_secs(5)).await;
+        }
+        drop(fetch);
+        drop(settle_tx);
+        // Every job has ended, so every sender is gone: the settler finishes the last acks.
+        if let Err(err) = settler.await {
+            tracing::error!(target: "pgbus::worker", error = %err, "the settler task failed");
+        }
+        stop_background.cancel();
+        background.close();
+        background.wait().await;
+        Ok(report.snapshot())
+    }
+}
+
+fn exec(err: ExecError) -> Error {
+    Error::InvalidArgument(err.to_string())
+}
+
+/// Exponential backoff for database errors: 100 ms doubling to `cap`, with jitter.
+fn backoff(errors: u32, cap: Duration) -> Duration {
+    let policy = RetryPolicy::builder()
+        .base(Duration::from_millis(100))
+        .cap(cap.max(Duration::from_millis(100)))
+        .jitter(0.3)
+        .build()
+        .expect("valid backoff policy");
+    policy.backoff(errors)
+}
+
+#[derive(Default)]
+struct Counters {
+    started: AtomicU64,
+    acked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    discarded: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> WorkerReport {
+        WorkerReport {
+            started: self.started.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the claim loop waits for after a round.
+enum Wait {
+    /// Some queue filled every slot asked for: claim again at once if slots are free.
+    No,
+    /// Every slot is busy: wait for one to free.
+    ForSlot,
+    /// The queues ran dry: wait for a wake-up, a freed slot, or the poll interval.
+    ForWork,
+}
+
+struct Fetch<'a, B: Backend> {
+    worker: &'a Worker<B>,
+    pool: &'a Arc<dyn ExecutionPool>,
+    policies: &'a HashMap<QueueName, (RetryPolicy, Duration)>,
+    in_flight: &'a Arc<Mutex<HashMap<MessageId, Lease>>>,
+    settle_tx: &'a mpsc::UnboundedSender<Settlement>,
+    jobs_cancel: &'a CancellationToken,
+    report: &'a Arc<Counters>,
+    next_queue: usize,
+}
+
+impl<B: Backend> Fetch<'_, B> {
+    /// Claims exactly as many messages as there are free slots, visiting the queues in
+    /// turn (starting one further each round, so no queue starves the others).
+    async fn round(&mut self, queues: &[QueueName]) -> Result<Wait> {
+        if !self.pool.has_free_slot() {
+            return Ok(Wait::ForSlot);
+        }
+        let mut filled = false;
+        let start = self.next_queue;
+        self.next_queue = self.next_queue.wrapping_add(1);
+        for i in 0..queues.len() {
+            let free = self.pool.available_capacity();
+            if free == 0 {
+                break;
+            }
+            let queue = &queues[(start + i) % queues.len()];
+            let (_, lease) = self.policies[queue];
+            let claimed = self.worker.backend.claim(queue, free, lease).await?;
+            filled |= claimed.len() == free;
+            for message in claimed {
+                self.start(message).await;
+            }
+        }
+        Ok(if !self.pool.has_free_slot() {
+            Wait::ForSlot
+        } else if filled {
+            Wait::No
+        } else {
+            Wait::ForWork
+        })
+    }
+
+    /// Hands one claimed message to the pool; gives it back at once if the pool refuses.
+    async fn start(&self, message: Message) {
+        let lease = message.lease();
+        let queue = message.queue.clone();
+        let handler = Arc::clone(&self.worker.handlers[&queue]);
+        let cancel = self.jobs_cancel.child_token();
+        let ctx = JobContext::new(&message, cancel.clone(), self.worker.backend.clone());
+        let timeout = self.worker.config.job_timeout;
+        let settle_tx = self.settle_tx.clone();
+        let job_queue = queue.clone();
+        let job = Box::pin(async move {
+            let mut run = handler.call(ctx, &message);
+            let outcome = match timeout {
+                None => run.await,
+                Some(limit) => tokio::select! {
+                    outcome = &mut run => outcome,
+                    _ = tokio::time::sleep(limit) => {
+                        // Cancel first, so the handler sees its token cancelled while
+                        // its future is dropped.
+                        cancel.cancel();
+                        drop(run);
+                        Outcome::retry(format!("job timed out after {limit:?}"))
+                    }
+                },
+            };
+            // The receiver outlives every job (the worker waits for the pool to drain
+            // before dropping it), so this only fails after a kill.
+            let _ = settle_tx.send(Settlement {
+                lease,
+                queue: job_queue,
+                outcome,
+            });
+        });
+        self.in_flight
+            .lock()
+            .expect("in-flight map")
+            .insert(lease.id, lease);
+        match self.pool.post(job) {
+            Ok(()) => {
+                self.report.started.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(refused) => {
+                self.in_flight
+                    .lock()
+                    .expect("in-flight map")
+                    .remove(&lease.id);
+                tracing::debug!(target: "pgbus::worker", reason = ?refused.reason, job.id = lease.id.0, "pool refused a job; giving the message back");
+                if let Err(err) = self.worker.backend.nack(&lease, Duration::ZERO, None).await {
+                    tracing::warn!(target: "pgbus::worker", error = %err.report(), job.id = lease.id.0, "could not give a refused message back; it returns when its lease runs out");
+                }
+            }
+        }
+    }
+}
+
+/// Applies job outcomes on the worker's runtime. Acks are batched: whatever arrived while
+/// the previous ack ran goes in the next statement.
+async fn settle_loop<B: Backend>(
+    backend: B,
+    mut rx: mpsc::UnboundedReceiver<Settlement>,
+    policies: HashMap<QueueName, (RetryPolicy, Duration)>,
+    in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>,
+    report: Arc<Counters>,
+    ack_batch: usize,
+) {
+    let mut acks: Vec<Lease> = Vec::with_capacity(ack_batch);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(settlement) = next.take() {
+            in_flight
+                .lock()
+                .expect("in-flight map")
+                .remove(&settlement.lease.id);
+            apply(&backend, &policies, &report, settlement, &mut acks).await;
+            if acks.len() >= ack_batch {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !acks.is_empty() {
+            flush_acks(&backend, &mut acks, &report).await;
+        }
+    }
+}
+
+async fn apply<B: Backend>(
+    backend: &B,
+    policies: &HashMap<QueueName, (RetryPolicy, Duration)>,
+    report: &Counters,
+    s: Settlement,
+    acks: &mut Vec<Lease>,
+) {
+    let (job_id, attempt) = (s.lease.id.0, s.lease.attempt);
+    let result = match s.outcome {
+        Outcome::Ack => {
+            acks.push(s.lease);
+            return;
+        }
+        Outcome::Committed => {
+            report.acked.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Outcome::Discard => {
+            report.discarded.fetch_add(1, Ordering::Relaxed);
+            backend.ack(&[s.lease]).await.map(|_| ())
+        }
+        Outcome::DeadLetter(reason) => {
+            report.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "pgbus::worker", reason = %reason, job.id = job_id, queue.name = %s.queue, "dead-lettering");
+            backend.dead_letter(&s.lease, &reason).await.map(|_| ())
+        }
+        Outcome::Retry { error, after } => {
+            let (policy, _) = &policies[&s.queue];
+            match (policy.decide(s.lease.attempt), after) {
+                (RetryDecision::DeadLetter, _) => {
+                    report.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target: "pgbus::worker", attempt, error = %error, job.id = job_id, queue.name = %s.queue, "attempts used up: dead-lettering");
+                    backend.dead_letter(&s.lease, &error).await.map(|_| ())
+                }
+                (RetryDecision::RetryAfter(delay), explicit) => {
+                    report.retried.fetch_add(1, Ordering::Relaxed);
+                    let delay = explicit.unwrap_or(delay);
+                    tracing::info!(target: "pgbus::worker", attempt, retry_in = ?delay, error = %error, job.id = job_id, queue.name = %s.queue, "job failed; retrying");
+                    backend
+                        .nack(&s.lease, delay, Some(&error))
+                        .await
+                        .map(|_| ())
+                }
+            }
+        }
+    };
+    if let Err(err) = result {
+        tracing::warn!(target: "pgbus::worker", error = %err.report(), job.id = job_id, "could not settle a job; it is delivered again when its lease runs out");
+    }
+}
+
+async fn flush_acks<B: Backend>(backend: &B, acks: &mut Vec<Lease>, report: &Counters) {
+    for attempt in 1..=5u32 {
+        match backend.ack(acks).await {
+            Ok(_) => {
+                report.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
+                acks.clear();
+                return;
+            }
+            Err(err) if err.is_transient() && attempt < 5 => {
+                tracing::warn!(target: "pgbus::worker", error = %err.report(), count = acks.len(), "ack failed; retrying");
+                tokio::time::sleep(backoff(attempt, Duration::from_secs(5))).await;
+            }
+            Err(err) => {
+                tracing::error!(target: "pgbus::worker", error = %err.report(), count = acks.len(), "ack failed; these messages are delivered again when their leases run out");
+                acks.clear();
+                return;
+            }
+        }
+    }
+}
+
+/// Extends the leases of running jobs every third of the shortest lease, so a long job is
+/// not delivered again while it is alive.
+async fn keep_leases<B: Backend>(
+    backend: B,
+    in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>,
+    lease: Duration,
+    stop: CancellationToken,
+) {
+    let every = (lease / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let leases: Vec<Lease> = in_flight
+            .lock()
+            .expect("in-flight map")
+            .values()
+            .copied()
+            .collect();
+        if leases.is_empty() {
+            continue;
+        }
+        if let Err(err) = backend.extend(&leases, lease).await {
+            tracing::warn!(target: "pgbus::worker", error = %err.report(), count = leases.len(), "could not extend leases");
+        }
+    }
+}
+
+/// Registers the process, heartbeats with the busy count, prunes entries of processes that
+/// stopped heartbeating, and deregisters on the way out.
+async fn heartbeat<B: Backend>(
+    backend: B,
+    shared: Arc<Shared>,
+    pool: Arc<dyn ExecutionPool>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let info = ProcessInfo::current(
+        shared.queues.clone(),
+        shared.mode.as_str(),
+        u32::try_from(shared.capacity).unwrap_or(u32::MAX),
+    );
+    let mut id: Option<ProcessId> = None;
+    loop {
+        let busy = u32::try_from(pool.metadata().busy).unwrap_or(u32::MAX);
+        let alive = match id {
+            Some(current) => backend.heartbeat(current, busy).await,
+            None => Ok(false),
+        };
+        match alive {
+            Ok(true) => {}
+            Ok(false) => match backend.register(&info).await {
+                Ok(new) => {
+                    let new_id = new.0;
+                    id = Some(new);
+                    let _ = shared.process.set(new);
+                    tracing::info!(target: "pgbus::worker", id = new_id, "process registered");
+                }
+                Err(err) => {
+                    tracing::warn!(target: "pgbus::worker", error = %err.report(), "could not register the process")
+                }
+            },
+            Err(err) => {
+                tracing::warn!(target: "pgbus::worker", error = %err.report(), "heartbeat failed")
+            }
+        }
+        if let Err(err) = backend.prune_stale(interval * 3).await {
+            tracing::debug!(target: "pgbus::worker", error = %err.report(), "could not prune stale processes");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    if let Some(id) = id {
+        if let Err(err) = backend.deregister(id).await {
+            tracing::warn!(target: "pgbus::worker", error = %err.report(), "could not deregister the process");
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The worker on the in-memory backend: outcomes, retries, timeouts, shutdown, wake-ups.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgbus_core::{
+    DeadLetters, MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions,
+    RetryPolicy, Stats,
+};
+use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn setup(options: QueueOptions) -> (MemoryBackend, QueueName) {
+    let backend = MemoryBackend::new();
+    let queue = QueueName::new("jobs").unwrap();
+    backend.create_queue(&queue, &options).await.unwrap();
+    (backend, queue)
+}
+
+fn fast_retries(max_attempts: u32) -> QueueOptions {
+    QueueOptions::default().retry(
+        RetryPolicy::builder()
+            .base(Duration::from_millis(10))
+            .cap(Duration::from_millis(40))
+            .jitter(0.0)
+            .max_attempts(max_attempts)
+            .build()
+            .unwrap(),
+    )
+}
+
+async fn send_numbers(backend: &MemoryBackend, queue: &QueueName, n: u32) {
+    backend
+        .send_batch(
+            queue,
+            (0..n).map(|i| NewMessage::encode(&i).unwrap()).collect(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits until `done` holds, polling a cheap in-process condition.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn depth(backend: &MemoryBackend) -> u64 {
+    backend.stats().await.unwrap()[0].depth()
+}
+
+/// Runs the worker until the queue is empty, then stops it.
+async fn run_until_empty(worker: Worker<MemoryBackend>, backend: &MemoryBackend) -> WorkerReport {
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    let start = Instant::now();
+    while depth(backend).await > 0 {
+        assert!(start.elapsed() < DEADLINE, "queue never drained");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap()
+}
+
+async fn drains_without_loss_or_excess_concurrency(mode: ExecutionMode) {
+    let (backend, queue) = setup(QueueOptions::default()).await;
+    send_numbers(&backend, &queue, 2_000).await;
+    let seen = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(backend.clone())
+        .execution_mode(mode)
+        .concurrency(8)
+        .handle(queue.clone(), {
+            let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+            move |_ctx: JobContext<MemoryBackend>, n: u32| {
+                let (seen, running, peak) = (seen.clone(), running.clone(), peak.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    *seen.lock().unwrap().entry(n).or_default() += 1;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    assert_eq!(worker.monitor().metadata().mode, mode);
+    let report = run_until_empty(worker, &backend).await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2_000, "no message lost");
+    assert!(seen.values().all(|&c| c == 1), "no message run twice");
+    assert!(
+        peak.load(Ordering::SeqCst) <= 8,
+        "concurrency above capacity"
+    );
+    assert_eq!(report.acked, 2_000);
+    assert_eq!(report.started, 2_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn async_mode_drains_without_loss_or_excess_concurrency() {
+    drains_without_loss_or_excess_concurrency(ExecutionMode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn threads_mode_drains_without_loss_or_excess_concurrency() {
+    drains_without_loss_or_excess_concurrency(ExecutionMode::Threads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handler_retries_with_growing_delays_then_dead_letters() {
+    let (backend, queue) = setup(fast_retries(4)).await;
+    send_numbers(&backend, &queue, 1).await;
+    let runs = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let worker = Worker::builder(backend.clone())
+        .poll_interval(Duration::from_millis(5))
+        .handle(queue.clone(), {
+            let runs = runs.clone();
+            move |ctx: JobContext<MemoryBackend>, _n: u32| {
+                runs.lock().unwrap().push(Instant::now());
+                let attempt = ctx.attempt();
+                async move { Err::<(), _>(format!("boom on attempt {attempt}")) }
+            }
+        })
+        .build()
+        .unwrap();
+    let report = run_until_empty(worker, &backend).await;
+    assert_eq!((report.retried, report.dead_lettered), (3, 1));
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), 4);
+    let gaps: Vec<Duration> = runs.windows(2).map(|w| w[1] - w[0]).collect();
+    // Backoff of 10, 20, 40 ms (no jitter): each gap at least its delay.
+    for (gap, min) in gaps.iter().zip([10, 20, 40]) {
+        assert!(*gap >= Duration::from_millis(min), "gaps {gaps:?}");
+    }
+    let dead = backend.list_dead(&queue, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].error, "boom on attempt 4");
+    assert_eq!(dead[0].attempts, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_are_applied_and_bad_payloads_dead_lettered() {
+    let (backend, queue) = setup(fast_retries(5)).await;
+    for n in [1u32, 2, 3] {
+        backend
+            .send(&queue, NewMessage::encode(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    backend
+        .send(&queue, NewMessage::encode("not a number").unwrap())
+        .await
+        .unwrap();
+    let worker = Worker::builder(backend.clone())
+        .handle(
+            queue.clone(),
+            |_ctx: JobContext<MemoryBackend>, n: u32| async move {
+                match n {
+                    1 => Outcome::Ack,
+                    2 => Outcome::dead_letter("refused: two"),
+                    _ => Outcome::Discard,
+                }
+            },
+        )
+        .build()
+        .unwrap();
+    let report = run_until_empty(worker, &backend).await;
+    assert_eq!(
+        (report.acked, report.dead_lettered, report.discarded),
+        (1, 2, 1)
+    );
+    let dead = backend.list_dead(&queue, 10).await.unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
+    assert!(reasons.contains(&"refused: two"), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("could not decode MessagePack payload: ")),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_timeout_is_cancelled_and_retried() {
+    let (backend, queue) = setup(fast_retries(5)).await;
+    send_numbers(&backend, &queue, 1).await;
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(backend.clone())
+        .job_timeout(Duration::from_millis(50))
+        .handle(queue.clone(), {
+            let cancelled = cancelled.clone();
+            move |ctx: JobContext<MemoryBackend>, _n: u32| {
+                let cancelled = cancelled.clone();
+                async move {
+                    if ctx.attempt() == 1 {
+                        // Hang until cancelled; the timeout must end the job anyway.
+                        let token = ctx.cancellation().clone();
+                        let _guard = CountOnDrop(cancelled, token);
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let report = run_until_empty(worker, &backend).await;
+    assert_eq!((report.retried, report.acked), (1, 1));
+    assert_eq!(
+        cancelled.load(Ordering::SeqCst),
+        1,
+        "the timed-out job saw its cancellation"
+    );
+}
+
+struct CountOnDrop(Arc<AtomicUsize>, CancellationToken);
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        if self.1.is_cancelled() {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_job_keeps_its_lease_alive() {
+    let (backend, queue) = setup(QueueOptions::default().lease(Duration::from_millis(150))).await;
+    send_numbers(&backend, &queue, 1).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let worker = Worker::builder(backend.clone())
+        .concurrency(2)
+        .poll_interval(Duration::from_millis(10))
+        .handle(queue.clone(), {
+            let (runs, release) = (runs.clone(), release.clone());
+            move |_ctx: JobContext<MemoryBackend>, _n: u32| {
+                let (runs, release) = (runs.clone(), release.clone());
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    release.notified().await;
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    until("the job starts", || runs.load(Ordering::SeqCst) == 1).await;
+    // Four lease lengths pass while the job runs; a free slot and a 10 ms poll would pick
+    // the message up again if its lease were not extended.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(600) {
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "redelivered while still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    release.notify_one();
+    until("the queue drains", || runs.load(Ordering::SeqCst) == 1).await;
+    let start = Instant::now();
+    while depth(&backend).await > 0 {
+        assert!(start.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.started, report.acked), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waker_ends_the_idle_wait() {
+    let (backend, queue) = setup(QueueOptions::default()).await;
+    let done = Arc::new(Notify::new());
+    let worker = Worker::builder(backend.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .handle(queue.clone(), {
+            let done = done.clone();
+            move |_ctx: JobContext<MemoryBackend>, _n: u32| {
+                let done = done.clone();
+                async move { done.notify_one() }
+            }
+        })
+        .build()
+        .unwrap();
+    let waker = worker.waker();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    // Let the worker find the queue empty and go idle: it registers in the process
+    // registry first, which happens after its first claim.
+    let start = Instant::now();
+    while backend_processes(&backend).await == 0 {
+        assert!(start.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    send_numbers(&backend, &queue, 1).await;
+    waker.notify_one();
+    tokio::time::timeout(Duration::from_secs(5), done.notified())
+        .await
+        .expect("woken long before the one-hour poll");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+async fn backend_processes(backend: &MemoryBackend) -> usize {
+    use pgbus_core::ProcessRegistry;
+    backend.processes().await.unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_running_jobs_and_leaves_the_rest_leased() {
+    let (backend, queue) = setup(QueueOptions::default().lease(Duration::from_secs(600))).await;
+    send_numbers(&backend, &queue, 4).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(backend.clone())
+        .concurrency(4)
+        .drain_timeout(Duration::from_millis(300))
+        .handle(queue.clone(), {
+            let started = started.clone();
+            move |ctx: JobContext<MemoryBackend>, n: u32| {
+                let started = started.clone();
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    if n == 3 {
+                        // Never finishes by itself: it is still running at the deadline.
+                        ctx.cancellation().cancelled().await;
+                        return Outcome::retry("cancelled");
+                    }
+                    // The others finish after shutdown has begun.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Outcome::Ack
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let monitor = worker.monitor();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    until("all four jobs run", || started.load(Ordering::SeqCst) == 4).await;
+    assert_eq!(monitor.metadata().busy, 4);
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.acked, 3, "running jobs completed and were acked");
+    let stats = backend.stats().await.unwrap();
+    assert_eq!(
+        (stats[0].in_flight, stats[0].ready),
+        (1, 0),
+        "the unfinished job stays leased"
+    );
+}
+
+#[tokio::test]
+async fn builder_refuses_bad_settings() {
+    let (backend, queue) = setup(QueueOptions::default()).await;
+    let handler = |_ctx: JobContext<MemoryBackend>, _n: u32| async {};
+    assert!(
+        Worker::builder(backend.clone()).build().is_err(),
+        "no handler"
+    );
+    assert!(Worker::builder(backend.clone())
+        .handle(queue.clone(), handler)
+        .concurrency(0)
+        .build()
+        .is_err());
+    assert!(Worker::builder(backend.clone())
+        .handle(queue.clone(), handler)
+        .handle(queue.clone(), handler)
+        .build()
+        .is_err());
+    let missing = Worker::builder(backend.clone())
+        .handle(QueueName::new("missing").unwrap(), handler)
+        .build()
+        .unwrap();
+    let err = missing.run(CancellationToken::new()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("queue missing does not exist"),
+        "{err}"
+    );
+}
