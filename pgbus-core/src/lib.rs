@@ -45,6 +45,7 @@ mod name;
 mod process;
 mod queue;
 mod retry;
+mod wakeup;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -63,3 +64,4 @@ pub use queue::{
     Selection, Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
+pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

@@ -480,3 +480,23 @@ impl ProcessRegistry for MemoryBackend {
         Ok(self.lock().processes.values().cloned().collect())
     }
 }
+
+/// The in-memory backend has no connections: its fetcher is a handle on the same state.
+impl crate::OpenFetcher for MemoryBackend {
+    type Fetcher = MemoryBackend;
+
+    async fn open_fetcher(&self) -> Result<MemoryBackend> {
+        Ok(self.clone())
+    }
+}
+
+impl crate::Fetcher for MemoryBackend {
+    async fn claim(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Message>> {
+        Consumer::claim(&*self, queue, max, lease).await
+    }
+}

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::process::ProcessRegistry;
+use crate::wakeup::OpenFetcher;
 use crate::{DeadMessage, Lease, Message, MessageId, NewMessage, QueueName, Result, RetryPolicy};
 
 /// How a queue behaves. Built with consuming setters; defaults suit most queues.
@@ -239,12 +240,28 @@ pub trait Stats: Send + Sync {
 
 /// Everything a worker, a producer and an operator need from a backend.
 pub trait Backend:
-    QueueAdmin + Producer + Consumer + DeadLetters + Stats + ProcessRegistry + Clone + 'static
+    QueueAdmin
+    + Producer
+    + Consumer
+    + DeadLetters
+    + Stats
+    + ProcessRegistry
+    + OpenFetcher
+    + Clone
+    + 'static
 {
 }
 
 impl<T> Backend for T where
-    T: QueueAdmin + Producer + Consumer + DeadLetters + Stats + ProcessRegistry + Clone + 'static
+    T: QueueAdmin
+        + Producer
+        + Consumer
+        + DeadLetters
+        + Stats
+        + ProcessRegistry
+        + OpenFetcher
+        + Clone
+        + 'static
 {
 }
 

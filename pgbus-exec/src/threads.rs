@@ -193,3 +193,56 @@ impl fmt::Debug for ThreadPool {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The refusal paths after a slot was reserved, which the contract suite can reach only
+    //! by racing `shutdown` (lesson 8: a failed post gives its slot back).
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn counting_callback(pool: &ThreadPool) -> Arc<AtomicUsize> {
+        let fired = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&fired);
+        pool.on_state_change(Arc::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }));
+        fired
+    }
+
+    #[test]
+    fn channel_closed_after_reserving_gives_the_slot_back() {
+        let pool = ThreadPool::new(2).expect("pool starts");
+        let fired = counting_callback(&pool);
+        // The interleaving of a post that reserved just before `shutdown` closed the channel.
+        pool.close();
+        let refused = pool.post(Box::pin(async {})).expect_err("no channel");
+        assert_eq!(refused.reason, RefusedReason::ShutDown);
+        assert_eq!(pool.available_capacity(), 2);
+        assert!(pool.is_idle());
+        assert_eq!(
+            fired.load(Ordering::SeqCst),
+            0,
+            "a refusal is not a completion"
+        );
+    }
+
+    #[test]
+    fn send_failure_gives_the_slot_back() {
+        let (sender, receiver) = mpsc::channel();
+        drop(receiver); // every thread gone
+        let pool = ThreadPool {
+            slots: Slots::new(ExecutionMode::Threads, 1),
+            sender: Mutex::new(Some(sender)),
+        };
+        let fired = counting_callback(&pool);
+        for _ in 0..3 {
+            let refused = pool.post(Box::pin(async {})).expect_err("nobody receives");
+            assert_eq!(refused.reason, RefusedReason::ShutDown);
+            assert_eq!(pool.available_capacity(), 1, "the slot is back");
+        }
+        assert_eq!(fired.load(Ordering::SeqCst), 0);
+    }
+}

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use pgbus_core::{
-    Backend, Error, Lease, Message, MessageId, ProcessId, ProcessInfo, QueueName, Result,
-    RetryDecision, RetryPolicy,
+    Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId, ProcessInfo,
+    QueueName, Result, RetryDecision, RetryPolicy, WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -68,6 +68,8 @@ pub struct WorkerMetadata {
     pub queues: Vec<QueueName>,
     /// Its id in the process registry, once registered.
     pub process: Option<ProcessId>,
+    /// Whether wake-ups are live (`false`: the worker finds new work by polling).
+    pub wakeups_live: bool,
 }
 
 /// Settings of a worker; see [`WorkerBuilder`].
@@ -90,6 +92,7 @@ pub struct WorkerBuilder<B: Backend> {
     handlers: Vec<(QueueName, Arc<dyn ErasedHandler<B>>)>,
     config: Config,
     wakeup: Arc<Notify>,
+    wakeup_source: Option<Arc<dyn WakeupSource>>,
 }
 
 impl<B: Backend> WorkerBuilder<B> {
@@ -110,6 +113,14 @@ impl<B: Backend> WorkerBuilder<B> {
         T: serde::de::DeserializeOwned + Send + 'static,
     {
         self.handler(queue, crate::handler::handler_fn(f))
+    }
+
+    /// Where wake-ups come from (for Postgres, the process's one `PgListener`): the idle
+    /// wait ends when one of the worker's queues gets work. Without one, or while it is not
+    /// live, the worker polls every poll interval.
+    pub fn wakeups(mut self, source: Arc<dyn WakeupSource>) -> Self {
+        self.wakeup_source = Some(source);
+        self
     }
 
     /// Jobs run at once; default 10.
@@ -191,6 +202,7 @@ impl<B: Backend> WorkerBuilder<B> {
                 queues: self.handlers.iter().map(|(q, _)| q.clone()).collect(),
                 pool: OnceLock::new(),
                 process: OnceLock::new(),
+                wakeup_source: self.wakeup_source,
             }),
             backend: self.backend,
             handlers: self.handlers.into_iter().collect(),
@@ -206,6 +218,13 @@ struct Shared {
     queues: Vec<QueueName>,
     pool: OnceLock<Arc<dyn ExecutionPool>>,
     process: OnceLock<ProcessId>,
+    wakeup_source: Option<Arc<dyn WakeupSource>>,
+}
+
+impl Shared {
+    fn wakeups_live(&self) -> bool {
+        self.wakeup_source.as_ref().is_some_and(|s| s.is_live())
+    }
 }
 
 /// Observes a worker from outside while it runs.
@@ -224,6 +243,7 @@ impl WorkerMonitor {
             busy,
             queues: self.shared.queues.clone(),
             process: self.shared.process.get().copied(),
+            wakeups_live: self.shared.wakeups_live(),
         }
     }
 }
@@ -264,6 +284,7 @@ impl<B: Backend> Worker<B> {
                 error_backoff_cap: Duration::from_secs(30),
             },
             wakeup: Arc::new(Notify::new()),
+            wakeup_source: None,
         }
     }
 
@@ -339,8 +360,15 @@ impl<B: Backend> Worker<B> {
             stop_background.clone(),
         ));
 
+        let _subscription = self.shared.wakeup_source.as_ref().map(|source| {
+            let wakeup = Arc::clone(&self.wakeup);
+            source.subscribe(&self.shared.queues, Arc::new(move || wakeup.notify_one()))
+        });
+        let mut wakeups_live = None;
+
         let jobs_cancel = CancellationToken::new();
         let mut fetch = Fetch {
+            fetcher: None,
             worker: &self,
             pool: &pool,
             policies: &policies,
@@ -353,6 +381,15 @@ impl<B: Backend> Worker<B> {
         let mut errors = 0u32;
         let queues: Vec<QueueName> = self.shared.queues.clone();
         while !shutdown.is_cancelled() {
+            let live = self.shared.wakeups_live();
+            if wakeups_live != Some(live) {
+                if live {
+                    tracing::info!(target: "pgbus::worker", "wake-ups live");
+                } else {
+                    tracing::info!(target: "pgbus::worker", poll_interval = ?self.config.poll_interval, "no live wake-ups: polling");
+                }
+                wakeups_live = Some(live);
+            }
             let round = fetch.round(&queues).await;
             let wait = match round {
                 Err(err) => {
@@ -452,6 +489,8 @@ enum Wait {
 }
 
 struct Fetch<'a, B: Backend> {
+    /// The fetch loop's own connection; dropped after an error and reopened next round.
+    fetcher: Option<<B as OpenFetcher>::Fetcher>,
     worker: &'a Worker<B>,
     pool: &'a Arc<dyn ExecutionPool>,
     policies: &'a HashMap<QueueName, (RetryPolicy, Duration)>,
@@ -479,7 +518,19 @@ impl<B: Backend> Fetch<'_, B> {
             }
             let queue = &queues[(start + i) % queues.len()];
             let (_, lease) = self.policies[queue];
-            let claimed = self.worker.backend.claim(queue, free, lease).await?;
+            let fetcher = match &mut self.fetcher {
+                Some(fetcher) => fetcher,
+                None => self
+                    .fetcher
+                    .insert(self.worker.backend.open_fetcher().await?),
+            };
+            let claimed = match fetcher.claim(queue, free, lease).await {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    self.fetcher = None;
+                    return Err(err);
+                }
+            };
             filled |= claimed.len() == free;
             for message in claimed {
                 self.start(message).await;

@@ -33,6 +33,7 @@ pub struct PgBackend {
     pool: Pool<Manager>,
     url: Arc<str>,
     max_payload_bytes: usize,
+    notify: bool,
 }
 
 /// Configures a [`PgBackend`]; see [`PgBackend::builder`].
@@ -43,9 +44,18 @@ pub struct PgBackendBuilder {
     max_connections: u32,
     connection_timeout: Duration,
     max_payload_bytes: usize,
+    notify: bool,
 }
 
 impl PgBackendBuilder {
+    /// Whether sends notify listening workers (`pg_notify` on the `pgbus_wakeup` channel,
+    /// once per statement, delivered on commit); default true. Without it workers find new
+    /// messages at their next poll.
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
+    }
+
     /// The role in the pool connections' `application_name` (`pgbus:<role>`); default
     /// `pool`.
     pub fn role(mut self, role: impl Into<String>) -> Self {
@@ -84,6 +94,7 @@ impl PgBackendBuilder {
             pool,
             url: self.url.into(),
             max_payload_bytes: self.max_payload_bytes,
+            notify: self.notify,
         })
     }
 }
@@ -97,6 +108,7 @@ impl PgBackend {
             max_connections: 10,
             connection_timeout: Duration::from_secs(10),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            notify: true,
         }
     }
 
@@ -196,6 +208,7 @@ impl PgBackend {
                     &headers,
                     &groups,
                     &payloads,
+                    &self.notify,
                 ],
             )
             .await
@@ -231,20 +244,51 @@ impl PgBackend {
             .map_err(|e| db("counting archived messages", e))?;
         Ok(row.get::<_, i64>(0) as u64)
     }
+}
 
-    /// Fails with [`Error::QueueNotFound`] unless the queue exists. Called only after an
-    /// operation found nothing, to tell "empty" from "missing" without a cost on the busy
-    /// path.
-    async fn ensure_exists(&self, client: &impl GenericClient, queue: &QueueName) -> Result<()> {
-        let row = client
-            .query_one(sql::QUEUE_EXISTS, &[&queue.as_str()])
-            .await
-            .map_err(|e| db("looking up the queue", e))?;
-        if row.get(0) {
-            Ok(())
-        } else {
-            Err(Error::QueueNotFound(queue.clone()))
-        }
+/// Claims on the given connection (`statement` is [`sql::CLAIM`], as text or prepared),
+/// restoring claim order, which `RETURNING` does not keep.
+pub(crate) async fn claim_on<S>(
+    client: &impl GenericClient,
+    statement: &S,
+    queue: &QueueName,
+    max: usize,
+    lease: Duration,
+) -> Result<Vec<Message>>
+where
+    S: tokio_postgres::ToStatement + Send + Sync + ?Sized,
+{
+    let limit = positive(max, "claim size")?;
+    let rows = client
+        .query(statement, &[&queue.as_str(), &limit, &lease.as_secs_f64()])
+        .await
+        .map_err(|e| db("claiming messages", e))?;
+    if rows.is_empty() {
+        ensure_exists(client, queue).await?;
+        return Ok(Vec::new());
+    }
+    let mut claimed = rows
+        .iter()
+        .map(|row| {
+            let was_visible: SystemTime = row.get("was_visible_at");
+            Ok((was_visible, message_from(queue, row)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    claimed.sort_by_key(|(was_visible, m)| (Reverse(m.priority), *was_visible, m.id));
+    Ok(claimed.into_iter().map(|(_, m)| m).collect())
+}
+
+/// Fails with [`Error::QueueNotFound`] unless the queue exists. Called only after an
+/// operation found nothing, to tell "empty" from "missing" without a cost on the busy path.
+async fn ensure_exists(client: &impl GenericClient, queue: &QueueName) -> Result<()> {
+    let row = client
+        .query_one(sql::QUEUE_EXISTS, &[&queue.as_str()])
+        .await
+        .map_err(|e| db("looking up the queue", e))?;
+    if row.get(0) {
+        Ok(())
+    } else {
+        Err(Error::QueueNotFound(queue.clone()))
     }
 }
 
@@ -352,12 +396,13 @@ impl QueueAdmin for PgBackend {
     }
 
     async fn set_paused(&self, name: &QueueName, paused: bool) -> Result<()> {
-        let updated = self
+        let updated: i64 = self
             .conn()
             .await?
-            .execute(sql::SET_PAUSED, &[&name.as_str(), &paused])
+            .query_one(sql::SET_PAUSED, &[&name.as_str(), &paused])
             .await
-            .map_err(|e| db("pausing or resuming a queue", e))?;
+            .map_err(|e| db("pausing or resuming a queue", e))?
+            .get(0);
         if updated == 0 {
             return Err(Error::QueueNotFound(name.clone()));
         }
@@ -371,7 +416,7 @@ impl QueueAdmin for PgBackend {
             .await
             .map_err(|e| db("purging a queue", e))?;
         if purged == 0 {
-            self.ensure_exists(&*conn, name).await?;
+            ensure_exists(&*conn, name).await?;
         }
         Ok(purged)
     }
@@ -421,25 +466,7 @@ impl Producer for PgBackend {
 
 impl Consumer for PgBackend {
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Message>> {
-        let limit = positive(max, "claim size")?;
-        let conn = self.conn().await?;
-        let rows = conn
-            .query(sql::CLAIM, &[&queue.as_str(), &limit, &lease.as_secs_f64()])
-            .await
-            .map_err(|e| db("claiming messages", e))?;
-        if rows.is_empty() {
-            self.ensure_exists(&*conn, queue).await?;
-            return Ok(Vec::new());
-        }
-        let mut claimed = rows
-            .iter()
-            .map(|row| {
-                let was_visible: SystemTime = row.get("was_visible_at");
-                Ok((was_visible, message_from(queue, row)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        claimed.sort_by_key(|(was_visible, m)| (Reverse(m.priority), *was_visible, m.id));
-        Ok(claimed.into_iter().map(|(_, m)| m).collect())
+        claim_on(&*self.conn().await?, sql::CLAIM, queue, max, lease).await
     }
 
     async fn ack(&self, leases: &[Lease]) -> Result<u64> {
@@ -503,7 +530,7 @@ impl DeadLetters for PgBackend {
             .await
             .map_err(|e| db("listing dead letters", e))?;
         if rows.is_empty() {
-            self.ensure_exists(&*conn, queue).await?;
+            ensure_exists(&*conn, queue).await?;
         }
         rows.iter()
             .map(|row| dead_message_from(queue, row))
@@ -513,11 +540,12 @@ impl DeadLetters for PgBackend {
     async fn retry_dead(&self, queue: &QueueName, which: Selection<'_>) -> Result<u64> {
         let conn = self.conn().await?;
         let moved = conn
-            .execute(sql::RETRY_DEAD, &[&queue.as_str(), &selection(which)])
+            .query_one(sql::RETRY_DEAD, &[&queue.as_str(), &selection(which)])
             .await
-            .map_err(|e| db("retrying dead letters", e))?;
+            .map_err(|e| db("retrying dead letters", e))?
+            .get::<_, i64>(0) as u64;
         if moved == 0 {
-            self.ensure_exists(&*conn, queue).await?;
+            ensure_exists(&*conn, queue).await?;
         }
         Ok(moved)
     }
@@ -529,7 +557,7 @@ impl DeadLetters for PgBackend {
             .await
             .map_err(|e| db("discarding dead letters", e))?;
         if deleted == 0 {
-            self.ensure_exists(&*conn, queue).await?;
+            ensure_exists(&*conn, queue).await?;
         }
         Ok(deleted)
     }

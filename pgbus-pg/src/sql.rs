@@ -35,7 +35,14 @@ ON CONFLICT (name) DO NOTHING";
 
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
 
-pub(crate) const SET_PAUSED: &str = "UPDATE pgbus.queues SET paused = $2 WHERE name = $1";
+/// Pauses or resumes; a resume wakes the queue's workers.
+pub(crate) const SET_PAUSED: &str = "
+WITH u AS (
+    UPDATE pgbus.queues SET paused = $2 WHERE name = $1 RETURNING name
+), wake AS (
+    SELECT pg_notify('pgbus_wakeup', $1) WHERE NOT $2 AND EXISTS (SELECT 1 FROM u)
+)
+SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM wake)";
 
 pub(crate) const PURGE_QUEUE: &str = "DELETE FROM pgbus.messages WHERE queue = $1";
 
@@ -52,17 +59,31 @@ pub(crate) fn list_queues() -> String {
 
 pub(crate) const QUEUE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pgbus.queues WHERE name = $1)";
 
+/// The channel workers LISTEN on; the payload is the queue name.
+pub(crate) const WAKEUP_CHANNEL: &str = "pgbus_wakeup";
+
+pub(crate) const LISTEN: &str = "LISTEN pgbus_wakeup";
+
 /// Bulk send: one row per array element, ids assigned in input order. `$3` (absolute time)
-/// wins over `$4` (delay in seconds, on the database clock).
+/// wins over `$4` (delay in seconds, on the database clock). When `$9` is true and a
+/// message is visible now, one `pg_notify` per statement (Postgres also folds identical
+/// notifications within a transaction into one), delivered only on commit.
 pub(crate) const SEND: &str = "
-INSERT INTO pgbus.messages (queue, priority, visible_at, content_type, headers, group_key, payload)
-SELECT $1, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
-       m.content_type, m.headers, m.group_key, m.payload
-FROM unnest($2::smallint[], $3::timestamptz[], $4::float8[], $5::text[], $6::jsonb[],
-            $7::text[], $8::bytea[])
-     WITH ORDINALITY AS m(priority, at, delay, content_type, headers, group_key, payload, n)
-ORDER BY m.n
-RETURNING id";
+WITH ins AS (
+    INSERT INTO pgbus.messages (queue, priority, visible_at, content_type, headers, group_key,
+                                payload)
+    SELECT $1, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
+           m.content_type, m.headers, m.group_key, m.payload
+    FROM unnest($2::smallint[], $3::timestamptz[], $4::float8[], $5::text[], $6::jsonb[],
+                $7::text[], $8::bytea[])
+         WITH ORDINALITY AS m(priority, at, delay, content_type, headers, group_key, payload, n)
+    ORDER BY m.n
+    RETURNING id, visible_at
+), wake AS (
+    SELECT pg_notify('pgbus_wakeup', $1)
+    WHERE $9 AND EXISTS (SELECT 1 FROM ins WHERE visible_at <= now())
+)
+SELECT ins.id FROM ins LEFT JOIN wake ON true ORDER BY ins.id";
 
 /// Claim: pick the best visible rows with SKIP LOCKED, lease them, count the attempt. The
 /// picked row's previous `visible_at` is returned so the caller can restore claim order
@@ -134,18 +155,24 @@ WHERE queue = $1
 ORDER BY failed_at, id
 LIMIT $2";
 
-/// Retry from the dead-letter queue: `$2` NULL means all of the queue.
+/// Retry from the dead-letter queue: `$2` NULL means all of the queue. Wakes the
+/// queue's workers when anything came back.
 pub(crate) const RETRY_DEAD: &str = "
 WITH r AS (
     DELETE FROM pgbus.dead_letters
     WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY ($2))
     RETURNING *
+), ins AS (
+    INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
+                                content_type, headers, group_key, last_error, payload)
+    SELECT id, queue, priority, now(), 0, enqueued_at, content_type, headers, group_key,
+           error, payload
+    FROM r
+    RETURNING 1
+), wake AS (
+    SELECT pg_notify('pgbus_wakeup', $1) WHERE EXISTS (SELECT 1 FROM ins)
 )
-INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
-                            content_type, headers, group_key, last_error, payload)
-SELECT id, queue, priority, now(), 0, enqueued_at, content_type, headers, group_key,
-       error, payload
-FROM r";
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)";
 
 pub(crate) const DISCARD_DEAD: &str = "
 DELETE FROM pgbus.dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY ($2))";

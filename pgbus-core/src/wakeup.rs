@@ -1,0 +1,49 @@
+//! Contracts for fetching on a dedicated connection and for wake-ups.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{Message, QueueName, Result};
+
+/// A claimer that keeps one connection for itself (a worker's fetch loop), instead of
+/// taking a pooled connection for every claim.
+pub trait Fetcher: Send + 'static {
+    /// Claims like [`Consumer::claim`](crate::Consumer::claim), on this fetcher's own
+    /// connection.
+    fn claim(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send;
+}
+
+/// Opening [`Fetcher`]s.
+pub trait OpenFetcher: Send + Sync {
+    /// The fetcher type.
+    type Fetcher: Fetcher;
+
+    /// Opens a fetcher with its own connection. After an error from it, drop it and open
+    /// a new one.
+    fn open_fetcher(&self) -> impl Future<Output = Result<Self::Fetcher>> + Send;
+}
+
+/// Called when a queue may have new work.
+pub type WakeFn = Arc<dyn Fn() + Send + Sync + 'static>;
+
+/// A source of "new work in queue X" signals (for Postgres: one LISTEN connection per
+/// process). Workers subscribe for their queues; a source that cannot deliver signals
+/// reports it through [`is_live`](Self::is_live), and workers fall back to polling.
+pub trait WakeupSource: Send + Sync + 'static {
+    /// Calls `wake` whenever one of `queues` may have new work, and after the source
+    /// (re)connects (notifications may have been missed meanwhile). Returns a guard; the
+    /// subscription ends when it is dropped.
+    fn subscribe(&self, queues: &[QueueName], wake: WakeFn) -> Box<dyn Subscription>;
+
+    /// Whether signals are being delivered now.
+    fn is_live(&self) -> bool;
+}
+
+/// Keeps a [`WakeupSource`] subscription alive; dropping it unsubscribes.
+pub trait Subscription: Send + Sync {}

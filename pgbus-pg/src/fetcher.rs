@@ -1,0 +1,49 @@
+//! The fetch loop's own connection (`pgbus:fetch`), with the claim statement prepared once.
+
+use std::time::Duration;
+
+use pgbus_core::{Fetcher, Message, OpenFetcher, QueueName, Result};
+use tokio_postgres::{Client, Statement};
+
+use crate::backend::claim_on;
+use crate::connect::connect;
+use crate::error::db;
+use crate::{sql, PgBackend};
+
+/// A dedicated connection for a worker's claims: one backend session for the life of the
+/// fetch loop instead of a pool checkout per claim. Drop it after an error and open a new
+/// one.
+pub struct PgFetcher {
+    client: Client,
+    claim: Statement,
+}
+
+impl std::fmt::Debug for PgFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgFetcher").finish_non_exhaustive()
+    }
+}
+
+impl OpenFetcher for PgBackend {
+    type Fetcher = PgFetcher;
+
+    async fn open_fetcher(&self) -> Result<PgFetcher> {
+        let client = connect(self.url(), "fetch").await?;
+        let claim = client
+            .prepare(sql::CLAIM)
+            .await
+            .map_err(|e| db("preparing the claim statement", e))?;
+        Ok(PgFetcher { client, claim })
+    }
+}
+
+impl Fetcher for PgFetcher {
+    async fn claim(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Message>> {
+        claim_on(&self.client, &self.claim, queue, max, lease).await
+    }
+}

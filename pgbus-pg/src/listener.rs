@@ -1,0 +1,267 @@
+//! The process's one LISTEN connection (`pgbus:listen`), fanning wake-ups out to workers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use pgbus_core::{QueueName, Result, RetryPolicy, Subscription, WakeFn, WakeupSource};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::connect::config_for;
+use crate::sql;
+
+/// How long the connection may stay quiet before the listener checks it is alive.
+const HEALTH_CHECK_AFTER: Duration = Duration::from_secs(30);
+/// How long that check may take.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One dedicated connection per process that runs `LISTEN pgbus_wakeup` and wakes the
+/// workers subscribed to the queue named in each notification.
+///
+/// It is not a pooled connection: a pooled tokio-postgres connection does not deliver
+/// notifications. When the connection cannot be opened or `LISTEN` is refused, the
+/// listener logs it once, reports [`is_live`](WakeupSource::is_live) `false` (workers keep
+/// polling) and retries with capped exponential backoff. After every (re)connection it
+/// wakes every subscriber, because notifications sent meanwhile were lost.
+pub struct PgListener {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct Shared {
+    subscribers: Mutex<HashMap<u64, (Vec<QueueName>, WakeFn)>>,
+    next_id: AtomicU64,
+    live: AtomicBool,
+    heard: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Shared {
+    fn wake(&self, queue: Option<&str>) {
+        let subscribers = self.subscribers.lock().expect("subscribers");
+        for (queues, wake) in subscribers.values() {
+            if queue.is_none_or(|q| queues.iter().any(|name| name.as_str() == q)) {
+                wake();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for PgListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgListener")
+            .field("live", &self.is_live())
+            .field("heard", &self.notifications_heard())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgListener {
+    /// Starts listening on the database at `url` in a background task (needs a tokio
+    /// runtime). Fails only on a malformed URL; connection problems are retried.
+    pub fn start(url: &str) -> Result<Self> {
+        let config = config_for(url, "listen")?;
+        let shared = Arc::new(Shared::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(run(config, Arc::downgrade(&shared), stop.clone()));
+        Ok(Self { shared, stop })
+    }
+
+    /// Notifications received so far (each wakes the matching subscribers).
+    pub fn notifications_heard(&self) -> u64 {
+        self.shared.heard.load(Ordering::Relaxed)
+    }
+
+    /// Successful connections so far (1 + reconnects).
+    pub fn connections_made(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the listener is live or `timeout` passes; returns whether it is live.
+    pub async fn wait_live(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_live() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+impl Drop for PgListener {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct ListenerSubscription {
+    shared: Weak<Shared>,
+    id: u64,
+}
+
+impl Subscription for ListenerSubscription {}
+
+impl Drop for ListenerSubscription {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared
+                .subscribers
+                .lock()
+                .expect("subscribers")
+                .remove(&self.id);
+        }
+    }
+}
+
+impl WakeupSource for PgListener {
+    fn subscribe(&self, queues: &[QueueName], wake: WakeFn) -> Box<dyn Subscription> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .subscribers
+            .lock()
+            .expect("subscribers")
+            .insert(id, (queues.to_vec(), wake));
+        Box::new(ListenerSubscription {
+            shared: Arc::downgrade(&self.shared),
+            id,
+        })
+    }
+
+    fn is_live(&self) -> bool {
+        self.shared.live.load(Ordering::Relaxed)
+    }
+}
+
+/// Connect, LISTEN, dispatch; on any failure back off and start over.
+async fn run(config: tokio_postgres::Config, shared: Weak<Shared>, stop: CancellationToken) {
+    let backoff = RetryPolicy::builder()
+        .base(Duration::from_millis(100))
+        .cap(Duration::from_secs(30))
+        .jitter(0.3)
+        .max_attempts(u32::MAX)
+        .build()
+        .expect("valid backoff");
+    let mut failures = 0u32;
+    let mut warned = false;
+    loop {
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            outcome = listen(&config, &shared, &stop) => outcome,
+        };
+        let Some(shared_now) = shared.upgrade() else {
+            return;
+        };
+        shared_now.live.store(false, Ordering::Relaxed);
+        drop(shared_now);
+        match outcome {
+            Ok(()) => return, // stopped
+            Err(Failure::BeforeListening(err)) => {
+                failures += 1;
+                if !warned {
+                    tracing::warn!(target: "pgbus::listen", error = %err, "wake-ups unavailable, workers poll until LISTEN works");
+                    warned = true;
+                } else {
+                    tracing::debug!(target: "pgbus::listen", error = %err, "LISTEN still unavailable");
+                }
+            }
+            Err(Failure::WhileListening(err)) => {
+                failures = 1;
+                warned = true;
+                tracing::warn!(target: "pgbus::listen", error = %err, "listener connection lost; workers poll while it reconnects");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff.backoff(failures)) => {}
+        }
+    }
+}
+
+enum Failure {
+    /// Connecting or LISTEN failed: nothing was ever heard on this connection.
+    BeforeListening(String),
+    /// The connection broke after LISTEN succeeded.
+    WhileListening(String),
+}
+
+async fn listen(
+    config: &tokio_postgres::Config,
+    shared: &Weak<Shared>,
+    stop: &CancellationToken,
+) -> std::result::Result<(), Failure> {
+    let (client, mut connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| Failure::BeforeListening(e.to_string()))?;
+    // The connection object delivers notifications only to whoever polls it; forward them.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(Ok(n.payload().to_owned()));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    let _ = tx.send(Err(err.to_string()));
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Err("connection closed".to_owned()));
+    });
+    let _abort_driver = AbortOnDrop(driver);
+    client
+        .batch_execute(sql::LISTEN)
+        .await
+        .map_err(|e| Failure::BeforeListening(e.to_string()))?;
+    {
+        let Some(shared) = shared.upgrade() else {
+            return Ok(());
+        };
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        shared.live.store(true, Ordering::Relaxed);
+        tracing::info!(target: "pgbus::listen", channel = sql::WAKEUP_CHANNEL, "listening for wake-ups");
+        // Anything sent while we were not listening was not heard: make everyone look.
+        shared.wake(None);
+    }
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            message = rx.recv() => match message {
+                Some(Ok(queue)) => {
+                    let Some(shared) = shared.upgrade() else { return Ok(()) };
+                    shared.heard.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(target: "pgbus::listen", queue = %queue, "wake-up");
+                    shared.wake(Some(&queue));
+                }
+                Some(Err(err)) => return Err(Failure::WhileListening(err)),
+                None => return Err(Failure::WhileListening("connection closed".to_owned())),
+            },
+            _ = tokio::time::sleep(HEALTH_CHECK_AFTER) => {
+                let check = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.simple_query("SELECT 1"));
+                match check.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return Err(Failure::WhileListening(err.to_string())),
+                    Err(_) => return Err(Failure::WhileListening("health check timed out".to_owned())),
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
