@@ -46,7 +46,7 @@ async fn post_batch(pool: &dyn ExecutionPool, slot_freed: &Notify) {
     );
 }
 
-fn bench_pool(c: &mut Criterion, runtime: &Runtime, name: &str, pool: &dyn ExecutionPool) {
+fn bench_pool(c: &mut Criterion, runtime: &Runtime, name: &str, pool: Arc<dyn ExecutionPool>) {
     let slot_freed = Arc::new(Notify::new());
     let notify = Arc::clone(&slot_freed);
     pool.on_state_change(Arc::new(move || notify.notify_one()));
@@ -59,13 +59,19 @@ fn bench_pool(c: &mut Criterion, runtime: &Runtime, name: &str, pool: &dyn Execu
         BenchmarkId::new(name, format!("{BATCH}_noop_jobs_cap_{CAPACITY}")),
         |b| {
             b.to_async(runtime).iter_custom(|iterations| {
-                let (pool, slot_freed, jobs, elapsed) = (pool, &*slot_freed, &jobs, &elapsed);
+                let (pool, slot_freed) = (Arc::clone(&pool), Arc::clone(&slot_freed));
+                let (jobs, elapsed) = (&jobs, &elapsed);
                 async move {
-                    let started = Instant::now();
-                    for _ in 0..iterations {
-                        post_batch(pool, slot_freed).await;
-                    }
-                    let took = started.elapsed();
+                    // Post from a task on a runtime worker thread, as the worker loop does.
+                    let took = tokio::spawn(async move {
+                        let started = Instant::now();
+                        for _ in 0..iterations {
+                            post_batch(&*pool, &slot_freed).await;
+                        }
+                        started.elapsed()
+                    })
+                    .await
+                    .expect("bench task");
                     jobs.set(jobs.get() + iterations * BATCH as u64);
                     elapsed.set(elapsed.get() + took);
                     took
@@ -87,12 +93,13 @@ fn pool_post(c: &mut Criterion) {
         .build()
         .expect("tokio runtime");
 
-    let threads = ThreadPool::new(CAPACITY).expect("thread pool");
-    bench_pool(c, &runtime, "threads", &threads);
+    let threads = Arc::new(ThreadPool::new(CAPACITY).expect("thread pool"));
+    bench_pool(c, &runtime, "threads", threads.clone());
     threads.shutdown();
 
-    let pool = AsyncPool::with_handle(CAPACITY, runtime.handle().clone()).expect("async pool");
-    bench_pool(c, &runtime, "async", &pool);
+    let pool =
+        Arc::new(AsyncPool::with_handle(CAPACITY, runtime.handle().clone()).expect("async pool"));
+    bench_pool(c, &runtime, "async", pool.clone());
     pool.shutdown();
 }
 

@@ -70,6 +70,8 @@ pub struct WorkerMetadata {
     pub process: Option<ProcessId>,
     /// Whether wake-ups are live (`false`: the worker finds new work by polling).
     pub wakeups_live: bool,
+    /// Whether it is waiting for work: its queues were empty at the last claim.
+    pub idle: bool,
 }
 
 /// Settings of a worker; see [`WorkerBuilder`].
@@ -203,6 +205,7 @@ impl<B: Backend> WorkerBuilder<B> {
                 pool: OnceLock::new(),
                 process: OnceLock::new(),
                 wakeup_source: self.wakeup_source,
+                idle: Default::default(),
             }),
             backend: self.backend,
             handlers: self.handlers.into_iter().collect(),
@@ -219,6 +222,7 @@ struct Shared {
     pool: OnceLock<Arc<dyn ExecutionPool>>,
     process: OnceLock<ProcessId>,
     wakeup_source: Option<Arc<dyn WakeupSource>>,
+    idle: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -244,6 +248,7 @@ impl WorkerMonitor {
             queues: self.shared.queues.clone(),
             process: self.shared.process.get().copied(),
             wakeups_live: self.shared.wakeups_live(),
+            idle: self.shared.idle.load(Ordering::SeqCst),
         }
     }
 }
@@ -411,12 +416,16 @@ impl<B: Backend> Worker<B> {
                     _ = shutdown.cancelled() => {}
                     _ = slot_freed.notified() => {}
                 },
-                Wait::ForWork => tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = self.wakeup.notified() => {}
-                    _ = slot_freed.notified() => {}
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
-                },
+                Wait::ForWork => {
+                    self.shared.idle.store(true, Ordering::SeqCst);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = self.wakeup.notified() => {}
+                        _ = slot_freed.notified() => {}
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    }
+                    self.shared.idle.store(false, Ordering::SeqCst);
+                }
             }
         }
 

@@ -24,14 +24,19 @@ pub(crate) fn is_transient(err: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The server's message and SQLSTATE when there is one (the driver's own `Display` says
+/// only "db error"), else the driver's message.
+pub(crate) fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => err.to_string(),
+    }
+}
+
 /// Wraps a driver error, saying what pgbus was doing.
 pub(crate) fn db(context: &str, err: tokio_postgres::Error) -> Error {
     let transient = is_transient(&err);
-    let detail = match err.as_db_error() {
-        Some(db) => format!("{context}: {} ({})", db.message(), db.code().code()),
-        None => format!("{context}: {err}"),
-    };
-    Error::backend(detail, transient, err)
+    Error::backend(format!("{context}: {}", describe(&err)), transient, err)
 }
 
 /// Wraps a pool checkout failure.

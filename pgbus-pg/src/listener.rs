@@ -12,6 +12,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::config_for;
+use crate::error::describe;
 use crate::sql;
 
 /// How long the connection may stay quiet before the listener checks it is alive.
@@ -37,8 +38,9 @@ struct Shared {
     subscribers: Mutex<HashMap<u64, (Vec<QueueName>, WakeFn)>>,
     next_id: AtomicU64,
     live: AtomicBool,
-    heard: AtomicU64,
+    heard: Mutex<HashMap<String, u64>>,
     connections: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl Shared {
@@ -72,9 +74,21 @@ impl PgListener {
         Ok(Self { shared, stop })
     }
 
-    /// Notifications received so far (each wakes the matching subscribers).
+    /// Notifications received so far, for all queues (each wakes the matching
+    /// subscribers).
     pub fn notifications_heard(&self) -> u64 {
-        self.shared.heard.load(Ordering::Relaxed)
+        self.shared.heard.lock().expect("heard").values().sum()
+    }
+
+    /// Notifications received so far for one queue.
+    pub fn notifications_heard_for(&self, queue: &QueueName) -> u64 {
+        let heard = self.shared.heard.lock().expect("heard");
+        heard.get(queue.as_str()).copied().unwrap_or(0)
+    }
+
+    /// Failed attempts to connect and LISTEN, or lost connections, so far.
+    pub fn failures(&self) -> u64 {
+        self.shared.failures.load(Ordering::Relaxed)
     }
 
     /// Successful connections so far (1 + reconnects).
@@ -159,6 +173,9 @@ async fn run(config: tokio_postgres::Config, shared: Weak<Shared>, stop: Cancell
             return;
         };
         shared_now.live.store(false, Ordering::Relaxed);
+        if outcome.is_err() {
+            shared_now.failures.fetch_add(1, Ordering::Relaxed);
+        }
         drop(shared_now);
         match outcome {
             Ok(()) => return, // stopped
@@ -199,7 +216,7 @@ async fn listen(
     let (client, mut connection) = config
         .connect(NoTls)
         .await
-        .map_err(|e| Failure::BeforeListening(e.to_string()))?;
+        .map_err(|e| Failure::BeforeListening(describe(&e)))?;
     // The connection object delivers notifications only to whoever polls it; forward them.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -211,7 +228,7 @@ async fn listen(
                 }
                 Ok(_) => {}
                 Err(err) => {
-                    let _ = tx.send(Err(err.to_string()));
+                    let _ = tx.send(Err(describe(&err)));
                     return;
                 }
             }
@@ -222,7 +239,7 @@ async fn listen(
     client
         .batch_execute(sql::LISTEN)
         .await
-        .map_err(|e| Failure::BeforeListening(e.to_string()))?;
+        .map_err(|e| Failure::BeforeListening(describe(&e)))?;
     {
         let Some(shared) = shared.upgrade() else {
             return Ok(());
@@ -239,7 +256,7 @@ async fn listen(
             message = rx.recv() => match message {
                 Some(Ok(queue)) => {
                     let Some(shared) = shared.upgrade() else { return Ok(()) };
-                    shared.heard.fetch_add(1, Ordering::Relaxed);
+                    *shared.heard.lock().expect("heard").entry(queue.clone()).or_default() += 1;
                     tracing::trace!(target: "pgbus::listen", queue = %queue, "wake-up");
                     shared.wake(Some(&queue));
                 }
@@ -250,7 +267,7 @@ async fn listen(
                 let check = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.simple_query("SELECT 1"));
                 match check.await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(err)) => return Err(Failure::WhileListening(err.to_string())),
+                    Ok(Err(err)) => return Err(Failure::WhileListening(describe(&err))),
                     Err(_) => return Err(Failure::WhileListening("health check timed out".to_owned())),
                 }
             }

@@ -44,7 +44,10 @@ where
 {
     let start = Instant::now();
     while !check().await {
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting until {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

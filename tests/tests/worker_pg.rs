@@ -1,0 +1,679 @@
+//! The worker on PostgreSQL: bulk drains in both execution modes, retries into the
+//! dead-letter queue, transactional completion, connection economy, graceful shutdown and
+//! the process registry.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgbus_core::{
+    DeadLetters, NewMessage, ProcessRegistry, Producer, QueueAdmin, QueueName, QueueOptions,
+    QueueStats, RetryPolicy, Stats,
+};
+use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
+use pgbus_pg::PgBackend;
+use pgbus_tests::{connections, eventually, fresh_backend, queue};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn create(backend: &PgBackend, name: &str, options: QueueOptions) -> QueueName {
+    let q = queue(name);
+    assert!(backend.create_queue(&q, &options).await.unwrap());
+    q
+}
+
+/// Sends `0..n` as payloads, in `send_batch` chunks of at most 5,000.
+async fn send_numbers(backend: &PgBackend, q: &QueueName, n: u32) {
+    let mut start = 0;
+    while start < n {
+        let end = (start + 5_000).min(n);
+        let ids = backend
+            .send_batch(
+                q,
+                (start..end)
+                    .map(|i| NewMessage::encode(&i).unwrap())
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), (end - start) as usize);
+        start = end;
+    }
+}
+
+async fn stats_of(backend: &PgBackend, q: &QueueName) -> QueueStats {
+    backend
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| &s.queue == q)
+        .expect("stats for the queue")
+}
+
+async fn wait_until_empty(backend: &PgBackend, q: &QueueName, deadline: Duration) {
+    eventually("the queue is empty", deadline, || async {
+        stats_of(backend, q).await.depth() == 0
+    })
+    .await;
+}
+
+/// Concurrency bookkeeping shared by a handler's runs: how many run now, the most at once.
+#[derive(Default)]
+struct Gauge {
+    running: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gauge {
+    fn enter(&self) {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+    fn leave(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+    fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// A gate jobs wait at until the test opens it.
+fn gate() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    watch::channel(false)
+}
+
+async fn pass(mut gate: watch::Receiver<bool>) {
+    gate.wait_for(|open| *open).await.expect("gate kept open");
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Bulk drain: 20,000 messages, four workers in one process.
+
+async fn twenty_thousand_messages_four_workers(mode: ExecutionMode) {
+    const MESSAGES: u32 = 20_000;
+    const WORKERS: usize = 4;
+    const CONCURRENCY: usize = 8;
+    let (backend, _url) = fresh_backend(8).await;
+    let q = create(&backend, "bulk", QueueOptions::default()).await;
+    send_numbers(&backend, &q, MESSAGES).await;
+    assert_eq!(stats_of(&backend, &q).await.ready, u64::from(MESSAGES));
+
+    let seen = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+    let gauge = Arc::new(Gauge::default());
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for _ in 0..WORKERS {
+        let worker = Worker::builder(backend.clone())
+            .execution_mode(mode)
+            .concurrency(CONCURRENCY)
+            .lease(Duration::from_secs(60))
+            .poll_interval(Duration::from_millis(50))
+            .handle(q.clone(), {
+                let (seen, gauge) = (seen.clone(), gauge.clone());
+                move |_ctx: JobContext<PgBackend>, n: u32| {
+                    let (seen, gauge) = (seen.clone(), gauge.clone());
+                    async move {
+                        gauge.enter();
+                        tokio::task::yield_now().await;
+                        *seen.lock().unwrap().entry(n).or_default() += 1;
+                        gauge.leave();
+                    }
+                }
+            })
+            .build()
+            .unwrap();
+        assert_eq!(worker.monitor().metadata().mode, mode);
+        runs.push(tokio::spawn(worker.run(stop.clone())));
+    }
+    wait_until_empty(&backend, &q, Duration::from_secs(240)).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let mut reports = Vec::new();
+    for run in runs {
+        reports.push(run.await.unwrap().unwrap());
+    }
+    println!(
+        "{mode:?}: {MESSAGES} messages by {WORKERS} workers x {CONCURRENCY} in {elapsed:?} \
+         (peak concurrency {})",
+        gauge.peak()
+    );
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), MESSAGES as usize, "every message handled");
+    assert!((0..MESSAGES).all(|n| seen.contains_key(&n)));
+    let twice: Vec<_> = seen.iter().filter(|(_, &c)| c != 1).collect();
+    assert!(twice.is_empty(), "handled more than once: {twice:?}");
+    assert!(
+        gauge.peak() <= WORKERS * CONCURRENCY,
+        "concurrency {} above {}",
+        gauge.peak(),
+        WORKERS * CONCURRENCY
+    );
+    let acked: u64 = reports.iter().map(|r| r.acked).sum();
+    let started_jobs: u64 = reports.iter().map(|r| r.started).sum();
+    assert_eq!(acked, u64::from(MESSAGES), "reports: {reports:?}");
+    assert_eq!(started_jobs, u64::from(MESSAGES), "reports: {reports:?}");
+    assert!(reports
+        .iter()
+        .all(|r| r.retried == 0 && r.dead_lettered == 0 && r.discarded == 0));
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!((stats.depth(), stats.dead_lettered), (0, 0), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_thousand_messages_four_workers_async() {
+    twenty_thousand_messages_four_workers(ExecutionMode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_thousand_messages_four_workers_threads() {
+    twenty_thousand_messages_four_workers(ExecutionMode::Threads).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Retries, then the dead-letter queue.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_handler_dead_letters_after_max_attempts() {
+    let (backend, _url) = fresh_backend(4).await;
+    let retry = RetryPolicy::builder()
+        .base(Duration::from_millis(10))
+        .cap(Duration::from_millis(50))
+        .jitter(0.0)
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let q = create(&backend, "failing", QueueOptions::default().retry(retry)).await;
+    let id = backend
+        .send(&q, NewMessage::encode(&7u32).unwrap())
+        .await
+        .unwrap();
+    let attempts = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let worker = Worker::builder(backend.clone())
+        .poll_interval(Duration::from_millis(20))
+        .handle(q.clone(), {
+            let attempts = attempts.clone();
+            move |ctx: JobContext<PgBackend>, n: u32| {
+                let attempt = ctx.attempt();
+                attempts.lock().unwrap().push(attempt);
+                async move { Err::<(), _>(format!("boom on {n}, attempt {attempt}")) }
+            }
+        })
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("the message is dead-lettered", DEADLINE, || async {
+        let stats = stats_of(&backend, &q).await;
+        stats.depth() == 0 && stats.dead_lettered == 1
+    })
+    .await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+
+    assert_eq!(*attempts.lock().unwrap(), vec![1, 2, 3]);
+    assert_eq!(
+        (
+            report.started,
+            report.retried,
+            report.dead_lettered,
+            report.acked
+        ),
+        (3, 2, 1, 0),
+        "{report:?}"
+    );
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, id);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].error, "boom on 7, attempt 3");
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Transactional completion: the handler's writes commit with the ack, or not at all.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactional_completion_commits_writes_with_the_ack() {
+    let (backend, url) = fresh_backend(4).await;
+    let client = pgbus_pg::connect(&url, "test").await.unwrap();
+    client
+        .batch_execute("CREATE TABLE effects (message_id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let one_attempt = RetryPolicy::builder().max_attempts(1).build().unwrap();
+    let q = create(
+        &backend,
+        "effects",
+        QueueOptions::default().retry(one_attempt),
+    )
+    .await;
+    let good = backend
+        .send(&q, NewMessage::encode(&true).unwrap())
+        .await
+        .unwrap();
+    let bad = backend
+        .send(&q, NewMessage::encode(&false).unwrap())
+        .await
+        .unwrap();
+
+    let worker = Worker::builder(backend.clone())
+        .poll_interval(Duration::from_millis(20))
+        .handle(
+            q.clone(),
+            |ctx: JobContext<PgBackend>, succeed: bool| async move {
+                let tx = ctx.begin().await?;
+                tx.client()
+                    .execute("INSERT INTO effects VALUES ($1)", &[&ctx.message_id().0])
+                    .await?;
+                if !succeed {
+                    // Dropping `tx` rolls the insert back.
+                    return Ok::<_, BoxError>(Outcome::retry("failed after writing"));
+                }
+                Ok(ctx.ack_in(tx).await?)
+            },
+        )
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("both messages are settled", DEADLINE, || async {
+        let stats = stats_of(&backend, &q).await;
+        stats.depth() == 0 && stats.dead_lettered == 1
+    })
+    .await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        (report.acked, report.dead_lettered, report.retried),
+        (1, 1, 0),
+        "{report:?}"
+    );
+
+    let effects: Vec<i64> = client
+        .query("SELECT message_id FROM effects ORDER BY message_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        effects,
+        vec![good.0],
+        "only the acked message's write is committed"
+    );
+    let in_messages = |id: i64| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT count(*) FROM pgbus.messages WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(in_messages(good.0).await, 0, "the acked message is gone");
+    assert_eq!(in_messages(bad.0).await, 0, "the failed one left the queue");
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, bad, "only the failing message is dead-lettered");
+    assert_eq!(dead[0].error, "failed after writing");
+    assert_eq!(dead[0].attempts, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Async mode: a thousand concurrent I/O-bound jobs on at most four connections.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn async_mode_runs_a_thousand_io_jobs_concurrently_on_few_connections() {
+    const JOBS: usize = 1_000;
+    const POOL: u32 = 3;
+    let (backend, url) = fresh_backend(POOL).await;
+    let q = create(&backend, "io", QueueOptions::default()).await;
+    send_numbers(&backend, &q, JOBS as u32).await;
+    let gauge = Arc::new(Gauge::default());
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (open, gated) = gate();
+    let worker = Worker::builder(backend.clone())
+        .execution_mode(ExecutionMode::Async)
+        .concurrency(JOBS)
+        .handle(q.clone(), {
+            let (gauge, handled) = (gauge.clone(), handled.clone());
+            move |_ctx: JobContext<PgBackend>, _n: u32| {
+                let (gauge, handled, gated) = (gauge.clone(), handled.clone(), gated.clone());
+                async move {
+                    gauge.enter();
+                    pass(gated).await;
+                    // Model the job's I/O.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    gauge.leave();
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let monitor = worker.monitor();
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("all 1,000 jobs run at once", DEADLINE, || async {
+        gauge.running() == JOBS
+    })
+    .await;
+    assert_eq!(monitor.metadata().busy, JOBS);
+    let fetch = connections(&url, "fetch").await;
+    let pool = connections(&url, "pool").await;
+    println!("1,000 concurrent async jobs: pgbus:fetch = {fetch}, pgbus:pool = {pool}");
+    assert_eq!(fetch, 1, "one dedicated fetch connection");
+    assert!(
+        fetch + pool <= 1 + i64::from(POOL),
+        "{fetch} fetch + {pool} pool connections for 1,000 jobs"
+    );
+    open.send(true).unwrap();
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    println!(
+        "1,000 async jobs of 200 ms drained in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(gauge.peak(), JOBS);
+    assert_eq!(handled.load(Ordering::SeqCst), JOBS);
+    assert_eq!((report.started, report.acked), (JOBS as u64, JOBS as u64));
+    assert!(connections(&url, "pool").await <= i64::from(POOL));
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Threads mode: sixteen blocking jobs at once, connections counted.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn threads_mode_sixteen_threads_connection_count() {
+    const THREADS: usize = 16;
+    const JOBS: u32 = 64;
+    const POOL: u32 = 4;
+    let (backend, url) = fresh_backend(POOL).await;
+    let q = create(&backend, "blocking", QueueOptions::default()).await;
+    send_numbers(&backend, &q, JOBS).await;
+    let gauge = Arc::new(Gauge::default());
+    let seen = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+    let on_pool_thread = Arc::new(AtomicBool::new(true));
+    let (open, gated) = gate();
+    let worker = Worker::builder(backend.clone())
+        .execution_mode(ExecutionMode::Threads)
+        .concurrency(THREADS)
+        .handle(q.clone(), {
+            let (gauge, seen, on_pool_thread) =
+                (gauge.clone(), seen.clone(), on_pool_thread.clone());
+            move |_ctx: JobContext<PgBackend>, n: u32| {
+                let (gauge, seen, gated) = (gauge.clone(), seen.clone(), gated.clone());
+                let on_pool_thread = on_pool_thread.clone();
+                async move {
+                    let thread = std::thread::current();
+                    if !thread
+                        .name()
+                        .is_some_and(|t| t.starts_with("pgbus-worker-"))
+                    {
+                        on_pool_thread.store(false, Ordering::SeqCst);
+                    }
+                    gauge.enter();
+                    // The first wave holds until the connections are counted.
+                    pass(gated).await;
+                    // Blocking is fine on a pool thread.
+                    std::thread::sleep(Duration::from_millis(50));
+                    *seen.lock().unwrap().entry(n).or_default() += 1;
+                    gauge.leave();
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("sixteen jobs run", DEADLINE, || async {
+        gauge.running() == THREADS
+    })
+    .await;
+    let fetch = connections(&url, "fetch").await;
+    let pool = connections(&url, "pool").await;
+    println!("16 blocking jobs on 16 threads: pgbus:fetch = {fetch}, pgbus:pool = {pool}");
+    assert_eq!(fetch, 1, "one dedicated fetch connection");
+    assert!(pool <= i64::from(POOL), "{pool} pool connections");
+    open.send(true).unwrap();
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    println!(
+        "64 blocking jobs of 50 ms drained in {:?}",
+        started.elapsed()
+    );
+    assert!(gauge.peak() <= THREADS, "peak {}", gauge.peak());
+    assert!(
+        on_pool_thread.load(Ordering::SeqCst),
+        "jobs ran on pgbus-worker-N threads"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), JOBS as usize);
+    assert!(seen.values().all(|&c| c == 1), "{seen:?}");
+    assert_eq!(
+        (report.started, report.acked),
+        (u64::from(JOBS), u64::from(JOBS))
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Shutdown mid-run: running jobs complete, nothing is lost, the cut-off job comes back.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_mid_run_completes_running_jobs_and_loses_nothing() {
+    const MESSAGES: u32 = 40;
+    const CONCURRENCY: usize = 8;
+    let lease = Duration::from_secs(2);
+    let (backend, _url) = fresh_backend(4).await;
+    let q = create(&backend, "shutdown", QueueOptions::default().lease(lease)).await;
+    send_numbers(&backend, &q, MESSAGES).await;
+
+    // (payload, attempt) of every run, across both workers.
+    let runs = Arc::new(Mutex::new(Vec::<(u32, u32)>::new()));
+    let started = Arc::new(AtomicUsize::new(0));
+    // The payload of the one job that ignores the gate; u64::MAX until chosen.
+    let stubborn = Arc::new(AtomicU64::new(u64::MAX));
+    let (open, gated) = gate();
+    let first = Worker::builder(backend.clone())
+        .concurrency(CONCURRENCY)
+        .lease(lease)
+        .drain_timeout(Duration::from_millis(300))
+        .handle(q.clone(), {
+            let (runs, started, stubborn) = (runs.clone(), started.clone(), stubborn.clone());
+            move |ctx: JobContext<PgBackend>, n: u32| {
+                let (started, stubborn, gated) = (started.clone(), stubborn.clone(), gated.clone());
+                runs.lock().unwrap().push((n, ctx.attempt()));
+                async move {
+                    // The first job to start never finishes by itself.
+                    let is_stubborn = stubborn
+                        .compare_exchange(
+                            u64::MAX,
+                            u64::from(n),
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        )
+                        .is_ok();
+                    started.fetch_add(1, Ordering::SeqCst);
+                    if is_stubborn {
+                        ctx.cancellation().cancelled().await;
+                        return Outcome::retry("cancelled at shutdown");
+                    }
+                    pass(gated).await;
+                    Outcome::Ack
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let monitor = first.monitor();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(first.run(stop.clone()));
+    eventually("eight jobs run", DEADLINE, || async {
+        started.load(Ordering::SeqCst) == CONCURRENCY
+    })
+    .await;
+    assert_eq!(monitor.metadata().busy, CONCURRENCY);
+    // Stop claiming first, then let seven of the eight finish while the worker drains.
+    stop.cancel();
+    open.send(true).unwrap();
+    let report: WorkerReport = run.await.unwrap().unwrap();
+    let stubborn = u32::try_from(stubborn.load(Ordering::SeqCst)).expect("a stubborn job");
+
+    assert_eq!(
+        (
+            report.started,
+            report.acked,
+            report.retried,
+            report.dead_lettered
+        ),
+        (CONCURRENCY as u64, CONCURRENCY as u64 - 1, 0, 0),
+        "the seven completed jobs are acked, nothing else settled: {report:?}"
+    );
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!(
+        stats.depth(),
+        u64::from(MESSAGES) - report.acked,
+        "every message not acked is still in the database: {stats:?}"
+    );
+    assert_eq!(
+        (stats.in_flight, stats.ready, stats.scheduled),
+        (1, u64::from(MESSAGES) - CONCURRENCY as u64, 0),
+        "the cut-off job stays leased: {stats:?}"
+    );
+    let first_runs = runs.lock().unwrap().len();
+    assert_eq!(first_runs, CONCURRENCY);
+
+    // A second worker drains the rest, including the cut-off job once its lease runs out.
+    let second = Worker::builder(backend.clone())
+        .concurrency(CONCURRENCY)
+        .lease(lease)
+        .poll_interval(Duration::from_millis(50))
+        .handle(q.clone(), {
+            let runs = runs.clone();
+            move |ctx: JobContext<PgBackend>, n: u32| {
+                runs.lock().unwrap().push((n, ctx.attempt()));
+                async move { Outcome::Ack }
+            }
+        })
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(second.run(stop.clone()));
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report2 = run.await.unwrap().unwrap();
+    assert_eq!(report2.acked, u64::from(MESSAGES) - report.acked);
+
+    let runs = runs.lock().unwrap().clone();
+    let mut handled: Vec<u32> = runs.iter().map(|(n, _)| *n).collect();
+    handled.sort_unstable();
+    handled.dedup();
+    assert_eq!(
+        handled,
+        (0..MESSAGES).collect::<Vec<_>>(),
+        "every payload handled"
+    );
+    let of_stubborn: Vec<u32> = runs
+        .iter()
+        .filter(|(n, _)| *n == stubborn)
+        .map(|(_, attempt)| *attempt)
+        .collect();
+    assert_eq!(
+        of_stubborn,
+        vec![1, 2],
+        "the cut-off job was redelivered as attempt 2"
+    );
+    assert_eq!(
+        runs.len(),
+        MESSAGES as usize + 1,
+        "only the cut-off job ran twice"
+    );
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!((stats.depth(), stats.dead_lettered), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. The process registry.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_registers_and_heartbeats_in_the_process_table() {
+    const CAPACITY: usize = 3;
+    let (backend, _url) = fresh_backend(4).await;
+    let q = create(&backend, "registered", QueueOptions::default()).await;
+    let (open, gated) = gate();
+    let worker = Worker::builder(backend.clone())
+        .execution_mode(ExecutionMode::Async)
+        .concurrency(CAPACITY)
+        .heartbeat_interval(Duration::from_millis(100))
+        .poll_interval(Duration::from_millis(20))
+        .handle(q.clone(), move |_ctx: JobContext<PgBackend>, _n: u32| {
+            let gated = gated.clone();
+            async move { pass(gated).await }
+        })
+        .build()
+        .unwrap();
+    let monitor = worker.monitor();
+    assert_eq!(
+        monitor.metadata().process,
+        None,
+        "not registered before it runs"
+    );
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+
+    eventually("the worker registers", DEADLINE, || async {
+        backend.processes().await.unwrap().len() == 1
+    })
+    .await;
+    let record = backend.processes().await.unwrap().remove(0);
+    assert_eq!(record.info.pid, std::process::id());
+    assert_eq!(record.info.queues, vec![q.clone()]);
+    assert_eq!(record.info.mode, "async");
+    assert_eq!(record.info.capacity, CAPACITY as u32);
+    eventually("the monitor knows the registry id", DEADLINE, || async {
+        monitor.metadata().process == Some(record.id)
+    })
+    .await;
+
+    // Heartbeats move heartbeat_at on and report the busy count.
+    backend
+        .send(&q, NewMessage::encode(&1u32).unwrap())
+        .await
+        .unwrap();
+    eventually("a heartbeat reports the running job", DEADLINE, || async {
+        let processes = backend.processes().await.unwrap();
+        processes.len() == 1
+            && processes[0].id == record.id
+            && processes[0].busy == 1
+            && processes[0].heartbeat_at > record.heartbeat_at
+    })
+    .await;
+    open.send(true).unwrap();
+    eventually("a heartbeat reports no running job", DEADLINE, || async {
+        backend.processes().await.unwrap()[0].busy == 0
+    })
+    .await;
+
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.acked, 1);
+    assert!(
+        backend.processes().await.unwrap().is_empty(),
+        "deregistered on shutdown"
+    );
+}
