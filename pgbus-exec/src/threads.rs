@@ -21,11 +21,14 @@ struct Task {
 
 /// An [`ExecutionPool`] of `capacity` OS threads named `pgbus-worker-N` (N from 0).
 ///
-/// Each thread owns a single-threaded tokio runtime (timers and I/O enabled) and runs one
-/// job at a time on it, so a job may block its thread (CPU work, blocking I/O,
-/// `std::thread::sleep`) without stalling the caller's runtime, and may still await timers,
-/// channels or clients whose connection task lives on another runtime. Tasks a job spawns
-/// with `tokio::spawn` run on that thread's runtime only while one of its jobs is running.
+/// Each thread drives one job at a time to completion itself, so a job may block its thread
+/// (CPU work, blocking I/O, `std::thread::sleep`) without stalling the caller's runtime.
+/// Created inside a tokio runtime (the normal case), the threads run their jobs with that
+/// runtime's handle: the job's own future is polled on the pool thread, while timers, I/O
+/// and tasks it spawns (database connections opened by a pool, for instance) belong to the
+/// caller's runtime and keep running between jobs. Created outside a runtime, each thread
+/// gets a single-threaded runtime of its own, whose spawned tasks run only while one of its
+/// jobs is running.
 ///
 /// Jobs reach the threads through one shared channel; a slot is reserved before the send,
 /// so at most `capacity` jobs are ever queued or running and none waits for a thread for
@@ -54,12 +57,16 @@ impl ThreadPool {
         let slots = Slots::new(ExecutionMode::Threads, capacity);
         let (sender, receiver) = mpsc::channel::<Task>();
         let receiver = Arc::new(Mutex::new(receiver));
+        let caller = tokio::runtime::Handle::try_current().ok();
         for index in 0..capacity {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map(|runtime| ThreadRuntime(Some(runtime)))
-                .map_err(ExecError::Spawn)?;
+            let runtime = match &caller {
+                Some(handle) => ThreadRuntime::Shared(handle.clone()),
+                None => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|runtime| ThreadRuntime::Own(Some(runtime)))
+                    .map_err(ExecError::Spawn)?,
+            };
             let receiver = Arc::clone(&receiver);
             std::thread::Builder::new()
                 .name(format!("pgbus-worker-{index}"))
@@ -96,23 +103,33 @@ fn worker_thread(runtime: &ThreadRuntime, receiver: &Mutex<Receiver<Task>>) {
     }
 }
 
-/// A pool thread's runtime, shut down in the background when dropped, so that dropping it
-/// outside its thread (a failed spawn inside an async caller) cannot panic.
-struct ThreadRuntime(Option<tokio::runtime::Runtime>);
+/// What a pool thread drives its jobs with.
+enum ThreadRuntime {
+    /// The runtime the pool was created in.
+    Shared(tokio::runtime::Handle),
+    /// A runtime of the thread's own, shut down in the background when dropped, so that
+    /// dropping it outside its thread (a failed spawn inside an async caller) cannot panic.
+    Own(Option<tokio::runtime::Runtime>),
+}
 
 impl ThreadRuntime {
     fn block_on<F: Future>(&self, future: F) -> F::Output {
-        self.0
-            .as_ref()
-            .expect("the runtime is present until dropped")
-            .block_on(future)
+        match self {
+            ThreadRuntime::Shared(handle) => handle.block_on(future),
+            ThreadRuntime::Own(runtime) => runtime
+                .as_ref()
+                .expect("the runtime is present until dropped")
+                .block_on(future),
+        }
     }
 }
 
 impl Drop for ThreadRuntime {
     fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
+        if let ThreadRuntime::Own(runtime) = self {
+            if let Some(runtime) = runtime.take() {
+                runtime.shutdown_background();
+            }
         }
     }
 }

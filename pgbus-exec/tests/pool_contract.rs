@@ -674,10 +674,10 @@ async fn threads_blocking_job_does_not_block_the_callers_runtime() {
     assert_eq!(finished.load(Ordering::SeqCst), CAPACITY);
 }
 
-/// A job runs on a `pgbus-worker-N` thread inside that thread's own current-thread
-/// runtime, with timers, `tokio::spawn`, and channels to the caller's runtime working.
+/// A job runs on a `pgbus-worker-N` thread, driven with the caller's runtime handle: timers,
+/// `tokio::spawn` and channels work, and spawned tasks outlive the job.
 #[tokio::test(flavor = "multi_thread")]
-async fn threads_jobs_run_async_on_their_own_runtime() {
+async fn threads_jobs_run_on_pool_threads_with_the_callers_runtime() {
     let pool = ThreadPool::new(2).expect("thread pool starts");
     let callers_runtime = Handle::current().id();
     let (to_job, from_test) = oneshot::channel::<u32>();
@@ -701,9 +701,36 @@ async fn threads_jobs_run_async_on_their_own_runtime() {
         .expect("reported");
     let thread = thread.expect("pool threads are named");
     assert!(thread.starts_with("pgbus-worker-"), "thread name {thread}");
-    assert_ne!(runtime, callers_runtime, "not the caller's runtime");
-    assert_eq!(flavor, RuntimeFlavor::CurrentThread);
+    assert_eq!(
+        runtime, callers_runtime,
+        "timers, I/O and spawned tasks use the caller's runtime"
+    );
+    assert_eq!(flavor, RuntimeFlavor::MultiThread);
     assert_eq!(sum, 42);
+
+    // A task a job spawned (a pooled connection's driver, say) keeps running after the job
+    // ended and its thread went back to waiting for work.
+    let (release, released) = oneshot::channel::<()>();
+    let (done, finished) = oneshot::channel::<()>();
+    pool.post(Box::pin(async move {
+        tokio::spawn(async move {
+            released.await.expect("test releases");
+            done.send(()).expect("test waits");
+        });
+    }))
+    .expect("a slot is free");
+    tokio::time::timeout(DEADLINE, async {
+        while !pool.is_idle() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the spawning job ends");
+    release.send(()).expect("task waits");
+    tokio::time::timeout(DEADLINE, finished)
+        .await
+        .expect("the spawned task ran while no job was running")
+        .expect("finished");
     terminated(&pool).await;
 }
 

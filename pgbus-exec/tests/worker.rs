@@ -137,7 +137,7 @@ async fn failing_handler_retries_with_growing_delays_then_dead_letters() {
         .unwrap();
     let report = run_until_empty(worker, &backend).await;
     assert_eq!((report.retried, report.dead_lettered), (3, 1));
-    let runs = runs.lock().unwrap();
+    let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.len(), 4);
     let gaps: Vec<Duration> = runs.windows(2).map(|w| w[1] - w[0]).collect();
     // Backoff of 10, 20, 40 ms (no jitter): each gap at least its delay.
