@@ -1,22 +1,98 @@
-//! Execution pools and the worker runtime for pgbus.
+//! Execution pools and the worker runtime of pgbus.
+//!
+//! A [`Worker`] claims messages from any [`Backend`](pgbus_core::Backend), runs them with
+//! typed [`Handler`]s on an [`ExecutionPool`], and settles each [`Outcome`]. It never
+//! depends on a particular database: the Postgres backend lives in `pgbus-pg`, and
+//! everything here is tested on the in-memory backend too.
+//!
+//! ```
+//! use std::time::Duration;
+//! use pgbus_core::{MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, Stats};
+//! use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Email { to: String }
+//!
+//! # #[tokio::main] async fn main() -> pgbus_core::Result<()> {
+//! let backend = MemoryBackend::new();
+//! let queue = QueueName::new("emails")?;
+//! backend.create_queue(&queue, &QueueOptions::default()).await?;
+//! backend.send(&queue, NewMessage::encode(&Email { to: "a@example.com".into() })?).await?;
+//!
+//! let worker = Worker::builder(backend.clone())
+//!     .concurrency(16)
+//!     .execution_mode(ExecutionMode::Async)
+//!     .handle(queue.clone(), |ctx: JobContext<MemoryBackend>, email: Email| async move {
+//!         if email.to.is_empty() {
+//!             return Outcome::dead_letter("no recipient");
+//!         }
+//!         println!("attempt {} of message {}", ctx.attempt(), ctx.message_id());
+//!         Outcome::Ack
+//!     })
+//!     .build()?;
+//! let stop = CancellationToken::new();
+//! let running = tokio::spawn(worker.run(stop.clone()));
+//! while backend.stats().await?[0].depth() > 0 {
+//!     tokio::time::sleep(Duration::from_millis(10)).await;
+//! }
+//! stop.cancel();
+//! let report = running.await.expect("worker task")?;
+//! assert_eq!(report.acked, 1);
+//! # Ok(()) }
+//! ```
+//!
+//! # Behaviour
+//!
+//! - **Claims match free slots.** Each round claims exactly as many messages as the pool
+//!   has free slots, visiting the worker's queues in turn. When every slot is busy the
+//!   worker waits for one to free (the pool's state-change callback); when the queues are
+//!   empty it waits for a wake-up ([`WorkerBuilder::wakeups`]), a freed slot, or the poll
+//!   interval, whichever comes first.
+//! - **Outcomes.** [`Outcome::Ack`] is acked in batches (whatever completed while the
+//!   previous ack ran goes in the next statement). A retry follows the queue's
+//!   [`RetryPolicy`](pgbus_core::RetryPolicy) and dead-letters once attempts are used up;
+//!   a payload that does not decode is dead-lettered at once with the decoder's reason.
+//!   A handler may also ack inside its own transaction ([`JobContext::ack_in`]).
+//! - **Leases** of running jobs are extended every third of the lease, so a long job is
+//!   not delivered again while it runs. A job past the per-job timeout is cancelled (its
+//!   [`JobContext::cancellation`] fires) and retried.
+//! - **Shutdown** ([`Worker::run`]'s token): stop claiming, let running jobs finish up to
+//!   the drain timeout and settle them, then cancel the rest, whose messages stay leased in
+//!   the database and are delivered again when the lease runs out. Nothing is lost.
+//! - **Processes** register in the backend's process registry and heartbeat with their busy
+//!   count; entries silent for three heartbeat intervals are pruned.
+//! - **Modes.** [`ExecutionMode::Async`] runs jobs as tokio tasks bounded by the capacity
+//!   (thousands of I/O-bound jobs); [`ExecutionMode::Threads`] runs each job on one of
+//!   `capacity` OS threads (blocking or CPU-bound handlers), driven with the caller's
+//!   runtime handle so database connections and timers keep working.
+//!
+//! # Connection budget (Postgres backend)
+//!
+//! Per worker: one dedicated `pgbus:fetch` connection for claims. Shared through the
+//! backend's pool (`pgbus:pool`, sized by `PgBackend::builder(..).max_connections(n)`):
+//! batched acks, nacks, lease extension and process heartbeats, which use a connection
+//! only for the duration of a statement. Per process: one `pgbus:listen` connection when a
+//! `PgListener` is used. The budget does not grow with the execution mode or the
+//! concurrency: 1,000 concurrent async jobs run on the same few connections as 16 threads,
+//! unless handlers take pooled connections of their own (for transactional completion,
+//! one per job while its transaction is open).
 
 #![forbid(unsafe_code)]
 
+mod async_pool;
 mod handler;
 mod pool;
+mod slots;
+mod threads;
 mod worker;
 
+pub use async_pool::AsyncPool;
+pub use handler::{handler_fn, FnHandler, Handler, IntoOutcome, JobContext, Outcome};
 pub use pool::{
     ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,
     StateChangeCallback,
 };
-
-mod async_pool;
-mod slots;
-mod threads;
-
-pub use async_pool::AsyncPool;
-pub use handler::{handler_fn, FnHandler, Handler, IntoOutcome, JobContext, Outcome};
 pub use threads::ThreadPool;
 pub use worker::{
     default_execution_mode, set_default_execution_mode, Worker, WorkerBuilder, WorkerMetadata,
