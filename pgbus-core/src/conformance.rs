@@ -17,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Backend, ContentType, Error, Message, MessageId, NewMessage, ProcessInfo, QueueName,
-    QueueOptions, RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES,
+    Backend, ContentType, Error, Fetcher, GroupRecovery, GroupSession, Message, MessageId,
+    NewMessage, ProcessInfo, ProcessRegistry, QueueName, QueueOptions, RetryDecision, RetryPolicy,
+    Selection, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// Generates one `#[tokio::test]` per conformance case, each given a fresh backend from
@@ -46,6 +47,8 @@ macro_rules! conformance_tests {
             oversized_payload_and_bad_group_key_are_refused,
             stats_count_each_state,
             processes_register_heartbeat_and_go_stale,
+            groups_are_locked_one_owner_at_a_time_and_run_in_order,
+            recovery_frees_the_work_of_a_dead_group_owner,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -134,13 +137,7 @@ pub async fn send_and_claim_round_trip<B: Backend>(backend: B) {
     let q = queue(&backend, "round_trip").await;
     let before = SystemTime::now() - Duration::from_secs(5);
     let id = backend
-        .send(
-            &q,
-            job(7)
-                .priority(3)
-                .group("customer_1")
-                .header("trace", "t-1"),
-        )
+        .send(&q, job(7).priority(3).header("trace", "t-1"))
         .await
         .expect("send");
     let claimed = backend.claim(&q, 10, LONG).await.expect("claim");
@@ -158,7 +155,7 @@ pub async fn send_and_claim_round_trip<B: Backend>(backend: B) {
     assert_eq!(m.content_type, ContentType::MessagePack);
     assert_eq!(m.headers.get("trace").map(String::as_str), Some("t-1"));
     assert_eq!(m.priority, 3);
-    assert_eq!(m.group_key.as_deref(), Some("customer_1"));
+    assert_eq!(m.group_key, None);
     assert_eq!(m.attempts, 1);
     assert_eq!(m.last_error, None);
     assert!(m.enqueued_at >= before);
@@ -706,5 +703,146 @@ pub async fn processes_register_heartbeat_and_go_stale<B: Backend>(backend: B) {
     assert!(
         !backend.heartbeat(first, 0).await.unwrap(),
         "a pruned process learns it is gone"
+    );
+}
+
+/// Grouped messages never come from a plain claim; a group's head is claimed by the one
+/// session holding the group's lock, in send order, and waits while it is leased or
+/// delayed.
+pub async fn groups_are_locked_one_owner_at_a_time_and_run_in_order<B: Backend>(backend: B) {
+    let q = queue(&backend, "grouped").await;
+    for (n, group) in [(1, "a"), (2, "b"), (3, "a"), (4, "a")] {
+        backend.send(&q, job(n).group(group)).await.unwrap();
+    }
+    backend.send(&q, job(5)).await.unwrap();
+    assert_eq!(
+        numbers(&backend.claim(&q, 10, LONG).await.unwrap()),
+        [5],
+        "plain claims skip groups"
+    );
+
+    let mut fetcher = backend.open_fetcher().await.unwrap();
+    assert_eq!(
+        fetcher.group_candidates(&q, 10, &[]).await.unwrap(),
+        ["a", "b"]
+    );
+    assert_eq!(fetcher.group_candidates(&q, 1, &[]).await.unwrap(), ["a"]);
+    assert_eq!(
+        fetcher
+            .group_candidates(&q, 10, &["a".to_owned()])
+            .await
+            .unwrap(),
+        ["b"]
+    );
+
+    let mut owner = backend.open_group_session().await.unwrap();
+    let mut other = backend.open_group_session().await.unwrap();
+    assert!(owner.try_lock(&q, "a").await.unwrap());
+    assert!(
+        owner.try_lock(&q, "a").await.unwrap(),
+        "re-locking by the owner succeeds"
+    );
+    assert!(
+        !other.try_lock(&q, "a").await.unwrap(),
+        "a held group is skipped"
+    );
+
+    let head = owner
+        .claim_head(&q, "a", LONG)
+        .await
+        .unwrap()
+        .expect("head of a");
+    assert_eq!(
+        (head.decode::<Job>().unwrap().n, head.group_key.as_deref()),
+        (1, Some("a"))
+    );
+    assert!(
+        owner.claim_head(&q, "a", LONG).await.unwrap().is_none(),
+        "one at a time"
+    );
+    assert_eq!(
+        fetcher.group_candidates(&q, 10, &[]).await.unwrap(),
+        ["b"],
+        "a is in flight"
+    );
+    assert!(owner.extend(&head.lease(), LONG).await.unwrap());
+    assert!(owner.ack(&head.lease()).await.unwrap());
+
+    let second = owner
+        .claim_head(&q, "a", LONG)
+        .await
+        .unwrap()
+        .expect("next of a");
+    assert_eq!(second.decode::<Job>().unwrap().n, 3, "send order");
+    assert!(owner
+        .nack(&second.lease(), LONG, Some("later"))
+        .await
+        .unwrap());
+    assert!(
+        owner.claim_head(&q, "a", LONG).await.unwrap().is_none(),
+        "a delayed head blocks the group"
+    );
+    owner.unlock(&q, "a").await.unwrap();
+    assert!(
+        other.try_lock(&q, "a").await.unwrap(),
+        "unlocked: another session may take it"
+    );
+    drop(other);
+    assert!(
+        owner.try_lock(&q, "a").await.unwrap(),
+        "a closed session's locks are released"
+    );
+
+    assert!(owner.try_lock(&q, "b").await.unwrap());
+    let b = owner
+        .claim_head(&q, "b", LONG)
+        .await
+        .unwrap()
+        .expect("head of b");
+    assert!(owner.dead_letter(&b.lease(), "bad").await.unwrap());
+    assert!(
+        owner.claim_head(&q, "b", LONG).await.unwrap().is_none(),
+        "b is empty"
+    );
+    assert_eq!(backend.list_dead(&q, 10).await.unwrap().len(), 1);
+}
+
+/// When the session owning a group goes away mid-message, recovery makes the message
+/// claimable again; while the owner lives, recovery leaves it alone.
+pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: B) {
+    let q = queue(&backend, "recovered").await;
+    backend.send(&q, job(1).group("g")).await.unwrap();
+    let mut recovery = backend.open_group_recovery().await.unwrap();
+    let mut owner = backend.open_group_session().await.unwrap();
+    assert!(owner.try_lock(&q, "g").await.unwrap());
+    let head = owner.claim_head(&q, "g", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        recovery.recover(std::slice::from_ref(&q)).await.unwrap(),
+        0,
+        "the owner is alive"
+    );
+    drop(owner);
+    // The server notices a closed connection asynchronously: wait for recovery to see it.
+    let start = Instant::now();
+    while recovery.recover(std::slice::from_ref(&q)).await.unwrap() == 0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "dead owner's work never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut next = backend.open_group_session().await.unwrap();
+    assert!(next.try_lock(&q, "g").await.unwrap());
+    let again = next
+        .claim_head(&q, "g", LONG)
+        .await
+        .unwrap()
+        .expect("claimable again");
+    assert_eq!((again.id, again.attempts), (head.id, 2));
+    let info = ProcessInfo::current(vec![q.clone()], "async", 1);
+    let id = recovery.register(&info).await.unwrap();
+    assert!(
+        recovery.heartbeat(id, 1).await.unwrap(),
+        "the recovery session records heartbeats"
     );
 }

@@ -39,6 +39,7 @@
 
 mod codec;
 mod error;
+mod group;
 mod memory;
 mod message;
 mod name;
@@ -52,7 +53,8 @@ pub mod conformance;
 
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};
-pub use memory::MemoryBackend;
+pub use group::{GroupRecovery, GroupSession, OpenGroupSession};
+pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession};
 pub use message::{
     DeadMessage, Headers, Lease, Message, MessageId, NewMessage, Visibility,
     DEFAULT_MAX_PAYLOAD_BYTES, MAX_GROUP_KEY_LEN,

@@ -5,7 +5,7 @@
 //! database, and so the conformance suite has a second implementation to agree with.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -32,6 +32,9 @@ struct State {
     queues: BTreeMap<QueueName, QueueState>,
     next_process: i64,
     processes: BTreeMap<i64, ProcessRecord>,
+    next_session: u64,
+    /// Group locks: (queue, group) to the session holding it.
+    group_locks: HashMap<(QueueName, String), u64>,
 }
 
 #[derive(Debug)]
@@ -87,6 +90,38 @@ impl MemoryBackend {
     pub fn archived(&self, queue: &QueueName) -> Result<usize> {
         let state = self.lock();
         Ok(state.queue(queue)?.archive.len())
+    }
+}
+
+impl QueueState {
+    /// Leases message `id` (which must exist) and returns it as claimed.
+    fn lease(&mut self, queue: &QueueName, id: i64, now: SystemTime, lease: Duration) -> Message {
+        let expires = now + lease;
+        let m = self.messages.get_mut(&id).expect("claimed message exists");
+        m.leased = true;
+        m.attempts += 1;
+        m.visible_at = expires;
+        Message {
+            id: MessageId(id),
+            queue: queue.clone(),
+            payload: m.payload.clone(),
+            content_type: m.content_type,
+            headers: m.headers.clone(),
+            priority: m.priority,
+            enqueued_at: m.enqueued_at,
+            attempts: m.attempts,
+            group_key: m.group_key.clone(),
+            last_error: m.last_error.clone(),
+            lease_expires_at: expires,
+        }
+    }
+
+    /// The oldest message of a group: (id, visible now).
+    fn group_head(&self, group: &str, now: SystemTime) -> Option<(i64, bool)> {
+        self.messages
+            .iter()
+            .find(|(_, m)| m.group_key.as_deref() == Some(group))
+            .map(|(id, m)| (*id, m.visible_at <= now))
     }
 }
 
@@ -247,33 +282,14 @@ impl Consumer for MemoryBackend {
         let mut candidates: Vec<(Reverse<i16>, SystemTime, i64)> = q
             .messages
             .iter()
-            .filter(|(_, m)| m.visible_at <= now)
+            .filter(|(_, m)| m.visible_at <= now && m.group_key.is_none())
             .map(|(id, m)| (Reverse(m.priority), m.visible_at, *id))
             .collect();
         candidates.sort_unstable();
-        let expires = now + lease;
         Ok(candidates
             .into_iter()
             .take(max)
-            .map(|(_, _, id)| {
-                let m = q.messages.get_mut(&id).expect("candidate exists");
-                m.leased = true;
-                m.attempts += 1;
-                m.visible_at = expires;
-                Message {
-                    id: MessageId(id),
-                    queue: queue.clone(),
-                    payload: m.payload.clone(),
-                    content_type: m.content_type,
-                    headers: m.headers.clone(),
-                    priority: m.priority,
-                    enqueued_at: m.enqueued_at,
-                    attempts: m.attempts,
-                    group_key: m.group_key.clone(),
-                    last_error: m.last_error.clone(),
-                    lease_expires_at: expires,
-                }
-            })
+            .map(|(_, _, id)| q.lease(queue, id, now, lease))
             .collect())
     }
 
@@ -498,5 +514,176 @@ impl crate::Fetcher for MemoryBackend {
         lease: Duration,
     ) -> Result<Vec<Message>> {
         Consumer::claim(&*self, queue, max, lease).await
+    }
+
+    async fn group_candidates(
+        &mut self,
+        queue: &QueueName,
+        limit: usize,
+        exclude: &[String],
+    ) -> Result<Vec<String>> {
+        let now = SystemTime::now();
+        let state = self.lock();
+        let q = state.queue(queue)?;
+        if q.paused {
+            return Ok(Vec::new());
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut ready = Vec::new();
+        // Messages are ordered by id, so the first of each group is its head.
+        for m in q.messages.values() {
+            let Some(group) = &m.group_key else { continue };
+            if seen.insert(group.clone()) && m.visible_at <= now && !exclude.contains(group) {
+                ready.push(group.clone());
+                if ready.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(ready)
+    }
+}
+
+/// A group session of the in-memory backend: its locks are released when it is dropped,
+/// as a Postgres session's advisory locks are when its connection closes.
+#[derive(Debug)]
+pub struct MemoryGroupSession {
+    backend: MemoryBackend,
+    id: u64,
+}
+
+impl Drop for MemoryGroupSession {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.backend
+            .lock()
+            .group_locks
+            .retain(|_, holder| *holder != id);
+    }
+}
+
+impl crate::GroupSession for MemoryGroupSession {
+    async fn try_lock(&mut self, queue: &QueueName, group: &str) -> Result<bool> {
+        let mut state = self.backend.lock();
+        let holder = state
+            .group_locks
+            .entry((queue.clone(), group.to_owned()))
+            .or_insert(self.id);
+        Ok(*holder == self.id)
+    }
+
+    async fn claim_head(
+        &mut self,
+        queue: &QueueName,
+        group: &str,
+        lease: Duration,
+    ) -> Result<Option<Message>> {
+        let now = SystemTime::now();
+        let mut state = self.backend.lock();
+        let q = state.queue_mut(queue)?;
+        if q.paused {
+            return Ok(None);
+        }
+        Ok(match q.group_head(group, now) {
+            Some((id, true)) => Some(q.lease(queue, id, now, lease)),
+            _ => None,
+        })
+    }
+
+    async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<bool> {
+        Ok(Consumer::extend(&self.backend, std::slice::from_ref(lease), by).await? == 1)
+    }
+
+    async fn ack(&mut self, lease: &Lease) -> Result<bool> {
+        Ok(Consumer::ack(&self.backend, std::slice::from_ref(lease)).await? == 1)
+    }
+
+    async fn nack(&mut self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
+        Consumer::nack(&self.backend, lease, delay, error).await
+    }
+
+    async fn dead_letter(&mut self, lease: &Lease, reason: &str) -> Result<bool> {
+        Consumer::dead_letter(&self.backend, lease, reason).await
+    }
+
+    async fn unlock(&mut self, queue: &QueueName, group: &str) -> Result<()> {
+        let mut state = self.backend.lock();
+        let key = (queue.clone(), group.to_owned());
+        if state.group_locks.get(&key) == Some(&self.id) {
+            state.group_locks.remove(&key);
+        }
+        Ok(())
+    }
+}
+
+/// The recovery session of the in-memory backend.
+#[derive(Debug, Clone)]
+pub struct MemoryGroupRecovery {
+    backend: MemoryBackend,
+}
+
+impl ProcessRegistry for MemoryGroupRecovery {
+    async fn register(&self, info: &ProcessInfo) -> Result<ProcessId> {
+        self.backend.register(info).await
+    }
+    async fn heartbeat(&self, id: ProcessId, busy: u32) -> Result<bool> {
+        self.backend.heartbeat(id, busy).await
+    }
+    async fn deregister(&self, id: ProcessId) -> Result<()> {
+        self.backend.deregister(id).await
+    }
+    async fn prune_stale(&self, stale_after: Duration) -> Result<u64> {
+        self.backend.prune_stale(stale_after).await
+    }
+    async fn processes(&self) -> Result<Vec<ProcessRecord>> {
+        self.backend.processes().await
+    }
+}
+
+impl crate::GroupRecovery for MemoryGroupRecovery {
+    async fn recover(&mut self, queues: &[QueueName]) -> Result<u64> {
+        let now = SystemTime::now();
+        let mut state = self.backend.lock();
+        let State {
+            queues: all,
+            group_locks,
+            ..
+        } = &mut *state;
+        let mut recovered = 0;
+        for queue in queues {
+            let Some(q) = all.get_mut(queue) else {
+                continue;
+            };
+            for m in q.messages.values_mut() {
+                let Some(group) = &m.group_key else { continue };
+                let locked = group_locks.contains_key(&(queue.clone(), group.clone()));
+                if m.leased && m.visible_at > now && !locked {
+                    m.leased = false;
+                    m.visible_at = now;
+                    recovered += 1;
+                }
+            }
+        }
+        Ok(recovered)
+    }
+}
+
+impl crate::OpenGroupSession for MemoryBackend {
+    type Session = MemoryGroupSession;
+    type Recovery = MemoryGroupRecovery;
+
+    async fn open_group_session(&self) -> Result<MemoryGroupSession> {
+        let mut state = self.lock();
+        state.next_session += 1;
+        Ok(MemoryGroupSession {
+            backend: self.clone(),
+            id: state.next_session,
+        })
+    }
+
+    async fn open_group_recovery(&self) -> Result<MemoryGroupRecovery> {
+        Ok(MemoryGroupRecovery {
+            backend: self.clone(),
+        })
     }
 }

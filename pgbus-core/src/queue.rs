@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::group::OpenGroupSession;
 use crate::process::ProcessRegistry;
 use crate::wakeup::OpenFetcher;
 use crate::{DeadMessage, Lease, Message, MessageId, NewMessage, QueueName, Result, RetryPolicy};
@@ -247,6 +248,7 @@ pub trait Backend:
     + Stats
     + ProcessRegistry
     + OpenFetcher
+    + OpenGroupSession
     + Clone
     + 'static
 {
@@ -260,6 +262,7 @@ impl<T> Backend for T where
         + Stats
         + ProcessRegistry
         + OpenFetcher
+        + OpenGroupSession
         + Clone
         + 'static
 {

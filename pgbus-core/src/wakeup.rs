@@ -17,6 +17,16 @@ pub trait Fetcher: Send + 'static {
         max: usize,
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<Message>>> + Send;
+
+    /// Groups of `queue` whose oldest message is visible now, oldest first, at most
+    /// `limit`, leaving out `exclude` (the groups this process already runs). Takes no
+    /// lock: a candidate may turn out locked elsewhere.
+    fn group_candidates(
+        &mut self,
+        queue: &QueueName,
+        limit: usize,
+        exclude: &[String],
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
 
 /// Opening [`Fetcher`]s.

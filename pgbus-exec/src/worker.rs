@@ -560,6 +560,7 @@ impl<B: Backend> Fetch<'_, B> {
         let queue = message.queue.clone();
         let handler = Arc::clone(&self.worker.handlers[&queue]);
         let cancel = self.jobs_cancel.child_token();
+        let shutdown_deadline = self.jobs_cancel.clone();
         let ctx = JobContext::new(&message, cancel.clone(), self.worker.backend.clone());
         let timeout = self.worker.config.job_timeout;
         let settle_tx = self.settle_tx.clone();
@@ -579,6 +580,11 @@ impl<B: Backend> Fetch<'_, B> {
                     }
                 },
             };
+            // Cut off at the shutdown deadline: whatever the handler returned, leave the
+            // message leased, to be delivered again when the lease runs out.
+            if shutdown_deadline.is_cancelled() {
+                return;
+            }
             // The receiver outlives every job (the worker waits for the pool to drain
             // before dropping it), so this only fails after a kill.
             let _ = settle_tx.send(Settlement {

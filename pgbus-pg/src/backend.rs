@@ -588,7 +588,7 @@ impl Stats for PgBackend {
     }
 }
 
-fn message_from(queue: &QueueName, row: &Row) -> Result<Message> {
+pub(crate) fn message_from(queue: &QueueName, row: &Row) -> Result<Message> {
     let Json(headers): Json<Headers> = row.get("headers");
     let mut m = Message::new(
         MessageId(row.get("id")),

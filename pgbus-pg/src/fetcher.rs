@@ -38,6 +38,21 @@ impl OpenFetcher for PgBackend {
 }
 
 impl Fetcher for PgFetcher {
+    async fn group_candidates(
+        &mut self,
+        queue: &QueueName,
+        limit: usize,
+        exclude: &[String],
+    ) -> Result<Vec<String>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .client
+            .query(sql::GROUP_CANDIDATES, &[&queue.as_str(), &limit, &exclude])
+            .await
+            .map_err(|e| db("finding candidate groups", e))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     async fn claim(
         &mut self,
         queue: &QueueName,

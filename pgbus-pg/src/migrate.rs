@@ -26,6 +26,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "processes",
         sql: include_str!("../migrations/0002_processes.sql"),
     },
+    Migration {
+        version: 3,
+        name: "groups",
+        sql: include_str!("../migrations/0003_groups.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -93,6 +93,7 @@ WITH picked AS (
     SELECT id, visible_at
     FROM pgbus.messages
     WHERE queue = $1
+      AND group_key IS NULL
       AND visible_at <= now()
       AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
     ORDER BY priority DESC, visible_at, id
@@ -228,3 +229,63 @@ pub(crate) const LIST_PROCESSES: &str = "
 SELECT id, hostname, pid, queues, mode, capacity, busy, started_at, heartbeat_at
 FROM pgbus.processes
 ORDER BY id";
+
+/// Groups whose oldest message is visible now, oldest first, leaving out `$3`. Takes no
+/// lock (locks are taken per group, on the group's own connection).
+pub(crate) const GROUP_CANDIDATES: &str = "
+SELECT h.group_key
+FROM (
+    SELECT DISTINCT ON (group_key) group_key, id, visible_at
+    FROM pgbus.messages
+    WHERE queue = $1 AND group_key IS NOT NULL
+    ORDER BY group_key, id
+) h
+WHERE h.visible_at <= now()
+  AND NOT (h.group_key = ANY ($3))
+  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+ORDER BY h.id
+LIMIT $2";
+
+/// The group lock: a session advisory lock on (hash of the queue, hash of the group).
+/// Hash collisions only make two groups share a lock (less parallelism, never overlap).
+pub(crate) const TRY_LOCK_GROUP: &str =
+    "SELECT pg_try_advisory_lock(hashtext('pgbus:' || $1), hashtext($2))";
+
+pub(crate) const UNLOCK_GROUP: &str =
+    "SELECT pg_advisory_unlock(hashtext('pgbus:' || $1), hashtext($2))";
+
+/// Leases the group's oldest message if it is visible now. Run only by the lock holder.
+pub(crate) const CLAIM_GROUP_HEAD: &str = "
+UPDATE pgbus.messages m
+SET visible_at = now() + make_interval(secs => $3),
+    leased = true,
+    attempts = m.attempts + 1
+FROM (
+    SELECT id FROM pgbus.messages
+    WHERE queue = $1 AND group_key = $2
+    ORDER BY id
+    LIMIT 1
+) head
+WHERE m.id = head.id
+  AND m.visible_at <= now()
+  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+RETURNING m.id, m.priority, m.visible_at, m.attempts, m.enqueued_at, m.content_type,
+          m.headers, m.group_key, m.last_error, m.payload";
+
+/// Frees in-flight grouped messages whose group lock no session holds: their owner died.
+pub(crate) const RECOVER_GROUPS: &str = "
+UPDATE pgbus.messages m
+SET visible_at = now(), leased = false
+WHERE m.queue = ANY ($1)
+  AND m.group_key IS NOT NULL
+  AND m.leased
+  AND m.visible_at > now()
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_locks l
+      WHERE l.locktype = 'advisory'
+        AND l.granted
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND l.objsubid = 2
+        AND l.classid = hashtext('pgbus:' || m.queue)::oid
+        AND l.objid = hashtext(m.group_key)::oid
+  )";
