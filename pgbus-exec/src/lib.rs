@@ -81,6 +81,7 @@
 #![forbid(unsafe_code)]
 
 mod async_pool;
+mod group;
 mod handler;
 mod pool;
 mod slots;
@@ -88,6 +89,7 @@ mod threads;
 mod worker;
 
 pub use async_pool::AsyncPool;
+pub use group::GroupWorker;
 pub use handler::{handler_fn, FnHandler, Handler, IntoOutcome, JobContext, Outcome};
 pub use pool::{
     ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgbus_core::{
     Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId, ProcessInfo,
-    QueueName, Result, RetryDecision, RetryPolicy, WakeupSource,
+    ProcessRegistry, QueueName, Result, RetryDecision, RetryPolicy, WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -72,20 +72,25 @@ pub struct WorkerMetadata {
     pub wakeups_live: bool,
     /// Whether it is waiting for work: its queues were empty at the last claim.
     pub idle: bool,
+    /// For a group worker: open group sessions (connections), idle or in use.
+    pub group_sessions: Option<usize>,
+    /// For a group worker: the most connections it may hold, `concurrency + 2` (fetch,
+    /// recovery, one per in-flight group).
+    pub connection_budget: Option<usize>,
 }
 
 /// Settings of a worker; see [`WorkerBuilder`].
 #[derive(Debug, Clone)]
-struct Config {
-    concurrency: usize,
-    mode: Option<ExecutionMode>,
-    poll_interval: Duration,
-    lease: Option<Duration>,
-    job_timeout: Option<Duration>,
-    drain_timeout: Duration,
-    ack_batch: usize,
-    heartbeat_interval: Duration,
-    error_backoff_cap: Duration,
+pub(crate) struct Config {
+    pub(crate) concurrency: usize,
+    pub(crate) mode: Option<ExecutionMode>,
+    pub(crate) poll_interval: Duration,
+    pub(crate) lease: Option<Duration>,
+    pub(crate) job_timeout: Option<Duration>,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) ack_batch: usize,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) error_backoff_cap: Duration,
 }
 
 /// Builds a [`Worker`]: the backend, a handler per queue, and settings.
@@ -175,7 +180,14 @@ impl<B: Backend> WorkerBuilder<B> {
         self
     }
 
-    /// Checks the settings.
+    /// Checks the settings and builds a worker for ordered groups: it runs only messages
+    /// that carry a group key, one at a time per group, in send order, across all workers
+    /// and processes (see [`GroupWorker`](crate::GroupWorker)).
+    pub fn build_groups(self) -> Result<crate::GroupWorker<B>> {
+        self.build().map(crate::GroupWorker::new)
+    }
+
+    /// Checks the settings and builds a worker for messages without a group key.
     pub fn build(self) -> Result<Worker<B>> {
         let invalid = |what: &str| Err(Error::InvalidArgument(what.to_owned()));
         if self.handlers.is_empty() {
@@ -206,6 +218,7 @@ impl<B: Backend> WorkerBuilder<B> {
                 process: OnceLock::new(),
                 wakeup_source: self.wakeup_source,
                 idle: Default::default(),
+                group_sessions: OnceLock::new(),
             }),
             backend: self.backend,
             handlers: self.handlers.into_iter().collect(),
@@ -215,20 +228,47 @@ impl<B: Backend> WorkerBuilder<B> {
     }
 }
 
-struct Shared {
-    mode: ExecutionMode,
-    capacity: usize,
-    queues: Vec<QueueName>,
-    pool: OnceLock<Arc<dyn ExecutionPool>>,
-    process: OnceLock<ProcessId>,
-    wakeup_source: Option<Arc<dyn WakeupSource>>,
-    idle: std::sync::atomic::AtomicBool,
+pub(crate) struct Shared {
+    pub(crate) mode: ExecutionMode,
+    pub(crate) capacity: usize,
+    pub(crate) queues: Vec<QueueName>,
+    pub(crate) pool: OnceLock<Arc<dyn ExecutionPool>>,
+    pub(crate) process: OnceLock<ProcessId>,
+    pub(crate) wakeup_source: Option<Arc<dyn WakeupSource>>,
+    pub(crate) idle: std::sync::atomic::AtomicBool,
+    /// Open group sessions, for a group worker.
+    pub(crate) group_sessions: OnceLock<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Shared {
     fn wakeups_live(&self) -> bool {
         self.wakeup_source.as_ref().is_some_and(|s| s.is_live())
     }
+}
+
+/// Creates the execution pool for a mode.
+pub(crate) fn new_pool(mode: ExecutionMode, capacity: usize) -> Result<Arc<dyn ExecutionPool>> {
+    Ok(match mode {
+        ExecutionMode::Async => Arc::new(AsyncPool::new(capacity).map_err(exec)?),
+        ExecutionMode::Threads => Arc::new(ThreadPool::new(capacity).map_err(exec)?),
+    })
+}
+
+/// Each queue's retry policy and lease (the worker's lease setting wins).
+pub(crate) async fn load_policies<B: Backend>(
+    backend: &B,
+    queues: &[QueueName],
+    lease: Option<Duration>,
+) -> Result<HashMap<QueueName, (RetryPolicy, Duration)>> {
+    let mut policies = HashMap::new();
+    for queue in queues {
+        let info = backend.queue_info(queue).await?;
+        policies.insert(
+            queue.clone(),
+            (info.options.retry, lease.unwrap_or(info.options.lease)),
+        );
+    }
+    Ok(policies)
 }
 
 /// Observes a worker from outside while it runs.
@@ -249,6 +289,16 @@ impl WorkerMonitor {
             process: self.shared.process.get().copied(),
             wakeups_live: self.shared.wakeups_live(),
             idle: self.shared.idle.load(Ordering::SeqCst),
+            group_sessions: self
+                .shared
+                .group_sessions
+                .get()
+                .map(|open| open.load(Ordering::SeqCst)),
+            connection_budget: self
+                .shared
+                .group_sessions
+                .get()
+                .map(|_| self.shared.capacity + 2),
         }
     }
 }
@@ -256,11 +306,11 @@ impl WorkerMonitor {
 /// A worker for one or more queues. Build with [`Worker::builder`], start with
 /// [`Worker::run`].
 pub struct Worker<B: Backend> {
-    backend: B,
-    handlers: HashMap<QueueName, Arc<dyn ErasedHandler<B>>>,
-    config: Config,
-    wakeup: Arc<Notify>,
-    shared: Arc<Shared>,
+    pub(crate) backend: B,
+    pub(crate) handlers: HashMap<QueueName, Arc<dyn ErasedHandler<B>>>,
+    pub(crate) config: Config,
+    pub(crate) wakeup: Arc<Notify>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// A settled job, sent from the pool back to the worker's runtime, where all database
@@ -311,20 +361,8 @@ impl<B: Backend> Worker<B> {
     /// deadline are cancelled; their messages stay leased in the database and are
     /// delivered again when the lease runs out.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
-        let mut policies = HashMap::new();
-        for queue in self.handlers.keys() {
-            let info = self.backend.queue_info(queue).await?;
-            let lease = self.config.lease.unwrap_or(info.options.lease);
-            policies.insert(queue.clone(), (info.options.retry, lease));
-        }
-        let pool: Arc<dyn ExecutionPool> = match self.shared.mode {
-            ExecutionMode::Async => {
-                Arc::new(AsyncPool::new(self.config.concurrency).map_err(exec)?)
-            }
-            ExecutionMode::Threads => {
-                Arc::new(ThreadPool::new(self.config.concurrency).map_err(exec)?)
-            }
-        };
+        let policies = load_policies(&self.backend, &self.shared.queues, self.config.lease).await?;
+        let pool = new_pool(self.shared.mode, self.config.concurrency)?;
         let _ = self.shared.pool.set(Arc::clone(&pool));
         let slot_freed = Arc::new(Notify::new());
         {
@@ -451,12 +489,12 @@ impl<B: Backend> Worker<B> {
     }
 }
 
-fn exec(err: ExecError) -> Error {
+pub(crate) fn exec(err: ExecError) -> Error {
     Error::InvalidArgument(err.to_string())
 }
 
 /// Exponential backoff for database errors: 100 ms doubling to `cap`, with jitter.
-fn backoff(errors: u32, cap: Duration) -> Duration {
+pub(crate) fn backoff(errors: u32, cap: Duration) -> Duration {
     let policy = RetryPolicy::builder()
         .base(Duration::from_millis(100))
         .cap(cap.max(Duration::from_millis(100)))
@@ -467,16 +505,16 @@ fn backoff(errors: u32, cap: Duration) -> Duration {
 }
 
 #[derive(Default)]
-struct Counters {
-    started: AtomicU64,
-    acked: AtomicU64,
-    retried: AtomicU64,
-    dead_lettered: AtomicU64,
-    discarded: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) started: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) discarded: AtomicU64,
 }
 
 impl Counters {
-    fn snapshot(&self) -> WorkerReport {
+    pub(crate) fn snapshot(&self) -> WorkerReport {
         WorkerReport {
             started: self.started.load(Ordering::Relaxed),
             acked: self.acked.load(Ordering::Relaxed),
@@ -566,20 +604,7 @@ impl<B: Backend> Fetch<'_, B> {
         let settle_tx = self.settle_tx.clone();
         let job_queue = queue.clone();
         let job = Box::pin(async move {
-            let mut run = handler.call(ctx, &message);
-            let outcome = match timeout {
-                None => run.await,
-                Some(limit) => tokio::select! {
-                    outcome = &mut run => outcome,
-                    _ = tokio::time::sleep(limit) => {
-                        // Cancel first, so the handler sees its token cancelled while
-                        // its future is dropped.
-                        cancel.cancel();
-                        drop(run);
-                        Outcome::retry(format!("job timed out after {limit:?}"))
-                    }
-                },
-            };
+            let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
             // Cut off at the shutdown deadline: whatever the handler returned, leave the
             // message leased, to be delivered again when the lease runs out.
             if shutdown_deadline.is_cancelled() {
@@ -612,6 +637,83 @@ impl<B: Backend> Fetch<'_, B> {
                 }
             }
         }
+    }
+}
+
+/// Runs a handler under the per-job timeout: past it, the job's token is cancelled, its
+/// future dropped, and the outcome is a retry.
+pub(crate) async fn run_handler<B>(
+    handler: &dyn ErasedHandler<B>,
+    ctx: JobContext<B>,
+    message: &Message,
+    timeout: Option<Duration>,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let mut run = handler.call(ctx, message);
+    match timeout {
+        None => run.await,
+        Some(limit) => tokio::select! {
+            outcome = &mut run => outcome,
+            _ = tokio::time::sleep(limit) => {
+                // Cancel first, so the handler sees its token cancelled while its future
+                // is dropped.
+                cancel.cancel();
+                drop(run);
+                Outcome::retry(format!("job timed out after {limit:?}"))
+            }
+        },
+    }
+}
+
+/// What to write for an outcome, once the retry policy has had its say.
+pub(crate) enum Settle {
+    /// Ack (or, for [`Outcome::Discard`], drop without a dead letter).
+    Ack,
+    /// Nothing: the handler acked in its own transaction.
+    Nothing,
+    /// Give back, visible after the delay, with the error.
+    Nack(Duration, String),
+    /// Dead-letter with the reason.
+    DeadLetter(String),
+}
+
+/// Decides what an outcome means for this delivery, counting and logging it.
+pub(crate) fn plan(
+    outcome: Outcome,
+    policy: &RetryPolicy,
+    lease: &Lease,
+    queue: &QueueName,
+    report: &Counters,
+) -> Settle {
+    let (job_id, attempt) = (lease.id.0, lease.attempt);
+    match outcome {
+        Outcome::Ack => Settle::Ack,
+        Outcome::Committed => {
+            report.acked.fetch_add(1, Ordering::Relaxed);
+            Settle::Nothing
+        }
+        Outcome::Discard => {
+            report.discarded.fetch_add(1, Ordering::Relaxed);
+            Settle::Ack
+        }
+        Outcome::DeadLetter(reason) => {
+            report.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "pgbus::worker", reason = %reason, job.id = job_id, queue.name = %queue, "dead-lettering");
+            Settle::DeadLetter(reason)
+        }
+        Outcome::Retry { error, after } => match (policy.decide(attempt), after) {
+            (RetryDecision::DeadLetter, _) => {
+                report.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "pgbus::worker", attempt, error = %error, job.id = job_id, queue.name = %queue, "attempts used up: dead-lettering");
+                Settle::DeadLetter(error)
+            }
+            (RetryDecision::RetryAfter(delay), explicit) => {
+                report.retried.fetch_add(1, Ordering::Relaxed);
+                let delay = explicit.unwrap_or(delay);
+                tracing::info!(target: "pgbus::worker", attempt, retry_in = ?delay, error = %error, job.id = job_id, queue.name = %queue, "job failed; retrying");
+                Settle::Nack(delay, error)
+            }
+        },
     }
 }
 
@@ -652,47 +754,24 @@ async fn apply<B: Backend>(
     s: Settlement,
     acks: &mut Vec<Lease>,
 ) {
-    let (job_id, attempt) = (s.lease.id.0, s.lease.attempt);
-    let result = match s.outcome {
-        Outcome::Ack => {
+    let (policy, _) = &policies[&s.queue];
+    let discard = matches!(s.outcome, Outcome::Discard);
+    let result = match plan(s.outcome, policy, &s.lease, &s.queue, report) {
+        // Acks wait for the next batch; a discard is written at once, uncounted as acked.
+        Settle::Ack if !discard => {
             acks.push(s.lease);
             return;
         }
-        Outcome::Committed => {
-            report.acked.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        Outcome::Discard => {
-            report.discarded.fetch_add(1, Ordering::Relaxed);
-            backend.ack(&[s.lease]).await.map(|_| ())
-        }
-        Outcome::DeadLetter(reason) => {
-            report.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "pgbus::worker", reason = %reason, job.id = job_id, queue.name = %s.queue, "dead-lettering");
-            backend.dead_letter(&s.lease, &reason).await.map(|_| ())
-        }
-        Outcome::Retry { error, after } => {
-            let (policy, _) = &policies[&s.queue];
-            match (policy.decide(s.lease.attempt), after) {
-                (RetryDecision::DeadLetter, _) => {
-                    report.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "pgbus::worker", attempt, error = %error, job.id = job_id, queue.name = %s.queue, "attempts used up: dead-lettering");
-                    backend.dead_letter(&s.lease, &error).await.map(|_| ())
-                }
-                (RetryDecision::RetryAfter(delay), explicit) => {
-                    report.retried.fetch_add(1, Ordering::Relaxed);
-                    let delay = explicit.unwrap_or(delay);
-                    tracing::info!(target: "pgbus::worker", attempt, retry_in = ?delay, error = %error, job.id = job_id, queue.name = %s.queue, "job failed; retrying");
-                    backend
-                        .nack(&s.lease, delay, Some(&error))
-                        .await
-                        .map(|_| ())
-                }
-            }
-        }
+        Settle::Ack => backend.ack(&[s.lease]).await.map(|_| ()),
+        Settle::Nothing => return,
+        Settle::Nack(delay, error) => backend
+            .nack(&s.lease, delay, Some(&error))
+            .await
+            .map(|_| ()),
+        Settle::DeadLetter(reason) => backend.dead_letter(&s.lease, &reason).await.map(|_| ()),
     };
     if let Err(err) = result {
-        tracing::warn!(target: "pgbus::worker", error = %err.report(), job.id = job_id, "could not settle a job; it is delivered again when its lease runs out");
+        tracing::warn!(target: "pgbus::worker", error = %err.report(), job.id = s.lease.id.0, "could not settle a job; it is delivered again when its lease runs out");
     }
 }
 
@@ -746,34 +825,47 @@ async fn keep_leases<B: Backend>(
     }
 }
 
-/// Registers the process, heartbeats with the busy count, prunes entries of processes that
-/// stopped heartbeating, and deregisters on the way out.
-async fn heartbeat<B: Backend>(
-    backend: B,
+/// Keeps a process's entry in the registry: registers, heartbeats with the busy count,
+/// registers again when pruned, prunes entries of processes that went silent.
+pub(crate) struct ProcessEntry {
+    info: ProcessInfo,
+    id: Option<ProcessId>,
     shared: Arc<Shared>,
-    pool: Arc<dyn ExecutionPool>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let info = ProcessInfo::current(
-        shared.queues.clone(),
-        shared.mode.as_str(),
-        u32::try_from(shared.capacity).unwrap_or(u32::MAX),
-    );
-    let mut id: Option<ProcessId> = None;
-    loop {
-        let busy = u32::try_from(pool.metadata().busy).unwrap_or(u32::MAX);
-        let alive = match id {
-            Some(current) => backend.heartbeat(current, busy).await,
+}
+
+impl ProcessEntry {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let info = ProcessInfo::current(
+            shared.queues.clone(),
+            shared.mode.as_str(),
+            u32::try_from(shared.capacity).unwrap_or(u32::MAX),
+        );
+        Self {
+            info,
+            id: None,
+            shared,
+        }
+    }
+
+    /// One heartbeat; errors are logged, never fatal.
+    pub(crate) async fn beat(
+        &mut self,
+        registry: &impl ProcessRegistry,
+        busy: usize,
+        interval: Duration,
+    ) {
+        let busy = u32::try_from(busy).unwrap_or(u32::MAX);
+        let alive = match self.id {
+            Some(current) => registry.heartbeat(current, busy).await,
             None => Ok(false),
         };
         match alive {
             Ok(true) => {}
-            Ok(false) => match backend.register(&info).await {
+            Ok(false) => match registry.register(&self.info).await {
                 Ok(new) => {
                     let new_id = new.0;
-                    id = Some(new);
-                    let _ = shared.process.set(new);
+                    self.id = Some(new);
+                    let _ = self.shared.process.set(new);
                     tracing::info!(target: "pgbus::worker", id = new_id, "process registered");
                 }
                 Err(err) => {
@@ -784,17 +876,36 @@ async fn heartbeat<B: Backend>(
                 tracing::warn!(target: "pgbus::worker", error = %err.report(), "heartbeat failed")
             }
         }
-        if let Err(err) = backend.prune_stale(interval * 3).await {
+        if let Err(err) = registry.prune_stale(interval * 3).await {
             tracing::debug!(target: "pgbus::worker", error = %err.report(), "could not prune stale processes");
         }
+    }
+
+    /// Removes the entry of a process stopping cleanly.
+    pub(crate) async fn end(self, registry: &impl ProcessRegistry) {
+        if let Some(id) = self.id {
+            if let Err(err) = registry.deregister(id).await {
+                tracing::warn!(target: "pgbus::worker", error = %err.report(), "could not deregister the process");
+            }
+        }
+    }
+}
+
+/// The plain worker's registry heartbeat, on the backend's pool.
+async fn heartbeat<B: Backend>(
+    backend: B,
+    shared: Arc<Shared>,
+    pool: Arc<dyn ExecutionPool>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut entry = ProcessEntry::new(shared);
+    loop {
+        entry.beat(&backend, pool.metadata().busy, interval).await;
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
     }
-    if let Some(id) = id {
-        if let Err(err) = backend.deregister(id).await {
-            tracing::warn!(target: "pgbus::worker", error = %err.report(), "could not deregister the process");
-        }
-    }
+    entry.end(&backend).await;
 }

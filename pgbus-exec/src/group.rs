@@ -1,0 +1,381 @@
+//! The group worker: ordered processing of messages that carry a group key.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use pgbus_core::{
+    Backend, Error, Fetcher, GroupRecovery, GroupSession, OpenFetcher, OpenGroupSession, QueueName,
+    Result, RetryPolicy,
+};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handler::{JobContext, Outcome};
+use crate::worker::{
+    backoff, load_policies, new_pool, plan, run_handler, Counters, ProcessEntry, Settle, Worker,
+};
+use crate::{ExecutionPool, WorkerMonitor, WorkerReport};
+
+type Session<B> = <B as OpenGroupSession>::Session;
+type Policies = HashMap<QueueName, (RetryPolicy, Duration)>;
+
+/// A worker for ordered groups. Messages sharing a group key run one at a time, in send
+/// order, across all workers and processes; different groups run in parallel, up to the
+/// concurrency. Build it with [`WorkerBuilder::build_groups`](crate::WorkerBuilder::build_groups).
+///
+/// How it works, and what it guarantees:
+/// - **Finding work takes no lock.** The fetch connection lists groups whose oldest message
+///   is visible, oldest first, leaving out the groups this worker already runs.
+/// - **Each in-flight group owns a session** (a `pgbus:group` connection for Postgres) for
+///   its lock, its claims, its lease heartbeat, its acks and its unlock; no other task ever
+///   uses it. A group locked elsewhere is skipped.
+/// - **The lease heartbeat stops before the post-processing writes**: the session extends
+///   the running message's lease while the handler runs, then stops, then settles.
+/// - **Sessions are reused only when clean** (unlocked, no error); after any error the
+///   session is dropped, which closes its connection, so a query interrupted half-way
+///   never leaves a session to be reused mid-protocol.
+/// - **A failed message blocks its group** until its retry is due (order is kept); a
+///   dead-lettered one lets the group move on.
+/// - **Recovery**: a separate session (`pgbus:recovery`) periodically frees the in-flight
+///   messages of groups whose owner died (its lock is gone), and records this process's
+///   registry heartbeats, so the worker uses no pooled connection.
+/// - **Connection budget**: at most `concurrency + 2` (fetch, recovery, one per in-flight
+///   group), reported by [`WorkerMetadata::connection_budget`](crate::WorkerMetadata).
+/// - **Shutdown**: stop taking groups, let in-flight groups finish their current message
+///   up to the drain deadline, then cancel the rest; their messages stay leased and are
+///   recovered.
+pub struct GroupWorker<B: Backend> {
+    worker: Worker<B>,
+}
+
+/// What one group task shares with the loop.
+struct GroupContext<B: Backend> {
+    worker: Arc<Worker<B>>,
+    pool: Arc<dyn ExecutionPool>,
+    policies: Policies,
+    report: Arc<Counters>,
+    /// Sessions returned clean, for the next groups.
+    idle: Mutex<Vec<Session<B>>>,
+    /// Open sessions (idle or in use), for the connection budget.
+    open_sessions: Arc<AtomicUsize>,
+    /// Stop after the current message.
+    draining: CancellationToken,
+    /// Cut off now.
+    kill: CancellationToken,
+}
+
+impl<B: Backend> GroupWorker<B> {
+    pub(crate) fn new(worker: Worker<B>) -> Self {
+        Self { worker }
+    }
+
+    /// A handle to watch the worker while it runs.
+    pub fn monitor(&self) -> WorkerMonitor {
+        self.worker.monitor()
+    }
+
+    /// The wake-up hook (see [`Worker::waker`]).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.worker.waker()
+    }
+
+    /// Runs until `shutdown` is cancelled; see the type's documentation.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let worker = Arc::new(self.worker);
+        let queues = worker.shared.queues.clone();
+        let policies = load_policies(&worker.backend, &queues, worker.config.lease).await?;
+        let pool = new_pool(worker.shared.mode, worker.config.concurrency)?;
+        let _ = worker.shared.pool.set(Arc::clone(&pool));
+        let open_sessions = Arc::new(AtomicUsize::new(0));
+        let _ = worker.shared.group_sessions.set(Arc::clone(&open_sessions));
+        let ctx = Arc::new(GroupContext {
+            worker: Arc::clone(&worker),
+            pool: Arc::clone(&pool),
+            policies,
+            report: Arc::new(Counters::default()),
+            idle: Mutex::new(Vec::new()),
+            open_sessions,
+            draining: CancellationToken::new(),
+            kill: CancellationToken::new(),
+        });
+
+        let stop_recovery = CancellationToken::new();
+        let recovery = tokio::spawn(recovery_loop(Arc::clone(&ctx), stop_recovery.clone()));
+        let _subscription = worker.shared.wakeup_source.as_ref().map(|source| {
+            let wakeup = Arc::clone(&worker.wakeup);
+            source.subscribe(&queues, Arc::new(move || wakeup.notify_one()))
+        });
+
+        let tasks = TaskTracker::new();
+        let group_done = Arc::new(Notify::new());
+        let in_flight: Arc<Mutex<HashSet<(QueueName, String)>>> = Arc::default();
+        let mut fetcher: Option<<B as OpenFetcher>::Fetcher> = None;
+        let mut errors = 0u32;
+        let mut next_queue = 0usize;
+        while !shutdown.is_cancelled() {
+            let round = async {
+                let fetcher = match &mut fetcher {
+                    Some(f) => f,
+                    None => fetcher.insert(worker.backend.open_fetcher().await?),
+                };
+                let mut started = 0;
+                let mut filled = false;
+                for i in 0..queues.len() {
+                    let free = worker.config.concurrency - in_flight.lock().expect("in flight").len();
+                    if free == 0 {
+                        break;
+                    }
+                    let queue = &queues[(next_queue + i) % queues.len()];
+                    let exclude: Vec<String> = in_flight
+                        .lock()
+                        .expect("in flight")
+                        .iter()
+                        .filter(|(q, _)| q == queue)
+                        .map(|(_, g)| g.clone())
+                        .collect();
+                    let groups = fetcher.group_candidates(queue, free, &exclude).await?;
+                    filled |= groups.len() == free;
+                    for group in groups {
+                        in_flight.lock().expect("in flight").insert((queue.clone(), group.clone()));
+                        started += 1;
+                        let (ctx, in_flight, done) = (Arc::clone(&ctx), Arc::clone(&in_flight), Arc::clone(&group_done));
+                        let queue = queue.clone();
+                        tasks.spawn(async move {
+                            let key = (queue.clone(), group.clone());
+                            let run = AssertUnwindSafe(run_group(&ctx, &queue, &group)).catch_unwind();
+                            if run.await.is_err() {
+                                tracing::error!(target: "pgbus::group", group = %group, "group task panicked; its session was dropped");
+                            }
+                            in_flight.lock().expect("in flight").remove(&key);
+                            done.notify_one();
+                        });
+                    }
+                }
+                Ok::<_, Error>((started, filled))
+            }
+            .await;
+            next_queue = next_queue.wrapping_add(1);
+            let full = in_flight.lock().expect("in flight").len() >= worker.config.concurrency;
+            match round {
+                Err(err) => {
+                    fetcher = None;
+                    errors += 1;
+                    let delay = backoff(errors, worker.config.error_backoff_cap);
+                    tracing::warn!(target: "pgbus::group", error = %err.report(), retry_in = ?delay, "finding groups failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Ok((_, filled)) => {
+                    errors = 0;
+                    if full {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = group_done.notified() => {}
+                        }
+                    } else if !filled {
+                        worker.shared.idle.store(true, Ordering::SeqCst);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = worker.wakeup.notified() => {}
+                            _ = group_done.notified() => {}
+                            _ = tokio::time::sleep(worker.config.poll_interval) => {}
+                        }
+                        worker.shared.idle.store(false, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+
+        tracing::info!(target: "pgbus::group", groups = in_flight.lock().expect("in flight").len(), "stopping: draining in-flight groups");
+        ctx.draining.cancel();
+        tasks.close();
+        if tokio::time::timeout(worker.config.drain_timeout, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(target: "pgbus::group", "drain deadline passed: cancelling the remaining groups; their messages are recovered");
+            ctx.kill.cancel();
+            pool.kill();
+            tasks.wait().await;
+        }
+        pool.shutdown();
+        stop_recovery.cancel();
+        if let Err(err) = recovery.await {
+            tracing::error!(target: "pgbus::group", error = %err, "the recovery task failed");
+        }
+        ctx.idle.lock().expect("idle sessions").clear();
+        Ok(ctx.report.snapshot())
+    }
+}
+
+/// Runs one group until it is empty, blocked, draining, or an error; a clean session goes
+/// back to the idle list, any other is dropped (closing its connection).
+async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: &str) {
+    let taken = ctx.idle.lock().expect("idle sessions").pop();
+    let mut session = match taken {
+        Some(session) => session,
+        None => match ctx.worker.backend.open_group_session().await {
+            Ok(session) => {
+                ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
+                session
+            }
+            Err(err) => {
+                tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, "could not open a group session");
+                return;
+            }
+        },
+    };
+    let outcome = tokio::select! {
+        outcome = drive_group(ctx, &mut session, queue, group) => Some(outcome),
+        _ = ctx.kill.cancelled() => None,
+    };
+    match outcome {
+        Some(Ok(())) => ctx.idle.lock().expect("idle sessions").push(session),
+        Some(Err(err)) => {
+            tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, "group task failed; its session is closed");
+            drop(session);
+            ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
+        }
+        None => {
+            // Cut off, possibly mid-query: never reuse this session.
+            drop(session);
+            ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Lock, then head after head: claim, run with the lease kept alive on this session, stop
+/// the heartbeat, settle. Unlock only what was locked.
+async fn drive_group<B: Backend>(
+    ctx: &GroupContext<B>,
+    session: &mut Session<B>,
+    queue: &QueueName,
+    group: &str,
+) -> Result<()> {
+    if !session.try_lock(queue, group).await? {
+        tracing::debug!(target: "pgbus::group", group = %group, "group locked elsewhere; skipped");
+        return Ok(());
+    }
+    let (policy, lease_for) = &ctx.policies[queue];
+    let handler = Arc::clone(&ctx.worker.handlers[queue]);
+    let result = async {
+        while !ctx.draining.is_cancelled() {
+            let Some(message) = session.claim_head(queue, group, *lease_for).await? else {
+                break;
+            };
+            let lease = message.lease();
+            let (tx, rx) = oneshot::channel();
+            let cancel = ctx.kill.child_token();
+            let job_ctx = JobContext::new(&message, cancel.clone(), ctx.worker.backend.clone());
+            let timeout = ctx.worker.config.job_timeout;
+            let handler = Arc::clone(&handler);
+            let job = Box::pin(async move {
+                let outcome = run_handler(handler.as_ref(), job_ctx, &message, timeout, &cancel).await;
+                let _ = tx.send(outcome);
+            });
+            if let Err(refused) = ctx.pool.post(job) {
+                // Only at shutdown: give the message back untouched.
+                session.nack(&lease, Duration::ZERO, None).await?;
+                tracing::debug!(target: "pgbus::group", reason = ?refused.reason, "pool refused a group job");
+                break;
+            }
+            ctx.report.started.fetch_add(1, Ordering::Relaxed);
+            // The heartbeat: extend the lease on this session while the handler runs.
+            let mut rx = rx;
+            let every = (*lease_for / 3).max(Duration::from_millis(10));
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut rx => break outcome.unwrap_or_else(|_| Outcome::retry("handler panicked")),
+                    _ = tokio::time::sleep(every) => {
+                        if !session.extend(&lease, *lease_for).await? {
+                            tracing::warn!(target: "pgbus::group", group = %group, "lease lost while the handler ran");
+                        }
+                    }
+                }
+            };
+            // The heartbeat has stopped; now the post-processing writes.
+            let blocked = match plan(outcome, policy, &lease, queue, &ctx.report) {
+                Settle::Ack => {
+                    if session.ack(&lease).await? {
+                        ctx.report.acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    false
+                }
+                Settle::Nothing => false,
+                Settle::DeadLetter(reason) => {
+                    session.dead_letter(&lease, &reason).await?;
+                    false
+                }
+                Settle::Nack(delay, error) => {
+                    session.nack(&lease, delay, Some(&error)).await?;
+                    true
+                }
+            };
+            if blocked {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    // Unlock even after a failed message; after a database error the session is dropped
+    // by the caller, which releases the lock with the connection.
+    match result {
+        Ok(()) => session.unlock(queue, group).await,
+        Err(err) => Err(err),
+    }
+}
+
+/// Frees the work of dead group owners and keeps this process's registry entry, on its own
+/// session; reopens the session with backoff after errors.
+async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: CancellationToken) {
+    let worker = &ctx.worker;
+    let queues = worker.shared.queues.clone();
+    let interval = worker.config.heartbeat_interval;
+    let mut entry = ProcessEntry::new(Arc::clone(&worker.shared));
+    let mut session: Option<<B as OpenGroupSession>::Recovery> = None;
+    let mut errors = 0u32;
+    loop {
+        let pass = async {
+            let recovery = match &mut session {
+                Some(s) => s,
+                None => session.insert(worker.backend.open_group_recovery().await?),
+            };
+            let freed = recovery.recover(&queues).await?;
+            if freed > 0 {
+                tracing::info!(target: "pgbus::group", freed, "recovered messages of groups whose owner died");
+                worker.wakeup.notify_one();
+            }
+            entry.beat(&*recovery, ctx.pool.metadata().busy, interval).await;
+            Ok::<_, Error>(())
+        }
+        .await;
+        let wait = match pass {
+            Ok(()) => {
+                errors = 0;
+                interval
+            }
+            Err(err) => {
+                session = None;
+                errors += 1;
+                let delay = backoff(errors, worker.config.error_backoff_cap);
+                tracing::warn!(target: "pgbus::group", error = %err.report(), retry_in = ?delay, "recovery failed");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    if let Some(recovery) = &session {
+        entry.end(recovery).await;
+    }
+}
