@@ -1,5 +1,35 @@
-//! The `pgbus` command. Not built yet: the CLI issue fills it.
-fn main() {
-    eprintln!("pgbus: the command-line tool is not built yet; see README.md for what works");
-    std::process::exit(2);
+//! The `pgbus` command: parse arguments, install logging, run, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod admin;
+mod cli;
+mod database;
+mod demo;
+mod send;
+mod work;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli.install_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("pgbus: could not start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli.run()) {
+        Ok(code) => code,
+        Err(err) => {
+            // One clear line: the error and its causes.
+            eprintln!("pgbus: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -710,7 +710,7 @@ pub(crate) fn plan(
             (RetryDecision::RetryAfter(delay), explicit) => {
                 report.retried.fetch_add(1, Ordering::Relaxed);
                 let delay = explicit.unwrap_or(delay);
-                tracing::info!(target: "pgbus::worker", attempt, retry_in = ?delay, error = %error, job.id = job_id, queue.name = %queue, "job failed; retrying");
+                tracing::debug!(target: "pgbus::worker", attempt, retry_in = ?delay, error = %error, job.id = job_id, queue.name = %queue, "job failed; retrying");
                 Settle::Nack(delay, error)
             }
         },

@@ -845,7 +845,10 @@ fn running_port(
         return Ok(None);
     }
     let text = fs::read_to_string(&pid_file).map_err(io_err("read", &pid_file))?;
-    Ok(text.lines().nth(3).and_then(|line| line.trim().parse().ok()))
+    Ok(text
+        .lines()
+        .nth(3)
+        .and_then(|line| line.trim().parse().ok()))
 }
 
 /// Where `initdb` and `pg_ctl` are.
@@ -916,7 +919,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Whether this process's effective user is root (read from /proc, else `id -u`).
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     if let Ok(status) = fs::read_to_string("/proc/self/status") {
         if let Some(uids) = status.lines().find_map(|line| line.strip_prefix("Uid:")) {
             // Real, effective, saved and file-system uid.

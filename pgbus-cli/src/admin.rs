@@ -1,0 +1,305 @@
+//! `migrate`, `queue`, `dlq` and `stats`.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use pgbus_core::{
+    DeadLetters, Error, MessageId, ProcessRegistry, QueueAdmin, QueueName, QueueOptions,
+    RetryPolicy, Selection, Stats,
+};
+use serde_json::json;
+
+use crate::cli::{DlqCommand, QueueCommand};
+use crate::database::Database;
+
+pub(crate) async fn migrate(db: &Database, check: bool, quiet: bool) -> anyhow::Result<ExitCode> {
+    if check {
+        return Ok(match db.backend.check_schema().await {
+            Ok(()) => {
+                if !quiet {
+                    println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err @ Error::SchemaMismatch { .. }) => {
+                eprintln!("pgbus: {err}");
+                ExitCode::FAILURE
+            }
+            Err(err) => return Err(err.into()),
+        });
+    }
+    let applied = db.backend.migrate().await?;
+    if !quiet {
+        match applied.as_slice() {
+            [] => println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION),
+            versions => println!("applied migrations {versions:?}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) async fn queue(
+    db: &Database,
+    command: QueueCommand,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let backend = db.ready().await?;
+    let say = |text: String| {
+        if !quiet {
+            println!("{text}");
+        }
+    };
+    match command {
+        QueueCommand::Create {
+            name,
+            max_attempts,
+            lease,
+            keep_history,
+        } => {
+            let name = QueueName::new(name)?;
+            let retry = RetryPolicy::builder().max_attempts(max_attempts).build()?;
+            let options = QueueOptions::default()
+                .retry(retry)
+                .lease(lease)
+                .keep_history(keep_history);
+            if backend.create_queue(&name, &options).await? {
+                say(format!("created queue {name}"));
+            } else {
+                say(format!("queue {name} already exists (unchanged)"));
+            }
+        }
+        QueueCommand::List { json } => {
+            let queues = backend.list_queues().await?;
+            if json {
+                let list: Vec<_> = queues
+                    .iter()
+                    .map(|q| {
+                        json!({
+                            "name": q.name.as_str(),
+                            "paused": q.paused,
+                            "max_attempts": q.options.retry.max_attempts(),
+                            "lease_ms": millis(q.options.lease),
+                            "keep_history": q.options.keep_history,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<24} {:>8} {:>12} {:>10} {:>7}",
+                    "QUEUE", "PAUSED", "MAX_ATTEMPTS", "LEASE", "HISTORY"
+                );
+                for q in queues {
+                    println!(
+                        "{:<24} {:>8} {:>12} {:>10} {:>7}",
+                        q.name.as_str(),
+                        q.paused,
+                        q.options.retry.max_attempts(),
+                        humantime::format_duration(q.options.lease).to_string(),
+                        q.options.keep_history
+                    );
+                }
+            }
+        }
+        QueueCommand::Pause { name } => {
+            backend
+                .set_paused(&QueueName::new(name.clone())?, true)
+                .await?;
+            say(format!("paused queue {name}"));
+        }
+        QueueCommand::Resume { name } => {
+            backend
+                .set_paused(&QueueName::new(name.clone())?, false)
+                .await?;
+            say(format!("resumed queue {name}"));
+        }
+        QueueCommand::Purge { name } => {
+            let purged = backend.purge_queue(&QueueName::new(name.clone())?).await?;
+            say(format!("purged {purged} messages from queue {name}"));
+        }
+        QueueCommand::Drop { name } => {
+            let name = QueueName::new(name)?;
+            if !backend.drop_queue(&name).await? {
+                return Err(Error::QueueNotFound(name).into());
+            }
+            say(format!("dropped queue {name}"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+enum Kind {
+    Retry,
+    Other,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub(crate) async fn dlq(
+    db: &Database,
+    command: DlqCommand,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let backend = db.ready().await?;
+    let command_kind = match &command {
+        DlqCommand::Retry(_) => Kind::Retry,
+        _ => Kind::Other,
+    };
+    match command {
+        DlqCommand::List { queue, json, limit } => {
+            let dead = backend.list_dead(&QueueName::new(queue)?, limit).await?;
+            if json {
+                let list: Vec<_> = dead
+                    .iter()
+                    .map(|d| {
+                        let payload = d
+                            .content_type
+                            .decode::<serde_json::Value>(&d.payload)
+                            .unwrap_or(serde_json::Value::Null);
+                        json!({
+                            "id": d.id.0,
+                            "attempts": d.attempts,
+                            "failed_at": rfc3339(d.failed_at),
+                            "enqueued_at": rfc3339(d.enqueued_at),
+                            "error": d.error,
+                            "group": d.group_key,
+                            "payload": payload,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:>10} {:>8} {:<24} ERROR", "ID", "ATTEMPTS", "FAILED_AT");
+                for d in dead {
+                    println!(
+                        "{:>10} {:>8} {:<24} {}",
+                        d.id.0,
+                        d.attempts,
+                        rfc3339(d.failed_at),
+                        d.error
+                    );
+                }
+            }
+        }
+        DlqCommand::Retry(selection) | DlqCommand::Discard(selection) => {
+            let queue = QueueName::new(selection.queue.clone())?;
+            let ids: Vec<MessageId> = selection.ids.iter().copied().map(MessageId).collect();
+            let which = if selection.all {
+                Selection::All
+            } else {
+                Selection::Ids(&ids)
+            };
+            let (verb, n) = if matches!(command_kind, Kind::Retry) {
+                ("retried", backend.retry_dead(&queue, which).await?)
+            } else {
+                ("discarded", backend.discard_dead(&queue, which).await?)
+            };
+            if !quiet {
+                println!("{verb} {n} dead-lettered messages of queue {queue}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode> {
+    let backend = db.ready().await?;
+    let stats = backend.stats().await?;
+    let processes = backend.processes().await?;
+    let now = SystemTime::now();
+    let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
+    if json {
+        let queues: Vec<_> = stats
+            .iter()
+            .map(|s| {
+                json!({
+                    "queue": s.queue.as_str(),
+                    "paused": s.paused,
+                    "depth": s.depth(),
+                    "ready": s.ready,
+                    "in_flight": s.in_flight,
+                    "scheduled": s.scheduled,
+                    "dead_lettered": s.dead_lettered,
+                    "oldest_ready_age_ms": s.oldest_ready_age.map(millis),
+                })
+            })
+            .collect();
+        let procs: Vec<_> = processes
+            .iter()
+            .map(|p| {
+                json!({
+                    "id": p.id.0,
+                    "hostname": p.info.hostname,
+                    "pid": p.info.pid,
+                    "queues": p.info.queues.iter().map(QueueName::as_str).collect::<Vec<_>>(),
+                    "mode": p.info.mode,
+                    "capacity": p.info.capacity,
+                    "busy": p.busy,
+                    "started_at": rfc3339(p.started_at),
+                    "heartbeat_age_ms": millis(age(p.heartbeat_at)),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "queues": queues, "processes": procs }))?
+        );
+    } else {
+        println!(
+            "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12}",
+            "QUEUE", "DEPTH", "READY", "IN_FLIGHT", "SCHEDULED", "DEAD", "OLDEST"
+        );
+        for s in &stats {
+            let oldest = s
+                .oldest_ready_age
+                .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string())
+                .unwrap_or_else(|| "-".into());
+            let name = if s.paused {
+                format!("{} (paused)", s.queue)
+            } else {
+                s.queue.to_string()
+            };
+            println!(
+                "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12}",
+                name,
+                s.depth(),
+                s.ready,
+                s.in_flight,
+                s.scheduled,
+                s.dead_lettered,
+                oldest
+            );
+        }
+        if !processes.is_empty() {
+            println!();
+            println!(
+                "{:>6} {:<20} {:>8} {:<8} {:>9} {:>10}  QUEUES",
+                "ID", "HOST", "PID", "MODE", "BUSY", "HEARTBEAT"
+            );
+            for p in &processes {
+                println!(
+                    "{:>6} {:<20} {:>8} {:<8} {:>9} {:>10}  {}",
+                    p.id.0,
+                    p.info.hostname,
+                    p.info.pid,
+                    p.info.mode,
+                    format!("{}/{}", p.busy, p.info.capacity),
+                    format!("{}s ago", age(p.heartbeat_at).as_secs()),
+                    p.info
+                        .queues
+                        .iter()
+                        .map(QueueName::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

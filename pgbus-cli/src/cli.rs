@@ -1,0 +1,247 @@
+//! Command-line arguments.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::database::Database;
+
+/// pgbus: a PostgreSQL-native job queue and event bus.
+///
+/// Without --database-url or DATABASE_URL every command runs on an embedded local
+/// PostgreSQL cluster that pgbus creates on first use (in $PGBUS_HOME, else
+/// $XDG_DATA_HOME/pgbus, else ~/.local/share/pgbus) and reuses afterwards.
+#[derive(Debug, Parser)]
+#[command(name = "pgbus", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub(crate) database_url: Option<String>,
+
+    /// Log format on standard error.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub(crate) log_format: LogFormat,
+
+    /// More logging (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub(crate) verbose: u8,
+
+    /// Less output: errors only, and counts instead of lists.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub(crate) quiet: bool,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Apply schema migrations (or, with --check, report whether the schema is current).
+    Migrate {
+        /// Only check; exit 1 when migrations are pending.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Create, list and manage queues.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Send messages: one JSON document as an argument, or one per line on standard input.
+    Send(SendArgs),
+    /// Run workers that hand each message to a command or an HTTP endpoint.
+    Work(WorkArgs),
+    /// Inspect and recover dead-lettered messages.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Queue statistics and worker processes.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The embedded database.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// A demo: a queue with a steady trickle of jobs (some failing, some grouped) and
+    /// workers, on the embedded database unless a URL is given. Ctrl-C stops it.
+    Demo {
+        /// Stop by itself after this long (e.g. 10s).
+        #[arg(long, value_parser = duration)]
+        duration: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum QueueCommand {
+    /// Create a queue (nothing changes if it exists).
+    Create {
+        /// Queue name: lowercase [a-z0-9_], starting with a letter, at most 48 bytes.
+        name: String,
+        /// Attempts before a message is dead-lettered.
+        #[arg(long, default_value_t = 5)]
+        max_attempts: u32,
+        /// Lease (visibility timeout) of a claimed message.
+        #[arg(long, value_parser = duration, default_value = "30s")]
+        lease: Duration,
+        /// Keep acked messages in the archive.
+        #[arg(long)]
+        keep_history: bool,
+    },
+    /// List queues.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop handing out messages.
+    Pause { name: String },
+    /// Hand out messages again.
+    Resume { name: String },
+    /// Delete every message (dead letters stay).
+    Purge { name: String },
+    /// Delete the queue with its messages, dead letters and archive.
+    Drop { name: String },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SendArgs {
+    /// Queue name.
+    pub(crate) queue: String,
+    /// The message as JSON; without it, one JSON document per line is read from stdin.
+    pub(crate) json: Option<String>,
+    /// Make the messages visible only after this delay (e.g. 10s, 5m).
+    #[arg(long, value_parser = duration)]
+    pub(crate) delay: Option<Duration>,
+    /// Priority: higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub(crate) priority: i16,
+    /// Group key: messages of one group run one at a time, in order.
+    #[arg(long)]
+    pub(crate) group: Option<String>,
+    /// Messages per statement when reading stdin.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) batch: usize,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WorkArgs {
+    /// Queues to work.
+    #[arg(required = true)]
+    pub(crate) queues: Vec<String>,
+    /// Jobs run at once (per process).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) concurrency: usize,
+    /// threads (one OS thread per job) or async (tasks; fiber is an alias).
+    #[arg(long, default_value = "async")]
+    pub(crate) execution_mode: String,
+    /// Longest wait between claims when no wake-up arrives.
+    #[arg(long, value_parser = duration, default_value = "1s")]
+    pub(crate) poll_interval: Duration,
+    /// Exit 0 once the queues have no ready or in-flight messages.
+    #[arg(long)]
+    pub(crate) until_empty: bool,
+    /// Run `sh -c CMD` per message, the payload as JSON on stdin. Exit 0: ack; 65:
+    /// dead-letter; anything else: retry.
+    #[arg(long, conflicts_with = "http", required_unless_present = "http")]
+    pub(crate) exec: Option<String>,
+    /// POST the payload as JSON. 2xx: ack; 4xx (but 408, 429): dead-letter; else retry.
+    #[arg(long)]
+    pub(crate) http: Option<String>,
+    /// Per-job timeout; a job past it is killed and retried.
+    #[arg(long, value_parser = duration, default_value = "5m")]
+    pub(crate) job_timeout: Duration,
+    /// Run N worker processes under a supervisor that restarts any that dies.
+    #[arg(long)]
+    pub(crate) processes: Option<usize>,
+    /// How long a graceful stop waits for running jobs.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    pub(crate) drain_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DlqCommand {
+    /// List dead-lettered messages, oldest failure first.
+    List {
+        queue: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Most messages listed.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put dead-lettered messages back in the queue.
+    Retry(DlqSelection),
+    /// Delete dead-lettered messages for good.
+    Discard(DlqSelection),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DlqSelection {
+    pub(crate) queue: String,
+    /// Every dead-lettered message of the queue.
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    pub(crate) all: bool,
+    /// Message ids.
+    pub(crate) ids: Vec<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DbCommand {
+    /// Start the embedded database if needed and print its URL.
+    Start,
+    /// Stop the embedded database.
+    Stop,
+}
+
+/// Parses `30s`, `5m`, `500ms`, `1h 30m`.
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m)"))
+}
+
+impl Cli {
+    /// Installs the tracing subscriber: the only place pgbus installs one.
+    pub(crate) fn install_logging(&self) {
+        let default = match (self.quiet, self.verbose) {
+            (true, _) => "error",
+            (false, 0) => "warn,pgbus=info",
+            (false, 1) => "info,pgbus=debug",
+            (false, _) => "debug,pgbus=trace",
+        };
+        let filter = tracing_subscriber::EnvFilter::try_from_env("PGBUS_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = match self.log_format {
+            LogFormat::Text => builder.try_init(),
+            LogFormat::Json => builder.json().try_init(),
+        };
+    }
+
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        if let Command::Db(db) = &self.command {
+            return crate::database::db_command(db, self.quiet).await;
+        }
+        let database = Database::resolve(self.database_url.as_deref(), self.quiet).await?;
+        match self.command {
+            Command::Migrate { check } => crate::admin::migrate(&database, check, self.quiet).await,
+            Command::Queue(command) => crate::admin::queue(&database, command, self.quiet).await,
+            Command::Send(args) => crate::send::send(&database, args, self.quiet).await,
+            Command::Work(args) => crate::work::work(&database, args).await,
+            Command::Dlq(command) => crate::admin::dlq(&database, command, self.quiet).await,
+            Command::Stats { json } => crate::admin::stats(&database, json).await,
+            Command::Demo { duration } => crate::demo::demo(&database, duration).await,
+            Command::Db(_) => unreachable!("handled above"),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Which database a command runs on: `--database-url`, `DATABASE_URL`, or the embedded
+//! default.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use pgbus_pg::{running_as_root, PersistentCluster, PgBackend};
+
+use crate::cli::DbCommand;
+
+/// The database of this run.
+pub(crate) struct Database {
+    pub(crate) url: String,
+    pub(crate) backend: PgBackend,
+    embedded: bool,
+}
+
+/// Where the embedded database lives: `$PGBUS_HOME`, else `$XDG_DATA_HOME/pgbus`, else
+/// `~/.local/share/pgbus`; as root with neither variable set, `/var/lib/pgbus` (the server
+/// runs as the `postgres` user, who cannot enter root's home).
+pub(crate) fn home() -> anyhow::Result<PathBuf> {
+    if let Some(home) = std::env::var_os("PGBUS_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(home));
+    }
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(data).join("pgbus"));
+    }
+    if running_as_root() {
+        return Ok(PathBuf::from("/var/lib/pgbus"));
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".local/share/pgbus")),
+        None => bail!("no PGBUS_HOME, XDG_DATA_HOME or HOME to keep the embedded database in; set PGBUS_HOME or --database-url"),
+    }
+}
+
+/// Starts the embedded database if it is not running; returns its URL.
+async fn embedded(quiet: bool) -> anyhow::Result<String> {
+    let home = home()?;
+    std::fs::create_dir_all(&home)
+        .with_context(|| format!("creating the pgbus home {}", home.display()))?;
+    let data_dir = home.join("data");
+    let cluster = tokio::task::spawn_blocking(move || PersistentCluster::ensure_running(&data_dir))
+        .await?
+        .context(
+            "starting the embedded PostgreSQL (set --database-url or DATABASE_URL to use your own)",
+        )?;
+    if !quiet {
+        let verb = if cluster.started { "started" } else { "using" };
+        eprintln!(
+            "pgbus: {verb} the embedded PostgreSQL in {} on port {} (`pgbus db stop` stops it)",
+            cluster.data_dir.display(),
+            cluster.port
+        );
+    }
+    Ok(cluster.url_for("postgres"))
+}
+
+impl Database {
+    pub(crate) async fn resolve(url: Option<&str>, quiet: bool) -> anyhow::Result<Self> {
+        let (url, embedded) = match url.filter(|u| !u.trim().is_empty()) {
+            Some(url) => (url.to_owned(), false),
+            None => (embedded(quiet).await?, true),
+        };
+        let backend = PgBackend::builder(&url).max_connections(8).build()?;
+        Ok(Self {
+            url,
+            backend,
+            embedded,
+        })
+    }
+
+    /// Makes sure the schema is current: the embedded database is migrated as needed; a
+    /// database of the user's is only checked (`pgbus migrate` changes it).
+    pub(crate) async fn ready(&self) -> anyhow::Result<&PgBackend> {
+        if self.embedded {
+            self.backend.migrate().await?;
+        } else {
+            self.backend.check_schema().await?;
+        }
+        Ok(&self.backend)
+    }
+}
+
+pub(crate) async fn db_command(command: &DbCommand, quiet: bool) -> anyhow::Result<ExitCode> {
+    match command {
+        DbCommand::Start => {
+            let url = embedded(quiet).await?;
+            println!("{url}");
+        }
+        DbCommand::Stop => {
+            let data_dir = home()?.join("data");
+            let stopped =
+                tokio::task::spawn_blocking(move || PersistentCluster::stop(&data_dir)).await??;
+            if !quiet {
+                println!(
+                    "{}",
+                    if stopped {
+                        "stopped the embedded PostgreSQL"
+                    } else {
+                        "the embedded PostgreSQL was not running"
+                    }
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,328 @@
+//! `pgbus work`: workers whose handler is an external command or an HTTP endpoint, and the
+//! `--processes` supervisor.
+
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use pgbus_core::{QueueName, Stats, WakeupSource};
+use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
+use pgbus_pg::{PgBackend, PgListener};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::WorkArgs;
+use crate::database::Database;
+
+/// Exit status of an `--exec` command that asks for a dead letter (EX_DATAERR).
+const EXIT_DEAD_LETTER: i32 = 65;
+/// How much of a failing command's stderr or response body is kept as the error text.
+const ERROR_TAIL: usize = 1000;
+
+/// Where each message goes.
+#[derive(Clone)]
+enum Target {
+    Exec(Arc<str>),
+    Http {
+        client: reqwest::Client,
+        url: Arc<str>,
+    },
+}
+
+/// The execution mode, refusing modes this build was compiled without.
+pub(crate) fn execution_mode(name: &str) -> anyhow::Result<ExecutionMode> {
+    let mode: ExecutionMode = name.parse()?;
+    let built = match mode {
+        ExecutionMode::Threads => cfg!(feature = "threads"),
+        ExecutionMode::Async => cfg!(feature = "async"),
+    };
+    if !built {
+        bail!("this pgbus was built without the `{mode}` feature");
+    }
+    Ok(mode)
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+pub(crate) fn stop_on_signals() -> anyhow::Result<CancellationToken> {
+    let stop = CancellationToken::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let token = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!(target: "pgbus::cli", "stop requested: draining");
+        token.cancel();
+    });
+    Ok(stop)
+}
+
+pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCode> {
+    if let Some(processes) = args.processes {
+        return supervise(db, processes).await;
+    }
+    let backend = db.ready().await?.clone();
+    let queues = args
+        .queues
+        .iter()
+        .map(|q| QueueName::new(q.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mode = execution_mode(&args.execution_mode)?;
+    let target = match (&args.exec, &args.http) {
+        (Some(cmd), None) => Target::Exec(cmd.as_str().into()),
+        (None, Some(url)) => Target::Http {
+            client: reqwest::Client::builder()
+                .timeout(args.job_timeout)
+                .build()?,
+            url: url.as_str().into(),
+        },
+        _ => bail!("give exactly one of --exec CMD or --http URL"),
+    };
+    let listener: Arc<dyn WakeupSource> = Arc::new(PgListener::start(&db.url)?);
+    let stop = stop_on_signals()?;
+
+    let build = |builder: pgbus_exec::WorkerBuilder<PgBackend>| {
+        let mut builder = builder
+            .concurrency(args.concurrency)
+            .execution_mode(mode)
+            .poll_interval(args.poll_interval)
+            .job_timeout(args.job_timeout)
+            .drain_timeout(args.drain_timeout)
+            .wakeups(Arc::clone(&listener));
+        for queue in &queues {
+            let target = target.clone();
+            builder = builder.handle(
+                queue.clone(),
+                move |ctx: JobContext<PgBackend>, payload: serde_json::Value| {
+                    let target = target.clone();
+                    async move { deliver(&target, &ctx, payload).await }
+                },
+            );
+        }
+        builder
+    };
+    let plain = build(Worker::builder(backend.clone())).build()?;
+    let grouped = build(Worker::builder(backend.clone())).build_groups()?;
+    let plain = tokio::spawn(plain.run(stop.clone()));
+    let grouped = tokio::spawn(grouped.run(stop.clone()));
+    if args.until_empty {
+        tokio::spawn(stop_when_empty(
+            backend.clone(),
+            queues.clone(),
+            stop.clone(),
+        ));
+    }
+    let plain: WorkerReport = plain.await??;
+    let grouped: WorkerReport = grouped.await??;
+    tracing::info!(
+        target: "pgbus::cli",
+        acked = plain.acked + grouped.acked,
+        retried = plain.retried + grouped.retried,
+        dead_lettered = plain.dead_lettered + grouped.dead_lettered,
+        "workers stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `stop` once the queues have no ready and no in-flight message.
+async fn stop_when_empty(backend: PgBackend, queues: Vec<QueueName>, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    while !stop.is_cancelled() {
+        interval.tick().await;
+        match backend.stats().await {
+            Ok(stats) => {
+                let busy: u64 = stats
+                    .iter()
+                    .filter(|s| queues.contains(&s.queue))
+                    .map(|s| s.ready + s.in_flight)
+                    .sum();
+                if busy == 0 {
+                    tracing::info!(target: "pgbus::cli", "queues are empty: stopping");
+                    stop.cancel();
+                }
+            }
+            Err(err) => {
+                tracing::warn!(target: "pgbus::cli", error = %err.report(), "could not read queue stats")
+            }
+        }
+    }
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let start = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| text.len() - i <= ERROR_TAIL)
+        .unwrap_or(text.len());
+    text[start..].to_owned()
+}
+
+async fn deliver(
+    target: &Target,
+    ctx: &JobContext<PgBackend>,
+    payload: serde_json::Value,
+) -> Outcome {
+    let body = match serde_json::to_vec(&payload) {
+        Ok(body) => body,
+        Err(err) => {
+            return Outcome::dead_letter(format!("payload cannot be written as JSON: {err}"))
+        }
+    };
+    match target {
+        Target::Exec(cmd) => run_command(cmd, ctx, &body).await,
+        Target::Http { client, url } => post(client, url, ctx, body).await,
+    }
+}
+
+/// Runs `sh -c CMD` with the payload on stdin: exit 0 acks, 65 dead-letters, anything
+/// else (or a signal) retries. The child is killed if the job is cancelled (timeout).
+async fn run_command(cmd: &str, ctx: &JobContext<PgBackend>, body: &[u8]) -> Outcome {
+    let spawned = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("PGBUS_QUEUE", ctx.queue().as_str())
+        .env("PGBUS_MESSAGE_ID", ctx.message_id().to_string())
+        .env("PGBUS_ATTEMPT", ctx.attempt().to_string())
+        .env("PGBUS_GROUP", ctx.group_key().unwrap_or(""))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => return Outcome::retry(format!("could not start `sh -c {cmd}`: {err}")),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input closes the pipe early; that is fine.
+        let _ = stdin.write_all(body).await;
+        let _ = stdin.write_all(b"\n").await;
+    }
+    let output = match child.wait_with_output().await {
+        Ok(output) => output,
+        Err(err) => return Outcome::retry(format!("waiting for the command failed: {err}")),
+    };
+    let stderr = tail(&output.stderr);
+    match output.status.code() {
+        Some(0) => Outcome::Ack,
+        Some(EXIT_DEAD_LETTER) => {
+            Outcome::dead_letter(format!("exit {EXIT_DEAD_LETTER}: {stderr}"))
+        }
+        Some(code) => Outcome::retry(format!("exit {code}: {stderr}")),
+        None => Outcome::retry(format!("killed by a signal: {stderr}")),
+    }
+}
+
+/// POSTs the payload: 2xx acks; 4xx but 408 and 429 dead-letters; 408, 429, 5xx and
+/// transport errors retry, after `Retry-After` seconds when the server says so.
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    ctx: &JobContext<PgBackend>,
+    body: Vec<u8>,
+) -> Outcome {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("pgbus-queue", ctx.queue().as_str())
+        .header("pgbus-message-id", ctx.message_id().to_string())
+        .header("pgbus-attempt", ctx.attempt().to_string())
+        .body(body)
+        .send()
+        .await;
+    let response = match response {
+        Ok(response) => response,
+        Err(err) => return Outcome::retry(format!("POST {url} failed: {err}")),
+    };
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    if status.is_success() {
+        return Outcome::Ack;
+    }
+    let text = response.bytes().await.map(|b| tail(&b)).unwrap_or_default();
+    let error = format!("HTTP {}: {text}", status.as_u16());
+    match status.as_u16() {
+        408 | 429 => retry(error, retry_after),
+        400..=499 => Outcome::dead_letter(error),
+        _ => retry(error, retry_after),
+    }
+}
+
+fn retry(error: String, after: Option<Duration>) -> Outcome {
+    match after {
+        Some(after) => Outcome::retry_after(error, after),
+        None => Outcome::retry(error),
+    }
+}
+
+/// Runs `processes` copies of this command (without `--processes`), restarting any that
+/// dies with exponential backoff; forwards SIGINT/SIGTERM; ends when all exited 0.
+async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> {
+    if processes == 0 {
+        bail!("--processes must be at least 1");
+    }
+    db.ready().await?;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut args: Vec<String> = Vec::new();
+    let mut skip_next = false;
+    for arg in std::env::args().skip(1) {
+        if skip_next {
+            skip_next = false;
+        } else if arg == "--processes" {
+            skip_next = true;
+        } else if !arg.starts_with("--processes=") {
+            args.push(arg);
+        }
+    }
+    let stop = stop_on_signals()?;
+    let mut tasks = Vec::new();
+    for slot in 0..processes {
+        let (exe, args, url, stop) = (exe.clone(), args.clone(), db.url.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let mut child = tokio::process::Command::new(&exe)
+                    .args(&args)
+                    .env("DATABASE_URL", &url)
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .context("starting a worker process")?;
+                let pid = child.id();
+                tracing::info!(target: "pgbus::supervisor", slot, pid, "worker process started");
+                let status = tokio::select! {
+                    status = child.wait() => status?,
+                    _ = stop.cancelled() => {
+                        if let Some(pid) = pid {
+                            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                        }
+                        child.wait().await?
+                    }
+                };
+                if status.success() || stop.is_cancelled() {
+                    return anyhow::Ok(());
+                }
+                failures += 1;
+                let delay = Duration::from_millis(500 * 2u64.pow(failures.min(6)));
+                tracing::warn!(target: "pgbus::supervisor", slot, %status, restart_in = ?delay, "worker process died; restarting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(ExitCode::SUCCESS)
+}
