@@ -17,6 +17,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use crate::connect::{config_for, connect};
 use crate::error::{db, pool};
+use crate::group::GroupLocks;
 use crate::migrate::{self, SCHEMA_VERSION};
 use crate::sql;
 
@@ -34,6 +35,7 @@ pub struct PgBackend {
     url: Arc<str>,
     max_payload_bytes: usize,
     notify: bool,
+    group_locks: GroupLocks,
 }
 
 /// Configures a [`PgBackend`]; see [`PgBackend::builder`].
@@ -45,9 +47,17 @@ pub struct PgBackendBuilder {
     connection_timeout: Duration,
     max_payload_bytes: usize,
     notify: bool,
+    group_locks: GroupLocks,
 }
 
 impl PgBackendBuilder {
+    /// How ordered groups are locked; default [`GroupLocks::Advisory`]. Choose
+    /// [`GroupLocks::Lease`] behind a transaction-mode connection pooler.
+    pub fn group_locks(mut self, locks: GroupLocks) -> Self {
+        self.group_locks = locks;
+        self
+    }
+
     /// Whether sends notify listening workers (`pg_notify` on the `pgbus_wakeup` channel,
     /// once per statement, delivered on commit); default true. Without it workers find new
     /// messages at their next poll.
@@ -95,6 +105,7 @@ impl PgBackendBuilder {
             url: self.url.into(),
             max_payload_bytes: self.max_payload_bytes,
             notify: self.notify,
+            group_locks: self.group_locks,
         })
     }
 }
@@ -109,7 +120,13 @@ impl PgBackend {
             connection_timeout: Duration::from_secs(10),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             notify: true,
+            group_locks: GroupLocks::Advisory,
         }
+    }
+
+    /// How this backend locks ordered groups.
+    pub fn group_locks(&self) -> GroupLocks {
+        self.group_locks
     }
 
     /// A backend with default settings.

@@ -14,13 +14,35 @@ use crate::connect::connect;
 use crate::error::db;
 use crate::{sql, PgBackend};
 
-/// One in-flight group's own connection. It holds the group's session advisory lock, so no
-/// other task ever uses it; dropping it closes the connection, which releases any lock it
-/// still holds.
+/// How group locks are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum GroupLocks {
+    /// A session advisory lock per group, held by the group's own connection (released by
+    /// the server when the connection closes). The default.
+    #[default]
+    Advisory,
+    /// A row lease per group in `pgbus.group_leases` (owner token, expiry), taken and
+    /// renewed in one statement, with every write fenced by the token so an owner whose
+    /// lease expired cannot write. For deployments behind a transaction-mode pooler, where
+    /// session advisory locks are unsafe. A dead owner's groups come back when the lease
+    /// (`ttl`) expires.
+    Lease {
+        /// How long a lease lasts without renewal; renewed with every claim and lease
+        /// heartbeat.
+        ttl: Duration,
+    },
+}
+
+/// One in-flight group's own connection. In advisory mode it holds the group's session
+/// advisory lock, so no other task ever uses it; dropping it closes the connection, which
+/// releases any lock it still holds. In lease mode it owns lease rows under its token.
 pub struct PgGroupSession {
     client: Client,
     claim_head: Statement,
     ack: Statement,
+    /// Lease mode: this session's owner token and lease length.
+    lease: Option<(String, Duration)>,
     /// Groups this session has locked: a session advisory lock is re-entrant, so locking
     /// twice would need two unlocks; the set keeps one lock per group.
     held: HashSet<(QueueName, String)>,
@@ -38,6 +60,7 @@ impl std::fmt::Debug for PgGroupSession {
 /// heartbeats.
 pub struct PgGroupRecovery {
     client: Client,
+    locks: GroupLocks,
 }
 
 impl std::fmt::Debug for PgGroupRecovery {
@@ -58,18 +81,34 @@ impl OpenGroupSession for PgBackend {
 
     async fn open_group_session(&self) -> Result<PgGroupSession> {
         let client = connect(self.url(), "group").await?;
+        let (claim_sql, ack_sql, lease) = match self.group_locks() {
+            GroupLocks::Advisory => (sql::CLAIM_GROUP_HEAD, sql::ACK, None),
+            GroupLocks::Lease { ttl } => {
+                let token: String = client
+                    .query_one("SELECT gen_random_uuid()::text", &[])
+                    .await
+                    .map_err(|e| db("making a lease token", e))?
+                    .get(0);
+                (
+                    sql::CLAIM_GROUP_HEAD_FENCED,
+                    sql::ACK_FENCED,
+                    Some((token, ttl)),
+                )
+            }
+        };
         let claim_head = client
-            .prepare(sql::CLAIM_GROUP_HEAD)
+            .prepare(claim_sql)
             .await
             .map_err(|e| db("preparing the group claim", e))?;
         let ack = client
-            .prepare(sql::ACK)
+            .prepare(ack_sql)
             .await
             .map_err(|e| db("preparing the ack", e))?;
         Ok(PgGroupSession {
             client,
             claim_head,
             ack,
+            lease,
             held: HashSet::new(),
         })
     }
@@ -77,7 +116,25 @@ impl OpenGroupSession for PgBackend {
     async fn open_group_recovery(&self) -> Result<PgGroupRecovery> {
         Ok(PgGroupRecovery {
             client: connect(self.url(), "recovery").await?,
+            locks: self.group_locks(),
         })
+    }
+}
+
+impl PgGroupSession {
+    /// Lease mode: renews every lease this session owns (a no-op in advisory mode).
+    async fn renew(&self) -> Result<()> {
+        if let Some((token, ttl)) = &self.lease {
+            self.client
+                .execute(sql::RENEW_GROUP_LEASES, &[token, &ttl.as_secs_f64()])
+                .await
+                .map_err(|e| db("renewing group leases", e))?;
+        }
+        Ok(())
+    }
+
+    fn token(&self) -> Option<&String> {
+        self.lease.as_ref().map(|(token, _)| token)
     }
 }
 
@@ -87,12 +144,23 @@ impl GroupSession for PgGroupSession {
         if self.held.contains(&key) {
             return Ok(true);
         }
-        let locked: bool = self
-            .client
-            .query_one(sql::TRY_LOCK_GROUP, &[&queue.as_str(), &group])
-            .await
-            .map_err(|e| db("locking a group", e))?
-            .get(0);
+        let locked = match &self.lease {
+            None => self
+                .client
+                .query_one(sql::TRY_LOCK_GROUP, &[&queue.as_str(), &group])
+                .await
+                .map_err(|e| db("locking a group", e))?
+                .get(0),
+            Some((token, ttl)) => self
+                .client
+                .query_opt(
+                    sql::TRY_LEASE_GROUP,
+                    &[&queue.as_str(), &group, token, &ttl.as_secs_f64()],
+                )
+                .await
+                .map_err(|e| db("leasing a group", e))?
+                .is_some(),
+        };
         if locked {
             self.held.insert(key);
         }
@@ -105,58 +173,99 @@ impl GroupSession for PgGroupSession {
         group: &str,
         lease: Duration,
     ) -> Result<Option<Message>> {
-        let row = self
-            .client
-            .query_opt(
-                &self.claim_head,
-                &[&queue.as_str(), &group, &lease.as_secs_f64()],
-            )
-            .await
-            .map_err(|e| db("claiming a group's next message", e))?;
+        self.renew().await?;
+        let secs = lease.as_secs_f64();
+        let row = match self.token() {
+            None => {
+                self.client
+                    .query_opt(&self.claim_head, &[&queue.as_str(), &group, &secs])
+                    .await
+            }
+            Some(token) => {
+                self.client
+                    .query_opt(&self.claim_head, &[&queue.as_str(), &group, &secs, token])
+                    .await
+            }
+        }
+        .map_err(|e| db("claiming a group's next message", e))?;
         row.map(|row| message_from(queue, &row)).transpose()
     }
 
     async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<bool> {
+        self.renew().await?;
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
-        let extended = self
-            .client
-            .execute(sql::EXTEND, &[&ids, &attempts, &by.as_secs_f64()])
-            .await
-            .map_err(|e| db("extending a group lease", e))?;
+        let secs = by.as_secs_f64();
+        let extended = match self.token() {
+            None => {
+                self.client
+                    .execute(sql::EXTEND, &[&ids, &attempts, &secs])
+                    .await
+            }
+            Some(token) => {
+                self.client
+                    .execute(sql::EXTEND_FENCED, &[&ids, &attempts, &secs, token])
+                    .await
+            }
+        }
+        .map_err(|e| db("extending a group lease", e))?;
         Ok(extended == 1)
     }
 
     async fn ack(&mut self, lease: &Lease) -> Result<bool> {
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
-        let acked: i64 = self
-            .client
-            .query_one(&self.ack, &[&ids, &attempts])
-            .await
-            .map_err(|e| db("acking a group message", e))?
-            .get(0);
+        let acked: i64 = match self.token() {
+            None => self.client.query_one(&self.ack, &[&ids, &attempts]).await,
+            Some(token) => {
+                self.client
+                    .query_one(&self.ack, &[&ids, &attempts, token])
+                    .await
+            }
+        }
+        .map_err(|e| db("acking a group message", e))?
+        .get(0);
         Ok(acked == 1)
     }
 
     async fn nack(&mut self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
         let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
-        let updated = self
-            .client
-            .execute(
-                sql::NACK,
-                &[&lease.id.0, &attempt, &delay.as_secs_f64(), &error],
-            )
-            .await
-            .map_err(|e| db("returning a group message", e))?;
+        let secs = delay.as_secs_f64();
+        let updated = match self.token() {
+            None => {
+                self.client
+                    .execute(sql::NACK, &[&lease.id.0, &attempt, &secs, &error])
+                    .await
+            }
+            Some(token) => {
+                self.client
+                    .execute(
+                        sql::NACK_FENCED,
+                        &[&lease.id.0, &attempt, &secs, &error, token],
+                    )
+                    .await
+            }
+        }
+        .map_err(|e| db("returning a group message", e))?;
         Ok(updated == 1)
     }
 
     async fn dead_letter(&mut self, lease: &Lease, reason: &str) -> Result<bool> {
         let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
-        let moved = self
-            .client
-            .execute(sql::DEAD_LETTER, &[&lease.id.0, &attempt, &reason])
-            .await
-            .map_err(|e| db("dead-lettering a group message", e))?;
+        let moved = match self.token() {
+            None => {
+                self.client
+                    .execute(sql::DEAD_LETTER, &[&lease.id.0, &attempt, &reason])
+                    .await
+            }
+            Some(token) => {
+                self.client
+                    .execute(
+                        sql::DEAD_LETTER_FENCED,
+                        &[&lease.id.0, &attempt, &reason, token],
+                    )
+                    .await
+            }
+        }
+        .map_err(|e| db("dead-lettering a group message", e))?;
         Ok(moved == 1)
     }
 
@@ -164,20 +273,33 @@ impl GroupSession for PgGroupSession {
         if !self.held.remove(&(queue.clone(), group.to_owned())) {
             return Ok(());
         }
-        self.client
-            .query_one(sql::UNLOCK_GROUP, &[&queue.as_str(), &group])
-            .await
-            .map_err(|e| db("unlocking a group", e))?;
-        Ok(())
+        match self.token() {
+            None => self
+                .client
+                .query_one(sql::UNLOCK_GROUP, &[&queue.as_str(), &group])
+                .await
+                .map(|_| ()),
+            Some(token) => self
+                .client
+                .execute(sql::RELEASE_GROUP_LEASE, &[&queue.as_str(), &group, token])
+                .await
+                .map(|_| ()),
+        }
+        .map_err(|e| db("unlocking a group", e))
     }
 }
 
 impl GroupRecovery for PgGroupRecovery {
     async fn recover(&mut self, queues: &[QueueName]) -> Result<u64> {
         let names: Vec<&str> = queues.iter().map(QueueName::as_str).collect();
-        self.client
-            .execute(sql::RECOVER_GROUPS, &[&names])
-            .await
-            .map_err(|e| db("recovering groups of dead owners", e))
+        match self.locks {
+            GroupLocks::Advisory => self.client.execute(sql::RECOVER_GROUPS, &[&names]).await,
+            GroupLocks::Lease { .. } => self
+                .client
+                .query_one(sql::RECOVER_LEASED_GROUPS, &[&names])
+                .await
+                .map(|row| row.get::<_, i64>(0) as u64),
+        }
+        .map_err(|e| db("recovering groups of dead owners", e))
     }
 }

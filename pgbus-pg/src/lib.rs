@@ -54,7 +54,7 @@ pub use backend::{PgBackend, PgBackendBuilder};
 pub use cluster::*;
 pub use connect::{config_for, connect};
 pub use fetcher::PgFetcher;
-pub use group::{PgGroupRecovery, PgGroupSession};
+pub use group::{GroupLocks, PgGroupRecovery, PgGroupSession};
 pub use listener::PgListener;
 pub use migrate::SCHEMA_VERSION;
 pub use transaction::PgTransaction;

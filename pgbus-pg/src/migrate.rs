@@ -31,6 +31,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "groups",
         sql: include_str!("../migrations/0003_groups.sql"),
     },
+    Migration {
+        version: 4,
+        name: "group_leases",
+        sql: include_str!("../migrations/0004_group_leases.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

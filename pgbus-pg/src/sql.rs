@@ -111,11 +111,31 @@ RETURNING m.id, m.priority, picked.visible_at AS was_visible_at, m.visible_at,
           m.last_error, m.payload";
 
 /// Ack: delete current deliveries; archive those of history-keeping queues.
-pub(crate) const ACK: &str = "
+/// The lease-mode fence on a statement over `pgbus.messages m`: the write happens only while
+/// the session's token (parameter `$N`) owns a live lease on the message's group.
+macro_rules! fence {
+    ($n:literal) => {
+        concat!(
+            "\n  AND EXISTS (SELECT 1 FROM pgbus.group_leases g WHERE g.queue = m.queue",
+            " AND g.group_key = m.group_key AND g.owner = $",
+            $n,
+            " AND g.expires_at > now())"
+        )
+    };
+}
+
+/// Ack: delete current deliveries; archive those of history-keeping queues. `$fence` adds
+/// a condition to the delete (see [`fence!`]).
+macro_rules! ack {
+    ($fence:expr) => {
+        concat!(
+            "
 WITH done AS (
     DELETE FROM pgbus.messages m
     USING unnest($1::bigint[], $2::int[]) AS l(id, attempt)
-    WHERE m.id = l.id AND m.attempts = l.attempt
+    WHERE m.id = l.id AND m.attempts = l.attempt",
+            $fence,
+            "
     RETURNING m.*
 ), archived AS (
     INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts, content_type,
@@ -125,28 +145,62 @@ WITH done AS (
     FROM done d JOIN pgbus.queues q ON q.name = d.queue
     WHERE q.keep_history
 )
-SELECT count(*) FROM done";
+SELECT count(*) FROM done"
+        )
+    };
+}
+pub(crate) const ACK: &str = ack!("");
+pub(crate) const ACK_FENCED: &str = ack!(fence!("3"));
 
-pub(crate) const EXTEND: &str = "
+macro_rules! extend {
+    ($fence:expr) => {
+        concat!(
+            "
 UPDATE pgbus.messages m
 SET visible_at = now() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
-WHERE m.id = l.id AND m.attempts = l.attempt AND m.leased";
+WHERE m.id = l.id AND m.attempts = l.attempt AND m.leased",
+            $fence
+        )
+    };
+}
+pub(crate) const EXTEND: &str = extend!("");
+pub(crate) const EXTEND_FENCED: &str = extend!(fence!("4"));
 
-pub(crate) const NACK: &str = "
-UPDATE pgbus.messages
+macro_rules! nack {
+    ($fence:expr) => {
+        concat!(
+            "
+UPDATE pgbus.messages m
 SET visible_at = now() + make_interval(secs => $3), leased = false, last_error = $4
-WHERE id = $1 AND attempts = $2";
+WHERE m.id = $1 AND m.attempts = $2",
+            $fence
+        )
+    };
+}
+pub(crate) const NACK: &str = nack!("");
+pub(crate) const NACK_FENCED: &str = nack!(fence!("5"));
 
-pub(crate) const DEAD_LETTER: &str = "
+macro_rules! dead_letter {
+    ($fence:expr) => {
+        concat!(
+            "
 WITH d AS (
-    DELETE FROM pgbus.messages WHERE id = $1 AND attempts = $2 RETURNING *
+    DELETE FROM pgbus.messages m WHERE m.id = $1 AND m.attempts = $2",
+            $fence,
+            "
+    RETURNING m.*
 )
 INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
                                 headers, group_key, payload, error)
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
        payload, $3
-FROM d";
+FROM d"
+        )
+    };
+}
+pub(crate) const DEAD_LETTER: &str = dead_letter!("");
+pub(crate) const DEAD_LETTER_FENCED: &str = dead_letter!(fence!("4"));
 
 pub(crate) const LIST_DEAD: &str = "
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
@@ -255,7 +309,10 @@ pub(crate) const UNLOCK_GROUP: &str =
     "SELECT pg_advisory_unlock(hashtext('pgbus:' || $1), hashtext($2))";
 
 /// Leases the group's oldest message if it is visible now. Run only by the lock holder.
-pub(crate) const CLAIM_GROUP_HEAD: &str = "
+macro_rules! claim_group_head {
+    ($fence:expr) => {
+        concat!(
+            "
 UPDATE pgbus.messages m
 SET visible_at = now() + make_interval(secs => $3),
     leased = true,
@@ -268,9 +325,16 @@ FROM (
 ) head
 WHERE m.id = head.id
   AND m.visible_at <= now()
-  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)",
+            $fence,
+            "
 RETURNING m.id, m.priority, m.visible_at, m.attempts, m.enqueued_at, m.content_type,
-          m.headers, m.group_key, m.last_error, m.payload";
+          m.headers, m.group_key, m.last_error, m.payload"
+        )
+    };
+}
+pub(crate) const CLAIM_GROUP_HEAD: &str = claim_group_head!("");
+pub(crate) const CLAIM_GROUP_HEAD_FENCED: &str = claim_group_head!(fence!("4"));
 
 /// Frees in-flight grouped messages whose group lock no session holds: their owner died.
 pub(crate) const RECOVER_GROUPS: &str = "
@@ -289,3 +353,41 @@ WHERE m.queue = ANY ($1)
         AND l.classid = hashtext('pgbus:' || m.queue)::oid
         AND l.objid = hashtext(m.group_key)::oid
   )";
+
+/// Lease mode: takes the group's lease row when it is free, expired, or already ours; the
+/// claim and its renewal are one statement.
+pub(crate) const TRY_LEASE_GROUP: &str = "
+INSERT INTO pgbus.group_leases AS g (queue, group_key, owner, expires_at)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+ON CONFLICT (queue, group_key) DO UPDATE
+SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+WHERE g.expires_at <= now() OR g.owner = EXCLUDED.owner
+RETURNING owner";
+
+/// Lease mode: renews every live lease this session owns.
+pub(crate) const RENEW_GROUP_LEASES: &str = "
+UPDATE pgbus.group_leases SET expires_at = now() + make_interval(secs => $2)
+WHERE owner = $1 AND expires_at > now()";
+
+pub(crate) const RELEASE_GROUP_LEASE: &str =
+    "DELETE FROM pgbus.group_leases WHERE queue = $1 AND group_key = $2 AND owner = $3";
+
+/// Lease mode: frees in-flight grouped messages whose group has no live lease, and drops
+/// expired lease rows.
+pub(crate) const RECOVER_LEASED_GROUPS: &str = "
+WITH freed AS (
+    UPDATE pgbus.messages m
+    SET visible_at = now(), leased = false
+    WHERE m.queue = ANY ($1)
+      AND m.group_key IS NOT NULL
+      AND m.leased
+      AND m.visible_at > now()
+      AND NOT EXISTS (
+          SELECT 1 FROM pgbus.group_leases g
+          WHERE g.queue = m.queue AND g.group_key = m.group_key AND g.expires_at > now()
+      )
+    RETURNING 1
+), expired AS (
+    DELETE FROM pgbus.group_leases WHERE queue = ANY ($1) AND expires_at <= now()
+)
+SELECT count(*) FROM freed";

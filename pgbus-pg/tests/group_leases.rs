@@ -1,0 +1,113 @@
+//! Ordered groups in lease mode: row leases with an owner token and expiry, every write
+//! fenced by the token.
+
+use std::time::{Duration, Instant};
+
+use pgbus_core::{
+    GroupRecovery, GroupSession, NewMessage, OpenGroupSession, Producer, QueueAdmin, QueueName,
+    QueueOptions,
+};
+use pgbus_pg::{test_database, GroupLocks, PgBackend};
+
+const LONG: Duration = Duration::from_secs(600);
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn lease_backend(ttl: Duration) -> (PgBackend, QueueName) {
+    let db = test_database().await;
+    let backend = PgBackend::builder(db.url())
+        .group_locks(GroupLocks::Lease { ttl })
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    let queue = QueueName::new("leased").unwrap();
+    backend
+        .create_queue(&queue, &QueueOptions::default())
+        .await
+        .unwrap();
+    (backend, queue)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_lease_has_one_owner_until_released() {
+    let (backend, q) = lease_backend(LONG).await;
+    for n in 0..2u32 {
+        backend
+            .send(&q, NewMessage::encode(&n).unwrap().group("g"))
+            .await
+            .unwrap();
+    }
+    let mut a = backend.open_group_session().await.unwrap();
+    let mut b = backend.open_group_session().await.unwrap();
+    assert!(a.try_lock(&q, "g").await.unwrap());
+    assert!(
+        !b.try_lock(&q, "g").await.unwrap(),
+        "a live lease is exclusive"
+    );
+    let head = a.claim_head(&q, "g", LONG).await.unwrap().expect("head");
+    assert!(a.extend(&head.lease(), LONG).await.unwrap());
+    assert!(a.ack(&head.lease()).await.unwrap());
+    a.unlock(&q, "g").await.unwrap();
+    assert!(
+        b.try_lock(&q, "g").await.unwrap(),
+        "released: the next owner takes it"
+    );
+    let next = b.claim_head(&q, "g", LONG).await.unwrap().expect("next");
+    assert_eq!(next.decode::<u32>().unwrap(), 1);
+    // Unlike a session advisory lock, a lease survives its owner's connection.
+    drop(b);
+    assert!(
+        !a.try_lock(&q, "g").await.unwrap(),
+        "the lease outlives the connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
+    let ttl = Duration::from_millis(300);
+    let (backend, q) = lease_backend(ttl).await;
+    backend
+        .send(&q, NewMessage::encode(&7u32).unwrap().group("g"))
+        .await
+        .unwrap();
+    let mut stale = backend.open_group_session().await.unwrap();
+    assert!(stale.try_lock(&q, "g").await.unwrap());
+    let head = stale
+        .claim_head(&q, "g", LONG)
+        .await
+        .unwrap()
+        .expect("head");
+
+    // The owner stalls past its lease; another session takes the group over.
+    let mut next = backend.open_group_session().await.unwrap();
+    let start = Instant::now();
+    while !next.try_lock(&q, "g").await.unwrap() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the expired lease was never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every write of the stale owner is fenced off.
+    assert!(!stale.ack(&head.lease()).await.unwrap());
+    assert!(!stale
+        .nack(&head.lease(), Duration::ZERO, Some("late"))
+        .await
+        .unwrap());
+    assert!(!stale.dead_letter(&head.lease(), "late").await.unwrap());
+    assert!(!stale.extend(&head.lease(), LONG).await.unwrap());
+
+    // The message is still leased to the stale owner's delivery; once no live lease holds
+    // its group, recovery frees it for the next owner.
+    assert!(next.claim_head(&q, "g", LONG).await.unwrap().is_none());
+    next.unlock(&q, "g").await.unwrap();
+    let mut recovery = backend.open_group_recovery().await.unwrap();
+    assert_eq!(recovery.recover(std::slice::from_ref(&q)).await.unwrap(), 1);
+    assert!(next.try_lock(&q, "g").await.unwrap());
+    let again = next
+        .claim_head(&q, "g", LONG)
+        .await
+        .unwrap()
+        .expect("recovered");
+    assert_eq!((again.id, again.attempts), (head.id, 2));
+    assert!(next.ack(&again.lease()).await.unwrap());
+}
