@@ -60,6 +60,12 @@ pub trait GroupSession: Send + 'static {
         reason: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Whether the session's connection is still open (checked often while a handler runs,
+    /// so a group whose lock died with its connection stops its handler quickly).
+    fn is_alive(&self) -> bool {
+        true
+    }
+
     /// Releases the group's lock. Call only after a successful [`try_lock`](Self::try_lock).
     fn unlock(&mut self, queue: &QueueName, group: &str)
         -> impl Future<Output = Result<()>> + Send;

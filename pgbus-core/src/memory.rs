@@ -516,6 +516,10 @@ impl crate::Fetcher for MemoryBackend {
         Consumer::claim(&*self, queue, max, lease).await
     }
 
+    async fn queue_info(&mut self, queue: &QueueName) -> Result<QueueInfo> {
+        QueueAdmin::queue_info(&*self, queue).await
+    }
+
     async fn group_candidates(
         &mut self,
         queue: &QueueName,

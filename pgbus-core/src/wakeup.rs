@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Message, QueueName, Result};
+use crate::{Message, QueueInfo, QueueName, Result};
 
 /// A claimer that keeps one connection for itself (a worker's fetch loop), instead of
 /// taking a pooled connection for every claim.
@@ -17,6 +17,10 @@ pub trait Fetcher: Send + 'static {
         max: usize,
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<Message>>> + Send;
+
+    /// The queue's settings, read on this fetcher's connection (so a worker needs no
+    /// pooled connection to start).
+    fn queue_info(&mut self, queue: &QueueName) -> impl Future<Output = Result<QueueInfo>> + Send;
 
     /// Groups of `queue` whose oldest message is visible now, oldest first, at most
     /// `limit`, leaving out `exclude` (the groups this process already runs). Takes no

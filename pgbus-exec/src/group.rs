@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pgbus_core::{
@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::handler::{JobContext, Outcome};
 use crate::worker::{
-    backoff, load_policies, new_pool, plan, run_handler, Counters, ProcessEntry, Settle, Worker,
+    backoff, load_policies, new_pool, plan, run_handler, Counters, KillPoolOnDrop, ProcessEntry,
+    Settle, Worker,
 };
 use crate::{ExecutionPool, WorkerMonitor, WorkerReport};
 
@@ -88,7 +89,8 @@ impl<B: Backend> GroupWorker<B> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
         let worker = Arc::new(self.worker);
         let queues = worker.shared.queues.clone();
-        let policies = load_policies(&worker.backend, &queues, worker.config.lease).await?;
+        let mut first_fetcher = worker.backend.open_fetcher().await?;
+        let policies = load_policies(&mut first_fetcher, &queues, worker.config.lease).await?;
         let pool = new_pool(worker.shared.mode, worker.config.concurrency)?;
         let _ = worker.shared.pool.set(Arc::clone(&pool));
         let open_sessions = Arc::new(AtomicUsize::new(0));
@@ -106,6 +108,11 @@ impl<B: Backend> GroupWorker<B> {
 
         let stop_recovery = CancellationToken::new();
         let recovery = tokio::spawn(recovery_loop(Arc::clone(&ctx), stop_recovery.clone()));
+        // Group tasks, their jobs and the recovery loop die with this future, also when it
+        // is dropped mid-run (their sessions close, releasing their locks).
+        let _stop_recovery_on_drop = stop_recovery.clone().drop_guard();
+        let _kill_groups_on_drop = ctx.kill.clone().drop_guard();
+        let _kill_jobs_on_drop = KillPoolOnDrop(Arc::clone(&pool));
         let _subscription = worker.shared.wakeup_source.as_ref().map(|source| {
             let wakeup = Arc::clone(&worker.wakeup);
             source.subscribe(&queues, Arc::new(move || wakeup.notify_one()))
@@ -114,7 +121,10 @@ impl<B: Backend> GroupWorker<B> {
         let tasks = TaskTracker::new();
         let group_done = Arc::new(Notify::new());
         let in_flight: Arc<Mutex<HashSet<(QueueName, String)>>> = Arc::default();
-        let mut fetcher: Option<<B as OpenFetcher>::Fetcher> = None;
+        // Groups found locked elsewhere rest until the next poll interval, so the loop does
+        // not spin on them.
+        let resting: Arc<Mutex<HashMap<(QueueName, String), Instant>>> = Arc::default();
+        let mut fetcher: Option<<B as OpenFetcher>::Fetcher> = Some(first_fetcher);
         let mut errors = 0u32;
         let mut next_queue = 0usize;
         while !shutdown.is_cancelled() {
@@ -131,25 +141,27 @@ impl<B: Backend> GroupWorker<B> {
                         break;
                     }
                     let queue = &queues[(next_queue + i) % queues.len()];
-                    let exclude: Vec<String> = in_flight
-                        .lock()
-                        .expect("in flight")
-                        .iter()
-                        .filter(|(q, _)| q == queue)
-                        .map(|(_, g)| g.clone())
-                        .collect();
+                    let exclude = excluded(queue, &in_flight, &resting);
                     let groups = fetcher.group_candidates(queue, free, &exclude).await?;
                     filled |= groups.len() == free;
                     for group in groups {
                         in_flight.lock().expect("in flight").insert((queue.clone(), group.clone()));
                         started += 1;
                         let (ctx, in_flight, done) = (Arc::clone(&ctx), Arc::clone(&in_flight), Arc::clone(&group_done));
+                        let resting = Arc::clone(&resting);
+                        let rest = worker.config.poll_interval;
                         let queue = queue.clone();
                         tasks.spawn(async move {
                             let key = (queue.clone(), group.clone());
                             let run = AssertUnwindSafe(run_group(&ctx, &queue, &group)).catch_unwind();
-                            if run.await.is_err() {
-                                tracing::error!(target: "pgbus::group", group = %group, "group task panicked; its session was dropped");
+                            match run.await {
+                                Ok(GroupRun::Ran) => {}
+                                Ok(GroupRun::LockedElsewhere) => {
+                                    resting.lock().expect("resting groups").insert(key.clone(), Instant::now() + rest);
+                                }
+                                Err(_) => {
+                                    tracing::error!(target: "pgbus::group", group = %group, "group task panicked; its session was dropped");
+                                }
                             }
                             in_flight.lock().expect("in flight").remove(&key);
                             done.notify_one();
@@ -215,9 +227,36 @@ impl<B: Backend> GroupWorker<B> {
     }
 }
 
+/// The groups of `queue` not to fetch now: in flight here, or resting after being found
+/// locked elsewhere.
+fn excluded(
+    queue: &QueueName,
+    in_flight: &Mutex<HashSet<(QueueName, String)>>,
+    resting: &Mutex<HashMap<(QueueName, String), Instant>>,
+) -> Vec<String> {
+    let now = Instant::now();
+    let mut resting = resting.lock().expect("resting groups");
+    resting.retain(|_, until| *until > now);
+    let in_flight = in_flight.lock().expect("in flight");
+    in_flight
+        .iter()
+        .chain(resting.keys())
+        .filter(|(q, _)| q == queue)
+        .map(|(_, g)| g.clone())
+        .collect()
+}
+
+/// How a group task ended.
+enum GroupRun {
+    /// It held the lock (and ran what it could), or failed.
+    Ran,
+    /// Another session holds the group's lock: skipped.
+    LockedElsewhere,
+}
+
 /// Runs one group until it is empty, blocked, draining, or an error; a clean session goes
 /// back to the idle list, any other is dropped (closing its connection).
-async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: &str) {
+async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: &str) -> GroupRun {
     let taken = ctx.idle.lock().expect("idle sessions").pop();
     let mut session = match taken {
         Some(session) => session,
@@ -228,7 +267,7 @@ async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: 
             }
             Err(err) => {
                 tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, "could not open a group session");
-                return;
+                return GroupRun::Ran;
             }
         },
     };
@@ -236,32 +275,40 @@ async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: 
         outcome = drive_group(ctx, &mut session, queue, group) => Some(outcome),
         _ = ctx.kill.cancelled() => None,
     };
-    match outcome {
-        Some(Ok(())) => ctx.idle.lock().expect("idle sessions").push(session),
+    let run = match outcome {
+        Some(Ok(locked)) => {
+            ctx.idle.lock().expect("idle sessions").push(session);
+            if locked {
+                return GroupRun::Ran;
+            }
+            return GroupRun::LockedElsewhere;
+        }
         Some(Err(err)) => {
             tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, "group task failed; its session is closed");
-            drop(session);
-            ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
+            GroupRun::Ran
         }
-        None => {
-            // Cut off, possibly mid-query: never reuse this session.
-            drop(session);
-            ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+        // Cut off, possibly mid-query: never reuse this session.
+        None => GroupRun::Ran,
+    };
+    drop(session);
+    ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
+    run
 }
 
+/// How often a running handler's session is checked for a closed connection.
+const LIVENESS_CHECK: Duration = Duration::from_millis(100);
+
 /// Lock, then head after head: claim, run with the lease kept alive on this session, stop
-/// the heartbeat, settle. Unlock only what was locked.
+/// the heartbeat, settle. Unlock only what was locked. `Ok(false)`: locked elsewhere.
 async fn drive_group<B: Backend>(
     ctx: &GroupContext<B>,
     session: &mut Session<B>,
     queue: &QueueName,
     group: &str,
-) -> Result<()> {
+) -> Result<bool> {
     if !session.try_lock(queue, group).await? {
         tracing::debug!(target: "pgbus::group", group = %group, "group locked elsewhere; skipped");
-        return Ok(());
+        return Ok(false);
     }
     let (policy, lease_for) = &ctx.policies[queue];
     let handler = Arc::clone(&ctx.worker.handlers[queue]);
@@ -276,9 +323,18 @@ async fn drive_group<B: Backend>(
             let job_ctx = JobContext::new(&message, cancel.clone(), ctx.worker.backend.clone());
             let timeout = ctx.worker.config.job_timeout;
             let handler = Arc::clone(&handler);
+            let stop_job = cancel.clone();
+            let watched = cancel.clone();
             let job = Box::pin(async move {
-                let outcome = run_handler(handler.as_ref(), job_ctx, &message, timeout, &cancel).await;
-                let _ = tx.send(outcome);
+                // Dropped at its next await point when the group's session dies (its lock
+                // went with the connection) or the worker is cut off.
+                tokio::select! {
+                    biased;
+                    outcome = run_handler(handler.as_ref(), job_ctx, &message, timeout, &cancel) => {
+                        let _ = tx.send(outcome);
+                    }
+                    _ = watched.cancelled() => {}
+                }
             });
             if let Err(refused) = ctx.pool.post(job) {
                 // Only at shutdown: give the message back untouched.
@@ -290,12 +346,27 @@ async fn drive_group<B: Backend>(
             // The heartbeat: extend the lease on this session while the handler runs.
             let mut rx = rx;
             let every = (*lease_for / 3).max(Duration::from_millis(10));
+            let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let mut liveness = tokio::time::interval(LIVENESS_CHECK);
             let outcome = loop {
                 tokio::select! {
                     outcome = &mut rx => break outcome.unwrap_or_else(|_| Outcome::retry("handler panicked")),
-                    _ = tokio::time::sleep(every) => {
+                    _ = heartbeat.tick() => {
                         if !session.extend(&lease, *lease_for).await? {
                             tracing::warn!(target: "pgbus::group", group = %group, "lease lost while the handler ran");
+                        }
+                    }
+                    _ = liveness.tick() => {
+                        if !session.is_alive() {
+                            // The lock died with the connection: stop the handler, so that
+                            // whoever takes the group next does not run beside it.
+                            stop_job.cancel();
+                            let _ = (&mut rx).await;
+                            return Err(Error::Backend {
+                                message: format!("the session of group {group} closed while its handler ran"),
+                                transient: true,
+                                source: None,
+                            });
                         }
                     }
                 }
@@ -327,10 +398,9 @@ async fn drive_group<B: Backend>(
     .await;
     // Unlock even after a failed message; after a database error the session is dropped
     // by the caller, which releases the lock with the connection.
-    match result {
-        Ok(()) => session.unlock(queue, group).await,
-        Err(err) => Err(err),
-    }
+    result?;
+    session.unlock(queue, group).await?;
+    Ok(true)
 }
 
 /// Frees the work of dead group owners and keeps this process's registry entry, on its own

@@ -246,6 +246,16 @@ impl Shared {
     }
 }
 
+/// Kills the pool's running jobs when dropped: a worker whose `run` future is dropped (or
+/// aborted) takes its jobs with it instead of leaving them running detached.
+pub(crate) struct KillPoolOnDrop(pub(crate) Arc<dyn ExecutionPool>);
+
+impl Drop for KillPoolOnDrop {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
+}
+
 /// Creates the execution pool for a mode.
 pub(crate) fn new_pool(mode: ExecutionMode, capacity: usize) -> Result<Arc<dyn ExecutionPool>> {
     Ok(match mode {
@@ -254,15 +264,16 @@ pub(crate) fn new_pool(mode: ExecutionMode, capacity: usize) -> Result<Arc<dyn E
     })
 }
 
-/// Each queue's retry policy and lease (the worker's lease setting wins).
-pub(crate) async fn load_policies<B: Backend>(
-    backend: &B,
+/// Each queue's retry policy and lease (the worker's lease setting wins), read on the
+/// worker's fetch connection.
+pub(crate) async fn load_policies<F: Fetcher>(
+    fetcher: &mut F,
     queues: &[QueueName],
     lease: Option<Duration>,
 ) -> Result<HashMap<QueueName, (RetryPolicy, Duration)>> {
     let mut policies = HashMap::new();
     for queue in queues {
-        let info = backend.queue_info(queue).await?;
+        let info = fetcher.queue_info(queue).await?;
         policies.insert(
             queue.clone(),
             (info.options.retry, lease.unwrap_or(info.options.lease)),
@@ -361,7 +372,8 @@ impl<B: Backend> Worker<B> {
     /// deadline are cancelled; their messages stay leased in the database and are
     /// delivered again when the lease runs out.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
-        let policies = load_policies(&self.backend, &self.shared.queues, self.config.lease).await?;
+        let mut fetcher = self.backend.open_fetcher().await?;
+        let policies = load_policies(&mut fetcher, &self.shared.queues, self.config.lease).await?;
         let pool = new_pool(self.shared.mode, self.config.concurrency)?;
         let _ = self.shared.pool.set(Arc::clone(&pool));
         let slot_freed = Arc::new(Notify::new());
@@ -374,6 +386,9 @@ impl<B: Backend> Worker<B> {
         let report = Arc::new(Counters::default());
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
+        // Helpers and jobs die with this future, also when it is dropped mid-run.
+        let _stop_background_on_drop = stop_background.clone().drop_guard();
+        let _kill_on_drop = KillPoolOnDrop(Arc::clone(&pool));
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
 
         let settler = tokio::spawn(settle_loop(
@@ -411,7 +426,7 @@ impl<B: Backend> Worker<B> {
 
         let jobs_cancel = CancellationToken::new();
         let mut fetch = Fetch {
-            fetcher: None,
+            fetcher: Some(fetcher),
             worker: &self,
             pool: &pool,
             policies: &policies,

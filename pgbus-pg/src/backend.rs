@@ -295,6 +295,21 @@ where
     Ok(claimed.into_iter().map(|(_, m)| m).collect())
 }
 
+/// A queue's settings, on the given connection.
+pub(crate) async fn queue_info_on(
+    client: &impl GenericClient,
+    name: &QueueName,
+) -> Result<QueueInfo> {
+    let row = client
+        .query_opt(&sql::queue_info(), &[&name.as_str()])
+        .await
+        .map_err(|e| db("reading a queue", e))?;
+    match row {
+        Some(row) => queue_info_from(&row),
+        None => Err(Error::QueueNotFound(name.clone())),
+    }
+}
+
 /// Fails with [`Error::QueueNotFound`] unless the queue exists. Called only after an
 /// operation found nothing, to tell "empty" from "missing" without a cost on the busy path.
 async fn ensure_exists(client: &impl GenericClient, queue: &QueueName) -> Result<()> {
@@ -439,16 +454,7 @@ impl QueueAdmin for PgBackend {
     }
 
     async fn queue_info(&self, name: &QueueName) -> Result<QueueInfo> {
-        let row = self
-            .conn()
-            .await?
-            .query_opt(&sql::queue_info(), &[&name.as_str()])
-            .await
-            .map_err(|e| db("reading a queue", e))?;
-        match row {
-            Some(row) => queue_info_from(&row),
-            None => Err(Error::QueueNotFound(name.clone())),
-        }
+        queue_info_on(&*self.conn().await?, name).await
     }
 
     async fn list_queues(&self) -> Result<Vec<QueueInfo>> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pgbus_core::{Fetcher, Message, OpenFetcher, QueueName, Result};
+use pgbus_core::{Fetcher, Message, OpenFetcher, QueueInfo, QueueName, Result};
 use tokio_postgres::{Client, Statement};
 
 use crate::backend::claim_on;
@@ -38,6 +38,10 @@ impl OpenFetcher for PgBackend {
 }
 
 impl Fetcher for PgFetcher {
+    async fn queue_info(&mut self, queue: &QueueName) -> Result<QueueInfo> {
+        crate::backend::queue_info_on(&self.client, queue).await
+    }
+
     async fn group_candidates(
         &mut self,
         queue: &QueueName,

@@ -139,6 +139,10 @@ impl PgGroupSession {
 }
 
 impl GroupSession for PgGroupSession {
+    fn is_alive(&self) -> bool {
+        !self.client.is_closed()
+    }
+
     async fn try_lock(&mut self, queue: &QueueName, group: &str) -> Result<bool> {
         let key = (queue.clone(), group.to_owned());
         if self.held.contains(&key) {
