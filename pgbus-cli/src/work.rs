@@ -127,7 +127,8 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// Cancels `stop` once the queues have no ready and no in-flight message.
+/// Cancels `stop` once the queues have no ready and no in-flight message. A paused queue's
+/// messages count as not ready: nothing will hand them out.
 async fn stop_when_empty(backend: PgBackend, queues: Vec<QueueName>, stop: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_millis(100));
     while !stop.is_cancelled() {
@@ -137,7 +138,13 @@ async fn stop_when_empty(backend: PgBackend, queues: Vec<QueueName>, stop: Cance
                 let busy: u64 = stats
                     .iter()
                     .filter(|s| queues.contains(&s.queue))
-                    .map(|s| s.ready + s.in_flight)
+                    .map(|s| {
+                        if s.paused {
+                            s.in_flight
+                        } else {
+                            s.ready + s.in_flight
+                        }
+                    })
                     .sum();
                 if busy == 0 {
                     tracing::info!(target: "pgbus::cli", "queues are empty: stopping");
@@ -199,9 +206,13 @@ async fn run_command(cmd: &str, ctx: &JobContext<PgBackend>, body: &[u8]) -> Out
         Err(err) => return Outcome::retry(format!("could not start `sh -c {cmd}`: {err}")),
     };
     if let Some(mut stdin) = child.stdin.take() {
+        // One write for the payload and its newline: a command such as `cat >> file` then
+        // appends the whole line at once, never interleaved with another job's.
+        let mut input = Vec::with_capacity(body.len() + 1);
+        input.extend_from_slice(body);
+        input.push(b'\n');
         // A command that does not read its input closes the pipe early; that is fine.
-        let _ = stdin.write_all(body).await;
-        let _ = stdin.write_all(b"\n").await;
+        let _ = stdin.write_all(&input).await;
     }
     let output = match child.wait_with_output().await {
         Ok(output) => output,

@@ -1,0 +1,1068 @@
+//! End-to-end tests of the `pgbus` command: every test runs the real binary.
+//!
+//! Most tests get a fresh database on the shared throwaway cluster (`test_database`) and
+//! pass it with `--database-url`, so they run in parallel; the embedded-default test uses
+//! a fresh `$PGBUS_HOME` and stops the server it started, even when it fails.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const PGBUS: &str = env!("CARGO_BIN_EXE_pgbus");
+/// Longest a short command (send, stats, dlq, ...) may take.
+const SHORT: Duration = Duration::from_secs(60);
+/// Longest a `work --until-empty` run may take.
+const LONG: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// What a finished command left behind.
+#[derive(Debug)]
+struct Run {
+    what: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Asserts exit 0.
+    #[track_caller]
+    fn ok(self) -> Self {
+        assert!(
+            self.status.success(),
+            "`{}` failed with {}\nstdout:\n{}\nstderr:\n{}",
+            self.what,
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts a non-zero exit.
+    #[track_caller]
+    fn fails(self) -> Self {
+        assert!(
+            !self.status.success(),
+            "`{}` should have failed\nstdout:\n{}\nstderr:\n{}",
+            self.what,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|err| {
+            panic!("`{}` printed no JSON ({err}):\n{}", self.what, self.stdout)
+        })
+    }
+}
+
+/// Waits for `child` to exit, at most `timeout`.
+fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_all(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+/// Runs `cmd` to completion with `stdin` as its input, killing it after `timeout`.
+fn run(mut cmd: Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Run {
+    let what = describe(&cmd);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting `{what}`: {e}"));
+    let writer = stdin.map(|data| {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        // Closing the pipe (dropping it) is the end of input.
+        thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        })
+    });
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let status = match wait_deadline(&mut child, timeout) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`{what}` did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                stdout.join().unwrap_or_default(),
+                stderr.join().unwrap_or_default()
+            );
+        }
+    };
+    if let Some(writer) = writer {
+        writer.join().expect("stdin writer");
+    }
+    Run {
+        what,
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    format!("pgbus {}", args.join(" "))
+}
+
+/// A base command with nothing from the environment that would pick a database or
+/// change logging.
+fn bare() -> Command {
+    let mut cmd = Command::new(PGBUS);
+    for var in ["DATABASE_URL", "PGBUS_LOG", "PGBUS_HOME", "PGBUS_TOKEN"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Single-quotes `path` for `sh`.
+fn sh_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.lines().map(str::to_owned).collect(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => panic!("reading {}: {err}", path.display()),
+    }
+}
+
+/// The `n` of each line of `path`; every line must be exactly one JSON payload.
+#[track_caller]
+fn payload_ns(path: &Path) -> Vec<i64> {
+    let lines = lines(path);
+    let parse = |line: &String| {
+        serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v["n"].as_i64())
+    };
+    let bad: Vec<&String> = lines.iter().filter(|l| parse(l).is_none()).collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} lines of {} are not one JSON payload each: {bad:?}",
+        bad.len(),
+        lines.len(),
+        path.display()
+    );
+    lines.iter().filter_map(parse).collect()
+}
+
+/// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
+fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A command running in the background, killed if the test ends before it did.
+struct Background(Child);
+
+impl Background {
+    fn stop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A fresh database of its own, migrated unless asked otherwise.
+struct Db {
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Db {
+    fn unmigrated() -> Db {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let database = runtime.block_on(pgbus_pg::test_database());
+        Db {
+            url: database.url().to_owned(),
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        }
+    }
+
+    fn new() -> Db {
+        let db = Db::unmigrated();
+        let out = db.ok(&["migrate"]);
+        assert!(out.stdout.contains("applied migrations"), "{}", out.stdout);
+        db
+    }
+
+    /// A file path in this test's temporary directory.
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = bare();
+        cmd.arg("--database-url").arg(&self.url).args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        run(self.cmd(args), None, SHORT)
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> Run {
+        self.run(args).ok()
+    }
+
+    #[track_caller]
+    fn send_stdin(&self, args: &[&str], input: String) -> Run {
+        run(self.cmd(args), Some(input.into_bytes()), SHORT)
+    }
+
+    /// Sends one message; returns its id.
+    #[track_caller]
+    fn send(&self, queue: &str, payload: &Value) -> i64 {
+        let out = self.ok(&["send", queue, &payload.to_string()]);
+        out.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("send printed {:?}: {e}", out.stdout))
+    }
+
+    #[track_caller]
+    fn work(&self, args: &[&str]) -> Run {
+        let mut all = vec!["work"];
+        all.extend_from_slice(args);
+        run(self.cmd(&all), None, LONG).ok()
+    }
+
+    /// Runs `work ARGS --until-empty` again and again (it stops while a retry waits for
+    /// its backoff) until `done` holds.
+    #[track_caller]
+    fn work_until(&self, args: &[&str], timeout: Duration, mut done: impl FnMut(&Db) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut all = args.to_vec();
+        all.push("--until-empty");
+        loop {
+            self.work(&all);
+            if done(self) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`work {}` did not get there within {timeout:?}; stats: {:#}",
+                all.join(" "),
+                self.stats()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stats(&self) -> Value {
+        self.ok(&["stats", "--json"]).json()
+    }
+
+    /// The `stats --json` entry of `queue`.
+    #[track_caller]
+    fn queue_stats(&self, queue: &str) -> Value {
+        let stats = self.stats();
+        stats["queues"]
+            .as_array()
+            .expect("a queues array")
+            .iter()
+            .find(|q| q["queue"] == queue)
+            .unwrap_or_else(|| panic!("queue {queue} missing from stats: {stats:#}"))
+            .clone()
+    }
+
+    #[track_caller]
+    fn depth(&self, queue: &str) -> u64 {
+        self.queue_stats(queue)["depth"]
+            .as_u64()
+            .expect("depth is a number")
+    }
+
+    /// `dlq list --json`, keyed by message id.
+    #[track_caller]
+    fn dead(&self, queue: &str) -> BTreeMap<i64, Value> {
+        let list = self.ok(&["dlq", "list", queue, "--json"]).json();
+        list.as_array()
+            .expect("dlq list --json is an array")
+            .iter()
+            .map(|d| (d["id"].as_i64().expect("an id"), d.clone()))
+            .collect()
+    }
+}
+
+fn json_lines(values: impl IntoIterator<Item = Value>) -> String {
+    values.into_iter().map(|v| format!("{v}\n")).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// send + work --exec
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn send_from_stdin_and_work_until_empty_with_exec() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "jobs"]);
+    db.ok(&["queue", "create", "other"]);
+
+    let input = json_lines((0..2000).map(|n| json!({ "n": n })));
+    let sent = db.send_stdin(&["send", "jobs"], input.clone()).ok();
+    let ids: Vec<i64> = sent
+        .stdout
+        .lines()
+        .map(|l| l.trim().parse().expect("send prints one id a line"))
+        .collect();
+    assert_eq!(ids.len(), 2000, "one id per message");
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        2000,
+        "distinct ids"
+    );
+
+    // -q: the count instead of the ids (on another queue, which `work jobs` leaves alone).
+    let quiet = db.send_stdin(&["-q", "send", "other"], input).ok();
+    assert_eq!(quiet.stdout.trim(), "2000");
+    assert_eq!(db.depth("jobs"), 2000);
+    assert_eq!(db.depth("other"), 2000);
+
+    let out = db.path("out.jsonl");
+    let exec = format!("cat >> {}", sh_quote(&out));
+    db.work(&[
+        "jobs",
+        "--until-empty",
+        "--concurrency",
+        "8",
+        "--exec",
+        &exec,
+    ]);
+
+    let ns = payload_ns(&out);
+    assert_eq!(ns.len(), 2000, "one line per message");
+    let distinct: BTreeSet<i64> = ns.iter().copied().collect();
+    assert_eq!(distinct, (0..2000).collect(), "every payload once");
+
+    let jobs = db.queue_stats("jobs");
+    assert_eq!(jobs["depth"], 0, "{jobs:#}");
+    assert_eq!(jobs["dead_lettered"], 0, "{jobs:#}");
+    assert_eq!(db.depth("other"), 2000, "work touched only its queue");
+    // The worker deregistered itself on the way out.
+    assert_eq!(db.stats()["processes"], json!([]));
+}
+
+#[test]
+fn exec_exit_codes_decide_ack_retry_dead_letter() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks", "--max-attempts", "2"]);
+    let ok1 = db.send("tasks", &json!({ "kind": "fine", "n": 1 }));
+    let dead = db.send("tasks", &json!({ "kind": "dead" }));
+    let fail = db.send("tasks", &json!({ "kind": "fail" }));
+    let ok2 = db.send("tasks", &json!({ "kind": "fine", "n": 2 }));
+
+    let env = db.path("env.txt");
+    let script = format!(
+        r#"read p; echo "$PGBUS_QUEUE $PGBUS_MESSAGE_ID $PGBUS_ATTEMPT" >> {env}
+case "$p" in *dead*) echo bad >&2; exit 65;; *fail*) echo boom >&2; exit 1;; esac"#,
+        env = sh_quote(&env)
+    );
+    db.work_until(
+        &["tasks", "--exec", &script],
+        Duration::from_secs(60),
+        |db| db.dead("tasks").len() == 2,
+    );
+
+    let dlq = db.dead("tasks");
+    assert_eq!(
+        dlq.keys().copied().collect::<Vec<_>>(),
+        vec![dead, fail],
+        "{dlq:#?}"
+    );
+    assert_eq!(dlq[&dead]["attempts"], 1, "exit 65 dead-letters at once");
+    let error = dlq[&dead]["error"].as_str().expect("an error text");
+    assert!(error.starts_with("exit 65"), "{error}");
+    assert!(error.contains("bad"), "the command's stderr: {error}");
+    assert_eq!(dlq[&dead]["payload"], json!({ "kind": "dead" }));
+
+    assert_eq!(
+        dlq[&fail]["attempts"], 2,
+        "exit 1 retries until max attempts"
+    );
+    let error = dlq[&fail]["error"].as_str().expect("an error text");
+    assert!(error.starts_with("exit 1: "), "{error}");
+    assert!(error.contains("boom"), "the command's stderr: {error}");
+
+    let stats = db.queue_stats("tasks");
+    assert_eq!(
+        stats["depth"], 0,
+        "the exit-0 messages were acked: {stats:#}"
+    );
+    assert_eq!(stats["dead_lettered"], 2, "{stats:#}");
+
+    // Every run saw the queue, its message id and the attempt number.
+    let mut attempts: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+    for line in lines(&env) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields.len(), 3, "all three variables set: {line:?}");
+        assert_eq!(fields[0], "tasks", "{line:?}");
+        let id: i64 = fields[1].parse().expect("PGBUS_MESSAGE_ID is an id");
+        let attempt: u32 = fields[2].parse().expect("PGBUS_ATTEMPT is a number");
+        attempts.entry(id).or_default().push(attempt);
+    }
+    let expected: BTreeMap<i64, Vec<u32>> = [
+        (ok1, vec![1]),
+        (dead, vec![1]),
+        (fail, vec![1, 2]),
+        (ok2, vec![1]),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(attempts, expected);
+}
+
+#[test]
+fn invalid_json_names_the_line_and_sends_nothing_of_that_batch() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    let input = "{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n{not json\n{\"a\":5}\n".to_owned();
+
+    let out = db
+        .send_stdin(&["send", "q", "--batch", "1000"], input.clone())
+        .fails();
+    let stderr = out.stderr.trim();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("line 4"), "{stderr}");
+    assert_eq!(out.stdout, "", "no ids printed");
+    assert_eq!(db.depth("q"), 0, "nothing of the batch was sent");
+
+    // With smaller batches the whole batches before the bad line are sent, and nothing of
+    // the bad line's batch (lines 3 and 4).
+    let out = db.send_stdin(&["send", "q", "--batch", "2"], input).fails();
+    assert!(out.stderr.contains("line 4"), "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    assert_eq!(db.depth("q"), 2);
+
+    let out = db.run(&["queue", "create", "a;drop"]).fails();
+    let stderr = out.stderr.trim();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("invalid queue name"), "{stderr}");
+    assert!(stderr.contains("[a-z0-9_]"), "names the rule: {stderr}");
+    let list = db.ok(&["queue", "list", "--json"]).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list:#}");
+
+    let out = db.run(&["send", "q", "{\"unterminated\""]).fails();
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("not valid JSON"), "{}", out.stderr);
+    assert_eq!(db.depth("q"), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// dlq, queue management, migrate
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn dlq_retry_and_discard_by_id_and_all() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q", "--max-attempts", "1"]);
+    let ids: Vec<i64> = (0..4).map(|n| db.send("q", &json!({ "n": n }))).collect();
+    let dead_letter_all = ["q", "--until-empty", "--exec", "exit 65"];
+    db.work(&dead_letter_all);
+    assert_eq!(db.dead("q").keys().copied().collect::<Vec<_>>(), ids);
+    assert_eq!(db.depth("q"), 0);
+
+    let out = db.ok(&["dlq", "retry", "q", &ids[0].to_string()]);
+    assert!(out.stdout.contains("retried 1 "), "{}", out.stdout);
+    assert_eq!(db.depth("q"), 1);
+    let out = db.ok(&["dlq", "discard", "q", &ids[1].to_string()]);
+    assert!(out.stdout.contains("discarded 1 "), "{}", out.stdout);
+    let left = db.dead("q");
+    assert_eq!(
+        left.keys().copied().collect::<Vec<_>>(),
+        vec![ids[2], ids[3]]
+    );
+    assert_eq!(left[&ids[2]]["payload"], json!({ "n": 2 }));
+
+    // An id that is not dead-lettered (any more) changes nothing.
+    let out = db.ok(&["dlq", "retry", "q", &ids[1].to_string()]);
+    assert!(out.stdout.contains("retried 0 "), "{}", out.stdout);
+
+    let out = db.ok(&["dlq", "retry", "q", "--all"]);
+    assert!(out.stdout.contains("retried 2 "), "{}", out.stdout);
+    assert!(db.dead("q").is_empty());
+    assert_eq!(db.depth("q"), 3);
+
+    // The retried messages run again: here they land in the dead-letter queue once more.
+    db.work(&dead_letter_all);
+    let again = db.dead("q");
+    assert_eq!(
+        again.keys().copied().collect::<Vec<_>>(),
+        vec![ids[0], ids[2], ids[3]]
+    );
+    let out = db.ok(&["dlq", "discard", "q", "--all"]);
+    assert!(out.stdout.contains("discarded 3 "), "{}", out.stdout);
+    assert!(db.dead("q").is_empty());
+    let stats = db.queue_stats("q");
+    assert_eq!(stats["depth"], 0, "{stats:#}");
+    assert_eq!(stats["dead_lettered"], 0, "{stats:#}");
+
+    db.run(&["dlq", "retry", "q"]).fails();
+}
+
+#[test]
+fn queue_pause_resume_purge_drop() {
+    let db = Db::new();
+    let out = db.ok(&[
+        "queue",
+        "create",
+        "q",
+        "--max-attempts",
+        "7",
+        "--lease",
+        "45s",
+    ]);
+    assert!(out.stdout.contains("created queue q"), "{}", out.stdout);
+    let out = db.ok(&["queue", "create", "q"]);
+    assert!(out.stdout.contains("already exists"), "{}", out.stdout);
+    let list = db.ok(&["queue", "list", "--json"]).json();
+    assert_eq!(list[0]["name"], "q");
+    assert_eq!(list[0]["max_attempts"], 7);
+    assert_eq!(list[0]["lease_ms"], 45_000);
+    assert_eq!(list[0]["paused"], false);
+
+    for n in 0..3 {
+        db.send("q", &json!({ "n": n }));
+    }
+    db.ok(&["queue", "pause", "q"]);
+    assert_eq!(
+        db.ok(&["queue", "list", "--json"]).json()[0]["paused"],
+        true
+    );
+    assert_eq!(db.queue_stats("q")["paused"], true);
+
+    // A worker on the paused queue gets nothing (watched for a few poll intervals).
+    let out = db.path("out.jsonl");
+    let exec = format!("cat >> {}", sh_quote(&out));
+    let mut worker = Background(
+        db.cmd(&["work", "q", "--poll-interval", "200ms", "--exec", &exec])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the worker"),
+    );
+    let watched = Instant::now();
+    eventually("the worker to register", SHORT, || {
+        db.stats()["processes"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    });
+    while watched.elapsed() < Duration::from_secs(2) {
+        assert!(
+            lines(&out).is_empty(),
+            "a paused queue handed out a message"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    terminate(&worker.0);
+    let status = wait_deadline(&mut worker.0, Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(lines(&out).is_empty());
+    assert_eq!(db.depth("q"), 3);
+
+    db.ok(&["queue", "resume", "q"]);
+    assert_eq!(db.queue_stats("q")["paused"], false);
+    db.work(&["q", "--until-empty", "--exec", &exec]);
+    assert_eq!(lines(&out).len(), 3);
+    assert_eq!(db.depth("q"), 0);
+
+    for n in 0..5 {
+        db.send("q", &json!({ "n": n }));
+    }
+    let out = db.ok(&["queue", "purge", "q"]);
+    assert!(out.stdout.contains("purged 5 "), "{}", out.stdout);
+    assert_eq!(db.depth("q"), 0);
+
+    let out = db.ok(&["queue", "drop", "q"]);
+    assert!(out.stdout.contains("dropped queue q"), "{}", out.stdout);
+    assert_eq!(db.ok(&["queue", "list", "--json"]).json(), json!([]));
+    let out = db.run(&["queue", "drop", "q"]).fails();
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    db.run(&["send", "q", "{}"]).fails();
+}
+
+#[test]
+fn migrate_check_reports_pending_and_current() {
+    let db = Db::unmigrated();
+    let out = db.run(&["migrate", "--check"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("pgbus migrate"), "{}", out.stderr);
+    // A database of the user's is not changed behind their back.
+    let out = db.run(&["queue", "create", "q"]).fails();
+    assert!(out.stderr.contains("pgbus migrate"), "{}", out.stderr);
+
+    let out = db.ok(&["migrate"]);
+    assert!(out.stdout.contains("applied migrations"), "{}", out.stdout);
+    let out = db.ok(&["migrate", "--check"]);
+    assert!(out.stdout.contains("schema is current"), "{}", out.stdout);
+    let out = db.ok(&["migrate"]);
+    assert!(out.stdout.contains("schema is current"), "{}", out.stdout);
+    db.ok(&["queue", "create", "q"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The embedded default
+// ---------------------------------------------------------------------------------------
+
+/// A fresh `$PGBUS_HOME`; dropping it runs `pgbus db stop` so that no server outlives the
+/// test, whatever happened.
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Home {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        // As root the server runs as `postgres`, who must be able to enter the home.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod the home");
+        Home { dir }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = bare();
+        cmd.env("PGBUS_HOME", self.dir.path()).args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        // The first command creates the cluster (initdb): allow for a slow machine.
+        run(self.cmd(args), None, LONG)
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let out = run(self.cmd(&["db", "stop"]), None, SHORT);
+        if !out.status.success() && !thread::panicking() {
+            panic!("`pgbus db stop` failed: {}", out.stderr);
+        }
+    }
+}
+
+/// The port in "... on port N ..." of an embedded-database notice.
+fn port_in(notice: &str) -> u16 {
+    let rest = notice
+        .split("on port ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no port in {notice:?}"));
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {notice:?}"))
+}
+
+/// Pids of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(format!("{name}: {cmdline}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn embedded_default_from_a_fresh_home() {
+    let home = Home::new();
+    let data_dir = home.data_dir();
+
+    let created = home.run(&["queue", "create", "q"]).ok();
+    assert!(
+        created.stdout.contains("created queue q"),
+        "{}",
+        created.stdout
+    );
+    let notice = created.stderr.trim();
+    assert!(
+        notice.contains("started the embedded PostgreSQL"),
+        "{notice}"
+    );
+    assert!(
+        notice.contains(&data_dir.display().to_string()),
+        "says where it lives: {notice}"
+    );
+    let port = port_in(notice);
+    assert!(
+        data_dir.join("PG_VERSION").exists(),
+        "a cluster in {data_dir:?}"
+    );
+
+    // The server outlived the command and is reused.
+    let sent = home.run(&["send", "q", r#"{"x":1}"#]).ok();
+    assert!(sent.stdout.trim().parse::<i64>().is_ok(), "{}", sent.stdout);
+    assert!(
+        sent.stderr.contains("using the embedded PostgreSQL"),
+        "{}",
+        sent.stderr
+    );
+    assert_eq!(port_in(&sent.stderr), port, "the same server");
+
+    let stats = home.run(&["stats", "--json"]).ok();
+    assert!(stats.stderr.contains("using"), "{}", stats.stderr);
+    let stats = stats.json();
+    assert_eq!(stats["queues"][0]["queue"], "q", "{stats:#}");
+    assert_eq!(stats["queues"][0]["depth"], 1, "{stats:#}");
+
+    let url = home.run(&["-q", "db", "start"]).ok();
+    assert!(url.stdout.contains(&format!(":{port}/")), "{}", url.stdout);
+
+    let stopped = home.run(&["db", "stop"]).ok();
+    assert!(
+        stopped.stdout.contains("stopped the embedded PostgreSQL"),
+        "{}",
+        stopped.stdout
+    );
+    assert!(
+        TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), SHORT).is_err(),
+        "the server on port {port} is gone"
+    );
+    let left = processes_mentioning(&data_dir.display().to_string());
+    assert!(left.is_empty(), "processes left running: {left:#?}");
+    let again = home.run(&["db", "stop"]).ok();
+    assert!(again.stdout.contains("was not running"), "{}", again.stdout);
+}
+
+// ---------------------------------------------------------------------------------------
+// work --http
+// ---------------------------------------------------------------------------------------
+
+/// A request the test server received.
+#[derive(Debug, Clone)]
+struct Request {
+    at: Instant,
+    path: String,
+    headers: HashMap<String, String>,
+    body: Value,
+}
+
+/// Reads one HTTP/1.1 request (headers and a Content-Length body).
+fn read_request(stream: &TcpStream) -> std::io::Result<Request> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+    let method = line.split(' ').next().unwrap_or_default().to_owned();
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+        }
+    }
+    headers.insert(":method".into(), method);
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(Request {
+        at: Instant::now(),
+        path,
+        headers,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+    })
+}
+
+/// Answers by payload: "ok" 200, "gone" 404, "flaky" 503 with `Retry-After` the first
+/// time and 200 afterwards. Every request is recorded.
+fn serve_http(listener: TcpListener, log: Arc<Mutex<Vec<Request>>>, retry_after_secs: u64) {
+    let flaky_seen = Arc::new(Mutex::new(false));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let (log, flaky_seen) = (Arc::clone(&log), Arc::clone(&flaky_seen));
+        thread::spawn(move || {
+            let Ok(request) = read_request(&stream) else {
+                return;
+            };
+            let kind = request.body["kind"].as_str().unwrap_or_default().to_owned();
+            log.lock().unwrap().push(request);
+            let (status, extra, body) = match kind.as_str() {
+                "ok" => ("200 OK", String::new(), "done"),
+                "gone" => ("404 Not Found", String::new(), "no such thing"),
+                "flaky" if !std::mem::replace(&mut *flaky_seen.lock().unwrap(), true) => (
+                    "503 Service Unavailable",
+                    format!("Retry-After: {retry_after_secs}\r\n"),
+                    "busy",
+                ),
+                "flaky" => ("200 OK", String::new(), "done at last"),
+                _ => ("400 Bad Request", String::new(), "unexpected payload"),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes());
+            let _ = stream.flush();
+        });
+    }
+}
+
+#[test]
+fn work_http_posts_and_maps_status_codes() {
+    // Longer than the first retry's backoff (at most 1 s by default), so that honouring
+    // the header shows.
+    const RETRY_AFTER: u64 = 2;
+    let db = Db::new();
+    db.ok(&["queue", "create", "hooks"]);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding the test server");
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().expect("its address")
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    {
+        let log = Arc::clone(&log);
+        thread::spawn(move || serve_http(listener, log, RETRY_AFTER));
+    }
+
+    let ok1 = db.send("hooks", &json!({ "kind": "ok", "n": 1 }));
+    let gone = db.send("hooks", &json!({ "kind": "gone" }));
+    let flaky = db.send("hooks", &json!({ "kind": "flaky" }));
+    let ok2 = db.send("hooks", &json!({ "kind": "ok", "n": 2 }));
+
+    db.work_until(&["hooks", "--http", &url], Duration::from_secs(60), |db| {
+        db.depth("hooks") == 0
+    });
+
+    let dlq = db.dead("hooks");
+    assert_eq!(
+        dlq.keys().copied().collect::<Vec<_>>(),
+        vec![gone],
+        "{dlq:#?}"
+    );
+    let error = dlq[&gone]["error"].as_str().expect("an error text");
+    assert!(error.starts_with("HTTP 404"), "{error}");
+    assert!(
+        error.contains("no such thing"),
+        "the response body: {error}"
+    );
+    assert_eq!(dlq[&gone]["attempts"], 1);
+
+    let requests = log.lock().unwrap().clone();
+    let mut attempts: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for r in &requests {
+        assert_eq!(r.headers[":method"], "POST", "{r:?}");
+        assert_eq!(r.path, "/hook", "{r:?}");
+        assert_eq!(r.headers["pgbus-queue"], "hooks", "{r:?}");
+        assert!(
+            r.headers["content-type"].starts_with("application/json"),
+            "{r:?}"
+        );
+        let id: i64 = r.headers["pgbus-message-id"].parse().expect("an id");
+        attempts
+            .entry(id)
+            .or_default()
+            .push(r.headers["pgbus-attempt"].clone());
+    }
+    let expected: BTreeMap<i64, Vec<String>> = [
+        (ok1, vec!["1".to_owned()]),
+        (gone, vec!["1".to_owned()]),
+        (flaky, vec!["1".to_owned(), "2".to_owned()]),
+        (ok2, vec!["1".to_owned()]),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(attempts, expected, "{requests:#?}");
+    let bodies: Vec<&Value> = requests.iter().map(|r| &r.body).collect();
+    assert!(
+        bodies.contains(&&json!({ "kind": "ok", "n": 2 })),
+        "{bodies:?}"
+    );
+
+    let flaky_at: Vec<Instant> = requests
+        .iter()
+        .filter(|r| r.body["kind"] == "flaky")
+        .map(|r| r.at)
+        .collect();
+    let waited = flaky_at[1] - flaky_at[0];
+    assert!(
+        waited >= Duration::from_millis(RETRY_AFTER * 1000 - 100),
+        "Retry-After: {RETRY_AFTER} honoured, but the retry came after {waited:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Signals and the supervisor
+// ---------------------------------------------------------------------------------------
+
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -TERM {}", child.id());
+}
+
+#[test]
+fn work_stops_gracefully_on_sigterm() {
+    const SENT: usize = 50;
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    db.send_stdin(
+        &["send", "q"],
+        json_lines((0..SENT).map(|n| json!({ "n": n }))),
+    )
+    .ok();
+
+    let out = db.path("acked.jsonl");
+    // The line is written once the job's work is done, just before it exits 0.
+    let exec = format!("sleep 0.2; cat >> {}", sh_quote(&out));
+    let mut worker = Background(
+        db.cmd(&["work", "q", "--concurrency", "2", "--exec", &exec])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the worker"),
+    );
+    let stderr = read_all(worker.0.stderr.take());
+    eventually("a first message to be processed", LONG, || {
+        !lines(&out).is_empty()
+    });
+    terminate(&worker.0);
+    let status = wait_deadline(&mut worker.0, Duration::from_secs(30));
+    if status.is_none() {
+        worker.stop();
+    }
+    let stderr = stderr.join().unwrap_or_default();
+    let status = status
+        .unwrap_or_else(|| panic!("the worker did not stop within 30 s of SIGTERM:\n{stderr}"));
+    assert!(status.success(), "{status}\n{stderr}");
+
+    let acked = payload_ns(&out);
+    let distinct: BTreeSet<i64> = acked.iter().copied().collect();
+    assert_eq!(distinct.len(), acked.len(), "nothing handled twice");
+    let stats = db.queue_stats("q");
+    let depth = stats["depth"].as_u64().expect("depth") as usize;
+    assert!(depth > 0, "stopped before the queue was done: {stats:#}");
+    assert_eq!(depth + acked.len(), SENT, "nothing lost: {stats:#}");
+    assert_eq!(
+        stats["in_flight"], 0,
+        "the drain left nothing leased: {stats:#}"
+    );
+    assert_eq!(stats["dead_lettered"], 0, "{stats:#}");
+
+    // What is left is handled by the next worker.
+    db.work(&["q", "--until-empty", "--concurrency", "8", "--exec", &exec]);
+    let all: BTreeSet<i64> = payload_ns(&out).into_iter().collect();
+    assert_eq!(all.len(), SENT);
+}
+
+#[test]
+fn processes_supervisor_runs_several_workers() {
+    const SENT: usize = 500;
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    db.send_stdin(
+        &["send", "q"],
+        json_lines((0..SENT).map(|n| json!({ "n": n }))),
+    )
+    .ok();
+
+    let out = db.path("out.jsonl");
+    let pids = db.path("pids.txt");
+    // $PPID of the `sh -c` is the worker process that ran it.
+    let exec = format!(
+        "echo $PPID >> {}; cat >> {}",
+        sh_quote(&pids),
+        sh_quote(&out)
+    );
+    let supervisor = db.work(&["q", "--until-empty", "--processes", "2", "--exec", &exec]);
+
+    let ns = payload_ns(&out);
+    assert_eq!(ns.len(), SENT, "{}", supervisor.stderr);
+    let distinct: BTreeSet<i64> = ns.iter().copied().collect();
+    assert_eq!(distinct.len(), SENT, "{SENT} distinct lines");
+    let workers: BTreeSet<String> = lines(&pids).into_iter().collect();
+    assert_eq!(
+        workers.len(),
+        2,
+        "two worker processes ran jobs: {workers:?}"
+    );
+    assert_eq!(db.depth("q"), 0);
+    assert_eq!(
+        db.stats()["processes"],
+        json!([]),
+        "all workers deregistered"
+    );
+}
