@@ -12,7 +12,7 @@ use pgbus_core::{
     RetryPolicy, Selection, Stats, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, Type};
 use tokio_postgres::{GenericClient, NoTls, Row};
 
 use crate::connect::{config_for, connect};
@@ -213,19 +213,21 @@ impl PgBackend {
             groups.push(m.group_key);
             payloads.push(m.payload);
         }
+        // Typed parameters: parse, bind and execute in one round trip, with no separate
+        // prepare (the pooled connection keeps no statement cache).
         let rows = client
-            .query(
+            .query_typed(
                 sql::SEND,
                 &[
-                    &queue.as_str(),
-                    &priorities,
-                    &ats,
-                    &delays,
-                    &content_types,
-                    &headers,
-                    &groups,
-                    &payloads,
-                    &self.notify,
+                    (&queue.as_str(), Type::TEXT),
+                    (&priorities, Type::INT2_ARRAY),
+                    (&ats, Type::TIMESTAMPTZ_ARRAY),
+                    (&delays, Type::FLOAT8_ARRAY),
+                    (&content_types, Type::TEXT_ARRAY),
+                    (&headers, Type::JSONB_ARRAY),
+                    (&groups, Type::TEXT_ARRAY),
+                    (&payloads, Type::BYTEA_ARRAY),
+                    (&self.notify, Type::BOOL),
                 ],
             )
             .await
@@ -500,7 +502,10 @@ impl Consumer for PgBackend {
         let row = self
             .conn()
             .await?
-            .query_one(sql::ACK, &[&ids, &attempts])
+            .query_typed_one(
+                sql::ACK,
+                &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY)],
+            )
             .await
             .map_err(|e| db("acking messages", e))?;
         Ok(row.get::<_, i64>(0) as u64)
