@@ -1,1 +1,662 @@
-//! Benchmarks for pgbus (filled by the benchmarks issue).
+//! Benchmarks for pgbus.
+//!
+//! Two kinds live here:
+//!
+//! - **The harness** behind `cargo xtask bench` (the `pgbus-bench` binary, [`run`]): it
+//!   starts a throwaway PostgreSQL cluster with PostgreSQL's durable default settings (or
+//!   uses `--database-url`), runs every scenario several times, each run on a fresh
+//!   database, and writes `report.md`, `report.json` and `chart.svg` to `target/bench/`
+//!   (or `--out`). Progress goes to stderr; the report is also printed on stdout.
+//! - **criterion benches** (`cargo bench -p pgbus-benches`) for the hot paths.
+//!
+//! # Scenarios of the harness
+//!
+//! 1. `raw_sql`: the yardstick. A plain table, the jobs bulk-inserted with one `unnest`
+//!    statement, then two loops on tokio-postgres, each claiming 100 jobs with
+//!    `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING id` and deleting
+//!    them with `DELETE ... WHERE id = ANY($1)`. No pgbus code.
+//! 2. `enqueue`: single sends per second (sequential, and from concurrent senders) and bulk
+//!    sends per second, each with the wake-up notification on and off.
+//! 3. `drain`: as many no-op jobs as `raw_sql` drained, pre-inserted, drained by pgbus
+//!    workers; jobs/s and the ratio to `raw_sql`.
+//! 4. `io_bound`: jobs that each wait 50 ms, in `async` and `threads` mode at several
+//!    concurrency levels; jobs/s and the peak number of pgbus connections in
+//!    `pg_stat_activity`, sampled every 20 ms by an observer connection.
+//! 5. `groups`: ordered groups (many groups of a few messages) drained by a group worker;
+//!    jobs/s, peak connections, and a check that every group ran in order.
+//! 6. `latency`: enqueue-to-start latency (p50/p99/max) of single messages sent to an idle
+//!    worker, with a LISTEN wake-up source and with polling only.
+//!
+//! Every figure is reported as the median of the runs with the minimum and maximum. The
+//! commit latency of a plain single-row `INSERT`, probed before and after, is reported with
+//! the conditions: on a shared machine it moves every figure.
+//!
+//! The criterion benches (`cargo bench -p pgbus-benches`) cover the hot paths: `codec`
+//! (encode/decode), `pool_post` (`ExecutionPool::post`), and `statements` (a worker's claim
+//! and ack of 100, on a local cluster without fsync).
+
+#![forbid(unsafe_code)]
+
+mod observer;
+mod options;
+mod report;
+mod scenarios;
+mod server;
+mod stats;
+mod system;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pgbus_exec::ExecutionMode;
+
+pub use options::{Command, Options, USAGE};
+
+use options::Plan;
+use report::{Figure, Report, Scenario, Target, Unit, BASELINE_FIGURE};
+use scenarios::{drain, enqueue, groups, io_bound, latency, raw_sql, worker_run};
+use server::Server;
+
+/// Runs every scenario and writes the reports; returns the directory they are in.
+pub async fn run(options: &Options) -> anyhow::Result<PathBuf> {
+    let progress = Progress::new();
+    let plan = Plan::new(options.quick);
+    progress.say(format_args!(
+        "{} run; reports go to {}",
+        plan.name,
+        options.out.display()
+    ));
+    progress.say(format_args!(
+        "starting {}",
+        if options.database_url.is_some() {
+            "on the given server"
+        } else {
+            "a throwaway PostgreSQL cluster (durable defaults)"
+        }
+    ));
+    let server = Server::start(options.database_url.as_deref()).await?;
+    let outcome = run_scenarios(&server, &plan, &progress).await;
+    server.stop().await;
+    let mut report = outcome?;
+    report.wall = progress.started.elapsed();
+    report.write(&options.out)?;
+    print!("{}", report.markdown());
+    progress.say(format_args!(
+        "done; wrote report.md, report.json and chart.svg to {}",
+        options.out.display()
+    ));
+    Ok(options.out.clone())
+}
+
+/// Timestamped progress lines on stderr.
+struct Progress {
+    started: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+        }
+    }
+
+    fn say(&self, message: std::fmt::Arguments<'_>) {
+        eprintln!(
+            "[bench {:>6.1}s] {message}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+async fn run_scenarios(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Report> {
+    let mut conditions = system::conditions(server).await?;
+    let commit_before = system::commit_latency(server).await?;
+    progress.say(format_args!(
+        "a plain single-row INSERT commits in {commit_before:.2} ms (p50)"
+    ));
+    let mut scenarios = Vec::new();
+
+    let (raw, drain) = run_raw_and_drain(server, plan, progress).await?;
+    let drain_median = drain.figure("jobs_per_s").and_then(Figure::median);
+    scenarios.push(raw);
+    scenarios.push(drain);
+
+    scenarios.push(run_enqueue(server, plan, progress).await?);
+    scenarios.push(run_io_bound(server, plan, progress, drain_median).await?);
+    scenarios.push(run_groups(server, plan, progress).await?);
+    scenarios.push(run_latency(server, plan, progress).await?);
+
+    let commit_after = system::commit_latency(server).await?;
+    progress.say(format_args!(
+        "a plain single-row INSERT commits in {commit_after:.2} ms (p50)"
+    ));
+    conditions.push((
+        "commit latency".to_owned(),
+        format!(
+            "{commit_before:.2} ms before the scenarios, {commit_after:.2} ms after (p50 of 200 \
+             plain single-row INSERTs, each its own durable transaction): the disk's speed \
+             bounds every figure here"
+        ),
+    ));
+    let mut report = Report {
+        plan: plan.name,
+        conditions,
+        scenarios,
+        targets: Vec::new(),
+        not_measured: vec![(
+            "stream_fanout".to_owned(),
+            "the streams/SSE issue has not landed yet".to_owned(),
+        )],
+        wall: Duration::ZERO,
+    };
+    report.targets = targets(&report);
+    Ok(report)
+}
+
+/// `raw_sql` and `drain`, alternating run by run so that drifting conditions touch both
+/// alike.
+async fn run_raw_and_drain(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<(Scenario, Scenario)> {
+    let n = plan.drain_jobs;
+    let like_for_like = drain::settings(plan.drain_workers, plan.drain_concurrency);
+    let wide = drain::settings(plan.drain_workers, plan.drain_wide_concurrency);
+    let mut raw_rates = Vec::new();
+    let mut startups = Vec::new();
+    let mut drain_runs: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    for i in 1..=plan.runs {
+        let raw = raw_sql::run_once(server, n).await?;
+        progress.say(format_args!(
+            "raw_sql {i}/{}: {n} jobs, {raw:.0} jobs/s",
+            plan.runs
+        ));
+        raw_rates.push(raw);
+        for (settings, (rates, peaks)) in [like_for_like, wide].into_iter().zip(&mut drain_runs) {
+            let run = worker_run(server, n, settings).await?;
+            progress.say(format_args!(
+                "drain   {i}/{}: {n} jobs, {} workers × {}: {:.0} jobs/s, peak {} pgbus \
+                 connections, first job {:.0} ms after start",
+                plan.runs,
+                settings.workers,
+                settings.concurrency,
+                run.jobs_per_s,
+                run.peak_connections,
+                ms(run.startup)
+            ));
+            rates.push(run.jobs_per_s);
+            peaks.push(run.peak_connections as f64);
+            if settings.concurrency == plan.drain_concurrency {
+                startups.push(ms(run.startup));
+            }
+        }
+    }
+    let mut raw = Scenario::new(
+        "raw_sql",
+        format!(
+            "The yardstick: the plain claim/ack lifecycle written directly against \
+             tokio-postgres, no pgbus code. A table `jobs (id bigserial primary key, queue, \
+             payload bytea, priority smallint, run_at timestamptz, attempts int, locked_until \
+             timestamptz)` with an index on `(queue, priority, run_at, id)`; the jobs \
+             bulk-inserted with one `unnest` statement; then {} loops, each on its own \
+             connection, claiming {} with `UPDATE jobs SET locked_until = now() + interval '5 \
+             min', attempts = attempts + 1 WHERE id IN (SELECT id ... ORDER BY priority, \
+             run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id` and deleting them \
+             with `DELETE FROM jobs WHERE id = ANY($1)`, until the table is empty.",
+            raw_sql::LOOPS,
+            raw_sql::CLAIM_SIZE
+        ),
+    );
+    raw.setting("jobs per run", n);
+    raw.setting(
+        "timed",
+        "from the first claim until both loops find nothing left (the insert and a \
+         `VACUUM ANALYZE` after it are not timed)",
+    );
+    raw.figures.push(Figure::new(
+        BASELINE_FIGURE,
+        format!(
+            "claim {} + delete, {} loops",
+            raw_sql::CLAIM_SIZE,
+            raw_sql::LOOPS
+        ),
+        Unit::JobsPerSec,
+        raw_rates,
+    ));
+
+    let mut drain = Scenario::new(
+        "drain",
+        "The same number of no-op jobs, pre-inserted with `send_batch` (5,000 per \
+         statement) and `VACUUM ANALYZE`d, drained end to end by pgbus `Worker`s in one \
+         process: each worker claims as many jobs as it has free slots on its own fetch \
+         connection, runs them on the async pool, and its settler acks them in batches on \
+         the backend's pool. First like for like with `raw_sql` (as many workers as it has \
+         loops, claims of at most 100), then with wider workers (larger claims and ack \
+         batches). `ratio_to_raw_sql` is the like-for-like median over `raw_sql`'s.",
+    );
+    drain.setting("jobs per run", n);
+    drain.setting(
+        "workers",
+        format!(
+            "{} async workers of concurrency {} (like for like), then of {} (wide), sharing \
+             one `PgBackend` (pool of 10) and one `PgListener`; defaults otherwise (ack batch \
+             500, poll interval 1 s)",
+            plan.drain_workers, plan.drain_concurrency, plan.drain_wide_concurrency
+        ),
+    );
+    drain.setting(
+        "timed",
+        "from the first job's start until the last job is acked and the workers have \
+         returned; the workers' startup (opening the fetch connection, the first claim) is \
+         given separately",
+    );
+    let [(rates, peaks), (wide_rates, wide_peaks)] = drain_runs;
+    let drain_jobs = Figure::new(
+        "jobs_per_s",
+        format!(
+            "no-op jobs, {} workers × {}",
+            plan.drain_workers, plan.drain_concurrency
+        ),
+        Unit::JobsPerSec,
+        rates,
+    );
+    drain.ratio_to_raw_sql = drain_jobs
+        .median()
+        .zip(raw.figure(BASELINE_FIGURE).and_then(Figure::median))
+        .map(|(d, r)| d / r);
+    drain.figures.push(drain_jobs);
+    drain.figures.push(Figure::new(
+        "peak_connections",
+        format!(
+            "peak pgbus connections, {} workers × {}",
+            plan.drain_workers, plan.drain_concurrency
+        ),
+        Unit::Connections,
+        peaks,
+    ));
+    drain.figures.push(Figure::new(
+        "startup_ms",
+        format!(
+            "worker start to first job, {} workers × {}",
+            plan.drain_workers, plan.drain_concurrency
+        ),
+        Unit::Millis,
+        startups,
+    ));
+    drain.figures.push(Figure::new(
+        format!("jobs_per_s_c{}", plan.drain_wide_concurrency),
+        format!(
+            "no-op jobs, {} workers × {}",
+            plan.drain_workers, plan.drain_wide_concurrency
+        ),
+        Unit::JobsPerSec,
+        wide_rates,
+    ));
+    drain.figures.push(Figure::new(
+        format!("peak_connections_c{}", plan.drain_wide_concurrency),
+        format!(
+            "peak pgbus connections, {} workers × {}",
+            plan.drain_workers, plan.drain_wide_concurrency
+        ),
+        Unit::Connections,
+        wide_peaks,
+    ));
+    Ok((raw, drain))
+}
+
+async fn run_enqueue(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Scenario> {
+    let mut samples: BTreeMap<(usize, bool), Vec<f64>> = BTreeMap::new();
+    for i in 1..=plan.enqueue_runs {
+        for (k, kind) in enqueue::Kind::ALL.into_iter().enumerate() {
+            for notify in [true, false] {
+                let rate = enqueue::run_once(server, plan, kind, notify).await?;
+                progress.say(format_args!(
+                    "enqueue {i}/{}: {}, notify {}: {rate:.0} msgs/s",
+                    plan.enqueue_runs,
+                    kind.label(plan),
+                    if notify { "on" } else { "off" }
+                ));
+                samples.entry((k, !notify)).or_default().push(rate);
+            }
+        }
+    }
+    let mut scenario = Scenario::new(
+        "enqueue",
+        "Messages sent per second through `PgBackend` (each `send` is one statement and \
+         one durable commit on a pooled connection; `send_batch` is one statement for the \
+         whole batch), with the wake-up `pg_notify` on (the default: one per statement, \
+         coalesced) and off (`PgBackend::builder(url).notify(false)`). A `PgListener` is \
+         LISTENing throughout, as in a process that also runs workers.",
+    );
+    scenario.setting(
+        "per run",
+        format!(
+            "{} sequential sends; {} senders × {} sends; {} batches of {}; each measurement \
+             on a fresh database after a warm-up that opens the pool's connections",
+            plan.single_sends,
+            plan.senders,
+            plan.sends_per_sender,
+            plan.bulk_batches,
+            plan.batch_size
+        ),
+    );
+    for ((k, notify_off), rates) in samples {
+        let kind = enqueue::Kind::ALL[k];
+        let (id, label) = if notify_off {
+            ("notify_off", "notify off")
+        } else {
+            ("notify_on", "notify on")
+        };
+        scenario.figures.push(Figure::new(
+            format!("{}_{id}_msgs_per_s", kind.id()),
+            format!("{}, {label}", kind.label(plan)),
+            Unit::MsgsPerSec,
+            rates,
+        ));
+    }
+    Ok(scenario)
+}
+
+async fn run_io_bound(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+    drain_median: Option<f64>,
+) -> anyhow::Result<Scenario> {
+    let mut scenario = Scenario::new(
+        "io_bound",
+        format!(
+            "{} pre-inserted jobs that each wait {} ms, drained by one worker: in `async` mode \
+             the job awaits `tokio::time::sleep`, in `threads` mode it calls \
+             `std::thread::sleep` on its pool thread. Ideal throughput is concurrency / 50 ms, \
+             capped by the `drain` median. Connections are those named `pgbus:*` in \
+             `pg_stat_activity` for the run's database (pool, fetch, listen), sampled every \
+             {} ms by an observer connection of the bench's own.",
+            plan.io_jobs,
+            io_bound::JOB_WAIT.as_millis(),
+            observer::SAMPLE_EVERY.as_millis()
+        ),
+    );
+    scenario.setting("jobs per run", plan.io_jobs);
+    scenario.setting(
+        "timed",
+        "from the first job's start until the last job is acked and the worker has returned",
+    );
+    scenario.setting(
+        "worker",
+        "1 worker, one `PgBackend` (pool of 10), one `PgListener`; defaults otherwise \
+         (lease 30 s, so running jobs' leases are extended every 10 s; heartbeat every 10 s)",
+    );
+    scenario.notes.push(
+        "Besides its fetch connection and the process's listener, a worker takes pooled \
+         connections for acks, lease extensions and heartbeats, which may overlap. Runs \
+         shorter than the 10 s extension and heartbeat intervals (the high concurrency \
+         levels here) see only the acks' connection; longer ones may see more."
+            .to_owned(),
+    );
+    for mode in [ExecutionMode::Async, ExecutionMode::Threads] {
+        for &concurrency in &plan.io_levels {
+            let (mut rates, mut peaks) = (Vec::new(), Vec::new());
+            for i in 1..=plan.io_runs {
+                match worker_run(server, plan.io_jobs, io_bound::settings(mode, concurrency)).await
+                {
+                    Ok(run) => {
+                        progress.say(format_args!(
+                            "io_bound {i}/{}: {mode} × {concurrency}: {:.0} jobs/s, peak {} \
+                             pgbus connections, first job {:.0} ms after start",
+                            plan.io_runs,
+                            run.jobs_per_s,
+                            run.peak_connections,
+                            ms(run.startup)
+                        ));
+                        rates.push(run.jobs_per_s);
+                        peaks.push(run.peak_connections as f64);
+                    }
+                    Err(err) if mode == ExecutionMode::Threads => {
+                        progress.say(format_args!(
+                            "io_bound: threads × {concurrency} failed, skipped: {err:#}"
+                        ));
+                        scenario.notes.push(format!(
+                            "`threads` × {concurrency} skipped after {} run(s): {err:#}",
+                            i - 1
+                        ));
+                        break;
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            if rates.is_empty() {
+                continue;
+            }
+            let ideal = io_bound::ideal(concurrency).min(drain_median.unwrap_or(f64::INFINITY));
+            let mut figure = Figure::new(
+                format!("{mode}_c{concurrency}_jobs_per_s"),
+                format!("{mode}, concurrency {concurrency}: throughput"),
+                Unit::JobsPerSec,
+                rates,
+            );
+            figure.note = figure
+                .median()
+                .map(|m| format!("{:.0}% of ideal {ideal:.0}", 100.0 * m / ideal));
+            scenario.figures.push(figure);
+            scenario.figures.push(Figure::new(
+                format!("{mode}_c{concurrency}_peak_connections"),
+                format!("{mode}, concurrency {concurrency}: peak pgbus connections"),
+                Unit::Connections,
+                peaks,
+            ));
+        }
+    }
+    Ok(scenario)
+}
+
+async fn run_groups(server: &Server, plan: &Plan, progress: &Progress) -> anyhow::Result<Scenario> {
+    let (g, m, c) = (plan.groups, plan.per_group, plan.groups_concurrency);
+    let mut scenario = Scenario::new(
+        "groups",
+        format!(
+            "Ordered groups: {g} groups × {m} no-op messages, sent round-robin over the groups \
+             (5,000 per `send_batch`) and `VACUUM ANALYZE`d, drained by one `GroupWorker` of \
+             concurrency {c}: messages of a group run one at a time and in send order, each \
+             in-flight group on its own `pgbus:group` connection holding the group's lock. The \
+             handler checks the order."
+        ),
+    );
+    scenario.setting("messages per run", g * m);
+    scenario.setting(
+        "worker",
+        format!("1 group worker, concurrency {c}, async mode, one `PgListener`"),
+    );
+    scenario.setting(
+        "timed",
+        "from the first job's start until the last job is acked and the worker has returned",
+    );
+    let (mut rates, mut peaks) = (Vec::new(), Vec::new());
+    let mut budget = None;
+    let mut out_of_order = 0;
+    for i in 1..=plan.groups_runs {
+        let run = groups::run_once(server, g, m, c).await?;
+        progress.say(format_args!(
+            "groups {i}/{}: {g} × {m}, concurrency {c}: {:.0} jobs/s, peak {} pgbus \
+             connections (budget {}), {} out of order, first job {:.0} ms after start",
+            plan.groups_runs,
+            run.jobs_per_s,
+            run.peak_connections,
+            run.connection_budget
+                .map_or_else(|| "not reported".to_owned(), |b| b.to_string()),
+            run.out_of_order,
+            ms(run.startup)
+        ));
+        rates.push(run.jobs_per_s);
+        peaks.push(run.peak_connections as f64);
+        budget = budget.or(run.connection_budget);
+        out_of_order += run.out_of_order;
+    }
+    scenario.figures.push(Figure::new(
+        "jobs_per_s",
+        format!("{g} groups × {m}, concurrency {c}"),
+        Unit::JobsPerSec,
+        rates,
+    ));
+    let mut peak = Figure::new(
+        "peak_connections",
+        "peak pgbus connections",
+        Unit::Connections,
+        peaks,
+    );
+    peak.note = Some(match budget {
+        Some(budget) => format!(
+            "worker's budget {budget} (concurrency + fetch + recovery), plus the process's \
+             listener"
+        ),
+        None => "the worker did not report its budget".to_owned(),
+    });
+    scenario.figures.push(peak);
+    scenario.notes.push(format!(
+        "messages that ran out of their group's order, over all runs: {out_of_order}"
+    ));
+    Ok(scenario)
+}
+
+async fn run_latency(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Scenario> {
+    let mut scenario = Scenario::new(
+        "latency",
+        format!(
+            "Enqueue-to-start latency: {} single messages per run, sent one at a time {} ms \
+             apart from another connection (a `pgbus:sender` pool) to an idle worker \
+             (concurrency {}). Each payload carries its send time; the latency runs from just \
+             before the `send` call (so it includes the sender's durable commit) to the \
+             handler's start; for LISTEN it is also given from the `send` call's return \
+             (0 when the job started before the sender read the commit's reply). \
+             p50/p99/max are per run; the table gives their median, min and max over the runs.",
+            plan.latency_messages,
+            plan.latency_spacing_ms,
+            latency::CONCURRENCY
+        ),
+    );
+    scenario.setting("runs per variant", plan.latency_runs);
+    let mut send_p50 = Vec::new();
+    for variant in latency::Variant::ALL {
+        let mut stats: [(&str, Vec<f64>); 5] = [
+            ("p50", Vec::new()),
+            ("p99", Vec::new()),
+            ("max", Vec::new()),
+            ("p50 from the `send` call's return", Vec::new()),
+            ("p99 from the `send` call's return", Vec::new()),
+        ];
+        for i in 1..=plan.latency_runs {
+            let run = latency::run_once(server, plan, variant).await?;
+            progress.say(format_args!(
+                "latency {i}/{}: {}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                plan.latency_runs,
+                variant.label(),
+                run.p50,
+                run.p99,
+                run.max
+            ));
+            let values = [run.p50, run.p99, run.max, run.pickup_p50, run.pickup_p99];
+            for ((_, samples), value) in stats.iter_mut().zip(values) {
+                samples.push(value);
+            }
+            send_p50.push(run.send_p50);
+        }
+        // From the send's return matters only where pickup is fast: with LISTEN.
+        let shown = if variant == latency::Variant::Listen {
+            5
+        } else {
+            3
+        };
+        for (stat, samples) in stats.into_iter().take(shown) {
+            let id = stat.replace(" from the `send` call's return", "_after_send_returned");
+            scenario.figures.push(Figure::new(
+                format!("{}_{id}_ms", variant.id()),
+                format!("{}: {stat}", variant.label()),
+                Unit::Millis,
+                samples,
+            ));
+        }
+    }
+    scenario.figures.push(Figure::new(
+        "send_call_p50_ms",
+        "the `send` call itself (round trip + commit): p50",
+        Unit::Millis,
+        send_p50,
+    ));
+    Ok(scenario)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1_000.0
+}
+
+/// The targets of the benchmarks issue, checked against the report.
+fn targets(report: &Report) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if let Some(ratio) = report.scenario("drain").and_then(|s| s.ratio_to_raw_sql) {
+        targets.push(Target {
+            target: "`drain` at least as fast as `raw_sql` (ratio ≥ 1.0)".to_owned(),
+            measured: format!("{ratio:.2}"),
+            met: ratio >= 1.0,
+        });
+    }
+    if let Some(io) = report.scenario("io_bound") {
+        if let Some(peak) = io
+            .figure("async_c1024_peak_connections")
+            .and_then(Figure::summary)
+        {
+            targets.push(Target {
+                target: "`io_bound` async × 1,024: at most 4 pgbus connections".to_owned(),
+                measured: format!("max {} over the runs", peak.max),
+                met: peak.max <= 4.0,
+            });
+        }
+        if let Some(jobs) = io.figure("async_c1024_jobs_per_s") {
+            if let (Some(median), Some(drain)) = (
+                jobs.median(),
+                report
+                    .scenario("drain")
+                    .and_then(|d| d.figure("jobs_per_s"))
+                    .and_then(Figure::median),
+            ) {
+                let ideal = io_bound::ideal(1_024).min(drain);
+                targets.push(Target {
+                    target: "`io_bound` async × 1,024: at least 80% of ideal (1,024 / 50 ms, \
+                             capped by `drain`)"
+                        .to_owned(),
+                    measured: format!("{:.0}% of {ideal:.0} jobs/s", 100.0 * median / ideal),
+                    met: median >= 0.8 * ideal,
+                });
+            }
+        }
+    }
+    if let Some(lat) = report.scenario("latency") {
+        let id = latency::Variant::Listen.id();
+        for (stat, limit) in [("p50", 3.0), ("p99", 15.0)] {
+            if let Some(value) = lat
+                .figure(&format!("{id}_{stat}_ms"))
+                .and_then(Figure::median)
+            {
+                targets.push(Target {
+                    target: format!("`latency` with LISTEN: {stat} under {limit} ms"),
+                    measured: format!("{value:.2} ms (median of runs)"),
+                    met: value < limit,
+                });
+            }
+        }
+    }
+    targets
+}

@@ -4,8 +4,11 @@
 //!
 //! - `check-deps`: enforce the workspace dependency rules (see `deps.rs` and
 //!   ARCHITECTURE.md).
+//! - `bench [--quick] [--database-url URL] [--out DIR]`: run the benchmark harness
+//!   (`benches/`, binary `pgbus-bench`) in release mode; see `bench.rs`.
 //! - `help`: print usage.
 
+mod bench;
 mod deps;
 
 use std::process::ExitCode;
@@ -15,6 +18,8 @@ Usage: cargo xtask <COMMAND>
 
 Commands:
   check-deps  Check the dependency rules between workspace crates (see ARCHITECTURE.md)
+  bench       Run the benchmarks and write report.md, report.json and chart.svg
+              [--quick] [--database-url URL] [--out DIR] (default: target/bench)
   help        Print this help
 ";
 
@@ -22,6 +27,7 @@ Commands:
 #[derive(Debug, PartialEq, Eq)]
 enum Cmd {
     CheckDeps,
+    Bench(bench::BenchArgs),
     Help,
 }
 
@@ -33,6 +39,7 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
         [cmd, extra, ..] if cmd == "check-deps" => {
             Err(format!("`check-deps` takes no arguments, got `{extra}`"))
         }
+        [cmd, rest @ ..] if cmd == "bench" => bench::parse(rest).map(Cmd::Bench),
         [cmd, ..] if matches!(cmd.as_str(), "help" | "--help" | "-h") => Ok(Cmd::Help),
         [cmd, ..] => Err(format!("unknown command `{cmd}`")),
         [] => Err("no command given".to_owned()),
@@ -47,6 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Cmd::CheckDeps) => check_deps(),
+        Ok(Cmd::Bench(args)) => bench::run(&args),
         Err(message) => {
             eprint!("error: {message}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -91,6 +99,12 @@ mod tests {
         assert_eq!(parse(&args(&["--help"])), Ok(Cmd::Help));
         assert!(parse(&args(&[])).is_err());
         assert!(parse(&args(&["check-deps", "--fix"])).is_err());
+        assert!(matches!(parse(&args(&["bench"])), Ok(Cmd::Bench(_))));
+        assert!(matches!(
+            parse(&args(&["bench", "--quick", "--out", "x"])),
+            Ok(Cmd::Bench(_))
+        ));
+        assert!(parse(&args(&["bench", "--frobnicate"])).is_err());
         assert_eq!(
             parse(&args(&["frobnicate"])),
             Err("unknown command `frobnicate`".to_owned())

@@ -1,0 +1,219 @@
+//! The harness's command line, and the counts each mode runs with.
+
+use std::path::{Path, PathBuf};
+
+/// Usage text of `pgbus-bench` (and of `cargo xtask bench`, which passes its arguments on).
+pub const USAGE: &str = "\
+Usage: pgbus-bench [--quick] [--database-url URL] [--out DIR]
+
+Runs the pgbus benchmark scenarios and writes report.md, report.json and chart.svg.
+
+Options:
+  --quick               Fewer jobs and runs: a smoke run that finishes in about a minute
+  --database-url URL    Use this server instead of a throwaway local cluster; the bench
+                        creates (and drops) one database per scenario run, so the URL's
+                        user needs the CREATEDB privilege
+  --out DIR             Where the reports go (default: target/bench in the workspace)
+  -h, --help            Print this help
+";
+
+/// What to run and where to put the results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// Smaller counts and fewer runs.
+    pub quick: bool,
+    /// A server to use instead of a throwaway local cluster.
+    pub database_url: Option<String>,
+    /// Directory of `report.md`, `report.json` and `chart.svg`.
+    pub out: PathBuf,
+}
+
+/// A parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run the benchmarks.
+    Run(Options),
+    /// Print [`USAGE`].
+    Help,
+}
+
+impl Options {
+    /// Parses the arguments after the program name; `Err` carries a usage error.
+    pub fn parse<I, S>(args: I) -> Result<Command, String>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut options = Options {
+            quick: false,
+            database_url: None,
+            out: default_out_dir(),
+        };
+        let mut args = args.into_iter().map(Into::into);
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value)),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String, String> {
+                match inline.map(str::to_owned).or_else(|| args.next()) {
+                    Some(value) if !value.is_empty() => Ok(value),
+                    _ => Err(format!("`{name}` needs a value")),
+                }
+            };
+            match flag.as_str() {
+                "--quick" if inline.is_none() => options.quick = true,
+                "--database-url" => options.database_url = Some(value("--database-url")?),
+                "--out" => options.out = PathBuf::from(value("--out")?),
+                "-h" | "--help" | "help" => return Ok(Command::Help),
+                _ => return Err(format!("unexpected argument `{arg}`")),
+            }
+        }
+        Ok(Command::Run(options))
+    }
+}
+
+/// `target/bench` under the workspace root.
+fn default_out_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .unwrap_or(manifest)
+        .join("target")
+        .join("bench")
+}
+
+/// The counts of one run of the harness.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// `quick` or `full`.
+    pub(crate) name: &'static str,
+    /// Runs of `raw_sql` and `drain`, and of `enqueue`.
+    pub(crate) runs: usize,
+    pub(crate) enqueue_runs: usize,
+    /// Jobs pre-inserted and drained by `raw_sql` and `drain`.
+    pub(crate) drain_jobs: usize,
+    /// Workers of `drain`, and the concurrency of each: like for like with `raw_sql`'s
+    /// loops and claim size, then wider (larger claims).
+    pub(crate) drain_workers: usize,
+    pub(crate) drain_concurrency: usize,
+    pub(crate) drain_wide_concurrency: usize,
+    /// Sequential single sends per `enqueue` run.
+    pub(crate) single_sends: usize,
+    /// Concurrent senders, and single sends each of them makes.
+    pub(crate) senders: usize,
+    pub(crate) sends_per_sender: usize,
+    /// `send_batch` calls per `enqueue` run, and messages per batch.
+    pub(crate) bulk_batches: usize,
+    pub(crate) batch_size: usize,
+    /// Jobs of `io_bound`, the concurrency levels, and runs per level and mode.
+    pub(crate) io_jobs: usize,
+    pub(crate) io_levels: Vec<usize>,
+    pub(crate) io_runs: usize,
+    /// Groups of `groups`, messages per group, the group worker's concurrency, and runs.
+    pub(crate) groups: u32,
+    pub(crate) per_group: u32,
+    pub(crate) groups_concurrency: usize,
+    pub(crate) groups_runs: usize,
+    /// Messages per `latency` run, their spacing, and runs per variant.
+    pub(crate) latency_messages: usize,
+    pub(crate) latency_spacing_ms: u64,
+    pub(crate) latency_runs: usize,
+}
+
+impl Plan {
+    pub(crate) fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                name: "quick",
+                runs: 3,
+                enqueue_runs: 3,
+                drain_jobs: 20_000,
+                drain_workers: 2,
+                drain_concurrency: 100,
+                drain_wide_concurrency: 500,
+                single_sends: 500,
+                senders: 8,
+                sends_per_sender: 100,
+                bulk_batches: 20,
+                batch_size: 1_000,
+                io_jobs: 2_000,
+                io_levels: vec![64, 1_024],
+                io_runs: 3,
+                groups: 200,
+                per_group: 20,
+                groups_concurrency: 32,
+                groups_runs: 3,
+                latency_messages: 200,
+                latency_spacing_ms: 10,
+                latency_runs: 3,
+            }
+        } else {
+            Plan {
+                name: "full",
+                runs: 5,
+                enqueue_runs: 3,
+                drain_jobs: 200_000,
+                drain_workers: 2,
+                drain_concurrency: 100,
+                drain_wide_concurrency: 500,
+                single_sends: 2_000,
+                senders: 8,
+                sends_per_sender: 300,
+                bulk_batches: 100,
+                batch_size: 1_000,
+                io_jobs: 10_000,
+                io_levels: vec![16, 64, 256, 1_024],
+                io_runs: 3,
+                groups: 1_000,
+                per_group: 20,
+                groups_concurrency: 32,
+                groups_runs: 3,
+                latency_messages: 1_000,
+                latency_spacing_ms: 10,
+                latency_runs: 3,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Options {
+        match Options::parse(args.iter().copied()) {
+            Ok(Command::Run(options)) => options,
+            other => panic!("expected options, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_flags() {
+        let defaults = run(&[]);
+        assert!(!defaults.quick);
+        assert_eq!(defaults.database_url, None);
+        assert!(defaults.out.ends_with("target/bench"));
+
+        let options = run(&["--quick", "--database-url", "postgres://h/db", "--out=x"]);
+        assert!(options.quick);
+        assert_eq!(options.database_url.as_deref(), Some("postgres://h/db"));
+        assert_eq!(options.out, PathBuf::from("x"));
+        assert_eq!(
+            run(&["--database-url=postgres://h/db?a=b"])
+                .database_url
+                .as_deref(),
+            Some("postgres://h/db?a=b")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        assert_eq!(Options::parse(["--help"]), Ok(Command::Help));
+        assert!(Options::parse(["--out"]).is_err());
+        assert!(Options::parse(["--quick=yes"]).is_err());
+        assert!(Options::parse(["--fast"]).is_err());
+        assert!(Options::parse(["extra"]).is_err());
+    }
+}

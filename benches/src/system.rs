@@ -1,0 +1,128 @@
+//! The conditions a run happened under: machine, server, settings.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::scenarios::on_fresh_database;
+use crate::server::{connect, Server};
+use crate::stats::percentile;
+
+/// Single-row inserts timed by [`commit_latency`].
+const PROBE_COMMITS: usize = 200;
+
+/// Machine and server facts for the report.
+pub(crate) async fn conditions(server: &Server) -> anyhow::Result<Vec<(String, String)>> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut add = |name: &str, value: String| rows.push((name.to_owned(), value));
+    add("date (UTC)", utc_now());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    add("CPU cores", cores.to_string());
+    if let Some(model) = proc_field("/proc/cpuinfo", "model name") {
+        add("CPU", model);
+    }
+    if let Some(mem) = proc_field("/proc/meminfo", "MemTotal") {
+        add("memory", mem);
+    }
+    if let Ok(kernel) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        add("Linux kernel", kernel.trim().to_owned());
+    }
+    add("server", server.describe());
+    let admin = server.admin().await?;
+    let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
+    add("PostgreSQL", version);
+    let mut settings = Vec::new();
+    for name in [
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+        "wal_sync_method",
+        "shared_buffers",
+        "max_connections",
+    ] {
+        let value: String = admin.query_one(&format!("SHOW {name}"), &[]).await?.get(0);
+        settings.push(format!("{name}={value}"));
+    }
+    add("server settings", settings.join(", "));
+    add(
+        "harness",
+        format!(
+            "{} build; one tokio multi-thread runtime with {cores} worker threads; client and \
+             server on the same machine",
+            if cfg!(debug_assertions) {
+                "debug (figures not representative)"
+            } else {
+                "release"
+            }
+        ),
+    );
+    Ok(rows)
+}
+
+/// The median time of a plain single-row `INSERT` in its own (durable) transaction, in ms:
+/// how fast the machine commits right now. Measured before and after the scenarios, since
+/// the disk of a shared machine can change speed during a run.
+pub(crate) async fn commit_latency(server: &Server) -> anyhow::Result<f64> {
+    on_fresh_database(server, |url| async move {
+        let client = connect(&url).await?;
+        client
+            .batch_execute("CREATE TABLE probe (id bigserial PRIMARY KEY, v int NOT NULL)")
+            .await?;
+        let insert = client.prepare("INSERT INTO probe (v) VALUES ($1)").await?;
+        let mut times = Vec::with_capacity(PROBE_COMMITS);
+        for i in 0..PROBE_COMMITS as i32 {
+            let started = Instant::now();
+            client.execute(&insert, &[&i]).await?;
+            times.push(started.elapsed().as_secs_f64() * 1_000.0);
+        }
+        Ok(percentile(&times, 50.0).unwrap_or(f64::NAN))
+    })
+    .await
+}
+
+/// The value of the first `field: value` line of a `/proc` file.
+fn proc_field(path: &str, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        (name.trim() == field).then(|| value.trim().to_owned())
+    })
+}
+
+/// `YYYY-MM-DD HH:MM` in UTC.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil-date algorithm.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil_from_days;
+
+    #[test]
+    fn converts_days_to_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_017), (2000, 3, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+}

@@ -1,0 +1,136 @@
+//! `cargo xtask bench`: builds the benchmark harness (`pgbus-bench`, in `benches/`) in
+//! release mode and runs it, streaming its output. The harness does the work; see the
+//! `pgbus-benches` crate docs.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::Context;
+
+use crate::deps::workspace_root;
+
+/// Options of `cargo xtask bench`, passed on to the harness.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct BenchArgs {
+    quick: bool,
+    database_url: Option<String>,
+    out: Option<PathBuf>,
+}
+
+/// Parses the arguments after `bench`.
+pub(crate) fn parse(args: &[String]) -> Result<BenchArgs, String> {
+    let mut parsed = BenchArgs::default();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || match inline.clone().or_else(|| args.next().cloned()) {
+            Some(value) if !value.is_empty() => Ok(value),
+            _ => Err(format!("`bench {flag}` needs a value")),
+        };
+        match flag {
+            "--quick" if inline.is_none() => parsed.quick = true,
+            "--database-url" => parsed.database_url = Some(value()?),
+            "--out" => parsed.out = Some(PathBuf::from(value()?)),
+            _ => return Err(format!("`bench` does not take `{arg}`")),
+        }
+    }
+    Ok(parsed)
+}
+
+/// The harness's arguments; a relative `--out` is made absolute against `cwd`, because the
+/// harness runs in the workspace root.
+fn harness_args(args: &BenchArgs, cwd: &Path) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    if args.quick {
+        out.push("--quick".into());
+    }
+    if let Some(url) = &args.database_url {
+        out.extend(["--database-url".into(), url.into()]);
+    }
+    if let Some(dir) = &args.out {
+        out.extend(["--out".into(), cwd.join(dir).into_os_string()]);
+    }
+    out
+}
+
+/// Runs `cargo run --release -p pgbus-benches --bin pgbus-bench -- <args>` in the workspace
+/// root with inherited stdio, and exits as it did.
+pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let cwd = std::env::current_dir().context("could not read the current directory")?;
+    let status = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "pgbus-benches",
+            "--bin",
+            "pgbus-bench",
+            "--",
+        ])
+        .args(harness_args(args, &cwd))
+        .status()
+        .with_context(|| format!("could not run {}", Path::new(&cargo).display()))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => {
+            eprintln!("error: the benchmark harness failed ({status})");
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        None => {
+            eprintln!("error: the benchmark harness was stopped ({status})");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|arg| (*arg).to_owned()).collect()
+    }
+
+    #[test]
+    fn parses_bench_options() {
+        assert_eq!(parse(&[]), Ok(BenchArgs::default()));
+        assert_eq!(
+            parse(&args(&[
+                "--quick",
+                "--database-url",
+                "postgres://h/db",
+                "--out=o"
+            ])),
+            Ok(BenchArgs {
+                quick: true,
+                database_url: Some("postgres://h/db".to_owned()),
+                out: Some(PathBuf::from("o")),
+            })
+        );
+        assert!(parse(&args(&["--out"])).is_err());
+        assert!(parse(&args(&["--quick=1"])).is_err());
+        assert!(parse(&args(&["--fast"])).is_err());
+    }
+
+    #[test]
+    fn passes_options_on_with_an_absolute_out_dir() {
+        let parsed = parse(&args(&["--quick", "--database-url=u", "--out", "o"])).unwrap();
+        let passed = harness_args(&parsed, Path::new("/work/here"));
+        assert_eq!(
+            passed,
+            ["--quick", "--database-url", "u", "--out", "/work/here/o"].map(OsString::from)
+        );
+        let absolute = parse(&args(&["--out", "/tmp/b"])).unwrap();
+        assert_eq!(
+            harness_args(&absolute, Path::new("/work/here")),
+            ["--out", "/tmp/b"].map(OsString::from)
+        );
+        assert!(harness_args(&BenchArgs::default(), Path::new("/")).is_empty());
+    }
+}
