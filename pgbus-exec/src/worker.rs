@@ -17,6 +17,10 @@ use tokio_util::task::TaskTracker;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
 use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
 
+/// How long a worker whose slots were all busy waits, after the first slot frees, for half
+/// of them to free before claiming again: a bound on the latency it trades for batching.
+const FILL_LINGER: Duration = Duration::from_millis(2);
+
 static DEFAULT_MODE: AtomicU8 = AtomicU8::new(MODE_ASYNC);
 const MODE_ASYNC: u8 = 0;
 const MODE_THREADS: u8 = 1;
@@ -465,10 +469,22 @@ impl<B: Backend> Worker<B> {
             errors = 0;
             match wait {
                 Wait::No => {}
-                Wait::ForSlot => tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = slot_freed.notified() => {}
-                },
+                Wait::ForSlot => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = slot_freed.notified() => {}
+                    }
+                    // Jobs tend to finish in bunches: give the others a moment, so the next
+                    // claim fetches many messages instead of one per freed slot.
+                    let deadline = tokio::time::Instant::now() + FILL_LINGER;
+                    while pool.available_capacity() < self.config.concurrency.div_ceil(2) {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = slot_freed.notified() => {}
+                            _ = tokio::time::sleep_until(deadline) => break,
+                        }
+                    }
+                }
                 Wait::ForWork => {
                     self.shared.idle.store(true, Ordering::SeqCst);
                     tokio::select! {

@@ -29,6 +29,12 @@ impl OpenFetcher for PgBackend {
 
     async fn open_fetcher(&self) -> Result<PgFetcher> {
         let client = connect(self.url(), "fetch").await?;
+        // A claim lost in a crash only means the message is delivered again when its lease
+        // would have run out anyway: claims need not wait for the WAL flush.
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(|e| db("configuring the fetch connection", e))?;
         let claim = client
             .prepare(sql::CLAIM)
             .await
