@@ -3,17 +3,18 @@
 //! mid-group, and the connection budget sampled from `pg_stat_activity`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    DeadLetters, GroupSession, NewMessage, OpenGroupSession, Producer, QueueAdmin, QueueName,
-    QueueOptions, QueueStats, RetryPolicy, Stats,
+    DeadLetters, GroupSession, NewMessage, OpenGroupSession, Producer, QueueName, QueueOptions,
+    RetryPolicy,
 };
 use pgbus_exec::{GroupWorker, JobContext, Outcome, Worker, WorkerMonitor};
 use pgbus_pg::{connect, GroupLocks, PgBackend};
-use pgbus_tests::{connections, eventually, fresh_backend, queue};
+use pgbus_tests::{
+    connections, create, eventually, fresh_backend, gate, pass, stats_of, wait_until_empty, Gauge,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,12 +29,6 @@ const POLL: Duration = Duration::from_millis(20);
 struct Step {
     group: String,
     seq: u32,
-}
-
-async fn create(backend: &PgBackend, name: &str, options: QueueOptions) -> QueueName {
-    let q = queue(name);
-    assert!(backend.create_queue(&q, &options).await.unwrap());
-    q
 }
 
 /// Sends `per_group` messages to each group, interleaved (g0#0, g1#0, ..., g0#1, ...), in
@@ -69,23 +64,6 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 
-async fn stats_of(backend: &PgBackend, q: &QueueName) -> QueueStats {
-    backend
-        .stats()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| &s.queue == q)
-        .expect("stats for the queue")
-}
-
-async fn wait_until_empty(backend: &PgBackend, q: &QueueName, deadline: Duration) {
-    eventually("the queue is empty", deadline, || async {
-        stats_of(backend, q).await.depth() == 0
-    })
-    .await;
-}
-
 /// A backend of its own for a worker, as a separate process would have; its pool
 /// connections are named `pgbus:<role>`.
 fn worker_backend(url: &str, role: &str) -> PgBackend {
@@ -99,35 +77,6 @@ fn worker_backend_with(url: &str, role: &str, locks: GroupLocks) -> PgBackend {
         .group_locks(locks)
         .build()
         .unwrap()
-}
-
-/// A gate handlers wait at until the test opens it.
-fn gate() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-    watch::channel(false)
-}
-
-async fn pass(mut gate: watch::Receiver<bool>) {
-    gate.wait_for(|open| *open).await.expect("gate kept open");
-}
-
-/// How many handlers run now, and the most at once.
-#[derive(Default)]
-struct Gauge {
-    running: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl Gauge {
-    fn enter(&self) {
-        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-    }
-    fn leave(&self) {
-        self.running.fetch_sub(1, Ordering::SeqCst);
-    }
-    fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
-    }
 }
 
 /// Backend pids of this database's `pgbus:<role>` connections.
@@ -1115,7 +1064,7 @@ async fn connection_budget_holds() {
         samples.at_peak,
         samples.peak_worker_owned,
         samples.samples,
-        gauge.peak.load(Ordering::SeqCst)
+        gauge.peak()
     );
     assert_eq!(report.acked, (GROUPS as u64) * u64::from(PER_GROUP));
     assert_eq!(monitor.metadata().connection_budget, Some(CONCURRENCY + 2));
@@ -1140,5 +1089,5 @@ async fn connection_budget_holds() {
         sessions_peak <= CONCURRENCY,
         "{sessions_peak} group sessions"
     );
-    assert!(gauge.peak.load(Ordering::SeqCst) <= CONCURRENCY);
+    assert!(gauge.peak() <= CONCURRENCY);
 }

@@ -8,24 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    DeadLetters, NewMessage, ProcessRegistry, Producer, QueueAdmin, QueueName, QueueOptions,
-    QueueStats, RetryPolicy, Stats,
+    DeadLetters, NewMessage, ProcessRegistry, Producer, QueueName, QueueOptions, RetryPolicy,
 };
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::PgBackend;
-use pgbus_tests::{connections, eventually, fresh_backend, queue};
-use tokio::sync::watch;
+use pgbus_tests::{
+    connections, create, eventually, fresh_backend, gate, pass, stats_of, wait_until_empty, Gauge,
+};
 use tokio_util::sync::CancellationToken;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn create(backend: &PgBackend, name: &str, options: QueueOptions) -> QueueName {
-    let q = queue(name);
-    assert!(backend.create_queue(&q, &options).await.unwrap());
-    q
-}
 
 /// Sends `0..n` as payloads, in `send_batch` chunks of at most 5,000.
 async fn send_numbers(backend: &PgBackend, q: &QueueName, n: u32) {
@@ -44,55 +38,6 @@ async fn send_numbers(backend: &PgBackend, q: &QueueName, n: u32) {
         assert_eq!(ids.len(), (end - start) as usize);
         start = end;
     }
-}
-
-async fn stats_of(backend: &PgBackend, q: &QueueName) -> QueueStats {
-    backend
-        .stats()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| &s.queue == q)
-        .expect("stats for the queue")
-}
-
-async fn wait_until_empty(backend: &PgBackend, q: &QueueName, deadline: Duration) {
-    eventually("the queue is empty", deadline, || async {
-        stats_of(backend, q).await.depth() == 0
-    })
-    .await;
-}
-
-/// Concurrency bookkeeping shared by a handler's runs: how many run now, the most at once.
-#[derive(Default)]
-struct Gauge {
-    running: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl Gauge {
-    fn enter(&self) {
-        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-    }
-    fn leave(&self) {
-        self.running.fetch_sub(1, Ordering::SeqCst);
-    }
-    fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
-    }
-    fn peak(&self) -> usize {
-        self.peak.load(Ordering::SeqCst)
-    }
-}
-
-/// A gate jobs wait at until the test opens it.
-fn gate() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-    watch::channel(false)
-}
-
-async fn pass(mut gate: watch::Receiver<bool>) {
-    gate.wait_for(|open| *open).await.expect("gate kept open");
 }
 
 // ---------------------------------------------------------------------------------------
