@@ -630,7 +630,7 @@ pub(crate) fn message_from(queue: &QueueName, row: &Row) -> Result<Message> {
     m.attempts = attempts(row.get("attempts"));
     m.group_key = row.get("group_key");
     m.last_error = row.get("last_error");
-    m.lease_expires_at = row.get("visible_at");
+    m.lease_expires_at = row.get("lease_until");
     Ok(m)
 }
 

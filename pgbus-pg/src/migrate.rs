@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "group_leases",
         sql: include_str!("../migrations/0004_group_leases.sql"),
     },
+    Migration {
+        version: 5,
+        name: "hot_leases",
+        sql: include_str!("../migrations/0005_hot_leases.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -85,32 +85,31 @@ WITH ins AS (
 )
 SELECT ins.id FROM ins LEFT JOIN wake ON true ORDER BY ins.id";
 
-/// Claim: pick the best visible rows with SKIP LOCKED, lease them, count the attempt. The
-/// picked row's previous `visible_at` is returned so the caller can restore claim order
-/// (RETURNING has none).
+/// Claim: pick the best claimable rows (visible, and not leased or with the lease run out)
+/// with SKIP LOCKED, lease them, count the attempt. Only unindexed columns change, so the
+/// update can be HOT. `RETURNING` keeps no order: the caller restores it.
 pub(crate) const CLAIM: &str = "
 WITH picked AS (
-    SELECT id, visible_at
+    SELECT id
     FROM pgbus.messages
     WHERE queue = $1
       AND group_key IS NULL
       AND visible_at <= now()
+      AND (lease_until IS NULL OR lease_until <= now())
       AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
     ORDER BY priority DESC, visible_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
 UPDATE pgbus.messages m
-SET visible_at = now() + make_interval(secs => $3),
-    leased = true,
+SET lease_until = now() + make_interval(secs => $3),
     attempts = m.attempts + 1
 FROM picked
 WHERE m.id = picked.id
-RETURNING m.id, m.priority, picked.visible_at AS was_visible_at, m.visible_at,
+RETURNING m.id, m.priority, m.visible_at AS was_visible_at, m.lease_until,
           m.attempts, m.enqueued_at, m.content_type, m.headers, m.group_key,
           m.last_error, m.payload";
 
-/// Ack: delete current deliveries; archive those of history-keeping queues.
 /// The lease-mode fence on a statement over `pgbus.messages m`: the write happens only while
 /// the session's token (parameter `$N`) owns a live lease on the message's group.
 macro_rules! fence {
@@ -157,9 +156,9 @@ macro_rules! extend {
         concat!(
             "
 UPDATE pgbus.messages m
-SET visible_at = now() + make_interval(secs => $3)
+SET lease_until = now() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
-WHERE m.id = l.id AND m.attempts = l.attempt AND m.leased",
+WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL",
             $fence
         )
     };
@@ -172,7 +171,7 @@ macro_rules! nack {
         concat!(
             "
 UPDATE pgbus.messages m
-SET visible_at = now() + make_interval(secs => $3), leased = false, last_error = $4
+SET visible_at = now() + make_interval(secs => $3), lease_until = NULL, last_error = $4
 WHERE m.id = $1 AND m.attempts = $2",
             $fence
         )
@@ -240,10 +239,13 @@ SELECT q.name, q.paused,
 FROM pgbus.queues q
 LEFT JOIN (
     SELECT queue,
-           count(*) FILTER (WHERE visible_at <= now()) AS ready,
-           count(*) FILTER (WHERE visible_at > now() AND leased) AS in_flight,
-           count(*) FILTER (WHERE visible_at > now() AND NOT leased) AS scheduled,
-           extract(epoch FROM now() - min(visible_at) FILTER (WHERE visible_at <= now()))::float8
+           count(*) FILTER (WHERE visible_at <= now() AND NOT coalesce(lease_until > now(), false))
+               AS ready,
+           count(*) FILTER (WHERE lease_until > now()) AS in_flight,
+           count(*) FILTER (WHERE visible_at > now() AND NOT coalesce(lease_until > now(), false))
+               AS scheduled,
+           extract(epoch FROM now() - min(visible_at) FILTER (
+               WHERE visible_at <= now() AND NOT coalesce(lease_until > now(), false)))::float8
                AS oldest_ready_secs
     FROM pgbus.messages
     GROUP BY queue
@@ -289,12 +291,13 @@ ORDER BY id";
 pub(crate) const GROUP_CANDIDATES: &str = "
 SELECT h.group_key
 FROM (
-    SELECT DISTINCT ON (group_key) group_key, id, visible_at
+    SELECT DISTINCT ON (group_key) group_key, id, visible_at, lease_until
     FROM pgbus.messages
     WHERE queue = $1 AND group_key IS NOT NULL
     ORDER BY group_key, id
 ) h
 WHERE h.visible_at <= now()
+  AND (h.lease_until IS NULL OR h.lease_until <= now())
   AND NOT (h.group_key = ANY ($3))
   AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
 ORDER BY h.id
@@ -314,8 +317,7 @@ macro_rules! claim_group_head {
         concat!(
             "
 UPDATE pgbus.messages m
-SET visible_at = now() + make_interval(secs => $3),
-    leased = true,
+SET lease_until = now() + make_interval(secs => $3),
     attempts = m.attempts + 1
 FROM (
     SELECT id FROM pgbus.messages
@@ -325,10 +327,11 @@ FROM (
 ) head
 WHERE m.id = head.id
   AND m.visible_at <= now()
+  AND (m.lease_until IS NULL OR m.lease_until <= now())
   AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)",
             $fence,
             "
-RETURNING m.id, m.priority, m.visible_at, m.attempts, m.enqueued_at, m.content_type,
+RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_type,
           m.headers, m.group_key, m.last_error, m.payload"
         )
     };
@@ -339,11 +342,10 @@ pub(crate) const CLAIM_GROUP_HEAD_FENCED: &str = claim_group_head!(fence!("4"));
 /// Frees in-flight grouped messages whose group lock no session holds: their owner died.
 pub(crate) const RECOVER_GROUPS: &str = "
 UPDATE pgbus.messages m
-SET visible_at = now(), leased = false
+SET lease_until = NULL
 WHERE m.queue = ANY ($1)
   AND m.group_key IS NOT NULL
-  AND m.leased
-  AND m.visible_at > now()
+  AND m.lease_until > now()
   AND NOT EXISTS (
       SELECT 1 FROM pg_locks l
       WHERE l.locktype = 'advisory'
@@ -377,11 +379,10 @@ pub(crate) const RELEASE_GROUP_LEASE: &str =
 pub(crate) const RECOVER_LEASED_GROUPS: &str = "
 WITH freed AS (
     UPDATE pgbus.messages m
-    SET visible_at = now(), leased = false
+    SET lease_until = NULL
     WHERE m.queue = ANY ($1)
       AND m.group_key IS NOT NULL
-      AND m.leased
-      AND m.visible_at > now()
+      AND m.lease_until > now()
       AND NOT EXISTS (
           SELECT 1 FROM pgbus.group_leases g
           WHERE g.queue = m.queue AND g.group_key = m.group_key AND g.expires_at > now()

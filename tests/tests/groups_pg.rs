@@ -162,7 +162,7 @@ async fn unlock_group(client: &Client, q: &QueueName, group: &str) -> bool {
 async fn untouched(client: &Client, q: &QueueName, group: &str) -> (i64, i64) {
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE attempts = 0 AND NOT leased), count(*)
+            "SELECT count(*) FILTER (WHERE attempts = 0 AND lease_until IS NULL), count(*)
              FROM pgbus.messages WHERE queue = $1 AND group_key = $2",
             &[&q.as_str(), &group],
         )
@@ -175,7 +175,7 @@ async fn untouched(client: &Client, q: &QueueName, group: &str) -> (i64, i64) {
 async fn head_leased(client: &Client, q: &QueueName) -> bool {
     client
         .query_one(
-            "SELECT leased FROM pgbus.messages WHERE queue = $1 ORDER BY id LIMIT 1",
+            "SELECT coalesce(lease_until > now(), false) FROM pgbus.messages WHERE queue = $1 ORDER BY id LIMIT 1",
             &[&q.as_str()],
         )
         .await
