@@ -28,8 +28,8 @@
 //!   a claim lost in a server crash only makes the message claimable again, which
 //!   at-least-once delivery allows (the attempt count may then undercount by one). Acks,
 //!   sends and dead-letters stay durable.
-//! - **Leases** are a `visible_at` in the future; an expired lease makes the message
-//!   claimable again with no sweeper. Settling operations are fenced by the attempt number.
+//! - **Leases** are a `lease_until` in the future, an unindexed column, so a claim is a HOT
+//!   update; an expired lease makes the message claimable again with no sweeper. Settling operations are fenced by the attempt number.
 //! - **Completed work leaves the hot table**: acked messages are deleted, or moved to
 //!   `pgbus.archive` for queues that keep history; [`PgBackend::prune_archive`] trims the
 //!   archive in bounded batches.
