@@ -23,7 +23,9 @@ use crate::{
 };
 
 /// Generates one `#[tokio::test]` per conformance case, each given a fresh backend from
-/// `$factory` (an async function with no arguments returning the backend).
+/// `$factory` (an async function with no arguments returning the backend). The stream
+/// storage cases, for a [`StreamStore`](crate::StreamStore), come with
+/// `conformance_tests!(@streams factory)`.
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:path) => {
@@ -49,6 +51,13 @@ macro_rules! conformance_tests {
             processes_register_heartbeat_and_go_stale,
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             recovery_frees_the_work_of_a_dead_group_owner,
+        );
+    };
+    (@streams $factory:path) => {
+        $crate::conformance_tests!(@cases $factory;
+            stream_events_read_back_in_id_order,
+            oversized_broadcast_is_stored_durably,
+            pruning_moves_the_horizon,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -850,4 +859,87 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
         recovery.heartbeat(id, 1).await.unwrap(),
         "the recovery session records heartbeats"
     );
+}
+
+fn stream(name: &str) -> crate::StreamName {
+    crate::StreamName::new(name).expect("valid stream name")
+}
+
+/// Events come back after a cursor, in id order, bounded by the limit; streams are apart.
+pub async fn stream_events_read_back_in_id_order<S: crate::StreamStore>(store: S) {
+    let (a, b) = (stream("orders"), stream("users"));
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            store
+                .publish(&a, "created", &format!("{{\"n\":{n}}}"))
+                .await
+                .unwrap(),
+        );
+    }
+    store.publish(&b, "joined", "x").await.unwrap();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    let all = store.read_after(&a, 0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        (all[0].event.as_str(), all[0].data.as_str()),
+        ("created", "{\"n\":0}")
+    );
+    assert_eq!(all[0].stream, a);
+    let page = store.read_after(&a, ids[1], 2).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), &ids[2..4]);
+    assert!(store.read_after(&a, ids[4], 10).await.unwrap().is_empty());
+    assert_eq!(store.read_after(&b, 0, 10).await.unwrap().len(), 1);
+    assert!(crate::StreamName::new("No Spaces").is_err());
+}
+
+/// A broadcast small enough rides the notification only; a larger one is stored.
+pub async fn oversized_broadcast_is_stored_durably<S: crate::StreamStore>(store: S) {
+    let s = stream("live");
+    assert_eq!(store.broadcast(&s, "tick", "small").await.unwrap(), None);
+    assert!(
+        store.read_after(&s, 0, 10).await.unwrap().is_empty(),
+        "ephemeral: not stored"
+    );
+    let big = "x".repeat(crate::MAX_EPHEMERAL_BYTES + 1);
+    let id = store
+        .broadcast(&s, "tick", &big)
+        .await
+        .unwrap()
+        .expect("stored durably");
+    let stored = store.read_after(&s, 0, 10).await.unwrap();
+    assert_eq!(
+        (stored.len(), stored[0].id, stored[0].data.len()),
+        (1, id, big.len())
+    );
+}
+
+/// Pruning deletes old events and marks the stream, so a cursor before them is a gap.
+pub async fn pruning_moves_the_horizon<S: crate::StreamStore>(store: S) {
+    let s = stream("pruned");
+    let first = store.publish(&s, "e", "1").await.unwrap();
+    let last = store.publish(&s, "e", "2").await.unwrap();
+    assert_eq!(
+        store.horizon(&s, 0).await.unwrap(),
+        crate::Horizon::Complete
+    );
+    assert_eq!(
+        store.prune(Duration::from_secs(3600), 10).await.unwrap(),
+        0,
+        "nothing old yet"
+    );
+    let start = Instant::now();
+    let mut pruned = 0;
+    while pruned < 2 {
+        pruned += store.prune(Duration::ZERO, 1).await.unwrap();
+        assert!(start.elapsed() < DEADLINE, "events never pruned");
+    }
+    assert!(store.read_after(&s, 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.horizon(&s, first).await.unwrap(), crate::Horizon::Gap);
+    assert_eq!(
+        store.horizon(&s, last).await.unwrap(),
+        crate::Horizon::Complete
+    );
+    let next = store.publish(&s, "e", "3").await.unwrap();
+    assert!(next > last);
 }

@@ -17,6 +17,14 @@ pub enum Error {
         /// The rule it broke.
         rule: &'static str,
     },
+    /// A stream name broke the naming rule.
+    #[error("invalid stream name {name:?}: a stream name {rule} (lowercase [a-z0-9_], starting with a letter, at most 48 bytes)")]
+    InvalidStreamName {
+        /// The refused name.
+        name: String,
+        /// The rule it broke.
+        rule: &'static str,
+    },
     /// A group key was empty or too long.
     #[error("invalid group key: {0}")]
     InvalidGroupKey(&'static str),

@@ -4,7 +4,7 @@
 //! Backends implement [`QueueAdmin`], [`Producer`], [`Consumer`], [`DeadLetters`] and
 //! [`Stats`]; together they make a [`Backend`]. [`MemoryBackend`] is the in-memory
 //! reference implementation, and the `conformance` feature provides the suite of tests every
-//! backend runs (see [`conformance_tests!`]).
+//! backend runs (see `conformance_tests!`).
 //!
 //! ```
 //! use std::time::Duration;
@@ -46,6 +46,7 @@ mod name;
 mod process;
 mod queue;
 mod retry;
+mod stream;
 mod wakeup;
 
 #[cfg(feature = "conformance")]
@@ -66,4 +67,7 @@ pub use queue::{
     Selection, Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
+pub use stream::{
+    Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
+};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

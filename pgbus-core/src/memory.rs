@@ -14,6 +14,7 @@ use crate::queue::{
     Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats, Selection,
     Stats,
 };
+use crate::stream::{Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES};
 use crate::{
     ContentType, DeadMessage, Error, Headers, Lease, Message, MessageId, NewMessage, QueueName,
     Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
@@ -35,6 +36,10 @@ struct State {
     next_session: u64,
     /// Group locks: (queue, group) to the session holding it.
     group_locks: HashMap<(QueueName, String), u64>,
+    next_event: i64,
+    streams: BTreeMap<StreamName, Vec<StreamEvent>>,
+    /// Per stream, the highest id pruned.
+    pruned_through: HashMap<StreamName, i64>,
 }
 
 #[derive(Debug)]
@@ -689,5 +694,92 @@ impl crate::OpenGroupSession for MemoryBackend {
         Ok(MemoryGroupRecovery {
             backend: self.clone(),
         })
+    }
+}
+
+impl StreamStore for MemoryBackend {
+    async fn publish(&self, stream: &StreamName, event: &str, data: &str) -> Result<i64> {
+        let mut state = self.lock();
+        state.next_event += 1;
+        let id = state.next_event;
+        state
+            .streams
+            .entry(stream.clone())
+            .or_default()
+            .push(StreamEvent::new(
+                id,
+                stream.clone(),
+                event.to_owned(),
+                data.to_owned(),
+                SystemTime::now(),
+            ));
+        Ok(id)
+    }
+
+    /// The in-memory backend has no listeners to carry ephemeral broadcasts; only one
+    /// too large for a notification is kept (durably, as Postgres would).
+    async fn broadcast(&self, stream: &StreamName, event: &str, data: &str) -> Result<Option<i64>> {
+        if event.len() + data.len() > MAX_EPHEMERAL_BYTES {
+            return self.publish(stream, event, data).await.map(Some);
+        }
+        Ok(None)
+    }
+
+    async fn read_after(
+        &self,
+        stream: &StreamName,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>> {
+        let state = self.lock();
+        Ok(state
+            .streams
+            .get(stream)
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|e| e.id > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn horizon(&self, stream: &StreamName, cursor: i64) -> Result<Horizon> {
+        let state = self.lock();
+        let pruned = state.pruned_through.get(stream).copied().unwrap_or(0);
+        Ok(if cursor < pruned {
+            Horizon::Gap
+        } else {
+            Horizon::Complete
+        })
+    }
+
+    async fn prune(&self, retention: Duration, batch: usize) -> Result<u64> {
+        let _ = batch; // one lock, no statements to bound
+        let cutoff = SystemTime::now() - retention;
+        let mut state = self.lock();
+        let State {
+            streams,
+            pruned_through,
+            ..
+        } = &mut *state;
+        let mut pruned = 0;
+        for (name, events) in streams.iter_mut() {
+            let before = events.len();
+            if let Some(last) = events
+                .iter()
+                .filter(|e| e.published_at < cutoff)
+                .map(|e| e.id)
+                .max()
+            {
+                let mark = pruned_through.entry(name.clone()).or_default();
+                *mark = (*mark).max(last);
+            }
+            events.retain(|e| e.published_at >= cutoff);
+            pruned += (before - events.len()) as u64;
+        }
+        Ok(pruned)
     }
 }

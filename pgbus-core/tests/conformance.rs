@@ -7,3 +7,4 @@ async fn fresh_backend() -> MemoryBackend {
 }
 
 pgbus_core::conformance_tests!(fresh_backend);
+pgbus_core::conformance_tests!(@streams fresh_backend);

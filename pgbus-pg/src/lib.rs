@@ -52,6 +52,7 @@ mod listener;
 mod migrate;
 mod registry;
 mod sql;
+mod stream;
 mod transaction;
 
 pub use backend::{PgBackend, PgBackendBuilder};

@@ -41,6 +41,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "hot_leases",
         sql: include_str!("../migrations/0005_hot_leases.sql"),
     },
+    Migration {
+        version: 6,
+        name: "streams",
+        sql: include_str!("../migrations/0006_streams.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -392,3 +392,51 @@ WITH freed AS (
     DELETE FROM pgbus.group_leases WHERE queue = ANY ($1) AND expires_at <= now()
 )
 SELECT count(*) FROM freed";
+
+/// Publishes a durable stream event: lock the stream for this transaction, then draw the
+/// id, so the stream's ids commit in order; wake its listeners on commit (the channel is
+/// `pgbus_stream_<name>`; stream names are valid identifiers).
+pub(crate) const PUBLISH_EVENT: &str = "
+WITH lock AS (
+    SELECT pg_advisory_xact_lock(hashtext('pgbus:stream:' || $1))
+), ins AS (
+    INSERT INTO pgbus.stream_events (stream, event, data)
+    SELECT $1, $2, $3 FROM lock
+    RETURNING id
+), wake AS (
+    SELECT pg_notify('pgbus_stream_' || $1, '') FROM ins
+)
+SELECT ins.id FROM ins LEFT JOIN wake ON true";
+
+/// An ephemeral broadcast: the notification payload is the whole event.
+pub(crate) const BROADCAST_EVENT: &str = "SELECT pg_notify('pgbus_stream_' || $1, $2)";
+
+pub(crate) const READ_EVENTS: &str = "
+SELECT id, event, data, published_at
+FROM pgbus.stream_events
+WHERE stream = $1 AND id > $2
+ORDER BY id
+LIMIT $3";
+
+pub(crate) const PRUNED_THROUGH: &str =
+    "SELECT coalesce((SELECT pruned_through FROM pgbus.streams WHERE name = $1), 0)";
+
+/// Deletes at most `$2` events older than `$1` seconds and records, per stream, the
+/// highest id pruned.
+pub(crate) const PRUNE_EVENTS: &str = "
+WITH doomed AS (
+    SELECT id FROM pgbus.stream_events
+    WHERE published_at < now() - make_interval(secs => $1)
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), del AS (
+    DELETE FROM pgbus.stream_events e USING doomed WHERE e.id = doomed.id
+    RETURNING e.stream, e.id
+), mark AS (
+    INSERT INTO pgbus.streams AS s (name, pruned_through)
+    SELECT stream, max(id) FROM del GROUP BY stream
+    ON CONFLICT (name) DO UPDATE
+    SET pruned_through = GREATEST(s.pruned_through, EXCLUDED.pruned_through)
+)
+SELECT count(*) FROM del";

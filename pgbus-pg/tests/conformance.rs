@@ -13,3 +13,4 @@ async fn fresh_backend() -> PgBackend {
 }
 
 pgbus_core::conformance_tests!(fresh_backend);
+pgbus_core::conformance_tests!(@streams fresh_backend);
