@@ -171,16 +171,16 @@ async fn untouched(client: &Client, q: &QueueName, group: &str) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
-/// Whether the queue's oldest message is leased.
+/// Whether the queue's oldest message is leased (`false` for an empty queue).
 async fn head_leased(client: &Client, q: &QueueName) -> bool {
     client
-        .query_one(
+        .query_opt(
             "SELECT coalesce(lease_until > now(), false) FROM pgbus.messages WHERE queue = $1 ORDER BY id LIMIT 1",
             &[&q.as_str()],
         )
         .await
         .unwrap()
-        .get(0)
+        .is_some_and(|row| row.get(0))
 }
 
 /// Connections of the test itself, never counted against a worker's budget: observers,
