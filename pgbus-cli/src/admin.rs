@@ -132,11 +132,6 @@ pub(crate) async fn queue(
     Ok(ExitCode::SUCCESS)
 }
 
-enum Kind {
-    Retry,
-    Other,
-}
-
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -147,10 +142,7 @@ pub(crate) async fn dlq(
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?;
-    let command_kind = match &command {
-        DlqCommand::Retry(_) => Kind::Retry,
-        _ => Kind::Other,
-    };
+    let retry = matches!(command, DlqCommand::Retry(_));
     match command {
         DlqCommand::List { queue, json, limit } => {
             let dead = backend.list_dead(&QueueName::new(queue)?, limit).await?;
@@ -195,7 +187,7 @@ pub(crate) async fn dlq(
             } else {
                 Selection::Ids(&ids)
             };
-            let (verb, n) = if matches!(command_kind, Kind::Retry) {
+            let (verb, n) = if retry {
                 ("retried", backend.retry_dead(&queue, which).await?)
             } else {
                 ("discarded", backend.discard_dead(&queue, which).await?)
