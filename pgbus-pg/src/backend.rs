@@ -303,7 +303,7 @@ pub(crate) async fn queue_info_on(
     name: &QueueName,
 ) -> Result<QueueInfo> {
     let row = client
-        .query_opt(&sql::queue_info(), &[&name.as_str()])
+        .query_opt(sql::QUEUE_INFO, &[&name.as_str()])
         .await
         .map_err(|e| db("reading a queue", e))?;
     match row {
@@ -463,7 +463,7 @@ impl QueueAdmin for PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(&sql::list_queues(), &[])
+            .query(sql::LIST_QUEUES, &[])
             .await
             .map_err(|e| db("listing queues", e))?;
         rows.iter().map(queue_info_from).collect()

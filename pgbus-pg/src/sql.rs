@@ -46,16 +46,25 @@ SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM wake)";
 
 pub(crate) const PURGE_QUEUE: &str = "DELETE FROM pgbus.messages WHERE queue = $1";
 
-const QUEUE_COLUMNS: &str = "name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter, \
-                             lease_ms, keep_history, archive_retention_ms, paused";
-
-pub(crate) fn queue_info() -> String {
-    format!("SELECT {QUEUE_COLUMNS} FROM pgbus.queues WHERE name = $1")
+/// The columns a queue's settings are read from.
+macro_rules! queue_columns {
+    () => {
+        "name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter, lease_ms, \
+         keep_history, archive_retention_ms, paused"
+    };
 }
 
-pub(crate) fn list_queues() -> String {
-    format!("SELECT {QUEUE_COLUMNS} FROM pgbus.queues ORDER BY name")
-}
+pub(crate) const QUEUE_INFO: &str = concat!(
+    "SELECT ",
+    queue_columns!(),
+    " FROM pgbus.queues WHERE name = $1"
+);
+
+pub(crate) const LIST_QUEUES: &str = concat!(
+    "SELECT ",
+    queue_columns!(),
+    " FROM pgbus.queues ORDER BY name"
+);
 
 pub(crate) const QUEUE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pgbus.queues WHERE name = $1)";
 
