@@ -890,6 +890,8 @@ pub async fn stream_events_read_back_in_id_order<S: crate::StreamStore>(store: S
     assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), &ids[2..4]);
     assert!(store.read_after(&a, ids[4], 10).await.unwrap().is_empty());
     assert_eq!(store.read_after(&b, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(store.latest(&a).await.unwrap(), ids[4]);
+    assert_eq!(store.latest(&stream("never_used")).await.unwrap(), 0);
     assert!(crate::StreamName::new("No Spaces").is_err());
 }
 
@@ -935,6 +937,11 @@ pub async fn pruning_moves_the_horizon<S: crate::StreamStore>(store: S) {
         assert!(start.elapsed() < DEADLINE, "events never pruned");
     }
     assert!(store.read_after(&s, 0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.latest(&s).await.unwrap(),
+        last,
+        "pruning keeps the stream's position"
+    );
     assert_eq!(store.horizon(&s, first).await.unwrap(), crate::Horizon::Gap);
     assert_eq!(
         store.horizon(&s, last).await.unwrap(),

@@ -55,7 +55,7 @@ pub mod conformance;
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};
 pub use group::{GroupRecovery, GroupSession, OpenGroupSession};
-pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession};
+pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession, MemoryStreamListener};
 pub use message::{
     DeadMessage, Headers, Lease, Message, MessageId, NewMessage, Visibility,
     DEFAULT_MAX_PAYLOAD_BYTES, MAX_GROUP_KEY_LEN,
@@ -68,6 +68,7 @@ pub use queue::{
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use stream::{
-    Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
+    Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal, StreamStore,
+    MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
 };
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

@@ -6,7 +6,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use crate::process::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry};
@@ -14,7 +15,10 @@ use crate::queue::{
     Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats, Selection,
     Stats,
 };
-use crate::stream::{Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES};
+use crate::stream::{
+    Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal, StreamStore,
+    MAX_EPHEMERAL_BYTES,
+};
 use crate::{
     ContentType, DeadMessage, Error, Headers, Lease, Message, MessageId, NewMessage, QueueName,
     Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
@@ -40,6 +44,7 @@ struct State {
     streams: BTreeMap<StreamName, Vec<StreamEvent>>,
     /// Per stream, the highest id pruned.
     pruned_through: HashMap<StreamName, i64>,
+    stream_listeners: Vec<Weak<ListenerState>>,
 }
 
 #[derive(Debug)]
@@ -713,16 +718,37 @@ impl StreamStore for MemoryBackend {
                 data.to_owned(),
                 SystemTime::now(),
             ));
+        drop(state);
+        self.signal(stream, StreamSignal::Published(stream.clone()));
         Ok(id)
     }
 
-    /// The in-memory backend has no listeners to carry ephemeral broadcasts; only one
-    /// too large for a notification is kept (durably, as Postgres would).
+    /// Delivered to this backend's stream listeners; one too large for a notification is
+    /// kept durably instead, as Postgres would.
     async fn broadcast(&self, stream: &StreamName, event: &str, data: &str) -> Result<Option<i64>> {
         if event.len() + data.len() > MAX_EPHEMERAL_BYTES {
             return self.publish(stream, event, data).await.map(Some);
         }
+        self.signal(
+            stream,
+            StreamSignal::Broadcast {
+                stream: stream.clone(),
+                event: event.to_owned(),
+                data: data.to_owned(),
+            },
+        );
         Ok(None)
+    }
+
+    async fn latest(&self, stream: &StreamName) -> Result<i64> {
+        let state = self.lock();
+        let stored = state
+            .streams
+            .get(stream)
+            .and_then(|events| events.last())
+            .map(|e| e.id);
+        let pruned = state.pruned_through.get(stream).copied();
+        Ok(stored.or(pruned).unwrap_or(0))
     }
 
     async fn read_after(
@@ -781,5 +807,128 @@ impl StreamStore for MemoryBackend {
             pruned += (before - events.len()) as u64;
         }
         Ok(pruned)
+    }
+}
+
+impl MemoryBackend {
+    /// A [`StreamListener`] for this backend's streams: publishes and broadcasts are
+    /// signalled to it at once (there are no transactions to wait for).
+    pub fn stream_listener(&self) -> MemoryStreamListener {
+        let state = Arc::new(ListenerState::default());
+        let mut backend = self.lock();
+        backend.stream_listeners.retain(|l| l.strong_count() > 0);
+        backend.stream_listeners.push(Arc::downgrade(&state));
+        MemoryStreamListener { state }
+    }
+
+    fn signal(&self, stream: &StreamName, signal: StreamSignal) {
+        let listeners: Vec<_> = self
+            .lock()
+            .stream_listeners
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for listener in listeners {
+            listener.deliver(stream, signal.clone());
+        }
+    }
+}
+
+/// The in-memory [`StreamListener`], from [`MemoryBackend::stream_listener`].
+#[derive(Debug, Clone)]
+pub struct MemoryStreamListener {
+    state: Arc<ListenerState>,
+}
+
+#[derive(Default)]
+struct ListenerState {
+    signal: Mutex<Option<SignalFn>>,
+    /// Streams listened to, with how many `listen`s each (as the Postgres listener counts).
+    streams: Mutex<HashMap<StreamName, usize>>,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for ListenerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerState")
+            .field("streams", &self.streams)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ListenerState {
+    fn deliver(&self, stream: &StreamName, signal: StreamSignal) {
+        if self.stopped.load(Ordering::SeqCst)
+            || !self.streams.lock().expect("streams").contains_key(stream)
+        {
+            return;
+        }
+        let target = self.signal.lock().expect("signal").clone();
+        if let Some(target) = target {
+            target(signal);
+        }
+    }
+}
+
+impl MemoryStreamListener {
+    /// Signals [`StreamSignal::Reconnected`], as a real listener does after it lost its
+    /// connection.
+    pub fn simulate_reconnect(&self) {
+        let target = self.state.signal.lock().expect("signal").clone();
+        if let Some(target) = target {
+            target(StreamSignal::Reconnected);
+        }
+    }
+
+    /// The streams listened to now.
+    pub fn listening(&self) -> Vec<StreamName> {
+        let mut streams: Vec<_> = self
+            .state
+            .streams
+            .lock()
+            .expect("streams")
+            .keys()
+            .cloned()
+            .collect();
+        streams.sort();
+        streams
+    }
+}
+
+impl StreamListener for MemoryStreamListener {
+    fn start(&self, signal: SignalFn) -> Result<()> {
+        *self.state.signal.lock().expect("signal") = Some(signal);
+        Ok(())
+    }
+
+    async fn listen(&self, stream: &StreamName) -> Result<()> {
+        *self
+            .state
+            .streams
+            .lock()
+            .expect("streams")
+            .entry(stream.clone())
+            .or_default() += 1;
+        Ok(())
+    }
+
+    async fn unlisten(&self, stream: &StreamName) -> Result<()> {
+        let mut streams = self.state.streams.lock().expect("streams");
+        if let Some(count) = streams.get_mut(stream) {
+            *count -= 1;
+            if *count == 0 {
+                streams.remove(stream);
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) {
+        self.state.stopped.store(true, Ordering::SeqCst);
+    }
+
+    fn is_live(&self) -> bool {
+        !self.state.stopped.load(Ordering::SeqCst)
     }
 }

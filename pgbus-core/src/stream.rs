@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::{Error, Result};
@@ -120,6 +121,10 @@ pub trait StreamStore: Send + Sync + Clone + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StreamEvent>>> + Send;
 
+    /// The highest id the stream has had (0 for a stream never published to): where a
+    /// client that gives no cursor starts.
+    fn latest(&self, stream: &StreamName) -> impl Future<Output = Result<i64>> + Send;
+
     /// Whether everything after `cursor` is still retained.
     fn horizon(
         &self,
@@ -130,4 +135,47 @@ pub trait StreamStore: Send + Sync + Clone + 'static {
     /// Deletes events older than `retention`, at most `batch` per statement; returns how
     /// many.
     fn prune(&self, retention: Duration, batch: usize) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// What a [`StreamListener`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamSignal {
+    /// Durable events were committed on the stream: read them from the store.
+    Published(StreamName),
+    /// An ephemeral broadcast, delivered only to the clients connected now.
+    Broadcast {
+        /// The stream.
+        stream: StreamName,
+        /// Event type.
+        event: String,
+        /// Payload text.
+        data: String,
+    },
+    /// The listener (re)connected and re-listened: signals sent meanwhile were lost, so
+    /// every stream must be read again.
+    Reconnected,
+}
+
+/// Receives a listener's signals; called from the listener's task, so it must not block.
+pub type SignalFn = Arc<dyn Fn(StreamSignal) + Send + Sync>;
+
+/// Tells its owner when streams have news: the stream counterpart of
+/// [`WakeupSource`](crate::WakeupSource), one per streamer instance.
+pub trait StreamListener: Send + Sync + 'static {
+    /// Starts delivering signals to `signal` in the background; called once, before any
+    /// [`listen`](Self::listen).
+    fn start(&self, signal: SignalFn) -> Result<()>;
+
+    /// Subscribes to `stream`, resolving once the subscription is active: every commit on
+    /// the stream after that is signalled. Fails while the listener is disconnected.
+    fn listen(&self, stream: &StreamName) -> impl Future<Output = Result<()>> + Send;
+
+    /// Ends the subscription to `stream`.
+    fn unlisten(&self, stream: &StreamName) -> impl Future<Output = Result<()>> + Send;
+
+    /// Stops the background work; no signal is delivered after this resolves.
+    fn stop(&self) -> impl Future<Output = ()> + Send;
+
+    /// Whether signals are being delivered now.
+    fn is_live(&self) -> bool;
 }

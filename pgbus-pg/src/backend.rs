@@ -139,6 +139,12 @@ impl PgBackend {
         &self.url
     }
 
+    /// Pooled connections checked out right now (open minus idle).
+    pub fn pool_in_use(&self) -> u32 {
+        let state = self.pool.state();
+        state.connections - state.idle_connections
+    }
+
     pub(crate) fn pool(&self) -> &Pool<Manager> {
         &self.pool
     }

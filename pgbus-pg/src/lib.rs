@@ -53,6 +53,7 @@ mod migrate;
 mod registry;
 mod sql;
 mod stream;
+mod stream_listener;
 mod transaction;
 
 pub use backend::{PgBackend, PgBackendBuilder};
@@ -62,4 +63,5 @@ pub use fetcher::PgFetcher;
 pub use group::{GroupLocks, PgGroupRecovery, PgGroupSession};
 pub use listener::PgListener;
 pub use migrate::SCHEMA_VERSION;
+pub use stream_listener::PgStreamListener;
 pub use transaction::PgTransaction;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use pgbus_core::{QueueName, Result, RetryPolicy, Subscription, WakeFn, WakeupSource};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::config_for;
@@ -16,7 +16,7 @@ use crate::error::describe;
 use crate::sql;
 
 /// How long the connection may stay quiet before the listener checks it is alive.
-const HEALTH_CHECK_AFTER: Duration = Duration::from_secs(30);
+pub(crate) const HEALTH_CHECK_AFTER: Duration = Duration::from_secs(30);
 /// How long that check may take.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -155,13 +155,7 @@ impl WakeupSource for PgListener {
 
 /// Connect, LISTEN, dispatch; on any failure back off and start over.
 async fn run(config: tokio_postgres::Config, shared: Weak<Shared>, stop: CancellationToken) {
-    let backoff = RetryPolicy::builder()
-        .base(Duration::from_millis(100))
-        .cap(Duration::from_secs(30))
-        .jitter(0.3)
-        .max_attempts(u32::MAX)
-        .build()
-        .expect("valid backoff");
+    let backoff = reconnect_backoff();
     let mut failures = 0u32;
     let mut warned = false;
     loop {
@@ -213,29 +207,13 @@ async fn listen(
     shared: &Weak<Shared>,
     stop: &CancellationToken,
 ) -> std::result::Result<(), Failure> {
-    let (client, mut connection) = config
-        .connect(NoTls)
+    let NotifyConnection {
+        client,
+        notifications: mut rx,
+        _driver,
+    } = NotifyConnection::open(config)
         .await
-        .map_err(|e| Failure::BeforeListening(describe(&e)))?;
-    // The connection object delivers notifications only to whoever polls it; forward them.
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    let _ = tx.send(Ok(n.payload().to_owned()));
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    let _ = tx.send(Err(describe(&err)));
-                    return;
-                }
-            }
-        }
-        let _ = tx.send(Err("connection closed".to_owned()));
-    });
-    let _abort_driver = AbortOnDrop(driver);
+        .map_err(Failure::BeforeListening)?;
     client
         .batch_execute(sql::LISTEN)
         .await
@@ -254,28 +232,82 @@ async fn listen(
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             message = rx.recv() => match message {
-                Some(Ok(queue)) => {
+                Some(Ok(notification)) => {
+                    let queue = notification.payload();
                     let Some(shared) = shared.upgrade() else { return Ok(()) };
-                    *shared.heard.lock().expect("heard").entry(queue.clone()).or_default() += 1;
+                    *shared.heard.lock().expect("heard").entry(queue.to_owned()).or_default() += 1;
                     tracing::trace!(target: "pgbus::listen", queue = %queue, "wake-up");
-                    shared.wake(Some(&queue));
+                    shared.wake(Some(queue));
                 }
                 Some(Err(err)) => return Err(Failure::WhileListening(err)),
                 None => return Err(Failure::WhileListening("connection closed".to_owned())),
             },
             _ = tokio::time::sleep(HEALTH_CHECK_AFTER) => {
-                let check = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.simple_query("SELECT 1"));
-                match check.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(err)) => return Err(Failure::WhileListening(describe(&err))),
-                    Err(_) => return Err(Failure::WhileListening("health check timed out".to_owned())),
-                }
+                health_check(&client).await.map_err(Failure::WhileListening)?;
             }
         }
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The backoff between attempts to reopen a LISTEN connection.
+pub(crate) fn reconnect_backoff() -> RetryPolicy {
+    RetryPolicy::builder()
+        .base(Duration::from_millis(100))
+        .cap(Duration::from_secs(30))
+        .jitter(0.3)
+        .max_attempts(u32::MAX)
+        .build()
+        .expect("valid backoff")
+}
+
+/// Checks that a quiet LISTEN connection still answers.
+pub(crate) async fn health_check(client: &Client) -> std::result::Result<(), String> {
+    match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.simple_query("SELECT 1")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(describe(&err)),
+        Err(_) => Err("health check timed out".to_owned()),
+    }
+}
+
+/// A dedicated (unpooled) connection whose notifications are forwarded to a channel: the
+/// connection object delivers them only to whoever polls it.
+pub(crate) struct NotifyConnection {
+    pub(crate) client: Client,
+    /// Notifications in arrival order; an `Err` (then the end) when the connection breaks.
+    pub(crate) notifications: mpsc::UnboundedReceiver<std::result::Result<Notification, String>>,
+    /// Stops forwarding when the connection is dropped.
+    pub(crate) _driver: AbortOnDrop,
+}
+
+impl NotifyConnection {
+    pub(crate) async fn open(config: &tokio_postgres::Config) -> std::result::Result<Self, String> {
+        let (client, mut connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+        let (tx, notifications) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(Ok(n));
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        let _ = tx.send(Err(describe(&err)));
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Err("connection closed".to_owned()));
+        });
+        Ok(Self {
+            client,
+            notifications,
+            _driver: AbortOnDrop(driver),
+        })
+    }
+}
+
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -1,5 +1,8 @@
 //! Every SQL statement of the Postgres backend. Queue names and all other values are bound
-//! as parameters; no statement is assembled from strings at run time.
+//! as parameters; the only statements assembled at run time are `LISTEN`/`UNLISTEN` of a
+//! stream channel, which cannot take parameters (the name is a validated identifier).
+
+use pgbus_core::StreamName;
 
 /// Serialises migrations across processes (an arbitrary constant: "pgbus" in ASCII).
 pub(crate) const MIGRATION_LOCK_KEY: i64 = 0x0070_6762_7573;
@@ -416,6 +419,26 @@ WITH lock AS (
     SELECT pg_notify('pgbus_stream_' || $1, '') FROM ins
 )
 SELECT ins.id FROM ins LEFT JOIN wake ON true";
+
+/// Stream notifications go to this channel prefix plus the stream name (a valid
+/// identifier: stream names follow the queue-name rule); durable ones carry an empty
+/// payload, ephemeral ones the JSON event.
+pub(crate) const STREAM_CHANNEL_PREFIX: &str = "pgbus_stream_";
+
+/// `LISTEN` takes no parameters; the name is a validated identifier, quoted anyway.
+pub(crate) fn listen_stream(stream: &StreamName) -> String {
+    format!("LISTEN \"{STREAM_CHANNEL_PREFIX}{stream}\"")
+}
+
+pub(crate) fn unlisten_stream(stream: &StreamName) -> String {
+    format!("UNLISTEN \"{STREAM_CHANNEL_PREFIX}{stream}\"")
+}
+
+/// The highest id a stream has had, stored or pruned.
+pub(crate) const LATEST_EVENT: &str = "
+SELECT greatest(
+    (SELECT coalesce(max(id), 0) FROM pgbus.stream_events WHERE stream = $1),
+    (SELECT coalesce(max(pruned_through), 0) FROM pgbus.streams WHERE name = $1))";
 
 /// An ephemeral broadcast: the notification payload is the whole event.
 pub(crate) const BROADCAST_EVENT: &str = "SELECT pg_notify('pgbus_stream_' || $1, $2)";

@@ -29,13 +29,24 @@ impl PgBackend {
     }
 }
 
-/// The notification payload of an ephemeral broadcast.
+/// The notification payload of an ephemeral broadcast (durable ones notify with an
+/// empty payload).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct BroadcastPayload<'a> {
+    #[serde(borrow)]
+    pub(crate) event: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub(crate) data: std::borrow::Cow<'a, str>,
+}
+
 fn ephemeral_payload(event: &str, data: &str) -> Result<String> {
-    serde_json::to_string(&serde_json::json!({ "event": event, "data": data })).map_err(|e| {
-        Error::Encode {
-            format: "JSON",
-            source: e.into(),
-        }
+    let payload = BroadcastPayload {
+        event: event.into(),
+        data: data.into(),
+    };
+    serde_json::to_string(&payload).map_err(|e| Error::Encode {
+        format: "JSON",
+        source: e.into(),
     })
 }
 
@@ -83,6 +94,16 @@ impl StreamStore for PgBackend {
                 )
             })
             .collect())
+    }
+
+    async fn latest(&self, stream: &StreamName) -> Result<i64> {
+        Ok(self
+            .conn()
+            .await?
+            .query_one(sql::LATEST_EVENT, &[&stream.as_str()])
+            .await
+            .map_err(|e| db("reading a stream's latest id", e))?
+            .get(0))
     }
 
     async fn horizon(&self, stream: &StreamName, cursor: i64) -> Result<Horizon> {

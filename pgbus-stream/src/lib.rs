@@ -1,4 +1,22 @@
-//! Streams for pgbus: the stream dispatcher and the SSE endpoint.
+//! Streams for pgbus: browsers follow live event streams over Server-Sent Events, with
+//! gap-free replay from their last event id.
 //!
-//! Not built yet: this crate is filled by the streams issue. It exists so the workspace
-//! layout, and the rule that it never depends on `pgbus-pg`, are in place.
+//! An [`Instance`] per web process composes a [`StreamListener`](pgbus_core::StreamListener)
+//! (one LISTEN connection), a dispatcher task (the single owner of the registry and of
+//! every connection's cursor), a heartbeat and a pruner, over any
+//! [`StreamStore`](pgbus_core::StreamStore). [`http::router`] serves it with axum at
+//! `GET /streams/{signed_name}`; names are signed with a [`Signer`].
+
+mod client;
+mod cursor;
+mod dispatcher;
+mod frame;
+pub mod http;
+mod instance;
+pub mod parse;
+mod signing;
+
+pub use client::EventStream;
+pub use cursor::{parse_cursor, start_from, CursorError, Start};
+pub use instance::{Config, Instance, InstanceStats, IterationHook, RegisterError};
+pub use signing::{SignatureError, Signer, WeakSecret, MIN_SECRET_LEN};
