@@ -51,6 +51,7 @@ macro_rules! conformance_tests {
             processes_register_heartbeat_and_go_stale,
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             recovery_frees_the_work_of_a_dead_group_owner,
+            unique_keys_hold_until_the_job_leaves,
         );
     };
     (@streams $factory:path) => {
@@ -942,4 +943,76 @@ pub async fn pruning_moves_the_horizon<S: crate::StreamStore>(store: S) {
     );
     let next = store.publish(&s, "e", "3").await.unwrap();
     assert!(next > last);
+}
+
+/// A unique key admits one unfinished job per queue: duplicates get the existing id back
+/// or are refused (the whole batch with them); the key is free again once the job is
+/// acked, discarded or dead-lettered.
+pub async fn unique_keys_hold_until_the_job_leaves<B: Backend>(backend: B) {
+    use crate::{OnConflict, Unique};
+    let q = queue(&backend, "unique").await;
+    let other = queue(&backend, "unique_other").await;
+    let reject = |n, key: &str| job(n).unique(Unique::new(key).on_conflict(OnConflict::Reject));
+    let first = backend
+        .send(&q, job(1).unique(Unique::new("k")))
+        .await
+        .unwrap();
+    let ids = backend
+        .send_batch(
+            &q,
+            vec![
+                job(2).unique(Unique::new("k")),
+                job(3),
+                job(4).unique(Unique::new("j")),
+                job(5).unique(Unique::new("j")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids[0], first, "a duplicate gets the existing id");
+    assert_eq!(
+        ids[2], ids[3],
+        "a duplicate within the batch gets the first one's id"
+    );
+    assert_ne!(ids[1], ids[2]);
+    // Keys are per queue.
+    backend.send(&other, reject(6, "k")).await.unwrap();
+
+    let err = backend
+        .send_batch(&q, vec![job(7), reject(8, "k")])
+        .await
+        .unwrap_err();
+    match err {
+        Error::DuplicateJob { key, existing, .. } => {
+            assert_eq!(key, "k");
+            assert_eq!(existing, Some(first));
+        }
+        other => panic!("expected DuplicateJob, got {other}"),
+    }
+    assert_eq!(
+        stats_of(&backend, &q).await.depth(),
+        3,
+        "the refused batch stored nothing"
+    );
+    let err = backend
+        .send(&q, job(9).unique(Unique::new("")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+
+    // Ack, dead-letter and discard release their keys.
+    let claimed = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [1, 3, 4]);
+    backend.ack(&[claimed[0].lease()]).await.unwrap();
+    backend
+        .dead_letter(&claimed[2].lease(), "boom")
+        .await
+        .unwrap();
+    let again = backend.send(&q, reject(10, "k")).await.unwrap();
+    assert_ne!(again, first, "the acked job's key is free");
+    backend.send(&q, reject(11, "j")).await.unwrap();
+    let claimed = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [10, 11]);
+    backend.ack(&[claimed[0].lease()]).await.unwrap();
+    backend.send(&q, reject(12, "k")).await.unwrap();
 }

@@ -47,6 +47,7 @@ mod process;
 mod queue;
 mod retry;
 mod stream;
+mod unique;
 mod wakeup;
 
 #[cfg(feature = "conformance")]
@@ -70,4 +71,5 @@ pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use stream::{
     Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
 };
+pub use unique::{OnConflict, Unique};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

@@ -16,8 +16,8 @@ use crate::queue::{
 };
 use crate::stream::{Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES};
 use crate::{
-    ContentType, DeadMessage, Error, Headers, Lease, Message, MessageId, NewMessage, QueueName,
-    Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+    ContentType, DeadMessage, Error, Headers, Lease, Message, MessageId, NewMessage, OnConflict,
+    QueueName, Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// An in-memory [`Backend`](crate::Backend). Clones share the same state.
@@ -62,6 +62,7 @@ struct Stored {
     leased: bool,
     attempts: u32,
     group_key: Option<String>,
+    unique_key: Option<String>,
     last_error: Option<String>,
 }
 
@@ -249,12 +250,42 @@ impl Producer for MemoryBackend {
         }
         let now = SystemTime::now();
         let mut state = self.lock();
-        state.queue(queue)?;
-        let first = state.next_id + 1;
-        state.next_id += messages.len() as i64;
+        // Keys held now, and by the batch as it goes; decided before anything is stored so
+        // a refused batch stores nothing.
+        let mut held: HashMap<String, i64> = state
+            .queue(queue)?
+            .messages
+            .iter()
+            .filter_map(|(id, m)| m.unique_key.clone().map(|k| (k, *id)))
+            .collect();
+        let mut next_id = state.next_id;
+        let mut plan = Vec::with_capacity(messages.len());
+        for m in messages {
+            if let Some(unique) = &m.unique {
+                if let Some(&existing) = held.get(&unique.key) {
+                    if unique.on_conflict == OnConflict::Reject {
+                        return Err(Error::DuplicateJob {
+                            queue: queue.clone(),
+                            key: unique.key.clone(),
+                            existing: Some(MessageId(existing)),
+                        });
+                    }
+                    plan.push((existing, None));
+                    continue;
+                }
+            }
+            next_id += 1;
+            if let Some(unique) = &m.unique {
+                held.insert(unique.key.clone(), next_id);
+            }
+            plan.push((next_id, Some(m)));
+        }
+        state.next_id = next_id;
         let queue = state.queue_mut(queue)?;
-        let mut ids = Vec::with_capacity(messages.len());
-        for (id, m) in (first..).zip(messages) {
+        let mut ids = Vec::with_capacity(plan.len());
+        for (id, m) in plan {
+            ids.push(MessageId(id));
+            let Some(m) = m else { continue };
             queue.messages.insert(
                 id,
                 Stored {
@@ -267,10 +298,10 @@ impl Producer for MemoryBackend {
                     leased: false,
                     attempts: 0,
                     group_key: m.group_key,
+                    unique_key: m.unique.map(|u| u.key),
                     last_error: None,
                 },
             );
-            ids.push(MessageId(id));
         }
         Ok(ids)
     }
@@ -399,6 +430,7 @@ impl DeadLetters for MemoryBackend {
                     leased: false,
                     attempts: 0,
                     group_key: d.group_key,
+                    unique_key: None,
                     last_error: Some(d.error),
                 },
             );

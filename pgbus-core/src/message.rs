@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{ContentType, Error, QueueName, Result};
+use crate::{ContentType, Error, QueueName, Result, Unique};
 
 /// The largest payload accepted by default: 1 MiB. Backends make it configurable.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -71,6 +71,8 @@ pub struct NewMessage {
     pub visibility: Visibility,
     /// Messages with the same group key run one at a time, in order.
     pub group_key: Option<String>,
+    /// At most one unfinished job per key and queue.
+    pub unique: Option<Unique>,
 }
 
 impl NewMessage {
@@ -83,6 +85,7 @@ impl NewMessage {
             priority: 0,
             visibility: Visibility::Now,
             group_key: None,
+            unique: None,
         }
     }
 
@@ -125,6 +128,12 @@ impl NewMessage {
         self
     }
 
+    /// Makes the job unique in its queue (see [`Unique`]).
+    pub fn unique(mut self, unique: Unique) -> Self {
+        self.unique = Some(unique);
+        self
+    }
+
     /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
@@ -132,8 +141,11 @@ impl NewMessage {
     }
 
     /// Checks the message against the limits every backend enforces before storing it:
-    /// payload size and group key length.
+    /// payload size, group and job key lengths.
     pub fn check(&self, max_payload_bytes: usize) -> Result<()> {
+        if let Some(unique) = &self.unique {
+            crate::unique::check_key(&unique.key, "a unique key")?;
+        }
         if self.payload.len() > max_payload_bytes {
             return Err(Error::PayloadTooLarge {
                 size: self.payload.len(),

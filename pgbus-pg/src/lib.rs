@@ -54,6 +54,7 @@ mod registry;
 mod sql;
 mod stream;
 mod transaction;
+mod unique;
 
 pub use backend::{PgBackend, PgBackendBuilder};
 pub use cluster::*;

@@ -46,6 +46,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "streams",
         sql: include_str!("../migrations/0006_streams.sql"),
     },
+    Migration {
+        version: 8,
+        name: "unique",
+        sql: include_str!("../migrations/0008_unique.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -449,3 +449,43 @@ WITH doomed AS (
     SET pruned_through = GREATEST(s.pruned_through, EXCLUDED.pruned_through)
 )
 SELECT count(*) FROM del";
+
+// ---------------------------------------------------------------------------------------
+// Scheduling and flow control: unique jobs, concurrency and rate limits, circuit breakers,
+// recurring jobs, batches. Plain sends and claims above never use these statements.
+
+/// Send of jobs with keys: parameters as [`SEND`], plus `$10` the unique keys and `$11`
+/// whether a duplicate of each is refused. A duplicate key updates the existing row to
+/// itself (so the row is locked and returned, even when another transaction committed it
+/// while this one waited: a plain `DO NOTHING` would hide it from this statement's
+/// snapshot); `xmax = 0` tells inserted rows from existing ones. A refused duplicate
+/// raises in `pgbus.duplicate_job`, which aborts the statement: nothing is stored. The
+/// caller removes duplicates within the batch first (a statement may not update a row
+/// twice). Keyed rows go in key order, so concurrent sends of overlapping keys take their
+/// locks in one order and cannot deadlock one another.
+pub(crate) const SEND_KEYED: &str = "
+WITH ins AS (
+    INSERT INTO pgbus.messages AS t (queue, priority, visible_at, content_type, headers,
+                                     group_key, payload, unique_key)
+    SELECT $1, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
+           m.content_type, m.headers, m.group_key, m.payload, m.unique_key
+    FROM unnest($2::smallint[], $3::timestamptz[], $4::float8[], $5::text[], $6::jsonb[],
+                $7::text[], $8::bytea[], $10::text[])
+         WITH ORDINALITY AS m(priority, at, delay, content_type, headers, group_key, payload,
+                              unique_key, n)
+    ORDER BY m.unique_key NULLS FIRST, m.n
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL
+    DO UPDATE SET unique_key = EXCLUDED.unique_key
+    RETURNING t.id, t.visible_at, t.unique_key, t.xmax = 0 AS fresh
+), refused AS (
+    SELECT pgbus.duplicate_job($1, ins.unique_key, ins.id)
+    FROM ins JOIN unnest($10::text[], $11::bool[]) AS r(key, reject) ON r.key = ins.unique_key
+    WHERE NOT ins.fresh AND r.reject
+), wake AS (
+    SELECT pg_notify('pgbus_wakeup', $1)
+    WHERE $9 AND EXISTS (SELECT 1 FROM ins WHERE fresh AND visible_at <= now())
+)
+SELECT ins.id, ins.unique_key, ins.fresh
+FROM ins LEFT JOIN wake ON true
+WHERE NOT EXISTS (SELECT 1 FROM refused)
+ORDER BY ins.id";
