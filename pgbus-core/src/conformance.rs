@@ -52,6 +52,8 @@ macro_rules! conformance_tests {
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             recovery_frees_the_work_of_a_dead_group_owner,
             unique_keys_hold_until_the_job_leaves,
+            concurrency_limits_count_live_leases,
+            rate_limits_count_starts_per_window,
         );
     };
     (@streams $factory:path) => {
@@ -1015,4 +1017,139 @@ pub async fn unique_keys_hold_until_the_job_leaves<B: Backend>(backend: B) {
     assert_eq!(numbers(&claimed), [10, 11]);
     backend.ack(&[claimed[0].lease()]).await.unwrap();
     backend.send(&q, reject(12, "k")).await.unwrap();
+}
+
+/// Claims limited jobs on a fresh fetcher.
+async fn claim_limited<B: Backend>(backend: &B, q: &QueueName, lease: Duration) -> Vec<Message> {
+    let mut fetcher = backend.open_fetcher().await.expect("fetcher");
+    fetcher
+        .claim_limited(q, 100, lease)
+        .await
+        .expect("limited claim")
+}
+
+/// Jobs with a limit key are claimed only by the limited claim, at most the key's
+/// concurrency at once; an ack, a dead letter or an expired lease frees a slot; other keys
+/// and keys without limits are not held back; a dead letter keeps its key when retried.
+pub async fn concurrency_limits_count_live_leases<B: Backend + crate::Limits>(backend: B) {
+    use crate::KeyLimit;
+    let q = queue(&backend, "limited").await;
+    backend
+        .set_limit("hot", KeyLimit::concurrency(3))
+        .await
+        .unwrap();
+    backend
+        .set_limit("warm", KeyLimit::concurrency(1))
+        .await
+        .unwrap();
+    assert!(backend
+        .set_limit("hot", KeyLimit::concurrency(0))
+        .await
+        .is_err());
+    assert!(backend
+        .set_limit("", KeyLimit::concurrency(1))
+        .await
+        .is_err());
+    let err = backend
+        .send(&q, job(0).limit_key("hot").group("g"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let mut batch: Vec<NewMessage> = (0..6).map(|n| job(n).limit_key("hot")).collect();
+    batch.extend((10..12).map(|n| job(n).limit_key("warm")));
+    batch.extend((20..22).map(|n| job(n).limit_key("free")));
+    batch.push(job(30));
+    backend.send_batch(&q, batch).await.unwrap();
+
+    let plain = backend.claim(&q, 100, LONG).await.unwrap();
+    assert_eq!(
+        numbers(&plain),
+        [30],
+        "the plain claim leaves limited jobs alone"
+    );
+    let mut first = claim_limited(&backend, &q, LONG).await;
+    first.sort_by_key(|m| m.id);
+    assert_eq!(
+        numbers(&first),
+        [0, 1, 2, 10, 20, 21],
+        "3 hot, 1 warm, every free one"
+    );
+    assert!(
+        claim_limited(&backend, &q, LONG).await.is_empty(),
+        "all at their limits"
+    );
+    assert_eq!(backend.limits().await.unwrap().len(), 2);
+
+    // An ack frees a slot.
+    backend.ack(&[first[0].lease()]).await.unwrap();
+    let next = claim_limited(&backend, &q, Duration::from_millis(200)).await;
+    assert_eq!(numbers(&next), [3]);
+    assert!(claim_limited(&backend, &q, LONG).await.is_empty());
+    // An expired lease frees its slot (the job itself is ready again too).
+    let start = Instant::now();
+    let again = loop {
+        let claimed = claim_limited(&backend, &q, LONG).await;
+        if !claimed.is_empty() {
+            break claimed;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the expired lease never freed its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(again.len(), 1, "one slot freed");
+    // A dead letter frees its slot and keeps its key when retried.
+    backend
+        .dead_letter(&first[1].lease(), "boom")
+        .await
+        .unwrap();
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead[0].limit_key.as_deref(), Some("hot"));
+    backend.retry_dead(&q, Selection::All).await.unwrap();
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    assert_eq!(claim_limited(&backend, &q, LONG).await.len(), 1);
+    assert!(claim_limited(&backend, &q, LONG).await.is_empty());
+    // Without its limit, a key runs freely.
+    assert!(backend.remove_limit("warm").await.unwrap());
+    assert!(!backend.remove_limit("warm").await.unwrap());
+    assert_eq!(numbers(&claim_limited(&backend, &q, LONG).await), [11]);
+}
+
+/// A rate limit lets at most N jobs of the key start per window; a new window lets more.
+pub async fn rate_limits_count_starts_per_window<B: Backend + crate::Limits>(backend: B) {
+    use crate::KeyLimit;
+    let q = queue(&backend, "rated").await;
+    backend
+        .set_limit("api", KeyLimit::rate(2, LONG))
+        .await
+        .unwrap();
+    backend
+        .send_batch(&q, (0..5).map(|n| job(n).limit_key("api")).collect())
+        .await
+        .unwrap();
+    let first = claim_limited(&backend, &q, LONG).await;
+    assert_eq!(numbers(&first), [0, 1]);
+    backend
+        .ack(&[first[0].lease(), first[1].lease()])
+        .await
+        .unwrap();
+    assert!(
+        claim_limited(&backend, &q, LONG).await.is_empty(),
+        "finishing does not refill the window"
+    );
+    backend
+        .set_limit("api", KeyLimit::rate(2, Duration::from_millis(100)))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut started = Vec::new();
+    while started.len() < 3 {
+        let claimed = claim_limited(&backend, &q, LONG).await;
+        assert!(claimed.len() <= 2, "at most 2 per window");
+        started.extend(numbers(&claimed));
+        assert!(start.elapsed() < DEADLINE, "new windows let the rest start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(started, [2, 3, 4]);
 }

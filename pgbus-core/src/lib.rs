@@ -40,6 +40,7 @@
 mod codec;
 mod error;
 mod group;
+mod limits;
 mod memory;
 mod message;
 mod name;
@@ -56,6 +57,7 @@ pub mod conformance;
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};
 pub use group::{GroupRecovery, GroupSession, OpenGroupSession};
+pub use limits::{check_limit_key, KeyLimit, Limits};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession};
 pub use message::{
     DeadMessage, Headers, Lease, Message, MessageId, NewMessage, Visibility,

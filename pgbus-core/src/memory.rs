@@ -16,8 +16,8 @@ use crate::queue::{
 };
 use crate::stream::{Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES};
 use crate::{
-    ContentType, DeadMessage, Error, Headers, Lease, Message, MessageId, NewMessage, OnConflict,
-    QueueName, Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+    ContentType, DeadMessage, Error, Headers, KeyLimit, Lease, Limits, Message, MessageId,
+    NewMessage, OnConflict, QueueName, Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// An in-memory [`Backend`](crate::Backend). Clones share the same state.
@@ -40,6 +40,8 @@ struct State {
     streams: BTreeMap<StreamName, Vec<StreamEvent>>,
     /// Per stream, the highest id pruned.
     pruned_through: HashMap<StreamName, i64>,
+    /// Key limits, with the start and count of the current rate window.
+    limits: BTreeMap<String, (KeyLimit, SystemTime, u32)>,
 }
 
 #[derive(Debug)]
@@ -63,6 +65,7 @@ struct Stored {
     attempts: u32,
     group_key: Option<String>,
     unique_key: Option<String>,
+    limit_key: Option<String>,
     last_error: Option<String>,
 }
 
@@ -299,6 +302,7 @@ impl Producer for MemoryBackend {
                     attempts: 0,
                     group_key: m.group_key,
                     unique_key: m.unique.map(|u| u.key),
+                    limit_key: m.limit_key,
                     last_error: None,
                 },
             );
@@ -318,7 +322,7 @@ impl Consumer for MemoryBackend {
         let mut candidates: Vec<(Reverse<i16>, SystemTime, i64)> = q
             .messages
             .iter()
-            .filter(|(_, m)| m.visible_at <= now && m.group_key.is_none())
+            .filter(|(_, m)| m.visible_at <= now && m.group_key.is_none() && m.limit_key.is_none())
             .map(|(id, m)| (Reverse(m.priority), m.visible_at, *id))
             .collect();
         candidates.sort_unstable();
@@ -396,6 +400,7 @@ impl Consumer for MemoryBackend {
                 attempts: m.attempts,
                 failed_at: now,
                 error: reason.to_owned(),
+                limit_key: m.limit_key,
             },
         );
         Ok(true)
@@ -431,6 +436,7 @@ impl DeadLetters for MemoryBackend {
                     attempts: 0,
                     group_key: d.group_key,
                     unique_key: None,
+                    limit_key: d.limit_key,
                     last_error: Some(d.error),
                 },
             );
@@ -551,6 +557,64 @@ impl crate::Fetcher for MemoryBackend {
         lease: Duration,
     ) -> Result<Vec<Message>> {
         Consumer::claim(&*self, queue, max, lease).await
+    }
+
+    async fn claim_limited(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Message>> {
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.queue(queue)?.paused {
+            return Ok(Vec::new());
+        }
+        let mut running: HashMap<String, u32> = HashMap::new();
+        for q in state.queues.values() {
+            for m in q.messages.values() {
+                if let (Some(key), true) = (&m.limit_key, m.leased && m.visible_at > now) {
+                    *running.entry(key.clone()).or_default() += 1;
+                }
+            }
+        }
+        let q = state.queues.get_mut(queue).expect("checked above");
+        let mut candidates: Vec<(Reverse<i16>, SystemTime, i64)> = q
+            .messages
+            .iter()
+            .filter(|(_, m)| m.visible_at <= now && m.limit_key.is_some())
+            .map(|(id, m)| (Reverse(m.priority), m.visible_at, *id))
+            .collect();
+        candidates.sort_unstable();
+        let mut claimed = Vec::new();
+        for (_, _, id) in candidates {
+            if claimed.len() == max {
+                break;
+            }
+            let key = q.messages[&id].limit_key.clone().expect("filtered");
+            if let Some((limit, window_start, started)) = state.limits.get_mut(&key) {
+                if limit
+                    .concurrency
+                    .is_some_and(|n| running.get(&key).copied().unwrap_or(0) >= n)
+                {
+                    continue;
+                }
+                if let Some((n, interval)) = limit.rate {
+                    if *window_start + interval <= now {
+                        *window_start = now;
+                        *started = 0;
+                    }
+                    if *started >= n {
+                        continue;
+                    }
+                    *started += 1;
+                }
+            }
+            *running.entry(key).or_default() += 1;
+            claimed.push(q.lease(queue, id, now, lease));
+        }
+        Ok(claimed)
     }
 
     async fn queue_info(&mut self, queue: &QueueName) -> Result<QueueInfo> {
@@ -813,5 +877,29 @@ impl StreamStore for MemoryBackend {
             pruned += (before - events.len()) as u64;
         }
         Ok(pruned)
+    }
+}
+
+impl Limits for MemoryBackend {
+    async fn set_limit(&self, key: &str, limit: KeyLimit) -> Result<()> {
+        crate::check_limit_key(key)?;
+        let limit = limit.build()?;
+        self.lock()
+            .limits
+            .insert(key.to_owned(), (limit, SystemTime::now(), 0));
+        Ok(())
+    }
+
+    async fn remove_limit(&self, key: &str) -> Result<bool> {
+        Ok(self.lock().limits.remove(key).is_some())
+    }
+
+    async fn limits(&self) -> Result<Vec<(String, KeyLimit)>> {
+        Ok(self
+            .lock()
+            .limits
+            .iter()
+            .map(|(key, (limit, _, _))| (key.clone(), *limit))
+            .collect())
     }
 }

@@ -73,6 +73,9 @@ pub struct NewMessage {
     pub group_key: Option<String>,
     /// At most one unfinished job per key and queue.
     pub unique: Option<Unique>,
+    /// The key whose concurrency and rate limits the job obeys (see
+    /// [`KeyLimit`](crate::KeyLimit)).
+    pub limit_key: Option<String>,
 }
 
 impl NewMessage {
@@ -86,6 +89,7 @@ impl NewMessage {
             visibility: Visibility::Now,
             group_key: None,
             unique: None,
+            limit_key: None,
         }
     }
 
@@ -134,6 +138,13 @@ impl NewMessage {
         self
     }
 
+    /// Makes the job obey the limits of `key` (see [`KeyLimit`](crate::KeyLimit)). A job
+    /// cannot have both a limit key and a group key.
+    pub fn limit_key(mut self, key: impl Into<String>) -> Self {
+        self.limit_key = Some(key.into());
+        self
+    }
+
     /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
@@ -145,6 +156,14 @@ impl NewMessage {
     pub fn check(&self, max_payload_bytes: usize) -> Result<()> {
         if let Some(unique) = &self.unique {
             crate::unique::check_key(&unique.key, "a unique key")?;
+        }
+        if let Some(key) = &self.limit_key {
+            crate::check_limit_key(key)?;
+            if self.group_key.is_some() {
+                return Err(Error::InvalidArgument(
+                    "a job cannot have both a group key and a limit key".into(),
+                ));
+            }
         }
         if self.payload.len() > max_payload_bytes {
             return Err(Error::PayloadTooLarge {
@@ -266,6 +285,8 @@ pub struct DeadMessage {
     pub failed_at: SystemTime,
     /// Why: the last error text.
     pub error: String,
+    /// The limit key it keeps when retried.
+    pub limit_key: Option<String>,
 }
 
 impl DeadMessage {
@@ -291,6 +312,7 @@ impl DeadMessage {
             attempts: 0,
             failed_at: now,
             error,
+            limit_key: None,
         }
     }
 }

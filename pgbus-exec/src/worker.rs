@@ -609,10 +609,27 @@ impl<B: Backend> Fetch<'_, B> {
                     return Err(err);
                 }
             };
-            filled |= claimed.len() == free;
+            let mut taken = claimed.len();
             for message in claimed {
                 self.start(message).await;
             }
+            // Jobs with limit keys are claimed apart, and only with slots the plain jobs
+            // left free, so a busy queue of plain jobs pays nothing for them.
+            if taken < free {
+                let fetcher = self.fetcher.as_mut().expect("opened above");
+                let limited = match fetcher.claim_limited(queue, free - taken, lease).await {
+                    Ok(limited) => limited,
+                    Err(err) => {
+                        self.fetcher = None;
+                        return Err(err);
+                    }
+                };
+                taken += limited.len();
+                for message in limited {
+                    self.start(message).await;
+                }
+            }
+            filled |= taken == free;
         }
         Ok(if !self.pool.has_free_slot() {
             Wait::ForSlot

@@ -686,5 +686,6 @@ fn dead_message_from(queue: &QueueName, row: &Row) -> Result<DeadMessage> {
     d.enqueued_at = row.get("enqueued_at");
     d.attempts = attempts(row.get("attempts"));
     d.failed_at = row.get("failed_at");
+    d.limit_key = row.get("limit_key");
     Ok(d)
 }

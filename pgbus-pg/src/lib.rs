@@ -48,6 +48,7 @@ mod connect;
 mod error;
 mod fetcher;
 mod group;
+mod limits;
 mod listener;
 mod migrate;
 mod registry;

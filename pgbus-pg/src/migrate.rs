@@ -51,6 +51,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "unique",
         sql: include_str!("../migrations/0008_unique.sql"),
     },
+    Migration {
+        version: 9,
+        name: "limits",
+        sql: include_str!("../migrations/0009_limits.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

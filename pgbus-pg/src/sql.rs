@@ -96,13 +96,15 @@ SELECT ins.id FROM ins LEFT JOIN wake ON true ORDER BY ins.id";
 
 /// Claim: pick the best claimable rows (visible, and not leased or with the lease run out)
 /// with SKIP LOCKED, lease them, count the attempt. Only unindexed columns change, so the
-/// update can be HOT. `RETURNING` keeps no order: the caller restores it.
+/// update can be HOT. `RETURNING` keeps no order: the caller restores it. Grouped and
+/// limited jobs have their own claims.
 pub(crate) const CLAIM: &str = "
 WITH picked AS (
     SELECT id
     FROM pgbus.messages
     WHERE queue = $1
       AND group_key IS NULL
+      AND limit_key IS NULL
       AND visible_at <= now()
       AND (lease_until IS NULL OR lease_until <= now())
       AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
@@ -200,9 +202,9 @@ WITH d AS (
     RETURNING m.*
 )
 INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
-                                headers, group_key, payload, error)
+                                headers, group_key, payload, error, limit_key)
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-       payload, $3
+       payload, $3, limit_key
 FROM d"
         )
     };
@@ -212,7 +214,7 @@ pub(crate) const DEAD_LETTER_FENCED: &str = dead_letter!(fence!("4"));
 
 pub(crate) const LIST_DEAD: &str = "
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-       payload, failed_at, error
+       payload, failed_at, error, limit_key
 FROM pgbus.dead_letters
 WHERE queue = $1
 ORDER BY failed_at, id
@@ -227,9 +229,10 @@ WITH r AS (
     RETURNING *
 ), ins AS (
     INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
-                                content_type, headers, group_key, last_error, payload)
+                                content_type, headers, group_key, last_error, payload,
+                                limit_key)
     SELECT id, queue, priority, now(), 0, enqueued_at, content_type, headers, group_key,
-           error, payload
+           error, payload, limit_key
     FROM r
     RETURNING 1
 ), wake AS (
@@ -454,8 +457,8 @@ SELECT count(*) FROM del";
 // Scheduling and flow control: unique jobs, concurrency and rate limits, circuit breakers,
 // recurring jobs, batches. Plain sends and claims above never use these statements.
 
-/// Send of jobs with keys: parameters as [`SEND`], plus `$10` the unique keys and `$11`
-/// whether a duplicate of each is refused. A duplicate key updates the existing row to
+/// Send of jobs with keys: parameters as [`SEND`], plus `$10` the unique keys, `$11`
+/// whether a duplicate of each is refused, `$12` the limit keys. A duplicate key updates the existing row to
 /// itself (so the row is locked and returned, even when another transaction committed it
 /// while this one waited: a plain `DO NOTHING` would hide it from this statement's
 /// snapshot); `xmax = 0` tells inserted rows from existing ones. A refused duplicate
@@ -466,13 +469,13 @@ SELECT count(*) FROM del";
 pub(crate) const SEND_KEYED: &str = "
 WITH ins AS (
     INSERT INTO pgbus.messages AS t (queue, priority, visible_at, content_type, headers,
-                                     group_key, payload, unique_key)
+                                     group_key, payload, unique_key, limit_key)
     SELECT $1, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
-           m.content_type, m.headers, m.group_key, m.payload, m.unique_key
+           m.content_type, m.headers, m.group_key, m.payload, m.unique_key, m.limit_key
     FROM unnest($2::smallint[], $3::timestamptz[], $4::float8[], $5::text[], $6::jsonb[],
-                $7::text[], $8::bytea[], $10::text[])
+                $7::text[], $8::bytea[], $10::text[], $12::text[])
          WITH ORDINALITY AS m(priority, at, delay, content_type, headers, group_key, payload,
-                              unique_key, n)
+                              unique_key, limit_key, n)
     ORDER BY m.unique_key NULLS FIRST, m.n
     ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL
     DO UPDATE SET unique_key = EXCLUDED.unique_key
@@ -489,3 +492,29 @@ SELECT ins.id, ins.unique_key, ins.fresh
 FROM ins LEFT JOIN wake ON true
 WHERE NOT EXISTS (SELECT 1 FROM refused)
 ORDER BY ins.id";
+
+/// Claim of jobs with limit keys, as far as the keys' limits allow (see the function in
+/// migration 9); the columns of [`CLAIM`].
+pub(crate) const CLAIM_LIMITED: &str = "
+SELECT id, priority, visible_at AS was_visible_at, lease_until, attempts, enqueued_at,
+       content_type, headers, group_key, last_error, payload
+FROM pgbus.claim_limited($1, $2, $3)";
+
+/// Sets a key's limits; a changed rate starts a new window.
+pub(crate) const SET_LIMIT: &str = "
+INSERT INTO pgbus.limits AS l (key, concurrency, rate, rate_interval_ms)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (key) DO UPDATE
+SET concurrency = EXCLUDED.concurrency, rate = EXCLUDED.rate,
+    rate_interval_ms = EXCLUDED.rate_interval_ms,
+    window_start = CASE WHEN (l.rate, l.rate_interval_ms)
+                             IS NOT DISTINCT FROM (EXCLUDED.rate, EXCLUDED.rate_interval_ms)
+                        THEN l.window_start ELSE now() END,
+    window_count = CASE WHEN (l.rate, l.rate_interval_ms)
+                             IS NOT DISTINCT FROM (EXCLUDED.rate, EXCLUDED.rate_interval_ms)
+                        THEN l.window_count ELSE 0 END";
+
+pub(crate) const REMOVE_LIMIT: &str = "DELETE FROM pgbus.limits WHERE key = $1";
+
+pub(crate) const LIST_LIMITS: &str =
+    "SELECT key, concurrency, rate, rate_interval_ms FROM pgbus.limits ORDER BY key";

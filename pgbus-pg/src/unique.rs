@@ -1,5 +1,5 @@
-//! Sends of jobs with keys (unique jobs): the keyed send statement and the mapping of its
-//! rows back to the caller's messages.
+//! Sends of jobs with keys (unique and limit keys): the keyed send statement and the
+//! mapping of its rows back to the caller's messages.
 
 use std::collections::HashMap;
 
@@ -13,7 +13,7 @@ use crate::sql;
 
 /// Whether the message needs the keyed send.
 pub(crate) fn is_keyed(message: &NewMessage) -> bool {
-    message.unique.is_some()
+    message.unique.is_some() || message.limit_key.is_some()
 }
 
 /// Where each input message's id comes from.
@@ -68,9 +68,11 @@ pub(crate) async fn send_keyed(
                 .is_some_and(|u| u.on_conflict == OnConflict::Reject)
         })
         .collect();
+    let limit_keys: Vec<Option<&str>> = batch.iter().map(|m| m.limit_key.as_deref()).collect();
     let mut params = columns.params(&notify);
     params.push((&keys, Type::TEXT_ARRAY));
     params.push((&rejects, Type::BOOL_ARRAY));
+    params.push((&limit_keys, Type::TEXT_ARRAY));
     let rows = client
         .query_typed(sql::SEND_KEYED, &params)
         .await

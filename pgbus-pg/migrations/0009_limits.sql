@@ -1,0 +1,99 @@
+-- pgbus schema, version 9: concurrency and rate limits per key. Jobs with a limit key are
+-- left out of the plain claim (by its index's predicate, as grouped jobs are) and claimed
+-- by `pgbus.claim_limited`, which takes each key's turn under a row lock on its limits.
+-- Running jobs are counted by their live leases: a crashed worker's slots free themselves
+-- when its leases run out. Claims never change `limit_key`, so they stay HOT updates.
+
+ALTER TABLE pgbus.messages ADD COLUMN limit_key text;
+ALTER TABLE pgbus.dead_letters ADD COLUMN limit_key text;
+
+DROP INDEX pgbus.messages_claim_idx;
+CREATE INDEX messages_claim_idx ON pgbus.messages (queue, priority DESC, visible_at, id)
+    WHERE group_key IS NULL AND limit_key IS NULL;
+CREATE INDEX messages_limit_idx ON pgbus.messages (limit_key, queue)
+    WHERE limit_key IS NOT NULL;
+
+CREATE TABLE pgbus.limits (
+    key              text PRIMARY KEY,
+    concurrency      integer CHECK (concurrency > 0),
+    rate             integer CHECK (rate > 0),
+    rate_interval_ms bigint CHECK (rate_interval_ms > 0),
+    -- The current fixed rate window: when it started and how many jobs started in it.
+    window_start     timestamptz NOT NULL DEFAULT now(),
+    window_count     integer NOT NULL DEFAULT 0,
+    CHECK (concurrency IS NOT NULL OR rate IS NOT NULL),
+    CHECK ((rate IS NULL) = (rate_interval_ms IS NULL))
+);
+
+-- Claims up to `max_jobs` ready jobs with limit keys from `queue_name`, key by key (the key
+-- with the most urgent job first). A key whose limits row another claimer holds is
+-- skipped (SKIP LOCKED: claimers never wait). A plpgsql function because each statement
+-- below takes a fresh snapshot in READ COMMITTED: the running count read after the lock
+-- sees every claim committed by the lock's previous holder, which one statement (whose
+-- snapshot predates the lock) would miss.
+CREATE FUNCTION pgbus.claim_limited(queue_name text, max_jobs bigint, lease_secs float8)
+RETURNS SETOF pgbus.messages
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    k     text;
+    lim   pgbus.limits;
+    room  bigint;
+    taken bigint;
+    left_to_take bigint := max_jobs;
+BEGIN
+    IF coalesce((SELECT paused FROM pgbus.queues WHERE name = queue_name), true) THEN
+        RETURN;
+    END IF;
+    FOR k IN
+        SELECT limit_key FROM pgbus.messages
+        WHERE queue = queue_name AND limit_key IS NOT NULL
+          AND visible_at <= now() AND (lease_until IS NULL OR lease_until <= now())
+        GROUP BY limit_key
+        ORDER BY max(priority) DESC, min(visible_at), limit_key
+    LOOP
+        EXIT WHEN left_to_take <= 0;
+        room := left_to_take;
+        SELECT * INTO lim FROM pgbus.limits WHERE key = k FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            -- Unlimited, or another claimer has the key's turn.
+            CONTINUE WHEN EXISTS (SELECT 1 FROM pgbus.limits WHERE key = k);
+        ELSE
+            IF lim.concurrency IS NOT NULL THEN
+                room := least(room, lim.concurrency - (
+                    SELECT count(*) FROM pgbus.messages
+                    WHERE limit_key = k AND lease_until > now()));
+            END IF;
+            IF lim.rate IS NOT NULL THEN
+                IF lim.window_start + lim.rate_interval_ms * interval '1 millisecond' <= now() THEN
+                    lim.window_start := now();
+                    lim.window_count := 0;
+                END IF;
+                room := least(room, lim.rate - lim.window_count);
+            END IF;
+        END IF;
+        CONTINUE WHEN room <= 0;
+        RETURN QUERY
+        WITH picked AS (
+            SELECT id FROM pgbus.messages
+            WHERE queue = queue_name AND limit_key = k
+              AND visible_at <= now() AND (lease_until IS NULL OR lease_until <= now())
+            ORDER BY priority DESC, visible_at, id
+            LIMIT room
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE pgbus.messages m
+        SET lease_until = now() + make_interval(secs => lease_secs),
+            attempts = m.attempts + 1
+        FROM picked
+        WHERE m.id = picked.id
+        RETURNING m.*;
+        GET DIAGNOSTICS taken = ROW_COUNT;
+        left_to_take := left_to_take - taken;
+        IF lim.rate IS NOT NULL AND taken > 0 THEN
+            UPDATE pgbus.limits
+            SET window_start = lim.window_start, window_count = lim.window_count + taken
+            WHERE key = k;
+        END IF;
+    END LOOP;
+END
+$$;
