@@ -219,6 +219,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                     "scheduled": s.scheduled,
                     "dead_lettered": s.dead_lettered,
                     "oldest_ready_age_ms": s.oldest_ready_age.map(millis),
+                    "breaker_open_for_ms": s.breaker_open_for.map(millis),
                 })
             })
             .collect();
@@ -252,10 +253,10 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 .oldest_ready_age
                 .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string())
                 .unwrap_or_else(|| "-".into());
-            let name = if s.paused {
-                format!("{} (paused)", s.queue)
-            } else {
-                s.queue.to_string()
+            let name = match (s.paused, s.breaker_open_for) {
+                (true, _) => format!("{} (paused)", s.queue),
+                (false, Some(open)) => format!("{} (breaker {}s)", s.queue, open.as_secs() + 1),
+                (false, None) => s.queue.to_string(),
             };
             println!(
                 "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12}",

@@ -54,6 +54,7 @@ macro_rules! conformance_tests {
             unique_keys_hold_until_the_job_leaves,
             concurrency_limits_count_live_leases,
             rate_limits_count_starts_per_window,
+            open_breaker_closes_the_queue_until_its_backoff_passes,
         );
     };
     (@streams $factory:path) => {
@@ -1152,4 +1153,48 @@ pub async fn rate_limits_count_starts_per_window<B: Backend + crate::Limits>(bac
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(started, [2, 3, 4]);
+}
+
+/// An open circuit breaker makes every claim of the queue hand out nothing, shows in the
+/// stats, and closes by itself after the backoff; the queue's breaker settings round-trip.
+pub async fn open_breaker_closes_the_queue_until_its_backoff_passes<B: Backend>(backend: B) {
+    let breaker = crate::CircuitBreaker::new(3, Duration::from_millis(300)).unwrap();
+    assert!(crate::CircuitBreaker::new(0, LONG).is_err());
+    let options = QueueOptions::default().circuit_breaker(breaker);
+    let q = queue_with(&backend, "breaker", options.clone()).await;
+    assert_eq!(backend.queue_info(&q).await.unwrap().options, options);
+    backend
+        .send_batch(&q, (0..3).map(job).collect())
+        .await
+        .unwrap();
+    backend.send(&q, job(9).limit_key("k")).await.unwrap();
+    assert_eq!(stats_of(&backend, &q).await.breaker_open_for, None);
+
+    backend
+        .trip_breaker(&q, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let stats = stats_of(&backend, &q).await;
+    assert!(stats.breaker_open_for.is_some(), "visible in the stats");
+    assert!(!stats.paused, "not a manual pause");
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    let mut fetcher = backend.open_fetcher().await.unwrap();
+    assert!(fetcher
+        .claim_limited(&q, 10, LONG)
+        .await
+        .unwrap()
+        .is_empty());
+    let missing = QueueName::new("missing").unwrap();
+    assert!(matches!(
+        backend.trip_breaker(&missing, LONG).await,
+        Err(Error::QueueNotFound(_))
+    ));
+
+    let start = Instant::now();
+    while stats_of(&backend, &q).await.breaker_open_for.is_some() {
+        assert!(start.elapsed() < DEADLINE, "the breaker never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.claim(&q, 10, LONG).await.unwrap().len(), 3);
+    assert_eq!(fetcher.claim_limited(&q, 10, LONG).await.unwrap().len(), 1);
 }

@@ -37,6 +37,7 @@
 
 #![forbid(unsafe_code)]
 
+mod breaker;
 mod codec;
 mod error;
 mod group;
@@ -54,6 +55,7 @@ mod wakeup;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use breaker::CircuitBreaker;
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};
 pub use group::{GroupRecovery, GroupSession, OpenGroupSession};

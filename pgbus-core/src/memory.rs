@@ -48,6 +48,8 @@ struct State {
 struct QueueState {
     options: QueueOptions,
     paused: bool,
+    /// The circuit breaker is open until then.
+    breaker_until: SystemTime,
     messages: BTreeMap<i64, Stored>,
     dead: BTreeMap<i64, DeadMessage>,
     archive: Vec<(SystemTime, Stored)>,
@@ -103,6 +105,11 @@ impl MemoryBackend {
 }
 
 impl QueueState {
+    /// Whether claims hand out nothing now: paused, or the circuit breaker is open.
+    fn closed(&self, now: SystemTime) -> bool {
+        self.paused || self.breaker_until > now
+    }
+
     /// Leases message `id` (which must exist) and returns it as claimed.
     fn lease(&mut self, queue: &QueueName, id: i64, now: SystemTime, lease: Duration) -> Message {
         let expires = now + lease;
@@ -188,6 +195,7 @@ impl QueueAdmin for MemoryBackend {
             QueueState {
                 options: options.clone(),
                 paused: false,
+                breaker_until: SystemTime::UNIX_EPOCH,
                 messages: BTreeMap::new(),
                 dead: BTreeMap::new(),
                 archive: Vec::new(),
@@ -198,6 +206,11 @@ impl QueueAdmin for MemoryBackend {
 
     async fn drop_queue(&self, name: &QueueName) -> Result<bool> {
         Ok(self.lock().queues.remove(name).is_some())
+    }
+
+    async fn trip_breaker(&self, name: &QueueName, backoff: Duration) -> Result<()> {
+        self.lock().queue_mut(name)?.breaker_until = SystemTime::now() + backoff;
+        Ok(())
     }
 
     async fn set_paused(&self, name: &QueueName, paused: bool) -> Result<()> {
@@ -316,7 +329,7 @@ impl Consumer for MemoryBackend {
         let now = SystemTime::now();
         let mut state = self.lock();
         let q = state.queue_mut(queue)?;
-        if q.paused {
+        if q.closed(now) {
             return Ok(Vec::new());
         }
         let mut candidates: Vec<(Reverse<i16>, SystemTime, i64)> = q
@@ -471,6 +484,7 @@ impl Stats for MemoryBackend {
                     scheduled: 0,
                     dead_lettered: q.dead.len() as u64,
                     oldest_ready_age: None,
+                    breaker_open_for: q.breaker_until.duration_since(now).ok(),
                 };
                 for m in q.messages.values() {
                     if m.visible_at <= now {
@@ -568,7 +582,7 @@ impl crate::Fetcher for MemoryBackend {
         let now = SystemTime::now();
         let mut state = self.lock();
         let state = &mut *state;
-        if state.queue(queue)?.paused {
+        if state.queue(queue)?.closed(now) {
             return Ok(Vec::new());
         }
         let mut running: HashMap<String, u32> = HashMap::new();
@@ -630,7 +644,7 @@ impl crate::Fetcher for MemoryBackend {
         let now = SystemTime::now();
         let state = self.lock();
         let q = state.queue(queue)?;
-        if q.paused {
+        if q.closed(now) {
             return Ok(Vec::new());
         }
         let mut seen = std::collections::HashSet::new();
@@ -686,7 +700,7 @@ impl crate::GroupSession for MemoryGroupSession {
         let now = SystemTime::now();
         let mut state = self.backend.lock();
         let q = state.queue_mut(queue)?;
-        if q.paused {
+        if q.closed(now) {
             return Ok(None);
         }
         Ok(match q.group_head(group, now) {

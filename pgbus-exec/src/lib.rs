@@ -81,6 +81,7 @@
 #![forbid(unsafe_code)]
 
 mod async_pool;
+mod breaker;
 mod group;
 mod handler;
 mod pool;

@@ -25,6 +25,12 @@ CREATE TABLE pgbus.limits (
     CHECK ((rate IS NULL) = (rate_interval_ms IS NULL))
 );
 
+-- Whether a queue hands out nothing now (paused; missing queues too).
+CREATE FUNCTION pgbus.queue_closed(queue_name text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT paused FROM pgbus.queues WHERE name = queue_name), true)
+$$;
+
 -- Claims up to `max_jobs` ready jobs with limit keys from `queue_name`, key by key (the key
 -- with the most urgent job first). A key whose limits row another claimer holds is
 -- skipped (SKIP LOCKED: claimers never wait). A plpgsql function because each statement
@@ -41,7 +47,7 @@ DECLARE
     taken bigint;
     left_to_take bigint := max_jobs;
 BEGIN
-    IF coalesce((SELECT paused FROM pgbus.queues WHERE name = queue_name), true) THEN
+    IF pgbus.queue_closed(queue_name) THEN
         RETURN;
     END IF;
     FOR k IN

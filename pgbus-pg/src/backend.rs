@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 use bb8::{Pool, PooledConnection};
 use bb8_postgres::PostgresConnectionManager;
 use pgbus_core::{
-    Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers, Lease, Message, MessageId,
-    NewMessage, Producer, QueueAdmin, QueueInfo, QueueName, QueueOptions, QueueStats, Result,
-    RetryPolicy, Selection, Stats, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+    CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers, Lease,
+    Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName, QueueOptions,
+    QueueStats, Result, RetryPolicy, Selection, Stats, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql, Type};
@@ -420,13 +420,21 @@ fn queue_info_from(row: &Row) -> Result<QueueInfo> {
         ))
         .jitter(row.get("retry_jitter"))
         .build()?;
-    let options = QueueOptions::default()
+    let mut options = QueueOptions::default()
         .retry(retry)
         .lease(Duration::from_millis(row.get::<_, i64>("lease_ms") as u64))
         .keep_history(row.get("keep_history"))
         .archive_retention(Duration::from_millis(
             row.get::<_, i64>("archive_retention_ms") as u64,
         ));
+    let failures: Option<i32> = row.get("breaker_failures");
+    let backoff: Option<i64> = row.get("breaker_backoff_ms");
+    if let (Some(failures), Some(ms)) = (failures, backoff) {
+        options = options.circuit_breaker(CircuitBreaker::new(
+            attempts(failures),
+            Duration::from_millis(ms as u64),
+        )?);
+    }
     let mut info = QueueInfo::new(name, options);
     info.paused = row.get("paused");
     Ok(info)
@@ -435,6 +443,7 @@ fn queue_info_from(row: &Row) -> Result<QueueInfo> {
 impl QueueAdmin for PgBackend {
     async fn create_queue(&self, name: &QueueName, options: &QueueOptions) -> Result<bool> {
         let r = &options.retry;
+        let breaker = options.circuit_breaker;
         let created = self
             .conn()
             .await?
@@ -449,6 +458,8 @@ impl QueueAdmin for PgBackend {
                     &millis(options.lease),
                     &options.keep_history,
                     &millis(options.archive_retention),
+                    &breaker.map(|b| i32::try_from(b.failures).unwrap_or(i32::MAX)),
+                    &breaker.map(|b| millis(b.backoff)),
                 ],
             )
             .await
@@ -464,6 +475,19 @@ impl QueueAdmin for PgBackend {
             .await
             .map_err(|e| db("dropping a queue", e))?;
         Ok(dropped == 1)
+    }
+
+    async fn trip_breaker(&self, name: &QueueName, backoff: Duration) -> Result<()> {
+        let updated = self
+            .conn()
+            .await?
+            .execute(sql::TRIP_BREAKER, &[&name.as_str(), &backoff.as_secs_f64()])
+            .await
+            .map_err(|e| db("opening a circuit breaker", e))?;
+        if updated == 0 {
+            return Err(Error::QueueNotFound(name.clone()));
+        }
+        Ok(())
     }
 
     async fn set_paused(&self, name: &QueueName, paused: bool) -> Result<()> {
@@ -646,6 +670,9 @@ impl Stats for PgBackend {
                 stats.dead_lettered = row.get::<_, i64>(5) as u64;
                 stats.oldest_ready_age = row
                     .get::<_, Option<f64>>(6)
+                    .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
+                stats.breaker_open_for = row
+                    .get::<_, Option<f64>>(7)
                     .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
                 Ok(stats)
             })

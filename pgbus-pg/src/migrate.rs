@@ -56,6 +56,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "limits",
         sql: include_str!("../migrations/0009_limits.sql"),
     },
+    Migration {
+        version: 10,
+        name: "breaker",
+        sql: include_str!("../migrations/0010_breaker.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

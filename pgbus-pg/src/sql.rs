@@ -29,8 +29,9 @@ pub(crate) const SCHEMA_VERSION: &str = "SELECT max(version) FROM pgbus.schema_m
 
 pub(crate) const CREATE_QUEUE: &str = "
 INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter,
-                          lease_ms, keep_history, archive_retention_ms)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                          lease_ms, keep_history, archive_retention_ms, breaker_failures,
+                          breaker_backoff_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (name) DO NOTHING";
 
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
@@ -50,7 +51,7 @@ pub(crate) const PURGE_QUEUE: &str = "DELETE FROM pgbus.messages WHERE queue = $
 macro_rules! queue_columns {
     () => {
         "name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter, lease_ms, \
-         keep_history, archive_retention_ms, paused"
+         keep_history, archive_retention_ms, paused, breaker_failures, breaker_backoff_ms"
     };
 }
 
@@ -107,7 +108,7 @@ WITH picked AS (
       AND limit_key IS NULL
       AND visible_at <= now()
       AND (lease_until IS NULL OR lease_until <= now())
-      AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+      AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)
     ORDER BY priority DESC, visible_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -247,7 +248,9 @@ DELETE FROM pgbus.dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id 
 pub(crate) const STATS: &str = "
 SELECT q.name, q.paused,
        coalesce(m.ready, 0), coalesce(m.in_flight, 0), coalesce(m.scheduled, 0),
-       coalesce(d.dead, 0), m.oldest_ready_secs
+       coalesce(d.dead, 0), m.oldest_ready_secs,
+       CASE WHEN q.breaker_until > now()
+            THEN extract(epoch FROM q.breaker_until - now())::float8 END
 FROM pgbus.queues q
 LEFT JOIN (
     SELECT queue,
@@ -311,7 +314,7 @@ FROM (
 WHERE h.visible_at <= now()
   AND (h.lease_until IS NULL OR h.lease_until <= now())
   AND NOT (h.group_key = ANY ($3))
-  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+  AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)
 ORDER BY h.id
 LIMIT $2";
 
@@ -340,7 +343,7 @@ FROM (
 WHERE m.id = head.id
   AND m.visible_at <= now()
   AND (m.lease_until IS NULL OR m.lease_until <= now())
-  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)",
+  AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)",
             $fence,
             "
 RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_type,
@@ -518,3 +521,9 @@ pub(crate) const REMOVE_LIMIT: &str = "DELETE FROM pgbus.limits WHERE key = $1";
 
 pub(crate) const LIST_LIMITS: &str =
     "SELECT key, concurrency, rate, rate_interval_ms FROM pgbus.limits ORDER BY key";
+
+/// Opens a queue's circuit breaker for `$2` seconds (never shortening an open one).
+pub(crate) const TRIP_BREAKER: &str = "
+UPDATE pgbus.queues
+SET breaker_until = greatest(breaker_until, now() + make_interval(secs => $2))
+WHERE name = $1";
