@@ -132,7 +132,7 @@ pub(crate) async fn queue(
     Ok(ExitCode::SUCCESS)
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 

@@ -71,6 +71,9 @@ pub(crate) enum Command {
     /// The embedded database.
     #[command(subcommand)]
     Db(DbCommand),
+    /// Recurring tasks declared by schedulers.
+    #[command(subcommand)]
+    Cron(crate::cron::CronCommand),
     /// A demo: a queue with a steady trickle of jobs (some failing, some grouped) and
     /// workers, on the embedded database unless a URL is given. Ctrl-C stops it.
     Demo {
@@ -241,6 +244,7 @@ impl Cli {
             Command::Dlq(command) => crate::admin::dlq(&database, command, self.quiet).await,
             Command::Stats { json } => crate::admin::stats(&database, json).await,
             Command::Demo { duration } => crate::demo::demo(&database, duration).await,
+            Command::Cron(command) => crate::cron::cron(&database, command).await,
             Command::Db(_) => unreachable!("handled above"),
         }
     }

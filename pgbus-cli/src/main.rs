@@ -6,6 +6,7 @@ use clap::Parser;
 
 mod admin;
 mod cli;
+mod cron;
 mod database;
 mod demo;
 mod send;

@@ -1066,3 +1066,67 @@ fn processes_supervisor_runs_several_workers() {
         "all workers deregistered"
     );
 }
+
+#[test]
+fn cron_list_shows_declared_tasks_with_their_next_run() {
+    use pgbus_core::{MissedRuns, NewMessage, QueueName, RecurringTask, Schedule};
+    let db = Db::new();
+    db.ok(&["queue", "create", "reports"]);
+    let empty = db.ok(&["cron", "list", "--json"]).json();
+    assert_eq!(empty["tasks"], json!([]));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let backend = pgbus_pg::PgBackend::connect(&db.url).unwrap();
+        let task = RecurringTask::new(
+            "nightly_report",
+            QueueName::new("reports").unwrap(),
+            Schedule::cron("0 3 * * *").unwrap(),
+            NewMessage::json(&json!({"kind": "nightly"})).unwrap(),
+        )
+        .unwrap()
+        .missed(MissedRuns::CatchUp(3));
+        let scheduler = pgbus_pg::Scheduler::builder(backend.clone())
+            .task(task)
+            .tick(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let run = tokio::spawn(scheduler.run(stop.clone()));
+        let start = Instant::now();
+        while !backend
+            .schedules()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.next_at.is_some())
+        {
+            assert!(
+                start.elapsed() < SHORT,
+                "the scheduler never recorded a next run"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        run.await.unwrap().unwrap();
+    });
+
+    let listed = db.ok(&["cron", "list", "--json"]).json();
+    let task = &listed["tasks"][0];
+    assert_eq!(task["task"], "nightly_report");
+    assert_eq!(task["queue"], "reports");
+    assert_eq!(task["schedule"], "cron 0 3 * * *");
+    assert_eq!(task["missed"], "catch-up 3");
+    assert!(
+        task["next_at"].as_str().unwrap().contains("T03:00:00"),
+        "{task}"
+    );
+    let table = db.ok(&["cron", "list"]).stdout;
+    assert!(
+        table.contains("nightly_report") && table.contains("NEXT"),
+        "{table}"
+    );
+}

@@ -48,6 +48,7 @@ mod name;
 mod process;
 mod queue;
 mod retry;
+mod schedule;
 mod stream;
 mod unique;
 mod wakeup;
@@ -72,6 +73,7 @@ pub use queue::{
     Selection, Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
+pub use schedule::{MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
 pub use stream::{
     Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
 };

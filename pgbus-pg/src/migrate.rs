@@ -61,6 +61,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "breaker",
         sql: include_str!("../migrations/0010_breaker.sql"),
     },
+    Migration {
+        version: 11,
+        name: "scheduler",
+        sql: include_str!("../migrations/0011_scheduler.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -527,3 +527,60 @@ pub(crate) const TRIP_BREAKER: &str = "
 UPDATE pgbus.queues
 SET breaker_until = greatest(breaker_until, now() + make_interval(secs => $2))
 WHERE name = $1";
+
+/// The scheduler lease's row name.
+pub(crate) const SCHEDULER_LEASE_NAME: &str = "pgbus:scheduler";
+
+pub(crate) const NEW_TOKEN: &str = "SELECT gen_random_uuid()::text";
+
+/// Takes or renews the scheduler lease (`$1` the lease row, `$2` our token, `$3` seconds)
+/// when it is free, expired or already ours; returns the database clock when we lead.
+pub(crate) const TRY_LEAD: &str = "
+INSERT INTO pgbus.scheduler_lease AS l (name, owner, expires_at)
+VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE
+SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+WHERE l.expires_at <= now() OR l.owner = EXCLUDED.owner
+RETURNING now()";
+
+pub(crate) const RESIGN: &str = "DELETE FROM pgbus.scheduler_lease WHERE name = $1 AND owner = $2";
+
+/// Declares a task (its definition may change); returns the time after which its
+/// occurrences are due: the latest enqueued, or when it was first declared.
+pub(crate) const DECLARE_TASK: &str = "
+INSERT INTO pgbus.schedules AS s (task, queue, schedule, missed)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (task) DO UPDATE
+SET queue = EXCLUDED.queue, schedule = EXCLUDED.schedule, missed = EXCLUDED.missed,
+    updated_at = now()
+RETURNING coalesce(s.last_at, s.first_seen_at)";
+
+/// Records occurrences of task `$1`; returns those not recorded before.
+pub(crate) const RECORD_RUNS: &str = "
+INSERT INTO pgbus.schedule_runs (task, scheduled_at)
+SELECT $1, unnest($2::timestamptz[])
+ON CONFLICT (task, scheduled_at) DO NOTHING
+RETURNING scheduled_at";
+
+/// Moves task `$1`'s cursor forward to `$2` (never back) and records its next run `$3`.
+pub(crate) const ADVANCE_TASK: &str = "
+UPDATE pgbus.schedules
+SET last_at = greatest(coalesce(last_at, $2), $2), next_at = $3
+WHERE task = $1";
+
+/// Deletes at most `$2` occurrence records older than `$1` seconds, never a task's latest.
+pub(crate) const PRUNE_RUNS: &str = "
+WITH doomed AS (
+    SELECT r.task, r.scheduled_at
+    FROM pgbus.schedule_runs r JOIN pgbus.schedules s ON s.task = r.task
+    WHERE r.scheduled_at < now() - make_interval(secs => $1)
+      AND r.scheduled_at < s.last_at
+    LIMIT $2
+)
+DELETE FROM pgbus.schedule_runs r USING doomed
+WHERE r.task = doomed.task AND r.scheduled_at = doomed.scheduled_at";
+
+pub(crate) const LIST_SCHEDULES: &str = "
+SELECT task, queue, schedule, missed, last_at, next_at, updated_at
+FROM pgbus.schedules
+ORDER BY task";
