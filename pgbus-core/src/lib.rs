@@ -37,6 +37,7 @@
 
 #![forbid(unsafe_code)]
 
+mod batch;
 mod breaker;
 mod codec;
 mod error;
@@ -56,6 +57,7 @@ mod wakeup;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use batch::{BatchCallbacks, BatchId, BatchInfo};
 pub use breaker::CircuitBreaker;
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};

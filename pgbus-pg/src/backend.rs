@@ -139,6 +139,10 @@ impl PgBackend {
         &self.url
     }
 
+    pub(crate) fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
+    }
+
     pub(crate) fn pool(&self) -> &Pool<Manager> {
         &self.pool
     }

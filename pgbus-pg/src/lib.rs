@@ -43,6 +43,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod batch;
 mod cluster;
 mod connect;
 mod error;

@@ -66,6 +66,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "scheduler",
         sql: include_str!("../migrations/0011_scheduler.sql"),
     },
+    Migration {
+        version: 12,
+        name: "batches",
+        sql: include_str!("../migrations/0012_batches.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -584,3 +584,23 @@ pub(crate) const LIST_SCHEDULES: &str = "
 SELECT task, queue, schedule, missed, last_at, next_at, updated_at
 FROM pgbus.schedules
 ORDER BY task";
+
+pub(crate) const CREATE_BATCH: &str =
+    "INSERT INTO pgbus.batches (queue, total, pending) VALUES ($1, $2, $2) RETURNING id";
+
+/// A batch's callbacks: `$1` the batch, then one array per column.
+pub(crate) const ADD_BATCH_CALLBACKS: &str = "
+INSERT INTO pgbus.batch_callbacks (batch_id, kind, queue, priority, content_type, headers,
+                                   payload)
+SELECT $1, c.kind, c.queue, c.priority, c.content_type, c.headers, c.payload
+FROM unnest($2::text[], $3::text[], $4::smallint[], $5::text[], $6::jsonb[], $7::bytea[])
+     AS c(kind, queue, priority, content_type, headers, payload)";
+
+/// Marks just-sent messages `$2` (in the same transaction, so no worker saw them) as jobs
+/// of batch `$1`; `batch_id` is unindexed, so this is a HOT update.
+pub(crate) const JOIN_BATCH: &str =
+    "UPDATE pgbus.messages SET batch_id = $1 WHERE id = ANY ($2::bigint[])";
+
+pub(crate) const BATCH_INFO: &str = "
+SELECT id, queue, total, pending, dead_lettered, created_at, finished_at
+FROM pgbus.batches WHERE id = $1";
