@@ -52,6 +52,7 @@ macro_rules! conformance_tests {
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             recovery_frees_the_work_of_a_dead_group_owner,
             unique_keys_hold_until_the_job_leaves,
+            while_running_keys_run_one_job_at_a_time,
             concurrency_limits_count_live_leases,
             rate_limits_count_starts_per_window,
             open_breaker_closes_the_queue_until_its_backoff_passes,
@@ -1197,4 +1198,36 @@ pub async fn open_breaker_closes_the_queue_until_its_backoff_passes<B: Backend>(
     }
     assert_eq!(backend.claim(&q, 10, LONG).await.unwrap().len(), 3);
     assert_eq!(fetcher.claim_limited(&q, 10, LONG).await.unwrap().len(), 1);
+}
+
+/// A while-running unique key never refuses a send, but runs one job with the key at a
+/// time per queue.
+pub async fn while_running_keys_run_one_job_at_a_time<B: Backend>(backend: B) {
+    use crate::{OnConflict, Unique};
+    let q = queue(&backend, "one_at_a_time").await;
+    let other = queue(&backend, "one_at_a_time_2").await;
+    let w = || Unique::while_running("w").on_conflict(OnConflict::Reject);
+    let ids = backend
+        .send_batch(&q, (0..3).map(|n| job(n).unique(w())).collect())
+        .await
+        .unwrap();
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3, "all stored");
+    backend.send(&other, job(9).unique(w())).await.unwrap();
+    let err = backend
+        .send(&q, job(4).unique(w()).limit_key("k"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    let first = claim_limited(&backend, &q, LONG).await;
+    assert_eq!(numbers(&first), [0], "one at a time");
+    assert!(claim_limited(&backend, &q, LONG).await.is_empty());
+    assert_eq!(
+        numbers(&claim_limited(&backend, &other, LONG).await),
+        [9],
+        "per queue"
+    );
+    backend.ack(&[first[0].lease()]).await.unwrap();
+    assert_eq!(numbers(&claim_limited(&backend, &q, LONG).await), [1]);
 }

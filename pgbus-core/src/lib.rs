@@ -79,5 +79,5 @@ pub use schedule::{MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
 pub use stream::{
     Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
 };
-pub use unique::{OnConflict, Unique};
+pub use unique::{OnConflict, Unique, UniqueStrategy, WHILE_RUNNING_PREFIX};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

@@ -277,8 +277,12 @@ impl Producer for MemoryBackend {
         let mut next_id = state.next_id;
         let mut plan = Vec::with_capacity(messages.len());
         for m in messages {
-            if let Some(unique) = &m.unique {
-                if let Some(&existing) = held.get(&unique.key) {
+            if let Some((unique, key)) = m
+                .unique
+                .as_ref()
+                .and_then(|u| Some((u, u.until_done_key()?)))
+            {
+                if let Some(&existing) = held.get(key) {
                     if unique.on_conflict == OnConflict::Reject {
                         return Err(Error::DuplicateJob {
                             queue: queue.clone(),
@@ -291,17 +295,19 @@ impl Producer for MemoryBackend {
                 }
             }
             next_id += 1;
-            if let Some(unique) = &m.unique {
-                held.insert(unique.key.clone(), next_id);
+            if let Some(key) = m.unique.as_ref().and_then(|u| u.until_done_key()) {
+                held.insert(key.to_owned(), next_id);
             }
             plan.push((next_id, Some(m)));
         }
         state.next_id = next_id;
+        let name = queue;
         let queue = state.queue_mut(queue)?;
         let mut ids = Vec::with_capacity(plan.len());
         for (id, m) in plan {
             ids.push(MessageId(id));
             let Some(m) = m else { continue };
+            let limit_key = m.limit_key_in(name);
             queue.messages.insert(
                 id,
                 Stored {
@@ -314,8 +320,8 @@ impl Producer for MemoryBackend {
                     leased: false,
                     attempts: 0,
                     group_key: m.group_key,
-                    unique_key: m.unique.map(|u| u.key),
-                    limit_key: m.limit_key,
+                    limit_key,
+                    unique_key: m.unique.and_then(|u| u.until_done_key().map(str::to_owned)),
                     last_error: None,
                 },
             );
@@ -607,7 +613,15 @@ impl crate::Fetcher for MemoryBackend {
                 break;
             }
             let key = q.messages[&id].limit_key.clone().expect("filtered");
-            if let Some((limit, window_start, started)) = state.limits.get_mut(&key) {
+            // A while-running unique key without limits of its own runs one at a time.
+            let mut implicit = (key.starts_with(crate::WHILE_RUNNING_PREFIX)
+                && !state.limits.contains_key(&key))
+            .then(|| (KeyLimit::concurrency(1), now, 0));
+            let limits = match implicit.as_mut() {
+                Some(limits) => Some(limits),
+                None => state.limits.get_mut(&key),
+            };
+            if let Some((limit, window_start, started)) = limits {
                 if limit
                     .concurrency
                     .is_some_and(|n| running.get(&key).copied().unwrap_or(0) >= n)

@@ -159,11 +159,20 @@ impl NewMessage {
         }
         if let Some(key) = &self.limit_key {
             crate::check_limit_key(key)?;
-            if self.group_key.is_some() {
-                return Err(Error::InvalidArgument(
-                    "a job cannot have both a group key and a limit key".into(),
-                ));
-            }
+        }
+        let while_running = self
+            .unique
+            .as_ref()
+            .is_some_and(|u| u.strategy == crate::UniqueStrategy::WhileRunning);
+        if while_running && self.limit_key.is_some() {
+            return Err(Error::InvalidArgument(
+                "a job unique while running cannot also have a limit key".into(),
+            ));
+        }
+        if (while_running || self.limit_key.is_some()) && self.group_key.is_some() {
+            return Err(Error::InvalidArgument(
+                "a job cannot have both a group key and a limit key".into(),
+            ));
         }
         if self.payload.len() > max_payload_bytes {
             return Err(Error::PayloadTooLarge {

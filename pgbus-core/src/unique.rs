@@ -1,4 +1,21 @@
-//! Unique jobs: at most one unfinished job per (queue, key).
+//! Unique jobs: at most one unfinished (or running) job per (queue, key).
+
+use crate::QueueName;
+
+/// How long a unique key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum UniqueStrategy {
+    /// From the send until the job leaves the queue: no duplicate can be sent meanwhile
+    /// (the conflict behaviour applies).
+    #[default]
+    UntilDone,
+    /// Only while a job runs: duplicates are always accepted, but at most one job with the
+    /// key runs at a time; the others wait without taking a worker slot. (A concurrency
+    /// limit of 1 on a key of the queue; a job with this strategy cannot also have a limit
+    /// key.)
+    WhileRunning,
+}
 
 /// What a send does when a job with the same key is already in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -12,10 +29,12 @@ pub enum OnConflict {
     ReturnExisting,
 }
 
-/// A uniqueness key: while a job with this key is in its queue (waiting, delayed, running
-/// or backing off before a retry), no other job with the key can be sent to that queue.
-/// The key is released when the job leaves the queue: acked, discarded, dead-lettered or
-/// purged. (A job retried from the dead-letter queue comes back without its key.)
+/// A uniqueness key. With [`UniqueStrategy::UntilDone`] (the default): while a job with
+/// this key is in its queue (waiting, delayed, running or backing off before a retry), no
+/// other job with the key can be sent to that queue. The key is released when the job
+/// leaves the queue: acked, discarded, dead-lettered or purged. (A job retried from the
+/// dead-letter queue comes back without its key.) With [`UniqueStrategy::WhileRunning`]:
+/// one job with the key runs at a time.
 ///
 /// The key is stored on the job itself, so it cannot outlive it: a job whose worker
 /// crashed is delivered again when its lease runs out and releases its key when it
@@ -27,6 +46,8 @@ pub struct Unique {
     pub key: String,
     /// What a duplicate send does.
     pub on_conflict: OnConflict,
+    /// How long the key holds.
+    pub strategy: UniqueStrategy,
 }
 
 impl Unique {
@@ -35,7 +56,21 @@ impl Unique {
         Self {
             key: key.into(),
             on_conflict: OnConflict::default(),
+            strategy: UniqueStrategy::UntilDone,
         }
+    }
+
+    /// A key held only while a job runs (see [`UniqueStrategy::WhileRunning`]).
+    pub fn while_running(key: impl Into<String>) -> Self {
+        Self {
+            strategy: UniqueStrategy::WhileRunning,
+            ..Self::new(key)
+        }
+    }
+
+    /// The key the unique index holds, for [`UniqueStrategy::UntilDone`].
+    pub fn until_done_key(&self) -> Option<&str> {
+        (self.strategy == UniqueStrategy::UntilDone).then_some(self.key.as_str())
     }
 
     /// Sets the conflict behaviour.
@@ -54,4 +89,21 @@ pub(crate) fn check_key(key: &str, what: &'static str) -> crate::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The prefix of the limit keys that carry [`UniqueStrategy::WhileRunning`] keys; such a
+/// key without limits of its own has a concurrency limit of 1.
+pub const WHILE_RUNNING_PREFIX: &str = "unique:";
+
+impl crate::NewMessage {
+    /// The limit key the job is stored with in `queue`: its own, or the one standing for a
+    /// [`UniqueStrategy::WhileRunning`] key (`unique:<queue>:<key>`).
+    pub fn limit_key_in(&self, queue: &QueueName) -> Option<String> {
+        match &self.unique {
+            Some(u) if u.strategy == UniqueStrategy::WhileRunning => {
+                Some(format!("{WHILE_RUNNING_PREFIX}{queue}:{}", u.key))
+            }
+            _ => self.limit_key.clone(),
+        }
+    }
 }

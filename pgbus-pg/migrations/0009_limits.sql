@@ -61,8 +61,16 @@ BEGIN
         room := left_to_take;
         SELECT * INTO lim FROM pgbus.limits WHERE key = k FOR UPDATE SKIP LOCKED;
         IF NOT FOUND THEN
-            -- Unlimited, or another claimer has the key's turn.
+            -- Another claimer has the key's turn.
             CONTINUE WHEN EXISTS (SELECT 1 FROM pgbus.limits WHERE key = k);
+            -- A while-running unique key: one at a time, its turn taken by a lock on the
+            -- key alone (it has no limits row).
+            IF k LIKE 'unique:%' THEN
+                CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('pgbus:limit:' || k));
+                room := least(room, 1 - (
+                    SELECT count(*) FROM pgbus.messages
+                    WHERE limit_key = k AND lease_until > now()));
+            END IF;
         ELSE
             IF lim.concurrency IS NOT NULL THEN
                 room := least(room, lim.concurrency - (

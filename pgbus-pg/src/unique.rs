@@ -37,8 +37,12 @@ pub(crate) async fn send_keyed(
     let mut slots = Vec::with_capacity(messages.len());
     let mut sent = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        if let Some(unique) = &m.unique {
-            if let Some(&earlier) = first_of.get(unique.key.as_str()) {
+        if let Some((unique, key)) = m
+            .unique
+            .as_ref()
+            .and_then(|u| Some((u, u.until_done_key()?)))
+        {
+            if let Some(&earlier) = first_of.get(key) {
                 if unique.on_conflict == OnConflict::Reject {
                     return Err(Error::DuplicateJob {
                         queue: queue.clone(),
@@ -49,7 +53,7 @@ pub(crate) async fn send_keyed(
                 slots.push(Slot::SameAs(earlier));
                 continue;
             }
-            first_of.insert(&unique.key, i);
+            first_of.insert(key, i);
         }
         slots.push(Slot::Sent(sent.len()));
         sent.push(i);
@@ -58,7 +62,7 @@ pub(crate) async fn send_keyed(
     let columns = Columns::new(queue, batch.iter().copied());
     let keys: Vec<Option<&str>> = batch
         .iter()
-        .map(|m| m.unique.as_ref().map(|u| u.key.as_str()))
+        .map(|m| m.unique.as_ref().and_then(|u| u.until_done_key()))
         .collect();
     let rejects: Vec<bool> = batch
         .iter()
@@ -68,7 +72,7 @@ pub(crate) async fn send_keyed(
                 .is_some_and(|u| u.on_conflict == OnConflict::Reject)
         })
         .collect();
-    let limit_keys: Vec<Option<&str>> = batch.iter().map(|m| m.limit_key.as_deref()).collect();
+    let limit_keys: Vec<Option<String>> = batch.iter().map(|m| m.limit_key_in(queue)).collect();
     let mut params = columns.params(&notify);
     params.push((&keys, Type::TEXT_ARRAY));
     params.push((&rejects, Type::BOOL_ARRAY));
@@ -94,8 +98,8 @@ pub(crate) async fn send_keyed(
     let mut unkeyed = unkeyed.into_iter();
     let mut sent_ids = Vec::with_capacity(batch.len());
     for m in batch {
-        let id = match &m.unique {
-            Some(u) => by_key.get(&u.key).copied(),
+        let id = match m.unique.as_ref().and_then(|u| u.until_done_key()) {
+            Some(key) => by_key.get(key).copied(),
             None => unkeyed.next(),
         };
         sent_ids.push(id.ok_or_else(|| Error::Backend {
