@@ -1068,65 +1068,70 @@ fn processes_supervisor_runs_several_workers() {
 }
 
 #[test]
-fn cron_list_shows_declared_tasks_with_their_next_run() {
-    use pgbus_core::{MissedRuns, NewMessage, QueueName, RecurringTask, Schedule};
+fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
     let db = Db::new();
     db.ok(&["queue", "create", "reports"]);
+    db.ok(&["queue", "create", "ticks"]);
     let empty = db.ok(&["cron", "list", "--json"]).json();
     assert_eq!(empty["tasks"], json!([]));
+    let config = db.path("tasks.json");
+    std::fs::write(
+        &config,
+        json!([
+            {"name": "nightly_report", "queue": "reports", "cron": "0 3 * * *",
+             "payload": {"kind": "nightly"}, "catch_up": 3},
+            {"name": "tick", "queue": "ticks", "every_secs": 0.2, "payload": {"n": 1}}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let bad = db.path("bad.json");
+    std::fs::write(&bad, r#"[{"name": "x", "queue": "ticks", "payload": 1}]"#).unwrap();
+    let refused = db
+        .run(&["cron", "run", "--config", bad.to_str().unwrap()])
+        .fails();
+    assert!(refused.stderr.contains("cron"), "{}", refused.stderr);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    runtime.block_on(async {
-        let backend = pgbus_pg::PgBackend::connect(&db.url).unwrap();
-        let task = RecurringTask::new(
-            "nightly_report",
-            QueueName::new("reports").unwrap(),
-            Schedule::cron("0 3 * * *").unwrap(),
-            NewMessage::json(&json!({"kind": "nightly"})).unwrap(),
-        )
-        .unwrap()
-        .missed(MissedRuns::CatchUp(3));
-        let scheduler = pgbus_pg::Scheduler::builder(backend.clone())
-            .task(task)
-            .tick(Duration::from_millis(20))
-            .build()
-            .unwrap();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let run = tokio::spawn(scheduler.run(stop.clone()));
-        let start = Instant::now();
-        while !backend
-            .schedules()
-            .await
-            .unwrap()
-            .iter()
-            .any(|s| s.next_at.is_some())
-        {
-            assert!(
-                start.elapsed() < SHORT,
-                "the scheduler never recorded a next run"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stop.cancel();
-        run.await.unwrap().unwrap();
+    let mut scheduler = Background(
+        db.cmd(&[
+            "cron",
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--lease",
+            "3s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the scheduler"),
+    );
+    let stderr = read_all(scheduler.0.stderr.take());
+    eventually("recurring jobs to be enqueued", LONG, || {
+        db.depth("ticks") >= 3
     });
+    terminate(&scheduler.0);
+    let status = wait_deadline(&mut scheduler.0, Duration::from_secs(30));
+    if status.is_none() {
+        scheduler.stop();
+    }
+    let stderr = stderr.join().unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "{stderr}");
 
     let listed = db.ok(&["cron", "list", "--json"]).json();
-    let task = &listed["tasks"][0];
-    assert_eq!(task["task"], "nightly_report");
-    assert_eq!(task["queue"], "reports");
-    assert_eq!(task["schedule"], "cron 0 3 * * *");
-    assert_eq!(task["missed"], "catch-up 3");
-    assert!(
-        task["next_at"].as_str().unwrap().contains("T03:00:00"),
-        "{task}"
-    );
+    let nightly = &listed["tasks"][0];
+    assert_eq!(nightly["task"], "nightly_report");
+    assert_eq!(nightly["queue"], "reports");
+    assert_eq!(nightly["schedule"], "cron 0 3 * * *");
+    assert_eq!(nightly["missed"], "catch-up 3");
+    let next = nightly["next_at"].as_str().unwrap();
+    assert!(next.contains("T03:00:00"), "{nightly}");
+    assert_eq!(listed["tasks"][1]["schedule"], "every 200ms");
+    assert_eq!(listed["tasks"][1]["missed"], "skip");
     let table = db.ok(&["cron", "list"]).stdout;
     assert!(
-        table.contains("nightly_report") && table.contains("NEXT"),
+        table.contains("nightly_report") && table.contains(next),
         "{table}"
     );
 }

@@ -75,7 +75,7 @@ pub use queue::{
     Selection, Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
-pub use schedule::{MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
+pub use schedule::{tasks_from_json, MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
 pub use stream::{
     Horizon, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
 };

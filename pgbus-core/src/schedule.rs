@@ -197,6 +197,65 @@ impl RecurringTask {
     }
 }
 
+/// One task of a config file (see [`tasks_from_json`]).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskSpec {
+    name: String,
+    queue: String,
+    cron: Option<String>,
+    every_secs: Option<f64>,
+    payload: serde_json::Value,
+    #[serde(default)]
+    headers: crate::Headers,
+    #[serde(default)]
+    priority: i16,
+    #[serde(default)]
+    catch_up: Option<u32>,
+}
+
+/// Reads recurring tasks from a JSON config file: an array of objects with `name`,
+/// `queue`, either `cron` (an expression) or `every_secs` (an interval), `payload` (any
+/// JSON, sent as a JSON job), and optionally `headers`, `priority` and `catch_up` (the
+/// most missed occurrences to enqueue; without it missed ones are skipped).
+///
+/// ```
+/// let tasks = pgbus_core::tasks_from_json(r#"[
+///     {"name": "nightly", "queue": "reports", "cron": "0 3 * * *", "payload": {"kind": "daily"}},
+///     {"name": "poll", "queue": "feeds", "every_secs": 30, "payload": null, "catch_up": 2}
+/// ]"#).unwrap();
+/// assert_eq!(tasks.len(), 2);
+/// ```
+pub fn tasks_from_json(text: &str) -> Result<Vec<RecurringTask>> {
+    let specs: Vec<TaskSpec> = serde_json::from_str(text)
+        .map_err(|err| Error::InvalidArgument(format!("invalid recurring task config: {err}")))?;
+    specs
+        .into_iter()
+        .map(|spec| {
+            let schedule = match (&spec.cron, spec.every_secs) {
+                (Some(cron), None) => Schedule::cron(cron)?,
+                (None, Some(secs)) if secs.is_finite() && secs > 0.0 => {
+                    Schedule::every(Duration::from_secs_f64(secs))?
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "recurring task {:?} needs either `cron` or a positive `every_secs`",
+                        spec.name
+                    )))
+                }
+            };
+            let mut message = NewMessage::json(&spec.payload)?.priority(spec.priority);
+            message.headers = spec.headers;
+            let task =
+                RecurringTask::new(spec.name, QueueName::new(spec.queue)?, schedule, message)?;
+            Ok(match spec.catch_up {
+                Some(max) => task.missed(MissedRuns::CatchUp(max)),
+                None => task,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +302,25 @@ mod tests {
             s.due(at(100), at(105), MissedRuns::CatchUp(2)),
             [at(104), at(105)]
         );
+    }
+
+    #[test]
+    fn config_files_are_checked() {
+        let tasks = tasks_from_json(
+            r#"[{"name": "a", "queue": "q", "every_secs": 0.5, "payload": 1, "catch_up": 3}]"#,
+        )
+        .unwrap();
+        assert_eq!(tasks[0].schedule.to_string(), "every 500ms");
+        assert_eq!(tasks[0].missed, MissedRuns::CatchUp(3));
+        for bad in [
+            r#"[{"name": "a", "queue": "q", "payload": 1}]"#,
+            r#"[{"name": "a", "queue": "q", "cron": "* * * * *", "every_secs": 1, "payload": 1}]"#,
+            r#"[{"name": "a", "queue": "Q", "every_secs": 1, "payload": 1}]"#,
+            r#"[{"name": "a", "queue": "q", "every_secs": 1, "payload": 1, "typo": 1}]"#,
+            r#"{"name": "a"}"#,
+        ] {
+            assert!(tasks_from_json(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
