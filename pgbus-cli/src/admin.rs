@@ -204,6 +204,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
     let backend = db.ready().await?;
     let stats = backend.stats().await?;
     let processes = backend.processes().await?;
+    let batches = backend.open_batches().await?;
     let now = SystemTime::now();
     let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
     if json {
@@ -241,7 +242,11 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "queues": queues, "processes": procs }))?
+            serde_json::to_string_pretty(&json!({
+                "queues": queues,
+                "processes": procs,
+                "batches": crate::batches::batches_json(&batches),
+            }))?
         );
     } else {
         println!(
@@ -293,6 +298,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 );
             }
         }
+        crate::batches::print_batches(&batches);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod admin;
+mod batches;
 mod cli;
 mod cron;
 mod database;

@@ -110,19 +110,32 @@ impl PgBackend {
             .query_opt(sql::BATCH_INFO, &[&id.0])
             .await
             .map_err(|e| db("reading a batch", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let count = |n: i32| u32::try_from(n).unwrap_or(0);
-        let mut info = BatchInfo::new(
-            BatchId(row.get(0)),
-            QueueName::new(row.get::<_, String>(1))?,
-            count(row.get(2)),
-            row.get(5),
-        );
-        info.pending = count(row.get(3)).min(info.total);
-        info.dead_lettered = count(row.get(4));
-        info.finished_at = row.get(6);
-        Ok(Some(info))
+        row.as_ref().map(batch_from).transpose()
     }
+
+    /// The batches not finished yet, oldest first.
+    pub async fn open_batches(&self) -> Result<Vec<BatchInfo>> {
+        let conn = self.conn().await?;
+        let rows = (*conn)
+            .query(sql::OPEN_BATCHES, &[])
+            .await
+            .map_err(|e| db("listing open batches", e))?;
+        rows.iter().map(batch_from).collect()
+    }
+}
+
+fn batch_from(row: &tokio_postgres::Row) -> Result<BatchInfo> {
+    let count = |n: i32| u32::try_from(n).unwrap_or(0);
+    let mut info = BatchInfo::new(
+        BatchId(row.get(0)),
+        QueueName::new(row.get::<_, String>(1))?,
+        count(row.get(2)),
+        row.get(5),
+    );
+    info.pending = count(row.get(3)).min(info.total);
+    info.dead_lettered = count(row.get(4));
+    info.finished_at = row.get(6);
+    Ok(info)
 }
 
 /// The callbacks' columns, one array each.

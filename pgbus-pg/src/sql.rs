@@ -604,3 +604,7 @@ pub(crate) const JOIN_BATCH: &str =
 pub(crate) const BATCH_INFO: &str = "
 SELECT id, queue, total, pending, dead_lettered, created_at, finished_at
 FROM pgbus.batches WHERE id = $1";
+
+pub(crate) const OPEN_BATCHES: &str = "
+SELECT id, queue, total, pending, dead_lettered, created_at, finished_at
+FROM pgbus.batches WHERE finished_at IS NULL ORDER BY id";

@@ -123,7 +123,10 @@ async fn a_batch_that_all_succeeds_fires_finished_and_succeeded() {
         .start_batch(&jobs, messages, callbacks(&notes))
         .await
         .unwrap();
+    let open = backend.open_batches().await.unwrap();
+    assert_eq!(open.iter().map(|b| b.id).collect::<Vec<_>>(), [batch]);
     run_batch(&backend, &jobs, batch, None).await;
+    assert!(backend.open_batches().await.unwrap().is_empty());
     assert_eq!(
         callbacks_enqueued(&backend, &notes, batch).await,
         ["finished", "succeeded"]
