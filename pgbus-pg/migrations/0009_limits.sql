@@ -10,7 +10,13 @@ ALTER TABLE pgbus.dead_letters ADD COLUMN limit_key text;
 DROP INDEX pgbus.messages_claim_idx;
 CREATE INDEX messages_claim_idx ON pgbus.messages (queue, priority DESC, visible_at, id)
     WHERE group_key IS NULL AND limit_key IS NULL;
-CREATE INDEX messages_limit_idx ON pgbus.messages (limit_key, queue)
+-- Serves the limited claim: the distinct keys of a queue (a skip scan), each key's most
+-- urgent ready job, and its jobs in claim order.
+CREATE INDEX messages_limited_idx
+    ON pgbus.messages (queue, limit_key, priority DESC, visible_at, id)
+    WHERE limit_key IS NOT NULL;
+-- Serves the running count of a key, across queues.
+CREATE INDEX messages_limit_key_idx ON pgbus.messages (limit_key)
     WHERE limit_key IS NOT NULL;
 
 CREATE TABLE pgbus.limits (
@@ -29,6 +35,16 @@ CREATE TABLE pgbus.limits (
 CREATE FUNCTION pgbus.queue_closed(queue_name text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT coalesce((SELECT paused FROM pgbus.queues WHERE name = queue_name), true)
+$$;
+
+-- Jobs of `key` running now (live leases), counted up to `enough`.
+CREATE FUNCTION pgbus.running(key text, enough integer) RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT count(*) FROM (
+        SELECT 1 FROM pgbus.messages
+        WHERE limit_key = key AND lease_until > now()
+        LIMIT enough
+    ) running
 $$;
 
 -- Claims up to `max_jobs` ready jobs with limit keys from `queue_name`, key by key (the key
@@ -51,11 +67,28 @@ BEGIN
         RETURN;
     END IF;
     FOR k IN
-        SELECT limit_key FROM pgbus.messages
-        WHERE queue = queue_name AND limit_key IS NOT NULL
-          AND visible_at <= now() AND (lease_until IS NULL OR lease_until <= now())
-        GROUP BY limit_key
-        ORDER BY max(priority) DESC, min(visible_at), limit_key
+        -- The queue's keys by a skip scan (one index probe per key, however many jobs
+        -- wait), then each key's most urgent ready job.
+        WITH RECURSIVE keys AS (
+            (SELECT limit_key FROM pgbus.messages
+             WHERE queue = queue_name AND limit_key IS NOT NULL
+             ORDER BY limit_key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT m.limit_key FROM pgbus.messages m
+                    WHERE m.queue = queue_name AND m.limit_key > keys.limit_key
+                    ORDER BY m.limit_key LIMIT 1)
+            FROM keys WHERE keys.limit_key IS NOT NULL
+        )
+        SELECT keys.limit_key
+        FROM keys
+        CROSS JOIN LATERAL (
+            SELECT m.priority, m.visible_at, m.id FROM pgbus.messages m
+            WHERE m.queue = queue_name AND m.limit_key = keys.limit_key
+              AND m.visible_at <= now() AND (m.lease_until IS NULL OR m.lease_until <= now())
+            ORDER BY m.priority DESC, m.visible_at, m.id
+            LIMIT 1
+        ) head
+        ORDER BY head.priority DESC, head.visible_at, head.id
     LOOP
         EXIT WHEN left_to_take <= 0;
         room := left_to_take;
@@ -67,15 +100,11 @@ BEGIN
             -- key alone (it has no limits row).
             IF k LIKE 'unique:%' THEN
                 CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('pgbus:limit:' || k));
-                room := least(room, 1 - (
-                    SELECT count(*) FROM pgbus.messages
-                    WHERE limit_key = k AND lease_until > now()));
+                room := least(room, 1 - pgbus.running(k, 1));
             END IF;
         ELSE
             IF lim.concurrency IS NOT NULL THEN
-                room := least(room, lim.concurrency - (
-                    SELECT count(*) FROM pgbus.messages
-                    WHERE limit_key = k AND lease_until > now()));
+                room := least(room, lim.concurrency - pgbus.running(k, lim.concurrency));
             END IF;
             IF lim.rate IS NOT NULL THEN
                 IF lim.window_start + lim.rate_interval_ms * interval '1 millisecond' <= now() THEN
