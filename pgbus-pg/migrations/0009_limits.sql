@@ -140,3 +140,17 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- A finished limited job frees a slot of its key: wake the queue's workers in every
+-- process (on commit), so a job waiting for that slot starts at once rather than at the
+-- next poll. Plain jobs skip the trigger in its WHEN clause.
+CREATE FUNCTION pgbus.limited_job_done() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('pgbus_wakeup', OLD.queue);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER messages_limited_done AFTER DELETE ON pgbus.messages
+    FOR EACH ROW WHEN (OLD.limit_key IS NOT NULL) EXECUTE FUNCTION pgbus.limited_job_done();

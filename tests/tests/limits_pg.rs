@@ -147,3 +147,66 @@ async fn a_limit_of_three_holds_across_two_processes_of_sixteen_slots() {
         "other keys were not held back behind the hot key ({hot_then} hot jobs done when they finished)"
     );
 }
+
+/// A finished limited job wakes the workers of other processes: a job waiting for the
+/// slot starts long before the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_freed_slot_wakes_a_waiting_worker_in_another_process() {
+    use pgbus_core::{Consumer, Fetcher, OpenFetcher};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "solo", QueueOptions::default()).await;
+    backend
+        .set_limit("solo", KeyLimit::concurrency(1))
+        .await
+        .unwrap();
+    let job = |n: u32| {
+        NewMessage::encode(&Job {
+            key: "solo".into(),
+            n,
+        })
+        .unwrap()
+        .limit_key("solo")
+    };
+    backend.send_batch(&q, vec![job(1), job(2)]).await.unwrap();
+    // "Another process" holds the key's only slot.
+    let mut fetcher = backend.open_fetcher().await.unwrap();
+    let held = fetcher
+        .claim_limited(&q, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+
+    let listener = Arc::new(pgbus_pg::PgListener::start(&url).unwrap());
+    let ran = Arc::new(AtomicBool::new(false));
+    let worker = Worker::builder(PgBackend::connect(&url).unwrap())
+        .poll_interval(Duration::from_secs(600))
+        .wakeups(listener.clone())
+        .handle(q.clone(), {
+            let ran = Arc::clone(&ran);
+            move |_ctx: JobContext<PgBackend>, _job: Job| {
+                ran.store(true, Ordering::SeqCst);
+                async {}
+            }
+        })
+        .build()
+        .unwrap();
+    let monitor = worker.monitor();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("the worker waits, its job held back", DEADLINE, || async {
+        monitor.metadata().idle && monitor.metadata().wakeups_live
+    })
+    .await;
+    assert!(!ran.load(Ordering::SeqCst));
+
+    backend.ack(&[held[0].lease()]).await.unwrap();
+    eventually(
+        "the waiting job started (far before the 600 s poll)",
+        DEADLINE,
+        || async { ran.load(Ordering::SeqCst) },
+    )
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
