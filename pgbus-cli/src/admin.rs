@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use pgbus_core::{
-    DeadLetters, Error, MessageId, ProcessRegistry, QueueAdmin, QueueName, QueueOptions,
-    RetryPolicy, Selection, Stats,
+    CircuitBreaker, DeadLetters, Error, MessageId, ProcessRegistry, QueueAdmin, QueueName,
+    QueueOptions, RetryPolicy, Selection, Stats,
 };
 use serde_json::json;
 
@@ -59,13 +59,18 @@ pub(crate) async fn queue(
             max_attempts,
             lease,
             keep_history,
+            breaker_failures,
+            breaker_backoff,
         } => {
             let name = QueueName::new(name)?;
             let retry = RetryPolicy::builder().max_attempts(max_attempts).build()?;
-            let options = QueueOptions::default()
+            let mut options = QueueOptions::default()
                 .retry(retry)
                 .lease(lease)
                 .keep_history(keep_history);
+            if let (Some(failures), Some(backoff)) = (breaker_failures, breaker_backoff) {
+                options = options.circuit_breaker(CircuitBreaker::new(failures, backoff)?);
+            }
             if backend.create_queue(&name, &options).await? {
                 say(format!("created queue {name}"));
             } else {
@@ -84,6 +89,10 @@ pub(crate) async fn queue(
                             "max_attempts": q.options.retry.max_attempts(),
                             "lease_ms": millis(q.options.lease),
                             "keep_history": q.options.keep_history,
+                            "breaker": q.options.circuit_breaker.map(|b| json!({
+                                "failures": b.failures,
+                                "backoff_ms": millis(b.backoff),
+                            })),
                         })
                     })
                     .collect();

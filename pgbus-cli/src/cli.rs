@@ -98,6 +98,12 @@ pub(crate) enum QueueCommand {
         /// Keep acked messages in the archive.
         #[arg(long)]
         keep_history: bool,
+        /// Circuit breaker: pause the queue after this many failed jobs in a row...
+        #[arg(long, requires = "breaker_backoff")]
+        breaker_failures: Option<u32>,
+        /// ... for this long, then resume by itself.
+        #[arg(long, value_parser = duration, requires = "breaker_failures")]
+        breaker_backoff: Option<Duration>,
     },
     /// List queues.
     List {

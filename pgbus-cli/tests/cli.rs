@@ -1135,3 +1135,53 @@ fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
         "{table}"
     );
 }
+
+#[test]
+fn a_queue_with_a_circuit_breaker_pauses_itself_visibly_in_stats() {
+    let db = Db::new();
+    db.ok(&[
+        "queue",
+        "create",
+        "fragile",
+        "--max-attempts",
+        "100",
+        "--breaker-failures",
+        "2",
+        "--breaker-backoff",
+        "1h",
+    ]);
+    let listed = db.ok(&["queue", "list", "--json"]).json();
+    assert_eq!(
+        listed[0]["breaker"],
+        json!({"failures": 2, "backoff_ms": 3_600_000})
+    );
+    let refused = db
+        .run(&["queue", "create", "half", "--breaker-failures", "2"])
+        .fails();
+    assert!(
+        refused.stderr.contains("breaker-backoff"),
+        "{}",
+        refused.stderr
+    );
+    for n in 0..3 {
+        db.send("fragile", &json!({ "n": n }));
+    }
+    // Every job fails: after two in a row the breaker opens, and the queue hands out
+    // nothing more, so `--until-empty` ends with jobs left.
+    db.work(&[
+        "fragile",
+        "--concurrency",
+        "1",
+        "--exec",
+        "exit 1",
+        "--until-empty",
+    ]);
+    let stats = db.queue_stats("fragile");
+    assert!(
+        stats["breaker_open_for_ms"].as_u64().unwrap() > 0,
+        "{stats:#}"
+    );
+    assert_eq!(stats["depth"], 3, "{stats:#}");
+    let table = db.ok(&["stats"]).stdout;
+    assert!(table.contains("fragile (breaker"), "{table}");
+}
