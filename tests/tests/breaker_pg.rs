@@ -25,7 +25,7 @@ async fn an_always_failing_queue_pauses_itself_and_resumes_after_the_backoff() {
         .unwrap();
     let options = QueueOptions::default()
         .retry(retry)
-        .circuit_breaker(CircuitBreaker::new(3, Duration::from_secs(2)).unwrap());
+        .circuit_breaker(CircuitBreaker::new(3, Duration::from_secs(3)).unwrap());
     let q = create(&backend, "fragile", options).await;
     backend
         .send_batch(
