@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use pgbus_core::{
-    DeadLetters, Error, MessageId, ProcessRegistry, QueueAdmin, QueueName, QueueOptions,
-    RetryPolicy, Selection, Stats,
+    CircuitBreaker, DeadLetters, Error, MessageId, ProcessRegistry, QueueAdmin, QueueName,
+    QueueOptions, RetryPolicy, Selection, Stats,
 };
 use serde_json::json;
 
@@ -59,13 +59,18 @@ pub(crate) async fn queue(
             max_attempts,
             lease,
             keep_history,
+            breaker_failures,
+            breaker_backoff,
         } => {
             let name = QueueName::new(name)?;
             let retry = RetryPolicy::builder().max_attempts(max_attempts).build()?;
-            let options = QueueOptions::default()
+            let mut options = QueueOptions::default()
                 .retry(retry)
                 .lease(lease)
                 .keep_history(keep_history);
+            if let (Some(failures), Some(backoff)) = (breaker_failures, breaker_backoff) {
+                options = options.circuit_breaker(CircuitBreaker::new(failures, backoff)?);
+            }
             if backend.create_queue(&name, &options).await? {
                 say(format!("created queue {name}"));
             } else {
@@ -84,6 +89,10 @@ pub(crate) async fn queue(
                             "max_attempts": q.options.retry.max_attempts(),
                             "lease_ms": millis(q.options.lease),
                             "keep_history": q.options.keep_history,
+                            "breaker": q.options.circuit_breaker.map(|b| json!({
+                                "failures": b.failures,
+                                "backoff_ms": millis(b.backoff),
+                            })),
                         })
                     })
                     .collect();
@@ -132,7 +141,7 @@ pub(crate) async fn queue(
     Ok(ExitCode::SUCCESS)
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -204,6 +213,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
     let backend = db.ready().await?;
     let stats = backend.stats().await?;
     let processes = backend.processes().await?;
+    let batches = backend.open_batches().await?;
     let now = SystemTime::now();
     let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
     if json {
@@ -219,6 +229,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                     "scheduled": s.scheduled,
                     "dead_lettered": s.dead_lettered,
                     "oldest_ready_age_ms": s.oldest_ready_age.map(millis),
+                    "breaker_open_for_ms": s.breaker_open_for.map(millis),
                 })
             })
             .collect();
@@ -240,7 +251,11 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "queues": queues, "processes": procs }))?
+            serde_json::to_string_pretty(&json!({
+                "queues": queues,
+                "processes": procs,
+                "batches": crate::batches::batches_json(&batches),
+            }))?
         );
     } else {
         println!(
@@ -252,10 +267,10 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 .oldest_ready_age
                 .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string())
                 .unwrap_or_else(|| "-".into());
-            let name = if s.paused {
-                format!("{} (paused)", s.queue)
-            } else {
-                s.queue.to_string()
+            let name = match (s.paused, s.breaker_open_for) {
+                (true, _) => format!("{} (paused)", s.queue),
+                (false, Some(open)) => format!("{} (breaker {}s)", s.queue, open.as_secs() + 1),
+                (false, None) => s.queue.to_string(),
             };
             println!(
                 "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12}",
@@ -292,6 +307,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 );
             }
         }
+        crate::batches::print_batches(&batches);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -71,6 +71,9 @@ pub(crate) enum Command {
     /// The embedded database.
     #[command(subcommand)]
     Db(DbCommand),
+    /// Recurring tasks declared by schedulers.
+    #[command(subcommand)]
+    Cron(crate::cron::CronCommand),
     /// A demo: a queue with a steady trickle of jobs (some failing, some grouped) and
     /// workers, on the embedded database unless a URL is given. Ctrl-C stops it.
     Demo {
@@ -95,6 +98,12 @@ pub(crate) enum QueueCommand {
         /// Keep acked messages in the archive.
         #[arg(long)]
         keep_history: bool,
+        /// Circuit breaker: pause the queue after this many failed jobs in a row...
+        #[arg(long, requires = "breaker_backoff")]
+        breaker_failures: Option<u32>,
+        /// ... for this long, then resume by itself.
+        #[arg(long, value_parser = duration, requires = "breaker_failures")]
+        breaker_backoff: Option<Duration>,
     },
     /// List queues.
     List {
@@ -241,6 +250,7 @@ impl Cli {
             Command::Dlq(command) => crate::admin::dlq(&database, command, self.quiet).await,
             Command::Stats { json } => crate::admin::stats(&database, json).await,
             Command::Demo { duration } => crate::demo::demo(&database, duration).await,
+            Command::Cron(command) => crate::cron::cron(&database, command).await,
             Command::Db(_) => unreachable!("handled above"),
         }
     }

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod admin;
+mod batches;
 mod cli;
+mod cron;
 mod database;
 mod demo;
 mod send;

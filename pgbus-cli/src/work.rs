@@ -127,8 +127,9 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// Cancels `stop` once the queues have no ready and no in-flight message. A paused queue's
-/// messages count as not ready: nothing will hand them out.
+/// Cancels `stop` once the queues have no ready and no in-flight message. The messages of a
+/// paused queue, or of one whose circuit breaker is open, count as not ready: nothing will
+/// hand them out (for now).
 async fn stop_when_empty(backend: PgBackend, queues: Vec<QueueName>, stop: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_millis(100));
     while !stop.is_cancelled() {
@@ -139,7 +140,7 @@ async fn stop_when_empty(backend: PgBackend, queues: Vec<QueueName>, stop: Cance
                     .iter()
                     .filter(|s| queues.contains(&s.queue))
                     .map(|s| {
-                        if s.paused {
+                        if s.paused || s.breaker_open_for.is_some() {
                             s.in_flight
                         } else {
                             s.ready + s.in_flight

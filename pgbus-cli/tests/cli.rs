@@ -1066,3 +1066,122 @@ fn processes_supervisor_runs_several_workers() {
         "all workers deregistered"
     );
 }
+
+#[test]
+fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "reports"]);
+    db.ok(&["queue", "create", "ticks"]);
+    let empty = db.ok(&["cron", "list", "--json"]).json();
+    assert_eq!(empty["tasks"], json!([]));
+    let config = db.path("tasks.json");
+    std::fs::write(
+        &config,
+        json!([
+            {"name": "nightly_report", "queue": "reports", "cron": "0 3 * * *",
+             "payload": {"kind": "nightly"}, "catch_up": 3},
+            {"name": "tick", "queue": "ticks", "every_secs": 0.2, "payload": {"n": 1}}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let bad = db.path("bad.json");
+    std::fs::write(&bad, r#"[{"name": "x", "queue": "ticks", "payload": 1}]"#).unwrap();
+    let refused = db
+        .run(&["cron", "run", "--config", bad.to_str().unwrap()])
+        .fails();
+    assert!(refused.stderr.contains("cron"), "{}", refused.stderr);
+
+    let mut scheduler = Background(
+        db.cmd(&[
+            "cron",
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--lease",
+            "3s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the scheduler"),
+    );
+    let stderr = read_all(scheduler.0.stderr.take());
+    eventually("recurring jobs to be enqueued", LONG, || {
+        db.depth("ticks") >= 3
+    });
+    terminate(&scheduler.0);
+    let status = wait_deadline(&mut scheduler.0, Duration::from_secs(30));
+    if status.is_none() {
+        scheduler.stop();
+    }
+    let stderr = stderr.join().unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "{stderr}");
+
+    let listed = db.ok(&["cron", "list", "--json"]).json();
+    let nightly = &listed["tasks"][0];
+    assert_eq!(nightly["task"], "nightly_report");
+    assert_eq!(nightly["queue"], "reports");
+    assert_eq!(nightly["schedule"], "cron 0 3 * * *");
+    assert_eq!(nightly["missed"], "catch-up 3");
+    let next = nightly["next_at"].as_str().unwrap();
+    assert!(next.contains("T03:00:00"), "{nightly}");
+    assert_eq!(listed["tasks"][1]["schedule"], "every 200ms");
+    assert_eq!(listed["tasks"][1]["missed"], "skip");
+    let table = db.ok(&["cron", "list"]).stdout;
+    assert!(
+        table.contains("nightly_report") && table.contains(next),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_queue_with_a_circuit_breaker_pauses_itself_visibly_in_stats() {
+    let db = Db::new();
+    db.ok(&[
+        "queue",
+        "create",
+        "fragile",
+        "--max-attempts",
+        "100",
+        "--breaker-failures",
+        "2",
+        "--breaker-backoff",
+        "1h",
+    ]);
+    let listed = db.ok(&["queue", "list", "--json"]).json();
+    assert_eq!(
+        listed[0]["breaker"],
+        json!({"failures": 2, "backoff_ms": 3_600_000})
+    );
+    let refused = db
+        .run(&["queue", "create", "half", "--breaker-failures", "2"])
+        .fails();
+    assert!(
+        refused.stderr.contains("breaker-backoff"),
+        "{}",
+        refused.stderr
+    );
+    for n in 0..3 {
+        db.send("fragile", &json!({ "n": n }));
+    }
+    // Every job fails: after two in a row the breaker opens, and the queue hands out
+    // nothing more, so `--until-empty` ends with jobs left.
+    db.work(&[
+        "fragile",
+        "--concurrency",
+        "1",
+        "--exec",
+        "exit 1",
+        "--until-empty",
+    ]);
+    let stats = db.queue_stats("fragile");
+    assert!(
+        stats["breaker_open_for_ms"].as_u64().unwrap() > 0,
+        "{stats:#}"
+    );
+    assert_eq!(stats["depth"], 3, "{stats:#}");
+    let table = db.ok(&["stats"]).stdout;
+    assert!(table.contains("fragile (breaker"), "{table}");
+}

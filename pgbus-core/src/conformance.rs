@@ -51,6 +51,11 @@ macro_rules! conformance_tests {
             processes_register_heartbeat_and_go_stale,
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             recovery_frees_the_work_of_a_dead_group_owner,
+            unique_keys_hold_until_the_job_leaves,
+            while_running_keys_run_one_job_at_a_time,
+            concurrency_limits_count_live_leases,
+            rate_limits_count_starts_per_window,
+            open_breaker_closes_the_queue_until_its_backoff_passes,
         );
     };
     (@streams $factory:path) => {
@@ -949,4 +954,287 @@ pub async fn pruning_moves_the_horizon<S: crate::StreamStore>(store: S) {
     );
     let next = store.publish(&s, "e", "3").await.unwrap();
     assert!(next > last);
+}
+
+/// A unique key admits one unfinished job per queue: duplicates get the existing id back
+/// or are refused (the whole batch with them); the key is free again once the job is
+/// acked, discarded or dead-lettered.
+pub async fn unique_keys_hold_until_the_job_leaves<B: Backend>(backend: B) {
+    use crate::{OnConflict, Unique};
+    let q = queue(&backend, "unique").await;
+    let other = queue(&backend, "unique_other").await;
+    let reject = |n, key: &str| job(n).unique(Unique::new(key).on_conflict(OnConflict::Reject));
+    let first = backend
+        .send(&q, job(1).unique(Unique::new("k")))
+        .await
+        .unwrap();
+    let ids = backend
+        .send_batch(
+            &q,
+            vec![
+                job(2).unique(Unique::new("k")),
+                job(3),
+                job(4).unique(Unique::new("j")),
+                job(5).unique(Unique::new("j")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids[0], first, "a duplicate gets the existing id");
+    assert_eq!(
+        ids[2], ids[3],
+        "a duplicate within the batch gets the first one's id"
+    );
+    assert_ne!(ids[1], ids[2]);
+    // Keys are per queue.
+    backend.send(&other, reject(6, "k")).await.unwrap();
+
+    let err = backend
+        .send_batch(&q, vec![job(7), reject(8, "k")])
+        .await
+        .unwrap_err();
+    match err {
+        Error::DuplicateJob { key, existing, .. } => {
+            assert_eq!(key, "k");
+            assert_eq!(existing, Some(first));
+        }
+        other => panic!("expected DuplicateJob, got {other}"),
+    }
+    assert_eq!(
+        stats_of(&backend, &q).await.depth(),
+        3,
+        "the refused batch stored nothing"
+    );
+    let err = backend
+        .send(&q, job(9).unique(Unique::new("")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+
+    // Ack, dead-letter and discard release their keys.
+    let claimed = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [1, 3, 4]);
+    backend.ack(&[claimed[0].lease()]).await.unwrap();
+    backend
+        .dead_letter(&claimed[2].lease(), "boom")
+        .await
+        .unwrap();
+    let again = backend.send(&q, reject(10, "k")).await.unwrap();
+    assert_ne!(again, first, "the acked job's key is free");
+    backend.send(&q, reject(11, "j")).await.unwrap();
+    let claimed = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [10, 11]);
+    backend.ack(&[claimed[0].lease()]).await.unwrap();
+    backend.send(&q, reject(12, "k")).await.unwrap();
+}
+
+/// Claims limited jobs on a fresh fetcher.
+async fn claim_limited<B: Backend>(backend: &B, q: &QueueName, lease: Duration) -> Vec<Message> {
+    let mut fetcher = backend.open_fetcher().await.expect("fetcher");
+    fetcher
+        .claim_limited(q, 100, lease)
+        .await
+        .expect("limited claim")
+}
+
+/// Jobs with a limit key are claimed only by the limited claim, at most the key's
+/// concurrency at once; an ack, a dead letter or an expired lease frees a slot; other keys
+/// and keys without limits are not held back; a dead letter keeps its key when retried.
+pub async fn concurrency_limits_count_live_leases<B: Backend + crate::Limits>(backend: B) {
+    use crate::KeyLimit;
+    let q = queue(&backend, "limited").await;
+    backend
+        .set_limit("hot", KeyLimit::concurrency(3))
+        .await
+        .unwrap();
+    backend
+        .set_limit("warm", KeyLimit::concurrency(1))
+        .await
+        .unwrap();
+    assert!(backend
+        .set_limit("hot", KeyLimit::concurrency(0))
+        .await
+        .is_err());
+    assert!(backend
+        .set_limit("", KeyLimit::concurrency(1))
+        .await
+        .is_err());
+    let err = backend
+        .send(&q, job(0).limit_key("hot").group("g"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let mut batch: Vec<NewMessage> = (0..6).map(|n| job(n).limit_key("hot")).collect();
+    batch.extend((10..12).map(|n| job(n).limit_key("warm")));
+    batch.extend((20..22).map(|n| job(n).limit_key("free")));
+    batch.push(job(30));
+    backend.send_batch(&q, batch).await.unwrap();
+
+    let plain = backend.claim(&q, 100, LONG).await.unwrap();
+    assert_eq!(
+        numbers(&plain),
+        [30],
+        "the plain claim leaves limited jobs alone"
+    );
+    let mut first = claim_limited(&backend, &q, LONG).await;
+    first.sort_by_key(|m| m.id);
+    assert_eq!(
+        numbers(&first),
+        [0, 1, 2, 10, 20, 21],
+        "3 hot, 1 warm, every free one"
+    );
+    assert!(
+        claim_limited(&backend, &q, LONG).await.is_empty(),
+        "all at their limits"
+    );
+    assert_eq!(backend.limits().await.unwrap().len(), 2);
+
+    // An ack frees a slot.
+    backend.ack(&[first[0].lease()]).await.unwrap();
+    let next = claim_limited(&backend, &q, Duration::from_millis(200)).await;
+    assert_eq!(numbers(&next), [3]);
+    assert!(claim_limited(&backend, &q, LONG).await.is_empty());
+    // An expired lease frees its slot (the job itself is ready again too).
+    let start = Instant::now();
+    let again = loop {
+        let claimed = claim_limited(&backend, &q, LONG).await;
+        if !claimed.is_empty() {
+            break claimed;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the expired lease never freed its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(again.len(), 1, "one slot freed");
+    // A dead letter frees its slot and keeps its key when retried.
+    backend
+        .dead_letter(&first[1].lease(), "boom")
+        .await
+        .unwrap();
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead[0].limit_key.as_deref(), Some("hot"));
+    backend.retry_dead(&q, Selection::All).await.unwrap();
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    assert_eq!(claim_limited(&backend, &q, LONG).await.len(), 1);
+    assert!(claim_limited(&backend, &q, LONG).await.is_empty());
+    // Without its limit, a key runs freely.
+    assert!(backend.remove_limit("warm").await.unwrap());
+    assert!(!backend.remove_limit("warm").await.unwrap());
+    assert_eq!(numbers(&claim_limited(&backend, &q, LONG).await), [11]);
+}
+
+/// A rate limit lets at most N jobs of the key start per window; a new window lets more.
+pub async fn rate_limits_count_starts_per_window<B: Backend + crate::Limits>(backend: B) {
+    use crate::KeyLimit;
+    let q = queue(&backend, "rated").await;
+    backend
+        .set_limit("api", KeyLimit::rate(2, LONG))
+        .await
+        .unwrap();
+    backend
+        .send_batch(&q, (0..5).map(|n| job(n).limit_key("api")).collect())
+        .await
+        .unwrap();
+    let first = claim_limited(&backend, &q, LONG).await;
+    assert_eq!(numbers(&first), [0, 1]);
+    backend
+        .ack(&[first[0].lease(), first[1].lease()])
+        .await
+        .unwrap();
+    assert!(
+        claim_limited(&backend, &q, LONG).await.is_empty(),
+        "finishing does not refill the window"
+    );
+    backend
+        .set_limit("api", KeyLimit::rate(2, Duration::from_millis(100)))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut started = Vec::new();
+    while started.len() < 3 {
+        let claimed = claim_limited(&backend, &q, LONG).await;
+        assert!(claimed.len() <= 2, "at most 2 per window");
+        started.extend(numbers(&claimed));
+        assert!(start.elapsed() < DEADLINE, "new windows let the rest start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(started, [2, 3, 4]);
+}
+
+/// An open circuit breaker makes every claim of the queue hand out nothing, shows in the
+/// stats, and closes by itself after the backoff; the queue's breaker settings round-trip.
+pub async fn open_breaker_closes_the_queue_until_its_backoff_passes<B: Backend>(backend: B) {
+    let breaker = crate::CircuitBreaker::new(3, Duration::from_millis(300)).unwrap();
+    assert!(crate::CircuitBreaker::new(0, LONG).is_err());
+    let options = QueueOptions::default().circuit_breaker(breaker);
+    let q = queue_with(&backend, "breaker", options.clone()).await;
+    assert_eq!(backend.queue_info(&q).await.unwrap().options, options);
+    backend
+        .send_batch(&q, (0..3).map(job).collect())
+        .await
+        .unwrap();
+    backend.send(&q, job(9).limit_key("k")).await.unwrap();
+    assert_eq!(stats_of(&backend, &q).await.breaker_open_for, None);
+
+    backend
+        .trip_breaker(&q, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let stats = stats_of(&backend, &q).await;
+    assert!(stats.breaker_open_for.is_some(), "visible in the stats");
+    assert!(!stats.paused, "not a manual pause");
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    let mut fetcher = backend.open_fetcher().await.unwrap();
+    assert!(fetcher
+        .claim_limited(&q, 10, LONG)
+        .await
+        .unwrap()
+        .is_empty());
+    let missing = QueueName::new("missing").unwrap();
+    assert!(matches!(
+        backend.trip_breaker(&missing, LONG).await,
+        Err(Error::QueueNotFound(_))
+    ));
+
+    let start = Instant::now();
+    while stats_of(&backend, &q).await.breaker_open_for.is_some() {
+        assert!(start.elapsed() < DEADLINE, "the breaker never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.claim(&q, 10, LONG).await.unwrap().len(), 3);
+    assert_eq!(fetcher.claim_limited(&q, 10, LONG).await.unwrap().len(), 1);
+}
+
+/// A while-running unique key never refuses a send, but runs one job with the key at a
+/// time per queue.
+pub async fn while_running_keys_run_one_job_at_a_time<B: Backend>(backend: B) {
+    use crate::{OnConflict, Unique};
+    let q = queue(&backend, "one_at_a_time").await;
+    let other = queue(&backend, "one_at_a_time_2").await;
+    let w = || Unique::while_running("w").on_conflict(OnConflict::Reject);
+    let ids = backend
+        .send_batch(&q, (0..3).map(|n| job(n).unique(w())).collect())
+        .await
+        .unwrap();
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3, "all stored");
+    backend.send(&other, job(9).unique(w())).await.unwrap();
+    let err = backend
+        .send(&q, job(4).unique(w()).limit_key("k"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+
+    assert!(backend.claim(&q, 10, LONG).await.unwrap().is_empty());
+    let first = claim_limited(&backend, &q, LONG).await;
+    assert_eq!(numbers(&first), [0], "one at a time");
+    assert!(claim_limited(&backend, &q, LONG).await.is_empty());
+    assert_eq!(
+        numbers(&claim_limited(&backend, &other, LONG).await),
+        [9],
+        "per queue"
+    );
+    backend.ack(&[first[0].lease()]).await.unwrap();
+    assert_eq!(numbers(&claim_limited(&backend, &q, LONG).await), [1]);
 }

@@ -68,6 +68,17 @@ pub enum Error {
         /// The missing id.
         id: MessageId,
     },
+    /// A unique job with this key is already in the queue, and the send asked to be
+    /// refused in that case; nothing of the send was stored.
+    #[error("a job with unique key {key:?} is already in queue {queue}")]
+    DuplicateJob {
+        /// The queue.
+        queue: QueueName,
+        /// The key.
+        key: String,
+        /// The job holding the key, when it was still there to be named.
+        existing: Option<MessageId>,
+    },
     /// The database schema is older (or newer) than this version of pgbus expects.
     #[error("database schema is at version {found}, this pgbus needs version {expected}: run `pgbus migrate`")]
     SchemaMismatch {

@@ -37,24 +37,32 @@
 
 #![forbid(unsafe_code)]
 
+mod batch;
+mod breaker;
 mod codec;
 mod error;
 mod group;
+mod limits;
 mod memory;
 mod message;
 mod name;
 mod process;
 mod queue;
 mod retry;
+mod schedule;
 mod stream;
+mod unique;
 mod wakeup;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use batch::{BatchCallbacks, BatchId, BatchInfo};
+pub use breaker::CircuitBreaker;
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};
 pub use group::{GroupRecovery, GroupSession, OpenGroupSession};
+pub use limits::{check_limit_key, KeyLimit, Limits};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession, MemoryStreamListener};
 pub use message::{
     DeadMessage, Headers, Lease, Message, MessageId, NewMessage, Visibility,
@@ -67,8 +75,10 @@ pub use queue::{
     Selection, Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
+pub use schedule::{tasks_from_json, MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
 pub use stream::{
     Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal, StreamStore,
     MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
 };
+pub use unique::{OnConflict, Unique, UniqueStrategy, WHILE_RUNNING_PREFIX};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

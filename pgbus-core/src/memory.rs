@@ -20,8 +20,8 @@ use crate::stream::{
     MAX_EPHEMERAL_BYTES,
 };
 use crate::{
-    ContentType, DeadMessage, Error, Headers, Lease, Message, MessageId, NewMessage, QueueName,
-    Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+    ContentType, DeadMessage, Error, Headers, KeyLimit, Lease, Limits, Message, MessageId,
+    NewMessage, OnConflict, QueueName, Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// An in-memory [`Backend`](crate::Backend). Clones share the same state.
@@ -45,12 +45,16 @@ struct State {
     /// Per stream, the highest id pruned.
     pruned_through: HashMap<StreamName, i64>,
     stream_listeners: Vec<Weak<ListenerState>>,
+    /// Key limits, with the start and count of the current rate window.
+    limits: BTreeMap<String, (KeyLimit, SystemTime, u32)>,
 }
 
 #[derive(Debug)]
 struct QueueState {
     options: QueueOptions,
     paused: bool,
+    /// The circuit breaker is open until then.
+    breaker_until: SystemTime,
     messages: BTreeMap<i64, Stored>,
     dead: BTreeMap<i64, DeadMessage>,
     archive: Vec<(SystemTime, Stored)>,
@@ -67,6 +71,8 @@ struct Stored {
     leased: bool,
     attempts: u32,
     group_key: Option<String>,
+    unique_key: Option<String>,
+    limit_key: Option<String>,
     last_error: Option<String>,
 }
 
@@ -104,6 +110,11 @@ impl MemoryBackend {
 }
 
 impl QueueState {
+    /// Whether claims hand out nothing now: paused, or the circuit breaker is open.
+    fn closed(&self, now: SystemTime) -> bool {
+        self.paused || self.breaker_until > now
+    }
+
     /// Leases message `id` (which must exist) and returns it as claimed.
     fn lease(&mut self, queue: &QueueName, id: i64, now: SystemTime, lease: Duration) -> Message {
         let expires = now + lease;
@@ -189,6 +200,7 @@ impl QueueAdmin for MemoryBackend {
             QueueState {
                 options: options.clone(),
                 paused: false,
+                breaker_until: SystemTime::UNIX_EPOCH,
                 messages: BTreeMap::new(),
                 dead: BTreeMap::new(),
                 archive: Vec::new(),
@@ -199,6 +211,11 @@ impl QueueAdmin for MemoryBackend {
 
     async fn drop_queue(&self, name: &QueueName) -> Result<bool> {
         Ok(self.lock().queues.remove(name).is_some())
+    }
+
+    async fn trip_breaker(&self, name: &QueueName, backoff: Duration) -> Result<()> {
+        self.lock().queue_mut(name)?.breaker_until = SystemTime::now() + backoff;
+        Ok(())
     }
 
     async fn set_paused(&self, name: &QueueName, paused: bool) -> Result<()> {
@@ -254,12 +271,48 @@ impl Producer for MemoryBackend {
         }
         let now = SystemTime::now();
         let mut state = self.lock();
-        state.queue(queue)?;
-        let first = state.next_id + 1;
-        state.next_id += messages.len() as i64;
+        // Keys held now, and by the batch as it goes; decided before anything is stored so
+        // a refused batch stores nothing.
+        let mut held: HashMap<String, i64> = state
+            .queue(queue)?
+            .messages
+            .iter()
+            .filter_map(|(id, m)| m.unique_key.clone().map(|k| (k, *id)))
+            .collect();
+        let mut next_id = state.next_id;
+        let mut plan = Vec::with_capacity(messages.len());
+        for m in messages {
+            if let Some((unique, key)) = m
+                .unique
+                .as_ref()
+                .and_then(|u| Some((u, u.until_done_key()?)))
+            {
+                if let Some(&existing) = held.get(key) {
+                    if unique.on_conflict == OnConflict::Reject {
+                        return Err(Error::DuplicateJob {
+                            queue: queue.clone(),
+                            key: unique.key.clone(),
+                            existing: Some(MessageId(existing)),
+                        });
+                    }
+                    plan.push((existing, None));
+                    continue;
+                }
+            }
+            next_id += 1;
+            if let Some(key) = m.unique.as_ref().and_then(|u| u.until_done_key()) {
+                held.insert(key.to_owned(), next_id);
+            }
+            plan.push((next_id, Some(m)));
+        }
+        state.next_id = next_id;
+        let name = queue;
         let queue = state.queue_mut(queue)?;
-        let mut ids = Vec::with_capacity(messages.len());
-        for (id, m) in (first..).zip(messages) {
+        let mut ids = Vec::with_capacity(plan.len());
+        for (id, m) in plan {
+            ids.push(MessageId(id));
+            let Some(m) = m else { continue };
+            let limit_key = m.limit_key_in(name);
             queue.messages.insert(
                 id,
                 Stored {
@@ -272,10 +325,11 @@ impl Producer for MemoryBackend {
                     leased: false,
                     attempts: 0,
                     group_key: m.group_key,
+                    limit_key,
+                    unique_key: m.unique.and_then(|u| u.until_done_key().map(str::to_owned)),
                     last_error: None,
                 },
             );
-            ids.push(MessageId(id));
         }
         Ok(ids)
     }
@@ -286,13 +340,13 @@ impl Consumer for MemoryBackend {
         let now = SystemTime::now();
         let mut state = self.lock();
         let q = state.queue_mut(queue)?;
-        if q.paused {
+        if q.closed(now) {
             return Ok(Vec::new());
         }
         let mut candidates: Vec<(Reverse<i16>, SystemTime, i64)> = q
             .messages
             .iter()
-            .filter(|(_, m)| m.visible_at <= now && m.group_key.is_none())
+            .filter(|(_, m)| m.visible_at <= now && m.group_key.is_none() && m.limit_key.is_none())
             .map(|(id, m)| (Reverse(m.priority), m.visible_at, *id))
             .collect();
         candidates.sort_unstable();
@@ -370,6 +424,7 @@ impl Consumer for MemoryBackend {
                 attempts: m.attempts,
                 failed_at: now,
                 error: reason.to_owned(),
+                limit_key: m.limit_key,
             },
         );
         Ok(true)
@@ -404,6 +459,8 @@ impl DeadLetters for MemoryBackend {
                     leased: false,
                     attempts: 0,
                     group_key: d.group_key,
+                    unique_key: None,
+                    limit_key: d.limit_key,
                     last_error: Some(d.error),
                 },
             );
@@ -438,6 +495,7 @@ impl Stats for MemoryBackend {
                     scheduled: 0,
                     dead_lettered: q.dead.len() as u64,
                     oldest_ready_age: None,
+                    breaker_open_for: q.breaker_until.duration_since(now).ok(),
                 };
                 for m in q.messages.values() {
                     if m.visible_at <= now {
@@ -526,6 +584,72 @@ impl crate::Fetcher for MemoryBackend {
         Consumer::claim(&*self, queue, max, lease).await
     }
 
+    async fn claim_limited(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Message>> {
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.queue(queue)?.closed(now) {
+            return Ok(Vec::new());
+        }
+        let mut running: HashMap<String, u32> = HashMap::new();
+        for q in state.queues.values() {
+            for m in q.messages.values() {
+                if let (Some(key), true) = (&m.limit_key, m.leased && m.visible_at > now) {
+                    *running.entry(key.clone()).or_default() += 1;
+                }
+            }
+        }
+        let q = state.queues.get_mut(queue).expect("checked above");
+        let mut candidates: Vec<(Reverse<i16>, SystemTime, i64)> = q
+            .messages
+            .iter()
+            .filter(|(_, m)| m.visible_at <= now && m.limit_key.is_some())
+            .map(|(id, m)| (Reverse(m.priority), m.visible_at, *id))
+            .collect();
+        candidates.sort_unstable();
+        let mut claimed = Vec::new();
+        for (_, _, id) in candidates {
+            if claimed.len() == max {
+                break;
+            }
+            let key = q.messages[&id].limit_key.clone().expect("filtered");
+            // A while-running unique key without limits of its own runs one at a time.
+            let mut implicit = (key.starts_with(crate::WHILE_RUNNING_PREFIX)
+                && !state.limits.contains_key(&key))
+            .then(|| (KeyLimit::concurrency(1), now, 0));
+            let limits = match implicit.as_mut() {
+                Some(limits) => Some(limits),
+                None => state.limits.get_mut(&key),
+            };
+            if let Some((limit, window_start, started)) = limits {
+                if limit
+                    .concurrency
+                    .is_some_and(|n| running.get(&key).copied().unwrap_or(0) >= n)
+                {
+                    continue;
+                }
+                if let Some((n, interval)) = limit.rate {
+                    if *window_start + interval <= now {
+                        *window_start = now;
+                        *started = 0;
+                    }
+                    if *started >= n {
+                        continue;
+                    }
+                    *started += 1;
+                }
+            }
+            *running.entry(key).or_default() += 1;
+            claimed.push(q.lease(queue, id, now, lease));
+        }
+        Ok(claimed)
+    }
+
     async fn queue_info(&mut self, queue: &QueueName) -> Result<QueueInfo> {
         QueueAdmin::queue_info(&*self, queue).await
     }
@@ -539,7 +663,7 @@ impl crate::Fetcher for MemoryBackend {
         let now = SystemTime::now();
         let state = self.lock();
         let q = state.queue(queue)?;
-        if q.paused {
+        if q.closed(now) {
             return Ok(Vec::new());
         }
         let mut seen = std::collections::HashSet::new();
@@ -595,7 +719,7 @@ impl crate::GroupSession for MemoryGroupSession {
         let now = SystemTime::now();
         let mut state = self.backend.lock();
         let q = state.queue_mut(queue)?;
-        if q.paused {
+        if q.closed(now) {
             return Ok(None);
         }
         Ok(match q.group_head(group, now) {
@@ -930,5 +1054,29 @@ impl StreamListener for MemoryStreamListener {
 
     fn is_live(&self) -> bool {
         !self.state.stopped.load(Ordering::SeqCst)
+    }
+}
+
+impl Limits for MemoryBackend {
+    async fn set_limit(&self, key: &str, limit: KeyLimit) -> Result<()> {
+        crate::check_limit_key(key)?;
+        let limit = limit.build()?;
+        self.lock()
+            .limits
+            .insert(key.to_owned(), (limit, SystemTime::now(), 0));
+        Ok(())
+    }
+
+    async fn remove_limit(&self, key: &str) -> Result<bool> {
+        Ok(self.lock().limits.remove(key).is_some())
+    }
+
+    async fn limits(&self) -> Result<Vec<(String, KeyLimit)>> {
+        Ok(self
+            .lock()
+            .limits
+            .iter()
+            .map(|(key, (limit, _, _))| (key.clone(), *limit))
+            .collect())
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{ContentType, Error, QueueName, Result};
+use crate::{ContentType, Error, QueueName, Result, Unique};
 
 /// The largest payload accepted by default: 1 MiB. Backends make it configurable.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -71,6 +71,11 @@ pub struct NewMessage {
     pub visibility: Visibility,
     /// Messages with the same group key run one at a time, in order.
     pub group_key: Option<String>,
+    /// At most one unfinished job per key and queue.
+    pub unique: Option<Unique>,
+    /// The key whose concurrency and rate limits the job obeys (see
+    /// [`KeyLimit`](crate::KeyLimit)).
+    pub limit_key: Option<String>,
 }
 
 impl NewMessage {
@@ -83,6 +88,8 @@ impl NewMessage {
             priority: 0,
             visibility: Visibility::Now,
             group_key: None,
+            unique: None,
+            limit_key: None,
         }
     }
 
@@ -125,6 +132,19 @@ impl NewMessage {
         self
     }
 
+    /// Makes the job unique in its queue (see [`Unique`]).
+    pub fn unique(mut self, unique: Unique) -> Self {
+        self.unique = Some(unique);
+        self
+    }
+
+    /// Makes the job obey the limits of `key` (see [`KeyLimit`](crate::KeyLimit)). A job
+    /// cannot have both a limit key and a group key.
+    pub fn limit_key(mut self, key: impl Into<String>) -> Self {
+        self.limit_key = Some(key.into());
+        self
+    }
+
     /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
@@ -132,8 +152,28 @@ impl NewMessage {
     }
 
     /// Checks the message against the limits every backend enforces before storing it:
-    /// payload size and group key length.
+    /// payload size, group and job key lengths.
     pub fn check(&self, max_payload_bytes: usize) -> Result<()> {
+        if let Some(unique) = &self.unique {
+            crate::unique::check_key(&unique.key, "a unique key")?;
+        }
+        if let Some(key) = &self.limit_key {
+            crate::check_limit_key(key)?;
+        }
+        let while_running = self
+            .unique
+            .as_ref()
+            .is_some_and(|u| u.strategy == crate::UniqueStrategy::WhileRunning);
+        if while_running && self.limit_key.is_some() {
+            return Err(Error::InvalidArgument(
+                "a job unique while running cannot also have a limit key".into(),
+            ));
+        }
+        if (while_running || self.limit_key.is_some()) && self.group_key.is_some() {
+            return Err(Error::InvalidArgument(
+                "a job cannot have both a group key and a limit key".into(),
+            ));
+        }
         if self.payload.len() > max_payload_bytes {
             return Err(Error::PayloadTooLarge {
                 size: self.payload.len(),
@@ -254,6 +294,8 @@ pub struct DeadMessage {
     pub failed_at: SystemTime,
     /// Why: the last error text.
     pub error: String,
+    /// The limit key it keeps when retried.
+    pub limit_key: Option<String>,
 }
 
 impl DeadMessage {
@@ -279,6 +321,7 @@ impl DeadMessage {
             attempts: 0,
             failed_at: now,
             error,
+            limit_key: None,
         }
     }
 }

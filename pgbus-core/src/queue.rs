@@ -6,7 +6,10 @@ use std::time::Duration;
 use crate::group::OpenGroupSession;
 use crate::process::ProcessRegistry;
 use crate::wakeup::OpenFetcher;
-use crate::{DeadMessage, Lease, Message, MessageId, NewMessage, QueueName, Result, RetryPolicy};
+use crate::{
+    CircuitBreaker, DeadMessage, Lease, Message, MessageId, NewMessage, QueueName, Result,
+    RetryPolicy,
+};
 
 /// How a queue behaves. Built with consuming setters; defaults suit most queues.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +23,8 @@ pub struct QueueOptions {
     pub keep_history: bool,
     /// How long archived messages are kept before pruning.
     pub archive_retention: Duration,
+    /// Pauses the queue for a while after failures in a row; none by default.
+    pub circuit_breaker: Option<CircuitBreaker>,
 }
 
 impl Default for QueueOptions {
@@ -29,6 +34,7 @@ impl Default for QueueOptions {
             lease: Duration::from_secs(30),
             keep_history: false,
             archive_retention: Duration::from_secs(7 * 24 * 3600),
+            circuit_breaker: None,
         }
     }
 }
@@ -47,6 +53,11 @@ impl QueueOptions {
     /// Keeps acked messages in the archive.
     pub fn keep_history(mut self, keep: bool) -> Self {
         self.keep_history = keep;
+        self
+    }
+    /// Sets the circuit breaker.
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.circuit_breaker = Some(breaker);
         self
     }
     /// Sets how long archived messages are kept.
@@ -97,6 +108,8 @@ pub struct QueueStats {
     pub dead_lettered: u64,
     /// How long the oldest ready message has been waiting.
     pub oldest_ready_age: Option<Duration>,
+    /// While the queue's circuit breaker is open: how long until it resumes.
+    pub breaker_open_for: Option<Duration>,
 }
 
 impl QueueStats {
@@ -110,6 +123,7 @@ impl QueueStats {
             scheduled: 0,
             dead_lettered: 0,
             oldest_ready_age: None,
+            breaker_open_for: None,
         }
     }
 
@@ -147,6 +161,14 @@ pub trait QueueAdmin: Send + Sync {
 
     /// Deletes every message of the queue (dead letters stay); returns how many.
     fn purge_queue(&self, name: &QueueName) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Opens the queue's circuit breaker: no claim hands out its messages, in any process,
+    /// for `backoff` from now (on the backend's clock); then it resumes by itself.
+    fn trip_breaker(
+        &self,
+        name: &QueueName,
+        backoff: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// The queue's settings, or [`Error::QueueNotFound`](crate::Error::QueueNotFound).
     fn queue_info(&self, name: &QueueName) -> impl Future<Output = Result<QueueInfo>> + Send;

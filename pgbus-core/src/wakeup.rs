@@ -18,6 +18,19 @@ pub trait Fetcher: Send + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<Message>>> + Send;
 
+    /// Claims up to `max` visible messages that carry a limit key, as far as their keys'
+    /// limits allow (see [`KeyLimit`](crate::KeyLimit)); [`claim`](Self::claim) never
+    /// returns them. A backend without limits has none to return.
+    fn claim_limited(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send {
+        let _ = (queue, max, lease);
+        async { Ok(Vec::new()) }
+    }
+
     /// The queue's settings, read on this fetcher's connection (so a worker needs no
     /// pooled connection to start).
     fn queue_info(&mut self, queue: &QueueName) -> impl Future<Output = Result<QueueInfo>> + Send;

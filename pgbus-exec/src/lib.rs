@@ -54,6 +54,13 @@
 //!   [`RetryPolicy`](pgbus_core::RetryPolicy) and dead-letters once attempts are used up;
 //!   a payload that does not decode is dead-lettered at once with the decoder's reason.
 //!   A handler may also ack inside its own transaction ([`JobContext::ack_in`]).
+//! - **Limited jobs** (with a limit key, see [`KeyLimit`](pgbus_core::KeyLimit)) are
+//!   claimed by a second, limited claim, made only with the slots plain jobs left free:
+//!   a queue of plain jobs pays nothing for them.
+//! - **Circuit breakers.** For a queue with a
+//!   [`CircuitBreaker`](pgbus_core::CircuitBreaker), the worker counts failed jobs
+//!   (retried or dead-lettered) in a row and opens the queue's breaker when they reach the
+//!   limit; after the backoff one more failure opens it again, a success closes it.
 //! - **Leases** of running jobs are extended every third of the lease, so a long job is
 //!   not delivered again while it runs. A job past the per-job timeout is cancelled (its
 //!   [`JobContext::cancellation`] fires) and retried.
@@ -81,6 +88,7 @@
 #![forbid(unsafe_code)]
 
 mod async_pool;
+mod breaker;
 mod group;
 mod handler;
 mod pool;

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
 use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
 
@@ -378,6 +379,7 @@ impl<B: Backend> Worker<B> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
         let mut fetcher = self.backend.open_fetcher().await?;
         let policies = load_policies(&mut fetcher, &self.shared.queues, self.config.lease).await?;
+        let breakers = Breakers::load(&mut fetcher, &self.shared.queues).await?;
         let pool = new_pool(self.shared.mode, self.config.concurrency)?;
         let _ = self.shared.pool.set(Arc::clone(&pool));
         let slot_freed = Arc::new(Notify::new());
@@ -399,6 +401,7 @@ impl<B: Backend> Worker<B> {
             self.backend.clone(),
             settle_rx,
             policies.clone(),
+            breakers,
             Arc::clone(&in_flight),
             Arc::clone(&report),
             self.config.ack_batch,
@@ -609,10 +612,27 @@ impl<B: Backend> Fetch<'_, B> {
                     return Err(err);
                 }
             };
-            filled |= claimed.len() == free;
+            let mut taken = claimed.len();
             for message in claimed {
                 self.start(message).await;
             }
+            // Jobs with limit keys are claimed apart, and only with slots the plain jobs
+            // left free, so a busy queue of plain jobs pays nothing for them.
+            if taken < free {
+                let fetcher = self.fetcher.as_mut().expect("opened above");
+                let limited = match fetcher.claim_limited(queue, free - taken, lease).await {
+                    Ok(limited) => limited,
+                    Err(err) => {
+                        self.fetcher = None;
+                        return Err(err);
+                    }
+                };
+                taken += limited.len();
+                for message in limited {
+                    self.start(message).await;
+                }
+            }
+            filled |= taken == free;
         }
         Ok(if !self.pool.has_free_slot() {
             Wait::ForSlot
@@ -754,6 +774,7 @@ async fn settle_loop<B: Backend>(
     backend: B,
     mut rx: mpsc::UnboundedReceiver<Settlement>,
     policies: HashMap<QueueName, (RetryPolicy, Duration)>,
+    mut breakers: Breakers,
     in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>,
     report: Arc<Counters>,
     ack_batch: usize,
@@ -766,7 +787,15 @@ async fn settle_loop<B: Backend>(
                 .lock()
                 .expect("in-flight map")
                 .remove(&settlement.lease.id);
-            apply(&backend, &policies, &report, settlement, &mut acks).await;
+            apply(
+                &backend,
+                &policies,
+                &mut breakers,
+                &report,
+                settlement,
+                &mut acks,
+            )
+            .await;
             if acks.len() >= ack_batch {
                 break;
             }
@@ -781,13 +810,23 @@ async fn settle_loop<B: Backend>(
 async fn apply<B: Backend>(
     backend: &B,
     policies: &HashMap<QueueName, (RetryPolicy, Duration)>,
+    breakers: &mut Breakers,
     report: &Counters,
     s: Settlement,
     acks: &mut Vec<Lease>,
 ) {
     let (policy, _) = &policies[&s.queue];
     let discard = matches!(s.outcome, Outcome::Discard);
-    let result = match plan(s.outcome, policy, &s.lease, &s.queue, report) {
+    let settle = plan(s.outcome, policy, &s.lease, &s.queue, report);
+    let failed = matches!(settle, Settle::Nack(..) | Settle::DeadLetter(_));
+    if let Some(backoff) = breakers.record(&s.queue, failed) {
+        let queue = &s.queue;
+        tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");
+        if let Err(err) = backend.trip_breaker(queue, backoff).await {
+            tracing::warn!(target: "pgbus::breaker", error = %err.report(), queue.name = %queue, "could not open the circuit breaker");
+        }
+    }
+    let result = match settle {
         // Acks wait for the next batch; a discard is written at once, uncounted as acked.
         Settle::Ack if !discard => {
             acks.push(s.lease);

@@ -7,12 +7,12 @@ use std::time::{Duration, SystemTime};
 use bb8::{Pool, PooledConnection};
 use bb8_postgres::PostgresConnectionManager;
 use pgbus_core::{
-    Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers, Lease, Message, MessageId,
-    NewMessage, Producer, QueueAdmin, QueueInfo, QueueName, QueueOptions, QueueStats, Result,
-    RetryPolicy, Selection, Stats, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+    CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers, Lease,
+    Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName, QueueOptions,
+    QueueStats, Result, RetryPolicy, Selection, Stats, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{Json, Type};
+use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{GenericClient, NoTls, Row};
 
 use crate::connect::{config_for, connect};
@@ -145,6 +145,10 @@ impl PgBackend {
         state.connections - state.idle_connections
     }
 
+    pub(crate) fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
+    }
+
     pub(crate) fn pool(&self) -> &Pool<Manager> {
         &self.pool
     }
@@ -197,47 +201,17 @@ impl PgBackend {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let n = messages.len();
-        let mut priorities = Vec::with_capacity(n);
-        let mut ats = Vec::with_capacity(n);
-        let mut delays = Vec::with_capacity(n);
-        let mut content_types = Vec::with_capacity(n);
-        let mut headers = Vec::with_capacity(n);
-        let mut groups = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        for m in messages {
-            priorities.push(m.priority);
-            let (at, delay) = match m.visibility {
-                Visibility::Now => (None, 0.0),
-                Visibility::After(d) => (None, d.as_secs_f64()),
-                Visibility::At(t) => (Some(t), 0.0),
-            };
-            ats.push(at);
-            delays.push(delay);
-            content_types.push(m.content_type.mime());
-            headers.push(Json(m.headers));
-            groups.push(m.group_key);
-            payloads.push(m.payload);
+        // Jobs with keys take their own statement, so plain sends pay nothing for them.
+        if messages.iter().any(crate::unique::is_keyed) {
+            return crate::unique::send_keyed(client, queue, messages, self.notify).await;
         }
+        let columns = Columns::new(queue, messages.iter());
         // Typed parameters: parse, bind and execute in one round trip, with no separate
         // prepare (the pooled connection keeps no statement cache).
         let rows = client
-            .query_typed(
-                sql::SEND,
-                &[
-                    (&queue.as_str(), Type::TEXT),
-                    (&priorities, Type::INT2_ARRAY),
-                    (&ats, Type::TIMESTAMPTZ_ARRAY),
-                    (&delays, Type::FLOAT8_ARRAY),
-                    (&content_types, Type::TEXT_ARRAY),
-                    (&headers, Type::JSONB_ARRAY),
-                    (&groups, Type::TEXT_ARRAY),
-                    (&payloads, Type::BYTEA_ARRAY),
-                    (&self.notify, Type::BOOL),
-                ],
-            )
+            .query_typed(sql::SEND, &columns.params(&self.notify))
             .await
-            .map_err(|e| missing_queue(queue, e).unwrap_or_else(|e| db("sending messages", e)))?;
+            .map_err(|e| send_error(queue, e))?;
         Ok(rows.iter().map(|row| MessageId(row.get(0))).collect())
     }
 
@@ -269,6 +243,73 @@ impl PgBackend {
             .map_err(|e| db("counting archived messages", e))?;
         Ok(row.get::<_, i64>(0) as u64)
     }
+}
+
+/// The columns of a send, one array per column (parameters `$1` to `$8` of the send
+/// statements; `$9` is whether to notify).
+pub(crate) struct Columns<'a> {
+    queue: &'a str,
+    priorities: Vec<i16>,
+    ats: Vec<Option<SystemTime>>,
+    delays: Vec<f64>,
+    content_types: Vec<&'static str>,
+    headers: Vec<Json<&'a Headers>>,
+    groups: Vec<Option<&'a str>>,
+    payloads: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn new(
+        queue: &'a QueueName,
+        messages: impl ExactSizeIterator<Item = &'a NewMessage>,
+    ) -> Self {
+        let n = messages.len();
+        let mut c = Columns {
+            queue: queue.as_str(),
+            priorities: Vec::with_capacity(n),
+            ats: Vec::with_capacity(n),
+            delays: Vec::with_capacity(n),
+            content_types: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+            groups: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+        };
+        for m in messages {
+            c.priorities.push(m.priority);
+            let (at, delay) = match m.visibility {
+                Visibility::Now => (None, 0.0),
+                Visibility::After(d) => (None, d.as_secs_f64()),
+                Visibility::At(t) => (Some(t), 0.0),
+            };
+            c.ats.push(at);
+            c.delays.push(delay);
+            c.content_types.push(m.content_type.mime());
+            c.headers.push(Json(&m.headers));
+            c.groups.push(m.group_key.as_deref());
+            c.payloads.push(&m.payload);
+        }
+        c
+    }
+
+    /// Parameters `$1` to `$9`.
+    pub(crate) fn params<'p>(&'p self, notify: &'p bool) -> Vec<(&'p (dyn ToSql + Sync), Type)> {
+        vec![
+            (&self.queue, Type::TEXT),
+            (&self.priorities, Type::INT2_ARRAY),
+            (&self.ats, Type::TIMESTAMPTZ_ARRAY),
+            (&self.delays, Type::FLOAT8_ARRAY),
+            (&self.content_types, Type::TEXT_ARRAY),
+            (&self.headers, Type::JSONB_ARRAY),
+            (&self.groups, Type::TEXT_ARRAY),
+            (&self.payloads, Type::BYTEA_ARRAY),
+            (notify, Type::BOOL),
+        ]
+    }
+}
+
+/// A failed send: a missing queue is reported as such.
+pub(crate) fn send_error(queue: &QueueName, err: tokio_postgres::Error) -> Error {
+    missing_queue(queue, err).unwrap_or_else(|e| db("sending messages", e))
 }
 
 /// Claims on the given connection (`statement` is [`sql::CLAIM`], as text or prepared),
@@ -389,13 +430,21 @@ fn queue_info_from(row: &Row) -> Result<QueueInfo> {
         ))
         .jitter(row.get("retry_jitter"))
         .build()?;
-    let options = QueueOptions::default()
+    let mut options = QueueOptions::default()
         .retry(retry)
         .lease(Duration::from_millis(row.get::<_, i64>("lease_ms") as u64))
         .keep_history(row.get("keep_history"))
         .archive_retention(Duration::from_millis(
             row.get::<_, i64>("archive_retention_ms") as u64,
         ));
+    let failures: Option<i32> = row.get("breaker_failures");
+    let backoff: Option<i64> = row.get("breaker_backoff_ms");
+    if let (Some(failures), Some(ms)) = (failures, backoff) {
+        options = options.circuit_breaker(CircuitBreaker::new(
+            attempts(failures),
+            Duration::from_millis(ms as u64),
+        )?);
+    }
     let mut info = QueueInfo::new(name, options);
     info.paused = row.get("paused");
     Ok(info)
@@ -404,6 +453,7 @@ fn queue_info_from(row: &Row) -> Result<QueueInfo> {
 impl QueueAdmin for PgBackend {
     async fn create_queue(&self, name: &QueueName, options: &QueueOptions) -> Result<bool> {
         let r = &options.retry;
+        let breaker = options.circuit_breaker;
         let created = self
             .conn()
             .await?
@@ -418,6 +468,8 @@ impl QueueAdmin for PgBackend {
                     &millis(options.lease),
                     &options.keep_history,
                     &millis(options.archive_retention),
+                    &breaker.map(|b| i32::try_from(b.failures).unwrap_or(i32::MAX)),
+                    &breaker.map(|b| millis(b.backoff)),
                 ],
             )
             .await
@@ -433,6 +485,19 @@ impl QueueAdmin for PgBackend {
             .await
             .map_err(|e| db("dropping a queue", e))?;
         Ok(dropped == 1)
+    }
+
+    async fn trip_breaker(&self, name: &QueueName, backoff: Duration) -> Result<()> {
+        let updated = self
+            .conn()
+            .await?
+            .execute(sql::TRIP_BREAKER, &[&name.as_str(), &backoff.as_secs_f64()])
+            .await
+            .map_err(|e| db("opening a circuit breaker", e))?;
+        if updated == 0 {
+            return Err(Error::QueueNotFound(name.clone()));
+        }
+        Ok(())
     }
 
     async fn set_paused(&self, name: &QueueName, paused: bool) -> Result<()> {
@@ -616,6 +681,9 @@ impl Stats for PgBackend {
                 stats.oldest_ready_age = row
                     .get::<_, Option<f64>>(6)
                     .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
+                stats.breaker_open_for = row
+                    .get::<_, Option<f64>>(7)
+                    .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
                 Ok(stats)
             })
             .collect()
@@ -655,5 +723,6 @@ fn dead_message_from(queue: &QueueName, row: &Row) -> Result<DeadMessage> {
     d.enqueued_at = row.get("enqueued_at");
     d.attempts = attempts(row.get("attempts"));
     d.failed_at = row.get("failed_at");
+    d.limit_key = row.get("limit_key");
     Ok(d)
 }

@@ -16,6 +16,7 @@ use crate::{sql, PgBackend};
 pub struct PgFetcher {
     client: Client,
     claim: Statement,
+    claim_limited: Option<Statement>,
 }
 
 impl std::fmt::Debug for PgFetcher {
@@ -39,7 +40,11 @@ impl OpenFetcher for PgBackend {
             .prepare(sql::CLAIM)
             .await
             .map_err(|e| db("preparing the claim statement", e))?;
-        Ok(PgFetcher { client, claim })
+        Ok(PgFetcher {
+            client,
+            claim,
+            claim_limited: None,
+        })
     }
 }
 
@@ -70,5 +75,14 @@ impl Fetcher for PgFetcher {
         lease: Duration,
     ) -> Result<Vec<Message>> {
         claim_on(&self.client, &self.claim, queue, max, lease).await
+    }
+
+    async fn claim_limited(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Message>> {
+        crate::limits::claim_limited(&self.client, &mut self.claim_limited, queue, max, lease).await
     }
 }

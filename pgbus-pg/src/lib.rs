@@ -43,18 +43,22 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod batch;
 mod cluster;
 mod connect;
 mod error;
 mod fetcher;
 mod group;
+mod limits;
 mod listener;
 mod migrate;
 mod registry;
+mod scheduler;
 mod sql;
 mod stream;
 mod stream_listener;
 mod transaction;
+mod unique;
 
 pub use backend::{PgBackend, PgBackendBuilder};
 pub use cluster::*;
@@ -63,5 +67,6 @@ pub use fetcher::PgFetcher;
 pub use group::{GroupLocks, PgGroupRecovery, PgGroupSession};
 pub use listener::PgListener;
 pub use migrate::SCHEMA_VERSION;
+pub use scheduler::{ScheduleInfo, Scheduler, SchedulerBuilder, SchedulerMonitor};
 pub use stream_listener::PgStreamListener;
 pub use transaction::PgTransaction;

@@ -46,6 +46,31 @@ const MIGRATIONS: &[Migration] = &[
         name: "streams",
         sql: include_str!("../migrations/0006_streams.sql"),
     },
+    Migration {
+        version: 8,
+        name: "unique",
+        sql: include_str!("../migrations/0008_unique.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "limits",
+        sql: include_str!("../migrations/0009_limits.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "breaker",
+        sql: include_str!("../migrations/0010_breaker.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "scheduler",
+        sql: include_str!("../migrations/0011_scheduler.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "batches",
+        sql: include_str!("../migrations/0012_batches.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -32,8 +32,9 @@ pub(crate) const SCHEMA_VERSION: &str = "SELECT max(version) FROM pgbus.schema_m
 
 pub(crate) const CREATE_QUEUE: &str = "
 INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter,
-                          lease_ms, keep_history, archive_retention_ms)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                          lease_ms, keep_history, archive_retention_ms, breaker_failures,
+                          breaker_backoff_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (name) DO NOTHING";
 
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
@@ -53,7 +54,7 @@ pub(crate) const PURGE_QUEUE: &str = "DELETE FROM pgbus.messages WHERE queue = $
 macro_rules! queue_columns {
     () => {
         "name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter, lease_ms, \
-         keep_history, archive_retention_ms, paused"
+         keep_history, archive_retention_ms, paused, breaker_failures, breaker_backoff_ms"
     };
 }
 
@@ -99,16 +100,18 @@ SELECT ins.id FROM ins LEFT JOIN wake ON true ORDER BY ins.id";
 
 /// Claim: pick the best claimable rows (visible, and not leased or with the lease run out)
 /// with SKIP LOCKED, lease them, count the attempt. Only unindexed columns change, so the
-/// update can be HOT. `RETURNING` keeps no order: the caller restores it.
+/// update can be HOT. `RETURNING` keeps no order: the caller restores it. Grouped and
+/// limited jobs have their own claims.
 pub(crate) const CLAIM: &str = "
 WITH picked AS (
     SELECT id
     FROM pgbus.messages
     WHERE queue = $1
       AND group_key IS NULL
+      AND limit_key IS NULL
       AND visible_at <= now()
       AND (lease_until IS NULL OR lease_until <= now())
-      AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+      AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)
     ORDER BY priority DESC, visible_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -203,9 +206,9 @@ WITH d AS (
     RETURNING m.*
 )
 INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
-                                headers, group_key, payload, error)
+                                headers, group_key, payload, error, limit_key)
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-       payload, $3
+       payload, $3, limit_key
 FROM d"
         )
     };
@@ -215,7 +218,7 @@ pub(crate) const DEAD_LETTER_FENCED: &str = dead_letter!(fence!("4"));
 
 pub(crate) const LIST_DEAD: &str = "
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-       payload, failed_at, error
+       payload, failed_at, error, limit_key
 FROM pgbus.dead_letters
 WHERE queue = $1
 ORDER BY failed_at, id
@@ -230,9 +233,10 @@ WITH r AS (
     RETURNING *
 ), ins AS (
     INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
-                                content_type, headers, group_key, last_error, payload)
+                                content_type, headers, group_key, last_error, payload,
+                                limit_key)
     SELECT id, queue, priority, now(), 0, enqueued_at, content_type, headers, group_key,
-           error, payload
+           error, payload, limit_key
     FROM r
     RETURNING 1
 ), wake AS (
@@ -247,7 +251,9 @@ DELETE FROM pgbus.dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id 
 pub(crate) const STATS: &str = "
 SELECT q.name, q.paused,
        coalesce(m.ready, 0), coalesce(m.in_flight, 0), coalesce(m.scheduled, 0),
-       coalesce(d.dead, 0), m.oldest_ready_secs
+       coalesce(d.dead, 0), m.oldest_ready_secs,
+       CASE WHEN q.breaker_until > now()
+            THEN extract(epoch FROM q.breaker_until - now())::float8 END
 FROM pgbus.queues q
 LEFT JOIN (
     SELECT queue,
@@ -311,7 +317,7 @@ FROM (
 WHERE h.visible_at <= now()
   AND (h.lease_until IS NULL OR h.lease_until <= now())
   AND NOT (h.group_key = ANY ($3))
-  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)
+  AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)
 ORDER BY h.id
 LIMIT $2";
 
@@ -340,7 +346,7 @@ FROM (
 WHERE m.id = head.id
   AND m.visible_at <= now()
   AND (m.lease_until IS NULL OR m.lease_until <= now())
-  AND NOT (SELECT paused FROM pgbus.queues WHERE name = $1)",
+  AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)",
             $fence,
             "
 RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_type,
@@ -472,3 +478,156 @@ WITH doomed AS (
     SET pruned_through = GREATEST(s.pruned_through, EXCLUDED.pruned_through)
 )
 SELECT count(*) FROM del";
+
+// ---------------------------------------------------------------------------------------
+// Scheduling and flow control: unique jobs, concurrency and rate limits, circuit breakers,
+// recurring jobs, batches. Plain sends and claims above never use these statements.
+
+/// Send of jobs with keys: parameters as [`SEND`], plus `$10` the unique keys, `$11`
+/// whether a duplicate of each is refused, `$12` the limit keys. A duplicate key updates the existing row to
+/// itself (so the row is locked and returned, even when another transaction committed it
+/// while this one waited: a plain `DO NOTHING` would hide it from this statement's
+/// snapshot); `xmax = 0` tells inserted rows from existing ones. A refused duplicate
+/// raises in `pgbus.duplicate_job`, which aborts the statement: nothing is stored. The
+/// caller removes duplicates within the batch first (a statement may not update a row
+/// twice). Keyed rows go in key order, so concurrent sends of overlapping keys take their
+/// locks in one order and cannot deadlock one another.
+pub(crate) const SEND_KEYED: &str = "
+WITH ins AS (
+    INSERT INTO pgbus.messages AS t (queue, priority, visible_at, content_type, headers,
+                                     group_key, payload, unique_key, limit_key)
+    SELECT $1, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
+           m.content_type, m.headers, m.group_key, m.payload, m.unique_key, m.limit_key
+    FROM unnest($2::smallint[], $3::timestamptz[], $4::float8[], $5::text[], $6::jsonb[],
+                $7::text[], $8::bytea[], $10::text[], $12::text[])
+         WITH ORDINALITY AS m(priority, at, delay, content_type, headers, group_key, payload,
+                              unique_key, limit_key, n)
+    ORDER BY m.unique_key NULLS FIRST, m.n
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL
+    DO UPDATE SET unique_key = EXCLUDED.unique_key
+    RETURNING t.id, t.visible_at, t.unique_key, t.xmax = 0 AS fresh
+), refused AS (
+    SELECT pgbus.duplicate_job($1, ins.unique_key, ins.id)
+    FROM ins JOIN unnest($10::text[], $11::bool[]) AS r(key, reject) ON r.key = ins.unique_key
+    WHERE NOT ins.fresh AND r.reject
+), wake AS (
+    SELECT pg_notify('pgbus_wakeup', $1)
+    WHERE $9 AND EXISTS (SELECT 1 FROM ins WHERE fresh AND visible_at <= now())
+)
+SELECT ins.id, ins.unique_key, ins.fresh
+FROM ins LEFT JOIN wake ON true
+WHERE NOT EXISTS (SELECT 1 FROM refused)
+ORDER BY ins.id";
+
+/// Claim of jobs with limit keys, as far as the keys' limits allow (see the function in
+/// migration 9); the columns of [`CLAIM`].
+pub(crate) const CLAIM_LIMITED: &str = "
+SELECT id, priority, visible_at AS was_visible_at, lease_until, attempts, enqueued_at,
+       content_type, headers, group_key, last_error, payload
+FROM pgbus.claim_limited($1, $2, $3)";
+
+/// Sets a key's limits; a changed rate starts a new window.
+pub(crate) const SET_LIMIT: &str = "
+INSERT INTO pgbus.limits AS l (key, concurrency, rate, rate_interval_ms)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (key) DO UPDATE
+SET concurrency = EXCLUDED.concurrency, rate = EXCLUDED.rate,
+    rate_interval_ms = EXCLUDED.rate_interval_ms,
+    window_start = CASE WHEN (l.rate, l.rate_interval_ms)
+                             IS NOT DISTINCT FROM (EXCLUDED.rate, EXCLUDED.rate_interval_ms)
+                        THEN l.window_start ELSE now() END,
+    window_count = CASE WHEN (l.rate, l.rate_interval_ms)
+                             IS NOT DISTINCT FROM (EXCLUDED.rate, EXCLUDED.rate_interval_ms)
+                        THEN l.window_count ELSE 0 END";
+
+pub(crate) const REMOVE_LIMIT: &str = "DELETE FROM pgbus.limits WHERE key = $1";
+
+pub(crate) const LIST_LIMITS: &str =
+    "SELECT key, concurrency, rate, rate_interval_ms FROM pgbus.limits ORDER BY key";
+
+/// Opens a queue's circuit breaker for `$2` seconds (never shortening an open one).
+pub(crate) const TRIP_BREAKER: &str = "
+UPDATE pgbus.queues
+SET breaker_until = greatest(breaker_until, now() + make_interval(secs => $2))
+WHERE name = $1";
+
+/// The scheduler lease's row name.
+pub(crate) const SCHEDULER_LEASE_NAME: &str = "pgbus:scheduler";
+
+pub(crate) const NEW_TOKEN: &str = "SELECT gen_random_uuid()::text";
+
+/// Takes or renews the scheduler lease (`$1` the lease row, `$2` our token, `$3` seconds)
+/// when it is free, expired or already ours; returns the database clock when we lead.
+pub(crate) const TRY_LEAD: &str = "
+INSERT INTO pgbus.scheduler_lease AS l (name, owner, expires_at)
+VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE
+SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+WHERE l.expires_at <= now() OR l.owner = EXCLUDED.owner
+RETURNING now()";
+
+pub(crate) const RESIGN: &str = "DELETE FROM pgbus.scheduler_lease WHERE name = $1 AND owner = $2";
+
+/// Declares a task (its definition may change); returns the time after which its
+/// occurrences are due: the latest enqueued, or when it was first declared.
+pub(crate) const DECLARE_TASK: &str = "
+INSERT INTO pgbus.schedules AS s (task, queue, schedule, missed)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (task) DO UPDATE
+SET queue = EXCLUDED.queue, schedule = EXCLUDED.schedule, missed = EXCLUDED.missed,
+    updated_at = now()
+RETURNING coalesce(s.last_at, s.first_seen_at)";
+
+/// Records occurrences of task `$1`; returns those not recorded before.
+pub(crate) const RECORD_RUNS: &str = "
+INSERT INTO pgbus.schedule_runs (task, scheduled_at)
+SELECT $1, unnest($2::timestamptz[])
+ON CONFLICT (task, scheduled_at) DO NOTHING
+RETURNING scheduled_at";
+
+/// Moves task `$1`'s cursor forward to `$2` (never back) and records its next run `$3`.
+pub(crate) const ADVANCE_TASK: &str = "
+UPDATE pgbus.schedules
+SET last_at = greatest(coalesce(last_at, $2), $2), next_at = $3
+WHERE task = $1";
+
+/// Deletes at most `$2` occurrence records older than `$1` seconds, never a task's latest.
+pub(crate) const PRUNE_RUNS: &str = "
+WITH doomed AS (
+    SELECT r.task, r.scheduled_at
+    FROM pgbus.schedule_runs r JOIN pgbus.schedules s ON s.task = r.task
+    WHERE r.scheduled_at < now() - make_interval(secs => $1)
+      AND r.scheduled_at < s.last_at
+    LIMIT $2
+)
+DELETE FROM pgbus.schedule_runs r USING doomed
+WHERE r.task = doomed.task AND r.scheduled_at = doomed.scheduled_at";
+
+pub(crate) const LIST_SCHEDULES: &str = "
+SELECT task, queue, schedule, missed, last_at, next_at, updated_at
+FROM pgbus.schedules
+ORDER BY task";
+
+pub(crate) const CREATE_BATCH: &str =
+    "INSERT INTO pgbus.batches (queue, total, pending) VALUES ($1, $2, $2) RETURNING id";
+
+/// A batch's callbacks: `$1` the batch, then one array per column.
+pub(crate) const ADD_BATCH_CALLBACKS: &str = "
+INSERT INTO pgbus.batch_callbacks (batch_id, kind, queue, priority, content_type, headers,
+                                   payload)
+SELECT $1, c.kind, c.queue, c.priority, c.content_type, c.headers, c.payload
+FROM unnest($2::text[], $3::text[], $4::smallint[], $5::text[], $6::jsonb[], $7::bytea[])
+     AS c(kind, queue, priority, content_type, headers, payload)";
+
+/// Marks just-sent messages `$2` (in the same transaction, so no worker saw them) as jobs
+/// of batch `$1`; `batch_id` is unindexed, so this is a HOT update.
+pub(crate) const JOIN_BATCH: &str =
+    "UPDATE pgbus.messages SET batch_id = $1 WHERE id = ANY ($2::bigint[])";
+
+pub(crate) const BATCH_INFO: &str = "
+SELECT id, queue, total, pending, dead_lettered, created_at, finished_at
+FROM pgbus.batches WHERE id = $1";
+
+pub(crate) const OPEN_BATCHES: &str = "
+SELECT id, queue, total, pending, dead_lettered, created_at, finished_at
+FROM pgbus.batches WHERE finished_at IS NULL ORDER BY id";

@@ -75,11 +75,13 @@ async fn four_concurrent_migrations_leave_one_schema() {
     for task in tasks {
         applied.push(task.await.unwrap().expect("every migration succeeds"));
     }
-    let total: usize = applied.iter().map(Vec::len).sum();
-    assert_eq!(
-        total, SCHEMA_VERSION as usize,
-        "each migration applied exactly once"
-    );
+    // Versions may have gaps (migrations of parallel work merge in any order).
+    let mut versions = applied.concat();
+    versions.sort_unstable();
+    let total = versions.len();
+    versions.dedup();
+    assert_eq!(total, versions.len(), "each migration applied exactly once");
+    assert_eq!(versions.last(), Some(&SCHEMA_VERSION));
     let backend = PgBackend::connect(db.url()).unwrap();
     backend.check_schema().await.unwrap();
     assert!(
@@ -91,7 +93,7 @@ async fn four_concurrent_migrations_leave_one_schema() {
         .query_one("SELECT count(*) FROM pgbus.schema_migrations", &[])
         .await
         .unwrap();
-    assert_eq!(rows.get::<_, i64>(0), SCHEMA_VERSION);
+    assert_eq!(rows.get::<_, i64>(0), total as i64);
 }
 
 #[tokio::test]

@@ -1,0 +1,94 @@
+//! `cron list`: the recurring tasks schedulers have declared, with their next run;
+//! `cron run`: a scheduler for the tasks of a config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::admin::rfc3339;
+use crate::database::Database;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CronCommand {
+    /// List the recurring tasks, their schedule, last and next occurrence.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a scheduler for the recurring tasks of a JSON config file until SIGTERM or
+    /// Ctrl-C. Run it in as many processes as you like: one leads at a time.
+    Run {
+        /// The tasks: a JSON array of {"name", "queue", "cron" or "every_secs", "payload",
+        /// optional "headers", "priority", "catch_up"}.
+        #[arg(long)]
+        config: PathBuf,
+        /// How long a dead leader's lease lasts before another scheduler takes over.
+        #[arg(long, value_parser = crate::cli::duration, default_value = "30s")]
+        lease: Duration,
+    },
+}
+
+pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<ExitCode> {
+    let backend = db.ready().await?;
+    let json = match command {
+        CronCommand::List { json } => json,
+        CronCommand::Run { config, lease } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let tasks = pgbus_core::tasks_from_json(&text)
+                .with_context(|| format!("in {}", config.display()))?;
+            let mut scheduler = pgbus_pg::Scheduler::builder(backend.clone()).lease(lease);
+            for task in tasks {
+                scheduler = scheduler.task(task);
+            }
+            let stop = crate::work::stop_on_signals()?;
+            scheduler.build()?.run(stop).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let schedules = backend.schedules().await?;
+    let time = |t: Option<std::time::SystemTime>| t.map(rfc3339);
+    if json {
+        let tasks: Vec<_> = schedules
+            .iter()
+            .map(|s| {
+                json!({
+                    "task": s.task,
+                    "queue": s.queue,
+                    "schedule": s.schedule,
+                    "missed": s.missed,
+                    "last_at": time(s.last_at),
+                    "next_at": time(s.next_at),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "tasks": tasks }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<16} {:<28} {:<14} {:<26} {:<26}",
+        "TASK", "QUEUE", "SCHEDULE", "MISSED", "LAST", "NEXT"
+    );
+    for s in &schedules {
+        let dash = || "-".to_owned();
+        println!(
+            "{:<24} {:<16} {:<28} {:<14} {:<26} {:<26}",
+            s.task,
+            s.queue,
+            s.schedule,
+            s.missed,
+            time(s.last_at).unwrap_or_else(dash),
+            time(s.next_at).unwrap_or_else(dash),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

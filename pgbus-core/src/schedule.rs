@@ -1,0 +1,335 @@
+//! Recurring jobs: when a task's occurrences fall and which of them a scheduler enqueues.
+//!
+//! Times are UTC. Interval schedules are anchored at the Unix epoch (every 15 minutes means
+//! :00, :15, :30, :45), so every scheduler process computes the same occurrence times and
+//! an occurrence can be enqueued exactly once under its (task, time) key.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+
+use crate::{Error, NewMessage, QueueName, Result};
+
+/// The longest task name, in bytes.
+pub const MAX_TASK_NAME_LEN: usize = 100;
+
+/// When a recurring task runs.
+#[derive(Clone)]
+pub struct Schedule(Kind);
+
+#[derive(Clone)]
+enum Kind {
+    Cron(Box<croner::Cron>),
+    Every(Duration),
+}
+
+impl Schedule {
+    /// A cron expression: five fields (minute to weekday) or six with seconds first
+    /// (`*/5 * * * * *` is every five seconds), evaluated in UTC.
+    pub fn cron(expression: &str) -> Result<Self> {
+        let cron = croner::Cron::from_str(expression).map_err(|err| {
+            Error::InvalidArgument(format!("invalid cron expression {expression:?}: {err}"))
+        })?;
+        Ok(Self(Kind::Cron(Box::new(cron))))
+    }
+
+    /// A fixed interval of at least 10 ms, anchored at the Unix epoch.
+    pub fn every(interval: Duration) -> Result<Self> {
+        if interval < Duration::from_millis(10) {
+            return Err(Error::InvalidArgument(
+                "a schedule interval must be at least 10 ms".into(),
+            ));
+        }
+        Ok(Self(Kind::Every(interval)))
+    }
+
+    /// The latest occurrence at or before `t`.
+    pub fn latest_at_or_before(&self, t: SystemTime) -> Option<SystemTime> {
+        self.step(t, true, false)
+    }
+
+    /// The first occurrence after `t`.
+    pub fn next_after(&self, t: SystemTime) -> Option<SystemTime> {
+        self.step(t, false, true)
+    }
+
+    fn step(&self, t: SystemTime, inclusive: bool, forward: bool) -> Option<SystemTime> {
+        match &self.0 {
+            Kind::Every(interval) => {
+                let since = t.duration_since(UNIX_EPOCH).ok()?.as_nanos();
+                let every = interval.as_nanos();
+                let at_or_before = since - since % every;
+                let nanos = if forward {
+                    at_or_before + every
+                } else if inclusive || at_or_before < since {
+                    at_or_before
+                } else {
+                    at_or_before.checked_sub(every)?
+                };
+                Some(UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).ok()?))
+            }
+            Kind::Cron(cron) => {
+                let t: DateTime<Utc> = t.into();
+                let found = if forward {
+                    cron.find_next_occurrence(&t, inclusive)
+                } else {
+                    cron.find_previous_occurrence(&t, inclusive)
+                };
+                found.ok().map(SystemTime::from)
+            }
+        }
+    }
+
+    /// The occurrences after `last` and at or before `now` that the policy enqueues,
+    /// oldest first.
+    pub fn due(&self, last: SystemTime, now: SystemTime, missed: MissedRuns) -> Vec<SystemTime> {
+        let keep = match missed {
+            MissedRuns::Skip => 1,
+            MissedRuns::CatchUp(max) => max.max(1) as usize,
+        };
+        let mut due = Vec::new();
+        let mut at = self.latest_at_or_before(now);
+        while let Some(t) = at {
+            if t <= last || due.len() == keep {
+                break;
+            }
+            due.push(t);
+            at = self.step(t, false, false);
+        }
+        due.reverse();
+        due
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Kind::Cron(cron) => write!(f, "cron {}", cron.pattern),
+            Kind::Every(interval) => write!(f, "every {interval:?}"),
+        }
+    }
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Schedule({self})")
+    }
+}
+
+/// What a scheduler does with occurrences that passed while no scheduler ran (downtime,
+/// or a leader's death before another took over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissedRuns {
+    /// Enqueue only the latest occurrence; the others are skipped.
+    Skip,
+    /// Enqueue the missed occurrences too, at most this many (the latest ones).
+    CatchUp(u32),
+}
+
+/// A recurring job: a message enqueued to a queue at every occurrence of a schedule, with
+/// the headers `pgbus-task` (the name) and `pgbus-scheduled-at` (the occurrence, RFC 3339).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RecurringTask {
+    /// Unique name: `[a-z0-9_.:-]`, 1 to 100 bytes.
+    pub name: String,
+    /// Where its jobs go.
+    pub queue: QueueName,
+    /// When.
+    pub schedule: Schedule,
+    /// The job sent at each occurrence.
+    pub message: NewMessage,
+    /// Missed occurrences; default [`MissedRuns::Skip`].
+    pub missed: MissedRuns,
+}
+
+impl RecurringTask {
+    /// A task; the name is checked.
+    pub fn new(
+        name: impl Into<String>,
+        queue: QueueName,
+        schedule: Schedule,
+        message: NewMessage,
+    ) -> Result<Self> {
+        let name = name.into();
+        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.:-".contains(c);
+        if name.is_empty() || name.len() > MAX_TASK_NAME_LEN || !name.chars().all(valid) {
+            return Err(Error::InvalidArgument(format!(
+                "invalid task name {name:?}: 1 to {MAX_TASK_NAME_LEN} bytes of [a-z0-9_.:-]"
+            )));
+        }
+        Ok(Self {
+            name,
+            queue,
+            schedule,
+            message,
+            missed: MissedRuns::Skip,
+        })
+    }
+
+    /// The job for the occurrence at `at`: the task's message with its headers.
+    pub fn message_for(&self, at: SystemTime) -> NewMessage {
+        let at: DateTime<Utc> = at.into();
+        self.message
+            .clone()
+            .header("pgbus-task", self.name.clone())
+            .header(
+                "pgbus-scheduled-at",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            )
+    }
+
+    /// The policy as text (`skip`, `catch-up 10`).
+    pub fn missed_text(&self) -> String {
+        match self.missed {
+            MissedRuns::Skip => "skip".into(),
+            MissedRuns::CatchUp(max) => format!("catch-up {max}"),
+        }
+    }
+
+    /// Sets the missed-occurrence policy.
+    pub fn missed(mut self, missed: MissedRuns) -> Self {
+        self.missed = missed;
+        self
+    }
+}
+
+/// One task of a config file (see [`tasks_from_json`]).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskSpec {
+    name: String,
+    queue: String,
+    cron: Option<String>,
+    every_secs: Option<f64>,
+    payload: serde_json::Value,
+    #[serde(default)]
+    headers: crate::Headers,
+    #[serde(default)]
+    priority: i16,
+    #[serde(default)]
+    catch_up: Option<u32>,
+}
+
+/// Reads recurring tasks from a JSON config file: an array of objects with `name`,
+/// `queue`, either `cron` (an expression) or `every_secs` (an interval), `payload` (any
+/// JSON, sent as a JSON job), and optionally `headers`, `priority` and `catch_up` (the
+/// most missed occurrences to enqueue; without it missed ones are skipped).
+///
+/// ```
+/// let tasks = pgbus_core::tasks_from_json(r#"[
+///     {"name": "nightly", "queue": "reports", "cron": "0 3 * * *", "payload": {"kind": "daily"}},
+///     {"name": "poll", "queue": "feeds", "every_secs": 30, "payload": null, "catch_up": 2}
+/// ]"#).unwrap();
+/// assert_eq!(tasks.len(), 2);
+/// ```
+pub fn tasks_from_json(text: &str) -> Result<Vec<RecurringTask>> {
+    let specs: Vec<TaskSpec> = serde_json::from_str(text)
+        .map_err(|err| Error::InvalidArgument(format!("invalid recurring task config: {err}")))?;
+    specs
+        .into_iter()
+        .map(|spec| {
+            let schedule = match (&spec.cron, spec.every_secs) {
+                (Some(cron), None) => Schedule::cron(cron)?,
+                (None, Some(secs)) if secs.is_finite() && secs > 0.0 => {
+                    Schedule::every(Duration::from_secs_f64(secs))?
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "recurring task {:?} needs either `cron` or a positive `every_secs`",
+                        spec.name
+                    )))
+                }
+            };
+            let mut message = NewMessage::json(&spec.payload)?.priority(spec.priority);
+            message.headers = spec.headers;
+            let task =
+                RecurringTask::new(spec.name, QueueName::new(spec.queue)?, schedule, message)?;
+            Ok(match spec.catch_up {
+                Some(max) => task.missed(MissedRuns::CatchUp(max)),
+                None => task,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn intervals_are_anchored_at_the_epoch() {
+        let s = Schedule::every(Duration::from_secs(10)).unwrap();
+        assert_eq!(s.latest_at_or_before(at(125)), Some(at(120)));
+        assert_eq!(s.latest_at_or_before(at(120)), Some(at(120)));
+        assert_eq!(s.next_after(at(120)), Some(at(130)));
+        assert_eq!(s.next_after(at(125)), Some(at(130)));
+        assert!(Schedule::every(Duration::from_millis(1)).is_err());
+    }
+
+    #[test]
+    fn cron_with_and_without_seconds() {
+        let minutely = Schedule::cron("* * * * *").unwrap();
+        assert_eq!(minutely.next_after(at(61)), Some(at(120)));
+        let every_5s = Schedule::cron("*/5 * * * * *").unwrap();
+        assert_eq!(every_5s.next_after(at(61)), Some(at(65)));
+        assert_eq!(every_5s.latest_at_or_before(at(64)), Some(at(60)));
+        assert!(Schedule::cron("not cron").is_err());
+        assert_eq!(minutely.to_string(), "cron * * * * *");
+    }
+
+    #[test]
+    fn missed_runs_skip_or_catch_up_bounded() {
+        let s = Schedule::every(Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            s.due(at(100), at(100), MissedRuns::Skip),
+            Vec::<SystemTime>::new()
+        );
+        assert_eq!(s.due(at(100), at(101), MissedRuns::Skip), [at(101)]);
+        assert_eq!(s.due(at(100), at(105), MissedRuns::Skip), [at(105)]);
+        assert_eq!(
+            s.due(at(100), at(105), MissedRuns::CatchUp(10)),
+            [at(101), at(102), at(103), at(104), at(105)]
+        );
+        assert_eq!(
+            s.due(at(100), at(105), MissedRuns::CatchUp(2)),
+            [at(104), at(105)]
+        );
+    }
+
+    #[test]
+    fn config_files_are_checked() {
+        let tasks = tasks_from_json(
+            r#"[{"name": "a", "queue": "q", "every_secs": 0.5, "payload": 1, "catch_up": 3}]"#,
+        )
+        .unwrap();
+        assert_eq!(tasks[0].schedule.to_string(), "every 500ms");
+        assert_eq!(tasks[0].missed, MissedRuns::CatchUp(3));
+        for bad in [
+            r#"[{"name": "a", "queue": "q", "payload": 1}]"#,
+            r#"[{"name": "a", "queue": "q", "cron": "* * * * *", "every_secs": 1, "payload": 1}]"#,
+            r#"[{"name": "a", "queue": "Q", "every_secs": 1, "payload": 1}]"#,
+            r#"[{"name": "a", "queue": "q", "every_secs": 1, "payload": 1, "typo": 1}]"#,
+            r#"{"name": "a"}"#,
+        ] {
+            assert!(tasks_from_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn task_names_are_checked() {
+        let q = QueueName::new("q").unwrap();
+        let s = Schedule::every(Duration::from_secs(1)).unwrap();
+        let m = NewMessage::json(&1).unwrap();
+        assert!(RecurringTask::new("nightly:report-1", q.clone(), s.clone(), m.clone()).is_ok());
+        assert!(RecurringTask::new("Bad Name", q.clone(), s.clone(), m.clone()).is_err());
+        assert!(RecurringTask::new("", q, s, m).is_err());
+    }
+}
