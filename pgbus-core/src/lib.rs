@@ -39,6 +39,7 @@
 
 mod codec;
 mod error;
+mod events;
 mod group;
 mod memory;
 mod message;
@@ -54,6 +55,11 @@ pub mod conformance;
 
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};
+pub use events::{
+    envelope, Binding, Bound, DedupClaim, Deduplication, Event, EventId, NewEvent, Published,
+    RoutingKey, StartAt, TopicPattern, TopicStats, Topics, EVENT_ID_HEADER, MAX_ROUTING_KEY_LEN,
+    PUBLISHED_AT_HEADER, ROUTING_CASES, ROUTING_KEY_HEADER,
+};
 pub use group::{GroupRecovery, GroupSession, OpenGroupSession};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession};
 pub use message::{

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+mod topics;
+
 use crate::process::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry};
 use crate::queue::{
     Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats, Selection,
@@ -40,6 +42,8 @@ struct State {
     streams: BTreeMap<StreamName, Vec<StreamEvent>>,
     /// Per stream, the highest id pruned.
     pruned_through: HashMap<StreamName, i64>,
+    /// Bindings, the event log and dedup records.
+    topics: topics::TopicState,
 }
 
 #[derive(Debug)]
@@ -247,12 +251,22 @@ impl Producer for MemoryBackend {
         for message in &messages {
             message.check(self.max_payload_bytes)?;
         }
-        let now = SystemTime::now();
-        let mut state = self.lock();
-        state.queue(queue)?;
-        let first = state.next_id + 1;
-        state.next_id += messages.len() as i64;
-        let queue = state.queue_mut(queue)?;
+        self.lock().insert(queue, messages, SystemTime::now())
+    }
+}
+
+impl State {
+    /// Stores messages in a queue (which must exist), ids in input order.
+    fn insert(
+        &mut self,
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+        now: SystemTime,
+    ) -> Result<Vec<MessageId>> {
+        self.queue(queue)?;
+        let first = self.next_id + 1;
+        self.next_id += messages.len() as i64;
+        let queue = self.queue_mut(queue)?;
         let mut ids = Vec::with_capacity(messages.len());
         for (id, m) in (first..).zip(messages) {
             queue.messages.insert(

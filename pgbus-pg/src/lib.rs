@@ -53,6 +53,7 @@ mod migrate;
 mod registry;
 mod sql;
 mod stream;
+mod topics;
 mod transaction;
 
 pub use backend::{PgBackend, PgBackendBuilder};

@@ -46,6 +46,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "streams",
         sql: include_str!("../migrations/0006_streams.sql"),
     },
+    Migration {
+        version: 7,
+        name: "topics",
+        sql: include_str!("../migrations/0007_topics.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -449,3 +449,61 @@ WITH doomed AS (
     SET pruned_through = GREATEST(s.pruned_through, EXCLUDED.pruned_through)
 )
 SELECT count(*) FROM del";
+
+// ---------------------------------------------------------------------------------------
+// Event bus: topics, the event log, idempotent consumers, the outbox (migration 0007).
+// ---------------------------------------------------------------------------------------
+
+/// The lock publishers share and a bind takes exclusively ("pgbustop" in ASCII); the same
+/// constant is in `pgbus.publish` (migration 0007).
+pub(crate) const TOPICS_LOCK_KEY: i64 = 0x7067_6275_7374_6f70;
+
+pub(crate) const LOCK_TOPICS: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// Fans each event out to the queues with a matching binding and logs it, in one
+/// statement (see `pgbus.publish`); one row per event, in input order.
+pub(crate) const PUBLISH: &str =
+    "SELECT n, copies FROM pgbus.publish($1::text[]::uuid[], $2, $3, $4, $5, $6)";
+
+pub(crate) const INSERT_BINDING: &str = "
+INSERT INTO pgbus.topic_bindings (pattern, queue) VALUES ($1, $2)
+ON CONFLICT (pattern, queue) DO NOTHING";
+
+/// Copies the logged events matching pattern `$1` published since `$3` (all when NULL)
+/// into queue `$2`, in publish order, and wakes its workers.
+pub(crate) const REPLAY_EVENTS: &str = "
+WITH ins AS (
+    INSERT INTO pgbus.messages (queue, visible_at, content_type, headers, payload)
+    SELECT $2, now(), e.content_type, e.headers, e.payload
+    FROM pgbus.events e
+    WHERE ('.' || e.routing_key) ~ pgbus.topic_regex($1)
+      AND ($3::timestamptz IS NULL OR e.published_at >= $3)
+    ORDER BY e.seq
+    RETURNING 1
+), wake AS (
+    SELECT pg_notify('pgbus_wakeup', $2) WHERE EXISTS (SELECT 1 FROM ins)
+)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)";
+
+pub(crate) const DELETE_BINDING: &str =
+    "DELETE FROM pgbus.topic_bindings WHERE pattern = $1 AND queue = $2";
+
+pub(crate) const LIST_BINDINGS: &str =
+    "SELECT pattern, queue, created_at FROM pgbus.topic_bindings ORDER BY pattern, queue";
+
+pub(crate) const TOPIC_STATS: &str = "
+SELECT routing_key, count(*), count(*) FILTER (WHERE copies = 0), sum(copies)::bigint,
+       max(published_at)
+FROM pgbus.events
+GROUP BY routing_key
+ORDER BY routing_key";
+
+pub(crate) const PRUNE_EVENT_LOG: &str = "
+WITH doomed AS (
+    SELECT seq FROM pgbus.events
+    WHERE published_at < now() - make_interval(secs => $1)
+    ORDER BY seq
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM pgbus.events e USING doomed WHERE e.seq = doomed.seq";
