@@ -45,6 +45,7 @@
 mod backend;
 mod cluster;
 mod connect;
+mod dedup;
 mod error;
 mod fetcher;
 mod group;

@@ -507,3 +507,42 @@ WITH doomed AS (
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM pgbus.events e USING doomed WHERE e.seq = doomed.seq";
+
+/// Claims the dedup record of (`$1` subscriber, `$2` event) for the delivery (`$3` message,
+/// `$4` attempt): a new record, or one left `claimed` by this message's earlier attempt or by
+/// a delivery whose lease is gone. Answers `run`, `done` (completed already) or `busy`
+/// (another live delivery holds it; also when that one committed after this statement's
+/// snapshot, so no row is returned: the caller reads no row as busy).
+pub(crate) const CLAIM_EVENT: &str = "
+WITH claim AS (
+    INSERT INTO pgbus.event_dedup AS d (subscriber, event_id, state, message_id, attempt)
+    VALUES ($1, $2::text::uuid, 'claimed', $3, $4)
+    ON CONFLICT (subscriber, event_id) DO UPDATE
+    SET message_id = EXCLUDED.message_id, attempt = EXCLUDED.attempt, updated_at = now()
+    WHERE d.state = 'claimed'
+      AND (d.message_id = EXCLUDED.message_id
+           OR NOT EXISTS (
+               SELECT 1 FROM pgbus.messages m
+               WHERE m.id = d.message_id AND m.attempts = d.attempt AND m.lease_until > now()))
+    RETURNING 'run'::text AS verdict
+)
+SELECT verdict FROM claim
+UNION ALL
+SELECT CASE d.state WHEN 'completed' THEN 'done' ELSE 'busy' END
+FROM pgbus.event_dedup d
+WHERE d.subscriber = $1 AND d.event_id = $2::text::uuid AND NOT EXISTS (SELECT 1 FROM claim)";
+
+/// Completes the record, only for the delivery holding the claim.
+pub(crate) const COMPLETE_EVENT: &str = "
+UPDATE pgbus.event_dedup SET state = 'completed', updated_at = now()
+WHERE subscriber = $1 AND event_id = $2::text::uuid AND message_id = $3 AND attempt = $4";
+
+pub(crate) const PRUNE_DEDUP: &str = "
+WITH doomed AS (
+    SELECT subscriber, event_id FROM pgbus.event_dedup
+    WHERE updated_at < now() - make_interval(secs => $1)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM pgbus.event_dedup d USING doomed
+WHERE d.subscriber = doomed.subscriber AND d.event_id = doomed.event_id";
