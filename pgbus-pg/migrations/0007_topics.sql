@@ -106,9 +106,12 @@ CREATE TABLE pgbus.outbox (
     headers      jsonb NOT NULL DEFAULT '{}',
     payload      bytea NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    published_at timestamptz
+    published_at timestamptz,
+    -- Why the relay could not publish the row (a reserved header name, a payload over the
+    -- limit); such a row is kept, out of the relay's way, for an operator.
+    error        text
 );
-CREATE INDEX outbox_pending_idx ON pgbus.outbox (id) WHERE published_at IS NULL;
+CREATE INDEX outbox_pending_idx ON pgbus.outbox (id) WHERE published_at IS NULL AND error IS NULL;
 CREATE INDEX outbox_published_idx ON pgbus.outbox (published_at) WHERE published_at IS NOT NULL;
 
 -- Any insert wakes the relay once per statement (and Postgres folds identical

@@ -213,29 +213,10 @@ async fn listen(
     shared: &Weak<Shared>,
     stop: &CancellationToken,
 ) -> std::result::Result<(), Failure> {
-    let (client, mut connection) = config
-        .connect(NoTls)
+    let (client, mut notifications, _driver) = connect_forwarding(config)
         .await
         .map_err(|e| Failure::BeforeListening(describe(&e)))?;
-    // The connection object delivers notifications only to whoever polls it; forward them.
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    let _ = tx.send(Ok(n.payload().to_owned()));
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    let _ = tx.send(Err(describe(&err)));
-                    return;
-                }
-            }
-        }
-        let _ = tx.send(Err("connection closed".to_owned()));
-    });
-    let _abort_driver = AbortOnDrop(driver);
+    let rx = &mut notifications;
     client
         .batch_execute(sql::LISTEN)
         .await
@@ -275,7 +256,39 @@ async fn listen(
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Notification payloads of a connection opened by [`connect_forwarding`]; an `Err` (the
+/// last item) says why the connection ended.
+pub(crate) type Notifications = mpsc::UnboundedReceiver<std::result::Result<String, String>>;
+
+/// Opens a connection whose notifications are forwarded to a channel: the connection
+/// object delivers them only to whoever polls it. The forwarding task ends with the
+/// returned guard.
+pub(crate) async fn connect_forwarding(
+    config: &tokio_postgres::Config,
+) -> std::result::Result<(tokio_postgres::Client, Notifications, AbortOnDrop), tokio_postgres::Error>
+{
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(Ok(n.payload().to_owned()));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    let _ = tx.send(Err(describe(&err)));
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Err("connection closed".to_owned()));
+    });
+    Ok((client, rx, AbortOnDrop(driver)))
+}
+
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -546,3 +546,45 @@ WITH doomed AS (
 )
 DELETE FROM pgbus.event_dedup d USING doomed
 WHERE d.subscriber = doomed.subscriber AND d.event_id = doomed.event_id";
+
+/// The channel the outbox's insert trigger notifies (migration 0007).
+pub(crate) const LISTEN_OUTBOX: &str = "LISTEN pgbus_outbox";
+
+/// Takes the oldest pending outbox rows, locked until the relay's transaction ends; rows
+/// another relay holds are skipped.
+pub(crate) const CLAIM_OUTBOX: &str = "
+SELECT id, event_id::text, routing_key, content_type, headers, payload
+FROM pgbus.outbox
+WHERE published_at IS NULL AND error IS NULL
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED";
+
+pub(crate) const MARK_OUTBOX_PUBLISHED: &str =
+    "UPDATE pgbus.outbox SET published_at = now() WHERE id = ANY ($1)";
+
+pub(crate) const MARK_OUTBOX_FAILED: &str = "
+UPDATE pgbus.outbox o SET error = f.error
+FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+WHERE o.id = f.id";
+
+/// Writes outbox rows (on the producer's connection or transaction).
+pub(crate) const WRITE_OUTBOX: &str = "
+INSERT INTO pgbus.outbox (event_id, routing_key, content_type, headers, payload)
+SELECT e.id::uuid, e.key, e.content_type, e.headers, e.payload
+FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[])
+     WITH ORDINALITY AS e(id, key, content_type, headers, payload, n)
+ORDER BY e.n";
+
+pub(crate) const PRUNE_OUTBOX: &str = "
+WITH doomed AS (
+    SELECT id FROM pgbus.outbox
+    WHERE published_at < now() - make_interval(secs => $1)
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM pgbus.outbox o USING doomed WHERE o.id = doomed.id";
+
+pub(crate) const OUTBOX_PENDING: &str =
+    "SELECT count(*) FROM pgbus.outbox WHERE published_at IS NULL AND error IS NULL";

@@ -182,8 +182,9 @@ impl Topics for PgBackend {
     }
 
     async fn prune_event_log(&self, retention: Duration, batch: usize) -> Result<u64> {
+        let conn = self.conn().await?;
         prune_in_batches(
-            self,
+            &*conn,
             sql::PRUNE_EVENT_LOG,
             retention,
             batch,
@@ -196,7 +197,7 @@ impl Topics for PgBackend {
 /// Runs a pruning `statement` (parameters: retention in seconds, batch size; deletes at
 /// most one batch) until a batch comes back short, so no statement holds many locks.
 pub(crate) async fn prune_in_batches(
-    backend: &PgBackend,
+    client: &impl GenericClient,
     statement: &str,
     retention: Duration,
     batch: usize,
@@ -206,10 +207,9 @@ pub(crate) async fn prune_in_batches(
         .ok()
         .filter(|b| *b > 0)
         .ok_or_else(|| Error::InvalidArgument("batch must be at least 1".into()))?;
-    let conn = backend.conn().await?;
     let mut total = 0;
     loop {
-        let deleted = conn
+        let deleted = client
             .execute(statement, &[&retention.as_secs_f64(), &batch])
             .await
             .map_err(|e| db(what, e))?;
