@@ -240,7 +240,11 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "queues": queues, "processes": procs }))?
+            serde_json::to_string_pretty(&json!({
+                "queues": queues,
+                "processes": procs,
+                "topics": crate::topics::stats_json(backend).await?,
+            }))?
         );
     } else {
         println!(
@@ -292,6 +296,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 );
             }
         }
+        crate::topics::print_stats(backend).await?;
     }
     Ok(ExitCode::SUCCESS)
 }

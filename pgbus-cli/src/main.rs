@@ -9,6 +9,7 @@ mod cli;
 mod database;
 mod demo;
 mod send;
+mod topics;
 mod work;
 
 fn main() -> ExitCode {
