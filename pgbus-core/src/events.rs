@@ -277,12 +277,7 @@ impl NewEvent {
     /// Checks the limits every backend enforces before storing anything: payload size and
     /// no reserved (`pgbus-`) header names.
     pub fn check(&self, max_payload_bytes: usize) -> Result<()> {
-        if self.payload.len() > max_payload_bytes {
-            return Err(Error::PayloadTooLarge {
-                size: self.payload.len(),
-                limit: max_payload_bytes,
-            });
-        }
+        crate::message::check_payload_size(&self.payload, max_payload_bytes)?;
         match self.headers.keys().find(|name| name.starts_with("pgbus-")) {
             Some(name) => Err(Error::InvalidArgument(format!(
                 "header {name:?}: names starting with \"pgbus-\" are reserved for the event envelope"

@@ -12,48 +12,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgbus_core::{ContentType, Error, EventId, Headers, NewEvent, Result, RetryPolicy, Topics};
-use tokio_postgres::types::{Json, Type};
+use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::config_for;
 use crate::error::db;
 use crate::listener::{connect_forwarding, Notifications};
-use crate::topics::prune_in_batches;
+use crate::topics::{prune_in_batches, EventColumns};
 use crate::{sql, PgBackend};
 
 /// Writes events to the outbox on the caller's connection or transaction (of the database
 /// holding the outbox); the relay publishes them after the transaction commits. Returns
 /// how many rows were written.
 pub async fn write_outbox(client: &impl GenericClient, events: Vec<NewEvent>) -> Result<u64> {
-    let n = events.len();
-    let (mut ids, mut keys, mut content_types, mut headers, mut payloads) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for event in events {
+    for event in &events {
         // Checked here so a bad event fails its producer, not the relay later.
         event.check(usize::MAX)?;
-        ids.push(event.id.to_string());
-        keys.push(event.routing_key.to_string());
-        content_types.push(event.content_type.mime());
-        headers.push(Json(event.headers));
-        payloads.push(event.payload);
     }
+    let n = events.len();
+    let columns = EventColumns::new(events, |e| e.headers.clone());
     client
-        .query_typed(
-            sql::WRITE_OUTBOX,
-            &[
-                (&ids, Type::TEXT_ARRAY),
-                (&keys, Type::TEXT_ARRAY),
-                (&content_types, Type::TEXT_ARRAY),
-                (&headers, Type::JSONB_ARRAY),
-                (&payloads, Type::BYTEA_ARRAY),
-            ],
-        )
+        .query_typed(sql::WRITE_OUTBOX, &columns.params())
         .await
         .map_err(|e| db("writing to the outbox", e))?;
     Ok(n as u64)

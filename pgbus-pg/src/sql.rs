@@ -498,15 +498,38 @@ FROM pgbus.events
 GROUP BY routing_key
 ORDER BY routing_key";
 
-pub(crate) const PRUNE_EVENT_LOG: &str = "
+/// Deletes at most `$2` rows of `$table` whose `$time` is older than `$1` seconds, oldest
+/// key first, skipping rows locked elsewhere.
+macro_rules! prune_older {
+    ($table:literal, $key:literal, $time:literal) => {
+        concat!(
+            "
 WITH doomed AS (
-    SELECT seq FROM pgbus.events
-    WHERE published_at < now() - make_interval(secs => $1)
-    ORDER BY seq
+    SELECT ",
+            $key,
+            " FROM ",
+            $table,
+            "
+    WHERE ",
+            $time,
+            " < now() - make_interval(secs => $1)
+    ORDER BY ",
+            $key,
+            "
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-DELETE FROM pgbus.events e USING doomed WHERE e.seq = doomed.seq";
+DELETE FROM ",
+            $table,
+            " t USING doomed WHERE t.",
+            $key,
+            " = doomed.",
+            $key
+        )
+    };
+}
+
+pub(crate) const PRUNE_EVENT_LOG: &str = prune_older!("pgbus.events", "seq", "published_at");
 
 /// Claims the dedup record of (`$1` subscriber, `$2` event) for the delivery (`$3` message,
 /// `$4` attempt): a new record, or one left `claimed` by this message's earlier attempt or by
@@ -576,15 +599,8 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[])
      WITH ORDINALITY AS e(id, key, content_type, headers, payload, n)
 ORDER BY e.n";
 
-pub(crate) const PRUNE_OUTBOX: &str = "
-WITH doomed AS (
-    SELECT id FROM pgbus.outbox
-    WHERE published_at < now() - make_interval(secs => $1)
-    ORDER BY id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM pgbus.outbox o USING doomed WHERE o.id = doomed.id";
+/// Published rows only: pending ones have no `published_at`.
+pub(crate) const PRUNE_OUTBOX: &str = prune_older!("pgbus.outbox", "id", "published_at");
 
 pub(crate) const OUTBOX_PENDING: &str =
     "SELECT count(*) FROM pgbus.outbox WHERE published_at IS NULL AND error IS NULL";

@@ -3,10 +3,10 @@
 use std::time::{Duration, SystemTime};
 
 use pgbus_core::{
-    Binding, Bound, Error, NewEvent, Published, QueueName, Result, RoutingKey, StartAt,
+    Binding, Bound, Error, Headers, NewEvent, Published, QueueName, Result, RoutingKey, StartAt,
     TopicPattern, TopicStats, Topics,
 };
-use tokio_postgres::types::{Json, Type};
+use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::GenericClient;
 
 use crate::backend::missing_queue;
@@ -30,33 +30,16 @@ impl PgBackend {
             return Ok(Vec::new());
         }
         let now = SystemTime::now();
-        let n = events.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut keys = Vec::with_capacity(n);
-        let mut content_types = Vec::with_capacity(n);
-        let mut headers = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut reports = Vec::with_capacity(n);
-        for event in events {
-            ids.push(event.id.to_string());
-            keys.push(event.routing_key.to_string());
-            content_types.push(event.content_type.mime());
-            headers.push(Json(event.envelope_headers(now)));
-            reports.push((event.id, event.routing_key));
-            payloads.push(event.payload);
-        }
+        let reports: Vec<_> = events
+            .iter()
+            .map(|e| (e.id, e.routing_key.clone()))
+            .collect();
+        let columns = EventColumns::new(events, |e| e.envelope_headers(now));
+        let notify = self.notifies();
+        let mut params = columns.params();
+        params.push((&notify, Type::BOOL));
         let rows = client
-            .query_typed(
-                sql::PUBLISH,
-                &[
-                    (&ids, Type::TEXT_ARRAY),
-                    (&keys, Type::TEXT_ARRAY),
-                    (&content_types, Type::TEXT_ARRAY),
-                    (&headers, Type::JSONB_ARRAY),
-                    (&payloads, Type::BYTEA_ARRAY),
-                    (&self.notifies(), Type::BOOL),
-                ],
-            )
+            .query_typed(sql::PUBLISH, &params)
             .await
             .map_err(|e| db("publishing events", e))?;
         Ok(rows
@@ -79,6 +62,47 @@ impl PgBackend {
     ) -> Result<Published> {
         let mut published = self.publish_batch_in(client, vec![event]).await?;
         Ok(published.remove(0))
+    }
+}
+
+/// Events as the column arrays of `unnest`: ids, routing keys, content types, headers
+/// (as `headers` makes them), payloads.
+pub(crate) struct EventColumns {
+    ids: Vec<String>,
+    keys: Vec<String>,
+    content_types: Vec<&'static str>,
+    headers: Vec<Json<Headers>>,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl EventColumns {
+    pub(crate) fn new(events: Vec<NewEvent>, headers: impl Fn(&NewEvent) -> Headers) -> Self {
+        let mut columns = Self {
+            ids: Vec::with_capacity(events.len()),
+            keys: Vec::with_capacity(events.len()),
+            content_types: Vec::with_capacity(events.len()),
+            headers: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+        };
+        for event in events {
+            columns.ids.push(event.id.to_string());
+            columns.keys.push(event.routing_key.to_string());
+            columns.content_types.push(event.content_type.mime());
+            columns.headers.push(Json(headers(&event)));
+            columns.payloads.push(event.payload);
+        }
+        columns
+    }
+
+    /// `$1`..`$5`, typed (bound in the same round trip as the statement).
+    pub(crate) fn params(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
+        vec![
+            (&self.ids, Type::TEXT_ARRAY),
+            (&self.keys, Type::TEXT_ARRAY),
+            (&self.content_types, Type::TEXT_ARRAY),
+            (&self.headers, Type::JSONB_ARRAY),
+            (&self.payloads, Type::BYTEA_ARRAY),
+        ]
     }
 }
 
