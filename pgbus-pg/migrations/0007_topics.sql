@@ -65,7 +65,9 @@ BEGIN
         ORDER BY r.n, r.queue
         RETURNING queue
     ), counted AS (
-        SELECT ev.*, (SELECT count(*) FROM routes r WHERE r.n = ev.n) AS copies FROM ev
+        SELECT ev.*, coalesce(c.copies, 0) AS copies
+        FROM ev LEFT JOIN (SELECT r.n, count(*) AS copies FROM routes r GROUP BY r.n) c
+            ON c.n = ev.n
     ), logged AS (
         INSERT INTO pgbus.events (id, routing_key, content_type, headers, payload, copies)
         SELECT c.id, c.key, c.content_type, c.headers, c.payload, c.copies
