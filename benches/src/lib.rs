@@ -26,6 +26,10 @@
 //!    jobs/s, peak connections, and a check that every group ran in order.
 //! 6. `latency`: enqueue-to-start latency (p50/p99/max) of single messages sent to an idle
 //!    worker, with a LISTEN wake-up source and with polling only.
+//! 7. `publish_fanout`: events per second published in bulk (`publish_batch`), each to 10
+//!    bound queues, and the copies per second that makes.
+//!
+//! `--only NAME,...` runs some scenarios only.
 //!
 //! Every figure is reported as the median of the runs with the minimum and maximum. The
 //! commit latency of a plain single-row `INSERT`, probed before and after, is reported with
@@ -55,7 +59,7 @@ pub use options::{Command, Options, USAGE};
 
 use options::Plan;
 use report::{Figure, Report, Scenario, Target, Unit, BASELINE_FIGURE};
-use scenarios::{drain, enqueue, groups, io_bound, latency, raw_sql, worker_run};
+use scenarios::{drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql, worker_run};
 use server::Server;
 
 /// Runs every scenario and writes the reports; returns the directory they are in.
@@ -76,7 +80,7 @@ pub async fn run(options: &Options) -> anyhow::Result<PathBuf> {
         }
     ));
     let server = Server::start(options.database_url.as_deref()).await?;
-    let outcome = run_scenarios(&server, &plan, &progress).await;
+    let outcome = run_scenarios(&server, &plan, options, &progress).await;
     server.stop().await;
     let mut report = outcome?;
     report.wall = progress.started.elapsed();
@@ -112,6 +116,7 @@ impl Progress {
 async fn run_scenarios(
     server: &Server,
     plan: &Plan,
+    options: &Options,
     progress: &Progress,
 ) -> anyhow::Result<Report> {
     let mut conditions = system::conditions(server).await?;
@@ -121,15 +126,28 @@ async fn run_scenarios(
     ));
     let mut scenarios = Vec::new();
 
-    let (raw, drain) = run_raw_and_drain(server, plan, progress).await?;
-    let drain_median = drain.figure("jobs_per_s").and_then(Figure::median);
-    scenarios.push(raw);
-    scenarios.push(drain);
-
-    scenarios.push(run_enqueue(server, plan, progress).await?);
-    scenarios.push(run_io_bound(server, plan, progress, drain_median).await?);
-    scenarios.push(run_groups(server, plan, progress).await?);
-    scenarios.push(run_latency(server, plan, progress).await?);
+    let mut drain_median = None;
+    if options.runs("raw_sql") || options.runs("drain") {
+        let (raw, drain) = run_raw_and_drain(server, plan, progress).await?;
+        drain_median = drain.figure("jobs_per_s").and_then(Figure::median);
+        scenarios.push(raw);
+        scenarios.push(drain);
+    }
+    if options.runs("enqueue") {
+        scenarios.push(run_enqueue(server, plan, progress).await?);
+    }
+    if options.runs("publish_fanout") {
+        scenarios.push(run_publish_fanout(server, plan, progress).await?);
+    }
+    if options.runs("io_bound") {
+        scenarios.push(run_io_bound(server, plan, progress, drain_median).await?);
+    }
+    if options.runs("groups") {
+        scenarios.push(run_groups(server, plan, progress).await?);
+    }
+    if options.runs("latency") {
+        scenarios.push(run_latency(server, plan, progress).await?);
+    }
 
     let commit_after = system::commit_latency(server).await?;
     progress.say(format_args!(
@@ -364,6 +382,59 @@ async fn run_enqueue(
             rates,
         ));
     }
+    Ok(scenario)
+}
+
+async fn run_publish_fanout(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Scenario> {
+    let mut rates = Vec::new();
+    for i in 1..=plan.enqueue_runs {
+        let rate = publish_fanout::run_once(server, plan).await?;
+        progress.say(format_args!(
+            "publish_fanout {i}/{}: {rate:.0} events/s to {} queues",
+            plan.enqueue_runs, plan.fanout_queues
+        ));
+        rates.push(rate);
+    }
+    let mut scenario = Scenario::new(
+        "publish_fanout",
+        format!(
+            "Events published per second through `PgBackend::publish_batch`, each event \
+             routed to the {} queues bound to `order.*` (one copy each, one statement per \
+             batch: the fan-out inserts, the event log entry and one wake-up per queue). A \
+             `PgListener` is LISTENing throughout.",
+            plan.fanout_queues
+        ),
+    );
+    scenario.setting(
+        "per run",
+        format!(
+            "{} batches of {} events, on a fresh database after a warm-up publish",
+            plan.fanout_batches, plan.batch_size
+        ),
+    );
+    let copies: Vec<f64> = rates
+        .iter()
+        .map(|r| r * plan.fanout_queues as f64)
+        .collect();
+    scenario.figures.push(Figure::new(
+        "bulk_events_per_s",
+        format!("bulk publish_batch of {}, events", plan.batch_size),
+        Unit::MsgsPerSec,
+        rates,
+    ));
+    scenario.figures.push(Figure::new(
+        "bulk_copies_per_s",
+        format!(
+            "bulk publish_batch of {}, copies delivered",
+            plan.batch_size
+        ),
+        Unit::MsgsPerSec,
+        copies,
+    ));
     Ok(scenario)
 }
 

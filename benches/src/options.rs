@@ -4,12 +4,14 @@ use std::path::{Path, PathBuf};
 
 /// Usage text of `pgbus-bench` (and of `cargo xtask bench`, which passes its arguments on).
 pub const USAGE: &str = "\
-Usage: pgbus-bench [--quick] [--database-url URL] [--out DIR]
+Usage: pgbus-bench [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]
 
 Runs the pgbus benchmark scenarios and writes report.md, report.json and chart.svg.
 
 Options:
   --quick               Fewer jobs and runs: a smoke run that finishes in about a minute
+  --only SCENARIOS      Run only these scenarios (comma-separated names, e.g.
+                        publish_fanout); raw_sql and drain run together
   --database-url URL    Use this server instead of a throwaway local cluster; the bench
                         creates (and drops) one database per scenario run, so the URL's
                         user needs the CREATEDB privilege
@@ -27,6 +29,15 @@ pub struct Options {
     pub database_url: Option<String>,
     /// Directory of `report.md`, `report.json` and `chart.svg`.
     pub out: PathBuf,
+    /// The scenarios to run; empty: all.
+    pub only: Vec<String>,
+}
+
+impl Options {
+    /// Whether the scenario called `name` runs.
+    pub fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|n| n == name)
+    }
 }
 
 /// A parsed command line.
@@ -49,6 +60,7 @@ impl Options {
             quick: false,
             database_url: None,
             out: default_out_dir(),
+            only: Vec::new(),
         };
         let mut args = args.into_iter().map(Into::into);
         while let Some(arg) = args.next() {
@@ -66,6 +78,12 @@ impl Options {
                 "--quick" if inline.is_none() => options.quick = true,
                 "--database-url" => options.database_url = Some(value("--database-url")?),
                 "--out" => options.out = PathBuf::from(value("--out")?),
+                "--only" => {
+                    options.only = value("--only")?
+                        .split(',')
+                        .map(|name| name.trim().to_owned())
+                        .collect()
+                }
                 "-h" | "--help" | "help" => return Ok(Command::Help),
                 _ => return Err(format!("unexpected argument `{arg}`")),
             }
@@ -120,6 +138,10 @@ pub(crate) struct Plan {
     pub(crate) latency_messages: usize,
     pub(crate) latency_spacing_ms: u64,
     pub(crate) latency_runs: usize,
+    /// Queues bound to every event of `publish_fanout`, and `publish_batch` calls (of
+    /// `batch_size` events) per run.
+    pub(crate) fanout_queues: usize,
+    pub(crate) fanout_batches: usize,
 }
 
 impl Plan {
@@ -148,6 +170,8 @@ impl Plan {
                 latency_messages: 200,
                 latency_spacing_ms: 10,
                 latency_runs: 3,
+                fanout_queues: 10,
+                fanout_batches: 5,
             }
         } else {
             Plan {
@@ -173,6 +197,8 @@ impl Plan {
                 latency_messages: 1_000,
                 latency_spacing_ms: 10,
                 latency_runs: 3,
+                fanout_queues: 10,
+                fanout_batches: 20,
             }
         }
     }
@@ -200,6 +226,9 @@ mod tests {
         assert!(options.quick);
         assert_eq!(options.database_url.as_deref(), Some("postgres://h/db"));
         assert_eq!(options.out, PathBuf::from("x"));
+        assert!(options.runs("enqueue"), "every scenario by default");
+        let only = run(&["--only", "publish_fanout,latency"]);
+        assert!(only.runs("publish_fanout") && only.runs("latency") && !only.runs("drain"));
         assert_eq!(
             run(&["--database-url=postgres://h/db?a=b"])
                 .database_url

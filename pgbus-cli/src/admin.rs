@@ -255,6 +255,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 "queues": queues,
                 "processes": procs,
                 "batches": crate::batches::batches_json(&batches),
+                "topics": crate::topics::stats_json(backend).await?,
             }))?
         );
     } else {
@@ -308,6 +309,7 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
             }
         }
         crate::batches::print_batches(&batches);
+        crate::topics::print_stats(backend).await?;
     }
     Ok(ExitCode::SUCCESS)
 }

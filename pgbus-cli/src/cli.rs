@@ -59,6 +59,12 @@ pub(crate) enum Command {
     Send(SendArgs),
     /// Run workers that hand each message to a command or an HTTP endpoint.
     Work(WorkArgs),
+    /// Bind routing-key patterns to queues, and list bindings.
+    #[command(subcommand)]
+    Topic(crate::topics::TopicCommand),
+    /// Publish events: one JSON document as an argument, or one per line on standard
+    /// input; every queue bound to a matching pattern gets a copy.
+    Publish(crate::topics::PublishArgs),
     /// Inspect and recover dead-lettered messages.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -247,6 +253,8 @@ impl Cli {
             Command::Queue(command) => crate::admin::queue(&database, command, self.quiet).await,
             Command::Send(args) => crate::send::send(&database, args, self.quiet).await,
             Command::Work(args) => crate::work::work(&database, args).await,
+            Command::Topic(command) => crate::topics::topic(&database, command, self.quiet).await,
+            Command::Publish(args) => crate::topics::publish(&database, args, self.quiet).await,
             Command::Dlq(command) => crate::admin::dlq(&database, command, self.quiet).await,
             Command::Stats { json } => crate::admin::stats(&database, json).await,
             Command::Demo { duration } => crate::demo::demo(&database, duration).await,

@@ -11,6 +11,7 @@ mod cron;
 mod database;
 mod demo;
 mod send;
+mod topics;
 mod work;
 
 fn main() -> ExitCode {

@@ -42,17 +42,42 @@ pub(crate) async fn send(db: &Database, args: SendArgs, quiet: bool) -> anyhow::
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if args.batch == 0 {
+    let sent = stdin_batches(
+        args.batch,
+        "messages",
+        |line| message(&args, line),
+        async |batch, progress| {
+            let ids = backend.send_batch(&queue, batch).await?;
+            progress.suspend(|| print_ids(&ids, quiet));
+            Ok(())
+        },
+    )
+    .await?;
+    if quiet {
+        println!("{sent}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads one JSON document per line of standard input, parses every line of a batch
+/// before handing the batch to `flush` (so a bad line sends nothing of its batch), and
+/// shows the count on a spinner (drawn only when standard error is a terminal). Returns
+/// how many items were flushed.
+pub(crate) async fn stdin_batches<T>(
+    batch_size: usize,
+    noun: &str,
+    parse: impl Fn(&str) -> anyhow::Result<T>,
+    mut flush: impl AsyncFnMut(Vec<T>, &ProgressBar) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    if batch_size == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
-
-    // A spinner with the count, drawn only when standard error is a terminal.
     let progress = ProgressBar::new_spinner();
-    progress.set_style(ProgressStyle::with_template(
-        "{spinner} sent {pos} messages ({per_sec})",
-    )?);
+    progress.set_style(ProgressStyle::with_template(&format!(
+        "{{spinner}} sent {{pos}} {noun} ({{per_sec}})"
+    ))?);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut batch = Vec::with_capacity(args.batch);
+    let mut batch = Vec::with_capacity(batch_size);
     let mut line_no = 0u64;
     let mut sent = 0u64;
     loop {
@@ -63,27 +88,21 @@ pub(crate) async fn send(db: &Database, args: SendArgs, quiet: bool) -> anyhow::
             if line.trim().is_empty() {
                 continue;
             }
-            // Every line of a batch is checked before any of it is sent.
-            let message = message(&args, &line).with_context(|| {
-                format!("line {line_no} is not valid JSON; {sent} messages sent before it, none of its batch")
+            let item = parse(&line).with_context(|| {
+                format!("line {line_no} is not valid JSON; {sent} {noun} sent before it, none of its batch")
             })?;
-            batch.push(message);
+            batch.push(item);
         }
-        if batch.len() >= args.batch || (done && !batch.is_empty()) {
-            let ids = backend
-                .send_batch(&queue, std::mem::take(&mut batch))
-                .await?;
-            sent += ids.len() as u64;
-            progress.inc(ids.len() as u64);
-            progress.suspend(|| print_ids(&ids, quiet));
+        if batch.len() >= batch_size || (done && !batch.is_empty()) {
+            let n = batch.len() as u64;
+            flush(std::mem::take(&mut batch), &progress).await?;
+            sent += n;
+            progress.inc(n);
         }
         if done {
             break;
         }
     }
     progress.finish_and_clear();
-    if quiet {
-        println!("{sent}");
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(sent)
 }

@@ -1185,3 +1185,89 @@ fn a_queue_with_a_circuit_breaker_pauses_itself_visibly_in_stats() {
     let table = db.ok(&["stats"]).stdout;
     assert!(table.contains("fragile (breaker"), "{table}");
 }
+
+// ---------------------------------------------------------------------------------------
+// topic bind|list, publish, topics in stats
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn topic_bind_publish_and_stats() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "billing"]);
+    db.ok(&["queue", "create", "audit"]);
+    db.ok(&["topic", "bind", "order.*", "billing"]);
+    db.ok(&["topic", "bind", "order.#", "audit"]);
+    let again = db.ok(&["topic", "bind", "order.*", "billing"]);
+    assert!(again.stdout.contains("already bound"), "{}", again.stdout);
+    let bad = db.run(&["topic", "bind", "order..paid", "billing"]).fails();
+    assert!(bad.stderr.contains("empty segments"), "{}", bad.stderr);
+    assert_eq!(
+        db.ok(&["topic", "list", "--json"]).json(),
+        json!([
+            { "pattern": "order.#", "queue": "audit" },
+            { "pattern": "order.*", "queue": "billing" },
+        ])
+    );
+
+    // One event as an argument: its id and its number of copies.
+    let one = db.ok(&["publish", "order.paid", r#"{"n": 0}"#]);
+    let fields: Vec<&str> = one.stdout.split_whitespace().collect();
+    assert_eq!(fields.len(), 2, "{}", one.stdout);
+    assert_eq!(fields[0].len(), 36, "a UUID: {}", fields[0]);
+    assert_eq!(fields[1], "2");
+    // Lines on stdin, in bulk.
+    let input = json_lines((1..=100).map(|n| json!({ "n": n })));
+    let many = db.send_stdin(&["publish", "order.paid"], input).ok();
+    assert_eq!(many.stdout.lines().count(), 100);
+    assert!(
+        many.stdout.lines().all(|l| l.ends_with(" 2")),
+        "{}",
+        many.stdout
+    );
+    let bad_line = db
+        .send_stdin(&["publish", "order.paid"], "{\"n\": 1}\nnot json\n".into())
+        .fails();
+    assert!(bad_line.stderr.contains("line 2"), "{}", bad_line.stderr);
+    // A key no pattern matches is reported, not silently dropped.
+    let unrouted = db.ok(&["publish", "invoice.sent", r#"{"n": -1}"#]);
+    assert!(
+        unrouted.stdout.trim().ends_with(" 0"),
+        "{}",
+        unrouted.stdout
+    );
+    assert!(
+        unrouted.stderr.contains("matched no binding"),
+        "{}",
+        unrouted.stderr
+    );
+    // ... and a subscription created later with a start position receives it.
+    let late = db.ok(&["topic", "bind", "invoice.*", "audit", "--earliest"]);
+    assert!(late.stdout.contains("1 events replayed"), "{}", late.stdout);
+
+    assert_eq!(db.depth("billing"), 101);
+    assert_eq!(db.depth("audit"), 102);
+    let topics = db.stats()["topics"].clone();
+    assert_eq!(
+        topics,
+        json!([
+            { "routing_key": "invoice.sent", "published": 1, "unrouted": 1, "copies": 0 },
+            { "routing_key": "order.paid", "published": 101, "unrouted": 0, "copies": 202 },
+        ])
+    );
+    let table = db.ok(&["stats"]).stdout;
+    assert!(
+        table.contains("TOPIC") && table.contains("order.paid"),
+        "{table}"
+    );
+
+    // The copies are ordinary messages: a worker hands each payload to its command.
+    let out = db.path("billing.jsonl");
+    db.work(&[
+        "billing",
+        "--until-empty",
+        "--exec",
+        &format!("cat >> {}", sh_quote(&out)),
+    ]);
+    let ns: BTreeSet<i64> = payload_ns(&out).into_iter().collect();
+    assert_eq!(ns, (0..=100).collect());
+}

@@ -25,6 +25,25 @@ pub enum Error {
         /// The rule it broke.
         rule: &'static str,
     },
+    /// A routing key broke the rule (dot-separated segments of `[A-Za-z0-9_-]`).
+    #[error("invalid routing key {key:?}: a routing key {rule}")]
+    InvalidRoutingKey {
+        /// The refused key.
+        key: String,
+        /// The rule it broke.
+        rule: &'static str,
+    },
+    /// A topic pattern broke the rule (routing-key segments, `*` or `#`).
+    #[error("invalid topic pattern {pattern:?}: a pattern {rule} (or `*` for one segment, `#` for any number)")]
+    InvalidTopicPattern {
+        /// The refused pattern.
+        pattern: String,
+        /// The rule it broke.
+        rule: &'static str,
+    },
+    /// A message handed to an event subscriber carries no valid event envelope.
+    #[error("not an event: {0}")]
+    NotAnEvent(String),
     /// A group key was empty or too long.
     #[error("invalid group key: {0}")]
     InvalidGroupKey(&'static str),

@@ -41,6 +41,7 @@ mod batch;
 mod breaker;
 mod codec;
 mod error;
+mod events;
 mod group;
 mod limits;
 mod memory;
@@ -61,6 +62,11 @@ pub use batch::{BatchCallbacks, BatchId, BatchInfo};
 pub use breaker::CircuitBreaker;
 pub use codec::ContentType;
 pub use error::{BoxError, Error, Result};
+pub use events::{
+    envelope, Binding, Bound, DedupClaim, Deduplication, Event, EventId, NewEvent, Published,
+    RoutingKey, StartAt, TopicPattern, TopicStats, Topics, EVENT_ID_HEADER, MAX_ROUTING_KEY_LEN,
+    PUBLISHED_AT_HEADER, ROUTING_CASES, ROUTING_KEY_HEADER,
+};
 pub use group::{GroupRecovery, GroupSession, OpenGroupSession};
 pub use limits::{check_limit_key, KeyLimit, Limits};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession, MemoryStreamListener};

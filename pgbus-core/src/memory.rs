@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
+mod topics;
+
 use crate::process::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry};
 use crate::queue::{
     Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats, Selection,
@@ -47,6 +49,8 @@ struct State {
     stream_listeners: Vec<Weak<ListenerState>>,
     /// Key limits, with the start and count of the current rate window.
     limits: BTreeMap<String, (KeyLimit, SystemTime, u32)>,
+    /// Bindings, the event log and dedup records.
+    topics: topics::TopicState,
 }
 
 #[derive(Debug)]
@@ -269,17 +273,28 @@ impl Producer for MemoryBackend {
         for message in &messages {
             message.check(self.max_payload_bytes)?;
         }
-        let now = SystemTime::now();
-        let mut state = self.lock();
+        self.lock().insert(queue, messages, SystemTime::now())
+    }
+}
+
+impl State {
+    /// Stores messages in a queue (which must exist), ids in input order; a duplicate
+    /// unique key returns the existing id or refuses the whole batch.
+    fn insert(
+        &mut self,
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+        now: SystemTime,
+    ) -> Result<Vec<MessageId>> {
         // Keys held now, and by the batch as it goes; decided before anything is stored so
         // a refused batch stores nothing.
-        let mut held: HashMap<String, i64> = state
+        let mut held: HashMap<String, i64> = self
             .queue(queue)?
             .messages
             .iter()
             .filter_map(|(id, m)| m.unique_key.clone().map(|k| (k, *id)))
             .collect();
-        let mut next_id = state.next_id;
+        let mut next_id = self.next_id;
         let mut plan = Vec::with_capacity(messages.len());
         for m in messages {
             if let Some((unique, key)) = m
@@ -305,9 +320,9 @@ impl Producer for MemoryBackend {
             }
             plan.push((next_id, Some(m)));
         }
-        state.next_id = next_id;
+        self.next_id = next_id;
         let name = queue;
-        let queue = state.queue_mut(queue)?;
+        let queue = self.queue_mut(queue)?;
         let mut ids = Vec::with_capacity(plan.len());
         for (id, m) in plan {
             ids.push(MessageId(id));

@@ -174,12 +174,7 @@ impl NewMessage {
                 "a job cannot have both a group key and a limit key".into(),
             ));
         }
-        if self.payload.len() > max_payload_bytes {
-            return Err(Error::PayloadTooLarge {
-                size: self.payload.len(),
-                limit: max_payload_bytes,
-            });
-        }
+        check_payload_size(&self.payload, max_payload_bytes)?;
         match &self.group_key {
             Some(key) if key.is_empty() => Err(Error::InvalidGroupKey("must not be empty")),
             Some(key) if key.len() > MAX_GROUP_KEY_LEN => {
@@ -188,6 +183,17 @@ impl NewMessage {
             _ => Ok(()),
         }
     }
+}
+
+/// Refuses a payload over the backend's limit.
+pub(crate) fn check_payload_size(payload: &[u8], limit: usize) -> Result<()> {
+    if payload.len() > limit {
+        return Err(Error::PayloadTooLarge {
+            size: payload.len(),
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Proof of a claim. Ack, nack, extend and dead-letter take the lease, and act only while

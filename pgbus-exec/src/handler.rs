@@ -128,6 +128,10 @@ impl<B> JobContext<B> {
     pub fn group_key(&self) -> Option<&str> {
         self.group_key.as_deref()
     }
+    /// The lease of this delivery.
+    pub fn lease(&self) -> Lease {
+        self.lease
+    }
     /// The message's headers.
     pub fn headers(&self) -> &Headers {
         &self.headers

@@ -93,6 +93,7 @@ mod group;
 mod handler;
 mod pool;
 mod slots;
+mod subscriber;
 mod threads;
 mod worker;
 
@@ -103,6 +104,7 @@ pub use pool::{
     ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,
     StateChangeCallback,
 };
+pub use subscriber::Subscription;
 pub use threads::ThreadPool;
 pub use worker::{
     default_execution_mode, set_default_execution_mode, Worker, WorkerBuilder, WorkerMetadata,

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
+use crate::subscriber::Declare;
 use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
 
 /// How long a worker whose slots were all busy waits, after the first slot frees, for half
@@ -101,7 +102,9 @@ pub(crate) struct Config {
 /// Builds a [`Worker`]: the backend, a handler per queue, and settings.
 pub struct WorkerBuilder<B: Backend> {
     backend: B,
-    handlers: Vec<(QueueName, Arc<dyn ErasedHandler<B>>)>,
+    pub(crate) handlers: Vec<(QueueName, Arc<dyn ErasedHandler<B>>)>,
+    /// Subscriptions' bindings, declared when the worker starts.
+    pub(crate) declarations: Vec<Declare<B>>,
     config: Config,
     wakeup: Arc<Notify>,
     wakeup_source: Option<Arc<dyn WakeupSource>>,
@@ -189,6 +192,11 @@ impl<B: Backend> WorkerBuilder<B> {
     /// that carry a group key, one at a time per group, in send order, across all workers
     /// and processes (see [`GroupWorker`](crate::GroupWorker)).
     pub fn build_groups(self) -> Result<crate::GroupWorker<B>> {
+        if !self.declarations.is_empty() {
+            return Err(Error::InvalidArgument(
+                "subscriptions need a plain worker (events carry no group key): use build()".into(),
+            ));
+        }
         self.build().map(crate::GroupWorker::new)
     }
 
@@ -227,6 +235,7 @@ impl<B: Backend> WorkerBuilder<B> {
             }),
             backend: self.backend,
             handlers: self.handlers.into_iter().collect(),
+            declarations: self.declarations,
             config: self.config,
             wakeup: self.wakeup,
         })
@@ -324,6 +333,7 @@ impl WorkerMonitor {
 pub struct Worker<B: Backend> {
     pub(crate) backend: B,
     pub(crate) handlers: HashMap<QueueName, Arc<dyn ErasedHandler<B>>>,
+    pub(crate) declarations: Vec<Declare<B>>,
     pub(crate) config: Config,
     pub(crate) wakeup: Arc<Notify>,
     pub(crate) shared: Arc<Shared>,
@@ -343,6 +353,7 @@ impl<B: Backend> Worker<B> {
         WorkerBuilder {
             backend,
             handlers: Vec::new(),
+            declarations: Vec::new(),
             config: Config {
                 concurrency: 10,
                 mode: None,
@@ -377,6 +388,9 @@ impl<B: Backend> Worker<B> {
     /// deadline are cancelled; their messages stay leased in the database and are
     /// delivered again when the lease runs out.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        for declare in &self.declarations {
+            declare(self.backend.clone()).await?;
+        }
         let mut fetcher = self.backend.open_fetcher().await?;
         let policies = load_policies(&mut fetcher, &self.shared.queues, self.config.lease).await?;
         let breakers = Breakers::load(&mut fetcher, &self.shared.queues).await?;

@@ -145,8 +145,14 @@ impl PgBackend {
         state.connections - state.idle_connections
     }
 
+    /// The payload limit sends and publishes enforce.
     pub(crate) fn max_payload_bytes(&self) -> usize {
         self.max_payload_bytes
+    }
+
+    /// Whether sends and publishes wake listening workers.
+    pub(crate) fn notifies(&self) -> bool {
+        self.notify
     }
 
     pub(crate) fn pool(&self) -> &Pool<Manager> {
@@ -374,7 +380,7 @@ async fn ensure_exists(client: &impl GenericClient, queue: &QueueName) -> Result
 }
 
 /// Sending to a missing queue trips the foreign key: report it as the missing queue.
-fn missing_queue(
+pub(crate) fn missing_queue(
     queue: &QueueName,
     err: tokio_postgres::Error,
 ) -> std::result::Result<Error, tokio_postgres::Error> {

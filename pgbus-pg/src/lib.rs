@@ -35,10 +35,14 @@
 //!   archive in bounded batches.
 //! - **Transactions**: [`PgBackend::send_in`] and [`PgBackend::send_batch_in`] write inside
 //!   the caller's transaction; a rollback leaves no message.
+//! - **Topics**: [`PgBackend::publish_batch_in`] fans events out to every queue with a
+//!   matching binding in one statement inside the caller's transaction; bindings with a
+//!   start position replay the event log. [`OutboxRelay`] publishes `pgbus.outbox` rows
+//!   written by producers in their own transactions, at least once.
 //! - **Migrations** run in one transaction under an advisory lock; any number of processes
 //!   may call [`PgBackend::migrate`] at once.
 //! - **Connections** are named `pgbus:<role>` in `application_name` (`pgbus:pool` for the
-//!   pool, `pgbus:migrate` for migrations).
+//!   pool, `pgbus:migrate` for migrations, `pgbus:relay` for an outbox relay).
 
 #![forbid(unsafe_code)]
 
@@ -46,17 +50,20 @@ mod backend;
 mod batch;
 mod cluster;
 mod connect;
+mod dedup;
 mod error;
 mod fetcher;
 mod group;
 mod limits;
 mod listener;
 mod migrate;
+mod outbox;
 mod registry;
 mod scheduler;
 mod sql;
 mod stream;
 mod stream_listener;
+mod topics;
 mod transaction;
 mod unique;
 
@@ -67,6 +74,7 @@ pub use fetcher::PgFetcher;
 pub use group::{GroupLocks, PgGroupRecovery, PgGroupSession};
 pub use listener::PgListener;
 pub use migrate::SCHEMA_VERSION;
+pub use outbox::{write_outbox, OutboxRelay, OutboxRelayBuilder, RelayStats};
 pub use scheduler::{ScheduleInfo, Scheduler, SchedulerBuilder, SchedulerMonitor};
 pub use stream_listener::PgStreamListener;
 pub use transaction::PgTransaction;

@@ -269,12 +269,14 @@ pub(crate) async fn health_check(client: &Client) -> std::result::Result<(), Str
     }
 }
 
+/// Notifications in arrival order; an `Err` (then the end) says why the connection ended.
+pub(crate) type Notifications = mpsc::UnboundedReceiver<std::result::Result<Notification, String>>;
+
 /// A dedicated (unpooled) connection whose notifications are forwarded to a channel: the
 /// connection object delivers them only to whoever polls it.
 pub(crate) struct NotifyConnection {
     pub(crate) client: Client,
-    /// Notifications in arrival order; an `Err` (then the end) when the connection breaks.
-    pub(crate) notifications: mpsc::UnboundedReceiver<std::result::Result<Notification, String>>,
+    pub(crate) notifications: Notifications,
     /// Stops forwarding when the connection is dropped.
     pub(crate) _driver: AbortOnDrop,
 }

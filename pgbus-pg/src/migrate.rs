@@ -47,6 +47,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0006_streams.sql"),
     },
     Migration {
+        version: 7,
+        name: "topics",
+        sql: include_str!("../migrations/0007_topics.sql"),
+    },
+    Migration {
         version: 8,
         name: "unique",
         sql: include_str!("../migrations/0008_unique.sql"),

@@ -631,3 +631,157 @@ FROM pgbus.batches WHERE id = $1";
 pub(crate) const OPEN_BATCHES: &str = "
 SELECT id, queue, total, pending, dead_lettered, created_at, finished_at
 FROM pgbus.batches WHERE finished_at IS NULL ORDER BY id";
+
+// Event bus: topics, the event log, idempotent consumers, the outbox (migration 0007).
+// ---------------------------------------------------------------------------------------
+
+/// The lock publishers share and a bind takes exclusively ("pgbustop" in ASCII); the same
+/// constant is in `pgbus.publish` (migration 0007).
+pub(crate) const TOPICS_LOCK_KEY: i64 = 0x7067_6275_7374_6f70;
+
+pub(crate) const LOCK_TOPICS: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// Fans each event out to the queues with a matching binding and logs it, in one
+/// statement (see `pgbus.publish`); one row per event, in input order.
+pub(crate) const PUBLISH: &str =
+    "SELECT n, copies FROM pgbus.publish($1::text[]::uuid[], $2, $3, $4, $5, $6)";
+
+pub(crate) const INSERT_BINDING: &str = "
+INSERT INTO pgbus.topic_bindings (pattern, queue) VALUES ($1, $2)
+ON CONFLICT (pattern, queue) DO NOTHING";
+
+/// Copies the logged events matching pattern `$1` published since `$3` (all when NULL)
+/// into queue `$2`, in publish order, and wakes its workers.
+pub(crate) const REPLAY_EVENTS: &str = "
+WITH ins AS (
+    INSERT INTO pgbus.messages (queue, visible_at, content_type, headers, payload)
+    SELECT $2, now(), e.content_type, e.headers, e.payload
+    FROM pgbus.events e
+    WHERE ('.' || e.routing_key) ~ pgbus.topic_regex($1)
+      AND ($3::timestamptz IS NULL OR e.published_at >= $3)
+    ORDER BY e.seq
+    RETURNING 1
+), wake AS (
+    SELECT pg_notify('pgbus_wakeup', $2) WHERE EXISTS (SELECT 1 FROM ins)
+)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)";
+
+pub(crate) const DELETE_BINDING: &str =
+    "DELETE FROM pgbus.topic_bindings WHERE pattern = $1 AND queue = $2";
+
+pub(crate) const LIST_BINDINGS: &str =
+    "SELECT pattern, queue, created_at FROM pgbus.topic_bindings ORDER BY pattern, queue";
+
+pub(crate) const TOPIC_STATS: &str = "
+SELECT routing_key, count(*), count(*) FILTER (WHERE copies = 0), sum(copies)::bigint,
+       max(published_at)
+FROM pgbus.events
+GROUP BY routing_key
+ORDER BY routing_key";
+
+/// Deletes at most `$2` rows of `$table` whose `$time` is older than `$1` seconds, oldest
+/// key first, skipping rows locked elsewhere.
+macro_rules! prune_older {
+    ($table:literal, $key:literal, $time:literal) => {
+        concat!(
+            "
+WITH doomed AS (
+    SELECT ",
+            $key,
+            " FROM ",
+            $table,
+            "
+    WHERE ",
+            $time,
+            " < now() - make_interval(secs => $1)
+    ORDER BY ",
+            $key,
+            "
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM ",
+            $table,
+            " t USING doomed WHERE t.",
+            $key,
+            " = doomed.",
+            $key
+        )
+    };
+}
+
+pub(crate) const PRUNE_EVENT_LOG: &str = prune_older!("pgbus.events", "seq", "published_at");
+
+/// Claims the dedup record of (`$1` subscriber, `$2` event) for the delivery (`$3` message,
+/// `$4` attempt): a new record, or one left `claimed` by this message's earlier attempt or by
+/// a delivery whose lease is gone. Answers `run`, `done` (completed already) or `busy`
+/// (another live delivery holds it; also when that one committed after this statement's
+/// snapshot, so no row is returned: the caller reads no row as busy).
+pub(crate) const CLAIM_EVENT: &str = "
+WITH claim AS (
+    INSERT INTO pgbus.event_dedup AS d (subscriber, event_id, state, message_id, attempt)
+    VALUES ($1, $2::text::uuid, 'claimed', $3, $4)
+    ON CONFLICT (subscriber, event_id) DO UPDATE
+    SET message_id = EXCLUDED.message_id, attempt = EXCLUDED.attempt, updated_at = now()
+    WHERE d.state = 'claimed'
+      AND (d.message_id = EXCLUDED.message_id
+           OR NOT EXISTS (
+               SELECT 1 FROM pgbus.messages m
+               WHERE m.id = d.message_id AND m.attempts = d.attempt AND m.lease_until > now()))
+    RETURNING 'run'::text AS verdict
+)
+SELECT verdict FROM claim
+UNION ALL
+SELECT CASE d.state WHEN 'completed' THEN 'done' ELSE 'busy' END
+FROM pgbus.event_dedup d
+WHERE d.subscriber = $1 AND d.event_id = $2::text::uuid AND NOT EXISTS (SELECT 1 FROM claim)";
+
+/// Completes the record, only for the delivery holding the claim.
+pub(crate) const COMPLETE_EVENT: &str = "
+UPDATE pgbus.event_dedup SET state = 'completed', updated_at = now()
+WHERE subscriber = $1 AND event_id = $2::text::uuid AND message_id = $3 AND attempt = $4";
+
+pub(crate) const PRUNE_DEDUP: &str = "
+WITH doomed AS (
+    SELECT subscriber, event_id FROM pgbus.event_dedup
+    WHERE updated_at < now() - make_interval(secs => $1)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM pgbus.event_dedup d USING doomed
+WHERE d.subscriber = doomed.subscriber AND d.event_id = doomed.event_id";
+
+/// The channel the outbox's insert trigger notifies (migration 0007).
+pub(crate) const LISTEN_OUTBOX: &str = "LISTEN pgbus_outbox";
+
+/// Takes the oldest pending outbox rows, locked until the relay's transaction ends; rows
+/// another relay holds are skipped.
+pub(crate) const CLAIM_OUTBOX: &str = "
+SELECT id, event_id::text, routing_key, content_type, headers, payload
+FROM pgbus.outbox
+WHERE published_at IS NULL AND error IS NULL
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED";
+
+pub(crate) const MARK_OUTBOX_PUBLISHED: &str =
+    "UPDATE pgbus.outbox SET published_at = now() WHERE id = ANY ($1)";
+
+pub(crate) const MARK_OUTBOX_FAILED: &str = "
+UPDATE pgbus.outbox o SET error = f.error
+FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+WHERE o.id = f.id";
+
+/// Writes outbox rows (on the producer's connection or transaction).
+pub(crate) const WRITE_OUTBOX: &str = "
+INSERT INTO pgbus.outbox (event_id, routing_key, content_type, headers, payload)
+SELECT e.id::uuid, e.key, e.content_type, e.headers, e.payload
+FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[])
+     WITH ORDINALITY AS e(id, key, content_type, headers, payload, n)
+ORDER BY e.n";
+
+/// Published rows only: pending ones have no `published_at`.
+pub(crate) const PRUNE_OUTBOX: &str = prune_older!("pgbus.outbox", "id", "published_at");
+
+pub(crate) const OUTBOX_PENDING: &str =
+    "SELECT count(*) FROM pgbus.outbox WHERE published_at IS NULL AND error IS NULL";

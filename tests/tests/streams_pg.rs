@@ -313,7 +313,10 @@ async fn the_dispatcher_holds_no_pooled_connection_between_iterations() {
     }
     let stats = instance.stats();
     assert!(stats.store_errors > 0, "failures were injected: {stats:?}");
-    assert!(stats.iterations >= 10, "the hook checked many iterations: {stats:?}");
+    assert!(
+        stats.iterations >= 10,
+        "the hook checked many iterations: {stats:?}"
+    );
     assert_eq!(
         violations.load(Ordering::SeqCst),
         0,

@@ -16,6 +16,7 @@ pub(crate) struct BenchArgs {
     quick: bool,
     database_url: Option<String>,
     out: Option<PathBuf>,
+    only: Option<String>,
 }
 
 /// Parses the arguments after `bench`.
@@ -35,6 +36,7 @@ pub(crate) fn parse(args: &[String]) -> Result<BenchArgs, String> {
             "--quick" if inline.is_none() => parsed.quick = true,
             "--database-url" => parsed.database_url = Some(value()?),
             "--out" => parsed.out = Some(PathBuf::from(value()?)),
+            "--only" => parsed.only = Some(value()?),
             _ => return Err(format!("`bench` does not take `{arg}`")),
         }
     }
@@ -50,6 +52,9 @@ fn harness_args(args: &BenchArgs, cwd: &Path) -> Vec<OsString> {
     }
     if let Some(url) = &args.database_url {
         out.extend(["--database-url".into(), url.into()]);
+    }
+    if let Some(only) = &args.only {
+        out.extend(["--only".into(), only.into()]);
     }
     if let Some(dir) = &args.out {
         out.extend(["--out".into(), cwd.join(dir).into_os_string()]);
@@ -105,12 +110,15 @@ mod tests {
                 "--quick",
                 "--database-url",
                 "postgres://h/db",
-                "--out=o"
+                "--out=o",
+                "--only",
+                "publish_fanout"
             ])),
             Ok(BenchArgs {
                 quick: true,
                 database_url: Some("postgres://h/db".to_owned()),
                 out: Some(PathBuf::from("o")),
+                only: Some("publish_fanout".to_owned()),
             })
         );
         assert!(parse(&args(&["--out"])).is_err());
@@ -120,11 +128,27 @@ mod tests {
 
     #[test]
     fn passes_options_on_with_an_absolute_out_dir() {
-        let parsed = parse(&args(&["--quick", "--database-url=u", "--out", "o"])).unwrap();
+        let parsed = parse(&args(&[
+            "--quick",
+            "--database-url=u",
+            "--out",
+            "o",
+            "--only=a,b",
+        ]))
+        .unwrap();
         let passed = harness_args(&parsed, Path::new("/work/here"));
         assert_eq!(
             passed,
-            ["--quick", "--database-url", "u", "--out", "/work/here/o"].map(OsString::from)
+            [
+                "--quick",
+                "--database-url",
+                "u",
+                "--only",
+                "a,b",
+                "--out",
+                "/work/here/o"
+            ]
+            .map(OsString::from)
         );
         let absolute = parse(&args(&["--out", "/tmp/b"])).unwrap();
         assert_eq!(

@@ -4,7 +4,7 @@
 //!
 //! - `check-deps`: enforce the workspace dependency rules (see `deps.rs` and
 //!   ARCHITECTURE.md).
-//! - `bench [--quick] [--database-url URL] [--out DIR]`: run the benchmark harness
+//! - `bench [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]`: run the benchmark harness
 //!   (`benches/`, binary `pgbus-bench`) in release mode; see `bench.rs`.
 //! - `help`: print usage.
 
@@ -19,7 +19,8 @@ Usage: cargo xtask <COMMAND>
 Commands:
   check-deps  Check the dependency rules between workspace crates (see ARCHITECTURE.md)
   bench       Run the benchmarks and write report.md, report.json and chart.svg
-              [--quick] [--database-url URL] [--out DIR] (default: target/bench)
+              [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]
+              (default: target/bench)
   help        Print this help
 ";
 

@@ -5,6 +5,7 @@ pub(crate) mod enqueue;
 pub(crate) mod groups;
 pub(crate) mod io_bound;
 pub(crate) mod latency;
+pub(crate) mod publish_fanout;
 pub(crate) mod raw_sql;
 
 use std::future::Future;
