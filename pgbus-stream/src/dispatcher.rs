@@ -50,6 +50,8 @@ pub(crate) enum Msg {
     Gone(ConnId),
     /// From the heartbeat.
     Tick,
+    /// Report each stream's connection count.
+    Census(oneshot::Sender<Vec<(StreamName, usize)>>),
     /// Say goodbye to every client and stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -243,6 +245,16 @@ impl<S: StreamStore, L: StreamListener> Dispatcher<S, L> {
             Msg::Ready(id) => self.catch_up(id).await,
             Msg::Gone(id) => self.drop_client(id).await,
             Msg::Tick => self.tick().await,
+            Msg::Census(reply) => {
+                let mut census: Vec<_> = self
+                    .registry
+                    .streams
+                    .iter()
+                    .map(|(stream, clients)| (stream.clone(), clients.len()))
+                    .collect();
+                census.sort();
+                let _ = reply.send(census);
+            }
             Msg::Shutdown(done) => {
                 for (_, client) in self.registry.clients() {
                     let _ = client.push(frame::shutdown());

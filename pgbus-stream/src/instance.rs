@@ -276,6 +276,16 @@ impl<S: StreamStore, L: StreamListener> Instance<S, L> {
         }
     }
 
+    /// Each followed stream with its number of connections, by name (empty once shut
+    /// down).
+    pub async fn census(&self) -> Vec<(StreamName, usize)> {
+        let (reply, census) = oneshot::channel();
+        if self.inner.mailbox.send(Msg::Census(reply)).is_err() {
+            return Vec::new();
+        }
+        census.await.unwrap_or_default()
+    }
+
     /// Stops the heartbeat and pruner, then the listener, then the dispatcher, which sends
     /// every client the `shutdown` event (no `id:`) and closes it. Registrations from now
     /// on are closed at once.

@@ -213,6 +213,10 @@ async fn the_last_client_of_a_stream_unlistens() {
     let second = instance.register(a.clone(), Start::Latest).await.unwrap();
     let other = instance.register(b.clone(), Start::Latest).await.unwrap();
     assert_eq!(listener.listening(), vec![a.clone(), b.clone()]);
+    assert_eq!(
+        instance.census().await,
+        vec![(a.clone(), 2), (b.clone(), 1)]
+    );
     drop(first);
     drop(other);
     let start = tokio::time::Instant::now();
