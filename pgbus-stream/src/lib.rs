@@ -4,7 +4,7 @@
 //! An [`Instance`] per web process composes a [`StreamListener`](pgbus_core::StreamListener)
 //! (one LISTEN connection), a dispatcher task (the single owner of the registry and of
 //! every connection's cursor), a heartbeat and a pruner, over any
-//! [`StreamStore`](pgbus_core::StreamStore). [`http::router`] serves it with axum at
+//! [`StreamStore`](pgbus_core::StreamStore). [`http::Streams::router`] serves it with axum at
 //! `GET /streams/{signed_name}`; names are signed with a [`Signer`].
 
 mod client;
