@@ -230,6 +230,8 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                     "dead_lettered": s.dead_lettered,
                     "oldest_ready_age_ms": s.oldest_ready_age.map(millis),
                     "breaker_open_for_ms": s.breaker_open_for.map(millis),
+                    "processed_per_minute": s.processed_per_minute,
+                    "failed_per_minute": s.failed_per_minute,
                 })
             })
             .collect();
@@ -260,8 +262,16 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
         );
     } else {
         println!(
-            "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12}",
-            "QUEUE", "DEPTH", "READY", "IN_FLIGHT", "SCHEDULED", "DEAD", "OLDEST"
+            "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12} {:>9} {:>11}",
+            "QUEUE",
+            "DEPTH",
+            "READY",
+            "IN_FLIGHT",
+            "SCHEDULED",
+            "DEAD",
+            "OLDEST",
+            "DONE/MIN",
+            "FAILED/MIN"
         );
         for s in &stats {
             let oldest = s
@@ -274,14 +284,16 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 (false, None) => s.queue.to_string(),
             };
             println!(
-                "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12}",
+                "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12} {:>9} {:>11}",
                 name,
                 s.depth(),
                 s.ready,
                 s.in_flight,
                 s.scheduled,
                 s.dead_lettered,
-                oldest
+                oldest,
+                s.processed_per_minute,
+                s.failed_per_minute
             );
         }
         if !processes.is_empty() {

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Backend, ContentType, Error, Fetcher, GroupRecovery, GroupSession, Message, MessageId,
-    NewMessage, ProcessInfo, ProcessRegistry, QueueName, QueueOptions, RetryDecision, RetryPolicy,
-    Selection, DEFAULT_MAX_PAYLOAD_BYTES,
+    NewMessage, ProcessInfo, ProcessRegistry, QueueName, QueueOptions, QueueThroughput,
+    RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// Generates one `#[tokio::test]` per conformance case, each given a fresh backend from
@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             oversized_payload_and_bad_group_key_are_refused,
             stats_count_each_state,
             processes_register_heartbeat_and_go_stale,
+            reported_throughput_shows_in_stats_per_minute,
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             recovery_frees_the_work_of_a_dead_group_owner,
             unique_keys_hold_until_the_job_leaves,
@@ -717,6 +718,44 @@ pub async fn processes_register_heartbeat_and_go_stale<B: Backend>(backend: B) {
     assert!(
         !backend.heartbeat(first, 0).await.unwrap(),
         "a pruned process learns it is gone"
+    );
+}
+
+/// Throughput reports add up per queue into the per-minute stats; counts for a queue that
+/// does not exist are dropped without failing the others.
+pub async fn reported_throughput_shows_in_stats_per_minute<B: Backend>(backend: B) {
+    let a = queue(&backend, "busy").await;
+    let b = queue(&backend, "quiet").await;
+    let empty = stats_of(&backend, &a).await;
+    assert_eq!(
+        (empty.processed_per_minute, empty.failed_per_minute),
+        (0, 0)
+    );
+    let gone = QueueName::new("never_created").unwrap();
+    backend
+        .record_throughput(&[
+            QueueThroughput::new(a.clone(), 5, 2),
+            QueueThroughput::new(gone, 100, 100),
+        ])
+        .await
+        .unwrap();
+    backend
+        .record_throughput(&[
+            QueueThroughput::new(a.clone(), 3, 1),
+            QueueThroughput::new(b.clone(), 0, 4),
+        ])
+        .await
+        .unwrap();
+    backend.record_throughput(&[]).await.unwrap();
+    let stats = stats_of(&backend, &a).await;
+    assert_eq!(
+        (stats.processed_per_minute, stats.failed_per_minute),
+        (8, 3)
+    );
+    let stats = stats_of(&backend, &b).await;
+    assert_eq!(
+        (stats.processed_per_minute, stats.failed_per_minute),
+        (0, 4)
     );
 }
 

@@ -75,7 +75,10 @@ pub use message::{
     DEFAULT_MAX_PAYLOAD_BYTES, MAX_GROUP_KEY_LEN,
 };
 pub use name::{QueueName, MAX_QUEUE_NAME_LEN};
-pub use process::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry};
+pub use process::{
+    ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry, QueueThroughput, THROUGHPUT_BUCKET,
+    THROUGHPUT_RETENTION,
+};
 pub use queue::{
     Backend, Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats,
     Selection, Stats, TransactionalAck,

@@ -6,13 +6,17 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 mod topics;
 
-use crate::process::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry};
+use crate::process::{
+    ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry, QueueThroughput, THROUGHPUT_BUCKET,
+    THROUGHPUT_RETENTION,
+};
 use crate::queue::{
     Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats, Selection,
     Stats,
@@ -62,6 +66,8 @@ struct QueueState {
     messages: BTreeMap<i64, Stored>,
     dead: BTreeMap<i64, DeadMessage>,
     archive: Vec<(SystemTime, Stored)>,
+    /// Reported throughput: bucket start to (processed, failed).
+    throughput: BTreeMap<SystemTime, (u64, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +214,7 @@ impl QueueAdmin for MemoryBackend {
                 messages: BTreeMap::new(),
                 dead: BTreeMap::new(),
                 archive: Vec::new(),
+                throughput: BTreeMap::new(),
             },
         );
         Ok(true)
@@ -511,7 +518,15 @@ impl Stats for MemoryBackend {
                     dead_lettered: q.dead.len() as u64,
                     oldest_ready_age: None,
                     breaker_open_for: q.breaker_until.duration_since(now).ok(),
+                    processed_per_minute: 0,
+                    failed_per_minute: 0,
                 };
+                let minute_ago = now - Duration::from_secs(60);
+                let last_minute = (Bound::Excluded(minute_ago), Bound::Unbounded);
+                for (processed, failed) in q.throughput.range(last_minute).map(|(_, c)| c) {
+                    stats.processed_per_minute += processed;
+                    stats.failed_per_minute += failed;
+                }
                 for m in q.messages.values() {
                     if m.visible_at <= now {
                         stats.ready += 1;
@@ -578,6 +593,33 @@ impl ProcessRegistry for MemoryBackend {
     async fn processes(&self) -> Result<Vec<ProcessRecord>> {
         Ok(self.lock().processes.values().cloned().collect())
     }
+
+    async fn record_throughput(&self, counts: &[QueueThroughput]) -> Result<()> {
+        let now = SystemTime::now();
+        let bucket = throughput_bucket(now);
+        let horizon = now - THROUGHPUT_RETENTION;
+        let mut state = self.lock();
+        for count in counts {
+            if let Some(q) = state.queues.get_mut(&count.queue) {
+                let (processed, failed) = q.throughput.entry(bucket).or_default();
+                *processed += count.processed;
+                *failed += count.failed;
+            }
+        }
+        for q in state.queues.values_mut() {
+            q.throughput.retain(|bucket, _| *bucket >= horizon);
+        }
+        Ok(())
+    }
+}
+
+/// The start of the throughput bucket `at` falls in.
+fn throughput_bucket(at: SystemTime) -> SystemTime {
+    let since_epoch = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let width = THROUGHPUT_BUCKET.as_secs();
+    SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs() / width * width)
 }
 
 /// The in-memory backend has no connections: its fetcher is a handle on the same state.
@@ -790,6 +832,9 @@ impl ProcessRegistry for MemoryGroupRecovery {
     }
     async fn processes(&self) -> Result<Vec<ProcessRecord>> {
         self.backend.processes().await
+    }
+    async fn record_throughput(&self, counts: &[QueueThroughput]) -> Result<()> {
+        self.backend.record_throughput(counts).await
     }
 }
 

@@ -73,6 +73,38 @@ impl ProcessRecord {
     }
 }
 
+/// The width of a throughput bucket: counts are kept per queue per 10 seconds (buckets
+/// start at multiples of this since the Unix epoch).
+pub const THROUGHPUT_BUCKET: Duration = Duration::from_secs(10);
+
+/// How long throughput buckets are kept.
+pub const THROUGHPUT_RETENTION: Duration = Duration::from_secs(3600);
+
+/// What a worker process settled on one queue since it last reported: the throughput
+/// behind [`QueueStats::processed_per_minute`](crate::QueueStats::processed_per_minute)
+/// and [`QueueStats::failed_per_minute`](crate::QueueStats::failed_per_minute).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueThroughput {
+    /// The queue.
+    pub queue: QueueName,
+    /// Messages finished: acked (also in the handler's own transaction) or discarded.
+    pub processed: u64,
+    /// Failed attempts: given back for a retry or dead-lettered.
+    pub failed: u64,
+}
+
+impl QueueThroughput {
+    /// Counts for one queue.
+    pub fn new(queue: QueueName, processed: u64, failed: u64) -> Self {
+        Self {
+            queue,
+            processed,
+            failed,
+        }
+    }
+}
+
 /// Where worker processes register and heartbeat. Work held by a process that stops
 /// heartbeating is not released here: its leases simply run out.
 pub trait ProcessRegistry: Send + Sync {
@@ -91,4 +123,13 @@ pub trait ProcessRegistry: Send + Sync {
 
     /// Every registered process, oldest first.
     fn processes(&self) -> impl Future<Output = Result<Vec<ProcessRecord>>> + Send;
+
+    /// Adds a worker's counts to the current 10-second throughput bucket of each queue
+    /// (counts of queues that no longer exist are dropped) and forgets buckets older than
+    /// an hour. Workers call it with each heartbeat; on an error nothing was recorded, so
+    /// the caller may report the same counts again.
+    fn record_throughput(
+        &self,
+        counts: &[QueueThroughput],
+    ) -> impl Future<Output = Result<()>> + Send;
 }

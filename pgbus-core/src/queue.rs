@@ -110,6 +110,12 @@ pub struct QueueStats {
     pub oldest_ready_age: Option<Duration>,
     /// While the queue's circuit breaker is open: how long until it resumes.
     pub breaker_open_for: Option<Duration>,
+    /// Messages finished (acked or discarded) in the last minute, as workers reported
+    /// them with their heartbeats.
+    pub processed_per_minute: u64,
+    /// Failed attempts (retried or dead-lettered) in the last minute, as workers reported
+    /// them with their heartbeats.
+    pub failed_per_minute: u64,
 }
 
 impl QueueStats {
@@ -124,6 +130,8 @@ impl QueueStats {
             dead_lettered: 0,
             oldest_ready_age: None,
             breaker_open_for: None,
+            processed_per_minute: 0,
+            failed_per_minute: 0,
         }
     }
 

@@ -372,10 +372,15 @@ async fn drive_group<B: Backend>(
                 }
             };
             // The heartbeat has stopped; now the post-processing writes.
+            let discard = matches!(outcome, Outcome::Discard);
             let blocked = match plan(outcome, policy, &lease, queue, &ctx.report) {
                 Settle::Ack => {
                     if session.ack(&lease).await? {
                         ctx.report.acked.fetch_add(1, Ordering::Relaxed);
+                        // A discard counted as processed when it was planned.
+                        if !discard {
+                            ctx.report.throughput.processed(queue, 1);
+                        }
                     }
                     false
                 }
@@ -409,7 +414,7 @@ async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: Cancellation
     let worker = &ctx.worker;
     let queues = worker.shared.queues.clone();
     let interval = worker.config.heartbeat_interval;
-    let mut entry = ProcessEntry::new(Arc::clone(&worker.shared));
+    let mut entry = ProcessEntry::new(Arc::clone(&worker.shared), Arc::clone(&ctx.report));
     let mut session: Option<<B as OpenGroupSession>::Recovery> = None;
     let mut errors = 0u32;
     loop {

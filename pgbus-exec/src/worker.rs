@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgbus_core::{
     Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId, ProcessInfo,
-    ProcessRegistry, QueueName, Result, RetryDecision, RetryPolicy, WakeupSource,
+    ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy, WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -182,7 +182,9 @@ impl<B: Backend> WorkerBuilder<B> {
     }
 
     /// Process registry heartbeat interval; default 10 s. Entries silent for three
-    /// intervals are pruned as stale.
+    /// intervals are pruned as stale. Each heartbeat also reports the worker's throughput
+    /// per queue since the last one (see
+    /// [`QueueStats::processed_per_minute`](pgbus_core::QueueStats::processed_per_minute)).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.config.heartbeat_interval = interval;
         self
@@ -434,6 +436,7 @@ impl<B: Backend> Worker<B> {
         background.spawn(heartbeat(
             self.backend.clone(),
             Arc::clone(&self.shared),
+            Arc::clone(&report),
             Arc::clone(&pool),
             self.config.heartbeat_interval,
             stop_background.clone(),
@@ -559,6 +562,8 @@ pub(crate) struct Counters {
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) discarded: AtomicU64,
+    /// Per queue, for the registry's throughput buckets.
+    pub(crate) throughput: Tallies,
 }
 
 impl Counters {
@@ -569,6 +574,55 @@ impl Counters {
             retried: self.retried.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What one queue settled since the counts were last taken.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    processed: u64,
+    failed: u64,
+}
+
+/// Outcomes per queue since the last heartbeat took them: acks, commits in the handler's
+/// transaction and discards are processed; retries and dead letters are failed attempts.
+#[derive(Debug, Default)]
+pub(crate) struct Tallies(Mutex<HashMap<QueueName, Tally>>);
+
+impl Tallies {
+    pub(crate) fn processed(&self, queue: &QueueName, n: u64) {
+        self.add(queue, n, 0);
+    }
+
+    pub(crate) fn failed(&self, queue: &QueueName) {
+        self.add(queue, 0, 1);
+    }
+
+    fn add(&self, queue: &QueueName, processed: u64, failed: u64) {
+        let mut tallies = self.0.lock().expect("throughput tallies");
+        let tally = match tallies.get_mut(queue) {
+            Some(tally) => tally,
+            None => tallies.entry(queue.clone()).or_default(),
+        };
+        tally.processed = tally.processed.saturating_add(processed);
+        tally.failed = tally.failed.saturating_add(failed);
+    }
+
+    /// Takes every count, leaving none.
+    fn drain(&self) -> Vec<QueueThroughput> {
+        self.0
+            .lock()
+            .expect("throughput tallies")
+            .drain()
+            .map(|(queue, t)| QueueThroughput::new(queue, t.processed, t.failed))
+            .collect()
+    }
+
+    /// Puts back counts that could not be written, to go with the next report.
+    fn restore(&self, counts: &[QueueThroughput]) {
+        for c in counts {
+            self.add(&c.queue, c.processed, c.failed);
         }
     }
 }
@@ -755,25 +809,30 @@ pub(crate) fn plan(
         Outcome::Ack => Settle::Ack,
         Outcome::Committed => {
             report.acked.fetch_add(1, Ordering::Relaxed);
+            report.throughput.processed(queue, 1);
             Settle::Nothing
         }
         Outcome::Discard => {
             report.discarded.fetch_add(1, Ordering::Relaxed);
+            report.throughput.processed(queue, 1);
             Settle::Ack
         }
         Outcome::DeadLetter(reason) => {
             report.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            report.throughput.failed(queue);
             tracing::warn!(target: "pgbus::worker", reason = %reason, job.id = job_id, queue.name = %queue, "dead-lettering");
             Settle::DeadLetter(reason)
         }
         Outcome::Retry { error, after } => match (policy.decide(attempt), after) {
             (RetryDecision::DeadLetter, _) => {
                 report.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                report.throughput.failed(queue);
                 tracing::warn!(target: "pgbus::worker", attempt, error = %error, job.id = job_id, queue.name = %queue, "attempts used up: dead-lettering");
                 Settle::DeadLetter(error)
             }
             (RetryDecision::RetryAfter(delay), explicit) => {
                 report.retried.fetch_add(1, Ordering::Relaxed);
+                report.throughput.failed(queue);
                 let delay = explicit.unwrap_or(delay);
                 tracing::debug!(target: "pgbus::worker", attempt, retry_in = ?delay, error = %error, job.id = job_id, queue.name = %queue, "job failed; retrying");
                 Settle::Nack(delay, error)
@@ -793,7 +852,7 @@ async fn settle_loop<B: Backend>(
     report: Arc<Counters>,
     ack_batch: usize,
 ) {
-    let mut acks: Vec<Lease> = Vec::with_capacity(ack_batch);
+    let mut acks = AckBatch::with_capacity(ack_batch);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(settlement) = next.take() {
@@ -810,12 +869,12 @@ async fn settle_loop<B: Backend>(
                 &mut acks,
             )
             .await;
-            if acks.len() >= ack_batch {
+            if acks.leases.len() >= ack_batch {
                 break;
             }
             next = rx.try_recv().ok();
         }
-        if !acks.is_empty() {
+        if !acks.leases.is_empty() {
             flush_acks(&backend, &mut acks, &report).await;
         }
     }
@@ -827,7 +886,7 @@ async fn apply<B: Backend>(
     breakers: &mut Breakers,
     report: &Counters,
     s: Settlement,
-    acks: &mut Vec<Lease>,
+    acks: &mut AckBatch,
 ) {
     let (policy, _) = &policies[&s.queue];
     let discard = matches!(s.outcome, Outcome::Discard);
@@ -843,7 +902,7 @@ async fn apply<B: Backend>(
     let result = match settle {
         // Acks wait for the next batch; a discard is written at once, uncounted as acked.
         Settle::Ack if !discard => {
-            acks.push(s.lease);
+            acks.push(s.lease, &s.queue);
             return;
         }
         Settle::Ack => backend.ack(&[s.lease]).await.map(|_| ()),
@@ -859,20 +918,54 @@ async fn apply<B: Backend>(
     }
 }
 
-async fn flush_acks<B: Backend>(backend: &B, acks: &mut Vec<Lease>, report: &Counters) {
+/// Acks waiting for the next batch statement, with how many of them each queue has.
+struct AckBatch {
+    leases: Vec<Lease>,
+    per_queue: HashMap<QueueName, u64>,
+}
+
+impl AckBatch {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            leases: Vec::with_capacity(capacity),
+            per_queue: HashMap::new(),
+        }
+    }
+
+    fn push(&mut self, lease: Lease, queue: &QueueName) {
+        self.leases.push(lease);
+        match self.per_queue.get_mut(queue) {
+            Some(n) => *n += 1,
+            None => {
+                self.per_queue.insert(queue.clone(), 1);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.leases.clear();
+        self.per_queue.clear();
+    }
+}
+
+async fn flush_acks<B: Backend>(backend: &B, acks: &mut AckBatch, report: &Counters) {
+    let count = acks.leases.len();
     for attempt in 1..=5u32 {
-        match backend.ack(acks).await {
+        match backend.ack(&acks.leases).await {
             Ok(_) => {
-                report.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
+                report.acked.fetch_add(count as u64, Ordering::Relaxed);
+                for (queue, n) in &acks.per_queue {
+                    report.throughput.processed(queue, *n);
+                }
                 acks.clear();
                 return;
             }
             Err(err) if err.is_transient() && attempt < 5 => {
-                tracing::warn!(target: "pgbus::worker", error = %err.report(), count = acks.len(), "ack failed; retrying");
+                tracing::warn!(target: "pgbus::worker", error = %err.report(), count, "ack failed; retrying");
                 tokio::time::sleep(backoff(attempt, Duration::from_secs(5))).await;
             }
             Err(err) => {
-                tracing::error!(target: "pgbus::worker", error = %err.report(), count = acks.len(), "ack failed; these messages are delivered again when their leases run out");
+                tracing::error!(target: "pgbus::worker", error = %err.report(), count, "ack failed; these messages are delivered again when their leases run out");
                 acks.clear();
                 return;
             }
@@ -910,15 +1003,17 @@ async fn keep_leases<B: Backend>(
 }
 
 /// Keeps a process's entry in the registry: registers, heartbeats with the busy count,
-/// registers again when pruned, prunes entries of processes that went silent.
+/// registers again when pruned, reports the worker's throughput since the last beat,
+/// prunes entries of processes that went silent.
 pub(crate) struct ProcessEntry {
     info: ProcessInfo,
     id: Option<ProcessId>,
     shared: Arc<Shared>,
+    report: Arc<Counters>,
 }
 
 impl ProcessEntry {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, report: Arc<Counters>) -> Self {
         let info = ProcessInfo::current(
             shared.queues.clone(),
             shared.mode.as_str(),
@@ -928,6 +1023,7 @@ impl ProcessEntry {
             info,
             id: None,
             shared,
+            report,
         }
     }
 
@@ -960,13 +1056,30 @@ impl ProcessEntry {
                 tracing::warn!(target: "pgbus::worker", error = %err.report(), "heartbeat failed")
             }
         }
+        if let Err(err) = self.report_throughput(registry).await {
+            tracing::warn!(target: "pgbus::worker", error = %err.report(), "could not record throughput; the counts go with the next heartbeat");
+        }
         if let Err(err) = registry.prune_stale(interval * 3).await {
             tracing::debug!(target: "pgbus::worker", error = %err.report(), "could not prune stale processes");
         }
     }
 
-    /// Removes the entry of a process stopping cleanly.
+    /// Writes the counts settled since the last report; on an error they are kept for the
+    /// next one.
+    async fn report_throughput(&self, registry: &impl ProcessRegistry) -> Result<()> {
+        let counts = self.report.throughput.drain();
+        let written = registry.record_throughput(&counts).await;
+        if written.is_err() {
+            self.report.throughput.restore(&counts);
+        }
+        written
+    }
+
+    /// Reports the last counts and removes the entry of a process stopping cleanly.
     pub(crate) async fn end(self, registry: &impl ProcessRegistry) {
+        if let Err(err) = self.report_throughput(registry).await {
+            tracing::warn!(target: "pgbus::worker", error = %err.report(), "could not record the last throughput counts");
+        }
         if let Some(id) = self.id {
             if let Err(err) = registry.deregister(id).await {
                 tracing::warn!(target: "pgbus::worker", error = %err.report(), "could not deregister the process");
@@ -979,11 +1092,12 @@ impl ProcessEntry {
 async fn heartbeat<B: Backend>(
     backend: B,
     shared: Arc<Shared>,
+    report: Arc<Counters>,
     pool: Arc<dyn ExecutionPool>,
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut entry = ProcessEntry::new(shared);
+    let mut entry = ProcessEntry::new(shared, report);
     loop {
         entry.beat(&backend, pool.metadata().busy, interval).await;
         tokio::select! {

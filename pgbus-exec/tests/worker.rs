@@ -314,6 +314,47 @@ async fn the_waker_ends_the_idle_wait() {
     run.await.unwrap().unwrap();
 }
 
+/// Counts go to the registry with each heartbeat; what a stopping worker settled since its
+/// last one goes with its deregistration, so a heartbeat interval longer than the run loses
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_reports_its_last_throughput() {
+    let (backend, queue) = setup(fast_retries(2)).await;
+    send_numbers(&backend, &queue, 8).await;
+    let worker = Worker::builder(backend.clone())
+        .poll_interval(Duration::from_millis(5))
+        .heartbeat_interval(Duration::from_secs(3600))
+        .handle(
+            queue.clone(),
+            |ctx: JobContext<MemoryBackend>, n: u32| async move {
+                match (n % 4, ctx.attempt()) {
+                    (0, 1) => Outcome::retry("once"),
+                    (1, _) => Outcome::retry("always"),
+                    (2, _) => Outcome::Discard,
+                    _ => Outcome::Ack,
+                }
+            },
+        )
+        .build()
+        .unwrap();
+    let report = run_until_empty(worker, &backend).await;
+    assert_eq!(
+        (
+            report.acked,
+            report.discarded,
+            report.retried,
+            report.dead_lettered
+        ),
+        (4, 2, 4, 2)
+    );
+    let stats = backend.stats().await.unwrap().remove(0);
+    assert_eq!(
+        (stats.processed_per_minute, stats.failed_per_minute),
+        (6, 6),
+        "acks and discards processed; retries and dead letters failed"
+    );
+}
+
 async fn backend_processes(backend: &MemoryBackend) -> usize {
     use pgbus_core::ProcessRegistry;
     backend.processes().await.unwrap().len()

@@ -76,6 +76,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "batches",
         sql: include_str!("../migrations/0012_batches.sql"),
     },
+    Migration {
+        version: 13,
+        name: "throughput",
+        sql: include_str!("../migrations/0013_throughput.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

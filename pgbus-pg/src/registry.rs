@@ -3,12 +3,14 @@
 
 use std::time::Duration;
 
-use pgbus_core::{ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry, QueueName, Result};
+use pgbus_core::{
+    ProcessId, ProcessInfo, ProcessRecord, ProcessRegistry, QueueName, QueueThroughput, Result,
+};
 use tokio_postgres::GenericClient;
 
 use crate::error::db;
 use crate::group::PgGroupRecovery;
-use crate::{sql, PgBackend};
+use crate::{sql, throughput, PgBackend};
 
 fn int(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
@@ -96,6 +98,9 @@ impl ProcessRegistry for PgBackend {
     async fn processes(&self) -> Result<Vec<ProcessRecord>> {
         processes(&*self.conn().await?).await
     }
+    async fn record_throughput(&self, counts: &[QueueThroughput]) -> Result<()> {
+        throughput::record(&*self.conn().await?, counts).await
+    }
 }
 
 impl ProcessRegistry for PgGroupRecovery {
@@ -113,5 +118,8 @@ impl ProcessRegistry for PgGroupRecovery {
     }
     async fn processes(&self) -> Result<Vec<ProcessRecord>> {
         processes(self.client()).await
+    }
+    async fn record_throughput(&self, counts: &[QueueThroughput]) -> Result<()> {
+        throughput::record(self.client(), counts).await
     }
 }

@@ -253,7 +253,8 @@ SELECT q.name, q.paused,
        coalesce(m.ready, 0), coalesce(m.in_flight, 0), coalesce(m.scheduled, 0),
        coalesce(d.dead, 0), m.oldest_ready_secs,
        CASE WHEN q.breaker_until > now()
-            THEN extract(epoch FROM q.breaker_until - now())::float8 END
+            THEN extract(epoch FROM q.breaker_until - now())::float8 END,
+       coalesce(t.processed, 0), coalesce(t.failed, 0)
 FROM pgbus.queues q
 LEFT JOIN (
     SELECT queue,
@@ -271,6 +272,12 @@ LEFT JOIN (
 LEFT JOIN (
     SELECT queue, count(*) AS dead FROM pgbus.dead_letters GROUP BY queue
 ) d ON d.queue = q.name
+LEFT JOIN (
+    SELECT queue, sum(processed)::bigint AS processed, sum(failed)::bigint AS failed
+    FROM pgbus.throughput
+    WHERE bucket > now() - interval '1 minute'
+    GROUP BY queue
+) t ON t.queue = q.name
 ORDER BY q.name";
 
 /// Deletes at most `$1` archived messages past their queue's retention.
@@ -711,6 +718,30 @@ DELETE FROM ",
 }
 
 pub(crate) const PRUNE_EVENT_LOG: &str = prune_older!("pgbus.events", "seq", "published_at");
+
+/// Adds per-queue counts (`$1` queues, `$2` processed, `$3` failed) to each queue's current
+/// bucket (`$4` seconds wide, aligned on the epoch). Counts of queues that no longer exist
+/// are dropped; a queue named twice is summed first (one row may be updated only once).
+pub(crate) const RECORD_THROUGHPUT: &str = "
+INSERT INTO pgbus.throughput AS t (queue, bucket, processed, failed)
+SELECT c.queue, to_timestamp(floor(extract(epoch FROM now())::float8 / $4) * $4),
+       sum(c.processed)::bigint, sum(c.failed)::bigint
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS c(queue, processed, failed)
+JOIN pgbus.queues q ON q.name = c.queue
+GROUP BY c.queue
+ON CONFLICT (queue, bucket) DO UPDATE
+SET processed = t.processed + EXCLUDED.processed, failed = t.failed + EXCLUDED.failed";
+
+/// Throughput buckets past retention. The table's key is two columns, so a batch is
+/// picked by row address (`ctid`), which holds it to `$2` rows.
+pub(crate) const PRUNE_THROUGHPUT: &str = prune_older!("pgbus.throughput", "ctid", "bucket");
+
+/// Throughput buckets that started less than `$1` seconds ago, oldest first.
+pub(crate) const THROUGHPUT_HISTORY: &str = "
+SELECT queue, bucket, processed, failed
+FROM pgbus.throughput
+WHERE bucket > now() - make_interval(secs => $1)
+ORDER BY bucket, queue";
 
 /// Claims the dedup record of (`$1` subscriber, `$2` event) for the delivery (`$3` message,
 /// `$4` attempt): a new record, or one left `claimed` by this message's earlier attempt or by

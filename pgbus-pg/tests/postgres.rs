@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use pgbus_core::{
-    Consumer, Error, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, Stats,
+    Consumer, Error, NewMessage, ProcessRegistry, Producer, QueueAdmin, QueueName, QueueOptions,
+    QueueThroughput, Stats,
 };
 use pgbus_pg::{connect, test_database, PgBackend, SCHEMA_VERSION};
 
@@ -310,5 +311,103 @@ async fn transactional_ack_commits_writes_and_ack_together() {
     assert_eq!(
         stats[0].in_flight, 2,
         "only the committed ack removed a message"
+    );
+}
+
+/// Throughput lands in the current 10-second bucket; history lists buckets oldest first;
+/// buckets past the hour are pruned in batches when counts are next recorded, and the
+/// stats count only the last minute.
+#[tokio::test]
+async fn throughput_buckets_are_recorded_listed_and_pruned() {
+    let (backend, url) = backend().await;
+    let a = queue(&backend, "tp_a", QueueOptions::default()).await;
+    let b = queue(&backend, "tp_b", QueueOptions::default()).await;
+    let client = connect(&url, "test").await.unwrap();
+    // Older buckets written directly: two within the hour (one outside the last minute),
+    // and more past the hour than one pruning batch holds.
+    client
+        .execute(
+            "INSERT INTO pgbus.throughput (queue, bucket, processed, failed)
+             VALUES ('tp_a', date_trunc('second', now()) - interval '5 minutes', 7, 1),
+                    ('tp_b', date_trunc('second', now()) - interval '10 minutes', 2, 2)",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO pgbus.throughput (queue, bucket, processed, failed)
+             SELECT q, now() - interval '2 hours' - n * interval '10 seconds', 1, 1
+             FROM generate_series(1, 1500) AS n, unnest(ARRAY['tp_a', 'tp_b']) AS q",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    backend
+        .record_throughput(&[
+            QueueThroughput::new(a.clone(), 4, 1),
+            QueueThroughput::new(a.clone(), 1, 0),
+            QueueThroughput::new(b.clone(), 0, 3),
+        ])
+        .await
+        .unwrap();
+
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM pgbus.throughput", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 4, "every bucket past the hour pruned, the rest kept");
+    let stats = backend.stats().await.unwrap();
+    let per_minute: Vec<_> = stats
+        .iter()
+        .map(|s| {
+            (
+                s.queue.as_str(),
+                s.processed_per_minute,
+                s.failed_per_minute,
+            )
+        })
+        .collect();
+    assert_eq!(
+        per_minute,
+        [("tp_a", 5, 1), ("tp_b", 0, 3)],
+        "a queue named twice is summed; older buckets are not in the last minute"
+    );
+
+    let history = backend
+        .throughput_history(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let points: Vec<_> = history
+        .iter()
+        .map(|p| (p.queue.as_str(), p.processed, p.failed))
+        .collect();
+    assert_eq!(
+        points[..2],
+        [("tp_b", 2, 2), ("tp_a", 7, 1)],
+        "oldest bucket first"
+    );
+    assert_eq!(points.len(), 4);
+    let current = &history[2];
+    assert_eq!(
+        current.bucket, history[3].bucket,
+        "both in the current bucket"
+    );
+    let since_epoch = current
+        .bucket
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    assert_eq!(since_epoch.as_secs() % 10, 0, "buckets start on 10 s marks");
+    assert_eq!(since_epoch.subsec_nanos(), 0);
+    let recent = backend
+        .throughput_history(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        recent.len(),
+        2,
+        "only the current buckets in the last minute"
     );
 }

@@ -622,3 +622,111 @@ async fn worker_registers_and_heartbeats_in_the_process_table() {
         "deregistered on shutdown"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. Throughput: workers report what they settle per queue with their heartbeats.
+
+/// Runs a worker (plain or group) over one message of each kind of outcome, six times,
+/// and waits, while it runs, until the stats count every finished message as processed
+/// and every failed attempt as failed; stopping it adds nothing more.
+async fn settled_work_shows_in_the_per_minute_stats(groups: bool) {
+    const EACH: u32 = 5;
+    // Per kind: processed, failed (attempts used up at 3).
+    const KINDS: [(u64, u64); 6] = [
+        (0, 3), // fails on every attempt, then dead-lettered
+        (1, 1), // fails once, then acked
+        (0, 1), // dead-lettered at once
+        (1, 0), // acked
+        (1, 0), // acked in the handler's transaction
+        (1, 0), // discarded
+    ];
+    let (backend, _url) = fresh_backend(4).await;
+    let retry = RetryPolicy::builder()
+        .base(Duration::from_millis(10))
+        .cap(Duration::from_millis(20))
+        .jitter(0.0)
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let q = create(&backend, "counted", QueueOptions::default().retry(retry)).await;
+    let messages = (0..EACH * KINDS.len() as u32)
+        .map(|n| {
+            let m = NewMessage::encode(&n).unwrap();
+            if groups {
+                m.group(format!("g{n}"))
+            } else {
+                m
+            }
+        })
+        .collect();
+    backend.send_batch(&q, messages).await.unwrap();
+    let processed: u64 = KINDS.iter().map(|k| k.0).sum::<u64>() * u64::from(EACH);
+    let failed: u64 = KINDS.iter().map(|k| k.1).sum::<u64>() * u64::from(EACH);
+
+    let builder = Worker::builder(backend.clone())
+        .concurrency(4)
+        .poll_interval(Duration::from_millis(20))
+        .heartbeat_interval(Duration::from_millis(50))
+        .handle(q.clone(), |ctx: JobContext<PgBackend>, n: u32| async move {
+            Ok::<_, BoxError>(match (n % 6, ctx.attempt()) {
+                (0, _) | (1, 1) => Outcome::retry("not yet"),
+                (2, _) => Outcome::dead_letter("refused"),
+                (4, _) => ctx.ack_in(ctx.begin().await?).await?,
+                (5, _) => Outcome::Discard,
+                _ => Outcome::Ack,
+            })
+        });
+    let stop = CancellationToken::new();
+    let run = if groups {
+        tokio::spawn(builder.build_groups().unwrap().run(stop.clone()))
+    } else {
+        tokio::spawn(builder.build().unwrap().run(stop.clone()))
+    };
+    eventually(
+        "the stats count every outcome in the last minute",
+        DEADLINE,
+        || async {
+            let stats = stats_of(&backend, &q).await;
+            stats.depth() == 0
+                && (stats.processed_per_minute, stats.failed_per_minute) == (processed, failed)
+        },
+    )
+    .await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        (report.retried, report.dead_lettered),
+        (3 * u64::from(EACH), 2 * u64::from(EACH)),
+        "{report:?}"
+    );
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!(
+        (stats.processed_per_minute, stats.failed_per_minute),
+        (processed, failed),
+        "the last report at shutdown adds nothing twice"
+    );
+    let history = backend
+        .throughput_history(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(history.iter().all(|p| p.queue == q));
+    assert!(history.windows(2).all(|w| w[0].bucket < w[1].bucket));
+    assert_eq!(
+        (
+            history.iter().map(|p| p.processed).sum::<u64>(),
+            history.iter().map(|p| p.failed).sum::<u64>()
+        ),
+        (processed, failed),
+        "the history holds the same counts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_throughput_shows_in_the_per_minute_stats() {
+    settled_work_shows_in_the_per_minute_stats(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_worker_throughput_shows_in_the_per_minute_stats() {
+    settled_work_shows_in_the_per_minute_stats(true).await;
+}
