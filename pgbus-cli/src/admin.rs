@@ -4,10 +4,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use pgbus_core::{
-    CircuitBreaker, DeadLetters, Error, MessageId, ProcessRegistry, QueueAdmin, QueueName,
-    QueueOptions, RetryPolicy, Selection, Stats,
+    CircuitBreaker, DeadLetters, Error, MessageId, ProcessRecord, ProcessRegistry, QueueAdmin,
+    QueueName, QueueOptions, QueueStats, RetryPolicy, Selection, Stats, Topics,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::cli::{DlqCommand, QueueCommand};
 use crate::database::Database;
@@ -38,7 +38,7 @@ pub(crate) async fn migrate(db: &Database, check: bool, quiet: bool) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -209,6 +209,48 @@ pub(crate) async fn dlq(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Queue statistics as `stats --json` and the dashboard API show them.
+pub(crate) fn queues_json(queues: &[QueueStats]) -> Value {
+    queues
+        .iter()
+        .map(|s| {
+            json!({
+                "queue": s.queue.as_str(),
+                "paused": s.paused,
+                "depth": s.depth(),
+                "ready": s.ready,
+                "in_flight": s.in_flight,
+                "scheduled": s.scheduled,
+                "dead_lettered": s.dead_lettered,
+                "oldest_ready_age_ms": s.oldest_ready_age.map(millis),
+                "breaker_open_for_ms": s.breaker_open_for.map(millis),
+                "processed_per_minute": s.processed_per_minute,
+                "failed_per_minute": s.failed_per_minute,
+            })
+        })
+        .collect()
+}
+
+/// Worker processes as `stats --json` and the dashboard API show them.
+pub(crate) fn processes_json(processes: &[ProcessRecord], now: SystemTime) -> Value {
+    processes
+        .iter()
+        .map(|p| {
+            json!({
+                "id": p.id.0,
+                "hostname": p.info.hostname,
+                "pid": p.info.pid,
+                "queues": p.info.queues.iter().map(QueueName::as_str).collect::<Vec<_>>(),
+                "mode": p.info.mode,
+                "capacity": p.info.capacity,
+                "busy": p.busy,
+                "started_at": rfc3339(p.started_at),
+                "heartbeat_age_ms": millis(now.duration_since(p.heartbeat_at).unwrap_or_default()),
+            })
+        })
+        .collect()
+}
+
 pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?;
     let stats = backend.stats().await?;
@@ -217,47 +259,13 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
     let now = SystemTime::now();
     let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
     if json {
-        let queues: Vec<_> = stats
-            .iter()
-            .map(|s| {
-                json!({
-                    "queue": s.queue.as_str(),
-                    "paused": s.paused,
-                    "depth": s.depth(),
-                    "ready": s.ready,
-                    "in_flight": s.in_flight,
-                    "scheduled": s.scheduled,
-                    "dead_lettered": s.dead_lettered,
-                    "oldest_ready_age_ms": s.oldest_ready_age.map(millis),
-                    "breaker_open_for_ms": s.breaker_open_for.map(millis),
-                    "processed_per_minute": s.processed_per_minute,
-                    "failed_per_minute": s.failed_per_minute,
-                })
-            })
-            .collect();
-        let procs: Vec<_> = processes
-            .iter()
-            .map(|p| {
-                json!({
-                    "id": p.id.0,
-                    "hostname": p.info.hostname,
-                    "pid": p.info.pid,
-                    "queues": p.info.queues.iter().map(QueueName::as_str).collect::<Vec<_>>(),
-                    "mode": p.info.mode,
-                    "capacity": p.info.capacity,
-                    "busy": p.busy,
-                    "started_at": rfc3339(p.started_at),
-                    "heartbeat_age_ms": millis(age(p.heartbeat_at)),
-                })
-            })
-            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "queues": queues,
-                "processes": procs,
+                "queues": queues_json(&stats),
+                "processes": processes_json(&processes, now),
                 "batches": crate::batches::batches_json(&batches),
-                "topics": crate::topics::stats_json(backend).await?,
+                "topics": crate::topics::topics_json(&backend.topic_stats().await?),
             }))?
         );
     } else {

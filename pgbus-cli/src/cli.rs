@@ -74,19 +74,35 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish to SSE streams, and print their signed URLs.
+    #[cfg(feature = "stream")]
+    #[command(subcommand)]
+    Stream(crate::stream::StreamCommand),
+    /// Serve the dashboard, the JSON API, SSE streams, Prometheus metrics and health
+    /// checks over HTTP.
+    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    Serve(crate::serve::ServeArgs),
     /// The embedded database.
     #[command(subcommand)]
     Db(DbCommand),
     /// Recurring tasks declared by schedulers.
     #[command(subcommand)]
     Cron(crate::cron::CronCommand),
-    /// A demo: a queue with a steady trickle of jobs (some failing, some grouped) and
-    /// workers, on the embedded database unless a URL is given. Ctrl-C stops it.
-    Demo {
-        /// Stop by itself after this long (e.g. 10s).
-        #[arg(long, value_parser = duration)]
-        duration: Option<Duration>,
-    },
+    /// A demo: a queue with a steady trickle of jobs (some failing, some grouped),
+    /// workers and the dashboard, on the embedded database unless a URL is given. Ctrl-C
+    /// stops it.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Stop by itself after this long (e.g. 10s).
+    #[arg(long, value_parser = duration)]
+    pub(crate) duration: Option<Duration>,
+    /// Where to serve the dashboard (a free port is taken if this one is busy).
+    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,7 +273,11 @@ impl Cli {
             Command::Publish(args) => crate::topics::publish(&database, args, self.quiet).await,
             Command::Dlq(command) => crate::admin::dlq(&database, command, self.quiet).await,
             Command::Stats { json } => crate::admin::stats(&database, json).await,
-            Command::Demo { duration } => crate::demo::demo(&database, duration).await,
+            Command::Demo(args) => crate::demo::demo(&database, args).await,
+            #[cfg(feature = "stream")]
+            Command::Stream(command) => crate::stream::stream(&database, command, self.quiet).await,
+            #[cfg(any(feature = "dashboard", feature = "stream"))]
+            Command::Serve(args) => crate::serve::serve(&database, args).await,
             Command::Cron(command) => crate::cron::cron(&database, command).await,
             Command::Db(_) => unreachable!("handled above"),
         }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use pgbus_pg::ScheduleInfo;
 
 use clap::Subcommand;
 use serde_json::json;
@@ -53,24 +54,10 @@ pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<
         }
     };
     let schedules = backend.schedules().await?;
-    let time = |t: Option<std::time::SystemTime>| t.map(rfc3339);
     if json {
-        let tasks: Vec<_> = schedules
-            .iter()
-            .map(|s| {
-                json!({
-                    "task": s.task,
-                    "queue": s.queue,
-                    "schedule": s.schedule,
-                    "missed": s.missed,
-                    "last_at": time(s.last_at),
-                    "next_at": time(s.next_at),
-                })
-            })
-            .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "tasks": tasks }))?
+            serde_json::to_string_pretty(&json!({ "tasks": schedules_json(&schedules) }))?
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -86,9 +73,26 @@ pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<
             s.queue,
             s.schedule,
             s.missed,
-            time(s.last_at).unwrap_or_else(dash),
-            time(s.next_at).unwrap_or_else(dash),
+            s.last_at.map(rfc3339).unwrap_or_else(dash),
+            s.next_at.map(rfc3339).unwrap_or_else(dash),
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The declared recurring tasks, for `cron list --json` and the dashboard.
+pub(crate) fn schedules_json(schedules: &[ScheduleInfo]) -> serde_json::Value {
+    schedules
+        .iter()
+        .map(|s| {
+            json!({
+                "task": s.task,
+                "queue": s.queue,
+                "schedule": s.schedule,
+                "missed": s.missed,
+                "last_at": s.last_at.map(rfc3339),
+                "next_at": s.next_at.map(rfc3339),
+            })
+        })
+        .collect()
 }

@@ -12,6 +12,7 @@ use pgbus_pg::{PgBackend, PgListener};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+use crate::cli::DemoArgs;
 use crate::database::Database;
 use crate::work::stop_on_signals;
 
@@ -21,7 +22,7 @@ struct DemoJob {
     fail: bool,
 }
 
-pub(crate) async fn demo(db: &Database, duration: Option<Duration>) -> anyhow::Result<ExitCode> {
+pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?.clone();
     let queue = QueueName::new("demo")?;
     let retry = RetryPolicy::builder()
@@ -33,7 +34,22 @@ pub(crate) async fn demo(db: &Database, duration: Option<Duration>) -> anyhow::R
         .create_queue(&queue, &QueueOptions::default().retry(retry))
         .await?;
     let stop = stop_on_signals()?;
-    if let Some(duration) = duration {
+    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    let server = {
+        let listener = crate::serve::bind_or_any(args.listen).await?;
+        let server = crate::serve::start(
+            &db.url,
+            backend.clone(),
+            listener,
+            None,
+            Duration::from_secs(1),
+            stop.clone(),
+        )
+        .await?;
+        println!("pgbus demo: dashboard at {}", server.url());
+        server
+    };
+    if let Some(duration) = args.duration {
         let stop = stop.clone();
         tokio::spawn(async move {
             tokio::time::sleep(duration).await;
@@ -91,6 +107,8 @@ pub(crate) async fn demo(db: &Database, duration: Option<Duration>) -> anyhow::R
     }
     let plain = plain.await??;
     let grouped = grouped.await??;
+    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    server.wait().await?;
     println!(
         "pgbus demo: stopped after sending {n} jobs; {} acked, {} retried, {} dead-lettered",
         plain.acked + grouped.acked,

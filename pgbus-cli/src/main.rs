@@ -11,6 +11,10 @@ mod cron;
 mod database;
 mod demo;
 mod send;
+#[cfg(any(feature = "dashboard", feature = "stream"))]
+mod serve;
+#[cfg(feature = "stream")]
+mod stream;
 mod topics;
 mod work;
 

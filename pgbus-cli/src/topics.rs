@@ -163,22 +163,20 @@ pub(crate) async fn publish(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Per routing key counts over the event log, for `stats --json`.
-pub(crate) async fn stats_json(backend: &PgBackend) -> anyhow::Result<Value> {
-    let topics = backend.topic_stats().await?;
-    Ok(Value::Array(
-        topics
-            .iter()
-            .map(|t| {
-                json!({
-                    "routing_key": t.routing_key.as_str(),
-                    "published": t.published,
-                    "unrouted": t.unrouted,
-                    "copies": t.copies,
-                })
+/// Per routing key counts over the event log, for `stats --json` and the dashboard.
+pub(crate) fn topics_json(topics: &[TopicStats]) -> Value {
+    topics
+        .iter()
+        .map(|t| {
+            json!({
+                "routing_key": t.routing_key.as_str(),
+                "published": t.published,
+                "unrouted": t.unrouted,
+                "copies": t.copies,
+                "last_published_at": crate::admin::rfc3339(t.last_published_at),
             })
-            .collect(),
-    ))
+        })
+        .collect()
 }
 
 /// The topics table of `stats`.

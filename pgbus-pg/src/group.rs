@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use pgbus_core::{
-    GroupRecovery, GroupSession, Lease, Message, OpenGroupSession, QueueName, Result,
+    GroupRecovery, GroupSession, Lease, Message, MessageId, OpenGroupSession, QueueName, Result,
 };
 use tokio_postgres::{Client, Statement};
 
@@ -305,5 +305,44 @@ impl GroupRecovery for PgGroupRecovery {
                 .map(|row| row.get::<_, i64>(0) as u64),
         }
         .map_err(|e| db("recovering groups of dead owners", e))
+    }
+}
+
+/// A group with a message running now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupInFlight {
+    /// The queue.
+    pub queue: String,
+    /// The group key.
+    pub group: String,
+    /// The running message.
+    pub message: MessageId,
+    /// Its attempt.
+    pub attempt: u32,
+    /// When its lease runs out unless renewed.
+    pub lease_until: std::time::SystemTime,
+}
+
+impl PgBackend {
+    /// The groups with a message running now (at most `limit`), by queue and group.
+    pub async fn groups_in_flight(&self, limit: usize) -> Result<Vec<GroupInFlight>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .conn()
+            .await?
+            .query(sql::GROUPS_IN_FLIGHT, &[&limit])
+            .await
+            .map_err(|e| db("listing groups in flight", e))?;
+        Ok(rows
+            .iter()
+            .map(|row| GroupInFlight {
+                queue: row.get("queue"),
+                group: row.get("group_key"),
+                message: MessageId(row.get("id")),
+                attempt: u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0),
+                lease_until: row.get("lease_until"),
+            })
+            .collect())
     }
 }

@@ -72,7 +72,7 @@ pub use backend::{PgBackend, PgBackendBuilder};
 pub use cluster::*;
 pub use connect::{config_for, connect};
 pub use fetcher::PgFetcher;
-pub use group::{GroupLocks, PgGroupRecovery, PgGroupSession};
+pub use group::{GroupInFlight, GroupLocks, PgGroupRecovery, PgGroupSession};
 pub use listener::PgListener;
 pub use migrate::SCHEMA_VERSION;
 pub use outbox::{write_outbox, OutboxRelay, OutboxRelayBuilder, RelayStats};

@@ -816,3 +816,11 @@ pub(crate) const PRUNE_OUTBOX: &str = prune_older!("pgbus.outbox", "id", "publis
 
 pub(crate) const OUTBOX_PENDING: &str =
     "SELECT count(*) FROM pgbus.outbox WHERE published_at IS NULL AND error IS NULL";
+
+/// Grouped messages running now, for the dashboard: one row per in-flight group.
+pub(crate) const GROUPS_IN_FLIGHT: &str = "
+SELECT queue, group_key, id, attempts, lease_until
+FROM pgbus.messages
+WHERE group_key IS NOT NULL AND lease_until > now()
+ORDER BY queue, group_key
+LIMIT $1";

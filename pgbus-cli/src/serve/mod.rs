@@ -1,0 +1,224 @@
+//! `pgbus serve`: the dashboard at `/`, the JSON API under `/api`, SSE streams at
+//! `/streams/...`, Prometheus text at `/metrics`, `/livez` and `/readyz`.
+//!
+//! One background task reads a snapshot of the system every `--refresh`; the dashboard,
+//! its live updates and `/metrics` are served from that snapshot, so the database load
+//! does not grow with the number of browsers or scrapers, and no pooled connection is
+//! held by a waiting client.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use clap::Args;
+use pgbus_pg::PgBackend;
+use tokio_util::sync::CancellationToken;
+
+#[cfg(feature = "dashboard")]
+mod api;
+mod auth;
+mod metrics;
+mod snapshot;
+
+use auth::Token;
+use snapshot::Snapshots;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on. Anything but a loopback address needs --token.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: SocketAddr,
+    /// Required from every client (Authorization: Bearer, or ?token= once in a browser)
+    /// except for /livez, /readyz and signed stream URLs.
+    #[arg(long, env = "PGBUS_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// How often the dashboard and /metrics snapshot is refreshed.
+    #[arg(long, value_parser = crate::cli::duration, default_value = "2s")]
+    pub(crate) refresh: Duration,
+}
+
+#[cfg(feature = "stream")]
+type StreamInstance = pgbus_stream::Instance<PgBackend, pgbus_pg::PgStreamListener>;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct App {
+    pub(crate) backend: PgBackend,
+    pub(crate) snapshots: Snapshots,
+    // Read by the dashboard API only.
+    #[cfg_attr(not(feature = "dashboard"), allow(dead_code))]
+    pub(crate) stop: CancellationToken,
+}
+
+/// A running server: where it listens and how to wait for it.
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// The address to print for people: `http://127.0.0.1:8080/`.
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Waits until the server has stopped (after `stop` was cancelled).
+    pub(crate) async fn wait(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+}
+
+/// Starts serving on `listener` until `stop` is cancelled. With the `stream` feature it
+/// also starts a streamer instance, shut down (every client told) before the server ends.
+pub(crate) async fn start(
+    url: &str,
+    backend: PgBackend,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    refresh: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<Server> {
+    let addr = listener.local_addr()?;
+    if token.is_none() && !addr.ip().is_loopback() {
+        bail!("listening on {addr}, beyond this machine, needs --token or PGBUS_TOKEN");
+    }
+    let token = token.map(Token::new).transpose()?;
+
+    #[cfg(feature = "stream")]
+    let streams = {
+        let instance = pgbus_stream::Instance::new(
+            backend.clone(),
+            pgbus_pg::PgStreamListener::new(url)?,
+            pgbus_stream::Config::default(),
+        );
+        instance.start()?;
+        instance
+    };
+    #[cfg(not(feature = "stream"))]
+    let _ = url;
+
+    let snapshots = Snapshots::start(
+        backend.clone(),
+        refresh,
+        #[cfg(feature = "stream")]
+        streams.clone(),
+        stop.clone(),
+    );
+    let app = App {
+        backend,
+        snapshots,
+        stop: stop.clone(),
+    };
+
+    // Everything added before the token layer is behind it.
+    let mut router = Router::new().route("/metrics", get(metrics::metrics));
+    #[cfg(feature = "dashboard")]
+    {
+        router = router.merge(api::routes());
+    }
+    if let Some(token) = &token {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            token.clone(),
+            auth::require,
+        ));
+    }
+    router = router
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz));
+    #[cfg(feature = "stream")]
+    {
+        let endpoint = pgbus_stream::http::Streams::new(streams.clone(), crate::stream::signer()?);
+        router = router.merge(endpoint.router());
+    }
+    let router = router
+        .layer(axum::middleware::from_fn(no_store))
+        .with_state(app);
+
+    let task = tokio::spawn(async move {
+        let shutdown = {
+            let stop = stop.clone();
+            #[cfg(feature = "stream")]
+            let streams = streams.clone();
+            async move {
+                stop.cancelled().await;
+                // Every SSE client gets `event: shutdown` and its response ends, so the
+                // graceful shutdown below does not wait for them.
+                #[cfg(feature = "stream")]
+                streams.shutdown().await;
+            }
+        };
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")
+    });
+    Ok(Server { addr, task })
+}
+
+/// `/readyz`: the database answers and its schema is current.
+async fn readyz(State(app): State<App>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), app.backend.check_schema()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(err)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", err.report()),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the database did not answer within 2 s\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Nothing pgbus serves may be cached by a browser or proxy.
+async fn no_store(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    response
+        .headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(header::HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `pgbus serve`.
+pub(crate) async fn serve(
+    db: &crate::database::Database,
+    args: ServeArgs,
+) -> anyhow::Result<ExitCode> {
+    let backend = db.ready().await?.clone();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let stop = crate::work::stop_on_signals()?;
+    let server = start(
+        &db.url,
+        backend,
+        listener,
+        args.token,
+        args.refresh,
+        stop.clone(),
+    )
+    .await?;
+    eprintln!("pgbus: serving the dashboard at {}", server.url());
+    server.wait().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// For `demo`: binds `addr`, or any free port on loopback if it is taken.
+pub(crate) async fn bind_or_any(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(_) => tokio::net::TcpListener::bind((addr.ip(), 0))
+            .await
+            .with_context(|| format!("listening on {}", addr.ip())),
+    }
+}

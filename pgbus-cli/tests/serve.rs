@@ -1,0 +1,314 @@
+//! `pgbus serve` and `pgbus stream` end to end: the real binary, real HTTP, real
+//! Postgres.
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use reqwest::blocking::Client;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+mod common;
+use common::*;
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client")
+}
+
+fn overview(served: &Served) -> Value {
+    client()
+        .get(served.url("/api/overview"))
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.json())
+        .expect("the overview")
+}
+
+fn queue_in(overview: &Value, queue: &str) -> Option<Value> {
+    overview["queues"]
+        .as_array()?
+        .iter()
+        .find(|q| q["queue"] == queue)
+        .cloned()
+}
+
+#[test]
+fn a_non_loopback_address_needs_a_token() {
+    let db = Db::new();
+    let out = db.run(&["serve", "--listen", "0.0.0.0:0"]).fails();
+    assert!(out.stderr.contains("needs --token"), "{}", out.stderr);
+}
+
+#[test]
+fn the_token_guards_everything_but_health_and_streams() {
+    let db = Db::new();
+    let served = Served::start(&db, free_port(), &["--token", "sesame-1234"], &[]);
+    let http = client();
+    let status = |path: &str, auth: Option<&str>| {
+        let mut request = http.get(served.url(path));
+        if let Some(token) = auth {
+            request = request.bearer_auth(token);
+        }
+        request.send().expect("a response").status()
+    };
+    assert_eq!(status("/api/overview", None), StatusCode::UNAUTHORIZED);
+    assert_eq!(status("/metrics", None), StatusCode::UNAUTHORIZED);
+    assert_eq!(status("/", None), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        status("/api/overview", Some("wrong-token")),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(status("/api/overview", Some("sesame-1234")), StatusCode::OK);
+    assert_eq!(status("/metrics", Some("sesame-1234")), StatusCode::OK);
+    assert_eq!(status("/livez", None), StatusCode::OK);
+    assert_eq!(status("/readyz", None), StatusCode::OK);
+    // A stream URL is guarded by its signature instead: an unsigned one is 404, not 401.
+    assert_eq!(
+        status("/streams/orders.forged", None),
+        StatusCode::NOT_FOUND
+    );
+
+    // A browser opens /?token=... once: a cookie, and the same path without the token.
+    let response = http
+        .get(served.url("/?token=sesame-1234"))
+        .send()
+        .expect("a response");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()["location"], "/");
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap();
+    let page = http
+        .get(served.url("/"))
+        .header("cookie", pair)
+        .send()
+        .expect("a response");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().unwrap().contains("<title>pgbus</title>"));
+    assert!(served.stop().success());
+}
+
+#[test]
+fn the_api_shows_queues_and_recovers_dead_letters() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "billing", "--max-attempts", "1"]);
+    let served = Served::start(&db, free_port(), &[], &[]);
+    eventually("billing in the overview", SHORT, || {
+        queue_in(&overview(&served), "billing").is_some()
+    });
+    db.send("billing", &json!({"n": 1}));
+    db.send("billing", &json!({"n": 2}));
+    eventually("a depth of 2", SHORT, || {
+        queue_in(&overview(&served), "billing").is_some_and(|q| q["depth"] == 2)
+    });
+    db.work(&["billing", "--exec", "exit 65", "--until-empty"]);
+
+    let http = client();
+    let dead: Value = http
+        .get(served.url("/api/queues/billing/dead"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let dead = dead["dead"].as_array().expect("a dead list").clone();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let ns: Vec<&Value> = dead.iter().map(|d| &d["payload"]["n"]).collect();
+    assert!(
+        ns.contains(&&json!(1)) && ns.contains(&&json!(2)),
+        "{dead:?}"
+    );
+    let first = dead[0]["id"].as_i64().unwrap();
+
+    // A POST that is not JSON is refused: a cross-site form cannot retry for the user.
+    let refused = http
+        .post(served.url("/api/queues/billing/dead/retry"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("all=true")
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let bad = http
+        .post(served.url("/api/queues/billing/dead/retry"))
+        .json(&json!({"ids": [first], "all": true}))
+        .send()
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let bad_name = http
+        .post(served.url("/api/queues/Bad%20Name/pause"))
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(bad_name.status(), StatusCode::BAD_REQUEST);
+    let missing = http
+        .post(served.url("/api/queues/nosuchqueue/pause"))
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    let retried: Value = http
+        .post(served.url("/api/queues/billing/dead/retry"))
+        .json(&json!({"ids": [first]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(retried["retry"], 1);
+    let discarded: Value = http
+        .post(served.url("/api/queues/billing/dead/discard"))
+        .json(&json!({"all": true}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(discarded["discard"], 1);
+    let stats = db.queue_stats("billing");
+    assert_eq!(
+        (stats["depth"].as_u64(), stats["dead_lettered"].as_u64()),
+        (Some(1), Some(0))
+    );
+
+    let paused = http
+        .post(served.url("/api/queues/billing/pause"))
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(paused.status(), StatusCode::OK);
+    assert_eq!(db.queue_stats("billing")["paused"], true);
+
+    eventually("metrics for billing", SHORT, || {
+        let text = http
+            .get(served.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.contains("pgbus_queue_paused{queue=\"billing\"} 1")
+            && text.contains("pgbus_queue_ready{queue=\"billing\"} 1")
+            && text.contains("pgbus_up 1")
+    });
+    assert!(served.stop().success());
+}
+
+/// Reads SSE frames (as `field: value` lines, blank line ends a frame) until `n` frames
+/// whose `event:` is not a comment have arrived.
+fn read_frames(reader: &mut impl BufRead, n: usize) -> Vec<Vec<String>> {
+    let mut frames = Vec::new();
+    let mut frame = Vec::new();
+    while frames.len() < n {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).expect("reading the stream") > 0,
+            "the stream ended after {frames:?}"
+        );
+        let line = line.trim_end_matches('\n').to_owned();
+        if line.is_empty() {
+            if frame.iter().any(|l: &String| l.starts_with("event:")) {
+                frames.push(std::mem::take(&mut frame));
+            } else {
+                frame.clear();
+            }
+        } else if !line.starts_with(':') && !line.starts_with("retry:") {
+            frame.push(line);
+        }
+    }
+    frames
+}
+
+#[test]
+fn stream_publish_reaches_a_follower_and_shutdown_tells_it() {
+    let db = Db::new();
+    let secret = [("PGBUS_STREAM_SECRET", "a-test-secret-of-enough-bytes")];
+    let mut url = db.cmd(&["stream", "url", "orders"]);
+    url.envs(secret);
+    let path = run(url, None, SHORT).ok().stdout.trim().to_owned();
+    assert!(path.starts_with("/streams/orders."), "{path}");
+
+    let first = db.ok(&["stream", "publish", "orders", "before", "--event", "order"]);
+    let first_id: i64 = first.stdout.trim().parse().expect("an event id");
+
+    let served = Served::start(&db, free_port(), &[], &secret);
+    // A tampered signature is refused.
+    let tampered = format!("{}x", path);
+    assert_eq!(
+        client().get(served.url(&tampered)).send().unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let response = client()
+        .get(served.url(&path))
+        .header("last-event-id", (first_id - 1).to_string())
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut reader = BufReader::new(response);
+    let replayed = read_frames(&mut reader, 1);
+    assert_eq!(
+        replayed[0],
+        vec![
+            format!("id: {first_id}"),
+            "event: order".into(),
+            "data: before".into()
+        ]
+    );
+
+    let second = db.ok(&[
+        "stream",
+        "publish",
+        "orders",
+        "line one\nid: 1",
+        "--event",
+        "order",
+    ]);
+    let second_id: i64 = second.stdout.trim().parse().unwrap();
+    let ephemeral = db.ok(&[
+        "stream",
+        "publish",
+        "orders",
+        "typing",
+        "--event",
+        "presence",
+        "--ephemeral",
+    ]);
+    assert_eq!(ephemeral.stdout.trim(), "broadcast");
+    let live = read_frames(&mut reader, 2);
+    assert_eq!(
+        live[0],
+        vec![
+            format!("id: {second_id}"),
+            "event: order".into(),
+            "data: line one".into(),
+            "data: id: 1".into()
+        ],
+        "a payload line cannot forge an id"
+    );
+    assert_eq!(
+        live[1],
+        vec!["event: presence".to_owned(), "data: typing".into()]
+    );
+
+    let process = &served.process.0;
+    terminate(process);
+    let sentinel = read_frames(&mut reader, 1);
+    assert_eq!(
+        sentinel[0],
+        vec!["event: shutdown".to_owned(), "data: ".into()]
+    );
+    let mut rest = String::new();
+    assert_eq!(
+        std::io::Read::read_to_string(&mut reader, &mut rest).unwrap_or(0),
+        0,
+        "the response ends after the sentinel: {rest:?}"
+    );
+    assert!(served.stop().success());
+}
