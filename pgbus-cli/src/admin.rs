@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use pgbus_core::{
-    CircuitBreaker, DeadLetters, Error, MessageId, ProcessRecord, ProcessRegistry, QueueAdmin,
-    QueueName, QueueOptions, QueueStats, RetryPolicy, Selection, Stats, Topics,
+    CircuitBreaker, DeadLetters, DeadMessage, Error, MessageId, ProcessRecord, ProcessRegistry,
+    QueueAdmin, QueueName, QueueOptions, QueueStats, RetryPolicy, Selection, Stats, Topics,
 };
 use serde_json::{json, Value};
 
@@ -145,6 +145,28 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// Dead-lettered messages as `dlq list --json` and the dashboard API show them. A payload
+/// that does not decode in its codec is shown as text, never dropped.
+pub(crate) fn dead_json(dead: &[DeadMessage]) -> Value {
+    dead.iter()
+        .map(|d| {
+            let payload = d
+                .content_type
+                .decode::<Value>(&d.payload)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&d.payload).into_owned().into());
+            json!({
+                "id": d.id.0,
+                "attempts": d.attempts,
+                "failed_at": rfc3339(d.failed_at),
+                "enqueued_at": rfc3339(d.enqueued_at),
+                "error": d.error,
+                "group": d.group_key,
+                "payload": payload,
+            })
+        })
+        .collect()
+}
+
 pub(crate) async fn dlq(
     db: &Database,
     command: DlqCommand,
@@ -156,24 +178,7 @@ pub(crate) async fn dlq(
         DlqCommand::List { queue, json, limit } => {
             let dead = backend.list_dead(&QueueName::new(queue)?, limit).await?;
             if json {
-                let list: Vec<_> = dead
-                    .iter()
-                    .map(|d| {
-                        let payload = d
-                            .content_type
-                            .decode::<serde_json::Value>(&d.payload)
-                            .unwrap_or(serde_json::Value::Null);
-                        json!({
-                            "id": d.id.0,
-                            "attempts": d.attempts,
-                            "failed_at": rfc3339(d.failed_at),
-                            "enqueued_at": rfc3339(d.enqueued_at),
-                            "error": d.error,
-                            "group": d.group_key,
-                            "payload": payload,
-                        })
-                    })
-                    .collect();
+                let list = dead_json(&dead);
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!("{:>10} {:>8} {:<24} ERROR", "ID", "ATTEMPTS", "FAILED_AT");

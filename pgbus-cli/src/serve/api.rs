@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::App;
-use crate::admin::rfc3339;
+use crate::admin::dead_json;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -122,26 +122,7 @@ async fn dead(
             .min(DEAD_LISTED_MAX),
     };
     let dead = app.backend.list_dead(&queue, limit).await?;
-    let list: Vec<_> = dead
-        .iter()
-        .map(|d| {
-            // A payload that is not valid in its codec is shown as text, never dropped.
-            let payload = d
-                .content_type
-                .decode::<serde_json::Value>(&d.payload)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&d.payload).into_owned().into());
-            json!({
-                "id": d.id.0,
-                "attempts": d.attempts,
-                "failed_at": rfc3339(d.failed_at),
-                "enqueued_at": rfc3339(d.enqueued_at),
-                "error": d.error,
-                "group": d.group_key,
-                "payload": payload,
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "queue": queue.as_str(), "dead": list })).into_response())
+    Ok(Json(json!({ "queue": queue.as_str(), "dead": dead_json(&dead) })).into_response())
 }
 
 /// The body of a retry or discard.

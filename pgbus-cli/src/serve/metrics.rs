@@ -32,6 +32,11 @@ impl<'a> Family<'a> {
     }
 }
 
+/// A family of one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    Family::new(out, name, kind, help).sample(name, &[], value);
+}
+
 /// Label values escape backslash, quote and newline.
 fn escape(value: &str) -> String {
     value
@@ -43,13 +48,13 @@ fn escape(value: &str) -> String {
 pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let snapshot = app.snapshots.latest();
     let mut out = String::new();
-    Family::new(
+    single(
         &mut out,
         "pgbus_up",
         "gauge",
         "Whether the last snapshot could read the database.",
-    )
-    .sample("pgbus_up", &[], f64::from(u8::from(snapshot.data.is_ok())));
+        f64::from(u8::from(snapshot.data.is_ok())),
+    );
     if let Ok(data) = &snapshot.data {
         type Field = fn(&pgbus_core::QueueStats) -> f64;
         let per_queue: [(&str, &str, Field); 8] = [
@@ -114,13 +119,13 @@ pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
             ];
             family.sample("pgbus_process_busy", &labels, f64::from(p.busy));
         }
-        Family::new(
+        single(
             &mut out,
             "pgbus_groups_in_flight",
             "gauge",
             "Groups with a message running now.",
-        )
-        .sample("pgbus_groups_in_flight", &[], data.groups.len() as f64);
+            data.groups.len() as f64,
+        );
         let mut family = Family::new(
             &mut out,
             "pgbus_topic_unrouted",
@@ -134,44 +139,38 @@ pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
                 t.unrouted as f64,
             );
         }
-        Family::new(
+        single(
             &mut out,
             "pgbus_batches_open",
             "gauge",
             "Batches with jobs still pending.",
-        )
-        .sample("pgbus_batches_open", &[], data.batches.len() as f64);
+            data.batches.len() as f64,
+        );
     }
     let streams = &snapshot.streams;
-    Family::new(
-        &mut out,
-        "pgbus_stream_connections",
-        "gauge",
-        "SSE connections of this process.",
-    )
-    .sample("pgbus_stream_connections", &[], streams.connections as f64);
-    Family::new(
-        &mut out,
-        "pgbus_stream_frames_delivered_total",
-        "counter",
-        "Frames queued to SSE clients by this process.",
-    )
-    .sample(
-        "pgbus_stream_frames_delivered_total",
-        &[],
-        streams.delivered as f64,
-    );
-    Family::new(
-        &mut out,
-        "pgbus_stream_dropped_slow_total",
-        "counter",
-        "SSE clients dropped for not reading within the write deadline.",
-    )
-    .sample(
-        "pgbus_stream_dropped_slow_total",
-        &[],
-        streams.dropped_slow as f64,
-    );
+    let per_process: [(&str, &str, &str, u64); 3] = [
+        (
+            "pgbus_stream_connections",
+            "gauge",
+            "SSE connections of this process.",
+            streams.connections,
+        ),
+        (
+            "pgbus_stream_frames_delivered_total",
+            "counter",
+            "Frames queued to SSE clients by this process.",
+            streams.delivered,
+        ),
+        (
+            "pgbus_stream_dropped_slow_total",
+            "counter",
+            "SSE clients dropped for not reading within the write deadline.",
+            streams.dropped_slow,
+        ),
+    ];
+    for (name, kind, help, value) in per_process {
+        single(&mut out, name, kind, help, value as f64);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
