@@ -4,14 +4,16 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use pgbus_core::{MessageId, NewMessage, Producer, QueueName};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use pgbus_core::{MessageId, NewMessage, Producer, QueueName, DEFAULT_MAX_PAYLOAD_BYTES};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use crate::cli::SendArgs;
 use crate::database::Database;
 
+/// One message from its JSON text, checked against the limits the backend enforces (the
+/// default payload limit, group key, delay) so that a refusal can name its line.
 fn message(args: &SendArgs, json: &str) -> anyhow::Result<NewMessage> {
-    let value: serde_json::Value = serde_json::from_str(json)?;
+    let value: serde_json::Value = serde_json::from_str(json).context("not valid JSON")?;
     let mut message = NewMessage::json(&value)?.priority(args.priority);
     if let Some(delay) = args.delay {
         message = message.delay(delay);
@@ -19,6 +21,7 @@ fn message(args: &SendArgs, json: &str) -> anyhow::Result<NewMessage> {
     if let Some(group) = &args.group {
         message = message.group(group.clone());
     }
+    message.check(DEFAULT_MAX_PAYLOAD_BYTES)?;
     Ok(message)
 }
 
@@ -34,7 +37,7 @@ pub(crate) async fn send(db: &Database, args: SendArgs, quiet: bool) -> anyhow::
     let queue = QueueName::new(args.queue.clone())?;
     let backend = db.ready().await?;
     if let Some(json) = &args.json {
-        let message = message(&args, json).context("the message is not valid JSON")?;
+        let message = message(&args, json).context("the message is refused")?;
         let id = backend.send(&queue, message).await?;
         print_ids(&[id], quiet);
         if quiet {
@@ -67,6 +70,20 @@ pub(crate) async fn stdin_batches<T>(
     batch_size: usize,
     noun: &str,
     parse: impl Fn(&str) -> anyhow::Result<T>,
+    flush: impl AsyncFnMut(Vec<T>, &ProgressBar) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let input = BufReader::new(tokio::io::stdin());
+    read_batches(input, batch_size, noun, parse, flush).await
+}
+
+/// [`stdin_batches`] on any input. Blank lines are skipped; a line that is not UTF-8 or
+/// that `parse` refuses ends the run with an error naming the line, before anything of
+/// its batch is flushed.
+pub(crate) async fn read_batches<T>(
+    mut input: impl AsyncBufRead + Unpin,
+    batch_size: usize,
+    noun: &str,
+    parse: impl Fn(&str) -> anyhow::Result<T>,
     mut flush: impl AsyncFnMut(Vec<T>, &ProgressBar) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
     if batch_size == 0 {
@@ -76,22 +93,30 @@ pub(crate) async fn stdin_batches<T>(
     progress.set_style(ProgressStyle::with_template(&format!(
         "{{spinner}} sent {{pos}} {noun} ({{per_sec}})"
     ))?);
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut batch = Vec::with_capacity(batch_size);
+    let mut raw = Vec::new();
     let mut line_no = 0u64;
     let mut sent = 0u64;
     loop {
-        let line = lines.next_line().await.context("reading standard input")?;
-        let done = line.is_none();
-        if let Some(line) = line {
+        raw.clear();
+        let read = input
+            .read_until(b'\n', &mut raw)
+            .await
+            .context("reading standard input")?;
+        let done = read == 0;
+        if !done {
             line_no += 1;
-            if line.trim().is_empty() {
-                continue;
+            let refused = || {
+                format!("line {line_no} refused ({sent} {noun} sent before it, none of its batch)")
+            };
+            let line = std::str::from_utf8(&raw)
+                .context("not valid UTF-8")
+                .with_context(refused)?;
+            if !line.trim().is_empty() {
+                let line = line.strip_suffix('\n').unwrap_or(line);
+                let line = line.strip_suffix('\r').unwrap_or(line);
+                batch.push(parse(line).with_context(refused)?);
             }
-            let item = parse(&line).with_context(|| {
-                format!("line {line_no} is not valid JSON; {sent} {noun} sent before it, none of its batch")
-            })?;
-            batch.push(item);
         }
         if batch.len() >= batch_size || (done && !batch.is_empty()) {
             let n = batch.len() as u64;
@@ -105,4 +130,131 @@ pub(crate) async fn stdin_batches<T>(
     }
     progress.finish_and_clear();
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn args() -> SendArgs {
+        SendArgs {
+            queue: "q".into(),
+            json: None,
+            delay: None,
+            priority: 0,
+            group: None,
+            batch: 1000,
+        }
+    }
+
+    /// Reads `input` as `pgbus send` reads standard input; returns the outcome (errors
+    /// as their one-line text) and the batches flushed.
+    fn read(input: &[u8], batch: usize) -> (Result<u64, String>, Vec<Vec<Value>>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let args = args();
+        let mut flushed = Vec::new();
+        let result = runtime.block_on(read_batches(
+            input,
+            batch,
+            "messages",
+            |line| message(&args, line),
+            async |messages: Vec<NewMessage>, _: &ProgressBar| {
+                let values = messages.iter().map(|m| m.content_type.decode(&m.payload));
+                flushed.push(values.collect::<Result<_, _>>()?);
+                Ok(())
+            },
+        ));
+        (result.map_err(|e| format!("{e:#}")), flushed)
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".*".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(".*", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    #[test]
+    fn invalid_utf8_names_its_line_and_sends_nothing_of_its_batch() {
+        let input = b"{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n\"caf\xe9\"\n{\"n\":5}\n";
+        let (result, flushed) = read(input, 2);
+        let err = result.unwrap_err();
+        assert!(err.contains("line 4 refused"), "{err}");
+        assert!(err.contains("not valid UTF-8"), "{err}");
+        assert!(err.contains("2 messages sent before it"), "{err}");
+        assert_eq!(flushed, vec![vec![json!({"n": 1}), json!({"n": 2})]]);
+    }
+
+    #[test]
+    fn an_oversized_line_names_its_line() {
+        let big = format!("\"{}\"\n", "x".repeat(DEFAULT_MAX_PAYLOAD_BYTES));
+        let input = format!("1\n{big}");
+        let (result, flushed) = read(input.as_bytes(), 10);
+        let err = result.unwrap_err();
+        assert!(err.contains("line 2 refused"), "{err}");
+        assert!(err.contains("exceeds the limit of 1048576 bytes"), "{err}");
+        assert!(flushed.is_empty());
+    }
+
+    proptest! {
+        /// Valid documents, with blank lines and CRLF endings mixed in, arrive in order,
+        /// in batches of at most the batch size.
+        #[test]
+        fn documents_arrive_in_order_in_bounded_batches(
+            lines in prop::collection::vec((json_value(), 0..3usize, any::<bool>()), 0..40),
+            batch in 1..8usize,
+        ) {
+            let mut input = String::new();
+            for (value, blanks, crlf) in &lines {
+                input.push_str(&"  \n".repeat(*blanks));
+                input.push_str(&value.to_string());
+                input.push_str(if *crlf { "\r\n" } else { "\n" });
+            }
+            let (result, flushed) = read(input.as_bytes(), batch);
+            prop_assert_eq!(result, Ok(lines.len() as u64));
+            prop_assert!(flushed.iter().all(|b| !b.is_empty() && b.len() <= batch));
+            let values: Vec<Value> = flushed.into_iter().flatten().collect();
+            let expected: Vec<Value> = lines.into_iter().map(|(v, _, _)| v).collect();
+            prop_assert_eq!(values, expected);
+        }
+
+        /// Any bytes at all: a count of what was sent, or an error naming a line; either
+        /// way every flushed batch holds only lines before the bad one, and never a panic.
+        #[test]
+        fn arbitrary_input_is_sent_or_refused_by_line(
+            input in prop::collection::vec(
+                prop_oneof![any::<u8>(), Just(b'\n'), Just(b'1'), Just(b'"')], 0..200),
+            batch in 1..5usize,
+        ) {
+            let (result, flushed) = read(&input, batch);
+            let sent: usize = flushed.iter().map(Vec::len).sum();
+            match result {
+                Ok(n) => prop_assert_eq!(n as usize, sent),
+                Err(err) => {
+                    let line: usize = err
+                        .strip_prefix("line ")
+                        .and_then(|rest| rest.split(' ').next())
+                        .and_then(|n| n.parse().ok())
+                        .ok_or_else(|| TestCaseError::fail(format!("no line named: {err}")))?;
+                    prop_assert!(line <= input.split(|b| *b == b'\n').count());
+                    prop_assert!(err.contains(&format!("{sent} messages sent before it")), "{}", err);
+                    // Only full batches went out before the refusal.
+                    prop_assert!(flushed.iter().all(|b| b.len() == batch));
+                }
+            }
+        }
+    }
 }

@@ -111,9 +111,13 @@ pub(crate) async fn topic(
     Ok(ExitCode::SUCCESS)
 }
 
+/// One event from its JSON text, checked against the limits the backend enforces (the
+/// default payload limit) so that a refusal can name its line.
 fn event(routing_key: &str, json: &str) -> anyhow::Result<NewEvent> {
-    let value: Value = serde_json::from_str(json)?;
-    Ok(NewEvent::json(routing_key, &value)?)
+    let value: Value = serde_json::from_str(json).context("not valid JSON")?;
+    let event = NewEvent::json(routing_key, &value)?;
+    event.check(pgbus_core::DEFAULT_MAX_PAYLOAD_BYTES)?;
+    Ok(event)
 }
 
 /// Prints `EVENT_ID COPIES` per event, and warns about events that matched no binding.
@@ -140,7 +144,7 @@ pub(crate) async fn publish(
     pgbus_core::RoutingKey::new(args.routing_key.clone())?;
     let backend = db.ready().await?;
     if let Some(json) = &args.json {
-        let event = event(&args.routing_key, json).context("the event is not valid JSON")?;
+        let event = event(&args.routing_key, json).context("the event is refused")?;
         let published = backend.publish(event).await?;
         report(&[published], &args.routing_key, quiet);
         return Ok(ExitCode::SUCCESS);

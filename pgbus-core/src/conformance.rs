@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Backend, ContentType, Error, Fetcher, GroupRecovery, GroupSession, Message, MessageId,
     NewMessage, ProcessInfo, ProcessRegistry, QueueName, QueueOptions, QueueThroughput,
-    RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES,
+    RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
 };
 
 /// Generates one `#[tokio::test]` per conformance case, each given a fresh backend from
@@ -47,6 +47,7 @@ macro_rules! conformance_tests {
             create_queue_is_idempotent_and_listed,
             unknown_queue_is_an_error,
             oversized_payload_and_bad_group_key_are_refused,
+            extreme_delays_are_refused_and_extreme_priorities_kept,
             stats_count_each_state,
             processes_register_heartbeat_and_go_stale,
             reported_throughput_shows_in_stats_per_minute,
@@ -657,6 +658,71 @@ pub async fn oversized_payload_and_bad_group_key_are_refused<B: Backend>(backend
         0,
         "nothing half-stored"
     );
+}
+
+/// Delays, scheduled times, leases and retry delays beyond [`MAX_DELAY`] are refused
+/// (nothing of the batch stored, the lease untouched), [`MAX_DELAY`] itself is accepted;
+/// the extreme priorities are stored and ordered like any other.
+pub async fn extreme_delays_are_refused_and_extreme_priorities_kept<B: Backend>(backend: B) {
+    let q = queue(&backend, "extremes").await;
+    let far = SystemTime::UNIX_EPOCH + Duration::from_secs(100_000_000_000_000);
+    for refused in [
+        job(1).delay(Duration::MAX),
+        job(1).delay(MAX_DELAY + Duration::from_secs(1)),
+        job(1).at(far),
+        job(1).at(SystemTime::now() + MAX_DELAY + Duration::from_secs(3600)),
+        job(1).at(SystemTime::UNIX_EPOCH - Duration::from_secs(1)),
+    ] {
+        let err = backend
+            .send_batch(&q, vec![job(0), refused.clone()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument(_)),
+            "{refused:?}: {err}"
+        );
+        assert!(!err.is_transient());
+    }
+    assert_eq!(
+        stats_of(&backend, &q).await.depth(),
+        0,
+        "nothing half-stored"
+    );
+
+    backend.send(&q, job(1).delay(MAX_DELAY)).await.unwrap();
+    let ahead = SystemTime::now() + MAX_DELAY - Duration::from_secs(3600);
+    backend.send(&q, job(2).at(ahead)).await.unwrap();
+    backend
+        .send(&q, job(3).at(SystemTime::UNIX_EPOCH).priority(i16::MIN))
+        .await
+        .unwrap();
+    backend.send(&q, job(4).priority(i16::MAX)).await.unwrap();
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!((stats.ready, stats.scheduled), (2, 2));
+
+    for lease in [Duration::MAX, MAX_DELAY + Duration::from_secs(1)] {
+        let err = backend.claim(&q, 10, lease).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    }
+    let claimed = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [4, 3], "i16::MAX first, i16::MIN last");
+    assert_eq!(
+        (claimed[0].priority, claimed[1].priority),
+        (i16::MAX, i16::MIN)
+    );
+    let lease = claimed[0].lease();
+    let err = backend.extend(&[lease], Duration::MAX).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let err = backend.nack(&lease, Duration::MAX, None).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(
+        stats_of(&backend, &q).await.in_flight,
+        2,
+        "the lease is kept"
+    );
+    assert!(backend.nack(&lease, MAX_DELAY, None).await.unwrap());
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!((stats.in_flight, stats.scheduled), (1, 3));
 }
 
 /// Stats count ready, in-flight, scheduled and dead-lettered messages separately.

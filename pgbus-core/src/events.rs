@@ -115,18 +115,29 @@ impl TopicPattern {
     }
 }
 
-/// Segment matching; `#` tries every number of segments (patterns are short).
+/// Segment matching in time proportional to pattern length times key length, whatever the
+/// pattern: `reachable[j]` says whether the pattern so far can consume exactly the first
+/// `j` key segments. (Trying every split for each `#` in turn takes exponential time on
+/// patterns such as `#.#.#.#...` against a key that does not match.)
 fn matches_from(pattern: &[&str], key: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => key.is_empty(),
-        Some((&"#", rest)) => (0..=key.len()).any(|skip| matches_from(rest, &key[skip..])),
-        Some((&segment, rest)) => match key.split_first() {
-            Some((&first, key_rest)) => {
-                (segment == "*" || segment == first) && matches_from(rest, key_rest)
+    let mut reachable = vec![false; key.len() + 1];
+    reachable[0] = true;
+    for &segment in pattern {
+        let mut next = vec![false; key.len() + 1];
+        if segment == "#" {
+            let mut any = false;
+            for (next, &here) in next.iter_mut().zip(&reachable) {
+                any |= here;
+                *next = any;
             }
-            None => false,
-        },
+        } else {
+            for (j, &first) in key.iter().enumerate() {
+                next[j + 1] = reachable[j] && (segment == "*" || segment == first);
+            }
+        }
+        reachable = next;
     }
+    reachable[key.len()]
 }
 
 macro_rules! display_and_parse {
@@ -274,10 +285,11 @@ impl NewEvent {
         self
     }
 
-    /// Checks the limits every backend enforces before storing anything: payload size and
-    /// no reserved (`pgbus-`) header names.
+    /// Checks the limits every backend enforces before storing anything: payload size, no
+    /// NUL in headers and no reserved (`pgbus-`) header names.
     pub fn check(&self, max_payload_bytes: usize) -> Result<()> {
         crate::message::check_payload_size(&self.payload, max_payload_bytes)?;
+        crate::message::check_headers(&self.headers)?;
         match self.headers.keys().find(|name| name.starts_with("pgbus-")) {
             Some(name) => Err(Error::InvalidArgument(format!(
                 "header {name:?}: names starting with \"pgbus-\" are reserved for the event envelope"
@@ -583,6 +595,10 @@ pub const ROUTING_CASES: &[(&str, &str, bool)] = &[
     ("*.*", "a", false),
     ("a-1.b_2", "a-1.b_2", true),
     ("A.b", "a.b", false),
+    ("#.#", "a.b", true),
+    ("a.#.#.b", "a.b", true),
+    ("#.*.#.*", "a", false),
+    ("#.*.#.*", "a.b", true),
 ];
 
 #[cfg(test)]
@@ -596,6 +612,24 @@ mod tests {
             let k = RoutingKey::new(key).unwrap();
             assert_eq!(p.matches(&k), expected, "{pattern} ~ {key}");
         }
+    }
+
+    #[test]
+    fn adversarial_patterns_match_in_polynomial_time() {
+        // 127 `#` then a literal that the key lacks: trying every split of the key for
+        // every `#` would not finish in the lifetime of the machine.
+        let pattern = TopicPattern::new(format!("{}x", "#.".repeat(126))).unwrap();
+        let key = RoutingKey::new(format!("{}b", "a.".repeat(127))).unwrap();
+        assert!(pattern.as_str().len() <= MAX_ROUTING_KEY_LEN);
+        let started = std::time::Instant::now();
+        assert!(!pattern.matches(&key));
+        let key = RoutingKey::new(format!("{}x", "a.".repeat(127))).unwrap();
+        assert!(pattern.matches(&key));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

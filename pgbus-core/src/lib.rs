@@ -71,8 +71,8 @@ pub use group::{GroupRecovery, GroupSession, OpenGroupSession};
 pub use limits::{check_limit_key, KeyLimit, Limits};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession, MemoryStreamListener};
 pub use message::{
-    DeadMessage, Headers, Lease, Message, MessageId, NewMessage, Visibility,
-    DEFAULT_MAX_PAYLOAD_BYTES, MAX_GROUP_KEY_LEN,
+    check_delay, check_text, DeadMessage, Headers, Lease, Message, MessageId, NewMessage,
+    Visibility, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY, MAX_GROUP_KEY_LEN,
 };
 pub use name::{QueueName, MAX_QUEUE_NAME_LEN};
 pub use process::{
@@ -86,8 +86,8 @@ pub use queue::{
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use schedule::{tasks_from_json, MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
 pub use stream::{
-    Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal, StreamStore,
-    MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
+    check_stream_texts, Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal,
+    StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
 };
 pub use unique::{OnConflict, Unique, UniqueStrategy, WHILE_RUNNING_PREFIX};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

@@ -359,6 +359,7 @@ impl State {
 
 impl Consumer for MemoryBackend {
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Message>> {
+        crate::check_delay("a lease", lease)?;
         let now = SystemTime::now();
         let mut state = self.lock();
         let q = state.queue_mut(queue)?;
@@ -396,6 +397,7 @@ impl Consumer for MemoryBackend {
     }
 
     async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
+        crate::check_delay("a lease", lease)?;
         let expires = SystemTime::now() + lease;
         let mut state = self.lock();
         let mut extended = 0;
@@ -412,6 +414,7 @@ impl Consumer for MemoryBackend {
     }
 
     async fn nack(&self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
+        crate::check_delay("a retry delay", delay)?;
         let now = SystemTime::now();
         let mut state = self.lock();
         let Some((_, q)) = state.current(lease) else {
@@ -773,6 +776,7 @@ impl crate::GroupSession for MemoryGroupSession {
         group: &str,
         lease: Duration,
     ) -> Result<Option<Message>> {
+        crate::check_delay("a lease", lease)?;
         let now = SystemTime::now();
         let mut state = self.backend.lock();
         let q = state.queue_mut(queue)?;
@@ -888,6 +892,7 @@ impl crate::OpenGroupSession for MemoryBackend {
 
 impl StreamStore for MemoryBackend {
     async fn publish(&self, stream: &StreamName, event: &str, data: &str) -> Result<i64> {
+        crate::check_stream_texts(event, data)?;
         let mut state = self.lock();
         state.next_event += 1;
         let id = state.next_event;
@@ -910,6 +915,7 @@ impl StreamStore for MemoryBackend {
     /// Delivered to this backend's stream listeners; one too large for a notification is
     /// kept durably instead, as Postgres would.
     async fn broadcast(&self, stream: &StreamName, event: &str, data: &str) -> Result<Option<i64>> {
+        crate::check_stream_texts(event, data)?;
         if event.len() + data.len() > MAX_EPHEMERAL_BYTES {
             return self.publish(stream, event, data).await.map(Some);
         }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -13,6 +13,64 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
 /// The longest group key accepted, in bytes.
 pub const MAX_GROUP_KEY_LEN: usize = 255;
+
+/// The longest delay accepted: 100 years (of 365.25 days). It bounds a message's delay
+/// and scheduled time (at most this far after now), a lease and a retry delay. A larger
+/// value (such as `Duration::MAX` meant as "never") is refused with
+/// [`Error::InvalidArgument`], never clamped and never allowed to overflow a timestamp.
+pub const MAX_DELAY: Duration = Duration::from_secs(3_155_760_000);
+
+/// Refuses a delay or lease longer than [`MAX_DELAY`]; `what` names it in the error.
+pub fn check_delay(what: &str, delay: Duration) -> Result<()> {
+    if delay > MAX_DELAY {
+        return Err(Error::InvalidArgument(format!(
+            "{what} of {} s is longer than the limit of {} s (100 years)",
+            delay.as_secs(),
+            MAX_DELAY.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses text that a backend could not store as given: PostgreSQL text (and `jsonb`)
+/// cannot hold a NUL character. Checked for keys, header names and values and stream
+/// texts before anything is sent; `what` names the text in the error.
+pub fn check_text(what: &str, text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{what} contains a NUL character, which PostgreSQL text cannot hold"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every header name and value with [`check_text`].
+pub(crate) fn check_headers(headers: &Headers) -> Result<()> {
+    for (name, value) in headers {
+        check_text("a header name", name)?;
+        check_text(&format!("header {name:?}"), value)?;
+    }
+    Ok(())
+}
+
+impl Visibility {
+    /// Checks the bounds every backend enforces: a delay of at most [`MAX_DELAY`], a
+    /// scheduled time from the Unix epoch to [`MAX_DELAY`] after now (a time in the past
+    /// makes the message visible at once).
+    pub fn check(self) -> Result<()> {
+        match self {
+            Visibility::Now => Ok(()),
+            Visibility::After(delay) => check_delay("a delay", delay),
+            Visibility::At(at) if at < UNIX_EPOCH => Err(Error::InvalidArgument(
+                "a scheduled time before 1970-01-01 is refused".into(),
+            )),
+            Visibility::At(at) => match at.duration_since(SystemTime::now()) {
+                Ok(ahead) => check_delay("a scheduled time ahead", ahead),
+                Err(_) => Ok(()),
+            },
+        }
+    }
+}
 
 /// Message headers: free-form string pairs carried beside the payload.
 pub type Headers = BTreeMap<String, String>;
@@ -152,8 +210,11 @@ impl NewMessage {
     }
 
     /// Checks the message against the limits every backend enforces before storing it:
-    /// payload size, group and job key lengths.
+    /// payload size, group and job key lengths, no NUL in keys and headers (see
+    /// [`check_text`]), delay and scheduled time (see [`Visibility::check`]).
     pub fn check(&self, max_payload_bytes: usize) -> Result<()> {
+        self.visibility.check()?;
+        check_headers(&self.headers)?;
         if let Some(unique) = &self.unique {
             crate::unique::check_key(&unique.key, "a unique key")?;
         }
@@ -180,6 +241,9 @@ impl NewMessage {
             Some(key) if key.len() > MAX_GROUP_KEY_LEN => {
                 Err(Error::InvalidGroupKey("must be at most 255 bytes long"))
             }
+            Some(key) if key.contains('\0') => Err(Error::InvalidGroupKey(
+                "must not contain a NUL character (PostgreSQL text cannot hold one)",
+            )),
             _ => Ok(()),
         }
     }

@@ -48,6 +48,13 @@ impl fmt::Display for StreamName {
     }
 }
 
+/// Checks an event's type and data with [`check_text`](crate::check_text), as every
+/// store does before publishing or broadcasting.
+pub fn check_stream_texts(event: &str, data: &str) -> Result<()> {
+    crate::check_text("a stream event type", event)?;
+    crate::check_text("stream event data", data)
+}
+
 /// A stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -88,7 +88,7 @@ pub(crate) fn check_key(key: &str, what: &'static str) -> crate::Result<()> {
             crate::MAX_GROUP_KEY_LEN
         )));
     }
-    Ok(())
+    crate::check_text(what, key)
 }
 
 /// The prefix of the limit keys that carry [`UniqueStrategy::WhileRunning`] keys; such a

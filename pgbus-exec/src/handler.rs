@@ -22,7 +22,8 @@ pub enum Outcome {
     Retry {
         /// Why it failed; recorded on the message and, at the end, in the dead letter.
         error: String,
-        /// An explicit delay instead of the policy's backoff.
+        /// An explicit delay instead of the policy's backoff (at most
+        /// [`MAX_DELAY`](pgbus_core::MAX_DELAY): a longer one is shortened to it).
         after: Option<Duration>,
     },
     /// Failed for good: move it to the dead-letter queue now, with this reason.

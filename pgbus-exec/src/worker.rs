@@ -833,7 +833,9 @@ pub(crate) fn plan(
             (RetryDecision::RetryAfter(delay), explicit) => {
                 report.retried.fetch_add(1, Ordering::Relaxed);
                 report.throughput.failed(queue);
-                let delay = explicit.unwrap_or(delay);
+                // The backends refuse a longer delay; a handler cannot see that error, so
+                // its wish is shortened to the longest delay they accept.
+                let delay = explicit.unwrap_or(delay).min(pgbus_core::MAX_DELAY);
                 tracing::debug!(target: "pgbus::worker", attempt, retry_in = ?delay, error = %error, job.id = job_id, queue.name = %queue, "job failed; retrying");
                 Settle::Nack(delay, error)
             }

@@ -7,16 +7,17 @@ use std::time::{Duration, SystemTime};
 use bb8::{Pool, PooledConnection};
 use bb8_postgres::PostgresConnectionManager;
 use pgbus_core::{
-    CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers, Lease,
-    Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName, QueueOptions,
-    QueueStats, Result, RetryPolicy, Selection, Stats, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+    check_delay, CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers,
+    Lease, Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName,
+    QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats, Visibility,
+    DEFAULT_MAX_PAYLOAD_BYTES,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{GenericClient, NoTls, Row};
 
 use crate::connect::{config_for, connect};
-use crate::error::{db, pool};
+use crate::error::{db, pool, storable};
 use crate::group::GroupLocks;
 use crate::migrate::{self, SCHEMA_VERSION};
 use crate::sql;
@@ -331,6 +332,7 @@ where
     S: tokio_postgres::ToStatement + Send + Sync + ?Sized,
 {
     let limit = positive(max, "claim size")?;
+    check_delay("a lease", lease)?;
     let rows = client
         .query(statement, &[&queue.as_str(), &limit, &lease.as_secs_f64()])
         .await
@@ -589,6 +591,7 @@ impl Consumer for PgBackend {
     }
 
     async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
+        check_delay("a lease", lease)?;
         if leases.is_empty() {
             return Ok(0);
         }
@@ -601,6 +604,9 @@ impl Consumer for PgBackend {
     }
 
     async fn nack(&self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
+        check_delay("a retry delay", delay)?;
+        let error = error.map(storable);
+        let error = error.as_deref();
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
         let updated = self
             .conn()
@@ -615,11 +621,12 @@ impl Consumer for PgBackend {
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<bool> {
+        let reason = storable(reason);
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
         let moved = self
             .conn()
             .await?
-            .execute(sql::DEAD_LETTER, &[&ids[0], &attempts[0], &reason])
+            .execute(sql::DEAD_LETTER, &[&ids[0], &attempts[0], &&*reason])
             .await
             .map_err(|e| db("dead-lettering a message", e))?;
         Ok(moved == 1)

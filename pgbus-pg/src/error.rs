@@ -50,3 +50,14 @@ pub(crate) fn pool(err: bb8::RunError<tokio_postgres::Error>) -> Error {
         },
     }
 }
+
+/// An error text as it can be stored: PostgreSQL text cannot hold NUL, which a failing
+/// command's output may contain, so each becomes U+FFFD. (Refusing it instead would leave
+/// the message unsettled, to fail the same way at every delivery.)
+pub(crate) fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}").into()
+    } else {
+        text.into()
+    }
+}

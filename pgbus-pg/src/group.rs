@@ -5,13 +5,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use pgbus_core::{
-    GroupRecovery, GroupSession, Lease, Message, MessageId, OpenGroupSession, QueueName, Result,
+    check_delay, GroupRecovery, GroupSession, Lease, Message, MessageId, OpenGroupSession,
+    QueueName, Result,
 };
 use tokio_postgres::{Client, Statement};
 
 use crate::backend::{lease_arrays, message_from};
 use crate::connect::connect;
-use crate::error::db;
+use crate::error::{db, storable};
 use crate::{sql, PgBackend};
 
 /// How group locks are held.
@@ -177,6 +178,7 @@ impl GroupSession for PgGroupSession {
         group: &str,
         lease: Duration,
     ) -> Result<Option<Message>> {
+        check_delay("a lease", lease)?;
         self.renew().await?;
         let secs = lease.as_secs_f64();
         let row = match self.token() {
@@ -196,6 +198,7 @@ impl GroupSession for PgGroupSession {
     }
 
     async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<bool> {
+        check_delay("a lease", by)?;
         self.renew().await?;
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
         let secs = by.as_secs_f64();
@@ -231,6 +234,9 @@ impl GroupSession for PgGroupSession {
     }
 
     async fn nack(&mut self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
+        check_delay("a retry delay", delay)?;
+        let error = error.map(storable);
+        let error = error.as_deref();
         let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
         let secs = delay.as_secs_f64();
         let updated = match self.token() {
@@ -253,6 +259,7 @@ impl GroupSession for PgGroupSession {
     }
 
     async fn dead_letter(&mut self, lease: &Lease, reason: &str) -> Result<bool> {
+        let reason = &*storable(reason);
         let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
         let moved = match self.token() {
             None => {

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use pgbus_core::{
-    Error, Horizon, Result, StreamEvent, StreamName, StreamStore, MAX_EPHEMERAL_BYTES,
+    check_stream_texts, Error, Horizon, Result, StreamEvent, StreamName, StreamStore,
+    MAX_EPHEMERAL_BYTES,
 };
 use tokio_postgres::GenericClient;
 
@@ -21,6 +22,7 @@ impl PgBackend {
         event: &str,
         data: &str,
     ) -> Result<i64> {
+        check_stream_texts(event, data)?;
         let row = client
             .query_one(sql::PUBLISH_EVENT, &[&stream.as_str(), &event, &data])
             .await
@@ -57,6 +59,7 @@ impl StreamStore for PgBackend {
     }
 
     async fn broadcast(&self, stream: &StreamName, event: &str, data: &str) -> Result<Option<i64>> {
+        check_stream_texts(event, data)?;
         let payload = ephemeral_payload(event, data)?;
         if payload.len() > MAX_EPHEMERAL_BYTES {
             return self.publish(stream, event, data).await.map(Some);

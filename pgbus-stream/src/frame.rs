@@ -50,6 +50,8 @@ pub(crate) fn gap_detected(cursor: i64) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parse::{SseFrame, SseParser};
+    use proptest::prelude::*;
 
     fn text(b: Bytes) -> String {
         String::from_utf8(b.to_vec()).unwrap()
@@ -67,5 +69,82 @@ mod tests {
         );
         assert!(!text(shutdown()).contains("id:"));
         assert!(!text(gap_detected(3)).contains("id:"));
+    }
+
+    /// What a client reads back: line breaks (CRLF, LF, CR) become `\n` in the data; CR
+    /// and LF become spaces in the event type.
+    fn read_back(id: Option<i64>, event: &str, data: &str) -> SseFrame {
+        SseFrame {
+            id: id.map(|id| id.to_string()),
+            event: Some(event.replace(['\r', '\n'], " ")),
+            data: data.replace("\r\n", "\n").replace('\r', "\n"),
+        }
+    }
+
+    /// Text heavy in what could break framing: line breaks, field names, colons.
+    fn tricky() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just("\n".to_owned()),
+                Just("\r".to_owned()),
+                Just("\r\n".to_owned()),
+                Just("\n\n".to_owned()),
+                Just("id: 99".to_owned()),
+                Just("event: x".to_owned()),
+                Just("data:".to_owned()),
+                Just("retry: 1".to_owned()),
+                Just(":".to_owned()),
+                Just(" ".to_owned()),
+                ".{0,8}",
+            ],
+            0..12,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        /// Whatever the payload and event type, the parser gets back exactly one frame
+        /// with the rendered id (none for control frames: a payload cannot forge one),
+        /// the event type and the payload, however the bytes are chunked.
+        #[test]
+        fn rendered_frames_parse_back_and_cannot_be_forged(
+            id in prop::option::of(0i64..),
+            name in tricky(),
+            data in tricky(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut wire = text(retry(std::time::Duration::from_secs(3)));
+            wire.push_str(&text(comment()));
+            wire.push_str(&text(event(id, &name, &data)));
+            wire.push_str(&text(comment()));
+            let bytes = wire.as_bytes();
+            let at = cut.index(bytes.len() + 1);
+            let mut parser = SseParser::default();
+            let mut frames = parser.feed(&bytes[..at]);
+            frames.extend(parser.feed(&bytes[at..]));
+            prop_assert_eq!(frames.len(), 1, "{:?}", wire);
+            prop_assert_eq!(&frames[0], &read_back(id, &name, &data));
+            prop_assert_eq!(frames[0].event_id(), id);
+        }
+
+        /// A stream of frames (durable, control, comments) parses back frame by frame.
+        #[test]
+        fn frame_sequences_parse_back_in_order(
+            events in prop::collection::vec((prop::option::of(0i64..), tricky(), tricky()), 0..8),
+        ) {
+            let mut wire = Vec::new();
+            for (id, name, data) in &events {
+                wire.extend_from_slice(&event(*id, name, data));
+                wire.extend_from_slice(&comment());
+            }
+            wire.extend_from_slice(&shutdown());
+            let frames = SseParser::default().feed(&wire);
+            let mut expected: Vec<SseFrame> = events
+                .iter()
+                .map(|(id, name, data)| read_back(*id, name, data))
+                .collect();
+            expected.push(read_back(None, "shutdown", ""));
+            prop_assert_eq!(frames, expected);
+        }
     }
 }

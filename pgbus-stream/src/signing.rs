@@ -121,5 +121,26 @@ mod tests {
         fn arbitrary_input_never_verifies_or_panics(input in ".*") {
             prop_assert!(signer().verify(&input).is_err());
         }
+
+        /// A signed name verifies to its stream; any single byte changed (to any other
+        /// byte, at any position) is refused, as is the signature of another secret.
+        #[test]
+        fn signed_names_verify_only_untampered(
+            name in "[a-z][a-z0-9_]{0,47}",
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let stream = StreamName::new(name).unwrap();
+            let signed = signer().sign(&stream);
+            prop_assert_eq!(signer().verify(&signed), Ok(stream.clone()));
+            let foreign = Signer::new("another secret of enough length").unwrap();
+            prop_assert_eq!(foreign.verify(&signed), Err(SignatureError::Mismatch));
+            let mut tampered = signed.clone().into_bytes();
+            let at = at.index(tampered.len());
+            prop_assume!(tampered[at] != byte);
+            tampered[at] = byte;
+            let tampered = String::from_utf8_lossy(&tampered);
+            prop_assert!(signer().verify(&tampered).is_err(), "{} accepted", tampered);
+        }
     }
 }
