@@ -204,6 +204,29 @@ pub struct LocalCluster {
     watchdog: Option<Child>,
 }
 
+/// How [`LocalCluster::restart`] shuts the server down before starting it again: the
+/// `-m` modes of `pg_ctl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShutdownMode {
+    /// Disconnects every client, rolls back open transactions and writes a shutdown
+    /// checkpoint (`-m fast`).
+    Fast,
+    /// Quits every server process at once with no checkpoint; the next start runs crash
+    /// recovery (`-m immediate`).
+    Immediate,
+}
+
+impl ShutdownMode {
+    /// The mode's name for `pg_ctl -m`.
+    pub fn as_pg_ctl(self) -> &'static str {
+        match self {
+            ShutdownMode::Fast => "fast",
+            ShutdownMode::Immediate => "immediate",
+        }
+    }
+}
+
 /// Builder of a [`LocalCluster`]; see [`LocalCluster::builder`].
 #[derive(Debug, Clone, Default)]
 #[must_use]
@@ -268,6 +291,46 @@ impl LocalCluster {
     /// need percent-encoding.
     pub fn url_for(&self, db: &str) -> String {
         format!("postgres://{POSTGRES}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Restarts the server in place (`pg_ctl restart -m <mode>`), waiting until it accepts
+    /// connections again on the same port. Every open connection is cut; clients must
+    /// reconnect. Meant for fault-injection tests (`cargo xtask chaos`).
+    ///
+    /// With [`ShutdownMode::Immediate`] the server processes quit without a shutdown
+    /// checkpoint, as in a crash of the server (not of the OS): the start runs crash
+    /// recovery from the write-ahead log, so committed transactions survive, and with
+    /// [`fast`](LocalClusterBuilder::fast) settings even recently committed ones may be
+    /// lost (`synchronous_commit = off`). This blocks the calling thread for the stop and
+    /// the start, typically under two seconds.
+    pub fn restart(&self, mode: ShutdownMode) -> Result<(), ClusterError> {
+        let log_offset = fs::metadata(&self.log_file).map_or(0, |m| m.len());
+        let mut command = self.runner.command(&self.pg_ctl);
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&self.log_file)
+            .args([
+                "-m",
+                mode.as_pg_ctl(),
+                "-w",
+                "-t",
+                PG_CTL_TIMEOUT_SECS,
+                "restart",
+            ]);
+        let output = self.runner.output("pg_ctl restart", &mut command)?;
+        if output.status.success() {
+            tracing::info!(target: LOG_TARGET, port = self.port, mode = mode.as_pg_ctl(), "restarted PostgreSQL cluster");
+            return Ok(());
+        }
+        Err(ClusterError::StartFailed {
+            data_dir: self.data_dir.clone(),
+            log_file: self.log_file.clone(),
+            status: output.status,
+            pg_ctl_output: output_text(&output),
+            log_tail: log_tail(&self.log_file, log_offset),
+        })
     }
 
     /// Stops the server and removes the temporary directory (unless kept); the same as
@@ -1219,6 +1282,66 @@ mod tests {
         );
         assert!(!root.exists(), "{} still exists", root.display());
         assert!(client.query_one("SELECT 1", &[]).await.is_err());
+    }
+
+    /// The postmaster's pid, line 1 of `postmaster.pid` (readable by us even when the
+    /// server runs as `postgres`: the file is mode 0600 but we are then root).
+    fn postmaster_pid(cluster: &LocalCluster) -> String {
+        fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn restart_cuts_connections_and_keeps_committed_data() {
+        let cluster = LocalCluster::builder().start().unwrap();
+        let client = connect(&cluster.url()).await;
+        client
+            .batch_execute("CREATE TABLE survivor (id int); INSERT INTO survivor VALUES (1)")
+            .await
+            .unwrap();
+        for (mode, value) in [(ShutdownMode::Fast, 2), (ShutdownMode::Immediate, 3)] {
+            let before = postmaster_pid(&cluster);
+            let log_offset = fs::metadata(cluster.log_file()).unwrap().len();
+            let client = connect(&cluster.url()).await;
+            client
+                .execute("INSERT INTO survivor VALUES ($1)", &[&value])
+                .await
+                .unwrap();
+
+            cluster.restart(mode).unwrap();
+
+            assert_ne!(
+                postmaster_pid(&cluster),
+                before,
+                "{mode:?}: same postmaster"
+            );
+            assert!(
+                client.query_one("SELECT 1", &[]).await.is_err(),
+                "{mode:?}: an old connection survived the restart"
+            );
+            let client = connect(&cluster.url()).await;
+            let ids: Vec<i32> = client
+                .query("SELECT id FROM survivor ORDER BY id", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            assert_eq!(ids, (1..=value).collect::<Vec<_>>(), "{mode:?}");
+            let log = fs::read(cluster.log_file()).unwrap();
+            let recovered =
+                String::from_utf8_lossy(&log[log_offset as usize..]).contains("automatic recovery");
+            assert_eq!(
+                recovered,
+                mode == ShutdownMode::Immediate,
+                "{mode:?}: crash recovery ran {recovered}"
+            );
+        }
+        drop(client);
     }
 
     #[tokio::test]

@@ -411,3 +411,40 @@ async fn throughput_buckets_are_recorded_listed_and_pruned() {
         "only the current buckets in the last minute"
     );
 }
+
+/// A worker acks finished jobs and extends the leases of running ones on two pooled
+/// connections at once, each with the leases in whatever order it holds them; when a job
+/// finishes between the two snapshots the batches overlap. Found by `cargo xtask chaos`:
+/// the two statements locked the shared rows in opposite orders and deadlocked (40P01),
+/// stalling both for `deadlock_timeout` and failing one. Rows are now locked in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_acks_and_lease_extensions_never_deadlock() {
+    let (backend, _) = backend().await;
+    let q = queue(&backend, "overlap", QueueOptions::default()).await;
+    let messages: Vec<NewMessage> = (0..2_000)
+        .map(|n| NewMessage::encode(&n).unwrap())
+        .collect();
+    backend.send_batch(&q, messages).await.unwrap();
+    let mut leases: Vec<_> = backend
+        .claim(&q, 2_000, LEASE)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.lease())
+        .collect();
+    assert_eq!(leases.len(), 2_000);
+    leases.sort_by_key(|l| l.id.0);
+    for round in leases.chunks(200) {
+        // Extend everything in ascending id order while acking all of it in descending
+        // order: without a common lock order the two meet in the middle.
+        let ascending = round.to_vec();
+        let descending: Vec<_> = round.iter().rev().copied().collect();
+        let (extended, acked) =
+            tokio::join!(backend.extend(&ascending, LEASE), backend.ack(&descending));
+        let extended = extended.unwrap_or_else(|e| panic!("extend: {}", e.report()));
+        let acked = acked.unwrap_or_else(|e| panic!("ack: {}", e.report()));
+        // Whichever ran first, the ack took every message of the round.
+        assert_eq!(acked, 200, "extended {extended}");
+    }
+    assert_eq!(depth(&backend, &q).await, 0);
+}

@@ -6,9 +6,13 @@
 //!   ARCHITECTURE.md).
 //! - `bench [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]`: run the benchmark harness
 //!   (`benches/`, binary `pgbus-bench`) in release mode; see `bench.rs`.
+//! - `chaos [--quick] [--seed N] [--database-url URL] [--only SCENARIO,...] [--out DIR]`: run
+//!   the release `pgbus` binary under injected faults and check its delivery promises; see
+//!   `chaos.rs`.
 //! - `help`: print usage.
 
 mod bench;
+mod chaos;
 mod deps;
 
 use std::process::ExitCode;
@@ -21,6 +25,10 @@ Commands:
   bench       Run the benchmarks and write report.md, report.json and chart.svg
               [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]
               (default: target/bench)
+  chaos       Run pgbus under faults (worker kills, database restarts, terminated
+              connections, locks) and check nothing is lost; writes report.md and
+              report.json [--quick] [--seed N] [--database-url URL]
+              [--only SCENARIO,...] [--out DIR] (default: target/chaos)
   help        Print this help
 ";
 
@@ -29,6 +37,7 @@ Commands:
 enum Cmd {
     CheckDeps,
     Bench(bench::BenchArgs),
+    Chaos(chaos::ChaosArgs),
     Help,
 }
 
@@ -41,6 +50,7 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
             Err(format!("`check-deps` takes no arguments, got `{extra}`"))
         }
         [cmd, rest @ ..] if cmd == "bench" => bench::parse(rest).map(Cmd::Bench),
+        [cmd, rest @ ..] if cmd == "chaos" => chaos::parse(rest).map(Cmd::Chaos),
         [cmd, ..] if matches!(cmd.as_str(), "help" | "--help" | "-h") => Ok(Cmd::Help),
         [cmd, ..] => Err(format!("unknown command `{cmd}`")),
         [] => Err("no command given".to_owned()),
@@ -49,6 +59,12 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The handler `pgbus work` runs for each chaos message: no parsing, no usage.
+    if let [cmd, rest @ ..] = args.as_slice() {
+        if cmd == chaos::HANDLER_SUBCOMMAND {
+            return chaos::handler_main(rest);
+        }
+    }
     let result = match parse(&args) {
         Ok(Cmd::Help) => {
             print!("{USAGE}");
@@ -56,6 +72,7 @@ fn main() -> ExitCode {
         }
         Ok(Cmd::CheckDeps) => check_deps(),
         Ok(Cmd::Bench(args)) => bench::run(&args),
+        Ok(Cmd::Chaos(args)) => chaos::run(&args),
         Err(message) => {
             eprint!("error: {message}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -106,6 +123,11 @@ mod tests {
             Ok(Cmd::Bench(_))
         ));
         assert!(parse(&args(&["bench", "--frobnicate"])).is_err());
+        assert!(matches!(
+            parse(&args(&["chaos", "--quick", "--seed", "7"])),
+            Ok(Cmd::Chaos(_))
+        ));
+        assert!(parse(&args(&["chaos", "--frobnicate"])).is_err());
         assert_eq!(
             parse(&args(&["frobnicate"])),
             Err("unknown command `frobnicate`".to_owned())

@@ -1,0 +1,392 @@
+//! The queue scenarios: worker crashes, database restarts, connection kills, groups under
+//! faults, a slow database. Each sends a workload, injects its faults at seeded points of
+//! progress, drains, and checks.
+
+use std::time::{Duration, Instant};
+
+use pgbus_pg::ShutdownMode;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use super::check::Window;
+use super::env::Env;
+use super::record::now_ns;
+use super::report::ScenarioReport;
+use super::workload::{QueueRun, Workload};
+use super::Plan;
+
+/// Kills the worker in a random slot, waits a random moment, starts it again.
+async fn kill_and_restart(run: &mut QueueRun, rng: &mut StdRng, label: &str) -> anyhow::Result<()> {
+    let slot = rng.random_range(0..run.workers.slots());
+    let pause = Duration::from_millis(rng.random_range(0..500));
+    let at = run.percent();
+    let Some(kill) = run.workers.kill(slot) else {
+        run.report
+            .notes
+            .push(format!("{label}: slot {slot} had no process to kill"));
+        return Ok(());
+    };
+    tokio::time::sleep(pause).await;
+    let pid = run.workers.restart(slot)?;
+    println!(
+        "chaos:   {label}: SIGKILL worker {} (slot {slot}) at {at} done; restarted as {pid} after {} ms",
+        kill.worker,
+        pause.as_millis()
+    );
+    run.report.faults += 1;
+    Ok(())
+}
+
+/// `count` random points of progress in `range`, in order.
+fn points(rng: &mut StdRng, count: usize, range: std::ops::Range<f64>) -> Vec<f64> {
+    let mut points: Vec<f64> = (0..count)
+        .map(|_| rng.random_range(range.clone()))
+        .collect();
+    points.sort_by(f64::total_cmp);
+    points
+}
+
+/// Scenario 1, worker crashes: SIGKILL `pgbus work` processes at random moments and restart them.
+pub(crate) async fn crashes(
+    env: &Env,
+    plan: &Plan,
+    rng: &mut StdRng,
+) -> anyhow::Result<ScenarioReport> {
+    let report = ScenarioReport::new("crashes", "Worker crashes (SIGKILL, restart)");
+    let workload = Workload {
+        layout: plan.crashes.layout,
+        processes: plan.processes,
+        concurrency: plan.concurrency,
+        sleep_ms: plan.crashes.sleep_ms,
+        drain: plan.drain,
+    };
+    let mut run = QueueRun::start(env, report, workload).await?;
+    for (i, point) in points(rng, plan.crashes.kills, 0.05..0.85)
+        .into_iter()
+        .enumerate()
+    {
+        run.wait_progress(point).await?;
+        kill_and_restart(&mut run, rng, &format!("kill {}", i + 1)).await?;
+    }
+    let kills = run.report.faults;
+    let (mut report, analysis) = run.finish().await?;
+    // A kill loses the acks of the jobs its worker was running (at most the concurrency)
+    // and of jobs that had finished while the previous ack statement was in flight.
+    let worst = analysis.kill_duplicates.iter().copied().max().unwrap_or(0);
+    let per_kill = 2 * plan.concurrency as u64;
+    report.check(
+        "duplicates bounded by the work in flight at each kill",
+        worst <= per_kill,
+        format!(
+            "per kill {:?}, at most {per_kill} (2 x concurrency {}); total {} vs kills x concurrency = {}",
+            analysis.kill_duplicates,
+            plan.concurrency,
+            analysis.duplicates,
+            kills * plan.concurrency as u64
+        ),
+    );
+    report.fault_summary = format!("{kills} SIGKILL");
+    Ok(report)
+}
+
+/// Scenario 2, database restarts: `pg_ctl restart -m fast`, later `-m immediate`, during a run.
+pub(crate) async fn restarts(
+    env: &Env,
+    plan: &Plan,
+    rng: &mut StdRng,
+) -> anyhow::Result<ScenarioReport> {
+    let report = ScenarioReport::new(
+        "restarts",
+        "Database restarts (pg_ctl restart -m fast / immediate)",
+    );
+    if !env.owns_server() {
+        return Ok(ScenarioReport::skipped(
+            report.name,
+            report.title,
+            "needs the harness's own cluster (run without --database-url)".into(),
+        ));
+    }
+    let workload = Workload {
+        layout: plan.restarts.layout,
+        processes: plan.processes,
+        concurrency: plan.concurrency,
+        sleep_ms: plan.restarts.sleep_ms,
+        drain: plan.drain,
+    };
+    let modes = &plan.restart_modes;
+    let mut run = QueueRun::start(env, report, workload).await?;
+    for (i, mode) in modes.iter().enumerate() {
+        let point = (i as f64 + 1.0) / (modes.len() as f64 + 1.0) + rng.random_range(-0.05..0.05);
+        run.wait_progress(point).await?;
+        let at = run.percent();
+        let from = now_ns();
+        env.restart(*mode)?;
+        let to = now_ns();
+        run.windows.push(Window { from, to });
+        run.report.faults += 1;
+        let label = format!("restart -m {} #{}", mode.as_pg_ctl(), i + 1);
+        println!(
+            "chaos:   {label} at {at} done: server back after {} ms",
+            (to - from) / 1_000_000
+        );
+        // Time from the start of the restart to the first job a worker takes afterwards.
+        if let Some(took) = run.wait_resumed_after(to, Duration::from_secs(60)).await? {
+            println!(
+                "chaos:     processing resumed {} ms after the server was back",
+                took.as_millis()
+            );
+            run.report.recovered(
+                format!("{label} (server down {} ms)", (to - from) / 1_000_000),
+                Duration::from_nanos(to - from) + took,
+            );
+        } else {
+            run.report.check(
+                format!("processing resumes after {label}"),
+                false,
+                "no job started within 60 s of the server being back",
+            );
+        }
+    }
+    let (mut report, _) = run.finish().await?;
+    let fast = modes.iter().filter(|m| **m == ShutdownMode::Fast).count();
+    report.fault_summary = format!("{fast} fast + {} immediate restarts", modes.len() - fast);
+    Ok(report)
+}
+
+/// The connection roles a worker process has, in the order they are stormed.
+const ROLES: [&str; 5] = ["fetch", "listen", "pool", "group", "recovery"];
+/// Roles whose connections a worker holds all the time (they must come back).
+const STANDING: [&str; 3] = ["fetch", "listen", "recovery"];
+
+/// Scenario 3, connection kills: `pg_terminate_backend` storms on each `pgbus:*` role in turn.
+pub(crate) async fn terminations(
+    env: &Env,
+    plan: &Plan,
+    rng: &mut StdRng,
+) -> anyhow::Result<ScenarioReport> {
+    let report = ScenarioReport::new(
+        "terminations",
+        "Connection kills (pg_terminate_backend per pgbus:* role)",
+    );
+    let workload = Workload {
+        layout: plan.terminations.layout,
+        processes: plan.processes,
+        concurrency: plan.concurrency,
+        sleep_ms: plan.terminations.sleep_ms,
+        drain: plan.drain,
+    };
+    let mut run = QueueRun::start(env, report, workload).await?;
+    let mut per_role = Vec::new();
+    for (i, role) in ROLES.iter().enumerate() {
+        run.wait_progress((i as f64 + 1.0) / (ROLES.len() as f64 + 2.0))
+            .await?;
+        let at = run.percent();
+        let before = run.db.side.role_pids(role).await?.len();
+        let from = now_ns();
+        let mut terminated = 0;
+        for round in 0..plan.termination_rounds {
+            // Group connections come and go with the groups in flight: wait for some.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut pids = run.db.side.role_pids(role).await?;
+            while pids.is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                pids = run.db.side.role_pids(role).await?;
+            }
+            terminated += run.db.side.terminate(&pids).await?;
+            if round + 1 < plan.termination_rounds {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
+            }
+        }
+        let to = now_ns();
+        run.windows.push(Window { from, to });
+        run.report.faults += terminated;
+        println!(
+            "chaos:   pgbus:{role} at {at} done: {terminated} backends terminated in {} rounds ({before} before)",
+            plan.termination_rounds
+        );
+        run.report.check(
+            format!("pgbus:{role} connections found to terminate"),
+            terminated > 0,
+            format!("{terminated} terminated"),
+        );
+        per_role.push(format!("{terminated} {role}"));
+        run.expect_resumed(&format!("pgbus:{role} storm"), to)
+            .await?;
+        if STANDING.contains(role) {
+            // The connection is reopened, not only the work resumed.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut now = run.db.side.role_pids(role).await?.len();
+            while now < before && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                now = run.db.side.role_pids(role).await?.len();
+            }
+            let took = Duration::from_nanos(now_ns() - to);
+            run.report.check(
+                format!("pgbus:{role} connections reopened"),
+                now >= before,
+                format!("{now} of {before} back after {} ms", took.as_millis()),
+            );
+            if now >= before {
+                println!(
+                    "chaos:     {now} pgbus:{role} connections back {} ms later",
+                    took.as_millis()
+                );
+                run.report
+                    .recovered(format!("pgbus:{role} storm: connections reopened"), took);
+            }
+        }
+    }
+    let (mut report, _) = run.finish().await?;
+    report.fault_summary = format!("backends: {}", per_role.join(", "));
+    Ok(report)
+}
+
+/// Scenario 4, groups under faults: worker kills and terminated `pgbus:group` connections while
+/// ordered groups run; checks order and one-at-a-time.
+pub(crate) async fn groups(
+    env: &Env,
+    plan: &Plan,
+    rng: &mut StdRng,
+) -> anyhow::Result<ScenarioReport> {
+    let report = ScenarioReport::new(
+        "groups",
+        "Ordered groups under kills and terminated group connections",
+    );
+    let workload = Workload {
+        layout: plan.groups.layout,
+        processes: plan.processes,
+        concurrency: plan.concurrency,
+        sleep_ms: plan.groups.sleep_ms,
+        drain: plan.drain,
+    };
+    let mut faults: Vec<bool> = std::iter::repeat_n(true, plan.groups.kills)
+        .chain(std::iter::repeat_n(false, plan.group_terminations))
+        .collect();
+    faults.shuffle(rng);
+    let mut run = QueueRun::start(env, report, workload).await?;
+    let mut terminated_total = 0;
+    let at = points(rng, faults.len(), 0.05..0.85);
+    for (i, (kill, point)) in faults.into_iter().zip(at).enumerate() {
+        run.wait_progress(point).await?;
+        if kill {
+            kill_and_restart(&mut run, rng, &format!("fault {}", i + 1)).await?;
+        } else {
+            let at = run.percent();
+            let from = now_ns();
+            let pids = run.db.side.role_pids("group").await?;
+            let terminated = run.db.side.terminate(&pids).await?;
+            let to = now_ns();
+            run.windows.push(Window { from, to });
+            run.report.faults += terminated;
+            terminated_total += terminated;
+            println!(
+                "chaos:   fault {}: terminated {terminated} pgbus:group connections at {at} done",
+                i + 1
+            );
+            run.expect_resumed(&format!("fault {}: pgbus:group terminations", i + 1), to)
+                .await?;
+        }
+    }
+    let kills = run.workers.kills().len();
+    let (mut report, _) = run.finish().await?;
+    report.notes.push(
+        "A killed worker's groups come back when their leases run out, then wait their \
+         turn: candidates are taken oldest head first, and a group interrupted part-way has \
+         a newer head than groups not started yet, so the SIGKILL recovery times here \
+         include that queueing."
+            .to_owned(),
+    );
+    report.fault_summary = format!("{kills} SIGKILL + {terminated_total} pgbus:group terminated");
+    Ok(report)
+}
+
+/// Scenario 6, a slow database: `LOCK TABLE pgbus.messages IN ACCESS EXCLUSIVE MODE` held for a few
+/// seconds from a side connection. Workers must wait without crashing or piling up
+/// connections.
+pub(crate) async fn slow(
+    env: &Env,
+    plan: &Plan,
+    rng: &mut StdRng,
+) -> anyhow::Result<ScenarioReport> {
+    let report = ScenarioReport::new(
+        "slow",
+        "Slow database (ACCESS EXCLUSIVE lock on pgbus.messages)",
+    );
+    let workload = Workload {
+        layout: plan.slow.layout,
+        processes: plan.processes,
+        concurrency: plan.concurrency,
+        sleep_ms: plan.slow.sleep_ms,
+        drain: plan.drain,
+    };
+    // Per `pgbus work` process: its pool (8), the plain worker's fetch connection, the
+    // listener, the group worker's fetch and recovery connections, one session per
+    // in-flight group (up to the concurrency).
+    let per_process = 8 + 4 + plan.concurrency as u64;
+    let bound = plan.processes as u64 * per_process;
+    let mut run = QueueRun::start(env, report, workload).await?;
+    let mut peak = 0;
+    let mut baseline = None;
+    for i in 0..plan.slow_locks {
+        let point =
+            (i as f64 + 1.0) / (plan.slow_locks as f64 + 1.0) + rng.random_range(-0.05..0.05);
+        run.wait_progress(point).await?;
+        baseline.get_or_insert(run.db.side.pgbus_connections().await?);
+        let pids_before = run.workers.pids();
+        let at = run.percent();
+        let locker = run.db.side.dedicated().await?;
+        locker
+            .batch_execute("BEGIN; LOCK TABLE pgbus.messages IN ACCESS EXCLUSIVE MODE")
+            .await?;
+        let from = now_ns();
+        let mut lock_peak = 0;
+        let held = Instant::now();
+        while held.elapsed() < plan.slow_hold {
+            lock_peak = lock_peak.max(run.db.side.pgbus_connections().await?);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        locker.batch_execute("COMMIT").await?;
+        let to = now_ns();
+        drop(locker);
+        run.windows.push(Window { from, to });
+        run.report.faults += 1;
+        println!(
+            "chaos:   lock {} at {at} done: held {} ms, up to {lock_peak} pgbus connections meanwhile",
+            i + 1,
+            (to - from) / 1_000_000
+        );
+        run.expect_resumed(&format!("lock {} released", i + 1), to)
+            .await?;
+        // The backlog of waiting statements runs now: keep counting for a while.
+        let after = Instant::now();
+        while after.elapsed() < Duration::from_secs(2) {
+            lock_peak = lock_peak.max(run.db.side.pgbus_connections().await?);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        peak = peak.max(lock_peak);
+        let pids_after = run.workers.pids();
+        run.report.check(
+            format!("lock {}: worker processes stable", i + 1),
+            pids_before == pids_after,
+            format!("pids {pids_before:?} before, {pids_after:?} after"),
+        );
+    }
+    let (mut report, _) = run.finish().await?;
+    report.check(
+        "pgbus connections stay within the bound",
+        peak <= bound,
+        format!(
+            "peak {peak} during and after the locks (before: {}), bound {bound} = {} processes x (pool 8 + fetch, listen, group fetch, recovery + {} group sessions)",
+            baseline.unwrap_or(0),
+            plan.processes,
+            plan.concurrency
+        ),
+    );
+    report.fault_summary = format!(
+        "{} locks of {} s",
+        plan.slow_locks,
+        plan.slow_hold.as_secs()
+    );
+    Ok(report)
+}
