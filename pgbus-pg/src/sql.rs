@@ -138,41 +138,18 @@ macro_rules! fence {
     };
 }
 
-/// Locks the current deliveries `($1 ids, $2 attempts)` of `pgbus.messages m` in id order,
-/// `$fence` added to their condition (see [`fence!`]). Every statement that writes many
-/// leased rows (ack, lease extension) locks them through this, so two of them sharing rows
-/// (a worker's acks and its lease heartbeat, on two pooled connections) wait for each other
-/// instead of deadlocking, whatever order their callers listed the leases in.
-macro_rules! lock_deliveries {
-    ($extra:expr, $fence:expr) => {
-        concat!(
-            "
-    SELECT m.id
-    FROM pgbus.messages m
-    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-    WHERE m.attempts = l.attempt",
-            $extra,
-            $fence,
-            "
-    ORDER BY m.id
-    FOR UPDATE OF m"
-        )
-    };
-}
-
 /// Ack: delete current deliveries; archive those of history-keeping queues. `$fence` adds
-/// a condition to the deliveries (see [`fence!`]).
+/// a condition to the delete (see [`fence!`]).
 macro_rules! ack {
     ($fence:expr) => {
         concat!(
             "
-WITH locked AS (",
-            lock_deliveries!("", $fence),
-            "
-), done AS (
+WITH done AS (
     DELETE FROM pgbus.messages m
-    USING locked
-    WHERE m.id = locked.id
+    USING unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+    WHERE m.id = l.id AND m.attempts = l.attempt",
+            $fence,
+            "
     RETURNING m.*
 ), archived AS (
     INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts, content_type,
@@ -189,19 +166,27 @@ SELECT count(*) FROM done"
 pub(crate) const ACK: &str = ack!("");
 pub(crate) const ACK_FENCED: &str = ack!(fence!("3"));
 
-/// Extends the leases of current deliveries (`$3` seconds from now), locking them in id
-/// order like the ack.
+/// Extends the leases of current deliveries to `$3` seconds from now, skipping rows another
+/// statement holds: those are being settled (acked, retried, dead-lettered), so their
+/// leases no longer matter, and a heartbeat that never waits cannot deadlock with a
+/// worker's batch ack of overlapping leases on another pooled connection (it did, found by
+/// `cargo xtask chaos`: the two locked the shared rows in opposite orders).
 macro_rules! extend {
     ($fence:expr) => {
         concat!(
             "
 UPDATE pgbus.messages m
 SET lease_until = now() + make_interval(secs => $3)
-FROM (",
-            lock_deliveries!(" AND m.lease_until IS NOT NULL", $fence),
+FROM (
+    SELECT m.id
+    FROM pgbus.messages m
+    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
+    WHERE m.attempts = l.attempt AND m.lease_until IS NOT NULL",
+            $fence,
             "
-) locked
-WHERE m.id = locked.id"
+    FOR UPDATE OF m SKIP LOCKED
+) leased
+WHERE m.id = leased.id"
         )
     };
 }

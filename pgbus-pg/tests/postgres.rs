@@ -416,7 +416,7 @@ async fn throughput_buckets_are_recorded_listed_and_pruned() {
 /// connections at once, each with the leases in whatever order it holds them; when a job
 /// finishes between the two snapshots the batches overlap. Found by `cargo xtask chaos`:
 /// the two statements locked the shared rows in opposite orders and deadlocked (40P01),
-/// stalling both for `deadlock_timeout` and failing one. Rows are now locked in id order.
+/// stalling both for `deadlock_timeout` and failing one. Extensions now skip locked rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_acks_and_lease_extensions_never_deadlock() {
     let (backend, _) = backend().await;
@@ -447,4 +447,40 @@ async fn overlapping_acks_and_lease_extensions_never_deadlock() {
         assert_eq!(acked, 200, "extended {extended}");
     }
     assert_eq!(depth(&backend, &q).await, 0);
+}
+
+/// The lease heartbeat never waits for a row another statement holds (one being settled):
+/// it extends the others and returns.
+#[tokio::test]
+async fn lease_extension_skips_rows_being_settled() {
+    let (backend, url) = backend().await;
+    let q = queue(&backend, "skip", QueueOptions::default()).await;
+    let messages = vec![
+        NewMessage::encode(&1).unwrap(),
+        NewMessage::encode(&2).unwrap(),
+    ];
+    backend.send_batch(&q, messages).await.unwrap();
+    let leases: Vec<_> = backend
+        .claim(&q, 2, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.lease())
+        .collect();
+    assert_eq!(leases.len(), 2);
+    let mut settling = connect(&url, "test").await.unwrap();
+    let tx = settling.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM pgbus.messages WHERE id = $1 FOR UPDATE",
+        &[&leases[0].id.0],
+    )
+    .await
+    .unwrap();
+    let extended = tokio::time::timeout(Duration::from_secs(5), backend.extend(&leases, LEASE))
+        .await
+        .expect("the extension waited for the locked row")
+        .unwrap();
+    assert_eq!(extended, 1);
+    tx.rollback().await.unwrap();
+    assert_eq!(backend.extend(&leases, LEASE).await.unwrap(), 2);
 }
