@@ -154,8 +154,9 @@ pub(crate) async fn restarts(
     Ok(report)
 }
 
-/// The connection roles a worker process has, in the order they are stormed.
-const ROLES: [&str; 5] = ["fetch", "listen", "pool", "group", "recovery"];
+/// The connection roles a worker process has, in the order they are stormed (group
+/// sessions first: they exist only while groups are in flight).
+const ROLES: [&str; 5] = ["group", "fetch", "listen", "pool", "recovery"];
 /// Roles whose connections a worker holds all the time (they must come back).
 const STANDING: [&str; 3] = ["fetch", "listen", "recovery"];
 
