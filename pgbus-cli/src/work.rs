@@ -277,8 +277,28 @@ fn retry(error: String, after: Option<Duration>) -> Outcome {
     }
 }
 
+/// A worker that ran this long before it died was healthy: its restart starts the backoff
+/// over, so a crash now and then is restarted after a second, not after the delay that
+/// all of its slot's earlier crashes added up to.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+
+/// Deaths in a row of a slot after one whose worker ran for `ran_for`.
+fn failures_after(failures: u32, ran_for: Duration) -> u32 {
+    if ran_for >= STABLE_RUN {
+        1
+    } else {
+        failures.saturating_add(1)
+    }
+}
+
+/// The wait before restarting after `failures` deaths in a row: 1 s, doubling, at most 32 s.
+fn restart_delay(failures: u32) -> Duration {
+    Duration::from_millis(500 * 2u64.pow(failures.clamp(1, 6)))
+}
+
 /// Runs `processes` copies of this command (without `--processes`), restarting any that
-/// dies with exponential backoff; forwards SIGINT/SIGTERM; ends when all exited 0.
+/// dies with exponential backoff (started over after a healthy run of [`STABLE_RUN`]);
+/// forwards SIGINT/SIGTERM; ends when all exited 0.
 async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> {
     if processes == 0 {
         bail!("--processes must be at least 1");
@@ -303,6 +323,7 @@ async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> 
         tasks.push(tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
+                let started = std::time::Instant::now();
                 let mut child = tokio::process::Command::new(&exe)
                     .args(&args)
                     .env("DATABASE_URL", &url)
@@ -323,8 +344,8 @@ async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> 
                 if status.success() || stop.is_cancelled() {
                     return anyhow::Ok(());
                 }
-                failures += 1;
-                let delay = Duration::from_millis(500 * 2u64.pow(failures.min(6)));
+                failures = failures_after(failures, started.elapsed());
+                let delay = restart_delay(failures);
                 tracing::warn!(target: "pgbus::supervisor", slot, %status, restart_in = ?delay, "worker process died; restarting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -337,4 +358,28 @@ async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> 
         task.await??;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_backoff_doubles_in_a_crash_loop_and_starts_over_after_a_healthy_run() {
+        let quick = Duration::from_millis(200);
+        let mut failures = 0;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            failures = failures_after(failures, quick);
+            delays.push(restart_delay(failures).as_secs());
+        }
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 32, 32]);
+        // Found by `cargo xtask chaos` (scenario `supervisor`): a worker killed after
+        // running for minutes waited out the delay of every earlier crash of its slot.
+        assert_eq!(failures_after(failures, STABLE_RUN), 1);
+        assert_eq!(
+            restart_delay(failures_after(failures, STABLE_RUN)).as_secs(),
+            1
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! runs them against, one database per scenario, a side connection for inspecting and
 //! faulting the server, and the worker processes it starts, kills and restarts.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -313,6 +314,25 @@ pub(crate) fn sh_quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
 }
 
+/// The processes whose parent is `parent` (from `/proc/*/stat`).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
 /// Sends `signal` to `pid`; a process that is already gone is fine.
 fn signal(pid: u32, signal: Signal) {
     if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
@@ -325,6 +345,8 @@ fn signal(pid: u32, signal: Signal) {
 /// themselves (which is recorded: pgbus processes must not crash).
 pub(crate) struct Procs {
     name: String,
+    /// Whether the processes are supervisors whose children (the workers) are watched.
+    track_children: bool,
     dir: PathBuf,
     command: Box<dyn Fn() -> Command + Send + Sync>,
     state: Mutex<ProcsState>,
@@ -335,10 +357,15 @@ struct ProcsState {
     slots: Vec<Slot>,
     spawned: usize,
     kills: Vec<Kill>,
-    /// Every pid ever started.
+    /// Every pid ever started (and, with child tracking, every child seen).
     pids: Vec<u32>,
     /// Processes that exited without being asked: `slot pid status log`.
     unexpected: Vec<String>,
+    /// With child tracking: the children of the running processes, and when each was
+    /// first seen.
+    children: HashMap<u32, Instant>,
+    /// Set while stopping: children leaving then are expected to.
+    stopping: bool,
 }
 
 #[derive(Default)]
@@ -357,7 +384,21 @@ impl Procs {
         count: usize,
         command: impl Fn() -> Command + Send + Sync + 'static,
     ) -> anyhow::Result<Arc<Procs>> {
+        Self::start_tracking(name, dir, count, false, command)
+    }
+
+    /// [`start`](Self::start), and with `track_children` also watches the children of each
+    /// process (`pgbus work --processes N` supervisors): they count as workers, and one
+    /// that vanishes without being killed by the harness died by itself.
+    pub(crate) fn start_tracking(
+        name: &str,
+        dir: &Path,
+        count: usize,
+        track_children: bool,
+        command: impl Fn() -> Command + Send + Sync + 'static,
+    ) -> anyhow::Result<Arc<Procs>> {
         let procs = Arc::new(Procs {
+            track_children,
             name: name.to_owned(),
             dir: dir.to_path_buf(),
             command: Box::new(command),
@@ -375,7 +416,7 @@ impl Procs {
             while let Some(procs) = watched.upgrade() {
                 procs.watch();
                 drop(procs);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
         Ok(procs)
@@ -431,6 +472,59 @@ impl Procs {
                 }
             }
         }
+        if self.track_children {
+            let parents: Vec<u32> = state
+                .slots
+                .iter()
+                .filter_map(|s| s.running.as_ref().map(|(_, pid)| *pid))
+                .collect();
+            let current: HashSet<u32> = parents.iter().flat_map(|p| children_of(*p)).collect();
+            for pid in &current {
+                if !state.children.contains_key(pid) {
+                    state.children.insert(*pid, now);
+                    state.pids.push(*pid);
+                }
+            }
+            let gone: Vec<u32> = state
+                .children
+                .keys()
+                .filter(|pid| !current.contains(pid))
+                .copied()
+                .collect();
+            for pid in gone {
+                state.children.remove(&pid);
+                let killed = state.kills.iter().any(|k| k.worker == pid);
+                if !killed && !state.stopping {
+                    let line = format!("{} child {pid} exited by itself", self.name);
+                    println!("chaos:   ! {line}");
+                    state.unexpected.push(line);
+                }
+            }
+        }
+    }
+
+    /// The tracked children now, each with how long ago it was first seen, oldest first.
+    pub(crate) fn children(&self) -> Vec<(u32, Duration)> {
+        let state = self.state.lock().expect("procs");
+        let mut children: Vec<(u32, Duration)> = state
+            .children
+            .iter()
+            .map(|(pid, seen)| (*pid, seen.elapsed()))
+            .collect();
+        children.sort_by_key(|(pid, up)| (std::cmp::Reverse(*up), *pid));
+        children
+    }
+
+    /// SIGKILLs a tracked child (its parent reaps it).
+    pub(crate) fn kill_child(&self, pid: u32) -> Kill {
+        let mut state = self.state.lock().expect("procs");
+        let kill = Kill {
+            worker: pid,
+            at: now_ns(),
+        };
+        signal(pid, Signal::KILL);
+        state.kills.push(kill);
+        kill
     }
 
     /// SIGKILLs the process in `slot` and reaps it; `None` when the slot had none.
@@ -480,7 +574,11 @@ impl Procs {
 
     /// Stops every process gracefully; returns a problem line for each that did not exit 0.
     pub(crate) async fn stop_all(&self, patience: Duration) -> Vec<String> {
-        let slots = self.state.lock().expect("procs").slots.len();
+        let slots = {
+            let mut state = self.state.lock().expect("procs");
+            state.stopping = true;
+            state.slots.len()
+        };
         let mut problems = Vec::new();
         for slot in 0..slots {
             if let Some(status) = self.stop_slot(slot, patience).await {

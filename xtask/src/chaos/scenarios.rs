@@ -60,6 +60,8 @@ pub(crate) async fn crashes(
         concurrency: plan.concurrency,
         sleep_ms: plan.crashes.sleep_ms,
         drain: plan.drain,
+        supervised: false,
+        send_over: Duration::ZERO,
     };
     let mut run = QueueRun::start(env, report, workload).await?;
     for (i, point) in points(rng, plan.crashes.kills, 0.05..0.85)
@@ -90,6 +92,134 @@ pub(crate) async fn crashes(
     Ok(report)
 }
 
+/// How long a supervised worker must have run for its death to count as a first failure:
+/// `pgbus work --processes` starts its restart backoff over after a run this long.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+/// The supervisor's first restart delay is 1 s; this leaves room for a busy machine.
+const FIRST_RESTART_BOUND: Duration = Duration::from_millis(2_500);
+
+/// Scenario 1b, the supervisor: one `pgbus work --processes N`; the harness SIGKILLs its
+/// worker processes (each after it ran long enough to count as healthy, the same
+/// supervisor slot again and again) and checks that the supervisor restarts each after its
+/// first backoff step, while messages keep trickling in.
+pub(crate) async fn supervisor(
+    env: &Env,
+    plan: &Plan,
+    rng: &mut StdRng,
+) -> anyhow::Result<ScenarioReport> {
+    let report = ScenarioReport::new(
+        "supervisor",
+        "pgbus work --processes: SIGKILLed workers restarted by the supervisor",
+    );
+    let workload = Workload {
+        layout: plan.supervisor.layout,
+        processes: plan.processes,
+        concurrency: plan.concurrency,
+        sleep_ms: plan.supervisor.sleep_ms,
+        drain: plan.drain,
+        supervised: true,
+        send_over: plan.supervisor_over,
+    };
+    let mut run = QueueRun::start(env, report, workload).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run.workers.children().len() < plan.processes {
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "the supervisor did not start {} workers within 30 s",
+                plan.processes
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut next: Option<u32> = None;
+    for i in 0..plan.supervisor.kills {
+        let target = match next {
+            Some(pid) => pid,
+            None => {
+                let children = run.workers.children();
+                children[rng.random_range(0..children.len())].0
+            }
+        };
+        // Healthy first: up for longer than the supervisor's stable-run threshold.
+        loop {
+            let up = run
+                .workers
+                .children()
+                .iter()
+                .find(|(pid, _)| *pid == target)
+                .map(|c| c.1);
+            match up {
+                Some(up) if up >= STABLE_RUN + Duration::from_millis(500) => break,
+                Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                None => anyhow::bail!("supervised worker {target} vanished before its kill"),
+            }
+        }
+        run.progress()?;
+        let at = run.percent();
+        let before: Vec<u32> = run.workers.children().iter().map(|c| c.0).collect();
+        let kill = run.workers.kill_child(target);
+        let killed = Instant::now();
+        run.report.faults += 1;
+        let replacement = loop {
+            let fresh = run
+                .workers
+                .children()
+                .into_iter()
+                .find(|(pid, _)| !before.contains(pid));
+            if let Some((pid, _)) = fresh {
+                break Some(pid);
+            }
+            if killed.elapsed() > Duration::from_secs(60) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let took = killed.elapsed();
+        let label = format!(
+            "SIGKILL #{} (pid {}, up over {} s)",
+            i + 1,
+            kill.worker,
+            STABLE_RUN.as_secs()
+        );
+        match replacement {
+            Some(pid) => {
+                println!(
+                    "chaos:   kill {}: SIGKILL supervised worker {} at {at} done; the supervisor started {pid} {} ms later",
+                    i + 1,
+                    kill.worker,
+                    took.as_millis()
+                );
+                run.report.check(
+                    format!("{label}: restarted after the first backoff step"),
+                    took <= FIRST_RESTART_BOUND,
+                    format!(
+                        "new worker {pid} after {} ms (first step 1 s, allowed {} ms)",
+                        took.as_millis(),
+                        FIRST_RESTART_BOUND.as_millis()
+                    ),
+                );
+                run.report.recovered(
+                    format!("{label}: the supervisor started a new worker"),
+                    took,
+                );
+                next = Some(pid);
+            }
+            None => {
+                run.report.check(
+                    format!("{label}: restarted by the supervisor"),
+                    false,
+                    "no new worker within 60 s",
+                );
+                next = None;
+            }
+        }
+    }
+    let kills = run.report.faults;
+    let (mut report, _) = run.finish().await?;
+    report.fault_summary = format!("{kills} SIGKILL of supervised workers");
+    Ok(report)
+}
+
 /// Scenario 2, database restarts: `pg_ctl restart -m fast`, later `-m immediate`, during a run.
 pub(crate) async fn restarts(
     env: &Env,
@@ -113,6 +243,8 @@ pub(crate) async fn restarts(
         concurrency: plan.concurrency,
         sleep_ms: plan.restarts.sleep_ms,
         drain: plan.drain,
+        supervised: false,
+        send_over: Duration::ZERO,
     };
     let modes = &plan.restart_modes;
     let mut run = QueueRun::start(env, report, workload).await?;
@@ -176,6 +308,8 @@ pub(crate) async fn terminations(
         concurrency: plan.concurrency,
         sleep_ms: plan.terminations.sleep_ms,
         drain: plan.drain,
+        supervised: false,
+        send_over: Duration::ZERO,
     };
     let mut run = QueueRun::start(env, report, workload).await?;
     let mut per_role = Vec::new();
@@ -260,6 +394,8 @@ pub(crate) async fn groups(
         concurrency: plan.concurrency,
         sleep_ms: plan.groups.sleep_ms,
         drain: plan.drain,
+        supervised: false,
+        send_over: Duration::ZERO,
     };
     let mut faults: Vec<bool> = std::iter::repeat_n(true, plan.groups.kills)
         .chain(std::iter::repeat_n(false, plan.group_terminations))
@@ -320,6 +456,8 @@ pub(crate) async fn slow(
         concurrency: plan.concurrency,
         sleep_ms: plan.slow.sleep_ms,
         drain: plan.drain,
+        supervised: false,
+        send_over: Duration::ZERO,
     };
     // Per `pgbus work` process: its pool (8), the plain worker's fetch connection, the
     // listener, the group worker's fetch and recovery connections, one session per
