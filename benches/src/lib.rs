@@ -28,6 +28,16 @@
 //!    worker, with a LISTEN wake-up source and with polling only.
 //! 7. `publish_fanout`: events per second published in bulk (`publish_batch`), each to 10
 //!    bound queues, and the copies per second that makes.
+//! 8. `stream_fanout`: one streamer (`pgbus_stream::Instance` on `PgBackend` and a
+//!    `PgStreamListener`, served by its axum endpoint) in a child process of its own
+//!    (`pgbus-bench --streamer`, fresh for each run), with 10,000 SSE clients (1,000 with
+//!    `--quick`) in the harness following one stream over real HTTP; publish-to-parse
+//!    latency (p50/p99/max) of events published at a steady pace, and the streamer
+//!    process's RSS growth per connection.
+//!    The soft open-files limit is raised to the hard limit; when that does not fit the
+//!    clients, fewer connect and the report says how many.
+//! 9. `stream_publish`: durable stream publishes per second from 8 concurrent publishers,
+//!    all to one stream (serialised by its advisory lock) and each to its own stream.
 //!
 //! `--only NAME,...` runs some scenarios only.
 //!
@@ -47,6 +57,7 @@ mod report;
 mod scenarios;
 mod server;
 mod stats;
+mod streamer;
 mod system;
 
 use std::collections::BTreeMap;
@@ -58,9 +69,13 @@ use pgbus_exec::ExecutionMode;
 pub use options::{Command, Options, USAGE};
 
 use options::Plan;
-use report::{Figure, Report, Scenario, Target, Unit, BASELINE_FIGURE};
-use scenarios::{drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql, worker_run};
+use report::{thousands, Figure, Report, Scenario, Target, Unit, BASELINE_FIGURE};
+use scenarios::{
+    drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql, stream_fanout,
+    stream_publish, worker_run,
+};
 use server::Server;
+use stats::ms;
 
 /// Runs every scenario and writes the reports; returns the directory they are in.
 pub async fn run(options: &Options) -> anyhow::Result<PathBuf> {
@@ -91,6 +106,12 @@ pub async fn run(options: &Options) -> anyhow::Result<PathBuf> {
         options.out.display()
     ));
     Ok(options.out.clone())
+}
+
+/// The streamer of `stream_fanout` (`pgbus-bench --streamer`): the harness runs it in a
+/// child process and gives it its orders on stdin; not meant to be run by hand.
+pub async fn streamer() -> anyhow::Result<()> {
+    streamer::run().await
 }
 
 /// Timestamped progress lines on stderr.
@@ -125,6 +146,9 @@ async fn run_scenarios(
         "a plain single-row INSERT commits in {commit_before:.2} ms (p50)"
     ));
     let mut scenarios = Vec::new();
+    // The 1-minute load average after each scenario: other work on a shared machine moves
+    // every figure.
+    let mut loads = Vec::new();
 
     let mut drain_median = None;
     if options.runs("raw_sql") || options.runs("drain") {
@@ -132,21 +156,35 @@ async fn run_scenarios(
         drain_median = drain.figure("jobs_per_s").and_then(Figure::median);
         scenarios.push(raw);
         scenarios.push(drain);
+        record_load(&scenarios, &mut loads);
     }
     if options.runs("enqueue") {
         scenarios.push(run_enqueue(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
     }
     if options.runs("publish_fanout") {
         scenarios.push(run_publish_fanout(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
     }
     if options.runs("io_bound") {
         scenarios.push(run_io_bound(server, plan, progress, drain_median).await?);
+        record_load(&scenarios, &mut loads);
     }
     if options.runs("groups") {
         scenarios.push(run_groups(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
     }
     if options.runs("latency") {
         scenarios.push(run_latency(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
+    }
+    if options.runs("stream_fanout") {
+        scenarios.push(run_stream_fanout(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
+    }
+    if options.runs("stream_publish") {
+        scenarios.push(run_stream_publish(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
     }
 
     let commit_after = system::commit_latency(server).await?;
@@ -161,19 +199,34 @@ async fn run_scenarios(
              bounds every figure here"
         ),
     ));
+    if !loads.is_empty() {
+        conditions.push((
+            "load average".to_owned(),
+            format!(
+                "{} (the 1-minute load average after each scenario, the bench's own work \
+                 included: other processes on a shared machine show up here)",
+                loads.join(", ")
+            ),
+        ));
+    }
     let mut report = Report {
         plan: plan.name,
         conditions,
         scenarios,
         targets: Vec::new(),
-        not_measured: vec![(
-            "stream_fanout".to_owned(),
-            "the streams/SSE issue has not landed yet".to_owned(),
-        )],
+        not_measured: Vec::new(),
         wall: Duration::ZERO,
     };
     report.targets = targets(&report);
     Ok(report)
+}
+
+/// Notes the load average for the scenarios added since the last call.
+fn record_load(scenarios: &[Scenario], loads: &mut Vec<String>) {
+    let load = system::load_average().map_or_else(|_| "?".to_owned(), |l| format!("{l:.1}"));
+    for scenario in &scenarios[loads.len()..] {
+        loads.push(format!("`{}` {load}", scenario.name));
+    }
 }
 
 /// `raw_sql` and `drain`, alternating run by run so that drifting conditions touch both
@@ -607,9 +660,11 @@ async fn run_latency(
     let mut scenario = Scenario::new(
         "latency",
         format!(
-            "Enqueue-to-start latency: {} single messages per run, sent one at a time {} ms \
-             apart from another connection (a `pgbus:sender` pool) to an idle worker \
-             (concurrency {}). Each payload carries its send time; the latency runs from just \
+            "Enqueue-to-start latency: {} single messages per run, sent one at a time at \
+             least {} ms apart from another connection (a `pgbus:sender` pool) to an idle \
+             worker (concurrency {}); with LISTEN, {0} sequential cycles, each send waiting \
+             for the previous message's start; polling only, on the pace alone (so one poll \
+             may find several). Each payload carries its send time; the latency runs from just \
              before the `send` call (so it includes the sender's durable commit) to the \
              handler's start; for LISTEN it is also given from the `send` call's return \
              (0 when the job started before the sender read the commit's reply). \
@@ -670,8 +725,229 @@ async fn run_latency(
     Ok(scenario)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1_000.0
+async fn run_stream_fanout(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Scenario> {
+    let (clients, fd_limit) = stream_fanout::client_count(plan)?;
+    let n = thousands(clients as i64);
+    let mut scenario = Scenario::new(
+        "stream_fanout",
+        format!(
+            "One streamer, in a child process of its own started fresh for each run \
+             (`pgbus-bench --streamer`, like a web process serving streams): a \
+             `pgbus_stream::Instance` on `PgBackend` and a `PgStreamListener` (default \
+             `Config`), served by its axum endpoint (`Streams::router`, `axum::serve` on \
+             127.0.0.1). {n} SSE clients in the harness's process follow one stream \
+             over real HTTP/1.1 (reqwest, `GET /streams/{{signed}}`, one connection each). \
+             Once all are registered, the harness publishes {} events {} ms apart through a \
+             `PgBackend` on a thread and runtime of its own (not queued behind the clients' \
+             tasks), each carrying its publish time; the latency runs from just \
+             before the `publish` call (so it includes its durable commit) until the client's \
+             `SseParser` has parsed the frame, over every event and client; p50/p99/max are \
+             per run. Memory per connection is the growth of the streamer process's RSS \
+             (`VmRSS`) from before the clients connect, divided by the clients: the server's \
+             half of each connection (hyper's connection, the response body, the \
+             dispatcher's entry and queue), not the kernel's socket buffers. The CPU time \
+             (user + system, `/proc/self/stat`) of the streamer's process and of the \
+             clients' while the events were delivered is given per delivered frame: clients, \
+             streamer and Postgres share the machine's cores, so the latency is bounded by \
+             both.",
+            plan.stream_events, plan.stream_spacing_ms
+        ),
+    );
+    scenario.setting("clients", &n);
+    scenario.setting(
+        "per run",
+        format!(
+            "{} events {} ms apart ({} frames/s to the clients), on a fresh database",
+            plan.stream_events,
+            plan.stream_spacing_ms,
+            thousands((clients as u64 * 1_000 / plan.stream_spacing_ms.max(1)) as i64)
+        ),
+    );
+    scenario.setting(
+        "open-files limit",
+        format!(
+            "{} per process after raising the soft limit to the hard limit (each \
+             process needs one descriptor per client, plus {})",
+            thousands(fd_limit as i64),
+            stream_fanout::FD_RESERVE
+        ),
+    );
+    if clients < plan.stream_clients {
+        scenario.notes.push(format!(
+            "{n} clients instead of {}: the open-files limit ({fd_limit}) fits no more",
+            thousands(plan.stream_clients as i64)
+        ));
+    }
+    let mut stats: [(&str, &str, Unit, Vec<f64>); 10] = [
+        (
+            "latency_p50_ms",
+            "publish to parse: p50",
+            Unit::Millis,
+            Vec::new(),
+        ),
+        (
+            "latency_p99_ms",
+            "publish to parse: p99",
+            Unit::Millis,
+            Vec::new(),
+        ),
+        (
+            "latency_max_ms",
+            "publish to parse: max",
+            Unit::Millis,
+            Vec::new(),
+        ),
+        (
+            "publish_call_p50_ms",
+            "the `publish` call itself (round trip + commit): p50",
+            Unit::Millis,
+            Vec::new(),
+        ),
+        (
+            "publish_call_max_ms",
+            "the `publish` call itself: max",
+            Unit::Millis,
+            Vec::new(),
+        ),
+        (
+            "kib_per_connection",
+            "streamer RSS per connection, all registered",
+            Unit::KiB,
+            Vec::new(),
+        ),
+        (
+            "kib_per_connection_after_events",
+            "streamer RSS per connection, after the events",
+            Unit::KiB,
+            Vec::new(),
+        ),
+        (
+            "streamer_cpu_us_per_frame",
+            "streamer CPU time per delivered frame",
+            Unit::Micros,
+            Vec::new(),
+        ),
+        (
+            "clients_cpu_us_per_frame",
+            "clients' CPU time per delivered frame (reqwest, parsing; and the publisher)",
+            Unit::Micros,
+            Vec::new(),
+        ),
+        (
+            "connect_ms",
+            "connecting and registering every client",
+            Unit::Millis,
+            Vec::new(),
+        ),
+    ];
+    let mut dropped = 0;
+    for i in 1..=plan.stream_runs {
+        let run = stream_fanout::run_once(server, plan, clients).await?;
+        progress.say(format_args!(
+            "stream_fanout {i}/{}: {n} clients connected in {:.0} ms; publish to parse \
+             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (publish call max {:.2} ms); {:.1} KiB \
+             per connection",
+            plan.stream_runs,
+            run.connect_ms,
+            run.p50,
+            run.p99,
+            run.max,
+            run.publish_max,
+            run.kib_registered
+        ));
+        let values = [
+            run.p50,
+            run.p99,
+            run.max,
+            run.publish_p50,
+            run.publish_max,
+            run.kib_registered,
+            run.kib_delivered,
+            run.cpu_us_per_frame,
+            run.clients_cpu_us_per_frame,
+            run.connect_ms,
+        ];
+        for ((.., samples), value) in stats.iter_mut().zip(values) {
+            samples.push(value);
+        }
+        dropped += run.dropped_slow;
+    }
+    for (id, label, unit, samples) in stats {
+        scenario.figures.push(Figure::new(
+            id,
+            format!("{n} clients: {label}"),
+            unit,
+            samples,
+        ));
+    }
+    scenario.notes.push(format!(
+        "clients dropped by the streamer as too slow, over all runs: {dropped}"
+    ));
+    Ok(scenario)
+}
+
+async fn run_stream_publish(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Scenario> {
+    let mut scenario = Scenario::new(
+        "stream_publish",
+        format!(
+            "Durable stream publishes per second through `PgBackend::publish` (one statement \
+             and one durable commit each; it takes the stream's transaction-scoped advisory \
+             lock before drawing the id, so publishes to one stream commit one at a time), \
+             from {} concurrent publishers, each on its own pooled connection: all to one \
+             stream, then each to a stream of its own. A `PgStreamListener` LISTENs on the \
+             streams throughout. Compare `enqueue`'s concurrent single sends, which take no \
+             lock.",
+            plan.senders
+        ),
+    );
+    scenario.setting(
+        "per run",
+        format!(
+            "{} publishers × {} publishes, on a fresh database after a warm-up that opens the \
+             pool's connections",
+            plan.senders, plan.sends_per_sender
+        ),
+    );
+    // Alternating run by run, so that drifting conditions touch both alike.
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    for i in 1..=plan.stream_publish_runs {
+        for (spread, rates) in stream_publish::Spread::ALL.into_iter().zip(&mut rates) {
+            let rate = stream_publish::run_once(server, plan, spread).await?;
+            progress.say(format_args!(
+                "stream_publish {i}/{}: {}: {rate:.0} publishes/s",
+                plan.stream_publish_runs,
+                spread.label(plan)
+            ));
+            rates.push(rate);
+        }
+    }
+    let mut medians = Vec::new();
+    for (spread, rates) in stream_publish::Spread::ALL.into_iter().zip(rates) {
+        let figure = Figure::new(
+            format!("{}_per_s", spread.id()),
+            spread.label(plan),
+            Unit::MsgsPerSec,
+            rates,
+        );
+        medians.push(figure.median());
+        scenario.figures.push(figure);
+    }
+    if let [Some(one), Some(own)] = medians[..] {
+        scenario.notes.push(format!(
+            "one stream runs at {:.2}× the rate of {} different streams (medians)",
+            one / own,
+            plan.senders
+        ));
+    }
+    Ok(scenario)
 }
 
 /// The targets of the benchmarks issue, checked against the report.

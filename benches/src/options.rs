@@ -10,14 +10,29 @@ Runs the pgbus benchmark scenarios and writes report.md, report.json and chart.s
 
 Options:
   --quick               Fewer jobs and runs: a smoke run that finishes in about a minute
-  --only SCENARIOS      Run only these scenarios (comma-separated names, e.g.
-                        publish_fanout); raw_sql and drain run together
+  --only SCENARIOS      Run only these scenarios (comma-separated): raw_sql, drain,
+                        enqueue, publish_fanout, io_bound, groups, latency,
+                        stream_fanout, stream_publish; raw_sql and drain run
+                        together
   --database-url URL    Use this server instead of a throwaway local cluster; the bench
                         creates (and drops) one database per scenario run, so the URL's
                         user needs the CREATEDB privilege
   --out DIR             Where the reports go (default: target/bench in the workspace)
   -h, --help            Print this help
 ";
+
+/// The scenarios' names, for `--only`.
+pub(crate) const SCENARIOS: &[&str] = &[
+    "raw_sql",
+    "drain",
+    "enqueue",
+    "publish_fanout",
+    "io_bound",
+    "groups",
+    "latency",
+    "stream_fanout",
+    "stream_publish",
+];
 
 /// What to run and where to put the results.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +62,11 @@ pub enum Command {
     Run(Options),
     /// Print [`USAGE`].
     Help,
+    /// Internal (`--streamer`, not in [`USAGE`]): be the streamer of `stream_fanout`, in
+    /// the child process the harness starts; see [`streamer`].
+    ///
+    /// [`streamer`]: crate::streamer
+    Streamer,
 }
 
 impl Options {
@@ -82,9 +102,17 @@ impl Options {
                     options.only = value("--only")?
                         .split(',')
                         .map(|name| name.trim().to_owned())
-                        .collect()
+                        .collect();
+                    if let Some(unknown) = options
+                        .only
+                        .iter()
+                        .find(|name| !SCENARIOS.contains(&name.as_str()))
+                    {
+                        return Err(format!("no scenario is called `{unknown}`"));
+                    }
                 }
                 "-h" | "--help" | "help" => return Ok(Command::Help),
+                "--streamer" if inline.is_none() => return Ok(Command::Streamer),
                 _ => return Err(format!("unexpected argument `{arg}`")),
             }
         }
@@ -142,6 +170,16 @@ pub(crate) struct Plan {
     /// `batch_size` events) per run.
     pub(crate) fanout_queues: usize,
     pub(crate) fanout_batches: usize,
+    /// SSE clients of `stream_fanout` (fewer when the open-files limit does not fit them),
+    /// events published to their stream per run, their spacing (both modes deliver 100,000
+    /// frames/s to the clients), and runs.
+    pub(crate) stream_clients: usize,
+    pub(crate) stream_events: usize,
+    pub(crate) stream_spacing_ms: u64,
+    pub(crate) stream_runs: usize,
+    /// Runs of `stream_publish` per variant (its publishers and publishes are `senders`
+    /// and `sends_per_sender`, as for `enqueue`).
+    pub(crate) stream_publish_runs: usize,
 }
 
 impl Plan {
@@ -172,6 +210,11 @@ impl Plan {
                 latency_runs: 3,
                 fanout_queues: 10,
                 fanout_batches: 5,
+                stream_clients: 1_000,
+                stream_events: 100,
+                stream_spacing_ms: 10,
+                stream_runs: 3,
+                stream_publish_runs: 3,
             }
         } else {
             Plan {
@@ -199,6 +242,11 @@ impl Plan {
                 latency_runs: 3,
                 fanout_queues: 10,
                 fanout_batches: 20,
+                stream_clients: 10_000,
+                stream_events: 200,
+                stream_spacing_ms: 100,
+                stream_runs: 3,
+                stream_publish_runs: 5,
             }
         }
     }
@@ -243,6 +291,8 @@ mod tests {
         assert!(Options::parse(["--out"]).is_err());
         assert!(Options::parse(["--quick=yes"]).is_err());
         assert!(Options::parse(["--fast"]).is_err());
+        assert!(Options::parse(["--only", "latency,stream_fanot"]).is_err());
         assert!(Options::parse(["extra"]).is_err());
+        assert_eq!(Options::parse(["--streamer"]), Ok(Command::Streamer));
     }
 }

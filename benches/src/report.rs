@@ -23,8 +23,12 @@ pub(crate) enum Unit {
     MsgsPerSec,
     /// Milliseconds.
     Millis,
+    /// Microseconds.
+    Micros,
     /// Connections to the database.
     Connections,
+    /// Kibibytes (of memory).
+    KiB,
 }
 
 impl Unit {
@@ -33,7 +37,9 @@ impl Unit {
             Unit::JobsPerSec => "jobs/s",
             Unit::MsgsPerSec => "msgs/s",
             Unit::Millis => "ms",
+            Unit::Micros => "µs",
             Unit::Connections => "connections",
+            Unit::KiB => "KiB",
         }
     }
 
@@ -47,8 +53,10 @@ impl Unit {
             Unit::Millis if value < 10.0 => format!("{value:.2}"),
             Unit::Millis if value < 100.0 => format!("{value:.1}"),
             Unit::Millis => format!("{value:.0}"),
+            Unit::Micros => format!("{value:.1}"),
             Unit::Connections if value.fract() == 0.0 => format!("{value:.0}"),
             Unit::Connections => format!("{value:.1}"),
+            Unit::KiB => format!("{value:.1}"),
         }
     }
 }
@@ -377,7 +385,8 @@ fn pairs(pairs: &[(String, String)]) -> Value {
     )
 }
 
-fn thousands(n: i64) -> String {
+/// `n` with a comma between each group of three digits.
+pub(crate) fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -407,6 +416,7 @@ fn color(scenario: &str, label: &str) -> &'static str {
         "io_bound" if label.starts_with("threads") => "#9467bd",
         "io_bound" => "#ff7f0e",
         "latency" => "#d62728",
+        "stream_publish" => "#8c564b",
         _ => "#17becf",
     }
 }

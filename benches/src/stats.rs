@@ -1,4 +1,6 @@
-//! Medians, ranges and percentiles.
+//! Medians, ranges, percentiles and units.
+
+use std::time::Duration;
 
 /// Median, minimum and maximum of a figure's samples (one sample per run).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,12 +34,24 @@ impl Summary {
 /// The `p`th percentile (0 < p <= 100) by the nearest-rank method: the smallest sample
 /// with at least p% of the samples at or below it. `None` for no samples.
 pub(crate) fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    percentiles(samples, [p]).map(|[v]| v)
+}
+
+/// Several [`percentile`]s of the same samples, sorting them once.
+pub(crate) fn percentiles<const N: usize>(samples: &[f64], ps: [f64; N]) -> Option<[f64; N]> {
     let sorted = sorted(samples);
     if sorted.is_empty() {
         return None;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    Some(ps.map(|p| {
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    }))
+}
+
+/// A duration in milliseconds.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1_000.0
 }
 
 fn sorted(samples: &[f64]) -> Vec<f64> {
@@ -66,5 +80,9 @@ mod tests {
         assert_eq!(percentile(&samples, 100.0), Some(100.0));
         assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
         assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(
+            percentiles(&samples, [50.0, 99.0, 100.0]),
+            Some([50.0, 99.0, 100.0])
+        );
     }
 }

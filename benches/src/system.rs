@@ -2,6 +2,8 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
+
 use crate::scenarios::on_fresh_database;
 use crate::server::{connect, Server};
 use crate::stats::percentile;
@@ -78,6 +80,49 @@ pub(crate) async fn commit_latency(server: &Server) -> anyhow::Result<f64> {
     .await
 }
 
+/// This process's resident set size (`VmRSS` of `/proc/self/status`), in KiB.
+pub(crate) fn rss_kib() -> anyhow::Result<f64> {
+    let field = proc_field("/proc/self/status", "VmRSS")
+        .context("no VmRSS in /proc/self/status (not Linux?)")?;
+    let kib = field
+        .strip_suffix(" kB")
+        .and_then(|n| n.trim().parse::<f64>().ok());
+    kib.with_context(|| format!("unexpected VmRSS `{field}`"))
+}
+
+/// The machine's 1-minute load average (`/proc/loadavg`).
+pub(crate) fn load_average() -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").context("reading /proc/loadavg")?;
+    text.split_whitespace()
+        .next()
+        .and_then(|load| load.parse().ok())
+        .with_context(|| format!("unexpected /proc/loadavg `{}`", text.trim()))
+}
+
+/// CPU time this process has used so far (user and system, all threads), in seconds, from
+/// `/proc/self/stat` (in clock ticks of 1/100 s: Linux's fixed `USER_HZ`).
+pub(crate) fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) in parentheses; utime and
+    // stime are fields 14 and 15, the 12th and 13th after it.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: Vec<u64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("unexpected /proc/self/stat")?;
+    anyhow::ensure!(ticks.len() == 2, "unexpected /proc/self/stat");
+    Ok((ticks[0] + ticks[1]) as f64 / 100.0)
+}
+
+/// Raises this process's soft limit of open files to its hard limit (children inherit
+/// it); returns the limit now in force.
+pub(crate) fn raise_open_files_limit() -> anyhow::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX).context("could not raise the open-files limit")
+}
+
 /// The value of the first `field: value` line of a `/proc` file.
 fn proc_field(path: &str, field: &str) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -118,6 +163,20 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::civil_from_days;
+
+    #[test]
+    fn reads_its_own_resident_set_and_cpu_time() {
+        let kib = super::rss_kib().unwrap();
+        assert!(kib > 0.0, "{kib}");
+        assert!(super::load_average().unwrap() >= 0.0);
+        let before = super::cpu_seconds().unwrap();
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(50) {
+            std::hint::black_box(spin.elapsed());
+        }
+        let used = super::cpu_seconds().unwrap() - before;
+        assert!((0.0..10.0).contains(&used), "{used}");
+    }
 
     #[test]
     fn converts_days_to_dates() {

@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use pgbus_benches::{Command, Options, USAGE};
 
 fn main() -> ExitCode {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(options)) => options,
+    let command = match Options::parse(std::env::args().skip(1)) {
         Ok(Command::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
+        Ok(command) => command,
         Err(message) => {
             eprint!("error: {message}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -35,8 +35,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pgbus_benches::run(&options)) {
-        Ok(_) => ExitCode::SUCCESS,
+    let outcome = match command {
+        Command::Run(options) => runtime.block_on(pgbus_benches::run(&options)).map(drop),
+        Command::Streamer => runtime.block_on(pgbus_benches::streamer()),
+        Command::Help => Ok(()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

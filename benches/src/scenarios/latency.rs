@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{live_listener, on_fresh_database, pgbus_backend, queue};
 use crate::options::Plan;
 use crate::server::Server;
-use crate::stats::percentile;
+use crate::stats::{ms, percentile, percentiles};
 
 /// Slots of the latency worker.
 pub(crate) const CONCURRENCY: usize = 10;
@@ -71,9 +71,12 @@ pub(crate) struct Run {
     pub(crate) send_p50: f64,
 }
 
-/// Sends `plan.latency_messages` messages one at a time, `plan.latency_spacing_ms` apart,
-/// from another connection (a `pgbus:sender` pool) to an idle worker; each carries its send
-/// time, and the handler measures how long ago that was when it starts.
+/// Sends `plan.latency_messages` messages one at a time, at least `plan.latency_spacing_ms`
+/// apart, from another connection (a `pgbus:sender` pool) to an idle worker; each carries
+/// its send time, and the handler measures how long ago that was when it starts. With
+/// LISTEN each send waits for the previous message's start (sequential send-then-start
+/// cycles); polling only, messages are sent on the pace alone (a cycle would last up to
+/// the poll interval), so one poll may find several.
 pub(crate) async fn run_once(
     server: &Server,
     plan: &Plan,
@@ -115,6 +118,8 @@ pub(crate) async fn run_once(
         let n = plan.latency_messages;
         let mut sends = Vec::with_capacity(n);
         let mut returned_at = HashMap::with_capacity(n);
+        let mut starts = Vec::with_capacity(n);
+        let deadline = variant.poll_interval() + Duration::from_secs(10);
         let mut ticks = tokio::time::interval(Duration::from_millis(plan.latency_spacing_ms));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let q = queue();
@@ -125,32 +130,47 @@ pub(crate) async fn run_once(
             let returned = base.elapsed();
             sends.push(ms(returned - Duration::from_nanos(sent_at)));
             returned_at.insert(sent_at, returned);
+            if variant == Variant::Listen {
+                // One cycle: the next message goes only once this one has started.
+                starts.push(next_start(&mut started_rx, deadline, starts.len(), n).await?);
+            }
+        }
+        while starts.len() < n {
+            starts.push(next_start(&mut started_rx, deadline, starts.len(), n).await?);
         }
         let (mut latencies, mut pickups) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        let deadline = variant.poll_interval() + Duration::from_secs(10);
-        while latencies.len() < n {
-            match tokio::time::timeout(deadline, started_rx.recv()).await {
-                Ok(Some((sent_at, started))) => {
-                    latencies.push(ms(started.saturating_sub(Duration::from_nanos(sent_at))));
-                    let returned = returned_at.get(&sent_at).context("an unknown message")?;
-                    pickups.push(ms(started.saturating_sub(*returned)));
-                }
-                _ => bail!("only {} of {n} messages started", latencies.len()),
-            }
+        for (sent_at, started) in starts {
+            latencies.push(ms(started.saturating_sub(Duration::from_nanos(sent_at))));
+            let returned = returned_at.get(&sent_at).context("an unknown message")?;
+            pickups.push(ms(started.saturating_sub(*returned)));
         }
         stop.cancel();
         run.await.context("the worker panicked")??;
-        let p = |q| percentile(&latencies, q).unwrap_or(f64::NAN);
+        let [p50, p99, max] = percentiles(&latencies, [50.0, 99.0, 100.0]).unwrap_or([f64::NAN; 3]);
+        let [pickup_p50, pickup_p99] = percentiles(&pickups, [50.0, 99.0]).unwrap_or([f64::NAN; 2]);
         Ok(Run {
-            p50: p(50.0),
-            p99: p(99.0),
-            max: p(100.0),
-            pickup_p50: percentile(&pickups, 50.0).unwrap_or(f64::NAN),
-            pickup_p99: percentile(&pickups, 99.0).unwrap_or(f64::NAN),
+            p50,
+            p99,
+            max,
+            pickup_p50,
+            pickup_p99,
             send_p50: percentile(&sends, 50.0).unwrap_or(f64::NAN),
         })
     })
     .await
+}
+
+/// The next (send time, start time) the handler reported.
+async fn next_start(
+    started: &mut mpsc::UnboundedReceiver<(u64, Duration)>,
+    deadline: Duration,
+    so_far: usize,
+    n: usize,
+) -> anyhow::Result<(u64, Duration)> {
+    match tokio::time::timeout(deadline, started.recv()).await {
+        Ok(Some(start)) => Ok(start),
+        _ => bail!("only {so_far} of {n} messages started"),
+    }
 }
 
 /// Waits until the worker has found its queue empty (and, with LISTEN, wake-ups are live).
@@ -169,8 +189,4 @@ async fn wait_until_idle(monitor: &WorkerMonitor, variant: Variant) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1_000.0
 }

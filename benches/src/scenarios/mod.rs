@@ -7,6 +7,8 @@ pub(crate) mod io_bound;
 pub(crate) mod latency;
 pub(crate) mod publish_fanout;
 pub(crate) mod raw_sql;
+pub(crate) mod stream_fanout;
+pub(crate) mod stream_publish;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,9 +16,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use pgbus_core::{NewMessage, QueueAdmin, QueueName, QueueOptions, WakeupSource};
+use pgbus_core::{NewMessage, QueueAdmin, QueueName, QueueOptions, StreamListener, WakeupSource};
 use pgbus_exec::{ExecutionMode, JobContext, Worker, WorkerReport};
-use pgbus_pg::{PgBackend, PgListener};
+use pgbus_pg::{PgBackend, PgListener, PgStreamListener};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -112,6 +114,19 @@ pub(crate) async fn live_listener(url: &str) -> anyhow::Result<Arc<PgListener>> 
         "the LISTEN connection did not come up"
     );
     Ok(listener)
+}
+
+/// Waits until a started stream listener has its LISTEN connection.
+pub(crate) async fn wait_stream_listener_live(listener: &PgStreamListener) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listener.is_live() {
+        ensure!(
+            Instant::now() < deadline,
+            "the stream listener's connection did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// How the handler of a counted run spends each job.
