@@ -22,24 +22,16 @@ pub(crate) struct BenchArgs {
 /// Parses the arguments after `bench`.
 pub(crate) fn parse(args: &[String]) -> Result<BenchArgs, String> {
     let mut parsed = BenchArgs::default();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || match inline.clone().or_else(|| args.next().cloned()) {
-            Some(value) if !value.is_empty() => Ok(value),
-            _ => Err(format!("`bench {flag}` needs a value")),
-        };
+    crate::flags::walk("bench", args, |flag, arg, inline, value| {
         match flag {
-            "--quick" if inline.is_none() => parsed.quick = true,
+            "--quick" if !inline => parsed.quick = true,
             "--database-url" => parsed.database_url = Some(value()?),
             "--out" => parsed.out = Some(PathBuf::from(value()?)),
             "--only" => parsed.only = Some(value()?),
             _ => return Err(format!("`bench` does not take `{arg}`")),
         }
-    }
+        Ok(())
+    })?;
     Ok(parsed)
 }
 

@@ -74,18 +74,9 @@ pub(crate) struct ChaosArgs {
 /// Parses the arguments after `chaos`.
 pub(crate) fn parse(args: &[String]) -> Result<ChaosArgs, String> {
     let mut parsed = ChaosArgs::default();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || match inline.clone().or_else(|| args.next().cloned()) {
-            Some(value) if !value.is_empty() => Ok(value),
-            _ => Err(format!("`chaos {flag}` needs a value")),
-        };
+    crate::flags::walk("chaos", args, |flag, arg, inline, value| {
         match flag {
-            "--quick" if inline.is_none() => parsed.quick = true,
+            "--quick" if !inline => parsed.quick = true,
             "--seed" => {
                 let seed = value()?;
                 parsed.seed = Some(
@@ -107,7 +98,8 @@ pub(crate) fn parse(args: &[String]) -> Result<ChaosArgs, String> {
             }
             _ => return Err(format!("`chaos` does not take `{arg}`")),
         }
-    }
+        Ok(())
+    })?;
     Ok(parsed)
 }
 

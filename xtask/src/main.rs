@@ -14,6 +14,7 @@
 mod bench;
 mod chaos;
 mod deps;
+mod flags;
 
 use std::process::ExitCode;
 
