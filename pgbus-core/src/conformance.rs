@@ -932,29 +932,45 @@ pub async fn groups_are_locked_one_owner_at_a_time_and_run_in_order<B: Backend>(
 }
 
 /// When the session owning a group goes away mid-message, recovery makes the message
-/// claimable again; while the owner lives, recovery leaves it alone.
+/// claimable again, but only once an earlier pass saw it orphaned for the grace period;
+/// while the owner lives, recovery leaves it alone.
 pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: B) {
+    const NEVER: Duration = Duration::from_secs(3600);
     let q = queue(&backend, "recovered").await;
     backend.send(&q, job(1).group("g")).await.unwrap();
     let mut recovery = backend.open_group_recovery().await.unwrap();
     let mut owner = backend.open_group_session().await.unwrap();
     assert!(owner.try_lock(&q, "g").await.unwrap());
     let head = owner.claim_head(&q, "g", LONG).await.unwrap().unwrap();
+    let queues = std::slice::from_ref(&q);
     assert_eq!(
-        recovery.recover(std::slice::from_ref(&q)).await.unwrap(),
-        0,
+        recovery.recover(queues, Duration::ZERO).await.unwrap(),
+        crate::Recovered::default(),
         "the owner is alive"
     );
     drop(owner);
     // The server notices a closed connection asynchronously: wait for recovery to see it.
     let start = Instant::now();
-    while recovery.recover(std::slice::from_ref(&q)).await.unwrap() == 0 {
+    loop {
+        let pass = recovery.recover(queues, NEVER).await.unwrap();
+        assert_eq!(pass.freed, 0, "freed before the grace period: {pass:?}");
+        if pass.waiting == 1 {
+            break;
+        }
         assert!(
             start.elapsed() < DEADLINE,
-            "dead owner's work never recovered"
+            "the dead owner's work is never seen orphaned"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        recovery.recover(queues, Duration::ZERO).await.unwrap(),
+        crate::Recovered {
+            freed: 1,
+            waiting: 0
+        },
+        "seen orphaned by an earlier pass: freed"
+    );
     let mut next = backend.open_group_session().await.unwrap();
     assert!(next.try_lock(&q, "g").await.unwrap());
     let again = next

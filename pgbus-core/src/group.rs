@@ -15,10 +15,11 @@
 //! Plain claims ([`Consumer::claim`](crate::Consumer::claim)) never return grouped
 //! messages.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::{Lease, Message, ProcessRegistry, QueueName, Result};
+use crate::{Lease, Message, MessageId, ProcessRegistry, QueueName, Result};
 
 /// One in-flight group's own session.
 pub trait GroupSession: Send + 'static {
@@ -74,8 +75,62 @@ pub trait GroupSession: Send + 'static {
 /// The recovery session of a group worker, which also records its process heartbeats.
 pub trait GroupRecovery: ProcessRegistry + Send + 'static {
     /// Makes claimable again the in-flight messages of `queues` whose group is not locked
-    /// by any live session (the owner died); returns how many.
-    fn recover(&mut self, queues: &[QueueName]) -> impl Future<Output = Result<u64>> + Send;
+    /// by any live session (the owner died), once an earlier pass of this session saw them
+    /// so at least `grace` ago (see [`OrphanSightings`]). Backends whose group locks
+    /// expire by themselves (leases) may free at once.
+    fn recover(
+        &mut self,
+        queues: &[QueueName],
+        grace: Duration,
+    ) -> impl Future<Output = Result<Recovered>> + Send;
+}
+
+/// What one recovery pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Messages made claimable again.
+    pub freed: u64,
+    /// Messages found without their group's lock, not yet for the grace period: a later
+    /// pass frees them if they are still so.
+    pub waiting: u64,
+}
+
+/// The claims a recovery session has found orphaned (leased, their group unlocked), and
+/// since when.
+///
+/// A lock vanishes the instant its connection dies, but the worker that held it notices
+/// only at its next liveness check, and stops its handler then. Freeing the message at
+/// first sight would let another worker run it beside that handler; freeing it only after
+/// it has been seen orphaned for a grace period longer than the liveness check keeps the
+/// group's handlers one at a time. A claim is `(message, attempt)`: a new claim of the
+/// same message is a new sighting.
+#[derive(Debug, Clone, Default)]
+pub struct OrphanSightings {
+    first_seen: HashMap<(MessageId, u32), Instant>,
+}
+
+impl OrphanSightings {
+    /// The claims seen orphaned for at least `grace`: the ones to free now.
+    pub fn due(&self, grace: Duration) -> Vec<(MessageId, u32)> {
+        self.first_seen
+            .iter()
+            .filter(|(_, seen)| seen.elapsed() >= grace)
+            .map(|(claim, _)| *claim)
+            .collect()
+    }
+
+    /// Records the claims this pass found orphaned and did not free, forgetting every
+    /// other; returns how many are waiting.
+    pub fn observe(&mut self, orphaned: impl IntoIterator<Item = (MessageId, u32)>) -> u64 {
+        let now = Instant::now();
+        let mut first_seen = HashMap::new();
+        for claim in orphaned {
+            let seen = self.first_seen.get(&claim).copied().unwrap_or(now);
+            first_seen.insert(claim, seen);
+        }
+        self.first_seen = first_seen;
+        self.first_seen.len() as u64
+    }
 }
 
 /// Opening group sessions.

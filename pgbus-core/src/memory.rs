@@ -27,7 +27,8 @@ use crate::stream::{
 };
 use crate::{
     ContentType, DeadMessage, Error, Headers, KeyLimit, Lease, Limits, Message, MessageId,
-    NewMessage, OnConflict, QueueName, Result, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
+    NewMessage, OnConflict, OrphanSightings, QueueName, Recovered, Result, Visibility,
+    DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// An in-memory [`Backend`](crate::Backend). Clones share the same state.
@@ -819,6 +820,7 @@ impl crate::GroupSession for MemoryGroupSession {
 #[derive(Debug, Clone)]
 pub struct MemoryGroupRecovery {
     backend: MemoryBackend,
+    sightings: OrphanSightings,
 }
 
 impl ProcessRegistry for MemoryGroupRecovery {
@@ -843,30 +845,40 @@ impl ProcessRegistry for MemoryGroupRecovery {
 }
 
 impl crate::GroupRecovery for MemoryGroupRecovery {
-    async fn recover(&mut self, queues: &[QueueName]) -> Result<u64> {
+    async fn recover(&mut self, queues: &[QueueName], grace: Duration) -> Result<Recovered> {
         let now = SystemTime::now();
+        let due = self.sightings.due(grace);
         let mut state = self.backend.lock();
         let State {
             queues: all,
             group_locks,
             ..
         } = &mut *state;
-        let mut recovered = 0;
+        let mut freed = 0;
+        let mut waiting = Vec::new();
         for queue in queues {
             let Some(q) = all.get_mut(queue) else {
                 continue;
             };
-            for m in q.messages.values_mut() {
+            for (id, m) in q.messages.iter_mut() {
                 let Some(group) = &m.group_key else { continue };
                 let locked = group_locks.contains_key(&(queue.clone(), group.clone()));
-                if m.leased && m.visible_at > now && !locked {
+                if !m.leased || m.visible_at <= now || locked {
+                    continue;
+                }
+                let claim = (MessageId(*id), m.attempts);
+                if due.contains(&claim) {
                     m.leased = false;
                     m.visible_at = now;
-                    recovered += 1;
+                    freed += 1;
+                } else {
+                    waiting.push(claim);
                 }
             }
         }
-        Ok(recovered)
+        drop(state);
+        let waiting = self.sightings.observe(waiting);
+        Ok(Recovered { freed, waiting })
     }
 }
 
@@ -886,6 +898,7 @@ impl crate::OpenGroupSession for MemoryBackend {
     async fn open_group_recovery(&self) -> Result<MemoryGroupRecovery> {
         Ok(MemoryGroupRecovery {
             backend: self.clone(),
+            sightings: OrphanSightings::default(),
         })
     }
 }

@@ -298,6 +298,10 @@ async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: 
 /// How often a running handler's session is checked for a closed connection.
 const LIVENESS_CHECK: Duration = Duration::from_millis(100);
 
+/// How long recovery leaves a message whose group's lock vanished before freeing it: ten
+/// liveness checks, so the worker whose session died has stopped its handler by then.
+const RECOVERY_GRACE: Duration = Duration::from_secs(1);
+
 /// Lock, then head after head: claim, run with the lease kept alive on this session, stop
 /// the heartbeat, settle. Unlock only what was locked. `Ok(false)`: locked elsewhere.
 async fn drive_group<B: Backend>(
@@ -348,27 +352,35 @@ async fn drive_group<B: Backend>(
             let every = (*lease_for / 3).max(Duration::from_millis(10));
             let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             let mut liveness = tokio::time::interval(LIVENESS_CHECK);
-            let outcome = loop {
+            let watched = loop {
                 tokio::select! {
-                    outcome = &mut rx => break outcome.unwrap_or_else(|_| Outcome::retry("handler panicked")),
-                    _ = heartbeat.tick() => {
-                        if !session.extend(&lease, *lease_for).await? {
-                            tracing::warn!(target: "pgbus::group", group = %group, "lease lost while the handler ran");
-                        }
-                    }
+                    outcome = &mut rx => break Ok(outcome.unwrap_or_else(|_| Outcome::retry("handler panicked"))),
+                    _ = heartbeat.tick() => match session.extend(&lease, *lease_for).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(target: "pgbus::group", group = %group, "lease lost while the handler ran"),
+                        Err(err) => break Err(err),
+                    },
                     _ = liveness.tick() => {
                         if !session.is_alive() {
-                            // The lock died with the connection: stop the handler, so that
-                            // whoever takes the group next does not run beside it.
-                            stop_job.cancel();
-                            let _ = (&mut rx).await;
-                            return Err(Error::Backend {
+                            break Err(Error::Backend {
                                 message: format!("the session of group {group} closed while its handler ran"),
                                 transient: true,
                                 source: None,
                             });
                         }
                     }
+                }
+            };
+            let outcome = match watched {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    // The session failed under a running handler, and the group's lock may
+                    // have died with it: stop the handler before giving up the group, so
+                    // that whoever takes it next does not run beside it (recovery waits
+                    // `RECOVERY_GRACE` before handing the message on).
+                    stop_job.cancel();
+                    let _ = rx.await;
+                    return Err(err);
                 }
             };
             // The heartbeat has stopped; now the post-processing writes.
@@ -417,25 +429,34 @@ async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: Cancellation
     let mut entry = ProcessEntry::new(Arc::clone(&worker.shared), Arc::clone(&ctx.report));
     let mut session: Option<<B as OpenGroupSession>::Recovery> = None;
     let mut errors = 0u32;
+    let mut last_beat: Option<Instant> = None;
     loop {
         let pass = async {
             let recovery = match &mut session {
                 Some(s) => s,
                 None => session.insert(worker.backend.open_group_recovery().await?),
             };
-            let freed = recovery.recover(&queues).await?;
-            if freed > 0 {
-                tracing::info!(target: "pgbus::group", freed, "recovered messages of groups whose owner died");
+            let recovered = recovery.recover(&queues, RECOVERY_GRACE).await?;
+            if recovered.freed > 0 {
+                tracing::info!(target: "pgbus::group", freed = recovered.freed, "recovered messages of groups whose owner died");
                 worker.wakeup.notify_one();
             }
-            entry.beat(&*recovery, ctx.pool.metadata().busy, interval).await;
-            Ok::<_, Error>(())
+            if last_beat.is_none_or(|at: Instant| at.elapsed() >= interval) {
+                entry.beat(&*recovery, ctx.pool.metadata().busy, interval).await;
+                last_beat = Some(Instant::now());
+            }
+            Ok::<_, Error>(recovered.waiting)
         }
         .await;
         let wait = match pass {
-            Ok(()) => {
+            Ok(waiting) => {
                 errors = 0;
-                interval
+                // Come back when the orphans seen now are due.
+                if waiting > 0 {
+                    interval.min(RECOVERY_GRACE)
+                } else {
+                    interval
+                }
             }
             Err(err) => {
                 session = None;

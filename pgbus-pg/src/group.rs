@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgbus_core::{
     check_delay, GroupRecovery, GroupSession, Lease, Message, MessageId, OpenGroupSession,
-    QueueName, Result,
+    OrphanSightings, QueueName, Recovered, Result,
 };
 use tokio_postgres::{Client, Statement};
 
@@ -62,6 +62,7 @@ impl std::fmt::Debug for PgGroupSession {
 pub struct PgGroupRecovery {
     client: Client,
     locks: GroupLocks,
+    sightings: OrphanSightings,
 }
 
 impl std::fmt::Debug for PgGroupRecovery {
@@ -118,6 +119,7 @@ impl OpenGroupSession for PgBackend {
         Ok(PgGroupRecovery {
             client: connect(self.url(), "recovery").await?,
             locks: self.group_locks(),
+            sightings: OrphanSightings::default(),
         })
     }
 }
@@ -301,17 +303,43 @@ impl GroupSession for PgGroupSession {
 }
 
 impl GroupRecovery for PgGroupRecovery {
-    async fn recover(&mut self, queues: &[QueueName]) -> Result<u64> {
+    async fn recover(&mut self, queues: &[QueueName], grace: Duration) -> Result<Recovered> {
         let names: Vec<&str> = queues.iter().map(QueueName::as_str).collect();
-        match self.locks {
-            GroupLocks::Advisory => self.client.execute(sql::RECOVER_GROUPS, &[&names]).await,
-            GroupLocks::Lease { .. } => self
+        if let GroupLocks::Lease { .. } = self.locks {
+            // An expired lease already is the grace period: free at once.
+            let row = self
                 .client
                 .query_one(sql::RECOVER_LEASED_GROUPS, &[&names])
                 .await
-                .map(|row| row.get::<_, i64>(0) as u64),
+                .map_err(|e| db("recovering groups of dead owners", e))?;
+            return Ok(Recovered {
+                freed: row.get::<_, i64>(0) as u64,
+                waiting: 0,
+            });
         }
-        .map_err(|e| db("recovering groups of dead owners", e))
+        let due = self.sightings.due(grace);
+        let ids: Vec<i64> = due.iter().map(|(id, _)| id.0).collect();
+        let attempts: Vec<i32> = due
+            .iter()
+            .map(|(_, attempt)| i32::try_from(*attempt).unwrap_or(i32::MAX))
+            .collect();
+        let rows = self
+            .client
+            .query(sql::RECOVER_GROUPS, &[&names, &ids, &attempts])
+            .await
+            .map_err(|e| db("recovering groups of dead owners", e))?;
+        let mut freed = 0;
+        let mut waiting = Vec::new();
+        for row in &rows {
+            if row.get::<_, bool>("freed") {
+                freed += 1;
+            } else {
+                let attempt = u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0);
+                waiting.push((MessageId(row.get("id")), attempt));
+            }
+        }
+        let waiting = self.sightings.observe(waiting);
+        Ok(Recovered { freed, waiting })
     }
 }
 

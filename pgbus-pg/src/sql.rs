@@ -376,22 +376,38 @@ RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_
 pub(crate) const CLAIM_GROUP_HEAD: &str = claim_group_head!("");
 pub(crate) const CLAIM_GROUP_HEAD_FENCED: &str = claim_group_head!(fence!("4"));
 
-/// Frees in-flight grouped messages whose group lock no session holds: their owner died.
+/// Advisory mode: lists the in-flight grouped messages of queues `$1` whose group's lock
+/// is gone (its owner died) and frees those among them that are due, the claims
+/// `($2[i], $3[i])` (message id, attempt) seen orphaned by an earlier pass for the grace
+/// period. A claim taken again meanwhile has another attempt and is left alone. Returns
+/// every orphaned claim with whether it was freed.
 pub(crate) const RECOVER_GROUPS: &str = "
-UPDATE pgbus.messages m
-SET lease_until = NULL
-WHERE m.queue = ANY ($1)
-  AND m.group_key IS NOT NULL
-  AND m.lease_until > now()
-  AND NOT EXISTS (
-      SELECT 1 FROM pg_locks l
-      WHERE l.locktype = 'advisory'
-        AND l.granted
-        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-        AND l.objsubid = 2
-        AND l.classid = hashtext('pgbus:' || m.queue)::oid
-        AND l.objid = hashtext(m.group_key)::oid
-  )";
+WITH orphaned AS (
+    SELECT m.id, m.attempts
+    FROM pgbus.messages m
+    WHERE m.queue = ANY ($1)
+      AND m.group_key IS NOT NULL
+      AND m.lease_until > now()
+      AND NOT EXISTS (
+          SELECT 1 FROM pg_locks l
+          WHERE l.locktype = 'advisory'
+            AND l.granted
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND l.objsubid = 2
+            AND l.classid = hashtext('pgbus:' || m.queue)::oid
+            AND l.objid = hashtext(m.group_key)::oid
+      )
+), freed AS (
+    UPDATE pgbus.messages m
+    SET lease_until = NULL
+    FROM orphaned o
+    JOIN unnest($2::bigint[], $3::int[]) AS due (id, attempts) USING (id, attempts)
+    WHERE m.id = o.id
+      AND m.attempts = o.attempts
+      AND m.lease_until > now()
+    RETURNING m.id
+)
+SELECT o.id, o.attempts, o.id IN (SELECT id FROM freed) AS freed FROM orphaned o";
 
 /// Lease mode: takes the group's lease row when it is free, expired, or already ours; the
 /// claim and its renewal are one statement.

@@ -101,7 +101,11 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
     assert!(next.claim_head(&q, "g", LONG).await.unwrap().is_none());
     next.unlock(&q, "g").await.unwrap();
     let mut recovery = backend.open_group_recovery().await.unwrap();
-    assert_eq!(recovery.recover(std::slice::from_ref(&q)).await.unwrap(), 1);
+    let recovered = recovery
+        .recover(std::slice::from_ref(&q), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!((recovered.freed, recovered.waiting), (1, 0));
     assert!(next.try_lock(&q, "g").await.unwrap());
     let again = next
         .claim_head(&q, "g", LONG)

@@ -912,6 +912,131 @@ async fn killed_group_connection_resumes_elsewhere_without_loss() {
     assert_eq!((stats.depth(), stats.dead_lettered), (0, 0));
 }
 
+/// What a handler did: started, or was dropped before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    Started(u32, u32),
+    Dropped(u32, u32),
+}
+
+/// Records [`Event::Dropped`] unless disarmed: the handler future was dropped mid-run.
+struct DropWitness {
+    log: Arc<Mutex<Vec<Event>>>,
+    run: (u32, u32),
+    armed: bool,
+}
+
+impl Drop for DropWitness {
+    fn drop(&mut self) {
+        if self.armed {
+            let (seq, attempt) = self.run;
+            self.log.lock().unwrap().push(Event::Dropped(seq, attempt));
+        }
+    }
+}
+
+/// A lease extension that fails on a connection that stays open (the statement is
+/// cancelled while it waits for a table lock) stops the handler before the group is given
+/// up: the group's next run never starts beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_lease_extension_stops_the_handler_before_the_group_moves_on() {
+    let (backend, url) = fresh_backend(4).await;
+    // A 600 ms lease: the running message's lease is extended every 200 ms.
+    let options = QueueOptions::default().lease(Duration::from_millis(600));
+    let q = create(&backend, "extend_fails", options).await;
+    send_groups(&backend, &q, &["g".to_owned()], 2, 100).await;
+
+    let log: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let (_open, gated) = gate();
+    let worker = Worker::builder(worker_backend(&url, "worker"))
+        .concurrency(1)
+        .poll_interval(POLL)
+        .heartbeat_interval(Duration::from_millis(100))
+        .handle(q.clone(), {
+            let log = log.clone();
+            move |ctx: JobContext<PgBackend>, step: Step| {
+                let (log, gated) = (log.clone(), gated.clone());
+                async move {
+                    let run = (step.seq, ctx.attempt());
+                    log.lock().unwrap().push(Event::Started(run.0, run.1));
+                    let mut witness = DropWitness {
+                        log,
+                        run,
+                        armed: true,
+                    };
+                    // The first run waits at a gate that never opens.
+                    if run == (0, 1) {
+                        pass(gated).await;
+                    }
+                    witness.armed = false;
+                    Outcome::Ack
+                }
+            }
+        })
+        .build_groups()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("the first message runs", DEADLINE, || async {
+        log.lock().unwrap().len() == 1
+    })
+    .await;
+
+    let observer = connect(&url, "observer").await.unwrap();
+    let group = pids(&observer, "group").await;
+    assert_eq!(group.len(), 1, "one group in flight, one group connection");
+    let victim = *group.iter().next().unwrap();
+    // Writes to the messages table wait for this lock (an extension skips locked rows, but
+    // not a locked table), reads do not.
+    let mut holder = connect(&url, "holder").await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE pgbus.messages IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    eventually(
+        "the extension waits for the table lock",
+        DEADLINE,
+        || async {
+            observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                &[&victim],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+        },
+    )
+    .await;
+    let cancelled: bool = observer
+        .query_one("SELECT pg_cancel_backend($1)", &[&victim])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cancelled);
+    eventually("the failed session is closed", DEADLINE, || async {
+        !pids(&observer, "group").await.contains(&victim)
+    })
+    .await;
+    tx.commit().await.unwrap();
+
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            Event::Started(0, 1),
+            Event::Dropped(0, 1),
+            Event::Started(0, 2),
+            Event::Started(1, 1)
+        ],
+        "the interrupted run was stopped before the group ran again"
+    );
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.started, report.acked), (3, 2), "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_killed_mid_group_resumes_in_a_second_worker() {
     const PER_GROUP: u32 = 5;
