@@ -19,8 +19,8 @@ use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Ou
 use crate::subscriber::Declare;
 use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
 
-/// How long a worker whose slots were all busy waits, after the first slot frees, for half
-/// of them to free before claiming again: a bound on the latency it trades for batching.
+/// How long a busy worker (fewer than half its slots free) waits for half of them to free
+/// before claiming again: a bound on the latency it trades for batching.
 const FILL_LINGER: Duration = Duration::from_millis(2);
 
 static DEFAULT_MODE: AtomicU8 = AtomicU8::new(MODE_ASYNC);
@@ -488,14 +488,16 @@ impl<B: Backend> Worker<B> {
             };
             errors = 0;
             match wait {
-                Wait::No => {}
-                Wait::ForSlot => {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = slot_freed.notified() => {}
+                Wait::No | Wait::ForSlot => {
+                    if matches!(wait, Wait::ForSlot) {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = slot_freed.notified() => {}
+                        }
                     }
-                    // Jobs tend to finish in bunches: give the others a moment, so the next
-                    // claim fetches many messages instead of one per freed slot.
+                    // Jobs tend to finish in bunches: while fewer than half the slots are
+                    // free, give the others a moment, so the next claim fetches many
+                    // messages instead of a few per freed slot.
                     let deadline = tokio::time::Instant::now() + FILL_LINGER;
                     while pool.available_capacity() < self.config.concurrency.div_ceil(2) {
                         tokio::select! {

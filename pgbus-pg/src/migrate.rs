@@ -81,6 +81,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "throughput",
         sql: include_str!("../migrations/0013_throughput.sql"),
     },
+    Migration {
+        version: 14,
+        name: "claim_room",
+        sql: include_str!("../migrations/0014_claim_room.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.
