@@ -83,8 +83,8 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 14,
-        name: "claim_room",
-        sql: include_str!("../migrations/0014_claim_room.sql"),
+        name: "claims",
+        sql: include_str!("../migrations/0014_claims.sql"),
     },
 ];
 

@@ -102,6 +102,11 @@ SELECT ins.id FROM ins LEFT JOIN wake ON true ORDER BY ins.id";
 /// with SKIP LOCKED, lease them, count the attempt. Only unindexed columns change, so the
 /// update can be HOT. `RETURNING` keeps no order: the caller restores it. Grouped and
 /// limited jobs have their own claims.
+///
+/// The update finds the picked rows by id (`= ANY`), never by a join: its plan is then the
+/// same for any claim size, so the fetch connection can run one generic plan instead of
+/// planning each claim anew (a join would be hashed over the whole table whenever the
+/// size is not known at planning time).
 pub(crate) const CLAIM: &str = "
 WITH picked AS (
     SELECT id
@@ -119,8 +124,7 @@ WITH picked AS (
 UPDATE pgbus.messages m
 SET lease_until = now() + make_interval(secs => $3),
     attempts = m.attempts + 1
-FROM picked
-WHERE m.id = picked.id
+WHERE m.id = ANY (ARRAY(SELECT id FROM picked))
 RETURNING m.id, m.priority, m.visible_at AS was_visible_at, m.lease_until,
           m.attempts, m.enqueued_at, m.content_type, m.headers, m.group_key,
           m.last_error, m.payload";
