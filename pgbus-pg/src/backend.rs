@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bb8::{Pool, PooledConnection};
-use bb8_postgres::PostgresConnectionManager;
 use pgbus_core::{
     check_delay, CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers,
     Lease, Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName,
@@ -14,7 +13,7 @@ use pgbus_core::{
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql, Type};
-use tokio_postgres::{GenericClient, NoTls, Row};
+use tokio_postgres::{GenericClient, Row};
 
 use crate::connect::{config_for, connect};
 use crate::error::{db, pool, storable};
@@ -22,7 +21,7 @@ use crate::group::GroupLocks;
 use crate::migrate::{self, SCHEMA_VERSION};
 use crate::sql;
 
-pub(crate) type Manager = PostgresConnectionManager<NoTls>;
+pub(crate) use crate::pool::Manager;
 
 /// The Postgres backend: a connection pool (connections named `pgbus:<role>`, `pgbus:pool`
 /// by default) and the queue operations. Cheap to clone; clones share the pool.
@@ -100,7 +99,7 @@ impl PgBackendBuilder {
         let pool = Pool::builder()
             .max_size(self.max_connections)
             .connection_timeout(self.connection_timeout)
-            .build_unchecked(PostgresConnectionManager::new(config, NoTls));
+            .build_unchecked(Manager::new(config));
         Ok(PgBackend {
             pool,
             url: self.url.into(),
@@ -173,7 +172,7 @@ impl PgBackend {
 
     /// Fails with [`Error::SchemaMismatch`] unless the schema is at [`SCHEMA_VERSION`].
     pub async fn check_schema(&self) -> Result<()> {
-        let found = migrate::schema_version(&*self.conn().await?).await?;
+        let found = migrate::schema_version(&**self.conn().await?).await?;
         match found {
             Some(v) if v == SCHEMA_VERSION => Ok(()),
             other => Err(Error::SchemaMismatch {
@@ -529,13 +528,13 @@ impl QueueAdmin for PgBackend {
             .await
             .map_err(|e| db("purging a queue", e))?;
         if purged == 0 {
-            ensure_exists(&*conn, name).await?;
+            ensure_exists(&**conn, name).await?;
         }
         Ok(purged)
     }
 
     async fn queue_info(&self, name: &QueueName) -> Result<QueueInfo> {
-        queue_info_on(&*self.conn().await?, name).await
+        queue_info_on(&**self.conn().await?, name).await
     }
 
     async fn list_queues(&self) -> Result<Vec<QueueInfo>> {
@@ -564,13 +563,13 @@ impl Producer for PgBackend {
             return Ok(Vec::new());
         }
         let conn = self.conn().await?;
-        self.send_batch_in(&*conn, queue, messages).await
+        self.send_batch_in(&**conn, queue, messages).await
     }
 }
 
 impl Consumer for PgBackend {
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Message>> {
-        claim_on(&*self.conn().await?, sql::CLAIM, queue, max, lease).await
+        claim_on(&**self.conn().await?, sql::CLAIM, queue, max, lease).await
     }
 
     async fn ack(&self, leases: &[Lease]) -> Result<u64> {
@@ -578,13 +577,13 @@ impl Consumer for PgBackend {
             return Ok(0);
         }
         let (ids, attempts) = lease_arrays(leases);
-        let row = self
-            .conn()
-            .await?
-            .query_typed_one(
-                sql::ACK,
-                &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY)],
-            )
+        let conn = self.conn().await?;
+        let ack = conn
+            .prepared(sql::ACK, &[Type::INT8_ARRAY, Type::INT4_ARRAY])
+            .await
+            .map_err(|e| db("preparing the ack", e))?;
+        let row = conn
+            .query_one(&ack, &[&ids, &attempts])
             .await
             .map_err(|e| db("acking messages", e))?;
         Ok(row.get::<_, i64>(0) as u64)
@@ -642,7 +641,7 @@ impl DeadLetters for PgBackend {
             .await
             .map_err(|e| db("listing dead letters", e))?;
         if rows.is_empty() {
-            ensure_exists(&*conn, queue).await?;
+            ensure_exists(&**conn, queue).await?;
         }
         rows.iter()
             .map(|row| dead_message_from(queue, row))
@@ -657,7 +656,7 @@ impl DeadLetters for PgBackend {
             .map_err(|e| db("retrying dead letters", e))?
             .get::<_, i64>(0) as u64;
         if moved == 0 {
-            ensure_exists(&*conn, queue).await?;
+            ensure_exists(&**conn, queue).await?;
         }
         Ok(moved)
     }
@@ -669,7 +668,7 @@ impl DeadLetters for PgBackend {
             .await
             .map_err(|e| db("discarding dead letters", e))?;
         if deleted == 0 {
-            ensure_exists(&*conn, queue).await?;
+            ensure_exists(&**conn, queue).await?;
         }
         Ok(deleted)
     }

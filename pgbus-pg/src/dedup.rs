@@ -65,7 +65,7 @@ impl Deduplication for PgBackend {
     async fn prune_dedup(&self, retention: Duration, batch: usize) -> Result<u64> {
         let conn = self.conn().await?;
         prune_in_batches(
-            &*conn,
+            &**conn,
             sql::PRUNE_DEDUP,
             retention,
             batch,

@@ -58,6 +58,7 @@ mod limits;
 mod listener;
 mod migrate;
 mod outbox;
+mod pool;
 mod registry;
 mod scheduler;
 mod sql;

@@ -84,22 +84,22 @@ async fn processes(client: &impl GenericClient) -> Result<Vec<ProcessRecord>> {
 
 impl ProcessRegistry for PgBackend {
     async fn register(&self, info: &ProcessInfo) -> Result<ProcessId> {
-        register(&*self.conn().await?, info).await
+        register(&**self.conn().await?, info).await
     }
     async fn heartbeat(&self, id: ProcessId, busy: u32) -> Result<bool> {
-        heartbeat(&*self.conn().await?, id, busy).await
+        heartbeat(&**self.conn().await?, id, busy).await
     }
     async fn deregister(&self, id: ProcessId) -> Result<()> {
-        deregister(&*self.conn().await?, id).await
+        deregister(&**self.conn().await?, id).await
     }
     async fn prune_stale(&self, stale_after: Duration) -> Result<u64> {
-        prune_stale(&*self.conn().await?, stale_after).await
+        prune_stale(&**self.conn().await?, stale_after).await
     }
     async fn processes(&self) -> Result<Vec<ProcessRecord>> {
-        processes(&*self.conn().await?).await
+        processes(&**self.conn().await?).await
     }
     async fn record_throughput(&self, counts: &[QueueThroughput]) -> Result<()> {
-        throughput::record(&*self.conn().await?, counts).await
+        throughput::record(&**self.conn().await?, counts).await
     }
 }
 

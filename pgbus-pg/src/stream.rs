@@ -54,7 +54,7 @@ fn ephemeral_payload(event: &str, data: &str) -> Result<String> {
 
 impl StreamStore for PgBackend {
     async fn publish(&self, stream: &StreamName, event: &str, data: &str) -> Result<i64> {
-        self.publish_in(&*self.conn().await?, stream, event, data)
+        self.publish_in(&**self.conn().await?, stream, event, data)
             .await
     }
 

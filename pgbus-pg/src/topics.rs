@@ -183,7 +183,7 @@ impl Topics for PgBackend {
     }
 
     async fn publish_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Published>> {
-        self.publish_batch_in(&*self.conn().await?, events).await
+        self.publish_batch_in(&**self.conn().await?, events).await
     }
 
     async fn topic_stats(&self) -> Result<Vec<TopicStats>> {
@@ -208,7 +208,7 @@ impl Topics for PgBackend {
     async fn prune_event_log(&self, retention: Duration, batch: usize) -> Result<u64> {
         let conn = self.conn().await?;
         prune_in_batches(
-            &*conn,
+            &**conn,
             sql::PRUNE_EVENT_LOG,
             retention,
             batch,
