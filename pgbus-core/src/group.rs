@@ -15,7 +15,7 @@
 //! Plain claims ([`Consumer::claim`](crate::Consumer::claim)) never return grouped
 //! messages.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -111,7 +111,7 @@ pub struct OrphanSightings {
 
 impl OrphanSightings {
     /// The claims seen orphaned for at least `grace`: the ones to free now.
-    pub fn due(&self, grace: Duration) -> Vec<(MessageId, u32)> {
+    pub fn due(&self, grace: Duration) -> HashSet<(MessageId, u32)> {
         self.first_seen
             .iter()
             .filter(|(_, seen)| seen.elapsed() >= grace)

@@ -99,7 +99,7 @@ impl PgBackendBuilder {
         let pool = Pool::builder()
             .max_size(self.max_connections)
             .connection_timeout(self.connection_timeout)
-            .build_unchecked(Manager::new(config));
+            .build_unchecked(Manager::new(config, self.role));
         Ok(PgBackend {
             pool,
             url: self.url.into(),

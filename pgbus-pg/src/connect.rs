@@ -23,10 +23,15 @@ pub fn config_for(url: &str, role: &str) -> Result<Config> {
 /// spawned task that ends when the client is dropped or the connection breaks.
 pub async fn connect(url: &str, role: &str) -> Result<Client> {
     let config = config_for(url, role)?;
-    let (client, connection) = config
-        .connect(NoTls)
+    open(&config, role)
         .await
-        .map_err(|err| db(&format!("opening a pgbus:{role} connection"), err))?;
+        .map_err(|err| db(&format!("opening a pgbus:{role} connection"), err))
+}
+
+/// Opens a connection with `config`, its I/O on a spawned task that logs how it ended
+/// (dedicated connections and the pool's alike).
+pub(crate) async fn open(config: &Config, role: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
     let role = role.to_owned();
     tokio::spawn(async move {
         if let Err(err) = connection.await {

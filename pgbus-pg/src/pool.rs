@@ -7,7 +7,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
 
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::{Client, Config, Statement};
+
+use crate::connect::open;
 
 /// A pooled connection: its client, and the statements prepared on it by their text.
 pub(crate) struct PooledClient {
@@ -48,15 +50,16 @@ impl DerefMut for PooledClient {
     }
 }
 
-/// Opens the pool's connections (named by `config`'s `application_name`).
+/// Opens the pool's connections, named `pgbus:<role>` by `config`.
 #[derive(Debug)]
 pub(crate) struct Manager {
     config: Config,
+    role: String,
 }
 
 impl Manager {
-    pub(crate) fn new(config: Config) -> Self {
-        Self { config }
+    pub(crate) fn new(config: Config, role: String) -> Self {
+        Self { config, role }
     }
 }
 
@@ -65,12 +68,7 @@ impl bb8::ManageConnection for Manager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PooledClient, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::warn!(target: "pgbus::connection", role = "pool", error = %err, "connection closed with an error");
-            }
-        });
+        let client = open(&self.config, &self.role).await?;
         Ok(PooledClient {
             client,
             prepared: Mutex::default(),
