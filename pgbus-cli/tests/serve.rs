@@ -44,6 +44,37 @@ fn a_non_loopback_address_needs_a_token() {
 }
 
 #[test]
+fn without_a_token_only_loopback_host_names_are_served() {
+    let db = Db::new();
+    let served = Served::start(&db, free_port(), &[], &[]);
+    let port = served.port;
+    let status = |path: &str, host: &str| {
+        client()
+            .get(served.url(path))
+            .header("host", host)
+            .send()
+            .expect("a response")
+            .status()
+    };
+    // A page that rebinds its own name to 127.0.0.1 sends that name.
+    for path in ["/", "/api/overview", "/metrics", "/livez"] {
+        assert_eq!(
+            status(path, &format!("evil.example:{port}")),
+            StatusCode::MISDIRECTED_REQUEST,
+            "{path}"
+        );
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        assert_eq!(status("/api/overview", &host), StatusCode::OK, "{host}");
+    }
+    assert!(served.stop().success());
+}
+
+#[test]
 fn the_token_guards_everything_but_health_and_streams() {
     let db = Db::new();
     let served = Served::start(&db, free_port(), &["--token", "sesame-1234"], &[]);
@@ -63,6 +94,14 @@ fn the_token_guards_everything_but_health_and_streams() {
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(status("/api/overview", Some("sesame-1234")), StatusCode::OK);
+    // With a token, the server may sit behind any name (a proxy, a LAN address).
+    let behind_a_name = http
+        .get(served.url("/api/overview"))
+        .header("host", "pgbus.internal.example")
+        .bearer_auth("sesame-1234")
+        .send()
+        .expect("a response");
+    assert_eq!(behind_a_name.status(), StatusCode::OK);
     assert_eq!(status("/metrics", Some("sesame-1234")), StatusCode::OK);
     assert_eq!(status("/livez", None), StatusCode::OK);
     assert_eq!(status("/readyz", None), StatusCode::OK);

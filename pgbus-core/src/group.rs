@@ -61,6 +61,15 @@ pub trait GroupSession: Send + 'static {
         reason: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Opens the queue's circuit breaker for `backoff` (see
+    /// [`QueueAdmin::trip_breaker`](crate::QueueAdmin::trip_breaker)), on this session so
+    /// the group worker stays within its connection budget.
+    fn trip_breaker(
+        &mut self,
+        queue: &QueueName,
+        backoff: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Whether the session's connection is still open (checked often while a handler runs,
     /// so a group whose lock died with its connection stops its handler quickly).
     fn is_alive(&self) -> bool {

@@ -806,6 +806,10 @@ impl crate::GroupSession for MemoryGroupSession {
         Consumer::dead_letter(&self.backend, lease, reason).await
     }
 
+    async fn trip_breaker(&mut self, queue: &QueueName, backoff: Duration) -> Result<()> {
+        QueueAdmin::trip_breaker(&self.backend, queue, backoff).await
+    }
+
     async fn unlock(&mut self, queue: &QueueName, group: &str) -> Result<()> {
         let mut state = self.backend.lock();
         let key = (queue.clone(), group.to_owned());

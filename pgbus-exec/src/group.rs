@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::breaker::Breakers;
 use crate::handler::{JobContext, Outcome};
 use crate::worker::{
     backoff, load_policies, new_pool, plan, run_handler, Counters, KillPoolOnDrop, ProcessEntry,
@@ -59,6 +60,8 @@ struct GroupContext<B: Backend> {
     worker: Arc<Worker<B>>,
     pool: Arc<dyn ExecutionPool>,
     policies: Policies,
+    /// Failures in a row per queue, for circuit breakers (counted across all groups).
+    breakers: Mutex<Breakers>,
     report: Arc<Counters>,
     /// Sessions returned clean, for the next groups.
     idle: Mutex<Vec<Session<B>>>,
@@ -91,6 +94,7 @@ impl<B: Backend> GroupWorker<B> {
         let queues = worker.shared.queues.clone();
         let mut first_fetcher = worker.backend.open_fetcher().await?;
         let policies = load_policies(&mut first_fetcher, &queues, worker.config.lease).await?;
+        let breakers = Mutex::new(Breakers::load(&mut first_fetcher, &queues).await?);
         let pool = new_pool(worker.shared.mode, worker.config.concurrency)?;
         let _ = worker.shared.pool.set(Arc::clone(&pool));
         let open_sessions = Arc::new(AtomicUsize::new(0));
@@ -99,6 +103,7 @@ impl<B: Backend> GroupWorker<B> {
             worker: Arc::clone(&worker),
             pool: Arc::clone(&pool),
             policies,
+            breakers,
             report: Arc::new(Counters::default()),
             idle: Mutex::new(Vec::new()),
             open_sessions,
@@ -385,7 +390,9 @@ async fn drive_group<B: Backend>(
             };
             // The heartbeat has stopped; now the post-processing writes.
             let discard = matches!(outcome, Outcome::Discard);
-            let blocked = match plan(outcome, policy, &lease, queue, &ctx.report) {
+            let settle = plan(outcome, policy, &lease, queue, &ctx.report);
+            let failed = matches!(settle, Settle::Nack(..) | Settle::DeadLetter(_));
+            let blocked = match settle {
                 Settle::Ack => {
                     if session.ack(&lease).await? {
                         ctx.report.acked.fetch_add(1, Ordering::Relaxed);
@@ -406,6 +413,11 @@ async fn drive_group<B: Backend>(
                     true
                 }
             };
+            let trip = ctx.breakers.lock().expect("breakers").record(queue, failed);
+            if let Some(backoff) = trip {
+                tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");
+                session.trip_breaker(queue, backoff).await?;
+            }
             if blocked {
                 break;
             }

@@ -58,9 +58,10 @@
 //!   claimed by a second, limited claim, made only with the slots plain jobs left free:
 //!   a queue of plain jobs pays nothing for them.
 //! - **Circuit breakers.** For a queue with a
-//!   [`CircuitBreaker`](pgbus_core::CircuitBreaker), the worker counts failed jobs
-//!   (retried or dead-lettered) in a row and opens the queue's breaker when they reach the
-//!   limit; after the backoff one more failure opens it again, a success closes it.
+//!   [`CircuitBreaker`](pgbus_core::CircuitBreaker), every worker (plain or group) counts
+//!   failed jobs (retried or dead-lettered) in a row and opens the queue's breaker when
+//!   they reach the limit; after the backoff one more failure opens it again, a success
+//!   closes it. A group worker opens it on the failing group's own session.
 //! - **Leases** of running jobs are extended every third of the lease, so a long job is
 //!   not delivered again while it runs. A job past the per-job timeout is cancelled (its
 //!   [`JobContext::cancellation`] fires) and retried.

@@ -13,7 +13,7 @@ use pgbus_core::{
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql, Type};
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::connect::{config_for, connect};
 use crate::error::{db, pool, storable};
@@ -411,6 +411,22 @@ fn attempts(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
 }
 
+/// Opens a queue's circuit breaker on `client` (see [`QueueAdmin::trip_breaker`]).
+pub(crate) async fn trip_breaker_on(
+    client: &Client,
+    name: &QueueName,
+    backoff: Duration,
+) -> Result<()> {
+    let updated = client
+        .execute(sql::TRIP_BREAKER, &[&name.as_str(), &backoff.as_secs_f64()])
+        .await
+        .map_err(|e| db("opening a circuit breaker", e))?;
+    if updated == 0 {
+        return Err(Error::QueueNotFound(name.clone()));
+    }
+    Ok(())
+}
+
 pub(crate) fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i32>) {
     leases
         .iter()
@@ -495,16 +511,7 @@ impl QueueAdmin for PgBackend {
     }
 
     async fn trip_breaker(&self, name: &QueueName, backoff: Duration) -> Result<()> {
-        let updated = self
-            .conn()
-            .await?
-            .execute(sql::TRIP_BREAKER, &[&name.as_str(), &backoff.as_secs_f64()])
-            .await
-            .map_err(|e| db("opening a circuit breaker", e))?;
-        if updated == 0 {
-            return Err(Error::QueueNotFound(name.clone()));
-        }
-        Ok(())
+        trip_breaker_on(&**self.conn().await?, name, backoff).await
     }
 
     async fn set_paused(&self, name: &QueueName, paused: bool) -> Result<()> {

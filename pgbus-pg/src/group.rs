@@ -10,7 +10,7 @@ use pgbus_core::{
 };
 use tokio_postgres::{Client, Statement};
 
-use crate::backend::{lease_arrays, message_from};
+use crate::backend::{lease_arrays, message_from, trip_breaker_on};
 use crate::connect::connect;
 use crate::error::{db, storable};
 use crate::{sql, PgBackend};
@@ -280,6 +280,10 @@ impl GroupSession for PgGroupSession {
         }
         .map_err(|e| db("dead-lettering a group message", e))?;
         Ok(moved == 1)
+    }
+
+    async fn trip_breaker(&mut self, queue: &QueueName, backoff: Duration) -> Result<()> {
+        trip_breaker_on(&self.client, queue, backoff).await
     }
 
     async fn unlock(&mut self, queue: &QueueName, group: &str) -> Result<()> {

@@ -1,7 +1,11 @@
-//! The `--token` check: `Authorization: Bearer TOKEN` for scripts and scrapers; for a
-//! browser, `/?token=TOKEN` once, which sets an HttpOnly, SameSite=Strict cookie.
+//! Who may talk to `pgbus serve`. With `--token`: requests carrying it, as
+//! `Authorization: Bearer TOKEN` for scripts and scrapers, or for a browser `/?token=TOKEN`
+//! once, which sets an HttpOnly, SameSite=Strict cookie. Without one (loopback only):
+//! requests addressed to a loopback host name, which keeps out web pages that reach the
+//! port through DNS rebinding.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Query, Request, State};
@@ -91,6 +95,38 @@ pub(crate) async fn require(State(token): State<Token>, request: Request, next: 
     response
 }
 
+/// Without a token the server listens on loopback only, yet a web page can still reach it
+/// by DNS rebinding: its own host name made to resolve to 127.0.0.1, so the browser treats
+/// the dashboard's API as the page's origin. Such requests name that host in `Host`; they
+/// are refused. (With a token this is moot: the page does not have it.)
+pub(crate) async fn loopback_host(request: Request, next: Next) -> Response {
+    let host = match request.headers().get(header::HOST) {
+        Some(value) => value.to_str().ok(),
+        // HTTP/2 carries the authority in the URI.
+        None => request.uri().authority().map(|a| a.as_str()),
+    };
+    if host.is_none_or(is_loopback_host) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        "without --token pgbus serves only requests to localhost or a loopback address\n",
+    )
+        .into_response()
+}
+
+/// `localhost`, a `.localhost` name, or a loopback address, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or("", |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +140,33 @@ mod tests {
         assert!(!token.matches(""));
         assert!(Token::new("short".into()).is_err());
         assert!(Token::new("has a space".into()).is_err());
+    }
+
+    #[test]
+    fn loopback_host_names() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST.:8080",
+            "app.localhost:1",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:8080",
+            "[::1",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 }

@@ -137,6 +137,9 @@ pub(crate) async fn start(
         let endpoint = pgbus_stream::http::Streams::new(streams.clone(), crate::stream::signer()?);
         router = router.merge(endpoint.router());
     }
+    if token.is_none() {
+        router = router.layer(axum::middleware::from_fn(auth::loopback_host));
+    }
     let router = router
         .layer(axum::middleware::from_fn(no_store))
         .with_state(app);
