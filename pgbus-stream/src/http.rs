@@ -4,9 +4,17 @@
 //! authorization hook refuses, 400 for a malformed cursor, 503 with `Retry-After` beyond
 //! the connection limit or while the listener is down. The cursor is `Last-Event-ID`
 //! (wins) or `?since=`.
+//!
+//! Serve it on a [`WriteDeadline`] listener: the dispatcher drops a client that stopped
+//! reading, but only a deadline on the socket's writes closes that client's connection
+//! (and frees its place in the connection limit) while the server is blocked writing to it.
 
 use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -16,6 +24,8 @@ use axum::routing::get;
 use axum::Router;
 use futures_util::StreamExt;
 use pgbus_core::{StreamListener, StreamName, StreamStore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_io_timeout::TimeoutStream;
 
 use crate::cursor::start_from;
 use crate::{Instance, Signer};
@@ -64,6 +74,39 @@ impl<S: StreamStore, L: StreamListener> Streams<S, L> {
         Router::new()
             .route("/streams/{signed}", get(follow::<S, L>))
             .with_state(self)
+    }
+}
+
+/// A TCP listener whose connections fail a write that cannot make progress for
+/// `deadline`, which closes the connection: a client that stops reading cannot hold a
+/// response (and its place in the stream connection limit) open for ever. Use the
+/// instance's [`Config::write_deadline`](crate::Config::write_deadline).
+#[derive(Debug)]
+pub struct WriteDeadline {
+    listener: TcpListener,
+    deadline: Duration,
+}
+
+impl WriteDeadline {
+    /// Wraps a bound listener.
+    pub fn new(listener: TcpListener, deadline: Duration) -> Self {
+        Self { listener, deadline }
+    }
+}
+
+impl axum::serve::Listener for WriteDeadline {
+    type Io = Pin<Box<TimeoutStream<TcpStream>>>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.listener).await;
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(self.deadline));
+        (Box::pin(stream), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 

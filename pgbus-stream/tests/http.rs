@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgbus_core::{MemoryBackend, MemoryStreamListener, StreamName, StreamStore};
-use pgbus_stream::http::Streams;
+use pgbus_stream::http::{Streams, WriteDeadline};
 use pgbus_stream::parse::{SseFrame, SseParser};
 use pgbus_stream::{Config, Instance, Signer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,6 +25,7 @@ fn stream(name: &str) -> StreamName {
 
 async fn serve(config: Config) -> Server {
     let backend = MemoryBackend::new();
+    let write_deadline = config.write_deadline;
     let instance = Instance::new(backend.clone(), backend.stream_listener(), config);
     instance.start().unwrap();
     let signer = Signer::new("the secret used by these tests").unwrap();
@@ -33,7 +34,8 @@ async fn serve(config: Config) -> Server {
         .router();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });
+    let listener = WriteDeadline::new(tcp, write_deadline);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {
         backend,
         instance,
@@ -174,6 +176,7 @@ async fn a_client_that_stops_reading_is_dropped_while_others_keep_receiving() {
     let mut config = config();
     config.queue_capacity = 8;
     config.write_deadline = Duration::from_millis(300);
+    config.max_connections = 2;
     let server = serve(config).await;
     let s = stream("big");
     let path = server.signer.url_path(&s);
@@ -195,11 +198,13 @@ async fn a_client_that_stops_reading_is_dropped_while_others_keep_receiving() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    // 64 KiB events fill the stalled client's socket buffers and then its queue.
+    // 64 KiB events fill the stalled client's socket buffers and then its queue. Whichever
+    // deadline fires first drops it: its full queue's (the dispatcher) or its blocked
+    // write's (the listener, which closes the connection).
     let payload = "x".repeat(64 * 1024);
     let mut published = Vec::new();
     let mut received = Vec::new();
-    while server.instance.stats().dropped_slow == 0 {
+    while server.instance.stats().connections == 2 {
         assert!(
             start.elapsed() < DEADLINE,
             "the stalled client was never dropped"
@@ -228,6 +233,22 @@ async fn a_client_that_stops_reading_is_dropped_while_others_keep_receiving() {
         "the reading client got everything, in order"
     );
     assert_eq!(server.instance.stats().connections, 1);
+    // The server gave up writing to the stalled socket and closed it, so its place in the
+    // connection limit (2) is free again although the client never read.
+    loop {
+        let third = reqwest::get(format!("{}{path}", server.base))
+            .await
+            .unwrap();
+        if third.status() == reqwest::StatusCode::OK {
+            break;
+        }
+        assert_eq!(third.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the stalled connection kept its place in the limit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut sink = Vec::new();
     // The stalled socket drains what was queued, then the response ends.
     let drained = tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut sink)).await;
