@@ -64,12 +64,120 @@ fn without_a_token_only_loopback_host_names_are_served() {
             "{path}"
         );
     }
+    // Nor may another site frame the dashboard.
+    let page = client().get(served.url("/")).send().expect("the dashboard");
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    assert_eq!(
+        page.headers()["content-security-policy"],
+        "frame-ancestors 'none'"
+    );
     for host in [
         format!("localhost:{port}"),
         format!("127.0.0.1:{port}"),
         format!("[::1]:{port}"),
     ] {
         assert_eq!(status("/api/overview", &host), StatusCode::OK, "{host}");
+    }
+    assert!(served.stop().success());
+}
+
+#[test]
+fn the_overview_and_metrics_show_topics_schedules_and_open_breakers() {
+    let db = Db::new();
+    db.ok(&[
+        "queue",
+        "create",
+        "billing",
+        "--max-attempts",
+        "100",
+        "--breaker-failures",
+        "1",
+        "--breaker-backoff",
+        "1h",
+    ]);
+    db.ok(&["topic", "bind", "order.*", "billing"]);
+    db.ok(&["publish", "order.paid", r#"{"order":42}"#]);
+    db.ok(&["publish", "invoice.sent", r#"{"invoice":7}"#]);
+    // One failure opens the breaker; `--until-empty` then ends with the job left.
+    db.work(&["billing", "--exec", "exit 1", "--until-empty"]);
+    let config = db.path("tasks.json");
+    std::fs::write(
+        &config,
+        json!([{"name": "nightly_report", "queue": "billing", "cron": "0 3 * * *",
+                "payload": {"kind": "nightly"}}])
+        .to_string(),
+    )
+    .unwrap();
+    let mut scheduler = Background(
+        db.cmd(&["cron", "run", "--config", config.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the scheduler"),
+    );
+    eventually("the task declared", SHORT, || {
+        db.ok(&["cron", "list", "--json"]).json()["tasks"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty())
+    });
+    scheduler.stop();
+
+    let served = Served::start(&db, free_port(), &[], &[]);
+    eventually("topics and schedules in the overview", SHORT, || {
+        let o = overview(&served);
+        o["topics"].as_array().is_some_and(|t| t.len() == 2)
+            && o["schedules"].as_array().is_some_and(|s| s.len() == 1)
+    });
+    let o = overview(&served);
+    let topic = |key: &str| {
+        o["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["routing_key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("{key} in {}", o["topics"]))
+    };
+    assert_eq!(
+        (
+            topic("order.paid")["copies"].clone(),
+            topic("order.paid")["unrouted"].clone()
+        ),
+        (json!(1), json!(0))
+    );
+    assert_eq!(topic("invoice.sent")["unrouted"], 1);
+    assert_eq!(o["schedules"][0]["task"], "nightly_report");
+    assert!(
+        o["schedules"][0]["next_at"]
+            .as_str()
+            .is_some_and(|next| next.contains("T03:00:00")),
+        "{}",
+        o["schedules"]
+    );
+    let billing = queue_in(&o, "billing").expect("billing");
+    assert!(
+        billing["breaker_open_for_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 0),
+        "{billing}"
+    );
+
+    let metrics = client()
+        .get(served.url("/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .expect("the metrics");
+    for sample in [
+        r#"pgbus_queue_breaker_open{queue="billing"} 1"#,
+        r#"pgbus_topic_unrouted{routing_key="invoice.sent"} 1"#,
+        r#"pgbus_topic_unrouted{routing_key="order.paid"} 0"#,
+        "pgbus_batches_open 0",
+    ] {
+        assert!(
+            metrics.lines().any(|line| line == sample),
+            "{sample} in\n{metrics}"
+        );
     }
     assert!(served.stop().success());
 }

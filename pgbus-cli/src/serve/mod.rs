@@ -92,11 +92,13 @@ pub(crate) async fn start(
     let token = token.map(Token::new).transpose()?;
 
     #[cfg(feature = "stream")]
+    let stream_config = pgbus_stream::Config::default();
+    #[cfg(feature = "stream")]
     let streams = {
         let instance = pgbus_stream::Instance::new(
             backend.clone(),
             pgbus_pg::PgStreamListener::new(url)?,
-            pgbus_stream::Config::default(),
+            stream_config.clone(),
         );
         instance.start()?;
         instance
@@ -141,7 +143,7 @@ pub(crate) async fn start(
         router = router.layer(axum::middleware::from_fn(auth::loopback_host));
     }
     let router = router
-        .layer(axum::middleware::from_fn(no_store))
+        .layer(axum::middleware::from_fn(response_headers))
         .with_state(app);
 
     let task = tokio::spawn(async move {
@@ -157,6 +159,10 @@ pub(crate) async fn start(
                 streams.shutdown().await;
             }
         };
+        // A client that stops reading an event stream is cut off after the write deadline.
+        #[cfg(feature = "stream")]
+        let listener =
+            pgbus_stream::http::WriteDeadline::new(listener, stream_config.write_deadline);
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
@@ -182,13 +188,21 @@ async fn readyz(State(app): State<App>) -> Response {
     }
 }
 
-/// Nothing pgbus serves may be cached by a browser or proxy.
-async fn no_store(request: Request, next: Next) -> Response {
+/// Nothing pgbus serves may be cached by a browser or proxy, sniffed as another type, or
+/// framed by another site (which could trick clicks on "discard all").
+async fn response_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
-    response
-        .headers_mut()
-        .entry(header::CACHE_CONTROL)
-        .or_insert(header::HeaderValue::from_static("no-store"));
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+    ] {
+        headers
+            .entry(name)
+            .or_insert(header::HeaderValue::from_static(value));
+    }
     response
 }
 
