@@ -185,6 +185,20 @@ async fn a_publish_fans_out_in_the_publishers_transaction() {
         .map(|s| s.depth())
         .sum();
     assert_eq!(depth, 0);
+    // One statement wrote the 5 copies: they share the transaction's command id.
+    let written = tx
+        .query_one(
+            "SELECT count(*), count(DISTINCT cmin::text) FROM pgbus.messages
+             WHERE xmin = pg_current_xact_id()::xid",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (written.get::<_, i64>(0), written.get::<_, i64>(1)),
+        (5, 1),
+        "5 copies from one command"
+    );
     tx.commit().await.unwrap();
     for q in &queues {
         let copies = drain(&backend, q).await;

@@ -100,11 +100,40 @@ async fn four_schedulers_enqueue_each_occurrence_once_across_a_leader_kill() {
     schedulers[killed].handle.abort();
     let at_kill = recorded(&url).await.0.len();
 
-    // The dead leader's lease runs out within one lease; followers try every tick (a
-    // generous deadline for a loaded machine).
-    eventually("another scheduler took over", LEASE * 5, || async {
-        leaders(&schedulers).iter().any(|&i| i != killed)
+    // On the database's clock: the dead leader's lease runs out at most one lease after
+    // its last renewal; a follower takes over after that, never before, and within one
+    // more lease (followers try every 50 ms tick; the rest is slack for a busy machine).
+    let observer = connect(&url, "observer").await.unwrap();
+    let lease_row = "SELECT owner, extract(epoch FROM expires_at)::float8
+                     FROM pgbus.scheduler_lease WHERE name = 'pgbus:scheduler'";
+    let old = observer.query_one(lease_row, &[]).await.unwrap();
+    let (old_owner, old_expiry): (String, f64) = (old.get(0), old.get(1));
+    let new_expiry = std::cell::Cell::new(None);
+    eventually("another scheduler took over", DEADLINE, || async {
+        let row = observer.query_one(lease_row, &[]).await.unwrap();
+        if row.get::<_, String>(0) != old_owner {
+            new_expiry.set(Some(row.get::<_, f64>(1)));
+        }
+        new_expiry.get().is_some()
     })
+    .await;
+    // The new owner's first expiry, or a renewal of it at most one poll later.
+    let taken_at = new_expiry.get().unwrap() - LEASE.as_secs_f64();
+    assert!(
+        taken_at >= old_expiry,
+        "taken over {:.3} s before the dead leader's lease ran out",
+        old_expiry - taken_at
+    );
+    assert!(
+        taken_at <= old_expiry + LEASE.as_secs_f64(),
+        "taken over {:.3} s after the dead leader's lease ran out (more than one lease)",
+        taken_at - old_expiry
+    );
+    eventually(
+        "the new owner is one of the live schedulers",
+        DEADLINE,
+        || async { leaders(&schedulers).iter().any(|&i| i != killed) },
+    )
     .await;
     eventually("30 more occurrences enqueued", DEADLINE, || async {
         recorded(&url).await.0.len() >= at_kill + 30
