@@ -73,6 +73,53 @@ fn send_from_stdin_and_work_until_empty_with_exec() {
 }
 
 #[test]
+fn threads_mode_with_json_logs() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "jobs"]);
+    db.send_stdin(
+        &["-q", "send", "jobs"],
+        json_lines((0..200).map(|n| json!({ "n": n }))),
+    )
+    .ok();
+    let out = db.path("out.jsonl");
+    let exec = format!("cat >> {}", sh_quote(&out));
+    let worked = db
+        .run(&[
+            "--log-format",
+            "json",
+            "-v",
+            "work",
+            "jobs",
+            "--execution-mode",
+            "threads",
+            "--concurrency",
+            "4",
+            "--until-empty",
+            "--exec",
+            &exec,
+        ])
+        .ok();
+    let distinct: BTreeSet<i64> = payload_ns(&out).into_iter().collect();
+    assert_eq!(distinct, (0..200).collect(), "every payload, on OS threads");
+    // Every log line is one JSON object with a level; -v shows info lines.
+    let logs: Vec<Value> = worked
+        .stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert!(
+        logs.iter().all(|l| l["level"].is_string()),
+        "{}",
+        worked.stderr
+    );
+    assert!(
+        logs.iter().any(|l| l["level"] == "INFO"),
+        "{}",
+        worked.stderr
+    );
+}
+
+#[test]
 fn exec_exit_codes_decide_ack_retry_dead_letter() {
     let db = Db::new();
     db.ok(&["queue", "create", "tasks", "--max-attempts", "2"]);
@@ -375,6 +422,68 @@ impl Drop for Home {
             panic!("`pgbus db stop` failed: {}", out.stderr);
         }
     }
+}
+
+/// The README's first command: `pgbus demo` on a fresh home with no database configured
+/// serves the dashboard, processes jobs, and stops cleanly on Ctrl-C (SIGINT).
+#[test]
+fn demo_runs_on_the_embedded_default_and_stops_on_ctrl_c() {
+    let home = Home::new();
+    let mut demo = home.cmd(&["demo", "--listen", &format!("127.0.0.1:{}", free_port())]);
+    let mut child = Background(
+        demo.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the demo"),
+    );
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
+    thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let stderr = read_all(child.0.stderr.take());
+    let next_line = || lines.recv_timeout(LONG).expect("the demo said more");
+    let url = loop {
+        let line = next_line();
+        if let Some(url) = line.strip_prefix("pgbus demo: dashboard at ") {
+            break url.trim().to_owned();
+        }
+    };
+    let page = reqwest::blocking::get(&url).expect("the dashboard");
+    assert!(page.status().is_success(), "{}", page.status());
+    // Progress lines until jobs were acked and some failed into the dead-letter queue.
+    loop {
+        let line = next_line();
+        if line.starts_with("queue demo:")
+            && !line.contains("dead-lettered 0")
+            && !line.contains(" sent 0,")
+        {
+            break;
+        }
+    }
+    let interrupt = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(interrupt.success());
+    let status = wait_deadline(&mut child.0, LONG).expect("the demo stopped after Ctrl-C");
+    let rest: Vec<String> = lines.try_iter().collect();
+    let stderr = stderr.join().unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    let summary = rest
+        .iter()
+        .find(|l| l.starts_with("pgbus demo: stopped after sending"))
+        .unwrap_or_else(|| panic!("a summary in {rest:?}"));
+    let acked: u64 = summary
+        .split("; ")
+        .nth(1)
+        .and_then(|part| part.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("acked count in {summary}"));
+    assert!(acked > 0, "{summary}");
+    assert!(stderr.contains("embedded PostgreSQL"), "{stderr}");
 }
 
 /// The port in "... on port N ..." of an embedded-database notice.

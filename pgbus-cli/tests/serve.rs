@@ -183,6 +183,27 @@ fn the_overview_and_metrics_show_topics_schedules_and_open_breakers() {
 }
 
 #[test]
+fn the_token_can_come_from_pgbus_token() {
+    let db = Db::new();
+    let served = Served::start(
+        &db,
+        free_port(),
+        &[],
+        &[("PGBUS_TOKEN", "from-the-env-1234")],
+    );
+    let status = |token: Option<&str>| {
+        let mut request = client().get(served.url("/api/overview"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().expect("a response").status()
+    };
+    assert_eq!(status(None), StatusCode::UNAUTHORIZED);
+    assert_eq!(status(Some("from-the-env-1234")), StatusCode::OK);
+    assert!(served.stop().success());
+}
+
+#[test]
 fn the_token_guards_everything_but_health_and_streams() {
     let db = Db::new();
     let served = Served::start(&db, free_port(), &["--token", "sesame-1234"], &[]);
