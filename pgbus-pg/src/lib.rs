@@ -33,6 +33,9 @@
 //! - **Completed work leaves the hot table**: acked messages are deleted, or moved to
 //!   `pgbus.archive` for queues that keep history; [`PgBackend::prune_archive`] trims the
 //!   archive in bounded batches.
+//! - **Maintenance**: a [`Maintenance`] loop (run by every `pgbus work` process) prunes the
+//!   archive, idempotent consumers' dedup records and the event log every interval, in
+//!   bounded `SKIP LOCKED` batches, so any number of processes may run it at once.
 //! - **Transactions**: [`PgBackend::send_in`] and [`PgBackend::send_batch_in`] write inside
 //!   the caller's transaction; a rollback leaves no message.
 //! - **Topics**: [`PgBackend::publish_batch_in`] fans events out to every queue with a
@@ -56,6 +59,7 @@ mod fetcher;
 mod group;
 mod limits;
 mod listener;
+mod maintenance;
 mod migrate;
 mod outbox;
 mod pool;
@@ -75,6 +79,7 @@ pub use connect::{config_for, connect};
 pub use fetcher::PgFetcher;
 pub use group::{GroupInFlight, GroupLocks, PgGroupRecovery, PgGroupSession};
 pub use listener::PgListener;
+pub use maintenance::{Maintenance, MaintenanceBuilder, Pruned};
 pub use migrate::SCHEMA_VERSION;
 pub use outbox::{write_outbox, OutboxRelay, OutboxRelayBuilder, RelayStats};
 pub use scheduler::{ScheduleInfo, Scheduler, SchedulerBuilder, SchedulerMonitor};
