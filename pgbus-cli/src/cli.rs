@@ -65,6 +65,9 @@ pub(crate) enum Command {
     /// Publish events: one JSON document as an argument, or one per line on standard
     /// input; every queue bound to a matching pattern gets a copy.
     Publish(crate::topics::PublishArgs),
+    /// Relay the transactional outbox: publish the rows producers wrote to `pgbus.outbox`
+    /// (here or in another database, --outbox-url) until SIGTERM or Ctrl-C.
+    Relay(crate::relay::RelayArgs),
     /// Inspect and recover dead-lettered messages.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -196,6 +199,14 @@ pub(crate) struct WorkArgs {
     /// How long a graceful stop waits for running jobs.
     #[arg(long, value_parser = duration, default_value = "30s")]
     pub(crate) drain_timeout: Duration,
+    /// How long idempotent consumers' dedup records are kept (every worker process
+    /// prunes them, the event log, and each queue's archive past its retention).
+    #[arg(long, value_parser = duration, default_value = "7days")]
+    pub(crate) dedup_retention: Duration,
+    /// How long published events stay in the event log (what a binding with
+    /// --earliest or --since can replay).
+    #[arg(long, value_parser = duration, default_value = "7days")]
+    pub(crate) event_retention: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +282,7 @@ impl Cli {
             Command::Work(args) => crate::work::work(&database, args).await,
             Command::Topic(command) => crate::topics::topic(&database, command, self.quiet).await,
             Command::Publish(args) => crate::topics::publish(&database, args, self.quiet).await,
+            Command::Relay(args) => crate::relay::relay(&database, args, self.quiet).await,
             Command::Dlq(command) => crate::admin::dlq(&database, command, self.quiet).await,
             Command::Stats { json } => crate::admin::stats(&database, json).await,
             Command::Demo(args) => crate::demo::demo(&database, args).await,

@@ -10,6 +10,7 @@ mod cli;
 mod cron;
 mod database;
 mod demo;
+mod relay;
 mod send;
 #[cfg(any(feature = "dashboard", feature = "stream"))]
 mod serve;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use pgbus_core::{QueueName, Stats, WakeupSource};
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
-use pgbus_pg::{PgBackend, PgListener};
+use pgbus_pg::{Maintenance, PgBackend, PgListener};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -81,6 +81,13 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         },
         _ => bail!("give exactly one of --exec CMD or --http URL"),
     };
+    // Pruning runs in the worker processes, not in a `--processes` supervisor: the
+    // supervisor stays a plain process watcher without a pool of its own, and the
+    // prunes skip each other's rows, so N workers pruning at once only share the work.
+    let maintenance = Maintenance::builder(backend.clone())
+        .dedup_retention(args.dedup_retention)
+        .event_log_retention(args.event_retention)
+        .build()?;
     let listener: Arc<dyn WakeupSource> = Arc::new(PgListener::start(&db.url)?);
     let stop = stop_on_signals()?;
 
@@ -108,6 +115,7 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
     let grouped = build(Worker::builder(backend.clone())).build_groups()?;
     let plain = tokio::spawn(plain.run(stop.clone()));
     let grouped = tokio::spawn(grouped.run(stop.clone()));
+    let maintenance = tokio::spawn(maintenance.run(stop.clone()));
     if args.until_empty {
         tokio::spawn(stop_when_empty(
             backend.clone(),
@@ -117,6 +125,9 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
     }
     let plain: WorkerReport = plain.await??;
     let grouped: WorkerReport = grouped.await??;
+    // Pruning stops with the workers, however they came to stop.
+    stop.cancel();
+    maintenance.await?;
     tracing::info!(
         target: "pgbus::cli",
         acked = plain.acked + grouped.acked,
