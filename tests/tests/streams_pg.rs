@@ -324,3 +324,89 @@ async fn the_dispatcher_holds_no_pooled_connection_between_iterations() {
     );
     instance.shutdown().await;
 }
+
+/// A read that fails inside Postgres while it holds a pooled connection (cancelled while
+/// waiting for a lock) gives the connection back before the dispatcher's next iteration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_failing_while_it_holds_a_connection_gives_it_back() {
+    let (publisher, url) = fresh_backend(4).await;
+    let dispatcher_pool = PgBackend::builder(&url)
+        .role("dispatcher")
+        .max_connections(4)
+        .build()
+        .unwrap();
+    let violations = Arc::new(AtomicUsize::new(0));
+    let hook: IterationHook = {
+        let (pool, violations) = (dispatcher_pool.clone(), violations.clone());
+        Arc::new(move || {
+            if pool.pool_in_use() != 0 {
+                violations.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let instance = started(dispatcher_pool.clone(), &url, config(), Some(hook));
+    wait_live(&instance).await;
+    let s = stream("cancelled");
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(publisher.publish(&s, "n", &n.to_string()).await.unwrap());
+    }
+
+    // The replay read of a new connection waits for this lock; cancel it there.
+    let admin = connect(&url, "admin").await.unwrap();
+    admin
+        .batch_execute("BEGIN; LOCK TABLE pgbus.stream_events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let connecting = {
+        let (instance, s) = (instance.clone(), s.clone());
+        tokio::spawn(async move { instance.register(s, Start::After(0)).await.is_ok() })
+    };
+    // Observed from another session: pg_stat_activity is a snapshot per transaction.
+    let observer = connect(&url, "observer").await.unwrap();
+    eventually("the replay read waits for the lock", DEADLINE, || async {
+        observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'pgbus:dispatcher' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    let cancelled: bool = observer
+        .query_one(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'pgbus:dispatcher' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cancelled);
+    let registered = tokio::time::timeout(DEADLINE, connecting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!registered, "the failed replay refused the connection");
+    admin.batch_execute("ROLLBACK").await.unwrap();
+    assert!(instance.stats().store_errors >= 1, "{:?}", instance.stats());
+    assert_eq!(dispatcher_pool.pool_in_use(), 0);
+    assert_eq!(
+        violations.load(Ordering::SeqCst),
+        0,
+        "a pooled connection was held after the failed iteration"
+    );
+
+    // The client retries and gets everything.
+    let mut events = instance.register(s.clone(), Start::After(0)).await.unwrap();
+    let (_last_tx, last_rx) = watch::channel(ids.last().copied());
+    let received = tokio::time::timeout(DEADLINE, follow(&mut events, last_rx))
+        .await
+        .unwrap();
+    assert_eq!(received, ids);
+    instance.shutdown().await;
+}
