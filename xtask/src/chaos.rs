@@ -8,20 +8,25 @@
 //! 1. `crashes`: SIGKILL worker processes at random moments and restart them;
 //!    `supervisor`: SIGKILL the workers of one `pgbus work --processes N`, which restarts
 //!    them itself.
-//! 2. `restarts`: `pg_ctl restart -m fast`, later `-m immediate` (own cluster only).
+//! 2. `restarts`: `pg_ctl restart -m fast`, later `-m immediate` (own cluster only); after
+//!    each, every worker process must `LISTEN` again (`pg_stat_activity`).
 //! 3. `terminations`: `pg_terminate_backend` storms on each `pgbus:*` connection role.
 //! 4. `groups`: ordered groups while workers are killed and group connections cut.
-//! 5. `streams`: an SSE client across `pgbus serve` restarts and `pgbus:stream` kills.
+//! 5. `streams`: an SSE client across `pgbus serve` restarts, `pgbus:stream` kills and
+//!    `pg_ctl restart -m fast` (own cluster only).
 //! 6. `slow`: an `ACCESS EXCLUSIVE` lock on `pgbus.messages` held for seconds.
 //!
 //! Every handler run is recorded by the handler itself (see [`record`]), so the checks
 //! ([`check`]) see what really ran: every message completed at least once, the
 //! dead-letter queue empty, no worker dying by itself, and for ordered groups: each message
 //! starts only after its predecessor completed, and no two completed runs of one group
-//! overlap (except a run whose worker was SIGKILLed under it). Duplicates are matched to
-//! the faults that lost their acks; one that no fault explains is a warning, not a
-//! failure (at-least-once allows it, and a busy machine can outlast a 2 s lease). Faults happen at points of progress drawn from a seeded RNG:
-//! `--seed N` repeats the schedule (timing on a busy machine still varies).
+//! overlap (except a run whose worker was SIGKILLed under it). Every duplicate must be
+//! matched to a kill or fault window that lost its ack; one that none explains fails the
+//! run. At-least-once would allow it, but the chaos queues' lease (10 s, extended every
+//! third of it) is too long for a merely busy machine to outlast, so it means a lost ack
+//! or a lease given up that the harness cannot account for. Faults happen at points of
+//! progress drawn from a seeded RNG: `--seed N` repeats the schedule (timing on a busy
+//! machine still varies).
 //!
 //! The summary table goes to the terminal and to `target/chaos/report.md` and
 //! `report.json`; the exit status is non-zero when any check failed.
@@ -132,7 +137,7 @@ pub(crate) struct Plan {
     pub(crate) group_terminations: usize,
     pub(crate) stream_events: u64,
     pub(crate) stream_interval: Duration,
-    /// Rounds of (SIGTERM restart, SIGKILL restart, listener kill).
+    /// Rounds of (SIGTERM restart, SIGKILL restart, listener kill, PostgreSQL restart).
     pub(crate) stream_fault_rounds: usize,
     pub(crate) slow: Part,
     pub(crate) slow_locks: usize,
@@ -150,53 +155,44 @@ const fn layout(plain: u64, groups: u64, per_group: u64) -> Layout {
 impl Plan {
     pub(crate) fn new(quick: bool) -> Plan {
         use ShutdownMode::{Fast, Immediate};
+        // `size!(quick run, full run)`.
+        macro_rules! size {
+            ($quick:expr, $full:expr) => {
+                if quick {
+                    $quick
+                } else {
+                    $full
+                }
+            };
+        }
         let part = |layout, sleep_ms, kills| Part {
             layout,
             sleep_ms,
             kills,
         };
-        if quick {
-            Plan {
-                processes: 3,
-                concurrency: 8,
-                drain: Duration::from_secs(120),
-                crashes: part(layout(5_000, 0, 0), 5, 3),
-                supervisor: part(layout(4_000, 0, 0), 5, 3),
-                supervisor_over: Duration::from_secs(40),
-                restarts: part(layout(2_000, 100, 20), 5, 0),
-                restart_modes: vec![Fast, Immediate],
-                terminations: part(layout(5_000, 100, 50), 5, 0),
-                termination_rounds: 2,
-                groups: part(layout(0, 100, 20), 10, 3),
-                group_terminations: 2,
-                stream_events: 600,
-                stream_interval: Duration::from_millis(25),
-                stream_fault_rounds: 1,
-                slow: part(layout(2_000, 100, 20), 5, 0),
-                slow_locks: 2,
-                slow_hold: Duration::from_secs(3),
-            }
-        } else {
-            Plan {
-                processes: 3,
-                concurrency: 8,
-                drain: Duration::from_secs(300),
-                crashes: part(layout(50_000, 0, 0), 5, 10),
-                supervisor: part(layout(10_000, 0, 0), 5, 6),
-                supervisor_over: Duration::from_secs(80),
-                restarts: part(layout(10_000, 200, 50), 5, 0),
-                restart_modes: vec![Fast, Immediate, Fast, Immediate],
-                terminations: part(layout(15_000, 300, 50), 5, 0),
-                termination_rounds: 4,
-                groups: part(layout(0, 300, 30), 10, 10),
-                group_terminations: 5,
-                stream_events: 2_400,
-                stream_interval: Duration::from_millis(25),
-                stream_fault_rounds: 3,
-                slow: part(layout(8_000, 200, 40), 5, 0),
-                slow_locks: 4,
-                slow_hold: Duration::from_secs(5),
-            }
+        Plan {
+            processes: 3,
+            concurrency: 8,
+            drain: Duration::from_secs(size!(120, 300)),
+            crashes: part(layout(size!(5_000, 50_000), 0, 0), 5, size!(3, 10)),
+            supervisor: part(layout(size!(4_000, 10_000), 0, 0), 5, size!(3, 6)),
+            supervisor_over: Duration::from_secs(size!(40, 80)),
+            restarts: part(size!(layout(2_000, 100, 20), layout(10_000, 200, 50)), 5, 0),
+            restart_modes: [Fast, Immediate].repeat(size!(1, 2)),
+            terminations: part(size!(layout(5_000, 100, 50), layout(15_000, 300, 50)), 5, 0),
+            termination_rounds: size!(2, 4),
+            groups: part(
+                size!(layout(0, 100, 20), layout(0, 300, 30)),
+                10,
+                size!(3, 10),
+            ),
+            group_terminations: size!(2, 5),
+            stream_events: size!(600, 2_400),
+            stream_interval: Duration::from_millis(25),
+            stream_fault_rounds: size!(1, 3),
+            slow: part(size!(layout(2_000, 100, 20), layout(8_000, 200, 40)), 5, 0),
+            slow_locks: size!(2, 4),
+            slow_hold: Duration::from_secs(size!(3, 5)),
         }
     }
 }
@@ -287,14 +283,9 @@ async fn run_scenarios(args: &ChaosArgs, seed: u64) -> anyhow::Result<Report> {
             "skipped"
         } else if !report.passed() {
             "FAILED"
-        } else if report.warnings.is_empty() {
-            "passed"
         } else {
-            "passed with warnings"
+            "passed"
         };
-        for warning in &report.warnings {
-            println!("chaos:   warning: {warning}");
-        }
         println!(
             "chaos: {name} {verdict} in {:.0} s: {} sent, {} processed, {} duplicates, {} lost, {} faults",
             report.seconds, report.sent, report.processed, report.duplicates, report.lost, report.faults
@@ -376,5 +367,10 @@ mod tests {
         assert!(quick.crashes.kills < full.crashes.kills);
         assert_eq!(quick.groups.layout.total(), 2_000);
         assert!(quick.stream_events < full.stream_events);
+        use ShutdownMode::{Fast, Immediate};
+        assert_eq!(quick.restart_modes, [Fast, Immediate]);
+        assert_eq!(full.restart_modes, [Fast, Immediate, Fast, Immediate]);
+        assert_eq!((quick.slow_locks, quick.slow_hold.as_secs()), (2, 3));
+        assert_eq!((full.slow_locks, full.slow_hold.as_secs()), (4, 5));
     }
 }

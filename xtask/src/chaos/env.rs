@@ -17,6 +17,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use super::check::Kill;
 use super::record::{now_ns, SUBCOMMAND};
+use super::report::ScenarioReport;
 use crate::deps::workspace_root;
 
 /// `application_name` of the harness's own pool (sends, publishes): `pgbus:chaos`, left
@@ -175,6 +176,16 @@ pub(crate) struct Side {
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
+/// Which connections of a role [`Side::wait_for_role`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counting {
+    /// Every open one.
+    Connected,
+    /// Those whose last statement was a `LISTEN`: a listener that reconnected and listens
+    /// again, not only connected.
+    Listening,
+}
+
 /// How long a side query keeps retrying through a fault.
 const SIDE_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -222,15 +233,48 @@ impl Side {
 
     /// Backends of this database named `pgbus:<role>`.
     pub(crate) async fn role_pids(&self, role: &str) -> anyhow::Result<Vec<i32>> {
+        self.pids(role, Counting::Connected).await
+    }
+
+    async fn pids(&self, role: &str, counting: Counting) -> anyhow::Result<Vec<i32>> {
         let name = format!("pgbus:{role}");
+        let listening = matches!(counting, Counting::Listening);
+        // `query` is the backend's last statement: a listener's is its `LISTEN` until the
+        // next statement (a health check after 30 quiet seconds, an `UNLISTEN`).
         let rows = self
             .query(
                 "SELECT pid FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = $1",
-                &[&name],
+                 WHERE datname = current_database() AND application_name = $1
+                   AND (NOT $2 OR query LIKE 'LISTEN %')",
+                &[&name, &listening],
             )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// How many `pgbus:<role>` connections there are (with [`Counting::Listening`]: that
+    /// listen).
+    pub(crate) async fn count(&self, role: &str, counting: Counting) -> anyhow::Result<usize> {
+        Ok(self.pids(role, counting).await?.len())
+    }
+
+    /// Waits up to `timeout` until at least `count` `pgbus:<role>` connections are there
+    /// (and, with [`Counting::Listening`], listening); returns how many there were last.
+    pub(crate) async fn wait_for_role(
+        &self,
+        role: &str,
+        counting: Counting,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.count(role, counting).await?;
+            if now >= count || Instant::now() >= deadline {
+                return Ok(now);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Terminates the backends; returns how many were.
@@ -593,6 +637,36 @@ impl Procs {
         problems
     }
 
+    /// Adds the checks every pgbus process must pass: none exited without being asked to,
+    /// and each stopped cleanly when asked to at the end ([`stop_all`](Self::stop_all)'s
+    /// `stop_problems`). `what` names the processes in the checks.
+    pub(crate) fn check_exits(
+        &self,
+        report: &mut ScenarioReport,
+        what: &str,
+        stop_problems: &[String],
+    ) {
+        let unexpected = self.unexpected_exits();
+        report.check(
+            format!("no {what} process died by itself"),
+            unexpected.is_empty(),
+            if unexpected.is_empty() {
+                "none".to_owned()
+            } else {
+                unexpected.join("; ")
+            },
+        );
+        report.check(
+            format!("every {what} process stops cleanly on SIGTERM"),
+            stop_problems.is_empty(),
+            if stop_problems.is_empty() {
+                format!("{} exited 0", self.slots())
+            } else {
+                stop_problems.join("; ")
+            },
+        );
+    }
+
     /// Pids of the running processes.
     pub(crate) fn pids(&self) -> Vec<u32> {
         let state = self.state.lock().expect("procs");
@@ -617,7 +691,7 @@ impl Procs {
     }
 
     /// Processes that exited without being asked to.
-    pub(crate) fn unexpected_exits(&self) -> Vec<String> {
+    fn unexpected_exits(&self) -> Vec<String> {
         self.state.lock().expect("procs").unexpected.clone()
     }
 }

@@ -48,8 +48,6 @@ pub(crate) struct ScenarioReport {
     pub(crate) fault_summary: String,
     pub(crate) recoveries: Vec<Recovery>,
     pub(crate) checks: Vec<Check>,
-    /// Findings that do not fail the run (at-least-once allows them), worth a look.
-    pub(crate) warnings: Vec<String>,
     pub(crate) notes: Vec<String>,
     pub(crate) seconds: f64,
 }
@@ -68,7 +66,6 @@ impl ScenarioReport {
             fault_summary: String::new(),
             recoveries: Vec::new(),
             checks: Vec::new(),
-            warnings: Vec::new(),
             notes: Vec::new(),
             seconds: 0.0,
         }
@@ -100,13 +97,11 @@ impl ScenarioReport {
         self.recoveries.iter().map(|r| r.ms).reduce(f64::max)
     }
 
-    fn result(&self) -> String {
-        match (&self.skipped, self.passed(), self.warnings.len()) {
-            (Some(_), _, _) => "skipped".to_owned(),
-            (None, true, 0) => "pass".to_owned(),
-            (None, true, 1) => "pass, 1 warning".to_owned(),
-            (None, true, n) => format!("pass, {n} warnings"),
-            (None, false, _) => "FAIL".to_owned(),
+    fn result(&self) -> &'static str {
+        match (&self.skipped, self.passed()) {
+            (Some(_), _) => "skipped",
+            (None, true) => "pass",
+            (None, false) => "FAIL",
         }
     }
 }
@@ -157,7 +152,7 @@ impl Report {
                 s.lost.to_string(),
                 faults,
                 recovery,
-                s.result(),
+                s.result().to_owned(),
             ]);
         }
         let widths: Vec<usize> = (0..rows[0].len())
@@ -204,9 +199,6 @@ impl Report {
                 let mark = if c.ok { "ok" } else { "**FAILED**" };
                 let _ = writeln!(out, "- {mark}: {} ({})", c.name, c.detail);
             }
-            for warning in &s.warnings {
-                let _ = writeln!(out, "- warning: {warning}");
-            }
             if !s.recoveries.is_empty() {
                 let _ = writeln!(out, "\nRecovery:\n");
                 for r in &s.recoveries {
@@ -250,7 +242,6 @@ mod tests {
         ok.check("every message processed", true, "0 lost");
         ok.recovered("kill 1", Duration::from_millis(2100));
         ok.recovered("kill 2", Duration::from_millis(2500));
-        ok.warnings.push("a duplicate nothing explains".into());
         let mut bad = ScenarioReport::new("groups", "Groups under faults");
         bad.check("no overlap", false, "1 overlap");
         let skipped = ScenarioReport::skipped("restarts", "Database restarts", "no".into());
@@ -268,14 +259,11 @@ mod tests {
         assert!(table.contains("3 (3 SIGKILL)"), "{table}");
         assert!(table.contains("2500 ms"), "{table}");
         assert!(table.contains("skipped"), "{table}");
-        assert!(table.contains("pass, 1 warning"), "{table}");
+        assert!(table.contains("| pass "), "{table}");
         report.scenarios.push(bad);
         assert!(!report.passed());
         assert!(report.table().contains("FAIL"));
         assert!(report.markdown().contains("**FAILED**: no overlap"));
-        assert!(report
-            .markdown()
-            .contains("- warning: a duplicate nothing explains"));
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["scenarios"][0]["recoveries"][1]["ms"], 2500.0);
     }

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::check::Window;
-use super::env::Env;
+use super::env::{Counting, Env};
 use super::record::now_ns;
 use super::report::ScenarioReport;
 use super::workload::{QueueRun, Workload};
@@ -54,16 +54,7 @@ pub(crate) async fn crashes(
     rng: &mut StdRng,
 ) -> anyhow::Result<ScenarioReport> {
     let report = ScenarioReport::new("crashes", "Worker crashes (SIGKILL, restart)");
-    let workload = Workload {
-        layout: plan.crashes.layout,
-        processes: plan.processes,
-        concurrency: plan.concurrency,
-        sleep_ms: plan.crashes.sleep_ms,
-        drain: plan.drain,
-        supervised: false,
-        send_over: Duration::ZERO,
-    };
-    let mut run = QueueRun::start(env, report, workload).await?;
+    let mut run = QueueRun::start(env, report, Workload::of(plan, &plan.crashes)).await?;
     for (i, point) in points(rng, plan.crashes.kills, 0.05..0.85)
         .into_iter()
         .enumerate()
@@ -112,13 +103,9 @@ pub(crate) async fn supervisor(
         "pgbus work --processes: SIGKILLed workers restarted by the supervisor",
     );
     let workload = Workload {
-        layout: plan.supervisor.layout,
-        processes: plan.processes,
-        concurrency: plan.concurrency,
-        sleep_ms: plan.supervisor.sleep_ms,
-        drain: plan.drain,
         supervised: true,
         send_over: plan.supervisor_over,
+        ..Workload::of(plan, &plan.supervisor)
     };
     let mut run = QueueRun::start(env, report, workload).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -220,7 +207,12 @@ pub(crate) async fn supervisor(
     Ok(report)
 }
 
-/// Scenario 2, database restarts: `pg_ctl restart -m fast`, later `-m immediate`, during a run.
+/// How long a standing connection may take to come back (and a listener to LISTEN
+/// again) after it was lost.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(30);
+
+/// Scenario 2, database restarts: `pg_ctl restart -m fast`, later `-m immediate`, during a
+/// run; after each, processing resumes and every worker process LISTENs again.
 pub(crate) async fn restarts(
     env: &Env,
     plan: &Plan,
@@ -237,15 +229,7 @@ pub(crate) async fn restarts(
             "needs the harness's own cluster (run without --database-url)".into(),
         ));
     }
-    let workload = Workload {
-        layout: plan.restarts.layout,
-        processes: plan.processes,
-        concurrency: plan.concurrency,
-        sleep_ms: plan.restarts.sleep_ms,
-        drain: plan.drain,
-        supervised: false,
-        send_over: Duration::ZERO,
-    };
+    let workload = Workload::of(plan, &plan.restarts);
     let modes = &plan.restart_modes;
     let mut run = QueueRun::start(env, report, workload).await?;
     for (i, mode) in modes.iter().enumerate() {
@@ -262,6 +246,33 @@ pub(crate) async fn restarts(
             "chaos:   {label} at {at} done: server back after {} ms",
             (to - from) / 1_000_000
         );
+        // Every worker's listener reconnects with backoff and LISTENs again (first: this
+        // is timed by polling, the resumption below by the record's own timestamps).
+        let workers = run.workers.pids().len();
+        let listening = run
+            .db
+            .side
+            .wait_for_role("listen", Counting::Listening, workers, RECONNECT_WITHIN)
+            .await?;
+        let took = Duration::from_nanos(now_ns() - to);
+        run.report.check(
+            format!("{label}: every worker LISTENs again"),
+            listening >= workers,
+            format!(
+                "{listening} of {workers} pgbus:listen connections listening {} ms after the server was back",
+                took.as_millis()
+            ),
+        );
+        if listening >= workers {
+            println!(
+                "chaos:     {listening} pgbus:listen connections listening again {} ms after the server was back",
+                took.as_millis()
+            );
+            run.report.recovered(
+                format!("{label}: every worker LISTENing again"),
+                Duration::from_nanos(to - from) + took,
+            );
+        }
         // Time from the start of the restart to the first job a worker takes afterwards.
         if let Some(took) = run.wait_resumed_after(to, Duration::from_secs(60)).await? {
             println!(
@@ -302,16 +313,7 @@ pub(crate) async fn terminations(
         "terminations",
         "Connection kills (pg_terminate_backend per pgbus:* role)",
     );
-    let workload = Workload {
-        layout: plan.terminations.layout,
-        processes: plan.processes,
-        concurrency: plan.concurrency,
-        sleep_ms: plan.terminations.sleep_ms,
-        drain: plan.drain,
-        supervised: false,
-        send_over: Duration::ZERO,
-    };
-    let mut run = QueueRun::start(env, report, workload).await?;
+    let mut run = QueueRun::start(env, report, Workload::of(plan, &plan.terminations)).await?;
     let mut per_role = Vec::new();
     for (i, role) in ROLES.iter().enumerate() {
         run.wait_progress((i as f64 + 1.0) / (ROLES.len() as f64 + 2.0))
@@ -349,13 +351,17 @@ pub(crate) async fn terminations(
         run.expect_resumed(&format!("pgbus:{role} storm"), to)
             .await?;
         if STANDING.contains(role) {
-            // The connection is reopened, not only the work resumed.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut now = run.db.side.role_pids(role).await?.len();
-            while now < before && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                now = run.db.side.role_pids(role).await?.len();
-            }
+            // The connection is reopened (a listener's listening), not only the work resumed.
+            let counting = if *role == "listen" {
+                Counting::Listening
+            } else {
+                Counting::Connected
+            };
+            let now = run
+                .db
+                .side
+                .wait_for_role(role, counting, before, RECONNECT_WITHIN)
+                .await?;
             let took = Duration::from_nanos(now_ns() - to);
             run.report.check(
                 format!("pgbus:{role} connections reopened"),
@@ -388,15 +394,7 @@ pub(crate) async fn groups(
         "groups",
         "Ordered groups under kills and terminated group connections",
     );
-    let workload = Workload {
-        layout: plan.groups.layout,
-        processes: plan.processes,
-        concurrency: plan.concurrency,
-        sleep_ms: plan.groups.sleep_ms,
-        drain: plan.drain,
-        supervised: false,
-        send_over: Duration::ZERO,
-    };
+    let workload = Workload::of(plan, &plan.groups);
     let mut faults: Vec<bool> = std::iter::repeat_n(true, plan.groups.kills)
         .chain(std::iter::repeat_n(false, plan.group_terminations))
         .collect();
@@ -450,15 +448,7 @@ pub(crate) async fn slow(
         "slow",
         "Slow database (ACCESS EXCLUSIVE lock on pgbus.messages)",
     );
-    let workload = Workload {
-        layout: plan.slow.layout,
-        processes: plan.processes,
-        concurrency: plan.concurrency,
-        sleep_ms: plan.slow.sleep_ms,
-        drain: plan.drain,
-        supervised: false,
-        send_over: Duration::ZERO,
-    };
+    let workload = Workload::of(plan, &plan.slow);
     // Per `pgbus work` process: its pool (8), the plain worker's fetch connection, the
     // listener, the group worker's fetch and recovery connections, one session per
     // in-flight group (up to the concurrency).

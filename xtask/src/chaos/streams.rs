@@ -1,7 +1,8 @@
 //! Scenario 5, streams under faults: an SSE client follows a durable stream served by `pgbus
-//! serve` while the server is restarted (SIGTERM and SIGKILL) and its `pgbus:stream`
-//! listener connection is terminated; it resumes with `Last-Event-ID` and must end up
-//! with every published event exactly once, in order.
+//! serve` while the server is restarted (SIGTERM and SIGKILL), its `pgbus:stream`
+//! listener connection is terminated, and PostgreSQL is restarted (`pg_ctl restart -m
+//! fast`, own cluster only); it resumes with `Last-Event-ID` and must end up with every
+//! published event exactly once, in order.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};
@@ -10,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pgbus_core::{StreamName, StreamStore};
+use pgbus_pg::{PgBackend, ShutdownMode};
 use pgbus_stream::parse::SseParser;
 use pgbus_stream::Signer;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::env::{Env, Procs};
+use super::env::{Counting, Env, Procs, Side};
 use super::record::now_ns;
 use super::report::ScenarioReport;
 use super::Plan;
@@ -43,6 +45,8 @@ enum Fault {
     Kill,
     /// Terminate the streamer's `pgbus:stream` listener connection.
     Listener,
+    /// `pg_ctl restart -m fast`: every connection of `pgbus serve` is lost at once.
+    Postgres,
 }
 
 pub(crate) async fn streams(
@@ -52,7 +56,7 @@ pub(crate) async fn streams(
 ) -> anyhow::Result<ScenarioReport> {
     let mut report = ScenarioReport::new(
         "streams",
-        "SSE stream across server restarts and listener kills (Last-Event-ID resume)",
+        "SSE stream across server and PostgreSQL restarts and listener kills (Last-Event-ID resume)",
     );
     let started = Instant::now();
     let db = env.database(report.name).await?;
@@ -108,8 +112,7 @@ pub(crate) async fn streams(
             for n in 0..events {
                 ticker.tick().await;
                 let _open = gate.lock().await;
-                let id = backend
-                    .publish(&stream, "tick", &n.to_string())
+                let id = publish(&backend, &stream, "tick", &n.to_string())
                     .await
                     .with_context(|| format!("publishing event {n}"))?;
                 published.lock().expect("published").push(id);
@@ -118,18 +121,25 @@ pub(crate) async fn streams(
         })
     };
 
-    let mut faults: Vec<Fault> = std::iter::repeat_n(
-        [Fault::Restart, Fault::Kill, Fault::Listener],
-        plan.stream_fault_rounds,
-    )
-    .flatten()
-    .collect();
+    let mut round = vec![Fault::Restart, Fault::Kill, Fault::Listener];
+    if env.owns_server() {
+        round.push(Fault::Postgres);
+    } else {
+        report.notes.push(
+            "no PostgreSQL restarts: they need the harness's own cluster (run without \
+             --database-url)"
+                .to_owned(),
+        );
+    }
+    let mut faults: Vec<Fault> = std::iter::repeat_n(round, plan.stream_fault_rounds)
+        .flatten()
+        .collect();
     faults.shuffle(rng);
     let mut at: Vec<f64> = (0..faults.len())
         .map(|_| rng.random_range(0.1..0.8))
         .collect();
     at.sort_by(f64::total_cmp);
-    let (mut restarts, mut kills, mut terminated) = (0, 0, 0);
+    let (mut restarts, mut kills, mut terminated, mut pg_restarts) = (0, 0, 0, 0);
     for (i, (fault, point)) in faults.iter().zip(at).enumerate() {
         let target = (point * plan.stream_events as f64) as usize;
         wait_until(Duration::from_secs(120), || {
@@ -169,31 +179,26 @@ pub(crate) async fn streams(
                     n > 0,
                     format!("{n} terminated"),
                 );
-                let id = db
-                    .backend
-                    .publish(&stream, "gap", "published while the listener was down")
-                    .await?;
-                published.lock().expect("published").push(id);
-                let delivered = wait_until(Duration::from_secs(15), || {
-                    seen.lock()
-                        .expect("seen")
-                        .events
-                        .iter()
-                        .any(|(seen, _)| *seen == id)
-                })
-                .await;
-                let took = Duration::from_nanos(now_ns() - from);
-                report.check(
-                    format!("fault {}: an event published while the listener was down arrives with nothing published after it", i + 1),
-                    delivered.is_ok(),
-                    if delivered.is_ok() {
-                        format!("event {id} after {} ms", took.as_millis())
-                    } else {
-                        format!("event {id} not within 15 s")
-                    },
-                );
+                let check = format!("fault {}: an event published while the listener was down arrives with nothing published after it", i + 1);
+                lone_event(&db.backend, &db.side, &stream, &published, &seen, from)
+                    .await?
+                    .check(&mut report, check);
                 drop(quiet);
                 format!("{n} pgbus:stream connection(s) terminated")
+            }
+            Fault::Postgres => {
+                // Nothing is published while the server is down; one event as soon as it
+                // is back (while the streamer's listener backs off before reconnecting)
+                // and nothing after it until it arrives.
+                pg_restarts += 1;
+                let quiet = gate.lock().await;
+                env.restart(ShutdownMode::Fast)?;
+                let check = format!("fault {}: an event published right after the PostgreSQL restart arrives with nothing published after it", i + 1);
+                lone_event(&db.backend, &db.side, &stream, &published, &seen, from)
+                    .await?
+                    .check(&mut report, check);
+                drop(quiet);
+                "PostgreSQL restarted (pg_ctl restart -m fast)".to_owned()
             }
         };
         report.faults += 1;
@@ -228,14 +233,20 @@ pub(crate) async fn streams(
                 "no new event within 30 s",
             ),
         }
-        if matches!(fault, Fault::Listener) {
-            let back = wait_for_role(&db.side, "stream", Duration::from_secs(30)).await?;
+        if matches!(fault, Fault::Listener | Fault::Postgres) {
+            let listening = db
+                .side
+                .wait_for_role("stream", Counting::Listening, 1, Duration::from_secs(30))
+                .await?;
+            let took = Duration::from_nanos(now_ns() - from);
             report.check(
-                format!("fault {}: pgbus:stream listener reconnected", i + 1),
-                back.is_some(),
-                back.map_or("not within 30 s".to_owned(), |d| {
-                    format!("after {} ms", d.as_millis())
-                }),
+                format!("fault {}: pgbus:stream listener LISTENs again", i + 1),
+                listening > 0,
+                if listening > 0 {
+                    format!("{} ms after the fault began", took.as_millis())
+                } else {
+                    "not within 30 s".to_owned()
+                },
             );
         }
     }
@@ -295,27 +306,10 @@ pub(crate) async fn streams(
             restarts + kills
         ),
     );
-    let unexpected = server.unexpected_exits();
-    report.check(
-        "pgbus serve never died by itself",
-        unexpected.is_empty(),
-        if unexpected.is_empty() {
-            "none".to_owned()
-        } else {
-            unexpected.join("; ")
-        },
-    );
-    report.check(
-        "pgbus serve stops cleanly at the end",
-        stop_problems.is_empty(),
-        if stop_problems.is_empty() {
-            "exited 0".to_owned()
-        } else {
-            stop_problems.join("; ")
-        },
-    );
+    server.check_exits(&mut report, "pgbus serve", &stop_problems);
     report.fault_summary = format!(
-        "{restarts} SIGTERM + {kills} SIGKILL restarts, {terminated} pgbus:stream terminated"
+        "{restarts} SIGTERM + {kills} SIGKILL restarts, {terminated} pgbus:stream terminated, \
+         {pg_restarts} PostgreSQL restarts"
     );
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -390,18 +384,87 @@ async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> a
     Ok(())
 }
 
-/// How long until a `pgbus:<role>` connection exists again, if within `timeout`.
-async fn wait_for_role(
-    side: &super::env::Side,
-    role: &str,
-    timeout: Duration,
-) -> anyhow::Result<Option<Duration>> {
-    let started = Instant::now();
-    while started.elapsed() < timeout {
-        if !side.role_pids(role).await?.is_empty() {
-            return Ok(Some(started.elapsed()));
+/// Publishes an event, retrying while the harness's pool reconnects after a PostgreSQL
+/// restart. A failed attempt stored nothing: the publisher is held quiet while the server
+/// restarts, so no publish is in flight when the connections are lost.
+async fn publish(
+    backend: &PgBackend,
+    stream: &StreamName,
+    event: &str,
+    data: &str,
+) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match backend.publish(stream, event, data).await {
+            Ok(id) => return Ok(id),
+            Err(err) if err.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => return Err(err.into()),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(None)
+}
+
+/// How long a lone event may take to arrive after a fault.
+const LONE_EVENT_WITHIN: Duration = Duration::from_secs(15);
+
+/// A lone event: its id, whether the streamer was not listening yet once it was
+/// committed (so it missed its notification), and when it arrived (ns after the fault
+/// began), if it did.
+struct Lone {
+    id: i64,
+    missed: bool,
+    after: Option<u64>,
+}
+
+impl Lone {
+    fn check(&self, report: &mut ScenarioReport, name: String) {
+        let listener = if self.missed {
+            "committed before the listener listened again"
+        } else {
+            "committed after the listener was back"
+        };
+        let detail = match self.after {
+            Some(ns) => format!(
+                "event {} ({listener}) {} ms after the fault began",
+                self.id,
+                ns / 1_000_000
+            ),
+            None => format!(
+                "event {} ({listener}) not within {} s",
+                self.id,
+                LONE_EVENT_WITHIN.as_secs()
+            ),
+        };
+        report.check(name, self.after.is_some(), detail);
+    }
+}
+
+/// Publishes one event while the publisher is held quiet and waits for the client to
+/// receive it: with nothing published after it, only the streamer's re-read after its
+/// listener reconnected can deliver it.
+async fn lone_event(
+    backend: &PgBackend,
+    side: &Side,
+    stream: &StreamName,
+    published: &Mutex<Vec<i64>>,
+    seen: &Mutex<Seen>,
+    fault_began: u64,
+) -> anyhow::Result<Lone> {
+    let id = publish(backend, stream, "lone", "published with nothing after it").await?;
+    published.lock().expect("published").push(id);
+    let missed = side.count("stream", Counting::Listening).await? == 0;
+    let arrived = wait_until(LONE_EVENT_WITHIN, || {
+        seen.lock()
+            .expect("seen")
+            .events
+            .iter()
+            .any(|(seen, _)| *seen == id)
+    })
+    .await;
+    Ok(Lone {
+        id,
+        missed,
+        after: arrived.ok().map(|()| now_ns() - fault_began),
+    })
 }
