@@ -154,17 +154,17 @@ async fn run(
 ) {
     let backoff = reconnect_backoff();
     let mut wanted = Wanted::new();
-    let mut failures = 0;
+    let mut failures = 0u32;
     loop {
         let outcome = tokio::select! {
             _ = inner.stop.cancelled() => return,
             outcome = session(&config, &signal, &mut commands, &mut wanted, &inner) => outcome,
         };
-        inner.live.store(false, Ordering::Relaxed);
+        let was_live = inner.live.swap(false, Ordering::Relaxed);
         match outcome {
             Ok(()) => return,
             Err(err) => {
-                failures += 1;
+                failures = failures_in_a_row(failures, was_live);
                 tracing::warn!(target: "pgbus::stream", error = %err, attempt = failures, "stream listener connection lost; reconnecting");
             }
         }
@@ -172,6 +172,16 @@ async fn run(
             _ = inner.stop.cancelled() => return,
             _ = tokio::time::sleep(backoff.backoff(failures)) => {}
         }
+    }
+}
+
+/// The reconnect backoff's count: a connection that had gone live starts it over, so a
+/// listener that loses its connection now and then always reconnects quickly.
+fn failures_in_a_row(before: u32, was_live: bool) -> u32 {
+    if was_live {
+        1
+    } else {
+        before.saturating_add(1)
     }
 }
 
@@ -263,5 +273,29 @@ fn decode(notification: &Notification) -> Option<StreamSignal> {
             tracing::warn!(target: "pgbus::stream", stream = %stream, error = %err, "ignoring a malformed broadcast notification");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_that_went_live_starts_the_backoff_over() {
+        let backoff = reconnect_backoff();
+        let mut failures = 0;
+        // Eight connections lost before ever listening: the backoff grows.
+        for _ in 0..8 {
+            failures = failures_in_a_row(failures, false);
+        }
+        assert_eq!(failures, 8);
+        assert!(backoff.backoff_with(failures, 0.0) >= Duration::from_secs(12));
+        // Then one lost after it went live: back to the first step.
+        failures = failures_in_a_row(failures, true);
+        assert_eq!(failures, 1);
+        assert_eq!(
+            backoff.backoff_with(failures, 0.0),
+            Duration::from_millis(100)
+        );
     }
 }
