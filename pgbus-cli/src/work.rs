@@ -242,7 +242,7 @@ async fn run_command(cmd: &str, ctx: &JobContext<PgBackend>, body: &[u8]) -> Out
 }
 
 /// POSTs the payload: 2xx acks; 4xx but 408 and 429 dead-letters; 408, 429, 5xx and
-/// transport errors retry, after `Retry-After` seconds when the server says so.
+/// transport errors retry, after `Retry-After` when the server says so.
 async fn post(
     client: &reqwest::Client,
     url: &str,
@@ -267,8 +267,7 @@ async fn post(
         .headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
     if status.is_success() {
         return Outcome::Ack;
     }
@@ -279,6 +278,17 @@ async fn post(
         400..=499 => Outcome::dead_letter(error),
         _ => retry(error, retry_after),
     }
+}
+
+/// A `Retry-After` value: delay seconds, or an HTTP date (a date already past is no
+/// wait). `None` for anything else, which leaves the queue's backoff in charge.
+fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn retry(error: String, after: Option<Duration>) -> Outcome {
@@ -374,6 +384,25 @@ async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Wed, 02 Dec 2026 06:00:00 GMT").unwrap();
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after("Wed, 02 Dec 2026 06:01:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            retry_after("Wed, 02 Dec 2026 05:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date already past"
+        );
+        for bad in ["", "-5", "1.5", "soon", "Wed, 32 Dec 2026 06:00:00 GMT"] {
+            assert_eq!(retry_after(bad, now), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn restart_backoff_doubles_in_a_crash_loop_and_starts_over_after_a_healthy_run() {

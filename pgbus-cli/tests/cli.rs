@@ -627,25 +627,29 @@ fn read_request(stream: &TcpStream) -> std::io::Result<Request> {
 /// Answers by payload: "ok" 200, "gone" 404, "flaky" 503 with `Retry-After` the first
 /// time and 200 afterwards. Every request is recorded.
 fn serve_http(listener: TcpListener, log: Arc<Mutex<Vec<Request>>>, retry_after_secs: u64) {
-    let flaky_seen = Arc::new(Mutex::new(false));
+    // Kinds that failed once already and now succeed.
+    let failed_once = Arc::new(Mutex::new(BTreeSet::new()));
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        let (log, flaky_seen) = (Arc::clone(&log), Arc::clone(&flaky_seen));
+        let (log, failed_once) = (Arc::clone(&log), Arc::clone(&failed_once));
         thread::spawn(move || {
             let Ok(request) = read_request(&stream) else {
                 return;
             };
             let kind = request.body["kind"].as_str().unwrap_or_default().to_owned();
             log.lock().unwrap().push(request);
+            let first = failed_once.lock().unwrap().insert(kind.clone());
             let (status, extra, body) = match kind.as_str() {
                 "ok" => ("200 OK", String::new(), "done"),
                 "gone" => ("404 Not Found", String::new(), "no such thing"),
-                "flaky" if !std::mem::replace(&mut *flaky_seen.lock().unwrap(), true) => (
+                "flaky" if first => (
                     "503 Service Unavailable",
                     format!("Retry-After: {retry_after_secs}\r\n"),
                     "busy",
                 ),
-                "flaky" => ("200 OK", String::new(), "done at last"),
+                "slow" if first => ("408 Request Timeout", String::new(), "too slow"),
+                "limited" if first => ("429 Too Many Requests", String::new(), "slow down"),
+                "flaky" | "slow" | "limited" => ("200 OK", String::new(), "done at last"),
                 _ => ("400 Bad Request", String::new(), "unexpected payload"),
             };
             let response = format!(
@@ -680,6 +684,8 @@ fn work_http_posts_and_maps_status_codes() {
     let gone = db.send("hooks", &json!({ "kind": "gone" }));
     let flaky = db.send("hooks", &json!({ "kind": "flaky" }));
     let ok2 = db.send("hooks", &json!({ "kind": "ok", "n": 2 }));
+    let slow = db.send("hooks", &json!({ "kind": "slow" }));
+    let limited = db.send("hooks", &json!({ "kind": "limited" }));
 
     db.work_until(&["hooks", "--http", &url], Duration::from_secs(60), |db| {
         db.depth("hooks") == 0
@@ -720,6 +726,9 @@ fn work_http_posts_and_maps_status_codes() {
         (gone, vec!["1".to_owned()]),
         (flaky, vec!["1".to_owned(), "2".to_owned()]),
         (ok2, vec!["1".to_owned()]),
+        // 408 and 429 are retried, not dead-lettered like other 4xx.
+        (slow, vec!["1".to_owned(), "2".to_owned()]),
+        (limited, vec!["1".to_owned(), "2".to_owned()]),
     ]
     .into_iter()
     .collect();
