@@ -189,6 +189,27 @@ case "$p" in *dead*) echo bad >&2; exit 65;; *fail*) echo boom >&2; exit 1;; esa
 }
 
 #[test]
+fn exec_killed_by_a_signal_or_past_the_job_timeout_retries() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks", "--max-attempts", "2"]);
+    let signalled = db.send("tasks", &json!({ "kind": "signal" }));
+    let hung = db.send("tasks", &json!({ "kind": "hang" }));
+    let script = r#"read p; case "$p" in *signal*) kill -9 $$;; *hang*) exec sleep 60;; esac"#;
+    db.work_until(
+        &["tasks", "--job-timeout", "1s", "--exec", script],
+        Duration::from_secs(60),
+        |db| db.dead("tasks").len() == 2,
+    );
+    let dlq = db.dead("tasks");
+    assert_eq!(dlq[&signalled]["attempts"], 2, "{dlq:#?}");
+    let error = dlq[&signalled]["error"].as_str().expect("an error text");
+    assert!(error.starts_with("killed by a signal"), "{error}");
+    assert_eq!(dlq[&hung]["attempts"], 2, "{dlq:#?}");
+    let error = dlq[&hung]["error"].as_str().expect("an error text");
+    assert!(error.contains("timed out after 1s"), "{error}");
+}
+
+#[test]
 fn invalid_json_names_the_line_and_sends_nothing_of_that_batch() {
     let db = Db::new();
     db.ok(&["queue", "create", "q"]);
