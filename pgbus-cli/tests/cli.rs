@@ -317,6 +317,12 @@ fn queue_pause_resume_purge_drop() {
     assert_eq!(list[0]["max_attempts"], 7);
     assert_eq!(list[0]["lease_ms"], 45_000);
     assert_eq!(list[0]["paused"], false);
+    assert_eq!(list[0]["keep_history"], false);
+    db.ok(&["queue", "create", "kept", "--keep-history"]);
+    let list = db.ok(&["queue", "list", "--json"]).json();
+    assert_eq!(list[0]["name"], "kept", "listed by name");
+    assert_eq!(list[0]["keep_history"], true);
+    db.ok(&["queue", "drop", "kept"]);
 
     for n in 0..3 {
         db.send("q", &json!({ "n": n }));
