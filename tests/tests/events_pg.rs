@@ -1,18 +1,36 @@
-//! Event subscribers on Postgres: idempotent consumers whose worker is killed after the
-//! handler ran but before the ack (not run again), or before the handler finished (run
-//! again); dedup record and event log pruning.
+//! Event subscribers on Postgres: idempotent consumers whose process is killed (SIGKILL,
+//! a real child process) after the handler ran but before the ack (not run again), or
+//! before the handler finished (run again); dedup record and event log pruning.
+//!
+//! The kill tests re-run this test binary as the child: `ChildSubscriber::spawn` starts
+//! it with only `subscriber_in_a_child_process` selected and the database, queue and
+//! handler in environment variables. The child's handler cannot share a counter with the
+//! test process, so every handler run records itself in the `test_runs` table.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use pgbus_core::{Deduplication, Event, NewEvent, QueueName, QueueOptions, RetryPolicy, Topics};
+use pgbus_core::{
+    Deduplication, Event, EventId, NewEvent, QueueName, QueueOptions, RetryPolicy, Topics,
+};
 use pgbus_exec::{JobContext, Subscription, Worker};
 use pgbus_pg::{connect, PgBackend};
-use pgbus_tests::{create, eventually, fresh_backend, stats_of, wait_until_empty};
+use pgbus_tests::{
+    connections, create, eventually, fresh_backend, queue, stats_of, wait_until_empty,
+};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The child's database URL; its presence is what makes the child entry run.
+const CHILD_URL: &str = "PGBUS_TEST_CHILD_URL";
+/// The child subscriber's queue.
+const CHILD_QUEUE: &str = "PGBUS_TEST_CHILD_QUEUE";
+/// How the child's handler runs: `finishes` or `hangs` (see `Run`).
+const CHILD_RUN: &str = "PGBUS_TEST_CHILD_RUN";
+/// The child's pool connections are `pgbus:child`, so the test can find them.
+const CHILD_ROLE: &str = "child";
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Paid {
@@ -31,28 +49,178 @@ fn options() -> QueueOptions {
     )
 }
 
-/// An idempotent subscriber whose handler is `run`, started on its own backend (its own
-/// pool, as a separate process would have). Returns the task running it.
-fn start_subscriber<F, Fut>(
+/// How a handler run goes. Either way it first records that it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Records that it finished and returns.
+    Finishes,
+    /// Never finishes: its process is killed meanwhile.
+    Hangs,
+}
+
+impl Run {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Finishes => "finishes",
+            Self::Hangs => "hangs",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "finishes" => Self::Finishes,
+            "hangs" => Self::Hangs,
+            other => panic!("{CHILD_RUN}={other:?}: expected finishes or hangs"),
+        }
+    }
+}
+
+/// Creates the table handler runs record themselves in.
+async fn create_runs_table(url: &str) {
+    let client = connect(url, "test").await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE test_runs (
+                 seq bigserial PRIMARY KEY,
+                 event_id text NOT NULL,
+                 attempt int NOT NULL,
+                 phase text NOT NULL
+             )",
+        )
+        .await
+        .unwrap();
+}
+
+/// Records a handler run's phase on a connection of its own (committed at once, so the
+/// row outlives a kill).
+async fn record(url: &str, event: EventId, attempt: u32, phase: &str) {
+    let client = connect(url, "handler").await.unwrap();
+    let attempt = i32::try_from(attempt).unwrap();
+    client
+        .execute(
+            "INSERT INTO test_runs (event_id, attempt, phase) VALUES ($1, $2, $3)",
+            &[&event.to_string(), &attempt, &phase],
+        )
+        .await
+        .unwrap();
+}
+
+/// The recorded handler runs, in order: (event id, attempt, phase).
+async fn runs(url: &str) -> Vec<(String, i32, String)> {
+    let client = connect(url, "observer").await.unwrap();
+    client
+        .query(
+            "SELECT event_id, attempt, phase FROM test_runs ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+/// An idempotent subscriber whose handler records its runs and goes as `run` says,
+/// started on its own backend with pool connections named `pgbus:<role>`. Returns the task
+/// running it.
+fn start_subscriber(
     url: &str,
     queue: &QueueName,
-    run: F,
-) -> tokio::task::JoinHandle<pgbus_core::Result<pgbus_exec::WorkerReport>>
-where
-    F: Fn(JobContext<PgBackend>, Event<Paid>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let backend = PgBackend::builder(url).max_connections(4).build().unwrap();
+    role: &str,
+    run: Run,
+) -> tokio::task::JoinHandle<pgbus_core::Result<pgbus_exec::WorkerReport>> {
+    let backend = PgBackend::builder(url)
+        .role(role)
+        .max_connections(4)
+        .build()
+        .unwrap();
+    let url = url.to_owned();
+    let handler = move |ctx: JobContext<PgBackend>, event: Event<Paid>| {
+        let url = url.clone();
+        async move {
+            record(&url, event.id, ctx.attempt(), "started").await;
+            if run == Run::Hangs {
+                std::future::pending::<()>().await;
+            }
+            record(&url, event.id, ctx.attempt(), "finished").await;
+        }
+    };
     let subscription = Subscription::new(queue.clone())
-        .on("order.*".parse().unwrap(), run)
+        .on("order.*".parse().unwrap(), handler)
         .idempotent();
     let worker = Worker::builder(backend)
         .poll_interval(Duration::from_millis(50))
         .subscribe(subscription)
         .build()
         .unwrap();
-    // Never cancelled: the test kills it by aborting the task.
+    // Never cancelled: the child is killed, the test process's task aborted.
     tokio::spawn(worker.run(CancellationToken::new()))
+}
+
+/// The child process's side of the kill tests: runs a subscriber until it is killed.
+///
+/// Ignored rather than a test that returns at once without its environment: that one
+/// would be reported as a passing test that checked nothing. The kill tests select it
+/// with `--exact ... --include-ignored`; run any other way (no `CHILD_URL`), it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of the kill tests, which run it themselves"]
+async fn subscriber_in_a_child_process() {
+    let Ok(url) = std::env::var(CHILD_URL) else {
+        return;
+    };
+    let q = queue(&std::env::var(CHILD_QUEUE).unwrap());
+    let run = Run::parse(&std::env::var(CHILD_RUN).unwrap());
+    let outcome = start_subscriber(&url, &q, CHILD_ROLE, run).await;
+    panic!("the child's subscriber stopped before it was killed: {outcome:?}");
+}
+
+/// A subscriber in a child process (this test binary running
+/// `subscriber_in_a_child_process`). Dropping it kills and reaps the child, so a failed
+/// assertion leaves no process behind.
+struct ChildSubscriber(Child);
+
+impl ChildSubscriber {
+    fn spawn(url: &str, queue: &QueueName, run: Run) -> Self {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "subscriber_in_a_child_process",
+                "--include-ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_URL, url)
+            .env(CHILD_QUEUE, queue.as_str())
+            .env(CHILD_RUN, run.as_str())
+            // The harness's report would clutter the test output; panics go to stderr.
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawning the child process");
+        Self(child)
+    }
+
+    /// Fails the test if the child has exited (it only ever stops by being killed).
+    fn assert_running(&mut self) {
+        if let Some(status) = self.0.try_wait().unwrap() {
+            panic!("the child process exited on its own: {status}");
+        }
+    }
+
+    /// Kills the running child with SIGKILL (what `Child::kill` sends on Unix) and reaps it.
+    fn kill(mut self) {
+        self.assert_running();
+        self.0.kill().unwrap();
+        let status = self.0.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "SIGKILLed, not exited: {status}");
+    }
+}
+
+impl Drop for ChildSubscriber {
+    fn drop(&mut self) {
+        // Already reaped after `kill`: both calls then do nothing.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn dedup_state(url: &str) -> Option<(String, i32)> {
@@ -64,63 +232,96 @@ async fn dedup_state(url: &str) -> Option<(String, i32)> {
         .map(|row| (row.get(0), row.get(1)))
 }
 
-async fn publish_when_bound(backend: &PgBackend) {
+async fn publish_when_bound(backend: &PgBackend) -> EventId {
     eventually("the subscriber declared its binding", DEADLINE, || async {
         !backend.bindings().await.unwrap().is_empty()
     })
     .await;
     let event = NewEvent::encode("order.paid", &Paid { order: 1 }).unwrap();
-    assert_eq!(backend.publish(event).await.unwrap().copies, 1);
+    let published = backend.publish(event).await.unwrap();
+    assert_eq!(published.copies, 1);
+    published.id
+}
+
+/// How many of the child's connections are in the hanging ack trigger.
+async fn child_backends_in_the_ack(url: &str) -> i64 {
+    let client = connect(url, "observer").await.unwrap();
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1
+               AND wait_event = 'PgSleep'",
+            &[&format!("pgbus:{CHILD_ROLE}")],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_the_handler_ran_but_before_the_ack_the_event_is_not_handled_again() {
     let (backend, url) = fresh_backend(4).await;
     let q = create(&backend, "billing", options()).await;
-    // The ack never reaches the database: the process dies between completion and ack.
+    create_runs_table(&url).await;
+    // The ack hangs: the child is provably between completion and ack when killed.
     let client = connect(&url, "test").await.unwrap();
     client
         .batch_execute(
-            "CREATE FUNCTION test_fail_acks() RETURNS trigger LANGUAGE plpgsql AS
-                 $$ BEGIN RAISE EXCEPTION 'the process died before acking'; END $$;
-             CREATE TRIGGER test_fail_acks BEFORE DELETE ON pgbus.messages
-                 FOR EACH ROW EXECUTE FUNCTION test_fail_acks();",
+            "CREATE FUNCTION test_hang_acks() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM pg_sleep(3600); RETURN OLD; END $$;
+             CREATE TRIGGER test_hang_acks BEFORE DELETE ON pgbus.messages
+                 FOR EACH ROW EXECUTE FUNCTION test_hang_acks();",
         )
         .await
         .unwrap();
-    let runs = Arc::new(AtomicUsize::new(0));
-    let handler = {
-        let runs = runs.clone();
-        move |_: JobContext<PgBackend>, _: Event<Paid>| {
-            let runs = runs.clone();
-            async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    };
-    let first = start_subscriber(&url, &q, handler.clone());
-    publish_when_bound(&backend).await;
+    let mut child = ChildSubscriber::spawn(&url, &q, Run::Finishes);
+    let event = publish_when_bound(&backend).await;
     eventually(
-        "the handler ran and its event is completed",
+        "the child's handler ran, its event is completed and the ack waits",
         DEADLINE,
-        || async {
-            runs.load(Ordering::SeqCst) == 1
-                && dedup_state(&url).await.is_some_and(|s| s.0 == "completed")
+        || {
+            child.assert_running();
+            async {
+                dedup_state(&url).await.is_some_and(|s| s.0 == "completed")
+                    && child_backends_in_the_ack(&url).await == 1
+            }
         },
     )
     .await;
-    first.abort();
-    let _ = first.await;
+    child.kill();
+    // The server does not notice the dead client while the ack sleeps: end the child's
+    // connections, so the ack rolls back and the message's lease can expire.
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1",
+            &[&format!("pgbus:{CHILD_ROLE}")],
+        )
+        .await
+        .unwrap();
+    eventually("the child's connections are gone", DEADLINE, || async {
+        connections(&url, CHILD_ROLE).await == 0
+    })
+    .await;
     assert_eq!(stats_of(&backend, &q).await.depth(), 1, "never acked");
 
     client
-        .batch_execute("DROP TRIGGER test_fail_acks ON pgbus.messages")
+        .batch_execute("DROP TRIGGER test_hang_acks ON pgbus.messages")
         .await
         .unwrap();
-    let second = start_subscriber(&url, &q, handler);
+    let second = start_subscriber(&url, &q, "second", Run::Finishes);
     wait_until_empty(&backend, &q, DEADLINE).await;
     second.abort();
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "not handled a second time");
+    let id = event.to_string();
+    assert_eq!(
+        runs(&url).await,
+        [
+            (id.clone(), 1, "started".into()),
+            (id, 1, "finished".into())
+        ],
+        "handled once, by the killed child, not a second time"
+    );
+    assert_eq!(dedup_state(&url).await, Some(("completed".into(), 1)));
     assert_eq!(stats_of(&backend, &q).await.dead_lettered, 0);
 }
 
@@ -128,42 +329,38 @@ async fn killed_after_the_handler_ran_but_before_the_ack_the_event_is_not_handle
 async fn killed_before_the_handler_finished_the_event_is_handled_again() {
     let (backend, url) = fresh_backend(4).await;
     let q = create(&backend, "billing", options()).await;
-    let started = Arc::new(AtomicUsize::new(0));
-    let finished = Arc::new(AtomicUsize::new(0));
-    let handler = {
-        let (started, finished) = (started.clone(), finished.clone());
-        move |ctx: JobContext<PgBackend>, _: Event<Paid>| {
-            let (started, finished) = (started.clone(), finished.clone());
-            async move {
-                started.fetch_add(1, Ordering::SeqCst);
-                if ctx.attempt() == 1 {
-                    // The first run never finishes: its process is killed meanwhile.
-                    std::future::pending::<()>().await;
-                }
-                finished.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    };
-    let first = start_subscriber(&url, &q, handler.clone());
-    publish_when_bound(&backend).await;
+    create_runs_table(&url).await;
+    let mut child = ChildSubscriber::spawn(&url, &q, Run::Hangs);
+    let event = publish_when_bound(&backend).await;
     eventually(
-        "the handler started and claimed the event",
+        "the child's handler started and claimed the event",
         DEADLINE,
-        || async {
-            started.load(Ordering::SeqCst) == 1
-                && dedup_state(&url).await.is_some_and(|s| s.0 == "claimed")
+        || {
+            child.assert_running();
+            async {
+                dedup_state(&url).await.is_some_and(|s| s.0 == "claimed")
+                    && runs(&url).await.len() == 1
+            }
         },
     )
     .await;
-    first.abort();
-    let _ = first.await;
+    child.kill();
 
-    let second = start_subscriber(&url, &q, handler);
+    let second = start_subscriber(&url, &q, "second", Run::Finishes);
     wait_until_empty(&backend, &q, DEADLINE).await;
     second.abort();
-    assert_eq!(started.load(Ordering::SeqCst), 2, "handled again");
-    assert_eq!(finished.load(Ordering::SeqCst), 1);
+    let id = event.to_string();
+    assert_eq!(
+        runs(&url).await,
+        [
+            (id.clone(), 1, "started".into()),
+            (id.clone(), 2, "started".into()),
+            (id, 2, "finished".into()),
+        ],
+        "handled again after the kill, finished once"
+    );
     assert_eq!(dedup_state(&url).await, Some(("completed".into(), 2)));
+    assert_eq!(stats_of(&backend, &q).await.dead_lettered, 0);
 }
 
 #[tokio::test]
