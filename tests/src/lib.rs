@@ -1,6 +1,8 @@
 //! Cross-crate integration tests for pgbus live in `tests/tests/`; this library holds their
 //! shared helpers.
 
+pub mod idempotent;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 

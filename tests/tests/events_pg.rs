@@ -2,40 +2,21 @@
 //! a real child process) after the handler ran but before the ack (not run again), or
 //! before the handler finished (run again); dedup record and event log pruning.
 //!
-//! The kill tests re-run this test binary as the child: `ChildSubscriber::spawn` starts
-//! it with only `subscriber_in_a_child_process` selected and the database, queue and
-//! handler in environment variables. The child's handler cannot share a counter with the
-//! test process, so every handler run records itself in the `test_runs` table.
+//! The killed subscriber is the `idempotent_subscriber` binary of this crate (the same
+//! subscriber as `pgbus_tests::idempotent::start_subscriber`, in a process of its own).
+//! Its handler cannot share a counter with the test process, so every handler run records
+//! itself in the `test_runs` table.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use pgbus_core::{
-    Deduplication, Event, EventId, NewEvent, QueueName, QueueOptions, RetryPolicy, Topics,
-};
-use pgbus_exec::{JobContext, Subscription, Worker};
+use pgbus_core::{Deduplication, EventId, NewEvent, QueueName, QueueOptions, RetryPolicy, Topics};
 use pgbus_pg::{connect, PgBackend};
-use pgbus_tests::{
-    connections, create, eventually, fresh_backend, queue, stats_of, wait_until_empty,
-};
-use tokio_util::sync::CancellationToken;
+use pgbus_tests::idempotent::{start_subscriber, Paid, Run, CHILD_ROLE};
+use pgbus_tests::{connections, create, eventually, fresh_backend, stats_of, wait_until_empty};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// The child's database URL; its presence is what makes the child entry run.
-const CHILD_URL: &str = "PGBUS_TEST_CHILD_URL";
-/// The child subscriber's queue.
-const CHILD_QUEUE: &str = "PGBUS_TEST_CHILD_QUEUE";
-/// How the child's handler runs: `finishes` or `hangs` (see `Run`).
-const CHILD_RUN: &str = "PGBUS_TEST_CHILD_RUN";
-/// The child's pool connections are `pgbus:child`, so the test can find them.
-const CHILD_ROLE: &str = "child";
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Paid {
-    order: u64,
-}
 
 /// A short lease, so a killed worker's message comes back quickly.
 fn options() -> QueueOptions {
@@ -49,32 +30,6 @@ fn options() -> QueueOptions {
     )
 }
 
-/// How a handler run goes. Either way it first records that it started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Run {
-    /// Records that it finished and returns.
-    Finishes,
-    /// Never finishes: its process is killed meanwhile.
-    Hangs,
-}
-
-impl Run {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Finishes => "finishes",
-            Self::Hangs => "hangs",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "finishes" => Self::Finishes,
-            "hangs" => Self::Hangs,
-            other => panic!("{CHILD_RUN}={other:?}: expected finishes or hangs"),
-        }
-    }
-}
-
 /// Creates the table handler runs record themselves in.
 async fn create_runs_table(url: &str) {
     let client = connect(url, "test").await.unwrap();
@@ -86,20 +41,6 @@ async fn create_runs_table(url: &str) {
                  attempt int NOT NULL,
                  phase text NOT NULL
              )",
-        )
-        .await
-        .unwrap();
-}
-
-/// Records a handler run's phase on a connection of its own (committed at once, so the
-/// row outlives a kill).
-async fn record(url: &str, event: EventId, attempt: u32, phase: &str) {
-    let client = connect(url, "handler").await.unwrap();
-    let attempt = i32::try_from(attempt).unwrap();
-    client
-        .execute(
-            "INSERT INTO test_runs (event_id, attempt, phase) VALUES ($1, $2, $3)",
-            &[&event.to_string(), &attempt, &phase],
         )
         .await
         .unwrap();
@@ -120,80 +61,15 @@ async fn runs(url: &str) -> Vec<(String, i32, String)> {
         .collect()
 }
 
-/// An idempotent subscriber whose handler records its runs and goes as `run` says,
-/// started on its own backend with pool connections named `pgbus:<role>`. Returns the task
-/// running it.
-fn start_subscriber(
-    url: &str,
-    queue: &QueueName,
-    role: &str,
-    run: Run,
-) -> tokio::task::JoinHandle<pgbus_core::Result<pgbus_exec::WorkerReport>> {
-    let backend = PgBackend::builder(url)
-        .role(role)
-        .max_connections(4)
-        .build()
-        .unwrap();
-    let url = url.to_owned();
-    let handler = move |ctx: JobContext<PgBackend>, event: Event<Paid>| {
-        let url = url.clone();
-        async move {
-            record(&url, event.id, ctx.attempt(), "started").await;
-            if run == Run::Hangs {
-                std::future::pending::<()>().await;
-            }
-            record(&url, event.id, ctx.attempt(), "finished").await;
-        }
-    };
-    let subscription = Subscription::new(queue.clone())
-        .on("order.*".parse().unwrap(), handler)
-        .idempotent();
-    let worker = Worker::builder(backend)
-        .poll_interval(Duration::from_millis(50))
-        .subscribe(subscription)
-        .build()
-        .unwrap();
-    // Never cancelled: the child is killed, the test process's task aborted.
-    tokio::spawn(worker.run(CancellationToken::new()))
-}
-
-/// The child process's side of the kill tests: runs a subscriber until it is killed.
-///
-/// Ignored rather than a test that returns at once without its environment: that one
-/// would be reported as a passing test that checked nothing. The kill tests select it
-/// with `--exact ... --include-ignored`; run any other way (no `CHILD_URL`), it returns.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the child process of the kill tests, which run it themselves"]
-async fn subscriber_in_a_child_process() {
-    let Ok(url) = std::env::var(CHILD_URL) else {
-        return;
-    };
-    let q = queue(&std::env::var(CHILD_QUEUE).unwrap());
-    let run = Run::parse(&std::env::var(CHILD_RUN).unwrap());
-    let outcome = start_subscriber(&url, &q, CHILD_ROLE, run).await;
-    panic!("the child's subscriber stopped before it was killed: {outcome:?}");
-}
-
-/// A subscriber in a child process (this test binary running
-/// `subscriber_in_a_child_process`). Dropping it kills and reaps the child, so a failed
-/// assertion leaves no process behind.
+/// A subscriber in a child process (the `idempotent_subscriber` binary). Dropping it
+/// kills and reaps the child, so a failed assertion leaves no process behind.
 struct ChildSubscriber(Child);
 
 impl ChildSubscriber {
     fn spawn(url: &str, queue: &QueueName, run: Run) -> Self {
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "subscriber_in_a_child_process",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_URL, url)
-            .env(CHILD_QUEUE, queue.as_str())
-            .env(CHILD_RUN, run.as_str())
-            // The harness's report would clutter the test output; panics go to stderr.
-            .stdout(Stdio::null())
+        let child = Command::new(env!("CARGO_BIN_EXE_idempotent_subscriber"))
+            .args([url, queue.as_str(), run.as_str()])
+            .stdin(Stdio::null())
             .spawn()
             .expect("spawning the child process");
         Self(child)
