@@ -1,6 +1,7 @@
 //! Concurrency limits on PostgreSQL across two worker "processes" (two workers, each with
 //! its own backend, pool and fetch connection): a key limited to 3 never runs more than 3
-//! jobs at once, every job finishes, and other keys run alongside at full width.
+//! jobs at once, every job finishes, and other keys run alongside at full width; a rate
+//! limit holds across both.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -212,4 +213,71 @@ async fn a_freed_slot_wakes_a_waiting_worker_in_another_process() {
     .await;
     stop.cancel();
     run.await.unwrap().unwrap();
+}
+
+/// A rate limit holds across two worker "processes": 30 jobs of a key limited to 5 starts
+/// per 500 ms start in 6 windows, so the last starts at least 5 windows after the first
+/// (asserted with one window of slack for a late first observation; without the limit
+/// all 30 start at once on the 32 slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_holds_across_two_processes() {
+    const JOBS: u32 = 30;
+    const INTERVAL: Duration = Duration::from_millis(500);
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "rated", QueueOptions::default()).await;
+    backend
+        .set_limit("api_token", KeyLimit::rate(5, INTERVAL))
+        .await
+        .unwrap();
+    let jobs = (0..JOBS)
+        .map(|n| {
+            NewMessage::encode(&Job {
+                key: "api_token".into(),
+                n,
+            })
+            .unwrap()
+            .limit_key("api_token")
+        })
+        .collect();
+    backend.send_batch(&q, jobs).await.unwrap();
+
+    let starts: Arc<Mutex<Vec<(std::time::Instant, u32)>>> = Arc::default();
+    let stop = CancellationToken::new();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let own = PgBackend::builder(&url).max_connections(4).build().unwrap();
+        let starts = Arc::clone(&starts);
+        let worker = Worker::builder(own)
+            .concurrency(16)
+            .poll_interval(Duration::from_millis(20))
+            .handle(q.clone(), move |_ctx: JobContext<PgBackend>, job: Job| {
+                starts
+                    .lock()
+                    .unwrap()
+                    .push((std::time::Instant::now(), job.n));
+                async {}
+            })
+            .build()
+            .unwrap();
+        runs.push(tokio::spawn(worker.run(stop.clone())));
+    }
+    eventually("every job started", DEADLINE, || async {
+        starts.lock().unwrap().len() >= JOBS as usize
+    })
+    .await;
+    stop.cancel();
+    for run in runs {
+        run.await.unwrap().unwrap();
+    }
+    let starts = starts.lock().unwrap().clone();
+    let mut ns: Vec<u32> = starts.iter().map(|(_, n)| *n).collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..JOBS).collect::<Vec<_>>(), "each job ran once");
+    let first = starts.iter().map(|(at, _)| *at).min().unwrap();
+    let last = starts.iter().map(|(at, _)| *at).max().unwrap();
+    assert!(
+        last - first >= INTERVAL * 4,
+        "30 starts at 5 per {INTERVAL:?} took only {:?}",
+        last - first
+    );
 }
