@@ -266,6 +266,21 @@ impl StreamStore for Flaky {
     }
 }
 
+/// An iteration hook counting the dispatcher iterations after which `pool` still had a
+/// connection checked out.
+fn pool_watch(pool: &PgBackend) -> (IterationHook, Arc<AtomicUsize>) {
+    let violations = Arc::new(AtomicUsize::new(0));
+    let hook: IterationHook = {
+        let (pool, violations) = (pool.clone(), violations.clone());
+        Arc::new(move || {
+            if pool.pool_in_use() != 0 {
+                violations.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    (hook, violations)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dispatcher_holds_no_pooled_connection_between_iterations() {
     let (publisher, url) = fresh_backend(4).await;
@@ -275,15 +290,7 @@ async fn the_dispatcher_holds_no_pooled_connection_between_iterations() {
         inner: dispatcher_pool.clone(),
         reads: Arc::default(),
     };
-    let violations = Arc::new(AtomicUsize::new(0));
-    let hook: IterationHook = {
-        let (pool, violations) = (dispatcher_pool.clone(), violations.clone());
-        Arc::new(move || {
-            if pool.pool_in_use() != 0 {
-                violations.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-    };
+    let (hook, violations) = pool_watch(&dispatcher_pool);
     let instance = started(store.clone(), &url, config(), Some(hook));
     wait_live(&instance).await;
     let s = stream("hygiene");
@@ -335,15 +342,7 @@ async fn a_read_failing_while_it_holds_a_connection_gives_it_back() {
         .max_connections(4)
         .build()
         .unwrap();
-    let violations = Arc::new(AtomicUsize::new(0));
-    let hook: IterationHook = {
-        let (pool, violations) = (dispatcher_pool.clone(), violations.clone());
-        Arc::new(move || {
-            if pool.pool_in_use() != 0 {
-                violations.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-    };
+    let (hook, violations) = pool_watch(&dispatcher_pool);
     let instance = started(dispatcher_pool.clone(), &url, config(), Some(hook));
     wait_live(&instance).await;
     let s = stream("cancelled");
