@@ -9,12 +9,11 @@
 
 use std::time::Duration;
 
-use pgbus_core::{check_delay, Error, Result};
+use pgbus_core::{check_delay, Deduplication, Error, Result, Topics};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::db;
-use crate::{sql, PgBackend};
+use crate::PgBackend;
 
 const TARGET: &str = "pgbus::maintenance";
 
@@ -54,10 +53,11 @@ impl MaintenanceBuilder {
     }
     /// Checks the settings.
     pub fn build(self) -> Result<Maintenance> {
-        let batch = i64::try_from(self.batch)
-            .ok()
-            .filter(|b| *b > 0)
-            .ok_or_else(|| Error::InvalidArgument("maintenance batch must be at least 1".into()))?;
+        if self.batch == 0 {
+            return Err(Error::InvalidArgument(
+                "maintenance batch must be at least 1".into(),
+            ));
+        }
         if self.interval.is_zero() {
             return Err(Error::InvalidArgument(
                 "maintenance interval must be positive".into(),
@@ -73,27 +73,27 @@ impl MaintenanceBuilder {
         check_delay("event log retention", self.event_log_retention)?;
         Ok(Maintenance {
             backend: self.backend,
-            dedup_retention: self.dedup_retention.as_secs_f64(),
-            event_log_retention: self.event_log_retention.as_secs_f64(),
+            dedup_retention: self.dedup_retention,
+            event_log_retention: self.event_log_retention,
             interval: self.interval,
-            batch,
+            batch: self.batch,
         })
     }
 }
 
 /// Prunes, every interval, archived messages past their queue's retention, dedup records
-/// and event-log entries past theirs. Each table is pruned in batches until a batch comes
-/// back short, every batch one statement on a connection taken from the pool for it and
-/// returned right after, so a pass never holds a connection or many locks for long.
-/// Errors are logged as warnings and the next interval tries again.
+/// and event-log entries past theirs, with the backend's own pruning
+/// ([`PgBackend::prune_archive`], [`Deduplication::prune_dedup`],
+/// [`Topics::prune_event_log`]): each table in batches until a batch comes back short,
+/// every batch one short statement on one pooled connection, so a pass never holds many
+/// locks. Errors are logged as warnings and the next interval tries again.
 #[derive(Debug)]
 pub struct Maintenance {
     backend: PgBackend,
-    /// Seconds, as the prune statements take them.
-    dedup_retention: f64,
-    event_log_retention: f64,
+    dedup_retention: Duration,
+    event_log_retention: Duration,
     interval: Duration,
-    batch: i64,
+    batch: usize,
 }
 
 /// Rows one pass deleted.
@@ -126,14 +126,6 @@ impl Table {
             Table::EventLog => "event_log",
         }
     }
-
-    fn doing(self) -> &'static str {
-        match self {
-            Table::Archive => "pruning the archive",
-            Table::Dedup => "pruning dedup records",
-            Table::EventLog => "pruning the event log",
-        }
-    }
 }
 
 impl Maintenance {
@@ -148,8 +140,8 @@ impl Maintenance {
         }
     }
 
-    /// Prunes now and then every interval until `stop` is cancelled. A statement under way
-    /// is finished (they are short), no further one is started.
+    /// Prunes now and then every interval until `stop` is cancelled. A table's pruning
+    /// under way is finished (its statements are short), no further table is started.
     pub async fn run(self, stop: CancellationToken) {
         let mut ticks = tokio::time::interval(self.interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -167,11 +159,10 @@ impl Maintenance {
     /// One pass over every table now, returning what it pruned or the first error (the
     /// loop of [`run`](Self::run) logs errors instead and goes on with the other tables).
     pub async fn prune_once(&self) -> Result<Pruned> {
-        let never = CancellationToken::new();
         Ok(Pruned {
-            archive: self.prune(Table::Archive, &never).await?,
-            dedup: self.prune(Table::Dedup, &never).await?,
-            event_log: self.prune(Table::EventLog, &never).await?,
+            archive: self.prune(Table::Archive).await?,
+            dedup: self.prune(Table::Dedup).await?,
+            event_log: self.prune(Table::EventLog).await?,
         })
     }
 
@@ -182,7 +173,7 @@ impl Maintenance {
             if stop.is_cancelled() {
                 break;
             }
-            match self.prune(table, stop).await {
+            match self.prune(table).await {
                 Ok(n) => *count = n,
                 Err(err) => tracing::warn!(
                     target: TARGET,
@@ -201,35 +192,20 @@ impl Maintenance {
         }
     }
 
-    /// Prunes `table` a batch at a time until a batch comes back short (or `stop`).
-    async fn prune(&self, table: Table, stop: &CancellationToken) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let deleted = self.prune_batch(table).await?;
-            total += deleted;
-            if deleted < self.batch as u64 || stop.is_cancelled() {
-                return Ok(total);
-            }
-        }
-    }
-
-    /// One bounded delete on a connection of its own from the pool.
-    async fn prune_batch(&self, table: Table) -> Result<u64> {
-        let conn = self.backend.conn().await?;
-        let deleted = match table {
-            Table::Archive => conn.execute(sql::PRUNE_ARCHIVE, &[&self.batch]).await,
+    /// Prunes `table` a batch at a time until a batch comes back short.
+    async fn prune(&self, table: Table) -> Result<u64> {
+        match table {
+            Table::Archive => self.backend.prune_archive(self.batch).await,
             Table::Dedup => {
-                conn.execute(sql::PRUNE_DEDUP, &[&self.dedup_retention, &self.batch])
+                self.backend
+                    .prune_dedup(self.dedup_retention, self.batch)
                     .await
             }
             Table::EventLog => {
-                conn.execute(
-                    sql::PRUNE_EVENT_LOG,
-                    &[&self.event_log_retention, &self.batch],
-                )
-                .await
+                self.backend
+                    .prune_event_log(self.event_log_retention, self.batch)
+                    .await
             }
-        };
-        deleted.map_err(|e| db(table.doing(), e))
+        }
     }
 }
