@@ -337,14 +337,8 @@ fn queue_pause_resume_purge_drop() {
     // A worker on the paused queue gets nothing (watched for a few poll intervals).
     let out = db.path("out.jsonl");
     let exec = format!("cat >> {}", sh_quote(&out));
-    let mut worker = Background(
-        db.cmd(&["work", "q", "--poll-interval", "200ms", "--exec", &exec])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the worker"),
-    );
+    let (mut worker, _stderr) =
+        db.spawn(&["work", "q", "--poll-interval", "200ms", "--exec", &exec]);
     let watched = Instant::now();
     eventually("the worker to register", SHORT, || {
         db.stats()["processes"]
@@ -796,15 +790,7 @@ fn work_stops_gracefully_on_sigterm() {
     let out = db.path("acked.jsonl");
     // The line is written once the job's work is done, just before it exits 0.
     let exec = format!("sleep 0.2; cat >> {}", sh_quote(&out));
-    let mut worker = Background(
-        db.cmd(&["work", "q", "--concurrency", "2", "--exec", &exec])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the worker"),
-    );
-    let stderr = read_all(worker.0.stderr.take());
+    let (mut worker, stderr) = db.spawn(&["work", "q", "--concurrency", "2", "--exec", &exec]);
     eventually("a first message to be processed", LONG, || {
         !lines(&out).is_empty()
     });
@@ -901,22 +887,14 @@ fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
         .fails();
     assert!(refused.stderr.contains("cron"), "{}", refused.stderr);
 
-    let mut scheduler = Background(
-        db.cmd(&[
-            "cron",
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--lease",
-            "3s",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the scheduler"),
-    );
-    let stderr = read_all(scheduler.0.stderr.take());
+    let (mut scheduler, stderr) = db.spawn(&[
+        "cron",
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--lease",
+        "3s",
+    ]);
     eventually("recurring jobs to be enqueued", LONG, || {
         db.depth("ticks") >= 3
     });

@@ -278,24 +278,16 @@ fn work_prunes_the_archive_dedup_records_and_event_log_past_their_retention() {
     );
     assert_eq!(retained(&db.url), (3, 3, 3));
 
-    let mut worker = Background(
-        db.cmd(&[
-            "work",
-            "kept",
-            "--exec",
-            "true",
-            "--dedup-retention",
-            "30m",
-            "--event-retention",
-            "1h",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the worker"),
-    );
-    let stderr = read_all(worker.0.stderr.take());
+    let (mut worker, stderr) = db.spawn(&[
+        "work",
+        "kept",
+        "--exec",
+        "true",
+        "--dedup-retention",
+        "30m",
+        "--event-retention",
+        "1h",
+    ]);
     eventually("the worker to prune", LONG, || {
         retained(&db.url) == (1, 1, 1)
     });

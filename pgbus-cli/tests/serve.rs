@@ -108,14 +108,7 @@ fn the_overview_and_metrics_show_topics_schedules_and_open_breakers() {
         .to_string(),
     )
     .unwrap();
-    let mut scheduler = Background(
-        db.cmd(&["cron", "run", "--config", config.to_str().unwrap()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("starting the scheduler"),
-    );
+    let (mut scheduler, _stderr) = db.spawn(&["cron", "run", "--config", config.to_str().unwrap()]);
     eventually("the task declared", SHORT, || {
         db.ok(&["cron", "list", "--json"]).json()["tasks"]
             .as_array()

@@ -253,6 +253,21 @@ impl Db {
         run(self.cmd(args), None, SHORT)
     }
 
+    /// Starts `pgbus ARGS` in the background (no stdin, stdout discarded); returns it with
+    /// a reader of its standard error.
+    pub fn spawn(&self, args: &[&str]) -> (Background, thread::JoinHandle<String>) {
+        let mut process = Background(
+            self.cmd(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting pgbus {}: {e}", args.join(" "))),
+        );
+        let stderr = read_all(process.0.stderr.take());
+        (process, stderr)
+    }
+
     #[track_caller]
     pub fn ok(&self, args: &[&str]) -> Run {
         self.run(args).ok()
