@@ -15,10 +15,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, GenericClient, Row};
 
-use crate::connect::{config_for, connect};
+use crate::connect::ConnectOptions;
 use crate::error::{db, pool, storable};
 use crate::group::GroupLocks;
 use crate::migrate::{self, SCHEMA_VERSION};
+use crate::query::{Pooler, Reused, Typed};
 use crate::sql;
 
 pub(crate) use crate::pool::Manager;
@@ -32,10 +33,12 @@ pub(crate) use crate::pool::Manager;
 #[derive(Debug, Clone)]
 pub struct PgBackend {
     pool: Pool<Manager>,
+    target: ConnectOptions,
     url: Arc<str>,
     max_payload_bytes: usize,
     notify: bool,
     group_locks: GroupLocks,
+    pooler: Pooler,
 }
 
 /// Configures a [`PgBackend`]; see [`PgBackend::builder`].
@@ -47,14 +50,28 @@ pub struct PgBackendBuilder {
     connection_timeout: Duration,
     max_payload_bytes: usize,
     notify: bool,
-    group_locks: GroupLocks,
+    group_locks: Option<GroupLocks>,
+    pooler: Pooler,
 }
 
+/// How long a group's row lease lasts without renewal when a transaction-mode pooler
+/// rules out advisory locks and no other length was chosen.
+const POOLER_GROUP_LEASE: Duration = Duration::from_secs(30);
+
 impl PgBackendBuilder {
-    /// How ordered groups are locked; default [`GroupLocks::Advisory`]. Choose
-    /// [`GroupLocks::Lease`] behind a transaction-mode connection pooler.
+    /// How ordered groups are locked; default [`GroupLocks::Advisory`], or
+    /// [`GroupLocks::Lease`] (30 s) behind a [transaction-mode pooler](Pooler::Transaction).
     pub fn group_locks(mut self, locks: GroupLocks) -> Self {
-        self.group_locks = locks;
+        self.group_locks = Some(locks);
+        self
+    }
+
+    /// What sits between pgbus and PostgreSQL; default [`Pooler::Session`] (a direct
+    /// connection or a session-mode pooler). With [`Pooler::Transaction`] the backend
+    /// keeps no session state: no prepared statements, no session settings, and ordered
+    /// groups use row leases.
+    pub fn pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = pooler;
         self
     }
 
@@ -88,30 +105,48 @@ impl PgBackendBuilder {
         self
     }
 
-    /// Checks the settings and creates the pool. Connections open on first use.
+    /// Checks the settings (the URL, its TLS files) and creates the pool. Connections
+    /// open on first use.
     pub fn build(self) -> Result<PgBackend> {
         if self.max_connections == 0 {
             return Err(Error::InvalidArgument(
                 "max_connections must be at least 1".into(),
             ));
         }
-        let config = config_for(&self.url, &self.role)?;
+        let group_locks = match (self.pooler, self.group_locks) {
+            (Pooler::Transaction, Some(GroupLocks::Advisory)) => {
+                return Err(Error::InvalidArgument(
+                    "advisory group locks need a session of their own, which a transaction-mode \
+                     pooler does not keep: use GroupLocks::Lease"
+                        .into(),
+                ))
+            }
+            (_, Some(locks)) => locks,
+            (Pooler::Transaction, None) => GroupLocks::Lease {
+                ttl: POOLER_GROUP_LEASE,
+            },
+            (Pooler::Session, None) => GroupLocks::Advisory,
+        };
+        let target = ConnectOptions::parse(&self.url)?;
         let pool = Pool::builder()
             .max_size(self.max_connections)
             .connection_timeout(self.connection_timeout)
-            .build_unchecked(Manager::new(config, self.role));
+            .build_unchecked(Manager::new(target.clone(), self.role, self.pooler));
         Ok(PgBackend {
             pool,
+            target,
             url: self.url.into(),
             max_payload_bytes: self.max_payload_bytes,
             notify: self.notify,
-            group_locks: self.group_locks,
+            group_locks,
+            pooler: self.pooler,
         })
     }
 }
 
 impl PgBackend {
-    /// A builder for a backend on the database at `url`.
+    /// A builder for a backend on the database at `url` (a `postgres://` URL or a
+    /// key=value string; TLS and passwords as libpq reads them: see [`ConnectOptions`]).
     pub fn builder(url: impl Into<String>) -> PgBackendBuilder {
         PgBackendBuilder {
             url: url.into(),
@@ -120,13 +155,19 @@ impl PgBackend {
             connection_timeout: Duration::from_secs(10),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             notify: true,
-            group_locks: GroupLocks::Advisory,
+            group_locks: None,
+            pooler: Pooler::Session,
         }
     }
 
     /// How this backend locks ordered groups.
     pub fn group_locks(&self) -> GroupLocks {
         self.group_locks
+    }
+
+    /// What this backend was told sits between it and PostgreSQL.
+    pub fn pooler(&self) -> Pooler {
+        self.pooler
     }
 
     /// A backend with default settings.
@@ -137,6 +178,16 @@ impl PgBackend {
     /// The database URL this backend connects to.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// How this backend reaches the database.
+    pub fn connect_options(&self) -> &ConnectOptions {
+        &self.target
+    }
+
+    /// Opens a dedicated connection (not from the pool) named `pgbus:<role>`.
+    pub(crate) async fn dedicated(&self, role: &str) -> Result<Client> {
+        self.target.connect(role).await
     }
 
     /// Pooled connections checked out right now (open minus idle).
@@ -166,7 +217,7 @@ impl PgBackend {
     /// Applies missing migrations on a dedicated `pgbus:migrate` connection; safe to run
     /// from many processes at once. Returns the versions applied.
     pub async fn migrate(&self) -> Result<Vec<i64>> {
-        let mut client = connect(&self.url, "migrate").await?;
+        let mut client = self.dedicated("migrate").await?;
         migrate::migrate(&mut client).await
     }
 
@@ -186,7 +237,7 @@ impl PgBackend {
     /// the message exists only if it commits.
     pub async fn send_in(
         &self,
-        client: &impl GenericClient,
+        client: &(impl GenericClient + Sync),
         queue: &QueueName,
         message: NewMessage,
     ) -> Result<MessageId> {
@@ -197,7 +248,7 @@ impl PgBackend {
     /// Sends many messages in one statement on the caller's connection or transaction.
     pub async fn send_batch_in(
         &self,
-        client: &impl GenericClient,
+        client: &(impl GenericClient + Sync),
         queue: &QueueName,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<MessageId>> {
@@ -229,7 +280,7 @@ impl PgBackend {
         let mut total = 0;
         loop {
             let deleted = conn
-                .execute(sql::PRUNE_ARCHIVE, &[&batch])
+                .exec(sql::PRUNE_ARCHIVE, &[&batch])
                 .await
                 .map_err(|e| db("pruning the archive", e))?;
             total += deleted;
@@ -244,7 +295,7 @@ impl PgBackend {
         let row = self
             .conn()
             .await?
-            .query_one(sql::ARCHIVED_COUNT, &[&queue.as_str()])
+            .q_one(sql::ARCHIVED_COUNT, &[&queue.as_str()])
             .await
             .map_err(|e| db("counting archived messages", e))?;
         Ok(row.get::<_, i64>(0) as u64)
@@ -318,22 +369,19 @@ pub(crate) fn send_error(queue: &QueueName, err: tokio_postgres::Error) -> Error
     missing_queue(queue, err).unwrap_or_else(|e| db("sending messages", e))
 }
 
-/// Claims on the given connection (`statement` is [`sql::CLAIM`], as text or prepared),
-/// restoring claim order, which `RETURNING` does not keep.
-pub(crate) async fn claim_on<S>(
-    client: &impl GenericClient,
-    statement: &S,
+/// Claims on the given connection with `statement` ([`sql::CLAIM`] or
+/// [`sql::CLAIM_LIMITED`]), restoring claim order, which `RETURNING` does not keep.
+pub(crate) async fn claim_on(
+    client: &(impl GenericClient + Sync),
+    statement: &Reused,
     queue: &QueueName,
     max: usize,
     lease: Duration,
-) -> Result<Vec<Message>>
-where
-    S: tokio_postgres::ToStatement + Send + Sync + ?Sized,
-{
+) -> Result<Vec<Message>> {
     let limit = positive(max, "claim size")?;
     check_delay("a lease", lease)?;
-    let rows = client
-        .query(statement, &[&queue.as_str(), &limit, &lease.as_secs_f64()])
+    let rows = statement
+        .query(client, &[&queue.as_str(), &limit, &lease.as_secs_f64()])
         .await
         .map_err(|e| db("claiming messages", e))?;
     if rows.is_empty() {
@@ -353,11 +401,11 @@ where
 
 /// A queue's settings, on the given connection.
 pub(crate) async fn queue_info_on(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     name: &QueueName,
 ) -> Result<QueueInfo> {
     let row = client
-        .query_opt(sql::QUEUE_INFO, &[&name.as_str()])
+        .q_opt(sql::QUEUE_INFO, &[&name.as_str()])
         .await
         .map_err(|e| db("reading a queue", e))?;
     match row {
@@ -368,9 +416,9 @@ pub(crate) async fn queue_info_on(
 
 /// Fails with [`Error::QueueNotFound`] unless the queue exists. Called only after an
 /// operation found nothing, to tell "empty" from "missing" without a cost on the busy path.
-async fn ensure_exists(client: &impl GenericClient, queue: &QueueName) -> Result<()> {
+async fn ensure_exists(client: &(impl GenericClient + Sync), queue: &QueueName) -> Result<()> {
     let row = client
-        .query_one(sql::QUEUE_EXISTS, &[&queue.as_str()])
+        .q_one(sql::QUEUE_EXISTS, &[&queue.as_str()])
         .await
         .map_err(|e| db("looking up the queue", e))?;
     if row.get(0) {
@@ -418,7 +466,7 @@ pub(crate) async fn trip_breaker_on(
     backoff: Duration,
 ) -> Result<()> {
     let updated = client
-        .execute(sql::TRIP_BREAKER, &[&name.as_str(), &backoff.as_secs_f64()])
+        .exec(sql::TRIP_BREAKER, &[&name.as_str(), &backoff.as_secs_f64()])
         .await
         .map_err(|e| db("opening a circuit breaker", e))?;
     if updated == 0 {
@@ -480,7 +528,7 @@ impl QueueAdmin for PgBackend {
         let created = self
             .conn()
             .await?
-            .execute(
+            .exec(
                 sql::CREATE_QUEUE,
                 &[
                     &name.as_str(),
@@ -504,7 +552,7 @@ impl QueueAdmin for PgBackend {
         let dropped = self
             .conn()
             .await?
-            .execute(sql::DROP_QUEUE, &[&name.as_str()])
+            .exec(sql::DROP_QUEUE, &[&name.as_str()])
             .await
             .map_err(|e| db("dropping a queue", e))?;
         Ok(dropped == 1)
@@ -518,7 +566,7 @@ impl QueueAdmin for PgBackend {
         let updated: i64 = self
             .conn()
             .await?
-            .query_one(sql::SET_PAUSED, &[&name.as_str(), &paused])
+            .q_one(sql::SET_PAUSED, &[&name.as_str(), &paused])
             .await
             .map_err(|e| db("pausing or resuming a queue", e))?
             .get(0);
@@ -531,7 +579,7 @@ impl QueueAdmin for PgBackend {
     async fn purge_queue(&self, name: &QueueName) -> Result<u64> {
         let conn = self.conn().await?;
         let purged = conn
-            .execute(sql::PURGE_QUEUE, &[&name.as_str()])
+            .exec(sql::PURGE_QUEUE, &[&name.as_str()])
             .await
             .map_err(|e| db("purging a queue", e))?;
         if purged == 0 {
@@ -548,7 +596,7 @@ impl QueueAdmin for PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::LIST_QUEUES, &[])
+            .q(sql::LIST_QUEUES, &[])
             .await
             .map_err(|e| db("listing queues", e))?;
         rows.iter().map(queue_info_from).collect()
@@ -576,7 +624,8 @@ impl Producer for PgBackend {
 
 impl Consumer for PgBackend {
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Message>> {
-        claim_on(&**self.conn().await?, sql::CLAIM, queue, max, lease).await
+        let statement = Reused::Unnamed(sql::CLAIM);
+        claim_on(&**self.conn().await?, &statement, queue, max, lease).await
     }
 
     async fn ack(&self, leases: &[Lease]) -> Result<u64> {
@@ -586,11 +635,11 @@ impl Consumer for PgBackend {
         let (ids, attempts) = lease_arrays(leases);
         let conn = self.conn().await?;
         let ack = conn
-            .prepared(sql::ACK, &[Type::INT8_ARRAY, Type::INT4_ARRAY])
+            .reused(sql::ACK)
             .await
             .map_err(|e| db("preparing the ack", e))?;
-        let row = conn
-            .query_one(&ack, &[&ids, &attempts])
+        let row = ack
+            .query_one(&**conn, &[&ids, &attempts])
             .await
             .map_err(|e| db("acking messages", e))?;
         Ok(row.get::<_, i64>(0) as u64)
@@ -604,7 +653,7 @@ impl Consumer for PgBackend {
         let (ids, attempts) = lease_arrays(leases);
         self.conn()
             .await?
-            .execute(sql::EXTEND, &[&ids, &attempts, &lease.as_secs_f64()])
+            .exec(sql::EXTEND, &[&ids, &attempts, &lease.as_secs_f64()])
             .await
             .map_err(|e| db("extending leases", e))
     }
@@ -617,7 +666,7 @@ impl Consumer for PgBackend {
         let updated = self
             .conn()
             .await?
-            .execute(
+            .exec(
                 sql::NACK,
                 &[&ids[0], &attempts[0], &delay.as_secs_f64(), &error],
             )
@@ -632,7 +681,7 @@ impl Consumer for PgBackend {
         let moved = self
             .conn()
             .await?
-            .execute(sql::DEAD_LETTER, &[&ids[0], &attempts[0], &&*reason])
+            .exec(sql::DEAD_LETTER, &[&ids[0], &attempts[0], &&*reason])
             .await
             .map_err(|e| db("dead-lettering a message", e))?;
         Ok(moved == 1)
@@ -644,7 +693,7 @@ impl DeadLetters for PgBackend {
         let limit = positive(limit, "limit")?;
         let conn = self.conn().await?;
         let rows = conn
-            .query(sql::LIST_DEAD, &[&queue.as_str(), &limit])
+            .q(sql::LIST_DEAD, &[&queue.as_str(), &limit])
             .await
             .map_err(|e| db("listing dead letters", e))?;
         if rows.is_empty() {
@@ -658,7 +707,7 @@ impl DeadLetters for PgBackend {
     async fn retry_dead(&self, queue: &QueueName, which: Selection<'_>) -> Result<u64> {
         let conn = self.conn().await?;
         let moved = conn
-            .query_one(sql::RETRY_DEAD, &[&queue.as_str(), &selection(which)])
+            .q_one(sql::RETRY_DEAD, &[&queue.as_str(), &selection(which)])
             .await
             .map_err(|e| db("retrying dead letters", e))?
             .get::<_, i64>(0) as u64;
@@ -671,7 +720,7 @@ impl DeadLetters for PgBackend {
     async fn discard_dead(&self, queue: &QueueName, which: Selection<'_>) -> Result<u64> {
         let conn = self.conn().await?;
         let deleted = conn
-            .execute(sql::DISCARD_DEAD, &[&queue.as_str(), &selection(which)])
+            .exec(sql::DISCARD_DEAD, &[&queue.as_str(), &selection(which)])
             .await
             .map_err(|e| db("discarding dead letters", e))?;
         if deleted == 0 {
@@ -686,7 +735,7 @@ impl Stats for PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::STATS, &[])
+            .q(sql::STATS, &[])
             .await
             .map_err(|e| db("reading queue stats", e))?;
         rows.iter()

@@ -9,6 +9,7 @@ use tokio_postgres::types::{Json, Type};
 use tokio_postgres::Transaction;
 
 use crate::error::db;
+use crate::query::Typed;
 use crate::{sql, PgBackend};
 
 impl PgBackend {
@@ -70,7 +71,7 @@ impl PgBackend {
             }
         }
         let id: i64 = tx
-            .query_one(sql::CREATE_BATCH, &[&queue.as_str(), &total])
+            .q_one(sql::CREATE_BATCH, &[&queue.as_str(), &total])
             .await
             .map_err(|e| db("creating a batch", e))?
             .get(0);
@@ -97,7 +98,7 @@ impl PgBackend {
         }
         let ids = self.send_batch_in(tx, queue, messages).await?;
         let raw: Vec<i64> = ids.iter().map(|id| id.0).collect();
-        tx.execute(sql::JOIN_BATCH, &[&id, &raw])
+        tx.exec(sql::JOIN_BATCH, &[&id, &raw])
             .await
             .map_err(|e| db("joining jobs to their batch", e))?;
         Ok((BatchId(id), ids))
@@ -107,7 +108,7 @@ impl PgBackend {
     pub async fn batch(&self, id: BatchId) -> Result<Option<BatchInfo>> {
         let conn = self.conn().await?;
         let row = (*conn)
-            .query_opt(sql::BATCH_INFO, &[&id.0])
+            .q_opt(sql::BATCH_INFO, &[&id.0])
             .await
             .map_err(|e| db("reading a batch", e))?;
         row.as_ref().map(batch_from).transpose()
@@ -117,7 +118,7 @@ impl PgBackend {
     pub async fn open_batches(&self) -> Result<Vec<BatchInfo>> {
         let conn = self.conn().await?;
         let rows = (*conn)
-            .query(sql::OPEN_BATCHES, &[])
+            .q(sql::OPEN_BATCHES, &[])
             .await
             .map_err(|e| db("listing open batches", e))?;
         rows.iter().map(batch_from).collect()

@@ -6,6 +6,7 @@ use pgbus_core::{DedupClaim, Deduplication, EventId, Lease, QueueName, Result};
 
 use crate::backend::lease_arrays;
 use crate::error::db;
+use crate::query::Typed;
 use crate::topics::prune_in_batches;
 use crate::{sql, PgBackend};
 
@@ -20,7 +21,7 @@ impl Deduplication for PgBackend {
         let row = self
             .conn()
             .await?
-            .query_opt(
+            .q_opt(
                 sql::CLAIM_EVENT,
                 &[
                     &subscriber.as_str(),
@@ -48,7 +49,7 @@ impl Deduplication for PgBackend {
         let updated = self
             .conn()
             .await?
-            .execute(
+            .exec(
                 sql::COMPLETE_EVENT,
                 &[
                     &subscriber.as_str(),

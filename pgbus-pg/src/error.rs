@@ -3,11 +3,17 @@
 use pgbus_core::Error;
 use tokio_postgres::error::SqlState;
 
+use crate::connect::tls_failure;
+
 /// Whether a Postgres error may go away by itself: the connection broke, the server is
 /// shutting down or starting, a serialization failure or deadlock, too many connections.
 pub(crate) fn is_transient(err: &tokio_postgres::Error) -> bool {
     if err.is_closed() {
         return true;
+    }
+    // A certificate or TLS setup problem does not go away by retrying.
+    if tls_failure(err).is_some() {
+        return false;
     }
     match err.code() {
         // No server error: an I/O or protocol failure on the connection.
@@ -25,11 +31,11 @@ pub(crate) fn is_transient(err: &tokio_postgres::Error) -> bool {
 }
 
 /// The server's message and SQLSTATE when there is one (the driver's own `Display` says
-/// only "db error"), else the driver's message.
+/// only "db error"), else the cause of a TLS failure, else the driver's message.
 pub(crate) fn describe(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => err.to_string(),
+        None => tls_failure(err).unwrap_or_else(|| err.to_string()),
     }
 }
 

@@ -1,13 +1,14 @@
-//! The fetch loop's own connection (`pgbus:fetch`), with the claim statement prepared once.
+//! The fetch loop's own connection (`pgbus:fetch`), with the claim statement prepared once
+//! (unless a transaction-mode pooler rules that out).
 
 use std::time::Duration;
 
 use pgbus_core::{Fetcher, Message, OpenFetcher, QueueInfo, QueueName, Result};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Client;
 
 use crate::backend::claim_on;
-use crate::connect::connect;
 use crate::error::db;
+use crate::query::{Pooler, Reused, Typed};
 use crate::{sql, PgBackend};
 
 /// A dedicated connection for a worker's claims: one backend session for the life of the
@@ -15,8 +16,9 @@ use crate::{sql, PgBackend};
 /// one.
 pub struct PgFetcher {
     client: Client,
-    claim: Statement,
-    claim_limited: Option<Statement>,
+    pooler: Pooler,
+    claim: Reused,
+    claim_limited: Option<Reused>,
 }
 
 impl std::fmt::Debug for PgFetcher {
@@ -29,24 +31,31 @@ impl OpenFetcher for PgBackend {
     type Fetcher = PgFetcher;
 
     async fn open_fetcher(&self) -> Result<PgFetcher> {
-        let client = connect(self.url(), "fetch").await?;
+        let client = self.dedicated("fetch").await?;
+        let pooler = self.pooler();
         // A claim lost in a crash only means the message is delivered again when its lease
         // would have run out anyway: claims need not wait for the WAL flush. Postgres
         // plans a prepared claim anew each time (its generic plan looks costlier with the
         // claim size unknown), which cost about a tenth of a drain's database time; the
         // claim's generic plan is as good as any (see `sql::CLAIM`), and the few other
         // statements here are key lookups (the limited claim keeps custom plans: see
-        // migration 14).
-        client
-            .batch_execute("SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan")
-            .await
-            .map_err(|e| db("configuring the fetch connection", e))?;
-        let claim = client
-            .prepare(sql::CLAIM)
+        // migration 14). Behind a transaction-mode pooler a session setting would leak to
+        // whichever client gets the server session next, so claims there commit durably
+        // and are planned each time.
+        if pooler == Pooler::Session {
+            client
+                .batch_execute(
+                    "SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan",
+                )
+                .await
+                .map_err(|e| db("configuring the fetch connection", e))?;
+        }
+        let claim = Reused::prepare(&client, sql::CLAIM, pooler)
             .await
             .map_err(|e| db("preparing the claim statement", e))?;
         Ok(PgFetcher {
             client,
+            pooler,
             claim,
             claim_limited: None,
         })
@@ -67,7 +76,7 @@ impl Fetcher for PgFetcher {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .client
-            .query(sql::GROUP_CANDIDATES, &[&queue.as_str(), &limit, &exclude])
+            .q(sql::GROUP_CANDIDATES, &[&queue.as_str(), &limit, &exclude])
             .await
             .map_err(|e| db("finding candidate groups", e))?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
@@ -88,6 +97,14 @@ impl Fetcher for PgFetcher {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<Message>> {
-        crate::limits::claim_limited(&self.client, &mut self.claim_limited, queue, max, lease).await
+        crate::limits::claim_limited(
+            &self.client,
+            &mut self.claim_limited,
+            self.pooler,
+            queue,
+            max,
+            lease,
+        )
+        .await
     }
 }

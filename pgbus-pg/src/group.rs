@@ -8,11 +8,11 @@ use pgbus_core::{
     check_delay, GroupRecovery, GroupSession, Lease, Message, MessageId, OpenGroupSession,
     OrphanSightings, QueueName, Recovered, Result,
 };
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Client;
 
 use crate::backend::{lease_arrays, message_from, trip_breaker_on};
-use crate::connect::connect;
 use crate::error::{db, storable};
+use crate::query::{Reused, Typed};
 use crate::{sql, PgBackend};
 
 /// How group locks are held.
@@ -40,8 +40,8 @@ pub enum GroupLocks {
 /// releases any lock it still holds. In lease mode it owns lease rows under its token.
 pub struct PgGroupSession {
     client: Client,
-    claim_head: Statement,
-    ack: Statement,
+    claim_head: Reused,
+    ack: Reused,
     /// Lease mode: this session's owner token and lease length.
     lease: Option<(String, Duration)>,
     /// Groups this session has locked: a session advisory lock is re-entrant, so locking
@@ -82,12 +82,12 @@ impl OpenGroupSession for PgBackend {
     type Recovery = PgGroupRecovery;
 
     async fn open_group_session(&self) -> Result<PgGroupSession> {
-        let client = connect(self.url(), "group").await?;
+        let client = self.dedicated("group").await?;
         let (claim_sql, ack_sql, lease) = match self.group_locks() {
             GroupLocks::Advisory => (sql::CLAIM_GROUP_HEAD, sql::ACK, None),
             GroupLocks::Lease { ttl } => {
                 let token: String = client
-                    .query_one("SELECT gen_random_uuid()::text", &[])
+                    .q_one("SELECT gen_random_uuid()::text", &[])
                     .await
                     .map_err(|e| db("making a lease token", e))?
                     .get(0);
@@ -98,12 +98,10 @@ impl OpenGroupSession for PgBackend {
                 )
             }
         };
-        let claim_head = client
-            .prepare(claim_sql)
+        let claim_head = Reused::prepare(&client, claim_sql, self.pooler())
             .await
             .map_err(|e| db("preparing the group claim", e))?;
-        let ack = client
-            .prepare(ack_sql)
+        let ack = Reused::prepare(&client, ack_sql, self.pooler())
             .await
             .map_err(|e| db("preparing the ack", e))?;
         Ok(PgGroupSession {
@@ -117,7 +115,7 @@ impl OpenGroupSession for PgBackend {
 
     async fn open_group_recovery(&self) -> Result<PgGroupRecovery> {
         Ok(PgGroupRecovery {
-            client: connect(self.url(), "recovery").await?,
+            client: self.dedicated("recovery").await?,
             locks: self.group_locks(),
             sightings: OrphanSightings::default(),
         })
@@ -129,7 +127,7 @@ impl PgGroupSession {
     async fn renew(&self) -> Result<()> {
         if let Some((token, ttl)) = &self.lease {
             self.client
-                .execute(sql::RENEW_GROUP_LEASES, &[token, &ttl.as_secs_f64()])
+                .exec(sql::RENEW_GROUP_LEASES, &[token, &ttl.as_secs_f64()])
                 .await
                 .map_err(|e| db("renewing group leases", e))?;
         }
@@ -154,13 +152,13 @@ impl GroupSession for PgGroupSession {
         let locked = match &self.lease {
             None => self
                 .client
-                .query_one(sql::TRY_LOCK_GROUP, &[&queue.as_str(), &group])
+                .q_one(sql::TRY_LOCK_GROUP, &[&queue.as_str(), &group])
                 .await
                 .map_err(|e| db("locking a group", e))?
                 .get(0),
             Some((token, ttl)) => self
                 .client
-                .query_opt(
+                .q_opt(
                     sql::TRY_LEASE_GROUP,
                     &[&queue.as_str(), &group, token, &ttl.as_secs_f64()],
                 )
@@ -185,13 +183,13 @@ impl GroupSession for PgGroupSession {
         let secs = lease.as_secs_f64();
         let row = match self.token() {
             None => {
-                self.client
-                    .query_opt(&self.claim_head, &[&queue.as_str(), &group, &secs])
+                self.claim_head
+                    .query_opt(&self.client, &[&queue.as_str(), &group, &secs])
                     .await
             }
             Some(token) => {
-                self.client
-                    .query_opt(&self.claim_head, &[&queue.as_str(), &group, &secs, token])
+                self.claim_head
+                    .query_opt(&self.client, &[&queue.as_str(), &group, &secs, token])
                     .await
             }
         }
@@ -207,12 +205,12 @@ impl GroupSession for PgGroupSession {
         let extended = match self.token() {
             None => {
                 self.client
-                    .execute(sql::EXTEND, &[&ids, &attempts, &secs])
+                    .exec(sql::EXTEND, &[&ids, &attempts, &secs])
                     .await
             }
             Some(token) => {
                 self.client
-                    .execute(sql::EXTEND_FENCED, &[&ids, &attempts, &secs, token])
+                    .exec(sql::EXTEND_FENCED, &[&ids, &attempts, &secs, token])
                     .await
             }
         }
@@ -223,10 +221,10 @@ impl GroupSession for PgGroupSession {
     async fn ack(&mut self, lease: &Lease) -> Result<bool> {
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
         let acked: i64 = match self.token() {
-            None => self.client.query_one(&self.ack, &[&ids, &attempts]).await,
+            None => self.ack.query_one(&self.client, &[&ids, &attempts]).await,
             Some(token) => {
-                self.client
-                    .query_one(&self.ack, &[&ids, &attempts, token])
+                self.ack
+                    .query_one(&self.client, &[&ids, &attempts, token])
                     .await
             }
         }
@@ -244,12 +242,12 @@ impl GroupSession for PgGroupSession {
         let updated = match self.token() {
             None => {
                 self.client
-                    .execute(sql::NACK, &[&lease.id.0, &attempt, &secs, &error])
+                    .exec(sql::NACK, &[&lease.id.0, &attempt, &secs, &error])
                     .await
             }
             Some(token) => {
                 self.client
-                    .execute(
+                    .exec(
                         sql::NACK_FENCED,
                         &[&lease.id.0, &attempt, &secs, &error, token],
                     )
@@ -266,12 +264,12 @@ impl GroupSession for PgGroupSession {
         let moved = match self.token() {
             None => {
                 self.client
-                    .execute(sql::DEAD_LETTER, &[&lease.id.0, &attempt, &reason])
+                    .exec(sql::DEAD_LETTER, &[&lease.id.0, &attempt, &reason])
                     .await
             }
             Some(token) => {
                 self.client
-                    .execute(
+                    .exec(
                         sql::DEAD_LETTER_FENCED,
                         &[&lease.id.0, &attempt, &reason, token],
                     )
@@ -293,12 +291,12 @@ impl GroupSession for PgGroupSession {
         match self.token() {
             None => self
                 .client
-                .query_one(sql::UNLOCK_GROUP, &[&queue.as_str(), &group])
+                .q_one(sql::UNLOCK_GROUP, &[&queue.as_str(), &group])
                 .await
                 .map(|_| ()),
             Some(token) => self
                 .client
-                .execute(sql::RELEASE_GROUP_LEASE, &[&queue.as_str(), &group, token])
+                .exec(sql::RELEASE_GROUP_LEASE, &[&queue.as_str(), &group, token])
                 .await
                 .map(|_| ()),
         }
@@ -313,7 +311,7 @@ impl GroupRecovery for PgGroupRecovery {
             // An expired lease already is the grace period: free at once.
             let row = self
                 .client
-                .query_one(sql::RECOVER_LEASED_GROUPS, &[&names])
+                .q_one(sql::RECOVER_LEASED_GROUPS, &[&names])
                 .await
                 .map_err(|e| db("recovering groups of dead owners", e))?;
             return Ok(Recovered {
@@ -329,7 +327,7 @@ impl GroupRecovery for PgGroupRecovery {
             .collect();
         let rows = self
             .client
-            .query(sql::RECOVER_GROUPS, &[&names, &ids, &attempts])
+            .q(sql::RECOVER_GROUPS, &[&names, &ids, &attempts])
             .await
             .map_err(|e| db("recovering groups of dead owners", e))?;
         let mut freed = 0;
@@ -370,7 +368,7 @@ impl PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::GROUPS_IN_FLIGHT, &[&limit])
+            .q(sql::GROUPS_IN_FLIGHT, &[&limit])
             .await
             .map_err(|e| db("listing groups in flight", e))?;
         Ok(rows

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use pgbus_core::{check_limit_key, KeyLimit, Limits, Message, QueueName, Result};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Client;
 
 use crate::backend::claim_on;
 use crate::error::db;
+use crate::query::{Pooler, Reused, Typed};
 use crate::{sql, PgBackend};
 
 impl Limits for PgBackend {
@@ -20,7 +21,7 @@ impl Limits for PgBackend {
             .map(|(_, every)| i64::try_from(every.as_millis()).unwrap_or(i64::MAX));
         self.conn()
             .await?
-            .execute(
+            .exec(
                 sql::SET_LIMIT,
                 &[&key, &limit.concurrency.map(count), &rate, &interval],
             )
@@ -33,7 +34,7 @@ impl Limits for PgBackend {
         let removed = self
             .conn()
             .await?
-            .execute(sql::REMOVE_LIMIT, &[&key])
+            .exec(sql::REMOVE_LIMIT, &[&key])
             .await
             .map_err(|e| db("removing a key limit", e))?;
         Ok(removed == 1)
@@ -43,7 +44,7 @@ impl Limits for PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::LIST_LIMITS, &[])
+            .q(sql::LIST_LIMITS, &[])
             .await
             .map_err(|e| db("listing key limits", e))?;
         Ok(rows
@@ -67,7 +68,8 @@ impl Limits for PgBackend {
 /// workers never see a limited job, and need not prepare it).
 pub(crate) async fn claim_limited(
     client: &Client,
-    statement: &mut Option<Statement>,
+    statement: &mut Option<Reused>,
+    pooler: Pooler,
     queue: &QueueName,
     max: usize,
     lease: Duration,
@@ -75,11 +77,10 @@ pub(crate) async fn claim_limited(
     let statement = match statement {
         Some(statement) => statement,
         None => statement.insert(
-            client
-                .prepare(sql::CLAIM_LIMITED)
+            Reused::prepare(client, sql::CLAIM_LIMITED, pooler)
                 .await
                 .map_err(|e| db("preparing the limited claim", e))?,
         ),
     };
-    claim_on(client, &*statement, queue, max, lease).await
+    claim_on(client, statement, queue, max, lease).await
 }

@@ -8,10 +8,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use pgbus_core::{QueueName, Result, RetryPolicy, Subscription, WakeFn, WakeupSource};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Client, Notification};
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::config_for;
+use crate::connect::ConnectOptions;
 use crate::error::describe;
 use crate::sql;
 
@@ -65,12 +65,17 @@ impl std::fmt::Debug for PgListener {
 
 impl PgListener {
     /// Starts listening on the database at `url` in a background task (needs a tokio
-    /// runtime). Fails only on a malformed URL; connection problems are retried.
+    /// runtime). Fails only on a malformed URL; connection problems are retried. Behind a
+    /// transaction-mode pooler, give it a direct URL: LISTEN needs a session of its own.
     pub fn start(url: &str) -> Result<Self> {
-        let config = config_for(url, "listen")?;
+        Self::start_with(ConnectOptions::parse(url)?)
+    }
+
+    /// [`start`](Self::start) with parsed connection options.
+    pub fn start_with(target: ConnectOptions) -> Result<Self> {
         let shared = Arc::new(Shared::default());
         let stop = CancellationToken::new();
-        tokio::spawn(run(config, Arc::downgrade(&shared), stop.clone()));
+        tokio::spawn(run(target, Arc::downgrade(&shared), stop.clone()));
         Ok(Self { shared, stop })
     }
 
@@ -154,14 +159,14 @@ impl WakeupSource for PgListener {
 }
 
 /// Connect, LISTEN, dispatch; on any failure back off and start over.
-async fn run(config: tokio_postgres::Config, shared: Weak<Shared>, stop: CancellationToken) {
+async fn run(target: ConnectOptions, shared: Weak<Shared>, stop: CancellationToken) {
     let backoff = reconnect_backoff();
     let mut failures = 0u32;
     let mut warned = false;
     loop {
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
-            outcome = listen(&config, &shared, &stop) => outcome,
+            outcome = listen(&target, &shared, &stop) => outcome,
         };
         let Some(shared_now) = shared.upgrade() else {
             return;
@@ -203,7 +208,7 @@ enum Failure {
 }
 
 async fn listen(
-    config: &tokio_postgres::Config,
+    target: &ConnectOptions,
     shared: &Weak<Shared>,
     stop: &CancellationToken,
 ) -> std::result::Result<(), Failure> {
@@ -211,7 +216,7 @@ async fn listen(
         client,
         notifications: mut rx,
         _driver,
-    } = NotifyConnection::open(config)
+    } = NotifyConnection::open(target, "listen")
         .await
         .map_err(Failure::BeforeListening)?;
     client
@@ -282,8 +287,11 @@ pub(crate) struct NotifyConnection {
 }
 
 impl NotifyConnection {
-    pub(crate) async fn open(config: &tokio_postgres::Config) -> std::result::Result<Self, String> {
-        let (client, mut connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+    pub(crate) async fn open(
+        target: &ConnectOptions,
+        role: &str,
+    ) -> std::result::Result<Self, String> {
+        let (client, mut connection) = target.open_raw(role).await.map_err(|e| describe(&e))?;
         let (tx, notifications) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -5,6 +5,7 @@ use pgbus_core::{Error, Result};
 use tokio_postgres::Client;
 
 use crate::error::db;
+use crate::query::Typed;
 use crate::sql;
 
 /// One schema change.
@@ -97,14 +98,14 @@ pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i64>> {
         .transaction()
         .await
         .map_err(|e| db("starting the migration transaction", e))?;
-    tx.execute(sql::MIGRATION_LOCK, &[&sql::MIGRATION_LOCK_KEY])
+    tx.exec(sql::MIGRATION_LOCK, &[&sql::MIGRATION_LOCK_KEY])
         .await
         .map_err(|e| db("taking the migration lock", e))?;
     tx.batch_execute(sql::CREATE_MIGRATIONS_TABLE)
         .await
         .map_err(|e| db("creating the migrations table", e))?;
     let applied: Vec<i64> = tx
-        .query(sql::APPLIED_VERSIONS, &[])
+        .q(sql::APPLIED_VERSIONS, &[])
         .await
         .map_err(|e| db("reading applied migrations", e))?
         .iter()
@@ -124,7 +125,7 @@ pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i64>> {
         tx.batch_execute(m.sql)
             .await
             .map_err(|e| db(&format!("applying migration {} ({})", m.version, m.name), e))?;
-        tx.execute(sql::RECORD_MIGRATION, &[&m.version, &m.name])
+        tx.exec(sql::RECORD_MIGRATION, &[&m.version, &m.name])
             .await
             .map_err(|e| db("recording a migration", e))?;
         done.push(m.version);
@@ -137,10 +138,10 @@ pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i64>> {
 
 /// The schema version in the database, `None` when pgbus was never migrated there.
 pub(crate) async fn schema_version(
-    client: &impl tokio_postgres::GenericClient,
+    client: &(impl tokio_postgres::GenericClient + Sync),
 ) -> Result<Option<i64>> {
     let exists: bool = client
-        .query_one(sql::MIGRATIONS_TABLE_EXISTS, &[])
+        .q_one(sql::MIGRATIONS_TABLE_EXISTS, &[])
         .await
         .map_err(|e| db("looking for the pgbus schema", e))?
         .get(0);
@@ -148,7 +149,7 @@ pub(crate) async fn schema_version(
         return Ok(None);
     }
     let row = client
-        .query_one(sql::SCHEMA_VERSION, &[])
+        .q_one(sql::SCHEMA_VERSION, &[])
         .await
         .map_err(|e| db("reading the schema version", e))?;
     Ok(row.get(0))

@@ -16,16 +16,20 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::config_for;
+use crate::connect::ConnectOptions;
 use crate::error::db;
 use crate::listener::{Notifications, NotifyConnection};
+use crate::query::{Pooler, Typed};
 use crate::topics::{prune_in_batches, EventColumns};
 use crate::{sql, PgBackend};
 
 /// Writes events to the outbox on the caller's connection or transaction (of the database
 /// holding the outbox); the relay publishes them after the transaction commits. Returns
 /// how many rows were written.
-pub async fn write_outbox(client: &impl GenericClient, events: Vec<NewEvent>) -> Result<u64> {
+pub async fn write_outbox(
+    client: &(impl GenericClient + Sync),
+    events: Vec<NewEvent>,
+) -> Result<u64> {
     for event in &events {
         // Checked here so a bad event fails its producer, not the relay later.
         event.check(usize::MAX)?;
@@ -122,13 +126,16 @@ impl OutboxRelayBuilder {
                 "poll and prune intervals must be positive".into(),
             ));
         }
-        let url = self
-            .source_url
-            .clone()
-            .unwrap_or_else(|| self.backend.url().to_owned());
-        let config = config_for(&url, "relay")?;
+        // Behind a transaction-mode pooler LISTEN does not work: relay on the poll interval
+        // unless the outbox has a URL of its own (which may be a direct one).
+        let listen = self.source_url.is_some() || self.backend.pooler() == Pooler::Session;
+        let target = match &self.source_url {
+            Some(url) => ConnectOptions::parse(url)?,
+            None => self.backend.connect_options().clone(),
+        };
         Ok(OutboxRelay {
-            config,
+            target,
+            listen,
             settings: self,
             stats: Arc::default(),
         })
@@ -140,7 +147,9 @@ impl OutboxRelayBuilder {
 /// LOCKED` (so several relays share the work), publishing through the backend's pool.
 /// Rows are published in id order within a batch; across relays there is no order.
 pub struct OutboxRelay {
-    config: tokio_postgres::Config,
+    target: ConnectOptions,
+    /// Whether to LISTEN for inserts (not behind a transaction-mode pooler).
+    listen: bool,
     settings: OutboxRelayBuilder,
     stats: Arc<RelayStats>,
 }
@@ -208,13 +217,15 @@ impl OutboxRelay {
             mut client,
             mut notifications,
             _driver,
-        } = NotifyConnection::open(&self.config)
+        } = NotifyConnection::open(&self.target, "relay")
             .await
             .map_err(|e| connection_lost(format!("opening the pgbus:relay connection: {e}")))?;
-        client
-            .batch_execute(sql::LISTEN_OUTBOX)
-            .await
-            .map_err(|e| db("listening for outbox inserts", e))?;
+        if self.listen {
+            client
+                .batch_execute(sql::LISTEN_OUTBOX)
+                .await
+                .map_err(|e| db("listening for outbox inserts", e))?;
+        }
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         tracing::info!(target: "pgbus::relay", "relaying the outbox");
         let mut last_prune: Option<Instant> = None;
@@ -248,7 +259,7 @@ impl OutboxRelay {
             .map_err(|e| db("starting an outbox batch", e))?;
         let limit = self.settings.batch as i64;
         let rows = tx
-            .query(sql::CLAIM_OUTBOX, &[&limit])
+            .q(sql::CLAIM_OUTBOX, &[&limit])
             .await
             .map_err(|e| db("reading the outbox", e))?;
         if rows.is_empty() {
@@ -274,11 +285,11 @@ impl OutboxRelay {
         // Published (and committed) before the rows are marked: a crash in between
         // publishes them again, never loses them.
         self.settings.backend.publish_batch(events).await?;
-        tx.execute(sql::MARK_OUTBOX_PUBLISHED, &[&ids])
+        tx.exec(sql::MARK_OUTBOX_PUBLISHED, &[&ids])
             .await
             .map_err(|e| db("marking outbox rows published", e))?;
         if !failed_ids.is_empty() {
-            tx.execute(sql::MARK_OUTBOX_FAILED, &[&failed_ids, &errors])
+            tx.exec(sql::MARK_OUTBOX_FAILED, &[&failed_ids, &errors])
                 .await
                 .map_err(|e| db("recording outbox failures", e))?;
         }
@@ -302,7 +313,7 @@ impl PgBackend {
         let row = self
             .conn()
             .await?
-            .query_one(sql::OUTBOX_PENDING, &[])
+            .q_one(sql::OUTBOX_PENDING, &[])
             .await
             .map_err(|e| db("counting pending outbox rows", e))?;
         Ok(row.get::<_, i64>(0) as u64)

@@ -1,37 +1,42 @@
-//! The backend's connection pool: bb8 over tokio-postgres clients that keep the statements
-//! prepared on them, so a hot statement is parsed and planned once per connection instead
-//! of on every call.
+//! The backend's connection pool: bb8 over tokio-postgres clients. A pooled connection
+//! keeps the hot statements it prepared (see [`Reused`]), so they are parsed and planned
+//! once per connection, unless a transaction-mode pooler rules prepared statements out.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
 
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Config, Statement};
+use tokio_postgres::Client;
 
-use crate::connect::open;
+use crate::connect::ConnectOptions;
+use crate::query::{Pooler, Reused};
 
 /// A pooled connection: its client, and the statements prepared on it by their text.
 pub(crate) struct PooledClient {
     client: Client,
-    prepared: Mutex<HashMap<&'static str, Statement>>,
+    pooler: Pooler,
+    prepared: Mutex<HashMap<&'static str, std::sync::Arc<Reused>>>,
 }
 
 impl PooledClient {
-    /// `sql` (with parameters of `types`) prepared on this connection: on first use, then
-    /// from the cache.
-    pub(crate) async fn prepared(
+    /// `sql` ready to run on this connection: prepared on first use, then from the cache.
+    pub(crate) async fn reused(
         &self,
         sql: &'static str,
-        types: &[Type],
-    ) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = self.prepared.lock().expect("prepared statements").get(sql) {
-            return Ok(statement.clone());
+    ) -> Result<std::sync::Arc<Reused>, tokio_postgres::Error> {
+        let cached = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
         }
-        let statement = self.client.prepare_typed(sql, types).await?;
+        let statement = std::sync::Arc::new(Reused::prepare(&self.client, sql, self.pooler).await?);
         self.prepared
             .lock()
-            .expect("prepared statements")
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(sql, statement.clone());
         Ok(statement)
     }
@@ -50,16 +55,21 @@ impl DerefMut for PooledClient {
     }
 }
 
-/// Opens the pool's connections, named `pgbus:<role>` by `config`.
+/// Opens the pool's connections, named `pgbus:<role>`.
 #[derive(Debug)]
 pub(crate) struct Manager {
-    config: Config,
+    target: ConnectOptions,
     role: String,
+    pooler: Pooler,
 }
 
 impl Manager {
-    pub(crate) fn new(config: Config, role: String) -> Self {
-        Self { config, role }
+    pub(crate) fn new(target: ConnectOptions, role: String, pooler: Pooler) -> Self {
+        Self {
+            target,
+            role,
+            pooler,
+        }
     }
 }
 
@@ -68,9 +78,10 @@ impl bb8::ManageConnection for Manager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PooledClient, tokio_postgres::Error> {
-        let client = open(&self.config, &self.role).await?;
+        let client = self.target.open(&self.role).await?;
         Ok(PooledClient {
             client,
+            pooler: self.pooler,
             prepared: Mutex::default(),
         })
     }

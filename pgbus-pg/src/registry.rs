@@ -10,16 +10,17 @@ use tokio_postgres::GenericClient;
 
 use crate::error::db;
 use crate::group::PgGroupRecovery;
+use crate::query::Typed;
 use crate::{sql, throughput, PgBackend};
 
 fn int(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-async fn register(client: &impl GenericClient, info: &ProcessInfo) -> Result<ProcessId> {
+async fn register(client: &(impl GenericClient + Sync), info: &ProcessInfo) -> Result<ProcessId> {
     let queues: Vec<&str> = info.queues.iter().map(QueueName::as_str).collect();
     let row = client
-        .query_one(
+        .q_one(
             sql::REGISTER_PROCESS,
             &[
                 &info.hostname,
@@ -34,32 +35,32 @@ async fn register(client: &impl GenericClient, info: &ProcessInfo) -> Result<Pro
     Ok(ProcessId(row.get(0)))
 }
 
-async fn heartbeat(client: &impl GenericClient, id: ProcessId, busy: u32) -> Result<bool> {
+async fn heartbeat(client: &(impl GenericClient + Sync), id: ProcessId, busy: u32) -> Result<bool> {
     let updated = client
-        .execute(sql::HEARTBEAT_PROCESS, &[&id.0, &int(busy)])
+        .exec(sql::HEARTBEAT_PROCESS, &[&id.0, &int(busy)])
         .await
         .map_err(|e| db("recording a process heartbeat", e))?;
     Ok(updated == 1)
 }
 
-async fn deregister(client: &impl GenericClient, id: ProcessId) -> Result<()> {
+async fn deregister(client: &(impl GenericClient + Sync), id: ProcessId) -> Result<()> {
     client
-        .execute(sql::DEREGISTER_PROCESS, &[&id.0])
+        .exec(sql::DEREGISTER_PROCESS, &[&id.0])
         .await
         .map_err(|e| db("deregistering a process", e))?;
     Ok(())
 }
 
-async fn prune_stale(client: &impl GenericClient, stale_after: Duration) -> Result<u64> {
+async fn prune_stale(client: &(impl GenericClient + Sync), stale_after: Duration) -> Result<u64> {
     client
-        .execute(sql::PRUNE_PROCESSES, &[&stale_after.as_secs_f64()])
+        .exec(sql::PRUNE_PROCESSES, &[&stale_after.as_secs_f64()])
         .await
         .map_err(|e| db("pruning stale processes", e))
 }
 
-async fn processes(client: &impl GenericClient) -> Result<Vec<ProcessRecord>> {
+async fn processes(client: &(impl GenericClient + Sync)) -> Result<Vec<ProcessRecord>> {
     let rows = client
-        .query(sql::LIST_PROCESSES, &[])
+        .q(sql::LIST_PROCESSES, &[])
         .await
         .map_err(|e| db("listing processes", e))?;
     rows.iter()

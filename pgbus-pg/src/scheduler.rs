@@ -10,8 +10,8 @@ use pgbus_core::{Error, QueueName, RecurringTask, Result};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::connect;
 use crate::error::db;
+use crate::query::Typed;
 use crate::{sql, PgBackend};
 
 /// Runs recurring tasks. Start one in every process that should be able to schedule: they
@@ -133,7 +133,7 @@ impl PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::LIST_SCHEDULES, &[])
+            .q(sql::LIST_SCHEDULES, &[])
             .await
             .map_err(|e| db("listing schedules", e))?;
         Ok(rows
@@ -208,7 +208,7 @@ impl Scheduler {
             if self.leading.swap(false, Ordering::SeqCst) {
                 if let Err(err) = session
                     .client
-                    .execute(sql::RESIGN, &[&sql::SCHEDULER_LEASE_NAME, &session.token])
+                    .exec(sql::RESIGN, &[&sql::SCHEDULER_LEASE_NAME, &session.token])
                     .await
                 {
                     tracing::warn!(target: "pgbus::scheduler", error = %err, "could not give up the scheduler lease; it runs out by itself");
@@ -226,7 +226,7 @@ impl Scheduler {
         };
         let row = session
             .client
-            .query_opt(
+            .q_opt(
                 sql::TRY_LEAD,
                 &[
                     &sql::SCHEDULER_LEASE_NAME,
@@ -268,7 +268,7 @@ impl Scheduler {
         let mut cursors = HashMap::new();
         for task in &self.tasks {
             let row = client
-                .query_one(
+                .q_one(
                     sql::DECLARE_TASK,
                     &[
                         &task.name,
@@ -292,7 +292,7 @@ impl Scheduler {
 
     async fn prune(&self, client: &Client) -> Result<()> {
         client
-            .execute(
+            .exec(
                 sql::PRUNE_RUNS,
                 &[&self.run_retention.as_secs_f64(), &10_000i64],
             )
@@ -322,7 +322,7 @@ async fn enqueue_due(
         .map_err(|e| db("starting a scheduler transaction", e))?;
     if let Some(&latest) = due.last() {
         let fresh: Vec<SystemTime> = tx
-            .query(sql::RECORD_RUNS, &[&task.name, &due])
+            .q(sql::RECORD_RUNS, &[&task.name, &due])
             .await
             .map_err(|e| db("recording occurrences", e))?
             .iter()
@@ -336,7 +336,7 @@ async fn enqueue_due(
         backend.send_batch_in(&tx, queue, messages).await?;
         cursor.last = latest;
     }
-    tx.execute(sql::ADVANCE_TASK, &[&task.name, &cursor.last, &next])
+    tx.exec(sql::ADVANCE_TASK, &[&task.name, &cursor.last, &next])
         .await
         .map_err(|e| db("moving a task's cursor", e))?;
     tx.commit()
@@ -355,9 +355,9 @@ struct Session {
 
 impl Session {
     async fn open(backend: &PgBackend) -> Result<Self> {
-        let client = connect(backend.url(), "scheduler").await?;
+        let client = backend.dedicated("scheduler").await?;
         let token = client
-            .query_one(sql::NEW_TOKEN, &[])
+            .q_one(sql::NEW_TOKEN, &[])
             .await
             .map_err(|e| db("making a scheduler token", e))?
             .get(0);

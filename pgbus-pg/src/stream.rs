@@ -9,6 +9,7 @@ use pgbus_core::{
 use tokio_postgres::GenericClient;
 
 use crate::error::db;
+use crate::query::Typed;
 use crate::{sql, PgBackend};
 
 impl PgBackend {
@@ -17,14 +18,14 @@ impl PgBackend {
     /// to the same stream wait for the transaction to end.
     pub async fn publish_in(
         &self,
-        client: &impl GenericClient,
+        client: &(impl GenericClient + Sync),
         stream: &StreamName,
         event: &str,
         data: &str,
     ) -> Result<i64> {
         check_stream_texts(event, data)?;
         let row = client
-            .query_one(sql::PUBLISH_EVENT, &[&stream.as_str(), &event, &data])
+            .q_one(sql::PUBLISH_EVENT, &[&stream.as_str(), &event, &data])
             .await
             .map_err(|e| db("publishing a stream event", e))?;
         Ok(row.get(0))
@@ -66,7 +67,7 @@ impl StreamStore for PgBackend {
         }
         self.conn()
             .await?
-            .execute(sql::BROADCAST_EVENT, &[&stream.as_str(), &payload])
+            .exec(sql::BROADCAST_EVENT, &[&stream.as_str(), &payload])
             .await
             .map_err(|e| db("broadcasting a stream event", e))?;
         Ok(None)
@@ -82,7 +83,7 @@ impl StreamStore for PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::READ_EVENTS, &[&stream.as_str(), &after, &limit])
+            .q(sql::READ_EVENTS, &[&stream.as_str(), &after, &limit])
             .await
             .map_err(|e| db("reading stream events", e))?;
         Ok(rows
@@ -103,7 +104,7 @@ impl StreamStore for PgBackend {
         Ok(self
             .conn()
             .await?
-            .query_one(sql::LATEST_EVENT, &[&stream.as_str()])
+            .q_one(sql::LATEST_EVENT, &[&stream.as_str()])
             .await
             .map_err(|e| db("reading a stream's latest id", e))?
             .get(0))
@@ -113,7 +114,7 @@ impl StreamStore for PgBackend {
         let pruned: i64 = self
             .conn()
             .await?
-            .query_one(sql::PRUNED_THROUGH, &[&stream.as_str()])
+            .q_one(sql::PRUNED_THROUGH, &[&stream.as_str()])
             .await
             .map_err(|e| db("reading a stream's horizon", e))?
             .get(0);
@@ -130,7 +131,7 @@ impl StreamStore for PgBackend {
         let mut total = 0;
         loop {
             let deleted: i64 = conn
-                .query_one(sql::PRUNE_EVENTS, &[&retention.as_secs_f64(), &batch])
+                .q_one(sql::PRUNE_EVENTS, &[&retention.as_secs_f64(), &batch])
                 .await
                 .map_err(|e| db("pruning stream events", e))?
                 .get(0);

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Notification;
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::config_for;
+use crate::connect::ConnectOptions;
 use crate::error::describe;
 use crate::listener::{health_check, reconnect_backoff, NotifyConnection, HEALTH_CHECK_AFTER};
 use crate::sql;
@@ -28,7 +28,7 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// to every stream, and signals [`StreamSignal::Reconnected`] so the owner re-reads
 /// whatever was committed meanwhile.
 pub struct PgStreamListener {
-    config: tokio_postgres::Config,
+    target: ConnectOptions,
     inner: Arc<Inner>,
 }
 
@@ -61,7 +61,7 @@ impl PgStreamListener {
     /// [`start`](StreamListener::start). Fails only on a malformed URL.
     pub fn new(url: &str) -> Result<Self> {
         Ok(Self {
-            config: config_for(url, "stream")?,
+            target: ConnectOptions::parse(url)?,
             inner: Arc::default(),
         })
     }
@@ -101,7 +101,7 @@ impl StreamListener for PgStreamListener {
     fn start(&self, signal: SignalFn) -> Result<()> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.inner.commands.lock().expect("commands") = Some(tx);
-        let task = tokio::spawn(run(self.config.clone(), signal, rx, self.inner.clone()));
+        let task = tokio::spawn(run(self.target.clone(), signal, rx, self.inner.clone()));
         *self.inner.task.lock().expect("task") = Some(task);
         Ok(())
     }
@@ -147,7 +147,7 @@ impl Drop for PgStreamListener {
 type Wanted = HashMap<StreamName, usize>;
 
 async fn run(
-    config: tokio_postgres::Config,
+    target: ConnectOptions,
     signal: SignalFn,
     mut commands: mpsc::UnboundedReceiver<Command>,
     inner: Arc<Inner>,
@@ -158,7 +158,7 @@ async fn run(
     loop {
         let outcome = tokio::select! {
             _ = inner.stop.cancelled() => return,
-            outcome = session(&config, &signal, &mut commands, &mut wanted, &inner) => outcome,
+            outcome = session(&target, &signal, &mut commands, &mut wanted, &inner) => outcome,
         };
         let was_live = inner.live.swap(false, Ordering::Relaxed);
         match outcome {
@@ -188,13 +188,13 @@ fn failures_in_a_row(before: u32, was_live: bool) -> u32 {
 /// One connection's life: connect, re-listen, then serve commands and forward
 /// notifications until it breaks (`Err`) or the listener stops (`Ok`).
 async fn session(
-    config: &tokio_postgres::Config,
+    target: &ConnectOptions,
     signal: &SignalFn,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     wanted: &mut Wanted,
     inner: &Inner,
 ) -> std::result::Result<(), String> {
-    let mut conn = NotifyConnection::open(config).await?;
+    let mut conn = NotifyConnection::open(target, "stream").await?;
     for stream in wanted.keys() {
         execute(&conn, &sql::listen_stream(stream)).await?;
     }

@@ -7,6 +7,7 @@ use pgbus_core::{QueueName, QueueThroughput, Result, THROUGHPUT_BUCKET, THROUGHP
 use tokio_postgres::GenericClient;
 
 use crate::error::db;
+use crate::query::Typed;
 use crate::topics::prune_in_batches;
 use crate::{sql, PgBackend};
 
@@ -33,13 +34,16 @@ fn count(n: u64) -> i64 {
 }
 
 /// Adds the counts to the current buckets, then prunes buckets past retention.
-pub(crate) async fn record(client: &impl GenericClient, counts: &[QueueThroughput]) -> Result<()> {
+pub(crate) async fn record(
+    client: &(impl GenericClient + Sync),
+    counts: &[QueueThroughput],
+) -> Result<()> {
     if !counts.is_empty() {
         let queues: Vec<&str> = counts.iter().map(|c| c.queue.as_str()).collect();
         let processed: Vec<i64> = counts.iter().map(|c| count(c.processed)).collect();
         let failed: Vec<i64> = counts.iter().map(|c| count(c.failed)).collect();
         client
-            .execute(
+            .exec(
                 sql::RECORD_THROUGHPUT,
                 &[
                     &queues,
@@ -70,7 +74,7 @@ impl PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::THROUGHPUT_HISTORY, &[&since.as_secs_f64()])
+            .q(sql::THROUGHPUT_HISTORY, &[&since.as_secs_f64()])
             .await
             .map_err(|e| db("reading throughput history", e))?;
         rows.iter()

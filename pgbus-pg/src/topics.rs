@@ -11,6 +11,7 @@ use tokio_postgres::GenericClient;
 
 use crate::backend::missing_queue;
 use crate::error::db;
+use crate::query::Typed;
 use crate::{sql, PgBackend};
 
 impl PgBackend {
@@ -20,7 +21,7 @@ impl PgBackend {
     /// (zero copies) is logged with a warning and kept in the event log.
     pub async fn publish_batch_in(
         &self,
-        client: &impl GenericClient,
+        client: &(impl GenericClient + Sync),
         events: Vec<NewEvent>,
     ) -> Result<Vec<Published>> {
         for event in &events {
@@ -57,7 +58,7 @@ impl PgBackend {
     /// [`publish_batch_in`](Self::publish_batch_in).
     pub async fn publish_event_in(
         &self,
-        client: &impl GenericClient,
+        client: &(impl GenericClient + Sync),
         event: NewEvent,
     ) -> Result<Published> {
         let mut published = self.publish_batch_in(client, vec![event]).await?;
@@ -126,11 +127,11 @@ impl Topics for PgBackend {
             .map_err(|e| db("starting a bind", e))?;
         // Waits for in-flight publishes to commit and holds new ones back until this
         // commits: the replay below then sees every event that missed the binding.
-        tx.execute(sql::LOCK_TOPICS, &[&sql::TOPICS_LOCK_KEY])
+        tx.exec(sql::LOCK_TOPICS, &[&sql::TOPICS_LOCK_KEY])
             .await
             .map_err(|e| db("locking topics for a bind", e))?;
         let created = tx
-            .execute(sql::INSERT_BINDING, &[&pattern.as_str(), &queue.as_str()])
+            .exec(sql::INSERT_BINDING, &[&pattern.as_str(), &queue.as_str()])
             .await
             .map_err(|e| missing_queue(queue, e).unwrap_or_else(|e| db("binding a topic", e)))?
             == 1;
@@ -142,7 +143,7 @@ impl Topics for PgBackend {
         let mut replayed = 0;
         if let (true, Some(since)) = (created, since) {
             replayed = tx
-                .query_one(
+                .q_one(
                     sql::REPLAY_EVENTS,
                     &[&pattern.as_str(), &queue.as_str(), &since],
                 )
@@ -158,7 +159,7 @@ impl Topics for PgBackend {
         let deleted = self
             .conn()
             .await?
-            .execute(sql::DELETE_BINDING, &[&pattern.as_str(), &queue.as_str()])
+            .exec(sql::DELETE_BINDING, &[&pattern.as_str(), &queue.as_str()])
             .await
             .map_err(|e| db("unbinding a topic", e))?;
         Ok(deleted == 1)
@@ -168,7 +169,7 @@ impl Topics for PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::LIST_BINDINGS, &[])
+            .q(sql::LIST_BINDINGS, &[])
             .await
             .map_err(|e| db("listing bindings", e))?;
         rows.iter()
@@ -190,7 +191,7 @@ impl Topics for PgBackend {
         let rows = self
             .conn()
             .await?
-            .query(sql::TOPIC_STATS, &[])
+            .q(sql::TOPIC_STATS, &[])
             .await
             .map_err(|e| db("reading topic stats", e))?;
         rows.iter()
@@ -221,7 +222,7 @@ impl Topics for PgBackend {
 /// Runs a pruning `statement` (parameters: retention in seconds, batch size; deletes at
 /// most one batch) until a batch comes back short, so no statement holds many locks.
 pub(crate) async fn prune_in_batches(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     statement: &str,
     retention: Duration,
     batch: usize,
@@ -234,7 +235,7 @@ pub(crate) async fn prune_in_batches(
     let mut total = 0;
     loop {
         let deleted = client
-            .execute(statement, &[&retention.as_secs_f64(), &batch])
+            .exec(statement, &[&retention.as_secs_f64(), &batch])
             .await
             .map_err(|e| db(what, e))?;
         total += deleted;

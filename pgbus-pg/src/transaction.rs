@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 
 use crate::backend::{lease_arrays, Manager};
 use crate::error::{db, pool};
+use crate::query::Typed;
 use crate::{sql, PgBackend};
 
 /// An open transaction on a pooled connection. Run your statements on
@@ -88,7 +89,7 @@ impl TransactionalAck for PgBackend {
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
         let acked: i64 = tx
             .client()
-            .query_one(sql::ACK, &[&ids, &attempts])
+            .q_one(sql::ACK, &[&ids, &attempts])
             .await
             .map_err(|e| db("acking inside a transaction", e))?
             .get(0);

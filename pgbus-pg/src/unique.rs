@@ -26,7 +26,7 @@ enum Slot {
 
 /// Sends messages some of which carry keys, in one statement.
 pub(crate) async fn send_keyed(
-    client: &impl GenericClient,
+    client: &(impl GenericClient + Sync),
     queue: &QueueName,
     messages: Vec<NewMessage>,
     notify: bool,

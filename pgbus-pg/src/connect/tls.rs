@@ -1,0 +1,398 @@
+//! TLS with libpq's `sslmode` semantics on rustls (ring provider), and one-line reasons
+//! for failed handshakes.
+
+use std::error::Error as StdError;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pgbus_core::Result;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
+
+use super::invalid;
+use super::params::SslParams;
+
+/// libpq's `sslmode`: whether TLS is used and what of the server's certificate is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Plain connections only.
+    Disable,
+    /// TLS when the server offers it, plain otherwise; the certificate is not checked
+    /// (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is checked against a root certificate when
+    /// one is given (as `verify-ca`), not otherwise.
+    Require,
+    /// TLS, and the server's certificate must chain to the root certificate.
+    VerifyCa,
+    /// TLS, the certificate must chain to the root certificate and name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(text: &str) -> Result<Self> {
+        Ok(match text {
+            "disable" => Self::Disable,
+            // libpq's `allow` tries plain first; TLS-when-offered is the safer reading.
+            "allow" | "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            other => return Err(invalid(format!(
+                "invalid sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
+            ))),
+        })
+    }
+
+    /// What tokio-postgres is told: whether to ask for TLS, and whether to insist.
+    pub(super) fn driver_mode(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Driver;
+        match self {
+            Self::Disable => Driver::Disable,
+            Self::Prefer => Driver::Prefer,
+            Self::Require | Self::VerifyCa | Self::VerifyFull => Driver::Require,
+        }
+    }
+}
+
+/// Where the server's certificate must lead.
+enum Roots {
+    /// Not checked.
+    None,
+    /// The certificates of a PEM file.
+    File(PathBuf),
+    /// The platform's trusted roots (`sslrootcert=system`).
+    System,
+}
+
+/// The resolved TLS settings of one connection string.
+pub(super) struct Settings {
+    pub(super) mode: SslMode,
+    roots: Roots,
+    /// Whether the certificate must name the host.
+    check_name: bool,
+    client: Option<(PathBuf, PathBuf)>,
+}
+
+impl Settings {
+    /// Applies libpq's fallbacks: the URL, then `PGSSL*`, then `~/.postgresql/`.
+    pub(super) fn resolve(params: SslParams) -> Result<Self> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let mode_text = params.mode.or_else(|| env("PGSSLMODE"));
+        let rootcert = params.rootcert.or_else(|| env("PGSSLROOTCERT"));
+        let explicit_root = rootcert.is_some();
+        let rootcert = rootcert.or_else(|| default_file("root.crt"));
+        let mode = match (&mode_text, rootcert.as_deref()) {
+            (Some(text), _) => SslMode::parse(text)?,
+            // libpq: the system roots are meant for public names, so they imply verify-full.
+            (None, Some("system")) => SslMode::VerifyFull,
+            (None, _) => SslMode::Prefer,
+        };
+        if rootcert.as_deref() == Some("system") && mode != SslMode::VerifyFull {
+            return Err(invalid(format!(
+                "weak sslmode {:?} may not be used with sslrootcert=system: use verify-full",
+                mode_text.unwrap_or_default()
+            )));
+        }
+        let roots = match (mode, rootcert) {
+            (SslMode::Disable | SslMode::Prefer, _) => Roots::None,
+            (_, Some(root)) if root == "system" => Roots::System,
+            // A root certificate that was only found by default is checked under `require`,
+            // as libpq does; a missing one under `verify-*` is an error, as in libpq.
+            (_, Some(root)) if explicit_root || Path::new(&root).exists() => {
+                Roots::File(PathBuf::from(root))
+            }
+            (SslMode::Require, _) => Roots::None,
+            (_, _) => {
+                return Err(invalid(format!(
+                    "sslmode={} needs a root certificate: set sslrootcert=FILE (or system for \
+                     the platform's roots), or create ~/.postgresql/root.crt",
+                    if mode == SslMode::VerifyCa {
+                        "verify-ca"
+                    } else {
+                        "verify-full"
+                    }
+                )))
+            }
+        };
+        let cert = params
+            .cert
+            .or_else(|| env("PGSSLCERT"))
+            .or_else(|| default_file("postgresql.crt"));
+        let key = params
+            .key
+            .or_else(|| env("PGSSLKEY"))
+            .or_else(|| default_file("postgresql.key"));
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) if mode != SslMode::Disable => {
+                Some((PathBuf::from(cert), PathBuf::from(key)))
+            }
+            (Some(_), None) if mode != SslMode::Disable => {
+                return Err(invalid(
+                    "sslcert is set but sslkey is not: a client certificate needs its key"
+                        .to_owned(),
+                ))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            mode,
+            check_name: mode == SslMode::VerifyFull,
+            roots,
+            client,
+        })
+    }
+
+    /// The rustls configuration: certificates read now, so a bad file fails at start.
+    pub(super) fn client_config(&self) -> Result<ClientConfig> {
+        // ring: a smaller, plain-cc build than aws-lc-rs (rustls's default). rustls marks
+        // ring's provider deprecated because it has no post-quantum key exchange
+        // (X25519MLKEM768); classical key exchange is what libpq with OpenSSL 3.0 uses too.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match &self.roots {
+            Roots::None => Arc::new(Unverified(provider.clone())),
+            roots => {
+                let store = Arc::new(root_store(roots)?);
+                let webpki = WebPkiServerVerifier::builder_with_provider(store, provider.clone())
+                    .build()
+                    .map_err(|err| invalid(format!("sslrootcert: {err}")))?;
+                if self.check_name {
+                    webpki
+                } else {
+                    Arc::new(AnyName(webpki))
+                }
+            }
+        };
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|err| invalid(format!("TLS setup: {err}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        match &self.client {
+            None => Ok(builder.with_no_client_auth()),
+            Some((cert, key)) => {
+                let chain = read_certs(cert, "sslcert")?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|err| invalid(format!("sslkey {}: {err}", key.display())))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|err| invalid(format!("sslcert/sslkey: {err}")))
+            }
+        }
+    }
+}
+
+/// `~/.postgresql/<name>` when it exists.
+fn default_file(name: &str) -> Option<String> {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
+    let path = PathBuf::from(home).join(".postgresql").join(name);
+    path.exists().then(|| path.to_string_lossy().into_owned())
+}
+
+fn root_store(roots: &Roots) -> Result<RootCertStore> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        Roots::None => {}
+        Roots::File(path) => {
+            for cert in read_certs(path, "sslrootcert")? {
+                store
+                    .add(cert)
+                    .map_err(|err| invalid(format!("sslrootcert {}: {err}", path.display())))?;
+            }
+        }
+        Roots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(invalid(
+                    "sslrootcert=system: no trusted root certificates found on this machine \
+                     (Debian: apt-get install ca-certificates)"
+                        .to_owned(),
+                ));
+            }
+        }
+    }
+    Ok(store)
+}
+
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|err| invalid(format!("{what} {}: {err}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(format!(
+            "{what} {}: no PEM certificate in the file",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// `verify-ca`: the chain is checked, the name is not.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        // webpki checks the chain before the name, so a name error means the chain is good.
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer` and `require` without a root certificate: encrypted, the peer not checked
+/// (libpq's meaning of those modes). The handshake's signatures are still verified.
+#[derive(Debug)]
+struct Unverified(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Why a connection's TLS failed, in one line naming the cause, or `None` when `err` is
+/// not a TLS failure.
+pub(crate) fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(describe_rustls(tls));
+        }
+        // An io::Error's `source` skips the error it wraps: look inside.
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(describe_rustls(inner));
+        }
+        if err.to_string().contains("server does not support TLS") {
+            return Some(
+                "the server does not support TLS (it has ssl = off), and this sslmode requires it"
+                    .to_owned(),
+            );
+        }
+        next = err.source();
+    }
+    None
+}
+
+fn describe_rustls(err: &rustls::Error) -> String {
+    use rustls::AlertDescription as Alert;
+    match err {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::UnknownIssuer => "TLS: the server's certificate is not trusted \
+                (its issuer is not in sslrootcert)"
+                .to_owned(),
+            CertificateError::NotValidForName => {
+                "TLS: the server's certificate does not match the host name (name mismatch)"
+                    .to_owned()
+            }
+            CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            } => format!(
+                "TLS: the server's certificate does not match the host name {expected:?} \
+                 (name mismatch; it is for {})",
+                presented.join(", ")
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "TLS: the server's certificate has expired".to_owned()
+            }
+            other => format!("TLS: the server's certificate was rejected: {other:?}"),
+        },
+        rustls::Error::AlertReceived(
+            alert @ (Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::AccessDenied),
+        ) => format!(
+            "TLS: the server refused our client certificate ({alert:?}): check sslcert and sslkey"
+        ),
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
