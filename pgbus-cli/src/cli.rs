@@ -15,9 +15,25 @@ use crate::database::Database;
 #[derive(Debug, Parser)]
 #[command(name = "pgbus", version, propagate_version = true)]
 pub(crate) struct Cli {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection URL. TLS and passwords as in libpq: sslmode (disable, prefer,
+    /// require, verify-ca, verify-full), sslrootcert (a file, or `system`), sslcert and
+    /// sslkey in the URL, else PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY; a missing
+    /// password from PGPASSWORD or ~/.pgpass (PGPASSFILE).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub(crate) database_url: Option<String>,
+
+    /// What sits between pgbus and PostgreSQL: `session` (a direct connection or a
+    /// session-mode pooler) or `transaction` (a transaction-mode pooler such as PgBouncer's
+    /// default: no prepared statements or session settings, ordered groups on row leases,
+    /// LISTEN only over --listen-url).
+    #[arg(long, env = "PGBUS_POOLER", value_enum, default_value_t = PoolerMode::Session, global = true)]
+    pub(crate) pooler: PoolerMode,
+
+    /// A direct URL to PostgreSQL (not through the pooler) for the connections that need a
+    /// session of their own: LISTEN for wake-ups and streams, and the outbox relay. Only
+    /// used with --pooler transaction; without it, workers poll.
+    #[arg(long, env = "PGBUS_LISTEN_URL", global = true, hide_env_values = true)]
+    pub(crate) listen_url: Option<String>,
 
     /// Log format on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -33,6 +49,24 @@ pub(crate) struct Cli {
 
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// What sits between pgbus and PostgreSQL (see `--pooler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PoolerMode {
+    /// A direct connection, or a pooler in session mode.
+    Session,
+    /// A pooler in transaction mode.
+    Transaction,
+}
+
+impl From<PoolerMode> for pgbus_pg::Pooler {
+    fn from(mode: PoolerMode) -> Self {
+        match mode {
+            PoolerMode::Session => pgbus_pg::Pooler::Session,
+            PoolerMode::Transaction => pgbus_pg::Pooler::Transaction,
+        }
+    }
 }
 
 /// Log output format.
@@ -274,7 +308,13 @@ impl Cli {
         if let Command::Db(db) = &self.command {
             return crate::database::db_command(db, self.quiet).await;
         }
-        let database = Database::resolve(self.database_url.as_deref(), self.quiet).await?;
+        let database = Database::resolve(
+            self.database_url.as_deref(),
+            self.pooler.into(),
+            self.listen_url.as_deref(),
+            self.quiet,
+        )
+        .await?;
         match self.command {
             Command::Migrate { check } => crate::admin::migrate(&database, check, self.quiet).await,
             Command::Queue(command) => crate::admin::queue(&database, command, self.quiet).await,

@@ -3,9 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use pgbus_pg::{running_as_root, PersistentCluster, PgBackend};
+
+use pgbus_core::WakeupSource;
+use pgbus_pg::{running_as_root, ConnectOptions, PersistentCluster, PgBackend, PgListener, Pooler};
 
 use crate::cli::DbCommand;
 
@@ -14,6 +17,9 @@ pub(crate) struct Database {
     pub(crate) url: String,
     pub(crate) backend: PgBackend,
     embedded: bool,
+    pooler: Pooler,
+    /// `--listen-url`, kept behind a transaction-mode pooler only.
+    listen_url: Option<String>,
 }
 
 /// Where the embedded database lives: `$PGBUS_HOME`, else `$XDG_DATA_HOME/pgbus`, else
@@ -58,17 +64,68 @@ async fn embedded(quiet: bool) -> anyhow::Result<String> {
 }
 
 impl Database {
-    pub(crate) async fn resolve(url: Option<&str>, quiet: bool) -> anyhow::Result<Self> {
+    pub(crate) async fn resolve(
+        url: Option<&str>,
+        pooler: Pooler,
+        listen_url: Option<&str>,
+        quiet: bool,
+    ) -> anyhow::Result<Self> {
         let (url, embedded) = match url.filter(|u| !u.trim().is_empty()) {
             Some(url) => (url.to_owned(), false),
             None => (embedded(quiet).await?, true),
         };
-        let backend = PgBackend::builder(&url).max_connections(8).build()?;
+        let backend = PgBackend::builder(&url)
+            .max_connections(8)
+            .pooler(pooler)
+            .build()?;
+        let listen_url = match pooler {
+            Pooler::Transaction => listen_url.filter(|u| !u.trim().is_empty()),
+            _ => None,
+        };
+        if let Some(listen_url) = listen_url {
+            // Checked now, so a bad URL fails at start, not in a reconnect loop.
+            ConnectOptions::parse(listen_url).context("--listen-url")?;
+        }
         Ok(Self {
             url,
             backend,
             embedded,
+            pooler,
+            listen_url: listen_url.map(str::to_owned),
         })
+    }
+
+    /// `--listen-url`, when it applies (behind a transaction-mode pooler).
+    pub(crate) fn listen_url(&self) -> Option<&str> {
+        self.listen_url.as_deref()
+    }
+
+    /// The URL for connections that need a session of their own (LISTEN): the database
+    /// URL, or behind a transaction-mode pooler the `--listen-url`, if one was given.
+    pub(crate) fn session_url(&self) -> Option<&str> {
+        match self.pooler {
+            Pooler::Transaction => self.listen_url(),
+            _ => Some(&self.url),
+        }
+    }
+
+    /// Wake-ups for workers: a LISTEN connection on the session URL, or none behind a
+    /// transaction-mode pooler without `--listen-url` (said once; workers then poll).
+    pub(crate) fn wakeups(
+        &self,
+        poll_interval: std::time::Duration,
+    ) -> anyhow::Result<Option<Arc<dyn WakeupSource>>> {
+        match self.session_url() {
+            Some(url) => Ok(Some(Arc::new(PgListener::start(url)?))),
+            None => {
+                tracing::warn!(
+                    target: "pgbus::listen",
+                    "--pooler transaction without --listen-url: no LISTEN, workers poll every {}",
+                    humantime::format_duration(poll_interval)
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Makes sure the schema is current: the embedded database is migrated as needed; a

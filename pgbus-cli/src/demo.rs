@@ -4,11 +4,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use pgbus_core::{
-    NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, RetryPolicy, Stats, WakeupSource,
-};
-use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker};
-use pgbus_pg::{PgBackend, PgListener};
+use pgbus_core::{NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, RetryPolicy, Stats};
+use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerBuilder};
+use pgbus_pg::PgBackend;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -38,7 +36,7 @@ pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCo
     let server = {
         let listener = crate::serve::bind_or_any(args.listen).await?;
         let server = crate::serve::start(
-            &db.url,
+            db.session_url(),
             backend.clone(),
             listener,
             None,
@@ -56,7 +54,12 @@ pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCo
             stop.cancel();
         });
     }
-    let listener: Arc<dyn WakeupSource> = Arc::new(PgListener::start(&db.url)?);
+    // The workers' default poll interval.
+    let wakeups = db.wakeups(Duration::from_secs(1))?;
+    let with_wakeups = |builder: WorkerBuilder<PgBackend>| match &wakeups {
+        Some(wakeups) => builder.wakeups(Arc::clone(wakeups)),
+        None => builder,
+    };
     let handler = |ctx: JobContext<PgBackend>, job: DemoJob| async move {
         // Pretend to do some I/O.
         tokio::time::sleep(Duration::from_millis(20 + job.n % 50)).await;
@@ -65,16 +68,14 @@ pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCo
         }
         Outcome::Ack
     };
-    let plain = Worker::builder(backend.clone())
+    let plain = with_wakeups(Worker::builder(backend.clone()))
         .concurrency(8)
         .execution_mode(ExecutionMode::Async)
-        .wakeups(Arc::clone(&listener))
         .handle(queue.clone(), handler)
         .build()?;
-    let grouped = Worker::builder(backend.clone())
+    let grouped = with_wakeups(Worker::builder(backend.clone()))
         .concurrency(4)
         .execution_mode(ExecutionMode::Async)
-        .wakeups(Arc::clone(&listener))
         .handle(queue.clone(), handler)
         .build_groups()?;
     let plain = tokio::spawn(plain.run(stop.clone()));

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pgbus_core::{QueueName, Stats, WakeupSource};
+use pgbus_core::{QueueName, Stats};
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
-use pgbus_pg::{Maintenance, PgBackend, PgListener};
+use pgbus_pg::{Maintenance, PgBackend};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -88,7 +88,7 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         .dedup_retention(args.dedup_retention)
         .event_log_retention(args.event_retention)
         .build()?;
-    let listener: Arc<dyn WakeupSource> = Arc::new(PgListener::start(&db.url)?);
+    let wakeups = db.wakeups(args.poll_interval)?;
     let stop = stop_on_signals()?;
 
     let build = |builder: pgbus_exec::WorkerBuilder<PgBackend>| {
@@ -97,8 +97,10 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
             .execution_mode(mode)
             .poll_interval(args.poll_interval)
             .job_timeout(args.job_timeout)
-            .drain_timeout(args.drain_timeout)
-            .wakeups(Arc::clone(&listener));
+            .drain_timeout(args.drain_timeout);
+        if let Some(wakeups) = &wakeups {
+            builder = builder.wakeups(Arc::clone(wakeups));
+        }
         for queue in &queues {
             let target = target.clone();
             builder = builder.handle(

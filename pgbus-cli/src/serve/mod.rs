@@ -76,9 +76,10 @@ impl Server {
 }
 
 /// Starts serving on `listener` until `stop` is cancelled. With the `stream` feature it
-/// also starts a streamer instance, shut down (every client told) before the server ends.
+/// also starts a streamer instance, shut down (every client told) before the server ends;
+/// its LISTEN connection goes to `session_url` (see `Database::session_url`).
 pub(crate) async fn start(
-    url: &str,
+    session_url: Option<&str>,
     backend: PgBackend,
     listener: tokio::net::TcpListener,
     token: Option<String>,
@@ -95,6 +96,12 @@ pub(crate) async fn start(
     let stream_config = pgbus_stream::Config::default();
     #[cfg(feature = "stream")]
     let streams = {
+        let Some(url) = session_url else {
+            bail!(
+                "streams need LISTEN, which a transaction-mode pooler does not carry: \
+                 give --listen-url a direct URL to PostgreSQL"
+            );
+        };
         let instance = pgbus_stream::Instance::new(
             backend.clone(),
             pgbus_pg::PgStreamListener::new(url)?,
@@ -104,7 +111,7 @@ pub(crate) async fn start(
         instance
     };
     #[cfg(not(feature = "stream"))]
-    let _ = url;
+    let _ = session_url;
 
     let snapshots = Snapshots::start(
         backend.clone(),
@@ -217,7 +224,7 @@ pub(crate) async fn serve(
         .with_context(|| format!("listening on {}", args.listen))?;
     let stop = crate::work::stop_on_signals()?;
     let server = start(
-        &db.url,
+        db.session_url(),
         backend,
         listener,
         args.token,
