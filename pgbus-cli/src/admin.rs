@@ -12,7 +12,12 @@ use serde_json::{json, Value};
 use crate::cli::{DlqCommand, QueueCommand};
 use crate::database::Database;
 
-pub(crate) async fn migrate(db: &Database, check: bool, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn migrate(
+    db: &Database,
+    check: bool,
+    grant: &[String],
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     if check {
         return Ok(match db.backend.check_schema().await {
             Ok(()) => {
@@ -28,11 +33,15 @@ pub(crate) async fn migrate(db: &Database, check: bool, quiet: bool) -> anyhow::
             Err(err) => return Err(err.into()),
         });
     }
-    let applied = db.backend.migrate().await?;
+    let roles: Vec<&str> = grant.iter().map(String::as_str).collect();
+    let applied = db.backend.migrate_and_grant(&roles).await?;
     if !quiet {
         match applied.as_slice() {
             [] => println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION),
             versions => println!("applied migrations {versions:?}"),
+        }
+        for role in &roles {
+            println!("granted {role} what pgbus needs at run time");
         }
     }
     Ok(ExitCode::SUCCESS)

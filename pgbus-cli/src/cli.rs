@@ -83,8 +83,13 @@ pub(crate) enum Command {
     /// Apply schema migrations (or, with --check, report whether the schema is current).
     Migrate {
         /// Only check; exit 1 when migrations are pending.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "grant")]
         check: bool,
+        /// Also grant ROLE what workers, producers, the dashboard and the relay need at run
+        /// time (schema usage, rows of the tables, sequences, functions; no ownership, no
+        /// DDL), now and after every later migration. Repeatable.
+        #[arg(long, value_name = "ROLE")]
+        grant: Vec<String>,
     },
     /// Create, list and manage queues.
     #[command(subcommand)]
@@ -316,7 +321,9 @@ impl Cli {
         )
         .await?;
         match self.command {
-            Command::Migrate { check } => crate::admin::migrate(&database, check, self.quiet).await,
+            Command::Migrate { check, grant } => {
+                crate::admin::migrate(&database, check, &grant, self.quiet).await
+            }
             Command::Queue(command) => crate::admin::queue(&database, command, self.quiet).await,
             Command::Send(args) => crate::send::send(&database, args, self.quiet).await,
             Command::Work(args) => crate::work::work(&database, args).await,

@@ -20,10 +20,6 @@ mod topics;
 mod work;
 
 fn main() -> ExitCode {
-    // reqwest's rustls (for `--http https://...`) takes the process's crypto provider: the
-    // same ring provider pgbus-pg uses for PostgreSQL. Only fails if one is installed.
-    #[allow(deprecated)] // ring has no post-quantum key exchange; see pgbus-pg's connect/tls.rs
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = cli::Cli::parse();
     cli.install_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -217,8 +217,18 @@ impl PgBackend {
     /// Applies missing migrations on a dedicated `pgbus:migrate` connection; safe to run
     /// from many processes at once. Returns the versions applied.
     pub async fn migrate(&self) -> Result<Vec<i64>> {
+        self.migrate_and_grant(&[]).await
+    }
+
+    /// [`migrate`](Self::migrate), then grants each role in `roles` exactly what pgbus's
+    /// run-time paths need (workers, producers, the dashboard, the relay, the scheduler):
+    /// use of the `pgbus` schema, `SELECT, INSERT, UPDATE, DELETE` on its tables (only
+    /// `SELECT` on its bookkeeping), its sequences and functions; no ownership, no DDL.
+    /// The roles are recorded, and every later migration grants them its new objects too.
+    /// Run it as the role that owns the schema.
+    pub async fn migrate_and_grant(&self, roles: &[&str]) -> Result<Vec<i64>> {
         let mut client = self.dedicated("migrate").await?;
-        migrate::migrate(&mut client).await
+        migrate::migrate(&mut client, roles).await
     }
 
     /// Fails with [`Error::SchemaMismatch`] unless the schema is at [`SCHEMA_VERSION`].

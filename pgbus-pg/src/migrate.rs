@@ -4,7 +4,9 @@
 use pgbus_core::{Error, Result};
 use tokio_postgres::Client;
 
-use crate::error::db;
+use tokio_postgres::error::SqlState;
+
+use crate::error::{db, describe};
 use crate::query::Typed;
 use crate::sql;
 
@@ -87,13 +89,21 @@ const MIGRATIONS: &[Migration] = &[
         name: "claims",
         sql: include_str!("../migrations/0014_claims.sql"),
     },
+    Migration {
+        version: 15,
+        name: "grants",
+        sql: include_str!("../migrations/0015_grants.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
-/// Applies every missing migration; returns the versions applied (empty when current).
-pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i64>> {
+/// Applies every missing migration, then grants the roles in `grant` (and again every
+/// role granted before, when a migration was applied); returns the versions applied
+/// (empty when current). A schema that is current is not touched, so a role without
+/// `CREATE` may run this as a check.
+pub(crate) async fn migrate(client: &mut Client, grant: &[&str]) -> Result<Vec<i64>> {
     let tx = client
         .transaction()
         .await
@@ -101,9 +111,12 @@ pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i64>> {
     tx.exec(sql::MIGRATION_LOCK, &[&sql::MIGRATION_LOCK_KEY])
         .await
         .map_err(|e| db("taking the migration lock", e))?;
+    if grant.is_empty() && schema_version(&tx).await? == Some(SCHEMA_VERSION) {
+        return Ok(Vec::new());
+    }
     tx.batch_execute(sql::CREATE_MIGRATIONS_TABLE)
         .await
-        .map_err(|e| db("creating the migrations table", e))?;
+        .map_err(|e| lacking("creating the schema", e))?;
     let applied: Vec<i64> = tx
         .q(sql::APPLIED_VERSIONS, &[])
         .await
@@ -124,16 +137,56 @@ pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i64>> {
         tracing::info!(target: "pgbus::migrate", version = m.version, name = m.name, "applying migration");
         tx.batch_execute(m.sql)
             .await
-            .map_err(|e| db(&format!("applying migration {} ({})", m.version, m.name), e))?;
+            .map_err(|e| lacking(&format!("applying migration {} ({})", m.version, m.name), e))?;
         tx.exec(sql::RECORD_MIGRATION, &[&m.version, &m.name])
             .await
             .map_err(|e| db("recording a migration", e))?;
         done.push(m.version);
     }
+    if !done.is_empty() {
+        tx.exec(sql::APPLY_GRANTS, &[])
+            .await
+            .map_err(|e| lacking("granting the new objects to the recorded roles", e))?;
+    }
+    for role in grant {
+        let exists: bool = tx
+            .q_one(sql::ROLE_EXISTS, &[role])
+            .await
+            .map_err(|e| db("looking up a role", e))?
+            .get(0);
+        if !exists {
+            return Err(Error::InvalidArgument(format!(
+                "no role named {role:?} (CREATE ROLE it first)"
+            )));
+        }
+        tx.exec(sql::RECORD_GRANT, &[role])
+            .await
+            .map_err(|e| lacking("recording a grant", e))?;
+        tx.exec(sql::APPLY_GRANTS_TO, &[role])
+            .await
+            .map_err(|e| lacking(&format!("granting to {role:?}"), e))?;
+    }
     tx.commit()
         .await
         .map_err(|e| db("committing migrations", e))?;
     Ok(done)
+}
+
+/// A migration error, saying what is lacking when the role may not create the schema.
+fn lacking(context: &str, err: tokio_postgres::Error) -> Error {
+    if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+        let detail = describe(&err);
+        return Error::Backend {
+            message: format!(
+                "{context}: {detail}: pgbus migrate creates the schema `pgbus` and its tables, \
+                 so it needs CREATE on the database (run it as the database owner); workers \
+                 and producers need only what `pgbus migrate --grant ROLE` gives"
+            ),
+            transient: false,
+            source: Some(Box::new(err)),
+        };
+    }
+    db(context, err)
 }
 
 /// The schema version in the database, `None` when pgbus was never migrated there.

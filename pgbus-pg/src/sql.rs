@@ -17,6 +17,15 @@ CREATE TABLE IF NOT EXISTS pgbus.schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )";
 
+pub(crate) const APPLY_GRANTS: &str = "SELECT pgbus.apply_grants()";
+
+pub(crate) const APPLY_GRANTS_TO: &str = "SELECT pgbus.apply_grants($1)";
+
+pub(crate) const RECORD_GRANT: &str =
+    "INSERT INTO pgbus.grants (role) VALUES ($1) ON CONFLICT DO NOTHING";
+
+pub(crate) const ROLE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)";
+
 pub(crate) const APPLIED_VERSIONS: &str =
     "SELECT version FROM pgbus.schema_migrations ORDER BY version";
 

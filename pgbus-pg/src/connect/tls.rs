@@ -1,4 +1,4 @@
-//! TLS with libpq's `sslmode` semantics on rustls (ring provider), and one-line reasons
+//! TLS with libpq's `sslmode` semantics on rustls (aws-lc-rs provider), and one-line reasons
 //! for failed handshakes.
 
 use std::error::Error as StdError;
@@ -44,9 +44,11 @@ impl SslMode {
             "require" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
-            other => return Err(invalid(format!(
+            other => {
+                return Err(invalid(format!(
                 "invalid sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
-            ))),
+            )))
+            }
         })
     }
 
@@ -151,11 +153,8 @@ impl Settings {
 
     /// The rustls configuration: certificates read now, so a bad file fails at start.
     pub(super) fn client_config(&self) -> Result<ClientConfig> {
-        // ring: a smaller, plain-cc build than aws-lc-rs (rustls's default). rustls marks
-        // ring's provider deprecated because it has no post-quantum key exchange
-        // (X25519MLKEM768); classical key exchange is what libpq with OpenSSL 3.0 uses too.
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Given explicitly, not installed process-wide: a library leaves that to the program.
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match &self.roots {
             Roots::None => Arc::new(Unverified(provider.clone())),
             roots => {
