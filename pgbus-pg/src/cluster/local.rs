@@ -1,71 +1,19 @@
-//! Throwaway PostgreSQL clusters for tests, benchmarks and the CLI's embedded default,
-//! plus the per-test database helper [`test_database`].
-//!
-//! A [`LocalCluster`] runs the machine's own PostgreSQL server binaries (`initdb`,
-//! `pg_ctl`): it creates a data directory (a fresh temporary one unless told otherwise),
-//! starts a server listening on `127.0.0.1` only, with its Unix socket inside the cluster's
-//! own directory, and stops it again on drop.
-//!
-//! # Behaviour
-//!
-//! - The superuser is always `postgres`, authentication is `trust`, encoding UTF-8 with
-//!   the C locale.
-//! - When the current process runs as root, `initdb` and `pg_ctl` run as the `postgres`
-//!   OS user (through `runuser`), because PostgreSQL refuses to run as root.
-//! - A cluster that is never dropped (for instance one kept in a `static` by a test binary)
-//!   does not leak: a small watchdog shell process stops the server and removes the
-//!   temporary directory once the owning process has exited.
-//! - Unix only: it relies on `sh`, `kill`, `chown` and `runuser`.
+//! [`LocalCluster`]: a server started from the machine's binaries, stopped on drop.
 
-use std::error::Error as StdError;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use tempfile::TempDir;
 
-/// Tracing target of everything this module logs.
-const LOG_TARGET: &str = "pgbus::cluster";
-/// Environment variable naming a directory that holds `initdb` and `pg_ctl`.
-const BIN_ENV: &str = "PGBUS_PG_BIN";
-/// Environment variable pointing [`test_database`] at an existing server.
-const TEST_URL_ENV: &str = "PGBUS_TEST_DATABASE_URL";
-/// Where Debian and Ubuntu install the server binaries, one directory per major version.
-const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
-/// The database superuser, and the OS user the server runs as when we are root.
-const POSTGRES: &str = "postgres";
-/// Settings file written into the data directory on every start.
-const SETTINGS_FILE: &str = "pgbus.conf";
-/// Line added once to `postgresql.conf` so that [`SETTINGS_FILE`] is read.
-const INCLUDE_LINE: &str = "include_if_exists = 'pgbus.conf'";
-/// How long `pg_ctl` waits for the server to start or stop, in seconds.
-const PG_CTL_TIMEOUT_SECS: &str = "60";
-/// How many log lines a start failure reports.
-const LOG_TAIL_LINES: usize = 30;
-/// How often a start is retried on a fresh port when the picked port was taken meanwhile.
-const PORT_RETRIES: u32 = 4;
-/// Longest Unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
-/// Environment variables of libpq and the server tools that must not leak into ours.
-const PG_ENV_VARS: &[&str] = &[
-    "PGDATA",
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGOPTIONS",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGPASSFILE",
-    "PGSSLMODE",
-];
+use super::{
+    conf_quote, error_chain, find_binaries, free_port, io_err, log_tail, output_text,
+    running_as_root, ClusterError, Runner, INCLUDE_LINE, LOG_TARGET, MAX_SOCKET_PATH,
+    PG_CTL_TIMEOUT_SECS, PG_ENV_VARS, PORT_RETRIES, POSTGRES, SETTINGS_FILE,
+};
 
 /// Watchdog run with `sh -c`. Positional parameters: owner pid, pg_ctl path, data
 /// directory, `1` to run pg_ctl as the postgres user, then the paths to remove.
@@ -83,100 +31,6 @@ if [ -f "$data/postmaster.pid" ]; then
 fi
 for path in "$@"; do rm -rf -- "$path"; done
 "#;
-
-/// Why a [`LocalCluster`] could not be started.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClusterError {
-    /// `initdb` and `pg_ctl` were not found where they were looked for.
-    #[error(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found {searched}: install them \
-         (Debian: apt-get install postgresql) or set {TEST_URL_ENV}"
-    )]
-    BinariesNotFound {
-        /// Where they were looked for, e.g. `on PATH, in PGBUS_PG_BIN or under ...`.
-        searched: String,
-    },
-    /// The process runs as root, which PostgreSQL refuses, and there is no `postgres` OS
-    /// user to run the server as instead.
-    #[error(
-        "running as root, but there is no `postgres` OS user to run PostgreSQL as: \
-         create one (useradd --system postgres) or run as an unprivileged user"
-    )]
-    NoPostgresUser,
-    /// The `postgres` OS user cannot write to the cluster's directory, typically because
-    /// one of its parents is not traversable by other users.
-    #[error(
-        "the postgres OS user cannot write to {}: put the cluster under a directory \
-         every user can traverse (e.g. TMPDIR=/tmp)",
-        path.display()
-    )]
-    NotAccessible {
-        /// The directory that is not writable by `postgres`.
-        path: PathBuf,
-    },
-    /// A builder setting is invalid; nothing was started.
-    #[error("invalid cluster configuration: {0}")]
-    InvalidConfig(String),
-    /// No free TCP port could be picked on 127.0.0.1.
-    #[error("could not pick a free TCP port on 127.0.0.1")]
-    NoFreePort(#[source] io::Error),
-    /// A file system operation failed.
-    #[error("could not {action} {}", path.display())]
-    Io {
-        /// What was being done, e.g. `create directory`.
-        action: &'static str,
-        /// The path it was done to.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A helper program could not be executed at all.
-    #[error("could not run {program}")]
-    Spawn {
-        /// The program, e.g. `initdb`.
-        program: String,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A helper program ran but reported failure.
-    #[error("{program} failed ({status}): {output}")]
-    CommandFailed {
-        /// The program, e.g. `initdb`.
-        program: String,
-        /// Its exit status.
-        status: ExitStatus,
-        /// What it printed on stderr and stdout.
-        output: String,
-    },
-    /// `pg_ctl start` failed; the server log says why.
-    #[error(
-        "PostgreSQL in {} did not start ({status}): {pg_ctl_output}\n\
-         last lines of the server log {}:\n{log_tail}",
-        data_dir.display(),
-        log_file.display()
-    )]
-    StartFailed {
-        /// The data directory.
-        data_dir: PathBuf,
-        /// The server log file.
-        log_file: PathBuf,
-        /// Exit status of `pg_ctl start`.
-        status: ExitStatus,
-        /// What `pg_ctl` printed.
-        pg_ctl_output: String,
-        /// The last lines the server wrote to its log during this start.
-        log_tail: String,
-    },
-    /// A server is already running on the persistent data directory.
-    #[error("a PostgreSQL server is already running in {}", data_dir.display())]
-    AlreadyRunning {
-        /// The data directory.
-        data_dir: PathBuf,
-    },
-}
 
 /// A PostgreSQL server started from the machine's binaries, stopped on drop.
 ///
@@ -338,6 +192,12 @@ impl LocalCluster {
     /// could not be stopped is left to the watchdog, which stops it when this process exits.
     pub fn stop(self) {
         drop(self);
+    }
+
+    /// Leaves the server running when this value is dropped (the files are kept too only
+    /// if the builder kept them): for [`PersistentCluster`](super::PersistentCluster).
+    pub(super) fn detach(&mut self) {
+        self.running = false;
     }
 
     fn shutdown(&mut self) {
@@ -739,505 +599,15 @@ impl LocalCluster {
     }
 }
 
-/// Runs the server tools, as the `postgres` OS user when we are root.
-#[derive(Debug, Clone, Copy)]
-struct Runner {
-    as_postgres: bool,
-}
-
-impl Runner {
-    fn command(&self, program: &Path) -> Command {
-        let mut command = if self.as_postgres {
-            let mut command = Command::new("runuser");
-            command.args(["-u", POSTGRES, "--"]).arg(program);
-            command
-        } else {
-            Command::new(program)
-        };
-        // The postgres user may not be able to enter our working directory.
-        command.current_dir("/").stdin(Stdio::null());
-        for var in PG_ENV_VARS {
-            command.env_remove(var);
-        }
-        command
-    }
-
-    /// Runs `command` to completion, capturing its output.
-    fn output(&self, name: &str, command: &mut Command) -> Result<Output, ClusterError> {
-        command.output().map_err(|source| ClusterError::Spawn {
-            program: name.to_owned(),
-            source,
-        })
-    }
-
-    /// Runs `command`, failing unless it succeeds.
-    fn run(&self, name: &str, command: &mut Command) -> Result<Output, ClusterError> {
-        let output = self.output(name, command)?;
-        if output.status.success() {
-            Ok(output)
-        } else {
-            Err(ClusterError::CommandFailed {
-                program: name.to_owned(),
-                status: output.status,
-                output: output_text(&output),
-            })
-        }
-    }
-
-    fn check_postgres_user(&self) -> Result<(), ClusterError> {
-        let found = Command::new("id")
-            .args(["-u", POSTGRES])
-            .stdin(Stdio::null())
-            .output()
-            .is_ok_and(|output| output.status.success());
-        if found {
-            Ok(())
-        } else {
-            Err(ClusterError::NoPostgresUser)
-        }
-    }
-
-    fn chown(&self, path: &Path, recursive: bool) -> Result<(), ClusterError> {
-        let mut command = Command::new("chown");
-        if recursive {
-            command.arg("-R");
-        }
-        command
-            .arg(format!("{POSTGRES}:"))
-            .arg(path)
-            .stdin(Stdio::null());
-        self.run("chown", &mut command).map(drop)
-    }
-
-    fn check_writable(&self, dir: &Path) -> Result<(), ClusterError> {
-        let mut command = self.command(Path::new("test"));
-        command.arg("-w").arg(dir);
-        let writable = self.output("test", &mut command)?.status.success();
-        if writable {
-            Ok(())
-        } else {
-            Err(ClusterError::NotAccessible {
-                path: dir.to_path_buf(),
-            })
-        }
-    }
-
-    /// Whether `pg_ctl status` sees a live server in `data_dir`.
-    fn server_running(&self, pg_ctl: &Path, data_dir: &Path) -> Result<bool, ClusterError> {
-        let mut command = self.command(pg_ctl);
-        command.arg("-D").arg(data_dir).arg("status");
-        Ok(self.output("pg_ctl status", &mut command)?.status.success())
-    }
-}
-
-/// A server in a kept data directory that outlives the process that started it: the CLI's
-/// embedded default. [`PersistentCluster::ensure_running`] reuses a live server or starts
-/// one; [`PersistentCluster::stop`] stops it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PersistentCluster {
-    /// The TCP port on 127.0.0.1.
-    pub port: u16,
-    /// The data directory.
-    pub data_dir: PathBuf,
-    /// Whether this call started the server (false: it was already running).
-    pub started: bool,
-}
-
-impl PersistentCluster {
-    /// Reuses the server running in `data_dir`, or starts one there (creating the cluster
-    /// on first use) that keeps running after this process exits.
-    pub fn ensure_running(data_dir: &Path) -> Result<PersistentCluster, ClusterError> {
-        let binaries = find_binaries(None)?;
-        let runner = Runner {
-            as_postgres: running_as_root(),
-        };
-        if let Some(port) = running_port(&runner, &binaries, data_dir)? {
-            return Ok(PersistentCluster {
-                port,
-                data_dir: data_dir.to_path_buf(),
-                started: false,
-            });
-        }
-        let mut cluster = LocalCluster::builder()
-            .data_dir(data_dir.to_path_buf())
-            .keep(true)
-            .start()?;
-        // Detach: the server stays up after this process; only the watchdog goes.
-        cluster.running = false;
-        Ok(PersistentCluster {
-            port: cluster.port,
-            data_dir: cluster.data_dir.clone(),
-            started: true,
-        })
-    }
-
-    /// Stops the server running in `data_dir`; `false` when none was running.
-    pub fn stop(data_dir: &Path) -> Result<bool, ClusterError> {
-        let binaries = find_binaries(None)?;
-        let runner = Runner {
-            as_postgres: running_as_root(),
-        };
-        if running_port(&runner, &binaries, data_dir)?.is_none() {
-            return Ok(false);
-        }
-        runner.run(
-            "pg_ctl stop",
-            runner
-                .command(&binaries.pg_ctl)
-                .arg("-D")
-                .arg(data_dir)
-                .args(["-m", "fast", "-w", "-t", PG_CTL_TIMEOUT_SECS, "stop"]),
-        )?;
-        Ok(true)
-    }
-
-    /// URL of database `db` as the `postgres` superuser.
-    pub fn url_for(&self, db: &str) -> String {
-        format!("postgres://{POSTGRES}@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-/// The port of the live server in `data_dir` (line 4 of `postmaster.pid`), if any.
-fn running_port(
-    runner: &Runner,
-    binaries: &Binaries,
-    data_dir: &Path,
-) -> Result<Option<u16>, ClusterError> {
-    let pid_file = data_dir.join("postmaster.pid");
-    if !pid_file.exists() || !runner.server_running(&binaries.pg_ctl, data_dir)? {
-        return Ok(None);
-    }
-    let text = fs::read_to_string(&pid_file).map_err(io_err("read", &pid_file))?;
-    Ok(text
-        .lines()
-        .nth(3)
-        .and_then(|line| line.trim().parse().ok()))
-}
-
-/// Where `initdb` and `pg_ctl` are.
-#[derive(Debug)]
-struct Binaries {
-    initdb: PathBuf,
-    pg_ctl: PathBuf,
-}
-
-fn find_binaries(bin_dir: Option<&Path>) -> Result<Binaries, ClusterError> {
-    let not_found = |searched: String| ClusterError::BinariesNotFound { searched };
-    if let Some(dir) = bin_dir {
-        return binaries_in(dir).ok_or_else(|| not_found(format!("in {}", dir.display())));
-    }
-    if let Some(dir) = std::env::var_os(BIN_ENV).filter(|dir| !dir.is_empty()) {
-        let dir = PathBuf::from(dir);
-        return binaries_in(&dir)
-            .ok_or_else(|| not_found(format!("in {BIN_ENV}={}", dir.display())));
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .find_map(|dir| binaries_in(&dir));
-    on_path.or_else(debian_binaries).ok_or_else(|| {
-        not_found(format!(
-            "on PATH, in {BIN_ENV} or under {DEBIAN_PG_ROOT}/*/bin"
-        ))
-    })
-}
-
-/// Both binaries from one directory, so that their versions match.
-fn binaries_in(dir: &Path) -> Option<Binaries> {
-    let initdb = dir.join("initdb");
-    let pg_ctl = dir.join("pg_ctl");
-    if !is_executable(&initdb) || !is_executable(&pg_ctl) {
-        return None;
-    }
-    // Resolve symlinks such as /usr/local/bin/pg_ctl, for clearer logs and errors.
-    let resolve = |path: PathBuf| fs::canonicalize(&path).unwrap_or(path);
-    Some(Binaries {
-        initdb: resolve(initdb),
-        pg_ctl: resolve(pg_ctl),
-    })
-}
-
-/// The highest-versioned `/usr/lib/postgresql/<version>/bin` holding both binaries.
-fn debian_binaries() -> Option<Binaries> {
-    let mut versions: Vec<(Vec<u32>, PathBuf)> = fs::read_dir(DEBIAN_PG_ROOT)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let name = entry.file_name();
-            let version = name
-                .to_str()?
-                .split('.')
-                .map(str::parse)
-                .collect::<Result<Vec<u32>, _>>()
-                .ok()?;
-            Some((version, entry.path().join("bin")))
-        })
-        .collect();
-    versions.sort();
-    versions.iter().rev().find_map(|(_, dir)| binaries_in(dir))
-}
-
-fn is_executable(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Whether this process's effective user is root (read from /proc, else `id -u`).
-pub fn running_as_root() -> bool {
-    if let Ok(status) = fs::read_to_string("/proc/self/status") {
-        if let Some(uids) = status.lines().find_map(|line| line.strip_prefix("Uid:")) {
-            // Real, effective, saved and file-system uid.
-            return uids.split_whitespace().nth(1) == Some("0");
-        }
-    }
-    Command::new("id")
-        .arg("-u")
-        .stdin(Stdio::null())
-        .output()
-        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
-}
-
-/// A port that was free on 127.0.0.1 a moment ago.
-fn free_port() -> Result<u16, ClusterError> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(ClusterError::NoFreePort)
-}
-
-/// Quotes a value for a single-quoted `postgresql.conf` string.
-fn conf_quote(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('\'', "''")
-}
-
-/// The last [`LOG_TAIL_LINES`] lines written to `log` from byte `offset` on.
-fn log_tail(log: &Path, offset: u64) -> String {
-    let mut text = String::new();
-    let read = fs::File::open(log).and_then(|mut file| {
-        file.seek(SeekFrom::Start(offset))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        text = String::from_utf8_lossy(&bytes).into_owned();
-        Ok(())
-    });
-    if let Err(err) = read {
-        return format!("(could not read the server log: {err})");
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-}
-
-/// A command's stderr and stdout, trimmed, on one string.
-fn output_text(output: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    [stderr.trim(), stdout.trim()]
-        .into_iter()
-        .filter(|text| !text.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ClusterError {
-    let path = path.to_path_buf();
-    move |source| ClusterError::Io {
-        action,
-        path,
-        source,
-    }
-}
-
-/// An error and its causes on one line, skipping causes the message already contains.
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// A fresh, empty database for one test.
-///
-/// Made by [`test_database`]. The database is not dropped afterwards: on the shared
-/// local cluster it disappears with the cluster; on a server given by
-/// `PGBUS_TEST_DATABASE_URL` the `pgbus_test_*` databases are left for inspection.
-#[derive(Debug, Clone)]
-pub struct TestDatabase {
-    url: String,
-    name: String,
-}
-
-impl TestDatabase {
-    /// Connection URL (or key=value connection string, matching `PGBUS_TEST_DATABASE_URL`)
-    /// of the database.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The database's name, `pgbus_test_<pid>_<n>`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-/// The cluster shared by all tests of this process, or why it could not be started.
-static SHARED_CLUSTER: OnceLock<Result<LocalCluster, String>> = OnceLock::new();
-/// Counter in the names of the databases [`test_database`] creates.
-static NEXT_DATABASE: AtomicU64 = AtomicU64::new(0);
-
-/// Creates a fresh database for one test.
-///
-/// Uses the server at `PGBUS_TEST_DATABASE_URL` when that is set (`CREATE DATABASE` on
-/// it, so the URL's user needs the `CREATEDB` privilege), else one [`LocalCluster`] with
-/// fast settings shared by the whole test process, started on first use. Safe to call
-/// from many `#[tokio::test]`s at once, each on its own runtime; needs a tokio runtime.
-///
-/// # Panics
-///
-/// With a one-line message when no server can be had (no PostgreSQL binaries and no
-/// `PGBUS_TEST_DATABASE_URL`, a server that cannot be reached, ...). It never skips.
-pub async fn test_database() -> TestDatabase {
-    let admin_url = match std::env::var(TEST_URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => {
-            let cluster = tokio::task::spawn_blocking(shared_cluster)
-                .await
-                .expect("starting the shared test cluster panicked");
-            match cluster {
-                Ok(cluster) => cluster.url(),
-                Err(message) => panic!("pgbus test database: {message}"),
-            }
-        }
-    };
-    match create_test_database(&admin_url).await {
-        Ok(database) => database,
-        Err(err) => panic!(
-            "pgbus test database: could not create a database via {}: {}",
-            source_name(),
-            error_chain(&err)
-        ),
-    }
-}
-
-/// Starts the shared cluster once; every later call gets the same outcome.
-fn shared_cluster() -> Result<&'static LocalCluster, &'static str> {
-    SHARED_CLUSTER
-        .get_or_init(|| {
-            LocalCluster::builder()
-                .fast(true)
-                .start()
-                .map_err(|err| error_chain(&err))
-        })
-        .as_ref()
-        .map_err(String::as_str)
-}
-
-/// Where the admin connection goes, for messages (never the URL: it may hold a password).
-fn source_name() -> String {
-    match std::env::var(TEST_URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => TEST_URL_ENV.to_owned(),
-        _ => "the shared local cluster".to_owned(),
-    }
-}
-
-/// Creates the next free `pgbus_test_<pid>_<n>` database on the server at `admin_url`.
-async fn create_test_database(admin_url: &str) -> Result<TestDatabase, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = admin_url.parse()?;
-    config.application_name("pgbus:test-admin");
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(target: LOG_TARGET, error = %err, "test admin connection failed");
-        }
-    });
-    let pid = std::process::id();
-    loop {
-        let name = format!(
-            "pgbus_test_{pid}_{}",
-            NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
-        );
-        match client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-        {
-            Ok(()) => {
-                return Ok(TestDatabase {
-                    url: with_database(admin_url, &name),
-                    name,
-                })
-            }
-            // Left over by an earlier process with the same pid (another container, a
-            // reboot): take the next number.
-            Err(err)
-                if err.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
-            Err(err) => return Err(err),
-        }
-    }
-}
-
-/// `url` with its database replaced by `db`; `url` is a `postgres://` URL or a key=value
-/// connection string. `db` must not need quoting or percent-encoding.
-fn with_database(url: &str, db: &str) -> String {
-    let url = url.trim();
-    for scheme in ["postgres://", "postgresql://"] {
-        if let Some(rest) = url.strip_prefix(scheme) {
-            let (before_query, query) = match rest.find('?') {
-                Some(at) => rest.split_at(at),
-                None => (rest, ""),
-            };
-            let authority = before_query.split('/').next().unwrap_or_default();
-            return format!("{scheme}{authority}/{db}{query}");
-        }
-    }
-    // Key=value form: a later `dbname` overrides an earlier one.
-    format!("{url} dbname={db}")
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::BufRead;
-    use std::net::TcpStream;
+    use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
+    use super::super::test_support::{connect, eventually, refuses_connections, show};
+    use super::super::TEST_URL_ENV;
     use super::*;
-
-    async fn connect(url: &str) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|err| panic!("connect to {url}: {}", error_chain(&err)));
-        tokio::spawn(connection);
-        client
-    }
-
-    async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
-        client
-            .query_one(&format!("SHOW {setting}"), &[])
-            .await
-            .unwrap()
-            .get(0)
-    }
-
-    fn refuses_connections(port: u16) -> bool {
-        TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .is_err_and(|err| err.kind() == io::ErrorKind::ConnectionRefused)
-    }
-
-    /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
-    fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if condition() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        condition()
-    }
 
     #[tokio::test]
     async fn fast_cluster_answers_queries_with_its_settings() {
@@ -1344,25 +714,6 @@ mod tests {
         drop(client);
     }
 
-    #[tokio::test]
-    async fn test_databases_are_distinct_and_accept_connections() {
-        let first = test_database().await;
-        let second = test_database().await;
-        assert_ne!(first.name(), second.name());
-        assert_ne!(first.url(), second.url());
-        let prefix = format!("pgbus_test_{}_", std::process::id());
-        for db in [&first, &second] {
-            assert!(db.name().starts_with(&prefix), "{}", db.name());
-            let client = connect(db.url()).await;
-            let current: String = client
-                .query_one("SELECT current_database()", &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(current, db.name());
-        }
-    }
-
     #[test]
     fn persistent_data_dir_is_reused_and_kept() {
         let parent = tempfile::tempdir().unwrap();
@@ -1433,35 +784,6 @@ mod tests {
         assert!(matches!(err, ClusterError::InvalidConfig(_)), "{err:?}");
     }
 
-    #[test]
-    fn conf_values_are_quoted() {
-        assert_eq!(conf_quote(r"it's a\b"), r"it''s a\\b");
-    }
-
-    #[test]
-    fn database_is_replaced_in_urls_and_connection_strings() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t1"),
-            "postgres://u:p@h:5432/t1?sslmode=disable"
-        );
-        assert_eq!(
-            with_database("postgresql://u@h", "t1"),
-            "postgresql://u@h/t1"
-        );
-        assert_eq!(
-            with_database("postgres://u@h?application_name=x", "t1"),
-            "postgres://u@h/t1?application_name=x"
-        );
-        assert_eq!(
-            with_database("host=h user=u dbname=postgres", "t1"),
-            "host=h user=u dbname=postgres dbname=t1"
-        );
-        let config: tokio_postgres::Config = with_database("host=h dbname=postgres", "t1")
-            .parse()
-            .unwrap();
-        assert_eq!(config.get_dbname(), Some("t1"));
-    }
-
     /// Set in the child process of [`watchdog_cleans_up_after_a_process_that_never_drops`].
     const WATCHDOG_CHILD_ENV: &str = "PGBUS_CLUSTER_WATCHDOG_CHILD";
 
@@ -1486,7 +808,7 @@ mod tests {
         let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "cluster::tests::watchdog_child_process",
+                "cluster::local::tests::watchdog_child_process",
                 "--nocapture",
                 "--test-threads=1",
             ])
