@@ -1,7 +1,7 @@
 //! [`LocalCluster`]: a server started from the machine's binaries, stopped on drop.
 
 use std::fs::{self, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,9 +11,14 @@ use tempfile::TempDir;
 
 use super::{
     conf_quote, error_chain, find_binaries, free_port, io_err, log_tail, output_text,
-    running_as_root, ClusterError, Runner, INCLUDE_LINE, LOG_TARGET, MAX_SOCKET_PATH,
-    PG_CTL_TIMEOUT_SECS, PG_ENV_VARS, PORT_RETRIES, POSTGRES, SETTINGS_FILE,
+    running_as_root, superuser_url, Binaries, ClusterError, Password, Runner, INCLUDE_LINE,
+    LOG_TARGET, MAX_SOCKET_PATH, PASSWORD_FILE, PG_CTL_TIMEOUT_SECS, PG_ENV_VARS, PORT_RETRIES,
+    POSTGRES, SETTINGS_FILE,
 };
+
+/// Transient copy of the password for `initdb --pwfile`, beside the data directory (when
+/// we are root, `initdb` runs as `postgres` and cannot read our own password file).
+const INITDB_PASSWORD_FILE: &str = ".pgbus-initdb-password";
 
 /// Watchdog run with `sh -c`. Positional parameters: owner pid, pg_ctl path, data
 /// directory, `1` to run pg_ctl as the postgres user, then the paths to remove.
@@ -34,8 +39,10 @@ for path in "$@"; do rm -rf -- "$path"; done
 
 /// A PostgreSQL server started from the machine's binaries, stopped on drop.
 ///
-/// Created with [`LocalCluster::builder`]. The server listens on `127.0.0.1` only and
-/// trusts every connection; the superuser is `postgres`.
+/// Created with [`LocalCluster::builder`]. The server listens on `127.0.0.1` only; the
+/// superuser is `postgres` with a random password, which [`url`](LocalCluster::url)
+/// carries. Every connection must authenticate (`scram-sha-256`), over TCP and the Unix
+/// socket alike.
 ///
 /// ```no_run
 /// # fn main() -> Result<(), pgbus_pg::ClusterError> {
@@ -48,6 +55,8 @@ pub struct LocalCluster {
     port: u16,
     data_dir: PathBuf,
     log_file: PathBuf,
+    password: Password,
+    password_file: PathBuf,
     /// The temporary directory holding data directory and log, when we created one.
     own_root: Option<PathBuf>,
     pg_ctl: PathBuf,
@@ -93,6 +102,15 @@ pub struct LocalClusterBuilder {
     settings: Vec<(String, String)>,
 }
 
+/// Removes `path`, logging (not failing) when that does not work.
+fn remove_quietly(path: &Path) {
+    if let Err(err) = fs::remove_file(path) {
+        if err.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(target: LOG_TARGET, path = %path.display(), error = %err, "could not remove file");
+        }
+    }
+}
+
 /// What happens to the cluster's files once it is stopped.
 #[derive(Debug)]
 enum Cleanup {
@@ -136,15 +154,26 @@ impl LocalCluster {
         &self.log_file
     }
 
-    /// URL of the `postgres` database as the `postgres` superuser.
+    /// The `postgres` superuser's password.
+    pub fn password(&self) -> &str {
+        self.password.as_str()
+    }
+
+    /// The file holding the superuser's password (mode 0600): `pgbus-password` in the
+    /// temporary directory, or next to a caller-chosen data directory.
+    pub fn password_file(&self) -> &Path {
+        &self.password_file
+    }
+
+    /// URL of the `postgres` database as the `postgres` superuser, password included.
     pub fn url(&self) -> String {
         self.url_for(POSTGRES)
     }
 
-    /// URL of database `db` as the `postgres` superuser. `db` is used as is: it must not
-    /// need percent-encoding.
+    /// URL of database `db` as the `postgres` superuser, password included. `db` is used
+    /// as is: it must not need percent-encoding.
     pub fn url_for(&self, db: &str) -> String {
-        format!("postgres://{POSTGRES}@127.0.0.1:{}/{db}", self.port)
+        superuser_url(self.port, &self.password, db)
     }
 
     /// Restarts the server in place (`pg_ctl restart -m <mode>`), waiting until it accepts
@@ -346,10 +375,21 @@ impl LocalCluster {
         }
         let path = self.data_dir.join(SETTINGS_FILE);
         fs::write(&path, file).map_err(io_err("write", &path))?;
-        if self.runner.as_postgres {
-            self.runner.chown(&path, false)?;
-        }
-        Ok(())
+        self.runner.chown_if_root(&path)?;
+        self.write_hba()
+    }
+
+    /// (Re)writes `pg_hba.conf`: password authentication for every connection, nothing
+    /// else. Written on every start so that no earlier configuration (such as `trust`
+    /// from clusters created by older pgbus versions) survives.
+    fn write_hba(&self) -> Result<(), ClusterError> {
+        let text = "# Written by pgbus on every start; edits are overwritten.\n\
+                    local all all scram-sha-256\n\
+                    host all all 127.0.0.1/32 scram-sha-256\n\
+                    host all all ::1/128 scram-sha-256\n";
+        let path = self.data_dir.join("pg_hba.conf");
+        fs::write(&path, text).map_err(io_err("write", &path))?;
+        self.runner.chown_if_root(&path)
     }
 }
 
@@ -428,7 +468,7 @@ impl LocalClusterBuilder {
         };
         let keep = self.keep.unwrap_or(self.data_dir.is_some());
 
-        let (data_dir, log_file, own_root, cleanup) = match &self.data_dir {
+        let (data_dir, log_file, password_file, own_root, cleanup) = match &self.data_dir {
             None => {
                 let temp = tempfile::Builder::new()
                     .prefix("pgbus-pg-")
@@ -447,6 +487,7 @@ impl LocalClusterBuilder {
                 (
                     root.join("data"),
                     root.join("postgres.log"),
+                    root.join(PASSWORD_FILE),
                     Some(root),
                     cleanup,
                 )
@@ -460,6 +501,7 @@ impl LocalClusterBuilder {
                     ))
                 })?;
                 let log_file = parent.join("postgres.log");
+                let password_file = parent.join(PASSWORD_FILE);
                 if data_dir.join("postmaster.pid").exists()
                     && runner.server_running(&binaries.pg_ctl, &data_dir)?
                 {
@@ -468,20 +510,35 @@ impl LocalClusterBuilder {
                 let cleanup = if keep {
                     Cleanup::Keep
                 } else {
-                    Cleanup::Paths(vec![data_dir.clone(), log_file.clone()])
+                    Cleanup::Paths(vec![
+                        data_dir.clone(),
+                        log_file.clone(),
+                        password_file.clone(),
+                    ])
                 };
-                (data_dir, log_file, None, cleanup)
+                (data_dir, log_file, password_file, None, cleanup)
             }
         };
         let fresh = !data_dir.join("PG_VERSION").exists();
+        // A reused cluster without a password file was created by an older pgbus, with
+        // `trust`: it gets a password before its server starts.
+        let (password, set_password) = match fresh {
+            true => (Password::generate(), false),
+            false => match Password::read_from(&password_file)? {
+                Some(password) => (password, false),
+                None => (Password::generate(), true),
+            },
+        };
 
         // From here on `cluster`'s Drop cleans up whatever was created, on error too.
         let mut cluster = LocalCluster {
             port,
             data_dir,
             log_file,
+            password,
+            password_file,
             own_root,
-            pg_ctl: binaries.pg_ctl,
+            pg_ctl: binaries.pg_ctl.clone(),
             runner,
             running: false,
             cleanup,
@@ -491,20 +548,20 @@ impl LocalClusterBuilder {
         cluster.watchdog = Some(cluster.spawn_watchdog()?);
 
         if fresh {
-            let mut command = cluster.runner.command(&binaries.initdb);
-            command.arg("-D").arg(&cluster.data_dir).args([
-                "-U",
-                POSTGRES,
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-locale",
-            ]);
-            if !keep {
-                // Nobody will read this cluster after an OS crash.
-                command.arg("--no-sync");
-            }
-            cluster.runner.run("initdb", &mut command)?;
+            // Written first: should initdb fail, the next attempt starts afresh anyway.
+            cluster.password.write_to(&cluster.password_file)?;
+            cluster.initdb(&binaries, keep)?;
+        } else if set_password {
+            cluster.set_password(&binaries)?;
+            // Only once the server knows it: a file with a password the server does not
+            // have would lock us out for good.
+            cluster.password.write_to(&cluster.password_file)?;
+            tracing::info!(
+                target: LOG_TARGET,
+                data_dir = %cluster.data_dir.display(),
+                password_file = %cluster.password_file.display(),
+                "closed a cluster created with trust authentication: the postgres user now has a password"
+            );
         }
         cluster.start_server(&self)?;
 
@@ -515,6 +572,7 @@ impl LocalClusterBuilder {
             log_file = %cluster.log_file.display(),
             fast = self.fast,
             reused = !fresh,
+            password_file = %cluster.password_file.display(),
             elapsed_ms = started_at.elapsed().as_millis() as u64,
             "started PostgreSQL cluster"
         );
@@ -544,6 +602,91 @@ impl LocalClusterBuilder {
 }
 
 impl LocalCluster {
+    /// Creates the cluster with `initdb`: the `postgres` superuser with our password, and
+    /// password authentication for every connection from the start.
+    fn initdb(&self, binaries: &Binaries, keep: bool) -> Result<(), ClusterError> {
+        let pwfile = self.beside_data_dir(INITDB_PASSWORD_FILE)?;
+        self.password.write_to(&pwfile)?;
+        let result = self.runner.chown_if_root(&pwfile).and_then(|()| {
+            let mut pwfile_arg = std::ffi::OsString::from("--pwfile=");
+            pwfile_arg.push(&pwfile);
+            let mut command = self.runner.command(&binaries.initdb);
+            command
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args([
+                    "-U",
+                    POSTGRES,
+                    "--auth-host=scram-sha-256",
+                    "--auth-local=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ])
+                .arg(pwfile_arg);
+            if !keep {
+                // Nobody will read this cluster after an OS crash.
+                command.arg("--no-sync");
+            }
+            self.runner.run("initdb", &mut command).map(drop)
+        });
+        remove_quietly(&pwfile);
+        result
+    }
+
+    /// Sets the superuser's password in the stopped cluster, through single-user mode: no
+    /// server accepts connections meanwhile, and the password travels on a pipe, not on a
+    /// command line other users can see.
+    fn set_password(&self, binaries: &Binaries) -> Result<(), ClusterError> {
+        let mut command = self.runner.command(&binaries.postgres);
+        command
+            .arg("--single")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg(POSTGRES)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawn_err = |source| ClusterError::Spawn {
+            program: "postgres --single".to_owned(),
+            source,
+        };
+        let mut child = command.spawn().map_err(spawn_err)?;
+        // Single-user mode runs each line as a statement. The generated password is
+        // alphanumeric, so the quoting is only a safeguard.
+        let statement = format!(
+            "ALTER ROLE {POSTGRES} PASSWORD '{}'\n",
+            self.password.as_str().replace('\'', "''")
+        );
+        let written = match child.stdin.take() {
+            Some(mut stdin) => stdin.write_all(statement.as_bytes()),
+            None => Ok(()),
+        };
+        let output = child.wait_with_output().map_err(spawn_err)?;
+        written.map_err(spawn_err)?;
+        let text = output_text(&output);
+        // Single-user mode exits 0 after a failed statement; its ERROR lines tell.
+        if !output.status.success() || text.contains("ERROR:") || text.contains("FATAL:") {
+            return Err(ClusterError::CommandFailed {
+                program: "postgres --single (ALTER ROLE postgres PASSWORD ...)".to_owned(),
+                status: output.status,
+                output: text,
+            });
+        }
+        Ok(())
+    }
+
+    /// `name` in the directory holding the data directory.
+    fn beside_data_dir(&self, name: &str) -> Result<PathBuf, ClusterError> {
+        match self.data_dir.parent() {
+            Some(parent) => Ok(parent.join(name)),
+            None => Err(ClusterError::InvalidConfig(format!(
+                "data_dir {} has no parent directory",
+                self.data_dir.display()
+            ))),
+        }
+    }
+
     /// Creates the data directory and log file, owned by `postgres` when we are root.
     fn prepare_dirs(&self) -> Result<(), ClusterError> {
         if !self.data_dir.exists() {
@@ -605,7 +748,9 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
-    use super::super::test_support::{connect, eventually, refuses_connections, show};
+    use super::super::test_support::{
+        assert_password_required, connect, eventually, refuses_connections, show,
+    };
     use super::super::TEST_URL_ENV;
     use super::*;
 
@@ -618,7 +763,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             cluster.url(),
-            format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port())
+            format!(
+                "postgres://postgres:{}@127.0.0.1:{}/postgres",
+                cluster.password(),
+                cluster.port()
+            )
         );
         let client = connect(&cluster.url()).await;
         let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
@@ -632,6 +781,32 @@ mod tests {
             show(&client, "unix_socket_directories").await,
             cluster.data_dir().to_string_lossy()
         );
+    }
+
+    #[tokio::test]
+    async fn every_connection_needs_the_password() {
+        let cluster = LocalCluster::builder().fast(true).start().unwrap();
+        assert_password_required("127.0.0.1", cluster.port()).await;
+        // The Unix socket is in the data directory.
+        assert_password_required(&cluster.data_dir().to_string_lossy(), cluster.port()).await;
+        let hba = fs::read_to_string(cluster.data_dir().join("pg_hba.conf")).unwrap();
+        assert!(!hba.contains("trust"), "{hba}");
+
+        let client = connect(&cluster.url()).await;
+        let user: String = client
+            .query_one("SELECT current_user", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(user, "postgres");
+        let password_file = cluster.password_file();
+        assert_eq!(
+            fs::read_to_string(password_file).unwrap().trim(),
+            cluster.password()
+        );
+        let mode = fs::metadata(password_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", password_file.display());
+        assert!(!format!("{cluster:?}").contains(cluster.password()));
     }
 
     #[tokio::test]

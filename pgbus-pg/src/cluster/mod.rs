@@ -8,8 +8,12 @@
 //!
 //! # Behaviour
 //!
-//! - The superuser is always `postgres`, authentication is `trust`, encoding UTF-8 with
-//!   the C locale.
+//! - The superuser is always `postgres`, encoding UTF-8 with the C locale.
+//! - Every connection, TCP or Unix socket, authenticates with `scram-sha-256`: the
+//!   superuser gets a random password, kept in a mode-0600 file beside the data directory
+//!   (`pgbus-password`) and put in the cluster's URLs. pgbus rewrites `pg_hba.conf` on
+//!   every start, so a cluster created with `trust` by an earlier version is closed (and
+//!   given a password) on its next start.
 //! - When the current process runs as root, `initdb` and `pg_ctl` run as the `postgres`
 //!   OS user (through `runuser`), because PostgreSQL refuses to run as root.
 //! - A cluster that is never dropped (for instance one kept in a `static` by a test binary)
@@ -22,10 +26,11 @@ mod persistent;
 mod test_database;
 
 use std::error::Error as StdError;
-use std::fs;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 
@@ -43,6 +48,11 @@ const TEST_URL_ENV: &str = "PGBUS_TEST_DATABASE_URL";
 const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
 /// The database superuser, and the OS user the server runs as when we are root.
 const POSTGRES: &str = "postgres";
+/// The superuser's password file, beside the data directory (in a throwaway cluster's
+/// temporary directory, or next to a caller-chosen data directory).
+const PASSWORD_FILE: &str = "pgbus-password";
+/// Length of the generated passwords, in alphanumerics (about 190 bits).
+const PASSWORD_LEN: usize = 32;
 /// Settings file written into the data directory on every start.
 const SETTINGS_FILE: &str = "pgbus.conf";
 /// Line added once to `postgresql.conf` so that [`SETTINGS_FILE`] is read.
@@ -68,6 +78,10 @@ const PG_ENV_VARS: &[&str] = &[
     "PGSERVICEFILE",
     "PGPASSFILE",
     "PGSSLMODE",
+    "PGPASSWORD",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
 ];
 
 /// Why a [`LocalCluster`] could not be started.
@@ -156,6 +170,14 @@ pub enum ClusterError {
         /// The last lines the server wrote to its log during this start.
         log_tail: String,
     },
+    /// The password file is not safe to use (other users may read it, or it is not ours).
+    #[error("refusing the password file {}: {reason}", path.display())]
+    UnsafePasswordFile {
+        /// The password file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// A server is already running on the persistent data directory.
     #[error("a PostgreSQL server is already running in {}", data_dir.display())]
     AlreadyRunning {
@@ -234,6 +256,15 @@ impl Runner {
         self.run("chown", &mut command).map(drop)
     }
 
+    /// Hands `path` to the `postgres` OS user when the server runs as that user.
+    fn chown_if_root(&self, path: &Path) -> Result<(), ClusterError> {
+        if self.as_postgres {
+            self.chown(path, false)
+        } else {
+            Ok(())
+        }
+    }
+
     fn check_writable(&self, dir: &Path) -> Result<(), ClusterError> {
         let mut command = self.command(Path::new("test"));
         command.arg("-w").arg(dir);
@@ -260,6 +291,8 @@ impl Runner {
 struct Binaries {
     initdb: PathBuf,
     pg_ctl: PathBuf,
+    /// The server itself, for single-user mode.
+    postgres: PathBuf,
 }
 
 fn find_binaries(bin_dir: Option<&Path>) -> Result<Binaries, ClusterError> {
@@ -287,7 +320,8 @@ fn find_binaries(bin_dir: Option<&Path>) -> Result<Binaries, ClusterError> {
 fn binaries_in(dir: &Path) -> Option<Binaries> {
     let initdb = dir.join("initdb");
     let pg_ctl = dir.join("pg_ctl");
-    if !is_executable(&initdb) || !is_executable(&pg_ctl) {
+    let postgres = dir.join("postgres");
+    if !is_executable(&initdb) || !is_executable(&pg_ctl) || !is_executable(&postgres) {
         return None;
     }
     // Resolve symlinks such as /usr/local/bin/pg_ctl, for clearer logs and errors.
@@ -295,6 +329,7 @@ fn binaries_in(dir: &Path) -> Option<Binaries> {
     Some(Binaries {
         initdb: resolve(initdb),
         pg_ctl: resolve(pg_ctl),
+        postgres: resolve(postgres),
     })
 }
 
@@ -324,17 +359,140 @@ fn is_executable(path: &Path) -> bool {
 
 /// Whether this process's effective user is root (read from /proc, else `id -u`).
 pub fn running_as_root() -> bool {
+    effective_uid() == Some(0)
+}
+
+/// This process's effective uid (read from /proc, else `id -u`), if it can be found.
+fn effective_uid() -> Option<u32> {
     if let Ok(status) = fs::read_to_string("/proc/self/status") {
         if let Some(uids) = status.lines().find_map(|line| line.strip_prefix("Uid:")) {
             // Real, effective, saved and file-system uid.
-            return uids.split_whitespace().nth(1) == Some("0");
+            return uids.split_whitespace().nth(1)?.parse().ok();
         }
     }
-    Command::new("id")
+    let output = Command::new("id")
         .arg("-u")
         .stdin(Stdio::null())
         .output()
-        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok()
+}
+
+/// The superuser's password. Its `Debug` output is redacted, so that logging a cluster
+/// never prints it.
+#[derive(Clone, PartialEq, Eq)]
+struct Password(String);
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl Password {
+    /// A fresh random password of [`PASSWORD_LEN`] alphanumerics: nothing to quote or
+    /// percent-encode anywhere.
+    fn generate() -> Password {
+        use rand::Rng;
+        let password = rand::rng()
+            .sample_iter(rand::distr::Alphanumeric)
+            .take(PASSWORD_LEN)
+            .map(char::from)
+            .collect();
+        Password(password)
+    }
+
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Writes the password to `path`, mode 0600, replacing the file atomically (a reader
+    /// never sees half a password, and a crash leaves the old file or the new one).
+    fn write_to(&self, path: &Path) -> Result<(), ClusterError> {
+        let mut temp_name = path.as_os_str().to_owned();
+        temp_name.push(".tmp");
+        let temp = PathBuf::from(temp_name);
+        match fs::remove_file(&temp) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("remove", &temp)(err));
+            }
+            _ => {}
+        }
+        // create_new with mode 0600: the password is never readable by others, not even
+        // for a moment, and a symlink planted at the temporary path is not followed.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io_err("create", &temp))?;
+        file.write_all(format!("{}\n", self.0).as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("write", &temp))?;
+        fs::rename(&temp, path).map_err(io_err("rename into place", path))
+    }
+
+    /// Reads a password file written by [`Password::write_to`]; `None` when there is none.
+    /// Refuses a file other users could read or write, or one that is not ours.
+    fn read_from(path: &Path) -> Result<Option<Password>, ClusterError> {
+        let unsafe_file = |reason: String| ClusterError::UnsafePasswordFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let metadata = match fs::symlink_metadata(path) {
+            Ok(metadata) => metadata,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(io_err("inspect", path)(err)),
+        };
+        if !metadata.file_type().is_file() {
+            return Err(unsafe_file("not a regular file".to_owned()));
+        }
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(unsafe_file(format!(
+                "mode {mode:o} lets other users at it (chmod 600 {})",
+                path.display()
+            )));
+        }
+        if let Some(uid) = effective_uid() {
+            if metadata.uid() != uid {
+                return Err(unsafe_file(format!(
+                    "owned by uid {}, not by this user (uid {uid})",
+                    metadata.uid()
+                )));
+            }
+        }
+        let text = fs::read_to_string(path).map_err(io_err("read", path))?;
+        let password = text.trim_end_matches(['\r', '\n']);
+        if password.is_empty() || password.contains(['\r', '\n']) {
+            return Err(unsafe_file(
+                "expected one line holding the password".to_owned(),
+            ));
+        }
+        Ok(Some(Password(password.to_owned())))
+    }
+}
+
+/// URL of database `db` on 127.0.0.1:`port` as the `postgres` superuser with `password`.
+/// `db` is used as is: it must not need percent-encoding.
+fn superuser_url(port: u16, password: &Password, db: &str) -> String {
+    format!(
+        "postgres://{POSTGRES}:{}@127.0.0.1:{port}/{db}",
+        percent_encode(password.as_str())
+    )
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters, for a URL's userinfo.
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 /// A port that was free on 127.0.0.1 a moment ago.
@@ -420,6 +578,36 @@ pub(super) mod test_support {
         client
     }
 
+    /// Asserts that the server at `host`:`port` (a TCP host or a Unix socket directory)
+    /// lets `postgres` in neither without a password nor with a wrong one.
+    pub(crate) async fn assert_password_required(host: &str, port: u16) {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port)
+            .user("postgres")
+            .dbname("postgres");
+        let err = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{host}:{port} let postgres in without a password"));
+        // tokio-postgres gives up when the server asks for a password it does not have.
+        assert!(error_chain(&err).contains("password"), "{err:?}");
+
+        config.password("not-the-password");
+        let err = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{host}:{port} let postgres in with a wrong password"));
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+            "{err:?}"
+        );
+    }
+
     pub(crate) async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
         client
             .query_one(&format!("SHOW {setting}"), &[])
@@ -449,6 +637,41 @@ pub(super) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_random_alphanumerics_and_redacted_in_debug() {
+        let first = Password::generate();
+        let second = Password::generate();
+        assert_ne!(first, second);
+        assert_eq!(first.as_str().len(), PASSWORD_LEN);
+        assert!(first.as_str().bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert!(!format!("{first:?}").contains(first.as_str()));
+        assert_eq!(percent_encode(first.as_str()), first.as_str());
+        assert_eq!(percent_encode("a b@c/d:%"), "a%20b%40c%2Fd%3A%25");
+    }
+
+    #[test]
+    fn password_files_are_private_and_loose_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PASSWORD_FILE);
+        assert_eq!(Password::read_from(&path).unwrap(), None);
+        let password = Password::generate();
+        password.write_to(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(Password::read_from(&path).unwrap(), Some(password.clone()));
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Password::read_from(&path).unwrap_err();
+        assert!(
+            matches!(err, ClusterError::UnsafePasswordFile { .. }),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(!message.contains('\n'), "{message}");
+        assert!(message.contains("chmod 600"), "{message}");
+        assert!(!message.contains(password.as_str()), "{message}");
+    }
 
     #[test]
     fn conf_values_are_quoted() {
