@@ -11,14 +11,18 @@ use tempfile::TempDir;
 
 use super::{
     conf_quote, error_chain, find_binaries, free_port, io_err, log_tail, output_text,
-    running_as_root, superuser_url, Binaries, ClusterError, Password, Runner, INCLUDE_LINE,
-    LOG_TARGET, MAX_SOCKET_PATH, PASSWORD_FILE, PG_CTL_TIMEOUT_SECS, PG_ENV_VARS, PORT_RETRIES,
-    POSTGRES, SETTINGS_FILE,
+    running_as_root, superuser_url, write_private, Binaries, ClusterError, Password, Runner,
+    INCLUDE_LINE, LOG_TARGET, MAX_SOCKET_PATH, PASSWORD_FILE, PG_CTL_TIMEOUT_SECS, PG_ENV_VARS,
+    PORT_RETRIES, POSTGRES, SETTINGS_FILE,
 };
 
 /// Transient copy of the password for `initdb --pwfile`, beside the data directory (when
 /// we are root, `initdb` runs as `postgres` and cannot read our own password file).
 const INITDB_PASSWORD_FILE: &str = ".pgbus-initdb-password";
+/// The server's certificate and key of a TLS cluster, copied into the data directory (the
+/// server insists on owning its key file).
+const TLS_CERT_FILE: &str = "pgbus-server.crt";
+const TLS_KEY_FILE: &str = "pgbus-server.key";
 
 /// Watchdog run with `sh -c`. Positional parameters: owner pid, pg_ctl path, data
 /// directory, `1` to run pg_ctl as the postgres user, then the paths to remove.
@@ -57,6 +61,8 @@ pub struct LocalCluster {
     log_file: PathBuf,
     password: Password,
     password_file: PathBuf,
+    /// Whether TCP connections must use TLS.
+    tls: bool,
     /// The temporary directory holding data directory and log, when we created one.
     own_root: Option<PathBuf>,
     pg_ctl: PathBuf,
@@ -100,6 +106,15 @@ pub struct LocalClusterBuilder {
     data_dir: Option<PathBuf>,
     keep: Option<bool>,
     settings: Vec<(String, String)>,
+    tls: Option<ServerTls>,
+}
+
+/// The certificate (chain) and private key a TLS cluster serves, as PEM files; see
+/// [`LocalClusterBuilder::tls`].
+#[derive(Debug, Clone)]
+struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// Removes `path`, logging (not failing) when that does not work.
@@ -163,6 +178,12 @@ impl LocalCluster {
     /// temporary directory, or next to a caller-chosen data directory.
     pub fn password_file(&self) -> &Path {
         &self.password_file
+    }
+
+    /// Whether the server accepts TCP connections over TLS only (built with
+    /// [`tls`](LocalClusterBuilder::tls)).
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// URL of the `postgres` database as the `postgres` superuser, password included.
@@ -367,6 +388,15 @@ impl LocalCluster {
                 settings.push((name, "off".to_owned()));
             }
         }
+        if let Some(tls) = &config.tls {
+            let cert = self.data_dir.join(TLS_CERT_FILE);
+            let key = self.data_dir.join(TLS_KEY_FILE);
+            self.copy_private(&tls.cert, &cert)?;
+            self.copy_private(&tls.key, &key)?;
+            settings.push(("ssl", "on".to_owned()));
+            settings.push(("ssl_cert_file", cert.to_string_lossy().into_owned()));
+            settings.push(("ssl_key_file", key.to_string_lossy().into_owned()));
+        }
         settings.extend(config.settings.iter().map(|(n, v)| (n.as_str(), v.clone())));
 
         let mut file = String::from("# Written by pgbus on every start; edits are overwritten.\n");
@@ -376,17 +406,29 @@ impl LocalCluster {
         let path = self.data_dir.join(SETTINGS_FILE);
         fs::write(&path, file).map_err(io_err("write", &path))?;
         self.runner.chown_if_root(&path)?;
-        self.write_hba()
+        self.write_hba(config.tls.is_some())
     }
 
-    /// (Re)writes `pg_hba.conf`: password authentication for every connection, nothing
-    /// else. Written on every start so that no earlier configuration (such as `trust`
-    /// from clusters created by older pgbus versions) survives.
-    fn write_hba(&self) -> Result<(), ClusterError> {
-        let text = "# Written by pgbus on every start; edits are overwritten.\n\
-                    local all all scram-sha-256\n\
-                    host all all 127.0.0.1/32 scram-sha-256\n\
-                    host all all ::1/128 scram-sha-256\n";
+    /// Copies `from` to `to` with mode 0600, owned by the server's OS user: PostgreSQL
+    /// refuses a key file that others can read.
+    fn copy_private(&self, from: &Path, to: &Path) -> Result<(), ClusterError> {
+        let bytes = fs::read(from).map_err(io_err("read", from))?;
+        write_private(to, &bytes)?;
+        self.runner.chown_if_root(to)
+    }
+
+    /// (Re)writes `pg_hba.conf`: password authentication for every connection, over TLS
+    /// only for TCP when `tls`, nothing else. Written on every start so that no earlier
+    /// configuration (such as `trust` from clusters created by older pgbus versions)
+    /// survives.
+    fn write_hba(&self, tls: bool) -> Result<(), ClusterError> {
+        let host = if tls { "hostssl" } else { "host" };
+        let text = format!(
+            "# Written by pgbus on every start; edits are overwritten.\n\
+             local all all scram-sha-256\n\
+             {host} all all 127.0.0.1/32 scram-sha-256\n\
+             {host} all all ::1/128 scram-sha-256\n"
+        );
         let path = self.data_dir.join("pg_hba.conf");
         fs::write(&path, text).map_err(io_err("write", &path))?;
         self.runner.chown_if_root(&path)
@@ -443,6 +485,19 @@ impl LocalClusterBuilder {
     /// after the built-in ones, so it overrides them.
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Serves TLS with this certificate (chain) and private key, both PEM files, and
+    /// refuses TCP connections without TLS (`hostssl` only in `pg_hba.conf`; the Unix
+    /// socket stays available). The files are copied into the data directory on every
+    /// start, the key with mode 0600 as PostgreSQL requires. Test certificates come from
+    /// `TestCa` (feature `test-tls`).
+    pub fn tls(mut self, cert_pem: impl Into<PathBuf>, key_pem: impl Into<PathBuf>) -> Self {
+        self.tls = Some(ServerTls {
+            cert: cert_pem.into(),
+            key: key_pem.into(),
+        });
         self
     }
 
@@ -537,6 +592,7 @@ impl LocalClusterBuilder {
             log_file,
             password,
             password_file,
+            tls: self.tls.is_some(),
             own_root,
             pg_ctl: binaries.pg_ctl.clone(),
             runner,
@@ -677,7 +733,7 @@ impl LocalCluster {
     }
 
     /// `name` in the directory holding the data directory.
-    fn beside_data_dir(&self, name: &str) -> Result<PathBuf, ClusterError> {
+    pub(super) fn beside_data_dir(&self, name: &str) -> Result<PathBuf, ClusterError> {
         match self.data_dir.parent() {
             Some(parent) => Ok(parent.join(name)),
             None => Err(ClusterError::InvalidConfig(format!(
@@ -745,14 +801,17 @@ impl LocalCluster {
 #[cfg(test)]
 mod tests {
     use std::io::BufRead;
-    use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
+    #[cfg(feature = "test-tls")]
+    use super::super::test_support::psql;
     use super::super::test_support::{
         assert_password_required, connect, eventually, refuses_connections, show,
     };
     use super::super::TEST_URL_ENV;
     use super::*;
+    #[cfg(feature = "test-tls")]
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn fast_cluster_answers_queries_with_its_settings() {
@@ -807,6 +866,71 @@ mod tests {
         let mode = fs::metadata(password_file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", password_file.display());
         assert!(!format!("{cluster:?}").contains(cluster.password()));
+    }
+
+    #[cfg(feature = "test-tls")]
+    #[tokio::test]
+    async fn tls_cluster_accepts_verified_tls_only() {
+        use crate::TestCa;
+
+        let certs = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("pgbus test CA").unwrap();
+        let ca_file = ca.write_cert(&certs.path().join("ca.crt")).unwrap();
+        let server = ca
+            .server_cert(certs.path(), "server", &["localhost", "127.0.0.1"])
+            .unwrap();
+        let other_ca = TestCa::new("some other CA").unwrap();
+        let other_ca_file = other_ca
+            .write_cert(&certs.path().join("other.crt"))
+            .unwrap();
+        let cluster = LocalCluster::builder()
+            .fast(true)
+            .tls(&server.cert, &server.key)
+            .start()
+            .unwrap();
+        assert!(cluster.is_tls());
+        let key = cluster.data_dir().join(TLS_KEY_FILE);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let url = |host: &str, query: &str| {
+            format!(
+                "postgres://postgres:{}@{host}:{}/postgres?{query}",
+                cluster.password(),
+                cluster.port()
+            )
+        };
+        let verified = |ca: &Path| format!("sslmode=verify-full&sslrootcert={}", ca.display());
+        let encrypted = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        assert_eq!(
+            psql(&url("localhost", &verified(&ca_file)), encrypted).as_deref(),
+            Ok("t")
+        );
+        assert_eq!(
+            psql(&url("127.0.0.1", &verified(&ca_file)), encrypted).as_deref(),
+            Ok("t")
+        );
+
+        let err = psql(&url("127.0.0.1", "sslmode=disable"), "SELECT 1").unwrap_err();
+        assert!(err.contains("no pg_hba.conf entry"), "{err}");
+        let err = psql(&url("localhost", &verified(&other_ca_file)), "SELECT 1").unwrap_err();
+        assert!(err.contains("certificate verify failed"), "{err}");
+        let wrong_name = format!("{}&hostaddr=127.0.0.1", verified(&ca_file));
+        let err = psql(&url("db.example.invalid", &wrong_name), "SELECT 1").unwrap_err();
+        assert!(err.contains("does not match host name"), "{err}");
+
+        // tokio-postgres without TLS is refused by pg_hba.conf.
+        let err = tokio_postgres::connect(&cluster.url(), tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("a plaintext connection was accepted");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

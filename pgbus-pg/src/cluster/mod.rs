@@ -21,8 +21,11 @@
 //!   temporary directory once the owning process has exited.
 //! - Unix only: it relies on `sh`, `kill`, `chown` and `runuser`.
 
+#[cfg(feature = "test-tls")]
+mod certs;
 mod local;
 mod persistent;
+mod pgbouncer;
 mod test_database;
 
 use std::error::Error as StdError;
@@ -34,9 +37,12 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 
+#[cfg(feature = "test-tls")]
+pub use certs::{CertFiles, TestCa};
 pub use local::{LocalCluster, LocalClusterBuilder, ShutdownMode};
 pub use persistent::PersistentCluster;
-pub use test_database::{test_database, TestDatabase};
+pub use pgbouncer::{PgBouncer, PgBouncerOptions, PoolMode};
+pub use test_database::{test_database, test_database_behind_pgbouncer, tls_ca_file, TestDatabase};
 
 /// Tracing target of everything this module logs.
 const LOG_TARGET: &str = "pgbus::cluster";
@@ -178,6 +184,20 @@ pub enum ClusterError {
         /// What is wrong and how to fix it.
         reason: String,
     },
+    /// No `pgbouncer` binary on PATH or in /usr/sbin.
+    #[error("pgbouncer not found on PATH or in /usr/sbin: install pgbouncer (Debian: apt-get install pgbouncer)")]
+    PgBouncerNotFound,
+    /// PgBouncer did not start.
+    #[error("PgBouncer did not start: {reason}: {output}")]
+    PgBouncerFailed {
+        /// Why it counts as failed, e.g. `it exited (exit status: 1)`.
+        reason: String,
+        /// What it wrote to stderr and its log.
+        output: String,
+    },
+    /// A test certificate could not be generated.
+    #[error("could not generate a test certificate")]
+    Certificate(#[source] Box<dyn StdError + Send + Sync>),
     /// A server is already running on the persistent data directory.
     #[error("a PostgreSQL server is already running in {}", data_dir.display())]
     AlreadyRunning {
@@ -473,20 +493,37 @@ impl Password {
     }
 }
 
+/// Writes `bytes` to `path` with mode 0600, also when the file existed with another mode:
+/// for passwords and private keys (PostgreSQL and libpq refuse looser key files).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("create", path))?;
+    // `mode` only applies to a new file.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(io_err("set permissions of", path))?;
+    file.write_all(bytes).map_err(io_err("write", path))
+}
+
 /// URL of database `db` on 127.0.0.1:`port` as the `postgres` superuser with `password`.
 /// `db` is used as is: it must not need percent-encoding.
 fn superuser_url(port: u16, password: &Password, db: &str) -> String {
     format!(
         "postgres://{POSTGRES}:{}@127.0.0.1:{port}/{db}",
-        percent_encode(password.as_str())
+        percent_encode(password.as_str(), b"")
     )
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters, for a URL's userinfo.
-fn percent_encode(text: &str) -> String {
+/// Percent-encodes everything but RFC 3986's unreserved characters and the bytes in
+/// `keep`, for a URL's userinfo (`keep` empty) or a query value holding a path (`/`).
+fn percent_encode(text: &str, keep: &[u8]) -> String {
     let mut encoded = String::with_capacity(text.len());
     for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || keep.contains(&byte) {
             encoded.push(char::from(byte));
         } else {
             encoded.push_str(&format!("%{byte:02X}"));
@@ -621,6 +658,26 @@ pub(super) mod test_support {
             .is_err_and(|err| err.kind() == io::ErrorKind::ConnectionRefused)
     }
 
+    /// Runs `sql` with psql (libpq, which does TLS) on `url`: stdout, or stderr on failure.
+    #[cfg(feature = "test-tls")]
+    pub(crate) fn psql(url: &str, sql: &str) -> Result<String, String> {
+        let psql = super::find_binaries(None)
+            .unwrap()
+            .pg_ctl
+            .with_file_name("psql");
+        let mut command = std::process::Command::new(psql);
+        command.args(["-X", "-A", "-t", "-c", sql, url]);
+        for var in super::PG_ENV_VARS {
+            command.env_remove(var);
+        }
+        let output = command.stdin(std::process::Stdio::null()).output().unwrap();
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        }
+    }
+
     /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
     pub(crate) fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
@@ -646,8 +703,9 @@ mod tests {
         assert_eq!(first.as_str().len(), PASSWORD_LEN);
         assert!(first.as_str().bytes().all(|b| b.is_ascii_alphanumeric()));
         assert!(!format!("{first:?}").contains(first.as_str()));
-        assert_eq!(percent_encode(first.as_str()), first.as_str());
-        assert_eq!(percent_encode("a b@c/d:%"), "a%20b%40c%2Fd%3A%25");
+        assert_eq!(percent_encode(first.as_str(), b""), first.as_str());
+        assert_eq!(percent_encode("a b@c/d:%", b""), "a%20b%40c%2Fd%3A%25");
+        assert_eq!(percent_encode("/tmp/a b/ca.crt", b"/"), "/tmp/a%20b/ca.crt");
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! [`test_database`]: a fresh database per test, on a shared throwaway cluster.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::local::LocalCluster;
-use super::{error_chain, LOG_TARGET, TEST_URL_ENV};
+use super::pgbouncer::{PgBouncer, PgBouncerOptions};
+use super::{error_chain, percent_encode, ClusterError, TEST_URL_ENV};
+
+/// Environment variable that makes the shared test cluster TLS-only when set to `1`.
+const TEST_TLS_ENV: &str = "PGBUS_TEST_TLS";
 
 /// A fresh, empty database for one test.
 ///
@@ -31,9 +36,33 @@ impl TestDatabase {
 }
 
 /// The cluster shared by all tests of this process, or why it could not be started.
-static SHARED_CLUSTER: OnceLock<Result<LocalCluster, String>> = OnceLock::new();
+static SHARED_CLUSTER: OnceLock<Result<SharedCluster, String>> = OnceLock::new();
 /// Counter in the names of the databases [`test_database`] creates.
 static NEXT_DATABASE: AtomicU64 = AtomicU64::new(0);
+
+/// The shared test cluster, and how clients reach it.
+#[derive(Debug)]
+pub(super) struct SharedCluster {
+    pub(super) cluster: LocalCluster,
+    /// The CA certificate that verifies the server, for a TLS cluster.
+    ca_file: Option<PathBuf>,
+}
+
+impl SharedCluster {
+    /// URL of database `db` as the superuser: over TLS with full verification of the
+    /// name `localhost` for a TLS cluster.
+    pub(super) fn url_for(&self, db: &str) -> String {
+        match &self.ca_file {
+            None => self.cluster.url_for(db),
+            Some(ca_file) => format!(
+                "postgres://postgres:{}@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}",
+                percent_encode(self.cluster.password(), b""),
+                self.cluster.port(),
+                percent_encode(&ca_file.to_string_lossy(), b"/")
+            ),
+        }
+    }
+}
 
 /// Creates a fresh database for one test.
 ///
@@ -41,6 +70,12 @@ static NEXT_DATABASE: AtomicU64 = AtomicU64::new(0);
 /// it, so the URL's user needs the `CREATEDB` privilege), else one [`LocalCluster`] with
 /// fast settings shared by the whole test process, started on first use. Safe to call
 /// from many `#[tokio::test]`s at once, each on its own runtime; needs a tokio runtime.
+///
+/// With `PGBUS_TEST_TLS=1` (and no `PGBUS_TEST_DATABASE_URL`) the shared cluster accepts
+/// TCP connections over TLS only, with a server certificate for `localhost` and
+/// `127.0.0.1` from a fresh test CA, and the URLs read
+/// `postgres://postgres:PW@localhost:PORT/DB?sslmode=verify-full&sslrootcert=CA_FILE`
+/// ([`tls_ca_file`] gives `CA_FILE`). That needs the `test-tls` feature.
 ///
 /// # Panics
 ///
@@ -54,7 +89,7 @@ pub async fn test_database() -> TestDatabase {
                 .await
                 .expect("starting the shared test cluster panicked");
             match cluster {
-                Ok(cluster) => cluster.url(),
+                Ok(shared) => shared.url_for("postgres"),
                 Err(message) => panic!("pgbus test database: {message}"),
             }
         }
@@ -69,17 +104,98 @@ pub async fn test_database() -> TestDatabase {
     }
 }
 
+/// A fresh database for one test on the shared local cluster, and a PgBouncer in front
+/// of the cluster with `pool_size` server connections and transaction pooling. Connect
+/// through the bouncer with `bouncer.url_for(database.name())`; `database.url()` stays
+/// direct. The bouncer stops when dropped.
+///
+/// # Panics
+///
+/// Like [`test_database`], and when PgBouncer is not installed or does not start, or
+/// `PGBUS_TEST_DATABASE_URL` is set (the bouncer needs the shared cluster's password).
+pub async fn test_database_behind_pgbouncer(pool_size: u32) -> (TestDatabase, PgBouncer) {
+    if matches!(std::env::var(TEST_URL_ENV), Ok(url) if !url.trim().is_empty()) {
+        panic!(
+            "pgbus test database: a PgBouncer needs the shared local cluster; unset {TEST_URL_ENV}"
+        );
+    }
+    let database = test_database().await;
+    let bouncer = tokio::task::spawn_blocking(move || {
+        let shared = shared_cluster().map_err(str::to_owned)?;
+        PgBouncer::start(
+            &shared.cluster,
+            PgBouncerOptions::default().pool_size(pool_size),
+        )
+        .map_err(|err| error_chain(&err))
+    })
+    .await
+    .expect("starting PgBouncer panicked");
+    match bouncer {
+        Ok(bouncer) => (database, bouncer),
+        Err(message) => panic!("pgbus test database: {message}"),
+    }
+}
+
+/// The CA certificate file that verifies the shared test cluster's server certificate,
+/// when the TLS pass is on (`PGBUS_TEST_TLS=1`): for tests that build their own URLs,
+/// e.g. one naming a host the certificate does not cover. `None` without the TLS pass,
+/// with `PGBUS_TEST_DATABASE_URL`, or before the process's first [`test_database`] (this
+/// starts nothing).
+pub fn tls_ca_file() -> Option<PathBuf> {
+    match SHARED_CLUSTER.get() {
+        Some(Ok(shared)) => shared.ca_file.clone(),
+        _ => None,
+    }
+}
+
 /// Starts the shared cluster once; every later call gets the same outcome.
-fn shared_cluster() -> Result<&'static LocalCluster, &'static str> {
+pub(super) fn shared_cluster() -> Result<&'static SharedCluster, &'static str> {
     SHARED_CLUSTER
-        .get_or_init(|| {
-            LocalCluster::builder()
-                .fast(true)
-                .start()
-                .map_err(|err| error_chain(&err))
-        })
+        .get_or_init(|| start_shared_cluster().map_err(|err| error_chain(&err)))
         .as_ref()
         .map_err(String::as_str)
+}
+
+fn start_shared_cluster() -> Result<SharedCluster, ClusterError> {
+    match std::env::var(TEST_TLS_ENV) {
+        Ok(value) if value.trim() == "1" => start_tls_cluster(),
+        _ => Ok(SharedCluster {
+            cluster: LocalCluster::builder().fast(true).start()?,
+            ca_file: None,
+        }),
+    }
+}
+
+/// A TLS-only cluster with a server certificate from a fresh test CA, whose certificate
+/// is kept in the cluster's own directory (removed with it).
+#[cfg(feature = "test-tls")]
+fn start_tls_cluster() -> Result<SharedCluster, ClusterError> {
+    let ca = super::TestCa::new("pgbus test CA")?;
+    // Only until the cluster has copied certificate and key into its data directory.
+    let certs = tempfile::Builder::new()
+        .prefix("pgbus-certs-")
+        .tempdir()
+        .map_err(super::io_err(
+            "create temporary directory in",
+            &std::env::temp_dir(),
+        ))?;
+    let server = ca.server_cert(certs.path(), "server", &["localhost", "127.0.0.1", "::1"])?;
+    let cluster = LocalCluster::builder()
+        .fast(true)
+        .tls(&server.cert, &server.key)
+        .start()?;
+    let ca_file = ca.write_cert(&cluster.beside_data_dir("ca.crt")?)?;
+    Ok(SharedCluster {
+        cluster,
+        ca_file: Some(ca_file),
+    })
+}
+
+#[cfg(not(feature = "test-tls"))]
+fn start_tls_cluster() -> Result<SharedCluster, ClusterError> {
+    Err(ClusterError::InvalidConfig(format!(
+        "{TEST_TLS_ENV}=1 needs pgbus-pg's `test-tls` feature (e.g. cargo test --features pgbus-pg/test-tls)"
+    )))
 }
 
 /// Where the admin connection goes, for messages (never the URL: it may hold a password).
@@ -91,15 +207,9 @@ fn source_name() -> String {
 }
 
 /// Creates the next free `pgbus_test_<pid>_<n>` database on the server at `admin_url`.
-async fn create_test_database(admin_url: &str) -> Result<TestDatabase, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = admin_url.parse()?;
-    config.application_name("pgbus:test-admin");
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(target: LOG_TARGET, error = %err, "test admin connection failed");
-        }
-    });
+async fn create_test_database(admin_url: &str) -> pgbus_core::Result<TestDatabase> {
+    // pgbus's own connector, so that the URL's TLS settings apply.
+    let client = crate::connect::connect(admin_url, "test-admin").await?;
     let pid = std::process::id();
     loop {
         let name = format!(
@@ -120,7 +230,7 @@ async fn create_test_database(admin_url: &str) -> Result<TestDatabase, tokio_pos
             // reboot): take the next number.
             Err(err)
                 if err.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
-            Err(err) => return Err(err),
+            Err(err) => return Err(crate::error::db("creating a test database", err)),
         }
     }
 }
@@ -165,6 +275,37 @@ mod tests {
                 .get(0);
             assert_eq!(current, db.name());
         }
+    }
+
+    /// The TLS pass's URLs work with libpq (pgbus's own connector does TLS separately).
+    #[cfg(feature = "test-tls")]
+    #[test]
+    fn the_tls_shared_cluster_verifies_as_localhost() {
+        use super::super::test_support::psql;
+
+        let shared = start_tls_cluster().unwrap();
+        let url = shared.url_for("postgres");
+        assert!(url.contains("@localhost:"), "{url}");
+        assert!(url.contains("sslmode=verify-full&sslrootcert="), "{url}");
+        let encrypted = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        assert_eq!(psql(&url, encrypted).as_deref(), Ok("t"));
+        let plaintext = url.replace("sslmode=verify-full", "sslmode=disable");
+        assert!(psql(&plaintext, "SELECT 1").is_err(), "{plaintext}");
+    }
+
+    #[tokio::test]
+    async fn a_test_database_is_reachable_through_pgbouncer() {
+        let (database, bouncer) = test_database_behind_pgbouncer(2).await;
+        let client = connect(&bouncer.url_for(database.name())).await;
+        let rows = client
+            .simple_query("SELECT current_database()")
+            .await
+            .unwrap();
+        let current = rows.iter().find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            _ => None,
+        });
+        assert_eq!(current, Some(database.name()));
     }
 
     #[test]
