@@ -492,7 +492,9 @@ impl LocalClusterBuilder {
     /// refuses TCP connections without TLS (`hostssl` only in `pg_hba.conf`; the Unix
     /// socket stays available). The files are copied into the data directory on every
     /// start, the key with mode 0600 as PostgreSQL requires. Test certificates come from
-    /// `TestCa` (feature `test-tls`).
+    /// `TestCa` (feature `test-tls`). [`LocalCluster::url`] carries no TLS parameters:
+    /// add `sslmode` and `sslrootcert` for the client, and use a host name the
+    /// certificate names.
     pub fn tls(mut self, cert_pem: impl Into<PathBuf>, key_pem: impl Into<PathBuf>) -> Self {
         self.tls = Some(ServerTls {
             cert: cert_pem.into(),
@@ -577,12 +579,13 @@ impl LocalClusterBuilder {
         let fresh = !data_dir.join("PG_VERSION").exists();
         // A reused cluster without a password file was created by an older pgbus, with
         // `trust`: it gets a password before its server starts.
-        let (password, set_password) = match fresh {
-            true => (Password::generate(), false),
-            false => match Password::read_from(&password_file)? {
+        let (password, set_password) = if fresh {
+            (Password::generate(), false)
+        } else {
+            match Password::read_from(&password_file)? {
                 Some(password) => (password, false),
                 None => (Password::generate(), true),
-            },
+            }
         };
 
         // From here on `cluster`'s Drop cleans up whatever was created, on error too.

@@ -452,6 +452,32 @@ mod tests {
         assert!(!dir.exists(), "{} still exists", dir.display());
     }
 
+    #[cfg(feature = "test-tls")]
+    #[tokio::test]
+    async fn pgbouncer_reaches_a_tls_only_cluster_over_tls() {
+        let certs = tempfile::tempdir().unwrap();
+        let ca = crate::TestCa::new("pgbus test CA").unwrap();
+        let server = ca
+            .server_cert(certs.path(), "server", &["localhost", "127.0.0.1"])
+            .unwrap();
+        let cluster = LocalCluster::builder()
+            .fast(true)
+            .tls(&server.cert, &server.key)
+            .start()
+            .unwrap();
+        let bouncer = PgBouncer::start(&cluster, PgBouncerOptions::default()).unwrap();
+        // Plain text from the client to PgBouncer, TLS from PgBouncer to the server.
+        let client = connect(&bouncer.url_for("postgres")).await;
+        assert_eq!(
+            value(
+                &client,
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            )
+            .await,
+            "t"
+        );
+    }
+
     #[tokio::test]
     async fn session_pooling_gives_each_client_its_own_server_connection() {
         let cluster = LocalCluster::builder().fast(true).start().unwrap();
