@@ -280,6 +280,9 @@ pub(crate) struct DlqSelection {
 pub(crate) enum DbCommand {
     /// Start the embedded database if needed and print its URL.
     Start,
+    /// Start the embedded database if needed and print its URL, password included (for
+    /// psql and other clients).
+    Url,
     /// Stop the embedded database.
     Stop,
 }

@@ -53,6 +53,7 @@ async fn embedded(quiet: bool) -> anyhow::Result<String> {
             "starting the embedded PostgreSQL (set --database-url or DATABASE_URL to use your own)",
         )?;
     if !quiet {
+        // Port and directory only: the URL holds the password.
         let verb = if cluster.started { "started" } else { "using" };
         eprintln!(
             "pgbus: {verb} the embedded PostgreSQL in {} on port {} (`pgbus db stop` stops it)",
@@ -142,7 +143,7 @@ impl Database {
 
 pub(crate) async fn db_command(command: &DbCommand, quiet: bool) -> anyhow::Result<ExitCode> {
     match command {
-        DbCommand::Start => {
+        DbCommand::Start | DbCommand::Url => {
             let url = embedded(quiet).await?;
             println!("{url}");
         }

@@ -299,7 +299,7 @@ async fn refused_listen_is_logged_once_and_the_worker_polls() {
         .await
         .unwrap();
     // The listener is given a role that may not connect: LISTEN cannot be set up.
-    let listener_url = url.replacen("postgres://postgres@", "postgres://no_listen@", 1);
+    let listener_url = url.replacen("postgres://postgres:", "postgres://no_listen:", 1);
     assert_ne!(listener_url, url);
     let listener = Arc::new(PgListener::start(&listener_url).unwrap());
 

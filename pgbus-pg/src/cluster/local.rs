@@ -1,71 +1,28 @@
-//! Throwaway PostgreSQL clusters for tests, benchmarks and the CLI's embedded default,
-//! plus the per-test database helper [`test_database`].
-//!
-//! A [`LocalCluster`] runs the machine's own PostgreSQL server binaries (`initdb`,
-//! `pg_ctl`): it creates a data directory (a fresh temporary one unless told otherwise),
-//! starts a server listening on `127.0.0.1` only, with its Unix socket inside the cluster's
-//! own directory, and stops it again on drop.
-//!
-//! # Behaviour
-//!
-//! - The superuser is always `postgres`, authentication is `trust`, encoding UTF-8 with
-//!   the C locale.
-//! - When the current process runs as root, `initdb` and `pg_ctl` run as the `postgres`
-//!   OS user (through `runuser`), because PostgreSQL refuses to run as root.
-//! - A cluster that is never dropped (for instance one kept in a `static` by a test binary)
-//!   does not leak: a small watchdog shell process stops the server and removes the
-//!   temporary directory once the owning process has exited.
-//! - Unix only: it relies on `sh`, `kill`, `chown` and `runuser`.
+//! [`LocalCluster`]: a server started from the machine's binaries, stopped on drop.
 
-use std::error::Error as StdError;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use tempfile::TempDir;
 
-/// Tracing target of everything this module logs.
-const LOG_TARGET: &str = "pgbus::cluster";
-/// Environment variable naming a directory that holds `initdb` and `pg_ctl`.
-const BIN_ENV: &str = "PGBUS_PG_BIN";
-/// Environment variable pointing [`test_database`] at an existing server.
-const TEST_URL_ENV: &str = "PGBUS_TEST_DATABASE_URL";
-/// Where Debian and Ubuntu install the server binaries, one directory per major version.
-const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
-/// The database superuser, and the OS user the server runs as when we are root.
-const POSTGRES: &str = "postgres";
-/// Settings file written into the data directory on every start.
-const SETTINGS_FILE: &str = "pgbus.conf";
-/// Line added once to `postgresql.conf` so that [`SETTINGS_FILE`] is read.
-const INCLUDE_LINE: &str = "include_if_exists = 'pgbus.conf'";
-/// How long `pg_ctl` waits for the server to start or stop, in seconds.
-const PG_CTL_TIMEOUT_SECS: &str = "60";
-/// How many log lines a start failure reports.
-const LOG_TAIL_LINES: usize = 30;
-/// How often a start is retried on a fresh port when the picked port was taken meanwhile.
-const PORT_RETRIES: u32 = 4;
-/// Longest Unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
-/// Environment variables of libpq and the server tools that must not leak into ours.
-const PG_ENV_VARS: &[&str] = &[
-    "PGDATA",
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGOPTIONS",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGPASSFILE",
-    "PGSSLMODE",
-];
+use super::{
+    conf_quote, error_chain, find_binaries, free_port, io_err, log_tail, output_text,
+    running_as_root, superuser_url, write_private, Binaries, ClusterError, Password, Runner,
+    INCLUDE_LINE, LOG_TARGET, MAX_SOCKET_PATH, PASSWORD_FILE, PG_CTL_TIMEOUT_SECS, PG_ENV_VARS,
+    PORT_RETRIES, POSTGRES, SETTINGS_FILE,
+};
+
+/// Transient copy of the password for `initdb --pwfile`, beside the data directory (when
+/// we are root, `initdb` runs as `postgres` and cannot read our own password file).
+const INITDB_PASSWORD_FILE: &str = ".pgbus-initdb-password";
+/// The server's certificate and key of a TLS cluster, copied into the data directory (the
+/// server insists on owning its key file).
+const TLS_CERT_FILE: &str = "pgbus-server.crt";
+const TLS_KEY_FILE: &str = "pgbus-server.key";
 
 /// Watchdog run with `sh -c`. Positional parameters: owner pid, pg_ctl path, data
 /// directory, `1` to run pg_ctl as the postgres user, then the paths to remove.
@@ -84,104 +41,12 @@ fi
 for path in "$@"; do rm -rf -- "$path"; done
 "#;
 
-/// Why a [`LocalCluster`] could not be started.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClusterError {
-    /// `initdb` and `pg_ctl` were not found where they were looked for.
-    #[error(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found {searched}: install them \
-         (Debian: apt-get install postgresql) or set {TEST_URL_ENV}"
-    )]
-    BinariesNotFound {
-        /// Where they were looked for, e.g. `on PATH, in PGBUS_PG_BIN or under ...`.
-        searched: String,
-    },
-    /// The process runs as root, which PostgreSQL refuses, and there is no `postgres` OS
-    /// user to run the server as instead.
-    #[error(
-        "running as root, but there is no `postgres` OS user to run PostgreSQL as: \
-         create one (useradd --system postgres) or run as an unprivileged user"
-    )]
-    NoPostgresUser,
-    /// The `postgres` OS user cannot write to the cluster's directory, typically because
-    /// one of its parents is not traversable by other users.
-    #[error(
-        "the postgres OS user cannot write to {}: put the cluster under a directory \
-         every user can traverse (e.g. TMPDIR=/tmp)",
-        path.display()
-    )]
-    NotAccessible {
-        /// The directory that is not writable by `postgres`.
-        path: PathBuf,
-    },
-    /// A builder setting is invalid; nothing was started.
-    #[error("invalid cluster configuration: {0}")]
-    InvalidConfig(String),
-    /// No free TCP port could be picked on 127.0.0.1.
-    #[error("could not pick a free TCP port on 127.0.0.1")]
-    NoFreePort(#[source] io::Error),
-    /// A file system operation failed.
-    #[error("could not {action} {}", path.display())]
-    Io {
-        /// What was being done, e.g. `create directory`.
-        action: &'static str,
-        /// The path it was done to.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A helper program could not be executed at all.
-    #[error("could not run {program}")]
-    Spawn {
-        /// The program, e.g. `initdb`.
-        program: String,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A helper program ran but reported failure.
-    #[error("{program} failed ({status}): {output}")]
-    CommandFailed {
-        /// The program, e.g. `initdb`.
-        program: String,
-        /// Its exit status.
-        status: ExitStatus,
-        /// What it printed on stderr and stdout.
-        output: String,
-    },
-    /// `pg_ctl start` failed; the server log says why.
-    #[error(
-        "PostgreSQL in {} did not start ({status}): {pg_ctl_output}\n\
-         last lines of the server log {}:\n{log_tail}",
-        data_dir.display(),
-        log_file.display()
-    )]
-    StartFailed {
-        /// The data directory.
-        data_dir: PathBuf,
-        /// The server log file.
-        log_file: PathBuf,
-        /// Exit status of `pg_ctl start`.
-        status: ExitStatus,
-        /// What `pg_ctl` printed.
-        pg_ctl_output: String,
-        /// The last lines the server wrote to its log during this start.
-        log_tail: String,
-    },
-    /// A server is already running on the persistent data directory.
-    #[error("a PostgreSQL server is already running in {}", data_dir.display())]
-    AlreadyRunning {
-        /// The data directory.
-        data_dir: PathBuf,
-    },
-}
-
 /// A PostgreSQL server started from the machine's binaries, stopped on drop.
 ///
-/// Created with [`LocalCluster::builder`]. The server listens on `127.0.0.1` only and
-/// trusts every connection; the superuser is `postgres`.
+/// Created with [`LocalCluster::builder`]. The server listens on `127.0.0.1` only; the
+/// superuser is `postgres` with a random password, which [`url`](LocalCluster::url)
+/// carries. Every connection must authenticate (`scram-sha-256`), over TCP and the Unix
+/// socket alike.
 ///
 /// ```no_run
 /// # fn main() -> Result<(), pgbus_pg::ClusterError> {
@@ -194,6 +59,10 @@ pub struct LocalCluster {
     port: u16,
     data_dir: PathBuf,
     log_file: PathBuf,
+    password: Password,
+    password_file: PathBuf,
+    /// Whether TCP connections must use TLS.
+    tls: bool,
     /// The temporary directory holding data directory and log, when we created one.
     own_root: Option<PathBuf>,
     pg_ctl: PathBuf,
@@ -237,6 +106,24 @@ pub struct LocalClusterBuilder {
     data_dir: Option<PathBuf>,
     keep: Option<bool>,
     settings: Vec<(String, String)>,
+    tls: Option<ServerTls>,
+}
+
+/// The certificate (chain) and private key a TLS cluster serves, as PEM files; see
+/// [`LocalClusterBuilder::tls`].
+#[derive(Debug, Clone)]
+struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// Removes `path`, logging (not failing) when that does not work.
+fn remove_quietly(path: &Path) {
+    if let Err(err) = fs::remove_file(path) {
+        if err.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(target: LOG_TARGET, path = %path.display(), error = %err, "could not remove file");
+        }
+    }
 }
 
 /// What happens to the cluster's files once it is stopped.
@@ -282,15 +169,32 @@ impl LocalCluster {
         &self.log_file
     }
 
-    /// URL of the `postgres` database as the `postgres` superuser.
+    /// The `postgres` superuser's password.
+    pub fn password(&self) -> &str {
+        self.password.as_str()
+    }
+
+    /// The file holding the superuser's password (mode 0600): `pgbus-password` in the
+    /// temporary directory, or next to a caller-chosen data directory.
+    pub fn password_file(&self) -> &Path {
+        &self.password_file
+    }
+
+    /// Whether the server accepts TCP connections over TLS only (built with
+    /// [`tls`](LocalClusterBuilder::tls)).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// URL of the `postgres` database as the `postgres` superuser, password included.
     pub fn url(&self) -> String {
         self.url_for(POSTGRES)
     }
 
-    /// URL of database `db` as the `postgres` superuser. `db` is used as is: it must not
-    /// need percent-encoding.
+    /// URL of database `db` as the `postgres` superuser, password included. `db` is used
+    /// as is: it must not need percent-encoding.
     pub fn url_for(&self, db: &str) -> String {
-        format!("postgres://{POSTGRES}@127.0.0.1:{}/{db}", self.port)
+        superuser_url(self.port, &self.password, db)
     }
 
     /// Restarts the server in place (`pg_ctl restart -m <mode>`), waiting until it accepts
@@ -338,6 +242,12 @@ impl LocalCluster {
     /// could not be stopped is left to the watchdog, which stops it when this process exits.
     pub fn stop(self) {
         drop(self);
+    }
+
+    /// Leaves the server running when this value is dropped (the files are kept too only
+    /// if the builder kept them): for [`PersistentCluster`](super::PersistentCluster).
+    pub(super) fn detach(&mut self) {
+        self.running = false;
     }
 
     fn shutdown(&mut self) {
@@ -478,6 +388,15 @@ impl LocalCluster {
                 settings.push((name, "off".to_owned()));
             }
         }
+        if let Some(tls) = &config.tls {
+            let cert = self.data_dir.join(TLS_CERT_FILE);
+            let key = self.data_dir.join(TLS_KEY_FILE);
+            self.copy_private(&tls.cert, &cert)?;
+            self.copy_private(&tls.key, &key)?;
+            settings.push(("ssl", "on".to_owned()));
+            settings.push(("ssl_cert_file", cert.to_string_lossy().into_owned()));
+            settings.push(("ssl_key_file", key.to_string_lossy().into_owned()));
+        }
         settings.extend(config.settings.iter().map(|(n, v)| (n.as_str(), v.clone())));
 
         let mut file = String::from("# Written by pgbus on every start; edits are overwritten.\n");
@@ -486,10 +405,33 @@ impl LocalCluster {
         }
         let path = self.data_dir.join(SETTINGS_FILE);
         fs::write(&path, file).map_err(io_err("write", &path))?;
-        if self.runner.as_postgres {
-            self.runner.chown(&path, false)?;
-        }
-        Ok(())
+        self.runner.chown_if_root(&path)?;
+        self.write_hba(config.tls.is_some())
+    }
+
+    /// Copies `from` to `to` with mode 0600, owned by the server's OS user: PostgreSQL
+    /// refuses a key file that others can read.
+    fn copy_private(&self, from: &Path, to: &Path) -> Result<(), ClusterError> {
+        let bytes = fs::read(from).map_err(io_err("read", from))?;
+        write_private(to, &bytes)?;
+        self.runner.chown_if_root(to)
+    }
+
+    /// (Re)writes `pg_hba.conf`: password authentication for every connection, over TLS
+    /// only for TCP when `tls`, nothing else. Written on every start so that no earlier
+    /// configuration (such as `trust` from clusters created by older pgbus versions)
+    /// survives.
+    fn write_hba(&self, tls: bool) -> Result<(), ClusterError> {
+        let host = if tls { "hostssl" } else { "host" };
+        let text = format!(
+            "# Written by pgbus on every start; edits are overwritten.\n\
+             local all all scram-sha-256\n\
+             {host} all all 127.0.0.1/32 scram-sha-256\n\
+             {host} all all ::1/128 scram-sha-256\n"
+        );
+        let path = self.data_dir.join("pg_hba.conf");
+        fs::write(&path, text).map_err(io_err("write", &path))?;
+        self.runner.chown_if_root(&path)
     }
 }
 
@@ -546,6 +488,21 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Serves TLS with this certificate (chain) and private key, both PEM files, and
+    /// refuses TCP connections without TLS (`hostssl` only in `pg_hba.conf`; the Unix
+    /// socket stays available). The files are copied into the data directory on every
+    /// start, the key with mode 0600 as PostgreSQL requires. Test certificates come from
+    /// `TestCa` (feature `test-tls`). [`LocalCluster::url`] carries no TLS parameters:
+    /// add `sslmode` and `sslrootcert` for the client, and use a host name the
+    /// certificate names.
+    pub fn tls(mut self, cert_pem: impl Into<PathBuf>, key_pem: impl Into<PathBuf>) -> Self {
+        self.tls = Some(ServerTls {
+            cert: cert_pem.into(),
+            key: key_pem.into(),
+        });
+        self
+    }
+
     /// Creates (or reuses) the data directory and starts the server, waiting until it
     /// accepts connections.
     ///
@@ -568,7 +525,7 @@ impl LocalClusterBuilder {
         };
         let keep = self.keep.unwrap_or(self.data_dir.is_some());
 
-        let (data_dir, log_file, own_root, cleanup) = match &self.data_dir {
+        let (data_dir, log_file, password_file, own_root, cleanup) = match &self.data_dir {
             None => {
                 let temp = tempfile::Builder::new()
                     .prefix("pgbus-pg-")
@@ -587,6 +544,7 @@ impl LocalClusterBuilder {
                 (
                     root.join("data"),
                     root.join("postgres.log"),
+                    root.join(PASSWORD_FILE),
                     Some(root),
                     cleanup,
                 )
@@ -600,6 +558,7 @@ impl LocalClusterBuilder {
                     ))
                 })?;
                 let log_file = parent.join("postgres.log");
+                let password_file = parent.join(PASSWORD_FILE);
                 if data_dir.join("postmaster.pid").exists()
                     && runner.server_running(&binaries.pg_ctl, &data_dir)?
                 {
@@ -608,20 +567,37 @@ impl LocalClusterBuilder {
                 let cleanup = if keep {
                     Cleanup::Keep
                 } else {
-                    Cleanup::Paths(vec![data_dir.clone(), log_file.clone()])
+                    Cleanup::Paths(vec![
+                        data_dir.clone(),
+                        log_file.clone(),
+                        password_file.clone(),
+                    ])
                 };
-                (data_dir, log_file, None, cleanup)
+                (data_dir, log_file, password_file, None, cleanup)
             }
         };
         let fresh = !data_dir.join("PG_VERSION").exists();
+        // A reused cluster without a password file was created by an older pgbus, with
+        // `trust`: it gets a password before its server starts.
+        let (password, set_password) = if fresh {
+            (Password::generate(), false)
+        } else {
+            match Password::read_from(&password_file)? {
+                Some(password) => (password, false),
+                None => (Password::generate(), true),
+            }
+        };
 
         // From here on `cluster`'s Drop cleans up whatever was created, on error too.
         let mut cluster = LocalCluster {
             port,
             data_dir,
             log_file,
+            password,
+            password_file,
+            tls: self.tls.is_some(),
             own_root,
-            pg_ctl: binaries.pg_ctl,
+            pg_ctl: binaries.pg_ctl.clone(),
             runner,
             running: false,
             cleanup,
@@ -631,20 +607,20 @@ impl LocalClusterBuilder {
         cluster.watchdog = Some(cluster.spawn_watchdog()?);
 
         if fresh {
-            let mut command = cluster.runner.command(&binaries.initdb);
-            command.arg("-D").arg(&cluster.data_dir).args([
-                "-U",
-                POSTGRES,
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-locale",
-            ]);
-            if !keep {
-                // Nobody will read this cluster after an OS crash.
-                command.arg("--no-sync");
-            }
-            cluster.runner.run("initdb", &mut command)?;
+            // Written first: should initdb fail, the next attempt starts afresh anyway.
+            cluster.password.write_to(&cluster.password_file)?;
+            cluster.initdb(&binaries, keep)?;
+        } else if set_password {
+            cluster.set_password(&binaries)?;
+            // Only once the server knows it: a file with a password the server does not
+            // have would lock us out for good.
+            cluster.password.write_to(&cluster.password_file)?;
+            tracing::info!(
+                target: LOG_TARGET,
+                data_dir = %cluster.data_dir.display(),
+                password_file = %cluster.password_file.display(),
+                "closed a cluster created with trust authentication: the postgres user now has a password"
+            );
         }
         cluster.start_server(&self)?;
 
@@ -655,6 +631,7 @@ impl LocalClusterBuilder {
             log_file = %cluster.log_file.display(),
             fast = self.fast,
             reused = !fresh,
+            password_file = %cluster.password_file.display(),
             elapsed_ms = started_at.elapsed().as_millis() as u64,
             "started PostgreSQL cluster"
         );
@@ -684,6 +661,91 @@ impl LocalClusterBuilder {
 }
 
 impl LocalCluster {
+    /// Creates the cluster with `initdb`: the `postgres` superuser with our password, and
+    /// password authentication for every connection from the start.
+    fn initdb(&self, binaries: &Binaries, keep: bool) -> Result<(), ClusterError> {
+        let pwfile = self.beside_data_dir(INITDB_PASSWORD_FILE)?;
+        self.password.write_to(&pwfile)?;
+        let result = self.runner.chown_if_root(&pwfile).and_then(|()| {
+            let mut pwfile_arg = std::ffi::OsString::from("--pwfile=");
+            pwfile_arg.push(&pwfile);
+            let mut command = self.runner.command(&binaries.initdb);
+            command
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args([
+                    "-U",
+                    POSTGRES,
+                    "--auth-host=scram-sha-256",
+                    "--auth-local=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ])
+                .arg(pwfile_arg);
+            if !keep {
+                // Nobody will read this cluster after an OS crash.
+                command.arg("--no-sync");
+            }
+            self.runner.run("initdb", &mut command).map(drop)
+        });
+        remove_quietly(&pwfile);
+        result
+    }
+
+    /// Sets the superuser's password in the stopped cluster, through single-user mode: no
+    /// server accepts connections meanwhile, and the password travels on a pipe, not on a
+    /// command line other users can see.
+    fn set_password(&self, binaries: &Binaries) -> Result<(), ClusterError> {
+        let mut command = self.runner.command(&binaries.postgres);
+        command
+            .arg("--single")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg(POSTGRES)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawn_err = |source| ClusterError::Spawn {
+            program: "postgres --single".to_owned(),
+            source,
+        };
+        let mut child = command.spawn().map_err(spawn_err)?;
+        // Single-user mode runs each line as a statement. The generated password is
+        // alphanumeric, so the quoting is only a safeguard.
+        let statement = format!(
+            "ALTER ROLE {POSTGRES} PASSWORD '{}'\n",
+            self.password.as_str().replace('\'', "''")
+        );
+        let written = match child.stdin.take() {
+            Some(mut stdin) => stdin.write_all(statement.as_bytes()),
+            None => Ok(()),
+        };
+        let output = child.wait_with_output().map_err(spawn_err)?;
+        written.map_err(spawn_err)?;
+        let text = output_text(&output);
+        // Single-user mode exits 0 after a failed statement; its ERROR lines tell.
+        if !output.status.success() || text.contains("ERROR:") || text.contains("FATAL:") {
+            return Err(ClusterError::CommandFailed {
+                program: "postgres --single (ALTER ROLE postgres PASSWORD ...)".to_owned(),
+                status: output.status,
+                output: text,
+            });
+        }
+        Ok(())
+    }
+
+    /// `name` in the directory holding the data directory.
+    pub(super) fn beside_data_dir(&self, name: &str) -> Result<PathBuf, ClusterError> {
+        match self.data_dir.parent() {
+            Some(parent) => Ok(parent.join(name)),
+            None => Err(ClusterError::InvalidConfig(format!(
+                "data_dir {} has no parent directory",
+                self.data_dir.display()
+            ))),
+        }
+    }
+
     /// Creates the data directory and log file, owned by `postgres` when we are root.
     fn prepare_dirs(&self) -> Result<(), ClusterError> {
         if !self.data_dir.exists() {
@@ -739,505 +801,20 @@ impl LocalCluster {
     }
 }
 
-/// Runs the server tools, as the `postgres` OS user when we are root.
-#[derive(Debug, Clone, Copy)]
-struct Runner {
-    as_postgres: bool,
-}
-
-impl Runner {
-    fn command(&self, program: &Path) -> Command {
-        let mut command = if self.as_postgres {
-            let mut command = Command::new("runuser");
-            command.args(["-u", POSTGRES, "--"]).arg(program);
-            command
-        } else {
-            Command::new(program)
-        };
-        // The postgres user may not be able to enter our working directory.
-        command.current_dir("/").stdin(Stdio::null());
-        for var in PG_ENV_VARS {
-            command.env_remove(var);
-        }
-        command
-    }
-
-    /// Runs `command` to completion, capturing its output.
-    fn output(&self, name: &str, command: &mut Command) -> Result<Output, ClusterError> {
-        command.output().map_err(|source| ClusterError::Spawn {
-            program: name.to_owned(),
-            source,
-        })
-    }
-
-    /// Runs `command`, failing unless it succeeds.
-    fn run(&self, name: &str, command: &mut Command) -> Result<Output, ClusterError> {
-        let output = self.output(name, command)?;
-        if output.status.success() {
-            Ok(output)
-        } else {
-            Err(ClusterError::CommandFailed {
-                program: name.to_owned(),
-                status: output.status,
-                output: output_text(&output),
-            })
-        }
-    }
-
-    fn check_postgres_user(&self) -> Result<(), ClusterError> {
-        let found = Command::new("id")
-            .args(["-u", POSTGRES])
-            .stdin(Stdio::null())
-            .output()
-            .is_ok_and(|output| output.status.success());
-        if found {
-            Ok(())
-        } else {
-            Err(ClusterError::NoPostgresUser)
-        }
-    }
-
-    fn chown(&self, path: &Path, recursive: bool) -> Result<(), ClusterError> {
-        let mut command = Command::new("chown");
-        if recursive {
-            command.arg("-R");
-        }
-        command
-            .arg(format!("{POSTGRES}:"))
-            .arg(path)
-            .stdin(Stdio::null());
-        self.run("chown", &mut command).map(drop)
-    }
-
-    fn check_writable(&self, dir: &Path) -> Result<(), ClusterError> {
-        let mut command = self.command(Path::new("test"));
-        command.arg("-w").arg(dir);
-        let writable = self.output("test", &mut command)?.status.success();
-        if writable {
-            Ok(())
-        } else {
-            Err(ClusterError::NotAccessible {
-                path: dir.to_path_buf(),
-            })
-        }
-    }
-
-    /// Whether `pg_ctl status` sees a live server in `data_dir`.
-    fn server_running(&self, pg_ctl: &Path, data_dir: &Path) -> Result<bool, ClusterError> {
-        let mut command = self.command(pg_ctl);
-        command.arg("-D").arg(data_dir).arg("status");
-        Ok(self.output("pg_ctl status", &mut command)?.status.success())
-    }
-}
-
-/// A server in a kept data directory that outlives the process that started it: the CLI's
-/// embedded default. [`PersistentCluster::ensure_running`] reuses a live server or starts
-/// one; [`PersistentCluster::stop`] stops it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PersistentCluster {
-    /// The TCP port on 127.0.0.1.
-    pub port: u16,
-    /// The data directory.
-    pub data_dir: PathBuf,
-    /// Whether this call started the server (false: it was already running).
-    pub started: bool,
-}
-
-impl PersistentCluster {
-    /// Reuses the server running in `data_dir`, or starts one there (creating the cluster
-    /// on first use) that keeps running after this process exits.
-    pub fn ensure_running(data_dir: &Path) -> Result<PersistentCluster, ClusterError> {
-        let binaries = find_binaries(None)?;
-        let runner = Runner {
-            as_postgres: running_as_root(),
-        };
-        if let Some(port) = running_port(&runner, &binaries, data_dir)? {
-            return Ok(PersistentCluster {
-                port,
-                data_dir: data_dir.to_path_buf(),
-                started: false,
-            });
-        }
-        let mut cluster = LocalCluster::builder()
-            .data_dir(data_dir.to_path_buf())
-            .keep(true)
-            .start()?;
-        // Detach: the server stays up after this process; only the watchdog goes.
-        cluster.running = false;
-        Ok(PersistentCluster {
-            port: cluster.port,
-            data_dir: cluster.data_dir.clone(),
-            started: true,
-        })
-    }
-
-    /// Stops the server running in `data_dir`; `false` when none was running.
-    pub fn stop(data_dir: &Path) -> Result<bool, ClusterError> {
-        let binaries = find_binaries(None)?;
-        let runner = Runner {
-            as_postgres: running_as_root(),
-        };
-        if running_port(&runner, &binaries, data_dir)?.is_none() {
-            return Ok(false);
-        }
-        runner.run(
-            "pg_ctl stop",
-            runner
-                .command(&binaries.pg_ctl)
-                .arg("-D")
-                .arg(data_dir)
-                .args(["-m", "fast", "-w", "-t", PG_CTL_TIMEOUT_SECS, "stop"]),
-        )?;
-        Ok(true)
-    }
-
-    /// URL of database `db` as the `postgres` superuser.
-    pub fn url_for(&self, db: &str) -> String {
-        format!("postgres://{POSTGRES}@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-/// The port of the live server in `data_dir` (line 4 of `postmaster.pid`), if any.
-fn running_port(
-    runner: &Runner,
-    binaries: &Binaries,
-    data_dir: &Path,
-) -> Result<Option<u16>, ClusterError> {
-    let pid_file = data_dir.join("postmaster.pid");
-    if !pid_file.exists() || !runner.server_running(&binaries.pg_ctl, data_dir)? {
-        return Ok(None);
-    }
-    let text = fs::read_to_string(&pid_file).map_err(io_err("read", &pid_file))?;
-    Ok(text
-        .lines()
-        .nth(3)
-        .and_then(|line| line.trim().parse().ok()))
-}
-
-/// Where `initdb` and `pg_ctl` are.
-#[derive(Debug)]
-struct Binaries {
-    initdb: PathBuf,
-    pg_ctl: PathBuf,
-}
-
-fn find_binaries(bin_dir: Option<&Path>) -> Result<Binaries, ClusterError> {
-    let not_found = |searched: String| ClusterError::BinariesNotFound { searched };
-    if let Some(dir) = bin_dir {
-        return binaries_in(dir).ok_or_else(|| not_found(format!("in {}", dir.display())));
-    }
-    if let Some(dir) = std::env::var_os(BIN_ENV).filter(|dir| !dir.is_empty()) {
-        let dir = PathBuf::from(dir);
-        return binaries_in(&dir)
-            .ok_or_else(|| not_found(format!("in {BIN_ENV}={}", dir.display())));
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .find_map(|dir| binaries_in(&dir));
-    on_path.or_else(debian_binaries).ok_or_else(|| {
-        not_found(format!(
-            "on PATH, in {BIN_ENV} or under {DEBIAN_PG_ROOT}/*/bin"
-        ))
-    })
-}
-
-/// Both binaries from one directory, so that their versions match.
-fn binaries_in(dir: &Path) -> Option<Binaries> {
-    let initdb = dir.join("initdb");
-    let pg_ctl = dir.join("pg_ctl");
-    if !is_executable(&initdb) || !is_executable(&pg_ctl) {
-        return None;
-    }
-    // Resolve symlinks such as /usr/local/bin/pg_ctl, for clearer logs and errors.
-    let resolve = |path: PathBuf| fs::canonicalize(&path).unwrap_or(path);
-    Some(Binaries {
-        initdb: resolve(initdb),
-        pg_ctl: resolve(pg_ctl),
-    })
-}
-
-/// The highest-versioned `/usr/lib/postgresql/<version>/bin` holding both binaries.
-fn debian_binaries() -> Option<Binaries> {
-    let mut versions: Vec<(Vec<u32>, PathBuf)> = fs::read_dir(DEBIAN_PG_ROOT)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let name = entry.file_name();
-            let version = name
-                .to_str()?
-                .split('.')
-                .map(str::parse)
-                .collect::<Result<Vec<u32>, _>>()
-                .ok()?;
-            Some((version, entry.path().join("bin")))
-        })
-        .collect();
-    versions.sort();
-    versions.iter().rev().find_map(|(_, dir)| binaries_in(dir))
-}
-
-fn is_executable(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Whether this process's effective user is root (read from /proc, else `id -u`).
-pub fn running_as_root() -> bool {
-    if let Ok(status) = fs::read_to_string("/proc/self/status") {
-        if let Some(uids) = status.lines().find_map(|line| line.strip_prefix("Uid:")) {
-            // Real, effective, saved and file-system uid.
-            return uids.split_whitespace().nth(1) == Some("0");
-        }
-    }
-    Command::new("id")
-        .arg("-u")
-        .stdin(Stdio::null())
-        .output()
-        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
-}
-
-/// A port that was free on 127.0.0.1 a moment ago.
-fn free_port() -> Result<u16, ClusterError> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(ClusterError::NoFreePort)
-}
-
-/// Quotes a value for a single-quoted `postgresql.conf` string.
-fn conf_quote(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('\'', "''")
-}
-
-/// The last [`LOG_TAIL_LINES`] lines written to `log` from byte `offset` on.
-fn log_tail(log: &Path, offset: u64) -> String {
-    let mut text = String::new();
-    let read = fs::File::open(log).and_then(|mut file| {
-        file.seek(SeekFrom::Start(offset))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        text = String::from_utf8_lossy(&bytes).into_owned();
-        Ok(())
-    });
-    if let Err(err) = read {
-        return format!("(could not read the server log: {err})");
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-}
-
-/// A command's stderr and stdout, trimmed, on one string.
-fn output_text(output: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    [stderr.trim(), stdout.trim()]
-        .into_iter()
-        .filter(|text| !text.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ClusterError {
-    let path = path.to_path_buf();
-    move |source| ClusterError::Io {
-        action,
-        path,
-        source,
-    }
-}
-
-/// An error and its causes on one line, skipping causes the message already contains.
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// A fresh, empty database for one test.
-///
-/// Made by [`test_database`]. The database is not dropped afterwards: on the shared
-/// local cluster it disappears with the cluster; on a server given by
-/// `PGBUS_TEST_DATABASE_URL` the `pgbus_test_*` databases are left for inspection.
-#[derive(Debug, Clone)]
-pub struct TestDatabase {
-    url: String,
-    name: String,
-}
-
-impl TestDatabase {
-    /// Connection URL (or key=value connection string, matching `PGBUS_TEST_DATABASE_URL`)
-    /// of the database.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The database's name, `pgbus_test_<pid>_<n>`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-/// The cluster shared by all tests of this process, or why it could not be started.
-static SHARED_CLUSTER: OnceLock<Result<LocalCluster, String>> = OnceLock::new();
-/// Counter in the names of the databases [`test_database`] creates.
-static NEXT_DATABASE: AtomicU64 = AtomicU64::new(0);
-
-/// Creates a fresh database for one test.
-///
-/// Uses the server at `PGBUS_TEST_DATABASE_URL` when that is set (`CREATE DATABASE` on
-/// it, so the URL's user needs the `CREATEDB` privilege), else one [`LocalCluster`] with
-/// fast settings shared by the whole test process, started on first use. Safe to call
-/// from many `#[tokio::test]`s at once, each on its own runtime; needs a tokio runtime.
-///
-/// # Panics
-///
-/// With a one-line message when no server can be had (no PostgreSQL binaries and no
-/// `PGBUS_TEST_DATABASE_URL`, a server that cannot be reached, ...). It never skips.
-pub async fn test_database() -> TestDatabase {
-    let admin_url = match std::env::var(TEST_URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => {
-            let cluster = tokio::task::spawn_blocking(shared_cluster)
-                .await
-                .expect("starting the shared test cluster panicked");
-            match cluster {
-                Ok(cluster) => cluster.url(),
-                Err(message) => panic!("pgbus test database: {message}"),
-            }
-        }
-    };
-    match create_test_database(&admin_url).await {
-        Ok(database) => database,
-        Err(err) => panic!(
-            "pgbus test database: could not create a database via {}: {}",
-            source_name(),
-            error_chain(&err)
-        ),
-    }
-}
-
-/// Starts the shared cluster once; every later call gets the same outcome.
-fn shared_cluster() -> Result<&'static LocalCluster, &'static str> {
-    SHARED_CLUSTER
-        .get_or_init(|| {
-            LocalCluster::builder()
-                .fast(true)
-                .start()
-                .map_err(|err| error_chain(&err))
-        })
-        .as_ref()
-        .map_err(String::as_str)
-}
-
-/// Where the admin connection goes, for messages (never the URL: it may hold a password).
-fn source_name() -> String {
-    match std::env::var(TEST_URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => TEST_URL_ENV.to_owned(),
-        _ => "the shared local cluster".to_owned(),
-    }
-}
-
-/// Creates the next free `pgbus_test_<pid>_<n>` database on the server at `admin_url`.
-async fn create_test_database(admin_url: &str) -> Result<TestDatabase, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = admin_url.parse()?;
-    config.application_name("pgbus:test-admin");
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(target: LOG_TARGET, error = %err, "test admin connection failed");
-        }
-    });
-    let pid = std::process::id();
-    loop {
-        let name = format!(
-            "pgbus_test_{pid}_{}",
-            NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
-        );
-        match client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-        {
-            Ok(()) => {
-                return Ok(TestDatabase {
-                    url: with_database(admin_url, &name),
-                    name,
-                })
-            }
-            // Left over by an earlier process with the same pid (another container, a
-            // reboot): take the next number.
-            Err(err)
-                if err.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
-            Err(err) => return Err(err),
-        }
-    }
-}
-
-/// `url` with its database replaced by `db`; `url` is a `postgres://` URL or a key=value
-/// connection string. `db` must not need quoting or percent-encoding.
-fn with_database(url: &str, db: &str) -> String {
-    let url = url.trim();
-    for scheme in ["postgres://", "postgresql://"] {
-        if let Some(rest) = url.strip_prefix(scheme) {
-            let (before_query, query) = match rest.find('?') {
-                Some(at) => rest.split_at(at),
-                None => (rest, ""),
-            };
-            let authority = before_query.split('/').next().unwrap_or_default();
-            return format!("{scheme}{authority}/{db}{query}");
-        }
-    }
-    // Key=value form: a later `dbname` overrides an earlier one.
-    format!("{url} dbname={db}")
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::BufRead;
-    use std::net::TcpStream;
     use std::time::Duration;
 
+    #[cfg(feature = "test-tls")]
+    use super::super::test_support::psql;
+    use super::super::test_support::{
+        assert_password_required, connect, eventually, refuses_connections, show,
+    };
+    use super::super::TEST_URL_ENV;
     use super::*;
-
-    async fn connect(url: &str) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|err| panic!("connect to {url}: {}", error_chain(&err)));
-        tokio::spawn(connection);
-        client
-    }
-
-    async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
-        client
-            .query_one(&format!("SHOW {setting}"), &[])
-            .await
-            .unwrap()
-            .get(0)
-    }
-
-    fn refuses_connections(port: u16) -> bool {
-        TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .is_err_and(|err| err.kind() == io::ErrorKind::ConnectionRefused)
-    }
-
-    /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
-    fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if condition() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        condition()
-    }
+    #[cfg(feature = "test-tls")]
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn fast_cluster_answers_queries_with_its_settings() {
@@ -1248,7 +825,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             cluster.url(),
-            format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port())
+            format!(
+                "postgres://postgres:{}@127.0.0.1:{}/postgres",
+                cluster.password(),
+                cluster.port()
+            )
         );
         let client = connect(&cluster.url()).await;
         let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
@@ -1261,6 +842,97 @@ mod tests {
         assert_eq!(
             show(&client, "unix_socket_directories").await,
             cluster.data_dir().to_string_lossy()
+        );
+    }
+
+    #[tokio::test]
+    async fn every_connection_needs_the_password() {
+        let cluster = LocalCluster::builder().fast(true).start().unwrap();
+        assert_password_required("127.0.0.1", cluster.port()).await;
+        // The Unix socket is in the data directory.
+        assert_password_required(&cluster.data_dir().to_string_lossy(), cluster.port()).await;
+        let hba = fs::read_to_string(cluster.data_dir().join("pg_hba.conf")).unwrap();
+        assert!(!hba.contains("trust"), "{hba}");
+
+        let client = connect(&cluster.url()).await;
+        let user: String = client
+            .query_one("SELECT current_user", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(user, "postgres");
+        let password_file = cluster.password_file();
+        assert_eq!(
+            fs::read_to_string(password_file).unwrap().trim(),
+            cluster.password()
+        );
+        let mode = fs::metadata(password_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", password_file.display());
+        assert!(!format!("{cluster:?}").contains(cluster.password()));
+    }
+
+    #[cfg(feature = "test-tls")]
+    #[tokio::test]
+    async fn tls_cluster_accepts_verified_tls_only() {
+        use crate::TestCa;
+
+        let certs = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("pgbus test CA").unwrap();
+        let ca_file = ca.write_cert(&certs.path().join("ca.crt")).unwrap();
+        let server = ca
+            .server_cert(certs.path(), "server", &["localhost", "127.0.0.1"])
+            .unwrap();
+        let other_ca = TestCa::new("some other CA").unwrap();
+        let other_ca_file = other_ca
+            .write_cert(&certs.path().join("other.crt"))
+            .unwrap();
+        let cluster = LocalCluster::builder()
+            .fast(true)
+            .tls(&server.cert, &server.key)
+            .start()
+            .unwrap();
+        assert!(cluster.is_tls());
+        let key = cluster.data_dir().join(TLS_KEY_FILE);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let url = |host: &str, query: &str| {
+            format!(
+                "postgres://postgres:{}@{host}:{}/postgres?{query}",
+                cluster.password(),
+                cluster.port()
+            )
+        };
+        let verified = |ca: &Path| format!("sslmode=verify-full&sslrootcert={}", ca.display());
+        let encrypted = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        assert_eq!(
+            psql(&url("localhost", &verified(&ca_file)), encrypted).as_deref(),
+            Ok("t")
+        );
+        assert_eq!(
+            psql(&url("127.0.0.1", &verified(&ca_file)), encrypted).as_deref(),
+            Ok("t")
+        );
+
+        let err = psql(&url("127.0.0.1", "sslmode=disable"), "SELECT 1").unwrap_err();
+        assert!(err.contains("no pg_hba.conf entry"), "{err}");
+        let err = psql(&url("localhost", &verified(&other_ca_file)), "SELECT 1").unwrap_err();
+        assert!(err.contains("certificate verify failed"), "{err}");
+        let wrong_name = format!("{}&hostaddr=127.0.0.1", verified(&ca_file));
+        let err = psql(&url("db.example.invalid", &wrong_name), "SELECT 1").unwrap_err();
+        assert!(err.contains("does not match host name"), "{err}");
+
+        // tokio-postgres without TLS is refused by pg_hba.conf.
+        let err = tokio_postgres::connect(&cluster.url(), tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("a plaintext connection was accepted");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+            "{err:?}"
         );
     }
 
@@ -1344,25 +1016,6 @@ mod tests {
         drop(client);
     }
 
-    #[tokio::test]
-    async fn test_databases_are_distinct_and_accept_connections() {
-        let first = test_database().await;
-        let second = test_database().await;
-        assert_ne!(first.name(), second.name());
-        assert_ne!(first.url(), second.url());
-        let prefix = format!("pgbus_test_{}_", std::process::id());
-        for db in [&first, &second] {
-            assert!(db.name().starts_with(&prefix), "{}", db.name());
-            let client = connect(db.url()).await;
-            let current: String = client
-                .query_one("SELECT current_database()", &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(current, db.name());
-        }
-    }
-
     #[test]
     fn persistent_data_dir_is_reused_and_kept() {
         let parent = tempfile::tempdir().unwrap();
@@ -1433,35 +1086,6 @@ mod tests {
         assert!(matches!(err, ClusterError::InvalidConfig(_)), "{err:?}");
     }
 
-    #[test]
-    fn conf_values_are_quoted() {
-        assert_eq!(conf_quote(r"it's a\b"), r"it''s a\\b");
-    }
-
-    #[test]
-    fn database_is_replaced_in_urls_and_connection_strings() {
-        assert_eq!(
-            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t1"),
-            "postgres://u:p@h:5432/t1?sslmode=disable"
-        );
-        assert_eq!(
-            with_database("postgresql://u@h", "t1"),
-            "postgresql://u@h/t1"
-        );
-        assert_eq!(
-            with_database("postgres://u@h?application_name=x", "t1"),
-            "postgres://u@h/t1?application_name=x"
-        );
-        assert_eq!(
-            with_database("host=h user=u dbname=postgres", "t1"),
-            "host=h user=u dbname=postgres dbname=t1"
-        );
-        let config: tokio_postgres::Config = with_database("host=h dbname=postgres", "t1")
-            .parse()
-            .unwrap();
-        assert_eq!(config.get_dbname(), Some("t1"));
-    }
-
     /// Set in the child process of [`watchdog_cleans_up_after_a_process_that_never_drops`].
     const WATCHDOG_CHILD_ENV: &str = "PGBUS_CLUSTER_WATCHDOG_CHILD";
 
@@ -1486,7 +1110,7 @@ mod tests {
         let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "cluster::tests::watchdog_child_process",
+                "cluster::local::tests::watchdog_child_process",
                 "--nocapture",
                 "--test-threads=1",
             ])
