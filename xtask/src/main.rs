@@ -9,12 +9,15 @@
 //! - `chaos [--quick] [--seed N] [--database-url URL] [--only SCENARIO,...] [--out DIR]`: run
 //!   the release `pgbus` binary under injected faults and check its delivery promises; see
 //!   `chaos.rs`.
+//! - `test`: the whole test suite, then the suites that cover every kind of connection once
+//!   more over TLS; see `test.rs`.
 //! - `help`: print usage.
 
 mod bench;
 mod chaos;
 mod deps;
 mod flags;
+mod test;
 
 use std::process::ExitCode;
 
@@ -30,6 +33,8 @@ Commands:
               connections, locks) and check nothing is lost; writes report.md and
               report.json [--quick] [--seed N] [--database-url URL]
               [--only SCENARIO,...] [--out DIR] (default: target/chaos)
+  test        Run every test (cargo test --workspace --all-features), then the
+              conformance, worker, group, wake-up and stream suites again over TLS
   help        Print this help
 ";
 
@@ -39,6 +44,7 @@ enum Cmd {
     CheckDeps,
     Bench(bench::BenchArgs),
     Chaos(chaos::ChaosArgs),
+    Test,
     Help,
 }
 
@@ -52,6 +58,10 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
         }
         [cmd, rest @ ..] if cmd == "bench" => bench::parse(rest).map(Cmd::Bench),
         [cmd, rest @ ..] if cmd == "chaos" => chaos::parse(rest).map(Cmd::Chaos),
+        [cmd] if cmd == "test" => Ok(Cmd::Test),
+        [cmd, extra, ..] if cmd == "test" => {
+            Err(format!("`test` takes no arguments, got `{extra}`"))
+        }
         [cmd, ..] if matches!(cmd.as_str(), "help" | "--help" | "-h") => Ok(Cmd::Help),
         [cmd, ..] => Err(format!("unknown command `{cmd}`")),
         [] => Err("no command given".to_owned()),
@@ -74,6 +84,7 @@ fn main() -> ExitCode {
         Ok(Cmd::CheckDeps) => check_deps(),
         Ok(Cmd::Bench(args)) => bench::run(&args),
         Ok(Cmd::Chaos(args)) => chaos::run(&args),
+        Ok(Cmd::Test) => test::run(),
         Err(message) => {
             eprint!("error: {message}\n\n{USAGE}");
             return ExitCode::from(2);
