@@ -701,11 +701,7 @@ async fn run_latency(
             send_p50.push(run.send_p50);
         }
         // From the send's return matters only where pickup is fast: with LISTEN.
-        let shown = if variant == latency::Variant::Listen {
-            5
-        } else {
-            3
-        };
+        let shown = if variant.listens() { 5 } else { 3 };
         for (stat, samples) in stats.into_iter().take(shown) {
             let id = stat.replace(" from the `send` call's return", "_after_send_returned");
             scenario.figures.push(Figure::new(

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pgbus_pg::LocalCluster;
+use pgbus_pg::{LocalCluster, PgBouncer, PgBouncerOptions};
 use tokio_postgres::{Client, Config, NoTls};
 
 /// `application_name` of the bench's own connections. It does not start with `pgbus:`, so
@@ -21,6 +21,8 @@ SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LI
 /// A throwaway local cluster, or a server given by URL.
 pub(crate) struct Server {
     cluster: Option<LocalCluster>,
+    /// A PgBouncer in transaction mode in front of the local cluster, started on first use.
+    bouncer: tokio::sync::OnceCell<PgBouncer>,
     admin_url: String,
     next_database: AtomicU32,
 }
@@ -53,6 +55,7 @@ impl Server {
         };
         let server = Server {
             cluster,
+            bouncer: tokio::sync::OnceCell::new(),
             admin_url,
             next_database: AtomicU32::new(0),
         };
@@ -77,6 +80,25 @@ impl Server {
         connect(&self.admin_url)
             .await
             .context("could not connect to the benchmark server")
+    }
+
+    /// The URL of `direct_url`'s database through a PgBouncer in transaction mode (the
+    /// local cluster only: a server given by URL has no PgBouncer of ours in front).
+    pub(crate) async fn pooled_url(&self, direct_url: &str) -> anyhow::Result<String> {
+        let Some(cluster) = &self.cluster else {
+            bail!("the pooler variant needs the local cluster, not --database-url");
+        };
+        let bouncer = self
+            .bouncer
+            .get_or_try_init(|| async {
+                // Fewer server connections than the latency worker's slots, as in production.
+                PgBouncer::start(cluster, PgBouncerOptions::default().pool_size(4))
+                    .context("could not start PgBouncer")
+            })
+            .await?;
+        let config = Config::from_str(direct_url).context("invalid database URL")?;
+        let database = config.get_dbname().context("a URL without a database")?;
+        Ok(bouncer.url_for(database))
     }
 
     /// Creates an empty database for one scenario run.
@@ -130,6 +152,8 @@ impl Server {
 
     /// Stops the local cluster, if there is one.
     pub(crate) async fn stop(self) {
+        // PgBouncer before the cluster behind it.
+        drop(self.bouncer);
         if let Some(cluster) = self.cluster {
             let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
         }

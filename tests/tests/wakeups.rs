@@ -293,14 +293,15 @@ async fn refused_listen_is_logged_once_and_the_worker_polls() {
         .get(0);
     admin
         .batch_execute(&format!(
-            "DO $$ BEGIN CREATE ROLE no_listen LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+            "DO $$ BEGIN CREATE ROLE no_listen LOGIN PASSWORD 'no_listen'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
              REVOKE CONNECT ON DATABASE {db} FROM PUBLIC;"
         ))
         .await
         .unwrap();
     // The listener is given a role that may not connect: LISTEN cannot be set up.
-    let listener_url = url.replacen("postgres://postgres:", "postgres://no_listen:", 1);
-    assert_ne!(listener_url, url);
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (_, host_and_rest) = rest.split_once('@').unwrap();
+    let listener_url = format!("{scheme}://no_listen:no_listen@{host_and_rest}");
     let listener = Arc::new(PgListener::start(&listener_url).unwrap());
 
     let handled = Arc::new(AtomicUsize::new(0));

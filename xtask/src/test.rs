@@ -17,7 +17,10 @@ const TLS_PASS: &[(&str, &[&str])] = &[
 ];
 
 pub(crate) fn run() -> anyhow::Result<ExitCode> {
-    let all = cargo(&["test", "--workspace", "--all-features"], false)?;
+    let all = cargo(
+        &["test", "--workspace", "--all-features", "--no-fail-fast"],
+        false,
+    )?;
     if !all.success() {
         return Ok(ExitCode::FAILURE);
     }

@@ -1,5 +1,6 @@
 //! `latency`: enqueue-to-start latency of single messages sent to an idle worker, with a
-//! LISTEN wake-up source and with polling only.
+//! LISTEN wake-up source, with LISTEN beside a transaction-mode PgBouncer, and with polling
+//! only.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use pgbus_core::{NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, WakeupSource};
 use pgbus_exec::{JobContext, Worker, WorkerMonitor};
-use pgbus_pg::PgBackend;
+use pgbus_pg::{PgBackend, Pooler};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -25,20 +26,24 @@ pub(crate) const CONCURRENCY: usize = 10;
 pub(crate) enum Variant {
     /// A `PgListener` wake-up source, polling every second as the fallback.
     Listen,
+    /// Sender and worker through PgBouncer in transaction mode (`Pooler::Transaction`), the
+    /// `PgListener` on a direct connection (`--listen-url`).
+    ListenPooled,
     /// No wake-up source: the worker polls at this interval.
     Poll(Duration),
 }
 
 impl Variant {
-    pub(crate) const ALL: [Variant; 3] = [
+    pub(crate) const ALL: [Variant; 4] = [
         Variant::Listen,
+        Variant::ListenPooled,
         Variant::Poll(Duration::from_secs(1)),
         Variant::Poll(Duration::from_millis(100)),
     ];
 
     pub(crate) fn poll_interval(self) -> Duration {
         match self {
-            Variant::Listen => Duration::from_secs(1),
+            Variant::Listen | Variant::ListenPooled => Duration::from_secs(1),
             Variant::Poll(interval) => interval,
         }
     }
@@ -46,13 +51,23 @@ impl Variant {
     pub(crate) fn id(self) -> String {
         match self {
             Variant::Listen => "listen_poll_1000ms".to_owned(),
+            Variant::ListenPooled => "pgbouncer_transaction_listen_url".to_owned(),
             Variant::Poll(d) => format!("poll_only_{}ms", d.as_millis()),
         }
+    }
+
+    /// Whether the worker has a LISTEN wake-up source.
+    pub(crate) fn listens(self) -> bool {
+        !matches!(self, Variant::Poll(_))
     }
 
     pub(crate) fn label(self) -> String {
         match self {
             Variant::Listen => "LISTEN, poll 1 s".to_owned(),
+            Variant::ListenPooled => {
+                "through PgBouncer (transaction mode, pool 4), LISTEN on a direct connection"
+                    .to_owned()
+            }
             Variant::Poll(d) => format!("polling only, every {} ms", d.as_millis()),
         }
     }
@@ -83,8 +98,17 @@ pub(crate) async fn run_once(
     variant: Variant,
 ) -> anyhow::Result<Run> {
     on_fresh_database(server, |url| async move {
-        let backend = pgbus_backend(&url, |b| b).await?;
-        let sender = PgBackend::builder(&url).role("sender").build()?;
+        // The sender and the worker's statements go where the variant says; LISTEN always
+        // goes directly to PostgreSQL.
+        let (statements_url, pooler) = match variant {
+            Variant::ListenPooled => (server.pooled_url(&url).await?, Pooler::Transaction),
+            _ => (url.clone(), Pooler::Session),
+        };
+        let backend = pgbus_backend(&statements_url, |b| b.pooler(pooler)).await?;
+        let sender = PgBackend::builder(&statements_url)
+            .role("sender")
+            .pooler(pooler)
+            .build()?;
         // Opens the sender's connection on a queue nobody works.
         let warmup = QueueName::new("warmup")?;
         backend
@@ -93,7 +117,7 @@ pub(crate) async fn run_once(
         sender.send(&warmup, NewMessage::encode(&0u64)?).await?;
 
         let listener = match variant {
-            Variant::Listen => Some(live_listener(&url).await?),
+            Variant::Listen | Variant::ListenPooled => Some(live_listener(&url).await?),
             Variant::Poll(_) => None,
         };
         let base = Instant::now();
@@ -130,7 +154,7 @@ pub(crate) async fn run_once(
             let returned = base.elapsed();
             sends.push(ms(returned - Duration::from_nanos(sent_at)));
             returned_at.insert(sent_at, returned);
-            if variant == Variant::Listen {
+            if variant.listens() {
                 // One cycle: the next message goes only once this one has started.
                 starts.push(next_start(&mut started_rx, deadline, starts.len(), n).await?);
             }
@@ -178,7 +202,7 @@ async fn wait_until_idle(monitor: &WorkerMonitor, variant: Variant) -> anyhow::R
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let meta = monitor.metadata();
-        if meta.idle && (variant != Variant::Listen || meta.wakeups_live) {
+        if meta.idle && (!variant.listens() || meta.wakeups_live) {
             return Ok(());
         }
         if Instant::now() > deadline {
