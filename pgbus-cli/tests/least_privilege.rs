@@ -91,6 +91,29 @@ fn a_granted_role_that_owns_nothing_runs_every_runtime_command() {
          WHERE r.rolname = current_user",
     );
     assert_eq!(owned, 0, "the role owns relations");
+    // ... and may not change what it does not own.
+    for forbidden in [
+        "TRUNCATE pgbus.messages",
+        "INSERT INTO pgbus.schema_migrations (version, name) VALUES (999, 'x')",
+        "DELETE FROM pgbus.grants",
+        "SELECT pgbus.apply_grants()",
+        "CREATE TABLE pgbus.mine (id int)",
+        "ALTER TABLE pgbus.messages ADD COLUMN mine int",
+    ] {
+        let denied = block_on(async {
+            let client = pgbus_pg::connect(&app.url, "test")
+                .await
+                .expect("a connection");
+            client.batch_execute(forbidden).await
+        });
+        let err = denied.expect_err(forbidden);
+        assert!(
+            err.as_db_error().is_some_and(
+                |db| db.code().code() == "42501" || db.message().contains("must be owner")
+            ),
+            "{forbidden}: {err:?}"
+        );
+    }
 
     // Queues are rows: creating them needs no DDL.
     app.ok(&["queue", "create", "jobs", "--max-attempts", "1"]);

@@ -193,10 +193,19 @@ fn wrong_tls_settings_fail_in_one_line_that_names_the_cause() {
     let line = refused(server.fresh_url("localhost", "sslmode=disable"));
     assert!(line.contains("no pg_hba.conf entry"), "{line}");
     assert!(line.contains("no encryption"), "{line}");
-    // The certificate names `localhost`, not 127.0.0.1.
-    let line = refused(server.fresh_url("127.0.0.1", &server.verify_full()));
+    // The certificate names `localhost`, not 127.0.0.1: on the dedicated migrate
+    // connection and on a worker's pool alike.
+    let mismatch = server.fresh_url("127.0.0.1", &server.verify_full());
+    let line = refused(mismatch.clone());
     assert!(line.contains("name mismatch"), "{line}");
     assert!(line.contains("127.0.0.1"), "{line}");
+    let worker = Db {
+        url: mismatch,
+        dir: tempfile::tempdir().expect("a temporary directory"),
+    }
+    .run(&["work", "jobs", "--exec", "true", "--until-empty"])
+    .fails();
+    assert!(worker.stderr.contains("name mismatch"), "{}", worker.stderr);
     // A CA that did not sign it.
     let line = refused(server.fresh_url(
         "localhost",

@@ -10,12 +10,18 @@ CREATE TABLE pgbus.grants (
 );
 
 -- Grants to every recorded role, or to `only_role`. Run by the migrating role (the schema's
--- owner), never by the granted roles.
+-- owner), never by the granted roles. A recorded role that was dropped since is forgotten
+-- (with a notice) rather than failing the upgrade.
 CREATE FUNCTION pgbus.apply_grants(only_role name DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     r name;
 BEGIN
+    FOR r IN DELETE FROM pgbus.grants g
+             WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = g.role)
+             RETURNING g.role LOOP
+        RAISE NOTICE 'pgbus: role % no longer exists; its grant is forgotten', r;
+    END LOOP;
     FOR r IN SELECT g.role FROM pgbus.grants g WHERE only_role IS NULL OR g.role = only_role LOOP
         EXECUTE format('GRANT USAGE ON SCHEMA pgbus TO %I', r);
         EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgbus TO %I', r);

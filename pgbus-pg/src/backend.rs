@@ -1,7 +1,6 @@
 //! [`PgBackend`]: the queue contract on PostgreSQL.
 
 use std::cmp::Reverse;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bb8::{Pool, PooledConnection};
@@ -15,7 +14,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, GenericClient, Row};
 
-use crate::connect::ConnectOptions;
+use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::{db, pool, storable};
 use crate::group::GroupLocks;
 use crate::migrate::{self, SCHEMA_VERSION};
@@ -34,7 +33,7 @@ pub(crate) use crate::pool::Manager;
 pub struct PgBackend {
     pool: Pool<Manager>,
     target: ConnectOptions,
-    url: Arc<str>,
+    url: SecretUrl,
     max_payload_bytes: usize,
     notify: bool,
     group_locks: GroupLocks,
@@ -44,7 +43,7 @@ pub struct PgBackend {
 /// Configures a [`PgBackend`]; see [`PgBackend::builder`].
 #[derive(Debug, Clone)]
 pub struct PgBackendBuilder {
-    url: String,
+    url: SecretUrl,
     role: String,
     max_connections: u32,
     connection_timeout: Duration,
@@ -127,7 +126,7 @@ impl PgBackendBuilder {
             },
             (Pooler::Session, None) => GroupLocks::Advisory,
         };
-        let target = ConnectOptions::parse(&self.url)?;
+        let target = ConnectOptions::parse(&self.url.0)?;
         let pool = Pool::builder()
             .max_size(self.max_connections)
             .connection_timeout(self.connection_timeout)
@@ -135,7 +134,7 @@ impl PgBackendBuilder {
         Ok(PgBackend {
             pool,
             target,
-            url: self.url.into(),
+            url: self.url,
             max_payload_bytes: self.max_payload_bytes,
             notify: self.notify,
             group_locks,
@@ -149,7 +148,7 @@ impl PgBackend {
     /// key=value string; TLS and passwords as libpq reads them: see [`ConnectOptions`]).
     pub fn builder(url: impl Into<String>) -> PgBackendBuilder {
         PgBackendBuilder {
-            url: url.into(),
+            url: SecretUrl::from(url.into()),
             role: "pool".into(),
             max_connections: 10,
             connection_timeout: Duration::from_secs(10),
@@ -177,7 +176,7 @@ impl PgBackend {
 
     /// The database URL this backend connects to.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.url.0
     }
 
     /// How this backend reaches the database.
@@ -232,8 +231,11 @@ impl PgBackend {
     }
 
     /// Fails with [`Error::SchemaMismatch`] unless the schema is at [`SCHEMA_VERSION`].
+    /// Runs on a dedicated `pgbus:check` connection, so a database that cannot be reached
+    /// fails at once with the driver's reason (refused, authentication, TLS), where a pool
+    /// checkout would only time out.
     pub async fn check_schema(&self) -> Result<()> {
-        let found = migrate::schema_version(&**self.conn().await?).await?;
+        let found = migrate::schema_version(&self.dedicated("check").await?).await?;
         match found {
             Some(v) if v == SCHEMA_VERSION => Ok(()),
             other => Err(Error::SchemaMismatch {

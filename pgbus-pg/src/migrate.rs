@@ -149,14 +149,21 @@ pub(crate) async fn migrate(client: &mut Client, grant: &[&str]) -> Result<Vec<i
             .map_err(|e| lacking("granting the new objects to the recorded roles", e))?;
     }
     for role in grant {
-        let exists: bool = tx
-            .q_one(sql::ROLE_EXISTS, &[role])
+        let row = tx
+            .q_opt(sql::GRANTABLE_ROLE, &[role])
             .await
-            .map_err(|e| db("looking up a role", e))?
-            .get(0);
-        if !exists {
+            .map_err(|e| db("looking up a role", e))?;
+        let Some(row) = row else {
             return Err(Error::InvalidArgument(format!(
                 "no role named {role:?} (CREATE ROLE it first)"
+            )));
+        };
+        // Revoking the bookkeeping from the schema's owner would lock it out of the next
+        // migration: --grant is for the roles that run pgbus, not for the one that owns it.
+        if row.get::<_, bool>(0) {
+            return Err(Error::InvalidArgument(format!(
+                "{role:?} owns the pgbus schema (or is a member of its owner), which has every \
+                 privilege already: --grant is for the roles that run workers and producers"
             )));
         }
         tx.exec(sql::RECORD_GRANT, &[role])

@@ -16,7 +16,7 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::ConnectOptions;
+use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::db;
 use crate::listener::{Notifications, NotifyConnection};
 use crate::query::{Pooler, Typed};
@@ -80,7 +80,7 @@ impl RelayStats {
 #[derive(Debug, Clone)]
 pub struct OutboxRelayBuilder {
     backend: PgBackend,
-    source_url: Option<String>,
+    source_url: Option<SecretUrl>,
     batch: usize,
     poll_interval: Duration,
     retention: Duration,
@@ -91,7 +91,7 @@ impl OutboxRelayBuilder {
     /// The database holding the outbox, when it is not the backend's (run `pgbus migrate`
     /// there to create `pgbus.outbox`).
     pub fn source_url(mut self, url: impl Into<String>) -> Self {
-        self.source_url = Some(url.into());
+        self.source_url = Some(SecretUrl::from(url.into()));
         self
     }
     /// Rows per batch (one publish statement, one transaction); default 500.
@@ -130,7 +130,7 @@ impl OutboxRelayBuilder {
         // unless the outbox has a URL of its own (which may be a direct one).
         let listen = self.source_url.is_some() || self.backend.pooler() == Pooler::Session;
         let target = match &self.source_url {
-            Some(url) => ConnectOptions::parse(url)?,
+            Some(url) => ConnectOptions::parse(&url.0)?,
             None => self.backend.connect_options().clone(),
         };
         Ok(OutboxRelay {

@@ -24,7 +24,12 @@ pub(crate) const APPLY_GRANTS_TO: &str = "SELECT pgbus.apply_grants($1)";
 pub(crate) const RECORD_GRANT: &str =
     "INSERT INTO pgbus.grants (role) VALUES ($1) ON CONFLICT DO NOTHING";
 
-pub(crate) const ROLE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)";
+/// Whether the role owns the `pgbus` schema or is a member of its owner; no row when no
+/// such role exists.
+pub(crate) const GRANTABLE_ROLE: &str = "
+SELECT pg_has_role(r.oid, n.nspowner, 'MEMBER')
+FROM pg_roles r, pg_namespace n
+WHERE r.rolname = $1 AND n.nspname = 'pgbus'";
 
 pub(crate) const APPLIED_VERSIONS: &str =
     "SELECT version FROM pgbus.schema_migrations ORDER BY version";

@@ -713,8 +713,10 @@ impl LocalCluster {
         let mut child = command.spawn().map_err(spawn_err)?;
         // Single-user mode runs each line as a statement. The generated password is
         // alphanumeric, so the quoting is only a safeguard.
+        // PostgreSQL 13 and older hash new passwords with md5 unless told otherwise, and
+        // pg_hba.conf accepts only scram-sha-256.
         let statement = format!(
-            "ALTER ROLE {POSTGRES} PASSWORD '{}'\n",
+            "SET password_encryption = 'scram-sha-256'\nALTER ROLE {POSTGRES} PASSWORD '{}'\n",
             self.password.as_str().replace('\'', "''")
         );
         let written = match child.stdin.take() {

@@ -92,7 +92,12 @@ impl PersistentCluster {
     /// URL of database `db` as the `postgres` superuser, password included (so never log
     /// it). `db` is used as is: it must not need percent-encoding.
     pub fn url_for(&self, db: &str) -> String {
-        superuser_url(self.port, &self.password, db)
+        // Loopback only, where TLS adds nothing: say so, so that a PGSSLMODE=require meant
+        // for another server does not break the embedded default.
+        format!(
+            "{}?sslmode=disable",
+            superuser_url(self.port, &self.password, db)
+        )
     }
 }
 

@@ -131,6 +131,7 @@ impl PgBouncer {
             ));
         }
         let binary = find_pgbouncer()?;
+        let tracks_prepared = tracks_prepared_statements(&binary);
         let runner = Runner {
             as_postgres: running_as_root(),
         };
@@ -166,8 +167,11 @@ impl PgBouncer {
         let mut retries_left = PORT_RETRIES;
         loop {
             let ini = dir.join("pgbouncer.ini");
-            fs::write(&ini, bouncer.ini(cluster, &options, &auth_file))
-                .map_err(io_err("write", &ini))?;
+            fs::write(
+                &ini,
+                bouncer.ini(cluster, &options, &auth_file, tracks_prepared),
+            )
+            .map_err(io_err("write", &ini))?;
             if runner.as_postgres {
                 // PgBouncer refuses to run as root; as `postgres` it must own its files.
                 runner.chown(&dir, true)?;
@@ -237,10 +241,24 @@ impl PgBouncer {
             .ok_or_else(|| ClusterError::InvalidConfig("PgBouncer's directory is gone".to_owned()))
     }
 
-    fn ini(&self, cluster: &LocalCluster, options: &PgBouncerOptions, auth_file: &Path) -> String {
+    fn ini(
+        &self,
+        cluster: &LocalCluster,
+        options: &PgBouncerOptions,
+        auth_file: &Path,
+        tracks_prepared: bool,
+    ) -> String {
         // A TLS-only cluster refuses PgBouncer's server connections without TLS.
         let server_tls = if cluster.is_tls() {
             "server_tls_sslmode = require\n"
+        } else {
+            ""
+        };
+        // PgBouncer 1.21+ can carry named prepared statements across transactions (on by
+        // default from 1.22): turned off, so the tests see what a transaction pooler
+        // without it does to a client that prepares.
+        let prepared = if tracks_prepared {
+            "max_prepared_statements = 0\n"
         } else {
             ""
         };
@@ -262,7 +280,7 @@ impl PgBouncer {
              ignore_startup_parameters = extra_float_digits,options\n\
              logfile = {log_file}\n\
              pidfile = {pid_file}\n\
-             {server_tls}",
+             {server_tls}{prepared}",
             cluster_port = cluster.port(),
             port = self.port,
             auth_file = auth_file.display(),
@@ -370,6 +388,23 @@ impl Drop for PgBouncer {
         }
         tracing::debug!(target: LOG_TARGET, port = self.port, "stopped PgBouncer");
     }
+}
+
+/// Whether this PgBouncer knows `max_prepared_statements` (1.21 and later), from
+/// `pgbouncer --version` ("PgBouncer 1.18.0"); unknown versions are taken as older.
+fn tracks_prepared_statements(binary: &Path) -> bool {
+    let Ok(output) = Command::new(binary).arg("--version").output() else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version: Vec<u32> = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .map_while(|part| part.parse().ok())
+        .collect();
+    version.as_slice() >= [1, 21].as_slice()
 }
 
 /// `pgbouncer` on PATH, else Debian's `/usr/sbin/pgbouncer`.

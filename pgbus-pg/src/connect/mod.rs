@@ -71,7 +71,19 @@ impl ConnectOptions {
             invalid(format!("invalid database URL: {err}"))
         })?;
         let settings = tls::Settings::resolve(ssl)?;
-        config.ssl_mode(settings.mode.driver_mode());
+        // libpq never uses TLS on a Unix socket (the kernel keeps it local), whatever
+        // sslmode says; tokio-postgres would fail instead.
+        let all_unix = !config.get_hosts().is_empty()
+            && config.get_hostaddrs().is_empty()
+            && config
+                .get_hosts()
+                .iter()
+                .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)));
+        config.ssl_mode(if all_unix {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            settings.mode.driver_mode()
+        });
         if config.get_password().is_none() {
             if let Some(password) = pgpass::password_for(&config) {
                 config.password(password);
@@ -133,6 +145,23 @@ impl ConnectOptions {
 /// as [`ConnectOptions::parse`] then [`ConnectOptions::connect`].
 pub async fn connect(url: &str, role: &str) -> Result<Client> {
     ConnectOptions::parse(url)?.connect(role).await
+}
+
+/// A connection string kept as given, whose `Debug` never shows it (it may hold a
+/// password), so structs that keep one can derive `Debug`.
+#[derive(Clone)]
+pub(crate) struct SecretUrl(pub(crate) std::sync::Arc<str>);
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<database URL>\"")
+    }
+}
+
+impl<T: Into<std::sync::Arc<str>>> From<T> for SecretUrl {
+    fn from(url: T) -> Self {
+        Self(url.into())
+    }
 }
 
 fn invalid(message: String) -> Error {

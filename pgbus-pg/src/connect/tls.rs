@@ -85,7 +85,17 @@ pub(super) struct Settings {
 impl Settings {
     /// Applies libpq's fallbacks: the URL, then `PGSSL*`, then `~/.postgresql/`.
     pub(super) fn resolve(params: SslParams) -> Result<Self> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self::resolve_in(params, &|name| std::env::var(name).ok())
+    }
+
+    /// [`resolve`](Self::resolve) with the environment variables (`PGSSL*`, `HOME`) read
+    /// through `var`.
+    fn resolve_in(params: SslParams, var: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let env = |name: &str| var(name).filter(|v| !v.is_empty());
+        let default_file = |name: &str| {
+            let path = PathBuf::from(env("HOME")?).join(".postgresql").join(name);
+            path.exists().then(|| path.to_string_lossy().into_owned())
+        };
         let mode_text = params.mode.or_else(|| env("PGSSLMODE"));
         let rootcert = params.rootcert.or_else(|| env("PGSSLROOTCERT"));
         let explicit_root = rootcert.is_some();
@@ -186,13 +196,6 @@ impl Settings {
             }
         }
     }
-}
-
-/// `~/.postgresql/<name>` when it exists.
-fn default_file(name: &str) -> Option<String> {
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
-    let path = PathBuf::from(home).join(".postgresql").join(name);
-    path.exists().then(|| path.to_string_lossy().into_owned())
 }
 
 fn root_store(roots: &Roots) -> Result<RootCertStore> {
@@ -393,5 +396,129 @@ fn describe_rustls(err: &rustls::Error) -> String {
             "TLS: the server refused our client certificate ({alert:?}): check sslcert and sslkey"
         ),
         other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn resolve(params: SslParams, env: &[(&str, &str)]) -> Result<Settings> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::resolve_in(params, &|name| env.get(name).cloned())
+    }
+
+    fn params(mode: Option<&str>, rootcert: Option<&str>) -> SslParams {
+        SslParams {
+            mode: mode.map(str::to_owned),
+            rootcert: rootcert.map(str::to_owned),
+            ..SslParams::default()
+        }
+    }
+
+    fn error(result: Result<Settings>) -> String {
+        match result {
+            Ok(_) => panic!("resolved"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_url_beats_the_environment_which_beats_the_default() {
+        let home = tempfile::tempdir().unwrap();
+        let home = home.path().to_str().unwrap();
+        let from_url = resolve(
+            params(Some("disable"), None),
+            &[("PGSSLMODE", "verify-full"), ("HOME", home)],
+        );
+        assert_eq!(from_url.unwrap().mode, SslMode::Disable);
+        let from_env = resolve(
+            params(None, None),
+            &[("PGSSLMODE", "require"), ("HOME", home)],
+        );
+        assert_eq!(from_env.unwrap().mode, SslMode::Require);
+        let default = resolve(params(None, None), &[("HOME", home)]).unwrap();
+        assert_eq!(default.mode, SslMode::Prefer);
+        assert!(matches!(default.roots, Roots::None));
+    }
+
+    #[test]
+    fn verify_modes_need_a_root_certificate_and_never_downgrade() {
+        let home = tempfile::tempdir().unwrap();
+        let home = home.path().to_str().unwrap();
+        for mode in ["verify-ca", "verify-full"] {
+            let err = error(resolve(params(Some(mode), None), &[("HOME", home)]));
+            assert!(err.contains("needs a root certificate"), "{err}");
+        }
+        let full = resolve(params(Some("verify-full"), Some("/ca.pem")), &[]).unwrap();
+        assert!(matches!(full.roots, Roots::File(_)) && full.check_name);
+        let ca = resolve(params(Some("verify-ca"), Some("/ca.pem")), &[]).unwrap();
+        assert!(matches!(ca.roots, Roots::File(_)) && !ca.check_name);
+        assert_eq!(
+            ca.mode.driver_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+    }
+
+    #[test]
+    fn require_checks_a_root_certificate_only_when_there_is_one() {
+        let home = tempfile::tempdir().unwrap();
+        let home_str = home.path().to_str().unwrap();
+        let none = resolve(params(Some("require"), None), &[("HOME", home_str)]).unwrap();
+        assert!(matches!(none.roots, Roots::None));
+        // libpq: a root.crt in ~/.postgresql makes `require` behave as `verify-ca`.
+        std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+        std::fs::write(home.path().join(".postgresql/root.crt"), "x").unwrap();
+        let found = resolve(params(Some("require"), None), &[("HOME", home_str)]).unwrap();
+        assert!(matches!(found.roots, Roots::File(_)) && !found.check_name);
+        // And `prefer` still checks nothing.
+        let prefer = resolve(params(None, None), &[("HOME", home_str)]).unwrap();
+        assert!(matches!(prefer.roots, Roots::None));
+    }
+
+    #[test]
+    fn the_system_roots_imply_verify_full_and_refuse_weaker_modes() {
+        let system = resolve(params(None, Some("system")), &[]).unwrap();
+        assert_eq!(system.mode, SslMode::VerifyFull);
+        assert!(matches!(system.roots, Roots::System));
+        let err = error(resolve(params(Some("require"), Some("system")), &[]));
+        assert!(
+            err.contains("may not be used with sslrootcert=system"),
+            "{err}"
+        );
+        let err = error(resolve(
+            params(None, None),
+            &[("PGSSLROOTCERT", "system"), ("PGSSLMODE", "verify-ca")],
+        ));
+        assert!(err.contains("verify-full"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_by_name() {
+        let err = error(resolve(params(Some("verify_full"), None), &[]));
+        assert!(err.contains("invalid sslmode \"verify_full\""), "{err}");
+        let cert_only = SslParams {
+            mode: Some("require".into()),
+            cert: Some("/client.crt".into()),
+            ..SslParams::default()
+        };
+        let err = error(resolve(cert_only, &[]));
+        assert!(err.contains("needs its key"), "{err}");
+        let missing = resolve(
+            params(Some("verify-full"), Some("/nonexistent/ca.pem")),
+            &[],
+        )
+        .unwrap()
+        .client_config();
+        let err = match missing {
+            Ok(_) => panic!("a missing root file was accepted"),
+            Err(err) => err.to_string(),
+        };
+        assert!(err.contains("sslrootcert /nonexistent/ca.pem"), "{err}");
     }
 }
