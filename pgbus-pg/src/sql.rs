@@ -401,19 +401,13 @@ RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_
 pub(crate) const CLAIM_GROUP_HEAD: &str = claim_group_head!("");
 pub(crate) const CLAIM_GROUP_HEAD_FENCED: &str = claim_group_head!(fence!("4"));
 
-/// Advisory mode: lists the in-flight grouped messages of queues `$1` whose group's lock
-/// is gone (its owner died) and frees those among them that are due, the claims
-/// `($2[i], $3[i])` (message id, attempt) seen orphaned by an earlier pass for the grace
-/// period. A claim taken again meanwhile has another attempt and is left alone. Returns
-/// every orphaned claim with whether it was freed.
-pub(crate) const RECOVER_GROUPS: &str = "
-WITH orphaned AS (
-    SELECT m.id, m.attempts
-    FROM pgbus.messages m
-    WHERE m.queue = ANY ($1)
-      AND m.group_key IS NOT NULL
-      AND m.lease_until > now()
-      AND NOT EXISTS (
+/// Whether a live worker holds message `m`'s group, in either lock mode: a granted
+/// session advisory lock (advisory mode) or an unexpired lease row (lease mode). Recovery
+/// in either mode leaves such groups alone, so workers of both modes may share a queue, as
+/// during a rolling switch to a transaction-mode pooler.
+macro_rules! group_held {
+    () => {
+        "(EXISTS (
           SELECT 1 FROM pg_locks l
           WHERE l.locktype = 'advisory'
             AND l.granted
@@ -421,7 +415,29 @@ WITH orphaned AS (
             AND l.objsubid = 2
             AND l.classid = hashtext('pgbus:' || m.queue)::oid
             AND l.objid = hashtext(m.group_key)::oid
-      )
+      ) OR EXISTS (
+          SELECT 1 FROM pgbus.group_leases g
+          WHERE g.queue = m.queue AND g.group_key = m.group_key AND g.expires_at > now()
+      ))"
+    };
+}
+
+/// Advisory mode: lists the in-flight grouped messages of queues `$1` whose group's lock
+/// is gone (its owner died) and frees those among them that are due, the claims
+/// `($2[i], $3[i])` (message id, attempt) seen orphaned by an earlier pass for the grace
+/// period. A claim taken again meanwhile has another attempt and is left alone. Returns
+/// every orphaned claim with whether it was freed.
+pub(crate) const RECOVER_GROUPS: &str = concat!(
+    "
+WITH orphaned AS (
+    SELECT m.id, m.attempts
+    FROM pgbus.messages m
+    WHERE m.queue = ANY ($1)
+      AND m.group_key IS NOT NULL
+      AND m.lease_until > now()
+      AND NOT ",
+    group_held!(),
+    "
 ), freed AS (
     UPDATE pgbus.messages m
     SET lease_until = NULL
@@ -432,7 +448,8 @@ WITH orphaned AS (
       AND m.lease_until > now()
     RETURNING m.id
 )
-SELECT o.id, o.attempts, o.id IN (SELECT id FROM freed) AS freed FROM orphaned o";
+SELECT o.id, o.attempts, o.id IN (SELECT id FROM freed) AS freed FROM orphaned o"
+);
 
 /// Lease mode: takes the group's lease row when it is free, expired, or already ours; the
 /// claim and its renewal are one statement.
@@ -454,22 +471,23 @@ pub(crate) const RELEASE_GROUP_LEASE: &str =
 
 /// Lease mode: frees in-flight grouped messages whose group has no live lease, and drops
 /// expired lease rows.
-pub(crate) const RECOVER_LEASED_GROUPS: &str = "
+pub(crate) const RECOVER_LEASED_GROUPS: &str = concat!(
+    "
 WITH freed AS (
     UPDATE pgbus.messages m
     SET lease_until = NULL
     WHERE m.queue = ANY ($1)
       AND m.group_key IS NOT NULL
       AND m.lease_until > now()
-      AND NOT EXISTS (
-          SELECT 1 FROM pgbus.group_leases g
-          WHERE g.queue = m.queue AND g.group_key = m.group_key AND g.expires_at > now()
-      )
+      AND NOT ",
+    group_held!(),
+    "
     RETURNING 1
 ), expired AS (
     DELETE FROM pgbus.group_leases WHERE queue = ANY ($1) AND expires_at <= now()
 )
-SELECT count(*) FROM freed";
+SELECT count(*) FROM freed"
+);
 
 /// Publishes a durable stream event: lock the stream for this transaction, then draw the
 /// id, so the stream's ids commit in order; wake its listeners on commit (the channel is

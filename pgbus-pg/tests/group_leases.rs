@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use pgbus_core::{
     GroupRecovery, GroupSession, NewMessage, OpenGroupSession, Producer, QueueAdmin, QueueName,
-    QueueOptions,
+    QueueOptions, Stats,
 };
 use pgbus_pg::{test_database, GroupLocks, PgBackend};
 
@@ -114,4 +114,59 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
         .expect("recovered");
     assert_eq!((again.id, again.attempts), (head.id, 2));
     assert!(next.ack(&again.lease()).await.unwrap());
+}
+
+/// Workers of both lock modes on one queue (a rolling switch to a transaction-mode
+/// pooler): neither mode's recovery frees a group the other mode holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_in_either_mode_leaves_the_other_modes_groups_alone() {
+    let (leased, q) = lease_backend(LONG).await;
+    let advisory = PgBackend::builder(leased.url())
+        .group_locks(GroupLocks::Advisory)
+        .build()
+        .unwrap();
+    for group in ["held-by-advisory", "held-by-lease"] {
+        leased
+            .send(&q, NewMessage::encode(&0u32).unwrap().group(group))
+            .await
+            .unwrap();
+    }
+    let mut by_lock = advisory.open_group_session().await.unwrap();
+    assert!(by_lock.try_lock(&q, "held-by-advisory").await.unwrap());
+    let locked = by_lock
+        .claim_head(&q, "held-by-advisory", LONG)
+        .await
+        .unwrap();
+    assert!(locked.is_some());
+    let mut by_lease = leased.open_group_session().await.unwrap();
+    assert!(by_lease.try_lock(&q, "held-by-lease").await.unwrap());
+    assert!(by_lease
+        .claim_head(&q, "held-by-lease", LONG)
+        .await
+        .unwrap()
+        .is_some());
+
+    // Lease-mode recovery frees at once what no lease covers: not the advisory-held group.
+    let mut lease_recovery = leased.open_group_recovery().await.unwrap();
+    let freed = lease_recovery
+        .recover(std::slice::from_ref(&q), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        freed.freed, 0,
+        "lease recovery freed an advisory-held group"
+    );
+    // Advisory-mode recovery frees what no advisory lock covers after its grace (two
+    // sightings): not the lease-held group.
+    let mut lock_recovery = advisory.open_group_recovery().await.unwrap();
+    for _ in 0..2 {
+        let pass = lock_recovery
+            .recover(std::slice::from_ref(&q), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(pass.freed, 0, "advisory recovery freed a lease-held group");
+    }
+    // Both are still in flight with their owners.
+    let stats = leased.stats().await.unwrap();
+    assert_eq!(stats[0].in_flight, 2, "{stats:?}");
 }
