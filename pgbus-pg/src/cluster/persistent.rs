@@ -31,6 +31,9 @@ impl PersistentCluster {
     /// Reuses the server running in `data_dir`, or starts one there (creating the cluster
     /// on first use) that keeps running after this process exits.
     pub fn ensure_running(data_dir: &Path) -> Result<PersistentCluster, ClusterError> {
+        // Two commands starting a fresh cluster at once would each write a password; the
+        // lock makes the second wait and then find the first's server.
+        let _lock = lock_beside(data_dir)?;
         let binaries = find_binaries(None)?;
         let runner = Runner {
             as_postgres: running_as_root(),
@@ -99,6 +102,22 @@ impl PersistentCluster {
             superuser_url(self.port, &self.password, db)
         )
     }
+}
+
+/// An exclusive lock on `pgbus.lock` beside `data_dir`, held until the file is dropped.
+fn lock_beside(data_dir: &Path) -> Result<fs::File, ClusterError> {
+    let path = password_file(data_dir)?.with_file_name("pgbus.lock");
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("open", &path))?;
+    file.lock().map_err(io_err("lock", &path))?;
+    Ok(file)
 }
 
 /// Where [`LocalCluster`] keeps the password of a cluster in `data_dir`: next to it.
@@ -214,6 +233,29 @@ mod tests {
             !data_dir.join("postmaster.pid").exists(),
             "started with a loose password file"
         );
+    }
+
+    #[test]
+    fn two_first_starts_at_once_agree_on_one_server_and_password() {
+        let parent = parent_dir();
+        let data_dir = parent.path().join("data");
+        let _stop = StopOnDrop(&data_dir);
+        let starts: Vec<_> = (0..2)
+            .map(|_| {
+                let data_dir = data_dir.clone();
+                std::thread::spawn(move || PersistentCluster::ensure_running(&data_dir))
+            })
+            .collect();
+        let clusters: Vec<PersistentCluster> = starts
+            .into_iter()
+            .map(|start| start.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(clusters.iter().filter(|c| c.started).count(), 1);
+        assert_eq!(clusters[0].url_for("x"), clusters[1].url_for("x"));
+        // The password both hold is the server's and the file's.
+        let reread = PersistentCluster::ensure_running(&data_dir).unwrap();
+        assert_eq!(reread.url_for("x"), clusters[0].url_for("x"));
+        assert_closed(&reread);
     }
 
     /// Creates a cluster in `data_dir` the way pgbus did before passwords: `trust` for
