@@ -109,10 +109,12 @@ fn the_overview_and_metrics_show_topics_schedules_and_open_breakers() {
     )
     .unwrap();
     let (mut scheduler, _stderr) = db.spawn(&["cron", "run", "--config", config.to_str().unwrap()]);
-    eventually("the task declared", SHORT, || {
+    // Declared, then led: the leader records the next occurrence.
+    eventually("the task declared and its next run recorded", SHORT, || {
         db.ok(&["cron", "list", "--json"]).json()["tasks"]
             .as_array()
-            .is_some_and(|t| !t.is_empty())
+            .and_then(|t| t.first().cloned())
+            .is_some_and(|task| task["next_at"].is_string())
     });
     scheduler.stop();
 
