@@ -7,18 +7,17 @@ use bb8::{Pool, PooledConnection};
 use pgbus_core::{
     check_delay, CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers,
     Lease, Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName,
-    QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats, Visibility,
-    DEFAULT_MAX_PAYLOAD_BYTES,
+    QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats, DEFAULT_MAX_PAYLOAD_BYTES,
 };
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::{db, pool, storable};
-use crate::group::GroupLocks;
+use crate::group_locks::GroupLocks;
 use crate::migrate::{self, SCHEMA_VERSION};
 use crate::query::{Pooler, Reused, Typed};
+use crate::send::{send_error, Columns};
 use crate::sql;
 
 pub(crate) use crate::pool::Manager;
@@ -314,73 +313,6 @@ impl PgBackend {
     }
 }
 
-/// The columns of a send, one array per column (parameters `$1` to `$8` of the send
-/// statements; `$9` is whether to notify).
-pub(crate) struct Columns<'a> {
-    queue: &'a str,
-    priorities: Vec<i16>,
-    ats: Vec<Option<SystemTime>>,
-    delays: Vec<f64>,
-    content_types: Vec<&'static str>,
-    headers: Vec<Json<&'a Headers>>,
-    groups: Vec<Option<&'a str>>,
-    payloads: Vec<&'a [u8]>,
-}
-
-impl<'a> Columns<'a> {
-    pub(crate) fn new(
-        queue: &'a QueueName,
-        messages: impl ExactSizeIterator<Item = &'a NewMessage>,
-    ) -> Self {
-        let n = messages.len();
-        let mut c = Columns {
-            queue: queue.as_str(),
-            priorities: Vec::with_capacity(n),
-            ats: Vec::with_capacity(n),
-            delays: Vec::with_capacity(n),
-            content_types: Vec::with_capacity(n),
-            headers: Vec::with_capacity(n),
-            groups: Vec::with_capacity(n),
-            payloads: Vec::with_capacity(n),
-        };
-        for m in messages {
-            c.priorities.push(m.priority);
-            let (at, delay) = match m.visibility {
-                Visibility::Now => (None, 0.0),
-                Visibility::After(d) => (None, d.as_secs_f64()),
-                Visibility::At(t) => (Some(t), 0.0),
-            };
-            c.ats.push(at);
-            c.delays.push(delay);
-            c.content_types.push(m.content_type.mime());
-            c.headers.push(Json(&m.headers));
-            c.groups.push(m.group_key.as_deref());
-            c.payloads.push(&m.payload);
-        }
-        c
-    }
-
-    /// Parameters `$1` to `$9`.
-    pub(crate) fn params<'p>(&'p self, notify: &'p bool) -> Vec<(&'p (dyn ToSql + Sync), Type)> {
-        vec![
-            (&self.queue, Type::TEXT),
-            (&self.priorities, Type::INT2_ARRAY),
-            (&self.ats, Type::TIMESTAMPTZ_ARRAY),
-            (&self.delays, Type::FLOAT8_ARRAY),
-            (&self.content_types, Type::TEXT_ARRAY),
-            (&self.headers, Type::JSONB_ARRAY),
-            (&self.groups, Type::TEXT_ARRAY),
-            (&self.payloads, Type::BYTEA_ARRAY),
-            (notify, Type::BOOL),
-        ]
-    }
-}
-
-/// A failed send: a missing queue is reported as such.
-pub(crate) fn send_error(queue: &QueueName, err: tokio_postgres::Error) -> Error {
-    missing_queue(queue, err).unwrap_or_else(|e| db("sending messages", e))
-}
-
 /// Claims on the given connection with `statement` ([`sql::CLAIM`] or
 /// [`sql::CLAIM_LIMITED`]), restoring claim order, which `RETURNING` does not keep.
 pub(crate) async fn claim_on(
@@ -437,19 +369,6 @@ async fn ensure_exists(client: &(impl GenericClient + Sync), queue: &QueueName) 
         Ok(())
     } else {
         Err(Error::QueueNotFound(queue.clone()))
-    }
-}
-
-/// Sending to a missing queue trips the foreign key: report it as the missing queue.
-pub(crate) fn missing_queue(
-    queue: &QueueName,
-    err: tokio_postgres::Error,
-) -> std::result::Result<Error, tokio_postgres::Error> {
-    match err.code() {
-        Some(code) if code == &SqlState::FOREIGN_KEY_VIOLATION => {
-            Ok(Error::QueueNotFound(queue.clone()))
-        }
-        _ => Err(err),
     }
 }
 

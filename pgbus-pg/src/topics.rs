@@ -9,9 +9,9 @@ use pgbus_core::{
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::GenericClient;
 
-use crate::backend::missing_queue;
 use crate::error::db;
 use crate::query::Typed;
+use crate::send::missing_queue;
 use crate::{sql, PgBackend};
 
 impl PgBackend {

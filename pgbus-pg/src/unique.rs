@@ -8,7 +8,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
-use crate::backend::{send_error, Columns};
+use crate::send::{send_error, Columns};
 use crate::sql;
 
 /// Whether the message needs the keyed send.
