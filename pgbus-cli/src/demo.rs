@@ -90,8 +90,8 @@ pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCo
             _ = stop.cancelled() => break,
             _ = tick.tick() => {
                 n += 1;
-                let mut message = NewMessage::encode(&DemoJob { n, fail: n % 10 == 0 })?;
-                if n % 3 == 0 {
+                let mut message = NewMessage::encode(&DemoJob { n, fail: n.is_multiple_of(10) })?;
+                if n.is_multiple_of(3) {
                     message = message.group(format!("customer_{}", n % 4));
                 }
                 backend.send(&queue, message).await?;
