@@ -11,33 +11,6 @@ use common::*;
 
 const PASSWORD: &str = "least-privilege-pw";
 
-fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(future)
-}
-
-/// Runs `statements` as the database's owner (the test cluster's superuser).
-fn execute(url: &str, statements: &str) {
-    block_on(async {
-        let client = pgbus_pg::connect(url, "test")
-            .await
-            .expect("a test connection");
-        client.batch_execute(statements).await.expect(statements);
-    });
-}
-
-fn query_i64(url: &str, query: &str) -> i64 {
-    block_on(async {
-        let client = pgbus_pg::connect(url, "test")
-            .await
-            .expect("a test connection");
-        client.query_one(query, &[]).await.expect(query).get(0)
-    })
-}
-
 /// A fresh login role (roles are per cluster: the name is unique per test process).
 fn create_role(admin_url: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -80,12 +53,12 @@ fn a_granted_role_that_owns_nothing_runs_every_runtime_command() {
     // The role can check the schema (a current schema is not touched) but is nobody.
     app.ok(&["migrate", "--check"]);
     app.ok(&["migrate"]);
-    let is_superuser = query_i64(
+    let is_superuser = count(
         &app.url,
         "SELECT count(*) FROM pg_roles WHERE rolname = current_user AND rolsuper",
     );
     assert_eq!(is_superuser, 0);
-    let owned = query_i64(
+    let owned = count(
         &app.url,
         "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner
          WHERE r.rolname = current_user",

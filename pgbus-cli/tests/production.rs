@@ -86,14 +86,6 @@ impl TlsServer {
     }
 }
 
-fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(future)
-}
-
 /// `(pgbus connections, of which without TLS, their roles)` on the server of `url`.
 fn pgbus_backends(url: &str) -> (i64, i64, Vec<String>) {
     block_on(async {

@@ -12,35 +12,6 @@ use std::time::Duration;
 mod common;
 use common::*;
 
-/// Plain SQL on a fresh connection to `url`, for what the command line does not do
-/// (writing outbox rows like any producer, reading what the relay marked).
-fn execute(url: &str, statements: &str) {
-    block_on(async {
-        let client = pgbus_pg::connect(url, "test")
-            .await
-            .expect("a test connection");
-        client.batch_execute(statements).await.expect(statements);
-    });
-}
-
-/// The `bigint` a one-row, one-column query returns.
-fn count(url: &str, query: &str) -> i64 {
-    block_on(async {
-        let client = pgbus_pg::connect(url, "test")
-            .await
-            .expect("a test connection");
-        client.query_one(query, &[]).await.expect(query).get(0)
-    })
-}
-
-fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(future)
-}
-
 /// Writes outbox rows `order.paid` with payloads `{"n": first..=last}`.
 fn write_outbox(url: &str, first: i64, last: i64) {
     execute(

@@ -212,6 +212,35 @@ impl Drop for Background {
     }
 }
 
+/// Runs `future` to completion on a runtime of its own.
+pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
+
+/// Plain SQL on a fresh connection to `url`, for what the command line does not do.
+pub fn execute(url: &str, statements: &str) {
+    block_on(async {
+        let client = pgbus_pg::connect(url, "test")
+            .await
+            .expect("a test connection");
+        client.batch_execute(statements).await.expect(statements);
+    });
+}
+
+/// The `bigint` a one-row, one-column query returns.
+pub fn count(url: &str, query: &str) -> i64 {
+    block_on(async {
+        let client = pgbus_pg::connect(url, "test")
+            .await
+            .expect("a test connection");
+        client.query_one(query, &[]).await.expect(query).get(0)
+    })
+}
+
 /// A fresh database of its own, migrated unless asked otherwise.
 pub struct Db {
     pub url: String,
