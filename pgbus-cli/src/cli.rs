@@ -226,9 +226,13 @@ pub(crate) struct WorkArgs {
     /// dead-letter; anything else: retry.
     #[arg(long, conflicts_with = "http", required_unless_present = "http")]
     pub(crate) exec: Option<String>,
-    /// POST the payload as JSON. 2xx: ack; 4xx (but 408, 429): dead-letter; else retry.
+    /// POST the payload as JSON. 2xx: ack; 3xx (redirects are not followed) and 4xx (but
+    /// 408, 429): dead-letter; else retry, after Retry-After when the server sends one.
     #[arg(long)]
     pub(crate) http: Option<String>,
+    /// The longest Retry-After honoured with --http; a longer one is shortened to it.
+    #[arg(long, value_parser = duration, default_value = "1h")]
+    pub(crate) max_retry_after: Duration,
     /// Per-job timeout; a job past it is killed and retried.
     #[arg(long, value_parser = duration, default_value = "5m")]
     pub(crate) job_timeout: Duration,

@@ -17,7 +17,8 @@ use crate::database::Database;
 
 /// Exit status of an `--exec` command that asks for a dead letter (EX_DATAERR).
 const EXIT_DEAD_LETTER: i32 = 65;
-/// How much of a failing command's stderr or response body is kept as the error text.
+/// How much of a failing command's stderr or response body is kept as the error text. Of a
+/// response body no more is read either: a server's error body may be endless.
 const ERROR_TAIL: usize = 1000;
 
 /// Where each message goes.
@@ -27,6 +28,8 @@ enum Target {
     Http {
         client: reqwest::Client,
         url: Arc<str>,
+        /// The longest `Retry-After` honoured; a longer one is shortened to it.
+        max_retry_after: Duration,
     },
 }
 
@@ -76,8 +79,12 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         (None, Some(url)) => Target::Http {
             client: reqwest::Client::builder()
                 .timeout(args.job_timeout)
+                // Following a redirect would turn the POST into a GET (301-303) and ack on
+                // whatever the final page answers: a 3xx is a failure instead.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()?,
             url: url.as_str().into(),
+            max_retry_after: args.max_retry_after,
         },
         _ => bail!("give exactly one of --exec CMD or --http URL"),
     };
@@ -196,7 +203,11 @@ async fn deliver(
     };
     match target {
         Target::Exec(cmd) => run_command(cmd, ctx, &body).await,
-        Target::Http { client, url } => post(client, url, ctx, body).await,
+        Target::Http {
+            client,
+            url,
+            max_retry_after,
+        } => post(client, url, *max_retry_after, ctx, body).await,
     }
 }
 
@@ -243,11 +254,13 @@ async fn run_command(cmd: &str, ctx: &JobContext<PgBackend>, body: &[u8]) -> Out
     }
 }
 
-/// POSTs the payload: 2xx acks; 4xx but 408 and 429 dead-letters; 408, 429, 5xx and
-/// transport errors retry, after `Retry-After` when the server says so.
+/// POSTs the payload: 2xx acks; 3xx (redirects are not followed) and 4xx but 408 and 429
+/// dead-letter; 408, 429, 5xx and transport errors retry, after `Retry-After` (at most
+/// `max_retry_after`) when the server says so.
 async fn post(
     client: &reqwest::Client,
     url: &str,
+    max_retry_after: Duration,
     ctx: &JobContext<PgBackend>,
     body: Vec<u8>,
 ) -> Outcome {
@@ -269,17 +282,46 @@ async fn post(
         .headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+        .and_then(|v| retry_after(v, std::time::SystemTime::now()))
+        .map(|after| after.min(max_retry_after));
     if status.is_success() {
         return Outcome::Ack;
     }
-    let text = response.bytes().await.map(|b| tail(&b)).unwrap_or_default();
+    if status.is_redirection() {
+        // Retrying will not fix a URL that points elsewhere: a configuration error.
+        let location = response
+            .headers()
+            .get("location")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let to = location.map_or_else(|| "no Location".to_owned(), |l| format!("Location {l}"));
+        return Outcome::dead_letter(format!(
+            "HTTP {}: redirect to {to} not followed (give --http the final URL)",
+            status.as_u16()
+        ));
+    }
+    let text = body_head(response).await;
     let error = format!("HTTP {}: {text}", status.as_u16());
     match status.as_u16() {
         408 | 429 => retry(error, retry_after),
         400..=499 => Outcome::dead_letter(error),
         _ => retry(error, retry_after),
     }
+}
+
+/// The start of a response body, at most [`ERROR_TAIL`] bytes read: an error page may be
+/// large or never end, and only that much goes in the error text.
+async fn body_head(mut response: reqwest::Response) -> String {
+    let mut head = Vec::new();
+    while head.len() < ERROR_TAIL {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = ERROR_TAIL - head.len();
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tail(&head)
 }
 
 /// A `Retry-After` value: delay seconds, or an HTTP date (a date already past is no

@@ -772,6 +772,109 @@ fn work_http_posts_and_maps_status_codes() {
     );
 }
 
+/// Answers by payload: "moved" 302 to /elsewhere (which answers 200 to anything); "far"
+/// 503 with a `Retry-After` of about 95 years the first time, 200 afterwards; "endless" 400
+/// with a body that starts "endless body" and never ends (the connection stays open until
+/// the client closes it). Every request is recorded.
+fn serve_hostile_http(listener: TcpListener, log: Arc<Mutex<Vec<Request>>>) {
+    let failed_once = Arc::new(Mutex::new(BTreeSet::new()));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let (log, failed_once) = (Arc::clone(&log), Arc::clone(&failed_once));
+        thread::spawn(move || {
+            let Ok(request) = read_request(&stream) else {
+                return;
+            };
+            let kind = request.body["kind"].as_str().unwrap_or_default().to_owned();
+            let elsewhere = request.path == "/elsewhere";
+            log.lock().unwrap().push(request);
+            let first = failed_once.lock().unwrap().insert(kind.clone());
+            let head = match kind.as_str() {
+                _ if elsewhere => "200 OK\r\nContent-Length: 0".to_owned(),
+                "moved" => "302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0".to_owned(),
+                "far" if first => {
+                    "503 Service Unavailable\r\nRetry-After: 3000000000\r\nContent-Length: 0"
+                        .to_owned()
+                }
+                "far" => "200 OK\r\nContent-Length: 0".to_owned(),
+                "endless" => {
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 400 Bad Request\r\nContent-Length: 1000000000\r\n\r\nendless body "
+                    );
+                    let chunk = vec![b'x'; 64 * 1024];
+                    for _ in 0..4 {
+                        let _ = stream.write_all(&chunk);
+                    }
+                    let _ = stream.flush();
+                    // Hold the connection until the client hangs up (or a generous bound).
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
+                    let _ = stream.read(&mut [0; 1]);
+                    return;
+                }
+                _ => "400 Bad Request\r\nContent-Length: 0".to_owned(),
+            };
+            let _ = write!(stream, "HTTP/1.1 {head}\r\nConnection: close\r\n\r\n");
+            let _ = stream.flush();
+        });
+    }
+}
+
+/// A redirect is not followed and dead-letters naming its Location; a `Retry-After` of
+/// decades is shortened to `--max-retry-after`; an endless error body is read only as far
+/// as the error text keeps.
+#[test]
+fn work_http_refuses_redirects_caps_retry_after_and_bounds_error_bodies() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "hooks"]);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding the test server");
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().expect("its address")
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    {
+        let log = Arc::clone(&log);
+        thread::spawn(move || serve_hostile_http(listener, log));
+    }
+    let moved = db.send("hooks", &json!({ "kind": "moved" }));
+    let far = db.send("hooks", &json!({ "kind": "far" }));
+    let endless = db.send("hooks", &json!({ "kind": "endless" }));
+
+    db.work_until(
+        &["hooks", "--http", &url, "--max-retry-after", "1s"],
+        Duration::from_secs(60),
+        |db| db.depth("hooks") == 0,
+    );
+
+    let dlq = db.dead("hooks");
+    assert_eq!(
+        dlq.keys().copied().collect::<Vec<_>>(),
+        vec![moved, endless],
+        "{dlq:#?}"
+    );
+    let error = dlq[&moved]["error"].as_str().expect("an error text");
+    assert!(
+        error.starts_with("HTTP 302") && error.contains("Location /elsewhere"),
+        "{error}"
+    );
+    assert_eq!(dlq[&moved]["attempts"], 1);
+    let error = dlq[&endless]["error"].as_str().expect("an error text");
+    assert!(error.starts_with("HTTP 400: endless body xxx"), "{error}");
+    assert!(error.len() < 1100, "{} bytes kept", error.len());
+
+    let requests = log.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|r| r.path == "/hook"),
+        "a redirect was followed: {requests:#?}"
+    );
+    let far_attempts = requests
+        .iter()
+        .filter(|r| r.headers["pgbus-message-id"] == far.to_string())
+        .count();
+    assert_eq!(far_attempts, 2, "{requests:#?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Signals and the supervisor
 // ---------------------------------------------------------------------------------------
