@@ -209,6 +209,136 @@ fn exec_killed_by_a_signal_or_past_the_job_timeout_retries() {
     assert!(error.contains("timed out after 1s"), "{error}");
 }
 
+/// Whether process `pid` is gone (no such process, or a zombie waiting to be reaped).
+fn process_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "PID (COMM) STATE ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// A command's background children go with it: killed with its process group when the job
+/// times out, and when the command exits leaving them behind (which, holding its stderr,
+/// used to keep the job waiting until its timeout too).
+#[test]
+fn exec_kills_the_commands_process_group_on_timeout_and_on_exit() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks", "--max-attempts", "1"]);
+    let hang = db.send("tasks", &json!({ "kind": "hang" }));
+    let leave = db.send("tasks", &json!({ "kind": "leave" }));
+    let pids = db.path("pids");
+    let script = format!(
+        r#"read p; sleep 300 & echo $! >> {}; case "$p" in *hang*) wait;; esac"#,
+        sh_quote(&pids)
+    );
+    db.work(&[
+        "tasks",
+        "--until-empty",
+        "--job-timeout",
+        "3s",
+        "--exec",
+        &script,
+    ]);
+    let dlq = db.dead("tasks");
+    assert_eq!(
+        dlq.keys().copied().collect::<Vec<_>>(),
+        vec![hang],
+        "{dlq:#?}"
+    );
+    assert!(
+        dlq[&hang]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out")),
+        "{dlq:#?}"
+    );
+    assert!(!dlq.contains_key(&leave));
+    let pids = lines(&pids);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for pid in &pids {
+        eventually(&format!("background child {pid} to die"), SHORT, || {
+            process_gone(pid)
+        });
+    }
+}
+
+/// The payload is written while stderr is read: a command that writes 1 MiB to stderr
+/// before reading its 1 MB payload completes instead of deadlocking on the pipes.
+#[test]
+fn exec_with_a_large_payload_and_early_stderr_completes() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "big", "--max-attempts", "1"]);
+    let payload = json!({ "data": "p".repeat(1_000_000) }).to_string();
+    db.send_stdin(&["send", "big"], format!("{payload}\n")).ok();
+    let out = db.path("out.json");
+    let script = format!(
+        "yes e | head -c 1048576 >&2; cat > {}; exit 3",
+        sh_quote(&out)
+    );
+    db.work(&[
+        "big",
+        "--until-empty",
+        "--job-timeout",
+        "60s",
+        "--exec",
+        &script,
+    ]);
+    let dlq = db.dead("big");
+    assert_eq!(dlq.len(), 1, "{dlq:#?}");
+    let error = dlq.values().next().unwrap()["error"]
+        .as_str()
+        .expect("an error text")
+        .to_owned();
+    // Exit 3 (not the timeout), with the tail of the stderr it wrote.
+    assert!(
+        error.starts_with("exit 3: ") && error.ends_with("e\ne"),
+        "{error:.200}"
+    );
+    assert!(error.len() <= 1100, "{} bytes kept", error.len());
+    let written = std::fs::read_to_string(&out).expect("the command wrote its input");
+    assert_eq!(written.trim_end(), payload);
+}
+
+/// `env` in a job shows none of pgbus's secrets unless passed with --pass-env.
+#[test]
+fn exec_environment_withholds_pgbus_secrets() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "env"]);
+    db.send("env", &json!({}));
+    let out = db.path("env.txt");
+    let script = format!("env > {}", sh_quote(&out));
+    let mut cmd = db.cmd(&[
+        "work",
+        "env",
+        "--until-empty",
+        "--pass-env",
+        "PGBUS_PASSED",
+        "--exec",
+        &script,
+    ]);
+    let secrets = [
+        ("DATABASE_URL", "postgres://u:sekrit-database-url@h/d"),
+        ("PGBUS_DATABASE_URL", "sekrit-pgbus-database-url"),
+        ("PGBUS_TOKEN", "sekrit-token"),
+        ("PGBUS_STREAM_SECRET", "sekrit-stream"),
+        ("PGPASSWORD", "sekrit-pgpassword"),
+        ("PGBUS_OUTBOX_URL", "sekrit-outbox"),
+    ];
+    for (name, value) in secrets {
+        cmd.env(name, value);
+    }
+    cmd.env("PGBUS_PASSED", "passed-through")
+        .env("JOB_SETTING", "inherited");
+    run(cmd, None, LONG).ok();
+    let env = std::fs::read_to_string(&out).expect("the job ran");
+    assert!(!env.contains("sekrit"), "{env}");
+    assert!(env.contains("JOB_SETTING=inherited"), "{env}");
+    assert!(env.contains("PGBUS_PASSED=passed-through"), "{env}");
+    assert!(env.contains("PGBUS_QUEUE=env"), "{env}");
+}
+
 #[test]
 fn invalid_json_names_the_line_and_sends_nothing_of_that_batch() {
     let db = Db::new();
