@@ -264,6 +264,29 @@ fn exec_kills_the_commands_process_group_on_timeout_and_on_exit() {
     }
 }
 
+/// At shutdown, a job still running at the drain deadline is cut off with its whole process
+/// group, background children included.
+#[test]
+fn exec_process_group_is_killed_when_a_stopping_worker_cuts_its_job_off() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks"]);
+    db.send("tasks", &json!({}));
+    let pids = db.path("pids");
+    let script = format!("sleep 300 & echo $! >> {}; wait", sh_quote(&pids));
+    let (mut worker, _stderr) =
+        db.spawn(&["work", "tasks", "--drain-timeout", "1s", "--exec", &script]);
+    eventually("the job to start its child", SHORT, || {
+        lines(&pids).len() == 1
+    });
+    terminate(&worker.0);
+    let status = wait_deadline(&mut worker.0, SHORT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let pid = lines(&pids).remove(0);
+    eventually(&format!("background child {pid} to die"), SHORT, || {
+        process_gone(&pid)
+    });
+}
+
 /// The payload is written while stderr is read: a command that writes 1 MiB to stderr
 /// before reading its 1 MB payload completes instead of deadlocking on the pipes.
 #[test]
