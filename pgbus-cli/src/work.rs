@@ -264,7 +264,7 @@ async fn run_command(
     };
     // Signals the group when dropped: on a timeout or shutdown this future is dropped at
     // its next await point, and the group with it.
-    let group = child.id().map(ProcessGroup);
+    let group = child.id().map(ProcessGroup::new);
     let stdin = child.stdin.take();
     let stderr = child.stderr.take();
     let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
@@ -352,13 +352,31 @@ impl Tail {
 }
 
 /// An `--exec` command's process group (its id is the `sh` process's pid).
-struct ProcessGroup(u32);
+struct ProcessGroup {
+    id: u32,
+    /// Set by the first [`ProcessGroup::terminate`]: the command's exit and the job's end
+    /// both ask, and the group is signalled once.
+    signalled: std::sync::atomic::AtomicBool,
+}
 
 impl ProcessGroup {
+    fn new(id: u32) -> Self {
+        ProcessGroup {
+            id,
+            signalled: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// SIGTERM to the group now, SIGKILL after [`KILL_GRACE`] to whatever is left. Nothing
-    /// when the group is already empty.
+    /// when the group is already empty or was signalled before.
     fn terminate(&self) {
-        let Some(pgid) = i32::try_from(self.0)
+        if self
+            .signalled
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let Some(pgid) = i32::try_from(self.id)
             .ok()
             .and_then(rustix::process::Pid::from_raw)
         else {
