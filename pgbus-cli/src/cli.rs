@@ -223,12 +223,24 @@ pub(crate) struct WorkArgs {
     #[arg(long)]
     pub(crate) until_empty: bool,
     /// Run `sh -c CMD` per message, the payload as JSON on stdin. Exit 0: ack; 65:
-    /// dead-letter; anything else: retry.
+    /// dead-letter; anything else: retry. The command runs in a process group of its own:
+    /// on the job timeout, at shutdown, and for processes it leaves behind when it exits,
+    /// the group gets SIGTERM, then SIGKILL 2 s later. Its environment is pgbus's without
+    /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
+    /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP.
     #[arg(long, conflicts_with = "http", required_unless_present = "http")]
     pub(crate) exec: Option<String>,
-    /// POST the payload as JSON. 2xx: ack; 4xx (but 408, 429): dead-letter; else retry.
+    /// Pass the withheld environment variable NAME (DATABASE_URL, PGPASSWORD or a PGBUS_*
+    /// one) through to --exec commands anyway. Repeatable.
+    #[arg(long = "pass-env", value_name = "NAME", requires = "exec")]
+    pub(crate) pass_env: Vec<String>,
+    /// POST the payload as JSON. 2xx: ack; 3xx (redirects are not followed) and 4xx (but
+    /// 408, 429): dead-letter; else retry, after Retry-After when the server sends one.
     #[arg(long)]
     pub(crate) http: Option<String>,
+    /// The longest Retry-After honoured with --http; a longer one is shortened to it.
+    #[arg(long, value_parser = duration, default_value = "1h")]
+    pub(crate) max_retry_after: Duration,
     /// Per-job timeout; a job past it is killed and retried.
     #[arg(long, value_parser = duration, default_value = "5m")]
     pub(crate) job_timeout: Duration,

@@ -25,6 +25,11 @@ fn message(args: &SendArgs, json: &str) -> anyhow::Result<NewMessage> {
     Ok(message)
 }
 
+/// The longest stdin line read, without its line end: twice the payload limit, room for
+/// whitespace that the stored encoding drops. A longer line is refused as soon as this
+/// much of it has been read, so memory stays bounded whatever the input.
+pub(crate) const MAX_LINE_BYTES: usize = 2 * DEFAULT_MAX_PAYLOAD_BYTES;
+
 fn print_ids(ids: &[MessageId], quiet: bool) {
     if !quiet {
         for id in ids {
@@ -76,9 +81,9 @@ pub(crate) async fn stdin_batches<T>(
     read_batches(input, batch_size, noun, parse, flush).await
 }
 
-/// [`stdin_batches`] on any input. Blank lines are skipped; a line that is not UTF-8 or
-/// that `parse` refuses ends the run with an error naming the line, before anything of
-/// its batch is flushed.
+/// [`stdin_batches`] on any input. Blank lines are skipped; a line that is not UTF-8, that
+/// is longer than [`MAX_LINE_BYTES`], or that `parse` refuses ends the run with an error
+/// naming the line, before anything of its batch is flushed.
 pub(crate) async fn read_batches<T>(
     mut input: impl AsyncBufRead + Unpin,
     batch_size: usize,
@@ -99,16 +104,22 @@ pub(crate) async fn read_batches<T>(
     let mut sent = 0u64;
     loop {
         raw.clear();
-        let read = input
-            .read_until(b'\n', &mut raw)
+        let read = read_line(&mut input, &mut raw, MAX_LINE_BYTES)
             .await
             .context("reading standard input")?;
-        let done = read == 0;
+        let done = read == Line::End;
         if !done {
             line_no += 1;
             let refused = || {
                 format!("line {line_no} refused ({sent} {noun} sent before it, none of its batch)")
             };
+            if read == Line::TooLong {
+                return Err(anyhow::anyhow!(
+                    "longer than {MAX_LINE_BYTES} bytes (the payload limit is \
+                     {DEFAULT_MAX_PAYLOAD_BYTES} bytes)"
+                ))
+                .with_context(refused);
+            }
             let line = std::str::from_utf8(&raw)
                 .context("not valid UTF-8")
                 .with_context(refused)?;
@@ -130,6 +141,51 @@ pub(crate) async fn read_batches<T>(
     }
     progress.finish_and_clear();
     Ok(sent)
+}
+
+/// What [`read_line`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// A line (with its `\n`, unless the input ended without one) is in the buffer.
+    Read,
+    /// The input ended before any byte of a new line.
+    End,
+    /// The line is longer than the limit; what was read of it is in the buffer, the rest
+    /// is left unread.
+    TooLong,
+}
+
+/// Appends one line of `input` to `raw`, through its `\n`, but never more than `max` bytes
+/// before the line end: unlike `read_until`, a line without end cannot grow the buffer
+/// without bound.
+async fn read_line(
+    input: &mut (impl AsyncBufRead + Unpin),
+    raw: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Line> {
+    loop {
+        let available = input.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if raw.is_empty() {
+                Line::End
+            } else {
+                Line::Read
+            });
+        }
+        let (take, ended) = match available.iter().position(|&b| b == b'\n') {
+            Some(end) => (end + 1, true),
+            None => (available.len(), false),
+        };
+        let content = take - usize::from(ended);
+        if raw.len() + content > max {
+            return Ok(Line::TooLong);
+        }
+        raw.extend_from_slice(&available[..take]);
+        input.consume(take);
+        if ended {
+            return Ok(Line::Read);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -207,6 +263,37 @@ mod tests {
         assert!(err.contains("line 2 refused"), "{err}");
         assert!(err.contains("exceeds the limit of 1048576 bytes"), "{err}");
         assert!(flushed.is_empty());
+    }
+
+    /// An endless line is refused once the limit is read, not read to the end (or until
+    /// memory runs out); the error names its line.
+    #[test]
+    fn an_endless_line_is_refused_after_the_limit_is_read() {
+        const INPUT: u64 = 64 * 1024 * 1024;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let mut input = tokio::io::BufReader::new(tokio::io::AsyncReadExt::chain(
+            &b"{\"n\":1}\n"[..],
+            tokio::io::AsyncReadExt::take(tokio::io::repeat(b' '), INPUT),
+        ));
+        let args = args();
+        let result = runtime.block_on(read_batches(
+            &mut input,
+            10,
+            "messages",
+            |line| message(&args, line),
+            async |_: Vec<NewMessage>, _: &ProgressBar| Ok(()),
+        ));
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.starts_with("line 2 refused"), "{err}");
+        assert!(err.contains("longer than 2097152 bytes"), "{err}");
+        let left = input.get_ref().get_ref().1.limit();
+        assert!(
+            INPUT - left <= 2 * MAX_LINE_BYTES as u64,
+            "read {} bytes of the line",
+            INPUT - left
+        );
     }
 
     proptest! {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use pgbus_core::{QueueName, Stats};
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::{Maintenance, PgBackend};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::WorkArgs;
@@ -17,16 +17,27 @@ use crate::database::Database;
 
 /// Exit status of an `--exec` command that asks for a dead letter (EX_DATAERR).
 const EXIT_DEAD_LETTER: i32 = 65;
-/// How much of a failing command's stderr or response body is kept as the error text.
+/// How much of a failing command's stderr or response body is kept as the error text. Of a
+/// response body no more is read either: a server's error body may be endless.
 const ERROR_TAIL: usize = 1000;
+/// How much of an `--exec` command's stderr is kept while it runs (its last bytes).
+const STDERR_KEPT: usize = 8 * 1024;
+/// How long an `--exec` command's process group has between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Where each message goes.
 #[derive(Clone)]
 enum Target {
-    Exec(Arc<str>),
+    Exec {
+        cmd: Arc<str>,
+        /// Withheld variables passed through anyway (`--pass-env`).
+        pass_env: Arc<[String]>,
+    },
     Http {
         client: reqwest::Client,
         url: Arc<str>,
+        /// The longest `Retry-After` honoured; a longer one is shortened to it.
+        max_retry_after: Duration,
     },
 }
 
@@ -72,12 +83,19 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         .collect::<Result<Vec<_>, _>>()?;
     let mode = execution_mode(&args.execution_mode)?;
     let target = match (&args.exec, &args.http) {
-        (Some(cmd), None) => Target::Exec(cmd.as_str().into()),
+        (Some(cmd), None) => Target::Exec {
+            cmd: cmd.as_str().into(),
+            pass_env: args.pass_env.clone().into(),
+        },
         (None, Some(url)) => Target::Http {
             client: reqwest::Client::builder()
                 .timeout(args.job_timeout)
+                // Following a redirect would turn the POST into a GET (301-303) and ack on
+                // whatever the final page answers: a 3xx is a failure instead.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()?,
             url: url.as_str().into(),
+            max_retry_after: args.max_retry_after,
         },
         _ => bail!("give exactly one of --exec CMD or --http URL"),
     };
@@ -195,21 +213,46 @@ async fn deliver(
         }
     };
     match target {
-        Target::Exec(cmd) => run_command(cmd, ctx, &body).await,
-        Target::Http { client, url } => post(client, url, ctx, body).await,
+        Target::Exec { cmd, pass_env } => run_command(cmd, pass_env, ctx, &body).await,
+        Target::Http {
+            client,
+            url,
+            max_retry_after,
+        } => post(client, url, *max_retry_after, ctx, body).await,
     }
 }
 
 /// Runs `sh -c CMD` with the payload on stdin: exit 0 acks, 65 dead-letters, anything
-/// else (or a signal) retries. The child is killed if the job is cancelled (timeout).
-async fn run_command(cmd: &str, ctx: &JobContext<PgBackend>, body: &[u8]) -> Outcome {
-    let spawned = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
+/// else (or a signal) retries.
+///
+/// The command runs in a process group of its own, and the group is what ends with the job:
+/// on the job timeout or at shutdown (the job's future is dropped) it gets SIGTERM, then
+/// SIGKILL after [`KILL_GRACE`]; so do processes a command left running in the background
+/// when it exits. The payload is written while stderr is read (a command that writes to
+/// stderr before reading all its input cannot block on a full pipe), and only the last
+/// [`STDERR_KEPT`] bytes of stderr are kept. The environment is this process's without
+/// pgbus's own secrets ([`is_withheld`]), except names given with `--pass-env`.
+async fn run_command(
+    cmd: &str,
+    pass_env: &[String],
+    ctx: &JobContext<PgBackend>,
+    body: &[u8],
+) -> Outcome {
+    let mut command = tokio::process::Command::new("sh");
+    command.arg("-c").arg(cmd);
+    for (name, _) in std::env::vars_os() {
+        if let Some(name) = name.to_str() {
+            if is_withheld(name) && !pass_env.iter().any(|passed| passed == name) {
+                command.env_remove(name);
+            }
+        }
+    }
+    let spawned = command
         .env("PGBUS_QUEUE", ctx.queue().as_str())
         .env("PGBUS_MESSAGE_ID", ctx.message_id().to_string())
         .env("PGBUS_ATTEMPT", ctx.attempt().to_string())
         .env("PGBUS_GROUP", ctx.group_key().unwrap_or(""))
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())
@@ -219,21 +262,62 @@ async fn run_command(cmd: &str, ctx: &JobContext<PgBackend>, body: &[u8]) -> Out
         Ok(child) => child,
         Err(err) => return Outcome::retry(format!("could not start `sh -c {cmd}`: {err}")),
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        // One write for the payload and its newline: a command such as `cat >> file` then
-        // appends the whole line at once, never interleaved with another job's.
-        let mut input = Vec::with_capacity(body.len() + 1);
-        input.extend_from_slice(body);
-        input.push(b'\n');
-        // A command that does not read its input closes the pipe early; that is fine.
-        let _ = stdin.write_all(&input).await;
-    }
-    let output = match child.wait_with_output().await {
-        Ok(output) => output,
+    // Signals the group when dropped: on a timeout or shutdown this future is dropped at
+    // its next await point, and the group with it.
+    let group = child.id().map(ProcessGroup::new);
+    let stdin = child.stdin.take();
+    let stderr = child.stderr.take();
+    let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = async {
+        if let Some(mut stdin) = stdin {
+            // One write for the payload and its newline: a command such as `cat >> file`
+            // then appends the whole line at once, never interleaved with another job's.
+            let mut input = Vec::with_capacity(body.len() + 1);
+            input.extend_from_slice(body);
+            input.push(b'\n');
+            // A command that does not read its input closes the pipe early; that is fine.
+            let _ = stdin.write_all(&input).await;
+            // Dropped here: the command sees the end of its input.
+        }
+        let status = child.wait().await;
+        // The command is done; what it left running in its group goes too (and lets go of
+        // the stderr pipe).
+        if let Some(group) = &group {
+            group.terminate();
+        }
+        let _ = exited_tx.send(());
+        status
+    };
+    let read = async {
+        let mut kept = Tail::default();
+        let Some(mut stderr) = stderr else {
+            return kept;
+        };
+        // A process that left the group may hold the pipe open: stop reading a moment
+        // after the command exited.
+        let mut done = std::pin::pin!(async {
+            let _ = exited_rx.await;
+            tokio::time::sleep(KILL_GRACE).await;
+        });
+        let mut buf = vec![0; 8192];
+        loop {
+            tokio::select! {
+                read = stderr.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => kept.push(&buf[..n]),
+                },
+                () = &mut done => break,
+            }
+        }
+        kept
+    };
+    let (status, stderr) = tokio::join!(run, read);
+    let status = match status {
+        Ok(status) => status,
         Err(err) => return Outcome::retry(format!("waiting for the command failed: {err}")),
     };
-    let stderr = tail(&output.stderr);
-    match output.status.code() {
+    let stderr = tail(&stderr.bytes());
+    match status.code() {
         Some(0) => Outcome::Ack,
         Some(EXIT_DEAD_LETTER) => {
             Outcome::dead_letter(format!("exit {EXIT_DEAD_LETTER}: {stderr}"))
@@ -243,11 +327,88 @@ async fn run_command(cmd: &str, ctx: &JobContext<PgBackend>, body: &[u8]) -> Out
     }
 }
 
-/// POSTs the payload: 2xx acks; 4xx but 408 and 429 dead-letters; 408, 429, 5xx and
-/// transport errors retry, after `Retry-After` when the server says so.
+/// Whether an inherited environment variable is withheld from `--exec` commands: the
+/// database URL and password and every `PGBUS_*` setting (tokens, secrets, URLs), which a
+/// job has no business seeing. `--pass-env NAME` passes one through anyway.
+fn is_withheld(name: &str) -> bool {
+    matches!(name, "DATABASE_URL" | "PGPASSWORD") || name.starts_with("PGBUS_")
+}
+
+/// The last [`STDERR_KEPT`] bytes of a command's stderr.
+#[derive(Default)]
+struct Tail(std::collections::VecDeque<u8>);
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        let bytes = &bytes[bytes.len().saturating_sub(STDERR_KEPT)..];
+        let over = (self.0.len() + bytes.len()).saturating_sub(STDERR_KEPT);
+        self.0.drain(..over);
+        self.0.extend(bytes);
+    }
+
+    fn bytes(self) -> Vec<u8> {
+        self.0.into()
+    }
+}
+
+/// An `--exec` command's process group (its id is the `sh` process's pid).
+struct ProcessGroup {
+    id: u32,
+    /// Set by the first [`ProcessGroup::terminate`]: the command's exit and the job's end
+    /// both ask, and the group is signalled once.
+    signalled: std::sync::atomic::AtomicBool,
+}
+
+impl ProcessGroup {
+    fn new(id: u32) -> Self {
+        ProcessGroup {
+            id,
+            signalled: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// SIGTERM to the group now, SIGKILL after [`KILL_GRACE`] to whatever is left. Nothing
+    /// when the group is already empty or was signalled before.
+    fn terminate(&self) {
+        if self
+            .signalled
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let Some(pgid) = i32::try_from(self.id)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return;
+        };
+        if rustix::process::kill_process_group(pgid, rustix::process::Signal::TERM).is_err() {
+            return; // no process left in the group
+        }
+        // A plain thread: this runs in `Drop` too, where nothing can be awaited, and the
+        // runtime may be shutting down.
+        let _ = std::thread::Builder::new()
+            .name("pgbus-kill-group".into())
+            .spawn(move || {
+                std::thread::sleep(KILL_GRACE);
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            });
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// POSTs the payload: 2xx acks; 3xx (redirects are not followed) and 4xx but 408 and 429
+/// dead-letter; 408, 429, 5xx and transport errors retry, after `Retry-After` (at most
+/// `max_retry_after`) when the server says so.
 async fn post(
     client: &reqwest::Client,
     url: &str,
+    max_retry_after: Duration,
     ctx: &JobContext<PgBackend>,
     body: Vec<u8>,
 ) -> Outcome {
@@ -269,17 +430,46 @@ async fn post(
         .headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+        .and_then(|v| retry_after(v, std::time::SystemTime::now()))
+        .map(|after| after.min(max_retry_after));
     if status.is_success() {
         return Outcome::Ack;
     }
-    let text = response.bytes().await.map(|b| tail(&b)).unwrap_or_default();
+    if status.is_redirection() {
+        // Retrying will not fix a URL that points elsewhere: a configuration error.
+        let location = response
+            .headers()
+            .get("location")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let to = location.map_or_else(|| "no Location".to_owned(), |l| format!("Location {l}"));
+        return Outcome::dead_letter(format!(
+            "HTTP {}: redirect to {to} not followed (give --http the final URL)",
+            status.as_u16()
+        ));
+    }
+    let text = body_head(response).await;
     let error = format!("HTTP {}: {text}", status.as_u16());
     match status.as_u16() {
         408 | 429 => retry(error, retry_after),
         400..=499 => Outcome::dead_letter(error),
         _ => retry(error, retry_after),
     }
+}
+
+/// The start of a response body, at most [`ERROR_TAIL`] bytes read: an error page may be
+/// large or never end, and only that much goes in the error text.
+async fn body_head(mut response: reqwest::Response) -> String {
+    let mut head = Vec::new();
+    while head.len() < ERROR_TAIL {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = ERROR_TAIL - head.len();
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tail(&head)
 }
 
 /// A `Retry-After` value: delay seconds, or an HTTP date (a date already past is no

@@ -114,6 +114,24 @@ fn oversized_payloads_and_invalid_utf8_are_refused_by_line() {
     assert_eq!(db.depth("q"), 5, "no event copy was delivered");
 }
 
+/// A 20 MB line is refused once twice the payload limit is read (not read whole), in one
+/// line naming it, and nothing of its batch is sent.
+#[test]
+fn a_line_far_past_the_limit_is_refused_while_reading_it() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    let huge = format!("1\n2\n\"{}\"\n3\n", "x".repeat(20_000_000));
+    one_line_error(
+        db.send_stdin(&["send", "q"], huge),
+        &[
+            "line 3 refused",
+            "0 messages sent before it",
+            "longer than 2097152 bytes",
+        ],
+    );
+    assert_eq!(db.depth("q"), 0);
+}
+
 #[test]
 fn sql_metacharacters_in_names_are_refused_and_keys_are_stored_verbatim() {
     let db = Db::new();

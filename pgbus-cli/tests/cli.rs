@@ -209,6 +209,159 @@ fn exec_killed_by_a_signal_or_past_the_job_timeout_retries() {
     assert!(error.contains("timed out after 1s"), "{error}");
 }
 
+/// Whether process `pid` is gone (no such process, or a zombie waiting to be reaped).
+fn process_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "PID (COMM) STATE ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// A command's background children go with it: killed with its process group when the job
+/// times out, and when the command exits leaving them behind (which, holding its stderr,
+/// used to keep the job waiting until its timeout too).
+#[test]
+fn exec_kills_the_commands_process_group_on_timeout_and_on_exit() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks", "--max-attempts", "1"]);
+    let hang = db.send("tasks", &json!({ "kind": "hang" }));
+    let leave = db.send("tasks", &json!({ "kind": "leave" }));
+    let pids = db.path("pids");
+    let script = format!(
+        r#"read p; sleep 300 & echo $! >> {}; case "$p" in *hang*) wait;; esac"#,
+        sh_quote(&pids)
+    );
+    db.work(&[
+        "tasks",
+        "--until-empty",
+        "--job-timeout",
+        "3s",
+        "--exec",
+        &script,
+    ]);
+    let dlq = db.dead("tasks");
+    assert_eq!(
+        dlq.keys().copied().collect::<Vec<_>>(),
+        vec![hang],
+        "{dlq:#?}"
+    );
+    assert!(
+        dlq[&hang]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out")),
+        "{dlq:#?}"
+    );
+    assert!(!dlq.contains_key(&leave));
+    let pids = lines(&pids);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for pid in &pids {
+        eventually(&format!("background child {pid} to die"), SHORT, || {
+            process_gone(pid)
+        });
+    }
+}
+
+/// At shutdown, a job still running at the drain deadline is cut off with its whole process
+/// group, background children included.
+#[test]
+fn exec_process_group_is_killed_when_a_stopping_worker_cuts_its_job_off() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks"]);
+    db.send("tasks", &json!({}));
+    let pids = db.path("pids");
+    let script = format!("sleep 300 & echo $! >> {}; wait", sh_quote(&pids));
+    let (mut worker, _stderr) =
+        db.spawn(&["work", "tasks", "--drain-timeout", "1s", "--exec", &script]);
+    eventually("the job to start its child", SHORT, || {
+        lines(&pids).len() == 1
+    });
+    terminate(&worker.0);
+    let status = wait_deadline(&mut worker.0, SHORT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let pid = lines(&pids).remove(0);
+    eventually(&format!("background child {pid} to die"), SHORT, || {
+        process_gone(&pid)
+    });
+}
+
+/// The payload is written while stderr is read: a command that writes 1 MiB to stderr
+/// before reading its 1 MB payload completes instead of deadlocking on the pipes.
+#[test]
+fn exec_with_a_large_payload_and_early_stderr_completes() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "big", "--max-attempts", "1"]);
+    let payload = json!({ "data": "p".repeat(1_000_000) }).to_string();
+    db.send_stdin(&["send", "big"], format!("{payload}\n")).ok();
+    let out = db.path("out.json");
+    let script = format!(
+        "yes e | head -c 1048576 >&2; cat > {}; exit 3",
+        sh_quote(&out)
+    );
+    db.work(&[
+        "big",
+        "--until-empty",
+        "--job-timeout",
+        "60s",
+        "--exec",
+        &script,
+    ]);
+    let dlq = db.dead("big");
+    assert_eq!(dlq.len(), 1, "{dlq:#?}");
+    let error = dlq.values().next().unwrap()["error"]
+        .as_str()
+        .expect("an error text")
+        .to_owned();
+    // Exit 3 (not the timeout), with the tail of the stderr it wrote.
+    assert!(
+        error.starts_with("exit 3: ") && error.ends_with("e\ne"),
+        "{error:.200}"
+    );
+    assert!(error.len() <= 1100, "{} bytes kept", error.len());
+    let written = std::fs::read_to_string(&out).expect("the command wrote its input");
+    assert_eq!(written.trim_end(), payload);
+}
+
+/// `env` in a job shows none of pgbus's secrets unless passed with --pass-env.
+#[test]
+fn exec_environment_withholds_pgbus_secrets() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "env"]);
+    db.send("env", &json!({}));
+    let out = db.path("env.txt");
+    let script = format!("env > {}", sh_quote(&out));
+    let mut cmd = db.cmd(&[
+        "work",
+        "env",
+        "--until-empty",
+        "--pass-env",
+        "PGBUS_PASSED",
+        "--exec",
+        &script,
+    ]);
+    let secrets = [
+        ("DATABASE_URL", "postgres://u:sekrit-database-url@h/d"),
+        ("PGBUS_DATABASE_URL", "sekrit-pgbus-database-url"),
+        ("PGBUS_TOKEN", "sekrit-token"),
+        ("PGBUS_STREAM_SECRET", "sekrit-stream"),
+        ("PGPASSWORD", "sekrit-pgpassword"),
+        ("PGBUS_OUTBOX_URL", "sekrit-outbox"),
+    ];
+    for (name, value) in secrets {
+        cmd.env(name, value);
+    }
+    cmd.env("PGBUS_PASSED", "passed-through")
+        .env("JOB_SETTING", "inherited");
+    run(cmd, None, LONG).ok();
+    let env = std::fs::read_to_string(&out).expect("the job ran");
+    assert!(!env.contains("sekrit"), "{env}");
+    assert!(env.contains("JOB_SETTING=inherited"), "{env}");
+    assert!(env.contains("PGBUS_PASSED=passed-through"), "{env}");
+    assert!(env.contains("PGBUS_QUEUE=env"), "{env}");
+}
+
 #[test]
 fn invalid_json_names_the_line_and_sends_nothing_of_that_batch() {
     let db = Db::new();
@@ -770,6 +923,109 @@ fn work_http_posts_and_maps_status_codes() {
         waited >= Duration::from_millis(RETRY_AFTER * 1000 - 100),
         "Retry-After: {RETRY_AFTER} honoured, but the retry came after {waited:?}"
     );
+}
+
+/// Answers by payload: "moved" 302 to /elsewhere (which answers 200 to anything); "far"
+/// 503 with a `Retry-After` of about 95 years the first time, 200 afterwards; "endless" 400
+/// with a body that starts "endless body" and never ends (the connection stays open until
+/// the client closes it). Every request is recorded.
+fn serve_hostile_http(listener: TcpListener, log: Arc<Mutex<Vec<Request>>>) {
+    let failed_once = Arc::new(Mutex::new(BTreeSet::new()));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let (log, failed_once) = (Arc::clone(&log), Arc::clone(&failed_once));
+        thread::spawn(move || {
+            let Ok(request) = read_request(&stream) else {
+                return;
+            };
+            let kind = request.body["kind"].as_str().unwrap_or_default().to_owned();
+            let elsewhere = request.path == "/elsewhere";
+            log.lock().unwrap().push(request);
+            let first = failed_once.lock().unwrap().insert(kind.clone());
+            let head = match kind.as_str() {
+                _ if elsewhere => "200 OK\r\nContent-Length: 0".to_owned(),
+                "moved" => "302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0".to_owned(),
+                "far" if first => {
+                    "503 Service Unavailable\r\nRetry-After: 3000000000\r\nContent-Length: 0"
+                        .to_owned()
+                }
+                "far" => "200 OK\r\nContent-Length: 0".to_owned(),
+                "endless" => {
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 400 Bad Request\r\nContent-Length: 1000000000\r\n\r\nendless body "
+                    );
+                    let chunk = vec![b'x'; 64 * 1024];
+                    for _ in 0..4 {
+                        let _ = stream.write_all(&chunk);
+                    }
+                    let _ = stream.flush();
+                    // Hold the connection until the client hangs up (or a generous bound).
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
+                    let _ = stream.read(&mut [0; 1]);
+                    return;
+                }
+                _ => "400 Bad Request\r\nContent-Length: 0".to_owned(),
+            };
+            let _ = write!(stream, "HTTP/1.1 {head}\r\nConnection: close\r\n\r\n");
+            let _ = stream.flush();
+        });
+    }
+}
+
+/// A redirect is not followed and dead-letters naming its Location; a `Retry-After` of
+/// decades is shortened to `--max-retry-after`; an endless error body is read only as far
+/// as the error text keeps.
+#[test]
+fn work_http_refuses_redirects_caps_retry_after_and_bounds_error_bodies() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "hooks"]);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding the test server");
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().expect("its address")
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    {
+        let log = Arc::clone(&log);
+        thread::spawn(move || serve_hostile_http(listener, log));
+    }
+    let moved = db.send("hooks", &json!({ "kind": "moved" }));
+    let far = db.send("hooks", &json!({ "kind": "far" }));
+    let endless = db.send("hooks", &json!({ "kind": "endless" }));
+
+    db.work_until(
+        &["hooks", "--http", &url, "--max-retry-after", "1s"],
+        Duration::from_secs(60),
+        |db| db.depth("hooks") == 0,
+    );
+
+    let dlq = db.dead("hooks");
+    assert_eq!(
+        dlq.keys().copied().collect::<Vec<_>>(),
+        vec![moved, endless],
+        "{dlq:#?}"
+    );
+    let error = dlq[&moved]["error"].as_str().expect("an error text");
+    assert!(
+        error.starts_with("HTTP 302") && error.contains("Location /elsewhere"),
+        "{error}"
+    );
+    assert_eq!(dlq[&moved]["attempts"], 1);
+    let error = dlq[&endless]["error"].as_str().expect("an error text");
+    assert!(error.starts_with("HTTP 400: endless body xxx"), "{error}");
+    assert!(error.len() < 1100, "{} bytes kept", error.len());
+
+    let requests = log.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|r| r.path == "/hook"),
+        "a redirect was followed: {requests:#?}"
+    );
+    let far_attempts = requests
+        .iter()
+        .filter(|r| r.headers["pgbus-message-id"] == far.to_string())
+        .count();
+    assert_eq!(far_attempts, 2, "{requests:#?}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -213,7 +213,8 @@ pub(crate) async fn run(slot: Slot, job: Job) {
     drop(slot);
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
+/// The text of a panic payload (`panic!` with a literal or a format string).
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
     if let Some(message) = panic.downcast_ref::<&'static str>() {
         message
     } else if let Some(message) = panic.downcast_ref::<String>() {

@@ -2,10 +2,13 @@
 //! pool, and settles their outcomes.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use pgbus_core::{
     Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId, ProcessInfo,
     ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy, WakeupSource,
@@ -16,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
+use crate::slots::panic_message;
 use crate::subscriber::Declare;
 use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
 
@@ -418,7 +422,6 @@ impl<B: Backend> Worker<B> {
             settle_rx,
             policies.clone(),
             breakers,
-            Arc::clone(&in_flight),
             Arc::clone(&report),
             self.config.ack_batch,
         ));
@@ -724,7 +727,12 @@ impl<B: Backend> Fetch<'_, B> {
         let timeout = self.worker.config.job_timeout;
         let settle_tx = self.settle_tx.clone();
         let job_queue = queue.clone();
+        // Inserted before the post and removed when the job ends however it ends (settled,
+        // cut off at the shutdown deadline, killed, refused), so `keep_leases` never extends
+        // the lease of a job that is no longer running.
+        let running = Running::insert(Arc::clone(self.in_flight), lease);
         let job = Box::pin(async move {
+            let _running = running;
             let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
             // Cut off at the shutdown deadline: whatever the handler returned, leave the
             // message leased, to be delivered again when the lease runs out.
@@ -739,19 +747,13 @@ impl<B: Backend> Fetch<'_, B> {
                 outcome,
             });
         });
-        self.in_flight
-            .lock()
-            .expect("in-flight map")
-            .insert(lease.id, lease);
         match self.pool.post(job) {
             Ok(()) => {
                 self.report.started.fetch_add(1, Ordering::Relaxed);
             }
             Err(refused) => {
-                self.in_flight
-                    .lock()
-                    .expect("in-flight map")
-                    .remove(&lease.id);
+                // Dropping the job drops its `Running`: the lease is no longer extended.
+                drop(refused.job);
                 tracing::debug!(target: "pgbus::worker", reason = ?refused.reason, job.id = lease.id.0, "pool refused a job; giving the message back");
                 if let Err(err) = self.worker.backend.nack(&lease, Duration::ZERO, None).await {
                     tracing::warn!(target: "pgbus::worker", error = %err.report(), job.id = lease.id.0, "could not give a refused message back; it returns when its lease runs out");
@@ -761,8 +763,40 @@ impl<B: Backend> Fetch<'_, B> {
     }
 }
 
+/// A job's entry in the worker's in-flight map (whose leases `keep_leases` extends),
+/// removed when the job's future is dropped.
+struct Running {
+    in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>,
+    id: MessageId,
+}
+
+impl Running {
+    fn insert(in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>, lease: Lease) -> Self {
+        in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(lease.id, lease);
+        Running {
+            in_flight,
+            id: lease.id,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
 /// Runs a handler under the per-job timeout: past it, the job's token is cancelled, its
-/// future dropped, and the outcome is a retry.
+/// future dropped, and the outcome is a retry. A panic is a retry too, with the panic
+/// message as the error (dead-lettered once the attempts are used up, as Sidekiq and Oban
+/// treat a crash): caught here rather than only by the pool, so the job still settles its
+/// message instead of leaving it leased for the life of the worker.
 pub(crate) async fn run_handler<B>(
     handler: &dyn ErasedHandler<B>,
     ctx: JobContext<B>,
@@ -770,16 +804,25 @@ pub(crate) async fn run_handler<B>(
     timeout: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Outcome {
-    let mut run = handler.call(ctx, message);
+    // `call` itself runs inside the caught future, so a panic while building the handler's
+    // future is caught as well as one while polling it.
+    let mut run = pin!(AssertUnwindSafe(async { handler.call(ctx, message).await })
+        .catch_unwind()
+        .map(|result| {
+            result.unwrap_or_else(|panic| {
+                let panic = panic_message(&*panic);
+                tracing::error!(target: "pgbus::worker", panic, job.id = message.id.0, "handler panicked; retrying");
+                Outcome::retry(format!("handler panicked: {panic}"))
+            })
+        }));
     match timeout {
         None => run.await,
         Some(limit) => tokio::select! {
             outcome = &mut run => outcome,
             _ = tokio::time::sleep(limit) => {
                 // Cancel first, so the handler sees its token cancelled while its future
-                // is dropped.
+                // is dropped (pinned here, it is dropped as this function returns).
                 cancel.cancel();
-                drop(run);
                 Outcome::retry(format!("job timed out after {limit:?}"))
             }
         },
@@ -852,7 +895,6 @@ async fn settle_loop<B: Backend>(
     mut rx: mpsc::UnboundedReceiver<Settlement>,
     policies: HashMap<QueueName, (RetryPolicy, Duration)>,
     mut breakers: Breakers,
-    in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>,
     report: Arc<Counters>,
     ack_batch: usize,
 ) {
@@ -860,10 +902,6 @@ async fn settle_loop<B: Backend>(
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(settlement) = next.take() {
-            in_flight
-                .lock()
-                .expect("in-flight map")
-                .remove(&settlement.lease.id);
             apply(
                 &backend,
                 &policies,

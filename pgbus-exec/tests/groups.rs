@@ -257,3 +257,60 @@ async fn plain_workers_leave_grouped_messages_alone() {
         "grouped messages untouched"
     );
 }
+
+/// A grouped handler that panics is retried, then dead-lettered with the panic text, and
+/// its group moves on to the next message.
+async fn a_panicking_grouped_handler_dead_letters_with_the_panic_text(mode: ExecutionMode) {
+    let policy = RetryPolicy::builder()
+        .base(Duration::from_millis(10))
+        .cap(Duration::from_millis(10))
+        .jitter(0.0)
+        .max_attempts(2)
+        .build()
+        .unwrap();
+    let (backend, queue) = setup(QueueOptions::default().retry(policy)).await;
+    send_groups(&backend, &queue, 3, 4).await;
+    let worker = Worker::builder(backend.clone())
+        .concurrency(2)
+        .execution_mode(mode)
+        .poll_interval(Duration::from_millis(10))
+        .handle(
+            queue.clone(),
+            |_ctx: JobContext<MemoryBackend>, step: Step| async move {
+                assert!(
+                    !(step.group == "g1" && step.seq == 2),
+                    "poison step {}#{}",
+                    step.group,
+                    step.seq
+                );
+            },
+        )
+        .build_groups()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    let report = drain(run, &backend, stop).await;
+    assert_eq!(
+        (report.acked, report.retried, report.dead_lettered),
+        (11, 1, 1),
+        "{report:?}"
+    );
+    let dead = backend.list_dead(&queue, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].error.starts_with("handler panicked: ")
+            && dead[0].error.contains("poison step g1#2"),
+        "{:?}",
+        dead[0].error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_a_panicking_grouped_handler_dead_letters_with_the_panic_text() {
+    a_panicking_grouped_handler_dead_letters_with_the_panic_text(ExecutionMode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_a_panicking_grouped_handler_dead_letters_with_the_panic_text() {
+    a_panicking_grouped_handler_dead_letters_with_the_panic_text(ExecutionMode::Threads).await;
+}

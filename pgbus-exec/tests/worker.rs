@@ -431,3 +431,56 @@ async fn builder_refuses_bad_settings() {
         "{err}"
     );
 }
+
+/// A handler that panics on one message among 1,000: every other message is acked, and the
+/// panicking one is retried, then dead-lettered with the panic text once its attempts are
+/// used up, instead of staying leased (and its lease extended) for the life of the worker.
+async fn a_panicking_handler_retries_then_dead_letters(mode: ExecutionMode) {
+    let (backend, queue) = setup(fast_retries(3)).await;
+    send_numbers(&backend, &queue, 1_000).await;
+    let seen = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+    let worker = Worker::builder(backend.clone())
+        .execution_mode(mode)
+        .concurrency(8)
+        .poll_interval(Duration::from_millis(5))
+        .handle(queue.clone(), {
+            let seen = seen.clone();
+            move |_ctx: JobContext<MemoryBackend>, n: u32| {
+                let seen = seen.clone();
+                async move {
+                    *seen.lock().unwrap().entry(n).or_default() += 1;
+                    tokio::task::yield_now().await;
+                    assert_ne!(n, 500, "poison message {n}");
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let report = run_until_empty(worker, &backend).await;
+    assert_eq!(report.acked, 999, "{report:?}");
+    assert_eq!((report.retried, report.dead_lettered), (2, 1), "{report:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1_000);
+    assert!(seen
+        .iter()
+        .all(|(&n, &c)| c == if n == 500 { 3 } else { 1 }));
+    let dead = backend.list_dead(&queue, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 3);
+    assert!(
+        dead[0].error.starts_with("handler panicked: ")
+            && dead[0].error.contains("poison message 500"),
+        "{:?}",
+        dead[0].error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_a_panicking_handler_retries_then_dead_letters() {
+    a_panicking_handler_retries_then_dead_letters(ExecutionMode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_mode_a_panicking_handler_retries_then_dead_letters() {
+    a_panicking_handler_retries_then_dead_letters(ExecutionMode::Threads).await;
+}

@@ -184,6 +184,67 @@ async fn failing_handler_dead_letters_after_max_attempts() {
     assert_eq!(dead[0].error, "boom on 7, attempt 3");
 }
 
+/// A handler that panics on one message among 1,000: every other message is acked, and the
+/// panicking one is dead-lettered with the panic text once its attempts are used up,
+/// instead of staying leased (its lease extended) for the life of the worker.
+async fn a_panicking_handler_dead_letters_with_the_panic_text(mode: ExecutionMode) {
+    let (backend, _url) = fresh_backend(4).await;
+    let retry = RetryPolicy::builder()
+        .base(Duration::from_millis(10))
+        .cap(Duration::from_millis(50))
+        .jitter(0.0)
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let q = create(&backend, "panics", QueueOptions::default().retry(retry)).await;
+    send_numbers(&backend, &q, 1_000).await;
+    let worker = Worker::builder(backend.clone())
+        .execution_mode(mode)
+        .concurrency(8)
+        .poll_interval(Duration::from_millis(20))
+        .handle(
+            q.clone(),
+            |_ctx: JobContext<PgBackend>, n: u32| async move {
+                assert_ne!(n, 500, "poison message {n}");
+            },
+        )
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("every message is settled", DEADLINE, || async {
+        let stats = stats_of(&backend, &q).await;
+        stats.depth() == 0 && stats.dead_lettered == 1
+    })
+    .await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        (report.acked, report.retried, report.dead_lettered),
+        (999, 2, 1),
+        "{report:?}"
+    );
+    let dead = backend.list_dead(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 3);
+    assert!(
+        dead[0].error.starts_with("handler panicked: ")
+            && dead[0].error.contains("poison message 500"),
+        "{:?}",
+        dead[0].error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn async_a_panicking_handler_dead_letters_with_the_panic_text() {
+    a_panicking_handler_dead_letters_with_the_panic_text(ExecutionMode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn threads_a_panicking_handler_dead_letters_with_the_panic_text() {
+    a_panicking_handler_dead_letters_with_the_panic_text(ExecutionMode::Threads).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Transactional completion: the handler's writes commit with the ack, or not at all.
 
