@@ -4,7 +4,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Instant;
 
 use tempfile::TempDir;
@@ -12,8 +12,8 @@ use tempfile::TempDir;
 use super::{
     conf_quote, error_chain, find_binaries, free_port, io_err, log_tail, output_text,
     running_as_root, superuser_url, write_private, Binaries, ClusterError, Password, Runner,
-    INCLUDE_LINE, LOG_TARGET, MAX_SOCKET_PATH, PASSWORD_FILE, PG_CTL_TIMEOUT_SECS, PG_ENV_VARS,
-    PORT_RETRIES, POSTGRES, SETTINGS_FILE,
+    INCLUDE_LINE, LOG_TARGET, MAX_SOCKET_PATH, PASSWORD_FILE, PG_CTL_TIMEOUT_SECS, PORT_RETRIES,
+    POSTGRES, SETTINGS_FILE,
 };
 
 /// Transient copy of the password for `initdb --pwfile`, beside the data directory (when
@@ -778,34 +778,25 @@ impl LocalCluster {
 
     /// Spawns the watchdog that cleans up after this process once it is gone.
     fn spawn_watchdog(&self) -> Result<Child, ClusterError> {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(WATCHDOG_SCRIPT)
-            .arg("pgbus-cluster-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(&self.pg_ctl)
-            .arg(&self.data_dir)
-            .arg(if self.runner.as_postgres { "1" } else { "0" })
-            .args(self.cleanup.paths())
-            .current_dir("/")
-            // Must not hold the test harness's pipes open, or `cargo test` waits for it.
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for var in PG_ENV_VARS {
-            command.env_remove(var);
-        }
-        command.spawn().map_err(|source| ClusterError::Spawn {
-            program: "sh (cluster watchdog)".to_owned(),
-            source,
-        })
+        let mut args = vec![
+            self.pg_ctl.clone().into_os_string(),
+            self.data_dir.clone().into_os_string(),
+            (if self.runner.as_postgres { "1" } else { "0" }).into(),
+        ];
+        args.extend(
+            self.cleanup
+                .paths()
+                .into_iter()
+                .map(PathBuf::into_os_string),
+        );
+        super::spawn_watchdog(WATCHDOG_SCRIPT, "pgbus-cluster-watchdog", args)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::BufRead;
+    use std::process::Command;
     use std::time::Duration;
 
     #[cfg(feature = "test-tls")]

@@ -532,6 +532,38 @@ fn percent_encode(text: &str, keep: &[u8]) -> String {
     encoded
 }
 
+/// Spawns `sh -c script` with `args` after the owner's pid: a watchdog that cleans up
+/// after this process once it is gone. It must not hold the test harness's pipes open
+/// (or `cargo test` waits for it), nor see libpq's environment.
+fn spawn_watchdog<I, S>(
+    script: &str,
+    name: &str,
+    args: I,
+) -> Result<std::process::Child, ClusterError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(script)
+        .arg(name)
+        .arg(std::process::id().to_string())
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for var in PG_ENV_VARS {
+        command.env_remove(var);
+    }
+    command.spawn().map_err(|source| ClusterError::Spawn {
+        program: format!("sh ({name})"),
+        source,
+    })
+}
+
 /// A port that was free on 127.0.0.1 a moment ago.
 fn free_port() -> Result<u16, ClusterError> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

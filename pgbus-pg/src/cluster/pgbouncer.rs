@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use super::local::LocalCluster;
 use super::{
     free_port, io_err, is_executable, log_tail, running_as_root, superuser_url, write_private,
-    ClusterError, Password, Runner, LOG_TARGET, PG_ENV_VARS, PORT_RETRIES, POSTGRES,
+    ClusterError, Password, Runner, LOG_TARGET, PORT_RETRIES, POSTGRES,
 };
 
 /// Where Debian installs pgbouncer, outside most users' PATH.
@@ -350,25 +350,8 @@ impl PgBouncer {
 
     /// Spawns the watchdog that stops PgBouncer once this process is gone.
     fn spawn_watchdog(&self) -> Result<Child, ClusterError> {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(WATCHDOG_SCRIPT)
-            .arg("pgbus-pgbouncer-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(&self.pid_file)
-            .arg(self.dir()?)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for var in PG_ENV_VARS {
-            command.env_remove(var);
-        }
-        command.spawn().map_err(|source| ClusterError::Spawn {
-            program: "sh (PgBouncer watchdog)".to_owned(),
-            source,
-        })
+        let args = [self.pid_file.as_os_str(), self.dir()?.as_os_str()];
+        super::spawn_watchdog(WATCHDOG_SCRIPT, "pgbus-pgbouncer-watchdog", args)
     }
 }
 
