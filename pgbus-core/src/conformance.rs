@@ -64,6 +64,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $factory;
             stream_events_read_back_in_id_order,
             oversized_broadcast_is_stored_durably,
+            oversized_stream_events_are_refused,
             pruning_moves_the_horizon,
         );
     };
@@ -1040,6 +1041,25 @@ pub async fn oversized_broadcast_is_stored_durably<S: crate::StreamStore>(store:
         (stored.len(), stored[0].id, stored[0].data.len()),
         (1, id, big.len())
     );
+}
+
+/// Data over the payload limit and an overlong event type are refused, published or
+/// broadcast, and nothing is stored.
+pub async fn oversized_stream_events_are_refused<S: crate::StreamStore>(store: S) {
+    let s = stream("bounded");
+    let big = "x".repeat(crate::DEFAULT_MAX_PAYLOAD_BYTES + 1);
+    let long_type = "t".repeat(crate::MAX_STREAM_EVENT_TYPE_LEN + 1);
+    let err = store.publish(&s, "e", &big).await.unwrap_err();
+    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
+    let err = store.broadcast(&s, "e", &big).await.unwrap_err();
+    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
+    let err = store.publish(&s, &long_type, "d").await.unwrap_err();
+    assert!(err.to_string().contains("at most 255 bytes"), "{err}");
+    let err = store.broadcast(&s, &long_type, "d").await.unwrap_err();
+    assert!(err.to_string().contains("at most 255 bytes"), "{err}");
+    assert!(store.read_after(&s, 0, 10).await.unwrap().is_empty());
+    let fits = "x".repeat(crate::DEFAULT_MAX_PAYLOAD_BYTES);
+    store.publish(&s, &"t".repeat(255), &fits).await.unwrap();
 }
 
 /// Pruning deletes old events and marks the stream, so a cursor before them is a gap.

@@ -87,7 +87,7 @@ pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use schedule::{tasks_from_json, MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
 pub use stream::{
     check_stream_texts, Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal,
-    StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_NAME_LEN,
+    StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_EVENT_TYPE_LEN, MAX_STREAM_NAME_LEN,
 };
 pub use unique::{OnConflict, Unique, UniqueStrategy, WHILE_RUNNING_PREFIX};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};

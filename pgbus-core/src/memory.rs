@@ -909,7 +909,7 @@ impl crate::OpenGroupSession for MemoryBackend {
 
 impl StreamStore for MemoryBackend {
     async fn publish(&self, stream: &StreamName, event: &str, data: &str) -> Result<i64> {
-        crate::check_stream_texts(event, data)?;
+        crate::check_stream_texts(event, data, self.max_payload_bytes)?;
         let mut state = self.lock();
         state.next_event += 1;
         let id = state.next_event;
@@ -932,7 +932,7 @@ impl StreamStore for MemoryBackend {
     /// Delivered to this backend's stream listeners; one too large for a notification is
     /// kept durably instead, as Postgres would.
     async fn broadcast(&self, stream: &StreamName, event: &str, data: &str) -> Result<Option<i64>> {
-        crate::check_stream_texts(event, data)?;
+        crate::check_stream_texts(event, data, self.max_payload_bytes)?;
         if event.len() + data.len() > MAX_EPHEMERAL_BYTES {
             return self.publish(stream, event, data).await.map(Some);
         }

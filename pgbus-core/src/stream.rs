@@ -48,11 +48,22 @@ impl fmt::Display for StreamName {
     }
 }
 
-/// Checks an event's type and data with [`check_text`](crate::check_text), as every
-/// store does before publishing or broadcasting.
-pub fn check_stream_texts(event: &str, data: &str) -> Result<()> {
+/// The longest stream event type, in bytes (the SSE `event:` field).
+pub const MAX_STREAM_EVENT_TYPE_LEN: usize = 255;
+
+/// Checks an event's type and data with [`check_text`](crate::check_text) and refuses
+/// data over `max_data_bytes` (the store's payload limit) and a type over
+/// [`MAX_STREAM_EVENT_TYPE_LEN`], as every store does before publishing or broadcasting.
+pub fn check_stream_texts(event: &str, data: &str, max_data_bytes: usize) -> Result<()> {
     crate::check_text("a stream event type", event)?;
-    crate::check_text("stream event data", data)
+    if event.len() > MAX_STREAM_EVENT_TYPE_LEN {
+        return Err(crate::Error::InvalidArgument(format!(
+            "a stream event type is at most {MAX_STREAM_EVENT_TYPE_LEN} bytes long, not {}",
+            event.len()
+        )));
+    }
+    crate::check_text("stream event data", data)?;
+    crate::message::check_payload_size(data.as_bytes(), max_data_bytes)
 }
 
 /// A stored event.

@@ -23,7 +23,7 @@ impl PgBackend {
         event: &str,
         data: &str,
     ) -> Result<i64> {
-        check_stream_texts(event, data)?;
+        check_stream_texts(event, data, self.max_payload_bytes())?;
         let row = client
             .q_one(sql::PUBLISH_EVENT, &[&stream.as_str(), &event, &data])
             .await
@@ -60,7 +60,7 @@ impl StreamStore for PgBackend {
     }
 
     async fn broadcast(&self, stream: &StreamName, event: &str, data: &str) -> Result<Option<i64>> {
-        check_stream_texts(event, data)?;
+        check_stream_texts(event, data, self.max_payload_bytes())?;
         let payload = ephemeral_payload(event, data)?;
         if payload.len() > MAX_EPHEMERAL_BYTES {
             return self.publish(stream, event, data).await.map(Some);

@@ -1,7 +1,7 @@
 //! The receiving end of one connection: what the HTTP response body streams.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -9,15 +9,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::mpsc;
 
-use crate::dispatcher::{ConnId, Msg};
-
-/// Shared between a connection's stream and the dispatcher.
-#[derive(Debug, Default)]
-pub(crate) struct Flow {
-    /// Set by the dispatcher when the queue was full and the connection fell behind its
-    /// stream; cleared by the stream, which then asks for the rest.
-    pub(crate) lagging: AtomicBool,
-}
+use crate::mailbox::{ConnId, Flow, Mailbox, Msg};
 
 /// The frames of one followed stream, as SSE bytes, ending when the dispatcher drops the
 /// connection (shutdown, slow reader, idle timeout).
@@ -29,7 +21,7 @@ pub struct EventStream {
     capacity: usize,
     id: ConnId,
     flow: Arc<Flow>,
-    mailbox: Option<mpsc::UnboundedSender<Msg>>,
+    mailbox: Option<Mailbox>,
     _slot: Option<Slot>,
 }
 
@@ -49,7 +41,7 @@ impl EventStream {
         capacity: usize,
         id: ConnId,
         flow: Arc<Flow>,
-        mailbox: mpsc::UnboundedSender<Msg>,
+        mailbox: Mailbox,
         slot: Slot,
     ) -> Self {
         Self {

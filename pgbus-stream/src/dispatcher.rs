@@ -1,7 +1,7 @@
 //! The dispatcher: one task, the single owner of the registry and of every connection's
 //! cursor. Everything that changes either arrives as a [`Msg`] in its mailbox.
 //!
-//! The mailbox is also the in-flight buffer of a connecting client: the client's stream is
+//! The mailbox ([`crate::mailbox`]) is also the in-flight buffer of a connecting client: the client's stream is
 //! LISTENed to before its `Connect` is sent, so every signal that arrives while the
 //! dispatcher replays history waits in the mailbox and is handled after the client is
 //! registered, against its cursor (which drops what the replay already sent).
@@ -15,46 +15,12 @@ use bytes::Bytes;
 use pgbus_core::{
     Horizon, Result, StreamEvent, StreamListener, StreamName, StreamSignal, StreamStore,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::client::Flow;
+use crate::config::{Config, IterationHook};
 use crate::cursor::Start;
 use crate::frame;
-use crate::instance::{Config, IterationHook};
-
-/// Identifies one connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct ConnId(pub(crate) u64);
-
-impl ConnId {
-    /// The id of a connection that was never registered.
-    pub(crate) const NONE: ConnId = ConnId(0);
-}
-
-/// What the dispatcher handles, one at a time.
-pub(crate) enum Msg {
-    /// A new connection; its stream is already listened to.
-    Connect {
-        stream: StreamName,
-        start: Start,
-        id: ConnId,
-        frames: mpsc::Sender<Bytes>,
-        flow: Arc<Flow>,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    /// From the listener.
-    Signal(StreamSignal),
-    /// A lagging connection drained its queue and wants the rest.
-    Ready(ConnId),
-    /// The connection's client went away.
-    Gone(ConnId),
-    /// From the heartbeat.
-    Tick,
-    /// Report each stream's connection count.
-    Census(oneshot::Sender<Vec<(StreamName, usize)>>),
-    /// Say goodbye to every client and stop.
-    Shutdown(oneshot::Sender<()>),
-}
+use crate::mailbox::{ConnId, Flow, Inbox, Msg};
 
 /// Counters the dispatcher keeps (read through [`Instance::stats`](crate::Instance::stats)).
 #[derive(Debug, Default)]
@@ -192,8 +158,8 @@ impl<S: StreamStore, L: StreamListener> Dispatcher<S, L> {
         }
     }
 
-    pub(crate) async fn run(mut self, mut mailbox: mpsc::UnboundedReceiver<Msg>) {
-        while let Some(msg) = mailbox.recv().await {
+    pub(crate) async fn run(mut self, mut inbox: Inbox) {
+        while let Some(msg) = inbox.recv().await {
             let done = self.handle(msg).await;
             self.counters.iterations.fetch_add(1, Ordering::Relaxed);
             self.counters

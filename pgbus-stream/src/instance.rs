@@ -9,53 +9,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{EventStream, Flow, Slot};
+use crate::client::{EventStream, Slot};
+use crate::config::{Config, IterationHook};
 use crate::cursor::Start;
-use crate::dispatcher::{ConnId, Counters, Dispatcher, Msg};
+use crate::dispatcher::{Counters, Dispatcher};
 use crate::frame;
-
-/// Called by the dispatcher after each message it handled (tests use it to check that no
-/// pooled connection is held between iterations).
-pub type IterationHook = Arc<dyn Fn() + Send + Sync>;
-
-/// Tuning of an [`Instance`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct Config {
-    /// How often every connection gets a keep-alive comment.
-    pub heartbeat: Duration,
-    /// How long a connection's queue may stay full before the client is dropped (checked
-    /// on each heartbeat).
-    pub write_deadline: Duration,
-    /// A connection that received no event for this long is closed (the browser
-    /// reconnects with its last id), which also reaps half-open connections.
-    pub idle_timeout: Duration,
-    /// Frames queued per connection before it counts as lagging.
-    pub queue_capacity: usize,
-    /// Events read per statement when replaying or fanning out.
-    pub read_batch: usize,
-    /// Connections beyond this are refused ([`RegisterError::Full`]).
-    pub max_connections: usize,
-    /// Sent to each client as `retry:`, the browser's reconnection delay.
-    pub client_retry: Option<Duration>,
-    /// Durable events older than this are pruned (in bounded batches, once a minute).
-    pub retention: Option<Duration>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            heartbeat: Duration::from_secs(15),
-            write_deadline: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30 * 60),
-            queue_capacity: 256,
-            read_batch: 500,
-            max_connections: 10_000,
-            client_retry: Some(Duration::from_secs(2)),
-            retention: Some(Duration::from_secs(24 * 3600)),
-        }
-    }
-}
+use crate::mailbox::{mailbox, ConnId, Flow, Inbox, Mailbox, Msg};
 
 /// Why a connection was not registered.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +45,8 @@ pub struct InstanceStats {
     pub store_errors: u64,
     /// Messages the dispatcher handled.
     pub iterations: u64,
+    /// Broadcasts dropped because [`Config::max_queued_broadcasts`] were waiting.
+    pub dropped_broadcasts: u64,
 }
 
 /// One streamer per web process: a [`StreamListener`] (LISTEN per followed stream), a
@@ -119,9 +80,9 @@ struct Inner<S, L> {
     store: S,
     listener: Arc<L>,
     config: Config,
-    mailbox: mpsc::UnboundedSender<Msg>,
+    mailbox: Mailbox,
     /// The dispatcher's end of the mailbox until `start` takes it.
-    unstarted: Mutex<Option<(mpsc::UnboundedReceiver<Msg>, Option<IterationHook>)>>,
+    unstarted: Mutex<Option<(Inbox, Option<IterationHook>)>>,
     tasks: Mutex<Tasks>,
     background: CancellationToken,
     shutting_down: AtomicBool,
@@ -144,14 +105,14 @@ impl<S: StreamStore, L: StreamListener> Instance<S, L> {
 
     /// As [`new`](Self::new), calling `hook` after each dispatcher iteration.
     pub fn with_hook(store: S, listener: L, config: Config, hook: Option<IterationHook>) -> Self {
-        let (mailbox, receiver) = mpsc::unbounded_channel();
+        let (mailbox, inbox) = mailbox(config.max_queued_broadcasts);
         Self {
             inner: Arc::new(Inner {
                 store,
                 listener: Arc::new(listener),
                 config,
                 mailbox,
-                unstarted: Mutex::new(Some((receiver, hook))),
+                unstarted: Mutex::new(Some((inbox, hook))),
                 tasks: Mutex::default(),
                 background: CancellationToken::new(),
                 shutting_down: AtomicBool::new(false),
@@ -170,14 +131,14 @@ impl<S: StreamStore, L: StreamListener> Instance<S, L> {
     /// Starts the listener, the dispatcher, the heartbeat and the pruner on the current
     /// tokio runtime. A second call does nothing.
     pub fn start(&self) -> Result<()> {
-        let Some((receiver, hook)) = self.inner.unstarted.lock().expect("unstarted").take() else {
+        let Some((inbox, hook)) = self.inner.unstarted.lock().expect("unstarted").take() else {
             return Ok(());
         };
         let inner = &self.inner;
         let mailbox = inner.mailbox.clone();
-        inner.listener.start(Arc::new(move |signal| {
-            let _ = mailbox.send(Msg::Signal(signal));
-        }))?;
+        inner
+            .listener
+            .start(Arc::new(move |signal| mailbox.signal(signal)))?;
         let dispatcher = Dispatcher::new(
             inner.store.clone(),
             inner.listener.clone(),
@@ -186,7 +147,7 @@ impl<S: StreamStore, L: StreamListener> Instance<S, L> {
             hook,
         );
         let mut tasks = inner.tasks.lock().expect("tasks");
-        tasks.dispatcher = Some(tokio::spawn(dispatcher.run(receiver)));
+        tasks.dispatcher = Some(tokio::spawn(dispatcher.run(inbox)));
         tasks.background.push(tokio::spawn(heartbeat(
             inner.config.heartbeat,
             inner.mailbox.clone(),
@@ -273,6 +234,7 @@ impl<S: StreamStore, L: StreamListener> Instance<S, L> {
             dropped_idle: get(&c.dropped_idle),
             store_errors: get(&c.store_errors),
             iterations: get(&c.iterations),
+            dropped_broadcasts: self.inner.mailbox.dropped_broadcasts(),
         }
     }
 
@@ -316,7 +278,7 @@ impl<S: StreamStore, L: StreamListener> Instance<S, L> {
     }
 }
 
-async fn heartbeat(every: Duration, mailbox: mpsc::UnboundedSender<Msg>, stop: CancellationToken) {
+async fn heartbeat(every: Duration, mailbox: Mailbox, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate

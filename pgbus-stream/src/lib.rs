@@ -8,15 +8,18 @@
 //! `GET /streams/{signed_name}`; names are signed with a [`Signer`].
 
 mod client;
+mod config;
 mod cursor;
 mod dispatcher;
 mod frame;
 pub mod http;
 mod instance;
+mod mailbox;
 pub mod parse;
 mod signing;
 
 pub use client::EventStream;
+pub use config::{Config, IterationHook};
 pub use cursor::{parse_cursor, start_from, CursorError, Start};
-pub use instance::{Config, Instance, InstanceStats, IterationHook, RegisterError};
+pub use instance::{Instance, InstanceStats, RegisterError};
 pub use signing::{SignatureError, Signer, WeakSecret, MIN_SECRET_LEN};

@@ -1,10 +1,14 @@
 //! The dispatcher against the in-memory backend: replay, live delivery, lagging and slow
 //! clients, broadcasts, limits and shutdown.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use pgbus_core::{MemoryBackend, MemoryStreamListener, StreamName, StreamStore};
+use pgbus_core::{
+    Horizon, MemoryBackend, MemoryStreamListener, Result, StreamEvent, StreamName, StreamStore,
+};
 use pgbus_stream::parse::{SseFrame, SseParser};
 use pgbus_stream::{Config, EventStream, Instance, RegisterError, Start};
 
@@ -229,4 +233,125 @@ async fn the_last_client_of_a_stream_unlistens() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     drop(second);
+}
+
+/// The memory store, counting reads, whose reads wait while the test holds the gate: the
+/// dispatcher is busy for as long as the test wants.
+#[derive(Clone)]
+struct Gated {
+    backend: MemoryBackend,
+    reads: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl StreamStore for Gated {
+    async fn publish(&self, stream: &StreamName, event: &str, data: &str) -> Result<i64> {
+        self.backend.publish(stream, event, data).await
+    }
+
+    async fn broadcast(&self, stream: &StreamName, event: &str, data: &str) -> Result<Option<i64>> {
+        self.backend.broadcast(stream, event, data).await
+    }
+
+    async fn read_after(
+        &self,
+        stream: &StreamName,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        drop(self.gate.lock().await);
+        self.backend.read_after(stream, after, limit).await
+    }
+
+    async fn latest(&self, stream: &StreamName) -> Result<i64> {
+        self.backend.latest(stream).await
+    }
+
+    async fn horizon(&self, stream: &StreamName, cursor: i64) -> Result<Horizon> {
+        self.backend.horizon(stream, cursor).await
+    }
+
+    async fn prune(&self, retention: Duration, batch: usize) -> Result<u64> {
+        self.backend.prune(retention, batch).await
+    }
+}
+
+fn gated(config: Config) -> (Gated, Instance<Gated, MemoryStreamListener>) {
+    let backend = MemoryBackend::new();
+    let store = Gated {
+        backend: backend.clone(),
+        reads: Arc::default(),
+        gate: Arc::default(),
+    };
+    let instance = Instance::new(store.clone(), backend.stream_listener(), config);
+    instance.start().unwrap();
+    (store, instance)
+}
+
+/// Waits until the dispatcher is inside a read (which waits for the gate).
+async fn reading(store: &Gated, reads_before: usize) {
+    let start = tokio::time::Instant::now();
+    while store.reads.load(Ordering::SeqCst) == reads_before {
+        assert!(start.elapsed() < DEADLINE, "the dispatcher never read");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_signalled_during_a_read_cost_one_more_read_not_one_each() {
+    const EVENTS: usize = 1_000;
+    let mut config = config();
+    config.queue_capacity = 2 * EVENTS;
+    let (store, instance) = gated(config);
+    let s = stream("busy");
+    let mut events = instance.register(s.clone(), Start::Latest).await.unwrap();
+    let gate = store.gate.lock().await;
+    let before = store.reads.load(Ordering::SeqCst);
+    let mut published = vec![store.publish(&s, "e", "0").await.unwrap()];
+    reading(&store, before).await;
+    for n in 1..EVENTS {
+        published.push(store.publish(&s, "e", &n.to_string()).await.unwrap());
+    }
+    drop(gate);
+    assert_eq!(ids(&mut events, EVENTS).await, published);
+    // The read under way, the one signal that waited (batches of 500: three statements
+    // each at most), and none per commit.
+    let reads = store.reads.load(Ordering::SeqCst) - before;
+    assert!(reads <= 6, "{reads} reads for {EVENTS} commits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_beyond_the_mailbox_bound_are_dropped_and_counted() {
+    const BROADCASTS: usize = 100;
+    const BOUND: usize = 10;
+    let mut config = config();
+    config.max_queued_broadcasts = BOUND;
+    config.queue_capacity = 2 * BROADCASTS;
+    let (store, instance) = gated(config);
+    let s = stream("chatty");
+    let mut events = instance.register(s.clone(), Start::Latest).await.unwrap();
+    let gate = store.gate.lock().await;
+    let before = store.reads.load(Ordering::SeqCst);
+    let durable = store.publish(&s, "durable", "0").await.unwrap();
+    reading(&store, before).await;
+    for n in 0..BROADCASTS {
+        assert_eq!(
+            store.broadcast(&s, "tick", &n.to_string()).await.unwrap(),
+            None
+        );
+    }
+    assert_eq!(
+        instance.stats().dropped_broadcasts,
+        (BROADCASTS - BOUND) as u64
+    );
+    drop(gate);
+    assert_eq!(
+        next_frame(&mut events).await.unwrap().event_id(),
+        Some(durable)
+    );
+    for n in 0..BOUND {
+        let frame = next_frame(&mut events).await.unwrap();
+        assert_eq!((frame.event_id(), frame.data), (None, n.to_string()));
+    }
 }
