@@ -166,3 +166,15 @@ impl Error {
 
 /// `Result` with [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The text of a caught panic's payload (`panic!` with a literal or a format string), for
+/// the error a panicking handler or task is reported with.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = panic.downcast_ref::<&'static str>() {
+        message
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message
+    } else {
+        "non-string panic payload"
+    }
+}

@@ -61,7 +61,7 @@ pub mod conformance;
 pub use batch::{BatchCallbacks, BatchId, BatchInfo};
 pub use breaker::CircuitBreaker;
 pub use codec::ContentType;
-pub use error::{BoxError, Error, Result};
+pub use error::{panic_message, BoxError, Error, Result};
 pub use events::{
     envelope, Binding, Bound, DedupClaim, Deduplication, Event, EventId, NewEvent, Published,
     RoutingKey, StartAt, TopicPattern, TopicStats, Topics, EVENT_ID_HEADER, MAX_ROUTING_KEY_LEN,

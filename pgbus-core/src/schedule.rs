@@ -42,6 +42,7 @@ impl Schedule {
                 "a schedule interval must be at least 10 ms".into(),
             ));
         }
+        crate::check_delay("a schedule interval", interval)?;
         Ok(Self(Kind::Every(interval)))
     }
 
@@ -234,8 +235,14 @@ pub fn tasks_from_json(text: &str) -> Result<Vec<RecurringTask>> {
         .map(|spec| {
             let schedule = match (&spec.cron, spec.every_secs) {
                 (Some(cron), None) => Schedule::cron(cron)?,
-                (None, Some(secs)) if secs.is_finite() && secs > 0.0 => {
-                    Schedule::every(Duration::from_secs_f64(secs))?
+                (None, Some(secs)) if secs > 0.0 => {
+                    let interval = Duration::try_from_secs_f64(secs).map_err(|_| {
+                        Error::InvalidArgument(format!(
+                            "recurring task {:?}: `every_secs` {secs} is not a usable interval",
+                            spec.name
+                        ))
+                    })?;
+                    Schedule::every(interval)?
                 }
                 _ => {
                     return Err(Error::InvalidArgument(format!(
@@ -272,6 +279,17 @@ mod tests {
         assert_eq!(s.next_after(at(120)), Some(at(130)));
         assert_eq!(s.next_after(at(125)), Some(at(130)));
         assert!(Schedule::every(Duration::from_millis(1)).is_err());
+        assert!(Schedule::every(Duration::MAX).is_err());
+    }
+
+    #[test]
+    fn unusable_intervals_in_a_config_are_errors_not_panics() {
+        for every in ["1e20", "1e300", "0", "-1", "0.001"] {
+            let config =
+                format!(r#"[{{"name": "t", "queue": "q", "every_secs": {every}, "payload": null}}]"#);
+            let err = tasks_from_json(&config).unwrap_err().to_string();
+            assert!(err.contains("every_secs") || err.contains("interval"), "{every}: {err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! The busy count and the shut-down flag share one atomic word, so a post that starts after
 //! `shutdown()` returned is always refused, and two posts can never both take the last slot.
 
-use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +15,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use pgbus_core::panic_message;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -211,15 +211,4 @@ pub(crate) async fn run(slot: Slot, job: Job) {
     }
     // The job future is dropped by now; only then is the slot free.
     drop(slot);
-}
-
-/// The text of a panic payload (`panic!` with a literal or a format string).
-pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
-    if let Some(message) = panic.downcast_ref::<&'static str>() {
-        message
-    } else if let Some(message) = panic.downcast_ref::<String>() {
-        message
-    } else {
-        "non-string panic payload"
-    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use pgbus_core::{
-    Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId, ProcessInfo,
+    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId, ProcessInfo,
     ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy, WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
@@ -19,7 +19,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
-use crate::slots::panic_message;
 use crate::subscriber::Declare;
 use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
 

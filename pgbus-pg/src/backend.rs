@@ -8,6 +8,7 @@ use pgbus_core::{
     check_delay, CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers,
     Lease, Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName,
     QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats, DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_DELAY,
 };
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, Row};
@@ -679,16 +680,23 @@ impl Stats for PgBackend {
                 stats.dead_lettered = row.get::<_, i64>(5) as u64;
                 stats.oldest_ready_age = row
                     .get::<_, Option<f64>>(6)
-                    .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
+                    .map(seconds);
                 stats.breaker_open_for = row
                     .get::<_, Option<f64>>(7)
-                    .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
+                    .map(seconds);
                 stats.processed_per_minute = row.get::<_, i64>(8).max(0) as u64;
                 stats.failed_per_minute = row.get::<_, i64>(9).max(0) as u64;
                 Ok(stats)
             })
             .collect()
     }
+}
+
+/// Seconds Postgres computed as a duration: never negative, and saturating at
+/// [`MAX_DELAY`] (a server with infinite intervals answers `Infinity`; NaN reads as zero),
+/// so no stored value can make a stats read panic.
+fn seconds(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs.clamp(0.0, MAX_DELAY.as_secs_f64())).unwrap_or_default()
 }
 
 pub(crate) fn message_from(queue: &QueueName, row: &Row) -> Result<Message> {
@@ -726,4 +734,19 @@ fn dead_message_from(queue: &QueueName, row: &Row) -> Result<DeadMessage> {
     d.failed_at = row.get("failed_at");
     d.limit_key = row.get("limit_key");
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_from_the_server_never_panic() {
+        assert_eq!(seconds(1.5), Duration::from_millis(1500));
+        assert_eq!(seconds(-3.0), Duration::ZERO);
+        assert_eq!(seconds(f64::NAN), Duration::ZERO);
+        assert_eq!(seconds(f64::INFINITY), MAX_DELAY);
+        assert_eq!(seconds(1e300), MAX_DELAY);
+        assert_eq!(seconds(f64::NEG_INFINITY), Duration::ZERO);
+    }
 }

@@ -1,6 +1,7 @@
 //! The snapshot behind the dashboard, its live updates and `/metrics`: read by one task
 //! every refresh interval, shared with every client through a watch channel.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -70,7 +71,7 @@ impl Snapshots {
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
             loop {
-                let data = read(&backend).await.map_err(|err| err.report().to_string());
+                let data = read_supervised(&backend).await;
                 #[cfg(feature = "stream")]
                 let streams = streams_view(&streamer).await;
                 #[cfg(not(feature = "stream"))]
@@ -97,6 +98,32 @@ impl Snapshots {
     #[cfg(feature = "dashboard")]
     pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.rx.clone()
+    }
+}
+
+/// One refresh's read on a task of its own, so that a bug it hits (a panic) is logged and
+/// shown as an error, and the next refresh tries again: the dashboard and `/metrics`
+/// never freeze on the last snapshot.
+async fn read_supervised(backend: &PgBackend) -> Result<Data, String> {
+    let backend = backend.clone();
+    supervised(async move { read(&backend).await.map_err(|err| err.report().to_string()) })
+        .await
+}
+
+/// Runs `work` on a task of its own; a panic is logged and becomes a generic error.
+async fn supervised<T: Send + 'static>(
+    work: impl Future<Output = Result<T, String>> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(err) => {
+            let panic = err
+                .try_into_panic()
+                .map(|panic| pgbus_core::panic_message(&*panic).to_owned())
+                .unwrap_or_else(|err| err.to_string());
+            tracing::error!(target: "pgbus::serve", panic = %panic, "reading the dashboard snapshot panicked; trying again on the next refresh");
+            Err("internal error (see the server log)".into())
+        }
     }
 }
 
@@ -197,5 +224,17 @@ impl Snapshot {
             streams,
             json: value.to_string().into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_read_is_an_error_and_the_next_one_runs() {
+        let panicked: Result<(), String> = supervised(async { panic!("a bad row") }).await;
+        assert_eq!(panicked, Err("internal error (see the server log)".into()));
+        assert_eq!(supervised(async { Ok(7) }).await, Ok(7));
     }
 }
