@@ -80,6 +80,10 @@ macro_rules! conformance_tests {
 
 const LONG: Duration = Duration::from_secs(600);
 const DEADLINE: Duration = Duration::from_secs(10);
+/// A delay, lease or backoff meant to run out during a case: long enough that the few
+/// statements a case runs before it ends fit inside it on a loaded machine, so no case
+/// depends on a narrow window of wall-clock time.
+const SHORT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Job {
@@ -207,10 +211,7 @@ pub async fn claims_by_priority_then_age<B: Backend>(backend: B) {
 /// A delayed message is invisible until due; one scheduled in the past is visible now.
 pub async fn delayed_messages_are_invisible_until_due<B: Backend>(backend: B) {
     let q = queue(&backend, "delayed").await;
-    backend
-        .send(&q, job(1).delay(Duration::from_millis(300)))
-        .await
-        .unwrap();
+    backend.send(&q, job(1).delay(SHORT)).await.unwrap();
     backend.send(&q, job(2).delay(LONG)).await.unwrap();
     backend
         .send(&q, job(3).at(SystemTime::now() + Duration::from_secs(3600)))
@@ -300,11 +301,7 @@ pub async fn concurrent_claimers_claim_each_message_once<B: Backend>(backend: B)
 pub async fn expired_lease_is_claimed_again_and_fenced<B: Backend>(backend: B) {
     let q = queue(&backend, "leases").await;
     backend.send(&q, job(1)).await.unwrap();
-    let first = backend
-        .claim(&q, 1, Duration::from_millis(200))
-        .await
-        .unwrap()
-        .remove(0);
+    let first = backend.claim(&q, 1, SHORT).await.unwrap().remove(0);
     assert_eq!(first.attempts, 1);
     assert!(
         backend.claim(&q, 1, LONG).await.unwrap().is_empty(),
@@ -329,13 +326,9 @@ pub async fn expired_lease_is_claimed_again_and_fenced<B: Backend>(backend: B) {
 pub async fn extended_lease_keeps_message_hidden<B: Backend>(backend: B) {
     let q = queue(&backend, "extend").await;
     backend.send(&q, job(1)).await.unwrap();
-    let m = backend
-        .claim(&q, 1, Duration::from_millis(300))
-        .await
-        .unwrap()
-        .remove(0);
+    let m = backend.claim(&q, 1, SHORT).await.unwrap().remove(0);
     assert_eq!(backend.extend(&[m.lease()], LONG).await.unwrap(), 1);
-    assert_nothing_claimable_for(&backend, &q, Duration::from_millis(600)).await;
+    assert_nothing_claimable_for(&backend, &q, SHORT + SHORT / 4).await;
     assert_eq!(stats_of(&backend, &q).await.in_flight, 1);
     assert_eq!(backend.ack(&[m.lease()]).await.unwrap(), 1);
 }
@@ -347,10 +340,7 @@ pub async fn ack_batch_completes_messages<B: Backend>(backend: B) {
         .send_batch(&q, (0..20).map(job).collect())
         .await
         .unwrap();
-    let claimed = backend
-        .claim(&q, 20, Duration::from_millis(100))
-        .await
-        .unwrap();
+    let claimed = backend.claim(&q, 20, SHORT).await.unwrap();
     let leases: Vec<_> = claimed.iter().map(Message::lease).collect();
     assert_eq!(backend.ack(&leases).await.unwrap(), 20);
     assert_eq!(
@@ -358,7 +348,8 @@ pub async fn ack_batch_completes_messages<B: Backend>(backend: B) {
         0,
         "second ack finds nothing"
     );
-    assert_nothing_claimable_for(&backend, &q, Duration::from_millis(300)).await;
+    // Past the lease: acked messages do not come back when it would have run out.
+    assert_nothing_claimable_for(&backend, &q, SHORT + SHORT / 4).await;
     assert_eq!(stats_of(&backend, &q).await.depth(), 0);
 }
 
@@ -367,10 +358,7 @@ pub async fn nack_makes_message_visible_after_delay<B: Backend>(backend: B) {
     let q = queue(&backend, "nacks").await;
     backend.send(&q, job(1)).await.unwrap();
     let m = backend.claim(&q, 1, LONG).await.unwrap().remove(0);
-    assert!(backend
-        .nack(&m.lease(), Duration::from_millis(200), Some("boom"))
-        .await
-        .unwrap());
+    assert!(backend.nack(&m.lease(), SHORT, Some("boom")).await.unwrap());
     assert!(
         backend.claim(&q, 1, LONG).await.unwrap().is_empty(),
         "hidden during the delay"
@@ -1232,7 +1220,7 @@ pub async fn concurrency_limits_count_live_leases<B: Backend + crate::Limits>(ba
 
     // An ack frees a slot.
     backend.ack(&[first[0].lease()]).await.unwrap();
-    let next = claim_limited(&backend, &q, Duration::from_millis(200)).await;
+    let next = claim_limited(&backend, &q, SHORT).await;
     assert_eq!(numbers(&next), [3]);
     assert!(claim_limited(&backend, &q, LONG).await.is_empty());
     // An expired lease frees its slot (the job itself is ready again too).
@@ -1307,7 +1295,7 @@ pub async fn rate_limits_count_starts_per_window<B: Backend + crate::Limits>(bac
 /// An open circuit breaker makes every claim of the queue hand out nothing, shows in the
 /// stats, and closes by itself after the backoff; the queue's breaker settings round-trip.
 pub async fn open_breaker_closes_the_queue_until_its_backoff_passes<B: Backend>(backend: B) {
-    let breaker = crate::CircuitBreaker::new(3, Duration::from_millis(300)).unwrap();
+    let breaker = crate::CircuitBreaker::new(3, SHORT).unwrap();
     assert!(crate::CircuitBreaker::new(0, LONG).is_err());
     let options = QueueOptions::default().circuit_breaker(breaker);
     let q = queue_with(&backend, "breaker", options.clone()).await;
@@ -1319,10 +1307,8 @@ pub async fn open_breaker_closes_the_queue_until_its_backoff_passes<B: Backend>(
     backend.send(&q, job(9).limit_key("k")).await.unwrap();
     assert_eq!(stats_of(&backend, &q).await.breaker_open_for, None);
 
-    backend
-        .trip_breaker(&q, Duration::from_millis(300))
-        .await
-        .unwrap();
+    let tripped = Instant::now();
+    backend.trip_breaker(&q, SHORT).await.unwrap();
     let stats = stats_of(&backend, &q).await;
     assert!(stats.breaker_open_for.is_some(), "visible in the stats");
     assert!(!stats.paused, "not a manual pause");
@@ -1339,11 +1325,16 @@ pub async fn open_breaker_closes_the_queue_until_its_backoff_passes<B: Backend>(
         Err(Error::QueueNotFound(_))
     ));
 
-    let start = Instant::now();
     while stats_of(&backend, &q).await.breaker_open_for.is_some() {
-        assert!(start.elapsed() < DEADLINE, "the breaker never closed");
+        assert!(tripped.elapsed() < DEADLINE, "the breaker never closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Open for its whole backoff (a busy machine only makes this later).
+    assert!(
+        tripped.elapsed() >= SHORT,
+        "the breaker closed after {:?} of a {SHORT:?} backoff",
+        tripped.elapsed()
+    );
     assert_eq!(backend.claim(&q, 10, LONG).await.unwrap().len(), 3);
     assert_eq!(fetcher.claim_limited(&q, 10, LONG).await.unwrap().len(), 1);
 }

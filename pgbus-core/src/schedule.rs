@@ -285,10 +285,14 @@ mod tests {
     #[test]
     fn unusable_intervals_in_a_config_are_errors_not_panics() {
         for every in ["1e20", "1e300", "0", "-1", "0.001"] {
-            let config =
-                format!(r#"[{{"name": "t", "queue": "q", "every_secs": {every}, "payload": null}}]"#);
+            let config = format!(
+                r#"[{{"name": "t", "queue": "q", "every_secs": {every}, "payload": null}}]"#
+            );
             let err = tasks_from_json(&config).unwrap_err().to_string();
-            assert!(err.contains("every_secs") || err.contains("interval"), "{every}: {err}");
+            assert!(
+                err.contains("every_secs") || err.contains("interval"),
+                "{every}: {err}"
+            );
         }
     }
 

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use pgbus_core::{
-    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId, ProcessInfo,
-    ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy, WakeupSource,
+    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId,
+    ProcessInfo, ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy,
+    WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;

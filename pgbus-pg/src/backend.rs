@@ -678,12 +678,8 @@ impl Stats for PgBackend {
                 stats.in_flight = row.get::<_, i64>(3) as u64;
                 stats.scheduled = row.get::<_, i64>(4) as u64;
                 stats.dead_lettered = row.get::<_, i64>(5) as u64;
-                stats.oldest_ready_age = row
-                    .get::<_, Option<f64>>(6)
-                    .map(seconds);
-                stats.breaker_open_for = row
-                    .get::<_, Option<f64>>(7)
-                    .map(seconds);
+                stats.oldest_ready_age = row.get::<_, Option<f64>>(6).map(seconds);
+                stats.breaker_open_for = row.get::<_, Option<f64>>(7).map(seconds);
                 stats.processed_per_minute = row.get::<_, i64>(8).max(0) as u64;
                 stats.failed_per_minute = row.get::<_, i64>(9).max(0) as u64;
                 Ok(stats)

@@ -5,11 +5,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use pgbus_core::{KeyLimit, Limits, NewMessage, Producer, QueueOptions};
+use pgbus_core::{
+    Consumer, Fetcher, KeyLimit, Limits, NewMessage, OpenFetcher, Producer, QueueOptions,
+};
 use pgbus_exec::{JobContext, Worker};
-use pgbus_pg::PgBackend;
+use pgbus_pg::{connect, PgBackend};
 use pgbus_tests::{create, eventually, fresh_backend, Gauge};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -215,20 +217,33 @@ async fn a_freed_slot_wakes_a_waiting_worker_in_another_process() {
     run.await.unwrap().unwrap();
 }
 
-/// A rate limit holds across two worker "processes": 30 jobs of a key limited to 5 starts
-/// per 500 ms start in 6 windows, so the last starts at least 5 windows after the first
-/// (asserted with one window of slack for a late first observation; without the limit
-/// all 30 start at once on the 32 slots).
+/// A rate limit holds across two "processes" (two backends, each claiming on its own fetch
+/// connection): 30 jobs of a key limited to 5 starts per 500 ms. Checked on the
+/// database's clock, as the limit counts: each claim's time is its lease's expiry minus
+/// the lease, and the windows are rebuilt as the backend opens them (the first when the
+/// limit was set, each next one at the first claim after the previous one ran out); no
+/// window holds more than 5 starts. Without the limit all 30 are claimed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rate_limit_holds_across_two_processes() {
     const JOBS: u32 = 30;
+    const PER_WINDOW: usize = 5;
     const INTERVAL: Duration = Duration::from_millis(500);
+    const LEASE: Duration = Duration::from_secs(60);
     let (backend, url) = fresh_backend(4).await;
     let q = create(&backend, "rated", QueueOptions::default()).await;
     backend
-        .set_limit("api_token", KeyLimit::rate(5, INTERVAL))
+        .set_limit("api_token", KeyLimit::rate(PER_WINDOW as u32, INTERVAL))
         .await
         .unwrap();
+    let observer = connect(&url, "observer").await.unwrap();
+    let first_window: SystemTime = observer
+        .query_one(
+            "SELECT window_start FROM pgbus.limits WHERE key = 'api_token'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let jobs = (0..JOBS)
         .map(|n| {
             NewMessage::encode(&Job {
@@ -241,43 +256,51 @@ async fn a_rate_limit_holds_across_two_processes() {
         .collect();
     backend.send_batch(&q, jobs).await.unwrap();
 
-    let starts: Arc<Mutex<Vec<(std::time::Instant, u32)>>> = Arc::default();
-    let stop = CancellationToken::new();
-    let mut runs = Vec::new();
+    let claimed: Arc<Mutex<Vec<(SystemTime, u32)>>> = Arc::default();
+    let mut claimers = Vec::new();
     for _ in 0..2 {
-        let own = PgBackend::builder(&url).max_connections(4).build().unwrap();
-        let starts = Arc::clone(&starts);
-        let worker = Worker::builder(own)
-            .concurrency(16)
-            .poll_interval(Duration::from_millis(20))
-            .handle(q.clone(), move |_ctx: JobContext<PgBackend>, job: Job| {
-                starts
-                    .lock()
-                    .unwrap()
-                    .push((std::time::Instant::now(), job.n));
-                async {}
-            })
-            .build()
+        let own = PgBackend::builder(&url).max_connections(2).build().unwrap();
+        let (claimed, q) = (Arc::clone(&claimed), q.clone());
+        claimers.push(tokio::spawn(async move {
+            let mut fetcher = own.open_fetcher().await.unwrap();
+            while claimed.lock().unwrap().len() < JOBS as usize {
+                for m in fetcher.claim_limited(&q, 16, LEASE).await.unwrap() {
+                    let job: Job = m.decode().unwrap();
+                    claimed
+                        .lock()
+                        .unwrap()
+                        .push((m.lease_expires_at - LEASE, job.n));
+                    own.ack(&[m.lease()]).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    for claimer in claimers {
+        tokio::time::timeout(DEADLINE, claimer)
+            .await
+            .expect("every job claimed in time")
             .unwrap();
-        runs.push(tokio::spawn(worker.run(stop.clone())));
     }
-    eventually("every job started", DEADLINE, || async {
-        starts.lock().unwrap().len() >= JOBS as usize
-    })
-    .await;
-    stop.cancel();
-    for run in runs {
-        run.await.unwrap().unwrap();
-    }
-    let starts = starts.lock().unwrap().clone();
-    let mut ns: Vec<u32> = starts.iter().map(|(_, n)| *n).collect();
+    let mut claimed = claimed.lock().unwrap().clone();
+    let mut ns: Vec<u32> = claimed.iter().map(|(_, n)| *n).collect();
     ns.sort_unstable();
-    assert_eq!(ns, (0..JOBS).collect::<Vec<_>>(), "each job ran once");
-    let first = starts.iter().map(|(at, _)| *at).min().unwrap();
-    let last = starts.iter().map(|(at, _)| *at).max().unwrap();
-    assert!(
-        last - first >= INTERVAL * 4,
-        "30 starts at 5 per {INTERVAL:?} took only {:?}",
-        last - first
-    );
+    assert_eq!(ns, (0..JOBS).collect::<Vec<_>>(), "each job claimed once");
+    claimed.sort();
+    let mut window = first_window;
+    let mut in_window = 0;
+    for (at, n) in &claimed {
+        assert!(
+            *at >= first_window,
+            "job {n} claimed before the limit was set"
+        );
+        if *at >= window + INTERVAL {
+            (window, in_window) = (*at, 0);
+        }
+        in_window += 1;
+        assert!(
+            in_window <= PER_WINDOW,
+            "job {n} is start {in_window} of the window opened at {window:?} (limit {PER_WINDOW} per {INTERVAL:?})"
+        );
+    }
 }

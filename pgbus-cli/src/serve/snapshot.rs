@@ -106,8 +106,7 @@ impl Snapshots {
 /// never freeze on the last snapshot.
 async fn read_supervised(backend: &PgBackend) -> Result<Data, String> {
     let backend = backend.clone();
-    supervised(async move { read(&backend).await.map_err(|err| err.report().to_string()) })
-        .await
+    supervised(async move { read(&backend).await.map_err(|err| err.report().to_string()) }).await
 }
 
 /// Runs `work` on a task of its own; a panic is logged and becomes a generic error.
