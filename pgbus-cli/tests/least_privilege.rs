@@ -185,3 +185,66 @@ fn a_role_that_may_not_create_the_schema_is_told_what_it_lacks() {
         unknown.stderr
     );
 }
+
+/// `/readyz` is unauthenticated: a failing check answers a bare "not ready" (the cause,
+/// here the role's name, goes to the log only), and a flood of probes runs at most about
+/// one check a second.
+#[test]
+fn readyz_says_only_not_ready_and_checks_at_most_once_a_second() {
+    let admin = Db::unmigrated();
+    let role = create_role(&admin.url);
+    admin.ok(&["migrate", "--grant", &role]);
+    let app = Db {
+        url: as_role(&admin.url, &role),
+        dir: tempfile::tempdir().expect("a temporary directory"),
+    };
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (mut served, log) = app.spawn(&["serve", "--listen", &listen]);
+    eventually("pgbus serve to listen", SHORT, || listening(port));
+    let url = format!("http://{listen}/readyz");
+    let ready = reqwest::blocking::get(&url).expect("readyz answers");
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+
+    // New connections of the role are refused from now on; the pool's stay.
+    execute(&admin.url, &format!("ALTER ROLE {role} NOLOGIN"));
+    let started = std::time::Instant::now();
+    let probes: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                (0..50)
+                    .map(|_| {
+                        let response = reqwest::blocking::get(&url).expect("readyz answers");
+                        (response.status(), response.text().expect("a body"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for probe in probes {
+        answers.extend(probe.join().expect("probing"));
+    }
+    let elapsed = started.elapsed();
+    // The first probes may still get the cached "ready" of a moment ago.
+    let not_ready: Vec<_> = answers
+        .iter()
+        .filter(|(status, _)| *status != reqwest::StatusCode::OK)
+        .collect();
+    assert!(!not_ready.is_empty(), "the check never failed");
+    for (status, body) in &not_ready {
+        assert_eq!(*status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, "not ready\n");
+    }
+    terminate(&served.0);
+    wait_deadline(&mut served.0, SHORT);
+    served.stop();
+    let log = log.join().unwrap_or_default();
+    let checks = log.matches("readiness check failed").count();
+    assert!(log.contains(&role), "the cause is logged: {log}");
+    assert!(
+        checks as u64 <= elapsed.as_secs() + 2,
+        "{checks} failed checks for 200 probes in {elapsed:?}"
+    );
+}

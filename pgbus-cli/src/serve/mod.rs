@@ -8,7 +8,8 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use axum::extract::{Request, State};
@@ -52,6 +53,7 @@ type StreamInstance = pgbus_stream::Instance<PgBackend, pgbus_pg::PgStreamListen
 pub(crate) struct App {
     pub(crate) backend: PgBackend,
     pub(crate) snapshots: Snapshots,
+    pub(crate) readiness: Readiness,
     // Read by the dashboard API only.
     #[cfg_attr(not(feature = "dashboard"), allow(dead_code))]
     pub(crate) stop: CancellationToken,
@@ -123,6 +125,7 @@ pub(crate) async fn start(
     let app = App {
         backend,
         snapshots,
+        readiness: Readiness::default(),
         stop: stop.clone(),
     };
 
@@ -178,20 +181,44 @@ pub(crate) async fn start(
     Ok(Server { addr, task })
 }
 
-/// `/readyz`: the database answers and its schema is current.
+/// How long one `/readyz` answer is reused: a flood of probes costs at most one check
+/// (one short-lived connection) per second, and takes nothing from the pool the stream
+/// dispatcher reads with.
+const READY_CACHED_FOR: Duration = Duration::from_secs(1);
+
+/// The last readiness check and when it finished; the lock also makes concurrent probes
+/// wait for one check instead of each running its own.
+#[derive(Clone, Default)]
+pub(crate) struct Readiness(Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>);
+
+/// `/readyz`: the database answers and its schema is current. The body says only ready or
+/// not (it is unauthenticated); why not is in the server's log.
 async fn readyz(State(app): State<App>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(2), app.backend.check_schema()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Err(err)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", err.report()),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the database did not answer within 2 s\n",
-        )
-            .into_response(),
+    let mut last = app.readiness.0.lock().await;
+    let ready = match *last {
+        Some((at, ready)) if at.elapsed() < READY_CACHED_FOR => ready,
+        _ => {
+            let checked =
+                tokio::time::timeout(Duration::from_secs(2), app.backend.check_schema()).await;
+            let ready = match checked {
+                Ok(Ok(())) => true,
+                Ok(Err(err)) => {
+                    tracing::warn!(target: "pgbus::serve", error = %err.report(), "readiness check failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(target: "pgbus::serve", "readiness check failed: the database did not answer within 2 s");
+                    false
+                }
+            };
+            *last = Some((Instant::now(), ready));
+            ready
+        }
+    };
+    if ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
     }
 }
 
