@@ -66,15 +66,15 @@ pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<
         "TASK", "QUEUE", "SCHEDULE", "MISSED", "LAST", "NEXT"
     );
     for s in &schedules {
-        let dash = || "-".to_owned();
         println!(
             "{:<24} {:<16} {:<28} {:<14} {:<26} {:<26}",
             s.task,
             s.queue,
             s.schedule,
             s.missed,
-            s.last_at.map(rfc3339).unwrap_or_else(dash),
-            s.next_at.map(rfc3339).unwrap_or_else(dash),
+            s.last_at.map_or_else(|| "never".to_owned(), rfc3339),
+            // Unknown until a leading scheduler has computed it.
+            s.next_at.map_or_else(|| "-".to_owned(), rfc3339),
         );
     }
     Ok(ExitCode::SUCCESS)

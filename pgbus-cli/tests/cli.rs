@@ -1179,6 +1179,96 @@ fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
     );
 }
 
+/// Whether an RFC 3339 time from `cron list` is a whole second (`...:05.000Z`), and its
+/// second of the minute.
+fn whole_second(time: &str) -> Option<u32> {
+    let seconds = time.strip_suffix(".000Z")?.rsplit(':').next()?;
+    seconds.parse().ok()
+}
+
+#[test]
+fn cron_with_a_seconds_step_fires_on_the_step_and_cron_list_shows_whole_seconds() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "ticks"]);
+    db.ok(&["queue", "create", "reports"]);
+    let config = db.path("tasks.json");
+    std::fs::write(
+        &config,
+        json!([
+            {"name": "every_5s", "queue": "ticks", "cron": "*/5 * * * * *", "payload": {}},
+            {"name": "nightly", "queue": "reports", "cron": "0 3 * * *", "payload": {}}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let (mut scheduler, stderr) = db.spawn(&["cron", "run", "--config", config.to_str().unwrap()]);
+    // Long enough for several ticks of the scheduler (one a second) per occurrence, and
+    // for at least two occurrences.
+    let observe = Duration::from_secs(12);
+    eventually("two occurrences and the observed span", LONG, || {
+        started.elapsed() >= observe && db.depth("ticks") >= 2
+    });
+    terminate(&scheduler.0);
+    let status = wait_deadline(&mut scheduler.0, Duration::from_secs(30));
+    let span = started.elapsed();
+    if status.is_none() {
+        scheduler.stop();
+    }
+    let stderr = stderr.join().unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "{stderr}");
+
+    // At most one job per 5 s of the span the scheduler ran (plus slack for the edges).
+    let enqueued = db.depth("ticks");
+    let most = span.as_secs() / 5 + 2;
+    assert!(
+        (2..=most).contains(&enqueued),
+        "{enqueued} jobs in {span:?} from */5 (at most {most})"
+    );
+    assert_eq!(
+        count(
+            &db.url,
+            "SELECT count(*) FROM pgbus.schedule_runs \
+             WHERE extract(microseconds FROM scheduled_at)::bigint % 5000000 <> 0"
+        ),
+        0,
+        "every occurrence on a whole multiple of 5 s"
+    );
+
+    let listed = db.ok(&["cron", "list", "--json"]).json();
+    let tasks = listed["tasks"].as_array().expect("a tasks array");
+    let task = |name: &str| {
+        tasks
+            .iter()
+            .find(|t| t["task"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {listed:#}"))
+    };
+    let fast = task("every_5s");
+    for field in ["last_at", "next_at"] {
+        let time = fast[field].as_str().unwrap_or_default();
+        assert!(
+            whole_second(time).is_some_and(|s| s % 5 == 0),
+            "{field} of */5 is a whole multiple of 5 s: {fast}"
+        );
+    }
+    let nightly = task("nightly");
+    assert_eq!(nightly["last_at"], Value::Null, "never ran: {nightly}");
+    let next = nightly["next_at"].as_str().unwrap_or_default();
+    assert!(next.ends_with("T03:00:00.000Z"), "whole seconds: {nightly}");
+
+    let table = db.ok(&["cron", "list"]).stdout;
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("nightly "))
+        .unwrap_or_else(|| panic!("no nightly row:\n{table}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        columns[columns.len() - 2..],
+        ["never", next],
+        "LAST never, NEXT whole seconds:\n{table}"
+    );
+}
+
 #[test]
 fn a_queue_with_a_circuit_breaker_pauses_itself_visibly_in_stats() {
     let db = Db::new();

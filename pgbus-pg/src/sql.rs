@@ -663,10 +663,12 @@ SELECT $1, unnest($2::timestamptz[])
 ON CONFLICT (task, scheduled_at) DO NOTHING
 RETURNING scheduled_at";
 
-/// Moves task `$1`'s cursor forward to `$2` (never back) and records its next run `$3`.
+/// Moves task `$1`'s cursor forward to `$2`, the latest occurrence enqueued (never back;
+/// NULL when none was: `greatest` ignores NULLs, so a task that never ran keeps a NULL
+/// `last_at`) and records its next run `$3`.
 pub(crate) const ADVANCE_TASK: &str = "
 UPDATE pgbus.schedules
-SET last_at = greatest(coalesce(last_at, $2), $2), next_at = $3
+SET last_at = greatest(last_at, $2), next_at = $3
 WHERE task = $1";
 
 /// Deletes at most `$2` occurrence records older than `$1` seconds, never a task's latest.
