@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::database::Database;
 
@@ -139,11 +140,11 @@ pub(crate) enum Command {
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
     /// Stop by itself after this long (e.g. 10s).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
     pub(crate) duration: Option<Duration>,
     /// Where to serve the dashboard (a free port is taken if this one is busy).
     #[cfg(any(feature = "dashboard", feature = "stream"))]
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, value_parser = listen_addr, default_value = "127.0.0.1:8080")]
     pub(crate) listen: std::net::SocketAddr,
 }
 
@@ -157,7 +158,7 @@ pub(crate) enum QueueCommand {
         #[arg(long, default_value_t = 5)]
         max_attempts: u32,
         /// Lease (visibility timeout) of a claimed message.
-        #[arg(long, value_parser = duration, default_value = "30s")]
+        #[arg(long, value_parser = positive_duration, default_value = "30s", allow_hyphen_values = true)]
         lease: Duration,
         /// Keep acked messages in the archive.
         #[arg(long)]
@@ -166,7 +167,7 @@ pub(crate) enum QueueCommand {
         #[arg(long, requires = "breaker_backoff")]
         breaker_failures: Option<u32>,
         /// ... for this long, then resume by itself.
-        #[arg(long, value_parser = duration, requires = "breaker_failures")]
+        #[arg(long, value_parser = positive_duration, requires = "breaker_failures", allow_hyphen_values = true)]
         breaker_backoff: Option<Duration>,
     },
     /// List queues.
@@ -192,7 +193,7 @@ pub(crate) struct SendArgs {
     /// The message as JSON; without it, one JSON document per line is read from stdin.
     pub(crate) json: Option<String>,
     /// Make the messages visible only after this delay (e.g. 10s, 5m).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
     pub(crate) delay: Option<Duration>,
     /// Priority: higher runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -217,7 +218,7 @@ pub(crate) struct WorkArgs {
     #[arg(long, default_value = "async")]
     pub(crate) execution_mode: String,
     /// Longest wait between claims when no wake-up arrives.
-    #[arg(long, value_parser = duration, default_value = "1s")]
+    #[arg(long, value_parser = positive_duration, default_value = "1s", allow_hyphen_values = true)]
     pub(crate) poll_interval: Duration,
     /// Exit 0 once the queues have no ready or in-flight messages.
     #[arg(long)]
@@ -228,7 +229,7 @@ pub(crate) struct WorkArgs {
     /// the group gets SIGTERM, then SIGKILL 2 s later. Its environment is pgbus's without
     /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
     /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP.
-    #[arg(long, conflicts_with = "http", required_unless_present = "http")]
+    #[arg(long, conflicts_with = "http")]
     pub(crate) exec: Option<String>,
     /// Pass the withheld environment variable NAME (DATABASE_URL, PGPASSWORD or a PGBUS_*
     /// one) through to --exec commands anyway. Repeatable.
@@ -239,24 +240,24 @@ pub(crate) struct WorkArgs {
     #[arg(long)]
     pub(crate) http: Option<String>,
     /// The longest Retry-After honoured with --http; a longer one is shortened to it.
-    #[arg(long, value_parser = duration, default_value = "1h")]
+    #[arg(long, value_parser = duration, default_value = "1h", allow_hyphen_values = true)]
     pub(crate) max_retry_after: Duration,
     /// Per-job timeout; a job past it is killed and retried.
-    #[arg(long, value_parser = duration, default_value = "5m")]
+    #[arg(long, value_parser = positive_duration, default_value = "5m", allow_hyphen_values = true)]
     pub(crate) job_timeout: Duration,
     /// Run N worker processes under a supervisor that restarts any that dies.
     #[arg(long)]
     pub(crate) processes: Option<usize>,
     /// How long a graceful stop waits for running jobs.
-    #[arg(long, value_parser = duration, default_value = "30s")]
+    #[arg(long, value_parser = duration, default_value = "30s", allow_hyphen_values = true)]
     pub(crate) drain_timeout: Duration,
     /// How long idempotent consumers' dedup records are kept (every worker process
     /// prunes them, the event log, and each queue's archive past its retention).
-    #[arg(long, value_parser = duration, default_value = "7days")]
+    #[arg(long, value_parser = duration, default_value = "7days", allow_hyphen_values = true)]
     pub(crate) dedup_retention: Duration,
     /// How long published events stay in the event log (what a binding with
     /// --earliest or --since can replay).
-    #[arg(long, value_parser = duration, default_value = "7days")]
+    #[arg(long, value_parser = duration, default_value = "7days", allow_hyphen_values = true)]
     pub(crate) event_retention: Duration,
 }
 
@@ -282,10 +283,32 @@ pub(crate) enum DlqCommand {
 pub(crate) struct DlqSelection {
     pub(crate) queue: String,
     /// Every dead-lettered message of the queue.
-    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    #[arg(long, conflicts_with = "ids")]
     pub(crate) all: bool,
     /// Message ids.
     pub(crate) ids: Vec<i64>,
+}
+
+impl DlqSelection {
+    /// Neither ids nor `--all`.
+    fn is_empty(&self) -> bool {
+        !self.all && self.ids.is_empty()
+    }
+}
+
+/// A usage error of the subcommand at `path` (`["dlq", "retry"]`), with its usage line.
+pub(crate) fn usage_error(path: &[&str], kind: ErrorKind, message: &str) -> clap::Error {
+    let mut cli = Cli::command();
+    // Names every subcommand `pgbus dlq retry` for its usage line.
+    cli.build();
+    let mut command = cli;
+    for name in path {
+        match command.find_subcommand(name) {
+            Some(sub) => command = sub.clone(),
+            None => break,
+        }
+    }
+    command.error(kind, message)
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,12 +322,65 @@ pub(crate) enum DbCommand {
     Stop,
 }
 
-/// Parses `30s`, `5m`, `500ms`, `1h 30m`.
+/// Parses `30s`, `5m`, `500ms`, `1h 30m`; refuses negative ones. (Duration arguments take
+/// `allow_hyphen_values`, so that `--delay -5s` reaches this message instead of clap's
+/// advice to pass `-5` after `--`.)
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
+    if text.trim_start().starts_with('-') {
+        return Err("negative durations are not allowed (expected e.g. 500ms, 30s, 5m)".into());
+    }
     humantime::parse_duration(text).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m)"))
 }
 
+/// [`duration`], and more than zero: for leases, intervals and timeouts, where zero
+/// would make no sense.
+pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        zero if zero.is_zero() => Err("must be more than zero (e.g. 500ms, 30s, 5m)".into()),
+        positive => Ok(positive),
+    }
+}
+
+/// Parses a listen address: `IP:PORT` (`[::1]:PORT` for IPv6), or `localhost:PORT` for
+/// 127.0.0.1.
+#[cfg(any(feature = "dashboard", feature = "stream"))]
+pub(crate) fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if let Some(Ok(port)) = text.strip_prefix("localhost:").map(str::parse::<u16>) {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Err(
+        "expected IP:PORT or localhost:PORT, e.g. 127.0.0.1:8080 (0.0.0.0:8080: every \
+         interface)"
+            .into(),
+    )
+}
+
 impl Cli {
+    /// Parses the command line; on a usage error prints it and exits with status 2, as
+    /// clap does, for the rules clap cannot state with a message that names the fix.
+    pub(crate) fn parse_checked() -> Self {
+        let cli = Self::parse();
+        let missing = |path: &[&str], message: &str| {
+            usage_error(path, ErrorKind::MissingRequiredArgument, message).exit()
+        };
+        match &cli.command {
+            Command::Work(args) if args.exec.is_none() && args.http.is_none() => missing(
+                &["work"],
+                "give --exec CMD or --http URL: what runs each message",
+            ),
+            Command::Dlq(DlqCommand::Retry(which)) if which.is_empty() => {
+                missing(&["dlq", "retry"], "give message ids or --all")
+            }
+            Command::Dlq(DlqCommand::Discard(which)) if which.is_empty() => {
+                missing(&["dlq", "discard"], "give message ids or --all")
+            }
+            _ => cli,
+        }
+    }
+
     /// Installs the tracing subscriber: the only place pgbus installs one.
     pub(crate) fn install_logging(&self) {
         let default = match (self.quiet, self.verbose) {

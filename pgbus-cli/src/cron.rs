@@ -30,7 +30,7 @@ pub(crate) enum CronCommand {
         #[arg(long)]
         config: PathBuf,
         /// How long a dead leader's lease lasts before another scheduler takes over.
-        #[arg(long, value_parser = crate::cli::duration, default_value = "30s")]
+        #[arg(long, value_parser = crate::cli::positive_duration, default_value = "30s", allow_hyphen_values = true)]
         lease: Duration,
     },
 }

@@ -24,7 +24,7 @@ pub(crate) enum TopicCommand {
         queue: String,
         /// Also deliver the matching events of the event log published this long ago or
         /// later (e.g. 1h).
-        #[arg(long, value_parser = duration, conflicts_with = "earliest")]
+        #[arg(long, value_parser = duration, conflicts_with = "earliest", allow_hyphen_values = true)]
         since: Option<Duration>,
         /// Also deliver every matching event still in the event log.
         #[arg(long)]

@@ -235,6 +235,73 @@ fn delays_and_priorities_out_of_range_are_refused() {
 }
 
 #[test]
+fn argument_errors_name_the_fix() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    let config = db.path("tasks.json");
+    std::fs::write(&config, "[]").unwrap();
+    let config = config.to_str().unwrap();
+    // A negative duration is one, not a flag to pass after `--`.
+    for args in [
+        &["send", "q", "{}", "--delay", "-5s"][..],
+        &["work", "q", "--exec", "true", "--job-timeout", "-1m"],
+    ] {
+        let run = db.run(args);
+        assert!(!run.stderr.contains("-- -"), "{}", run.stderr);
+        usage_error(run, &["negative durations are not allowed"]);
+    }
+    // Zero where zero makes no sense.
+    for args in [
+        &["queue", "create", "z", "--lease", "0s"][..],
+        &[
+            "queue",
+            "create",
+            "z",
+            "--breaker-failures",
+            "1",
+            "--breaker-backoff",
+            "0ms",
+        ],
+        &["cron", "run", "--config", config, "--lease", "0s"],
+        &["work", "q", "--exec", "true", "--poll-interval", "0s"],
+        &["work", "q", "--exec", "true", "--job-timeout", "0s"],
+        &["relay", "--poll-interval", "0s"],
+        &["serve", "--refresh", "0s"],
+    ] {
+        usage_error(db.run(args), &["must be more than zero"]);
+    }
+    assert_eq!(
+        db.ok(&["queue", "list", "--json"])
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    // Either of two arguments: the error names both.
+    usage_error(db.run(&["dlq", "retry", "q"]), &["message ids or --all"]);
+    usage_error(db.run(&["dlq", "discard", "q"]), &["message ids or --all"]);
+    usage_error(db.run(&["work", "q"]), &["--exec", "--http"]);
+    // An address without a port says what one looks like.
+    for listen in ["localhost", "127.0.0.1", "nowhere:80", "[::1]"] {
+        usage_error(
+            db.run(&["serve", "--listen", listen]),
+            &[
+                "--listen",
+                "expected IP:PORT or localhost:PORT, e.g. 127.0.0.1:8080",
+            ],
+        );
+    }
+    // localhost:PORT is 127.0.0.1:PORT.
+    let port = free_port();
+    let listen = format!("localhost:{port}");
+    let (mut served, _stderr) = db.spawn(&["serve", "--listen", &listen]);
+    eventually("`serve --listen localhost:PORT` to listen", SHORT, || {
+        listening(port)
+    });
+    served.stop();
+}
+
+#[test]
 fn a_command_whose_error_output_holds_nul_still_dead_letters() {
     let db = Db::new();
     db.ok(&["queue", "create", "q", "--max-attempts", "1"]);
