@@ -150,26 +150,12 @@ pub(crate) struct DemoArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum QueueCommand {
-    /// Create a queue (nothing changes if it exists).
-    Create {
-        /// Queue name: lowercase [a-z0-9_], starting with a letter, at most 48 bytes.
-        name: String,
-        /// Attempts before a message is dead-lettered.
-        #[arg(long, default_value_t = 5)]
-        max_attempts: u32,
-        /// Lease (visibility timeout) of a claimed message.
-        #[arg(long, value_parser = positive_duration, default_value = "30s", allow_hyphen_values = true)]
-        lease: Duration,
-        /// Keep acked messages in the archive.
-        #[arg(long)]
-        keep_history: bool,
-        /// Circuit breaker: pause the queue after this many failed jobs in a row...
-        #[arg(long, requires = "breaker_backoff")]
-        breaker_failures: Option<u32>,
-        /// ... for this long, then resume by itself.
-        #[arg(long, value_parser = positive_duration, requires = "breaker_failures", allow_hyphen_values = true)]
-        breaker_backoff: Option<Duration>,
-    },
+    /// Create a queue. When it exists with the options given, nothing changes; with other
+    /// ones, an error names them (change them with `queue alter`).
+    Create(CreateArgs),
+    /// Change options of a queue; those not given stay as they are. Running workers keep
+    /// the retry policy, lease and breaker they read when they started.
+    Alter(AlterArgs),
     /// List queues.
     List {
         /// Print JSON.
@@ -184,6 +170,69 @@ pub(crate) enum QueueCommand {
     Purge { name: String },
     /// Delete the queue with its messages, dead letters and archive.
     Drop { name: String },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// Queue name: lowercase [a-z0-9_], starting with a letter, at most 48 bytes.
+    pub(crate) name: String,
+    /// Attempts before a message is dead-lettered [default: 5].
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// Lease (visibility timeout) of a claimed message [default: 30s].
+    #[arg(long, value_parser = positive_duration, allow_hyphen_values = true)]
+    pub(crate) lease: Option<Duration>,
+    /// Keep acked messages in the archive.
+    #[arg(long)]
+    pub(crate) keep_history: bool,
+    /// Circuit breaker: pause the queue after this many failed jobs in a row...
+    #[arg(long, requires = "breaker_backoff")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// ... for this long, then resume by itself.
+    #[arg(long, value_parser = positive_duration, requires = "breaker_failures", allow_hyphen_values = true)]
+    pub(crate) breaker_backoff: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AlterArgs {
+    /// The queue to change.
+    pub(crate) name: String,
+    /// Attempts before a message is dead-lettered.
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// Lease (visibility timeout) of a claimed message.
+    #[arg(long, value_parser = positive_duration, allow_hyphen_values = true)]
+    pub(crate) lease: Option<Duration>,
+    /// Keep acked messages in the archive from now on.
+    #[arg(long, conflicts_with = "no_keep_history")]
+    pub(crate) keep_history: bool,
+    /// Keep no more acked messages (the archive kept so far is pruned as usual).
+    #[arg(long)]
+    pub(crate) no_keep_history: bool,
+    /// Circuit breaker: failures in a row that pause the queue (a queue without a breaker
+    /// needs --breaker-backoff too).
+    #[arg(long, conflicts_with = "no_breaker")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// Circuit breaker: how long it pauses the queue (a queue without a breaker needs
+    /// --breaker-failures too).
+    #[arg(long, value_parser = positive_duration, conflicts_with = "no_breaker", allow_hyphen_values = true)]
+    pub(crate) breaker_backoff: Option<Duration>,
+    /// Remove the circuit breaker (an open one closes).
+    #[arg(long)]
+    pub(crate) no_breaker: bool,
+}
+
+impl AlterArgs {
+    /// No option to change.
+    fn is_empty(&self) -> bool {
+        self.max_attempts.is_none()
+            && self.lease.is_none()
+            && !self.keep_history
+            && !self.no_keep_history
+            && self.breaker_failures.is_none()
+            && self.breaker_backoff.is_none()
+            && !self.no_breaker
+    }
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +419,10 @@ impl Cli {
             Command::Work(args) if args.exec.is_none() && args.http.is_none() => missing(
                 &["work"],
                 "give --exec CMD or --http URL: what runs each message",
+            ),
+            Command::Queue(QueueCommand::Alter(args)) if args.is_empty() => missing(
+                &["queue", "alter"],
+                "give at least one option to change (see pgbus queue alter --help)",
             ),
             Command::Dlq(DlqCommand::Retry(which)) if which.is_empty() => {
                 missing(&["dlq", "retry"], "give message ids or --all")

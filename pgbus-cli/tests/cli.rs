@@ -424,9 +424,27 @@ fn dlq_retry_and_discard_by_id_and_all() {
     );
     assert_eq!(left[&ids[2]]["payload"], json!({ "n": 2 }));
 
-    // An id that is not dead-lettered (any more) changes nothing.
-    let out = db.ok(&["dlq", "retry", "q", &ids[1].to_string()]);
-    assert!(out.stdout.contains("retried 0 "), "{}", out.stdout);
+    // An id that is not dead-lettered (any more) is an error naming it, and nothing of
+    // the command is done, not even for the ids that are dead-lettered.
+    let gone = ids[1].to_string();
+    for verb in ["retry", "discard"] {
+        let out = db
+            .run(&["dlq", verb, "q", &ids[2].to_string(), &gone, "999999"])
+            .fails();
+        let line = out.stderr.trim();
+        assert_eq!(line.lines().count(), 1, "one line: {line}");
+        let named = line
+            .split_once("not dead-lettered in queue q: ")
+            .and_then(|(_, rest)| rest.split_once(" ("))
+            .map(|(ids, _)| ids);
+        assert_eq!(
+            named,
+            Some(format!("{gone}, 999999").as_str()),
+            "names exactly the missing ids: {line}"
+        );
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+    assert_eq!(db.dead("q").len(), 2, "nothing changed");
 
     let out = db.ok(&["dlq", "retry", "q", "--all"]);
     assert!(out.stdout.contains("retried 2 "), "{}", out.stdout);
@@ -448,6 +466,150 @@ fn dlq_retry_and_discard_by_id_and_all() {
     assert_eq!(stats["dead_lettered"], 0, "{stats:#}");
 
     db.run(&["dlq", "retry", "q"]).fails();
+}
+
+#[test]
+fn queue_create_names_what_differs_and_queue_alter_changes_options() {
+    let db = Db::new();
+    db.ok(&[
+        "queue",
+        "create",
+        "q",
+        "--max-attempts",
+        "7",
+        "--lease",
+        "45s",
+    ]);
+    // The same options, or none: still an idempotent success.
+    for same in [&["--max-attempts", "7"][..], &[], &["--lease", "45s"]] {
+        let mut args = vec!["queue", "create", "q"];
+        args.extend_from_slice(same);
+        let out = db.ok(&args);
+        assert!(out.stdout.contains("already exists"), "{}", out.stdout);
+    }
+    // Different options: an error naming each difference and the command that changes it.
+    let out = db
+        .run(&[
+            "queue",
+            "create",
+            "q",
+            "--max-attempts",
+            "3",
+            "--lease",
+            "45s",
+            "--keep-history",
+        ])
+        .fails();
+    let line = out.stderr.trim();
+    assert_eq!(line.lines().count(), 1, "one line: {line}");
+    for part in [
+        "--max-attempts 7 (not 3)",
+        "--keep-history false (not true)",
+        "pgbus queue alter q",
+    ] {
+        assert!(line.contains(part), "{part:?} not in: {line}");
+    }
+    assert!(!line.contains("--lease"), "the lease is the same: {line}");
+    let list = db.ok(&["queue", "list", "--json"]).json();
+    assert_eq!(list[0]["max_attempts"], 7, "unchanged: {list:#}");
+
+    // `queue alter` changes what it is given and keeps the rest.
+    let out = db.ok(&[
+        "queue",
+        "alter",
+        "q",
+        "--max-attempts",
+        "3",
+        "--keep-history",
+        "--breaker-failures",
+        "2",
+        "--breaker-backoff",
+        "10s",
+    ]);
+    assert!(out.stdout.contains("altered queue q"), "{}", out.stdout);
+    let q = &db.ok(&["queue", "list", "--json"]).json()[0];
+    assert_eq!(
+        (
+            &q["max_attempts"],
+            &q["lease_ms"],
+            &q["keep_history"],
+            &q["breaker"]
+        ),
+        (
+            &json!(3),
+            &json!(45_000),
+            &json!(true),
+            &json!({"failures": 2, "backoff_ms": 10_000})
+        ),
+        "{q:#}"
+    );
+    db.ok(&[
+        "queue",
+        "alter",
+        "q",
+        "--lease",
+        "1m",
+        "--breaker-failures",
+        "4",
+    ]);
+    db.ok(&[
+        "queue",
+        "create",
+        "q",
+        "--max-attempts",
+        "3",
+        "--keep-history",
+    ]);
+    let q = &db.ok(&["queue", "list", "--json"]).json()[0];
+    assert_eq!(q["lease_ms"], 60_000, "{q:#}");
+    assert_eq!(q["breaker"], json!({"failures": 4, "backoff_ms": 10_000}));
+    db.ok(&["queue", "alter", "q", "--no-keep-history", "--no-breaker"]);
+    let q = &db.ok(&["queue", "list", "--json"]).json()[0];
+    assert_eq!(
+        (&q["keep_history"], &q["breaker"]),
+        (&json!(false), &Value::Null)
+    );
+
+    // Nothing to change, a queue that does not exist, half a new breaker: errors.
+    let out = db.run(&["queue", "alter", "q"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = db
+        .run(&["queue", "alter", "nope", "--max-attempts", "2"])
+        .fails();
+    assert!(out.stderr.contains("nope"), "{}", out.stderr);
+    let out = db
+        .run(&["queue", "alter", "q", "--breaker-failures", "2"])
+        .fails();
+    assert!(out.stderr.contains("--breaker-backoff"), "{}", out.stderr);
+}
+
+#[test]
+fn sending_to_a_paused_queue_says_the_messages_wait_for_resume() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    let out = db.ok(&["send", "q", "{}"]);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    db.ok(&["queue", "pause", "q"]);
+    for out in [
+        db.ok(&["send", "q", "{}"]),
+        db.send_stdin(
+            &["send", "q"],
+            json_lines((0..3).map(|n| json!({ "n": n }))),
+        )
+        .ok(),
+    ] {
+        let note = out.stderr.trim();
+        assert_eq!(note.lines().count(), 1, "said once: {note}");
+        assert!(
+            note.contains("paused") && note.contains("pgbus queue resume q"),
+            "{note}"
+        );
+        assert!(!out.stdout.trim().is_empty(), "the ids are still printed");
+    }
+    // -q: errors only.
+    let out = db.ok(&["-q", "send", "q", "{}"]);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    assert_eq!(db.depth("q"), 6);
 }
 
 #[test]

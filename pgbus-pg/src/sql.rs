@@ -51,7 +51,21 @@ INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms, retry
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (name) DO NOTHING";
 
+/// Replaces queue `$1`'s settings (the columns of `CREATE_QUEUE`); a queue left without
+/// a breaker has its open one closed.
+pub(crate) const ALTER_QUEUE: &str = "
+UPDATE pgbus.queues
+SET max_attempts = $2, retry_base_ms = $3, retry_cap_ms = $4, retry_jitter = $5, lease_ms = $6,
+    keep_history = $7, archive_retention_ms = $8, breaker_failures = $9,
+    breaker_backoff_ms = $10,
+    breaker_until = CASE WHEN $9 IS NULL THEN '-infinity' ELSE breaker_until END
+WHERE name = $1";
+
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
+
+/// Which of the ids `$2` are dead letters of queue `$1`.
+pub(crate) const DEAD_IDS: &str = "
+SELECT id FROM pgbus.dead_letters WHERE queue = $1 AND id = ANY ($2)";
 
 /// Pauses or resumes; a resume wakes the queue's workers.
 pub(crate) const SET_PAUSED: &str = "
