@@ -8,6 +8,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::database::Database;
 
+/// The help heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
 /// pgbus: a PostgreSQL-native job queue and event bus.
 ///
 /// Without --database-url or DATABASE_URL every command runs on an embedded local
@@ -20,32 +23,32 @@ pub(crate) struct Cli {
     /// require, verify-ca, verify-full), sslrootcert (a file, or `system`), sslcert and
     /// sslkey in the URL, else PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY; a missing
     /// password from PGPASSWORD or ~/.pgpass (PGPASSFILE).
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true, help_heading = GLOBAL)]
     pub(crate) database_url: Option<String>,
 
     /// What sits between pgbus and PostgreSQL: `session` (a direct connection or a
     /// session-mode pooler) or `transaction` (a transaction-mode pooler such as PgBouncer's
     /// default: no prepared statements or session settings, ordered groups on row leases,
     /// LISTEN only over --listen-url).
-    #[arg(long, env = "PGBUS_POOLER", value_enum, default_value_t = PoolerMode::Session, global = true)]
+    #[arg(long, env = "PGBUS_POOLER", value_enum, default_value_t = PoolerMode::Session, global = true, help_heading = GLOBAL)]
     pub(crate) pooler: PoolerMode,
 
     /// A direct URL to PostgreSQL (not through the pooler) for the connections that need a
     /// session of their own: LISTEN for wake-ups and streams, and the outbox relay. Only
     /// used with --pooler transaction; without it, workers poll.
-    #[arg(long, env = "PGBUS_LISTEN_URL", global = true, hide_env_values = true)]
+    #[arg(long, env = "PGBUS_LISTEN_URL", global = true, hide_env_values = true, help_heading = GLOBAL)]
     pub(crate) listen_url: Option<String>,
 
     /// Log format on standard error.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, help_heading = GLOBAL)]
     pub(crate) log_format: LogFormat,
 
     /// More logging (-v: debug, -vv: trace).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub(crate) verbose: u8,
 
     /// Less output: errors only, and counts instead of lists.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
     pub(crate) quiet: bool,
 
     #[command(subcommand)]
@@ -163,13 +166,25 @@ pub(crate) enum QueueCommand {
         json: bool,
     },
     /// Stop handing out messages.
-    Pause { name: String },
+    Pause {
+        /// Queue name.
+        name: String,
+    },
     /// Hand out messages again.
-    Resume { name: String },
+    Resume {
+        /// Queue name.
+        name: String,
+    },
     /// Delete every message (dead letters stay).
-    Purge { name: String },
+    Purge {
+        /// Queue name.
+        name: String,
+    },
     /// Delete the queue with its messages, dead letters and archive.
-    Drop { name: String },
+    Drop {
+        /// Queue name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -314,6 +329,7 @@ pub(crate) struct WorkArgs {
 pub(crate) enum DlqCommand {
     /// List dead-lettered messages, oldest failure first.
     List {
+        /// Queue name.
         queue: String,
         /// Print JSON.
         #[arg(long)]
@@ -330,11 +346,12 @@ pub(crate) enum DlqCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct DlqSelection {
+    /// Queue name.
     pub(crate) queue: String,
     /// Every dead-lettered message of the queue.
     #[arg(long, conflicts_with = "ids")]
     pub(crate) all: bool,
-    /// Message ids.
+    /// Message ids (as `dlq list` shows them).
     pub(crate) ids: Vec<i64>,
 }
 

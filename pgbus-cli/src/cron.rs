@@ -25,8 +25,9 @@ pub(crate) enum CronCommand {
     /// Run a scheduler for the recurring tasks of a JSON config file until SIGTERM or
     /// Ctrl-C. Run it in as many processes as you like: one leads at a time.
     Run {
-        /// The tasks: a JSON array of {"name", "queue", "cron" or "every_secs", "payload",
-        /// optional "headers", "priority", "catch_up"}.
+        /// The tasks: a JSON array of {"name", "queue", "cron" (e.g. "0 3 * * *", or six
+        /// fields with seconds first: "*/5 * * * * *") or "every_secs", "payload",
+        /// optional "headers", "priority", "catch_up"} (see docs/cli.md).
         #[arg(long)]
         config: PathBuf,
         /// How long a dead leader's lease lasts before another scheduler takes over.

@@ -31,7 +31,12 @@ pub(crate) enum TopicCommand {
         earliest: bool,
     },
     /// Remove a binding.
-    Unbind { pattern: String, queue: String },
+    Unbind {
+        /// The pattern, as it was bound.
+        pattern: String,
+        /// The queue it was bound to.
+        queue: String,
+    },
     /// List bindings.
     List {
         /// Print JSON.

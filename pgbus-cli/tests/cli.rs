@@ -1572,3 +1572,79 @@ fn topic_bind_publish_and_stats() {
     let ns: BTreeSet<i64> = payload_ns(&out).into_iter().collect();
     assert_eq!(ns, (0..=100).collect());
 }
+
+// ---------------------------------------------------------------------------------------
+// --help
+// ---------------------------------------------------------------------------------------
+
+/// The lines of the section of `help` under `heading` (up to the next blank line).
+fn help_section<'a>(help: &'a str, heading: &str) -> Vec<&'a str> {
+    help.lines()
+        .skip_while(|l| *l != heading)
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect()
+}
+
+/// The options every command takes, listed under "Global options" in every help.
+const GLOBAL: [&str; 6] = [
+    "--database-url",
+    "--pooler",
+    "--listen-url",
+    "--log-format",
+    "--verbose",
+    "--quiet",
+];
+
+#[test]
+fn every_help_lists_global_options_apart_and_describes_every_argument() {
+    let mut pending = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let mut cmd = bare();
+        cmd.args(&path).arg("-h");
+        let help = run(cmd, None, SHORT).ok().stdout;
+        let what = format!("pgbus {} -h", path.join(" "));
+        seen += 1;
+        // The flag column of a section: `-v, --verbose...` of `  -v, --verbose...  More`.
+        let flags = |heading: &str| -> Vec<String> {
+            help_section(&help, heading)
+                .iter()
+                .filter_map(|l| l.trim_start().split("  ").next())
+                .flat_map(|f| f.split([',', ' ', '.']))
+                .filter(|f| f.starts_with("--"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let own = flags("Options:");
+        let global = flags("Global options:");
+        for flag in GLOBAL {
+            let flag = flag.to_owned();
+            assert!(
+                global.contains(&flag) && !own.contains(&flag),
+                "{what}: {flag} belongs under \"Global options:\"\n{help}"
+            );
+        }
+        for line in help_section(&help, "Arguments:") {
+            let line = line.trim();
+            if line.starts_with('<') || line.starts_with('[') {
+                let described = line
+                    .split_once("  ")
+                    .is_some_and(|(_, d)| !d.trim().is_empty());
+                assert!(
+                    described,
+                    "{what}: argument without a description: {line:?}"
+                );
+            }
+        }
+        for line in help_section(&help, "Commands:") {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name != "help" {
+                let mut sub = path.clone();
+                sub.push(name.to_owned());
+                pending.push(sub);
+            }
+        }
+    }
+    assert!(seen > 30, "walked only {seen} commands");
+}
