@@ -143,17 +143,18 @@ async fn create_queue(
     say: impl Fn(String),
 ) -> anyhow::Result<()> {
     let name = QueueName::new(args.name)?;
-    let defaults = QueueOptions::default();
-    let max_attempts = args.max_attempts.unwrap_or(5);
-    let retry = RetryPolicy::builder().max_attempts(max_attempts).build()?;
+    // The library's defaults (5 attempts, a 30 s lease) for the options not given.
+    let mut options = QueueOptions::default().keep_history(args.keep_history);
+    if let Some(max_attempts) = args.max_attempts {
+        options = options.retry(RetryPolicy::builder().max_attempts(max_attempts).build()?);
+    }
+    if let Some(lease) = args.lease {
+        options = options.lease(lease);
+    }
     let breaker = match (args.breaker_failures, args.breaker_backoff) {
         (Some(failures), Some(backoff)) => Some(CircuitBreaker::new(failures, backoff)?),
         _ => None,
     };
-    let mut options = defaults
-        .retry(retry)
-        .lease(args.lease.unwrap_or(Duration::from_secs(30)))
-        .keep_history(args.keep_history);
     if let Some(breaker) = breaker {
         options = options.circuit_breaker(breaker);
     }
