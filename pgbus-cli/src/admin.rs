@@ -7,9 +7,10 @@ use pgbus_core::{
     CircuitBreaker, DeadLetters, DeadMessage, Error, MessageId, ProcessRecord, ProcessRegistry,
     QueueAdmin, QueueName, QueueOptions, QueueStats, RetryPolicy, Selection, Stats, Topics,
 };
+use pgbus_pg::PgBackend;
 use serde_json::{json, Value};
 
-use crate::cli::{DlqCommand, QueueCommand};
+use crate::cli::{AlterArgs, CreateArgs, DlqCommand, QueueCommand};
 use crate::database::Database;
 
 pub(crate) async fn migrate(
@@ -63,28 +64,12 @@ pub(crate) async fn queue(
         }
     };
     match command {
-        QueueCommand::Create {
-            name,
-            max_attempts,
-            lease,
-            keep_history,
-            breaker_failures,
-            breaker_backoff,
-        } => {
-            let name = QueueName::new(name)?;
-            let retry = RetryPolicy::builder().max_attempts(max_attempts).build()?;
-            let mut options = QueueOptions::default()
-                .retry(retry)
-                .lease(lease)
-                .keep_history(keep_history);
-            if let (Some(failures), Some(backoff)) = (breaker_failures, breaker_backoff) {
-                options = options.circuit_breaker(CircuitBreaker::new(failures, backoff)?);
-            }
-            if backend.create_queue(&name, &options).await? {
-                say(format!("created queue {name}"));
-            } else {
-                say(format!("queue {name} already exists (unchanged)"));
-            }
+        QueueCommand::Create(args) => create_queue(backend, args, say).await?,
+        QueueCommand::Alter(args) => {
+            let name = QueueName::new(args.name.clone())?;
+            let options = altered(&name, backend.queue_info(&name).await?.options, &args)?;
+            backend.alter_queue(&name, &options).await?;
+            say(format!("altered queue {name}"));
         }
         QueueCommand::List { json } => {
             let queues = backend.list_queues().await?;
@@ -150,6 +135,127 @@ pub(crate) async fn queue(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `queue create`: creates the queue, or, when it exists, checks that the options given
+/// are its own.
+async fn create_queue(
+    backend: &PgBackend,
+    args: CreateArgs,
+    say: impl Fn(String),
+) -> anyhow::Result<()> {
+    let name = QueueName::new(args.name)?;
+    // The library's defaults (5 attempts, a 30 s lease) for the options not given.
+    let mut options = QueueOptions::default().keep_history(args.keep_history);
+    if let Some(max_attempts) = args.max_attempts {
+        options = options.retry(RetryPolicy::builder().max_attempts(max_attempts).build()?);
+    }
+    if let Some(lease) = args.lease {
+        options = options.lease(lease);
+    }
+    let breaker = match (args.breaker_failures, args.breaker_backoff) {
+        (Some(failures), Some(backoff)) => Some(CircuitBreaker::new(failures, backoff)?),
+        _ => None,
+    };
+    if let Some(breaker) = breaker {
+        options = options.circuit_breaker(breaker);
+    }
+    if backend.create_queue(&name, &options).await? {
+        say(format!("created queue {name}"));
+        return Ok(());
+    }
+    // It exists: only the options given on this command line are compared.
+    let existing = backend.queue_info(&name).await?.options;
+    let mut differs = Vec::new();
+    if let Some(asked) = args.max_attempts {
+        let has = existing.retry.max_attempts();
+        if has != asked {
+            differs.push(format!("--max-attempts {has} (not {asked})"));
+        }
+    }
+    if let Some(asked) = args.lease {
+        if existing.lease != asked {
+            differs.push(format!(
+                "--lease {} (not {})",
+                humantime::format_duration(existing.lease),
+                humantime::format_duration(asked)
+            ));
+        }
+    }
+    if args.keep_history && !existing.keep_history {
+        differs.push("--keep-history false (not true)".into());
+    }
+    if breaker.is_some() && existing.circuit_breaker != breaker {
+        differs.push(format!(
+            "{} (not {})",
+            breaker_text(existing.circuit_breaker),
+            breaker_text(breaker)
+        ));
+    }
+    if !differs.is_empty() {
+        anyhow::bail!(
+            "queue {name} already exists with other options: {}; change them with \
+             `pgbus queue alter {name} ...`",
+            differs.join(", ")
+        );
+    }
+    say(format!("queue {name} already exists (unchanged)"));
+    Ok(())
+}
+
+fn breaker_text(breaker: Option<CircuitBreaker>) -> String {
+    match breaker {
+        Some(b) => format!(
+            "--breaker-failures {} --breaker-backoff {}",
+            b.failures,
+            humantime::format_duration(b.backoff)
+        ),
+        None => "no circuit breaker".into(),
+    }
+}
+
+/// `options` with the changes `queue alter` asks for.
+fn altered(
+    name: &QueueName,
+    mut options: QueueOptions,
+    args: &AlterArgs,
+) -> anyhow::Result<QueueOptions> {
+    if let Some(max_attempts) = args.max_attempts {
+        let r = &options.retry;
+        options.retry = RetryPolicy::builder()
+            .base(r.base())
+            .cap(r.cap())
+            .jitter(r.jitter())
+            .max_attempts(max_attempts)
+            .build()?;
+    }
+    if let Some(lease) = args.lease {
+        options.lease = lease;
+    }
+    if args.keep_history || args.no_keep_history {
+        options.keep_history = args.keep_history;
+    }
+    options.circuit_breaker = match (
+        args.no_breaker,
+        args.breaker_failures,
+        args.breaker_backoff,
+        options.circuit_breaker,
+    ) {
+        (true, ..) => None,
+        (false, None, None, current) => current,
+        (false, failures, backoff, Some(current)) => Some(CircuitBreaker::new(
+            failures.unwrap_or(current.failures),
+            backoff.unwrap_or(current.backoff),
+        )?),
+        (false, Some(failures), Some(backoff), None) => {
+            Some(CircuitBreaker::new(failures, backoff)?)
+        }
+        (false, ..) => anyhow::bail!(
+            "queue {name} has no circuit breaker: give both --breaker-failures and \
+             --breaker-backoff"
+        ),
+    };
+    Ok(options)
+}
+
 pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -204,19 +310,48 @@ pub(crate) async fn dlq(
         }
         DlqCommand::Retry(selection) | DlqCommand::Discard(selection) => {
             let queue = QueueName::new(selection.queue.clone())?;
-            let ids: Vec<MessageId> = selection.ids.iter().copied().map(MessageId).collect();
+            let verb = if retry { "retried" } else { "discarded" };
+            let mut ids: Vec<MessageId> = Vec::new();
+            for id in selection.ids.iter().copied().map(MessageId) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            // Ids that are not dead letters of the queue (a typo, another queue's, retried
+            // already) fail the command before anything of it is done.
+            if !selection.all {
+                let found = backend.dead_letter_ids(&queue, &ids).await?;
+                let missing: Vec<String> = ids
+                    .iter()
+                    .filter(|id| !found.contains(id))
+                    .map(ToString::to_string)
+                    .collect();
+                if !missing.is_empty() {
+                    anyhow::bail!(
+                        "not dead-lettered in queue {queue}: {} (nothing {verb})",
+                        missing.join(", ")
+                    );
+                }
+            }
             let which = if selection.all {
                 Selection::All
             } else {
                 Selection::Ids(&ids)
             };
-            let (verb, n) = if retry {
-                ("retried", backend.retry_dead(&queue, which).await?)
+            let n = if retry {
+                backend.retry_dead(&queue, which).await?
             } else {
-                ("discarded", backend.discard_dead(&queue, which).await?)
+                backend.discard_dead(&queue, which).await?
             };
             if !quiet {
                 println!("{verb} {n} dead-lettered messages of queue {queue}");
+            }
+            if !selection.all && n < ids.len() as u64 {
+                anyhow::bail!(
+                    "{verb} {n} of {} messages: the others left the dead-letter queue \
+                     meanwhile",
+                    ids.len()
+                );
             }
         }
     }

@@ -3,9 +3,13 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::database::Database;
+
+/// The help heading of the options every command takes.
+const GLOBAL: &str = "Global options";
 
 /// pgbus: a PostgreSQL-native job queue and event bus.
 ///
@@ -19,32 +23,32 @@ pub(crate) struct Cli {
     /// require, verify-ca, verify-full), sslrootcert (a file, or `system`), sslcert and
     /// sslkey in the URL, else PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY; a missing
     /// password from PGPASSWORD or ~/.pgpass (PGPASSFILE).
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true, help_heading = GLOBAL)]
     pub(crate) database_url: Option<String>,
 
     /// What sits between pgbus and PostgreSQL: `session` (a direct connection or a
     /// session-mode pooler) or `transaction` (a transaction-mode pooler such as PgBouncer's
     /// default: no prepared statements or session settings, ordered groups on row leases,
     /// LISTEN only over --listen-url).
-    #[arg(long, env = "PGBUS_POOLER", value_enum, default_value_t = PoolerMode::Session, global = true)]
+    #[arg(long, env = "PGBUS_POOLER", value_enum, default_value_t = PoolerMode::Session, global = true, help_heading = GLOBAL)]
     pub(crate) pooler: PoolerMode,
 
     /// A direct URL to PostgreSQL (not through the pooler) for the connections that need a
     /// session of their own: LISTEN for wake-ups and streams, and the outbox relay. Only
     /// used with --pooler transaction; without it, workers poll.
-    #[arg(long, env = "PGBUS_LISTEN_URL", global = true, hide_env_values = true)]
+    #[arg(long, env = "PGBUS_LISTEN_URL", global = true, hide_env_values = true, help_heading = GLOBAL)]
     pub(crate) listen_url: Option<String>,
 
     /// Log format on standard error.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, help_heading = GLOBAL)]
     pub(crate) log_format: LogFormat,
 
     /// More logging (-v: debug, -vv: trace).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub(crate) verbose: u8,
 
     /// Less output: errors only, and counts instead of lists.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
     pub(crate) quiet: bool,
 
     #[command(subcommand)]
@@ -139,36 +143,22 @@ pub(crate) enum Command {
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
     /// Stop by itself after this long (e.g. 10s).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
     pub(crate) duration: Option<Duration>,
     /// Where to serve the dashboard (a free port is taken if this one is busy).
     #[cfg(any(feature = "dashboard", feature = "stream"))]
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, value_parser = listen_addr, default_value = "127.0.0.1:8080")]
     pub(crate) listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum QueueCommand {
-    /// Create a queue (nothing changes if it exists).
-    Create {
-        /// Queue name: lowercase [a-z0-9_], starting with a letter, at most 48 bytes.
-        name: String,
-        /// Attempts before a message is dead-lettered.
-        #[arg(long, default_value_t = 5)]
-        max_attempts: u32,
-        /// Lease (visibility timeout) of a claimed message.
-        #[arg(long, value_parser = duration, default_value = "30s")]
-        lease: Duration,
-        /// Keep acked messages in the archive.
-        #[arg(long)]
-        keep_history: bool,
-        /// Circuit breaker: pause the queue after this many failed jobs in a row...
-        #[arg(long, requires = "breaker_backoff")]
-        breaker_failures: Option<u32>,
-        /// ... for this long, then resume by itself.
-        #[arg(long, value_parser = duration, requires = "breaker_failures")]
-        breaker_backoff: Option<Duration>,
-    },
+    /// Create a queue. When it exists with the options given, nothing changes; with other
+    /// ones, an error names them (change them with `queue alter`).
+    Create(CreateArgs),
+    /// Change options of a queue; those not given stay as they are. Running workers keep
+    /// the retry policy, lease and breaker they read when they started.
+    Alter(AlterArgs),
     /// List queues.
     List {
         /// Print JSON.
@@ -176,13 +166,88 @@ pub(crate) enum QueueCommand {
         json: bool,
     },
     /// Stop handing out messages.
-    Pause { name: String },
+    Pause {
+        /// Queue name.
+        name: String,
+    },
     /// Hand out messages again.
-    Resume { name: String },
+    Resume {
+        /// Queue name.
+        name: String,
+    },
     /// Delete every message (dead letters stay).
-    Purge { name: String },
+    Purge {
+        /// Queue name.
+        name: String,
+    },
     /// Delete the queue with its messages, dead letters and archive.
-    Drop { name: String },
+    Drop {
+        /// Queue name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// Queue name: lowercase [a-z0-9_], starting with a letter, at most 48 bytes.
+    pub(crate) name: String,
+    /// Attempts before a message is dead-lettered [default: 5].
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// Lease (visibility timeout) of a claimed message [default: 30s].
+    #[arg(long, value_parser = positive_duration, allow_hyphen_values = true)]
+    pub(crate) lease: Option<Duration>,
+    /// Keep acked messages in the archive.
+    #[arg(long)]
+    pub(crate) keep_history: bool,
+    /// Circuit breaker: pause the queue after this many failed jobs in a row...
+    #[arg(long, requires = "breaker_backoff")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// ... for this long, then resume by itself.
+    #[arg(long, value_parser = positive_duration, requires = "breaker_failures", allow_hyphen_values = true)]
+    pub(crate) breaker_backoff: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AlterArgs {
+    /// The queue to change.
+    pub(crate) name: String,
+    /// Attempts before a message is dead-lettered.
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// Lease (visibility timeout) of a claimed message.
+    #[arg(long, value_parser = positive_duration, allow_hyphen_values = true)]
+    pub(crate) lease: Option<Duration>,
+    /// Keep acked messages in the archive from now on.
+    #[arg(long, conflicts_with = "no_keep_history")]
+    pub(crate) keep_history: bool,
+    /// Keep no more acked messages (the archive kept so far is pruned as usual).
+    #[arg(long)]
+    pub(crate) no_keep_history: bool,
+    /// Circuit breaker: failures in a row that pause the queue (a queue without a breaker
+    /// needs --breaker-backoff too).
+    #[arg(long, conflicts_with = "no_breaker")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// Circuit breaker: how long it pauses the queue (a queue without a breaker needs
+    /// --breaker-failures too).
+    #[arg(long, value_parser = positive_duration, conflicts_with = "no_breaker", allow_hyphen_values = true)]
+    pub(crate) breaker_backoff: Option<Duration>,
+    /// Remove the circuit breaker (an open one closes).
+    #[arg(long)]
+    pub(crate) no_breaker: bool,
+}
+
+impl AlterArgs {
+    /// No option to change.
+    fn is_empty(&self) -> bool {
+        self.max_attempts.is_none()
+            && self.lease.is_none()
+            && !self.keep_history
+            && !self.no_keep_history
+            && self.breaker_failures.is_none()
+            && self.breaker_backoff.is_none()
+            && !self.no_breaker
+    }
 }
 
 #[derive(Debug, Args)]
@@ -192,7 +257,7 @@ pub(crate) struct SendArgs {
     /// The message as JSON; without it, one JSON document per line is read from stdin.
     pub(crate) json: Option<String>,
     /// Make the messages visible only after this delay (e.g. 10s, 5m).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
     pub(crate) delay: Option<Duration>,
     /// Priority: higher runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -217,7 +282,7 @@ pub(crate) struct WorkArgs {
     #[arg(long, default_value = "async")]
     pub(crate) execution_mode: String,
     /// Longest wait between claims when no wake-up arrives.
-    #[arg(long, value_parser = duration, default_value = "1s")]
+    #[arg(long, value_parser = positive_duration, default_value = "1s", allow_hyphen_values = true)]
     pub(crate) poll_interval: Duration,
     /// Exit 0 once the queues have no ready or in-flight messages.
     #[arg(long)]
@@ -228,7 +293,7 @@ pub(crate) struct WorkArgs {
     /// the group gets SIGTERM, then SIGKILL 2 s later. Its environment is pgbus's without
     /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
     /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP.
-    #[arg(long, conflicts_with = "http", required_unless_present = "http")]
+    #[arg(long, conflicts_with = "http")]
     pub(crate) exec: Option<String>,
     /// Pass the withheld environment variable NAME (DATABASE_URL, PGPASSWORD or a PGBUS_*
     /// one) through to --exec commands anyway. Repeatable.
@@ -239,24 +304,24 @@ pub(crate) struct WorkArgs {
     #[arg(long)]
     pub(crate) http: Option<String>,
     /// The longest Retry-After honoured with --http; a longer one is shortened to it.
-    #[arg(long, value_parser = duration, default_value = "1h")]
+    #[arg(long, value_parser = duration, default_value = "1h", allow_hyphen_values = true)]
     pub(crate) max_retry_after: Duration,
     /// Per-job timeout; a job past it is killed and retried.
-    #[arg(long, value_parser = duration, default_value = "5m")]
+    #[arg(long, value_parser = positive_duration, default_value = "5m", allow_hyphen_values = true)]
     pub(crate) job_timeout: Duration,
     /// Run N worker processes under a supervisor that restarts any that dies.
     #[arg(long)]
     pub(crate) processes: Option<usize>,
     /// How long a graceful stop waits for running jobs.
-    #[arg(long, value_parser = duration, default_value = "30s")]
+    #[arg(long, value_parser = duration, default_value = "30s", allow_hyphen_values = true)]
     pub(crate) drain_timeout: Duration,
     /// How long idempotent consumers' dedup records are kept (every worker process
     /// prunes them, the event log, and each queue's archive past its retention).
-    #[arg(long, value_parser = duration, default_value = "7days")]
+    #[arg(long, value_parser = duration, default_value = "7days", allow_hyphen_values = true)]
     pub(crate) dedup_retention: Duration,
     /// How long published events stay in the event log (what a binding with
     /// --earliest or --since can replay).
-    #[arg(long, value_parser = duration, default_value = "7days")]
+    #[arg(long, value_parser = duration, default_value = "7days", allow_hyphen_values = true)]
     pub(crate) event_retention: Duration,
 }
 
@@ -264,6 +329,7 @@ pub(crate) struct WorkArgs {
 pub(crate) enum DlqCommand {
     /// List dead-lettered messages, oldest failure first.
     List {
+        /// Queue name.
         queue: String,
         /// Print JSON.
         #[arg(long)]
@@ -280,12 +346,35 @@ pub(crate) enum DlqCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct DlqSelection {
+    /// Queue name.
     pub(crate) queue: String,
     /// Every dead-lettered message of the queue.
-    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    #[arg(long, conflicts_with = "ids")]
     pub(crate) all: bool,
-    /// Message ids.
+    /// Message ids (as `dlq list` shows them).
     pub(crate) ids: Vec<i64>,
+}
+
+impl DlqSelection {
+    /// Neither ids nor `--all`.
+    fn is_empty(&self) -> bool {
+        !self.all && self.ids.is_empty()
+    }
+}
+
+/// A usage error of the subcommand at `path` (`["dlq", "retry"]`), with its usage line.
+pub(crate) fn usage_error(path: &[&str], kind: ErrorKind, message: &str) -> clap::Error {
+    let mut cli = Cli::command();
+    // Names every subcommand `pgbus dlq retry` for its usage line.
+    cli.build();
+    let mut command = cli;
+    for name in path {
+        match command.find_subcommand(name) {
+            Some(sub) => command = sub.clone(),
+            None => break,
+        }
+    }
+    command.error(kind, message)
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,12 +388,69 @@ pub(crate) enum DbCommand {
     Stop,
 }
 
-/// Parses `30s`, `5m`, `500ms`, `1h 30m`.
+/// Parses `30s`, `5m`, `500ms`, `1h 30m`; refuses negative ones. (Duration arguments take
+/// `allow_hyphen_values`, so that `--delay -5s` reaches this message instead of clap's
+/// advice to pass `-5` after `--`.)
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
+    if text.trim_start().starts_with('-') {
+        return Err("negative durations are not allowed (expected e.g. 500ms, 30s, 5m)".into());
+    }
     humantime::parse_duration(text).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m)"))
 }
 
+/// [`duration`], and more than zero: for leases, intervals and timeouts, where zero
+/// would make no sense.
+pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        zero if zero.is_zero() => Err("must be more than zero (e.g. 500ms, 30s, 5m)".into()),
+        positive => Ok(positive),
+    }
+}
+
+/// Parses a listen address: `IP:PORT` (`[::1]:PORT` for IPv6), or `localhost:PORT` for
+/// 127.0.0.1.
+#[cfg(any(feature = "dashboard", feature = "stream"))]
+pub(crate) fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if let Some(Ok(port)) = text.strip_prefix("localhost:").map(str::parse::<u16>) {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Err(
+        "expected IP:PORT or localhost:PORT, e.g. 127.0.0.1:8080 (0.0.0.0:8080: every \
+         interface)"
+            .into(),
+    )
+}
+
 impl Cli {
+    /// Parses the command line; on a usage error prints it and exits with status 2, as
+    /// clap does, for the rules clap cannot state with a message that names the fix.
+    pub(crate) fn parse_checked() -> Self {
+        let cli = Self::parse();
+        let missing = |path: &[&str], message: &str| {
+            usage_error(path, ErrorKind::MissingRequiredArgument, message).exit()
+        };
+        match &cli.command {
+            Command::Work(args) if args.exec.is_none() && args.http.is_none() => missing(
+                &["work"],
+                "give --exec CMD or --http URL: what runs each message",
+            ),
+            Command::Queue(QueueCommand::Alter(args)) if args.is_empty() => missing(
+                &["queue", "alter"],
+                "give at least one option to change (see pgbus queue alter --help)",
+            ),
+            Command::Dlq(DlqCommand::Retry(which)) if which.is_empty() => {
+                missing(&["dlq", "retry"], "give message ids or --all")
+            }
+            Command::Dlq(DlqCommand::Discard(which)) if which.is_empty() => {
+                missing(&["dlq", "discard"], "give message ids or --all")
+            }
+            _ => cli,
+        }
+    }
+
     /// Installs the tracing subscriber: the only place pgbus installs one.
     pub(crate) fn install_logging(&self) {
         let default = match (self.quiet, self.verbose) {

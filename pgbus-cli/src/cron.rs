@@ -25,12 +25,13 @@ pub(crate) enum CronCommand {
     /// Run a scheduler for the recurring tasks of a JSON config file until SIGTERM or
     /// Ctrl-C. Run it in as many processes as you like: one leads at a time.
     Run {
-        /// The tasks: a JSON array of {"name", "queue", "cron" or "every_secs", "payload",
-        /// optional "headers", "priority", "catch_up"}.
+        /// The tasks: a JSON array of {"name", "queue", "cron" (e.g. "0 3 * * *", or six
+        /// fields with seconds first: "*/5 * * * * *") or "every_secs", "payload",
+        /// optional "headers", "priority", "catch_up"} (see docs/cli.md).
         #[arg(long)]
         config: PathBuf,
         /// How long a dead leader's lease lasts before another scheduler takes over.
-        #[arg(long, value_parser = crate::cli::duration, default_value = "30s")]
+        #[arg(long, value_parser = crate::cli::positive_duration, default_value = "30s", allow_hyphen_values = true)]
         lease: Duration,
     },
 }
@@ -66,15 +67,15 @@ pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<
         "TASK", "QUEUE", "SCHEDULE", "MISSED", "LAST", "NEXT"
     );
     for s in &schedules {
-        let dash = || "-".to_owned();
         println!(
             "{:<24} {:<16} {:<28} {:<14} {:<26} {:<26}",
             s.task,
             s.queue,
             s.schedule,
             s.missed,
-            s.last_at.map(rfc3339).unwrap_or_else(dash),
-            s.next_at.map(rfc3339).unwrap_or_else(dash),
+            s.last_at.map_or_else(|| "never".to_owned(), rfc3339),
+            // Unknown until a leading scheduler has computed it.
+            s.next_at.map_or_else(|| "-".to_owned(), rfc3339),
         );
     }
     Ok(ExitCode::SUCCESS)

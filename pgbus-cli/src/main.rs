@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 mod admin;
 mod batches;
 mod cli;
@@ -20,7 +18,7 @@ mod topics;
 mod work;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_checked();
     cli.install_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use pgbus_pg::{OutboxRelay, PgBackend};
 
-use crate::cli::duration;
+use crate::cli::{duration, positive_duration};
 use crate::database::Database;
 
 #[derive(Debug, Args)]
@@ -20,13 +20,13 @@ pub(crate) struct RelayArgs {
     #[arg(long, default_value_t = 500)]
     pub(crate) batch: usize,
     /// Longest wait between looks at the outbox when no insert notification arrives.
-    #[arg(long, value_parser = duration, default_value = "1s")]
+    #[arg(long, value_parser = positive_duration, default_value = "1s", allow_hyphen_values = true)]
     pub(crate) poll_interval: Duration,
     /// How long published rows are kept before they are pruned.
-    #[arg(long, value_parser = duration, default_value = "1day")]
+    #[arg(long, value_parser = duration, default_value = "1day", allow_hyphen_values = true)]
     pub(crate) retention: Duration,
     /// How often published rows past the retention are pruned.
-    #[arg(long, value_parser = duration, default_value = "1m")]
+    #[arg(long, value_parser = positive_duration, default_value = "1m", allow_hyphen_values = true)]
     pub(crate) prune_interval: Duration,
 }
 

@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use pgbus_core::{MessageId, NewMessage, Producer, QueueName, DEFAULT_MAX_PAYLOAD_BYTES};
+use pgbus_core::{
+    MessageId, NewMessage, Producer, QueueAdmin, QueueName, DEFAULT_MAX_PAYLOAD_BYTES,
+};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use crate::cli::SendArgs;
@@ -41,6 +43,11 @@ fn print_ids(ids: &[MessageId], quiet: bool) {
 pub(crate) async fn send(db: &Database, args: SendArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let queue = QueueName::new(args.queue.clone())?;
     let backend = db.ready().await?;
+    if !quiet && backend.queue_info(&queue).await?.paused {
+        eprintln!(
+            "pgbus: queue {queue} is paused: its messages wait until `pgbus queue resume {queue}`"
+        );
+    }
     if let Some(json) = &args.json {
         let message = message(&args, json).context("the message is refused")?;
         let id = backend.send(&queue, message).await?;

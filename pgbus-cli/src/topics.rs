@@ -24,14 +24,19 @@ pub(crate) enum TopicCommand {
         queue: String,
         /// Also deliver the matching events of the event log published this long ago or
         /// later (e.g. 1h).
-        #[arg(long, value_parser = duration, conflicts_with = "earliest")]
+        #[arg(long, value_parser = duration, conflicts_with = "earliest", allow_hyphen_values = true)]
         since: Option<Duration>,
         /// Also deliver every matching event still in the event log.
         #[arg(long)]
         earliest: bool,
     },
     /// Remove a binding.
-    Unbind { pattern: String, queue: String },
+    Unbind {
+        /// The pattern, as it was bound.
+        pattern: String,
+        /// The queue it was bound to.
+        queue: String,
+    },
     /// List bindings.
     List {
         /// Print JSON.

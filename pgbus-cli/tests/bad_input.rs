@@ -174,12 +174,12 @@ fn sql_metacharacters_in_names_are_refused_and_keys_are_stored_verbatim() {
     ] {
         usage_error(db.run(&["dlq", "retry", "victim", id]), &["invalid value"]);
     }
-    // Ids that do not exist (negative, zero, the largest) touch nothing, and say so.
+    // Ids that do not exist (negative, zero, the largest) touch nothing, and are named.
     for id in ["-1", "0", "9223372036854775807"] {
-        let out = db.ok(&["dlq", "discard", "victim", "--", id]);
-        assert!(out.stdout.contains("discarded 0"), "{}", out.stdout);
-        let out = db.ok(&["dlq", "retry", "victim", "--", id]);
-        assert!(out.stdout.contains("retried 0"), "{}", out.stdout);
+        for verb in ["discard", "retry"] {
+            let what = format!("not dead-lettered in queue victim: {id} (nothing");
+            one_line_error(db.run(&["dlq", verb, "victim", "--", id]), &[&what]);
+        }
     }
     tables_hold(&db, "victim", 3, 0);
 
@@ -232,6 +232,73 @@ fn delays_and_priorities_out_of_range_are_refused() {
         (Some(2), Some(1)),
         "{stats:#}"
     );
+}
+
+#[test]
+fn argument_errors_name_the_fix() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    let config = db.path("tasks.json");
+    std::fs::write(&config, "[]").unwrap();
+    let config = config.to_str().unwrap();
+    // A negative duration is one, not a flag to pass after `--`.
+    for args in [
+        &["send", "q", "{}", "--delay", "-5s"][..],
+        &["work", "q", "--exec", "true", "--job-timeout", "-1m"],
+    ] {
+        let run = db.run(args);
+        assert!(!run.stderr.contains("-- -"), "{}", run.stderr);
+        usage_error(run, &["negative durations are not allowed"]);
+    }
+    // Zero where zero makes no sense.
+    for args in [
+        &["queue", "create", "z", "--lease", "0s"][..],
+        &[
+            "queue",
+            "create",
+            "z",
+            "--breaker-failures",
+            "1",
+            "--breaker-backoff",
+            "0ms",
+        ],
+        &["cron", "run", "--config", config, "--lease", "0s"],
+        &["work", "q", "--exec", "true", "--poll-interval", "0s"],
+        &["work", "q", "--exec", "true", "--job-timeout", "0s"],
+        &["relay", "--poll-interval", "0s"],
+        &["serve", "--refresh", "0s"],
+    ] {
+        usage_error(db.run(args), &["must be more than zero"]);
+    }
+    assert_eq!(
+        db.ok(&["queue", "list", "--json"])
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    // Either of two arguments: the error names both.
+    usage_error(db.run(&["dlq", "retry", "q"]), &["message ids or --all"]);
+    usage_error(db.run(&["dlq", "discard", "q"]), &["message ids or --all"]);
+    usage_error(db.run(&["work", "q"]), &["--exec", "--http"]);
+    // An address without a port says what one looks like.
+    for listen in ["localhost", "127.0.0.1", "nowhere:80", "[::1]"] {
+        usage_error(
+            db.run(&["serve", "--listen", listen]),
+            &[
+                "--listen",
+                "expected IP:PORT or localhost:PORT, e.g. 127.0.0.1:8080",
+            ],
+        );
+    }
+    // localhost:PORT is 127.0.0.1:PORT.
+    let port = free_port();
+    let listen = format!("localhost:{port}");
+    let (mut served, _stderr) = db.spawn(&["serve", "--listen", &listen]);
+    eventually("`serve --listen localhost:PORT` to listen", SHORT, || {
+        listening(port)
+    });
+    served.stop();
 }
 
 #[test]

@@ -424,9 +424,27 @@ fn dlq_retry_and_discard_by_id_and_all() {
     );
     assert_eq!(left[&ids[2]]["payload"], json!({ "n": 2 }));
 
-    // An id that is not dead-lettered (any more) changes nothing.
-    let out = db.ok(&["dlq", "retry", "q", &ids[1].to_string()]);
-    assert!(out.stdout.contains("retried 0 "), "{}", out.stdout);
+    // An id that is not dead-lettered (any more) is an error naming it, and nothing of
+    // the command is done, not even for the ids that are dead-lettered.
+    let gone = ids[1].to_string();
+    for verb in ["retry", "discard"] {
+        let out = db
+            .run(&["dlq", verb, "q", &ids[2].to_string(), &gone, "999999"])
+            .fails();
+        let line = out.stderr.trim();
+        assert_eq!(line.lines().count(), 1, "one line: {line}");
+        let named = line
+            .split_once("not dead-lettered in queue q: ")
+            .and_then(|(_, rest)| rest.split_once(" ("))
+            .map(|(ids, _)| ids);
+        assert_eq!(
+            named,
+            Some(format!("{gone}, 999999").as_str()),
+            "names exactly the missing ids: {line}"
+        );
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+    assert_eq!(db.dead("q").len(), 2, "nothing changed");
 
     let out = db.ok(&["dlq", "retry", "q", "--all"]);
     assert!(out.stdout.contains("retried 2 "), "{}", out.stdout);
@@ -448,6 +466,150 @@ fn dlq_retry_and_discard_by_id_and_all() {
     assert_eq!(stats["dead_lettered"], 0, "{stats:#}");
 
     db.run(&["dlq", "retry", "q"]).fails();
+}
+
+#[test]
+fn queue_create_names_what_differs_and_queue_alter_changes_options() {
+    let db = Db::new();
+    db.ok(&[
+        "queue",
+        "create",
+        "q",
+        "--max-attempts",
+        "7",
+        "--lease",
+        "45s",
+    ]);
+    // The same options, or none: still an idempotent success.
+    for same in [&["--max-attempts", "7"][..], &[], &["--lease", "45s"]] {
+        let mut args = vec!["queue", "create", "q"];
+        args.extend_from_slice(same);
+        let out = db.ok(&args);
+        assert!(out.stdout.contains("already exists"), "{}", out.stdout);
+    }
+    // Different options: an error naming each difference and the command that changes it.
+    let out = db
+        .run(&[
+            "queue",
+            "create",
+            "q",
+            "--max-attempts",
+            "3",
+            "--lease",
+            "45s",
+            "--keep-history",
+        ])
+        .fails();
+    let line = out.stderr.trim();
+    assert_eq!(line.lines().count(), 1, "one line: {line}");
+    for part in [
+        "--max-attempts 7 (not 3)",
+        "--keep-history false (not true)",
+        "pgbus queue alter q",
+    ] {
+        assert!(line.contains(part), "{part:?} not in: {line}");
+    }
+    assert!(!line.contains("--lease"), "the lease is the same: {line}");
+    let list = db.ok(&["queue", "list", "--json"]).json();
+    assert_eq!(list[0]["max_attempts"], 7, "unchanged: {list:#}");
+
+    // `queue alter` changes what it is given and keeps the rest.
+    let out = db.ok(&[
+        "queue",
+        "alter",
+        "q",
+        "--max-attempts",
+        "3",
+        "--keep-history",
+        "--breaker-failures",
+        "2",
+        "--breaker-backoff",
+        "10s",
+    ]);
+    assert!(out.stdout.contains("altered queue q"), "{}", out.stdout);
+    let q = &db.ok(&["queue", "list", "--json"]).json()[0];
+    assert_eq!(
+        (
+            &q["max_attempts"],
+            &q["lease_ms"],
+            &q["keep_history"],
+            &q["breaker"]
+        ),
+        (
+            &json!(3),
+            &json!(45_000),
+            &json!(true),
+            &json!({"failures": 2, "backoff_ms": 10_000})
+        ),
+        "{q:#}"
+    );
+    db.ok(&[
+        "queue",
+        "alter",
+        "q",
+        "--lease",
+        "1m",
+        "--breaker-failures",
+        "4",
+    ]);
+    db.ok(&[
+        "queue",
+        "create",
+        "q",
+        "--max-attempts",
+        "3",
+        "--keep-history",
+    ]);
+    let q = &db.ok(&["queue", "list", "--json"]).json()[0];
+    assert_eq!(q["lease_ms"], 60_000, "{q:#}");
+    assert_eq!(q["breaker"], json!({"failures": 4, "backoff_ms": 10_000}));
+    db.ok(&["queue", "alter", "q", "--no-keep-history", "--no-breaker"]);
+    let q = &db.ok(&["queue", "list", "--json"]).json()[0];
+    assert_eq!(
+        (&q["keep_history"], &q["breaker"]),
+        (&json!(false), &Value::Null)
+    );
+
+    // Nothing to change, a queue that does not exist, half a new breaker: errors.
+    let out = db.run(&["queue", "alter", "q"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = db
+        .run(&["queue", "alter", "nope", "--max-attempts", "2"])
+        .fails();
+    assert!(out.stderr.contains("nope"), "{}", out.stderr);
+    let out = db
+        .run(&["queue", "alter", "q", "--breaker-failures", "2"])
+        .fails();
+    assert!(out.stderr.contains("--breaker-backoff"), "{}", out.stderr);
+}
+
+#[test]
+fn sending_to_a_paused_queue_says_the_messages_wait_for_resume() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    let out = db.ok(&["send", "q", "{}"]);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    db.ok(&["queue", "pause", "q"]);
+    for out in [
+        db.ok(&["send", "q", "{}"]),
+        db.send_stdin(
+            &["send", "q"],
+            json_lines((0..3).map(|n| json!({ "n": n }))),
+        )
+        .ok(),
+    ] {
+        let note = out.stderr.trim();
+        assert_eq!(note.lines().count(), 1, "said once: {note}");
+        assert!(
+            note.contains("paused") && note.contains("pgbus queue resume q"),
+            "{note}"
+        );
+        assert!(!out.stdout.trim().is_empty(), "the ids are still printed");
+    }
+    // -q: errors only.
+    let out = db.ok(&["-q", "send", "q", "{}"]);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    assert_eq!(db.depth("q"), 6);
 }
 
 #[test]
@@ -1179,6 +1341,96 @@ fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
     );
 }
 
+/// Whether an RFC 3339 time from `cron list` is a whole second (`...:05.000Z`), and its
+/// second of the minute.
+fn whole_second(time: &str) -> Option<u32> {
+    let seconds = time.strip_suffix(".000Z")?.rsplit(':').next()?;
+    seconds.parse().ok()
+}
+
+#[test]
+fn cron_with_a_seconds_step_fires_on_the_step_and_cron_list_shows_whole_seconds() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "ticks"]);
+    db.ok(&["queue", "create", "reports"]);
+    let config = db.path("tasks.json");
+    std::fs::write(
+        &config,
+        json!([
+            {"name": "every_5s", "queue": "ticks", "cron": "*/5 * * * * *", "payload": {}},
+            {"name": "nightly", "queue": "reports", "cron": "0 3 * * *", "payload": {}}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let (mut scheduler, stderr) = db.spawn(&["cron", "run", "--config", config.to_str().unwrap()]);
+    // Long enough for several ticks of the scheduler (one a second) per occurrence, and
+    // for at least two occurrences.
+    let observe = Duration::from_secs(12);
+    eventually("two occurrences and the observed span", LONG, || {
+        started.elapsed() >= observe && db.depth("ticks") >= 2
+    });
+    terminate(&scheduler.0);
+    let status = wait_deadline(&mut scheduler.0, Duration::from_secs(30));
+    let span = started.elapsed();
+    if status.is_none() {
+        scheduler.stop();
+    }
+    let stderr = stderr.join().unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "{stderr}");
+
+    // At most one job per 5 s of the span the scheduler ran (plus slack for the edges).
+    let enqueued = db.depth("ticks");
+    let most = span.as_secs() / 5 + 2;
+    assert!(
+        (2..=most).contains(&enqueued),
+        "{enqueued} jobs in {span:?} from */5 (at most {most})"
+    );
+    assert_eq!(
+        count(
+            &db.url,
+            "SELECT count(*) FROM pgbus.schedule_runs \
+             WHERE extract(microseconds FROM scheduled_at)::bigint % 5000000 <> 0"
+        ),
+        0,
+        "every occurrence on a whole multiple of 5 s"
+    );
+
+    let listed = db.ok(&["cron", "list", "--json"]).json();
+    let tasks = listed["tasks"].as_array().expect("a tasks array");
+    let task = |name: &str| {
+        tasks
+            .iter()
+            .find(|t| t["task"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {listed:#}"))
+    };
+    let fast = task("every_5s");
+    for field in ["last_at", "next_at"] {
+        let time = fast[field].as_str().unwrap_or_default();
+        assert!(
+            whole_second(time).is_some_and(|s| s % 5 == 0),
+            "{field} of */5 is a whole multiple of 5 s: {fast}"
+        );
+    }
+    let nightly = task("nightly");
+    assert_eq!(nightly["last_at"], Value::Null, "never ran: {nightly}");
+    let next = nightly["next_at"].as_str().unwrap_or_default();
+    assert!(next.ends_with("T03:00:00.000Z"), "whole seconds: {nightly}");
+
+    let table = db.ok(&["cron", "list"]).stdout;
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("nightly "))
+        .unwrap_or_else(|| panic!("no nightly row:\n{table}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        columns[columns.len() - 2..],
+        ["never", next],
+        "LAST never, NEXT whole seconds:\n{table}"
+    );
+}
+
 #[test]
 fn a_queue_with_a_circuit_breaker_pauses_itself_visibly_in_stats() {
     let db = Db::new();
@@ -1319,4 +1571,80 @@ fn topic_bind_publish_and_stats() {
     ]);
     let ns: BTreeSet<i64> = payload_ns(&out).into_iter().collect();
     assert_eq!(ns, (0..=100).collect());
+}
+
+// ---------------------------------------------------------------------------------------
+// --help
+// ---------------------------------------------------------------------------------------
+
+/// The lines of the section of `help` under `heading` (up to the next blank line).
+fn help_section<'a>(help: &'a str, heading: &str) -> Vec<&'a str> {
+    help.lines()
+        .skip_while(|l| *l != heading)
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect()
+}
+
+/// The options every command takes, listed under "Global options" in every help.
+const GLOBAL: [&str; 6] = [
+    "--database-url",
+    "--pooler",
+    "--listen-url",
+    "--log-format",
+    "--verbose",
+    "--quiet",
+];
+
+#[test]
+fn every_help_lists_global_options_apart_and_describes_every_argument() {
+    let mut pending = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let mut cmd = bare();
+        cmd.args(&path).arg("-h");
+        let help = run(cmd, None, SHORT).ok().stdout;
+        let what = format!("pgbus {} -h", path.join(" "));
+        seen += 1;
+        // The flag column of a section: `-v, --verbose...` of `  -v, --verbose...  More`.
+        let flags = |heading: &str| -> Vec<String> {
+            help_section(&help, heading)
+                .iter()
+                .filter_map(|l| l.trim_start().split("  ").next())
+                .flat_map(|f| f.split([',', ' ', '.']))
+                .filter(|f| f.starts_with("--"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let own = flags("Options:");
+        let global = flags("Global options:");
+        for flag in GLOBAL {
+            let flag = flag.to_owned();
+            assert!(
+                global.contains(&flag) && !own.contains(&flag),
+                "{what}: {flag} belongs under \"Global options:\"\n{help}"
+            );
+        }
+        for line in help_section(&help, "Arguments:") {
+            let line = line.trim();
+            if line.starts_with('<') || line.starts_with('[') {
+                let described = line
+                    .split_once("  ")
+                    .is_some_and(|(_, d)| !d.trim().is_empty());
+                assert!(
+                    described,
+                    "{what}: argument without a description: {line:?}"
+                );
+            }
+        }
+        for line in help_section(&help, "Commands:") {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name != "help" {
+                let mut sub = path.clone();
+                sub.push(name.to_owned());
+                pending.push(sub);
+            }
+        }
+    }
+    assert!(seen > 30, "walked only {seen} commands");
 }

@@ -45,6 +45,7 @@ macro_rules! conformance_tests {
             paused_queue_hands_out_nothing,
             purge_and_drop_queue,
             create_queue_is_idempotent_and_listed,
+            alter_queue_replaces_settings_and_keeps_messages,
             unknown_queue_is_an_error,
             oversized_payload_and_bad_group_key_are_refused,
             extreme_delays_are_refused_and_extreme_priorities_kept,
@@ -588,6 +589,41 @@ pub async fn create_queue_is_idempotent_and_listed<B: Backend>(backend: B) {
     let info = backend.queue_info(&b).await.unwrap();
     assert_eq!(info.options, options);
     assert!(!info.paused);
+}
+
+/// `alter_queue` replaces a queue's settings and nothing else; taking the breaker away
+/// closes an open one.
+pub async fn alter_queue_replaces_settings_and_keeps_messages<B: Backend>(backend: B) {
+    let q = queue(&backend, "altered").await;
+    backend.send(&q, job(1)).await.unwrap();
+    backend.set_paused(&q, true).await.unwrap();
+    let options = QueueOptions::default()
+        .lease(Duration::from_secs(45))
+        .keep_history(true)
+        .retry(RetryPolicy::builder().max_attempts(9).build().unwrap())
+        .circuit_breaker(crate::CircuitBreaker::new(2, LONG).unwrap());
+    backend.alter_queue(&q, &options).await.unwrap();
+    let info = backend.queue_info(&q).await.unwrap();
+    assert_eq!(info.options, options);
+    assert!(info.paused, "the pause stays");
+    assert_eq!(stats_of(&backend, &q).await.depth(), 1, "the message stays");
+
+    backend.set_paused(&q, false).await.unwrap();
+    backend.trip_breaker(&q, LONG).await.unwrap();
+    assert!(backend.claim(&q, 1, LONG).await.unwrap().is_empty());
+    let mut without = options.clone();
+    without.circuit_breaker = None;
+    backend.alter_queue(&q, &without).await.unwrap();
+    assert_eq!(backend.queue_info(&q).await.unwrap().options, without);
+    assert_eq!(stats_of(&backend, &q).await.breaker_open_for, None);
+    let claimed = backend.claim(&q, 1, LONG).await.unwrap();
+    assert_eq!(numbers(&claimed), [1], "the open breaker went with it");
+
+    let missing = QueueName::new("missing").unwrap();
+    assert!(matches!(
+        backend.alter_queue(&missing, &options).await,
+        Err(Error::QueueNotFound(_))
+    ));
 }
 
 /// Operations on a queue that does not exist fail with `QueueNotFound`.

@@ -221,6 +221,16 @@ impl QueueAdmin for MemoryBackend {
         Ok(true)
     }
 
+    async fn alter_queue(&self, name: &QueueName, options: &QueueOptions) -> Result<()> {
+        let mut state = self.lock();
+        let queue = state.queue_mut(name)?;
+        queue.options = options.clone();
+        if options.circuit_breaker.is_none() {
+            queue.breaker_until = SystemTime::UNIX_EPOCH;
+        }
+        Ok(())
+    }
+
     async fn drop_queue(&self, name: &QueueName) -> Result<bool> {
         Ok(self.lock().queues.remove(name).is_some())
     }

@@ -159,6 +159,17 @@ pub trait QueueAdmin: Send + Sync {
         options: &QueueOptions,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Replaces the queue's settings; its messages, dead letters, archive and pause stay,
+    /// and an open circuit breaker stays open unless `options` has none. Workers read a
+    /// queue's retry policy, lease and breaker when they start, so running ones keep the
+    /// old ones until they restart. Fails with
+    /// [`Error::QueueNotFound`](crate::Error::QueueNotFound).
+    fn alter_queue(
+        &self,
+        name: &QueueName,
+        options: &QueueOptions,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Drops the queue with its messages, dead letters and archive; `false` when it did
     /// not exist.
     fn drop_queue(&self, name: &QueueName) -> impl Future<Output = Result<bool>> + Send;

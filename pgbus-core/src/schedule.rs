@@ -8,7 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 use crate::{Error, NewMessage, QueueName, Result};
 
@@ -72,11 +72,19 @@ impl Schedule {
                 Some(UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).ok()?))
             }
             Kind::Cron(cron) => {
+                // Cron occurrences are whole seconds, but croner keeps the fraction of
+                // the time it searches from in what it finds (from 12:00:01.5 the latest
+                // `*/5` is 12:00:00.5): every tick of a scheduler would find a new
+                // "occurrence". So search from the whole second at or before `t`; when `t`
+                // had a fraction, that second itself is before `t` (so it counts going
+                // back, and not going forward).
                 let t: DateTime<Utc> = t.into();
+                let whole = t.trunc_subsecs(0);
+                let fraction = whole < t;
                 let found = if forward {
-                    cron.find_next_occurrence(&t, inclusive)
+                    cron.find_next_occurrence(&whole, inclusive && !fraction)
                 } else {
-                    cron.find_previous_occurrence(&t, inclusive)
+                    cron.find_previous_occurrence(&whole, inclusive || fraction)
                 };
                 found.ok().map(SystemTime::from)
             }
@@ -305,6 +313,111 @@ mod tests {
         assert_eq!(every_5s.latest_at_or_before(at(64)), Some(at(60)));
         assert!(Schedule::cron("not cron").is_err());
         assert_eq!(minutely.to_string(), "cron * * * * *");
+    }
+
+    /// Expressions with seconds, steps, ranges and lists (and five-field ones), each
+    /// checked against the occurrences `croner` itself computes.
+    const EXPRESSIONS: [&str; 10] = [
+        "*/5 * * * * *",
+        "*/3 * * * * *",
+        "10-20 * * * * *",
+        "0,15,40 * * * * *",
+        "5-50/7 */2 * * * *",
+        "0 */5 * * * *",
+        "30 0 12 * * MON-FRI",
+        "* * * * *",
+        "*/7 3-5 * * *",
+        "0 3 * * *",
+    ];
+
+    /// A start with a fraction of a second, as the database clock gives it.
+    fn fractional_start() -> SystemTime {
+        at(1_700_000_000) + Duration::from_millis(33)
+    }
+
+    /// croner's occurrences after `from` (a whole second), one search after the other,
+    /// while `more` holds for the last one. (Not croner 3.0's `iter_after`: it steps one
+    /// second too far after each occurrence, so it skips `11` after `10` in `10-20`.)
+    fn croner_after(
+        expression: &str,
+        from: SystemTime,
+        mut more: impl FnMut(&[SystemTime]) -> bool,
+    ) -> Vec<SystemTime> {
+        let cron = croner::Cron::from_str(expression).unwrap();
+        let mut t: DateTime<Utc> = from.into();
+        let mut found = Vec::new();
+        while more(&found) {
+            t = cron.find_next_occurrence(&t, false).unwrap();
+            found.push(t.into());
+        }
+        found
+    }
+
+    fn whole_seconds(t: SystemTime) -> bool {
+        t.duration_since(UNIX_EPOCH).unwrap().subsec_nanos() == 0
+    }
+
+    #[test]
+    fn cron_occurrences_are_crons_own_whole_seconds() {
+        let start = fractional_start();
+        let whole = at(1_700_000_000);
+        for expression in EXPRESSIONS {
+            let schedule = Schedule::cron(expression).unwrap();
+            let expected = croner_after(expression, whole, |found| found.len() < 20);
+            let mut found = Vec::new();
+            let mut t = start;
+            while found.len() < expected.len() {
+                t = schedule.next_after(t).unwrap();
+                found.push(t);
+            }
+            assert_eq!(found, expected, "{expression}");
+            assert!(found.iter().copied().all(whole_seconds), "{expression}");
+            // The latest at or before a time between two occurrences (with a fraction) is
+            // the earlier one; at an occurrence exactly, that occurrence.
+            for pair in expected.windows(2) {
+                let between = pair[0] + Duration::from_millis(500);
+                assert_eq!(
+                    schedule.latest_at_or_before(between),
+                    Some(pair[0]),
+                    "{expression}"
+                );
+                assert_eq!(
+                    schedule.latest_at_or_before(pair[1]),
+                    Some(pair[1]),
+                    "{expression}"
+                );
+                assert_eq!(schedule.next_after(between), Some(pair[1]), "{expression}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_scheduler_ticking_off_the_second_enqueues_each_cron_occurrence_once() {
+        // A leader ticks every 250 ms, off the whole second, for three minutes, keeping
+        // its cursor as the scheduler does; it must enqueue exactly croner's occurrences.
+        let start = fractional_start();
+        let end = start + Duration::from_secs(180);
+        for expression in EXPRESSIONS {
+            let schedule = Schedule::cron(expression).unwrap();
+            for missed in [MissedRuns::Skip, MissedRuns::CatchUp(100)] {
+                let mut last = start;
+                let mut enqueued = Vec::new();
+                let mut now = start;
+                while now < end {
+                    now += Duration::from_millis(250);
+                    let due = schedule.due(last, now, missed);
+                    if let Some(&latest) = due.last() {
+                        last = latest;
+                    }
+                    enqueued.extend(due);
+                }
+                let mut expected = croner_after(expression, at(1_700_000_000), |found| {
+                    found.last().is_none_or(|&t| t <= now)
+                });
+                expected.pop(); // the first one after `now`
+                assert_eq!(enqueued, expected, "{expression} {missed:?}");
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::{db, pool, storable};
 use crate::group_locks::GroupLocks;
 use crate::migrate::{self, SCHEMA_VERSION};
-use crate::query::{Pooler, Reused, Typed};
+use crate::query::{Param, Pooler, Reused, Typed};
 use crate::send::{send_error, Columns};
 use crate::sql;
 
@@ -421,6 +421,55 @@ fn selection(which: Selection<'_>) -> Option<Vec<i64>> {
     }
 }
 
+/// A queue's name and settings as the parameters of `CREATE_QUEUE` and `ALTER_QUEUE`.
+struct QueueColumns<'a> {
+    name: &'a str,
+    max_attempts: i32,
+    retry_base_ms: i64,
+    retry_cap_ms: i64,
+    retry_jitter: f64,
+    lease_ms: i64,
+    keep_history: bool,
+    archive_retention_ms: i64,
+    breaker_failures: Option<i32>,
+    breaker_backoff_ms: Option<i64>,
+}
+
+impl<'a> QueueColumns<'a> {
+    fn new(name: &'a QueueName, options: &QueueOptions) -> Self {
+        let r = &options.retry;
+        let breaker = options.circuit_breaker;
+        Self {
+            name: name.as_str(),
+            max_attempts: i32::try_from(r.max_attempts()).unwrap_or(i32::MAX),
+            retry_base_ms: millis(r.base()),
+            retry_cap_ms: millis(r.cap()),
+            retry_jitter: r.jitter(),
+            lease_ms: millis(options.lease),
+            keep_history: options.keep_history,
+            archive_retention_ms: millis(options.archive_retention),
+            breaker_failures: breaker.map(|b| i32::try_from(b.failures).unwrap_or(i32::MAX)),
+            breaker_backoff_ms: breaker.map(|b| millis(b.backoff)),
+        }
+    }
+
+    /// The parameters `$1` to `$10`.
+    fn params(&self) -> [&dyn Param; 10] {
+        [
+            &self.name,
+            &self.max_attempts,
+            &self.retry_base_ms,
+            &self.retry_cap_ms,
+            &self.retry_jitter,
+            &self.lease_ms,
+            &self.keep_history,
+            &self.archive_retention_ms,
+            &self.breaker_failures,
+            &self.breaker_backoff_ms,
+        ]
+    }
+}
+
 fn queue_info_from(row: &Row) -> Result<QueueInfo> {
     let name = QueueName::new(row.get::<_, String>("name"))?;
     let retry = RetryPolicy::builder()
@@ -455,29 +504,29 @@ fn queue_info_from(row: &Row) -> Result<QueueInfo> {
 
 impl QueueAdmin for PgBackend {
     async fn create_queue(&self, name: &QueueName, options: &QueueOptions) -> Result<bool> {
-        let r = &options.retry;
-        let breaker = options.circuit_breaker;
         let created = self
             .conn()
             .await?
             .exec(
                 sql::CREATE_QUEUE,
-                &[
-                    &name.as_str(),
-                    &i32::try_from(r.max_attempts()).unwrap_or(i32::MAX),
-                    &millis(r.base()),
-                    &millis(r.cap()),
-                    &r.jitter(),
-                    &millis(options.lease),
-                    &options.keep_history,
-                    &millis(options.archive_retention),
-                    &breaker.map(|b| i32::try_from(b.failures).unwrap_or(i32::MAX)),
-                    &breaker.map(|b| millis(b.backoff)),
-                ],
+                &QueueColumns::new(name, options).params(),
             )
             .await
             .map_err(|e| db("creating a queue", e))?;
         Ok(created == 1)
+    }
+
+    async fn alter_queue(&self, name: &QueueName, options: &QueueOptions) -> Result<()> {
+        let altered = self
+            .conn()
+            .await?
+            .exec(sql::ALTER_QUEUE, &QueueColumns::new(name, options).params())
+            .await
+            .map_err(|e| db("altering a queue", e))?;
+        if altered == 0 {
+            return Err(Error::QueueNotFound(name.clone()));
+        }
+        Ok(())
     }
 
     async fn drop_queue(&self, name: &QueueName) -> Result<bool> {
@@ -659,6 +708,32 @@ impl DeadLetters for PgBackend {
             ensure_exists(&**conn, queue).await?;
         }
         Ok(deleted)
+    }
+}
+
+impl PgBackend {
+    /// Which of `ids` are dead letters of `queue`, in no particular order; fails with
+    /// [`Error::QueueNotFound`] when the queue does not exist. For a caller that refuses
+    /// unknown ids before it retries or discards any (`pgbus dlq`), where
+    /// [`DeadLetters::retry_dead`] skips them.
+    pub async fn dead_letter_ids(
+        &self,
+        queue: &QueueName,
+        ids: &[MessageId],
+    ) -> Result<Vec<MessageId>> {
+        let conn = self.conn().await?;
+        let raw: Vec<i64> = ids.iter().map(|id| id.0).collect();
+        let found: Vec<MessageId> = conn
+            .q(sql::DEAD_IDS, &[&queue.as_str(), &raw])
+            .await
+            .map_err(|e| db("looking up dead letters", e))?
+            .iter()
+            .map(|row| MessageId(row.get(0)))
+            .collect();
+        if found.len() < ids.len() {
+            ensure_exists(&**conn, queue).await?;
+        }
+        Ok(found)
     }
 }
 

@@ -119,7 +119,7 @@ pub struct ScheduleInfo {
     pub schedule: String,
     /// The missed-occurrence policy, as text.
     pub missed: String,
-    /// The latest occurrence enqueued.
+    /// The latest occurrence enqueued; `None` until the first one is.
     pub last_at: Option<SystemTime>,
     /// The next occurrence, as the leader last computed it.
     pub next_at: Option<SystemTime>,
@@ -320,7 +320,8 @@ async fn enqueue_due(
         .transaction()
         .await
         .map_err(|e| db("starting a scheduler transaction", e))?;
-    if let Some(&latest) = due.last() {
+    let latest = due.last().copied();
+    if let Some(latest) = latest {
         let fresh: Vec<SystemTime> = tx
             .q(sql::RECORD_RUNS, &[&task.name, &due])
             .await
@@ -336,7 +337,7 @@ async fn enqueue_due(
         backend.send_batch_in(&tx, queue, messages).await?;
         cursor.last = latest;
     }
-    tx.exec(sql::ADVANCE_TASK, &[&task.name, &cursor.last, &next])
+    tx.exec(sql::ADVANCE_TASK, &[&task.name, &latest, &next])
         .await
         .map_err(|e| db("moving a task's cursor", e))?;
     tx.commit()

@@ -51,7 +51,21 @@ INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms, retry
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (name) DO NOTHING";
 
+/// Replaces queue `$1`'s settings (the columns of `CREATE_QUEUE`); a queue left without
+/// a breaker has its open one closed.
+pub(crate) const ALTER_QUEUE: &str = "
+UPDATE pgbus.queues
+SET max_attempts = $2, retry_base_ms = $3, retry_cap_ms = $4, retry_jitter = $5, lease_ms = $6,
+    keep_history = $7, archive_retention_ms = $8, breaker_failures = $9,
+    breaker_backoff_ms = $10,
+    breaker_until = CASE WHEN $9 IS NULL THEN '-infinity' ELSE breaker_until END
+WHERE name = $1";
+
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
+
+/// Which of the ids `$2` are dead letters of queue `$1`.
+pub(crate) const DEAD_IDS: &str = "
+SELECT id FROM pgbus.dead_letters WHERE queue = $1 AND id = ANY ($2)";
 
 /// Pauses or resumes; a resume wakes the queue's workers.
 pub(crate) const SET_PAUSED: &str = "
@@ -663,10 +677,12 @@ SELECT $1, unnest($2::timestamptz[])
 ON CONFLICT (task, scheduled_at) DO NOTHING
 RETURNING scheduled_at";
 
-/// Moves task `$1`'s cursor forward to `$2` (never back) and records its next run `$3`.
+/// Moves task `$1`'s cursor forward to `$2`, the latest occurrence enqueued (never back;
+/// NULL when none was: `greatest` ignores NULLs, so a task that never ran keeps a NULL
+/// `last_at`) and records its next run `$3`.
 pub(crate) const ADVANCE_TASK: &str = "
 UPDATE pgbus.schedules
-SET last_at = greatest(coalesce(last_at, $2), $2), next_at = $3
+SET last_at = greatest(last_at, $2), next_at = $3
 WHERE task = $1";
 
 /// Deletes at most `$2` occurrence records older than `$1` seconds, never a task's latest.

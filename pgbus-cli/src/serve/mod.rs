@@ -33,15 +33,16 @@ use snapshot::Snapshots;
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
-    /// Address to listen on. Anything but a loopback address needs --token.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// Address to listen on: IP:PORT, or localhost:PORT. Anything but a loopback address
+    /// needs --token.
+    #[arg(long, value_parser = crate::cli::listen_addr, default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
     /// Required from every client (Authorization: Bearer, or ?token= once in a browser)
     /// except for /livez, /readyz and signed stream URLs.
     #[arg(long, env = "PGBUS_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
     /// How often the dashboard and /metrics snapshot is refreshed.
-    #[arg(long, value_parser = crate::cli::duration, default_value = "2s")]
+    #[arg(long, value_parser = crate::cli::positive_duration, default_value = "2s", allow_hyphen_values = true)]
     pub(crate) refresh: Duration,
 }
 
