@@ -219,9 +219,15 @@ pub(crate) struct WorkArgs {
     /// Longest wait between claims when no wake-up arrives.
     #[arg(long, value_parser = duration, default_value = "1s")]
     pub(crate) poll_interval: Duration,
-    /// Exit 0 once the queues have no ready or in-flight messages.
+    /// Exit once the queues hold nothing ready, nothing in flight (in any process) and
+    /// nothing due within --wait-due, saying what is left. A paused queue's messages are
+    /// not waited for; when it holds work the run would have done, the exit status is 75.
     #[arg(long)]
     pub(crate) until_empty: bool,
+    /// With --until-empty: wait for retries and delayed messages due within this long;
+    /// messages due later are left.
+    #[arg(long, value_parser = duration, default_value = "30s", requires = "until_empty")]
+    pub(crate) wait_due: Duration,
     /// Run `sh -c CMD` per message, the payload as JSON on stdin. Exit 0: ack; 65:
     /// dead-letter; anything else: retry. The command runs in a process group of its own:
     /// on the job timeout, at shutdown, and for processes it leaves behind when it exits,

@@ -1,12 +1,14 @@
 //! `pgbus work`: workers whose handler is an external command or an HTTP endpoint, and the
 //! `--processes` supervisor.
 
+mod until_empty;
+
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pgbus_core::{QueueName, Stats};
+use pgbus_core::QueueName;
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::{Maintenance, PgBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::WorkArgs;
 use crate::database::Database;
+use until_empty::EXIT_PAUSED;
 
 /// Exit status of an `--exec` command that asks for a dead letter (EX_DATAERR).
 const EXIT_DEAD_LETTER: i32 = 65;
@@ -136,13 +139,14 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
     let plain = tokio::spawn(plain.run(stop.clone()));
     let grouped = tokio::spawn(grouped.run(stop.clone()));
     let maintenance = tokio::spawn(maintenance.run(stop.clone()));
-    if args.until_empty {
-        tokio::spawn(stop_when_empty(
+    let until_empty = args.until_empty.then(|| {
+        tokio::spawn(until_empty::watch(
             backend.clone(),
             queues.clone(),
+            args.wait_due,
             stop.clone(),
-        ));
-    }
+        ))
+    });
     let plain: WorkerReport = plain.await??;
     let grouped: WorkerReport = grouped.await??;
     // Pruning stops with the workers, however they came to stop.
@@ -155,39 +159,15 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         dead_lettered = plain.dead_lettered + grouped.dead_lettered,
         "workers stopped"
     );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Cancels `stop` once the queues have no ready and no in-flight message. The messages of a
-/// paused queue, or of one whose circuit breaker is open, count as not ready: nothing will
-/// hand them out (for now).
-async fn stop_when_empty(backend: PgBackend, queues: Vec<QueueName>, stop: CancellationToken) {
-    let mut interval = tokio::time::interval(Duration::from_millis(100));
-    while !stop.is_cancelled() {
-        interval.tick().await;
-        match backend.stats().await {
-            Ok(stats) => {
-                let busy: u64 = stats
-                    .iter()
-                    .filter(|s| queues.contains(&s.queue))
-                    .map(|s| {
-                        if s.paused || s.breaker_open_for.is_some() {
-                            s.in_flight
-                        } else {
-                            s.ready + s.in_flight
-                        }
-                    })
-                    .sum();
-                if busy == 0 {
-                    tracing::info!(target: "pgbus::cli", "queues are empty: stopping");
-                    stop.cancel();
-                }
-            }
-            Err(err) => {
-                tracing::warn!(target: "pgbus::cli", error = %err.report(), "could not read queue stats")
-            }
-        }
+    let left = match until_empty {
+        Some(watcher) => watcher.await?,
+        None => None,
+    };
+    if let Some(paused) = left.and_then(|left| left.paused()) {
+        tracing::error!(target: "pgbus::cli", "{paused}");
+        return Ok(ExitCode::from(EXIT_PAUSED));
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn tail(bytes: &[u8]) -> String {
@@ -511,7 +491,8 @@ fn restart_delay(failures: u32) -> Duration {
 
 /// Runs `processes` copies of this command (without `--processes`), restarting any that
 /// dies with exponential backoff (started over after a healthy run of [`STABLE_RUN`]);
-/// forwards SIGINT/SIGTERM; ends when all exited 0.
+/// forwards SIGINT/SIGTERM; ends when all exited 0, or with [`EXIT_PAUSED`] when one of
+/// them ended an `--until-empty` run with it (not restarted: it did what it could).
 async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> {
     if processes == 0 {
         bail!("--processes must be at least 1");
@@ -554,23 +535,31 @@ async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> 
                         child.wait().await?
                     }
                 };
+                if status.code() == Some(i32::from(EXIT_PAUSED)) {
+                    return anyhow::Ok(true);
+                }
                 if status.success() || stop.is_cancelled() {
-                    return anyhow::Ok(());
+                    return Ok(false);
                 }
                 failures = failures_after(failures, started.elapsed());
                 let delay = restart_delay(failures);
                 tracing::warn!(target: "pgbus::supervisor", slot, %status, restart_in = ?delay, "worker process died; restarting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = stop.cancelled() => return Ok(()),
+                    _ = stop.cancelled() => return Ok(false),
                 }
             }
         }));
     }
+    let mut paused = false;
     for task in tasks {
-        task.await??;
+        paused |= task.await??;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if paused {
+        ExitCode::from(EXIT_PAUSED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[cfg(test)]

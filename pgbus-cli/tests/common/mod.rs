@@ -325,8 +325,8 @@ impl Db {
         run(self.cmd(&all), None, LONG).ok()
     }
 
-    /// Runs `work ARGS --until-empty` again and again (it stops while a retry waits for
-    /// its backoff) until `done` holds.
+    /// Runs `work ARGS --until-empty` again and again (a run leaves what is due after
+    /// `--wait-due`) until `done` holds.
     #[track_caller]
     pub fn work_until(&self, args: &[&str], timeout: Duration, mut done: impl FnMut(&Db) -> bool) {
         let deadline = Instant::now() + timeout;
