@@ -27,6 +27,12 @@ const ERROR_TAIL: usize = 1000;
 const STDERR_KEPT: usize = 8 * 1024;
 /// How long an `--exec` command's process group has between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How much longer than `--job-timeout` the worker gives a job before it drops it. The
+/// handlers end a job at `--job-timeout` themselves, so that its error keeps what the
+/// command wrote to stderr (or the HTTP error): a command's group takes up to
+/// [`KILL_GRACE`] to die and its stderr as long again to close. The worker's own timeout
+/// is the backstop.
+const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(3 * KILL_GRACE.as_secs());
 
 /// Where each message goes.
 #[derive(Clone)]
@@ -35,6 +41,8 @@ enum Target {
         cmd: Arc<str>,
         /// Withheld variables passed through anyway (`--pass-env`).
         pass_env: Arc<[String]>,
+        /// `--job-timeout`.
+        timeout: Duration,
     },
     Http {
         client: reqwest::Client,
@@ -89,6 +97,7 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         (Some(cmd), None) => Target::Exec {
             cmd: cmd.as_str().into(),
             pass_env: args.pass_env.clone().into(),
+            timeout: args.job_timeout,
         },
         (None, Some(url)) => Target::Http {
             client: reqwest::Client::builder()
@@ -117,7 +126,7 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
             .concurrency(args.concurrency)
             .execution_mode(mode)
             .poll_interval(args.poll_interval)
-            .job_timeout(args.job_timeout)
+            .job_timeout(args.job_timeout.saturating_add(TIMEOUT_BACKSTOP))
             .drain_timeout(args.drain_timeout);
         if let Some(wakeups) = &wakeups {
             builder = builder.wakeups(Arc::clone(wakeups));
@@ -193,7 +202,11 @@ async fn deliver(
         }
     };
     match target {
-        Target::Exec { cmd, pass_env } => run_command(cmd, pass_env, ctx, &body).await,
+        Target::Exec {
+            cmd,
+            pass_env,
+            timeout,
+        } => run_command(cmd, pass_env, *timeout, ctx, &body).await,
         Target::Http {
             client,
             url,
@@ -203,10 +216,11 @@ async fn deliver(
 }
 
 /// Runs `sh -c CMD` with the payload on stdin: exit 0 acks, 65 dead-letters, anything
-/// else (or a signal) retries.
+/// else (a signal, or running past `timeout`) retries. The error text ends with the end of
+/// the command's stderr, also when it timed out.
 ///
 /// The command runs in a process group of its own, and the group is what ends with the job:
-/// on the job timeout or at shutdown (the job's future is dropped) it gets SIGTERM, then
+/// past `timeout`, or at shutdown (the job's future is dropped) it gets SIGTERM, then
 /// SIGKILL after [`KILL_GRACE`]; so do processes a command left running in the background
 /// when it exits. The payload is written while stderr is read (a command that writes to
 /// stderr before reading all its input cannot block on a full pipe), and only the last
@@ -215,6 +229,7 @@ async fn deliver(
 async fn run_command(
     cmd: &str,
     pass_env: &[String],
+    timeout: Duration,
     ctx: &JobContext<PgBackend>,
     body: &[u8],
 ) -> Outcome {
@@ -249,24 +264,38 @@ async fn run_command(
     let stderr = child.stderr.take();
     let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
     let run = async {
-        if let Some(mut stdin) = stdin {
-            // One write for the payload and its newline: a command such as `cat >> file`
-            // then appends the whole line at once, never interleaved with another job's.
-            let mut input = Vec::with_capacity(body.len() + 1);
-            input.extend_from_slice(body);
-            input.push(b'\n');
-            // A command that does not read its input closes the pipe early; that is fine.
-            let _ = stdin.write_all(&input).await;
-            // Dropped here: the command sees the end of its input.
-        }
-        let status = child.wait().await;
+        let finished = tokio::time::timeout(timeout, async {
+            if let Some(mut stdin) = stdin {
+                // One write for the payload and its newline: a command such as `cat >> file`
+                // then appends the whole line at once, never interleaved with another job's.
+                let mut input = Vec::with_capacity(body.len() + 1);
+                input.extend_from_slice(body);
+                input.push(b'\n');
+                // A command that does not read its input closes the pipe early; that is fine.
+                let _ = stdin.write_all(&input).await;
+                // Dropped here: the command sees the end of its input.
+            }
+            child.wait().await
+        })
+        .await;
+        let (status, timed_out) = match finished {
+            Ok(status) => (status, false),
+            // Past the job timeout (also one that never read its input): the group gets
+            // SIGTERM, then SIGKILL, and what the command wrote to stderr until then is kept.
+            Err(_) => {
+                if let Some(group) = &group {
+                    group.terminate();
+                }
+                (child.wait().await, true)
+            }
+        };
         // The command is done; what it left running in its group goes too (and lets go of
         // the stderr pipe).
         if let Some(group) = &group {
             group.terminate();
         }
         let _ = exited_tx.send(());
-        status
+        (status, timed_out)
     };
     let read = async {
         let mut kept = Tail::default();
@@ -291,12 +320,16 @@ async fn run_command(
         }
         kept
     };
-    let (status, stderr) = tokio::join!(run, read);
+    let ((status, timed_out), stderr) = tokio::join!(run, read);
+    let stderr = tail(&stderr.bytes());
+    if timed_out {
+        let after = humantime::format_duration(timeout);
+        return Outcome::retry(format!("timed out after {after}: {stderr}"));
+    }
     let status = match status {
         Ok(status) => status,
         Err(err) => return Outcome::retry(format!("waiting for the command failed: {err}")),
     };
-    let stderr = tail(&stderr.bytes());
     match status.code() {
         Some(0) => Outcome::Ack,
         Some(EXIT_DEAD_LETTER) => {

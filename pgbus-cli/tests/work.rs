@@ -1,5 +1,11 @@
-//! End-to-end tests of `pgbus work`: when `--until-empty` stops. Every test runs the real
-//! binary on a fresh database of its own.
+//! End-to-end tests of `pgbus work`: when `--until-empty` stops, and what a failed attempt
+//! logs and keeps. Every test runs the real binary on a fresh database of its own.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::thread;
 
 use serde_json::{json, Value};
 
@@ -17,6 +23,61 @@ fn send_with(db: &Db, queue: &str, payload: &Value, options: &[&str]) -> i64 {
         .trim()
         .parse()
         .unwrap_or_else(|e| panic!("send printed {:?}: {e}", out.stdout))
+}
+
+/// Every stderr line of a `--log-format json` run, parsed.
+#[track_caller]
+fn json_logs(run: &Run) -> Vec<Value> {
+    run.stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect()
+}
+
+/// The fields of the log events with this level and message.
+fn logged<'a>(logs: &'a [Value], level: &str, message: &str) -> Vec<&'a Value> {
+    logs.iter()
+        .filter(|l| l["level"] == level && l["fields"]["message"] == message)
+        .map(|l| &l["fields"])
+        .collect()
+}
+
+/// An HTTP/1.1 server on a port of its own for `--http`: answers each request with
+/// `respond(request)` (a status line such as "200 OK", and a body) and records every
+/// request. It runs until the test process ends.
+fn http_server(
+    respond: impl Fn(&Request) -> (&'static str, String) + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<Request>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding the test server");
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().expect("its address")
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let respond = Arc::new(respond);
+    {
+        let log = Arc::clone(&log);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (log, respond) = (Arc::clone(&log), Arc::clone(&respond));
+                thread::spawn(move || {
+                    let Ok(request) = read_request(&stream) else {
+                        return;
+                    };
+                    let (status, body) = respond(&request);
+                    log.lock().unwrap().push(request);
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.flush();
+                });
+            }
+        });
+    }
+    (url, log)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -174,4 +235,130 @@ fn until_empty_names_a_paused_queue_with_ready_messages_and_fails() {
     );
     assert_eq!(payload_ns(&out), vec![3, 4]);
     assert_eq!(db.depth("held"), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Failed attempts: logged with their cause, kept as the message's error
+// ---------------------------------------------------------------------------------------
+
+/// Every failed attempt of an `--exec` job is a WARN line with the queue, message id,
+/// attempt, retry delay and the end of the command's stderr (escaped onto the one line),
+/// and that end of stderr is the error the dead letter keeps. A job past its timeout keeps
+/// what it wrote before it was killed.
+#[test]
+fn exec_failures_are_logged_with_their_stderr_and_kept_as_the_error() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks", "--max-attempts", "2"]);
+    db.ok(&["queue", "create", "slow", "--max-attempts", "1"]);
+    let failing = db.send("tasks", &json!({ "kind": "fail" }));
+    let hung = db.send("slow", &json!({ "kind": "hang" }));
+    let script = r#"case "$PGBUS_QUEUE" in
+  tasks) echo "first line" >&2; echo "disk full: /var/spool/x" >&2; exit 3;;
+  slow) echo "started the upload" >&2; exec sleep 60;;
+esac"#;
+    let run = db
+        .run(&[
+            "--log-format",
+            "json",
+            "work",
+            "tasks",
+            "slow",
+            "--until-empty",
+            "--job-timeout",
+            "1s",
+            "--exec",
+            script,
+        ])
+        .ok();
+    let logs = json_logs(&run);
+    let stderr_tail = r"first line\ndisk full: /var/spool/x";
+
+    let retries = logged(&logs, "WARN", "job failed; retrying");
+    assert_eq!(retries.len(), 1, "{}", run.stderr);
+    let retry = retries[0];
+    assert_eq!(retry["queue.name"], "tasks", "{retry}");
+    assert_eq!(retry["job.id"], failing, "{retry}");
+    assert_eq!(retry["attempt"], 1, "{retry}");
+    assert!(
+        retry["retry_in"].as_str().is_some_and(|d| !d.is_empty()),
+        "{retry}"
+    );
+    let error = retry["error"].as_str().expect("an error field");
+    assert_eq!(error, format!("exit 3: {stderr_tail}"), "{retry}");
+
+    let used_up = logged(&logs, "WARN", "attempts used up: dead-lettering");
+    let errors: BTreeMap<i64, &str> = used_up
+        .iter()
+        .map(|f| {
+            (
+                f["job.id"].as_i64().expect("a job id"),
+                f["error"].as_str().expect("an error field"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors.get(&failing).copied(),
+        Some(format!("exit 3: {stderr_tail}").as_str()),
+        "{}",
+        run.stderr
+    );
+    let timed_out = errors.get(&hung).copied().unwrap_or_default();
+    assert!(
+        timed_out.contains("timed out after 1s") && timed_out.contains("started the upload"),
+        "{}",
+        run.stderr
+    );
+
+    let dlq = db.dead("tasks");
+    let kept = dlq[&failing]["error"].as_str().expect("an error text");
+    assert_eq!(kept, "exit 3: first line\ndisk full: /var/spool/x");
+    let dlq = db.dead("slow");
+    let kept = dlq[&hung]["error"].as_str().expect("an error text");
+    assert!(
+        kept.contains("timed out after 1s") && kept.contains("started the upload"),
+        "{kept}"
+    );
+}
+
+/// A failed `--http` delivery is logged like a failed command: status and the start of the
+/// response body, on one line.
+#[test]
+fn http_failures_are_logged_with_status_and_body() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "hooks"]);
+    let id = db.send("hooks", &json!({ "n": 1 }));
+    let calls = Arc::new(Mutex::new(0u32));
+    let (url, _log) = http_server(move |_| {
+        let mut calls = calls.lock().unwrap();
+        *calls += 1;
+        if *calls == 1 {
+            (
+                "503 Service Unavailable",
+                "upstream down\nretry later".into(),
+            )
+        } else {
+            ("200 OK", "done".into())
+        }
+    });
+    let run = db
+        .run(&[
+            "--log-format",
+            "json",
+            "work",
+            "hooks",
+            "--until-empty",
+            "--http",
+            &url,
+        ])
+        .ok();
+    let logs = json_logs(&run);
+    let retries = logged(&logs, "WARN", "job failed; retrying");
+    assert_eq!(retries.len(), 1, "{}", run.stderr);
+    assert_eq!(retries[0]["job.id"], id);
+    assert_eq!(
+        retries[0]["error"], r"HTTP 503: upstream down\nretry later",
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db.depth("hooks"), 0, "acked on the second attempt");
 }
