@@ -233,7 +233,9 @@ pub(crate) struct WorkArgs {
     /// on the job timeout, at shutdown, and for processes it leaves behind when it exits,
     /// the group gets SIGTERM, then SIGKILL 2 s later. Its environment is pgbus's without
     /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
-    /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP.
+    /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP; for a topic's copy
+    /// PGBUS_ROUTING_KEY, PGBUS_EVENT_ID and PGBUS_PUBLISHED_AT; each message header as
+    /// PGBUS_HEADER_<NAME> (upper case, other characters than A-Z0-9 as _).
     #[arg(long, conflicts_with = "http", required_unless_present = "http")]
     pub(crate) exec: Option<String>,
     /// Pass the withheld environment variable NAME (DATABASE_URL, PGPASSWORD or a PGBUS_*
@@ -242,6 +244,9 @@ pub(crate) struct WorkArgs {
     pub(crate) pass_env: Vec<String>,
     /// POST the payload as JSON. 2xx: ack; 3xx (redirects are not followed) and 4xx (but
     /// 408, 429): dead-letter; else retry, after Retry-After when the server sends one.
+    /// Headers as the --exec variables: Pgbus-Queue, Pgbus-Message-Id, Pgbus-Attempt,
+    /// Pgbus-Group, Pgbus-Routing-Key, Pgbus-Event-Id, Pgbus-Published-At and
+    /// Pgbus-Header-<Name> (other characters than a-z0-9- as -).
     #[arg(long)]
     pub(crate) http: Option<String>,
     /// The longest Retry-After honoured with --http; a longer one is shortened to it.

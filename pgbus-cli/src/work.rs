@@ -1,6 +1,7 @@
 //! `pgbus work`: workers whose handler is an external command or an HTTP endpoint, and the
 //! `--processes` supervisor.
 
+mod envelope;
 mod until_empty;
 
 use std::process::{ExitCode, Stdio};
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::WorkArgs;
 use crate::database::Database;
+use envelope::Delivery;
 use until_empty::EXIT_PAUSED;
 
 /// Exit status of an `--exec` command that asks for a dead letter (EX_DATAERR).
@@ -225,7 +227,8 @@ async fn deliver(
 /// when it exits. The payload is written while stderr is read (a command that writes to
 /// stderr before reading all its input cannot block on a full pipe), and only the last
 /// [`STDERR_KEPT`] bytes of stderr are kept. The environment is this process's without
-/// pgbus's own secrets ([`is_withheld`]), except names given with `--pass-env`.
+/// pgbus's own secrets ([`is_withheld`]), except names given with `--pass-env`, plus the
+/// delivery's variables ([`Delivery::env`]).
 async fn run_command(
     cmd: &str,
     pass_env: &[String],
@@ -243,10 +246,7 @@ async fn run_command(
         }
     }
     let spawned = command
-        .env("PGBUS_QUEUE", ctx.queue().as_str())
-        .env("PGBUS_MESSAGE_ID", ctx.message_id().to_string())
-        .env("PGBUS_ATTEMPT", ctx.attempt().to_string())
-        .env("PGBUS_GROUP", ctx.group_key().unwrap_or(""))
+        .envs(Delivery::of(ctx).env())
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
@@ -427,10 +427,8 @@ async fn post(
 ) -> Outcome {
     let response = client
         .post(url)
+        .headers(Delivery::of(ctx).http_headers())
         .header("content-type", "application/json")
-        .header("pgbus-queue", ctx.queue().as_str())
-        .header("pgbus-message-id", ctx.message_id().to_string())
-        .header("pgbus-attempt", ctx.attempt().to_string())
         .body(body)
         .send()
         .await;

@@ -1,5 +1,6 @@
-//! End-to-end tests of `pgbus work`: when `--until-empty` stops, and what a failed attempt
-//! logs and keeps. Every test runs the real binary on a fresh database of its own.
+//! End-to-end tests of `pgbus work`: when `--until-empty` stops, what a failed attempt
+//! logs and keeps, and what an `--exec` command or an `--http` endpoint learns about its
+//! message. Every test runs the real binary on a fresh database of its own.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -361,4 +362,133 @@ fn http_failures_are_logged_with_status_and_body() {
         run.stderr
     );
     assert_eq!(db.depth("hooks"), 0, "acked on the second attempt");
+}
+
+// ---------------------------------------------------------------------------------------
+// The envelope: what a command or an endpoint learns about its message
+// ---------------------------------------------------------------------------------------
+
+/// Publishes one event to `billing` (bound to `order.*`) and sends one plain message with
+/// headers of its own (set the way a library producer would, with names `send` does not
+/// take); returns (event id, plain message id).
+fn event_and_plain_message(db: &Db) -> (String, i64) {
+    db.ok(&["queue", "create", "billing"]);
+    db.ok(&["topic", "bind", "order.*", "billing"]);
+    let published = db.ok(&["publish", "order.paid", r#"{"n": 1}"#]);
+    let event_id = published
+        .stdout
+        .split_whitespace()
+        .next()
+        .expect("publish prints the event id")
+        .to_owned();
+    let plain = send_with(
+        db,
+        "billing",
+        &json!({ "n": 2 }),
+        &["--group", "customer_7"],
+    );
+    execute(
+        &db.url,
+        &format!(
+            r#"UPDATE pgbus.messages
+               SET headers = '{{"Trace-Id": "t-42", "x.y z": "v", "pgbus-queue": "forged"}}'
+               WHERE id = {plain}"#
+        ),
+    );
+    (event_id, plain)
+}
+
+/// An `--exec` command of a topic's copy gets the routing key, event id and publish time;
+/// every message's own headers come as `PGBUS_HEADER_<NAME>`, which cannot replace the
+/// variables pgbus sets.
+#[test]
+fn exec_commands_get_the_event_envelope_and_headers_in_their_environment() {
+    let db = Db::new();
+    let (event_id, plain) = event_and_plain_message(&db);
+    let dir = db.path("env");
+    std::fs::create_dir(&dir).expect("a directory for the environments");
+    let exec = format!("env > {}/$PGBUS_MESSAGE_ID", sh_quote(&dir));
+    db.work(&["billing", "--until-empty", "--exec", &exec]);
+
+    let mut envs: BTreeMap<i64, BTreeMap<String, String>> = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("reading the environments") {
+        let path = entry.expect("a directory entry").path();
+        let id: i64 = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .expect("files named by message id");
+        let vars = lines(&path)
+            .into_iter()
+            .filter_map(|l| l.split_once('=').map(|(n, v)| (n.to_owned(), v.to_owned())))
+            .filter(|(name, _)| name.starts_with("PGBUS_"))
+            .collect();
+        envs.insert(id, vars);
+    }
+    assert_eq!(envs.len(), 2, "{envs:#?}");
+    let plain_env = &envs[&plain];
+    let (_, event_env) = envs
+        .iter()
+        .find(|(id, _)| **id != plain)
+        .expect("the event's copy ran");
+
+    assert_eq!(event_env["PGBUS_QUEUE"], "billing");
+    assert_eq!(event_env["PGBUS_ROUTING_KEY"], "order.paid");
+    assert_eq!(event_env["PGBUS_EVENT_ID"], event_id);
+    assert!(
+        event_env["PGBUS_PUBLISHED_AT"]
+            .parse::<u64>()
+            .is_ok_and(|micros| micros > 0),
+        "{event_env:#?}"
+    );
+    assert!(
+        !event_env.keys().any(|k| k.starts_with("PGBUS_HEADER_")),
+        "the envelope headers are not repeated as PGBUS_HEADER_*: {event_env:#?}"
+    );
+
+    assert_eq!(plain_env["PGBUS_QUEUE"], "billing", "{plain_env:#?}");
+    assert_eq!(plain_env["PGBUS_GROUP"], "customer_7");
+    assert_eq!(plain_env["PGBUS_HEADER_TRACE_ID"], "t-42");
+    assert_eq!(plain_env["PGBUS_HEADER_X_Y_Z"], "v");
+    assert_eq!(plain_env["PGBUS_HEADER_PGBUS_QUEUE"], "forged");
+    for absent in ["PGBUS_ROUTING_KEY", "PGBUS_EVENT_ID", "PGBUS_PUBLISHED_AT"] {
+        assert!(!plain_env.contains_key(absent), "{absent}: {plain_env:#?}");
+    }
+}
+
+/// An `--http` endpoint gets the same as `Pgbus-*` request headers.
+#[test]
+fn http_endpoints_get_the_event_envelope_and_headers() {
+    let db = Db::new();
+    let (event_id, plain) = event_and_plain_message(&db);
+    let (url, log) = http_server(|_| ("200 OK", String::new()));
+    db.work(&["billing", "--until-empty", "--http", &url]);
+
+    let requests = log.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    let by_id = |want: bool| {
+        requests
+            .iter()
+            .find(|r| (r.headers["pgbus-message-id"] == plain.to_string()) == want)
+            .expect("a request")
+    };
+    let (plain_request, event_request) = (by_id(true), by_id(false));
+
+    let event = &event_request.headers;
+    assert_eq!(event["pgbus-queue"], "billing");
+    assert_eq!(event["pgbus-routing-key"], "order.paid", "{event:#?}");
+    assert_eq!(event["pgbus-event-id"], event_id);
+    assert!(
+        event["pgbus-published-at"].parse::<u64>().is_ok(),
+        "{event:#?}"
+    );
+    assert!(!event.contains_key("pgbus-group"), "{event:#?}");
+
+    let headers = &plain_request.headers;
+    assert_eq!(headers["pgbus-queue"], "billing", "{headers:#?}");
+    assert_eq!(headers["pgbus-group"], "customer_7");
+    assert_eq!(headers["pgbus-header-trace-id"], "t-42");
+    assert_eq!(headers["pgbus-header-x-y-z"], "v");
+    assert_eq!(headers["pgbus-header-pgbus-queue"], "forged");
+    assert!(!headers.contains_key("pgbus-routing-key"), "{headers:#?}");
 }
