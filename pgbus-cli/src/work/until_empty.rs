@@ -205,7 +205,7 @@ impl Left {
     /// The line that says which paused queues hold work the run would have done, and how
     /// to continue them; `None` when none does.
     pub(crate) fn paused(&self) -> Option<String> {
-        let blocked: Vec<String> = self
+        let blocked: Vec<(&QueueName, String)> = self
             .queues
             .iter()
             .filter_map(|q| {
@@ -217,25 +217,21 @@ impl Left {
                 if due_soon {
                     what.push(format!("messages due within {}", seconds(self.wait_due)));
                 }
-                Some(format!("{} ({})", q.queue, what.join(" and ")))
+                Some((&q.queue, format!("{} ({})", q.queue, what.join(" and "))))
             })
             .collect();
-        let names: Vec<&QueueName> = self
-            .queues
-            .iter()
-            .filter(|q| q.blocked(self.wait_due).is_some())
-            .map(|q| &q.queue)
-            .collect();
-        match names.as_slice() {
+        match blocked.as_slice() {
             [] => None,
-            [queue] => Some(format!(
-                "queue {} is paused: `pgbus queue resume {queue}` continues it",
-                blocked[0]
+            [(queue, what)] => Some(format!(
+                "queue {what} is paused: `pgbus queue resume {queue}` continues it"
             )),
-            _ => Some(format!(
-                "queues {} are paused: `pgbus queue resume NAME` continues each",
-                blocked.join(", ")
-            )),
+            _ => {
+                let all: Vec<&str> = blocked.iter().map(|(_, what)| what.as_str()).collect();
+                Some(format!(
+                    "queues {} are paused: `pgbus queue resume NAME` continues each",
+                    all.join(", ")
+                ))
+            }
         }
     }
 }
