@@ -284,15 +284,23 @@ pub(crate) struct WorkArgs {
     /// Longest wait between claims when no wake-up arrives.
     #[arg(long, value_parser = positive_duration, default_value = "1s", allow_hyphen_values = true)]
     pub(crate) poll_interval: Duration,
-    /// Exit 0 once the queues have no ready or in-flight messages.
+    /// Exit once the queues hold nothing ready, nothing in flight (in any process) and
+    /// nothing due within --wait-due, saying what is left. A paused queue's messages are
+    /// not waited for; when it holds work the run would have done, the exit status is 75.
     #[arg(long)]
     pub(crate) until_empty: bool,
+    /// With --until-empty: wait for retries and delayed messages due within this long;
+    /// messages due later are left.
+    #[arg(long, value_parser = duration, default_value = "30s", requires = "until_empty", allow_hyphen_values = true)]
+    pub(crate) wait_due: Duration,
     /// Run `sh -c CMD` per message, the payload as JSON on stdin. Exit 0: ack; 65:
     /// dead-letter; anything else: retry. The command runs in a process group of its own:
     /// on the job timeout, at shutdown, and for processes it leaves behind when it exits,
     /// the group gets SIGTERM, then SIGKILL 2 s later. Its environment is pgbus's without
     /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
-    /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP.
+    /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP; for a topic's copy
+    /// PGBUS_ROUTING_KEY, PGBUS_EVENT_ID and PGBUS_PUBLISHED_AT; each message header as
+    /// PGBUS_HEADER_<NAME> (upper case, other characters than A-Z0-9 as _).
     #[arg(long, conflicts_with = "http")]
     pub(crate) exec: Option<String>,
     /// Pass the withheld environment variable NAME (DATABASE_URL, PGPASSWORD or a PGBUS_*
@@ -301,6 +309,9 @@ pub(crate) struct WorkArgs {
     pub(crate) pass_env: Vec<String>,
     /// POST the payload as JSON. 2xx: ack; 3xx (redirects are not followed) and 4xx (but
     /// 408, 429): dead-letter; else retry, after Retry-After when the server sends one.
+    /// Headers as the --exec variables: Pgbus-Queue, Pgbus-Message-Id, Pgbus-Attempt,
+    /// Pgbus-Group, Pgbus-Routing-Key, Pgbus-Event-Id, Pgbus-Published-At and
+    /// Pgbus-Header-<Name> (other characters than a-z0-9- as -).
     #[arg(long)]
     pub(crate) http: Option<String>,
     /// The longest Retry-After honoured with --http; a longer one is shortened to it.

@@ -1,12 +1,15 @@
 //! `pgbus work`: workers whose handler is an external command or an HTTP endpoint, and the
 //! `--processes` supervisor.
 
+mod envelope;
+mod until_empty;
+
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pgbus_core::{QueueName, Stats};
+use pgbus_core::QueueName;
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::{Maintenance, PgBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::WorkArgs;
 use crate::database::Database;
+use envelope::Delivery;
+use until_empty::EXIT_PAUSED;
 
 /// Exit status of an `--exec` command that asks for a dead letter (EX_DATAERR).
 const EXIT_DEAD_LETTER: i32 = 65;
@@ -24,6 +29,12 @@ const ERROR_TAIL: usize = 1000;
 const STDERR_KEPT: usize = 8 * 1024;
 /// How long an `--exec` command's process group has between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How much longer than `--job-timeout` the worker gives a job before it drops it. The
+/// handlers end a job at `--job-timeout` themselves, so that its error keeps what the
+/// command wrote to stderr (or the HTTP error): a command's group takes up to
+/// [`KILL_GRACE`] to die and its stderr as long again to close. The worker's own timeout
+/// is the backstop.
+const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(3 * KILL_GRACE.as_secs());
 
 /// Where each message goes.
 #[derive(Clone)]
@@ -32,6 +43,8 @@ enum Target {
         cmd: Arc<str>,
         /// Withheld variables passed through anyway (`--pass-env`).
         pass_env: Arc<[String]>,
+        /// `--job-timeout`.
+        timeout: Duration,
     },
     Http {
         client: reqwest::Client,
@@ -86,6 +99,7 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         (Some(cmd), None) => Target::Exec {
             cmd: cmd.as_str().into(),
             pass_env: args.pass_env.clone().into(),
+            timeout: args.job_timeout,
         },
         (None, Some(url)) => Target::Http {
             client: reqwest::Client::builder()
@@ -114,7 +128,7 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
             .concurrency(args.concurrency)
             .execution_mode(mode)
             .poll_interval(args.poll_interval)
-            .job_timeout(args.job_timeout)
+            .job_timeout(args.job_timeout.saturating_add(TIMEOUT_BACKSTOP))
             .drain_timeout(args.drain_timeout);
         if let Some(wakeups) = &wakeups {
             builder = builder.wakeups(Arc::clone(wakeups));
@@ -136,13 +150,14 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
     let plain = tokio::spawn(plain.run(stop.clone()));
     let grouped = tokio::spawn(grouped.run(stop.clone()));
     let maintenance = tokio::spawn(maintenance.run(stop.clone()));
-    if args.until_empty {
-        tokio::spawn(stop_when_empty(
+    let until_empty = args.until_empty.then(|| {
+        tokio::spawn(until_empty::watch(
             backend.clone(),
             queues.clone(),
+            args.wait_due,
             stop.clone(),
-        ));
-    }
+        ))
+    });
     let plain: WorkerReport = plain.await??;
     let grouped: WorkerReport = grouped.await??;
     // Pruning stops with the workers, however they came to stop.
@@ -155,39 +170,15 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         dead_lettered = plain.dead_lettered + grouped.dead_lettered,
         "workers stopped"
     );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Cancels `stop` once the queues have no ready and no in-flight message. The messages of a
-/// paused queue, or of one whose circuit breaker is open, count as not ready: nothing will
-/// hand them out (for now).
-async fn stop_when_empty(backend: PgBackend, queues: Vec<QueueName>, stop: CancellationToken) {
-    let mut interval = tokio::time::interval(Duration::from_millis(100));
-    while !stop.is_cancelled() {
-        interval.tick().await;
-        match backend.stats().await {
-            Ok(stats) => {
-                let busy: u64 = stats
-                    .iter()
-                    .filter(|s| queues.contains(&s.queue))
-                    .map(|s| {
-                        if s.paused || s.breaker_open_for.is_some() {
-                            s.in_flight
-                        } else {
-                            s.ready + s.in_flight
-                        }
-                    })
-                    .sum();
-                if busy == 0 {
-                    tracing::info!(target: "pgbus::cli", "queues are empty: stopping");
-                    stop.cancel();
-                }
-            }
-            Err(err) => {
-                tracing::warn!(target: "pgbus::cli", error = %err.report(), "could not read queue stats")
-            }
-        }
+    let left = match until_empty {
+        Some(watcher) => watcher.await?,
+        None => None,
+    };
+    if let Some(paused) = left.and_then(|left| left.paused()) {
+        tracing::error!(target: "pgbus::cli", "{paused}");
+        return Ok(ExitCode::from(EXIT_PAUSED));
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn tail(bytes: &[u8]) -> String {
@@ -213,7 +204,11 @@ async fn deliver(
         }
     };
     match target {
-        Target::Exec { cmd, pass_env } => run_command(cmd, pass_env, ctx, &body).await,
+        Target::Exec {
+            cmd,
+            pass_env,
+            timeout,
+        } => run_command(cmd, pass_env, *timeout, ctx, &body).await,
         Target::Http {
             client,
             url,
@@ -223,18 +218,21 @@ async fn deliver(
 }
 
 /// Runs `sh -c CMD` with the payload on stdin: exit 0 acks, 65 dead-letters, anything
-/// else (or a signal) retries.
+/// else (a signal, or running past `timeout`) retries. The error text ends with the end of
+/// the command's stderr, also when it timed out.
 ///
 /// The command runs in a process group of its own, and the group is what ends with the job:
-/// on the job timeout or at shutdown (the job's future is dropped) it gets SIGTERM, then
+/// past `timeout`, or at shutdown (the job's future is dropped) it gets SIGTERM, then
 /// SIGKILL after [`KILL_GRACE`]; so do processes a command left running in the background
 /// when it exits. The payload is written while stderr is read (a command that writes to
 /// stderr before reading all its input cannot block on a full pipe), and only the last
 /// [`STDERR_KEPT`] bytes of stderr are kept. The environment is this process's without
-/// pgbus's own secrets ([`is_withheld`]), except names given with `--pass-env`.
+/// pgbus's own secrets ([`is_withheld`]), except names given with `--pass-env`, plus the
+/// delivery's variables ([`Delivery::env`]).
 async fn run_command(
     cmd: &str,
     pass_env: &[String],
+    timeout: Duration,
     ctx: &JobContext<PgBackend>,
     body: &[u8],
 ) -> Outcome {
@@ -248,10 +246,7 @@ async fn run_command(
         }
     }
     let spawned = command
-        .env("PGBUS_QUEUE", ctx.queue().as_str())
-        .env("PGBUS_MESSAGE_ID", ctx.message_id().to_string())
-        .env("PGBUS_ATTEMPT", ctx.attempt().to_string())
-        .env("PGBUS_GROUP", ctx.group_key().unwrap_or(""))
+        .envs(Delivery::of(ctx).env())
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
@@ -269,24 +264,38 @@ async fn run_command(
     let stderr = child.stderr.take();
     let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
     let run = async {
-        if let Some(mut stdin) = stdin {
-            // One write for the payload and its newline: a command such as `cat >> file`
-            // then appends the whole line at once, never interleaved with another job's.
-            let mut input = Vec::with_capacity(body.len() + 1);
-            input.extend_from_slice(body);
-            input.push(b'\n');
-            // A command that does not read its input closes the pipe early; that is fine.
-            let _ = stdin.write_all(&input).await;
-            // Dropped here: the command sees the end of its input.
-        }
-        let status = child.wait().await;
+        let finished = tokio::time::timeout(timeout, async {
+            if let Some(mut stdin) = stdin {
+                // One write for the payload and its newline: a command such as `cat >> file`
+                // then appends the whole line at once, never interleaved with another job's.
+                let mut input = Vec::with_capacity(body.len() + 1);
+                input.extend_from_slice(body);
+                input.push(b'\n');
+                // A command that does not read its input closes the pipe early; that is fine.
+                let _ = stdin.write_all(&input).await;
+                // Dropped here: the command sees the end of its input.
+            }
+            child.wait().await
+        })
+        .await;
+        let (status, timed_out) = match finished {
+            Ok(status) => (status, false),
+            // Past the job timeout (also one that never read its input): the group gets
+            // SIGTERM, then SIGKILL, and what the command wrote to stderr until then is kept.
+            Err(_) => {
+                if let Some(group) = &group {
+                    group.terminate();
+                }
+                (child.wait().await, true)
+            }
+        };
         // The command is done; what it left running in its group goes too (and lets go of
         // the stderr pipe).
         if let Some(group) = &group {
             group.terminate();
         }
         let _ = exited_tx.send(());
-        status
+        (status, timed_out)
     };
     let read = async {
         let mut kept = Tail::default();
@@ -311,12 +320,16 @@ async fn run_command(
         }
         kept
     };
-    let (status, stderr) = tokio::join!(run, read);
+    let ((status, timed_out), stderr) = tokio::join!(run, read);
+    let stderr = tail(&stderr.bytes());
+    if timed_out {
+        let after = humantime::format_duration(timeout);
+        return Outcome::retry(format!("timed out after {after}: {stderr}"));
+    }
     let status = match status {
         Ok(status) => status,
         Err(err) => return Outcome::retry(format!("waiting for the command failed: {err}")),
     };
-    let stderr = tail(&stderr.bytes());
     match status.code() {
         Some(0) => Outcome::Ack,
         Some(EXIT_DEAD_LETTER) => {
@@ -414,10 +427,8 @@ async fn post(
 ) -> Outcome {
     let response = client
         .post(url)
+        .headers(Delivery::of(ctx).http_headers())
         .header("content-type", "application/json")
-        .header("pgbus-queue", ctx.queue().as_str())
-        .header("pgbus-message-id", ctx.message_id().to_string())
-        .header("pgbus-attempt", ctx.attempt().to_string())
         .body(body)
         .send()
         .await;
@@ -511,7 +522,8 @@ fn restart_delay(failures: u32) -> Duration {
 
 /// Runs `processes` copies of this command (without `--processes`), restarting any that
 /// dies with exponential backoff (started over after a healthy run of [`STABLE_RUN`]);
-/// forwards SIGINT/SIGTERM; ends when all exited 0.
+/// forwards SIGINT/SIGTERM; ends when all exited 0, or with [`EXIT_PAUSED`] when one of
+/// them ended an `--until-empty` run with it (not restarted: it did what it could).
 async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> {
     if processes == 0 {
         bail!("--processes must be at least 1");
@@ -554,23 +566,31 @@ async fn supervise(db: &Database, processes: usize) -> anyhow::Result<ExitCode> 
                         child.wait().await?
                     }
                 };
+                if status.code() == Some(i32::from(EXIT_PAUSED)) {
+                    return anyhow::Ok(true);
+                }
                 if status.success() || stop.is_cancelled() {
-                    return anyhow::Ok(());
+                    return Ok(false);
                 }
                 failures = failures_after(failures, started.elapsed());
                 let delay = restart_delay(failures);
                 tracing::warn!(target: "pgbus::supervisor", slot, %status, restart_in = ?delay, "worker process died; restarting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = stop.cancelled() => return Ok(()),
+                    _ = stop.cancelled() => return Ok(false),
                 }
             }
         }));
     }
+    let mut paused = false;
     for task in tasks {
-        task.await??;
+        paused |= task.await??;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if paused {
+        ExitCode::from(EXIT_PAUSED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! pass it with `--database-url`, so they run in parallel; the embedded-default test uses
 //! a fresh `$PGBUS_HOME` and stops the server it started, even when it fails.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -916,49 +916,6 @@ fn embedded_default_from_a_fresh_home() {
 // ---------------------------------------------------------------------------------------
 // work --http
 // ---------------------------------------------------------------------------------------
-
-/// A request the test server received.
-#[derive(Debug, Clone)]
-struct Request {
-    at: Instant,
-    path: String,
-    headers: HashMap<String, String>,
-    body: Value,
-}
-
-/// Reads one HTTP/1.1 request (headers and a Content-Length body).
-fn read_request(stream: &TcpStream) -> std::io::Result<Request> {
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
-    let method = line.split(' ').next().unwrap_or_default().to_owned();
-    let mut headers = HashMap::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
-        }
-    }
-    headers.insert(":method".into(), method);
-    let length: usize = headers
-        .get("content-length")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    Ok(Request {
-        at: Instant::now(),
-        path,
-        headers,
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-    })
-}
 
 /// Answers by payload: "ok" 200, "gone" 404, "flaky" 503 with `Retry-After` the first
 /// time and 200 afterwards. Every request is recorded.

@@ -755,8 +755,13 @@ pub async fn stats_count_each_state<B: Backend>(backend: B) {
     let q = queue(&backend, "counted").await;
     let empty = stats_of(&backend, &q).await;
     assert_eq!(
-        (empty.depth(), empty.dead_lettered, empty.oldest_ready_age),
-        (0, 0, None)
+        (
+            empty.depth(),
+            empty.dead_lettered,
+            empty.oldest_ready_age,
+            empty.next_due_in
+        ),
+        (0, 0, None, None)
     );
     backend
         .send_batch(&q, (0..6).map(job).collect())
@@ -772,6 +777,26 @@ pub async fn stats_count_each_state<B: Backend>(backend: B) {
     assert_eq!(stats.dead_lettered, 1);
     assert_eq!(stats.depth(), 6);
     assert!(stats.oldest_ready_age.is_some());
+    let due = stats
+        .next_due_in
+        .expect("when the scheduled message is due");
+    assert!(
+        due <= LONG && due > LONG - Duration::from_secs(60),
+        "{due:?}"
+    );
+    // The earliest of the scheduled messages; a retry's delay counts like a send's.
+    let retry_in = Duration::from_secs(120);
+    assert!(backend
+        .nack(&claimed[1].lease(), retry_in, Some("later"))
+        .await
+        .unwrap());
+    let stats = stats_of(&backend, &q).await;
+    assert_eq!((stats.in_flight, stats.scheduled), (1, 2));
+    let due = stats.next_due_in.expect("when the retry is due");
+    assert!(
+        due <= retry_in && due > retry_in - Duration::from_secs(60),
+        "{due:?}"
+    );
 }
 
 /// Processes register, heartbeat, deregister, and are pruned once their heartbeats stop.

@@ -529,6 +529,7 @@ impl Stats for MemoryBackend {
                     ready: 0,
                     in_flight: 0,
                     scheduled: 0,
+                    next_due_in: None,
                     dead_lettered: q.dead.len() as u64,
                     oldest_ready_age: None,
                     breaker_open_for: q.breaker_until.duration_since(now).ok(),
@@ -550,6 +551,8 @@ impl Stats for MemoryBackend {
                         stats.in_flight += 1;
                     } else {
                         stats.scheduled += 1;
+                        let due = m.visible_at.duration_since(now).unwrap_or_default();
+                        stats.next_due_in = Some(stats.next_due_in.map_or(due, |d| d.min(due)));
                     }
                 }
                 stats

@@ -104,6 +104,9 @@ pub struct QueueStats {
     pub in_flight: u64,
     /// Delayed or backing off: visible later.
     pub scheduled: u64,
+    /// How long until the earliest scheduled message becomes visible (`None` when none is
+    /// scheduled).
+    pub next_due_in: Option<Duration>,
     /// In the dead-letter queue.
     pub dead_lettered: u64,
     /// How long the oldest ready message has been waiting.
@@ -127,6 +130,7 @@ impl QueueStats {
             ready: 0,
             in_flight: 0,
             scheduled: 0,
+            next_due_in: None,
             dead_lettered: 0,
             oldest_ready_age: None,
             breaker_open_for: None,

@@ -54,6 +54,9 @@
 //!   [`RetryPolicy`](pgbus_core::RetryPolicy) and dead-letters once attempts are used up;
 //!   a payload that does not decode is dead-lettered at once with the decoder's reason.
 //!   A handler may also ack inside its own transaction ([`JobContext::ack_in`]).
+//!   Every failed attempt is a warning (target `pgbus::worker`) with `queue.name`,
+//!   `job.id`, `attempt`, `retry_in` and the error text, escaped onto one line and cut
+//!   after 1 KiB (the message keeps all of it).
 //! - **Limited jobs** (with a limit key, see [`KeyLimit`](pgbus_core::KeyLimit)) are
 //!   claimed by a second, limited claim, made only with the slots plain jobs left free:
 //!   a queue of plain jobs pays nothing for them.

@@ -757,6 +757,9 @@ impl Stats for PgBackend {
                 stats.breaker_open_for = row.get::<_, Option<f64>>(7).map(seconds);
                 stats.processed_per_minute = row.get::<_, i64>(8).max(0) as u64;
                 stats.failed_per_minute = row.get::<_, i64>(9).max(0) as u64;
+                stats.next_due_in = row
+                    .get::<_, Option<f64>>(10)
+                    .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
                 Ok(stats)
             })
             .collect()

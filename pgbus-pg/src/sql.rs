@@ -305,7 +305,7 @@ SELECT q.name, q.paused,
        coalesce(d.dead, 0), m.oldest_ready_secs,
        CASE WHEN q.breaker_until > now()
             THEN extract(epoch FROM q.breaker_until - now())::float8 END,
-       coalesce(t.processed, 0), coalesce(t.failed, 0)
+       coalesce(t.processed, 0), coalesce(t.failed, 0), m.next_due_secs
 FROM pgbus.queues q
 LEFT JOIN (
     SELECT queue,
@@ -316,7 +316,10 @@ LEFT JOIN (
                AS scheduled,
            extract(epoch FROM now() - min(visible_at) FILTER (
                WHERE visible_at <= now() AND NOT coalesce(lease_until > now(), false)))::float8
-               AS oldest_ready_secs
+               AS oldest_ready_secs,
+           extract(epoch FROM min(visible_at) FILTER (
+               WHERE visible_at > now() AND NOT coalesce(lease_until > now(), false)) - now())::float8
+               AS next_due_secs
     FROM pgbus.messages
     GROUP BY queue
 ) m ON m.queue = q.name

@@ -1,13 +1,14 @@
 //! The harness of the end-to-end tests: each test runs the real `pgbus` binary.
 #![allow(dead_code, unreachable_pub)] // each test binary uses part of it
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
@@ -324,8 +325,8 @@ impl Db {
         run(self.cmd(&all), None, LONG).ok()
     }
 
-    /// Runs `work ARGS --until-empty` again and again (it stops while a retry waits for
-    /// its backoff) until `done` holds.
+    /// Runs `work ARGS --until-empty` again and again (a run leaves what is due after
+    /// `--wait-due`) until `done` holds.
     #[track_caller]
     pub fn work_until(&self, args: &[&str], timeout: Duration, mut done: impl FnMut(&Db) -> bool) {
         let deadline = Instant::now() + timeout;
@@ -453,4 +454,47 @@ impl Served {
         self.process.stop();
         status
     }
+}
+
+/// A request the test server received.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub at: Instant,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+}
+
+/// Reads one HTTP/1.1 request (headers and a Content-Length body).
+pub fn read_request(stream: &TcpStream) -> std::io::Result<Request> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+    let method = line.split(' ').next().unwrap_or_default().to_owned();
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+        }
+    }
+    headers.insert(":method".into(), method);
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(Request {
+        at: Instant::now(),
+        path,
+        headers,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+    })
 }

@@ -1,0 +1,494 @@
+//! End-to-end tests of `pgbus work`: when `--until-empty` stops, what a failed attempt
+//! logs and keeps, and what an `--exec` command or an `--http` endpoint learns about its
+//! message. Every test runs the real binary on a fresh database of its own.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use serde_json::{json, Value};
+
+mod common;
+use common::*;
+
+/// Sends one message with extra `send` options (`--delay 2s`, `--group g`); returns its id.
+#[track_caller]
+fn send_with(db: &Db, queue: &str, payload: &Value, options: &[&str]) -> i64 {
+    let payload = payload.to_string();
+    let mut args = vec!["send", queue, &payload];
+    args.extend_from_slice(options);
+    let out = db.ok(&args);
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("send printed {:?}: {e}", out.stdout))
+}
+
+/// Every stderr line of a `--log-format json` run, parsed.
+#[track_caller]
+fn json_logs(run: &Run) -> Vec<Value> {
+    run.stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect()
+}
+
+/// The fields of the log events with this level and message.
+fn logged<'a>(logs: &'a [Value], level: &str, message: &str) -> Vec<&'a Value> {
+    logs.iter()
+        .filter(|l| l["level"] == level && l["fields"]["message"] == message)
+        .map(|l| &l["fields"])
+        .collect()
+}
+
+/// An HTTP/1.1 server on a port of its own for `--http`: answers each request with
+/// `respond(request)` (a status line such as "200 OK", and a body) and records every
+/// request. It runs until the test process ends.
+fn http_server(
+    respond: impl Fn(&Request) -> (&'static str, String) + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<Request>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding the test server");
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().expect("its address")
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let respond = Arc::new(respond);
+    {
+        let log = Arc::clone(&log);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (log, respond) = (Arc::clone(&log), Arc::clone(&respond));
+                thread::spawn(move || {
+                    let Ok(request) = read_request(&stream) else {
+                        return;
+                    };
+                    let (status, body) = respond(&request);
+                    log.lock().unwrap().push(request);
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.flush();
+                });
+            }
+        });
+    }
+    (url, log)
+}
+
+// ---------------------------------------------------------------------------------------
+// --until-empty
+// ---------------------------------------------------------------------------------------
+
+/// `--until-empty` stops once nothing is ready, in flight or due within `--wait-due`: a job
+/// that fails twice and then succeeds, one that fails until it is dead-lettered and a
+/// message delayed by a few seconds are all done in one run. A message due later is left,
+/// and the line the run ends with says so.
+#[test]
+fn until_empty_waits_for_retries_and_messages_due_soon() {
+    let db = Db::new();
+    // Default retry policy: the first retries come after about 1 s and 2 s.
+    db.ok(&["queue", "create", "jobs"]);
+    db.ok(&["queue", "create", "doomed", "--max-attempts", "3"]);
+    let flaky = db.send("jobs", &json!({ "kind": "flaky" }));
+    let soon = send_with(&db, "jobs", &json!({ "kind": "soon" }), &["--delay", "2s"]);
+    let later = send_with(&db, "jobs", &json!({ "kind": "later" }), &["--delay", "1h"]);
+    let doomed = db.send("doomed", &json!({ "kind": "doomed" }));
+
+    let done = db.path("done.txt");
+    let script = format!(
+        r#"read p
+case "$p" in
+  *flaky*) [ "$PGBUS_ATTEMPT" -ge 3 ] || {{ echo "not yet" >&2; exit 1; }};;
+  *doomed*) echo "never" >&2; exit 1;;
+esac
+echo "$PGBUS_MESSAGE_ID $PGBUS_ATTEMPT" >> {done}"#,
+        done = sh_quote(&done)
+    );
+    let run = db.work(&["jobs", "doomed", "--until-empty", "--exec", &script]);
+
+    let mut finished = lines(&done);
+    finished.sort();
+    let mut expected = vec![format!("{flaky} 3"), format!("{soon} 1")];
+    expected.sort();
+    assert_eq!(finished, expected, "stderr:\n{}", run.stderr);
+    let dlq = db.dead("doomed");
+    assert_eq!(
+        dlq.get(&doomed).map(|d| d["attempts"].clone()),
+        Some(json!(3)),
+        "dead-lettered after its third attempt, in the same run: {dlq:#?}\nstderr:\n{}",
+        run.stderr
+    );
+    let stats = db.queue_stats("jobs");
+    assert_eq!(
+        (stats["depth"].clone(), stats["scheduled"].clone()),
+        (json!(1), json!(1)),
+        "message {later} (due in 1 h) is left: {stats:#}"
+    );
+    let last = run
+        .stderr
+        .lines()
+        .find(|line| line.contains("not waited for"))
+        .unwrap_or_else(|| panic!("no line says what was left:\n{}", run.stderr));
+    assert!(
+        last.contains("0 ready") && last.contains("1 scheduled") && last.contains("jobs"),
+        "{last}"
+    );
+}
+
+/// A message due after `--wait-due` is not waited for, however short the wait.
+#[test]
+fn until_empty_does_not_wait_past_wait_due() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "jobs"]);
+    send_with(&db, "jobs", &json!({ "n": 1 }), &["--delay", "1h"]);
+    let run = db.work(&[
+        "jobs",
+        "--until-empty",
+        "--wait-due",
+        "5m",
+        "--exec",
+        "true",
+    ]);
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.contains("1 scheduled") && l.contains("not waited for")),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db.depth("jobs"), 1);
+    let bad = db
+        .run(&[
+            "work",
+            "jobs",
+            "--until-empty",
+            "--wait-due",
+            "soon",
+            "--exec",
+            "true",
+        ])
+        .fails();
+    assert!(bad.stderr.contains("--wait-due"), "{}", bad.stderr);
+}
+
+/// A paused queue's ready messages are work `--until-empty` cannot do: the other queues are
+/// worked, then the run names the paused queue, how to continue it, and exits non-zero
+/// (75, EX_TEMPFAIL: try again once it is resumed).
+#[test]
+fn until_empty_names_a_paused_queue_with_ready_messages_and_fails() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "held"]);
+    db.ok(&["queue", "create", "open"]);
+    db.send("held", &json!({ "n": 1 }));
+    db.send("held", &json!({ "n": 2 }));
+    db.send("open", &json!({ "n": 3 }));
+    db.ok(&["queue", "pause", "held"]);
+
+    let out = db.path("out.jsonl");
+    let exec = format!("cat >> {}", sh_quote(&out));
+    let worked = run(
+        db.cmd(&["work", "held", "open", "--until-empty", "--exec", &exec]),
+        None,
+        LONG,
+    )
+    .fails();
+    assert_eq!(worked.status.code(), Some(75), "{}", worked.stderr);
+    assert_eq!(payload_ns(&out), vec![3], "the open queue was worked");
+    assert_eq!(db.depth("held"), 2);
+    let line = worked
+        .stderr
+        .lines()
+        .find(|l| l.contains("pgbus queue resume held"))
+        .unwrap_or_else(|| panic!("no line says how to continue:\n{}", worked.stderr));
+    assert!(
+        line.contains("paused") && line.contains("held") && line.contains("2 ready"),
+        "{line}"
+    );
+
+    // Under a supervisor too, which does not restart a worker that ended so.
+    db.send("open", &json!({ "n": 4 }));
+    let supervised = run(
+        db.cmd(&[
+            "work",
+            "held",
+            "open",
+            "--until-empty",
+            "--processes",
+            "2",
+            "--exec",
+            &exec,
+        ]),
+        None,
+        LONG,
+    )
+    .fails();
+    assert_eq!(supervised.status.code(), Some(75), "{}", supervised.stderr);
+    assert!(
+        !supervised.stderr.contains("restarting"),
+        "{}",
+        supervised.stderr
+    );
+    assert_eq!(payload_ns(&out), vec![3, 4]);
+    assert_eq!(db.depth("held"), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Failed attempts: logged with their cause, kept as the message's error
+// ---------------------------------------------------------------------------------------
+
+/// Every failed attempt of an `--exec` job is a WARN line with the queue, message id,
+/// attempt, retry delay and the end of the command's stderr (escaped onto the one line),
+/// and that end of stderr is the error the dead letter keeps. A job past its timeout keeps
+/// what it wrote before it was killed.
+#[test]
+fn exec_failures_are_logged_with_their_stderr_and_kept_as_the_error() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "tasks", "--max-attempts", "2"]);
+    db.ok(&["queue", "create", "slow", "--max-attempts", "1"]);
+    let failing = db.send("tasks", &json!({ "kind": "fail" }));
+    let hung = db.send("slow", &json!({ "kind": "hang" }));
+    let script = r#"case "$PGBUS_QUEUE" in
+  tasks) echo "first line" >&2; echo "disk full: /var/spool/x" >&2; exit 3;;
+  slow) echo "started the upload" >&2; exec sleep 60;;
+esac"#;
+    let run = db
+        .run(&[
+            "--log-format",
+            "json",
+            "work",
+            "tasks",
+            "slow",
+            "--until-empty",
+            "--job-timeout",
+            "1s",
+            "--exec",
+            script,
+        ])
+        .ok();
+    let logs = json_logs(&run);
+    let stderr_tail = r"first line\ndisk full: /var/spool/x";
+
+    let retries = logged(&logs, "WARN", "job failed; retrying");
+    assert_eq!(retries.len(), 1, "{}", run.stderr);
+    let retry = retries[0];
+    assert_eq!(retry["queue.name"], "tasks", "{retry}");
+    assert_eq!(retry["job.id"], failing, "{retry}");
+    assert_eq!(retry["attempt"], 1, "{retry}");
+    assert!(
+        retry["retry_in"].as_str().is_some_and(|d| !d.is_empty()),
+        "{retry}"
+    );
+    let error = retry["error"].as_str().expect("an error field");
+    assert_eq!(error, format!("exit 3: {stderr_tail}"), "{retry}");
+
+    let used_up = logged(&logs, "WARN", "attempts used up: dead-lettering");
+    let errors: BTreeMap<i64, &str> = used_up
+        .iter()
+        .map(|f| {
+            (
+                f["job.id"].as_i64().expect("a job id"),
+                f["error"].as_str().expect("an error field"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors.get(&failing).copied(),
+        Some(format!("exit 3: {stderr_tail}").as_str()),
+        "{}",
+        run.stderr
+    );
+    let timed_out = errors.get(&hung).copied().unwrap_or_default();
+    assert!(
+        timed_out.contains("timed out after 1s") && timed_out.contains("started the upload"),
+        "{}",
+        run.stderr
+    );
+
+    let dlq = db.dead("tasks");
+    let kept = dlq[&failing]["error"].as_str().expect("an error text");
+    assert_eq!(kept, "exit 3: first line\ndisk full: /var/spool/x");
+    let dlq = db.dead("slow");
+    let kept = dlq[&hung]["error"].as_str().expect("an error text");
+    assert!(
+        kept.contains("timed out after 1s") && kept.contains("started the upload"),
+        "{kept}"
+    );
+}
+
+/// A failed `--http` delivery is logged like a failed command: status and the start of the
+/// response body, on one line.
+#[test]
+fn http_failures_are_logged_with_status_and_body() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "hooks"]);
+    let id = db.send("hooks", &json!({ "n": 1 }));
+    let calls = Arc::new(Mutex::new(0u32));
+    let (url, _log) = http_server(move |_| {
+        let mut calls = calls.lock().unwrap();
+        *calls += 1;
+        if *calls == 1 {
+            (
+                "503 Service Unavailable",
+                "upstream down\nretry later".into(),
+            )
+        } else {
+            ("200 OK", "done".into())
+        }
+    });
+    let run = db
+        .run(&[
+            "--log-format",
+            "json",
+            "work",
+            "hooks",
+            "--until-empty",
+            "--http",
+            &url,
+        ])
+        .ok();
+    let logs = json_logs(&run);
+    let retries = logged(&logs, "WARN", "job failed; retrying");
+    assert_eq!(retries.len(), 1, "{}", run.stderr);
+    assert_eq!(retries[0]["job.id"], id);
+    assert_eq!(
+        retries[0]["error"], r"HTTP 503: upstream down\nretry later",
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db.depth("hooks"), 0, "acked on the second attempt");
+}
+
+// ---------------------------------------------------------------------------------------
+// The envelope: what a command or an endpoint learns about its message
+// ---------------------------------------------------------------------------------------
+
+/// Publishes one event to `billing` (bound to `order.*`) and sends one plain message with
+/// headers of its own (set the way a library producer would, with names `send` does not
+/// take); returns (event id, plain message id).
+fn event_and_plain_message(db: &Db) -> (String, i64) {
+    db.ok(&["queue", "create", "billing"]);
+    db.ok(&["topic", "bind", "order.*", "billing"]);
+    let published = db.ok(&["publish", "order.paid", r#"{"n": 1}"#]);
+    let event_id = published
+        .stdout
+        .split_whitespace()
+        .next()
+        .expect("publish prints the event id")
+        .to_owned();
+    let plain = send_with(
+        db,
+        "billing",
+        &json!({ "n": 2 }),
+        &["--group", "customer_7"],
+    );
+    execute(
+        &db.url,
+        &format!(
+            r#"UPDATE pgbus.messages
+               SET headers = '{{"Trace-Id": "t-42", "x.y z": "v", "pgbus-queue": "forged"}}'
+               WHERE id = {plain}"#
+        ),
+    );
+    (event_id, plain)
+}
+
+/// An `--exec` command of a topic's copy gets the routing key, event id and publish time;
+/// every message's own headers come as `PGBUS_HEADER_<NAME>`, which cannot replace the
+/// variables pgbus sets.
+#[test]
+fn exec_commands_get_the_event_envelope_and_headers_in_their_environment() {
+    let db = Db::new();
+    let (event_id, plain) = event_and_plain_message(&db);
+    let dir = db.path("env");
+    std::fs::create_dir(&dir).expect("a directory for the environments");
+    let exec = format!("env > {}/$PGBUS_MESSAGE_ID", sh_quote(&dir));
+    db.work(&["billing", "--until-empty", "--exec", &exec]);
+
+    let mut envs: BTreeMap<i64, BTreeMap<String, String>> = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("reading the environments") {
+        let path = entry.expect("a directory entry").path();
+        let id: i64 = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .expect("files named by message id");
+        let vars = lines(&path)
+            .into_iter()
+            .filter_map(|l| l.split_once('=').map(|(n, v)| (n.to_owned(), v.to_owned())))
+            .filter(|(name, _)| name.starts_with("PGBUS_"))
+            .collect();
+        envs.insert(id, vars);
+    }
+    assert_eq!(envs.len(), 2, "{envs:#?}");
+    let plain_env = &envs[&plain];
+    let (_, event_env) = envs
+        .iter()
+        .find(|(id, _)| **id != plain)
+        .expect("the event's copy ran");
+
+    assert_eq!(event_env["PGBUS_QUEUE"], "billing");
+    assert_eq!(event_env["PGBUS_ROUTING_KEY"], "order.paid");
+    assert_eq!(event_env["PGBUS_EVENT_ID"], event_id);
+    assert!(
+        event_env["PGBUS_PUBLISHED_AT"]
+            .parse::<u64>()
+            .is_ok_and(|micros| micros > 0),
+        "{event_env:#?}"
+    );
+    assert!(
+        !event_env.keys().any(|k| k.starts_with("PGBUS_HEADER_")),
+        "the envelope headers are not repeated as PGBUS_HEADER_*: {event_env:#?}"
+    );
+
+    assert_eq!(plain_env["PGBUS_QUEUE"], "billing", "{plain_env:#?}");
+    assert_eq!(plain_env["PGBUS_GROUP"], "customer_7");
+    assert_eq!(plain_env["PGBUS_HEADER_TRACE_ID"], "t-42");
+    assert_eq!(plain_env["PGBUS_HEADER_X_Y_Z"], "v");
+    assert_eq!(plain_env["PGBUS_HEADER_PGBUS_QUEUE"], "forged");
+    for absent in ["PGBUS_ROUTING_KEY", "PGBUS_EVENT_ID", "PGBUS_PUBLISHED_AT"] {
+        assert!(!plain_env.contains_key(absent), "{absent}: {plain_env:#?}");
+    }
+}
+
+/// An `--http` endpoint gets the same as `Pgbus-*` request headers.
+#[test]
+fn http_endpoints_get_the_event_envelope_and_headers() {
+    let db = Db::new();
+    let (event_id, plain) = event_and_plain_message(&db);
+    let (url, log) = http_server(|_| ("200 OK", String::new()));
+    db.work(&["billing", "--until-empty", "--http", &url]);
+
+    let requests = log.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    let by_id = |want: bool| {
+        requests
+            .iter()
+            .find(|r| (r.headers["pgbus-message-id"] == plain.to_string()) == want)
+            .expect("a request")
+    };
+    let (plain_request, event_request) = (by_id(true), by_id(false));
+
+    let event = &event_request.headers;
+    assert_eq!(event["pgbus-queue"], "billing");
+    assert_eq!(event["pgbus-routing-key"], "order.paid", "{event:#?}");
+    assert_eq!(event["pgbus-event-id"], event_id);
+    assert!(
+        event["pgbus-published-at"].parse::<u64>().is_ok(),
+        "{event:#?}"
+    );
+    assert!(!event.contains_key("pgbus-group"), "{event:#?}");
+
+    let headers = &plain_request.headers;
+    assert_eq!(headers["pgbus-queue"], "billing", "{headers:#?}");
+    assert_eq!(headers["pgbus-group"], "customer_7");
+    assert_eq!(headers["pgbus-header-trace-id"], "t-42");
+    assert_eq!(headers["pgbus-header-x-y-z"], "v");
+    assert_eq!(headers["pgbus-header-pgbus-queue"], "forged");
+    assert!(!headers.contains_key("pgbus-routing-key"), "{headers:#?}");
+}
