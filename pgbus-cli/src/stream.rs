@@ -33,28 +33,38 @@ pub(crate) enum StreamCommand {
     Url {
         /// Stream name.
         stream: String,
+        /// How long the path is good for: a browser that reconnects after that is refused
+        /// (403) and needs a newly signed one.
+        #[arg(long, value_parser = crate::cli::positive_duration, default_value = "24h", conflicts_with = "no_expiry")]
+        ttl: std::time::Duration,
+        /// Sign without an expiry: the path is good until the secret that signed it is
+        /// removed from PGBUS_STREAM_SECRET.
+        #[arg(long)]
+        no_expiry: bool,
     },
 }
 
 /// Where the generated signing secret is kept when `PGBUS_STREAM_SECRET` is not set.
 const SECRET_FILE: &str = "stream-secret";
 
-/// The signer shared by `pgbus stream url` and `pgbus serve`: `PGBUS_STREAM_SECRET`
-/// (at least 16 bytes), else a random secret generated on first use and kept in the pgbus
-/// home, readable by its owner only. Every `serve` of one deployment must share it, or
-/// the URLs one hands out are refused by the others: set the variable in production.
+/// The signer shared by `pgbus stream url` and `pgbus serve`: the key ring in
+/// `PGBUS_STREAM_SECRET` (secrets of at least 16 bytes separated by commas: the first
+/// signs, all verify, so a secret is rotated by putting a new one first), else a random
+/// secret generated on first use and kept in the pgbus home, readable by its owner only.
+/// Every `serve` of one deployment must share it, or the URLs one hands out are refused by
+/// the others: set the variable in production.
 pub(crate) fn signer() -> anyhow::Result<Signer> {
-    if let Some(secret) = std::env::var_os("PGBUS_STREAM_SECRET").filter(|s| !s.is_empty()) {
-        let secret = secret
+    if let Some(secrets) = std::env::var_os("PGBUS_STREAM_SECRET").filter(|s| !s.is_empty()) {
+        let secrets = secrets
             .into_string()
             .map_err(|_| anyhow::anyhow!("PGBUS_STREAM_SECRET is not UTF-8"))?;
-        return Signer::new(secret).context("PGBUS_STREAM_SECRET");
+        return Signer::with_keys(secrets.split(',').map(str::trim)).context("PGBUS_STREAM_SECRET");
     }
     let home = crate::database::home()?;
     std::fs::create_dir_all(&home)
         .with_context(|| format!("creating the pgbus home {}", home.display()))?;
     let path = home.join(SECRET_FILE);
-    let secret = match std::fs::read_to_string(&path) {
+    let secret = match read_secret(&path) {
         Ok(secret) => secret,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => create_secret(&path)?,
         Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
@@ -62,25 +72,51 @@ pub(crate) fn signer() -> anyhow::Result<Signer> {
     Signer::new(secret.trim()).with_context(|| format!("the secret in {}", path.display()))
 }
 
+/// The secret file's text, refused when others may read or write it (as ssh does with
+/// keys): a secret others could read signs URLs for anyone.
+fn read_secret(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "its permissions are {:o}, open to others: chmod 600 it",
+                mode & 0o777
+            ),
+        ));
+    }
+    std::fs::read_to_string(path)
+}
+
+/// Writes a new random secret to a private temporary file and links it into place, so the
+/// secret appears whole or not at all; when another process got there first, its secret
+/// is used.
 fn create_secret(path: &Path) -> anyhow::Result<String> {
     use rand::Rng;
     use std::os::unix::fs::OpenOptionsExt;
     let bytes: [u8; 32] = rand::rng().random();
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let created = std::fs::OpenOptions::new()
+    let temp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path);
-    match created {
-        Ok(mut file) => {
-            file.write_all(secret.as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(secret)
-        }
-        // Another process created it first: use theirs.
+        .open(&temp)
+        .and_then(|mut file| {
+            file.write_all(secret.as_bytes())?;
+            file.sync_all()
+        });
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(err).with_context(|| format!("writing {}", temp.display()));
+    }
+    let linked = std::fs::hard_link(&temp, path);
+    let _ = std::fs::remove_file(&temp);
+    match linked {
+        Ok(()) => Ok(secret),
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+            read_secret(path).with_context(|| format!("reading {}", path.display()))
         }
         Err(err) => Err(err).with_context(|| format!("creating {}", path.display())),
     }
@@ -92,8 +128,22 @@ pub(crate) async fn stream(
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        StreamCommand::Url { stream } => {
-            println!("{}", signer()?.url_path(&StreamName::new(stream)?));
+        StreamCommand::Url {
+            stream,
+            ttl,
+            no_expiry,
+        } => {
+            let stream = StreamName::new(stream)?;
+            let signer = signer()?;
+            let path = if no_expiry {
+                signer.url_path(&stream)
+            } else {
+                let expires_at = std::time::SystemTime::now()
+                    .checked_add(ttl)
+                    .context("--ttl reaches past the end of time")?;
+                signer.url_path_until(&stream, expires_at)
+            };
+            println!("{path}");
         }
         StreamCommand::Publish {
             stream,

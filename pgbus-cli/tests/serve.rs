@@ -475,3 +475,101 @@ fn stream_publish_reaches_a_follower_and_shutdown_tells_it() {
     );
     assert!(served.stop().success());
 }
+
+/// `pgbus stream url` signs with an expiry (24 h unless `--ttl` or `--no-expiry`); an
+/// expired path is refused with 403. `PGBUS_STREAM_SECRET` is a key ring: the first secret
+/// signs, every one verifies, so paths signed before a rotation keep working until the old
+/// secret is removed.
+#[test]
+fn stream_urls_expire_and_outlive_a_key_rotation_until_the_old_key_is_removed() {
+    const OLD: &str = "the-old-secret-of-enough-bytes";
+    const NEW: &str = "the-new-secret-of-enough-bytes";
+    let db = Db::new();
+    let sign = |secret: &str, extra: &[&str]| {
+        let mut args = vec!["stream", "url", "orders"];
+        args.extend_from_slice(extra);
+        let mut cmd = db.cmd(&args);
+        cmd.env("PGBUS_STREAM_SECRET", secret);
+        run(cmd, None, SHORT).ok().stdout.trim().to_owned()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let default = sign(OLD, &[]);
+    let expiry: u64 = default
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .expect("an expiry");
+    assert!(
+        (now + 23 * 3600..=now + 25 * 3600).contains(&expiry),
+        "{default}: expires {expiry}, now {now}"
+    );
+    let short = sign(OLD, &["--ttl", "1s"]);
+    let forever = sign(OLD, &["--no-expiry"]);
+    assert_eq!(forever.matches('.').count(), 1, "{forever}");
+
+    let ring = format!("{NEW},{OLD}");
+    let served = Served::start(&db, free_port(), &[], &[("PGBUS_STREAM_SECRET", &ring)]);
+    let status = |path: &str| client().get(served.url(path)).send().unwrap().status();
+    assert_eq!(
+        status(&forever),
+        StatusCode::OK,
+        "an old key still verifies"
+    );
+    assert_eq!(status(&default), StatusCode::OK);
+    eventually("the 1 s path to expire", SHORT, || {
+        status(&short) == StatusCode::FORBIDDEN
+    });
+    let refused = client().get(served.url(&short)).send().unwrap();
+    assert!(refused.text().unwrap().contains("expired"));
+    // Moving the expiry is a forgery.
+    let moved = short.replacen(
+        &format!(".{}.", short.split('.').nth(1).unwrap()),
+        ".99999999999.",
+        1,
+    );
+    assert_eq!(status(&moved), StatusCode::NOT_FOUND);
+    assert!(served.stop().success());
+
+    let rotated = Served::start(&db, free_port(), &[], &[("PGBUS_STREAM_SECRET", NEW)]);
+    let status = |path: &str| client().get(rotated.url(path)).send().unwrap().status();
+    assert_eq!(
+        status(&forever),
+        StatusCode::NOT_FOUND,
+        "the old key was removed"
+    );
+    assert_eq!(
+        status(&sign(&ring, &["--no-expiry"])),
+        StatusCode::OK,
+        "the ring signs with its first key"
+    );
+    assert!(rotated.stop().success());
+}
+
+/// Without `PGBUS_STREAM_SECRET`, the generated secret file is private; one that others
+/// may read is refused in one line.
+#[test]
+fn the_generated_stream_secret_is_private_and_a_readable_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = Db::new();
+    let home = tempfile::tempdir().expect("a temporary directory");
+    let url = || {
+        let mut cmd = db.cmd(&["stream", "url", "orders"]);
+        cmd.env("PGBUS_HOME", home.path())
+            .env_remove("PGBUS_STREAM_SECRET");
+        run(cmd, None, SHORT)
+    };
+    let first = url().ok().stdout;
+    let file = home.path().join("stream-secret");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(url().ok().stdout.split('.').next(), first.split('.').next());
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = url().fails();
+    let line = refused.stderr.trim();
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(line.contains("chmod 600"), "{line}");
+}

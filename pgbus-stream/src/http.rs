@@ -1,7 +1,7 @@
 //! The SSE endpoint: `GET /streams/{signed_name}`.
 //!
-//! Status codes: 404 for a name that is not signed by this server, 403 when the
-//! authorization hook refuses, 400 for a malformed cursor, 503 with `Retry-After` beyond
+//! Status codes: 404 for a name that is not signed by this server, 403 for an expired
+//! one and when the authorization hook refuses, 400 for a malformed cursor, 503 with `Retry-After` beyond
 //! the connection limit or while the listener is down. The cursor is `Last-Event-ID`
 //! (wins) or `?since=`.
 //!
@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 
 use crate::cursor::start_from;
-use crate::{Instance, Signer};
+use crate::{Instance, SignatureError, Signer};
 
 /// Decides whether a request may follow a stream (after its signature checked out).
 pub type Authorize = Arc<dyn Fn(&StreamName, &HeaderMap) -> bool + Send + Sync>;
@@ -120,8 +120,15 @@ async fn follow<S: StreamStore, L: StreamListener>(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let Ok(stream) = streams.signer.verify(&signed) else {
-        return refuse(StatusCode::NOT_FOUND, "no such stream\n".to_owned());
+    let stream = match streams.signer.verify(&signed) {
+        Ok(stream) => stream,
+        Err(SignatureError::Expired) => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "this stream URL expired: ask for a new one\n".to_owned(),
+            )
+        }
+        Err(_) => return refuse(StatusCode::NOT_FOUND, "no such stream\n".to_owned()),
     };
     if let Some(authorize) = &streams.authorize {
         if !authorize(&stream, &headers) {
