@@ -226,6 +226,39 @@ fn the_dashboard_shows_queues_live_and_retries_dead_letters() {
         (Some(1), Some(0))
     );
     browser.screenshot("dashboard-after-retry");
+
+    // "discard listed" asks first, and discards only what the list showed: a dead letter
+    // that arrives after the list was drawn is kept.
+    db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
+    let second = db.send("failing", &json!({ "order": 43 }));
+    db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
+    browser.js(
+        r##"const s = document.querySelector("#dead-queue"); s.dispatchEvent(new Event("change")); return null;"##,
+    );
+    for listed in [id, second] {
+        let row = format!(r#"#dead tr[data-id="{listed}"]"#);
+        browser.wait("the dead letters listed", |b| b.text(&row).is_some());
+    }
+    let late = db.send("failing", &json!({ "order": 44 }));
+    db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
+    assert_eq!(db.dead("failing").len(), 3);
+    browser.js(
+        r##"window.confirm = (question) => { window.asked = question; return true; }; return null;"##,
+    );
+    browser.click("#dead-discard-all");
+    browser.wait("the discard confirmed", |b| {
+        b.text("#message")
+            .is_some_and(|m| m.contains("discarded 2 in failing"))
+    });
+    let asked = browser.js("return window.asked;");
+    assert!(
+        asked
+            .as_str()
+            .is_some_and(|q| q.contains("Discard the 2 dead letters")),
+        "{asked}"
+    );
+    let kept: Vec<i64> = db.dead("failing").into_keys().collect();
+    assert_eq!(kept, [late], "only the late dead letter is kept");
     drop(browser);
     assert!(served.stop().success());
 }
