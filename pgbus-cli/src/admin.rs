@@ -12,23 +12,21 @@ use serde_json::{json, Value};
 
 use crate::cli::{AlterArgs, CreateArgs, DlqCommand, QueueCommand};
 use crate::database::Database;
+use crate::output::{Align, Table};
 
 pub(crate) async fn migrate(
     db: &Database,
     check: bool,
     grant: &[String],
-    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     if check {
         return Ok(match db.backend.check_schema().await {
             Ok(()) => {
-                if !quiet {
-                    println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION);
-                }
+                println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION);
                 ExitCode::SUCCESS
             }
             Err(err @ Error::SchemaMismatch { .. }) => {
-                eprintln!("pgbus: {err}");
+                crate::output::error(err);
                 ExitCode::FAILURE
             }
             Err(err) => return Err(err.into()),
@@ -36,14 +34,12 @@ pub(crate) async fn migrate(
     }
     let roles: Vec<&str> = grant.iter().map(String::as_str).collect();
     let applied = db.backend.migrate_and_grant(&roles).await?;
-    if !quiet {
-        match applied.as_slice() {
-            [] => println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION),
-            versions => println!("applied migrations {versions:?}"),
-        }
-        for role in &roles {
-            println!("granted {role} what pgbus needs at run time");
-        }
+    match applied.as_slice() {
+        [] => println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION),
+        versions => println!("applied migrations {versions:?}"),
+    }
+    for role in &roles {
+        println!("granted {role} what pgbus needs at run time");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -52,17 +48,9 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-pub(crate) async fn queue(
-    db: &Database,
-    command: QueueCommand,
-    quiet: bool,
-) -> anyhow::Result<ExitCode> {
+pub(crate) async fn queue(db: &Database, command: QueueCommand) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?;
-    let say = |text: String| {
-        if !quiet {
-            println!("{text}");
-        }
-    };
+    let say = |text: String| println!("{text}");
     match command {
         QueueCommand::Create(args) => create_queue(backend, args, say).await?,
         QueueCommand::Alter(args) => {
@@ -92,20 +80,23 @@ pub(crate) async fn queue(
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!(
-                    "{:<24} {:>8} {:>12} {:>10} {:>7}",
-                    "QUEUE", "PAUSED", "MAX_ATTEMPTS", "LEASE", "HISTORY"
-                );
+                let mut table = Table::new(&[
+                    ("QUEUE", Align::Left),
+                    ("PAUSED", Align::Left),
+                    ("MAX_ATTEMPTS", Align::Right),
+                    ("LEASE", Align::Right),
+                    ("HISTORY", Align::Left),
+                ]);
                 for q in queues {
-                    println!(
-                        "{:<24} {:>8} {:>12} {:>10} {:>7}",
-                        q.name.as_str(),
-                        q.paused,
-                        q.options.retry.max_attempts(),
+                    table.row(vec![
+                        q.name.to_string(),
+                        q.paused.to_string(),
+                        q.options.retry.max_attempts().to_string(),
                         humantime::format_duration(q.options.lease).to_string(),
-                        q.options.keep_history
-                    );
+                        q.options.keep_history.to_string(),
+                    ]);
                 }
+                table.print();
             }
         }
         QueueCommand::Pause { name } => {
@@ -282,11 +273,7 @@ pub(crate) fn dead_json(dead: &[DeadMessage]) -> Value {
         .collect()
 }
 
-pub(crate) async fn dlq(
-    db: &Database,
-    command: DlqCommand,
-    quiet: bool,
-) -> anyhow::Result<ExitCode> {
+pub(crate) async fn dlq(db: &Database, command: DlqCommand) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?;
     let retry = matches!(command, DlqCommand::Retry(_));
     match command {
@@ -296,16 +283,21 @@ pub(crate) async fn dlq(
                 let list = dead_json(&dead);
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:>10} {:>8} {:<24} ERROR", "ID", "ATTEMPTS", "FAILED_AT");
+                let mut table = Table::new(&[
+                    ("ID", Align::Right),
+                    ("ATTEMPTS", Align::Right),
+                    ("FAILED_AT", Align::Left),
+                    ("ERROR", Align::Left),
+                ]);
                 for d in dead {
-                    println!(
-                        "{:>10} {:>8} {:<24} {}",
-                        d.id.0,
-                        d.attempts,
+                    table.row(vec![
+                        d.id.0.to_string(),
+                        d.attempts.to_string(),
                         rfc3339(d.failed_at),
-                        d.error
-                    );
+                        d.error,
+                    ]);
                 }
+                table.print();
             }
         }
         DlqCommand::Retry(selection) | DlqCommand::Discard(selection) => {
@@ -343,9 +335,7 @@ pub(crate) async fn dlq(
             } else {
                 backend.discard_dead(&queue, which).await?
             };
-            if !quiet {
-                println!("{verb} {n} dead-lettered messages of queue {queue}");
-            }
+            println!("{verb} {n} dead-lettered messages of queue {queue}");
             if !selection.all && n < ids.len() as u64 {
                 anyhow::bail!(
                     "{verb} {n} of {} messages: the others left the dead-letter queue \
@@ -418,18 +408,17 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
             }))?
         );
     } else {
-        println!(
-            "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12} {:>9} {:>11}",
-            "QUEUE",
-            "DEPTH",
-            "READY",
-            "IN_FLIGHT",
-            "SCHEDULED",
-            "DEAD",
-            "OLDEST",
-            "DONE/MIN",
-            "FAILED/MIN"
-        );
+        let mut table = Table::new(&[
+            ("QUEUE", Align::Left),
+            ("DEPTH", Align::Right),
+            ("READY", Align::Right),
+            ("IN_FLIGHT", Align::Right),
+            ("SCHEDULED", Align::Right),
+            ("DEAD", Align::Right),
+            ("OLDEST", Align::Right),
+            ("DONE/MIN", Align::Right),
+            ("FAILED/MIN", Align::Right),
+        ]);
         for s in &stats {
             let oldest = s
                 .oldest_ready_age
@@ -440,32 +429,36 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                 (false, Some(open)) => format!("{} (breaker {}s)", s.queue, open.as_secs() + 1),
                 (false, None) => s.queue.to_string(),
             };
-            println!(
-                "{:<24} {:>8} {:>8} {:>10} {:>10} {:>6} {:>12} {:>9} {:>11}",
+            table.row(vec![
                 name,
-                s.depth(),
-                s.ready,
-                s.in_flight,
-                s.scheduled,
-                s.dead_lettered,
+                s.depth().to_string(),
+                s.ready.to_string(),
+                s.in_flight.to_string(),
+                s.scheduled.to_string(),
+                s.dead_lettered.to_string(),
                 oldest,
-                s.processed_per_minute,
-                s.failed_per_minute
-            );
+                s.processed_per_minute.to_string(),
+                s.failed_per_minute.to_string(),
+            ]);
         }
+        table.print();
         if !processes.is_empty() {
             println!();
-            println!(
-                "{:>6} {:<20} {:>8} {:<8} {:>9} {:>10}  QUEUES",
-                "ID", "HOST", "PID", "MODE", "BUSY", "HEARTBEAT"
-            );
+            let mut table = Table::new(&[
+                ("ID", Align::Right),
+                ("HOST", Align::Left),
+                ("PID", Align::Right),
+                ("MODE", Align::Left),
+                ("BUSY", Align::Right),
+                ("HEARTBEAT", Align::Right),
+                ("QUEUES", Align::Left),
+            ]);
             for p in &processes {
-                println!(
-                    "{:>6} {:<20} {:>8} {:<8} {:>9} {:>10}  {}",
-                    p.id.0,
-                    p.info.hostname,
-                    p.info.pid,
-                    p.info.mode,
+                table.row(vec![
+                    p.id.0.to_string(),
+                    p.info.hostname.clone(),
+                    p.info.pid.to_string(),
+                    p.info.mode.clone(),
                     format!("{}/{}", p.busy, p.info.capacity),
                     format!("{}s ago", age(p.heartbeat_at).as_secs()),
                     p.info
@@ -473,9 +466,10 @@ pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode>
                         .iter()
                         .map(QueueName::as_str)
                         .collect::<Vec<_>>()
-                        .join(",")
-                );
+                        .join(","),
+                ]);
             }
+            table.print();
         }
         crate::batches::print_batches(&batches);
         crate::topics::print_stats(backend).await?;

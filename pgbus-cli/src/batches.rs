@@ -3,6 +3,7 @@
 use serde_json::json;
 
 use crate::admin::rfc3339;
+use crate::output::{Align, Table};
 
 /// Open batches for `stats --json`.
 pub(crate) fn batches_json(batches: &[pgbus_core::BatchInfo]) -> serde_json::Value {
@@ -28,19 +29,23 @@ pub(crate) fn print_batches(batches: &[pgbus_core::BatchInfo]) {
         return;
     }
     println!();
-    println!(
-        "{:>8} {:<24} {:>8} {:>8} {:>10} {:>6}",
-        "BATCH", "QUEUE", "TOTAL", "PENDING", "SUCCEEDED", "DEAD"
-    );
+    let mut table = Table::new(&[
+        ("BATCH", Align::Right),
+        ("QUEUE", Align::Left),
+        ("TOTAL", Align::Right),
+        ("PENDING", Align::Right),
+        ("SUCCEEDED", Align::Right),
+        ("DEAD", Align::Right),
+    ]);
     for b in batches {
-        println!(
-            "{:>8} {:<24} {:>8} {:>8} {:>10} {:>6}",
-            b.id.0,
-            b.queue,
-            b.total,
-            b.pending,
-            b.succeeded(),
-            b.dead_lettered
-        );
+        table.row(vec![
+            b.id.0.to_string(),
+            b.queue.to_string(),
+            b.total.to_string(),
+            b.pending.to_string(),
+            b.succeeded().to_string(),
+            b.dead_lettered.to_string(),
+        ]);
     }
+    table.print();
 }

@@ -47,7 +47,7 @@ pub(crate) struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub(crate) verbose: u8,
 
-    /// Less output: errors only, and counts instead of lists.
+    /// Nothing on standard error but errors (standard output, the data, is unchanged).
     #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
     pub(crate) quiet: bool,
 
@@ -464,6 +464,7 @@ impl Cli {
 
     /// Installs the tracing subscriber: the only place pgbus installs one.
     pub(crate) fn install_logging(&self) {
+        crate::output::init(self.quiet, matches!(self.log_format, LogFormat::Json));
         let default = match (self.quiet, self.verbose) {
             (true, _) => "error",
             (false, 0) => "warn,pgbus=info",
@@ -474,7 +475,8 @@ impl Cli {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr);
+            .with_writer(std::io::stderr)
+            .with_ansi(crate::output::colour());
         let _ = match self.log_format {
             LogFormat::Text => builder.try_init(),
             LogFormat::Json => builder.json().try_init(),
@@ -483,30 +485,29 @@ impl Cli {
 
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         if let Command::Db(db) = &self.command {
-            return crate::database::db_command(db, self.quiet).await;
+            return crate::database::db_command(db).await;
         }
         let database = Database::resolve(
             self.database_url.as_deref(),
             self.pooler.into(),
             self.listen_url.as_deref(),
-            self.quiet,
         )
         .await?;
         match self.command {
             Command::Migrate { check, grant } => {
-                crate::admin::migrate(&database, check, &grant, self.quiet).await
+                crate::admin::migrate(&database, check, &grant).await
             }
-            Command::Queue(command) => crate::admin::queue(&database, command, self.quiet).await,
-            Command::Send(args) => crate::send::send(&database, args, self.quiet).await,
+            Command::Queue(command) => crate::admin::queue(&database, command).await,
+            Command::Send(args) => crate::send::send(&database, args).await,
             Command::Work(args) => crate::work::work(&database, args).await,
-            Command::Topic(command) => crate::topics::topic(&database, command, self.quiet).await,
-            Command::Publish(args) => crate::topics::publish(&database, args, self.quiet).await,
-            Command::Relay(args) => crate::relay::relay(&database, args, self.quiet).await,
-            Command::Dlq(command) => crate::admin::dlq(&database, command, self.quiet).await,
+            Command::Topic(command) => crate::topics::topic(&database, command).await,
+            Command::Publish(args) => crate::topics::publish(&database, args).await,
+            Command::Relay(args) => crate::relay::relay(&database, args).await,
+            Command::Dlq(command) => crate::admin::dlq(&database, command).await,
             Command::Stats { json } => crate::admin::stats(&database, json).await,
             Command::Demo(args) => crate::demo::demo(&database, args).await,
             #[cfg(feature = "stream")]
-            Command::Stream(command) => crate::stream::stream(&database, command, self.quiet).await,
+            Command::Stream(command) => crate::stream::stream(&database, command).await,
             #[cfg(any(feature = "dashboard", feature = "stream"))]
             Command::Serve(args) => crate::serve::serve(&database, args).await,
             Command::Cron(command) => crate::cron::cron(&database, command).await,

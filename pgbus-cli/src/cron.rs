@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::admin::rfc3339;
 use crate::database::Database;
+use crate::output::{Align, Table};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum CronCommand {
@@ -58,26 +59,30 @@ pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "tasks": schedules_json(&schedules) }))?
+            serde_json::to_string_pretty(&schedules_json(&schedules))?
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:<24} {:<16} {:<28} {:<14} {:<26} {:<26}",
-        "TASK", "QUEUE", "SCHEDULE", "MISSED", "LAST", "NEXT"
-    );
+    let mut table = Table::new(&[
+        ("TASK", Align::Left),
+        ("QUEUE", Align::Left),
+        ("SCHEDULE", Align::Left),
+        ("MISSED", Align::Left),
+        ("LAST", Align::Left),
+        ("NEXT", Align::Left),
+    ]);
     for s in &schedules {
-        println!(
-            "{:<24} {:<16} {:<28} {:<14} {:<26} {:<26}",
-            s.task,
-            s.queue,
-            s.schedule,
-            s.missed,
+        table.row(vec![
+            s.task.clone(),
+            s.queue.clone(),
+            s.schedule.clone(),
+            s.missed.clone(),
             s.last_at.map_or_else(|| "never".to_owned(), rfc3339),
             // Unknown until a leading scheduler has computed it.
             s.next_at.map_or_else(|| "-".to_owned(), rfc3339),
-        );
+        ]);
     }
+    table.print();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -42,7 +42,7 @@ pub(crate) fn home() -> anyhow::Result<PathBuf> {
 }
 
 /// Starts the embedded database if it is not running; returns its URL.
-async fn embedded(quiet: bool) -> anyhow::Result<String> {
+async fn embedded() -> anyhow::Result<String> {
     let home = home()?;
     std::fs::create_dir_all(&home)
         .with_context(|| format!("creating the pgbus home {}", home.display()))?;
@@ -52,14 +52,13 @@ async fn embedded(quiet: bool) -> anyhow::Result<String> {
         .context(
             "starting the embedded PostgreSQL (set --database-url or DATABASE_URL to use your own)",
         )?;
-    if !quiet {
+    if cluster.started {
         // Port and directory only: the URL holds the password.
-        let verb = if cluster.started { "started" } else { "using" };
-        eprintln!(
-            "pgbus: {verb} the embedded PostgreSQL in {} on port {} (`pgbus db stop` stops it)",
+        crate::output::note(format_args!(
+            "started the embedded PostgreSQL in {} on port {} (`pgbus db stop` stops it)",
             cluster.data_dir.display(),
             cluster.port
-        );
+        ));
     }
     Ok(cluster.url_for("postgres"))
 }
@@ -69,11 +68,10 @@ impl Database {
         url: Option<&str>,
         pooler: Pooler,
         listen_url: Option<&str>,
-        quiet: bool,
     ) -> anyhow::Result<Self> {
         let (url, embedded) = match url.filter(|u| !u.trim().is_empty()) {
             Some(url) => (url.to_owned(), false),
-            None => (embedded(quiet).await?, true),
+            None => (embedded().await?, true),
         };
         let backend = PgBackend::builder(&url)
             .max_connections(8)
@@ -141,26 +139,24 @@ impl Database {
     }
 }
 
-pub(crate) async fn db_command(command: &DbCommand, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn db_command(command: &DbCommand) -> anyhow::Result<ExitCode> {
     match command {
         DbCommand::Start | DbCommand::Url => {
-            let url = embedded(quiet).await?;
+            let url = embedded().await?;
             println!("{url}");
         }
         DbCommand::Stop => {
             let data_dir = home()?.join("data");
             let stopped =
                 tokio::task::spawn_blocking(move || PersistentCluster::stop(&data_dir)).await??;
-            if !quiet {
-                println!(
-                    "{}",
-                    if stopped {
-                        "stopped the embedded PostgreSQL"
-                    } else {
-                        "the embedded PostgreSQL was not running"
-                    }
-                );
-            }
+            println!(
+                "{}",
+                if stopped {
+                    "stopped the embedded PostgreSQL"
+                } else {
+                    "the embedded PostgreSQL was not running"
+                }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -8,6 +8,7 @@ mod cli;
 mod cron;
 mod database;
 mod demo;
+mod output;
 mod relay;
 mod send;
 #[cfg(any(feature = "dashboard", feature = "stream"))]
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("pgbus: could not start the async runtime: {err}");
+            output::error(format_args!("could not start the async runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // One clear line: the error and its causes.
-            eprintln!("pgbus: {err:#}");
+            output::error(format_args!("{err:#}"));
             ExitCode::FAILURE
         }
     }

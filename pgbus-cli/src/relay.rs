@@ -30,7 +30,7 @@ pub(crate) struct RelayArgs {
     pub(crate) prune_interval: Duration,
 }
 
-pub(crate) async fn relay(db: &Database, args: RelayArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn relay(db: &Database, args: RelayArgs) -> anyhow::Result<ExitCode> {
     let outbox_url = args.outbox_url.filter(|u| !u.trim().is_empty());
     // Behind a transaction-mode pooler the relay's one connection (it LISTENs) goes to
     // --listen-url, directly to PostgreSQL; without one it polls through the pooler.
@@ -59,9 +59,9 @@ pub(crate) async fn relay(db: &Database, args: RelayArgs, quiet: bool) -> anyhow
         None => format!("{} (the same database)", describe(&db.url)),
     };
     let stop = crate::work::stop_on_signals()?;
-    if !quiet {
-        println!("relaying pgbus.outbox of {source}; SIGTERM or Ctrl-C stops");
-    }
+    crate::output::note(format_args!(
+        "relaying pgbus.outbox of {source}; SIGTERM or Ctrl-C stops"
+    ));
     relay.run(stop).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -32,45 +32,37 @@ fn message(args: &SendArgs, json: &str) -> anyhow::Result<NewMessage> {
 /// much of it has been read, so memory stays bounded whatever the input.
 pub(crate) const MAX_LINE_BYTES: usize = 2 * DEFAULT_MAX_PAYLOAD_BYTES;
 
-fn print_ids(ids: &[MessageId], quiet: bool) {
-    if !quiet {
-        for id in ids {
-            println!("{id}");
-        }
+fn print_ids(ids: &[MessageId]) {
+    for id in ids {
+        println!("{id}");
     }
 }
 
-pub(crate) async fn send(db: &Database, args: SendArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn send(db: &Database, args: SendArgs) -> anyhow::Result<ExitCode> {
     let queue = QueueName::new(args.queue.clone())?;
     let backend = db.ready().await?;
-    if !quiet && backend.queue_info(&queue).await?.paused {
-        eprintln!(
-            "pgbus: queue {queue} is paused: its messages wait until `pgbus queue resume {queue}`"
-        );
+    if backend.queue_info(&queue).await?.paused {
+        crate::output::note(format_args!(
+            "queue {queue} is paused: its messages wait until `pgbus queue resume {queue}`"
+        ));
     }
     if let Some(json) = &args.json {
         let message = message(&args, json).context("the message is refused")?;
         let id = backend.send(&queue, message).await?;
-        print_ids(&[id], quiet);
-        if quiet {
-            println!("1");
-        }
+        print_ids(&[id]);
         return Ok(ExitCode::SUCCESS);
     }
-    let sent = stdin_batches(
+    stdin_batches(
         args.batch,
         "messages",
         |line| message(&args, line),
         async |batch, progress| {
             let ids = backend.send_batch(&queue, batch).await?;
-            progress.suspend(|| print_ids(&ids, quiet));
+            progress.suspend(|| print_ids(&ids));
             Ok(())
         },
     )
     .await?;
-    if quiet {
-        println!("{sent}");
-    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -84,6 +76,11 @@ pub(crate) async fn stdin_batches<T>(
     parse: impl Fn(&str) -> anyhow::Result<T>,
     flush: impl AsyncFnMut(Vec<T>, &ProgressBar) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        crate::output::note(format_args!(
+            "reading {noun} from standard input, one JSON document per line (Ctrl-D ends)"
+        ));
+    }
     let input = BufReader::new(tokio::io::stdin());
     read_batches(input, batch_size, noun, parse, flush).await
 }

@@ -122,11 +122,7 @@ fn create_secret(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-pub(crate) async fn stream(
-    db: &Database,
-    command: StreamCommand,
-    quiet: bool,
-) -> anyhow::Result<ExitCode> {
+pub(crate) async fn stream(db: &Database, command: StreamCommand) -> anyhow::Result<ExitCode> {
     match command {
         StreamCommand::Url {
             stream,
@@ -158,10 +154,9 @@ pub(crate) async fn stream(
             } else {
                 Some(backend.publish(&stream, &event, &data).await?)
             };
-            match (stored, quiet) {
-                (Some(id), _) => println!("{id}"),
-                (None, false) => println!("broadcast"),
-                (None, true) => {}
+            match stored {
+                Some(id) => println!("{id}"),
+                None => println!("broadcast"),
             }
         }
     }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::cli::duration;
 use crate::database::Database;
+use crate::output::{Align, Table};
 use crate::send::stdin_batches;
 
 #[derive(Debug, Subcommand)]
@@ -57,11 +58,7 @@ pub(crate) struct PublishArgs {
     pub(crate) batch: usize,
 }
 
-pub(crate) async fn topic(
-    db: &Database,
-    command: TopicCommand,
-    quiet: bool,
-) -> anyhow::Result<ExitCode> {
+pub(crate) async fn topic(db: &Database, command: TopicCommand) -> anyhow::Result<ExitCode> {
     match command {
         TopicCommand::Bind {
             pattern,
@@ -76,13 +73,11 @@ pub(crate) async fn topic(
                 (None, false) => StartAt::Now,
             };
             let bound = db.ready().await?.bind(&pattern, &queue, start).await?;
-            if !quiet {
-                match (bound.created, bound.replayed) {
-                    (false, _) => println!("{pattern} is already bound to {queue}"),
-                    (true, 0) => println!("bound {pattern} to {queue}"),
-                    (true, n) => {
-                        println!("bound {pattern} to {queue}; {n} events replayed from the log")
-                    }
+            match (bound.created, bound.replayed) {
+                (false, _) => println!("{pattern} is already bound to {queue}"),
+                (true, 0) => println!("bound {pattern} to {queue}"),
+                (true, n) => {
+                    println!("bound {pattern} to {queue}; {n} events replayed from the log")
                 }
             }
         }
@@ -91,9 +86,7 @@ pub(crate) async fn topic(
             if !db.ready().await?.unbind(&pattern, &queue).await? {
                 anyhow::bail!("{pattern} is not bound to {queue}");
             }
-            if !quiet {
-                println!("unbound {pattern} from {queue}");
-            }
+            println!("unbound {pattern} from {queue}");
         }
         TopicCommand::List { json } => {
             let bindings = db.ready().await?.bindings().await?;
@@ -103,13 +96,12 @@ pub(crate) async fn topic(
                     .map(|b| json!({ "pattern": b.pattern.as_str(), "queue": b.queue.as_str() }))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
-            } else if quiet {
-                println!("{}", bindings.len());
             } else {
-                println!("{:<40} QUEUE", "PATTERN");
+                let mut table = Table::new(&[("PATTERN", Align::Left), ("QUEUE", Align::Left)]);
                 for b in &bindings {
-                    println!("{:<40} {}", b.pattern.as_str(), b.queue);
+                    table.row(vec![b.pattern.to_string(), b.queue.to_string()]);
                 }
+                table.print();
             }
         }
     }
@@ -126,49 +118,40 @@ fn event(routing_key: &str, json: &str) -> anyhow::Result<NewEvent> {
 }
 
 /// Prints `EVENT_ID COPIES` per event, and warns about events that matched no binding.
-fn report(published: &[Published], routing_key: &str, quiet: bool) {
+fn report(published: &[Published], routing_key: &str) {
     for p in published {
-        if !quiet {
-            println!("{} {}", p.id, p.copies);
-        }
+        println!("{} {}", p.id, p.copies);
     }
     let unrouted = published.iter().filter(|p| p.copies == 0).count();
     if unrouted > 0 {
-        eprintln!(
-            "pgbus: warning: {unrouted} event(s) with routing key {routing_key} matched no binding: delivered nowhere (kept in the event log)"
-        );
+        crate::output::warn(format_args!(
+            "{unrouted} event(s) with routing key {routing_key} matched no binding: delivered nowhere (kept in the event log)"
+        ));
     }
 }
 
-pub(crate) async fn publish(
-    db: &Database,
-    args: PublishArgs,
-    quiet: bool,
-) -> anyhow::Result<ExitCode> {
+pub(crate) async fn publish(db: &Database, args: PublishArgs) -> anyhow::Result<ExitCode> {
     // The key is checked before the database is touched.
     pgbus_core::RoutingKey::new(args.routing_key.clone())?;
     let backend = db.ready().await?;
     if let Some(json) = &args.json {
         let event = event(&args.routing_key, json).context("the event is refused")?;
         let published = backend.publish(event).await?;
-        report(&[published], &args.routing_key, quiet);
+        report(&[published], &args.routing_key);
         return Ok(ExitCode::SUCCESS);
     }
     let key = args.routing_key.as_str();
-    let sent = stdin_batches(
+    stdin_batches(
         args.batch,
         "events",
         |line| event(key, line),
         async |batch, progress| {
             let published = backend.publish_batch(batch).await?;
-            progress.suspend(|| report(&published, key, quiet));
+            progress.suspend(|| report(&published, key));
             Ok(())
         },
     )
     .await?;
-    if quiet {
-        println!("{sent}");
-    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -195,18 +178,20 @@ pub(crate) async fn print_stats(backend: &PgBackend) -> anyhow::Result<()> {
         return Ok(());
     }
     println!();
-    println!(
-        "{:<40} {:>10} {:>10} {:>10}",
-        "TOPIC", "PUBLISHED", "COPIES", "UNROUTED"
-    );
+    let mut table = Table::new(&[
+        ("TOPIC", Align::Left),
+        ("PUBLISHED", Align::Right),
+        ("COPIES", Align::Right),
+        ("UNROUTED", Align::Right),
+    ]);
     for t in &topics {
-        println!(
-            "{:<40} {:>10} {:>10} {:>10}",
-            t.routing_key.as_str(),
-            t.published,
-            t.copies,
-            t.unrouted
-        );
+        table.row(vec![
+            t.routing_key.to_string(),
+            t.published.to_string(),
+            t.copies.to_string(),
+            t.unrouted.to_string(),
+        ]);
     }
+    table.print();
     Ok(())
 }

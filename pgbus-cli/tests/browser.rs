@@ -239,6 +239,11 @@ fn the_dashboard_shows_queues_live_and_retries_dead_letters() {
         let row = format!(r#"#dead tr[data-id="{listed}"]"#);
         browser.wait("the dead letters listed", |b| b.text(&row).is_some());
     }
+    // The list stays as drawn (the page redraws it every 5 s; a slow machine could
+    // otherwise show the late one before the click).
+    browser.js(
+        r##"const real = window.fetch; window.fetch = (url, options) => String(url).includes("/dead?") ? new Promise(() => {}) : real(url, options); return null;"##,
+    );
     let late = db.send("failing", &json!({ "order": 44 }));
     db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
     assert_eq!(db.dead("failing").len(), 3);

@@ -42,9 +42,11 @@ fn send_from_stdin_and_work_until_empty_with_exec() {
         "distinct ids"
     );
 
-    // -q: the count instead of the ids (on another queue, which `work jobs` leaves alone).
+    // -q quiets standard error only: the ids are still the output (on another queue,
+    // which `work jobs` leaves alone).
     let quiet = db.send_stdin(&["-q", "send", "other"], input).ok();
-    assert_eq!(quiet.stdout.trim(), "2000");
+    assert_eq!(quiet.stdout.lines().count(), 2000);
+    assert_eq!(quiet.stderr, "");
     assert_eq!(db.depth("jobs"), 2000);
     assert_eq!(db.depth("other"), 2000);
 
@@ -805,7 +807,16 @@ fn demo_runs_on_the_embedded_default_and_stops_on_ctrl_c() {
         .expect("running kill");
     assert!(interrupt.success());
     let status = wait_deadline(&mut child.0, LONG).expect("the demo stopped after Ctrl-C");
-    let rest: Vec<String> = lines.try_iter().collect();
+    // What it printed last, up to its summary (the reader thread may not have passed
+    // every line on yet when the process has exited).
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(SHORT) {
+        let summary = line.starts_with("pgbus demo: stopped after sending");
+        rest.push(line);
+        if summary {
+            break;
+        }
+    }
     let stderr = stderr.join().unwrap();
     assert!(status.success(), "{status:?}: {stderr}");
     let summary = rest
@@ -878,18 +889,23 @@ fn embedded_default_from_a_fresh_home() {
         "a cluster in {data_dir:?}"
     );
 
-    // The server outlived the command and is reused.
+    // The server outlived the command and is reused, without a word: the notice is for
+    // the command that started it.
     let sent = home.run(&["send", "q", r#"{"x":1}"#]).ok();
     assert!(sent.stdout.trim().parse::<i64>().is_ok(), "{}", sent.stdout);
-    assert!(
-        sent.stderr.contains("using the embedded PostgreSQL"),
-        "{}",
-        sent.stderr
+    assert_eq!(
+        sent.stderr, "",
+        "nothing on stderr when the server was running"
     );
-    assert_eq!(port_in(&sent.stderr), port, "the same server");
+    let url = home.run(&["db", "url"]).ok();
+    assert!(
+        url.stdout.contains(&format!(":{port}/")),
+        "the same server: {}",
+        url.stdout
+    );
 
     let stats = home.run(&["stats", "--json"]).ok();
-    assert!(stats.stderr.contains("using"), "{}", stats.stderr);
+    assert_eq!(stats.stderr, "");
     let stats = stats.json();
     assert_eq!(stats["queues"][0]["queue"], "q", "{stats:#}");
     assert_eq!(stats["queues"][0]["depth"], 1, "{stats:#}");
@@ -1243,7 +1259,7 @@ fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
     db.ok(&["queue", "create", "reports"]);
     db.ok(&["queue", "create", "ticks"]);
     let empty = db.ok(&["cron", "list", "--json"]).json();
-    assert_eq!(empty["tasks"], json!([]));
+    assert_eq!(empty, json!([]));
     let config = db.path("tasks.json");
     std::fs::write(
         &config,
@@ -1282,15 +1298,15 @@ fn cron_run_schedules_a_config_file_and_cron_list_shows_it() {
     assert!(status.is_some_and(|s| s.success()), "{stderr}");
 
     let listed = db.ok(&["cron", "list", "--json"]).json();
-    let nightly = &listed["tasks"][0];
+    let nightly = &listed[0];
     assert_eq!(nightly["task"], "nightly_report");
     assert_eq!(nightly["queue"], "reports");
     assert_eq!(nightly["schedule"], "cron 0 3 * * *");
     assert_eq!(nightly["missed"], "catch-up 3");
     let next = nightly["next_at"].as_str().unwrap();
     assert!(next.contains("T03:00:00"), "{nightly}");
-    assert_eq!(listed["tasks"][1]["schedule"], "every 200ms");
-    assert_eq!(listed["tasks"][1]["missed"], "skip");
+    assert_eq!(listed[1]["schedule"], "every 200ms");
+    assert_eq!(listed[1]["missed"], "skip");
     let table = db.ok(&["cron", "list"]).stdout;
     assert!(
         table.contains("nightly_report") && table.contains(next),
@@ -1355,7 +1371,7 @@ fn cron_with_a_seconds_step_fires_on_the_step_and_cron_list_shows_whole_seconds(
     );
 
     let listed = db.ok(&["cron", "list", "--json"]).json();
-    let tasks = listed["tasks"].as_array().expect("a tasks array");
+    let tasks = listed.as_array().expect("an array of tasks");
     let task = |name: &str| {
         tasks
             .iter()
@@ -1604,4 +1620,92 @@ fn every_help_lists_global_options_apart_and_describes_every_argument() {
         }
     }
     assert!(seen > 30, "walked only {seen} commands");
+}
+
+/// One output discipline: `-q` quiets standard error and leaves standard output alone,
+/// `--log-format json` makes every standard-error line a JSON object (notes and the
+/// final error too), no ANSI colour when standard error is not a terminal, and tables as
+/// wide as their content.
+#[test]
+fn output_follows_one_discipline_across_commands() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "a_rather_long_queue_name_for_a_table"]);
+    db.ok(&["queue", "create", "q"]);
+    db.ok(&["queue", "pause", "q"]);
+
+    // A note (sending to a paused queue) in text, in JSON, and not at all with -q.
+    let text = db.ok(&["send", "q", "{}"]);
+    assert!(
+        text.stderr.starts_with("pgbus: queue q is paused"),
+        "{}",
+        text.stderr
+    );
+    let json = db.ok(&["--log-format", "json", "send", "q", "{}"]);
+    let quiet = db.ok(&["-q", "send", "q", "{}"]);
+    assert_eq!(quiet.stderr, "");
+    for out in [&text, &json, &quiet] {
+        assert!(
+            out.stdout.trim().parse::<i64>().is_ok(),
+            "the id: {}",
+            out.stdout
+        );
+    }
+    // An error, and a worker's logs, in JSON: every line parses.
+    let failed = db
+        .run(&["--log-format", "json", "queue", "create", "Bad Name"])
+        .fails();
+    db.ok(&["queue", "resume", "q"]);
+    let worked = db.ok(&[
+        "--log-format",
+        "json",
+        "work",
+        "q",
+        "--exec",
+        "cat >/dev/null",
+        "--until-empty",
+    ]);
+    for stderr in [&json.stderr, &failed.stderr, &worked.stderr] {
+        assert!(!stderr.trim().is_empty());
+        for line in stderr.lines() {
+            let value: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(
+                value["level"].is_string() && value["fields"]["message"].is_string(),
+                "{line}"
+            );
+        }
+    }
+    assert!(
+        failed.stderr.contains(r#""level":"ERROR""#),
+        "{}",
+        failed.stderr
+    );
+
+    // Logs in text on a pipe carry no colour codes.
+    let plain = db.ok(&["work", "q", "--exec", "cat >/dev/null", "--until-empty"]);
+    assert!(!plain.stderr.is_empty());
+    assert!(
+        !plain.stderr.contains('\u{1b}'),
+        "ANSI escapes: {:?}",
+        plain.stderr
+    );
+
+    // Columns as wide as their widest cell: every row's second column starts together.
+    let table = db.ok(&["queue", "list"]).stdout;
+    let starts: Vec<usize> = table
+        .lines()
+        .map(|line| {
+            line.find(" true")
+                .or_else(|| line.find(" false"))
+                .or_else(|| line.find(" PAUSED"))
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(starts.len(), 3, "{table}");
+    assert!(starts.iter().all(|s| *s == starts[0]), "{table}");
+    assert_eq!(
+        starts[0],
+        "a_rather_long_queue_name_for_a_table".len() + 1,
+        "{table}"
+    );
 }

@@ -76,8 +76,9 @@ impl Relay {
         &mut self.process.0
     }
 
-    /// SIGTERM, then the exit; asserts exit 0 and returns what it printed on stdout.
-    fn stop(mut self) -> String {
+    /// SIGTERM, then the exit; asserts exit 0 and returns what it printed on stdout and
+    /// stderr.
+    fn stop(mut self) -> (String, String) {
         terminate(self.child());
         let status = wait_deadline(self.child(), SHORT);
         self.process.stop();
@@ -86,7 +87,7 @@ impl Relay {
         let status = status
             .unwrap_or_else(|| panic!("pgbus relay ignored SIGTERM for {SHORT:?}:\n{stderr}"));
         assert!(status.success(), "pgbus relay exited {status}:\n{stderr}");
-        stdout
+        (stdout, stderr)
     }
 }
 
@@ -123,14 +124,18 @@ fn relays_outbox_rows_written_with_plain_sql_until_sigterm() {
     wait_for_copies(&mut relay, &db.url, "billing", 25);
     write_outbox(&db.url, 26, 30); // while it runs: the insert notification wakes it
     wait_for_copies(&mut relay, &db.url, "billing", 30);
-    let stdout = relay.stop();
+    let (stdout, stderr) = relay.stop();
 
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "one line on start: {stdout}");
+    assert_eq!(stdout, "", "no data on standard output");
+    let notes: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("pgbus: relaying"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one note on start: {stderr}");
     let database = db.url.rsplit('/').next().expect("a database name");
     assert!(
-        lines[0].contains("relaying pgbus.outbox of") && lines[0].contains(database),
-        "names where it relays from: {stdout}"
+        notes[0].contains("relaying pgbus.outbox of") && notes[0].contains(database),
+        "names where it relays from: {stderr}"
     );
     assert_eq!(outbox_rows(&db.url), (30, 0), "every row marked published");
     assert_eq!(delivered(&db, "billing"), (1..=30).collect());
@@ -146,12 +151,12 @@ fn relays_the_outbox_of_another_database() {
 
     let mut relay = Relay::start(&bus, &["--outbox-url", &producer.url, "--batch", "5"]);
     wait_for_copies(&mut relay, &bus.url, "billing", 12);
-    let stdout = relay.stop();
+    let (_, stderr) = relay.stop();
 
     let producer_db = producer.url.rsplit('/').next().expect("a database name");
     assert!(
-        stdout.contains(producer_db),
-        "names the outbox's database: {stdout}"
+        stderr.contains(producer_db),
+        "names the outbox's database: {stderr}"
     );
     assert_eq!(
         outbox_rows(&producer.url),
@@ -189,7 +194,13 @@ fn bad_settings_and_an_outbox_it_cannot_use_are_one_line_errors() {
     assert!(bad.stderr.contains("--retention"), "{}", bad.stderr);
 
     one_line_error(db.run(&["relay", "--batch", "0"]), &["batch"]);
-    one_line_error(db.run(&["relay", "--prune-interval", "0s"]), &["interval"]);
+    let zero = db.run(&["relay", "--prune-interval", "0s"]).fails();
+    assert_eq!(zero.status.code(), Some(2), "a usage error: {zero:?}");
+    assert!(
+        zero.stderr.contains("must be more than zero"),
+        "{}",
+        zero.stderr
+    );
 
     // Nothing listens there: refused at once rather than retried for ever.
     let nowhere = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());

@@ -4,7 +4,8 @@
 //! - `GET /api/overview`: the latest snapshot as JSON.
 //! - `GET /api/live`: the snapshots as SSE `overview` events (no `id:`: a snapshot is not
 //!   a cursor), one per refresh.
-//! - `GET /api/queues/{queue}/dead?limit=N`: dead-lettered messages.
+//! - `GET /api/queues/{queue}/dead?limit=N`: dead-lettered messages, an array like
+//!   `pgbus dlq list --json` prints.
 //! - `POST /api/queues/{queue}/dead/retry` and `.../discard`: `{"ids": [..]}` or
 //!   `{"all": true}`.
 //! - `POST /api/queues/{queue}/pause` and `.../resume`.
@@ -122,7 +123,7 @@ async fn dead(
             .min(DEAD_LISTED_MAX),
     };
     let dead = app.backend.list_dead(&queue, limit).await?;
-    Ok(Json(json!({ "queue": queue.as_str(), "dead": dead_json(&dead) })).into_response())
+    Ok(Json(dead_json(&dead)).into_response())
 }
 
 /// The body of a retry or discard.

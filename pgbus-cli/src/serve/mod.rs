@@ -260,7 +260,7 @@ pub(crate) async fn serve(
         stop.clone(),
     )
     .await?;
-    eprintln!("pgbus: serving the dashboard at {}", server.url());
+    crate::output::note(format_args!("serving the dashboard at {}", server.url()));
     server.wait().await?;
     Ok(ExitCode::SUCCESS)
 }
