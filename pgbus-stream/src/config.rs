@@ -7,7 +7,7 @@ use std::time::Duration;
 /// pooled connection is held between iterations).
 pub type IterationHook = Arc<dyn Fn() + Send + Sync>;
 
-/// Tuning of an [`Instance`].
+/// Tuning of an [`Instance`](crate::Instance).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
@@ -23,7 +23,7 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Events read per statement when replaying or fanning out.
     pub read_batch: usize,
-    /// Connections beyond this are refused ([`RegisterError::Full`]).
+    /// Connections beyond this are refused ([`RegisterError::Full`](crate::RegisterError::Full)).
     pub max_connections: usize,
     /// Sent to each client as `retry:`, the browser's reconnection delay.
     pub client_retry: Option<Duration>,
