@@ -300,7 +300,7 @@ pub(crate) struct WorkArgs {
     /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
     /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP; for a topic's copy
     /// PGBUS_ROUTING_KEY, PGBUS_EVENT_ID and PGBUS_PUBLISHED_AT; each message header as
-    /// PGBUS_HEADER_<NAME> (upper case, other characters than A-Z0-9 as _).
+    /// `PGBUS_HEADER_<NAME>` (upper case, other characters than A-Z0-9 as _).
     #[arg(long, conflicts_with = "http")]
     pub(crate) exec: Option<String>,
     /// Pass the withheld environment variable NAME (DATABASE_URL, PGPASSWORD or a PGBUS_*
@@ -311,7 +311,7 @@ pub(crate) struct WorkArgs {
     /// 408, 429): dead-letter; else retry, after Retry-After when the server sends one.
     /// Headers as the --exec variables: Pgbus-Queue, Pgbus-Message-Id, Pgbus-Attempt,
     /// Pgbus-Group, Pgbus-Routing-Key, Pgbus-Event-Id, Pgbus-Published-At and
-    /// Pgbus-Header-<Name> (other characters than a-z0-9- as -).
+    /// `Pgbus-Header-<Name>` (other characters than a-z0-9- as -).
     #[arg(long)]
     pub(crate) http: Option<String>,
     /// The longest Retry-After honoured with --http; a longer one is shortened to it.
