@@ -12,6 +12,9 @@ use pgbus_pg::{running_as_root, ConnectOptions, PersistentCluster, PgBackend, Pg
 
 use crate::cli::DbCommand;
 
+/// Connections in a command's pool (`serve` keeps open files for them).
+pub(crate) const POOL_SIZE: u32 = 8;
+
 /// The database of this run.
 pub(crate) struct Database {
     pub(crate) url: String,
@@ -74,7 +77,7 @@ impl Database {
             None => (embedded().await?, true),
         };
         let backend = PgBackend::builder(&url)
-            .max_connections(8)
+            .max_connections(POOL_SIZE)
             .pooler(pooler)
             .build()?;
         let listen_url = match pooler {

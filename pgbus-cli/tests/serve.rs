@@ -1,8 +1,12 @@
 //! `pgbus serve` and `pgbus stream` end to end: the real binary, real HTTP, real
 //! Postgres.
 
-use std::io::{BufRead, BufReader};
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
@@ -573,4 +577,217 @@ fn the_generated_stream_secret_is_private_and_a_readable_one_is_refused() {
     let line = refused.stderr.trim();
     assert_eq!(line.lines().count(), 1, "{line}");
     assert!(line.contains("chmod 600"), "{line}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Under abuse: held sockets, the open-files limit
+// ---------------------------------------------------------------------------------------
+
+/// How long `pgbus serve` waits for a request's header (and for the next request on an
+/// idle kept-alive connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Added to `HEADER_TIMEOUT` wherever the test waits on it: a loaded machine is slow, and
+/// only a server that never frees its sockets should miss it.
+const SLACK: Duration = Duration::from_secs(30);
+
+/// Raises this test process's own soft open-files limit so that it can hold `needed`
+/// sockets (a test that cannot hold them fails instead of passing without them).
+fn allow_open_files(needed: u64) -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    assert!(
+        limit.maximum.is_none_or(|hard| hard >= needed),
+        "this test holds {needed} sockets; the hard open-files limit is {:?}",
+        limit.maximum
+    );
+    if limit.current.is_some_and(|soft| soft < needed) {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        )
+        .expect("raising the open-files limit to the hard limit");
+    }
+    limit.maximum
+}
+
+/// `pgbus serve` started by `sh` after `limits` (`ulimit` commands), its standard error
+/// passed on line by line.
+struct LimitedServe {
+    port: u16,
+    process: Background,
+    log: mpsc::Receiver<String>,
+}
+
+impl LimitedServe {
+    fn start(db: &Db, limits: &str) -> LimitedServe {
+        let port = free_port();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{limits} && exec \"$0\" \"$@\""))
+            .arg(PGBUS)
+            .args(["--database-url", &db.url, "serve", "--refresh", "200ms"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
+        for var in ["DATABASE_URL", "PGBUS_LOG", "PGBUS_HOME", "PGBUS_TOKEN"] {
+            cmd.env_remove(var);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut process = Background(cmd.spawn().expect("starting pgbus serve under sh"));
+        let stderr = process.0.stderr.take().expect("stderr is piped");
+        let (lines, log) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("pgbus serve: {line}");
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + SHORT;
+        while !listening(port) {
+            if let Ok(Some(status)) = process.0.try_wait() {
+                panic!("pgbus serve exited with {status} before listening");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgbus serve did not listen within {SHORT:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        LimitedServe { port, process, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits for a line of the log that contains `text`; returns it.
+    #[track_caller]
+    fn log_line(&self, text: &str) -> String {
+        let deadline = Instant::now() + SHORT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {text:?} within {SHORT:?}"),
+            }
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.process.0.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(mut self) -> ExitStatus {
+        terminate(&self.process.0);
+        let status = wait_deadline(&mut self.process.0, SHORT).expect("pgbus serve stopped");
+        self.process.stop();
+        status
+    }
+}
+
+/// Reads from `socket` until the bytes end with `end` (or the connection closes).
+fn read_until(socket: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !bytes.ends_with(end) {
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+    bytes
+}
+
+/// With its open-files limit at 1,024 (soft and hard, so it cannot be raised), `pgbus
+/// serve` is held by 1,100 sockets that send half a request line or nothing at all: it
+/// keeps files for the database, times the held sockets out, and answers `/livez` again
+/// within the header timeout while they are still open; an idle kept-alive connection
+/// is closed too.
+#[test]
+fn held_half_open_sockets_do_not_lock_out_the_server() {
+    const SOCKETS: usize = 1_100;
+    allow_open_files(SOCKETS as u64 + 256);
+    let db = Db::new();
+    let mut served = LimitedServe::start(&db, "ulimit -n 1024");
+    let port = served.port;
+
+    // A kept-alive connection that got its answer and then stays idle.
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+    idle.write_all(format!("GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
+        .unwrap();
+    idle.set_read_timeout(Some(SHORT)).unwrap();
+    let answer = read_until(&mut idle, b"ok\n");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Half a request line on every other socket, nothing on the rest.
+    let held: Vec<TcpStream> = (0..SOCKETS)
+        .map(|i| {
+            let mut socket = TcpStream::connect(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("connecting socket {i}: {e}"));
+            if i % 2 == 0 {
+                socket.write_all(b"GET /livez HT").unwrap();
+            }
+            socket
+        })
+        .collect();
+
+    let asked = Instant::now();
+    let livez = Client::builder()
+        .timeout(HEADER_TIMEOUT + SLACK)
+        .build()
+        .unwrap()
+        .get(served.url("/livez"))
+        .send();
+    let waited = asked.elapsed();
+    let livez = livez.unwrap_or_else(|e| {
+        panic!("/livez did not answer within {waited:?} while {SOCKETS} sockets were held: {e}")
+    });
+    assert_eq!(livez.status(), StatusCode::OK);
+    assert!(served.running(), "pgbus serve exited");
+    // The database still gets connections: /readyz opens one.
+    assert_eq!(
+        client().get(served.url("/readyz")).send().unwrap().status(),
+        StatusCode::OK
+    );
+    // The kept-alive connection was idle far longer than the timeout: closed.
+    idle.set_read_timeout(Some(SLACK)).unwrap();
+    let mut rest = [0u8; 64];
+    assert!(
+        matches!(idle.read(&mut rest), Ok(0)),
+        "the idle kept-alive connection is still open"
+    );
+    assert_eq!(held.len(), SOCKETS, "held until here");
+    drop(held);
+    // The limit did apply (1,024 less the files kept for the pool and the process).
+    let line = served.log_line("open-files limit");
+    assert!(
+        line.contains("at most 952 connections") && line.contains("open-files limit 1024"),
+        "{line}"
+    );
+    assert!(served.stop().success());
+}
+
+/// `pgbus serve` raises its soft open-files limit to the hard one and sizes its
+/// connection cap from it.
+#[test]
+fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    let hard = allow_open_files(0).expect("a finite hard open-files limit");
+    let db = Db::new();
+    let served = LimitedServe::start(&db, "ulimit -S -n 512");
+    let line = served.log_line("open-files limit");
+    assert!(line.contains(&format!("open-files limit {hard}")), "{line}");
+    assert!(served.stop().success());
 }

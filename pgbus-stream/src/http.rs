@@ -8,6 +8,10 @@
 //! Serve it on a [`WriteDeadline`] listener: the dispatcher drops a client that stopped
 //! reading, but only a deadline on the socket's writes closes that client's connection
 //! (and frees its place in the connection limit) while the server is blocked writing to it.
+//! The server itself should time out request headers and cap its connections below the
+//! process's open-files limit, leaving [`Config::max_connections`](crate::Config) under
+//! that cap; `axum::serve` does neither (`pgbus serve` serves hyper's HTTP/1 connections
+//! with a header-read timeout, behind a semaphore sized from the limit).
 
 use std::collections::HashMap;
 use std::io;

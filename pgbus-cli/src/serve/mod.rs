@@ -5,6 +5,9 @@
 //! its live updates and `/metrics` are served from that snapshot, so the database load
 //! does not grow with the number of browsers or scrapers, and no pooled connection is
 //! held by a waiting client.
+//!
+//! Connections are taken by `connections.rs`: a header timeout, a cap sized from the
+//! open-files limit, graceful shutdown.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -25,10 +28,12 @@ use tokio_util::sync::CancellationToken;
 #[cfg(feature = "dashboard")]
 mod api;
 mod auth;
+mod connections;
 mod metrics;
 mod snapshot;
 
 use auth::Token;
+use connections::Capacity;
 use snapshot::Snapshots;
 
 #[derive(Debug, Args)]
@@ -63,7 +68,7 @@ pub(crate) struct App {
 /// A running server: where it listens and how to wait for it.
 pub(crate) struct Server {
     pub(crate) addr: SocketAddr,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -74,7 +79,7 @@ impl Server {
 
     /// Waits until the server has stopped (after `stop` was cancelled).
     pub(crate) async fn wait(self) -> anyhow::Result<()> {
-        self.task.await?
+        self.task.await.context("the HTTP server")
     }
 }
 
@@ -95,8 +100,29 @@ pub(crate) async fn start(
     }
     let token = token.map(Token::new).transpose()?;
 
+    let capacity = Capacity::for_this_process(crate::database::POOL_SIZE);
+    let open_files = capacity
+        .open_files
+        .map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string());
     #[cfg(feature = "stream")]
-    let stream_config = pgbus_stream::Config::default();
+    let stream_config = {
+        let mut config = pgbus_stream::Config::default();
+        config.max_connections = config.max_connections.min(capacity.streams());
+        tracing::info!(
+            target: "pgbus::serve",
+            "serving at most {} connections at once, {} of them event streams \
+             (open-files limit {open_files})",
+            capacity.connections,
+            config.max_connections,
+        );
+        config
+    };
+    #[cfg(not(feature = "stream"))]
+    tracing::info!(
+        target: "pgbus::serve",
+        "serving at most {} connections at once (open-files limit {open_files})",
+        capacity.connections,
+    );
     #[cfg(feature = "stream")]
     let streams = {
         let Some(url) = session_url else {
@@ -174,10 +200,7 @@ pub(crate) async fn start(
         #[cfg(feature = "stream")]
         let listener =
             pgbus_stream::http::WriteDeadline::new(listener, stream_config.write_deadline);
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")
+        connections::serve(listener, router, capacity.connections, shutdown).await;
     });
     Ok(Server { addr, task })
 }
