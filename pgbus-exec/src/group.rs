@@ -8,23 +8,27 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pgbus_core::{
-    Backend, Error, Fetcher, GroupRecovery, GroupSession, OpenFetcher, OpenGroupSession, QueueName,
-    Result, RetryPolicy,
+    Backend, Error, Fetcher, GroupRecovery, GroupSession, OpenGroupSession, QueueName, Result,
+    RetryPolicy,
 };
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::breaker::Breakers;
 use crate::handler::{JobContext, Outcome};
+use crate::lane::Lane;
+use crate::mixed::{GroupSlot, Kind, Share};
 use crate::worker::{
-    backoff, load_policies, new_pool, plan, run_handler, Counters, KillPoolOnDrop, ProcessEntry,
-    Settle, Worker,
+    backoff, load_policies, plan, run_handler, Counters, KillPoolOnDrop, ProcessEntry, Settle,
+    Worker,
 };
-use crate::{ExecutionPool, WorkerMonitor, WorkerReport};
+use crate::{ExecutionPool, Job, WorkerMonitor, WorkerReport};
 
 type Session<B> = <B as OpenGroupSession>::Session;
 type Policies = HashMap<QueueName, (RetryPolicy, Duration)>;
+type GroupKey = (QueueName, String);
 
 /// A worker for ordered groups. Messages sharing a group key run one at a time, in send
 /// order, across all workers and processes; different groups run in parallel, up to the
@@ -36,11 +40,16 @@ type Policies = HashMap<QueueName, (RetryPolicy, Duration)>;
 /// - **Each in-flight group owns a session** (a `pgbus:group` connection for Postgres) for
 ///   its lock, its claims, its lease heartbeat, its acks and its unlock; no other task ever
 ///   uses it. A group locked elsewhere is skipped.
+/// - **Each in-flight group holds one slot** of the execution pool from its start to its
+///   end, and runs its handlers in it one after another.
 /// - **The lease heartbeat stops before the post-processing writes**: the session extends
 ///   the running message's lease while the handler runs, then stops, then settles.
 /// - **Sessions are reused only when clean** (unlocked, no error); after any error the
 ///   session is dropped, which closes its connection, so a query interrupted half-way
-///   never leaves a session to be reused mid-protocol.
+///   never leaves a session to be reused mid-protocol. A clean session unused for the
+///   group idle timeout
+///   ([`WorkerBuilder::group_idle_timeout`](crate::WorkerBuilder::group_idle_timeout),
+///   30 s by default) is closed.
 /// - **A failed message blocks its group** until its retry is due (order is kept); a
 ///   dead-lettered one lets the group move on.
 /// - **Recovery**: a separate session (`pgbus:recovery`) periodically frees the in-flight
@@ -51,6 +60,10 @@ type Policies = HashMap<QueueName, (RetryPolicy, Duration)>;
 /// - **Shutdown**: stop taking groups, let in-flight groups finish their current message
 ///   up to the drain deadline, then cancel the rest; their messages stay leased and are
 ///   recovered.
+///
+/// To run plain and grouped messages of the same queues in one process, on one set of
+/// slots, use a [`MixedWorker`](crate::MixedWorker) rather than a [`Worker`] beside a
+/// group worker.
 pub struct GroupWorker<B: Backend> {
     worker: Worker<B>,
 }
@@ -63,14 +76,52 @@ struct GroupContext<B: Backend> {
     /// Failures in a row per queue, for circuit breakers (counted across all groups).
     breakers: Mutex<Breakers>,
     report: Arc<Counters>,
-    /// Sessions returned clean, for the next groups.
-    idle: Mutex<Vec<Session<B>>>,
+    /// Sessions returned clean, for the next groups, with when each was returned.
+    idle: Mutex<Vec<(Session<B>, tokio::time::Instant)>>,
     /// Open sessions (idle or in use), for the connection budget.
     open_sessions: Arc<AtomicUsize>,
+    /// The groups running here.
+    in_flight: Mutex<HashSet<GroupKey>>,
+    /// When this loop last started or ended a group.
+    last_active: Mutex<tokio::time::Instant>,
+    /// How the slots are divided with a plain loop (a mixed worker's), if there is one.
+    share: Option<Arc<Share>>,
     /// Stop after the current message.
     draining: CancellationToken,
     /// Cut off now.
     kill: CancellationToken,
+}
+
+impl<B: Backend> GroupContext<B> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<GroupKey>> {
+        self.in_flight.lock().expect("in flight")
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock().expect("last active") = tokio::time::Instant::now();
+    }
+
+    /// Whether no group ran here for the group idle timeout.
+    fn idle_for_long(&self) -> bool {
+        self.in_flight().is_empty()
+            && self.last_active.lock().expect("last active").elapsed()
+                >= self.worker.config.group_idle
+    }
+
+    /// Closes the sessions unused for the group idle timeout; returns when the next of the
+    /// others will be.
+    fn close_idle_sessions(&self) -> Option<tokio::time::Instant> {
+        let after = self.worker.config.group_idle;
+        let mut idle = self.idle.lock().expect("idle sessions");
+        let before = idle.len();
+        idle.retain(|(_, since)| since.elapsed() < after);
+        let closed = before - idle.len();
+        if closed > 0 {
+            self.open_sessions.fetch_sub(closed, Ordering::SeqCst);
+            tracing::debug!(target: "pgbus::group", closed, "closed idle group sessions");
+        }
+        idle.iter().map(|(_, since)| *since + after).min()
+    }
 }
 
 impl<B: Backend> GroupWorker<B> {
@@ -90,12 +141,43 @@ impl<B: Backend> GroupWorker<B> {
 
     /// Runs until `shutdown` is cancelled; see the type's documentation.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let lane = Lane::alone(
+            &self.worker.backend,
+            Kind::Groups,
+            self.worker.shared.mode,
+            self.worker.config.concurrency,
+        )?;
+        self.run_in(lane, shutdown).await
+    }
+
+    /// [`GroupWorker::run`] on `lane`. A lane shared with a plain loop (a
+    /// [`MixedWorker`](crate::MixedWorker)'s) leaves the process entry to that loop and
+    /// keeps a recovery connection open only while it has grouped work.
+    pub(crate) async fn run_in(
+        self,
+        lane: Lane<B>,
+        shutdown: CancellationToken,
+    ) -> Result<WorkerReport> {
         let worker = Arc::new(self.worker);
         let queues = worker.shared.queues.clone();
-        let mut first_fetcher = worker.backend.open_fetcher().await?;
-        let policies = load_policies(&mut first_fetcher, &queues, worker.config.lease).await?;
-        let breakers = Mutex::new(Breakers::load(&mut first_fetcher, &queues).await?);
-        let pool = new_pool(worker.shared.mode, worker.config.concurrency)?;
+        let concurrency = worker.config.concurrency;
+        // Sharing the lane with a plain loop: the process entry and the pool's shutdown are
+        // that loop's, and recovery runs only while there is grouped work.
+        let shared = lane.share.is_some();
+        let (policies, breakers) = {
+            let mut fetcher = lane.fetch.lock().await?;
+            let loaded = async {
+                let policies = load_policies(fetcher.get(), &queues, worker.config.lease).await?;
+                let breakers = Breakers::load(fetcher.get(), &queues).await?;
+                Ok::<_, Error>((policies, breakers))
+            }
+            .await;
+            if loaded.is_err() {
+                fetcher.discard();
+            }
+            loaded?
+        };
+        let pool = Arc::clone(&lane.pool);
         let _ = worker.shared.pool.set(Arc::clone(&pool));
         let open_sessions = Arc::new(AtomicUsize::new(0));
         let _ = worker.shared.group_sessions.set(Arc::clone(&open_sessions));
@@ -103,21 +185,31 @@ impl<B: Backend> GroupWorker<B> {
             worker: Arc::clone(&worker),
             pool: Arc::clone(&pool),
             policies,
-            breakers,
-            report: Arc::new(Counters::default()),
+            breakers: Mutex::new(breakers),
+            report: Arc::clone(&lane.report),
             idle: Mutex::new(Vec::new()),
             open_sessions,
+            in_flight: Mutex::default(),
+            last_active: Mutex::new(tokio::time::Instant::now()),
+            share: lane.share.clone(),
             draining: CancellationToken::new(),
-            kill: CancellationToken::new(),
+            kill: lane.kill.clone(),
         });
 
         let stop_recovery = CancellationToken::new();
-        let recovery = tokio::spawn(recovery_loop(Arc::clone(&ctx), stop_recovery.clone()));
+        let start_recovery = || {
+            tokio::spawn(recovery_loop(
+                Arc::clone(&ctx),
+                stop_recovery.clone(),
+                shared,
+            ))
+        };
+        let mut recovery: Option<JoinHandle<()>> = (!shared).then(start_recovery);
         // Group tasks, their jobs and the recovery loop die with this future, also when it
         // is dropped mid-run (their sessions close, releasing their locks).
         let _stop_recovery_on_drop = stop_recovery.clone().drop_guard();
-        let _kill_groups_on_drop = ctx.kill.clone().drop_guard();
-        let _kill_jobs_on_drop = KillPoolOnDrop(Arc::clone(&pool));
+        let kill_groups_on_drop = ctx.kill.clone().drop_guard();
+        let kill_jobs_on_drop = KillPoolOnDrop::new(Arc::clone(&pool));
         let _subscription = worker.shared.wakeup_source.as_ref().map(|source| {
             let wakeup = Arc::clone(&worker.wakeup);
             source.subscribe(&queues, Arc::new(move || wakeup.notify_one()))
@@ -125,40 +217,61 @@ impl<B: Backend> GroupWorker<B> {
 
         let tasks = TaskTracker::new();
         let group_done = Arc::new(Notify::new());
-        let in_flight: Arc<Mutex<HashSet<(QueueName, String)>>> = Arc::default();
         // Groups found locked elsewhere rest until the next poll interval, so the loop does
         // not spin on them.
-        let resting: Arc<Mutex<HashMap<(QueueName, String), Instant>>> = Arc::default();
-        let mut fetcher: Option<<B as OpenFetcher>::Fetcher> = Some(first_fetcher);
+        let resting: Arc<Mutex<HashMap<GroupKey, Instant>>> = Arc::default();
+        let free = || lane.free().min(concurrency - ctx.in_flight().len());
         let mut errors = 0u32;
         let mut next_queue = 0usize;
+        // Whether groups wait for a slot (told to the plain loop sharing the slots).
+        let mut waiting = false;
         while !shutdown.is_cancelled() {
+            let session_expiry = ctx.close_idle_sessions();
             let round = async {
-                let fetcher = match &mut fetcher {
-                    Some(f) => f,
-                    None => fetcher.insert(worker.backend.open_fetcher().await?),
-                };
                 let mut started = 0;
                 let mut filled = false;
+                // Groups found that there was no slot for.
+                let mut more = false;
+                if free() == 0 && waiting {
+                    // Known to wait for a slot: nothing to look for until one frees.
+                    return Ok((started, filled, true));
+                }
+                let mut fetcher = lane.fetch.lock().await?;
                 for i in 0..queues.len() {
-                    let free = worker.config.concurrency - in_flight.lock().expect("in flight").len();
-                    if free == 0 {
+                    let free = free();
+                    if free == 0 && (started > 0 || more) {
                         break;
                     }
                     let queue = &queues[(next_queue + i) % queues.len()];
-                    let exclude = excluded(queue, &in_flight, &resting);
-                    let groups = fetcher.group_candidates(queue, free, &exclude).await?;
-                    filled |= groups.len() == free;
-                    for group in groups {
-                        in_flight.lock().expect("in flight").insert((queue.clone(), group.clone()));
+                    let exclude = excluded(queue, &ctx.in_flight, &resting);
+                    // Without a free slot, one candidate tells whether groups wait for one.
+                    let ask = free.max(1);
+                    let groups = match fetcher.get().group_candidates(queue, ask, &exclude).await {
+                        Ok(groups) => groups,
+                        Err(err) => {
+                            fetcher.discard();
+                            return Err(err);
+                        }
+                    };
+                    filled |= free > 0 && groups.len() == free;
+                    more |= groups.len() > free;
+                    for group in groups.into_iter().take(free) {
+                        // The group's slot, taken now, under the fetch connection's lock.
+                        let slot = ctx.share.as_ref().map(Share::hold_group);
+                        let (jobs, carried) = mpsc::unbounded_channel();
+                        if let Err(refused) = pool.post(carrier(carried)) {
+                            tracing::debug!(target: "pgbus::group", reason = ?refused.reason, "pool refused a group");
+                            return Ok((started, false, false));
+                        }
+                        ctx.in_flight().insert((queue.clone(), group.clone()));
                         started += 1;
-                        let (ctx, in_flight, done) = (Arc::clone(&ctx), Arc::clone(&in_flight), Arc::clone(&group_done));
+                        let (ctx, done) = (Arc::clone(&ctx), Arc::clone(&group_done));
                         let resting = Arc::clone(&resting);
                         let rest = worker.config.poll_interval;
                         let queue = queue.clone();
                         tasks.spawn(async move {
                             let key = (queue.clone(), group.clone());
-                            let run = AssertUnwindSafe(run_group(&ctx, &queue, &group)).catch_unwind();
+                            let run = AssertUnwindSafe(run_group(&ctx, &queue, &group, jobs, slot)).catch_unwind();
                             match run.await {
                                 Ok(GroupRun::Ran) => {}
                                 Ok(GroupRun::LockedElsewhere) => {
@@ -168,19 +281,25 @@ impl<B: Backend> GroupWorker<B> {
                                     tracing::error!(target: "pgbus::group", group = %group, "group task panicked; its session was dropped");
                                 }
                             }
-                            in_flight.lock().expect("in flight").remove(&key);
+                            ctx.in_flight().remove(&key);
+                            ctx.touch();
                             done.notify_one();
                         });
                     }
                 }
-                Ok::<_, Error>((started, filled))
+                drop(fetcher);
+                if started > 0 {
+                    lane.took();
+                }
+                Ok::<_, Error>((started, filled, more))
             }
             .await;
             next_queue = next_queue.wrapping_add(1);
-            let full = in_flight.lock().expect("in flight").len() >= worker.config.concurrency;
+            let full = free() == 0;
             match round {
                 Err(err) => {
-                    fetcher = None;
+                    waiting = false;
+                    lane.set_waiting(false);
                     errors += 1;
                     let delay = backoff(errors, worker.config.error_backoff_cap);
                     tracing::warn!(target: "pgbus::group", error = %err.report(), retry_in = ?delay, "finding groups failed");
@@ -189,28 +308,41 @@ impl<B: Backend> GroupWorker<B> {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Ok((_, filled)) => {
+                Ok((started, filled, more)) => {
                     errors = 0;
-                    if full {
+                    if started > 0 {
+                        ctx.touch();
+                        if shared && recovery.as_ref().is_none_or(JoinHandle::is_finished) {
+                            recovery = Some(start_recovery());
+                        }
+                    }
+                    waiting = more || (filled && full);
+                    lane.set_waiting(waiting);
+                    if waiting && full {
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
                             _ = group_done.notified() => {}
+                            _ = lane.freed.notified() => {}
+                            _ = lane.turn.notified() => {}
+                            _ = until(session_expiry) => {}
                         }
                     } else if !filled {
-                        worker.shared.idle.store(true, Ordering::SeqCst);
+                        worker.shared.set_idle(Kind::Groups, true);
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
                             _ = worker.wakeup.notified() => {}
                             _ = group_done.notified() => {}
                             _ = tokio::time::sleep(worker.config.poll_interval) => {}
+                            _ = until(session_expiry) => {}
                         }
-                        worker.shared.idle.store(false, Ordering::SeqCst);
+                        worker.shared.set_idle(Kind::Groups, false);
                     }
                 }
             }
         }
 
-        tracing::info!(target: "pgbus::group", groups = in_flight.lock().expect("in flight").len(), "stopping: draining in-flight groups");
+        lane.set_waiting(false);
+        tracing::info!(target: "pgbus::group", groups = ctx.in_flight().len(), "stopping: draining in-flight groups");
         ctx.draining.cancel();
         tasks.close();
         if tokio::time::timeout(worker.config.drain_timeout, tasks.wait())
@@ -222,22 +354,49 @@ impl<B: Backend> GroupWorker<B> {
             pool.kill();
             tasks.wait().await;
         }
-        pool.shutdown();
+        if !shared {
+            // (A plain loop sharing the pool shuts it down when it has claimed its last.)
+            pool.shutdown();
+        }
         stop_recovery.cancel();
-        if let Err(err) = recovery.await {
-            tracing::error!(target: "pgbus::group", error = %err, "the recovery task failed");
+        if let Some(recovery) = recovery {
+            if let Err(err) = recovery.await {
+                tracing::error!(target: "pgbus::group", error = %err, "the recovery task failed");
+            }
         }
         ctx.idle.lock().expect("idle sessions").clear();
+        // Ended normally: a kill switch and a pool shared with a plain loop are its to use.
+        kill_groups_on_drop.disarm();
+        kill_jobs_on_drop.disarm();
         Ok(ctx.report.snapshot())
     }
+}
+
+/// Waits until `at`, or forever.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The job that holds a group's slot for the group's whole run: it runs the handlers the
+/// group's task sends it, one after another, and ends (freeing the slot) when the task
+/// drops its sender.
+fn carrier(mut jobs: mpsc::UnboundedReceiver<Job>) -> Job {
+    Box::pin(async move {
+        while let Some(job) = jobs.recv().await {
+            job.await;
+        }
+    })
 }
 
 /// The groups of `queue` not to fetch now: in flight here, or resting after being found
 /// locked elsewhere.
 fn excluded(
     queue: &QueueName,
-    in_flight: &Mutex<HashSet<(QueueName, String)>>,
-    resting: &Mutex<HashMap<(QueueName, String), Instant>>,
+    in_flight: &Mutex<HashSet<GroupKey>>,
+    resting: &Mutex<HashMap<GroupKey, Instant>>,
 ) -> Vec<String> {
     let now = Instant::now();
     let mut resting = resting.lock().expect("resting groups");
@@ -259,12 +418,20 @@ enum GroupRun {
     LockedElsewhere,
 }
 
-/// Runs one group until it is empty, blocked, draining, or an error; a clean session goes
-/// back to the idle list, any other is dropped (closing its connection).
-async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: &str) -> GroupRun {
+/// Runs one group until it is empty, blocked, draining, or an error, its handlers in the
+/// carrier that `jobs` feeds; a clean session goes back to the idle list, any other is
+/// dropped (closing its connection). The group's slot is freed when this returns (the
+/// carrier ends with `jobs`), or given up earlier to plain work waiting for it.
+async fn run_group<B: Backend>(
+    ctx: &GroupContext<B>,
+    queue: &QueueName,
+    group: &str,
+    jobs: mpsc::UnboundedSender<Job>,
+    mut slot: Option<GroupSlot>,
+) -> GroupRun {
     let taken = ctx.idle.lock().expect("idle sessions").pop();
     let mut session = match taken {
-        Some(session) => session,
+        Some((session, _)) => session,
         None => match ctx.worker.backend.open_group_session().await {
             Ok(session) => {
                 ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
@@ -277,12 +444,17 @@ async fn run_group<B: Backend>(ctx: &GroupContext<B>, queue: &QueueName, group: 
         },
     };
     let outcome = tokio::select! {
-        outcome = drive_group(ctx, &mut session, queue, group) => Some(outcome),
+        // A cut-off wins over whatever the group's task was about to do.
+        biased;
         _ = ctx.kill.cancelled() => None,
+        outcome = drive_group(ctx, &mut session, queue, group, &jobs, &mut slot) => Some(outcome),
     };
     let run = match outcome {
         Some(Ok(locked)) => {
-            ctx.idle.lock().expect("idle sessions").push(session);
+            ctx.idle
+                .lock()
+                .expect("idle sessions")
+                .push((session, tokio::time::Instant::now()));
             if locked {
                 return GroupRun::Ran;
             }
@@ -314,6 +486,8 @@ async fn drive_group<B: Backend>(
     session: &mut Session<B>,
     queue: &QueueName,
     group: &str,
+    jobs: &mpsc::UnboundedSender<Job>,
+    slot: &mut Option<GroupSlot>,
 ) -> Result<bool> {
     if !session.try_lock(queue, group).await? {
         tracing::debug!(target: "pgbus::group", group = %group, "group locked elsewhere; skipped");
@@ -345,10 +519,11 @@ async fn drive_group<B: Backend>(
                     _ = watched.cancelled() => {}
                 }
             });
-            if let Err(refused) = ctx.pool.post(job) {
-                // Only at shutdown: give the message back untouched.
+            if jobs.send(job).is_err() {
+                // The group's slot is gone (the pool was killed): give the message back
+                // untouched.
                 session.nack(&lease, Duration::ZERO, None).await?;
-                tracing::debug!(target: "pgbus::group", reason = ?refused.reason, "pool refused a group job");
+                tracing::debug!(target: "pgbus::group", group = %group, "the group's slot is gone");
                 break;
             }
             ctx.report.started.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +593,13 @@ async fn drive_group<B: Backend>(
                 tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");
                 session.trip_breaker(queue, backoff).await?;
             }
-            if blocked {
+            // Plain work waiting while the groups hold more than their share of a mixed
+            // worker's slots: give this one up (the group comes round again).
+            let give_up = match (&ctx.share, slot.as_mut()) {
+                (Some(share), Some(slot)) => share.yield_group(slot, ctx.pool.metadata().busy),
+                _ => false,
+            };
+            if blocked || give_up {
                 break;
             }
         }
@@ -432,13 +613,17 @@ async fn drive_group<B: Backend>(
     Ok(true)
 }
 
-/// Frees the work of dead group owners and keeps this process's registry entry, on its own
-/// session; reopens the session with backoff after errors.
-async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: CancellationToken) {
+/// Frees the work of dead group owners and, unless `lazy`, keeps this process's registry
+/// entry, on its own session; reopens the session with backoff after errors. A `lazy`
+/// loop (a mixed worker's, whose plain loop keeps the entry) ends once no group has run
+/// here for the group idle timeout, closing its session; the group loop starts it again
+/// when it starts a group.
+async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: CancellationToken, lazy: bool) {
     let worker = &ctx.worker;
     let queues = worker.shared.queues.clone();
     let interval = worker.config.heartbeat_interval;
-    let mut entry = ProcessEntry::new(Arc::clone(&worker.shared), Arc::clone(&ctx.report));
+    let mut entry =
+        (!lazy).then(|| ProcessEntry::new(Arc::clone(&worker.shared), Arc::clone(&ctx.report)));
     let mut session: Option<<B as OpenGroupSession>::Recovery> = None;
     let mut errors = 0u32;
     let mut last_beat: Option<Instant> = None;
@@ -453,9 +638,11 @@ async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: Cancellation
                 tracing::info!(target: "pgbus::group", freed = recovered.freed, "recovered messages of groups whose owner died");
                 worker.wakeup.notify_one();
             }
-            if last_beat.is_none_or(|at: Instant| at.elapsed() >= interval) {
-                entry.beat(&*recovery, ctx.pool.metadata().busy, interval).await;
-                last_beat = Some(Instant::now());
+            if let Some(entry) = &mut entry {
+                if last_beat.is_none_or(|at: Instant| at.elapsed() >= interval) {
+                    entry.beat(&*recovery, ctx.pool.metadata().busy, interval).await;
+                    last_beat = Some(Instant::now());
+                }
             }
             Ok::<_, Error>(recovered.waiting)
         }
@@ -463,9 +650,15 @@ async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: Cancellation
         let wait = match pass {
             Ok(waiting) => {
                 errors = 0;
+                if lazy && waiting == 0 && ctx.idle_for_long() {
+                    tracing::debug!(target: "pgbus::group", "no grouped work: closing the recovery session");
+                    break;
+                }
                 // Come back when the orphans seen now are due.
                 if waiting > 0 {
                     interval.min(RECOVERY_GRACE)
+                } else if lazy {
+                    interval.min(worker.config.group_idle)
                 } else {
                     interval
                 }
@@ -483,7 +676,7 @@ async fn recovery_loop<B: Backend>(ctx: Arc<GroupContext<B>>, stop: Cancellation
             _ = tokio::time::sleep(wait) => {}
         }
     }
-    if let Some(recovery) = &session {
+    if let (Some(recovery), Some(entry)) = (&session, entry) {
         entry.end(recovery).await;
     }
 }

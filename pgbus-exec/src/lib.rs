@@ -77,6 +77,10 @@
 //!   (thousands of I/O-bound jobs); [`ExecutionMode::Threads`] runs each job on one of
 //!   `capacity` OS threads (blocking or CPU-bound handlers), driven with the caller's
 //!   runtime handle so database connections and timers keep working.
+//! - **Kinds of worker.** A [`Worker`] runs messages without a group key, a
+//!   [`GroupWorker`] ordered groups; a [`MixedWorker`] runs both kinds of its queues on one
+//!   set of `concurrency` slots, one fetch connection and one process entry, dividing the
+//!   slots fairly while both kinds wait for them (what `pgbus work` runs).
 //!
 //! # Connection budget (Postgres backend)
 //!
@@ -87,7 +91,10 @@
 //! `PgListener` is used. The budget does not grow with the execution mode or the
 //! concurrency: 1,000 concurrent async jobs run on the same few connections as 16 threads,
 //! unless handlers take pooled connections of their own (for transactional completion,
-//! one per job while its transaction is open).
+//! one per job while its transaction is open). Ordered groups add one `pgbus:recovery`
+//! connection and one `pgbus:group` connection per running group (at most the
+//! concurrency); a [`MixedWorker`] opens them only while it has grouped work, and a group
+//! session unused for the group idle timeout is closed.
 
 #![forbid(unsafe_code)]
 
@@ -95,6 +102,8 @@ mod async_pool;
 mod breaker;
 mod group;
 mod handler;
+mod lane;
+mod mixed;
 mod pool;
 mod slots;
 mod subscriber;
@@ -104,6 +113,7 @@ mod worker;
 pub use async_pool::AsyncPool;
 pub use group::GroupWorker;
 pub use handler::{handler_fn, FnHandler, Handler, IntoOutcome, JobContext, Outcome};
+pub use mixed::MixedWorker;
 pub use pool::{
     ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,
     StateChangeCallback,

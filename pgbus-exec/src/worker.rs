@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use pgbus_core::{
-    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, OpenFetcher, ProcessId,
-    ProcessInfo, ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy,
-    WakeupSource,
+    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, ProcessId, ProcessInfo,
+    ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy, WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -21,8 +20,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
+use crate::lane::Lane;
+use crate::mixed::Kind;
 use crate::subscriber::Declare;
-use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, ThreadPool};
+use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, MixedWorker, ThreadPool};
 
 /// How long a busy worker (fewer than half its slots free) waits for half of them to free
 /// before claiming again: a bound on the latency it trades for batching.
@@ -86,10 +87,11 @@ pub struct WorkerMetadata {
     pub wakeups_live: bool,
     /// Whether it is waiting for work: its queues were empty at the last claim.
     pub idle: bool,
-    /// For a group worker: open group sessions (connections), idle or in use.
+    /// For a group or mixed worker: open group sessions (connections), idle or in use.
     pub group_sessions: Option<usize>,
-    /// For a group worker: the most connections it may hold, `concurrency + 2` (fetch,
-    /// recovery, one per in-flight group).
+    /// For a group or mixed worker: the most connections it may hold, `concurrency + 2`
+    /// (fetch, recovery, one per in-flight group; a mixed worker's plain loop shares the
+    /// fetch connection).
     pub connection_budget: Option<usize>,
 }
 
@@ -105,6 +107,7 @@ pub(crate) struct Config {
     pub(crate) ack_batch: usize,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) error_backoff_cap: Duration,
+    pub(crate) group_idle: Duration,
 }
 
 /// Builds a [`Worker`]: the backend, a handler per queue, and settings.
@@ -198,6 +201,14 @@ impl<B: Backend> WorkerBuilder<B> {
         self
     }
 
+    /// How long a group session (a `pgbus:group` connection for Postgres) may stay unused
+    /// before it is closed, and how long a [`MixedWorker`] keeps its group recovery
+    /// connection open without grouped work; default 30 s.
+    pub fn group_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.group_idle = timeout;
+        self
+    }
+
     /// Checks the settings and builds a worker for ordered groups: it runs only messages
     /// that carry a group key, one at a time per group, in send order, across all workers
     /// and processes (see [`GroupWorker`](crate::GroupWorker)).
@@ -207,11 +218,32 @@ impl<B: Backend> WorkerBuilder<B> {
                 "subscriptions need a plain worker (events carry no group key): use build()".into(),
             ));
         }
-        self.build().map(crate::GroupWorker::new)
+        self.build_running(Runs::Groups)
+            .map(crate::GroupWorker::new)
+    }
+
+    /// Checks the settings and builds a worker for every message of its queues, with or
+    /// without a group key, on one set of `concurrency` slots and one process entry (see
+    /// [`MixedWorker`]).
+    pub fn build_mixed(self) -> Result<MixedWorker<B>> {
+        let plain = self.build_running(Runs::Both)?;
+        let groups = Worker {
+            backend: plain.backend.clone(),
+            handlers: plain.handlers.clone(),
+            declarations: Vec::new(),
+            config: plain.config.clone(),
+            wakeup: Arc::new(Notify::new()),
+            shared: Arc::clone(&plain.shared),
+        };
+        Ok(MixedWorker::new(plain, crate::GroupWorker::new(groups)))
     }
 
     /// Checks the settings and builds a worker for messages without a group key.
     pub fn build(self) -> Result<Worker<B>> {
+        self.build_running(Runs::Plain)
+    }
+
+    fn build_running(self, runs: Runs) -> Result<Worker<B>> {
         let invalid = |what: &str| Err(Error::InvalidArgument(what.to_owned()));
         if self.handlers.is_empty() {
             return invalid("a worker needs at least one queue handler");
@@ -224,6 +256,9 @@ impl<B: Backend> WorkerBuilder<B> {
         }
         if self.config.poll_interval.is_zero() || self.config.heartbeat_interval.is_zero() {
             return invalid("poll and heartbeat intervals must be positive");
+        }
+        if self.config.group_idle.is_zero() {
+            return invalid("the group idle timeout must be positive");
         }
         let mut seen = std::collections::HashSet::new();
         for (queue, _) in &self.handlers {
@@ -240,6 +275,7 @@ impl<B: Backend> WorkerBuilder<B> {
                 pool: OnceLock::new(),
                 process: OnceLock::new(),
                 wakeup_source: self.wakeup_source,
+                runs,
                 idle: Default::default(),
                 group_sessions: OnceLock::new(),
             }),
@@ -252,6 +288,15 @@ impl<B: Backend> WorkerBuilder<B> {
     }
 }
 
+/// Which loops a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Runs {
+    Plain,
+    Groups,
+    Both,
+}
+
+/// What a worker's monitor sees; one for both loops of a mixed worker.
 pub(crate) struct Shared {
     pub(crate) mode: ExecutionMode,
     pub(crate) capacity: usize,
@@ -259,8 +304,10 @@ pub(crate) struct Shared {
     pub(crate) pool: OnceLock<Arc<dyn ExecutionPool>>,
     pub(crate) process: OnceLock<ProcessId>,
     pub(crate) wakeup_source: Option<Arc<dyn WakeupSource>>,
-    pub(crate) idle: std::sync::atomic::AtomicBool,
-    /// Open group sessions, for a group worker.
+    pub(crate) runs: Runs,
+    /// Per loop (plain, groups): its queues were empty at its last look.
+    idle: [std::sync::atomic::AtomicBool; 2],
+    /// Open group sessions, for a group or mixed worker.
     pub(crate) group_sessions: OnceLock<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
@@ -268,15 +315,45 @@ impl Shared {
     fn wakeups_live(&self) -> bool {
         self.wakeup_source.as_ref().is_some_and(|s| s.is_live())
     }
+
+    /// Records whether `kind`'s loop waits for work.
+    pub(crate) fn set_idle(&self, kind: Kind, idle: bool) {
+        let index = usize::from(kind == Kind::Groups);
+        self.idle[index].store(idle, Ordering::SeqCst);
+    }
+
+    /// Whether every loop the worker runs waits for work.
+    fn idle(&self) -> bool {
+        let [plain, groups] = &self.idle;
+        match self.runs {
+            Runs::Plain => plain.load(Ordering::SeqCst),
+            Runs::Groups => groups.load(Ordering::SeqCst),
+            Runs::Both => plain.load(Ordering::SeqCst) && groups.load(Ordering::SeqCst),
+        }
+    }
 }
 
 /// Kills the pool's running jobs when dropped: a worker whose `run` future is dropped (or
-/// aborted) takes its jobs with it instead of leaving them running detached.
-pub(crate) struct KillPoolOnDrop(pub(crate) Arc<dyn ExecutionPool>);
+/// aborted) takes its jobs with it instead of leaving them running detached. A loop that
+/// ends normally disarms it: its jobs have ended, and a pool it shares with another loop
+/// goes on running that loop's jobs.
+pub(crate) struct KillPoolOnDrop(Option<Arc<dyn ExecutionPool>>);
+
+impl KillPoolOnDrop {
+    pub(crate) fn new(pool: Arc<dyn ExecutionPool>) -> Self {
+        Self(Some(pool))
+    }
+
+    pub(crate) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for KillPoolOnDrop {
     fn drop(&mut self) {
-        self.0.kill();
+        if let Some(pool) = &self.0 {
+            pool.kill();
+        }
     }
 }
 
@@ -323,7 +400,7 @@ impl WorkerMonitor {
             queues: self.shared.queues.clone(),
             process: self.shared.process.get().copied(),
             wakeups_live: self.shared.wakeups_live(),
-            idle: self.shared.idle.load(Ordering::SeqCst),
+            idle: self.shared.idle(),
             group_sessions: self
                 .shared
                 .group_sessions
@@ -374,6 +451,7 @@ impl<B: Backend> Worker<B> {
                 ack_batch: 500,
                 heartbeat_interval: Duration::from_secs(10),
                 error_backoff_cap: Duration::from_secs(30),
+                group_idle: Duration::from_secs(30),
             },
             wakeup: Arc::new(Notify::new()),
             wakeup_source: None,
@@ -398,27 +476,50 @@ impl<B: Backend> Worker<B> {
     /// deadline are cancelled; their messages stay leased in the database and are
     /// delivered again when the lease runs out.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let lane = Lane::alone(
+            &self.backend,
+            Kind::Plain,
+            self.shared.mode,
+            self.config.concurrency,
+        )?;
+        self.run_in(lane, shutdown).await
+    }
+
+    /// [`Worker::run`] on `lane`: its pool, fetch connection, report and kill switch, maybe
+    /// shared with a group loop (see [`MixedWorker`]).
+    pub(crate) async fn run_in(
+        self,
+        lane: Lane<B>,
+        shutdown: CancellationToken,
+    ) -> Result<WorkerReport> {
         for declare in &self.declarations {
             declare(self.backend.clone()).await?;
         }
-        let mut fetcher = self.backend.open_fetcher().await?;
-        let policies = load_policies(&mut fetcher, &self.shared.queues, self.config.lease).await?;
-        let breakers = Breakers::load(&mut fetcher, &self.shared.queues).await?;
-        let pool = new_pool(self.shared.mode, self.config.concurrency)?;
+        let (policies, breakers) = {
+            let mut fetcher = lane.fetch.lock().await?;
+            let loaded = async {
+                let policies =
+                    load_policies(fetcher.get(), &self.shared.queues, self.config.lease).await?;
+                let breakers = Breakers::load(fetcher.get(), &self.shared.queues).await?;
+                Ok::<_, Error>((policies, breakers))
+            }
+            .await;
+            if loaded.is_err() {
+                fetcher.discard();
+            }
+            loaded?
+        };
+        let pool = Arc::clone(&lane.pool);
         let _ = self.shared.pool.set(Arc::clone(&pool));
-        let slot_freed = Arc::new(Notify::new());
-        {
-            let slot_freed = Arc::clone(&slot_freed);
-            pool.on_state_change(Arc::new(move || slot_freed.notify_one()));
-        }
+        let slot_freed = Arc::clone(&lane.freed);
 
         let in_flight: Arc<Mutex<HashMap<MessageId, Lease>>> = Arc::default();
-        let report = Arc::new(Counters::default());
+        let report = Arc::clone(&lane.report);
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
         // Helpers and jobs die with this future, also when it is dropped mid-run.
         let _stop_background_on_drop = stop_background.clone().drop_guard();
-        let _kill_on_drop = KillPoolOnDrop(Arc::clone(&pool));
+        let kill_on_drop = KillPoolOnDrop::new(Arc::clone(&pool));
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
 
         let settler = tokio::spawn(settle_loop(
@@ -455,11 +556,10 @@ impl<B: Backend> Worker<B> {
         });
         let mut wakeups_live = None;
 
-        let jobs_cancel = CancellationToken::new();
+        let jobs_cancel = lane.kill.clone();
         let mut fetch = Fetch {
-            fetcher: Some(fetcher),
+            lane: &lane,
             worker: &self,
-            pool: &pool,
             policies: &policies,
             in_flight: &in_flight,
             settle_tx: &settle_tx,
@@ -468,6 +568,9 @@ impl<B: Backend> Worker<B> {
             next_queue: 0,
         };
         let mut errors = 0u32;
+        // When a look at the queues last found less work than slots: a loop sharing its
+        // slots says it waits for one, without having looked, only a poll interval later.
+        let mut found_empty: Option<tokio::time::Instant> = None;
         let queues: Vec<QueueName> = self.shared.queues.clone();
         while !shutdown.is_cancelled() {
             let live = self.shared.wakeups_live();
@@ -482,6 +585,7 @@ impl<B: Backend> Worker<B> {
             let round = fetch.round(&queues).await;
             let wait = match round {
                 Err(err) => {
+                    lane.set_waiting(false);
                     errors += 1;
                     let delay = backoff(errors, self.config.error_backoff_cap);
                     tracing::warn!(target: "pgbus::worker", error = %err.report(), retry_in = ?delay, "claiming failed");
@@ -495,18 +599,22 @@ impl<B: Backend> Worker<B> {
             };
             errors = 0;
             match wait {
-                Wait::No | Wait::ForSlot => {
-                    if matches!(wait, Wait::ForSlot) {
+                Wait::No | Wait::ForSlot { .. } => {
+                    if let Wait::ForSlot { more } = wait {
+                        let looked_lately =
+                            found_empty.is_some_and(|at| at.elapsed() < self.config.poll_interval);
+                        lane.set_waiting(more || !looked_lately);
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
                             _ = slot_freed.notified() => {}
+                            _ = lane.turn.notified() => {}
                         }
                     }
                     // Jobs tend to finish in bunches: while fewer than half the slots are
                     // free, give the others a moment, so the next claim fetches many
                     // messages instead of a few per freed slot.
                     let deadline = tokio::time::Instant::now() + FILL_LINGER;
-                    while pool.available_capacity() < self.config.concurrency.div_ceil(2) {
+                    while lane.free() < self.config.concurrency.div_ceil(2) {
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = slot_freed.notified() => {}
@@ -515,19 +623,22 @@ impl<B: Backend> Worker<B> {
                     }
                 }
                 Wait::ForWork => {
-                    self.shared.idle.store(true, Ordering::SeqCst);
+                    found_empty = Some(tokio::time::Instant::now());
+                    lane.set_waiting(false);
+                    self.shared.set_idle(Kind::Plain, true);
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = self.wakeup.notified() => {}
                         _ = slot_freed.notified() => {}
                         _ = tokio::time::sleep(self.config.poll_interval) => {}
                     }
-                    self.shared.idle.store(false, Ordering::SeqCst);
+                    self.shared.set_idle(Kind::Plain, false);
                 }
             }
         }
 
         // Drain: no new jobs; running ones get until the deadline.
+        lane.set_waiting(false);
         tracing::info!(target: "pgbus::worker", busy = pool.metadata().busy, "stopping: draining running jobs");
         pool.shutdown();
         if !pool.wait_for_termination(self.config.drain_timeout).await {
@@ -536,7 +647,6 @@ impl<B: Backend> Worker<B> {
             pool.kill();
             pool.wait_for_termination(Duration::from_secs(5)).await;
         }
-        drop(fetch);
         drop(settle_tx);
         // Every job has ended, so every sender is gone: the settler finishes the last acks.
         if let Err(err) = settler.await {
@@ -545,6 +655,7 @@ impl<B: Backend> Worker<B> {
         stop_background.cancel();
         background.close();
         background.wait().await;
+        kill_on_drop.disarm();
         Ok(report.snapshot())
     }
 }
@@ -640,17 +751,17 @@ impl Tallies {
 enum Wait {
     /// Some queue filled every slot asked for: claim again at once if slots are free.
     No,
-    /// Every slot is busy: wait for one to free.
-    ForSlot,
+    /// No slot is free for this loop: wait for one. `more`: the round filled every slot it
+    /// had, so more work probably waits (`false` when it had none to fill).
+    ForSlot { more: bool },
     /// The queues ran dry: wait for a wake-up, a freed slot, or the poll interval.
     ForWork,
 }
 
 struct Fetch<'a, B: Backend> {
-    /// The fetch loop's own connection; dropped after an error and reopened next round.
-    fetcher: Option<<B as OpenFetcher>::Fetcher>,
+    /// The pool and the fetch connection (dropped after an error, reopened next round).
+    lane: &'a Lane<B>,
     worker: &'a Worker<B>,
-    pool: &'a Arc<dyn ExecutionPool>,
     policies: &'a HashMap<QueueName, (RetryPolicy, Duration)>,
     in_flight: &'a Arc<Mutex<HashMap<MessageId, Lease>>>,
     settle_tx: &'a mpsc::UnboundedSender<Settlement>,
@@ -662,30 +773,29 @@ struct Fetch<'a, B: Backend> {
 impl<B: Backend> Fetch<'_, B> {
     /// Claims exactly as many messages as there are free slots, visiting the queues in
     /// turn (starting one further each round, so no queue starves the others).
+    ///
+    /// The round holds the fetch connection's lock from counting the free slots to posting
+    /// the last job, so a loop sharing the pool cannot take the same slots meanwhile.
     async fn round(&mut self, queues: &[QueueName]) -> Result<Wait> {
-        if !self.pool.has_free_slot() {
-            return Ok(Wait::ForSlot);
+        if self.lane.free() == 0 {
+            return Ok(Wait::ForSlot { more: false });
         }
+        let mut fetcher = self.lane.fetch.lock().await?;
         let mut filled = false;
+        let mut took = false;
         let start = self.next_queue;
         self.next_queue = self.next_queue.wrapping_add(1);
         for i in 0..queues.len() {
-            let free = self.pool.available_capacity();
+            let free = self.lane.free();
             if free == 0 {
                 break;
             }
             let queue = &queues[(start + i) % queues.len()];
             let (_, lease) = self.policies[queue];
-            let fetcher = match &mut self.fetcher {
-                Some(fetcher) => fetcher,
-                None => self
-                    .fetcher
-                    .insert(self.worker.backend.open_fetcher().await?),
-            };
-            let claimed = match fetcher.claim(queue, free, lease).await {
+            let claimed = match fetcher.get().claim(queue, free, lease).await {
                 Ok(claimed) => claimed,
                 Err(err) => {
-                    self.fetcher = None;
+                    fetcher.discard();
                     return Err(err);
                 }
             };
@@ -696,11 +806,14 @@ impl<B: Backend> Fetch<'_, B> {
             // Jobs with limit keys are claimed apart, and only with slots the plain jobs
             // left free, so a busy queue of plain jobs pays nothing for them.
             if taken < free {
-                let fetcher = self.fetcher.as_mut().expect("opened above");
-                let limited = match fetcher.claim_limited(queue, free - taken, lease).await {
+                let limited = match fetcher
+                    .get()
+                    .claim_limited(queue, free - taken, lease)
+                    .await
+                {
                     Ok(limited) => limited,
                     Err(err) => {
-                        self.fetcher = None;
+                        fetcher.discard();
                         return Err(err);
                     }
                 };
@@ -709,10 +822,15 @@ impl<B: Backend> Fetch<'_, B> {
                     self.start(message).await;
                 }
             }
+            took |= taken > 0;
             filled |= taken == free;
         }
-        Ok(if !self.pool.has_free_slot() {
-            Wait::ForSlot
+        drop(fetcher);
+        if took {
+            self.lane.took();
+        }
+        Ok(if self.lane.free() == 0 {
+            Wait::ForSlot { more: filled }
         } else if filled {
             Wait::No
         } else {
@@ -751,7 +869,7 @@ impl<B: Backend> Fetch<'_, B> {
                 outcome,
             });
         });
-        match self.pool.post(job) {
+        match self.lane.pool.post(job) {
             Ok(()) => {
                 self.report.started.fetch_add(1, Ordering::Relaxed);
             }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    DeadLetters, GroupSession, NewMessage, OpenGroupSession, Producer, QueueName, QueueOptions,
-    RetryPolicy,
+    DeadLetters, GroupSession, NewMessage, OpenGroupSession, ProcessRegistry, Producer, QueueName,
+    QueueOptions, RetryPolicy,
 };
 use pgbus_exec::{GroupWorker, JobContext, Outcome, Worker, WorkerMonitor};
 use pgbus_pg::{connect, GroupLocks, PgBackend};
@@ -205,6 +205,8 @@ struct Samples {
     /// The most connections seen at once of the roles a worker opens itself (`fetch`,
     /// `recovery`, `group`), leaving out the pools of the workers' backends.
     peak_worker_owned: i64,
+    /// The most seen at once per `application_name`.
+    peak_by_role: BTreeMap<String, i64>,
 }
 
 impl Sampler {
@@ -236,6 +238,10 @@ impl Sampler {
                         .sum();
                     samples.samples += 1;
                     samples.peak_worker_owned = samples.peak_worker_owned.max(owned);
+                    for (role, n) in &by_role {
+                        let peak = samples.peak_by_role.entry(role.clone()).or_default();
+                        *peak = (*peak).max(*n);
+                    }
                     if total > samples.peak {
                         samples.peak = total;
                         samples.at_peak = by_role;
@@ -1215,4 +1221,99 @@ async fn connection_budget_holds() {
         "{sessions_peak} group sessions"
     );
     assert!(gauge.peak() <= CONCURRENCY);
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. A mixed worker: group connections only for grouped work.
+
+/// A mixed worker on plain work opens no group connection; grouped work opens a recovery
+/// connection and group sessions within `concurrency + 2` (the fetch connection shared),
+/// and once it has been idle for the group idle timeout they are all closed again. One
+/// process entry throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_worker_opens_group_connections_for_grouped_work_only() {
+    const CONCURRENCY: usize = 4;
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "mixed", QueueOptions::default()).await;
+    let plain: Vec<NewMessage> = (0..50)
+        .map(|seq| {
+            NewMessage::encode(&Step {
+                group: String::new(),
+                seq,
+            })
+            .unwrap()
+        })
+        .collect();
+    backend.send_batch(&q, plain).await.unwrap();
+
+    let gauge = Arc::new(Gauge::default());
+    let worker = Worker::builder(worker_backend(&url, "worker"))
+        .concurrency(CONCURRENCY)
+        .poll_interval(POLL)
+        .group_idle_timeout(Duration::from_millis(500))
+        .handle(q.clone(), {
+            let gauge = gauge.clone();
+            move |_ctx: JobContext<PgBackend>, _step: Step| {
+                let gauge = gauge.clone();
+                async move {
+                    gauge.enter();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    gauge.leave();
+                }
+            }
+        })
+        .build_mixed()
+        .unwrap();
+    let monitor = worker.monitor();
+    let observer = connect(&url, "observer").await.unwrap();
+    let sampler = Sampler::start(&url).await;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    eventually("the worker idles", DEADLINE, || async {
+        monitor.metadata().idle
+    })
+    .await;
+    let plain_phase = sampler.finish().await;
+    println!("mixed, plain work: {plain_phase:?}");
+    assert_eq!(plain_phase.peak_by_role.get("pgbus:fetch"), Some(&1));
+    for role in ["pgbus:recovery", "pgbus:group"] {
+        assert!(
+            !plain_phase.peak_by_role.contains_key(role),
+            "{role} opened for plain work: {plain_phase:?}"
+        );
+    }
+
+    let sampler = Sampler::start(&url).await;
+    send_groups(&backend, &q, &names("g", 12), 5, 1_000).await;
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    let processes = backend.processes().await.unwrap();
+    assert_eq!(processes.len(), 1, "one process entry: {processes:?}");
+    assert_eq!(processes[0].info.capacity, CONCURRENCY as u32);
+    eventually("the group connections close", DEADLINE, || async {
+        pids(&observer, "recovery").await.is_empty() && pids(&observer, "group").await.is_empty()
+    })
+    .await;
+    assert_eq!(monitor.metadata().group_sessions, Some(0));
+    let grouped_phase = sampler.finish().await;
+    println!("mixed, grouped work: {grouped_phase:?}");
+    assert_eq!(grouped_phase.peak_by_role.get("pgbus:recovery"), Some(&1));
+    assert!(grouped_phase.peak_by_role.contains_key("pgbus:group"));
+    assert!(
+        grouped_phase.peak_worker_owned <= CONCURRENCY as i64 + 2,
+        "fetch, recovery and group connections peaked at {}: {grouped_phase:?}",
+        grouped_phase.peak_worker_owned
+    );
+    assert_eq!(grouped_phase.peak_by_role.get("pgbus:fetch"), Some(&1));
+    assert_eq!(
+        pids(&observer, "fetch").await.len(),
+        1,
+        "the fetch connection stays"
+    );
+
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.acked, 50 + 12 * 5, "{report:?}");
+    assert!(gauge.peak() <= CONCURRENCY);
+    assert!(backend.processes().await.unwrap().is_empty());
 }

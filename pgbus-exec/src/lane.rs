@@ -1,0 +1,131 @@
+//! What a claim loop runs on: the execution pool whose free slots it fills, the fetch
+//! connection it finds work on, and what it reports to. A lone [`Worker`](crate::Worker)
+//! or [`GroupWorker`](crate::GroupWorker) has a lane of its own; the two loops of a
+//! [`MixedWorker`](crate::MixedWorker) share one pool, one fetch connection, one report
+//! and one kill switch, and divide the slots by a [`Share`].
+//!
+//! **Slots are taken only under the fetch connection's lock.** A loop locks the fetch
+//! connection, counts the free slots, claims at most that many messages (or takes at most
+//! that many groups) and posts them before it lets go, so two loops on one pool never count
+//! the same free slot; a post can then be refused only at shutdown. A group holds its slot
+//! for its whole run (see `group.rs`), so nothing else posts.
+
+use std::sync::Arc;
+
+use pgbus_core::{Backend, OpenFetcher, Result};
+use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::mixed::{Kind, Share};
+use crate::worker::{new_pool, Counters};
+use crate::{ExecutionMode, ExecutionPool};
+
+/// A fetch connection, opened on first use and again after an error, used by one loop at a
+/// time.
+pub(crate) struct FetchConn<B: OpenFetcher> {
+    backend: B,
+    conn: Mutex<Option<B::Fetcher>>,
+}
+
+impl<B: OpenFetcher> FetchConn<B> {
+    pub(crate) fn new(backend: B) -> Self {
+        Self {
+            backend,
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// Waits for the connection, opening it if it is not open.
+    pub(crate) async fn lock(&self) -> Result<FetchGuard<'_, B::Fetcher>> {
+        let mut conn = self.conn.lock().await;
+        if conn.is_none() {
+            *conn = Some(self.backend.open_fetcher().await?);
+        }
+        Ok(FetchGuard(conn))
+    }
+}
+
+/// The locked, open fetch connection.
+pub(crate) struct FetchGuard<'a, F>(MutexGuard<'a, Option<F>>);
+
+impl<F> FetchGuard<'_, F> {
+    /// The connection.
+    pub(crate) fn get(&mut self) -> &mut F {
+        self.0.as_mut().expect("opened by FetchConn::lock")
+    }
+
+    /// Drops the connection after an error; the next lock opens a new one.
+    pub(crate) fn discard(mut self) {
+        *self.0 = None;
+    }
+}
+
+/// One claim loop's pool, fetch connection, report and kill switch; see the module docs.
+pub(crate) struct Lane<B: Backend> {
+    /// Which loop this is.
+    pub(crate) kind: Kind,
+    pub(crate) pool: Arc<dyn ExecutionPool>,
+    /// Notified after every job completion in the pool.
+    pub(crate) freed: Arc<Notify>,
+    pub(crate) fetch: Arc<FetchConn<B>>,
+    /// What the loop counts (shared by both loops of a mixed worker).
+    pub(crate) report: Arc<Counters>,
+    /// Cancelled at the drain deadline: running jobs are cut off, their messages left leased.
+    pub(crate) kill: CancellationToken,
+    /// How the slots are divided with the other loop, when there is one.
+    pub(crate) share: Option<Arc<Share>>,
+    /// Notified when the share moves this loop's way (never, without a share).
+    pub(crate) turn: Arc<Notify>,
+}
+
+impl<B: Backend> Lane<B> {
+    /// A lane of its own: a new pool whose completions wake only this loop, and a fetch
+    /// connection opened on first use.
+    pub(crate) fn alone(
+        backend: &B,
+        kind: Kind,
+        mode: ExecutionMode,
+        capacity: usize,
+    ) -> Result<Self> {
+        let pool = new_pool(mode, capacity)?;
+        let freed = Arc::new(Notify::new());
+        {
+            let freed = Arc::clone(&freed);
+            pool.on_state_change(Arc::new(move || freed.notify_one()));
+        }
+        Ok(Lane {
+            kind,
+            pool,
+            freed,
+            fetch: Arc::new(FetchConn::new(backend.clone())),
+            report: Arc::new(Counters::default()),
+            kill: CancellationToken::new(),
+            share: None,
+            turn: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Free slots this loop may fill now: every free one, unless the other loop of a mixed
+    /// worker waits for slots too and this one holds its share.
+    pub(crate) fn free(&self) -> usize {
+        let free = self.pool.available_capacity();
+        match &self.share {
+            None => free,
+            Some(share) => share.allowance(self.kind, free, self.pool.metadata().busy),
+        }
+    }
+
+    /// Records whether this loop has work it has no slot for.
+    pub(crate) fn set_waiting(&self, waiting: bool) {
+        if let Some(share) = &self.share {
+            share.set_waiting(self.kind, waiting);
+        }
+    }
+
+    /// Records that this loop just took slots.
+    pub(crate) fn took(&self) {
+        if let Some(share) = &self.share {
+            share.took(self.kind, self.pool.metadata().busy);
+        }
+    }
+}
