@@ -275,7 +275,19 @@ pub(crate) struct WorkArgs {
     /// Queues to work.
     #[arg(required = true)]
     pub(crate) queues: Vec<String>,
-    /// Jobs run at once (per process).
+    /// Jobs run at once in this process, plain and grouped messages together.
+    ///
+    /// One limit for the process: plain and grouped messages share the N slots (a running
+    /// group holds one from its first message to its last; while both kinds wait for
+    /// slots, each gets half), and `pgbus stats` shows one row, busy/N.
+    ///
+    /// Connections per process, by application_name: one pgbus:fetch, one
+    /// pgbus:listen (none behind --pooler transaction without --listen-url) and at most 3
+    /// pgbus:pool, 5 in all whatever N and the execution mode; while grouped messages run,
+    /// also one pgbus:recovery and one pgbus:group per running group (at most N): N + 6 in
+    /// all. The group connections open when a grouped message is first seen and close
+    /// after 30 s unused. At start, a pgbus:check (pgbus:migrate on the embedded database)
+    /// comes and goes. With --processes, each worker process has this budget.
     #[arg(long, default_value_t = 10)]
     pub(crate) concurrency: usize,
     /// threads (one OS thread per job) or async (tasks; fiber is an alias).
@@ -487,10 +499,16 @@ impl Cli {
         if let Command::Db(db) = &self.command {
             return crate::database::db_command(db).await;
         }
+        // A worker process keeps to the connection budget `work --help` states.
+        let pool_size = match &self.command {
+            Command::Work(_) => crate::work::POOL_CONNECTIONS,
+            _ => crate::database::POOL_SIZE,
+        };
         let database = Database::resolve(
             self.database_url.as_deref(),
             self.pooler.into(),
             self.listen_url.as_deref(),
+            pool_size,
         )
         .await?;
         match self.command {

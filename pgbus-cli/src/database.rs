@@ -12,7 +12,8 @@ use pgbus_pg::{running_as_root, ConnectOptions, PersistentCluster, PgBackend, Pg
 
 use crate::cli::DbCommand;
 
-/// Connections in a command's pool (`serve` keeps open files for them).
+/// Connections in a command's pool (`serve` keeps open files for them); `work` keeps to
+/// its own budget (`work::POOL_CONNECTIONS`).
 pub(crate) const POOL_SIZE: u32 = 8;
 
 /// The database of this run.
@@ -67,17 +68,19 @@ async fn embedded() -> anyhow::Result<String> {
 }
 
 impl Database {
+    /// The database, with a backend whose pool holds at most `pool_size` connections.
     pub(crate) async fn resolve(
         url: Option<&str>,
         pooler: Pooler,
         listen_url: Option<&str>,
+        pool_size: u32,
     ) -> anyhow::Result<Self> {
         let (url, embedded) = match url.filter(|u| !u.trim().is_empty()) {
             Some(url) => (url.to_owned(), false),
             None => (embedded().await?, true),
         };
         let backend = PgBackend::builder(&url)
-            .max_connections(POOL_SIZE)
+            .max_connections(pool_size)
             .pooler(pooler)
             .build()?;
         let listen_url = match pooler {

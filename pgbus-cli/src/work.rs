@@ -20,6 +20,10 @@ use crate::database::Database;
 use envelope::Delivery;
 use until_empty::EXIT_PAUSED;
 
+/// The pool of a `pgbus work` process (`pgbus:pool`): acks, retries, lease extension,
+/// heartbeats, pruning and the `--until-empty` watch, a statement at a time each.
+pub(crate) const POOL_CONNECTIONS: u32 = 3;
+
 /// Exit status of an `--exec` command that asks for a dead letter (EX_DATAERR).
 const EXIT_DEAD_LETTER: i32 = 65;
 /// How much of a failing command's stderr or response body is kept as the error text. Of a
@@ -145,10 +149,9 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
         }
         builder
     };
-    let plain = build(Worker::builder(backend.clone())).build()?;
-    let grouped = build(Worker::builder(backend.clone())).build_groups()?;
-    let plain = tokio::spawn(plain.run(stop.clone()));
-    let grouped = tokio::spawn(grouped.run(stop.clone()));
+    // Plain and grouped messages on one set of `--concurrency` slots, one process entry.
+    let worker = build(Worker::builder(backend.clone())).build_mixed()?;
+    let worker = tokio::spawn(worker.run(stop.clone()));
     let maintenance = tokio::spawn(maintenance.run(stop.clone()));
     let until_empty = args.until_empty.then(|| {
         tokio::spawn(until_empty::watch(
@@ -158,17 +161,16 @@ pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCo
             stop.clone(),
         ))
     });
-    let plain: WorkerReport = plain.await??;
-    let grouped: WorkerReport = grouped.await??;
-    // Pruning stops with the workers, however they came to stop.
+    let report: WorkerReport = worker.await??;
+    // Pruning stops with the worker, however it came to stop.
     stop.cancel();
     maintenance.await?;
     tracing::info!(
         target: "pgbus::cli",
-        acked = plain.acked + grouped.acked,
-        retried = plain.retried + grouped.retried,
-        dead_lettered = plain.dead_lettered + grouped.dead_lettered,
-        "workers stopped"
+        acked = report.acked,
+        retried = report.retried,
+        dead_lettered = report.dead_lettered,
+        "worker stopped"
     );
     let left = match until_empty {
         Some(watcher) => watcher.await?,

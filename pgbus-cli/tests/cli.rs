@@ -1709,3 +1709,30 @@ fn output_follows_one_discipline_across_commands() {
         "{table}"
     );
 }
+
+/// `work --help` states the process's one limit and its connection budget.
+#[test]
+fn work_help_states_the_connection_budget() {
+    let mut cmd = bare();
+    cmd.args(["work", "--help"]);
+    let help = run(cmd, None, SHORT).ok().stdout;
+    // The text as one line, wrapped however the terminal wraps it.
+    let text = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for said in [
+        "plain and grouped messages together",
+        "one pgbus:fetch, one pgbus:listen",
+        "at most 3 pgbus:pool, 5 in all",
+        "one pgbus:recovery and one pgbus:group per running group (at most N): N + 6 in all",
+        "close after 30 s unused",
+    ] {
+        assert!(
+            text.contains(said),
+            "work --help does not say {said:?}:\n{help}"
+        );
+    }
+    // The short help keeps to one line per option.
+    let mut cmd = bare();
+    cmd.args(["work", "-h"]);
+    let short = run(cmd, None, SHORT).ok().stdout;
+    assert!(!short.contains("pgbus:recovery"), "{short}");
+}

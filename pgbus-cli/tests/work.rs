@@ -492,3 +492,278 @@ fn http_endpoints_get_the_event_envelope_and_headers() {
     assert_eq!(headers["pgbus-header-pgbus-queue"], "forged");
     assert!(!headers.contains_key("pgbus-routing-key"), "{headers:#?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// One process, one limit: --concurrency and the connection budget
+// ---------------------------------------------------------------------------------------
+
+/// The most jobs a record of `start NS` / `end NS` lines (one pair per job, on the clock
+/// `date +%s%N` reads) shows running at once. A job's recorded span lies inside the span
+/// it really ran, so the count is never more than really ran at once.
+fn peak_overlap(record: &[String]) -> usize {
+    let mut events: Vec<(i64, i32)> = record
+        .iter()
+        .map(|line| {
+            let (what, at) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("a record line {line:?}"));
+            let at: i64 = at.parse().unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            // Ends sort before starts at the same instant.
+            (at, if what == "start" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort_unstable();
+    let (mut running, mut peak) = (0i32, 0i32);
+    for (_, step) in events {
+        running += step;
+        peak = peak.max(running);
+    }
+    usize::try_from(peak).expect("never negative")
+}
+
+/// An `--exec` command that records its start and end in `record` and runs `seconds`.
+fn recording_job(record: &std::path::Path, seconds: &str) -> String {
+    let record = sh_quote(record);
+    format!(
+        "echo \"start $(date +%s%N)\" >> {record}; sleep {seconds}; echo \"end $(date +%s%N)\" >> {record}"
+    )
+}
+
+/// `--concurrency 2` is the process's limit across plain and grouped messages: a mix of
+/// both never has more than two jobs running, and the process has one registry row with
+/// two slots. (Before, the plain and the group worker had two slots each: four ran at once,
+/// and `stats` showed two rows per process.)
+#[test]
+fn concurrency_is_one_limit_across_plain_and_grouped_messages() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "mix"]);
+    let plain: Vec<Value> = (0..8).map(|n| json!({ "n": n })).collect();
+    db.send_stdin(&["send", "mix"], json_lines(plain)).ok();
+    for group in ["a", "b", "c", "d"] {
+        let grouped = (0..2).map(|n| json!({ "group": group, "n": n }));
+        db.send_stdin(&["send", "mix", "--group", group], json_lines(grouped))
+            .ok();
+    }
+
+    let record = db.path("record.txt");
+    let job = recording_job(&record, "0.4");
+    let (mut worker, _stderr) = db.spawn(&[
+        "work",
+        "mix",
+        "--concurrency",
+        "2",
+        "--poll-interval",
+        "200ms",
+        "--exec",
+        &job,
+    ]);
+    eventually("all 16 jobs to end", LONG, || {
+        lines(&record)
+            .iter()
+            .filter(|l| l.starts_with("end "))
+            .count()
+            == 16
+    });
+    let processes = db.stats()["processes"].clone();
+    terminate(&worker.0);
+    let status = wait_deadline(&mut worker.0, SHORT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    let record = lines(&record);
+    let peak = peak_overlap(&record);
+    assert_eq!(
+        record.iter().filter(|l| l.starts_with("start ")).count(),
+        16,
+        "every message ran once: {record:?}"
+    );
+    // 16 jobs of 0.4 s on two slots: the slots are used, and never more of them.
+    assert_eq!(
+        peak, 2,
+        "jobs running at once with --concurrency 2: {record:?}"
+    );
+    assert_eq!(db.depth("mix"), 0);
+
+    let rows = processes.as_array().expect("a processes array");
+    let pid = u64::from(worker.0.id());
+    let ours: Vec<&Value> = rows.iter().filter(|p| p["pid"] == pid).collect();
+    assert_eq!(
+        ours.len(),
+        1,
+        "one registry row for the process: {processes:#}"
+    );
+    assert_eq!(ours[0]["capacity"], 2, "{processes:#}");
+}
+
+/// What `pg_stat_activity` showed of the pgbus connections to one database while a
+/// [`Sampler`] ran.
+#[derive(Debug, Default)]
+struct Samples {
+    samples: usize,
+    /// The most pgbus connections seen at once.
+    peak: i64,
+    /// Connections per `application_name` when the peak was seen.
+    at_peak: BTreeMap<String, i64>,
+    /// The most seen at once per `application_name`.
+    peak_by_role: BTreeMap<String, i64>,
+}
+
+/// Counts the pgbus connections (`application_name` `pgbus:<role>`) to the test's
+/// database, its own observer connection left out, again and again until stopped.
+struct Sampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<Samples>,
+}
+
+impl Sampler {
+    fn start(url: &str) -> Sampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let thread = thread::spawn({
+            let (url, stop) = (url.to_owned(), Arc::clone(&stop));
+            move || {
+                block_on(async move {
+                    let observer = pgbus_pg::connect(&url, "observer")
+                        .await
+                        .expect("an observer connection");
+                    let _ = started_tx.send(());
+                    let mut samples = Samples::default();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let rows = observer
+                            .query(
+                                "SELECT application_name, count(*) FROM pg_stat_activity
+                                 WHERE datname = current_database()
+                                   AND application_name LIKE 'pgbus:%'
+                                   AND pid <> pg_backend_pid()
+                                 GROUP BY application_name",
+                                &[],
+                            )
+                            .await
+                            .expect("reading pg_stat_activity");
+                        let by_role: BTreeMap<String, i64> =
+                            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                        let total: i64 = by_role.values().sum();
+                        samples.samples += 1;
+                        for (role, n) in &by_role {
+                            let peak = samples.peak_by_role.entry(role.clone()).or_default();
+                            *peak = (*peak).max(*n);
+                        }
+                        if total > samples.peak {
+                            samples.peak = total;
+                            samples.at_peak = by_role;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    samples
+                })
+            }
+        });
+        started_rx.recv().expect("the sampler started");
+        Sampler { stop, thread }
+    }
+
+    fn finish(self) -> Samples {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("the sampler thread")
+    }
+}
+
+/// `pgbus work` on a plain queue with 300 async jobs running at once holds at most 5 pgbus
+/// connections (fetch, listen, a pool of 3), sampled from `pg_stat_activity` for the whole
+/// run, and never opens a group connection: the group side opens its connections only
+/// when grouped messages are seen. (Before: 7, with a second fetch and a recovery
+/// connection for a group worker that had nothing to do.)
+#[test]
+fn plain_work_at_300_async_jobs_holds_five_connections() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "plain"]);
+    let messages: Vec<Value> = (0..600).map(|n| json!({ "n": n })).collect();
+    db.send_stdin(&["send", "plain"], json_lines(messages)).ok();
+
+    let ran = db.path("ran.txt");
+    let job = format!("echo x >> {}; sleep 1", sh_quote(&ran));
+    let sampler = Sampler::start(&db.url);
+    let run = db.work(&[
+        "plain",
+        "--concurrency",
+        "300",
+        "--execution-mode",
+        "async",
+        "--until-empty",
+        "--exec",
+        &job,
+    ]);
+    let samples = sampler.finish();
+    println!("plain, 300 async jobs: {samples:?}");
+    assert_eq!(lines(&ran).len(), 600, "stderr:\n{}", run.stderr);
+    assert_eq!(db.depth("plain"), 0);
+    assert!(
+        samples.peak_by_role.contains_key("pgbus:fetch"),
+        "the sampler saw the run: {samples:?}"
+    );
+    assert!(
+        samples.peak <= 5,
+        "pgbus connections peaked at {} > 5: {:?}",
+        samples.peak,
+        samples.at_peak
+    );
+    for role in ["pgbus:recovery", "pgbus:group"] {
+        assert!(
+            !samples.peak_by_role.contains_key(role),
+            "{role} opened without a grouped message: {samples:?}"
+        );
+    }
+}
+
+/// On a grouped queue at `--concurrency 8`, `pgbus work` holds at most 8 + 6 pgbus
+/// connections: one per running group (at most 8), a recovery connection, and the 5 of the
+/// plain side (fetch, listen, a pool of 3), which the group side shares its fetch
+/// connection with. (Before: 15, and up to 8 pooled connections.)
+#[test]
+fn grouped_work_at_concurrency_8_stays_within_its_budget() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "grouped"]);
+    for g in 0..40 {
+        let group = format!("g{g}");
+        let messages = (0..3).map(|n| json!({ "group": group, "n": n }));
+        db.send_stdin(
+            &["send", "grouped", "--group", &group],
+            json_lines(messages),
+        )
+        .ok();
+    }
+
+    let ran = db.path("ran.txt");
+    let job = format!("echo x >> {}; sleep 0.2", sh_quote(&ran));
+    let sampler = Sampler::start(&db.url);
+    let run = db.work(&[
+        "grouped",
+        "--concurrency",
+        "8",
+        "--until-empty",
+        "--exec",
+        &job,
+    ]);
+    let samples = sampler.finish();
+    println!("grouped, concurrency 8: {samples:?}");
+    assert_eq!(lines(&ran).len(), 120, "stderr:\n{}", run.stderr);
+    assert_eq!(db.depth("grouped"), 0);
+    let peak_of = |role: &str| samples.peak_by_role.get(role).copied().unwrap_or(0);
+    let groups = peak_of("pgbus:group");
+    assert!(
+        (1..=8).contains(&groups),
+        "group connections peaked at {groups}: {samples:?}"
+    );
+    assert_eq!(
+        peak_of("pgbus:fetch"),
+        1,
+        "one fetch connection: {samples:?}"
+    );
+    assert!(peak_of("pgbus:pool") <= 3, "{samples:?}");
+    assert!(peak_of("pgbus:recovery") <= 1, "{samples:?}");
+    assert!(
+        samples.peak <= 8 + 6,
+        "pgbus connections peaked at {} > 8 + 6: {:?}",
+        samples.peak,
+        samples.at_peak
+    );
+}
