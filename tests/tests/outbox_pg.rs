@@ -321,3 +321,20 @@ async fn an_outbox_in_another_database_is_relayed_at_least_once() {
     let repeated = delivered.values().filter(|n| **n > 1).count();
     assert_eq!(repeated, 50, "the interrupted batch was published again");
 }
+
+#[tokio::test]
+async fn relay_settings_are_checked() {
+    let (backend, url) = fresh_backend(1).await;
+    let invalid = |builder: pgbus_pg::OutboxRelayBuilder| {
+        matches!(builder.build(), Err(pgbus_core::Error::InvalidArgument(_)))
+    };
+    let builder = || OutboxRelay::builder(backend.clone());
+    assert!(invalid(builder().batch(0)));
+    assert!(invalid(builder().poll_interval(Duration::ZERO)));
+    assert!(
+        invalid(builder().source_url(&url).direct_url(&url)),
+        "another database's outbox, or this one's reached directly: not both"
+    );
+    assert!(builder().source_url(&url).build().is_ok());
+    assert!(builder().direct_url(&url).build().is_ok());
+}
