@@ -32,19 +32,18 @@ pub(crate) struct RelayArgs {
 
 pub(crate) async fn relay(db: &Database, args: RelayArgs) -> anyhow::Result<ExitCode> {
     let outbox_url = args.outbox_url.filter(|u| !u.trim().is_empty());
-    // Behind a transaction-mode pooler the relay's one connection (it LISTENs) goes to
-    // --listen-url, directly to PostgreSQL; without one it polls through the pooler.
-    let relay_url = outbox_url
-        .clone()
-        .or_else(|| db.listen_url().map(str::to_owned));
     // Built first: the settings are checked before anything connects.
     let mut builder = OutboxRelay::builder(db.backend.clone())
         .batch(args.batch)
         .poll_interval(args.poll_interval)
         .retention(args.retention)
         .prune_interval(args.prune_interval);
-    if let Some(url) = &relay_url {
+    if let Some(url) = &outbox_url {
         builder = builder.source_url(url);
+    } else if let Some(url) = db.listen_url() {
+        // Behind a transaction-mode pooler the relay's one connection (it LISTENs) goes to
+        // --listen-url, directly to PostgreSQL; without one it polls through the pooler.
+        builder = builder.direct_url(url);
     }
     let relay = builder.build()?;
     db.ready().await?;

@@ -41,7 +41,9 @@
 //! - **Topics**: [`PgBackend::publish_batch_in`] fans events out to every queue with a
 //!   matching binding in one statement inside the caller's transaction; bindings with a
 //!   start position replay the event log. [`OutboxRelay`] publishes `pgbus.outbox` rows
-//!   written by producers in their own transactions, at least once.
+//!   written by producers in their own transactions: exactly once from the outbox of the
+//!   database it publishes to (publish and mark commit together), at least once from
+//!   another database's.
 //! - **Migrations** run in one transaction under an advisory lock; any number of processes
 //!   may call [`PgBackend::migrate`] at once.
 //! - **Connections** are named `pgbus:<role>` in `application_name` (`pgbus:pool` for the

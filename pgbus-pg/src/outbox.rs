@@ -3,9 +3,11 @@
 //! Producers that cannot publish in their own transaction (they write to another database,
 //! or through another client) insert rows into `pgbus.outbox` in that transaction, with
 //! [`write_outbox`] or plain SQL. The relay publishes pending rows to topics and marks them
-//! published: at least once, since a relay that dies after publishing and before marking
-//! publishes those rows again (with the same event ids, which idempotent consumers
-//! recognise).
+//! published. When the outbox is in the database it publishes to, both happen in one
+//! transaction: each row is published exactly once, whenever the relay dies. An outbox in
+//! another database ([`OutboxRelayBuilder::source_url`]) is relayed at least once: a relay
+//! that dies after publishing and before marking publishes those rows again (with the
+//! same event ids, which idempotent consumers recognise).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -81,6 +83,7 @@ impl RelayStats {
 pub struct OutboxRelayBuilder {
     backend: PgBackend,
     source_url: Option<SecretUrl>,
+    direct_url: Option<SecretUrl>,
     batch: usize,
     poll_interval: Duration,
     retention: Duration,
@@ -89,9 +92,18 @@ pub struct OutboxRelayBuilder {
 
 impl OutboxRelayBuilder {
     /// The database holding the outbox, when it is not the backend's (run `pgbus migrate`
-    /// there to create `pgbus.outbox`).
+    /// there to create `pgbus.outbox`). No transaction spans two databases, so rows are
+    /// then relayed at least once: a relay that dies between publishing a batch and
+    /// marking it publishes the batch again.
     pub fn source_url(mut self, url: impl Into<String>) -> Self {
         self.source_url = Some(SecretUrl::from(url.into()));
+        self
+    }
+    /// The backend's own database reached directly, when the backend goes through a
+    /// transaction-mode pooler: the relay's connection opens here so that it can LISTEN
+    /// for inserts. The outbox is still the backend's, relayed exactly once.
+    pub fn direct_url(mut self, url: impl Into<String>) -> Self {
+        self.direct_url = Some(SecretUrl::from(url.into()));
         self
     }
     /// Rows per batch (one publish statement, one transaction); default 500.
@@ -126,16 +138,26 @@ impl OutboxRelayBuilder {
                 "poll and prune intervals must be positive".into(),
             ));
         }
+        if self.source_url.is_some() && self.direct_url.is_some() {
+            return Err(Error::InvalidArgument(
+                "an outbox relay takes a source URL (another database) or a direct URL (its \
+                 own), not both"
+                    .into(),
+            ));
+        }
         // Behind a transaction-mode pooler LISTEN does not work: relay on the poll interval
-        // unless the outbox has a URL of its own (which may be a direct one).
-        let listen = self.source_url.is_some() || self.backend.pooler() == Pooler::Session;
-        let target = match &self.source_url {
+        // unless the relay's connection has a URL of its own (a direct one, or the outbox's
+        // database).
+        let own_url = self.source_url.as_ref().or(self.direct_url.as_ref());
+        let listen = own_url.is_some() || self.backend.pooler() == Pooler::Session;
+        let target = match own_url {
             Some(url) => ConnectOptions::parse(&url.0)?,
             None => self.backend.connect_options().clone(),
         };
         Ok(OutboxRelay {
             target,
             listen,
+            same_database: self.source_url.is_none(),
             settings: self,
             stats: Arc::default(),
         })
@@ -144,12 +166,17 @@ impl OutboxRelayBuilder {
 
 /// Publishes `pgbus.outbox` rows to topics: one dedicated `pgbus:relay` connection to the
 /// outbox's database that LISTENs for inserts and takes pending rows with `FOR UPDATE SKIP
-/// LOCKED` (so several relays share the work), publishing through the backend's pool.
-/// Rows are published in id order within a batch; across relays there is no order.
+/// LOCKED` (so several relays share the work). An outbox in the backend's database is
+/// published in the same transaction that marks its rows (exactly once); one in another
+/// database is published through the backend's pool, then marked (at least once). Rows
+/// are published in id order within a batch; across relays there is no order.
 pub struct OutboxRelay {
     target: ConnectOptions,
     /// Whether to LISTEN for inserts (not behind a transaction-mode pooler).
     listen: bool,
+    /// Whether the outbox is in the database events are published to, so that a batch is
+    /// published and marked in one transaction.
+    same_database: bool,
     settings: OutboxRelayBuilder,
     stats: Arc<RelayStats>,
 }
@@ -169,6 +196,7 @@ impl OutboxRelay {
         OutboxRelayBuilder {
             backend,
             source_url: None,
+            direct_url: None,
             batch: 500,
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
@@ -251,7 +279,8 @@ impl OutboxRelay {
     }
 
     /// Publishes one batch of pending rows and marks them, in one transaction on the relay
-    /// connection; returns how many rows it took.
+    /// connection (which publishes too when the outbox is in the same database); returns
+    /// how many rows it took.
     async fn relay_batch(&self, client: &mut Client) -> Result<usize> {
         let tx = client
             .transaction()
@@ -282,9 +311,14 @@ impl OutboxRelay {
                 }
             }
         }
-        // Published (and committed) before the rows are marked: a crash in between
-        // publishes them again, never loses them.
-        self.settings.backend.publish_batch(events).await?;
+        if self.same_database {
+            // Published in the transaction that marks the rows: both commit, or neither.
+            self.settings.backend.publish_batch_in(&tx, events).await?;
+        } else {
+            // Another database: published (and committed) before the rows are marked, so a
+            // crash in between publishes them again, never loses them.
+            self.settings.backend.publish_batch(events).await?;
+        }
         tx.exec(sql::MARK_OUTBOX_PUBLISHED, &[&ids])
             .await
             .map_err(|e| db("marking outbox rows published", e))?;

@@ -245,7 +245,9 @@ impl Scheduler {
         };
         let now: SystemTime = row.get(0);
         if !self.leading.swap(true, Ordering::SeqCst) {
-            tracing::info!(target: "pgbus::scheduler", tasks = self.tasks.len(), "leading the scheduler");
+            // The token is the lease row's owner: operators (and `cargo xtask chaos`) tell
+            // from `pgbus.scheduler_lease` which process leads.
+            tracing::info!(target: "pgbus::scheduler", tasks = self.tasks.len(), lease.owner = %session.token, "leading the scheduler");
             session.cursors = self.declare(&session.client).await?;
             self.prune(&session.client).await?;
         }

@@ -1,6 +1,7 @@
 //! The outbox relay on Postgres: rows written in the producer's transaction, relayed on a
 //! notification; a relay killed mid-batch (its connection terminated, or its task aborted)
-//! leaves no row unpublished and every row delivered at least once; retention pruning.
+//! leaves no row unpublished, and publishes each row exactly once from an outbox in its own
+//! database (at least once from another database's); retention pruning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -96,6 +97,9 @@ async fn block_publishes(url: &str) -> tokio_postgres::Client {
     blocker
 }
 
+/// Waits until a pgbus connection of `url`'s database waits on a lock: the relay's
+/// publish, on its own connection (`pgbus:relay`, an outbox in the same database) or
+/// through the pool (`pgbus:pool`, an outbox in another database).
 async fn wait_for_a_blocked_publish(url: &str) {
     let observer = connect(url, "observer").await.unwrap();
     eventually(
@@ -105,7 +109,8 @@ async fn wait_for_a_blocked_publish(url: &str) {
             let n: i64 = observer
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'pgbus:pool'
+                 WHERE datname = current_database()
+                   AND application_name IN ('pgbus:relay', 'pgbus:pool')
                    AND wait_event_type = 'Lock'",
                     &[],
                 )
@@ -116,6 +121,18 @@ async fn wait_for_a_blocked_publish(url: &str) {
         },
     )
     .await;
+}
+
+async fn terminate_relays(url: &str) {
+    let observer = connect(url, "observer").await.unwrap();
+    observer
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'pgbus:relay'",
+            &[],
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,24 +215,17 @@ async fn rows_written_in_the_producers_transaction_are_relayed_on_commit_only() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_killed_mid_batch_leaves_nothing_unpublished() {
+async fn a_relay_killed_mid_batch_publishes_each_row_exactly_once() {
     let (backend, url) = fresh_backend(4).await;
     let q = sink(&backend).await;
     insert_rows(&url, 1, 200).await;
 
-    // 1. The relay's connection is terminated while its batch is published.
+    // 1. The relay's connection is terminated while its batch is published: the publish
+    //    is part of the batch's transaction and is rolled back with it.
     let blocker = block_publishes(&url).await;
     let (stats, relay, stop) = start_relay(&backend, 50);
     wait_for_a_blocked_publish(&url).await;
-    let observer = connect(&url, "observer").await.unwrap();
-    observer
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = 'pgbus:relay'",
-            &[],
-        )
-        .await
-        .unwrap();
+    terminate_relays(&url).await;
     blocker.batch_execute("COMMIT").await.unwrap();
     eventually(
         "the relay reconnected and drained the outbox",
@@ -225,7 +235,9 @@ async fn a_relay_killed_mid_batch_leaves_nothing_unpublished() {
     .await;
     assert!(stats.connections() >= 2, "the relay reconnected by itself");
 
-    // 2. The relay's task is aborted in the middle of a batch; another relay takes over.
+    // 2. The relay's task is aborted in the middle of a batch (as a process dies): its
+    //    server session finishes the publish, finds its client gone and rolls back; then
+    //    another relay takes over.
     let blocker = block_publishes(&url).await;
     insert_rows(&url, 201, 300).await;
     wait_for_a_blocked_publish(&url).await;
@@ -233,6 +245,10 @@ async fn a_relay_killed_mid_batch_leaves_nothing_unpublished() {
     let _ = relay.await;
     drop(stop);
     blocker.batch_execute("COMMIT").await.unwrap();
+    eventually("the aborted relay's session ended", DEADLINE, || async {
+        connections(&url, "relay").await == 0
+    })
+    .await;
     let (_, relay, stop) = start_relay(&backend, 50);
     eventually("the new relay drained the outbox", DEADLINE, || async {
         backend.outbox_pending().await.unwrap() == 0
@@ -247,11 +263,78 @@ async fn a_relay_killed_mid_batch_leaves_nothing_unpublished() {
     assert_eq!(
         delivered.keys().cloned().collect::<BTreeSet<_>>(),
         all,
-        "every row delivered at least once"
+        "every row delivered"
+    );
+    let repeated: Vec<_> = delivered.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "{} rows published more than once, e.g. {:?}",
+        repeated.len(),
+        repeated.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_in_another_database_is_relayed_at_least_once() {
+    let (backend, url) = fresh_backend(4).await;
+    let (_, outbox_url) = fresh_backend(1).await;
+    let q = sink(&backend).await;
+    insert_rows(&outbox_url, 1, 100).await;
+
+    // The relay's connection (to the outbox's database) is terminated while its batch is
+    // published through the pool: the publish commits, the marking is lost, and the
+    // reconnected relay publishes the batch again.
+    let blocker = block_publishes(&url).await;
+    let relay = OutboxRelay::builder(backend.clone())
+        .source_url(&outbox_url)
+        .batch(50)
+        .poll_interval(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(relay.run(stop.clone()));
+    wait_for_a_blocked_publish(&url).await;
+    terminate_relays(&outbox_url).await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let outbox = connect(&outbox_url, "observer").await.unwrap();
+    eventually("the relay drained the outbox", DEADLINE, || async {
+        let pending: i64 = outbox
+            .query_one(
+                "SELECT count(*) FROM pgbus.outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        pending == 0
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+
+    let delivered = copies(&backend, &q).await;
+    assert_eq!(
+        delivered.keys().cloned().collect::<BTreeSet<_>>(),
+        outbox_ids(&outbox_url).await,
+        "every row delivered"
     );
     let repeated = delivered.values().filter(|n| **n > 1).count();
+    assert_eq!(repeated, 50, "the interrupted batch was published again");
+}
+
+#[tokio::test]
+async fn relay_settings_are_checked() {
+    let (backend, url) = fresh_backend(1).await;
+    let invalid = |builder: pgbus_pg::OutboxRelayBuilder| {
+        matches!(builder.build(), Err(pgbus_core::Error::InvalidArgument(_)))
+    };
+    let builder = || OutboxRelay::builder(backend.clone());
+    assert!(invalid(builder().batch(0)));
+    assert!(invalid(builder().poll_interval(Duration::ZERO)));
     assert!(
-        repeated >= 50,
-        "the interrupted batches were published again (at least once), {repeated} repeated"
+        invalid(builder().source_url(&url).direct_url(&url)),
+        "another database's outbox, or this one's reached directly: not both"
     );
+    assert!(builder().source_url(&url).build().is_ok());
+    assert!(builder().direct_url(&url).build().is_ok());
 }

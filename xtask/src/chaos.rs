@@ -15,8 +15,14 @@
 //! 5. `streams`: an SSE client across `pgbus serve` restarts, `pgbus:stream` kills and
 //!    `pg_ctl restart -m fast` (own cluster only).
 //! 6. `slow`: an `ACCESS EXCLUSIVE` lock on `pgbus.messages` held for seconds.
+//! 7. `relay`: `pgbus relay` processes SIGKILLed while they publish bursts of outbox rows,
+//!    and their connections terminated: every row published exactly once ([`relay`]).
+//! 8. `scheduler`: `pgbus cron run` processes SIGKILLed (the leader, any, all at once) and
+//!    their connections terminated: every occurrence enqueued exactly once, none skipped
+//!    ([`scheduler`]).
 //!
-//! Every handler run is recorded by the handler itself (see [`record`]), so the checks
+//! In the queue scenarios every handler run is recorded by the handler itself (see
+//! [`record`]), so the checks
 //! ([`check`]) see what really ran: every message completed at least once, the
 //! dead-letter queue empty, no worker dying by itself, and for ordered groups: each message
 //! starts only after its predecessor completed, and no two completed runs of one group
@@ -34,8 +40,10 @@
 mod check;
 mod env;
 mod record;
+mod relay;
 mod report;
 mod scenarios;
+mod scheduler;
 mod streams;
 mod workload;
 
@@ -56,7 +64,7 @@ use report::{Report, ScenarioReport};
 use crate::deps::workspace_root;
 
 /// The scenarios, in the order they run.
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 9] = [
     "crashes",
     "supervisor",
     "restarts",
@@ -64,6 +72,8 @@ const SCENARIOS: [&str; 7] = [
     "groups",
     "streams",
     "slow",
+    "relay",
+    "scheduler",
 ];
 
 /// Options of `cargo xtask chaos`.
@@ -142,6 +152,24 @@ pub(crate) struct Plan {
     pub(crate) slow: Part,
     pub(crate) slow_locks: usize,
     pub(crate) slow_hold: Duration,
+    /// `pgbus relay` processes.
+    pub(crate) relay_processes: usize,
+    /// Outbox bursts written, one transaction each, every `relay_every`.
+    pub(crate) relay_bursts: u64,
+    /// Rows per burst.
+    pub(crate) relay_burst: u64,
+    pub(crate) relay_every: Duration,
+    /// Relay SIGKILLs.
+    pub(crate) relay_kills: usize,
+    /// `pg_terminate_backend` rounds over the `pgbus:relay` connections.
+    pub(crate) relay_terminations: usize,
+    /// `pgbus cron run` processes.
+    pub(crate) scheduler_processes: usize,
+    /// How long the schedulers run.
+    pub(crate) scheduler_run: Duration,
+    /// Faults: (leader SIGKILLs, SIGKILLs of any scheduler, SIGKILLs of all at once,
+    /// `pg_terminate_backend` rounds over `pgbus:scheduler`).
+    pub(crate) scheduler_faults: (usize, usize, usize, usize),
 }
 
 const fn layout(plain: u64, groups: u64, per_group: u64) -> Layout {
@@ -193,6 +221,15 @@ impl Plan {
             slow: part(size!(layout(2_000, 100, 20), layout(8_000, 200, 40)), 5, 0),
             slow_locks: size!(2, 4),
             slow_hold: Duration::from_secs(size!(3, 5)),
+            relay_processes: 3,
+            relay_bursts: size!(40, 120),
+            relay_burst: 250,
+            relay_every: Duration::from_millis(500),
+            relay_kills: size!(5, 15),
+            relay_terminations: size!(1, 3),
+            scheduler_processes: 3,
+            scheduler_run: Duration::from_secs(size!(40, 150)),
+            scheduler_faults: size!((2, 1, 1, 1), (6, 3, 2, 3)),
         }
     }
 }
@@ -271,6 +308,8 @@ async fn run_scenarios(args: &ChaosArgs, seed: u64) -> anyhow::Result<Report> {
             "groups" => scenarios::groups(&env, &plan, &mut rng).await,
             "streams" => streams::streams(&env, &plan, &mut rng).await,
             "slow" => scenarios::slow(&env, &plan, &mut rng).await,
+            "relay" => relay::relay(&env, &plan, &mut rng).await,
+            "scheduler" => scheduler::scheduler(&env, &plan, &mut rng).await,
             _ => unreachable!("SCENARIOS lists every scenario"),
         };
         let report = result.unwrap_or_else(|err| {
@@ -372,5 +411,9 @@ mod tests {
         assert_eq!(full.restart_modes, [Fast, Immediate, Fast, Immediate]);
         assert_eq!((quick.slow_locks, quick.slow_hold.as_secs()), (2, 3));
         assert_eq!((full.slow_locks, full.slow_hold.as_secs()), (4, 5));
+        assert!(quick.relay_bursts * quick.relay_burst < full.relay_bursts * full.relay_burst);
+        assert!(quick.relay_kills < full.relay_kills);
+        assert!(quick.scheduler_run < full.scheduler_run);
+        assert!(quick.scheduler_faults.0 < full.scheduler_faults.0);
     }
 }

@@ -29,10 +29,11 @@ Commands:
   bench       Run the benchmarks and write report.md, report.json and chart.svg
               [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]
               (default: target/bench)
-  chaos       Run pgbus under faults (worker kills, database restarts, terminated
-              connections, locks) and check nothing is lost; writes report.md and
-              report.json [--quick] [--seed N] [--database-url URL]
-              [--only SCENARIO,...] [--out DIR] (default: target/chaos)
+  chaos       Run pgbus under faults (worker, relay and scheduler kills, database
+              restarts, terminated connections, locks) and check nothing is lost;
+              writes report.md and report.json [--quick] [--seed N]
+              [--database-url URL] [--only SCENARIO,...] [--out DIR]
+              (default: target/chaos)
   test        Run every test (cargo test --workspace --all-features), then the
               conformance, worker, group, wake-up and stream suites again over TLS
   help        Print this help

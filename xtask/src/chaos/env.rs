@@ -417,6 +417,8 @@ struct Slot {
     running: Option<(Child, u32)>,
     /// When a process that died by itself is started again.
     restart_at: Option<Instant>,
+    /// The log of the slot's latest process.
+    log: Option<PathBuf>,
 }
 
 impl Procs {
@@ -484,6 +486,7 @@ impl Procs {
         state.slots[slot] = Slot {
             running: Some((child, pid)),
             restart_at: None,
+            log: Some(log_path),
         };
         Ok(pid)
     }
@@ -501,10 +504,8 @@ impl Procs {
                     );
                     println!("chaos:   ! {line}");
                     state.unexpected.push(line);
-                    state.slots[slot] = Slot {
-                        running: None,
-                        restart_at: Some(now + Duration::from_secs(1)),
-                    };
+                    state.slots[slot].running = None;
+                    state.slots[slot].restart_at = Some(now + Duration::from_secs(1));
                 }
             } else if state.slots[slot].restart_at.is_some_and(|at| at <= now) {
                 if let Err(err) = self.spawn(&mut state, slot) {
@@ -675,6 +676,20 @@ impl Procs {
             .iter()
             .filter_map(|s| s.running.as_ref().map(|(_, pid)| *pid))
             .collect()
+    }
+
+    /// The slot whose running process wrote `text` to its log (stdout and stderr), if one
+    /// did.
+    pub(crate) fn slot_logging(&self, text: &str) -> Option<usize> {
+        let state = self.state.lock().expect("procs");
+        state.slots.iter().position(|slot| {
+            slot.running.is_some()
+                && slot
+                    .log
+                    .as_ref()
+                    .and_then(|log| std::fs::read_to_string(log).ok())
+                    .is_some_and(|log| log.contains(text))
+        })
     }
 
     pub(crate) fn slots(&self) -> usize {
