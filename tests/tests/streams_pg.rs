@@ -320,9 +320,11 @@ async fn the_dispatcher_holds_no_pooled_connection_between_iterations() {
     }
     let stats = instance.stats();
     assert!(stats.store_errors > 0, "failures were injected: {stats:?}");
+    // Three connects, then reads of new events (a burst of commits costs a few reads,
+    // not one each, so there are not many more).
     assert!(
-        stats.iterations >= 10,
-        "the hook checked many iterations: {stats:?}"
+        stats.iterations > 3,
+        "the hook checked iterations that read events: {stats:?}"
     );
     assert_eq!(
         violations.load(Ordering::SeqCst),
