@@ -68,18 +68,13 @@ pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCo
         }
         Outcome::Ack
     };
-    let plain = with_wakeups(Worker::builder(backend.clone()))
+    // Plain and grouped jobs on one set of slots, as `pgbus work` runs them.
+    let worker = with_wakeups(Worker::builder(backend.clone()))
         .concurrency(8)
         .execution_mode(ExecutionMode::Async)
         .handle(queue.clone(), handler)
-        .build()?;
-    let grouped = with_wakeups(Worker::builder(backend.clone()))
-        .concurrency(4)
-        .execution_mode(ExecutionMode::Async)
-        .handle(queue.clone(), handler)
-        .build_groups()?;
-    let plain = tokio::spawn(plain.run(stop.clone()));
-    let grouped = tokio::spawn(grouped.run(stop.clone()));
+        .build_mixed()?;
+    let worker = tokio::spawn(worker.run(stop.clone()));
 
     println!("pgbus demo: sending jobs to queue `demo` (every 10th fails into the dead-letter queue, every 3rd is grouped); Ctrl-C stops");
     let mut n = 0u64;
@@ -106,15 +101,12 @@ pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCo
             }
         }
     }
-    let plain = plain.await??;
-    let grouped = grouped.await??;
+    let report = worker.await??;
     #[cfg(any(feature = "dashboard", feature = "stream"))]
     server.wait().await?;
     println!(
         "pgbus demo: stopped after sending {n} jobs; {} acked, {} retried, {} dead-lettered",
-        plain.acked + grouped.acked,
-        plain.retried + grouped.retried,
-        plain.dead_lettered + grouped.dead_lettered
+        report.acked, report.retried, report.dead_lettered
     );
     Ok(ExitCode::SUCCESS)
 }
