@@ -649,17 +649,7 @@ impl LimitedServe {
                 }
             }
         });
-        let deadline = Instant::now() + SHORT;
-        while !listening(port) {
-            if let Ok(Some(status)) = process.0.try_wait() {
-                panic!("pgbus serve exited with {status} before listening");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pgbus serve did not listen within {SHORT:?}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(&mut process.0, port);
         LimitedServe { port, process, log }
     }
 

@@ -286,6 +286,29 @@ type Runs = Arc<Mutex<Vec<(String, u32, u32)>>>;
 /// `(group, seq, start, end)` of every handler run.
 type Timings = Arc<Mutex<Vec<(String, u32, Instant, Instant)>>>;
 
+/// A handler that counts itself on `gauge` while it works for `work`.
+fn gauged(
+    gauge: &Arc<Gauge>,
+    work: Duration,
+) -> impl Fn(
+    JobContext<PgBackend>,
+    Step,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    let gauge = gauge.clone();
+    move |_ctx: JobContext<PgBackend>, _step: Step| {
+        let gauge = gauge.clone();
+        Box::pin(async move {
+            gauge.enter();
+            tokio::time::sleep(work).await;
+            gauge.leave();
+        })
+    }
+}
+
 fn runs_of(runs: &Runs, group: &str) -> Vec<(u32, u32)> {
     runs.lock()
         .unwrap()
@@ -1157,17 +1180,7 @@ async fn connection_budget_holds() {
     let worker = Worker::builder(worker_backend(&url, "worker"))
         .concurrency(CONCURRENCY)
         .poll_interval(POLL)
-        .handle(q.clone(), {
-            let gauge = gauge.clone();
-            move |_ctx: JobContext<PgBackend>, _step: Step| {
-                let gauge = gauge.clone();
-                async move {
-                    gauge.enter();
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    gauge.leave();
-                }
-            }
-        })
+        .handle(q.clone(), gauged(&gauge, Duration::from_millis(2)))
         .build_groups()
         .unwrap();
     let monitor = worker.monitor();
@@ -1251,17 +1264,7 @@ async fn mixed_worker_opens_group_connections_for_grouped_work_only() {
         .concurrency(CONCURRENCY)
         .poll_interval(POLL)
         .group_idle_timeout(Duration::from_millis(500))
-        .handle(q.clone(), {
-            let gauge = gauge.clone();
-            move |_ctx: JobContext<PgBackend>, _step: Step| {
-                let gauge = gauge.clone();
-                async move {
-                    gauge.enter();
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    gauge.leave();
-                }
-            }
-        })
+        .handle(q.clone(), gauged(&gauge, Duration::from_millis(5)))
         .build_mixed()
         .unwrap();
     let monitor = worker.monitor();

@@ -410,6 +410,22 @@ pub fn listening(port: u16) -> bool {
 }
 
 /// A `pgbus serve` running in the background on its own port.
+/// Waits until `pgbus serve` (`child`) listens on `port`; panics if it exits first or
+/// takes longer than [`SHORT`].
+pub fn wait_listening(child: &mut Child, port: u16) {
+    let deadline = Instant::now() + SHORT;
+    while !listening(port) {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("pgbus serve exited with {status} before listening");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgbus serve did not listen within {SHORT:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub struct Served {
     pub port: u16,
     pub process: Background,
@@ -427,17 +443,7 @@ impl Served {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let mut process = Background(cmd.spawn().expect("starting pgbus serve"));
-        let deadline = Instant::now() + SHORT;
-        while !listening(port) {
-            if let Ok(Some(status)) = process.0.try_wait() {
-                panic!("pgbus serve exited with {status} before listening");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pgbus serve did not listen within {SHORT:?}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(&mut process.0, port);
         Served { port, process }
     }
 
