@@ -94,6 +94,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "grants",
         sql: include_str!("../migrations/0015_grants.sql"),
     },
+    Migration {
+        version: 16,
+        name: "sql_send",
+        sql: include_str!("../migrations/0016_sql_send.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.
