@@ -1,4 +1,10 @@
 //! The `pgbus` command: parse arguments, install logging, run, map errors to exit codes.
+//!
+//! `pgbus` manages queues, sends messages, runs workers whose handlers are a command
+//! (`--exec`) or an HTTP endpoint (`--http`), and serves the dashboard, JSON API, SSE
+//! streams and metrics (`pgbus serve`), on `--database-url` / `DATABASE_URL` or, with
+//! neither, an embedded cluster it creates from the machine's PostgreSQL binaries.
+//! Every command and option is described in `docs/cli.md`; `pgbus --help` lists them.
 
 use std::process::ExitCode;
 

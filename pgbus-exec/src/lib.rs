@@ -5,11 +5,10 @@
 //! depends on a particular database: the Postgres backend lives in `pgbus-pg`, and
 //! everything here is tested on the in-memory backend too.
 //!
-//! ```
+//! ```no_run
 //! use std::time::Duration;
-//! use pgbus_core::{MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, Stats};
-//! use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker};
-//! use tokio_util::sync::CancellationToken;
+//! use pgbus_core::{MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions};
+//! use pgbus_exec::{CancellationToken, ExecutionMode, JobContext, Outcome, Worker};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct Email { to: String }
@@ -31,14 +30,12 @@
 //!         Outcome::Ack
 //!     })
 //!     .build()?;
+//! // Runs until nothing is ready, in flight or due (within `Duration::ZERO`) in the
+//! // worker's queues; cancelling `stop` ends it early. A long-running worker calls
+//! // `worker.run(stop)` instead.
 //! let stop = CancellationToken::new();
-//! let running = tokio::spawn(worker.run(stop.clone()));
-//! while backend.stats().await?[0].depth() > 0 {
-//!     tokio::time::sleep(Duration::from_millis(10)).await;
-//! }
-//! stop.cancel();
-//! let report = running.await.expect("worker task")?;
-//! assert_eq!(report.acked, 1);
+//! let report = worker.run_until_empty(Duration::ZERO, stop).await?;
+//! println!("{report:?}");
 //! # Ok(()) }
 //! ```
 //!
@@ -124,3 +121,9 @@ pub use worker::{
     default_execution_mode, set_default_execution_mode, Worker, WorkerBuilder, WorkerMetadata,
     WorkerMonitor, WorkerReport,
 };
+
+/// The crate README's example, compiled (and run, unless marked `no_run`) as a doc test so
+/// the README cannot drift from the API. Only built by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

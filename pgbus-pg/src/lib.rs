@@ -93,3 +93,9 @@ pub use scheduler::{ScheduleInfo, Scheduler, SchedulerBuilder, SchedulerMonitor}
 pub use stream_listener::PgStreamListener;
 pub use throughput::ThroughputPoint;
 pub use transaction::PgTransaction;
+
+/// The crate README's example, compiled (and run, unless marked `no_run`) as a doc test so
+/// the README cannot drift from the API. Only built by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
