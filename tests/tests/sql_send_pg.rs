@@ -704,10 +704,10 @@ async fn a_statement_wakes_workers_once_on_commit_when_a_job_is_ready() {
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    // Notifications arrive in commit order: once the marker's is heard, every earlier one
-    // has been.
-    client
-        .query("SELECT pgbus.send('marker', '1')", &[])
+    // Notifications arrive in commit order: once the marker's (from the Rust send) is
+    // heard, every earlier one has been.
+    backend
+        .send(&marker, NewMessage::json(&1).unwrap())
         .await
         .unwrap();
     eventually("the marker is heard", DEADLINE, || async {
