@@ -86,7 +86,7 @@ pub use group::{GroupInFlight, PgGroupRecovery, PgGroupSession};
 pub use group_locks::GroupLocks;
 pub use listener::PgListener;
 pub use maintenance::{Maintenance, MaintenanceBuilder, Pruned};
-pub use migrate::SCHEMA_VERSION;
+pub use migrate::{Uninstalled, SCHEMA_VERSION};
 pub use outbox::{write_outbox, OutboxRelay, OutboxRelayBuilder, RelayStats};
 pub use query::Pooler;
 pub use scheduler::{ScheduleInfo, Scheduler, SchedulerBuilder, SchedulerMonitor};
