@@ -107,6 +107,7 @@ mod mixed;
 mod pool;
 mod slots;
 mod subscriber;
+mod telemetry;
 mod threads;
 mod worker;
 
