@@ -52,6 +52,7 @@ mod queue;
 mod retry;
 mod schedule;
 mod stream;
+pub mod trace;
 mod unique;
 mod wakeup;
 

@@ -548,7 +548,7 @@ async fn drive_group<B: Backend>(
                 tokio::select! {
                     outcome = &mut rx => break Ok(outcome.unwrap_or_else(|_| Outcome::retry("handler panicked"))),
                     _ = heartbeat.tick() => match session.extend(&lease, *lease_for).await {
-                        Ok(true) => {}
+                        Ok(true) => crate::telemetry::leases_extended(1),
                         Ok(false) => tracing::warn!(target: "pgbus::group", group = %group, "lease lost while the handler ran"),
                         Err(err) => break Err(err),
                     },

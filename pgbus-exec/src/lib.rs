@@ -112,6 +112,7 @@ mod mixed;
 mod pool;
 mod slots;
 mod subscriber;
+mod telemetry;
 #[cfg(feature = "threads")]
 mod threads;
 mod until_empty;

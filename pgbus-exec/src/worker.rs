@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pgbus_core::{
@@ -17,6 +17,7 @@ use pgbus_core::{
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
@@ -29,6 +30,7 @@ use crate::AsyncPool;
 #[cfg(feature = "threads")]
 use crate::ThreadPool;
 use crate::{ExecError, ExecutionMode, ExecutionPool, MixedWorker};
+use crate::telemetry::{self, Finished};
 
 /// How long a busy worker (fewer than half its slots free) waits for half of them to free
 /// before claiming again: a bound on the latency it trades for batching.
@@ -825,8 +827,12 @@ impl<B: Backend> Fetch<'_, B> {
             }
             let queue = &queues[(start + i) % queues.len()];
             let (_, lease) = self.policies[queue];
+            let began = Instant::now();
             let claimed = match fetcher.get().claim(queue, free, lease).await {
-                Ok(claimed) => claimed,
+                Ok(claimed) => {
+                    telemetry::claimed(claimed.len(), began.elapsed());
+                    claimed
+                }
                 Err(err) => {
                     fetcher.discard();
                     return Err(err);
@@ -839,12 +845,16 @@ impl<B: Backend> Fetch<'_, B> {
             // Jobs with limit keys are claimed apart, and only with slots the plain jobs
             // left free, so a busy queue of plain jobs pays nothing for them.
             if taken < free {
+                let began = Instant::now();
                 let limited = match fetcher
                     .get()
                     .claim_limited(queue, free - taken, lease)
                     .await
                 {
-                    Ok(limited) => limited,
+                    Ok(limited) => {
+                        telemetry::claimed(limited.len(), began.elapsed());
+                        limited
+                    }
                     Err(err) => {
                         fetcher.discard();
                         return Err(err);
@@ -959,6 +969,31 @@ pub(crate) async fn run_handler<B>(
     timeout: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Outcome {
+    let span = telemetry::job_span(message);
+    telemetry::job_started(&message.queue, message.enqueued_at);
+    let began = Instant::now();
+    let outcome = run_guarded(handler, ctx, message, timeout, cancel)
+        .instrument(span.clone())
+        .await;
+    telemetry::job_ran(&message.queue, began.elapsed());
+    if !matches!(
+        outcome,
+        Outcome::Ack | Outcome::Committed | Outcome::Discard
+    ) {
+        telemetry::job_failed(&span);
+    }
+    outcome
+}
+
+/// [`run_handler`] without the telemetry: the handler under its timeout, its panic
+/// caught.
+async fn run_guarded<B>(
+    handler: &dyn ErasedHandler<B>,
+    ctx: JobContext<B>,
+    message: &Message,
+    timeout: Option<Duration>,
+    cancel: &CancellationToken,
+) -> Outcome {
     // `call` itself runs inside the caught future, so a panic while building the handler's
     // future is caught as well as one while polling it.
     let mut run = pin!(AssertUnwindSafe(async { handler.call(ctx, message).await })
@@ -998,6 +1033,27 @@ pub(crate) enum Settle {
 
 /// Decides what an outcome means for this delivery, counting and logging it.
 pub(crate) fn plan(
+    outcome: Outcome,
+    policy: &RetryPolicy,
+    lease: &Lease,
+    queue: &QueueName,
+    report: &Counters,
+) -> Settle {
+    let discard = matches!(outcome, Outcome::Discard);
+    let settle = decide(outcome, policy, lease, queue, report);
+    let finished = match &settle {
+        Settle::Ack if discard => Finished::Discarded,
+        Settle::Ack => Finished::Ack,
+        Settle::Nothing => Finished::Committed,
+        Settle::Nack(..) => Finished::Retry,
+        Settle::DeadLetter(_) => Finished::DeadLetter,
+    };
+    telemetry::job_finished(queue, finished);
+    settle
+}
+
+/// [`plan`] without the `pgbus_jobs_finished_total` count.
+fn decide(
     outcome: Outcome,
     policy: &RetryPolicy,
     lease: &Lease,
@@ -1227,8 +1283,11 @@ async fn keep_leases<B: Backend>(
         if leases.is_empty() {
             continue;
         }
-        if let Err(err) = backend.extend(&leases, lease).await {
-            tracing::warn!(target: "pgbus::worker", error = %err.report(), count = leases.len(), "could not extend leases");
+        match backend.extend(&leases, lease).await {
+            Ok(extended) => telemetry::leases_extended(extended),
+            Err(err) => {
+                tracing::warn!(target: "pgbus::worker", error = %err.report(), count = leases.len(), "could not extend leases");
+            }
         }
     }
 }

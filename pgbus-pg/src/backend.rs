@@ -12,6 +12,7 @@ use pgbus_core::{
 };
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, Row};
+use tracing::Instrument;
 
 use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::{db, pool, storable};
@@ -20,6 +21,7 @@ use crate::migrate::{self, Uninstalled, SCHEMA_VERSION};
 use crate::query::{Param, Pooler, Reused, Typed};
 use crate::send::{send_error, Columns};
 use crate::sql;
+use crate::telemetry;
 
 pub(crate) use crate::pool::Manager;
 
@@ -276,11 +278,15 @@ impl PgBackend {
     }
 
     /// Sends many messages in one statement on the caller's connection or transaction.
+    ///
+    /// Every send (this, [`send_in`](Self::send_in) and the [`Producer`] methods) runs in
+    /// a `pgbus.send` producer span; with the feature `otel` the messages carry its trace
+    /// context in their headers (see [`pgbus_core::trace`]).
     pub async fn send_batch_in(
         &self,
         client: &(impl GenericClient + Sync),
         queue: &QueueName,
-        messages: Vec<NewMessage>,
+        mut messages: Vec<NewMessage>,
     ) -> Result<Vec<MessageId>> {
         for message in &messages {
             message.check(self.max_payload_bytes)?;
@@ -288,6 +294,19 @@ impl PgBackend {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        let span = telemetry::send_span(queue, messages.len());
+        telemetry::inject(&span, &mut messages);
+        self.insert(client, queue, messages).instrument(span).await
+    }
+
+    /// The statement of a send, once the messages are checked and carry their trace
+    /// context.
+    async fn insert(
+        &self,
+        client: &(impl GenericClient + Sync),
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>> {
         // Jobs with keys take their own statement, so plain sends pay nothing for them.
         if messages.iter().any(crate::unique::is_keyed) {
             return crate::unique::send_keyed(client, queue, messages, self.notify).await;

@@ -73,6 +73,7 @@ mod send;
 mod sql;
 mod stream;
 mod stream_listener;
+mod telemetry;
 mod throughput;
 mod topics;
 mod transaction;

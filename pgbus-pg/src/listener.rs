@@ -227,7 +227,9 @@ async fn listen(
         let Some(shared) = shared.upgrade() else {
             return Ok(());
         };
-        shared.connections.fetch_add(1, Ordering::Relaxed);
+        if shared.connections.fetch_add(1, Ordering::Relaxed) > 0 {
+            crate::telemetry::listener_reconnected();
+        }
         shared.live.store(true, Ordering::Relaxed);
         tracing::info!(target: "pgbus::listen", channel = sql::WAKEUP_CHANNEL, "listening for wake-ups");
         // Anything sent while we were not listening was not heard: make everyone look.

@@ -10,12 +10,15 @@ use tokio_postgres::Client;
 
 use crate::connect::ConnectOptions;
 use crate::query::{Pooler, Reused};
+use crate::telemetry::CountedConnection;
 
 /// A pooled connection: its client, and the statements prepared on it by their text.
 pub(crate) struct PooledClient {
     client: Client,
     pooler: Pooler,
     prepared: Mutex<HashMap<&'static str, std::sync::Arc<Reused>>>,
+    /// Its place in the `pgbus_connections` gauge, given back when the pool drops it.
+    _counted: CountedConnection,
 }
 
 impl PooledClient {
@@ -83,6 +86,7 @@ impl bb8::ManageConnection for Manager {
             client,
             pooler: self.pooler,
             prepared: Mutex::default(),
+            _counted: CountedConnection::opened(&self.role),
         })
     }
 
