@@ -1,54 +1,132 @@
-//! `migrate`, `queue`, `dlq` and `stats`.
+//! `pgbus queue create|alter|list|pause|resume|purge|drop`.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use pgbus_core::{
-    CircuitBreaker, DeadLetters, DeadMessage, Error, MessageId, ProcessRecord, ProcessRegistry,
-    QueueAdmin, QueueName, QueueOptions, QueueStats, RetryPolicy, Selection, Stats, Topics,
-};
+use clap::{Args, Subcommand};
+use pgbus_core::{CircuitBreaker, Error, QueueAdmin, QueueName, QueueOptions, RetryPolicy};
 use pgbus_pg::PgBackend;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::cli::{AlterArgs, CreateArgs, DlqCommand, QueueCommand};
-use crate::database::Database;
-use crate::output::{Align, Table};
+use crate::support::database::Database;
+use crate::support::output::{Align, Table};
+use crate::support::time::{millis, positive_duration};
 
-pub(crate) async fn migrate(
-    db: &Database,
-    check: bool,
-    grant: &[String],
-) -> anyhow::Result<ExitCode> {
-    if check {
-        return Ok(match db.backend.check_schema().await {
-            Ok(()) => {
-                println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION);
-                ExitCode::SUCCESS
-            }
-            Err(err @ Error::SchemaMismatch { .. }) => {
-                crate::output::error(err);
-                ExitCode::FAILURE
-            }
-            Err(err) => return Err(err.into()),
-        });
-    }
-    let roles: Vec<&str> = grant.iter().map(String::as_str).collect();
-    let applied = db.backend.migrate_and_grant(&roles).await?;
-    match applied.as_slice() {
-        [] => println!("schema is current (version {})", pgbus_pg::SCHEMA_VERSION),
-        versions => println!("applied migrations {versions:?}"),
-    }
-    for role in &roles {
-        println!("granted {role} what pgbus needs at run time");
-    }
-    Ok(ExitCode::SUCCESS)
+#[derive(Debug, Subcommand)]
+pub(crate) enum QueueCommand {
+    /// Create a queue. When it exists with the options given, nothing changes; with other
+    /// ones, an error names them (change them with `queue alter`).
+    Create(CreateArgs),
+    /// Change options of a queue; those not given stay as they are. Running workers keep
+    /// the retry policy, lease and breaker they read when they started.
+    Alter(AlterArgs),
+    /// List queues.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop handing out messages.
+    Pause {
+        /// Queue name.
+        name: String,
+    },
+    /// Hand out messages again.
+    Resume {
+        /// Queue name.
+        name: String,
+    },
+    /// Delete every message (dead letters stay).
+    Purge {
+        /// Queue name.
+        name: String,
+    },
+    /// Delete the queue with its messages, dead letters and archive.
+    Drop {
+        /// Queue name.
+        name: String,
+    },
 }
 
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+impl QueueCommand {
+    /// What clap cannot say: `alter` needs at least one option. The subcommand path and
+    /// the message for the usage error.
+    pub(crate) fn missing_argument(&self) -> Option<(&'static [&'static str], &'static str)> {
+        match self {
+            QueueCommand::Alter(args) if args.is_empty() => Some((
+                &["queue", "alter"],
+                "give at least one option to change (see pgbus queue alter --help)",
+            )),
+            _ => None,
+        }
+    }
 }
 
-pub(crate) async fn queue(db: &Database, command: QueueCommand) -> anyhow::Result<ExitCode> {
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// Queue name: lowercase [a-z0-9_], starting with a letter, at most 48 bytes.
+    pub(crate) name: String,
+    /// Attempts before a message is dead-lettered [default: 5].
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// Lease (visibility timeout) of a claimed message [default: 30s].
+    #[arg(long, value_parser = positive_duration, allow_hyphen_values = true)]
+    pub(crate) lease: Option<Duration>,
+    /// Keep acked messages in the archive.
+    #[arg(long)]
+    pub(crate) keep_history: bool,
+    /// Circuit breaker: pause the queue after this many failed jobs in a row...
+    #[arg(long, requires = "breaker_backoff")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// ... for this long, then resume by itself.
+    #[arg(long, value_parser = positive_duration, requires = "breaker_failures", allow_hyphen_values = true)]
+    pub(crate) breaker_backoff: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AlterArgs {
+    /// The queue to change.
+    pub(crate) name: String,
+    /// Attempts before a message is dead-lettered.
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// Lease (visibility timeout) of a claimed message.
+    #[arg(long, value_parser = positive_duration, allow_hyphen_values = true)]
+    pub(crate) lease: Option<Duration>,
+    /// Keep acked messages in the archive from now on.
+    #[arg(long, conflicts_with = "no_keep_history")]
+    pub(crate) keep_history: bool,
+    /// Keep no more acked messages (the archive kept so far is pruned as usual).
+    #[arg(long)]
+    pub(crate) no_keep_history: bool,
+    /// Circuit breaker: failures in a row that pause the queue (a queue without a breaker
+    /// needs --breaker-backoff too).
+    #[arg(long, conflicts_with = "no_breaker")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// Circuit breaker: how long it pauses the queue (a queue without a breaker needs
+    /// --breaker-failures too).
+    #[arg(long, value_parser = positive_duration, conflicts_with = "no_breaker", allow_hyphen_values = true)]
+    pub(crate) breaker_backoff: Option<Duration>,
+    /// Remove the circuit breaker (an open one closes).
+    #[arg(long)]
+    pub(crate) no_breaker: bool,
+}
+
+impl AlterArgs {
+    /// No option to change.
+    fn is_empty(&self) -> bool {
+        self.max_attempts.is_none()
+            && self.lease.is_none()
+            && !self.keep_history
+            && !self.no_keep_history
+            && self.breaker_failures.is_none()
+            && self.breaker_backoff.is_none()
+            && !self.no_breaker
+    }
+}
+
+/// `pgbus queue ...`.
+pub(crate) async fn run(command: QueueCommand, db: &Database) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?;
     let say = |text: String| println!("{text}");
     match command {
@@ -245,234 +323,4 @@ fn altered(
         ),
     };
     Ok(options)
-}
-
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// Dead-lettered messages as `dlq list --json` and the dashboard API show them. A payload
-/// that does not decode in its codec is shown as text, never dropped.
-pub(crate) fn dead_json(dead: &[DeadMessage]) -> Value {
-    dead.iter()
-        .map(|d| {
-            let payload = d
-                .content_type
-                .decode::<Value>(&d.payload)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&d.payload).into_owned().into());
-            json!({
-                "id": d.id.0,
-                "attempts": d.attempts,
-                "failed_at": rfc3339(d.failed_at),
-                "enqueued_at": rfc3339(d.enqueued_at),
-                "error": d.error,
-                "group": d.group_key,
-                "payload": payload,
-            })
-        })
-        .collect()
-}
-
-pub(crate) async fn dlq(db: &Database, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let backend = db.ready().await?;
-    let retry = matches!(command, DlqCommand::Retry(_));
-    match command {
-        DlqCommand::List { queue, json, limit } => {
-            let dead = backend.list_dead(&QueueName::new(queue)?, limit).await?;
-            if json {
-                let list = dead_json(&dead);
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                let mut table = Table::new(&[
-                    ("ID", Align::Right),
-                    ("ATTEMPTS", Align::Right),
-                    ("FAILED_AT", Align::Left),
-                    ("ERROR", Align::Left),
-                ]);
-                for d in dead {
-                    table.row(vec![
-                        d.id.0.to_string(),
-                        d.attempts.to_string(),
-                        rfc3339(d.failed_at),
-                        d.error,
-                    ]);
-                }
-                table.print();
-            }
-        }
-        DlqCommand::Retry(selection) | DlqCommand::Discard(selection) => {
-            let queue = QueueName::new(selection.queue.clone())?;
-            let verb = if retry { "retried" } else { "discarded" };
-            let mut ids: Vec<MessageId> = Vec::new();
-            for id in selection.ids.iter().copied().map(MessageId) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-            // Ids that are not dead letters of the queue (a typo, another queue's, retried
-            // already) fail the command before anything of it is done.
-            if !selection.all {
-                let found = backend.dead_letter_ids(&queue, &ids).await?;
-                let missing: Vec<String> = ids
-                    .iter()
-                    .filter(|id| !found.contains(id))
-                    .map(ToString::to_string)
-                    .collect();
-                if !missing.is_empty() {
-                    anyhow::bail!(
-                        "not dead-lettered in queue {queue}: {} (nothing {verb})",
-                        missing.join(", ")
-                    );
-                }
-            }
-            let which = if selection.all {
-                Selection::All
-            } else {
-                Selection::Ids(&ids)
-            };
-            let n = if retry {
-                backend.retry_dead(&queue, which).await?
-            } else {
-                backend.discard_dead(&queue, which).await?
-            };
-            println!("{verb} {n} dead-lettered messages of queue {queue}");
-            if !selection.all && n < ids.len() as u64 {
-                anyhow::bail!(
-                    "{verb} {n} of {} messages: the others left the dead-letter queue \
-                     meanwhile",
-                    ids.len()
-                );
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Queue statistics as `stats --json` and the dashboard API show them.
-pub(crate) fn queues_json(queues: &[QueueStats]) -> Value {
-    queues
-        .iter()
-        .map(|s| {
-            json!({
-                "queue": s.queue.as_str(),
-                "paused": s.paused,
-                "depth": s.depth(),
-                "ready": s.ready,
-                "in_flight": s.in_flight,
-                "scheduled": s.scheduled,
-                "dead_lettered": s.dead_lettered,
-                "oldest_ready_age_ms": s.oldest_ready_age.map(millis),
-                "breaker_open_for_ms": s.breaker_open_for.map(millis),
-                "processed_per_minute": s.processed_per_minute,
-                "failed_per_minute": s.failed_per_minute,
-            })
-        })
-        .collect()
-}
-
-/// Worker processes as `stats --json` and the dashboard API show them.
-pub(crate) fn processes_json(processes: &[ProcessRecord], now: SystemTime) -> Value {
-    processes
-        .iter()
-        .map(|p| {
-            json!({
-                "id": p.id.0,
-                "hostname": p.info.hostname,
-                "pid": p.info.pid,
-                "queues": p.info.queues.iter().map(QueueName::as_str).collect::<Vec<_>>(),
-                "mode": p.info.mode,
-                "capacity": p.info.capacity,
-                "busy": p.busy,
-                "started_at": rfc3339(p.started_at),
-                "heartbeat_age_ms": millis(now.duration_since(p.heartbeat_at).unwrap_or_default()),
-            })
-        })
-        .collect()
-}
-
-pub(crate) async fn stats(db: &Database, json: bool) -> anyhow::Result<ExitCode> {
-    let backend = db.ready().await?;
-    let stats = backend.stats().await?;
-    let processes = backend.processes().await?;
-    let batches = backend.open_batches().await?;
-    let now = SystemTime::now();
-    let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "queues": queues_json(&stats),
-                "processes": processes_json(&processes, now),
-                "batches": crate::batches::batches_json(&batches),
-                "topics": crate::topics::topics_json(&backend.topic_stats().await?),
-            }))?
-        );
-    } else {
-        let mut table = Table::new(&[
-            ("QUEUE", Align::Left),
-            ("DEPTH", Align::Right),
-            ("READY", Align::Right),
-            ("IN_FLIGHT", Align::Right),
-            ("SCHEDULED", Align::Right),
-            ("DEAD", Align::Right),
-            ("OLDEST", Align::Right),
-            ("DONE/MIN", Align::Right),
-            ("FAILED/MIN", Align::Right),
-        ]);
-        for s in &stats {
-            let oldest = s
-                .oldest_ready_age
-                .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string())
-                .unwrap_or_else(|| "-".into());
-            let name = match (s.paused, s.breaker_open_for) {
-                (true, _) => format!("{} (paused)", s.queue),
-                (false, Some(open)) => format!("{} (breaker {}s)", s.queue, open.as_secs() + 1),
-                (false, None) => s.queue.to_string(),
-            };
-            table.row(vec![
-                name,
-                s.depth().to_string(),
-                s.ready.to_string(),
-                s.in_flight.to_string(),
-                s.scheduled.to_string(),
-                s.dead_lettered.to_string(),
-                oldest,
-                s.processed_per_minute.to_string(),
-                s.failed_per_minute.to_string(),
-            ]);
-        }
-        table.print();
-        if !processes.is_empty() {
-            println!();
-            let mut table = Table::new(&[
-                ("ID", Align::Right),
-                ("HOST", Align::Left),
-                ("PID", Align::Right),
-                ("MODE", Align::Left),
-                ("BUSY", Align::Right),
-                ("HEARTBEAT", Align::Right),
-                ("QUEUES", Align::Left),
-            ]);
-            for p in &processes {
-                table.row(vec![
-                    p.id.0.to_string(),
-                    p.info.hostname.clone(),
-                    p.info.pid.to_string(),
-                    p.info.mode.clone(),
-                    format!("{}/{}", p.busy, p.info.capacity),
-                    format!("{}s ago", age(p.heartbeat_at).as_secs()),
-                    p.info
-                        .queues
-                        .iter()
-                        .map(QueueName::as_str)
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ]);
-            }
-            table.print();
-        }
-        crate::batches::print_batches(&batches);
-        crate::topics::print_stats(backend).await?;
-    }
-    Ok(ExitCode::SUCCESS)
 }
