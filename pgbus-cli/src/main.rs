@@ -8,21 +8,11 @@
 
 use std::process::ExitCode;
 
-mod admin;
-mod batches;
 mod cli;
-mod cron;
-mod database;
-mod demo;
-mod output;
-mod relay;
-mod send;
+mod commands;
 #[cfg(any(feature = "dashboard", feature = "stream"))]
-mod serve;
-#[cfg(feature = "stream")]
-mod stream;
-mod topics;
-mod work;
+mod server;
+mod support;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_checked();
@@ -33,7 +23,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            output::error(format_args!("could not start the async runtime: {err}"));
+            support::output::error(format_args!("could not start the async runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -41,7 +31,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // One clear line: the error and its causes.
-            output::error(format_args!("{err:#}"));
+            support::output::error(format_args!("{err:#}"));
             ExitCode::FAILURE
         }
     }
