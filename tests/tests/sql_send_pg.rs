@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Owned parameters of a statement.
+type Params = Vec<Box<dyn ToSql + Sync>>;
+
 /// The payload every example producer sends.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 struct Job {
@@ -86,6 +89,7 @@ where
         .expect("a worker");
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
+    // A job whose payload does not decode as `T` is dead-lettered and never counted here.
     eventually("every job is handled", DEADLINE, || async {
         seen.lock().expect("seen").len() >= n
     })
@@ -131,7 +135,7 @@ async fn sql_sends_reach_a_typed_rust_handler() {
     let q = create(&backend, "jobs", QueueOptions::default()).await;
     let client = sql(&url).await;
 
-    // As from psql: literals, options by name.
+    // As from psql: literal arguments.
     let one: i64 = client
         .query_one(
             r#"SELECT pgbus.send('jobs', '{"n": 1, "producer": "psql"}')"#,
@@ -211,8 +215,9 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
         traceparent: Option<&'static str>,
         limit: Option<&'static str>,
     }
-    let base = |n: u32| Case {
-        rust: NewMessage::json(&json!({"n": n, "producer": "test"})).unwrap(),
+    let job = |n: u32| NewMessage::json(&json!({"n": n, "producer": "test"})).unwrap();
+    let plain = |rust: NewMessage| Case {
+        rust,
         delay: None,
         run_at: None,
         priority: None,
@@ -222,39 +227,41 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
         traceparent: None,
         limit: None,
     };
-    let mut cases = vec![base(0)];
-    let mut c = base(1);
-    c.rust = c.rust.delay(Duration::from_secs(90));
-    c.delay = Some("90 seconds");
-    cases.push(c);
-    let mut c = base(2);
-    c.rust = c.rust.at(run_at);
-    c.run_at = Some(run_at);
-    cases.push(c);
-    let mut c = base(3);
-    c.rust = c.rust.priority(7);
-    c.priority = Some(7);
-    cases.push(c);
-    let mut c = base(4);
-    c.rust = c.rust.group("customer:42");
-    c.group = Some("customer:42");
-    cases.push(c);
-    let mut c = base(5);
-    c.rust = c.rust.unique(Unique::new("welcome:42"));
-    c.unique = Some("welcome:42");
-    cases.push(c);
-    let mut c = base(6);
-    c.rust = c.rust.header("tenant", "acme").header("kind", "welcome");
-    c.headers = Some(json!({"tenant": "acme", "kind": "welcome"}));
-    cases.push(c);
-    let mut c = base(7);
-    c.rust = c.rust.header("traceparent", traceparent);
-    c.traceparent = Some(traceparent);
-    cases.push(c);
-    let mut c = base(8);
-    c.rust = c.rust.limit_key("smtp");
-    c.limit = Some("smtp");
-    cases.push(c);
+    let cases = vec![
+        plain(job(0)),
+        Case {
+            delay: Some("90 seconds"),
+            ..plain(job(1).delay(Duration::from_secs(90)))
+        },
+        Case {
+            run_at: Some(run_at),
+            ..plain(job(2).at(run_at))
+        },
+        Case {
+            priority: Some(7),
+            ..plain(job(3).priority(7))
+        },
+        Case {
+            group: Some("customer:42"),
+            ..plain(job(4).group("customer:42"))
+        },
+        Case {
+            unique: Some("welcome:42"),
+            ..plain(job(5).unique(Unique::new("welcome:42")))
+        },
+        Case {
+            headers: Some(json!({"tenant": "acme", "kind": "welcome"})),
+            ..plain(job(6).header("tenant", "acme").header("kind", "welcome"))
+        },
+        Case {
+            traceparent: Some(traceparent),
+            ..plain(job(7).header("traceparent", traceparent))
+        },
+        Case {
+            limit: Some("smtp"),
+            ..plain(job(8).limit_key("smtp"))
+        },
+    ];
 
     const SEND: &str = "SELECT pgbus.send($1, $2, delay => $3::text::interval, run_at => $4,
         priority => $5, group_key => $6, unique_key => $7, headers => $8, traceparent => $9,
@@ -287,9 +294,9 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
                 .get::<_, i64>(0)
         }
     };
-    let mut sql_ids = Vec::new();
+    let (mut rust_ids, mut sql_ids) = (Vec::new(), Vec::new());
     for c in &cases {
-        backend.send(&rust_q, c.rust.clone()).await.unwrap();
+        rust_ids.push(backend.send(&rust_q, c.rust.clone()).await.unwrap());
         sql_ids.push(send(c).await);
     }
 
@@ -351,8 +358,9 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
     assert_eq!(visible, run_at);
 
     // A unique key's second send returns the first job's id, from either side.
-    let again = send(&cases[5]).await;
-    assert_eq!(again, sql_ids[5]);
+    assert_eq!(send(&cases[5]).await, sql_ids[5]);
+    let again = backend.send(&rust_q, cases[5].rust.clone()).await.unwrap();
+    assert_eq!(again, rust_ids[5]);
     let batch: Vec<i64> = client
         .query(
             "SELECT pgbus.send_batch('from_sql', ARRAY['1', '2', '3']::jsonb[],
@@ -461,7 +469,7 @@ async fn refusals_carry_the_rust_errors_texts_and_store_nothing() {
     let job = || NewMessage::json(&json!({"n": 1})).unwrap();
     let over = MAX_DELAY.as_secs_f64() + 1.0;
     let before_epoch = UNIX_EPOCH - Duration::from_secs(1);
-    let cases: Vec<(NewMessage, &str, Vec<Box<dyn ToSql + Sync>>)> = vec![
+    let cases: Vec<(NewMessage, &str, Params)> = vec![
         (
             job().delay(MAX_DELAY + Duration::from_secs(1)),
             "SELECT pgbus.send('jobs', '1', delay => make_interval(secs => $1))",
@@ -543,6 +551,11 @@ async fn refusals_carry_the_rust_errors_texts_and_store_nothing() {
         )
         .await,
         ("54000".to_owned(), rust)
+    );
+    assert_eq!(
+        stored_count(&client).await,
+        0,
+        "a refused send stores nothing"
     );
     // The largest payload fits, from either side.
     let fits = "x".repeat(DEFAULT_MAX_PAYLOAD_BYTES - 2);
