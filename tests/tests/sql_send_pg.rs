@@ -902,24 +902,96 @@ fn require(program: &str, args: &[&str], install: &str) {
     }
 }
 
-/// Runs an example producer with the database URL in its environment (never in its
-/// arguments); returns its exit success, standard output and standard error.
-async fn run_example(
-    program: &'static str,
-    script: &'static str,
-    url: &str,
-    args: &[&str],
-) -> (bool, String, String) {
-    let mut command = Command::new(program);
+/// How an example producer is run for a queue and a job count: the connection (with its
+/// password) goes in the environment, never in the arguments.
+type Runner = fn(url: &str, queue: &str, count: &str) -> Command;
+
+fn python(url: &str, queue: &str, count: &str) -> Command {
+    let mut command = Command::new("python3");
     command
-        .arg(examples().join(script))
-        .args(args)
-        .current_dir(examples())
+        .arg(examples().join("enqueue.py"))
+        .args([queue, count])
         .env("DATABASE_URL", url);
+    command
+}
+
+fn node(url: &str, queue: &str, count: &str) -> Command {
+    let mut command = Command::new("node");
+    command
+        .arg(examples().join("enqueue.mjs"))
+        .args([queue, count])
+        .env("DATABASE_URL", url);
+    command
+}
+
+/// psql takes the connection from libpq's variables.
+fn psql(url: &str, queue: &str, count: &str) -> Command {
+    let config: tokio_postgres::Config = url.parse().expect("a test database URL");
+    let mut command = Command::new(psql_binary());
+    command
+        .args(["-X", "-At", "-v"])
+        .arg(format!("queue={queue}"))
+        .arg("-v")
+        .arg(format!("count={count}"))
+        .arg("-f")
+        .arg(examples().join("enqueue.sql"));
+    if let Some(host) = config.get_hosts().first() {
+        match host {
+            tokio_postgres::config::Host::Tcp(name) => command.env("PGHOST", name),
+            tokio_postgres::config::Host::Unix(dir) => command.env("PGHOST", dir),
+        };
+    }
+    if let Some(port) = config.get_ports().first() {
+        command.env("PGPORT", port.to_string());
+    }
+    if let Some(user) = config.get_user() {
+        command.env("PGUSER", user);
+    }
+    if let Some(db) = config.get_dbname() {
+        command.env("PGDATABASE", db);
+    }
+    if let Some(password) = config.get_password() {
+        command.env("PGPASSWORD", String::from_utf8_lossy(password).into_owned());
+    }
+    command
+}
+
+/// The `psql` of the PostgreSQL the tests run (`PGBUS_PG_BIN`, `PATH`, then
+/// `/usr/lib/postgresql/*/bin`, newest first).
+fn psql_binary() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PGBUS_PG_BIN")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    let mut installed: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    installed.sort();
+    dirs.extend(installed.into_iter().rev());
+    dirs.into_iter()
+        .map(|dir| dir.join("psql"))
+        .find(|psql| psql.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "this test runs examples/producers/enqueue.sql with psql: install the PostgreSQL \
+                 client (Debian: apt-get install postgresql-client) or set PGBUS_PG_BIN"
+            )
+        })
+}
+
+/// Runs an example producer; returns its exit success, standard output and standard error.
+async fn run_example(run: Runner, url: &str, queue: &str, count: &str) -> (bool, String, String) {
+    let mut command = run(url, queue, count);
+    command.current_dir(examples());
+    // The program only: the environment holds the password.
+    let program = command.get_program().to_string_lossy().into_owned();
     let out = tokio::task::spawn_blocking(move || command.output())
         .await
         .unwrap()
-        .unwrap_or_else(|err| panic!("running {program} {script}: {err}"));
+        .unwrap_or_else(|err| panic!("running {program}: {err}"));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -928,10 +1000,10 @@ async fn run_example(
 }
 
 /// Sends 25 jobs with an example producer; a Rust worker decodes each one.
-async fn example_producer(program: &'static str, script: &'static str, producer: &str) {
+async fn example_producer(script: &str, run: Runner, producer: &str) {
     let (backend, url) = fresh_backend(4).await;
     let q = create(&backend, "from_example", QueueOptions::default()).await;
-    let (ok, stdout, stderr) = run_example(program, script, &url, &["from_example", "25"]).await;
+    let (ok, stdout, stderr) = run_example(run, &url, "from_example", "25").await;
     assert!(ok, "{script} failed: {stderr}");
     let ids: Vec<i64> = stdout
         .lines()
@@ -962,13 +1034,28 @@ async fn example_producer(program: &'static str, script: &'static str, producer:
     let expected: Vec<(i64, u32)> = ids.iter().copied().zip(1..).collect();
     assert_eq!(got, expected);
 
-    // A refusal is one line on standard error and a failed exit.
-    let (ok, stdout, stderr) = run_example(program, script, &url, &["nope", "1"]).await;
+    // A refusal fails the run with pgbus's message (psql adds its own prefix and context;
+    // the Python and Node examples print that one line alone).
+    let (ok, stdout, stderr) = run_example(run, &url, "nope", "1").await;
     assert!(!ok && stdout.is_empty(), "{stdout}");
-    assert_eq!(
-        stderr.trim(),
-        format!("{script}: queue nope does not exist")
-    );
+    if script.ends_with(".sql") {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.ends_with("ERROR:  queue nope does not exist")),
+            "{stderr}"
+        );
+    } else {
+        assert_eq!(
+            stderr.trim(),
+            format!("{script}: queue nope does not exist")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_psql_example_enqueues_jobs_a_rust_worker_decodes() {
+    example_producer("enqueue.sql", psql, "psql").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -979,7 +1066,7 @@ async fn the_python_example_enqueues_jobs_a_rust_worker_decodes() {
         "this test runs examples/producers/enqueue.py: install python3 and psycopg 3 \
          (pip install 'psycopg[binary]')",
     );
-    example_producer("python3", "enqueue.py", "python").await;
+    example_producer("enqueue.py", python, "python").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -996,5 +1083,5 @@ async fn the_node_example_enqueues_jobs_a_rust_worker_decodes() {
          npm ci --prefix examples/producers ({} is missing)",
         pg.display()
     );
-    example_producer("node", "enqueue.mjs", "node").await;
+    example_producer("enqueue.mjs", node, "node").await;
 }
