@@ -1,9 +1,12 @@
-//! Mapping driver errors to [`pgbus_core::Error`], with transient ones marked.
+//! Mapping driver errors to [`pgbus_core::Error`], with transient ones marked, and the
+//! one-line reasons for failed TLS handshakes. It imports no other module of the crate:
+//! every module that talks to the server (`connect/` included) uses it.
+
+use std::error::Error as StdError;
 
 use pgbus_core::Error;
+use rustls::CertificateError;
 use tokio_postgres::error::SqlState;
-
-use crate::connect::tls_failure;
 
 /// Whether a Postgres error may go away by itself: the connection broke, the server is
 /// shutting down or starting, a serialization failure or deadlock, too many connections.
@@ -65,5 +68,79 @@ pub(crate) fn storable(text: &str) -> std::borrow::Cow<'_, str> {
         text.replace('\0', "\u{fffd}").into()
     } else {
         text.into()
+    }
+}
+
+/// A setting pgbus refuses (a bad URL, sslmode or certificate file): not transient, no
+/// driver error behind it.
+pub(crate) fn invalid(message: String) -> Error {
+    Error::Backend {
+        message,
+        transient: false,
+        source: None,
+    }
+}
+
+/// Why a connection's TLS failed, in one line naming the cause, or `None` when `err` is
+/// not a TLS failure.
+pub(crate) fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(describe_rustls(tls));
+        }
+        // An io::Error's `source` skips the error it wraps: look inside.
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(describe_rustls(inner));
+        }
+        if err.to_string().contains("server does not support TLS") {
+            return Some(
+                "the server does not support TLS (it has ssl = off), and this sslmode requires it"
+                    .to_owned(),
+            );
+        }
+        next = err.source();
+    }
+    None
+}
+
+fn describe_rustls(err: &rustls::Error) -> String {
+    use rustls::AlertDescription as Alert;
+    match err {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::UnknownIssuer => "TLS: the server's certificate is not trusted \
+                (its issuer is not in sslrootcert)"
+                .to_owned(),
+            CertificateError::NotValidForName => {
+                "TLS: the server's certificate does not match the host name (name mismatch)"
+                    .to_owned()
+            }
+            CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            } => format!(
+                "TLS: the server's certificate does not match the host name {expected:?} \
+                 (name mismatch; it is for {})",
+                presented.join(", ")
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "TLS: the server's certificate has expired".to_owned()
+            }
+            other => format!("TLS: the server's certificate was rejected: {other:?}"),
+        },
+        rustls::Error::AlertReceived(
+            alert @ (Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::AccessDenied),
+        ) => format!(
+            "TLS: the server refused our client certificate ({alert:?}): check sslcert and sslkey"
+        ),
+        other => format!("TLS handshake failed: {other}"),
     }
 }

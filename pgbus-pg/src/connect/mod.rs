@@ -10,14 +10,13 @@ mod tls;
 
 use std::sync::Arc;
 
-use pgbus_core::{Error, Result};
+use pgbus_core::Result;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Config, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::error::db;
+use crate::error::{db, invalid};
 
-pub(crate) use tls::tls_failure;
 pub use tls::SslMode;
 
 /// A connection's I/O half, TLS or plain (decided per connection by `sslmode`).
@@ -161,13 +160,5 @@ impl std::fmt::Debug for SecretUrl {
 impl<T: Into<std::sync::Arc<str>>> From<T> for SecretUrl {
     fn from(url: T) -> Self {
         Self(url.into())
-    }
-}
-
-fn invalid(message: String) -> Error {
-    Error::Backend {
-        message,
-        transient: false,
-        source: None,
     }
 }

@@ -4,7 +4,7 @@
 
 use pgbus_core::Result;
 
-use super::invalid;
+use crate::error::invalid;
 
 /// The TLS parameters a connection string named (unset: not named).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

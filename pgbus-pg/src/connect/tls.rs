@@ -1,7 +1,6 @@
-//! TLS with libpq's `sslmode` semantics on rustls (aws-lc-rs provider), and one-line reasons
-//! for failed handshakes.
+//! TLS with libpq's `sslmode` semantics on rustls (aws-lc-rs provider). (The one-line
+//! reasons for failed handshakes are `crate::error::tls_failure`.)
 
-use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,8 +12,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
 
-use super::invalid;
 use super::params::SslParams;
+use crate::error::invalid;
 
 /// libpq's `sslmode`: whether TLS is used and what of the server's certificate is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -295,70 +294,6 @@ impl ServerCertVerifier for Verifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// Why a connection's TLS failed, in one line naming the cause, or `None` when `err` is
-/// not a TLS failure.
-pub(crate) fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
-    let mut next = Some(err);
-    while let Some(err) = next {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(describe_rustls(tls));
-        }
-        // An io::Error's `source` skips the error it wraps: look inside.
-        if let Some(inner) = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(describe_rustls(inner));
-        }
-        if err.to_string().contains("server does not support TLS") {
-            return Some(
-                "the server does not support TLS (it has ssl = off), and this sslmode requires it"
-                    .to_owned(),
-            );
-        }
-        next = err.source();
-    }
-    None
-}
-
-fn describe_rustls(err: &rustls::Error) -> String {
-    use rustls::AlertDescription as Alert;
-    match err {
-        rustls::Error::InvalidCertificate(cert) => match cert {
-            CertificateError::UnknownIssuer => "TLS: the server's certificate is not trusted \
-                (its issuer is not in sslrootcert)"
-                .to_owned(),
-            CertificateError::NotValidForName => {
-                "TLS: the server's certificate does not match the host name (name mismatch)"
-                    .to_owned()
-            }
-            CertificateError::NotValidForNameContext {
-                expected,
-                presented,
-            } => format!(
-                "TLS: the server's certificate does not match the host name {expected:?} \
-                 (name mismatch; it is for {})",
-                presented.join(", ")
-            ),
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                "TLS: the server's certificate has expired".to_owned()
-            }
-            other => format!("TLS: the server's certificate was rejected: {other:?}"),
-        },
-        rustls::Error::AlertReceived(
-            alert @ (Alert::CertificateRequired
-            | Alert::BadCertificate
-            | Alert::UnknownCA
-            | Alert::CertificateUnknown
-            | Alert::AccessDenied),
-        ) => format!(
-            "TLS: the server refused our client certificate ({alert:?}): check sslcert and sslkey"
-        ),
-        other => format!("TLS handshake failed: {other}"),
     }
 }
 
