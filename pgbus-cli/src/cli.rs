@@ -8,7 +8,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    cron, db, demo, dlq, migrate, publish, queue, relay, send, stats, topic, work,
+    cron, db, demo, dlq, migrate, publish, queue, relay, send, stats, topic, uninstall, work,
 };
 use crate::support::database::{self, Database};
 use crate::support::output;
@@ -91,6 +91,9 @@ pub(crate) enum LogFormat {
 pub(crate) enum Command {
     /// Apply schema migrations (or, with --check, report whether the schema is current).
     Migrate(migrate::MigrateArgs),
+    /// Drop the pgbus schema and everything in it (refused while live workers are
+    /// registered, unless --force); `pgbus migrate` installs it again.
+    Uninstall(uninstall::UninstallArgs),
     /// Create, list and manage queues.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
@@ -156,6 +159,7 @@ impl Cli {
             Command::Work(args) => args.missing_argument(),
             Command::Queue(command) => command.missing_argument(),
             Command::Dlq(command) => command.missing_argument(),
+            Command::Uninstall(args) => args.missing_argument(),
             _ => None,
         };
         if let Some((path, message)) = missing {
@@ -205,6 +209,7 @@ impl Cli {
         let db = &database;
         match self.command {
             Command::Migrate(args) => migrate::run(args, db).await,
+            Command::Uninstall(args) => uninstall::run(args, db).await,
             Command::Queue(command) => queue::run(command, db).await,
             Command::Send(args) => send::run(args, db).await,
             Command::Work(args) => work::run(args, db).await,

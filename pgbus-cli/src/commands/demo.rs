@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use pgbus_core::{NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, RetryPolicy, Stats};
-use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerBuilder};
+use pgbus_exec::{JobContext, Outcome, Worker, WorkerBuilder};
 use pgbus_pg::PgBackend;
 use serde::{Deserialize, Serialize};
 
@@ -85,7 +85,6 @@ pub(crate) async fn run(args: DemoArgs, db: &Database) -> anyhow::Result<ExitCod
     // Plain and grouped jobs on one set of slots, as `pgbus work` runs them.
     let worker = with_wakeups(Worker::builder(backend.clone()))
         .concurrency(8)
-        .execution_mode(ExecutionMode::Async)
         .handle(queue.clone(), handler)
         .build_mixed()?;
     let worker = tokio::spawn(worker.run(stop.clone()));

@@ -20,4 +20,5 @@ pub(crate) mod stats;
 #[cfg(feature = "stream")]
 pub(crate) mod stream;
 pub(crate) mod topic;
+pub(crate) mod uninstall;
 pub(crate) mod work;

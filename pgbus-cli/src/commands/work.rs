@@ -2,7 +2,6 @@
 //! `--processes` supervisor.
 
 mod envelope;
-mod until_empty;
 
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use pgbus_core::QueueName;
-use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
+use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker};
 use pgbus_pg::{Maintenance, PgBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,7 +18,10 @@ use crate::support::database::Database;
 use crate::support::signals::stop_on_signals;
 use crate::support::time::{duration, positive_duration};
 use envelope::Delivery;
-use until_empty::EXIT_PAUSED;
+
+/// Exit status of `--until-empty` when a paused queue holds work the run could not do
+/// (EX_TEMPFAIL: run it again once the queue is resumed).
+pub(crate) const EXIT_PAUSED: u8 = 75;
 
 // No doc comment: the `Command` variant's is the command's about.
 #[derive(Debug, Args)]
@@ -42,9 +44,10 @@ pub(crate) struct WorkArgs {
     /// comes and goes. With --processes, each worker process has this budget.
     #[arg(long, default_value_t = 10)]
     pub(crate) concurrency: usize,
-    /// threads (one OS thread per job) or async (tasks; fiber is an alias).
-    #[arg(long, default_value = "async")]
-    pub(crate) execution_mode: String,
+    /// threads (one OS thread per job) or async (tasks; fiber is an alias). The default is
+    /// async, or threads in a build without async.
+    #[arg(long, value_parser = execution_mode, default_value_t = ExecutionMode::default())]
+    pub(crate) execution_mode: ExecutionMode,
     /// Longest wait between claims when no wake-up arrives.
     #[arg(long, value_parser = positive_duration, default_value = "1s", allow_hyphen_values = true)]
     pub(crate) poll_interval: Duration,
@@ -150,16 +153,8 @@ enum Target {
 }
 
 /// The execution mode, refusing modes this build was compiled without.
-pub(crate) fn execution_mode(name: &str) -> anyhow::Result<ExecutionMode> {
-    let mode: ExecutionMode = name.parse()?;
-    let built = match mode {
-        ExecutionMode::Threads => cfg!(feature = "threads"),
-        ExecutionMode::Async => cfg!(feature = "async"),
-    };
-    if !built {
-        bail!("this pgbus was built without the `{mode}` feature");
-    }
-    Ok(mode)
+fn execution_mode(name: &str) -> Result<ExecutionMode, pgbus_exec::ExecError> {
+    name.parse::<ExecutionMode>()?.check_built()
 }
 
 /// `pgbus work`.
@@ -173,7 +168,6 @@ pub(crate) async fn run(args: WorkArgs, db: &Database) -> anyhow::Result<ExitCod
         .iter()
         .map(|q| QueueName::new(q.clone()))
         .collect::<Result<Vec<_>, _>>()?;
-    let mode = execution_mode(&args.execution_mode)?;
     let target = match (&args.exec, &args.http) {
         (Some(cmd), None) => Target::Exec {
             cmd: cmd.as_str().into(),
@@ -205,7 +199,7 @@ pub(crate) async fn run(args: WorkArgs, db: &Database) -> anyhow::Result<ExitCod
     let build = |builder: pgbus_exec::WorkerBuilder<PgBackend>| {
         let mut builder = builder
             .concurrency(args.concurrency)
-            .execution_mode(mode)
+            .execution_mode(args.execution_mode)
             .poll_interval(args.poll_interval)
             .job_timeout(args.job_timeout.saturating_add(TIMEOUT_BACKSTOP))
             .drain_timeout(args.drain_timeout);
@@ -226,17 +220,15 @@ pub(crate) async fn run(args: WorkArgs, db: &Database) -> anyhow::Result<ExitCod
     };
     // Plain and grouped messages on one set of `--concurrency` slots, one process entry.
     let worker = build(Worker::builder(backend.clone())).build_mixed()?;
-    let worker = tokio::spawn(worker.run(stop.clone()));
     let maintenance = tokio::spawn(maintenance.run(stop.clone()));
-    let until_empty = args.until_empty.then(|| {
-        tokio::spawn(until_empty::watch(
-            backend.clone(),
-            queues.clone(),
-            args.wait_due,
-            stop.clone(),
-        ))
-    });
-    let report: WorkerReport = worker.await??;
+    // A run-once worker stops itself when its queues are done, and logs what it left.
+    let (report, paused) = if args.until_empty {
+        let run = tokio::spawn(worker.run_until_empty(args.wait_due, stop.clone())).await??;
+        let paused = run.paused();
+        (run.worker, paused)
+    } else {
+        (tokio::spawn(worker.run(stop.clone())).await??, None)
+    };
     // Pruning stops with the worker, however it came to stop.
     stop.cancel();
     maintenance.await?;
@@ -247,11 +239,7 @@ pub(crate) async fn run(args: WorkArgs, db: &Database) -> anyhow::Result<ExitCod
         dead_lettered = report.dead_lettered,
         "worker stopped"
     );
-    let left = match until_empty {
-        Some(watcher) => watcher.await?,
-        None => None,
-    };
-    if let Some(paused) = left.and_then(|left| left.paused()) {
+    if let Some(paused) = paused {
         tracing::error!(target: "pgbus::cli", "{paused}");
         return Ok(ExitCode::from(EXIT_PAUSED));
     }
