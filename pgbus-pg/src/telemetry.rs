@@ -52,7 +52,9 @@ pub(crate) fn inject(span: &Span, messages: &mut [NewMessage]) {
             }
             inject_context(&cx, &mut message.headers);
             if batch && message.headers.contains_key(TRACEPARENT) {
-                message.headers.insert(TRACE_LINK.to_owned(), "1".to_owned());
+                message
+                    .headers
+                    .insert(TRACE_LINK.to_owned(), "1".to_owned());
             }
         }
     }

@@ -21,7 +21,10 @@ impl Scrape {
     fn of(handle: &PrometheusHandle) -> Self {
         let text = handle.render();
         let mut series = BTreeMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (key, value) = line.rsplit_once(' ').expect("series and value");
             let (name, labels) = match key.split_once('{') {
                 Some((name, labels)) => (
@@ -79,16 +82,19 @@ async fn a_worker_counts_its_jobs_by_outcome() {
         .lease(Duration::from_secs(1))
         .poll_interval(Duration::from_millis(20))
         .wakeups(listener.clone())
-        .handle(q.clone(), |_ctx: JobContext<PgBackend>, n: u32| async move {
-            if n == 0 {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            if n % 10 == 5 {
-                Err(format!("{n} fails"))
-            } else {
-                Ok(())
-            }
-        })
+        .handle(
+            q.clone(),
+            |_ctx: JobContext<PgBackend>, n: u32| async move {
+                if n == 0 {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                if n % 10 == 5 {
+                    Err(format!("{n} fails"))
+                } else {
+                    Ok(())
+                }
+            },
+        )
         .build()
         .unwrap();
     let stop = CancellationToken::new();
@@ -115,14 +121,23 @@ async fn a_worker_counts_its_jobs_by_outcome() {
     assert_eq!(finished("retry"), 10.0);
     assert_eq!(finished("dead_letter"), 10.0);
     assert_eq!(finished("discarded") + finished("committed"), 0.0);
-    assert_eq!(scrape.get("pgbus_job_duration_seconds_count", &[queue]), 110.0);
+    assert_eq!(
+        scrape.get("pgbus_job_duration_seconds_count", &[queue]),
+        110.0
+    );
     assert!(scrape.get("pgbus_job_duration_seconds_sum", &[queue]) >= 2.0);
-    assert_eq!(scrape.get("pgbus_job_queue_wait_seconds_count", &[queue]), 110.0);
+    assert_eq!(
+        scrape.get("pgbus_job_queue_wait_seconds_count", &[queue]),
+        110.0
+    );
     // Every claimed message was claimed once per attempt.
     assert_eq!(scrape.get("pgbus_claim_batch_size_sum", &[]), 110.0);
     let claims = scrape.get("pgbus_claim_batch_size_count", &[]);
     assert!(claims >= 1.0);
-    assert_eq!(scrape.get("pgbus_claim_duration_seconds_count", &[]), claims);
+    assert_eq!(
+        scrape.get("pgbus_claim_duration_seconds_count", &[]),
+        claims
+    );
     assert!(scrape.get("pgbus_lease_extensions_total", &[]) >= 1.0);
     // The pool's connections are counted, within the pool's size.
     let pooled = scrape.get("pgbus_connections", &[r#"role="pool""#]);

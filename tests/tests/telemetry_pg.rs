@@ -68,13 +68,16 @@ fn message_id(span: &SpanData) -> String {
 async fn run_jobs(backend: &PgBackend, q: &QueueName, n: usize, fail: &'static [u32]) {
     let worker = Worker::builder(backend.clone())
         .poll_interval(Duration::from_millis(20))
-        .handle(q.clone(), move |_ctx: JobContext<PgBackend>, n: u32| async move {
-            if fail.contains(&n) {
-                Err(format!("{n} fails"))
-            } else {
-                Ok(())
-            }
-        })
+        .handle(
+            q.clone(),
+            move |_ctx: JobContext<PgBackend>, n: u32| async move {
+                if fail.contains(&n) {
+                    Err(format!("{n} fails"))
+                } else {
+                    Ok(())
+                }
+            },
+        )
         .build()
         .unwrap();
     let stop = CancellationToken::new();
@@ -117,10 +120,20 @@ async fn a_job_continues_the_trace_of_its_send() {
         "the producer span is in the request's trace"
     );
     assert_eq!(producer.parent_span_id, request_cx.span_id());
-    assert_eq!(attribute(producer, "messaging.operation"), Some(&"publish".into()));
-    assert_eq!(attribute(producer, "messaging.system"), Some(&"pgbus".into()));
+    assert_eq!(
+        attribute(producer, "messaging.operation"),
+        Some(&"publish".into())
+    );
+    assert_eq!(
+        attribute(producer, "messaging.system"),
+        Some(&"pgbus".into())
+    );
 
-    assert_eq!(job.span_context.trace_id(), request_cx.trace_id(), "one trace");
+    assert_eq!(
+        job.span_context.trace_id(),
+        request_cx.trace_id(),
+        "one trace"
+    );
     assert_eq!(
         job.parent_span_id,
         producer.span_context.span_id(),
@@ -136,8 +149,14 @@ async fn a_job_continues_the_trace_of_its_send() {
         Some(&q.as_str().to_owned().into())
     );
     assert_eq!(message_id(job), id.to_string());
-    assert_eq!(attribute(job, "messaging.operation"), Some(&"process".into()));
-    assert_eq!(attribute(job, "messaging.pgbus.attempt"), Some(&Value::I64(1)));
+    assert_eq!(
+        attribute(job, "messaging.operation"),
+        Some(&"process".into())
+    );
+    assert_eq!(
+        attribute(job, "messaging.pgbus.attempt"),
+        Some(&Value::I64(1))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -145,7 +164,12 @@ async fn jobs_of_a_batch_send_link_to_it() {
     exporter();
     let (backend, _url) = fresh_backend(4).await;
     let retry = RetryPolicy::builder().max_attempts(1).build().unwrap();
-    let q = create(&backend, "traced_batch", QueueOptions::default().retry(retry)).await;
+    let q = create(
+        &backend,
+        "traced_batch",
+        QueueOptions::default().retry(retry),
+    )
+    .await;
     let request = tracing::info_span!("request");
     let ids = backend
         .send_batch(
@@ -174,20 +198,34 @@ async fn jobs_of_a_batch_send_link_to_it() {
     sent.sort();
     assert_eq!(seen, sent);
     for job in &jobs {
-        assert_eq!(job.parent_span_id, SpanId::INVALID, "a batch's job is a root span");
-        assert_ne!(job.span_context.trace_id(), producer.span_context.trace_id());
+        assert_eq!(
+            job.parent_span_id,
+            SpanId::INVALID,
+            "a batch's job is a root span"
+        );
+        assert_ne!(
+            job.span_context.trace_id(),
+            producer.span_context.trace_id()
+        );
         let [link] = &job.links[..] else {
             panic!("one link: {:?}", job.links);
         };
         assert_eq!(link.span_context.span_id(), producer.span_context.span_id());
-        assert_eq!(link.span_context.trace_id(), producer.span_context.trace_id());
+        assert_eq!(
+            link.span_context.trace_id(),
+            producer.span_context.trace_id()
+        );
     }
     // The failed job's span is marked failed; the others are not.
     let failed = jobs
         .iter()
         .find(|j| message_id(j) == ids[1].to_string())
         .unwrap();
-    assert!(matches!(failed.status, Status::Error { .. }), "{:?}", failed.status);
+    assert!(
+        matches!(failed.status, Status::Error { .. }),
+        "{:?}",
+        failed.status
+    );
     assert_eq!(
         jobs.iter()
             .filter(|j| matches!(j.status, Status::Error { .. }))
@@ -209,15 +247,19 @@ async fn only_a_live_trace_context_is_written_and_a_given_one_is_kept() {
     backend
         .send_batch(
             &q,
-            vec![NewMessage::encode(&1u32).unwrap().header(TRACEPARENT, GIVEN); 2],
+            vec![
+                NewMessage::encode(&1u32)
+                    .unwrap()
+                    .header(TRACEPARENT, GIVEN);
+                2
+            ],
         )
         .instrument(tracing::info_span!("request"))
         .await
         .unwrap();
     {
         // The current-thread runtime runs the sends on this thread, under this default.
-        let _none =
-            tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
+        let _none = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
         backend
             .send(&q, NewMessage::encode(&2u32).unwrap())
             .await
@@ -227,10 +269,17 @@ async fn only_a_live_trace_context_is_written_and_a_given_one_is_kept() {
             .await
             .unwrap();
     }
-    let claimed = backend.claim(&q, 10, Duration::from_secs(60)).await.unwrap();
+    let claimed = backend
+        .claim(&q, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 5);
     for message in &claimed {
-        assert!(!message.headers.contains_key(TRACE_LINK), "{:?}", message.headers);
+        assert!(
+            !message.headers.contains_key(TRACE_LINK),
+            "{:?}",
+            message.headers
+        );
     }
     let contexts: Vec<_> = claimed
         .iter()
