@@ -1,22 +1,18 @@
 //! The `pgbus` command: parse arguments, install logging, run, map errors to exit codes.
+//!
+//! `pgbus` manages queues, sends messages, runs workers whose handlers are a command
+//! (`--exec`) or an HTTP endpoint (`--http`), and serves the dashboard, JSON API, SSE
+//! streams and metrics (`pgbus serve`), on `--database-url` / `DATABASE_URL` or, with
+//! neither, an embedded cluster it creates from the machine's PostgreSQL binaries.
+//! Every command and option is described in `docs/cli.md`; `pgbus --help` lists them.
 
 use std::process::ExitCode;
 
-mod admin;
-mod batches;
 mod cli;
-mod cron;
-mod database;
-mod demo;
-mod output;
-mod relay;
-mod send;
+mod commands;
 #[cfg(any(feature = "dashboard", feature = "stream"))]
-mod serve;
-#[cfg(feature = "stream")]
-mod stream;
-mod topics;
-mod work;
+mod server;
+mod support;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_checked();
@@ -27,7 +23,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            output::error(format_args!("could not start the async runtime: {err}"));
+            support::output::error(format_args!("could not start the async runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -35,7 +31,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // One clear line: the error and its causes.
-            output::error(format_args!("{err:#}"));
+            support::output::error(format_args!("{err:#}"));
             ExitCode::FAILURE
         }
     }

@@ -50,6 +50,7 @@ macro_rules! conformance_tests {
             oversized_payload_and_bad_group_key_are_refused,
             extreme_delays_are_refused_and_extreme_priorities_kept,
             stats_count_each_state,
+            queue_stats_count_one_queue_like_stats,
             processes_register_heartbeat_and_go_stale,
             reported_throughput_shows_in_stats_per_minute,
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
@@ -797,6 +798,86 @@ pub async fn stats_count_each_state<B: Backend>(backend: B) {
         due <= retry_in && due > retry_in - Duration::from_secs(60),
         "{due:?}"
     );
+}
+
+/// One queue's stats are its entry in the stats of every queue: plain, grouped and limited
+/// messages in each state, and nothing of another queue; a missing queue is an error.
+pub async fn queue_stats_count_one_queue_like_stats<B: Backend>(backend: B) {
+    let q = queue(&backend, "watched").await;
+    let other = queue(&backend, "other").await;
+    assert_eq!(
+        backend.queue_stats(&q).await.expect("queue stats"),
+        crate::QueueStats::new(q.clone()),
+        "an empty queue"
+    );
+    backend
+        .send_batch(&other, (0..4).map(job).collect())
+        .await
+        .unwrap();
+    let messages = vec![
+        job(1),
+        job(2),
+        job(3).group("g"),
+        job(4).group("g"),
+        job(5).limit_key("k"),
+        job(6).group("h"),
+        job(7).delay(LONG),
+        job(8).group("g").delay(SHORT * 30),
+        job(9).limit_key("k").delay(LONG),
+    ];
+    backend.send_batch(&q, messages).await.unwrap();
+    let claimed = backend.claim(&q, 1, LONG).await.unwrap();
+    assert_eq!(claimed.len(), 1, "one plain message claimed");
+    backend
+        .record_throughput(&[QueueThroughput::new(q.clone(), 3, 1)])
+        .await
+        .unwrap();
+    let mut dead = backend.claim(&q, 1, LONG).await.unwrap();
+    assert!(backend
+        .dead_letter(&dead.remove(0).lease(), "x")
+        .await
+        .unwrap());
+
+    let one = backend.queue_stats(&q).await.expect("queue stats");
+    let all = stats_of(&backend, &q).await;
+    assert_eq!(
+        (one.ready, one.in_flight, one.scheduled, one.dead_lettered),
+        (4, 1, 3, 1),
+        "grouped and limited messages count like plain ones: {one:?}"
+    );
+    assert_eq!((one.processed_per_minute, one.failed_per_minute), (3, 1));
+    assert!(!one.paused);
+    assert_eq!(one.breaker_open_for, None);
+    assert!(one.oldest_ready_age.is_some());
+    let due = one
+        .next_due_in
+        .expect("when the first scheduled message is due");
+    assert!(due <= SHORT * 30 && due > Duration::from_secs(1), "{due:?}");
+    // The two reads are moments apart: the times may differ, the counts may not.
+    let counts = |s: &crate::QueueStats| {
+        (
+            s.queue.clone(),
+            s.paused,
+            s.depth(),
+            s.ready,
+            s.in_flight,
+            s.scheduled,
+            s.dead_lettered,
+            s.processed_per_minute,
+            s.failed_per_minute,
+            s.oldest_ready_age.is_some(),
+            s.next_due_in.is_some(),
+        )
+    };
+    assert_eq!(counts(&one), counts(&all));
+
+    backend.set_paused(&q, true).await.unwrap();
+    assert!(backend.queue_stats(&q).await.unwrap().paused);
+    let missing = QueueName::new("never_created").unwrap();
+    assert!(matches!(
+        backend.queue_stats(&missing).await,
+        Err(Error::QueueNotFound(name)) if name == missing
+    ));
 }
 
 /// Processes register, heartbeat, deregister, and are pruned once their heartbeats stop.

@@ -106,6 +106,13 @@ pub enum Error {
         /// Version this build expects.
         expected: i64,
     },
+    /// Uninstalling was refused: worker processes with a recent heartbeat are registered,
+    /// and dropping the schema under them would fail every one of their statements.
+    #[error("{count} live worker process(es) are registered: stop them before uninstalling pgbus, or force it")]
+    WorkersRegistered {
+        /// How many live processes are registered.
+        count: u64,
+    },
     /// An argument was out of range (a zero batch size, a negative delay, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

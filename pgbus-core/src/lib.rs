@@ -92,3 +92,9 @@ pub use stream::{
 };
 pub use unique::{OnConflict, Unique, UniqueStrategy, WHILE_RUNNING_PREFIX};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};
+
+/// The crate README's example, compiled (and run, unless marked `no_run`) as a doc test so
+/// the README cannot drift from the API. Only built by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -522,43 +522,51 @@ impl Stats for MemoryBackend {
         Ok(state
             .queues
             .iter()
-            .map(|(name, q)| {
-                let mut stats = QueueStats {
-                    queue: name.clone(),
-                    paused: q.paused,
-                    ready: 0,
-                    in_flight: 0,
-                    scheduled: 0,
-                    next_due_in: None,
-                    dead_lettered: q.dead.len() as u64,
-                    oldest_ready_age: None,
-                    breaker_open_for: q.breaker_until.duration_since(now).ok(),
-                    processed_per_minute: 0,
-                    failed_per_minute: 0,
-                };
-                let minute_ago = now - Duration::from_secs(60);
-                let last_minute = (Bound::Excluded(minute_ago), Bound::Unbounded);
-                for (processed, failed) in q.throughput.range(last_minute).map(|(_, c)| c) {
-                    stats.processed_per_minute += processed;
-                    stats.failed_per_minute += failed;
-                }
-                for m in q.messages.values() {
-                    if m.visible_at <= now {
-                        stats.ready += 1;
-                        let age = now.duration_since(m.visible_at).unwrap_or_default();
-                        stats.oldest_ready_age = stats.oldest_ready_age.max(Some(age));
-                    } else if m.leased {
-                        stats.in_flight += 1;
-                    } else {
-                        stats.scheduled += 1;
-                        let due = m.visible_at.duration_since(now).unwrap_or_default();
-                        stats.next_due_in = Some(stats.next_due_in.map_or(due, |d| d.min(due)));
-                    }
-                }
-                stats
-            })
+            .map(|(name, q)| queue_stats(name, q, now))
             .collect())
     }
+
+    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats> {
+        let state = self.lock();
+        Ok(queue_stats(queue, state.queue(queue)?, SystemTime::now()))
+    }
+}
+
+/// One queue's counts at `now` (both [`Stats`] methods).
+fn queue_stats(name: &QueueName, q: &QueueState, now: SystemTime) -> QueueStats {
+    let mut stats = QueueStats {
+        queue: name.clone(),
+        paused: q.paused,
+        ready: 0,
+        in_flight: 0,
+        scheduled: 0,
+        next_due_in: None,
+        dead_lettered: q.dead.len() as u64,
+        oldest_ready_age: None,
+        breaker_open_for: q.breaker_until.duration_since(now).ok(),
+        processed_per_minute: 0,
+        failed_per_minute: 0,
+    };
+    let minute_ago = now - Duration::from_secs(60);
+    let last_minute = (Bound::Excluded(minute_ago), Bound::Unbounded);
+    for (processed, failed) in q.throughput.range(last_minute).map(|(_, c)| c) {
+        stats.processed_per_minute += processed;
+        stats.failed_per_minute += failed;
+    }
+    for m in q.messages.values() {
+        if m.visible_at <= now {
+            stats.ready += 1;
+            let age = now.duration_since(m.visible_at).unwrap_or_default();
+            stats.oldest_ready_age = stats.oldest_ready_age.max(Some(age));
+        } else if m.leased {
+            stats.in_flight += 1;
+        } else {
+            stats.scheduled += 1;
+            let due = m.visible_at.duration_since(now).unwrap_or_default();
+            stats.next_due_in = Some(stats.next_due_in.map_or(due, |d| d.min(due)));
+        }
+    }
+    stats
 }
 
 impl ProcessRegistry for MemoryBackend {

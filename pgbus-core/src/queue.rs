@@ -282,6 +282,11 @@ pub trait DeadLetters: Send + Sync {
 pub trait Stats: Send + Sync {
     /// Counts for every queue, by name.
     fn stats(&self) -> impl Future<Output = Result<Vec<QueueStats>>> + Send;
+
+    /// Counts for one queue, the same as its entry in [`stats`](Stats::stats), at a cost
+    /// that does not grow with the other queues (what a loop watching a few queues polls).
+    /// [`Error::QueueNotFound`](crate::Error::QueueNotFound) when it does not exist.
+    fn queue_stats(&self, queue: &QueueName) -> impl Future<Output = Result<QueueStats>> + Send;
 }
 
 /// Everything a worker, a producer and an operator need from a backend.

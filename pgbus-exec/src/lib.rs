@@ -7,9 +7,8 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use pgbus_core::{MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, Stats};
-//! use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker};
-//! use tokio_util::sync::CancellationToken;
+//! use pgbus_core::{MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions};
+//! use pgbus_exec::{CancellationToken, JobContext, Outcome, Worker};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct Email { to: String }
@@ -22,7 +21,6 @@
 //!
 //! let worker = Worker::builder(backend.clone())
 //!     .concurrency(16)
-//!     .execution_mode(ExecutionMode::Async)
 //!     .handle(queue.clone(), |ctx: JobContext<MemoryBackend>, email: Email| async move {
 //!         if email.to.is_empty() {
 //!             return Outcome::dead_letter("no recipient");
@@ -31,14 +29,12 @@
 //!         Outcome::Ack
 //!     })
 //!     .build()?;
+//! // Runs until nothing is ready, in flight or due (within `Duration::ZERO`) in the
+//! // worker's queues; cancelling `stop` ends it early. A long-running worker calls
+//! // `worker.run(stop)` instead.
 //! let stop = CancellationToken::new();
-//! let running = tokio::spawn(worker.run(stop.clone()));
-//! while backend.stats().await?[0].depth() > 0 {
-//!     tokio::time::sleep(Duration::from_millis(10)).await;
-//! }
-//! stop.cancel();
-//! let report = running.await.expect("worker task")?;
-//! assert_eq!(report.acked, 1);
+//! let report = worker.run_until_empty(Duration::ZERO, stop).await?;
+//! assert_eq!(report.worker.acked, 1);
 //! # Ok(()) }
 //! ```
 //!
@@ -76,7 +72,10 @@
 //! - **Modes.** [`ExecutionMode::Async`] runs jobs as tokio tasks bounded by the capacity
 //!   (thousands of I/O-bound jobs); [`ExecutionMode::Threads`] runs each job on one of
 //!   `capacity` OS threads (blocking or CPU-bound handlers), driven with the caller's
-//!   runtime handle so database connections and timers keep working.
+//!   runtime handle so database connections and timers keep working. Each pool is a cargo
+//!   feature (`threads`, `async`, both by default; at least one): a build without one
+//!   still parses its mode but refuses to build a worker for it
+//!   ([`ExecError::NotBuilt`]). The default mode is async when built, else threads.
 //! - **Kinds of worker.** A [`Worker`] runs messages without a group key, a
 //!   [`GroupWorker`] ordered groups; a [`MixedWorker`] runs both kinds of its queues on one
 //!   set of `concurrency` slots, one fetch connection and one process entry, dividing the
@@ -98,6 +97,12 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(not(any(feature = "threads", feature = "async")))]
+compile_error!(
+    "pgbus-exec needs at least one execution pool: enable the feature `threads`, `async` or both"
+);
+
+#[cfg(feature = "async")]
 mod async_pool;
 mod breaker;
 mod group;
@@ -108,9 +113,12 @@ mod pool;
 mod slots;
 mod subscriber;
 mod telemetry;
+#[cfg(feature = "threads")]
 mod threads;
+mod until_empty;
 mod worker;
 
+#[cfg(feature = "async")]
 pub use async_pool::AsyncPool;
 pub use group::GroupWorker;
 pub use handler::{handler_fn, FnHandler, Handler, IntoOutcome, JobContext, Outcome};
@@ -120,8 +128,19 @@ pub use pool::{
     StateChangeCallback,
 };
 pub use subscriber::Subscription;
+#[cfg(feature = "threads")]
 pub use threads::ThreadPool;
+/// The shutdown signal every `run` takes, re-exported so callers need no `tokio-util`
+/// dependency of their own.
+pub use tokio_util::sync::CancellationToken;
+pub use until_empty::{Left, QueueLeft, UntilEmptyReport};
 pub use worker::{
     default_execution_mode, set_default_execution_mode, Worker, WorkerBuilder, WorkerMetadata,
     WorkerMonitor, WorkerReport,
 };
+
+/// The crate README's example, compiled (and run, unless marked `no_run`) as a doc test so
+/// the README cannot drift from the API. Only built by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

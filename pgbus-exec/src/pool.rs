@@ -16,14 +16,15 @@ pub type Job = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// worker can fetch more work at once instead of sleeping.
 pub type StateChangeCallback = Arc<dyn Fn() + Send + Sync + 'static>;
 
-/// How jobs are executed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// How jobs are executed. Both modes always parse and print, whichever pools this build
+/// has (features `threads` and `async` of this crate); [`is_built`](Self::is_built) tells,
+/// and a worker for a mode that is not built fails to build with [`ExecError::NotBuilt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExecutionMode {
     /// Each job on an OS thread: for blocking or CPU-bound handlers.
     Threads,
     /// Jobs as tasks on the tokio runtime, bounded by a semaphore: for many concurrent
     /// I/O-bound handlers. `fiber` is accepted as an alias.
-    #[default]
     Async,
 }
 
@@ -33,6 +34,34 @@ impl ExecutionMode {
         match self {
             ExecutionMode::Threads => "threads",
             ExecutionMode::Async => "async",
+        }
+    }
+
+    /// Whether this build has the mode's pool (its cargo feature, `threads` or `async`).
+    pub const fn is_built(self) -> bool {
+        match self {
+            ExecutionMode::Threads => cfg!(feature = "threads"),
+            ExecutionMode::Async => cfg!(feature = "async"),
+        }
+    }
+
+    /// Fails with [`ExecError::NotBuilt`] unless this build has the mode.
+    pub fn check_built(self) -> Result<Self, ExecError> {
+        if self.is_built() {
+            Ok(self)
+        } else {
+            Err(ExecError::NotBuilt(self))
+        }
+    }
+}
+
+/// `Async` when this build has it, else `Threads`.
+impl Default for ExecutionMode {
+    fn default() -> Self {
+        if ExecutionMode::Async.is_built() {
+            ExecutionMode::Async
+        } else {
+            ExecutionMode::Threads
         }
     }
 }
@@ -102,6 +131,9 @@ pub enum ExecError {
         "unknown execution mode {0:?}: expected threads or async (fiber is an alias of async)"
     )]
     UnknownMode(String),
+    /// A mode whose pool this build does not have (its cargo feature was off).
+    #[error("execution mode {0} is not built into this program (it was built without the `{0}` feature)")]
+    NotBuilt(ExecutionMode),
     /// A pool capacity of zero.
     #[error("pool capacity must be at least 1")]
     ZeroCapacity,

@@ -24,8 +24,13 @@ use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Ou
 use crate::lane::Lane;
 use crate::mixed::Kind;
 use crate::subscriber::Declare;
+use crate::until_empty::{run_until_empty, UntilEmptyReport};
+#[cfg(feature = "async")]
+use crate::AsyncPool;
+#[cfg(feature = "threads")]
+use crate::ThreadPool;
+use crate::{ExecError, ExecutionMode, ExecutionPool, MixedWorker};
 use crate::telemetry::{self, Finished};
-use crate::{AsyncPool, ExecError, ExecutionMode, ExecutionPool, MixedWorker, ThreadPool};
 
 /// How long a busy worker (fewer than half its slots free) waits for half of them to free
 /// before claiming again: a bound on the latency it trades for batching.
@@ -34,11 +39,13 @@ const FILL_LINGER: Duration = Duration::from_millis(2);
 /// The most of a job's error text that a log line carries (the message keeps all of it).
 const LOGGED_ERROR: usize = 1024;
 
-static DEFAULT_MODE: AtomicU8 = AtomicU8::new(MODE_ASYNC);
-const MODE_ASYNC: u8 = 0;
-const MODE_THREADS: u8 = 1;
+static DEFAULT_MODE: AtomicU8 = AtomicU8::new(MODE_UNSET);
+const MODE_UNSET: u8 = 0;
+const MODE_ASYNC: u8 = 1;
+const MODE_THREADS: u8 = 2;
 
-/// Sets the execution mode of workers that do not choose one themselves.
+/// Sets the execution mode of workers that do not choose one themselves (a mode this
+/// build lacks makes their `build` fail with [`ExecError::NotBuilt`]).
 pub fn set_default_execution_mode(mode: ExecutionMode) {
     let value = match mode {
         ExecutionMode::Async => MODE_ASYNC,
@@ -47,11 +54,13 @@ pub fn set_default_execution_mode(mode: ExecutionMode) {
     DEFAULT_MODE.store(value, Ordering::Relaxed);
 }
 
-/// The execution mode of workers that do not choose one themselves (`async` unless set).
+/// The execution mode of workers that do not choose one themselves
+/// ([`ExecutionMode::default`] unless set).
 pub fn default_execution_mode() -> ExecutionMode {
     match DEFAULT_MODE.load(Ordering::Relaxed) {
         MODE_THREADS => ExecutionMode::Threads,
-        _ => ExecutionMode::Async,
+        MODE_ASYNC => ExecutionMode::Async,
+        _ => ExecutionMode::default(),
     }
 }
 
@@ -268,7 +277,12 @@ impl<B: Backend> WorkerBuilder<B> {
                 return invalid(&format!("two handlers for queue {queue}"));
             }
         }
-        let mode = self.config.mode.unwrap_or_else(default_execution_mode);
+        let mode = self
+            .config
+            .mode
+            .unwrap_or_else(default_execution_mode)
+            .check_built()
+            .map_err(exec)?;
         Ok(Worker {
             shared: Arc::new(Shared {
                 mode,
@@ -359,12 +373,18 @@ impl Drop for KillPoolOnDrop {
     }
 }
 
-/// Creates the execution pool for a mode.
+/// Creates the execution pool for a mode ([`ExecError::NotBuilt`] for a mode this build
+/// lacks).
 pub(crate) fn new_pool(mode: ExecutionMode, capacity: usize) -> Result<Arc<dyn ExecutionPool>> {
-    Ok(match mode {
+    let pool: Arc<dyn ExecutionPool> = match mode {
+        #[cfg(feature = "async")]
         ExecutionMode::Async => Arc::new(AsyncPool::new(capacity).map_err(exec)?),
+        #[cfg(feature = "threads")]
         ExecutionMode::Threads => Arc::new(ThreadPool::new(capacity).map_err(exec)?),
-    })
+        #[allow(unreachable_patterns)]
+        other => return Err(exec(ExecError::NotBuilt(other))),
+    };
+    Ok(pool)
 }
 
 /// Each queue's retry policy and lease (the worker's lease setting wins), read on the
@@ -485,6 +505,19 @@ impl<B: Backend> Worker<B> {
             self.config.concurrency,
         )?;
         self.run_in(lane, shutdown).await
+    }
+
+    /// Runs until the worker's queues are done (nothing ready, nothing in flight, nothing
+    /// due within `wait_due`; see [`Left`](crate::Left)) or `stop` is cancelled, then
+    /// drains as [`Worker::run`] does. The report says what the queues held at the end,
+    /// including paused queues holding work the run could not do.
+    pub async fn run_until_empty(
+        self,
+        wait_due: Duration,
+        stop: CancellationToken,
+    ) -> Result<UntilEmptyReport> {
+        let (backend, queues) = (self.backend.clone(), self.shared.queues.clone());
+        run_until_empty(backend, queues, wait_due, stop, |stop| self.run(stop)).await
     }
 
     /// [`Worker::run`] on `lane`: its pool, fetch connection, report and kill switch, maybe

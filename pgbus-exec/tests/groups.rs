@@ -10,9 +10,9 @@ use pgbus_core::{
     DeadLetters, MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions,
     RetryPolicy, Stats,
 };
+use pgbus_exec::CancellationToken;
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Step {
@@ -141,11 +141,13 @@ async fn ordered_one_at_a_time(mode: ExecutionMode) {
     assert!(meta.group_sessions.unwrap() <= 4);
 }
 
+#[cfg(feature = "async")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn async_groups_run_in_order_one_at_a_time() {
     ordered_one_at_a_time(ExecutionMode::Async).await;
 }
 
+#[cfg(feature = "threads")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn threads_groups_run_in_order_one_at_a_time() {
     ordered_one_at_a_time(ExecutionMode::Threads).await;
@@ -305,11 +307,13 @@ async fn a_panicking_grouped_handler_dead_letters_with_the_panic_text(mode: Exec
     );
 }
 
+#[cfg(feature = "async")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_a_panicking_grouped_handler_dead_letters_with_the_panic_text() {
     a_panicking_grouped_handler_dead_letters_with_the_panic_text(ExecutionMode::Async).await;
 }
 
+#[cfg(feature = "threads")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_a_panicking_grouped_handler_dead_letters_with_the_panic_text() {
     a_panicking_grouped_handler_dead_letters_with_the_panic_text(ExecutionMode::Threads).await;

@@ -11,9 +11,9 @@ use pgbus_core::{
     MemoryBackend, NewMessage, ProcessRegistry, Producer, QueueAdmin, QueueName, QueueOptions,
     Stats,
 };
+use pgbus_exec::CancellationToken;
 use pgbus_exec::{ExecutionMode, JobContext, MixedWorker, Outcome, Worker, WorkerReport};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -175,11 +175,13 @@ async fn one_limit_for_both_kinds(mode: ExecutionMode) {
     );
 }
 
+#[cfg(feature = "async")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_limit_for_both_kinds_async() {
     one_limit_for_both_kinds(ExecutionMode::Async).await;
 }
 
+#[cfg(feature = "threads")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_limit_for_both_kinds_threads() {
     one_limit_for_both_kinds(ExecutionMode::Threads).await;
@@ -194,7 +196,7 @@ async fn long_groups_do_not_starve_plain_work() {
     // The groups first, so they take both slots before any plain job is seen.
     send(&backend, &queue, 0, 2, 150).await;
     let seen = Arc::new(Seen::default());
-    let worker = mixed(&backend, &queue, 2, ExecutionMode::Async, 20, &seen);
+    let worker = mixed(&backend, &queue, 2, ExecutionMode::default(), 20, &seen);
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
     wait_until("both groups to run", || {
@@ -229,7 +231,7 @@ async fn group_sessions_open_for_grouped_work_and_close_when_idle() {
     let queue = queue(&backend).await;
     send(&backend, &queue, 30, 0, 0).await;
     let seen = Arc::new(Seen::default());
-    let worker = mixed(&backend, &queue, 4, ExecutionMode::Async, 30, &seen);
+    let worker = mixed(&backend, &queue, 4, ExecutionMode::default(), 30, &seen);
     let monitor = worker.monitor();
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));

@@ -14,12 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use pgbus_exec::{
-    AsyncPool, ExecError, ExecutionMode, ExecutionPool, Job, RefusedReason, ThreadPool,
-};
+#[cfg(feature = "async")]
+use pgbus_exec::AsyncPool;
+use pgbus_exec::CancellationToken;
+#[cfg(feature = "threads")]
+use pgbus_exec::ThreadPool;
+use pgbus_exec::{ExecError, ExecutionMode, ExecutionPool, Job, RefusedReason};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_util::sync::CancellationToken;
 
 /// How long any awaited condition may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -30,6 +32,7 @@ trait TestPool: ExecutionPool + Sized {
     fn with_capacity(capacity: usize) -> Self;
 }
 
+#[cfg(feature = "threads")]
 impl TestPool for ThreadPool {
     const MODE: ExecutionMode = ExecutionMode::Threads;
     fn with_capacity(capacity: usize) -> Self {
@@ -37,6 +40,7 @@ impl TestPool for ThreadPool {
     }
 }
 
+#[cfg(feature = "async")]
 impl TestPool for AsyncPool {
     const MODE: ExecutionMode = ExecutionMode::Async;
     fn with_capacity(capacity: usize) -> Self {
@@ -539,11 +543,13 @@ async fn posts_racing_shutdown_round<P: TestPool>() {
 /// Instantiates each generic test for both pools, as `threads_<name>` and `async_<name>`.
 macro_rules! contract_tests {
     ($($test:ident => $threads:ident, $async_pool:ident;)*) => {$(
+        #[cfg(feature = "threads")]
         #[tokio::test(flavor = "multi_thread")]
         async fn $threads() {
             $test::<ThreadPool>().await;
         }
 
+        #[cfg(feature = "async")]
         #[tokio::test(flavor = "multi_thread")]
         async fn $async_pool() {
             $test::<AsyncPool>().await;
@@ -587,7 +593,9 @@ contract_tests! {
 
 #[tokio::test]
 async fn zero_capacity_is_refused_by_both_pools() {
+    #[cfg(feature = "threads")]
     assert!(matches!(ThreadPool::new(0), Err(ExecError::ZeroCapacity)));
+    #[cfg(feature = "async")]
     assert!(matches!(AsyncPool::new(0), Err(ExecError::ZeroCapacity)));
 }
 
@@ -634,6 +642,7 @@ fn execution_mode_from_str() {
 /// spawned below could not run. The job blocks its own thread on a std channel (bounded by
 /// [`DEADLINE`], so a pool running it on the caller's thread fails instead of hanging).
 #[tokio::test(flavor = "current_thread")]
+#[cfg(feature = "threads")]
 async fn threads_blocking_job_does_not_block_the_callers_runtime() {
     const CAPACITY: usize = 2;
     let pool = ThreadPool::new(CAPACITY).expect("thread pool starts");
@@ -677,6 +686,7 @@ async fn threads_blocking_job_does_not_block_the_callers_runtime() {
 /// A job runs on a `pgbus-worker-N` thread, driven with the caller's runtime handle: timers,
 /// `tokio::spawn` and channels work, and spawned tasks outlive the job.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg(feature = "threads")]
 async fn threads_jobs_run_on_pool_threads_with_the_callers_runtime() {
     let pool = ThreadPool::new(2).expect("thread pool starts");
     let callers_runtime = Handle::current().id();
@@ -734,13 +744,16 @@ async fn threads_jobs_run_on_pool_threads_with_the_callers_runtime() {
     terminated(&pool).await;
 }
 
+#[cfg(feature = "threads")]
 thread_local! {
     /// Reports this thread's exit (thread-local destructors run as a thread ends).
     static ON_EXIT: RefCell<Option<ExitSignal>> = const { RefCell::new(None) };
 }
 
+#[cfg(feature = "threads")]
 struct ExitSignal(mpsc::UnboundedSender<()>);
 
+#[cfg(feature = "threads")]
 impl Drop for ExitSignal {
     fn drop(&mut self) {
         let _ = self.0.send(());
@@ -749,6 +762,7 @@ impl Drop for ExitSignal {
 
 /// Occupies every thread of `pool` at once (so each job lands on a different thread) and
 /// arms an exit signal on each.
+#[cfg(feature = "threads")]
 async fn arm_exit_signals(pool: &ThreadPool, threads: usize) -> mpsc::UnboundedReceiver<()> {
     let (exits, exited) = mpsc::unbounded_channel();
     let (armed, gate) = (Arc::new(Counter::default()), Gate::default());
@@ -767,6 +781,7 @@ async fn arm_exit_signals(pool: &ThreadPool, threads: usize) -> mpsc::UnboundedR
     exited
 }
 
+#[cfg(feature = "threads")]
 async fn threads_exited(exited: &mut mpsc::UnboundedReceiver<()>, threads: usize) {
     for _ in 0..threads {
         let exit = tokio::time::timeout(DEADLINE, exited.recv()).await;
@@ -775,6 +790,7 @@ async fn threads_exited(exited: &mut mpsc::UnboundedReceiver<()>, threads: usize
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg(feature = "threads")]
 async fn threads_exit_after_shutdown_and_drain() {
     let pool = ThreadPool::new(3).expect("thread pool starts");
     let mut exited = arm_exit_signals(&pool, 3).await;
@@ -788,6 +804,7 @@ async fn threads_exit_after_shutdown_and_drain() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg(feature = "threads")]
 async fn threads_exit_when_the_pool_is_dropped() {
     let pool = ThreadPool::new(2).expect("thread pool starts");
     let mut exited = arm_exit_signals(&pool, 2).await;
@@ -798,6 +815,7 @@ async fn threads_exit_when_the_pool_is_dropped() {
 // ---- async pool only -------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg(feature = "async")]
 async fn async_thousand_jobs_on_one_gate_run_at_once() {
     const JOBS: usize = 1_000;
     let pool = AsyncPool::new(JOBS).expect("async pool starts");
@@ -831,6 +849,7 @@ async fn async_thousand_jobs_on_one_gate_run_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg(feature = "async")]
 async fn async_jobs_run_on_the_callers_runtime() {
     let pool = AsyncPool::new(1).expect("async pool starts");
     let (report, reported) = oneshot::channel();
@@ -846,6 +865,7 @@ async fn async_jobs_run_on_the_callers_runtime() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg(feature = "async")]
 async fn async_pool_outside_a_runtime_needs_a_handle() {
     let outside = std::thread::spawn(|| AsyncPool::new(1).map(drop));
     assert!(

@@ -8,8 +8,8 @@ use pgbus_core::{
     DeadLetters, Event, EventId, MemoryBackend, NewEvent, NewMessage, Producer, QueueAdmin,
     QueueName, QueueOptions, RetryPolicy, Stats, Topics,
 };
+use pgbus_exec::CancellationToken;
 use pgbus_exec::{JobContext, Outcome, Subscription, Worker, WorkerReport};
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 

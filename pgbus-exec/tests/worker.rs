@@ -9,9 +9,9 @@ use pgbus_core::{
     DeadLetters, MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions,
     RetryPolicy, Stats,
 };
+use pgbus_exec::CancellationToken;
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -108,11 +108,13 @@ async fn drains_without_loss_or_excess_concurrency(mode: ExecutionMode) {
     assert_eq!(report.started, 2_000);
 }
 
+#[cfg(feature = "async")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn async_mode_drains_without_loss_or_excess_concurrency() {
     drains_without_loss_or_excess_concurrency(ExecutionMode::Async).await;
 }
 
+#[cfg(feature = "threads")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn threads_mode_drains_without_loss_or_excess_concurrency() {
     drains_without_loss_or_excess_concurrency(ExecutionMode::Threads).await;
@@ -475,12 +477,57 @@ async fn a_panicking_handler_retries_then_dead_letters(mode: ExecutionMode) {
     );
 }
 
+#[cfg(feature = "async")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_mode_a_panicking_handler_retries_then_dead_letters() {
     a_panicking_handler_retries_then_dead_letters(ExecutionMode::Async).await;
 }
 
+#[cfg(feature = "threads")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_mode_a_panicking_handler_retries_then_dead_letters() {
     a_panicking_handler_retries_then_dead_letters(ExecutionMode::Threads).await;
+}
+
+/// Both modes parse in every build, but a worker is built only for a mode whose pool this
+/// build has (feature `threads` or `async`); the default mode is always one of them, async
+/// when built.
+#[test]
+fn only_modes_built_in_make_workers() {
+    assert!(ExecutionMode::default().is_built());
+    let expected_default = if cfg!(feature = "async") {
+        ExecutionMode::Async
+    } else {
+        ExecutionMode::Threads
+    };
+    assert_eq!(ExecutionMode::default(), expected_default);
+    for mode in [ExecutionMode::Threads, ExecutionMode::Async] {
+        assert_eq!(mode.as_str().parse::<ExecutionMode>().ok(), Some(mode));
+        let feature = match mode {
+            ExecutionMode::Threads => cfg!(feature = "threads"),
+            ExecutionMode::Async => cfg!(feature = "async"),
+        };
+        assert_eq!(mode.is_built(), feature, "{mode}");
+        let built = Worker::builder(MemoryBackend::new())
+            .execution_mode(mode)
+            .handle(
+                QueueName::new("jobs").unwrap(),
+                |_: JobContext<MemoryBackend>, _: u32| async { Outcome::Ack },
+            )
+            .build();
+        match built {
+            Ok(worker) => {
+                assert!(feature, "built a {mode} worker without its pool");
+                assert_eq!(worker.monitor().metadata().mode, mode);
+            }
+            Err(err) => {
+                assert!(!feature, "{mode}: {err}");
+                let text = err.to_string();
+                assert!(
+                    text.contains(&format!("execution mode {mode} is not built")),
+                    "{text}"
+                );
+            }
+        }
+    }
 }

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::{db, pool, storable};
 use crate::group_locks::GroupLocks;
-use crate::migrate::{self, SCHEMA_VERSION};
+use crate::migrate::{self, Uninstalled, SCHEMA_VERSION};
 use crate::query::{Param, Pooler, Reused, Typed};
 use crate::send::{send_error, Columns};
 use crate::sql;
@@ -230,6 +230,24 @@ impl PgBackend {
     pub async fn migrate_and_grant(&self, roles: &[&str]) -> Result<Vec<i64>> {
         let mut client = self.dedicated("migrate").await?;
         migrate::migrate(&mut client, roles).await
+    }
+
+    /// Drops the `pgbus` schema and everything in it (queues, messages, dead letters,
+    /// archive, streams, topics, schedules, the process registry; every object the
+    /// migrations create lives there), on a dedicated `pgbus:uninstall` connection in one
+    /// transaction under the migration lock. Refuses with [`Error::WorkersRegistered`]
+    /// while worker processes with a heartbeat in the last 30 seconds are registered (see
+    /// [`force_uninstall`](Self::force_uninstall)). Run it as the schema's owner. A
+    /// database without the schema is left as it is (`schema_version: None`);
+    /// [`migrate`](Self::migrate) installs it again.
+    pub async fn uninstall(&self) -> Result<Uninstalled> {
+        migrate::uninstall(&mut self.dedicated("uninstall").await?, false).await
+    }
+
+    /// [`uninstall`](Self::uninstall) even while workers are registered: their next
+    /// statements fail (the schema is gone), so stop them first where you can.
+    pub async fn force_uninstall(&self) -> Result<Uninstalled> {
+        migrate::uninstall(&mut self.dedicated("uninstall").await?, true).await
     }
 
     /// Fails with [`Error::SchemaMismatch`] unless the schema is at [`SCHEMA_VERSION`].
@@ -764,25 +782,37 @@ impl Stats for PgBackend {
             .q(sql::STATS, &[])
             .await
             .map_err(|e| db("reading queue stats", e))?;
-        rows.iter()
-            .map(|row| {
-                let mut stats = QueueStats::new(QueueName::new(row.get::<_, String>(0))?);
-                stats.paused = row.get(1);
-                stats.ready = row.get::<_, i64>(2) as u64;
-                stats.in_flight = row.get::<_, i64>(3) as u64;
-                stats.scheduled = row.get::<_, i64>(4) as u64;
-                stats.dead_lettered = row.get::<_, i64>(5) as u64;
-                stats.oldest_ready_age = row.get::<_, Option<f64>>(6).map(seconds);
-                stats.breaker_open_for = row.get::<_, Option<f64>>(7).map(seconds);
-                stats.processed_per_minute = row.get::<_, i64>(8).max(0) as u64;
-                stats.failed_per_minute = row.get::<_, i64>(9).max(0) as u64;
-                stats.next_due_in = row
-                    .get::<_, Option<f64>>(10)
-                    .map(|secs| Duration::from_secs_f64(secs.max(0.0)));
-                Ok(stats)
-            })
-            .collect()
+        rows.iter().map(stats_from).collect()
     }
+
+    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats> {
+        let row = self
+            .conn()
+            .await?
+            .q_opt(sql::QUEUE_STATS, &[&queue.as_str()])
+            .await
+            .map_err(|e| db("reading queue stats", e))?;
+        match row {
+            Some(row) => stats_from(&row),
+            None => Err(Error::QueueNotFound(queue.clone())),
+        }
+    }
+}
+
+/// A row of [`sql::STATS`] or [`sql::QUEUE_STATS`].
+fn stats_from(row: &Row) -> Result<QueueStats> {
+    let mut stats = QueueStats::new(QueueName::new(row.get::<_, String>(0))?);
+    stats.paused = row.get(1);
+    stats.ready = row.get::<_, i64>(2) as u64;
+    stats.in_flight = row.get::<_, i64>(3) as u64;
+    stats.scheduled = row.get::<_, i64>(4) as u64;
+    stats.dead_lettered = row.get::<_, i64>(5) as u64;
+    stats.oldest_ready_age = row.get::<_, Option<f64>>(6).map(seconds);
+    stats.breaker_open_for = row.get::<_, Option<f64>>(7).map(seconds);
+    stats.processed_per_minute = row.get::<_, i64>(8).max(0) as u64;
+    stats.failed_per_minute = row.get::<_, i64>(9).max(0) as u64;
+    stats.next_due_in = row.get::<_, Option<f64>>(10).map(seconds);
+    Ok(stats)
 }
 
 /// Seconds Postgres computed as a duration: never negative, and saturating at
@@ -841,5 +871,38 @@ mod tests {
         assert_eq!(seconds(f64::INFINITY), MAX_DELAY);
         assert_eq!(seconds(1e300), MAX_DELAY);
         assert_eq!(seconds(f64::NEG_INFINITY), Duration::ZERO);
+    }
+
+    /// One queue's stats read its rows through indexes: with sequential scans priced out,
+    /// the plan still scans no table whole (a plan with no index for a table falls back
+    /// to a sequential scan whatever its cost).
+    #[tokio::test]
+    async fn one_queues_stats_are_served_by_indexes() {
+        let db = crate::test_database().await;
+        let backend = PgBackend::connect(db.url()).expect("backend");
+        backend.migrate().await.expect("migrate");
+        let client = crate::connect(db.url(), "test").await.expect("connect");
+        client
+            .batch_execute("SET enable_seqscan = off")
+            .await
+            .expect("set");
+        let explain = format!("EXPLAIN {}", sql::QUEUE_STATS);
+        let plan: Vec<String> = client
+            .query(&explain, &[&"jobs"])
+            .await
+            .expect("explain")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        for index in [
+            "messages_claim_idx",
+            "messages_group_idx",
+            "messages_limited_idx",
+            "dead_letters_queue_idx",
+        ] {
+            assert!(plan.contains(index), "{index} unused:\n{plan}");
+        }
     }
 }

@@ -87,10 +87,16 @@ pub use group::{GroupInFlight, PgGroupRecovery, PgGroupSession};
 pub use group_locks::GroupLocks;
 pub use listener::PgListener;
 pub use maintenance::{Maintenance, MaintenanceBuilder, Pruned};
-pub use migrate::SCHEMA_VERSION;
+pub use migrate::{Uninstalled, SCHEMA_VERSION};
 pub use outbox::{write_outbox, OutboxRelay, OutboxRelayBuilder, RelayStats};
 pub use query::Pooler;
 pub use scheduler::{ScheduleInfo, Scheduler, SchedulerBuilder, SchedulerMonitor};
 pub use stream_listener::PgStreamListener;
 pub use throughput::ThroughputPoint;
 pub use transaction::PgTransaction;
+
+/// The crate README's example, compiled (and run, unless marked `no_run`) as a doc test so
+/// the README cannot drift from the API. Only built by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

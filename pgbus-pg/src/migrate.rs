@@ -94,6 +94,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "grants",
         sql: include_str!("../migrations/0015_grants.sql"),
     },
+    Migration {
+        version: 16,
+        name: "sql_send",
+        sql: include_str!("../migrations/0016_sql_send.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.
@@ -213,4 +218,92 @@ pub(crate) async fn schema_version(
         .await
         .map_err(|e| db("reading the schema version", e))?;
     Ok(row.get(0))
+}
+
+/// A registered process is live while its last heartbeat is younger than this: three of a
+/// worker's default 10-second heartbeat intervals, after which workers prune it as stale.
+pub(crate) const LIVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What an uninstall dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Uninstalled {
+    /// The schema version dropped; `None` when there was no `pgbus` schema (nothing was
+    /// dropped).
+    pub schema_version: Option<i64>,
+    /// Queues dropped with it.
+    pub queues: u64,
+    /// Messages dropped with them (ready, in flight and scheduled; not dead letters).
+    pub messages: u64,
+    /// Registered worker processes (live or not) whose entries were dropped.
+    pub processes: u64,
+}
+
+/// Drops the schema `pgbus` with everything in it, in one transaction under the migration
+/// lock; unless `force`, refuses with [`Error::WorkersRegistered`] while live worker
+/// processes are registered.
+pub(crate) async fn uninstall(client: &mut Client, force: bool) -> Result<Uninstalled> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| db("starting the uninstall transaction", e))?;
+    tx.exec(sql::MIGRATION_LOCK, &[&sql::MIGRATION_LOCK_KEY])
+        .await
+        .map_err(|e| db("taking the migration lock", e))?;
+    let mut dropped = Uninstalled {
+        schema_version: None,
+        queues: 0,
+        messages: 0,
+        processes: 0,
+    };
+    let exists: bool = tx
+        .q_one(sql::SCHEMA_EXISTS, &[])
+        .await
+        .map_err(|e| db("looking for the pgbus schema", e))?
+        .get(0);
+    if !exists {
+        return Ok(dropped);
+    }
+    // A schema created by a failed first migration has no version: it is dropped as 0.
+    dropped.schema_version = Some(schema_version(&tx).await?.unwrap_or(0));
+    let has = |table: &'static str| {
+        let tx = &tx;
+        async move {
+            let row = tx
+                .q_one(sql::TABLE_EXISTS, &[&table])
+                .await
+                .map_err(|e| db("looking for a pgbus table", e))?;
+            Ok::<bool, Error>(row.get(0))
+        }
+    };
+    if has("pgbus.processes").await? {
+        tx.exec(sql::LOCK_PROCESSES, &[])
+            .await
+            .map_err(|e| db("locking the process registry", e))?;
+        let row = tx
+            .q_one(sql::COUNT_PROCESSES, &[&LIVE_WITHIN.as_secs_f64()])
+            .await
+            .map_err(|e| db("counting registered processes", e))?;
+        let live = row.get::<_, i64>(0).unsigned_abs();
+        if live > 0 && !force {
+            return Err(Error::WorkersRegistered { count: live });
+        }
+        dropped.processes = row.get::<_, i64>(1).unsigned_abs();
+    }
+    if has("pgbus.queues").await? && has("pgbus.messages").await? {
+        let row = tx
+            .q_one(sql::COUNT_QUEUES_AND_MESSAGES, &[])
+            .await
+            .map_err(|e| db("counting queues and messages", e))?;
+        dropped.queues = row.get::<_, i64>(0).unsigned_abs();
+        dropped.messages = row.get::<_, i64>(1).unsigned_abs();
+    }
+    tx.batch_execute(sql::DROP_SCHEMA)
+        .await
+        .map_err(|e| db("dropping the pgbus schema (only its owner may)", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| db("committing the uninstall", e))?;
+    tracing::info!(target: "pgbus::migrate", version = dropped.schema_version, "dropped the pgbus schema");
+    Ok(dropped)
 }

@@ -44,6 +44,29 @@ pub(crate) const MIGRATIONS_TABLE_EXISTS: &str =
 
 pub(crate) const SCHEMA_VERSION: &str = "SELECT max(version) FROM pgbus.schema_migrations";
 
+// Uninstalling: everything the migrations create lives in the schema `pgbus` (roles'
+// grants on its objects go with them), so dropping the schema removes all of it.
+
+pub(crate) const SCHEMA_EXISTS: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgbus')";
+
+/// Whether the schema has a table (a partly migrated schema may lack some).
+pub(crate) const TABLE_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
+
+/// Holds off registrations and heartbeats until the uninstalling transaction ends, so no
+/// worker registers between the count of live processes and the drop.
+pub(crate) const LOCK_PROCESSES: &str = "LOCK TABLE pgbus.processes IN EXCLUSIVE MODE";
+
+/// Registered processes whose last heartbeat is younger than `$1` seconds, and all of them.
+pub(crate) const COUNT_PROCESSES: &str = "
+SELECT count(*) FILTER (WHERE heartbeat_at > now() - make_interval(secs => $1)), count(*)
+FROM pgbus.processes";
+
+pub(crate) const COUNT_QUEUES_AND_MESSAGES: &str =
+    "SELECT (SELECT count(*) FROM pgbus.queues), (SELECT count(*) FROM pgbus.messages)";
+
+pub(crate) const DROP_SCHEMA: &str = "DROP SCHEMA pgbus CASCADE";
+
 pub(crate) const CREATE_QUEUE: &str = "
 INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms, retry_jitter,
                           lease_ms, keep_history, archive_retention_ms, breaker_failures,
@@ -298,17 +321,12 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)";
 pub(crate) const DISCARD_DEAD: &str = "
 DELETE FROM pgbus.dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY ($2))";
 
-/// Per-queue counts in one statement over the (small) hot table and the dead letters.
-pub(crate) const STATS: &str = "
-SELECT q.name, q.paused,
-       coalesce(m.ready, 0), coalesce(m.in_flight, 0), coalesce(m.scheduled, 0),
-       coalesce(d.dead, 0), m.oldest_ready_secs,
-       CASE WHEN q.breaker_until > now()
-            THEN extract(epoch FROM q.breaker_until - now())::float8 END,
-       coalesce(t.processed, 0), coalesce(t.failed, 0), m.next_due_secs
-FROM pgbus.queues q
-LEFT JOIN (
-    SELECT queue,
+/// The counts of messages in each state (columns `ready`, `in_flight`, `scheduled`,
+/// `oldest_ready_secs`, `next_due_secs`), aggregated over rows with `visible_at` and
+/// `lease_until`: shared by [`STATS`] and [`QUEUE_STATS`] so both count alike.
+macro_rules! message_counts {
+    () => {
+        "
            count(*) FILTER (WHERE visible_at <= now() AND NOT coalesce(lease_until > now(), false))
                AS ready,
            count(*) FILTER (WHERE lease_until > now()) AS in_flight,
@@ -319,7 +337,32 @@ LEFT JOIN (
                AS oldest_ready_secs,
            extract(epoch FROM min(visible_at) FILTER (
                WHERE visible_at > now() AND NOT coalesce(lease_until > now(), false)) - now())::float8
-               AS next_due_secs
+               AS next_due_secs"
+    };
+}
+
+/// The columns of a queue's stats row, in the order `stats_from` reads them.
+macro_rules! stats_columns {
+    () => {
+        "
+SELECT q.name, q.paused,
+       coalesce(m.ready, 0), coalesce(m.in_flight, 0), coalesce(m.scheduled, 0),
+       coalesce(d.dead, 0), m.oldest_ready_secs,
+       CASE WHEN q.breaker_until > now()
+            THEN extract(epoch FROM q.breaker_until - now())::float8 END,
+       coalesce(t.processed, 0), coalesce(t.failed, 0), m.next_due_secs"
+    };
+}
+
+/// Per-queue counts in one statement over the (small) hot table and the dead letters.
+pub(crate) const STATS: &str = concat!(
+    stats_columns!(),
+    "
+FROM pgbus.queues q
+LEFT JOIN (
+    SELECT queue,",
+    message_counts!(),
+    "
     FROM pgbus.messages
     GROUP BY queue
 ) m ON m.queue = q.name
@@ -332,7 +375,42 @@ LEFT JOIN (
     WHERE bucket > now() - interval '1 minute'
     GROUP BY queue
 ) t ON t.queue = q.name
-ORDER BY q.name";
+ORDER BY q.name"
+);
+
+/// [`STATS`] of queue `$1` alone, reading only its rows, each through an index: the
+/// messages through the three partial indexes that together hold every row (plain, grouped,
+/// limited but not grouped), the dead letters and throughput by their `(queue, ...)`
+/// indexes. No row when the queue does not exist.
+pub(crate) const QUEUE_STATS: &str = concat!(
+    stats_columns!(),
+    "
+FROM pgbus.queues q
+CROSS JOIN (
+    SELECT",
+    message_counts!(),
+    "
+    FROM (
+        SELECT visible_at, lease_until FROM pgbus.messages
+        WHERE queue = $1 AND group_key IS NULL AND limit_key IS NULL
+        UNION ALL
+        SELECT visible_at, lease_until FROM pgbus.messages
+        WHERE queue = $1 AND group_key IS NOT NULL
+        UNION ALL
+        SELECT visible_at, lease_until FROM pgbus.messages
+        WHERE queue = $1 AND group_key IS NULL AND limit_key IS NOT NULL
+    ) held
+) m
+CROSS JOIN (
+    SELECT count(*) AS dead FROM pgbus.dead_letters WHERE queue = $1
+) d
+CROSS JOIN (
+    SELECT sum(processed)::bigint AS processed, sum(failed)::bigint AS failed
+    FROM pgbus.throughput
+    WHERE queue = $1 AND bucket > now() - interval '1 minute'
+) t
+WHERE q.name = $1"
+);
 
 /// Deletes at most `$1` archived messages past their queue's retention.
 pub(crate) const PRUNE_ARCHIVE: &str = "

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use pgbus_core::{
-    Consumer, Error, NewMessage, ProcessRegistry, Producer, QueueAdmin, QueueName, QueueOptions,
-    QueueThroughput, Stats,
+    Consumer, Error, NewMessage, ProcessInfo, ProcessRegistry, Producer, QueueAdmin, QueueName,
+    QueueOptions, QueueThroughput, Stats,
 };
 use pgbus_pg::{connect, test_database, PgBackend, SCHEMA_VERSION};
 
@@ -181,6 +181,93 @@ async fn history_keeping_queue_archives_and_prunes_in_batches() {
         .await
         .unwrap();
     assert_eq!(hot.get::<_, i64>(0), 0, "completed work left the hot table");
+}
+
+/// Uninstalling drops the schema and all it holds, refusing while a live worker is
+/// registered unless forced; the database can be migrated again, and a worker that stopped
+/// heartbeating long ago does not hold an uninstall back.
+#[tokio::test]
+async fn uninstall_refuses_live_workers_unless_forced_and_migrate_reinstalls() {
+    let (backend, url) = backend().await;
+    let q = queue(&backend, "jobs", QueueOptions::default()).await;
+    backend
+        .send_batch(&q, vec![NewMessage::encode(&1).unwrap(); 2])
+        .await
+        .unwrap();
+    let info = ProcessInfo::current(vec![q.clone()], "async", 4);
+    backend.register(&info).await.unwrap();
+
+    let refused = backend.uninstall().await.unwrap_err();
+    assert!(
+        matches!(refused, Error::WorkersRegistered { count: 1 }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("1 live worker"), "{refused}");
+    assert_eq!(depth(&backend, &q).await, 2, "nothing was dropped");
+
+    let dropped = backend.force_uninstall().await.unwrap();
+    assert_eq!(
+        (
+            dropped.schema_version,
+            dropped.queues,
+            dropped.messages,
+            dropped.processes
+        ),
+        (Some(SCHEMA_VERSION), 1, 2, 1)
+    );
+    let client = connect(&url, "test").await.unwrap();
+    let schema_left: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgbus')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!schema_left, "the schema is gone");
+    let objects_left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_proc WHERE proname IN ('publish', 'apply_grants', 'topic_regex')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(objects_left, 0, "its functions went with it");
+    assert!(matches!(
+        backend.check_schema().await,
+        Err(Error::SchemaMismatch { found: 0, .. })
+    ));
+    let nothing = backend.uninstall().await.unwrap();
+    assert_eq!(nothing.schema_version, None, "nothing left to drop");
+
+    // Installed again, the same backend (and its pooled connections) works as before.
+    assert_eq!(
+        backend.migrate().await.unwrap().last(),
+        Some(&SCHEMA_VERSION)
+    );
+    let q = queue(&backend, "jobs", QueueOptions::default()).await;
+    let id = backend
+        .send(&q, NewMessage::encode(&3).unwrap())
+        .await
+        .unwrap();
+    let claimed = backend.claim(&q, 10, LEASE).await.unwrap();
+    assert_eq!(claimed.iter().map(|m| m.id).collect::<Vec<_>>(), [id]);
+
+    // A process whose heartbeats stopped long ago is not live.
+    backend.register(&info).await.unwrap();
+    client
+        .execute(
+            "UPDATE pgbus.processes SET heartbeat_at = now() - interval '1 hour'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let dropped = backend.uninstall().await.unwrap();
+    assert_eq!(
+        (dropped.queues, dropped.messages, dropped.processes),
+        (1, 1, 1)
+    );
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 //! Subcommands:
 //!
 //! - `check-deps`: enforce the workspace dependency rules (see `deps.rs` and
-//!   ARCHITECTURE.md).
+//!   ARCHITECTURE.md) and find files of one crate that import each other in a circle
+//!   (see `imports.rs`).
 //! - `bench [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]`: run the benchmark harness
 //!   (`benches/`, binary `pgbus-bench`) in release mode; see `bench.rs`.
 //! - `chaos [--quick] [--seed N] [--database-url URL] [--only SCENARIO,...] [--out DIR]`: run
@@ -17,6 +18,7 @@ mod bench;
 mod chaos;
 mod deps;
 mod flags;
+mod imports;
 mod test;
 
 use std::process::ExitCode;
@@ -26,6 +28,7 @@ Usage: cargo xtask <COMMAND>
 
 Commands:
   check-deps  Check the dependency rules between workspace crates (see ARCHITECTURE.md)
+              and that no crate's files import each other in a circle
   bench       Run the benchmarks and write report.md, report.json and chart.svg
               [--quick] [--only SCENARIO,...] [--database-url URL] [--out DIR]
               (default: target/bench)
@@ -100,19 +103,52 @@ fn main() -> ExitCode {
 fn check_deps() -> anyhow::Result<ExitCode> {
     let graph = deps::workspace_graph()?;
     let violations = deps::check(&graph);
+    let mut failed = false;
     if violations.is_empty() {
         println!("dependency rules hold for {} workspace crates", graph.len());
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        for violation in &violations {
+            eprintln!("{violation}");
+        }
+        eprintln!(
+            "error: {} dependency rule violation(s) among {} workspace crates",
+            violations.len(),
+            graph.len()
+        );
+        failed = true;
     }
-    for violation in &violations {
-        eprintln!("{violation}");
+
+    let root = deps::workspace_root();
+    for (krates, enforced) in [(imports::ENFORCED, true), (imports::REPORTED, false)] {
+        for krate in krates {
+            let circles = imports::circles_in(krate, &root.join(krate).join("src"))?;
+            if circles.is_empty() {
+                println!("{krate}: no import circles among its files");
+                continue;
+            }
+            for circle in &circles {
+                eprintln!("{circle}");
+            }
+            if enforced {
+                eprintln!(
+                    "error: {krate} has {} import circle(s): move what both sides need into a \
+                     module they both import (see ARCHITECTURE.md)",
+                    circles.len()
+                );
+                failed = true;
+            } else {
+                eprintln!(
+                    "warning: {krate} has {} import circle(s) (reported, not yet enforced)",
+                    circles.len()
+                );
+            }
+        }
     }
-    eprintln!(
-        "error: {} dependency rule violation(s) among {} workspace crates",
-        violations.len(),
-        graph.len()
-    );
-    Ok(ExitCode::FAILURE)
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[cfg(test)]

@@ -6,14 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use pgbus_pg::ScheduleInfo;
-
 use clap::Subcommand;
-use serde_json::json;
 
-use crate::admin::rfc3339;
-use crate::database::Database;
-use crate::output::{Align, Table};
+use crate::support::database::Database;
+use crate::support::json::schedules_json;
+use crate::support::output::{Align, Table};
+use crate::support::signals::stop_on_signals;
+use crate::support::time::{positive_duration, rfc3339};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum CronCommand {
@@ -32,12 +31,13 @@ pub(crate) enum CronCommand {
         #[arg(long)]
         config: PathBuf,
         /// How long a dead leader's lease lasts before another scheduler takes over.
-        #[arg(long, value_parser = crate::cli::positive_duration, default_value = "30s", allow_hyphen_values = true)]
+        #[arg(long, value_parser = positive_duration, default_value = "30s", allow_hyphen_values = true)]
         lease: Duration,
     },
 }
 
-pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<ExitCode> {
+/// `pgbus cron ...`.
+pub(crate) async fn run(command: CronCommand, db: &Database) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?;
     let json = match command {
         CronCommand::List { json } => json,
@@ -50,7 +50,7 @@ pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<
             for task in tasks {
                 scheduler = scheduler.task(task);
             }
-            let stop = crate::work::stop_on_signals()?;
+            let stop = stop_on_signals()?;
             scheduler.build()?.run(stop).await?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -84,21 +84,4 @@ pub(crate) async fn cron(db: &Database, command: CronCommand) -> anyhow::Result<
     }
     table.print();
     Ok(ExitCode::SUCCESS)
-}
-
-/// The declared recurring tasks, for `cron list --json` and the dashboard.
-pub(crate) fn schedules_json(schedules: &[ScheduleInfo]) -> serde_json::Value {
-    schedules
-        .iter()
-        .map(|s| {
-            json!({
-                "task": s.task,
-                "queue": s.queue,
-                "schedule": s.schedule,
-                "missed": s.missed,
-                "last_at": s.last_at.map(rfc3339),
-                "next_at": s.next_at.map(rfc3339),
-            })
-        })
-        .collect()
 }

@@ -2,17 +2,30 @@
 //! queue and some grouped, worked in async mode; stats printed as it runs.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Args;
 use pgbus_core::{NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, RetryPolicy, Stats};
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerBuilder};
 use pgbus_pg::PgBackend;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
-use crate::cli::DemoArgs;
-use crate::database::Database;
-use crate::work::stop_on_signals;
+use crate::support::database::Database;
+use crate::support::signals::stop_on_signals;
+use crate::support::time::duration;
+
+// No doc comment: the `Command` variant's is the command's about.
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Stop by itself after this long (e.g. 10s).
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
+    pub(crate) duration: Option<Duration>,
+    /// Where to serve the dashboard (a free port is taken if this one is busy).
+    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    #[arg(long, value_parser = crate::server::listen_addr, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: std::net::SocketAddr,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct DemoJob {
@@ -20,7 +33,8 @@ struct DemoJob {
     fail: bool,
 }
 
-pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCode> {
+/// `pgbus demo`.
+pub(crate) async fn run(args: DemoArgs, db: &Database) -> anyhow::Result<ExitCode> {
     let backend = db.ready().await?.clone();
     let queue = QueueName::new("demo")?;
     let retry = RetryPolicy::builder()
@@ -34,8 +48,8 @@ pub(crate) async fn demo(db: &Database, args: DemoArgs) -> anyhow::Result<ExitCo
     let stop = stop_on_signals()?;
     #[cfg(any(feature = "dashboard", feature = "stream"))]
     let server = {
-        let listener = crate::serve::bind_or_any(args.listen).await?;
-        let server = crate::serve::start(
+        let listener = crate::server::bind_or_any(args.listen).await?;
+        let server = crate::server::start(
             db.session_url(),
             backend.clone(),
             listener,

@@ -29,8 +29,8 @@ use pgbus_core::{DeadLetters, Error, MessageId, QueueAdmin, QueueName, Selection
 use serde::Deserialize;
 use serde_json::json;
 
-use super::App;
-use crate::admin::dead_json;
+use super::app::App;
+use crate::support::json::dead_json;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 

@@ -7,8 +7,10 @@ use anyhow::Context;
 use clap::Args;
 use pgbus_pg::{OutboxRelay, PgBackend};
 
-use crate::cli::{duration, positive_duration};
-use crate::database::Database;
+use crate::support::database::Database;
+use crate::support::output;
+use crate::support::signals::stop_on_signals;
+use crate::support::time::{duration, positive_duration};
 
 #[derive(Debug, Args)]
 pub(crate) struct RelayArgs {
@@ -30,7 +32,8 @@ pub(crate) struct RelayArgs {
     pub(crate) prune_interval: Duration,
 }
 
-pub(crate) async fn relay(db: &Database, args: RelayArgs) -> anyhow::Result<ExitCode> {
+/// `pgbus relay`.
+pub(crate) async fn run(args: RelayArgs, db: &Database) -> anyhow::Result<ExitCode> {
     let outbox_url = args.outbox_url.filter(|u| !u.trim().is_empty());
     // Built first: the settings are checked before anything connects.
     let mut builder = OutboxRelay::builder(db.backend.clone())
@@ -57,8 +60,8 @@ pub(crate) async fn relay(db: &Database, args: RelayArgs) -> anyhow::Result<Exit
         }
         None => format!("{} (the same database)", describe(&db.url)),
     };
-    let stop = crate::work::stop_on_signals()?;
-    crate::output::note(format_args!(
+    let stop = stop_on_signals()?;
+    output::note(format_args!(
         "relaying pgbus.outbox of {source}; SIGTERM or Ctrl-C stops"
     ));
     relay.run(stop).await?;

@@ -1,4 +1,4 @@
-//! `pgbus serve`: the dashboard at `/`, the JSON API under `/api`, SSE streams at
+//! The HTTP server of `pgbus serve` and `pgbus demo`: the dashboard at `/`, the JSON API under `/api`, SSE streams at
 //! `/streams/...`, Prometheus text at `/metrics`, `/livez` and `/readyz`.
 //!
 //! One background task reads a snapshot of the system every `--refresh`; the dashboard,
@@ -10,8 +10,6 @@
 //! open-files limit, graceful shutdown.
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -21,49 +19,21 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use clap::Args;
 use pgbus_pg::PgBackend;
 use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "dashboard")]
 mod api;
+mod app;
 mod auth;
 mod connections;
 mod metrics;
 mod snapshot;
 
+use app::{App, Readiness};
 use auth::Token;
 use connections::Capacity;
 use snapshot::Snapshots;
-
-#[derive(Debug, Args)]
-pub(crate) struct ServeArgs {
-    /// Address to listen on: IP:PORT, or localhost:PORT. Anything but a loopback address
-    /// needs --token.
-    #[arg(long, value_parser = crate::cli::listen_addr, default_value = "127.0.0.1:8080")]
-    pub(crate) listen: SocketAddr,
-    /// Required from every client (Authorization: Bearer, or ?token= once in a browser)
-    /// except for /livez, /readyz and signed stream URLs.
-    #[arg(long, env = "PGBUS_TOKEN", hide_env_values = true)]
-    pub(crate) token: Option<String>,
-    /// How often the dashboard and /metrics snapshot is refreshed.
-    #[arg(long, value_parser = crate::cli::positive_duration, default_value = "2s", allow_hyphen_values = true)]
-    pub(crate) refresh: Duration,
-}
-
-#[cfg(feature = "stream")]
-type StreamInstance = pgbus_stream::Instance<PgBackend, pgbus_pg::PgStreamListener>;
-
-/// What every handler shares.
-#[derive(Clone)]
-pub(crate) struct App {
-    pub(crate) backend: PgBackend,
-    pub(crate) snapshots: Snapshots,
-    pub(crate) readiness: Readiness,
-    // Read by the dashboard API only.
-    #[cfg_attr(not(feature = "dashboard"), allow(dead_code))]
-    pub(crate) stop: CancellationToken,
-}
 
 /// A running server: where it listens and how to wait for it.
 pub(crate) struct Server {
@@ -100,7 +70,7 @@ pub(crate) async fn start(
     }
     let token = token.map(Token::new).transpose()?;
 
-    let capacity = Capacity::for_this_process(crate::database::POOL_SIZE);
+    let capacity = Capacity::for_this_process(crate::support::database::POOL_SIZE);
     let open_files = capacity
         .open_files
         .map_or_else(|| "unlimited".to_owned(), |limit| limit.to_string());
@@ -173,7 +143,10 @@ pub(crate) async fn start(
         .route("/readyz", get(readyz));
     #[cfg(feature = "stream")]
     {
-        let endpoint = pgbus_stream::http::Streams::new(streams.clone(), crate::stream::signer()?);
+        let endpoint = pgbus_stream::http::Streams::new(
+            streams.clone(),
+            crate::support::stream_secret::signer()?,
+        );
         router = router.merge(endpoint.router());
     }
     if token.is_none() {
@@ -209,11 +182,6 @@ pub(crate) async fn start(
 /// (one short-lived connection) per second, and takes nothing from the pool the stream
 /// dispatcher reads with.
 const READY_CACHED_FOR: Duration = Duration::from_secs(1);
-
-/// The last readiness check and when it finished; the lock also makes concurrent probes
-/// wait for one check instead of each running its own.
-#[derive(Clone, Default)]
-pub(crate) struct Readiness(Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>);
 
 /// `/readyz`: the database answers and its schema is current. The body says only ready or
 /// not (it is unauthenticated); why not is in the server's log.
@@ -264,30 +232,6 @@ async fn response_headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// `pgbus serve`.
-pub(crate) async fn serve(
-    db: &crate::database::Database,
-    args: ServeArgs,
-) -> anyhow::Result<ExitCode> {
-    let backend = db.ready().await?.clone();
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let stop = crate::work::stop_on_signals()?;
-    let server = start(
-        db.session_url(),
-        backend,
-        listener,
-        args.token,
-        args.refresh,
-        stop.clone(),
-    )
-    .await?;
-    crate::output::note(format_args!("serving the dashboard at {}", server.url()));
-    server.wait().await?;
-    Ok(ExitCode::SUCCESS)
-}
-
 /// For `demo`: binds `addr`, or any free port on loopback if it is taken.
 pub(crate) async fn bind_or_any(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     match tokio::net::TcpListener::bind(addr).await {
@@ -296,4 +240,20 @@ pub(crate) async fn bind_or_any(addr: SocketAddr) -> anyhow::Result<tokio::net::
             .await
             .with_context(|| format!("listening on {}", addr.ip())),
     }
+}
+
+/// Parses a listen address: `IP:PORT` (`[::1]:PORT` for IPv6), or `localhost:PORT` for
+/// 127.0.0.1.
+pub(crate) fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if let Some(Ok(port)) = text.strip_prefix("localhost:").map(str::parse::<u16>) {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Err(
+        "expected IP:PORT or localhost:PORT, e.g. 127.0.0.1:8080 (0.0.0.0:8080: every \
+         interface)"
+            .into(),
+    )
 }

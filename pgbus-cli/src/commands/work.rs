@@ -9,16 +9,107 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::Args;
 use pgbus_core::QueueName;
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::{Maintenance, PgBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
-use crate::cli::WorkArgs;
-use crate::database::Database;
+use crate::support::database::Database;
+use crate::support::signals::stop_on_signals;
+use crate::support::time::{duration, positive_duration};
 use envelope::Delivery;
 use until_empty::EXIT_PAUSED;
+
+// No doc comment: the `Command` variant's is the command's about.
+#[derive(Debug, Args)]
+pub(crate) struct WorkArgs {
+    /// Queues to work.
+    #[arg(required = true)]
+    pub(crate) queues: Vec<String>,
+    /// Jobs run at once in this process, plain and grouped messages together.
+    ///
+    /// One limit for the process: plain and grouped messages share the N slots (a running
+    /// group holds one from its first message to its last; while both kinds wait for
+    /// slots, each gets half), and `pgbus stats` shows one row, busy/N.
+    ///
+    /// Connections per process, by application_name: one pgbus:fetch, one
+    /// pgbus:listen (none behind --pooler transaction without --listen-url) and at most 3
+    /// pgbus:pool, 5 in all whatever N and the execution mode; while grouped messages run,
+    /// also one pgbus:recovery and one pgbus:group per running group (at most N): N + 6 in
+    /// all. The group connections open when a grouped message is first seen and close
+    /// after 30 s unused. At start, a pgbus:check (pgbus:migrate on the embedded database)
+    /// comes and goes. With --processes, each worker process has this budget.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) concurrency: usize,
+    /// threads (one OS thread per job) or async (tasks; fiber is an alias).
+    #[arg(long, default_value = "async")]
+    pub(crate) execution_mode: String,
+    /// Longest wait between claims when no wake-up arrives.
+    #[arg(long, value_parser = positive_duration, default_value = "1s", allow_hyphen_values = true)]
+    pub(crate) poll_interval: Duration,
+    /// Exit once the queues hold nothing ready, nothing in flight (in any process) and
+    /// nothing due within --wait-due, saying what is left. A paused queue's messages are
+    /// not waited for; when it holds work the run would have done, the exit status is 75.
+    #[arg(long)]
+    pub(crate) until_empty: bool,
+    /// With --until-empty: wait for retries and delayed messages due within this long;
+    /// messages due later are left.
+    #[arg(long, value_parser = duration, default_value = "30s", requires = "until_empty", allow_hyphen_values = true)]
+    pub(crate) wait_due: Duration,
+    /// Run `sh -c CMD` per message, the payload as JSON on stdin. Exit 0: ack; 65:
+    /// dead-letter; anything else: retry. The command runs in a process group of its own:
+    /// on the job timeout, at shutdown, and for processes it leaves behind when it exits,
+    /// the group gets SIGTERM, then SIGKILL 2 s later. Its environment is pgbus's without
+    /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
+    /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP; for a topic's copy
+    /// PGBUS_ROUTING_KEY, PGBUS_EVENT_ID and PGBUS_PUBLISHED_AT; each message header as
+    /// `PGBUS_HEADER_<NAME>` (upper case, other characters than A-Z0-9 as _).
+    #[arg(long, conflicts_with = "http")]
+    pub(crate) exec: Option<String>,
+    /// Pass the withheld environment variable NAME (DATABASE_URL, PGPASSWORD or a PGBUS_*
+    /// one) through to --exec commands anyway. Repeatable.
+    #[arg(long = "pass-env", value_name = "NAME", requires = "exec")]
+    pub(crate) pass_env: Vec<String>,
+    /// POST the payload as JSON. 2xx: ack; 3xx (redirects are not followed) and 4xx (but
+    /// 408, 429): dead-letter; else retry, after Retry-After when the server sends one.
+    /// Headers as the --exec variables: Pgbus-Queue, Pgbus-Message-Id, Pgbus-Attempt,
+    /// Pgbus-Group, Pgbus-Routing-Key, Pgbus-Event-Id, Pgbus-Published-At and
+    /// `Pgbus-Header-<Name>` (other characters than a-z0-9- as -).
+    #[arg(long)]
+    pub(crate) http: Option<String>,
+    /// The longest Retry-After honoured with --http; a longer one is shortened to it.
+    #[arg(long, value_parser = duration, default_value = "1h", allow_hyphen_values = true)]
+    pub(crate) max_retry_after: Duration,
+    /// Per-job timeout; a job past it is killed and retried.
+    #[arg(long, value_parser = positive_duration, default_value = "5m", allow_hyphen_values = true)]
+    pub(crate) job_timeout: Duration,
+    /// Run N worker processes under a supervisor that restarts any that dies.
+    #[arg(long)]
+    pub(crate) processes: Option<usize>,
+    /// How long a graceful stop waits for running jobs.
+    #[arg(long, value_parser = duration, default_value = "30s", allow_hyphen_values = true)]
+    pub(crate) drain_timeout: Duration,
+    /// How long idempotent consumers' dedup records are kept (every worker process
+    /// prunes them, the event log, and each queue's archive past its retention).
+    #[arg(long, value_parser = duration, default_value = "7days", allow_hyphen_values = true)]
+    pub(crate) dedup_retention: Duration,
+    /// How long published events stay in the event log (what a binding with
+    /// --earliest or --since can replay).
+    #[arg(long, value_parser = duration, default_value = "7days", allow_hyphen_values = true)]
+    pub(crate) event_retention: Duration,
+}
+
+impl WorkArgs {
+    /// What clap cannot say: one of --exec and --http is needed. The subcommand path and
+    /// the message for the usage error.
+    pub(crate) fn missing_argument(&self) -> Option<(&'static [&'static str], &'static str)> {
+        (self.exec.is_none() && self.http.is_none()).then_some((
+            &["work"],
+            "give --exec CMD or --http URL: what runs each message",
+        ))
+    }
+}
 
 /// The pool of a `pgbus work` process (`pgbus:pool`): acks, retries, lease extension,
 /// heartbeats, pruning and the `--until-empty` watch, a statement at a time each.
@@ -71,24 +162,8 @@ pub(crate) fn execution_mode(name: &str) -> anyhow::Result<ExecutionMode> {
     Ok(mode)
 }
 
-/// Cancelled on SIGINT or SIGTERM.
-pub(crate) fn stop_on_signals() -> anyhow::Result<CancellationToken> {
-    let stop = CancellationToken::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let token = stop.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!(target: "pgbus::cli", "stop requested: draining");
-        token.cancel();
-    });
-    Ok(stop)
-}
-
-pub(crate) async fn work(db: &Database, args: WorkArgs) -> anyhow::Result<ExitCode> {
+/// `pgbus work`.
+pub(crate) async fn run(args: WorkArgs, db: &Database) -> anyhow::Result<ExitCode> {
     if let Some(processes) = args.processes {
         return supervise(db, processes).await;
     }

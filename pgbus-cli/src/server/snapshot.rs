@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{millis, processes_json, queues_json, rfc3339};
+use crate::support::json::{
+    batches_json, processes_json, queues_json, schedules_json, topics_json,
+};
+use crate::support::time::{millis, rfc3339};
 
 /// How far back the dashboard's throughput chart reaches.
 const CHARTED: Duration = Duration::from_secs(30 * 60);
@@ -56,8 +59,9 @@ pub(crate) struct Snapshots {
     rx: watch::Receiver<Arc<Snapshot>>,
 }
 
+/// The streamer instance `pgbus serve` runs, whose clients the snapshot counts.
 #[cfg(feature = "stream")]
-type Streamer = super::StreamInstance;
+pub(crate) type Streamer = pgbus_stream::Instance<PgBackend, pgbus_pg::PgStreamListener>;
 
 impl Snapshots {
     /// Starts the refresh task; it ends with `stop`.
@@ -206,9 +210,9 @@ impl Snapshot {
                 "queues": queues_json(&d.queues),
                 "processes": processes_json(&d.processes, now),
                 "groups": groups_json(&d.groups, now),
-                "topics": crate::topics::topics_json(&d.topics),
-                "batches": crate::batches::batches_json(&d.batches),
-                "schedules": crate::cron::schedules_json(&d.schedules),
+                "topics": topics_json(&d.topics),
+                "batches": batches_json(&d.batches),
+                "schedules": schedules_json(&d.schedules),
                 "throughput": throughput_json(&d.throughput),
                 "streams": streams_json,
             }),

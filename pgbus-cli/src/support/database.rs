@@ -2,15 +2,12 @@
 //! default.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
 use pgbus_core::WakeupSource;
 use pgbus_pg::{running_as_root, ConnectOptions, PersistentCluster, PgBackend, PgListener, Pooler};
-
-use crate::cli::DbCommand;
 
 /// Connections in a command's pool (`serve` keeps open files for them); `work` keeps to
 /// its own budget (`work::POOL_CONNECTIONS`).
@@ -46,7 +43,7 @@ pub(crate) fn home() -> anyhow::Result<PathBuf> {
 }
 
 /// Starts the embedded database if it is not running; returns its URL.
-async fn embedded() -> anyhow::Result<String> {
+pub(crate) async fn embedded() -> anyhow::Result<String> {
     let home = home()?;
     std::fs::create_dir_all(&home)
         .with_context(|| format!("creating the pgbus home {}", home.display()))?;
@@ -58,7 +55,7 @@ async fn embedded() -> anyhow::Result<String> {
         )?;
     if cluster.started {
         // Port and directory only: the URL holds the password.
-        crate::output::note(format_args!(
+        crate::support::output::note(format_args!(
             "started the embedded PostgreSQL in {} on port {} (`pgbus db stop` stops it)",
             cluster.data_dir.display(),
             cluster.port
@@ -143,27 +140,4 @@ impl Database {
         }
         Ok(&self.backend)
     }
-}
-
-pub(crate) async fn db_command(command: &DbCommand) -> anyhow::Result<ExitCode> {
-    match command {
-        DbCommand::Start | DbCommand::Url => {
-            let url = embedded().await?;
-            println!("{url}");
-        }
-        DbCommand::Stop => {
-            let data_dir = home()?.join("data");
-            let stopped =
-                tokio::task::spawn_blocking(move || PersistentCluster::stop(&data_dir)).await??;
-            println!(
-                "{}",
-                if stopped {
-                    "stopped the embedded PostgreSQL"
-                } else {
-                    "the embedded PostgreSQL was not running"
-                }
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use super::App;
+use super::app::App;
 
 /// One metric family: its help and type lines, then a sample per label value.
 struct Family<'a> {
