@@ -24,13 +24,13 @@ use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Ou
 use crate::lane::Lane;
 use crate::mixed::Kind;
 use crate::subscriber::Declare;
+use crate::telemetry::{self, Finished};
 use crate::until_empty::{run_until_empty, UntilEmptyReport};
 #[cfg(feature = "async")]
 use crate::AsyncPool;
 #[cfg(feature = "threads")]
 use crate::ThreadPool;
 use crate::{ExecError, ExecutionMode, ExecutionPool, MixedWorker};
-use crate::telemetry::{self, Finished};
 
 /// How long a busy worker (fewer than half its slots free) waits for half of them to free
 /// before claiming again: a bound on the latency it trades for batching.

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Owned parameters of a statement.
+type Params = Vec<Box<dyn ToSql + Sync>>;
+
 /// The payload every example producer sends.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 struct Job {
@@ -86,6 +89,7 @@ where
         .expect("a worker");
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
+    // A job whose payload does not decode as `T` is dead-lettered and never counted here.
     eventually("every job is handled", DEADLINE, || async {
         seen.lock().expect("seen").len() >= n
     })
@@ -131,7 +135,7 @@ async fn sql_sends_reach_a_typed_rust_handler() {
     let q = create(&backend, "jobs", QueueOptions::default()).await;
     let client = sql(&url).await;
 
-    // As from psql: literals, options by name.
+    // As from psql: literal arguments.
     let one: i64 = client
         .query_one(
             r#"SELECT pgbus.send('jobs', '{"n": 1, "producer": "psql"}')"#,
@@ -211,8 +215,9 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
         traceparent: Option<&'static str>,
         limit: Option<&'static str>,
     }
-    let base = |n: u32| Case {
-        rust: NewMessage::json(&json!({"n": n, "producer": "test"})).unwrap(),
+    let job = |n: u32| NewMessage::json(&json!({"n": n, "producer": "test"})).unwrap();
+    let plain = |rust: NewMessage| Case {
+        rust,
         delay: None,
         run_at: None,
         priority: None,
@@ -222,39 +227,41 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
         traceparent: None,
         limit: None,
     };
-    let mut cases = vec![base(0)];
-    let mut c = base(1);
-    c.rust = c.rust.delay(Duration::from_secs(90));
-    c.delay = Some("90 seconds");
-    cases.push(c);
-    let mut c = base(2);
-    c.rust = c.rust.at(run_at);
-    c.run_at = Some(run_at);
-    cases.push(c);
-    let mut c = base(3);
-    c.rust = c.rust.priority(7);
-    c.priority = Some(7);
-    cases.push(c);
-    let mut c = base(4);
-    c.rust = c.rust.group("customer:42");
-    c.group = Some("customer:42");
-    cases.push(c);
-    let mut c = base(5);
-    c.rust = c.rust.unique(Unique::new("welcome:42"));
-    c.unique = Some("welcome:42");
-    cases.push(c);
-    let mut c = base(6);
-    c.rust = c.rust.header("tenant", "acme").header("kind", "welcome");
-    c.headers = Some(json!({"tenant": "acme", "kind": "welcome"}));
-    cases.push(c);
-    let mut c = base(7);
-    c.rust = c.rust.header("traceparent", traceparent);
-    c.traceparent = Some(traceparent);
-    cases.push(c);
-    let mut c = base(8);
-    c.rust = c.rust.limit_key("smtp");
-    c.limit = Some("smtp");
-    cases.push(c);
+    let cases = vec![
+        plain(job(0)),
+        Case {
+            delay: Some("90 seconds"),
+            ..plain(job(1).delay(Duration::from_secs(90)))
+        },
+        Case {
+            run_at: Some(run_at),
+            ..plain(job(2).at(run_at))
+        },
+        Case {
+            priority: Some(7),
+            ..plain(job(3).priority(7))
+        },
+        Case {
+            group: Some("customer:42"),
+            ..plain(job(4).group("customer:42"))
+        },
+        Case {
+            unique: Some("welcome:42"),
+            ..plain(job(5).unique(Unique::new("welcome:42")))
+        },
+        Case {
+            headers: Some(json!({"tenant": "acme", "kind": "welcome"})),
+            ..plain(job(6).header("tenant", "acme").header("kind", "welcome"))
+        },
+        Case {
+            traceparent: Some(traceparent),
+            ..plain(job(7).header("traceparent", traceparent))
+        },
+        Case {
+            limit: Some("smtp"),
+            ..plain(job(8).limit_key("smtp"))
+        },
+    ];
 
     const SEND: &str = "SELECT pgbus.send($1, $2, delay => $3::text::interval, run_at => $4,
         priority => $5, group_key => $6, unique_key => $7, headers => $8, traceparent => $9,
@@ -287,9 +294,9 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
                 .get::<_, i64>(0)
         }
     };
-    let mut sql_ids = Vec::new();
+    let (mut rust_ids, mut sql_ids) = (Vec::new(), Vec::new());
     for c in &cases {
-        backend.send(&rust_q, c.rust.clone()).await.unwrap();
+        rust_ids.push(backend.send(&rust_q, c.rust.clone()).await.unwrap());
         sql_ids.push(send(c).await);
     }
 
@@ -351,8 +358,9 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
     assert_eq!(visible, run_at);
 
     // A unique key's second send returns the first job's id, from either side.
-    let again = send(&cases[5]).await;
-    assert_eq!(again, sql_ids[5]);
+    assert_eq!(send(&cases[5]).await, sql_ids[5]);
+    let again = backend.send(&rust_q, cases[5].rust.clone()).await.unwrap();
+    assert_eq!(again, rust_ids[5]);
     let batch: Vec<i64> = client
         .query(
             "SELECT pgbus.send_batch('from_sql', ARRAY['1', '2', '3']::jsonb[],
@@ -461,7 +469,7 @@ async fn refusals_carry_the_rust_errors_texts_and_store_nothing() {
     let job = || NewMessage::json(&json!({"n": 1})).unwrap();
     let over = MAX_DELAY.as_secs_f64() + 1.0;
     let before_epoch = UNIX_EPOCH - Duration::from_secs(1);
-    let cases: Vec<(NewMessage, &str, Vec<Box<dyn ToSql + Sync>>)> = vec![
+    let cases: Vec<(NewMessage, &str, Params)> = vec![
         (
             job().delay(MAX_DELAY + Duration::from_secs(1)),
             "SELECT pgbus.send('jobs', '1', delay => make_interval(secs => $1))",
@@ -543,6 +551,11 @@ async fn refusals_carry_the_rust_errors_texts_and_store_nothing() {
         )
         .await,
         ("54000".to_owned(), rust)
+    );
+    assert_eq!(
+        stored_count(&client).await,
+        0,
+        "a refused send stores nothing"
     );
     // The largest payload fits, from either side.
     let fits = "x".repeat(DEFAULT_MAX_PAYLOAD_BYTES - 2);
@@ -889,24 +902,96 @@ fn require(program: &str, args: &[&str], install: &str) {
     }
 }
 
-/// Runs an example producer with the database URL in its environment (never in its
-/// arguments); returns its exit success, standard output and standard error.
-async fn run_example(
-    program: &'static str,
-    script: &'static str,
-    url: &str,
-    args: &[&str],
-) -> (bool, String, String) {
-    let mut command = Command::new(program);
+/// How an example producer is run for a queue and a job count: the connection (with its
+/// password) goes in the environment, never in the arguments.
+type Runner = fn(url: &str, queue: &str, count: &str) -> Command;
+
+fn python(url: &str, queue: &str, count: &str) -> Command {
+    let mut command = Command::new("python3");
     command
-        .arg(examples().join(script))
-        .args(args)
-        .current_dir(examples())
+        .arg(examples().join("enqueue.py"))
+        .args([queue, count])
         .env("DATABASE_URL", url);
+    command
+}
+
+fn node(url: &str, queue: &str, count: &str) -> Command {
+    let mut command = Command::new("node");
+    command
+        .arg(examples().join("enqueue.mjs"))
+        .args([queue, count])
+        .env("DATABASE_URL", url);
+    command
+}
+
+/// psql takes the connection from libpq's variables.
+fn psql(url: &str, queue: &str, count: &str) -> Command {
+    let config: tokio_postgres::Config = url.parse().expect("a test database URL");
+    let mut command = Command::new(psql_binary());
+    command
+        .args(["-X", "-At", "-v"])
+        .arg(format!("queue={queue}"))
+        .arg("-v")
+        .arg(format!("count={count}"))
+        .arg("-f")
+        .arg(examples().join("enqueue.sql"));
+    if let Some(host) = config.get_hosts().first() {
+        match host {
+            tokio_postgres::config::Host::Tcp(name) => command.env("PGHOST", name),
+            tokio_postgres::config::Host::Unix(dir) => command.env("PGHOST", dir),
+        };
+    }
+    if let Some(port) = config.get_ports().first() {
+        command.env("PGPORT", port.to_string());
+    }
+    if let Some(user) = config.get_user() {
+        command.env("PGUSER", user);
+    }
+    if let Some(db) = config.get_dbname() {
+        command.env("PGDATABASE", db);
+    }
+    if let Some(password) = config.get_password() {
+        command.env("PGPASSWORD", String::from_utf8_lossy(password).into_owned());
+    }
+    command
+}
+
+/// The `psql` of the PostgreSQL the tests run (`PGBUS_PG_BIN`, `PATH`, then
+/// `/usr/lib/postgresql/*/bin`, newest first).
+fn psql_binary() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PGBUS_PG_BIN")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    let mut installed: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    installed.sort();
+    dirs.extend(installed.into_iter().rev());
+    dirs.into_iter()
+        .map(|dir| dir.join("psql"))
+        .find(|psql| psql.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "this test runs examples/producers/enqueue.sql with psql: install the PostgreSQL \
+                 client (Debian: apt-get install postgresql-client) or set PGBUS_PG_BIN"
+            )
+        })
+}
+
+/// Runs an example producer; returns its exit success, standard output and standard error.
+async fn run_example(run: Runner, url: &str, queue: &str, count: &str) -> (bool, String, String) {
+    let mut command = run(url, queue, count);
+    command.current_dir(examples());
+    // The program only: the environment holds the password.
+    let program = command.get_program().to_string_lossy().into_owned();
     let out = tokio::task::spawn_blocking(move || command.output())
         .await
         .unwrap()
-        .unwrap_or_else(|err| panic!("running {program} {script}: {err}"));
+        .unwrap_or_else(|err| panic!("running {program}: {err}"));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -915,10 +1000,10 @@ async fn run_example(
 }
 
 /// Sends 25 jobs with an example producer; a Rust worker decodes each one.
-async fn example_producer(program: &'static str, script: &'static str, producer: &str) {
+async fn example_producer(script: &str, run: Runner, producer: &str) {
     let (backend, url) = fresh_backend(4).await;
     let q = create(&backend, "from_example", QueueOptions::default()).await;
-    let (ok, stdout, stderr) = run_example(program, script, &url, &["from_example", "25"]).await;
+    let (ok, stdout, stderr) = run_example(run, &url, "from_example", "25").await;
     assert!(ok, "{script} failed: {stderr}");
     let ids: Vec<i64> = stdout
         .lines()
@@ -949,13 +1034,28 @@ async fn example_producer(program: &'static str, script: &'static str, producer:
     let expected: Vec<(i64, u32)> = ids.iter().copied().zip(1..).collect();
     assert_eq!(got, expected);
 
-    // A refusal is one line on standard error and a failed exit.
-    let (ok, stdout, stderr) = run_example(program, script, &url, &["nope", "1"]).await;
+    // A refusal fails the run with pgbus's message (psql adds its own prefix and context;
+    // the Python and Node examples print that one line alone).
+    let (ok, stdout, stderr) = run_example(run, &url, "nope", "1").await;
     assert!(!ok && stdout.is_empty(), "{stdout}");
-    assert_eq!(
-        stderr.trim(),
-        format!("{script}: queue nope does not exist")
-    );
+    if script.ends_with(".sql") {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.ends_with("ERROR:  queue nope does not exist")),
+            "{stderr}"
+        );
+    } else {
+        assert_eq!(
+            stderr.trim(),
+            format!("{script}: queue nope does not exist")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_psql_example_enqueues_jobs_a_rust_worker_decodes() {
+    example_producer("enqueue.sql", psql, "psql").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -966,7 +1066,7 @@ async fn the_python_example_enqueues_jobs_a_rust_worker_decodes() {
         "this test runs examples/producers/enqueue.py: install python3 and psycopg 3 \
          (pip install 'psycopg[binary]')",
     );
-    example_producer("python3", "enqueue.py", "python").await;
+    example_producer("enqueue.py", python, "python").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -983,5 +1083,5 @@ async fn the_node_example_enqueues_jobs_a_rust_worker_decodes() {
          npm ci --prefix examples/producers ({} is missing)",
         pg.display()
     );
-    example_producer("node", "enqueue.mjs", "node").await;
+    example_producer("enqueue.mjs", node, "node").await;
 }

@@ -361,15 +361,15 @@ fn facts(base: &ModPath, text: &str, facade: bool) -> FileFacts {
                             .entry(module.clone())
                             .or_default()
                             .push((written, public)),
-                        Leaf::Name(name) => facts.bindings.entry(module.clone()).or_default().push(
-                            (
+                        Leaf::Name(name) => {
+                            facts.bindings.entry(module.clone()).or_default().push((
                                 Binding {
                                     name,
                                     target: written,
                                 },
                                 public,
-                            ),
-                        ),
+                            ))
+                        }
                     }
                 }
                 i = end;
@@ -586,7 +586,12 @@ impl Crate<'_> {
             return Some(file);
         };
         let facts = self.facts.get(file)?;
-        if facts.items.get(&module).is_some_and(|items| items.contains(name)) || hops == 0 {
+        if facts
+            .items
+            .get(&module)
+            .is_some_and(|items| items.contains(name))
+            || hops == 0
+        {
             return Some(file);
         }
         if let Some(binding) = self.binding(&module, name) {
@@ -600,7 +605,8 @@ impl Crate<'_> {
             target.push(name.clone());
             if let Some(found) = self.defining_file(&target, hops - 1) {
                 let target_module = &target[..target.len() - 1];
-                if self.module_files.get(target_module) != Some(&found) || self.defines(found, name) {
+                if self.module_files.get(target_module) != Some(&found) || self.defines(found, name)
+                {
                     return Some(found);
                 }
             }
@@ -628,7 +634,12 @@ fn circles(krate: &str, files: &BTreeMap<String, String>) -> Vec<Circle> {
     // Inline modules belong to their file.
     let inline: Vec<(ModPath, &str)> = all_facts
         .iter()
-        .flat_map(|(file, facts)| facts.modules.iter().map(move |module| (module.clone(), *file)))
+        .flat_map(|(file, facts)| {
+            facts
+                .modules
+                .iter()
+                .map(move |module| (module.clone(), *file))
+        })
         .collect();
     for (module, file) in inline {
         module_files.entry(module).or_insert(file);
@@ -785,8 +796,10 @@ mod tests {
         ]);
         assert_eq!(
             found,
-            ["demo: files import each other in a circle: a.rs, b.rs\n    \
-              a.rs -> b.rs (crate::b::Helper)\n    b.rs -> a.rs (crate::a::run)"]
+            [
+                "demo: files import each other in a circle: a.rs, b.rs\n    \
+              a.rs -> b.rs (crate::b::Helper)\n    b.rs -> a.rs (crate::a::run)"
+            ]
         );
     }
 
@@ -816,13 +829,19 @@ mod tests {
             ("b.rs", "use crate::Thing; pub fn g() {}"),
         ]);
         assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].contains("b.rs -> a.rs (crate::Thing)"), "{found:?}");
+        assert!(
+            found[0].contains("b.rs -> a.rs (crate::Thing)"),
+            "{found:?}"
+        );
     }
 
     #[test]
     fn child_using_parent_items_is_an_edge_but_declaring_it_is_not() {
         let declared_only = check(&[
-            ("serve/mod.rs", "mod api; pub struct App; pub use api::routes;"),
+            (
+                "serve/mod.rs",
+                "mod api; pub struct App; pub use api::routes;",
+            ),
             ("serve/api.rs", "use super::App; pub fn routes() {}"),
         ]);
         assert_eq!(declared_only, Vec::<String>::new());
@@ -835,9 +854,11 @@ mod tests {
         ]);
         assert_eq!(
             both_ways,
-            ["demo: files import each other in a circle: serve/api.rs, serve/mod.rs\n    \
+            [
+                "demo: files import each other in a circle: serve/api.rs, serve/mod.rs\n    \
               serve/api.rs -> serve/mod.rs (super::App)\n    \
-              serve/mod.rs -> serve/api.rs (api::routes)"]
+              serve/mod.rs -> serve/api.rs (api::routes)"
+            ]
         );
     }
 

@@ -87,6 +87,7 @@ pub(crate) async fn run(args: SendArgs, db: &Database) -> anyhow::Result<ExitCod
 mod tests {
     use super::*;
     use crate::support::stdin::{read_batches, MAX_LINE_BYTES};
+    use indicatif::ProgressBar;
     use proptest::prelude::*;
     use serde_json::{json, Value};
 
