@@ -97,7 +97,8 @@ pub(crate) enum Command {
     /// Send messages: one JSON document as an argument, or one per line on standard input.
     Send(send::SendArgs),
     /// Run workers that hand each message to a command or an HTTP endpoint.
-    Work(work::WorkArgs),
+    // Boxed: its options make it by far the largest variant.
+    Work(Box<work::WorkArgs>),
     /// Bind routing-key patterns to queues, and list bindings.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
@@ -207,7 +208,7 @@ impl Cli {
             Command::Migrate(args) => migrate::run(args, db).await,
             Command::Queue(command) => queue::run(command, db).await,
             Command::Send(args) => send::run(args, db).await,
-            Command::Work(args) => work::run(args, db).await,
+            Command::Work(args) => work::run(*args, db).await,
             Command::Topic(command) => topic::run(command, db).await,
             Command::Publish(args) => publish::run(args, db).await,
             Command::Relay(args) => relay::run(args, db).await,
