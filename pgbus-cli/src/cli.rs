@@ -13,6 +13,13 @@ use crate::commands::{
 use crate::support::database::{self, Database};
 use crate::support::output;
 
+/// What must live until the end of `main`: with `--otlp-endpoint`, the exporter, flushed
+/// when this is dropped.
+pub(crate) struct Telemetry {
+    #[cfg(feature = "otel")]
+    _exporter: Option<crate::support::telemetry::Telemetry>,
+}
+
 /// The help heading of the options every command takes.
 const GLOBAL: &str = "Global options";
 
@@ -51,6 +58,13 @@ pub(crate) struct Cli {
     /// More logging (-v: debug, -vv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub(crate) verbose: u8,
+
+    /// Export traces (sends and jobs, one trace from `send` to the job that runs it) to
+    /// this OTLP collector over HTTP/protobuf: its base URL, such as
+    /// http://localhost:4318 (spans go to /v1/traces).
+    #[cfg(feature = "otel")]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true, help_heading = GLOBAL)]
+    pub(crate) otlp_endpoint: Option<String>,
 
     /// Nothing on standard error but errors (standard output, the data, is unchanged).
     #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
@@ -100,7 +114,8 @@ pub(crate) enum Command {
     /// Send messages: one JSON document as an argument, or one per line on standard input.
     Send(send::SendArgs),
     /// Run workers that hand each message to a command or an HTTP endpoint.
-    Work(work::WorkArgs),
+    // Boxed: its options make it by far the largest variant.
+    Work(Box<work::WorkArgs>),
     /// Bind routing-key patterns to queues, and list bindings.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
@@ -169,7 +184,14 @@ impl Cli {
     }
 
     /// Installs the tracing subscriber: the only place pgbus installs one.
-    pub(crate) fn install_logging(&self) {
+    /// Installs the tracing subscriber: logs on standard error and, with
+    /// `--otlp-endpoint`, the OTLP exporter; keep the guard until the end of `main`, whose
+    /// drop flushes the exporter.
+    pub(crate) fn install_logging(&self) -> anyhow::Result<Telemetry> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+
         output::init(self.quiet, matches!(self.log_format, LogFormat::Json));
         let default = match (self.quiet, self.verbose) {
             (true, _) => "error",
@@ -179,14 +201,34 @@ impl Cli {
         };
         let filter = tracing_subscriber::EnvFilter::try_from_env("PGBUS_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
+        let fmt = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(output::colour());
-        let _ = match self.log_format {
-            LogFormat::Text => builder.try_init(),
-            LogFormat::Json => builder.json().try_init(),
+        let fmt = match self.log_format {
+            LogFormat::Text => fmt.boxed(),
+            LogFormat::Json => fmt.json().boxed(),
         };
+        let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+        #[cfg(feature = "otel")]
+        let (registry, telemetry) = {
+            let (otlp, telemetry) = match &self.otlp_endpoint {
+                Some(endpoint) => {
+                    let (layer, guard) = crate::support::telemetry::otlp_layer(endpoint)?;
+                    (Some(layer), Some(guard))
+                }
+                None => (None, None),
+            };
+            (
+                registry.with(otlp),
+                Telemetry {
+                    _exporter: telemetry,
+                },
+            )
+        };
+        #[cfg(not(feature = "otel"))]
+        let telemetry = Telemetry {};
+        let _ = registry.try_init();
+        Ok(telemetry)
     }
 
     /// Runs the command: connects (every command but `db`) and calls its `run`.
@@ -212,7 +254,7 @@ impl Cli {
             Command::Uninstall(args) => uninstall::run(args, db).await,
             Command::Queue(command) => queue::run(command, db).await,
             Command::Send(args) => send::run(args, db).await,
-            Command::Work(args) => work::run(args, db).await,
+            Command::Work(args) => work::run(*args, db).await,
             Command::Topic(command) => topic::run(command, db).await,
             Command::Publish(args) => publish::run(args, db).await,
             Command::Relay(args) => relay::run(args, db).await,

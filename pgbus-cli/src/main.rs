@@ -16,7 +16,14 @@ mod support;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_checked();
-    cli.install_logging();
+    // Dropped last, after the runtime: flushes the traces.
+    let _telemetry = match cli.install_logging() {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            support::output::error(format_args!("{err:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

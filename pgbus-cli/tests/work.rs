@@ -767,3 +767,86 @@ fn grouped_work_at_concurrency_8_stays_within_its_budget() {
         samples.at_peak
     );
 }
+
+/// The value of one series (`name{labels}` as rendered) in a Prometheus scrape; 0 when
+/// it is absent.
+fn series(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.parse().expect("a number"))
+}
+
+/// `--metrics-listen` serves the worker's own metrics: 100 jobs, 10 of which fail on both
+/// of their attempts, are counted exactly; the token is required when one is set, and a
+/// non-loopback address without one is refused.
+#[cfg(feature = "metrics")]
+#[test]
+fn work_serves_its_own_metrics() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "metered", "--max-attempts", "2"]);
+    db.send_stdin(&["send", "metered"], json_lines((0..100).map(|n| json!(n))))
+        .ok();
+    let out = db.run(&[
+        "work",
+        "metered",
+        "--exec",
+        "true",
+        "--metrics-listen",
+        "0.0.0.0:0",
+    ]);
+    let out = out.fails();
+    assert!(out.stderr.contains("--metrics-token"), "{}", out.stderr);
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (mut worker, _stderr) = db.spawn(&[
+        "work",
+        "metered",
+        "--exec",
+        "n=$(cat); [ $((n % 10)) -ne 5 ]",
+        "--metrics-listen",
+        &listen,
+        "--metrics-token",
+        "s3cret-token",
+    ]);
+    wait_listening(&mut worker.0, port);
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://{listen}/metrics");
+    let refused = client.get(&url).send().unwrap();
+    assert_eq!(refused.status(), 401);
+    let scrape = || {
+        let response = client
+            .get(&url)
+            .bearer_auth("s3cret-token")
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().unwrap()
+    };
+    let finished = |text: &str, outcome: &str| {
+        series(
+            text,
+            &format!(r#"pgbus_jobs_finished_total{{queue="metered",outcome="{outcome}"}}"#),
+        )
+    };
+    eventually("every job is finished", LONG, || {
+        finished(&scrape(), "dead_letter") == 10.0
+    });
+    let text = scrape();
+    assert_eq!(
+        series(&text, r#"pgbus_jobs_started_total{queue="metered"}"#),
+        110.0,
+        "{text}"
+    );
+    assert_eq!(finished(&text, "ack"), 90.0, "{text}");
+    assert_eq!(finished(&text, "retry"), 10.0, "{text}");
+    assert_eq!(
+        series(&text, r#"pgbus_job_duration_seconds_count{queue="metered"}"#),
+        110.0,
+        "{text}"
+    );
+    assert_eq!(series(&text, "pgbus_claim_batch_size_sum"), 110.0, "{text}");
+    assert!(series(&text, r#"pgbus_connections{role="pool"}"#) >= 1.0, "{text}");
+    worker.stop();
+}

@@ -37,7 +37,10 @@ mod otel {
 
     impl Injector for Writer<'_> {
         fn set(&mut self, key: &str, value: String) {
-            self.0.insert(key.to_owned(), value);
+            // W3C writes an empty `tracestate` when there is none: nothing worth storing.
+            if !value.is_empty() {
+                self.0.insert(key.to_owned(), value);
+            }
         }
     }
 

@@ -23,7 +23,8 @@ pub(crate) fn job_span(message: &Message) -> Span {
         messaging.destination.name = %message.queue,
         messaging.message.id = %message.id,
         messaging.operation = "process",
-        messaging.pgbus.attempt = message.attempts,
+        // Signed: OpenTelemetry integers are i64 (an unsigned field is exported as text).
+        messaging.pgbus.attempt = i64::from(message.attempts),
     );
     #[cfg(feature = "otel")]
     follow_producer(&span, &message.headers);

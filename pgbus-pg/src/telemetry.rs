@@ -17,7 +17,8 @@ pub(crate) fn send_span(queue: &QueueName, count: usize) -> Span {
         messaging.system = "pgbus",
         messaging.destination.name = %queue,
         messaging.operation = "publish",
-        messaging.batch.message_count = count,
+        // Signed: OpenTelemetry integers are i64 (an unsigned field is exported as text).
+        messaging.batch.message_count = i64::try_from(count).unwrap_or(i64::MAX),
     )
 }
 

@@ -101,6 +101,16 @@ pub(crate) struct WorkArgs {
     /// --earliest or --since can replay).
     #[arg(long, value_parser = duration, default_value = "7days", allow_hyphen_values = true)]
     pub(crate) event_retention: Duration,
+    /// Serve this process's metrics (jobs started and finished by outcome, durations,
+    /// claims, leases, connections; Prometheus text at /metrics) on IP:PORT or
+    /// localhost:PORT. Anything but a loopback address needs --metrics-token.
+    #[cfg(feature = "metrics")]
+    #[arg(long, value_parser = crate::server::listen_addr, conflicts_with = "processes")]
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
+    /// Required from every scraper of --metrics-listen (Authorization: Bearer TOKEN).
+    #[cfg(feature = "metrics")]
+    #[arg(long, env = "PGBUS_METRICS_TOKEN", hide_env_values = true)]
+    pub(crate) metrics_token: Option<String>,
 }
 
 impl WorkArgs {
@@ -195,6 +205,13 @@ pub(crate) async fn run(args: WorkArgs, db: &Database) -> anyhow::Result<ExitCod
         .build()?;
     let wakeups = db.wakeups(args.poll_interval)?;
     let stop = stop_on_signals()?;
+    #[cfg(feature = "metrics")]
+    let scrape = match args.metrics_listen {
+        Some(addr) => Some(
+            crate::server::scrape::start(addr, args.metrics_token.clone(), stop.clone()).await?,
+        ),
+        None => None,
+    };
 
     let build = |builder: pgbus_exec::WorkerBuilder<PgBackend>| {
         let mut builder = builder
@@ -232,6 +249,10 @@ pub(crate) async fn run(args: WorkArgs, db: &Database) -> anyhow::Result<ExitCod
     // Pruning stops with the worker, however it came to stop.
     stop.cancel();
     maintenance.await?;
+    #[cfg(feature = "metrics")]
+    if let Some(scrape) = scrape {
+        scrape.await?;
+    }
     tracing::info!(
         target: "pgbus::cli",
         acked = report.acked,

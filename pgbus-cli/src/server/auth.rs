@@ -64,6 +64,19 @@ fn query_token(request: &Request) -> Option<String> {
     query.remove("token")
 }
 
+/// The access rule of a listening address: beyond loopback a token is required (`hint`
+/// names where to give it); the token, checked, if one was given.
+pub(crate) fn listen_token(
+    addr: std::net::SocketAddr,
+    token: Option<String>,
+    hint: &str,
+) -> anyhow::Result<Option<Token>> {
+    if token.is_none() && !addr.ip().is_loopback() {
+        anyhow::bail!("listening on {addr}, beyond this machine, needs {hint}");
+    }
+    token.map(Token::new).transpose()
+}
+
 /// Lets a request through when it carries the token; a browser presenting it in the
 /// query gets the cookie and is sent to the same path without it.
 pub(crate) async fn require(State(token): State<Token>, request: Request, next: Next) -> Response {

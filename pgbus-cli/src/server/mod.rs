@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -28,10 +28,11 @@ mod app;
 mod auth;
 mod connections;
 mod metrics;
+#[cfg(feature = "metrics")]
+pub(crate) mod scrape;
 mod snapshot;
 
 use app::{App, Readiness};
-use auth::Token;
 use connections::Capacity;
 use snapshot::Snapshots;
 
@@ -65,10 +66,7 @@ pub(crate) async fn start(
     stop: CancellationToken,
 ) -> anyhow::Result<Server> {
     let addr = listener.local_addr()?;
-    if token.is_none() && !addr.ip().is_loopback() {
-        bail!("listening on {addr}, beyond this machine, needs --token or PGBUS_TOKEN");
-    }
-    let token = token.map(Token::new).transpose()?;
+    let token = auth::listen_token(addr, token, "--token or PGBUS_TOKEN")?;
 
     let capacity = Capacity::for_this_process(crate::support::database::POOL_SIZE);
     let open_files = capacity
@@ -96,7 +94,7 @@ pub(crate) async fn start(
     #[cfg(feature = "stream")]
     let streams = {
         let Some(url) = session_url else {
-            bail!(
+            anyhow::bail!(
                 "streams need LISTEN, which a transaction-mode pooler does not carry: \
                  give --listen-url a direct URL to PostgreSQL"
             );
