@@ -20,7 +20,6 @@ use crate::breaker::Breakers;
 use crate::handler::{JobContext, Outcome};
 use crate::lane::Lane;
 use crate::mixed::{GroupSlot, Kind, Share};
-use crate::until_empty::{run_until_empty, UntilEmptyReport};
 use crate::worker::{
     backoff, load_policies, plan, run_handler, Counters, KillPoolOnDrop, ProcessEntry, Settle,
     Worker,
@@ -66,7 +65,7 @@ type GroupKey = (QueueName, String);
 /// slots, use a [`MixedWorker`](crate::MixedWorker) rather than a [`Worker`] beside a
 /// group worker.
 pub struct GroupWorker<B: Backend> {
-    worker: Worker<B>,
+    pub(crate) worker: Worker<B>,
 }
 
 /// What one group task shares with the loop.
@@ -149,17 +148,6 @@ impl<B: Backend> GroupWorker<B> {
             self.worker.config.concurrency,
         )?;
         self.run_in(lane, shutdown).await
-    }
-
-    /// [`Worker::run_until_empty`](crate::Worker::run_until_empty) for ordered groups.
-    pub async fn run_until_empty(
-        self,
-        wait_due: Duration,
-        stop: CancellationToken,
-    ) -> Result<UntilEmptyReport> {
-        let backend = self.worker.backend.clone();
-        let queues = self.worker.shared.queues.clone();
-        run_until_empty(backend, queues, wait_due, stop, |stop| self.run(stop)).await
     }
 
     /// [`GroupWorker::run`] on `lane`. A lane shared with a plain loop (a

@@ -3,14 +3,12 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use pgbus_core::{Backend, Result};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::lane::{FetchConn, Lane};
-use crate::until_empty::{run_until_empty, UntilEmptyReport};
 use crate::worker::{new_pool, Counters};
 use crate::{GroupWorker, Worker, WorkerMonitor, WorkerReport};
 
@@ -41,7 +39,7 @@ use crate::{GroupWorker, Worker, WorkerMonitor, WorkerReport};
 ///   to run out when no grouped work keeps the recovery connection open here.
 /// - **Shutdown** drains both loops under one deadline.
 pub struct MixedWorker<B: Backend> {
-    plain: Worker<B>,
+    pub(crate) plain: Worker<B>,
     groups: GroupWorker<B>,
 }
 
@@ -54,18 +52,6 @@ impl<B: Backend> MixedWorker<B> {
     /// ones; `group_sessions` counts the open group sessions.
     pub fn monitor(&self) -> WorkerMonitor {
         self.plain.monitor()
-    }
-
-    /// [`Worker::run_until_empty`] for both kinds of message: done when the queues hold
-    /// nothing either loop would run within `wait_due`.
-    pub async fn run_until_empty(
-        self,
-        wait_due: Duration,
-        stop: CancellationToken,
-    ) -> Result<UntilEmptyReport> {
-        let backend = self.plain.backend.clone();
-        let queues = self.plain.shared.queues.clone();
-        run_until_empty(backend, queues, wait_due, stop, |stop| self.run(stop)).await
     }
 
     /// Runs both loops until `shutdown` is cancelled, then drains them (see [`Worker::run`]

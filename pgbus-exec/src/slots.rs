@@ -166,6 +166,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     /// Gives the slot back without firing the callback: the job never ran.
+    #[cfg(feature = "threads")]
     pub(crate) fn refuse(mut self) {
         if let Some(slots) = self.slots.take() {
             slots.release(false);

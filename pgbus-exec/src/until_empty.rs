@@ -1,5 +1,6 @@
-//! `run_until_empty` (of [`Worker`](crate::Worker), [`GroupWorker`](crate::GroupWorker) and
-//! [`MixedWorker`](crate::MixedWorker)): when a run-once worker is done, and what it left.
+//! `run_until_empty` of [`Worker`], [`GroupWorker`] and [`MixedWorker`] (their methods live
+//! here, so the workers' files need nothing of this one): when a run-once worker is done,
+//! and what it left.
 //!
 //! A run is done when, in the worker's queues, nothing is ready, nothing is in flight and
 //! nothing is due within `wait_due`. In flight counts every lease, this process's or
@@ -16,7 +17,7 @@ use std::time::Duration;
 use pgbus_core::{Backend, Error, QueueName, QueueStats, Result};
 use tokio_util::sync::CancellationToken;
 
-use crate::WorkerReport;
+use crate::{GroupWorker, MixedWorker, Worker, WorkerReport};
 
 /// How often the queues are read.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -40,9 +41,51 @@ impl UntilEmptyReport {
     }
 }
 
+impl<B: Backend> Worker<B> {
+    /// Runs until the worker's queues are done (nothing ready, nothing in flight, nothing
+    /// due within `wait_due`; see [`Left`]) or `stop` is cancelled, then drains as
+    /// [`Worker::run`] does. The report says what the queues held at the end, including
+    /// paused queues holding work the run could not do.
+    pub async fn run_until_empty(
+        self,
+        wait_due: Duration,
+        stop: CancellationToken,
+    ) -> Result<UntilEmptyReport> {
+        let (backend, queues) = (self.backend.clone(), self.shared.queues.clone());
+        run_until_empty(backend, queues, wait_due, stop, |stop| self.run(stop)).await
+    }
+}
+
+impl<B: Backend> GroupWorker<B> {
+    /// [`Worker::run_until_empty`] for ordered groups.
+    pub async fn run_until_empty(
+        self,
+        wait_due: Duration,
+        stop: CancellationToken,
+    ) -> Result<UntilEmptyReport> {
+        let backend = self.worker.backend.clone();
+        let queues = self.worker.shared.queues.clone();
+        run_until_empty(backend, queues, wait_due, stop, |stop| self.run(stop)).await
+    }
+}
+
+impl<B: Backend> MixedWorker<B> {
+    /// [`Worker::run_until_empty`] for both kinds of message: done when the queues hold
+    /// nothing either loop would run within `wait_due`.
+    pub async fn run_until_empty(
+        self,
+        wait_due: Duration,
+        stop: CancellationToken,
+    ) -> Result<UntilEmptyReport> {
+        let backend = self.plain.backend.clone();
+        let queues = self.plain.shared.queues.clone();
+        run_until_empty(backend, queues, wait_due, stop, |stop| self.run(stop)).await
+    }
+}
+
 /// Runs a worker (`run`, given the token that stops it) until its `queues` are done, or
 /// `stop` is cancelled: the one implementation behind every `run_until_empty`.
-pub(crate) async fn run_until_empty<B, F, Fut>(
+async fn run_until_empty<B, F, Fut>(
     backend: B,
     queues: Vec<QueueName>,
     wait_due: Duration,

@@ -25,7 +25,6 @@ use crate::lane::Lane;
 use crate::mixed::Kind;
 use crate::subscriber::Declare;
 use crate::telemetry::{self, Finished};
-use crate::until_empty::{run_until_empty, UntilEmptyReport};
 #[cfg(feature = "async")]
 use crate::AsyncPool;
 #[cfg(feature = "threads")]
@@ -505,19 +504,6 @@ impl<B: Backend> Worker<B> {
             self.config.concurrency,
         )?;
         self.run_in(lane, shutdown).await
-    }
-
-    /// Runs until the worker's queues are done (nothing ready, nothing in flight, nothing
-    /// due within `wait_due`; see [`Left`](crate::Left)) or `stop` is cancelled, then
-    /// drains as [`Worker::run`] does. The report says what the queues held at the end,
-    /// including paused queues holding work the run could not do.
-    pub async fn run_until_empty(
-        self,
-        wait_due: Duration,
-        stop: CancellationToken,
-    ) -> Result<UntilEmptyReport> {
-        let (backend, queues) = (self.backend.clone(), self.shared.queues.clone());
-        run_until_empty(backend, queues, wait_due, stop, |stop| self.run(stop)).await
     }
 
     /// [`Worker::run`] on `lane`: its pool, fetch connection, report and kill switch, maybe

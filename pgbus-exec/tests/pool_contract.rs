@@ -6,6 +6,7 @@
 //! state-change callback bump. Every wait has a deadline so a broken pool fails the test
 //! instead of hanging it.
 
+#[cfg(feature = "threads")]
 use std::cell::RefCell;
 use std::future::{pending, Future};
 use std::pin::pin;
@@ -20,8 +21,12 @@ use pgbus_exec::CancellationToken;
 #[cfg(feature = "threads")]
 use pgbus_exec::ThreadPool;
 use pgbus_exec::{ExecError, ExecutionMode, ExecutionPool, Job, RefusedReason};
-use tokio::runtime::{Handle, RuntimeFlavor};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::runtime::Handle;
+#[cfg(feature = "threads")]
+use tokio::runtime::RuntimeFlavor;
+#[cfg(feature = "threads")]
+use tokio::sync::mpsc;
+use tokio::sync::{oneshot, Notify};
 
 /// How long any awaited condition may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(10);

@@ -179,19 +179,25 @@ async fn the_callers_token_stops_a_run_that_is_not_done() {
     assert_eq!(report.worker.acked, 0);
 }
 
-/// A worker that cannot start (its queue does not exist) ends the run with its error
-/// instead of leaving the watch waiting.
+/// A worker that cannot start (one of its queues does not exist) ends the run with its
+/// error, although its other queue holds work: the watch ends with the worker.
 #[tokio::test]
 async fn a_worker_that_fails_ends_the_run_with_its_error() {
     let backend = MemoryBackend::new();
-    let missing = QueueName::new("missing").unwrap();
-    let worker = Worker::builder(backend)
-        .handle(
-            missing.clone(),
-            |_: JobContext<MemoryBackend>, _: u32| async { Outcome::Ack },
-        )
-        .build()
+    let jobs = queue(&backend, "jobs", QueueOptions::default()).await;
+    backend
+        .send(&jobs, NewMessage::encode(&1).unwrap())
+        .await
         .unwrap();
+    let missing = QueueName::new("missing").unwrap();
+    let mut builder = Worker::builder(backend);
+    for queue in [&jobs, &missing] {
+        builder = builder.handle(
+            queue.clone(),
+            |_: JobContext<MemoryBackend>, _: u32| async { Outcome::Ack },
+        );
+    }
+    let worker = builder.build().unwrap();
     let failed = within_deadline(worker.run_until_empty(WAIT_DUE, CancellationToken::new())).await;
     assert!(
         matches!(&failed, Err(Error::QueueNotFound(q)) if q == &missing),
