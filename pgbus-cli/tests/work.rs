@@ -816,11 +816,7 @@ fn work_serves_its_own_metrics() {
     let refused = client.get(&url).send().unwrap();
     assert_eq!(refused.status(), 401);
     let scrape = || {
-        let response = client
-            .get(&url)
-            .bearer_auth("s3cret-token")
-            .send()
-            .unwrap();
+        let response = client.get(&url).bearer_auth("s3cret-token").send().unwrap();
         assert_eq!(response.status(), 200);
         response.text().unwrap()
     };
@@ -842,11 +838,92 @@ fn work_serves_its_own_metrics() {
     assert_eq!(finished(&text, "ack"), 90.0, "{text}");
     assert_eq!(finished(&text, "retry"), 10.0, "{text}");
     assert_eq!(
-        series(&text, r#"pgbus_job_duration_seconds_count{queue="metered"}"#),
+        series(
+            &text,
+            r#"pgbus_job_duration_seconds_count{queue="metered"}"#
+        ),
         110.0,
         "{text}"
     );
     assert_eq!(series(&text, "pgbus_claim_batch_size_sum"), 110.0, "{text}");
-    assert!(series(&text, r#"pgbus_connections{role="pool"}"#) >= 1.0, "{text}");
+    assert!(
+        series(&text, r#"pgbus_connections{role="pool"}"#) >= 1.0,
+        "{text}"
+    );
     worker.stop();
+}
+
+/// `--otlp-endpoint`: `pgbus send` and the `pgbus work` that runs the job export their
+/// spans over OTLP (HTTP/protobuf, flushed at exit), in one trace: the message carries the
+/// send's `traceparent`, and both exports hold that trace id.
+#[cfg(feature = "otel")]
+#[test]
+fn a_send_and_its_job_are_one_trace_exported_over_otlp() {
+    let collector = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Vec::<Request>::new()));
+    thread::spawn({
+        let received = Arc::clone(&received);
+        move || {
+            for stream in collector.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                // One request per connection is enough for the exporter's few posts.
+                if let Ok(request) = read_request(&stream) {
+                    received.lock().unwrap().push(request);
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        }
+    });
+    let db = Db::new();
+    db.ok(&["queue", "create", "traced", "--keep-history"]);
+    db.ok(&["send", "traced", "1", "--otlp-endpoint", &endpoint]);
+    db.work(&[
+        "traced",
+        "--exec",
+        "true",
+        "--until-empty",
+        "--otlp-endpoint",
+        &endpoint,
+    ]);
+
+    let traceparent = block_on(async {
+        let client = pgbus_pg::connect(&db.url, "test").await.unwrap();
+        let row = client
+            .query_one("SELECT headers ->> 'traceparent' FROM pgbus.archive", &[])
+            .await
+            .unwrap();
+        row.get::<_, Option<String>>(0)
+    })
+    .expect("the message carries the send's traceparent");
+    let trace_hex = traceparent.split('-').nth(1).expect("a W3C traceparent");
+    let trace_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+
+    let received = received.lock().unwrap();
+    assert!(!received.is_empty(), "nothing was exported");
+    for request in received.iter() {
+        assert_eq!(request.path, "/v1/traces");
+        assert_eq!(
+            request.headers.get("content-type").map(String::as_str),
+            Some("application/x-protobuf")
+        );
+    }
+    let holding = |name: &[u8]| {
+        received
+            .iter()
+            .find(|r| r.raw.windows(name.len()).any(|w| w == name))
+            .unwrap_or_else(|| panic!("no export holds {}", String::from_utf8_lossy(name)))
+    };
+    for span in [&b"traced publish"[..], b"traced process"] {
+        let export = holding(span);
+        assert!(
+            export.raw.windows(16).any(|w| w == trace_id),
+            "the span {} is not in trace {trace_hex}",
+            String::from_utf8_lossy(span)
+        );
+    }
 }

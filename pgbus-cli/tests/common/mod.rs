@@ -469,6 +469,8 @@ pub struct Request {
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: Value,
+    /// The body as sent (`body` is its JSON, `Null` when it is not JSON).
+    pub raw: Vec<u8>,
 }
 
 /// Reads one HTTP/1.1 request (headers and a Content-Length body).
@@ -502,5 +504,6 @@ pub fn read_request(stream: &TcpStream) -> std::io::Result<Request> {
         path,
         headers,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        raw: body,
     })
 }
