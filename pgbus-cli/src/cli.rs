@@ -136,7 +136,7 @@ pub(crate) enum Command {
     Stream(crate::commands::stream::StreamCommand),
     /// Serve the dashboard, the JSON API, SSE streams, Prometheus metrics and health
     /// checks over HTTP.
-    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    #[cfg(feature = "serve")]
     Serve(crate::commands::serve::ServeArgs),
     /// The embedded database.
     #[command(subcommand)]
@@ -263,7 +263,7 @@ impl Cli {
             Command::Demo(args) => demo::run(args, db).await,
             #[cfg(feature = "stream")]
             Command::Stream(command) => crate::commands::stream::run(command, db).await,
-            #[cfg(any(feature = "dashboard", feature = "stream"))]
+            #[cfg(feature = "serve")]
             Command::Serve(args) => crate::commands::serve::run(args, db).await,
             Command::Cron(command) => cron::run(command, db).await,
             Command::Db(_) => unreachable!("handled above"),

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 mod cli;
 mod commands;
-#[cfg(any(feature = "dashboard", feature = "stream"))]
+#[cfg(feature = "serve")]
 mod server;
 mod support;
 

@@ -350,6 +350,7 @@ fn exec_environment_withholds_pgbus_secrets() {
         ("PGBUS_STREAM_SECRET", "sekrit-stream"),
         ("PGPASSWORD", "sekrit-pgpassword"),
         ("PGBUS_OUTBOX_URL", "sekrit-outbox"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=sekrit-otlp"),
     ];
     for (name, value) in secrets {
         cmd.env(name, value);

@@ -22,7 +22,7 @@ pub(crate) struct DemoArgs {
     #[arg(long, value_parser = duration, allow_hyphen_values = true)]
     pub(crate) duration: Option<Duration>,
     /// Where to serve the dashboard (a free port is taken if this one is busy).
-    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    #[cfg(feature = "serve")]
     #[arg(long, value_parser = crate::server::listen_addr, default_value = "127.0.0.1:8080")]
     pub(crate) listen: std::net::SocketAddr,
 }
@@ -46,7 +46,7 @@ pub(crate) async fn run(args: DemoArgs, db: &Database) -> anyhow::Result<ExitCod
         .create_queue(&queue, &QueueOptions::default().retry(retry))
         .await?;
     let stop = stop_on_signals()?;
-    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    #[cfg(feature = "serve")]
     let server = {
         let listener = crate::server::bind_or_any(args.listen).await?;
         let server = crate::server::start(
@@ -115,7 +115,7 @@ pub(crate) async fn run(args: DemoArgs, db: &Database) -> anyhow::Result<ExitCod
         }
     }
     let report = worker.await??;
-    #[cfg(any(feature = "dashboard", feature = "stream"))]
+    #[cfg(feature = "serve")]
     server.wait().await?;
     println!(
         "pgbus demo: stopped after sending {n} jobs; {} acked, {} retried, {} dead-lettered",

@@ -14,7 +14,7 @@ pub(crate) mod publish;
 pub(crate) mod queue;
 pub(crate) mod relay;
 pub(crate) mod send;
-#[cfg(any(feature = "dashboard", feature = "stream"))]
+#[cfg(feature = "serve")]
 pub(crate) mod serve;
 pub(crate) mod stats;
 #[cfg(feature = "stream")]

@@ -64,7 +64,8 @@ pub(crate) struct WorkArgs {
     /// dead-letter; anything else: retry. The command runs in a process group of its own:
     /// on the job timeout, at shutdown, and for processes it leaves behind when it exits,
     /// the group gets SIGTERM, then SIGKILL 2 s later. Its environment is pgbus's without
-    /// DATABASE_URL, PGPASSWORD and every PGBUS_* variable (see --pass-env), plus
+    /// DATABASE_URL, PGPASSWORD, the OTLP exporter's headers and every PGBUS_* variable
+    /// (see --pass-env), plus
     /// PGBUS_QUEUE, PGBUS_MESSAGE_ID, PGBUS_ATTEMPT and PGBUS_GROUP; for a topic's copy
     /// PGBUS_ROUTING_KEY, PGBUS_EVENT_ID and PGBUS_PUBLISHED_AT; each message header as
     /// `PGBUS_HEADER_<NAME>` (upper case, other characters than A-Z0-9 as _).
@@ -427,10 +428,17 @@ async fn run_command(
 }
 
 /// Whether an inherited environment variable is withheld from `--exec` commands: the
-/// database URL and password and every `PGBUS_*` setting (tokens, secrets, URLs), which a
-/// job has no business seeing. `--pass-env NAME` passes one through anyway.
+/// database URL and password, the OTLP exporter's headers (which carry the collector's API
+/// key) and every `PGBUS_*` setting (tokens, secrets, URLs), which a job has no business
+/// seeing. `--pass-env NAME` passes one through anyway.
 fn is_withheld(name: &str) -> bool {
-    matches!(name, "DATABASE_URL" | "PGPASSWORD") || name.starts_with("PGBUS_")
+    matches!(
+        name,
+        "DATABASE_URL"
+            | "PGPASSWORD"
+            | "OTEL_EXPORTER_OTLP_HEADERS"
+            | "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
+    ) || name.starts_with("PGBUS_")
 }
 
 /// The last [`STDERR_KEPT`] bytes of a command's stderr.

@@ -1,60 +1,37 @@
-//! `/metrics`: the snapshot in the Prometheus text format (version 0.0.4).
-
-use std::fmt::Write;
+//! `/metrics`: the snapshot in the Prometheus text format, rendered by
+//! `metrics-exporter-prometheus` (the exporter `pgbus work --metrics-listen` uses too).
+//!
+//! Every scrape records the latest snapshot into a recorder of its own and renders it: the
+//! page shows exactly what the database held at the last snapshot, with no series left
+//! behind for a dropped queue or a process gone, and only `pgbus_up 0` when the snapshot
+//! could not read the database.
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
 
 use super::app::App;
 
-/// One metric family: its help and type lines, then a sample per label value.
-struct Family<'a> {
-    out: &'a mut String,
-}
-
-impl<'a> Family<'a> {
-    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Self {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        Self { out }
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let _ = write!(self.out, "{name}");
-        if !labels.is_empty() {
-            let labels: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                .collect();
-            let _ = write!(self.out, "{{{}}}", labels.join(","));
-        }
-        let _ = writeln!(self.out, " {value}");
-    }
-}
-
-/// A family of one unlabelled sample.
-fn single(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
-    Family::new(out, name, kind, help).sample(name, &[], value);
-}
-
-/// Label values escape backslash, quote and newline.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace('\n', r"\n")
-}
-
 pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || record(&app));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+}
+
+/// Records the latest snapshot into the current (scrape's own) recorder.
+fn record(app: &App) {
     let snapshot = app.snapshots.latest();
-    let mut out = String::new();
-    single(
-        &mut out,
+    describe_gauge!(
         "pgbus_up",
-        "gauge",
-        "Whether the last snapshot could read the database.",
-        f64::from(u8::from(snapshot.data.is_ok())),
+        "Whether the last snapshot could read the database."
     );
+    gauge!("pgbus_up").set(f64::from(u8::from(snapshot.data.is_ok())));
     if let Ok(data) = &snapshot.data {
         type Field = fn(&pgbus_core::QueueStats) -> f64;
         let per_queue: [(&str, &str, Field); 8] = [
@@ -98,86 +75,54 @@ pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
             ),
         ];
         for (name, help, field) in per_queue {
-            let mut family = Family::new(&mut out, name, "gauge", help);
+            describe_gauge!(name, help);
             for s in &data.queues {
-                family.sample(name, &[("queue", s.queue.as_str())], field(s));
+                gauge!(name, "queue" => s.queue.as_str().to_owned()).set(field(s));
             }
         }
-        let mut family = Family::new(
-            &mut out,
+        describe_gauge!(
             "pgbus_process_busy",
-            "gauge",
-            "Running jobs of a registered worker process.",
+            "Running jobs of a registered worker process."
         );
         for p in &data.processes {
-            let id = p.id.0.to_string();
-            let pid = p.info.pid.to_string();
-            let labels = [
-                ("id", id.as_str()),
-                ("hostname", p.info.hostname.as_str()),
-                ("pid", pid.as_str()),
-            ];
-            family.sample("pgbus_process_busy", &labels, f64::from(p.busy));
+            gauge!(
+                "pgbus_process_busy",
+                "id" => p.id.0.to_string(),
+                "hostname" => p.info.hostname.clone(),
+                "pid" => p.info.pid.to_string(),
+            )
+            .set(f64::from(p.busy));
         }
-        single(
-            &mut out,
+        describe_gauge!(
             "pgbus_groups_in_flight",
-            "gauge",
-            "Groups with a message running now.",
-            data.groups.len() as f64,
+            "Groups with a message running now."
         );
-        let mut family = Family::new(
-            &mut out,
+        gauge!("pgbus_groups_in_flight").set(data.groups.len() as f64);
+        describe_gauge!(
             "pgbus_topic_unrouted",
-            "gauge",
-            "Events of the event log that matched no binding.",
+            "Events of the event log that matched no binding."
         );
         for t in &data.topics {
-            family.sample(
-                "pgbus_topic_unrouted",
-                &[("routing_key", t.routing_key.as_str())],
-                t.unrouted as f64,
-            );
+            gauge!("pgbus_topic_unrouted", "routing_key" => t.routing_key.as_str().to_owned())
+                .set(t.unrouted as f64);
         }
-        single(
-            &mut out,
-            "pgbus_batches_open",
-            "gauge",
-            "Batches with jobs still pending.",
-            data.batches.len() as f64,
-        );
+        describe_gauge!("pgbus_batches_open", "Batches with jobs still pending.");
+        gauge!("pgbus_batches_open").set(data.batches.len() as f64);
     }
     let streams = &snapshot.streams;
-    let per_process: [(&str, &str, &str, u64); 3] = [
-        (
-            "pgbus_stream_connections",
-            "gauge",
-            "SSE connections of this process.",
-            streams.connections,
-        ),
-        (
-            "pgbus_stream_frames_delivered_total",
-            "counter",
-            "Frames queued to SSE clients by this process.",
-            streams.delivered,
-        ),
-        (
-            "pgbus_stream_dropped_slow_total",
-            "counter",
-            "SSE clients dropped for not reading within the write deadline.",
-            streams.dropped_slow,
-        ),
-    ];
-    for (name, kind, help, value) in per_process {
-        single(&mut out, name, kind, help, value as f64);
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn label_values_cannot_break_the_line() {
-        assert_eq!(super::escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
+    describe_gauge!(
+        "pgbus_stream_connections",
+        "SSE connections of this process."
+    );
+    gauge!("pgbus_stream_connections").set(streams.connections as f64);
+    describe_counter!(
+        "pgbus_stream_frames_delivered_total",
+        "Frames queued to SSE clients by this process."
+    );
+    counter!("pgbus_stream_frames_delivered_total").absolute(streams.delivered);
+    describe_counter!(
+        "pgbus_stream_dropped_slow_total",
+        "SSE clients dropped for not reading within the write deadline."
+    );
+    counter!("pgbus_stream_dropped_slow_total").absolute(streams.dropped_slow);
 }
