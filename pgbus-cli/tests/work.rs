@@ -816,11 +816,7 @@ fn work_serves_its_own_metrics() {
     let refused = client.get(&url).send().unwrap();
     assert_eq!(refused.status(), 401);
     let scrape = || {
-        let response = client
-            .get(&url)
-            .bearer_auth("s3cret-token")
-            .send()
-            .unwrap();
+        let response = client.get(&url).bearer_auth("s3cret-token").send().unwrap();
         assert_eq!(response.status(), 200);
         response.text().unwrap()
     };
@@ -842,11 +838,17 @@ fn work_serves_its_own_metrics() {
     assert_eq!(finished(&text, "ack"), 90.0, "{text}");
     assert_eq!(finished(&text, "retry"), 10.0, "{text}");
     assert_eq!(
-        series(&text, r#"pgbus_job_duration_seconds_count{queue="metered"}"#),
+        series(
+            &text,
+            r#"pgbus_job_duration_seconds_count{queue="metered"}"#
+        ),
         110.0,
         "{text}"
     );
     assert_eq!(series(&text, "pgbus_claim_batch_size_sum"), 110.0, "{text}");
-    assert!(series(&text, r#"pgbus_connections{role="pool"}"#) >= 1.0, "{text}");
+    assert!(
+        series(&text, r#"pgbus_connections{role="pool"}"#) >= 1.0,
+        "{text}"
+    );
     worker.stop();
 }

@@ -61,8 +61,7 @@ pub(crate) async fn start(
                 }
             }
         });
-        super::connections::serve(listener, router, MAX_CONNECTIONS, stop.cancelled_owned())
-            .await;
+        super::connections::serve(listener, router, MAX_CONNECTIONS, stop.cancelled_owned()).await;
         let _ = upkeep.await;
     }))
 }

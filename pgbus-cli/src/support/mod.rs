@@ -6,8 +6,8 @@ pub(crate) mod json;
 pub(crate) mod output;
 pub(crate) mod signals;
 pub(crate) mod stdin;
-#[cfg(feature = "otel")]
-pub(crate) mod telemetry;
 #[cfg(feature = "stream")]
 pub(crate) mod stream_secret;
+#[cfg(feature = "otel")]
+pub(crate) mod telemetry;
 pub(crate) mod time;

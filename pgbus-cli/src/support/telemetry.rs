@@ -29,9 +29,7 @@ impl Drop for Telemetry {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to `<endpoint>/v1/traces`), and its guard.
 /// Must be called outside the async runtime: the exporter's blocking HTTP client starts
 /// a runtime of its own.
-pub(crate) fn otlp_layer<S>(
-    endpoint: &str,
-) -> anyhow::Result<(impl Layer<S>, Telemetry)>
+pub(crate) fn otlp_layer<S>(endpoint: &str) -> anyhow::Result<(impl Layer<S>, Telemetry)>
 where
     S: Subscriber + for<'span> LookupSpan<'span>,
 {
