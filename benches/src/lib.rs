@@ -15,8 +15,10 @@
 //!    statement, then two loops on tokio-postgres, each claiming 100 jobs with
 //!    `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING id` and deleting
 //!    them with `DELETE ... WHERE id = ANY($1)`. No pgbus code.
-//! 2. `enqueue`: single sends per second (sequential, and from concurrent senders) and bulk
-//!    sends per second, each with the wake-up notification on and off.
+//! 2. `enqueue`: single sends per second from 1, 8 and 64 concurrent senders and bulk sends
+//!    per second, each with the wake-up notification on and off, beside raw prepared
+//!    single-row inserts (with and without `pg_notify`) into the same table from as many
+//!    clients, and each send figure's ratio to the raw insert rate.
 //! 3. `drain`: as many no-op jobs as `raw_sql` drained, pre-inserted, drained by pgbus
 //!    workers; jobs/s and the ratio to `raw_sql`.
 //! 4. `io_bound`: jobs that each wait 50 ms, in `async` and `threads` mode at several
@@ -60,7 +62,6 @@ mod stats;
 mod streamer;
 mod system;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -145,6 +146,8 @@ async fn run_scenarios(
     progress.say(format_args!(
         "a plain single-row INSERT commits in {commit_before:.2} ms (p50)"
     ));
+    // Counts statements from here on (the commit latency loop is not a scenario's).
+    server.top_statements(0).await?;
     let mut scenarios = Vec::new();
     // The 1-minute load average after each scenario: other work on a shared machine moves
     // every figure.
@@ -157,34 +160,42 @@ async fn run_scenarios(
         scenarios.push(raw);
         scenarios.push(drain);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
     if options.runs("enqueue") {
         scenarios.push(run_enqueue(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
     if options.runs("publish_fanout") {
         scenarios.push(run_publish_fanout(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
     if options.runs("io_bound") {
         scenarios.push(run_io_bound(server, plan, progress, drain_median).await?);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
     if options.runs("groups") {
         scenarios.push(run_groups(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
     if options.runs("latency") {
         scenarios.push(run_latency(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
     if options.runs("stream_fanout") {
         scenarios.push(run_stream_fanout(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
     if options.runs("stream_publish") {
         scenarios.push(run_stream_publish(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
     }
 
     let commit_after = system::commit_latency(server).await?;
@@ -229,6 +240,43 @@ fn record_load(scenarios: &[Scenario], loads: &mut Vec<String>) {
     }
 }
 
+/// Statements named in a scenario's notes, by server time.
+const TOP_STATEMENTS: i64 = 5;
+
+/// Notes the statements that took the most server time (`pg_stat_statements`, when the
+/// server has it) since the previous scenario in the last scenario's notes, so a
+/// regression shows where it came from.
+async fn note_statements(server: &Server, scenarios: &mut [Scenario]) -> anyhow::Result<()> {
+    let (Some(top), Some(scenario)) = (
+        server.top_statements(TOP_STATEMENTS).await?,
+        scenarios.last_mut(),
+    ) else {
+        return Ok(());
+    };
+    for statement in top {
+        let query: String = statement.query.chars().take(160).collect();
+        scenario.notes.push(format!(
+            "server time (`pg_stat_statements`, all runs{}): {:.0} ms in {} calls, {:.3} ms \
+             per call: `{}{}`",
+            if scenario.name == "drain" {
+                ", with `raw_sql`'s"
+            } else {
+                ""
+            },
+            statement.total_ms,
+            statement.calls,
+            statement.total_ms / statement.calls.max(1) as f64,
+            query.trim(),
+            if statement.query.chars().count() > 160 {
+                " …"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(())
+}
+
 /// `raw_sql` and `drain`, alternating run by run so that drifting conditions touch both
 /// alike.
 async fn run_raw_and_drain(
@@ -240,15 +288,19 @@ async fn run_raw_and_drain(
     let like_for_like = drain::settings(plan.drain_workers, plan.drain_concurrency);
     let wide = drain::settings(plan.drain_workers, plan.drain_wide_concurrency);
     let mut raw_rates = Vec::new();
+    let mut raw_durable_rates = Vec::new();
     let mut startups = Vec::new();
     let mut drain_runs: [(Vec<f64>, Vec<f64>); 2] = Default::default();
     for i in 1..=plan.runs {
-        let raw = raw_sql::run_once(server, n).await?;
+        let raw = raw_sql::run_once(server, n, raw_sql::Commits::LikePgbus).await?;
+        let durable = raw_sql::run_once(server, n, raw_sql::Commits::Durable).await?;
         progress.say(format_args!(
-            "raw_sql {i}/{}: {n} jobs, {raw:.0} jobs/s",
+            "raw_sql {i}/{}: {n} jobs, {raw:.0} jobs/s (claims committing asynchronously, as \
+             pgbus's), {durable:.0} jobs/s (all durable)",
             plan.runs
         ));
         raw_rates.push(raw);
+        raw_durable_rates.push(durable);
         for (settings, (rates, peaks)) in [like_for_like, wide].into_iter().zip(&mut drain_runs) {
             let run = worker_run(server, n, settings).await?;
             progress.say(format_args!(
@@ -279,7 +331,11 @@ async fn run_raw_and_drain(
              connection, claiming {} with `UPDATE jobs SET locked_until = now() + interval '5 \
              min', attempts = attempts + 1 WHERE id IN (SELECT id ... ORDER BY priority, \
              run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id` and deleting them \
-             with `DELETE FROM jobs WHERE id = ANY($1)`, until the table is empty.",
+             with `DELETE FROM jobs WHERE id = ANY($1)`, until the table is empty. The \
+             baseline commits as pgbus does: claims on a connection with \
+             `synchronous_commit = off` (pgbus's fetch connection), deletes durably on a \
+             second connection of the loop (pgbus's acks); the all-durable figure (claim and \
+             delete on one connection) is given beside it.",
             raw_sql::LOOPS,
             raw_sql::CLAIM_SIZE
         ),
@@ -293,12 +349,22 @@ async fn run_raw_and_drain(
     raw.figures.push(Figure::new(
         BASELINE_FIGURE,
         format!(
-            "claim {} + delete, {} loops",
+            "claim {} + delete, {} loops, claims with synchronous_commit = off",
             raw_sql::CLAIM_SIZE,
             raw_sql::LOOPS
         ),
         Unit::JobsPerSec,
         raw_rates,
+    ));
+    raw.figures.push(Figure::new(
+        "durable_jobs_per_s",
+        format!(
+            "claim {} + delete, {} loops, every commit durable",
+            raw_sql::CLAIM_SIZE,
+            raw_sql::LOOPS
+        ),
+        Unit::JobsPerSec,
+        raw_durable_rates,
     ));
 
     let mut drain = Scenario::new(
@@ -386,54 +452,102 @@ async fn run_enqueue(
     plan: &Plan,
     progress: &Progress,
 ) -> anyhow::Result<Scenario> {
-    let mut samples: BTreeMap<(usize, bool), Vec<f64>> = BTreeMap::new();
+    use enqueue::{Kind, SENDERS};
+    // Rows in report order; each run measures them all, interleaved, so drifting load on
+    // a shared machine moves pgbus and its yardsticks alike.
+    let mut rows: Vec<(Kind, bool, String, String)> = Vec::new();
+    for n in SENDERS {
+        let who = if n == 1 {
+            "1 client".to_owned()
+        } else {
+            format!("{n} clients")
+        };
+        rows.push((
+            Kind::RawInsert(n),
+            false,
+            format!("raw_insert_{n}_msgs_per_s"),
+            format!("raw single-row INSERT per transaction, {who}"),
+        ));
+        rows.push((
+            Kind::RawInsertNotify(n),
+            false,
+            format!("raw_insert_notify_{n}_msgs_per_s"),
+            format!("raw INSERT + pg_notify per transaction, {who}"),
+        ));
+        for notify in [true, false] {
+            let on = if notify { "on" } else { "off" };
+            rows.push((
+                Kind::Send(n),
+                notify,
+                format!("send_{n}_notify_{on}_msgs_per_s"),
+                format!(
+                    "send, {n} concurrent sender{}, notify {on}",
+                    if n == 1 { "" } else { "s" }
+                ),
+            ));
+        }
+    }
+    for notify in [true, false] {
+        let on = if notify { "on" } else { "off" };
+        rows.push((
+            Kind::Bulk,
+            notify,
+            format!("bulk_notify_{on}_msgs_per_s"),
+            format!("bulk send_batch of {}, notify {on}", plan.batch_size),
+        ));
+    }
+    let mut samples = vec![Vec::new(); rows.len()];
     for i in 1..=plan.enqueue_runs {
-        for (k, kind) in enqueue::Kind::ALL.into_iter().enumerate() {
-            for notify in [true, false] {
-                let rate = enqueue::run_once(server, plan, kind, notify).await?;
-                progress.say(format_args!(
-                    "enqueue {i}/{}: {}, notify {}: {rate:.0} msgs/s",
-                    plan.enqueue_runs,
-                    kind.label(plan),
-                    if notify { "on" } else { "off" }
-                ));
-                samples.entry((k, !notify)).or_default().push(rate);
-            }
+        for (row, (kind, notify, _, label)) in rows.iter().enumerate() {
+            let rate = enqueue::run_once(server, plan, *kind, *notify).await?;
+            progress.say(format_args!(
+                "enqueue {i}/{}: {label}: {rate:.0} msgs/s",
+                plan.enqueue_runs
+            ));
+            samples[row].push(rate);
         }
     }
     let mut scenario = Scenario::new(
         "enqueue",
-        "Messages sent per second through `PgBackend` (each `send` is one statement and \
-         one durable commit on a pooled connection; `send_batch` is one statement for the \
-         whole batch), with the wake-up `pg_notify` on (the default: one per statement, \
-         coalesced) and off (`PgBackend::builder(url).notify(false)`). A `PgListener` is \
-         LISTENing throughout, as in a process that also runs workers.",
+        "Messages sent per second through `PgBackend`: single `send`s from 1, 8 and 64 \
+         concurrent senders (each send one statement and one durable commit on a pooled \
+         connection), and `send_batch` (one statement for the whole batch), with the wake-up \
+         `pg_notify` on (the default: coalesced per queue within \
+         `PgBackendBuilder::notify_coalescing`, 5 ms) and off \
+         (`PgBackend::builder(url).notify(false)`). Beside them, in the same run and on the \
+         same table (`pgbus.messages`, its indexes and triggers), the raw yardsticks: a \
+         prepared single-row `INSERT` per transaction from as many tokio-postgres clients, \
+         and the same with a `pg_notify` in the statement. A `PgListener` is LISTENing \
+         throughout, as in a process that also runs workers.",
     );
     scenario.setting(
-        "per run",
+        "per measurement",
         format!(
-            "{} sequential sends; {} senders × {} sends; {} batches of {}; each measurement \
-             on a fresh database after a warm-up that opens the pool's connections",
-            plan.single_sends,
-            plan.senders,
-            plan.sends_per_sender,
-            plan.bulk_batches,
-            plan.batch_size
+            "{} single sends or raw rows split between the senders; {} batches of {}; each \
+             on a fresh database after a warm-up that opens every connection",
+            plan.enqueue_sends, plan.bulk_batches, plan.batch_size
         ),
     );
-    for ((k, notify_off), rates) in samples {
-        let kind = enqueue::Kind::ALL[k];
-        let (id, label) = if notify_off {
-            ("notify_off", "notify off")
-        } else {
-            ("notify_on", "notify on")
+    for ((_, _, id, label), rates) in rows.into_iter().zip(samples) {
+        scenario
+            .figures
+            .push(Figure::new(id, label, Unit::MsgsPerSec, rates));
+    }
+    // Ratios to the raw insert rate at the same client count (median over median).
+    for n in SENDERS {
+        let Some(raw) = scenario
+            .figure(&format!("raw_insert_{n}_msgs_per_s"))
+            .and_then(Figure::median)
+        else {
+            continue;
         };
-        scenario.figures.push(Figure::new(
-            format!("{}_{id}_msgs_per_s", kind.id()),
-            format!("{}, {label}", kind.label(plan)),
-            Unit::MsgsPerSec,
-            rates,
-        ));
+        for figure in &mut scenario.figures {
+            let same_clients = figure.id == format!("raw_insert_notify_{n}_msgs_per_s")
+                || figure.id.starts_with(&format!("send_{n}_notify_"));
+            if let (true, Some(median)) = (same_clients, figure.median()) {
+                figure.note = Some(format!("{:.2}× raw insert at {n}", median / raw));
+            }
+        }
     }
     Ok(scenario)
 }
@@ -982,6 +1096,24 @@ fn targets(report: &Report) -> Vec<Target> {
                         .to_owned(),
                     measured: format!("{:.0}% of {ideal:.0} jobs/s", 100.0 * median / ideal),
                     met: median >= 0.8 * ideal,
+                });
+            }
+        }
+    }
+    if let Some(enqueue) = report.scenario("enqueue") {
+        for (n, least) in [(1, 0.7), (8, 0.6), (64, 0.6)] {
+            let median = |id: String| enqueue.figure(&id).and_then(Figure::median);
+            if let (Some(send), Some(raw)) = (
+                median(format!("send_{n}_notify_on_msgs_per_s")),
+                median(format!("raw_insert_{n}_msgs_per_s")),
+            ) {
+                targets.push(Target {
+                    target: format!(
+                        "`enqueue`: `send` from {n} sender(s), notify on, at least {least}× \
+                         the raw single-row insert rate at {n}"
+                    ),
+                    measured: format!("{:.2}×", send / raw),
+                    met: send >= least * raw,
                 });
             }
         }

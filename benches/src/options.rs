@@ -145,8 +145,8 @@ pub(crate) struct Plan {
     pub(crate) drain_workers: usize,
     pub(crate) drain_concurrency: usize,
     pub(crate) drain_wide_concurrency: usize,
-    /// Sequential single sends per `enqueue` run.
-    pub(crate) single_sends: usize,
+    /// Single sends (or raw rows) per `enqueue` measurement, split between its senders.
+    pub(crate) enqueue_sends: usize,
     /// Concurrent senders, and single sends each of them makes.
     pub(crate) senders: usize,
     pub(crate) sends_per_sender: usize,
@@ -193,7 +193,7 @@ impl Plan {
                 drain_workers: 2,
                 drain_concurrency: 100,
                 drain_wide_concurrency: 500,
-                single_sends: 500,
+                enqueue_sends: 1_280,
                 senders: 8,
                 sends_per_sender: 100,
                 bulk_batches: 20,
@@ -225,7 +225,7 @@ impl Plan {
                 drain_workers: 2,
                 drain_concurrency: 100,
                 drain_wide_concurrency: 500,
-                single_sends: 2_000,
+                enqueue_sends: 6_400,
                 senders: 8,
                 sends_per_sender: 300,
                 bulk_batches: 100,

@@ -18,9 +18,29 @@ const CONNECTIONS_CLOSE_WITHIN: Duration = Duration::from_secs(5);
 const OPEN_PGBUS_CONNECTIONS: &str = "
 SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'pgbus:%'";
 
+/// The statements that took the most server time since the last reset, over every
+/// database (a scenario's runs each have their own), utility statements not tracked.
+const TOP_STATEMENTS: &str = "
+SELECT regexp_replace(query, '\\s+', ' ', 'g'), sum(calls)::int8, sum(total_exec_time)
+FROM pg_stat_statements
+GROUP BY 1
+ORDER BY 3 DESC
+LIMIT $1";
+
+/// One statement's share of a scenario's server time (`pg_stat_statements`).
+#[derive(Debug, Clone)]
+pub(crate) struct TopStatement {
+    /// Normalised text, whitespace folded.
+    pub(crate) query: String,
+    pub(crate) calls: i64,
+    pub(crate) total_ms: f64,
+}
+
 /// A throwaway local cluster, or a server given by URL.
 pub(crate) struct Server {
     cluster: Option<LocalCluster>,
+    /// Whether `pg_stat_statements` is loaded and installed in the admin database.
+    statements: bool,
     /// A PgBouncer in transaction mode in front of the local cluster, started on first use.
     bouncer: tokio::sync::OnceCell<PgBouncer>,
     admin_url: String,
@@ -45,22 +65,39 @@ impl Server {
         let (cluster, admin_url) = match url {
             Some(url) => (None, url.to_owned()),
             None => {
-                let cluster = tokio::task::spawn_blocking(|| LocalCluster::builder().start())
-                    .await
-                    .context("starting the local cluster panicked")?
-                    .context("could not start a throwaway PostgreSQL cluster")?;
+                let cluster = tokio::task::spawn_blocking(|| {
+                    // With `pg_stat_statements` where the machine has it; without, if the
+                    // server refuses to start with it.
+                    LocalCluster::builder()
+                        .setting("shared_preload_libraries", "pg_stat_statements")
+                        .setting("pg_stat_statements.track_utility", "off")
+                        .start()
+                        .or_else(|_| LocalCluster::builder().start())
+                })
+                .await
+                .context("starting the local cluster panicked")?
+                .context("could not start a throwaway PostgreSQL cluster")?;
                 let url = cluster.url();
                 (Some(cluster), url)
             }
         };
-        let server = Server {
+        let mut server = Server {
             cluster,
+            statements: false,
             bouncer: tokio::sync::OnceCell::new(),
             admin_url,
             next_database: AtomicU32::new(0),
         };
         // Fail early, with the reason, when the server cannot be reached.
-        server.admin().await?;
+        let admin = server.admin().await?;
+        server.statements = admin
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+            .is_ok()
+            && admin
+                .batch_execute("SELECT pg_stat_statements_reset()")
+                .await
+                .is_ok();
         Ok(server)
     }
 
@@ -99,6 +136,28 @@ impl Server {
         let config = Config::from_str(direct_url).context("invalid database URL")?;
         let database = config.get_dbname().context("a URL without a database")?;
         Ok(bouncer.url_for(database))
+    }
+
+    /// The `n` statements that took the most server time since the last call (then
+    /// resets the counts); `None` without `pg_stat_statements`.
+    pub(crate) async fn top_statements(&self, n: i64) -> anyhow::Result<Option<Vec<TopStatement>>> {
+        if !self.statements {
+            return Ok(None);
+        }
+        let admin = self.admin().await?;
+        let rows = admin.query(TOP_STATEMENTS, &[&n]).await?;
+        admin
+            .batch_execute("SELECT pg_stat_statements_reset()")
+            .await?;
+        Ok(Some(
+            rows.iter()
+                .map(|row| TopStatement {
+                    query: row.get(0),
+                    calls: row.get(1),
+                    total_ms: row.get(2),
+                })
+                .collect(),
+        ))
     }
 
     /// Creates an empty database for one scenario run.

@@ -1,6 +1,7 @@
 //! [`PgBackend`]: the queue contract on PostgreSQL.
 
 use std::cmp::Reverse;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bb8::{Pool, PooledConnection};
@@ -18,6 +19,8 @@ use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::{db, pool, storable};
 use crate::group_locks::GroupLocks;
 use crate::migrate::{self, Uninstalled, SCHEMA_VERSION};
+use crate::notify_limit::NotifyLimiter;
+use crate::pool::PooledClient;
 use crate::query::{Param, Pooler, Reused, Typed};
 use crate::send::{send_error, Columns};
 use crate::sql;
@@ -38,6 +41,7 @@ pub struct PgBackend {
     url: SecretUrl,
     max_payload_bytes: usize,
     notify: bool,
+    notify_limiter: Arc<NotifyLimiter>,
     group_locks: GroupLocks,
     pooler: Pooler,
 }
@@ -51,9 +55,13 @@ pub struct PgBackendBuilder {
     connection_timeout: Duration,
     max_payload_bytes: usize,
     notify: bool,
+    notify_window: Duration,
     group_locks: Option<GroupLocks>,
     pooler: Pooler,
 }
+
+/// The default [`PgBackendBuilder::notify_coalescing`] window.
+pub const DEFAULT_NOTIFY_WINDOW: Duration = Duration::from_millis(5);
 
 /// How long a group's row lease lasts without renewal when a transaction-mode pooler
 /// rules out advisory locks and no other length was chosen.
@@ -81,6 +89,20 @@ impl PgBackendBuilder {
     /// messages at their next poll.
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = notify;
+        self
+    }
+
+    /// How long after notifying a queue this backend's own sends to it skip their
+    /// `pg_notify`; default [`DEFAULT_NOTIFY_WINDOW`] (5 ms), zero notifies every send.
+    /// Postgres serialises the commits of notifying transactions, so concurrent senders
+    /// that each notify run far below the plain insert rate. A skipped send, once
+    /// committed, schedules one trailing notify at the end of the window, so an idle
+    /// worker still wakes for it within the window. Applies to
+    /// [`send`](Producer::send) and [`send_batch`](Producer::send_batch) on the pool;
+    /// sends in the caller's transaction ([`send_in`](PgBackend::send_in)) always notify,
+    /// since only the caller knows when they commit.
+    pub fn notify_coalescing(mut self, window: Duration) -> Self {
+        self.notify_window = window;
         self
     }
 
@@ -139,6 +161,7 @@ impl PgBackendBuilder {
             url: self.url,
             max_payload_bytes: self.max_payload_bytes,
             notify: self.notify,
+            notify_limiter: Arc::new(NotifyLimiter::new(self.notify_window)),
             group_locks,
             pooler: self.pooler,
         })
@@ -156,6 +179,7 @@ impl PgBackend {
             connection_timeout: Duration::from_secs(10),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             notify: true,
+            notify_window: DEFAULT_NOTIFY_WINDOW,
             group_locks: None,
             pooler: Pooler::Session,
         }
@@ -195,6 +219,13 @@ impl PgBackend {
     pub fn pool_in_use(&self) -> u32 {
         let state = self.pool.state();
         state.connections - state.idle_connections
+    }
+
+    /// How many of this backend's sends (and its clones') skipped their wake-up because
+    /// the queue was notified within the [coalescing
+    /// window](PgBackendBuilder::notify_coalescing); each is covered by a trailing notify.
+    pub fn notifies_skipped(&self) -> u64 {
+        self.notify_limiter.skipped()
     }
 
     /// The payload limit sends and publishes enforce.
@@ -286,7 +317,22 @@ impl PgBackend {
         &self,
         client: &(impl GenericClient + Sync),
         queue: &QueueName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>> {
+        self.send_checked(client, None, queue, messages, self.notify)
+            .await
+    }
+
+    /// Checks the messages, adds their trace context and sends them on `client`, which is
+    /// `pooled` when the send runs on (and commits on) a pooled connection of its own:
+    /// then the statement is the connection's prepared one.
+    async fn send_checked(
+        &self,
+        client: &(impl GenericClient + Sync),
+        pooled: Option<&PooledClient>,
+        queue: &QueueName,
         mut messages: Vec<NewMessage>,
+        notify: bool,
     ) -> Result<Vec<MessageId>> {
         for message in &messages {
             message.check(self.max_payload_bytes)?;
@@ -296,7 +342,9 @@ impl PgBackend {
         }
         let span = telemetry::send_span(queue, messages.len());
         telemetry::inject(&span, &mut messages);
-        self.insert(client, queue, messages).instrument(span).await
+        self.insert(client, pooled, queue, messages, notify)
+            .instrument(span)
+            .await
     }
 
     /// The statement of a send, once the messages are checked and carry their trace
@@ -304,18 +352,28 @@ impl PgBackend {
     async fn insert(
         &self,
         client: &(impl GenericClient + Sync),
+        pooled: Option<&PooledClient>,
         queue: &QueueName,
         messages: Vec<NewMessage>,
+        notify: bool,
     ) -> Result<Vec<MessageId>> {
         // Jobs with keys take their own statement, so plain sends pay nothing for them.
         if messages.iter().any(crate::unique::is_keyed) {
-            return crate::unique::send_keyed(client, queue, messages, self.notify).await;
+            return crate::unique::send_keyed(client, queue, messages, notify).await;
         }
         let columns = Columns::new(queue, messages.iter());
-        // Typed parameters: parse, bind and execute in one round trip, with no separate
-        // prepare (the pooled connection keeps no statement cache).
-        let rows = client
-            .query_typed(sql::SEND, &columns.params(&self.notify))
+        // On a pooled connection the statement is prepared once per connection (one
+        // round trip per send, no parse or plan); in the caller's client it goes unnamed
+        // with typed parameters (still one round trip, nothing left on its session).
+        let statement = match pooled {
+            Some(conn) => conn
+                .reused(sql::SEND)
+                .await
+                .map_err(|e| send_error(queue, e))?,
+            None => Arc::new(Reused::Unnamed(sql::SEND)),
+        };
+        let rows = statement
+            .query(client, &columns.params(&notify))
             .await
             .map_err(|e| send_error(queue, e))?;
         Ok(rows.iter().map(|row| MessageId(row.get(0))).collect())
@@ -635,8 +693,17 @@ impl Producer for PgBackend {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        let notify = self.notify && self.notify_limiter.should_notify(queue);
         let conn = self.conn().await?;
-        self.send_batch_in(&**conn, queue, messages).await
+        let ids = self
+            .send_checked(&**conn, Some(&*conn), queue, messages, notify)
+            .await?;
+        drop(conn);
+        if self.notify && !notify {
+            // Committed (the statement ran on its own): its wake-up follows.
+            self.notify_limiter.skipped_committed(queue, &self.pool);
+        }
+        Ok(ids)
     }
 }
 

@@ -64,6 +64,7 @@ mod limits;
 mod listener;
 mod maintenance;
 mod migrate;
+mod notify_limit;
 mod outbox;
 mod pool;
 mod query;
@@ -79,7 +80,7 @@ mod topics;
 mod transaction;
 mod unique;
 
-pub use backend::{PgBackend, PgBackendBuilder};
+pub use backend::{PgBackend, PgBackendBuilder, DEFAULT_NOTIFY_WINDOW};
 pub use cluster::*;
 pub use connect::{connect, ConnectOptions, SslMode};
 pub use fetcher::PgFetcher;

@@ -90,8 +90,16 @@ impl bb8::ManageConnection for Manager {
         })
     }
 
+    /// No round trip on checkout (it would double the cost of a one-statement send): a
+    /// connection the driver saw close (terminated, server restarted) is refused here, its
+    /// statement failing at once without reaching the network, and the pool opens
+    /// another. One that died unseen fails its next statement with a transient error.
     async fn is_valid(&self, conn: &mut PooledClient) -> Result<(), tokio_postgres::Error> {
-        conn.simple_query("").await.map(|_| ())
+        if conn.is_closed() {
+            conn.simple_query("").await.map(|_| ())
+        } else {
+            Ok(())
+        }
     }
 
     fn has_broken(&self, conn: &mut PooledClient) -> bool {

@@ -5,9 +5,10 @@ use std::time::SystemTime;
 
 use pgbus_core::{Error, Headers, NewMessage, QueueName, Visibility};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::types::Json;
 
 use crate::error::db;
+use crate::query::Param;
 
 /// The columns of a send, one array per column (parameters `$1` to `$8` of the send
 /// statements; `$9` is whether to notify).
@@ -55,18 +56,19 @@ impl<'a> Columns<'a> {
         c
     }
 
-    /// Parameters `$1` to `$9`.
-    pub(crate) fn params<'p>(&'p self, notify: &'p bool) -> Vec<(&'p (dyn ToSql + Sync), Type)> {
-        vec![
-            (&self.queue, Type::TEXT),
-            (&self.priorities, Type::INT2_ARRAY),
-            (&self.ats, Type::TIMESTAMPTZ_ARRAY),
-            (&self.delays, Type::FLOAT8_ARRAY),
-            (&self.content_types, Type::TEXT_ARRAY),
-            (&self.headers, Type::JSONB_ARRAY),
-            (&self.groups, Type::TEXT_ARRAY),
-            (&self.payloads, Type::BYTEA_ARRAY),
-            (notify, Type::BOOL),
+    /// Parameters `$1` to `$9`, for a prepared statement or (through `typed`) an unnamed
+    /// one.
+    pub(crate) fn params<'p>(&'p self, notify: &'p bool) -> [&'p dyn Param; 9] {
+        [
+            &self.queue,
+            &self.priorities,
+            &self.ats,
+            &self.delays,
+            &self.content_types,
+            &self.headers,
+            &self.groups,
+            &self.payloads,
+            notify,
         ]
     }
 }

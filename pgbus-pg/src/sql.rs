@@ -128,6 +128,9 @@ pub(crate) const WAKEUP_CHANNEL: &str = "pgbus_wakeup";
 
 pub(crate) const LISTEN: &str = "LISTEN pgbus_wakeup";
 
+/// The trailing wake-up of coalesced sends (see `notify_limit.rs`); `$1` is the queue.
+pub(crate) const NOTIFY_WAKEUP: &str = "SELECT pg_notify('pgbus_wakeup', $1)";
+
 /// Bulk send: one row per array element, ids assigned in input order. `$3` (absolute time)
 /// wins over `$4` (delay in seconds, on the database clock). When `$9` is true and a
 /// message is visible now, one `pg_notify` per statement (Postgres also folds identical
@@ -136,7 +139,7 @@ pub(crate) const SEND: &str = "
 WITH ins AS (
     INSERT INTO pgbus.messages (queue, priority, visible_at, content_type, headers, group_key,
                                 payload)
-    SELECT $1, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
+    SELECT $1::text, m.priority, coalesce(m.at, now() + make_interval(secs => m.delay)),
            m.content_type, m.headers, m.group_key, m.payload
     FROM unnest($2::smallint[], $3::timestamptz[], $4::float8[], $5::text[], $6::jsonb[],
                 $7::text[], $8::bytea[])
@@ -145,7 +148,7 @@ WITH ins AS (
     RETURNING id, visible_at
 ), wake AS (
     SELECT pg_notify('pgbus_wakeup', $1)
-    WHERE $9 AND EXISTS (SELECT 1 FROM ins WHERE visible_at <= now())
+    WHERE $9::boolean AND EXISTS (SELECT 1 FROM ins WHERE visible_at <= now())
 )
 SELECT ins.id FROM ins LEFT JOIN wake ON true ORDER BY ins.id";
 

@@ -8,6 +8,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
+use crate::query::typed;
 use crate::send::{send_error, Columns};
 use crate::sql;
 
@@ -73,7 +74,8 @@ pub(crate) async fn send_keyed(
         })
         .collect();
     let limit_keys: Vec<Option<String>> = batch.iter().map(|m| m.limit_key_in(queue)).collect();
-    let mut params = columns.params(&notify);
+    let send_params = columns.params(&notify);
+    let mut params = typed(&send_params);
     params.push((&keys, Type::TEXT_ARRAY));
     params.push((&rejects, Type::BOOL_ARRAY));
     params.push((&limit_keys, Type::TEXT_ARRAY));

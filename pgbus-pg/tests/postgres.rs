@@ -627,3 +627,58 @@ async fn claims_update_rows_in_place() {
         "{hot} of {updated} claims were HOT updates"
     );
 }
+
+/// Checkout costs no round trip, yet a pooled connection the server ended is not handed
+/// out: the driver saw it close, so the pool opens another and the send goes through.
+#[tokio::test]
+async fn a_send_after_the_pooled_connection_was_terminated_succeeds() {
+    let db = test_database().await;
+    let backend = PgBackend::builder(db.url())
+        .role("victim")
+        .max_connections(1)
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    let q = queue(&backend, "victim", QueueOptions::default()).await;
+    backend
+        .send(&q, NewMessage::encode(&1).unwrap())
+        .await
+        .unwrap();
+
+    let observer = connect(db.url(), "observer").await.unwrap();
+    let ended = observer
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'pgbus:victim'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended, 1, "the pool's one connection was terminated");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'pgbus:victim'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminated connection is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    backend
+        .send(&q, NewMessage::encode(&2).unwrap())
+        .await
+        .expect("a fresh connection replaced the terminated one");
+    assert_eq!(depth(&backend, &q).await, 2);
+}

@@ -27,9 +27,21 @@ fn start_worker(
     handled: &Arc<AtomicUsize>,
     stop: &CancellationToken,
 ) -> (WorkerMonitor, Run) {
+    start_worker_polling(backend, queue, listener, handled, stop, LONG_POLL)
+}
+
+/// [`start_worker`] with the poll interval `poll`.
+fn start_worker_polling(
+    backend: &PgBackend,
+    queue: &QueueName,
+    listener: &Arc<PgListener>,
+    handled: &Arc<AtomicUsize>,
+    stop: &CancellationToken,
+    poll: Duration,
+) -> (WorkerMonitor, Run) {
     let handled = Arc::clone(handled);
     let worker = Worker::builder(backend.clone())
-        .poll_interval(LONG_POLL)
+        .poll_interval(poll)
         .concurrency(4)
         .wakeups(Arc::clone(listener) as Arc<dyn WakeupSource>)
         .handle(
@@ -102,6 +114,76 @@ async fn idle_worker_wakes_on_notify_long_before_the_poll() {
         listener.notifications_heard_for(&q),
         1,
         "exactly one notification for one send"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+/// Sends whose wake-up was coalesced (the queue was notified within the window) still wake
+/// an idle worker: the trailing notify at the end of the window delivers them, with the
+/// worker's poll an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coalesced_sends_are_delivered_by_the_trailing_notify() {
+    const BURST: usize = 20;
+    // Far longer than the burst takes, so every send of it falls in the first's window.
+    const WINDOW: Duration = Duration::from_secs(10);
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "coalesce").await;
+    let listener = Arc::new(PgListener::start(&url).unwrap());
+    assert!(listener.wait_live(WAIT).await);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (monitor, run) = start_worker_polling(
+        &backend,
+        &q,
+        &listener,
+        &handled,
+        &stop,
+        Duration::from_secs(3600),
+    );
+    eventually("wake-ups are live", WAIT, || async {
+        monitor.metadata().wakeups_live
+    })
+    .await;
+    wait_idle(&monitor).await;
+
+    let sender = PgBackend::builder(&url)
+        .role("sender")
+        .notify_coalescing(WINDOW)
+        .build()
+        .unwrap();
+    // The first send notifies and opens the window; it is handled and the worker is idle
+    // again before the burst, so only a wake-up can deliver the burst.
+    sender
+        .send(&q, NewMessage::encode(&0u32).unwrap())
+        .await
+        .unwrap();
+    eventually("the first message is handled", WAIT, || async {
+        handled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    wait_idle(&monitor).await;
+    for i in 1..=BURST {
+        sender
+            .send(&q, NewMessage::encode(&(i as u32)).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        sender.notifies_skipped(),
+        BURST as u64,
+        "every send of the burst fell in the first one's window"
+    );
+    eventually(
+        "the coalesced burst is handled",
+        Duration::from_secs(60),
+        || async { handled.load(Ordering::SeqCst) == BURST + 1 },
+    )
+    .await;
+    assert_eq!(
+        listener.notifications_heard_for(&q),
+        2,
+        "the first send's notify and one trailing notify for the whole burst"
     );
     stop.cancel();
     run.await.unwrap().unwrap();

@@ -1,6 +1,8 @@
 //! `raw_sql`: the yardstick. The plain claim/ack lifecycle on tokio-postgres, with no
 //! pgbus code at all. Kept exactly as plain as the benchmarks issue describes it: it is the
-//! reference, not something to tune.
+//! reference, not something to tune. It runs with pgbus's commit settings (claims on a
+//! connection with `synchronous_commit = off`, as pgbus's fetch connection; deletes
+//! durable, as pgbus's acks) and with every commit durable.
 
 use std::time::Instant;
 
@@ -43,9 +45,19 @@ RETURNING id";
 
 const ACK: &str = "DELETE FROM jobs WHERE id = ANY($1)";
 
-/// Inserts `n` jobs, then times [`LOOPS`] loops (one connection each) that claim
-/// [`CLAIM_SIZE`] jobs and delete them until the table is empty. Returns jobs/s.
-pub(crate) async fn run_once(server: &Server, n: usize) -> anyhow::Result<f64> {
+/// How the loops commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commits {
+    /// As pgbus does: claims commit asynchronously (`synchronous_commit = off` on the
+    /// claiming connection), deletes durably (on a second connection of the loop).
+    LikePgbus,
+    /// Claims and deletes durable, on one connection per loop.
+    Durable,
+}
+
+/// Inserts `n` jobs, then times [`LOOPS`] loops that claim [`CLAIM_SIZE`] jobs and delete
+/// them until the table is empty, committing as `commits` says. Returns jobs/s.
+pub(crate) async fn run_once(server: &Server, n: usize, commits: Commits) -> anyhow::Result<f64> {
     on_fresh_database(server, |url| async move {
         let setup = connect(&url).await?;
         setup.batch_execute(SCHEMA).await?;
@@ -56,24 +68,35 @@ pub(crate) async fn run_once(server: &Server, n: usize) -> anyhow::Result<f64> {
 
         let mut clients = Vec::with_capacity(LOOPS);
         for _ in 0..LOOPS {
-            clients.push(connect(&url).await?);
+            let claimer = connect(&url).await?;
+            let acker = match commits {
+                Commits::LikePgbus => {
+                    claimer
+                        .batch_execute("SET synchronous_commit = off")
+                        .await?;
+                    Some(connect(&url).await?)
+                }
+                Commits::Durable => None,
+            };
+            clients.push((claimer, acker));
         }
         let started = Instant::now();
         let loops: Vec<_> = clients
             .into_iter()
-            .map(|client| {
+            .map(|(claimer, acker)| {
                 tokio::spawn(async move {
-                    let claim = client.prepare(CLAIM).await?;
-                    let ack = client.prepare(ACK).await?;
+                    let acker = acker.as_ref().unwrap_or(&claimer);
+                    let claim = claimer.prepare(CLAIM).await?;
+                    let ack = acker.prepare(ACK).await?;
                     let mut done = 0u64;
                     loop {
-                        let rows = client.query(&claim, &[&QUEUE]).await?;
+                        let rows = claimer.query(&claim, &[&QUEUE]).await?;
                         if rows.is_empty() {
                             return Ok::<_, anyhow::Error>(done);
                         }
                         let ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
                         // A no-op job: nothing to run between the claim and the ack.
-                        client.execute(&ack, &[&ids]).await?;
+                        acker.execute(&ack, &[&ids]).await?;
                         done += ids.len() as u64;
                     }
                 })
