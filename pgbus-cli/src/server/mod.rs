@@ -105,6 +105,7 @@ pub(crate) async fn start(
             stream_config.clone(),
         );
         instance.start()?;
+        wait_for_stream_listener(instance.listener()).await;
         instance
     };
     #[cfg(not(feature = "stream"))]
@@ -228,6 +229,28 @@ async fn response_headers(request: Request, next: Next) -> Response {
             .or_insert(header::HeaderValue::from_static(value));
     }
     response
+}
+
+/// How long `serve` waits at start for its stream listener to connect before serving anyway.
+#[cfg(feature = "stream")]
+const STREAM_LISTENER_START: Duration = Duration::from_secs(5);
+
+/// Waits (at most [`STREAM_LISTENER_START`]) until the stream listener is connected, so a
+/// browser's first `EventSource` request is not refused with 503 (which an `EventSource`
+/// does not retry) for the few milliseconds the LISTEN connection takes to open. A
+/// database that is down does not hold the server back: it serves, `/readyz` says not
+/// ready, and stream requests get 503 with `Retry-After` until the listener reconnects.
+#[cfg(feature = "stream")]
+async fn wait_for_stream_listener(listener: &impl pgbus_core::StreamListener) {
+    let deadline = tokio::time::Instant::now() + STREAM_LISTENER_START;
+    while !listener.is_live() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(target: "pgbus::serve", "the stream listener is not connected yet: serving anyway");
+            return;
+        }
+        // The listener has no connected signal to await; its connect takes milliseconds.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// For `demo`: binds `addr`, or any free port on loopback if it is taken.
