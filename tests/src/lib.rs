@@ -65,13 +65,7 @@ pub async fn create(backend: &PgBackend, name: &str, options: QueueOptions) -> Q
 
 /// The stats of one queue.
 pub async fn stats_of(backend: &PgBackend, q: &QueueName) -> QueueStats {
-    backend
-        .stats()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| &s.queue == q)
-        .expect("stats for the queue")
+    backend.queue_stats(q).await.expect("stats for the queue")
 }
 
 /// Waits until the queue holds no message (ready, in flight or scheduled).

@@ -121,6 +121,17 @@ async fn refusal(
     (db.code().code().to_owned(), db.message().to_owned())
 }
 
+/// The ids a statement returns, one per row (a `send_batch`).
+async fn ids(client: &Client, statement: &str) -> Vec<i64> {
+    client
+        .query(statement, &[])
+        .await
+        .unwrap_or_else(|err| panic!("{statement}: {err}"))
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 async fn stored_count(client: &Client) -> i64 {
     client
         .query_one("SELECT count(*) FROM pgbus.messages", &[])
@@ -144,18 +155,13 @@ async fn sql_sends_reach_a_typed_rust_handler() {
         .await
         .unwrap()
         .get(0);
-    let batch: Vec<i64> = client
-        .query(
-            "SELECT id FROM pgbus.send_batch('jobs',
+    let batch = ids(
+        &client,
+        "SELECT id FROM pgbus.send_batch('jobs',
                  ARRAY(SELECT jsonb_build_object('n', n, 'producer', 'batch')
                        FROM generate_series(2, 4) AS n ORDER BY n)) AS id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    )
+    .await;
     assert_eq!(batch.len(), 3);
     assert!(
         one < batch[0] && batch.windows(2).all(|w| w[0] < w[1]),
@@ -361,29 +367,19 @@ async fn every_option_is_stored_as_the_rust_send_stores_it() {
     assert_eq!(send(&cases[5]).await, sql_ids[5]);
     let again = backend.send(&rust_q, cases[5].rust.clone()).await.unwrap();
     assert_eq!(again, rust_ids[5]);
-    let batch: Vec<i64> = client
-        .query(
-            "SELECT pgbus.send_batch('from_sql', ARRAY['1', '2', '3']::jsonb[],
+    let batch = ids(
+        &client,
+        "SELECT pgbus.send_batch('from_sql', ARRAY['1', '2', '3']::jsonb[],
                                      unique_key => 'welcome:42')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    )
+    .await;
     assert_eq!(batch, vec![sql_ids[5]; 3]);
-    let fresh: Vec<i64> = client
-        .query(
-            "SELECT pgbus.send_batch('from_sql', ARRAY['1', '2', '3']::jsonb[],
+    let fresh = ids(
+        &client,
+        "SELECT pgbus.send_batch('from_sql', ARRAY['1', '2', '3']::jsonb[],
                                      unique_key => 'once')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    )
+    .await;
     assert_eq!(fresh.len(), 3);
     assert!(fresh.iter().all(|&id| id == fresh[0]), "{fresh:?}");
     assert_eq!(
