@@ -55,6 +55,7 @@ mod backend;
 mod batch;
 mod cluster;
 mod connect;
+pub mod console;
 mod dedup;
 mod error;
 mod fetcher;

@@ -99,6 +99,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "sql_send",
         sql: include_str!("../migrations/0016_sql_send.sql"),
     },
+    Migration {
+        version: 17,
+        name: "console",
+        sql: include_str!("../migrations/0017_console.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.
