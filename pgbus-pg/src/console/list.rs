@@ -24,7 +24,8 @@ const PREVIEW_PART: usize = 1024;
 /// queue after the cursor (`$2`) in the state's table, by its `(queue, id)` index (or
 /// `(queue, group_key, id)` with a group filter, the primary key with an id filter); then
 /// the state and the other filters on those rows only, up to `$9` of them, with their
-/// payloads (whole with a payload filter, `$10`, which Rust applies). One row more tells
+/// payloads (whole with a payload filter, `$10`, which Rust applies), each read by its
+/// primary key (the scan leaves payloads out so the window it holds stays small). One row more tells
 /// how far the scan went and what the listing saw (its bound), and whether the queue
 /// exists: its columns are on every row (on one row of NULL `hit` columns when nothing
 /// matched).
@@ -72,12 +73,19 @@ WITH scan AS (
 SELECT EXISTS (SELECT 1 FROM pgbus.queues WHERE name = $1) AS queue_exists,
        edge.scanned, edge.last_scanned, seen.bound_id, seen.bound_at,
        hit.id, hit.priority, hit.group_key, hit.attempts, hit.enqueued_at, hit.at,
-       hit.lease_until, hit.error, t.content_type, octet_length(t.payload) AS payload_bytes,
-       CASE WHEN $10 OR octet_length(t.payload) <= {PREVIEW_WHOLE} THEN t.payload
-            ELSE substring(t.payload FROM 1 FOR {PREVIEW_PART}) END AS payload
+       hit.lease_until, hit.error, t.content_type, t.payload_bytes, t.payload
 FROM edge
 LEFT JOIN LATERAL ({seen}) seen ON true
-LEFT JOIN (hit JOIN {table} t ON t.id = hit.id) ON true
+LEFT JOIN hit ON true
+LEFT JOIN LATERAL (
+    SELECT content_type, octet_length(payload) AS payload_bytes,
+           CASE WHEN $10 OR octet_length(payload) <= {PREVIEW_WHOLE} THEN payload
+                ELSE substring(payload FROM 1 FOR {PREVIEW_PART}) END AS payload
+    FROM {table}
+    WHERE id = hit.id
+    -- Kept a subquery (not flattened into a join): one primary-key lookup per row.
+    LIMIT 1
+) t ON true
 ORDER BY hit.id {dir}"
     )
 }
