@@ -484,7 +484,44 @@ async fn rare_filters_reach_their_rows_beyond_the_scan_window() {
 #[tokio::test]
 async fn counts_stop_at_the_cap() {
     let f = fixture().await;
-    let q = f.queue("many").await;
+    let states = |counts: Vec<(JobState, pgbus_pg::console::Count)>| -> Vec<(JobState, u64, bool)> {
+        counts.iter().map(|(s, c)| (*s, c.n, c.exact)).collect()
+    };
+    // A small queue: every state exact.
+    let few = f.queue("few").await;
+    let hour = Duration::from_secs(3600);
+    for _ in 0..2 {
+        f.send(&few, json_message(json!({}))).await;
+    }
+    for _ in 0..3 {
+        f.send(&few, json_message(json!({})).delay(hour)).await;
+    }
+    let running = f.send(&few, json_message(json!({}))).await;
+    f.lease(&[running]).await;
+    let dead = f.send(&few, json_message(json!({}))).await;
+    f.dead_letter(&[dead], "gone").await;
+    let done = f.send(&few, json_message(json!({}))).await;
+    f.archive(&[done]).await;
+    use JobState::*;
+    assert_eq!(
+        states(f.console.counts(&few).await.unwrap()),
+        [
+            (Ready, 2, true),
+            (Scheduled, 3, true),
+            (InFlight, 1, true),
+            (Dead, 1, true),
+            (Archived, 1, true)
+        ]
+    );
+
+    // A large one: two running jobs (the oldest), then more ready jobs than the cap, and
+    // more dead letters than the cap. Hot-table counts are what its oldest rows hold.
+    let many = f.queue("many").await;
+    let leased = [
+        f.send(&many, json_message(json!({}))).await,
+        f.send(&many, json_message(json!({}))).await,
+    ];
+    f.lease(&leased).await;
     f.sql
         .execute(
             "INSERT INTO pgbus.messages (queue, visible_at, content_type, payload)
@@ -493,29 +530,25 @@ async fn counts_stop_at_the_cap() {
             &[&(COUNT_CAP as i64 + 5)],
         )
         .await
-        .expect("seed");
-    let hour = Duration::from_secs(3600);
-    for _ in 0..3 {
-        f.send(&q, json_message(json!({})).delay(hour)).await;
-    }
-    let leased = [
-        f.send(&q, json_message(json!({})).priority(1)).await,
-        f.send(&q, json_message(json!({})).priority(1)).await,
-    ];
-    f.lease(&leased).await;
-    let dead = f.send(&q, json_message(json!({}))).await;
-    f.dead_letter(&[dead], "gone").await;
-    let counts = f.console.counts(&q).await.expect("counts");
-    let found: Vec<(JobState, u64, bool)> =
-        counts.iter().map(|(s, c)| (*s, c.n, c.exact)).collect();
+        .expect("seed ready jobs");
+    f.sql
+        .execute(
+            "INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts,
+                 content_type, headers, payload, error)
+             SELECT 1000000 + i, 'many', 0, now(), 1, 'application/json', '{}', '\\x7b7d', 'x'
+             FROM generate_series(1, $1::bigint) i",
+            &[&(COUNT_CAP as i64 + 5)],
+        )
+        .await
+        .expect("seed dead letters");
     assert_eq!(
-        found,
+        states(f.console.counts(&many).await.unwrap()),
         [
-            (JobState::Ready, COUNT_CAP, false),
-            (JobState::Scheduled, 3, true),
-            (JobState::InFlight, 2, true),
-            (JobState::Dead, 1, true),
-            (JobState::Archived, 0, true),
+            (Ready, COUNT_CAP - 1, false),
+            (Scheduled, 0, false),
+            (InFlight, 2, false),
+            (Dead, COUNT_CAP, false),
+            (Archived, 0, true),
         ]
     );
     let err = f

@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 
 use super::cursor::{self, Seen};
 use super::payload::Stored;
-use super::source::{row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER};
+use super::source::{row_filters, FilterValues, Source, GROUP_FILTER, HOT, ID_FILTER};
 use super::stmt::Stmt;
 use super::types::{
     Count, Cursor, JobFilter, JobState, JobSummary, Order, Page, COUNT_CAP, MAX_PAGE, SCAN_WINDOW,
@@ -256,20 +256,38 @@ fn summary(
     }
 }
 
-/// The states' counts: each stops after [`COUNT_CAP`] + 1 rows of the queue's index.
+/// The states' counts, each stopping at [`COUNT_CAP`] + 1 rows by its queue's `(queue, id)`
+/// index. The hot table's three states share one scan of the queue's oldest
+/// [`COUNT_CAP`] + 1 rows: counted one by one, a rare state (three jobs in flight among a
+/// million ready ones) would read the whole queue to prove it has no more (1.6 s for a
+/// queue of 100,000 jobs on the test machine, against 80 ms for the shared scan). So
+/// while a queue holds at most [`COUNT_CAP`] unfinished jobs each state's count is exact,
+/// and beyond that each is what the oldest rows hold: at least that many (the oldest
+/// rows are where claims take jobs from, so running jobs are among them).
 pub(super) fn counts_stmt(queue: &QueueName) -> Stmt {
-    let count = |state: JobState| {
-        let table = state.source().table;
-        let predicate = state.predicate("visible_at");
+    let hot: Vec<String> = [JobState::Ready, JobState::Scheduled, JobState::InFlight]
+        .into_iter()
+        .map(|state| format!("count(*) FILTER (WHERE {})", state.predicate("visible_at")))
+        .collect();
+    let capped = |state: JobState| {
         format!(
-            "(SELECT count(*) FROM (SELECT 1 FROM {table} WHERE queue = $1 AND {predicate}
-              ORDER BY id LIMIT $2) c)"
+            "(SELECT count(*) FROM (SELECT 1 FROM {} WHERE queue = $1 ORDER BY id LIMIT $2) c)",
+            state.source().table
         )
     };
-    let columns: Vec<String> = JobState::ALL.into_iter().map(count).collect();
     let sql = format!(
-        "SELECT EXISTS (SELECT 1 FROM pgbus.queues WHERE name = $1), {}",
-        columns.join(",\n       ")
+        "
+SELECT EXISTS (SELECT 1 FROM pgbus.queues WHERE name = $1), hot.*, {}, {}
+FROM (
+    SELECT count(*) AS scanned, {}
+    FROM (
+        SELECT visible_at, lease_until FROM pgbus.messages
+        WHERE queue = $1 ORDER BY id LIMIT $2
+    ) oldest
+) hot",
+        capped(JobState::Dead),
+        capped(JobState::Archived),
+        hot.join(", ")
     );
     Stmt::new("counts", sql)
         .bind(queue.as_str().to_owned())
@@ -287,16 +305,22 @@ pub(super) async fn counts(
     if !row.get::<_, bool>(0) {
         return Err(Error::QueueNotFound(queue.clone()));
     }
+    let count = |column: usize| u64::try_from(row.get::<_, i64>(column)).unwrap_or(0);
+    // Columns: exists, hot rows scanned, ready, scheduled, in flight, dead, archived.
+    let hot_exact = count(1) <= COUNT_CAP;
     Ok(JobState::ALL
         .into_iter()
-        .enumerate()
-        .map(|(i, state)| {
-            let n = u64::try_from(row.get::<_, i64>(i + 1)).unwrap_or(0);
-            let count = Count {
-                n: n.min(COUNT_CAP),
-                exact: n <= COUNT_CAP,
-            };
-            (state, count)
+        .zip(2..)
+        .map(|(state, column)| {
+            let n = count(column);
+            let exact = n <= COUNT_CAP && (hot_exact || state.source() != HOT);
+            (
+                state,
+                Count {
+                    n: n.min(COUNT_CAP),
+                    exact,
+                },
+            )
         })
         .collect())
 }

@@ -8,7 +8,9 @@ use pgbus_core::{ContentType, Error, Headers, MessageId, ProcessId, QueueName, R
 /// Most rows of an index one page reads before it stops (a rare filter then returns a
 /// short page and a cursor to go on).
 pub const SCAN_WINDOW: usize = 5_000;
-/// Counts are exact up to this many jobs per state and "at least" beyond.
+/// Counts are exact up to this many jobs per state and "at least" beyond. Ready,
+/// scheduled and in-flight jobs are counted among the queue's oldest `COUNT_CAP + 1`
+/// unfinished jobs: exact while the queue holds no more, "at least" beyond.
 pub const COUNT_CAP: u64 = 10_000;
 /// Most jobs one page holds.
 pub const MAX_PAGE: usize = 500;
@@ -202,7 +204,8 @@ pub struct Page {
 pub struct Count {
     /// Jobs counted.
     pub n: u64,
-    /// `false` when counting stopped at the cap: at least `n`.
+    /// `false` when counting stopped at the cap (of jobs, or for the hot table's states, of
+    /// the queue's rows read): at least `n`.
     pub exact: bool,
 }
 
