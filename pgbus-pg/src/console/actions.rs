@@ -16,7 +16,9 @@ use tokio_postgres::{GenericClient, Transaction};
 use super::audit;
 use super::cursor::{self, Seen};
 use super::list::stored;
-use super::source::{row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER};
+use super::source::{
+    by_group, in_queue, row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER,
+};
 use super::stmt::Stmt;
 use super::types::{Action, Bound, JobFilter, JobState, Target, MAX_IDS};
 use crate::backend::PgBackend;
@@ -190,13 +192,15 @@ pub(super) fn action_stmt(
     })
 }
 
-/// The next [`SELECT_BATCH`] jobs of a filter's selection after the id `$2`, up to what the
-/// listing saw (`$3`, and for dead letters `($11, $3)` as `(failed_at, id)`), locked.
+/// The next [`SELECT_BATCH`] jobs of a filter's selection after the id `$2` (in the order
+/// of [`in_queue`]), up to what the listing saw (`$3`, and for dead letters `($11, $3)` as `(failed_at, id)`), locked.
 ///
 /// Parameters: `$1` queue, `$2` after, `$3` bound id, `$4`-`$8` the filters (see
 /// [`FilterValues`]), `$9` with payloads, `$10` batch size, `$11` bound time.
-pub(super) fn select_sql(state: JobState) -> String {
+pub(super) fn select_sql(state: JobState, by_group: bool) -> String {
     let Source { table, error, .. } = state.source();
+    let (within, key_order) = in_queue(by_group, "ASC");
+    let group = if by_group { "true" } else { GROUP_FILTER };
     let bound = match state {
         JobState::Dead => "(failed_at, id) <= ($11, $3)",
         _ => "id <= $3",
@@ -207,10 +211,10 @@ pub(super) fn select_sql(state: JobState) -> String {
         "
 SELECT id, content_type, CASE WHEN $9 THEN payload ELSE ''::bytea END AS payload
 FROM {table}
-WHERE queue = $1 AND id > $2 AND {bound}
-  AND {predicate} AND {ID_FILTER} AND {GROUP_FILTER}
+WHERE {within} AND id > $2 AND {bound}
+  AND {predicate} AND {ID_FILTER} AND {group}
   AND {filters}
-ORDER BY id
+ORDER BY {key_order}
 LIMIT $10
 FOR UPDATE"
     )
@@ -223,9 +227,10 @@ pub(super) fn select_stmt(
     bound_at: Option<SystemTime>,
     after: i64,
 ) -> Result<Stmt> {
+    let by_group = by_group(filter);
     let stmt = Stmt::new(
         format!("select {}", filter.state.as_str()),
-        select_sql(filter.state),
+        select_sql(filter.state, by_group),
     )
     .bind(filter.queue.as_str().to_owned())
     .bind(after)

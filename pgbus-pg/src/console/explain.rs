@@ -7,8 +7,9 @@ use pgbus_core::{MessageId, QueueName, Result};
 
 use super::actions::{action_stmt, select_stmt, Table};
 use super::audit;
+use super::cursor::read_cursor;
 use super::detail::{job_stmt, payload_stmt};
-use super::list::{counts_stmt, list_stmt, start};
+use super::list::{counts_stmt, list, list_stmt, start};
 use super::stmt::Stmt;
 use super::types::{Action, JobFilter, JobState, Order, PayloadMatch};
 use crate::backend::PgBackend;
@@ -70,7 +71,13 @@ pub(super) async fn explain_all(
         for (variant, filter) in variants(queue, state, group_key, id) {
             let state = state.as_str();
             for order in [Order::NewestFirst, Order::OldestFirst] {
-                for (page, after) in [("first", start(order)), ("later", id.0)] {
+                let first = list(backend, &filter, order, None, 50).await?;
+                // The second page starts where the first one's cursor says.
+                let later = match &first.next {
+                    Some(next) => read_cursor(next, &filter, order)?,
+                    None => start(order),
+                };
+                for (page, after) in [("first", start(order)), ("later", later)] {
                     let stmt = list_stmt(&filter, order, after, 50)?;
                     let name = format!("list {state} {order:?} {variant} {page} page");
                     stmts.push(named(stmt, name));

@@ -7,7 +7,9 @@ use tokio_postgres::Row;
 
 use super::cursor::{self, Seen};
 use super::payload::Stored;
-use super::source::{row_filters, FilterValues, Source, GROUP_FILTER, HOT, ID_FILTER};
+use super::source::{
+    by_group, in_queue, row_filters, FilterValues, Source, GROUP_FILTER, HOT, ID_FILTER,
+};
 use super::stmt::Stmt;
 use super::types::{
     Count, Cursor, JobFilter, JobState, JobSummary, Order, Page, COUNT_CAP, MAX_PAGE, SCAN_WINDOW,
@@ -22,7 +24,7 @@ const PREVIEW_PART: usize = 1024;
 
 /// The listing of `state` in `order`: the newest (or oldest) [`SCAN_WINDOW`] rows of the
 /// queue after the cursor (`$2`) in the state's table, by its `(queue, id)` index (or
-/// `(queue, group_key, id)` with a group filter, the primary key with an id filter); then
+/// `(queue, group_key, id)` with a group filter: see [`in_queue`]); then
 /// the state and the other filters on those rows only, up to `$9` of them, with their
 /// payloads (whole with a payload filter, `$10`, which Rust applies), each read by its
 /// primary key (the scan leaves payloads out so the window it holds stays small). One row more tells
@@ -32,23 +34,20 @@ const PREVIEW_PART: usize = 1024;
 ///
 /// Parameters: `$1` queue, `$2` cursor id, `$3` scan window, `$4`-`$8` the filters (see
 /// [`FilterValues`]), `$9` most rows, `$10` whole payloads.
-pub(super) fn list_sql(state: JobState, order: Order) -> String {
+pub(super) fn list_sql(state: JobState, order: Order, by_group: bool) -> String {
     let Source {
         table,
         at,
         lease,
         error,
-        group_indexed,
+        ..
     } = state.source();
     let (cmp, dir, last) = match order {
         Order::NewestFirst => ("<", "DESC", "min"),
         Order::OldestFirst => (">", "ASC", "max"),
     };
-    let (scan_group, hit_group) = if group_indexed {
-        (GROUP_FILTER, "true")
-    } else {
-        ("true", GROUP_FILTER)
-    };
+    let (within, key_order) = in_queue(by_group, dir);
+    let hit_group = if by_group { "true" } else { GROUP_FILTER };
     let predicate = state.predicate("at");
     let filters = row_filters("error");
     let seen = seen_sql(state);
@@ -58,8 +57,8 @@ WITH scan AS (
     SELECT id, priority, group_key, attempts, enqueued_at, {at} AS at,
            {lease} AS lease_until, {error} AS error
     FROM {table}
-    WHERE queue = $1 AND id {cmp} $2 AND {ID_FILTER} AND {scan_group}
-    ORDER BY id {dir}
+    WHERE {within} AND id {cmp} $2 AND {ID_FILTER}
+    ORDER BY {key_order}
     LIMIT $3
 ), edge AS (
     SELECT count(*) AS scanned, {last}(id) AS last_scanned FROM scan
@@ -91,7 +90,8 @@ ORDER BY hit.id {dir}"
 }
 
 /// What a listing of `state` saw: the newest id of the queue in the state's table (hot
-/// table, archive), or the latest `(failed_at, id)` of its dead letters, by index.
+/// table, archive), or the latest `(failed_at, id)` of its dead letters (by
+/// `dead_letters_queue_idx`); the first row of an index either way.
 fn seen_sql(state: JobState) -> String {
     let table = state.source().table;
     match state {
@@ -99,10 +99,13 @@ fn seen_sql(state: JobState) -> String {
             "SELECT id AS bound_id, failed_at AS bound_at FROM {table}
              WHERE queue = $1 ORDER BY failed_at DESC, id DESC LIMIT 1"
         ),
-        _ => format!(
-            "SELECT max(id) AS bound_id, NULL::timestamptz AS bound_at FROM {table}
-             WHERE queue = $1"
-        ),
+        _ => {
+            let (within, key_order) = in_queue(false, "DESC");
+            format!(
+                "SELECT id AS bound_id, NULL::timestamptz AS bound_at FROM {table}
+                 WHERE {within} ORDER BY {key_order} LIMIT 1"
+            )
+        }
     }
 }
 
@@ -116,9 +119,10 @@ pub(super) fn list_stmt(
     let by_payload = filter.payload.is_some();
     // With a payload filter every row the SQL filters leave comes back (Rust picks).
     let rows = if by_payload { SCAN_WINDOW } else { limit };
+    let by_group = by_group(filter);
     let stmt = Stmt::new(
         format!("list {} {order:?}", filter.state.as_str()),
-        list_sql(filter.state, order),
+        list_sql(filter.state, order, by_group),
     )
     .bind(filter.queue.as_str().to_owned())
     .bind(after)
@@ -269,9 +273,11 @@ pub(super) fn counts_stmt(queue: &QueueName) -> Stmt {
         .into_iter()
         .map(|state| format!("count(*) FILTER (WHERE {})", state.predicate("visible_at")))
         .collect();
+    let (within, key_order) = in_queue(false, "ASC");
     let capped = |state: JobState| {
         format!(
-            "(SELECT count(*) FROM (SELECT 1 FROM {} WHERE queue = $1 ORDER BY id LIMIT $2) c)",
+            "(SELECT count(*) FROM (SELECT 1 FROM {} WHERE {within} ORDER BY {key_order}
+              LIMIT $2) c)",
             state.source().table
         )
     };
@@ -282,7 +288,7 @@ FROM (
     SELECT count(*) AS scanned, {}
     FROM (
         SELECT visible_at, lease_until FROM pgbus.messages
-        WHERE queue = $1 ORDER BY id LIMIT $2
+        WHERE {within} ORDER BY {key_order} LIMIT $2
     ) oldest
 ) hot",
         capped(JobState::Dead),

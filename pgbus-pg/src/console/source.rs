@@ -92,8 +92,38 @@ pub(super) fn row_filters(error: &str) -> String {
     )
 }
 
-/// The group key filter (`$5`).
+/// The group key filter (`$5`) on rows already read.
 pub(super) const GROUP_FILTER: &str = "($5::text IS NULL OR group_key = $5)";
+
+/// Whether `filter`'s rows are read by group (a group filter where the table has a group
+/// index); otherwise its group filter applies to the rows read.
+pub(super) fn by_group(filter: &JobFilter) -> bool {
+    filter.group_key.is_some() && filter.state.source().group_indexed
+}
+
+/// How a statement reads one queue's rows (`$1`; with `by_group`, one group's, `$5`) in id
+/// order, `dir`: its conditions and its `ORDER BY`, which only the table's
+/// `(queue, id)` index (`(queue, group_key, id)` by group) provides.
+///
+/// The queue is matched as a range of one value, not with `=`: with `queue = $1` the
+/// planner drops the queue from the order and may read the primary key instead, filtering
+/// on the queue (it did on 2,000,000 rows in 20 queues, since ids follow the rows' physical
+/// order), which reads every other queue's rows on the way: unbounded when the queue's
+/// rows are far apart. Here the scan starts at the cursor's id within the queue and stops
+/// at the queue's end.
+pub(super) fn in_queue(by_group: bool, dir: &str) -> (&'static str, String) {
+    if by_group {
+        (
+            "queue >= $1 AND queue <= $1 AND group_key >= $5 AND group_key <= $5",
+            format!("queue {dir}, group_key {dir}, id {dir}"),
+        )
+    } else {
+        (
+            "queue >= $1 AND queue <= $1",
+            format!("queue {dir}, id {dir}"),
+        )
+    }
+}
 
 /// The id filter (`$4`).
 pub(super) const ID_FILTER: &str = "($4::bigint IS NULL OR id = $4)";
