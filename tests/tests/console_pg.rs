@@ -16,8 +16,8 @@ use pgbus_pg::console::{
     Action, Bound, Console, Cursor, JobFilter, JobState, Order, Page, PayloadMatch, Target,
     COUNT_CAP, MAX_IDS, PAYLOAD_SHOWN_MAX, SCAN_WINDOW,
 };
-use pgbus_pg::{connect, PgBackend};
-use pgbus_tests::{create, fresh_backend};
+use pgbus_pg::{connect, PgBackend, PgListener};
+use pgbus_tests::{create, eventually, fresh_backend};
 use serde_json::json;
 use tokio_postgres::Client;
 
@@ -25,6 +25,7 @@ struct Fixture {
     backend: PgBackend,
     console: Console,
     sql: Client,
+    url: String,
 }
 
 async fn fixture() -> Fixture {
@@ -34,6 +35,7 @@ async fn fixture() -> Fixture {
         console: Console::new(backend.clone()),
         backend,
         sql,
+        url,
     }
 }
 
@@ -898,6 +900,37 @@ async fn actions_on_ids_apply_where_the_state_allows() {
         f.console.record("loopback", "drop", &q).await.unwrap_err(),
         "pause and resume",
     );
+}
+
+/// A retry wakes the queue's workers: a dead letter retried comes back visible now, and a
+/// listening worker hears of it at once rather than at its next poll.
+#[tokio::test]
+async fn a_retry_wakes_the_queues_workers() {
+    let f = fixture().await;
+    let q = f.queue("wake").await;
+    // Sends that notify nobody, so the only wake-up is the retry's.
+    let quiet = PgBackend::builder(&f.url).notify(false).build().unwrap();
+    let listener = PgListener::start(&f.url).unwrap();
+    assert!(
+        listener.wait_live(Duration::from_secs(10)).await,
+        "listening"
+    );
+    let id = quiet.send(&q, json_message(json!({}))).await.unwrap().0;
+    f.dead_letter(&[id], "smtp down").await;
+    let target = Target::Ids(vec![MessageId(id)]);
+    assert_eq!(
+        f.console
+            .act("tester", &Action::RetryNow, &target)
+            .await
+            .unwrap(),
+        1
+    );
+    eventually(
+        "the retry's wake-up is heard",
+        Duration::from_secs(10),
+        || async { listener.notifications_heard_for(&q) >= 1 },
+    )
+    .await;
 }
 
 #[tokio::test]
