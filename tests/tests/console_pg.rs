@@ -215,7 +215,8 @@ async fn listings_per_state_order_and_filter() {
     f.dead_letter(&[d1], "timeout talking to SMTP").await;
     f.dead_letter(&[d2], "bad address").await;
     f.exec(
-        r#"UPDATE pgbus.messages SET errors = '[{"attempt": 1, "error": "flaky disk", "at": "2026-12-06T22:00:00Z"}]'
+        r#"UPDATE pgbus.messages
+           SET errors = '[{"attempt": 1, "error": "flaky disk", "at": "2026-12-06T22:00:00Z"}]'
            WHERE id = ANY ($1)"#,
         &[a1],
     )
@@ -576,7 +577,10 @@ async fn a_jobs_detail_tells_its_whole_story() {
         );
     let id = f.send(&q, message).await;
     let history: Vec<serde_json::Value> = (1..=12)
-        .map(|n| json!({"attempt": n, "error": format!("error {n}"), "at": format!("2026-12-06T22:00:{n:02}Z")}))
+        .map(|n| {
+            let at = format!("2026-12-06T22:00:{n:02}Z");
+            json!({"attempt": n, "error": format!("error {n}"), "at": at})
+        })
         .collect();
     let process: i64 = f
         .sql
@@ -1128,8 +1132,8 @@ fn scans(plan: &serde_json::Value, seq: &mut Vec<String>, indexes: &mut BTreeSet
 }
 
 /// Every console statement on 2,000,000 messages in 20 queues (each 60% ready, 30%
-/// scheduled, 10% in flight, a seventh grouped) and 100,000 dead letters (plus 100,000 archived jobs): none scans
-/// the hot table or the dead letters whole.
+/// scheduled, 10% in flight, a seventh grouped) and 100,000 dead letters (plus 100,000
+/// archived jobs): none scans the hot table or the dead letters whole.
 #[tokio::test]
 async fn no_console_query_scans_a_table_on_millions_of_rows() {
     let started = Instant::now();
@@ -1199,9 +1203,7 @@ async fn no_console_query_scans_a_table_on_millions_of_rows() {
                 Some("dead_letters_queue_id_idx")
             }
             ["list", "dead", _, "group" | "group+filters", ..] => Some("dead_letters_group_idx"),
-            ["list", "archived", _, "all" | "filters" | "payload" | "group" | "group+filters", ..] => {
-                Some("archive_queue_id_idx")
-            }
+            ["list", "archived", _, variant, ..] if variant != "id" => Some("archive_queue_id_idx"),
             _ => None,
         };
         if let Some(index) = window_index {

@@ -193,7 +193,8 @@ pub(super) fn action_stmt(
 }
 
 /// The next [`SELECT_BATCH`] jobs of a filter's selection after the id `$2` (in the order
-/// of [`in_queue`]), up to what the listing saw (`$3`, and for dead letters `($11, $3)` as `(failed_at, id)`), locked.
+/// of [`in_queue`]), up to what the listing saw (`$3`, and for dead letters `($11, $3)` as
+/// `(failed_at, id)`), locked.
 ///
 /// Parameters: `$1` queue, `$2` after, `$3` bound id, `$4`-`$8` the filters (see
 /// [`FilterValues`]), `$9` with payloads, `$10` batch size, `$11` bound time.

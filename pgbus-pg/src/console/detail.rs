@@ -192,7 +192,8 @@ mod tests {
             json!({"attempt": 1, "error": "x", "at": "yesterday"}),
         ];
         for n in 1..=12 {
-            entries.push(json!({"attempt": n, "error": format!("e{n}"), "at": "2026-12-06T22:00:00.5+01:00"}));
+            let at = "2026-12-06T22:00:00.5+01:00";
+            entries.push(json!({"attempt": n, "error": format!("e{n}"), "at": at}));
         }
         entries.push(json!({"attempt": 13, "error": null, "at": "2026-12-06T22:00:00Z"}));
         let errors = attempt_errors(&serde_json::Value::Array(entries));

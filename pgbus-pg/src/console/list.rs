@@ -24,13 +24,12 @@ const PREVIEW_PART: usize = 1024;
 
 /// The listing of `state` in `order`: the newest (or oldest) [`SCAN_WINDOW`] rows of the
 /// queue after the cursor (`$2`) in the state's table, by its `(queue, id)` index (or
-/// `(queue, group_key, id)` with a group filter: see [`in_queue`]); then
-/// the state and the other filters on those rows only, up to `$9` of them, with their
-/// payloads (whole with a payload filter, `$10`, which Rust applies), each read by its
-/// primary key (the scan leaves payloads out so the window it holds stays small). One row more tells
-/// how far the scan went and what the listing saw (its bound), and whether the queue
-/// exists: its columns are on every row (on one row of NULL `hit` columns when nothing
-/// matched).
+/// `(queue, group_key, id)` with a group filter: see [`in_queue`]); then the state and the
+/// other filters on those rows only, up to `$9` of them, with their payloads (whole with a
+/// payload filter, `$10`, which Rust applies), each read by its primary key (the scan
+/// leaves payloads out so the window it holds stays small). The `edge` row tells how far
+/// the scan went, what the listing saw (its bound) and whether the queue exists: its
+/// columns are on every row (on one row of NULL `hit` columns when nothing matched).
 ///
 /// Parameters: `$1` queue, `$2` cursor id, `$3` scan window, `$4`-`$8` the filters (see
 /// [`FilterValues`]), `$9` most rows, `$10` whole payloads.

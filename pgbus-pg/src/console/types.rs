@@ -14,8 +14,8 @@ pub const SCAN_WINDOW: usize = 5_000;
 pub const COUNT_CAP: u64 = 10_000;
 /// Most jobs one page holds.
 pub const MAX_PAGE: usize = 500;
-/// Longest payload [`Console::job`] returns in [`JobDetail::payload`] (the whole one is
-/// [`Console::payload`]).
+/// Longest payload [`Console::job`](super::Console::job) returns in
+/// [`JobDetail::payload`] (the whole one is [`Console::payload`](super::Console::payload)).
 pub const PAYLOAD_SHOWN_MAX: usize = 64 * 1024;
 /// Most job ids one action takes ([`Target::Ids`]); larger selections go by filter.
 pub const MAX_IDS: usize = 10_000;
