@@ -361,7 +361,8 @@ impl PgBackend {
         if messages.iter().any(crate::unique::is_keyed) {
             return crate::unique::send_keyed(client, queue, messages, notify).await;
         }
-        if let Some(conn) = pooled.filter(|_| messages.len() >= crate::bulk::BULK_MIN) {
+        let bulk = messages.len() >= crate::bulk::BULK_MIN && self.pooler == Pooler::Session;
+        if let Some(conn) = pooled.filter(|_| bulk) {
             return crate::bulk::send(conn, queue, &messages, notify).await;
         }
         let columns = Columns::new(queue, messages.iter());

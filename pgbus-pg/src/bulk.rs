@@ -8,6 +8,11 @@
 //! per-row evaluation. `COPY` returns no ids, so they are drawn from the table's identity
 //! sequence first, in one statement, and written with the rows.
 //!
+//! Only on a server session of its own (`Pooler::Session`): `COPY` is sent as a prepared
+//! statement (tokio-postgres has no unnamed form of it), which a transaction-mode pooler
+//! cannot carry (PgBouncer 1.18 hangs on it); behind one, large batches take the
+//! one-statement send.
+//!
 //! Three statements, not one transaction: the ids (gaps if the copy fails, as any failed
 //! insert leaves), the copy (atomic on its own: every row or none), then the wake-up.
 //! A process that stops between the copy and the wake-up leaves jobs that the workers'
@@ -19,9 +24,10 @@ use futures_util::pin_mut;
 use pgbus_core::{MessageId, NewMessage, QueueName, Result, Visibility};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, Type};
-use tokio_postgres::Client;
 
 use crate::error::db;
+use crate::pool::PooledClient;
+use crate::query::{Reused, Typed};
 use crate::send::send_error;
 use crate::sql;
 
@@ -53,7 +59,7 @@ const COLUMN_TYPES: [Type; 8] = [
 /// Sends `messages` (checked, plain, at least [`BULK_MIN`]) by `COPY`; the ids in input
 /// order. Wakes the queue's workers when `notify` and a message is visible now.
 pub(crate) async fn send(
-    client: &Client,
+    client: &PooledClient,
     queue: &QueueName,
     messages: &[NewMessage],
     notify: bool,
@@ -65,7 +71,7 @@ pub(crate) async fn send(
         ))
     })?;
     let row = client
-        .query_one(DRAW_IDS, &[&count])
+        .q_one(DRAW_IDS, &[&count])
         .await
         .map_err(|e| db("drawing message ids", e))?;
     // The server's time, so delays count from its clock, as the one-statement send does.
@@ -75,8 +81,21 @@ pub(crate) async fn send(
     // order in which the rows were numbered.
     ids.sort_unstable();
 
+    // Prepared once per connection, like the hot statements.
+    let copy = match &*client
+        .reused(COPY)
+        .await
+        .map_err(|e| send_error(queue, e))?
+    {
+        Reused::Prepared(statement) => statement.clone(),
+        Reused::Unnamed(_) => {
+            return Err(pgbus_core::Error::InvalidArgument(
+                "a bulk send needs a session of its own, not a transaction pooler".into(),
+            ))
+        }
+    };
     let sink = client
-        .copy_in(COPY)
+        .copy_in(&copy)
         .await
         .map_err(|e| send_error(queue, e))?;
     let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
@@ -110,7 +129,7 @@ pub(crate) async fn send(
 
     if notify && visible_now {
         client
-            .execute(sql::NOTIFY_WAKEUP, &[&queue.as_str()])
+            .exec(sql::NOTIFY_WAKEUP, &[&queue.as_str()])
             .await
             .map_err(|e| db("waking the queue's workers", e))?;
     }

@@ -37,7 +37,8 @@ async fn plain_and_grouped_jobs_run_once_in_order_behind_a_transaction_pooler() 
         .create_queue(&q, &QueueOptions::default())
         .await
         .unwrap();
-    // Enough for the bulk send (`COPY`), which works through the pooler too.
+    // More than a bulk send (`COPY`) takes: behind the pooler it takes the one-statement
+    // send (PgBouncer hangs on the prepared `COPY`).
     let plain: Vec<NewMessage> = (0..1_500)
         .map(|n| NewMessage::encode(&Job { group: None, n }).unwrap())
         .collect();
