@@ -1,7 +1,6 @@
 //! [`PgBackend`]: the queue contract on PostgreSQL.
 
 use std::cmp::Reverse;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -510,13 +509,14 @@ pub(crate) async fn trip_breaker_on(
 }
 
 /// The row of [`sql::EXTEND`] or [`sql::EXTEND_FENCED`] for `leases`: how many were
-/// extended, and the lost ones (the statement returns their ids).
+/// extended, and the lost ones (the statement returns their positions, from 1, so two
+/// leases of one message are told apart).
 pub(crate) fn extension_from(row: &Row, leases: &[Lease]) -> Extension {
     let extended: i64 = row.get(0);
-    let lost: HashSet<i64> = row.get::<_, Vec<i64>>(1).into_iter().collect();
-    let lost = leases
-        .iter()
-        .filter(|l| lost.contains(&l.id.0))
+    let lost = row
+        .get::<_, Vec<i64>>(1)
+        .into_iter()
+        .filter_map(|n| usize::try_from(n - 1).ok().and_then(|i| leases.get(i)))
         .copied()
         .collect();
     Extension::new(u64::try_from(extended).unwrap_or(0), lost)

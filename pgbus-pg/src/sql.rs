@@ -239,8 +239,8 @@ pub(crate) const ACK_FENCED: &str = ack!(fence!("3"));
 /// a worker's batch ack of overlapping leases on another pooled connection (it did, found
 /// by `cargo xtask chaos`: the two locked the shared rows in opposite orders).
 ///
-/// Returns how many were extended and the ids of the leases that are gone: no row of that
-/// id and attempt holds a lease any more (settled, deleted by an operator, claimed again,
+/// Returns how many were extended and the positions (from 1) in `$1`/`$2` of the leases
+/// that are gone: no row of that id and attempt holds a lease any more (settled, deleted by an operator, claimed again,
 /// given back). A skipped row still exists in the statement's snapshot, so it is never
 /// reported lost: a lock is not a loss, and the next heartbeat looks again.
 macro_rules! extend {
@@ -264,7 +264,7 @@ WITH extended AS (
 )
 SELECT (SELECT count(*) FROM extended),
        ARRAY(
-           SELECT l.id FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+           SELECT l.n FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS l(id, attempt, n)
            WHERE NOT EXISTS (
                SELECT 1 FROM pgbus.messages m
                WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL))"
