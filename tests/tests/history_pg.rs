@@ -85,11 +85,22 @@ async fn attempt_history_follows_the_message_to_the_dead_letters_back_and_to_the
             .unwrap());
     }
     let kept = history(&client, "messages", id.0).await;
+    // (The long text shows as its length, so a failure stays readable.)
+    let shown: Vec<(i64, String)> = entries(&kept)
+        .into_iter()
+        .map(|(n, error)| match error.strip_prefix("xxxx") {
+            Some(_) if error.bytes().all(|b| b == b'x') => (n, format!("{} x", error.len())),
+            _ => (n, error),
+        })
+        .collect();
     let expected: Vec<(i64, String)> = (3..=11)
         .map(|n| (n, format!("failure {n}")))
-        .chain([(12, "x".repeat(4096))])
+        .chain([(12, "4096 x".to_owned())])
         .collect();
-    assert_eq!(entries(&kept), expected, "the last ten, oldest first");
+    assert_eq!(
+        shown, expected,
+        "the last ten, oldest first, texts cut at 4096"
+    );
     let last_error: String = client
         .query_one(
             "SELECT last_error FROM pgbus.messages WHERE id = $1",
