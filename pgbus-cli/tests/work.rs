@@ -968,7 +968,10 @@ fn a_deleted_running_job_has_its_command_killed() {
     assert_eq!(started.len(), 2, "the command and its background process");
     assert!(started.iter().all(|&pid| running(pid)), "{started:?}");
 
-    execute(&db.url, &format!("DELETE FROM pgbus.messages WHERE id = {id}"));
+    execute(
+        &db.url,
+        &format!("DELETE FROM pgbus.messages WHERE id = {id}"),
+    );
     eventually("the command's processes to be gone", LONG, || {
         started.iter().all(|&pid| !running(pid))
     });
