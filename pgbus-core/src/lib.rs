@@ -72,8 +72,8 @@ pub use group::{GroupRecovery, GroupSession, OpenGroupSession, OrphanSightings, 
 pub use limits::{check_limit_key, KeyLimit, Limits};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession, MemoryStreamListener};
 pub use message::{
-    check_delay, check_text, DeadMessage, Headers, Lease, Message, MessageId, NewMessage,
-    Visibility, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY, MAX_GROUP_KEY_LEN,
+    check_delay, check_text, DeadMessage, Extension, Headers, Lease, Message, MessageId,
+    NewMessage, Visibility, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY, MAX_GROUP_KEY_LEN,
 };
 pub use name::{QueueName, MAX_QUEUE_NAME_LEN};
 pub use process::{
