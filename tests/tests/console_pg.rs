@@ -11,10 +11,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pgbus_core::{ContentType, Error, MessageId, NewMessage, Producer, QueueName, QueueOptions};
+use pgbus_core::{
+    Consumer, ContentType, Error, Lease, MessageId, NewMessage, Producer, QueueName, QueueOptions,
+};
 use pgbus_pg::console::{
     Action, Bound, Console, Cursor, JobFilter, JobState, Order, Page, PayloadMatch, Target,
-    COUNT_CAP, MAX_IDS, PAYLOAD_SHOWN_MAX, SCAN_WINDOW,
+    COUNT_CAP, ERRORS_KEPT, MAX_IDS, PAYLOAD_SHOWN_MAX, SCAN_WINDOW,
 };
 use pgbus_pg::{connect, PgBackend, PgListener};
 use pgbus_tests::{create, eventually, fresh_backend};
@@ -903,6 +905,180 @@ async fn actions_on_ids_apply_where_the_state_allows() {
     invalid(
         f.console.record("loopback", "drop", &q).await.unwrap_err(),
         "pause and resume",
+    );
+}
+
+/// A dead letter by the console ends the job's attempt history as the worker's does: one
+/// more entry `{"attempt": attempts, "error": "dead-lettered by <actor>", "at": now}`, the
+/// last ten kept (`pgbus.append_error`, which both call).
+#[tokio::test]
+async fn a_console_dead_letter_appends_to_the_attempt_history() {
+    let f = fixture().await;
+    let q = f.queue("history").await;
+    let fresh = f.send(&q, json_message(json!({"n": 1}))).await;
+    let failed = f.send(&q, json_message(json!({"n": 2}))).await;
+    let history: Vec<serde_json::Value> = (1..=ERRORS_KEPT as i64)
+        .map(|n| json!({"attempt": n, "error": format!("error {n}"), "at": "2026-12-06T22:00:00Z"}))
+        .collect();
+    f.sql
+        .execute(
+            "UPDATE pgbus.messages SET errors = $2, attempts = $3 WHERE id = $1",
+            &[
+                &failed,
+                &serde_json::Value::Array(history),
+                &(ERRORS_KEPT as i32),
+            ],
+        )
+        .await
+        .unwrap();
+    let before = SystemTime::now() - Duration::from_secs(60);
+    let target = Target::Ids(vec![MessageId(fresh), MessageId(failed)]);
+    let n = f
+        .console
+        .act("ops@example", &Action::DeadLetter, &target)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+
+    let fresh = f.console.job(MessageId(fresh)).await.unwrap().unwrap();
+    let entries: Vec<(u32, &str)> = fresh
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.error.as_str()))
+        .collect();
+    assert_eq!(entries, [(0, "dead-lettered by ops@example")]);
+    let at = fresh.errors[0].at;
+    assert!(
+        at > before && at < SystemTime::now() + Duration::from_secs(60),
+        "stamped now: {at:?}"
+    );
+
+    let failed = f.console.job(MessageId(failed)).await.unwrap().unwrap();
+    let entries: Vec<(u32, &str)> = failed
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.error.as_str()))
+        .collect();
+    let mut expected: Vec<(u32, String)> = (2..=ERRORS_KEPT as u32)
+        .map(|n| (n, format!("error {n}")))
+        .collect();
+    expected.push((ERRORS_KEPT as u32, "dead-lettered by ops@example".into()));
+    let expected: Vec<(u32, &str)> = expected.iter().map(|(n, e)| (*n, e.as_str())).collect();
+    assert_eq!(entries, expected, "the last ten, the reason last");
+    let stored: i32 = f
+        .sql
+        .query_one(
+            "SELECT jsonb_array_length(errors) FROM pgbus.dead_letters WHERE id = $1",
+            &[&failed.summary.id.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored, ERRORS_KEPT as i32,
+        "trimmed in the row, not only shown"
+    );
+}
+
+/// Whether `err` is PostgreSQL's deadlock error (`40P01`), found along its sources.
+fn is_deadlock(err: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+            if pg.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// A worker's batch ack and console actions on the same running jobs, at the same moment,
+/// round after round: the ack is given its leases in descending id order (a worker acks in
+/// the order its jobs finished), the console its ids in another order, and both lock in id
+/// order, so one waits for the other and neither fails with a deadlock. Every job is
+/// settled once: acked, or changed by the console.
+#[tokio::test]
+async fn acks_and_console_actions_on_the_same_jobs_never_deadlock() {
+    const ROUNDS: usize = 200;
+    const JOBS: usize = 500;
+    let f = fixture().await;
+    let q = f.queue("race").await;
+    let mut deadlocks = Vec::new();
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        let messages = (0..JOBS).map(|n| json_message(json!({ "n": n })));
+        f.backend
+            .send_batch(&q, messages.collect())
+            .await
+            .expect("send");
+        let mut leases: Vec<Lease> = f
+            .backend
+            .claim(&q, JOBS, Duration::from_secs(3600))
+            .await
+            .expect("claim")
+            .into_iter()
+            .map(|m| m.lease())
+            .collect();
+        assert_eq!(leases.len(), JOBS, "round {round}: every job claimed");
+        leases.sort_by_key(|l| std::cmp::Reverse(l.id.0));
+        // The console's ids interleaved from both ends; every other round a filter on the
+        // jobs in flight, up to what its listing saw.
+        let action = if round % 2 == 0 {
+            Action::Cancel
+        } else {
+            Action::DeadLetter
+        };
+        let target = if round % 4 < 2 {
+            let mut ids: Vec<MessageId> = leases.iter().map(|l| l.id).collect();
+            let (low, high) = ids.split_at_mut(JOBS / 2);
+            high.reverse();
+            let ids = low
+                .iter()
+                .zip(high.iter())
+                .flat_map(|(a, b)| [*a, *b])
+                .collect();
+            Target::Ids(ids)
+        } else {
+            let running = filter(&q, JobState::InFlight);
+            let page = f.page(&running, Order::NewestFirst).await;
+            Target::Filter(running, page.bound)
+        };
+        let start = tokio::sync::Barrier::new(2);
+        let ack = async {
+            start.wait().await;
+            f.backend.ack(&leases).await
+        };
+        let act = async {
+            start.wait().await;
+            f.console.act("tester", &action, &target).await
+        };
+        let (acked, acted) =
+            tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(ack, act) })
+                .await
+                .unwrap_or_else(|_| panic!("round {round} never finished"));
+        let mut settled = 0;
+        for outcome in [acked, acted] {
+            match outcome {
+                Ok(n) => settled += n,
+                Err(err) if is_deadlock(&err) => deadlocks.push(format!("round {round}: {err}")),
+                Err(err) => panic!("round {round}: {err}"),
+            }
+        }
+        if deadlocks.is_empty() {
+            assert_eq!(settled, JOBS as u64, "round {round}: each job settled once");
+        }
+        f.sql
+            .batch_execute("DELETE FROM pgbus.messages; DELETE FROM pgbus.dead_letters")
+            .await
+            .expect("clean up");
+    }
+    assert!(
+        deadlocks.is_empty(),
+        "{} deadlocks in {ROUNDS} rounds ({:?}): {deadlocks:?}",
+        deadlocks.len(),
+        started.elapsed()
     );
 }
 
