@@ -41,6 +41,11 @@
 //! 9. `stream_publish`: durable stream publishes per second from 8 concurrent publishers,
 //!    all to one stream (serialised by its advisory lock) and each to its own stream.
 //!
+//! 10. `console`: the operator's console on 2,000,000 messages, 100,000 dead letters and
+//!     100,000 archived jobs: p50/p99 of each page's call (first pages per state and order,
+//!     a group, a rare error filter window by window, a deep cursor, counts, a job's
+//!     detail, the audit log).
+//!
 //! `--only NAME,...` runs some scenarios only.
 //!
 //! Every figure is reported as the median of the runs with the minimum and maximum. The
@@ -72,7 +77,7 @@ pub use options::{Command, Options, USAGE};
 use options::Plan;
 use report::{thousands, Figure, Report, Scenario, Target, Unit, BASELINE_FIGURE};
 use scenarios::{
-    drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql, stream_fanout,
+    console, drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql, stream_fanout,
     stream_publish, worker_run,
 };
 use server::Server;
@@ -194,6 +199,11 @@ async fn run_scenarios(
     }
     if options.runs("stream_publish") {
         scenarios.push(run_stream_publish(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
+    }
+    if options.runs("console") {
+        scenarios.push(console::scenario(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
         note_statements(server, &mut scenarios).await?;
     }
@@ -1133,5 +1143,6 @@ fn targets(report: &Report) -> Vec<Target> {
             }
         }
     }
+    targets.extend(console::target(report));
     targets
 }

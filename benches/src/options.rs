@@ -12,8 +12,8 @@ Options:
   --quick               Fewer jobs and runs: a smoke run that finishes in about a minute
   --only SCENARIOS      Run only these scenarios (comma-separated): raw_sql, drain,
                         enqueue, publish_fanout, io_bound, groups, latency,
-                        stream_fanout, stream_publish; raw_sql and drain run
-                        together
+                        stream_fanout, stream_publish, console; raw_sql and drain
+                        run together
   --database-url URL    Use this server instead of a throwaway local cluster; the bench
                         creates (and drops) one database per scenario run, so the URL's
                         user needs the CREATEDB privilege
@@ -32,6 +32,7 @@ pub(crate) const SCENARIOS: &[&str] = &[
     "latency",
     "stream_fanout",
     "stream_publish",
+    "console",
 ];
 
 /// What to run and where to put the results.
@@ -180,6 +181,10 @@ pub(crate) struct Plan {
     /// Runs of `stream_publish` per variant (its publishers and publishes are `senders`
     /// and `sends_per_sender`, as for `enqueue`).
     pub(crate) stream_publish_runs: usize,
+    /// `console`: the data set divided by this (1: 2,000,000 messages), and calls
+    /// per operation.
+    pub(crate) console_divisor: i64,
+    pub(crate) console_calls: usize,
 }
 
 impl Plan {
@@ -215,6 +220,8 @@ impl Plan {
                 stream_spacing_ms: 10,
                 stream_runs: 3,
                 stream_publish_runs: 3,
+                console_divisor: 10,
+                console_calls: 30,
             }
         } else {
             Plan {
@@ -247,6 +254,8 @@ impl Plan {
                 stream_spacing_ms: 100,
                 stream_runs: 3,
                 stream_publish_runs: 5,
+                console_divisor: 1,
+                console_calls: 200,
             }
         }
     }

@@ -15,7 +15,7 @@ use pgbus_core::{
     Consumer, ContentType, Error, Lease, MessageId, NewMessage, Producer, QueueName, QueueOptions,
 };
 use pgbus_pg::console::{
-    Action, Bound, Console, Cursor, JobFilter, JobState, Order, Page, PayloadMatch, Target,
+    Action, Bound, Console, Cursor, JobFilter, JobState, Order, Page, PayloadMatch, Sample, Target,
     COUNT_CAP, ERRORS_KEPT, MAX_IDS, PAYLOAD_SHOWN_MAX, SCAN_WINDOW,
 };
 use pgbus_pg::{connect, PgBackend, PgListener};
@@ -1309,42 +1309,14 @@ fn scans(plan: &serde_json::Value, seq: &mut Vec<String>, indexes: &mut BTreeSet
 
 /// Every console statement on 2,000,000 messages in 20 queues (each 60% ready, 30%
 /// scheduled, 10% in flight, a seventh grouped) and 100,000 dead letters (plus 100,000
-/// archived jobs): none scans the hot table or the dead letters whole.
+/// archived jobs; `Sample::FULL`, the `console` bench scenario's data): none scans the hot
+/// table or the dead letters whole.
 #[tokio::test]
 async fn no_console_query_scans_a_table_on_millions_of_rows() {
     let started = Instant::now();
     let f = fixture().await;
-    f.sql
-        .batch_execute(
-            "INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms,
-                 retry_jitter, lease_ms, keep_history, archive_retention_ms)
-             SELECT 'q' || i, 5, 1000, 60000, 0.1, 30000, true, 604800000
-             FROM generate_series(0, 19) i;
-             INSERT INTO pgbus.messages (queue, priority, visible_at, lease_until, attempts,
-                 content_type, group_key, last_error, payload)
-             SELECT 'q' || (i % 20), (i % 3)::smallint,
-                    CASE WHEN i / 20 % 10 BETWEEN 6 AND 8 THEN now() + interval '1 hour'
-                         ELSE now() - interval '1 minute' END,
-                    CASE WHEN i / 20 % 10 = 9 THEN now() + interval '1 hour' END,
-                    CASE WHEN i / 20 % 10 = 9 THEN 1 ELSE 0 END,
-                    'application/json',
-                    CASE WHEN i % 7 = 0 THEN 'g' || (i % 500) END,
-                    CASE WHEN i % 13 = 0 THEN 'boom ' || i END,
-                    convert_to('{\"n\":' || i || '}', 'UTF8')
-             FROM generate_series(1, 2000000) i;
-             INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts,
-                 content_type, headers, group_key, payload, failed_at, error)
-             SELECT 10000000 + i, 'q' || (i % 20), 0, now() - interval '1 day', 5,
-                    'application/json', '{}', CASE WHEN i % 7 = 0 THEN 'g' || (i % 500) END,
-                    '\\x7b7d', now() - i * interval '1 second', 'boom ' || i
-             FROM generate_series(1, 100000) i;
-             INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts,
-                 content_type, headers, group_key, payload, acked_at)
-             SELECT 20000000 + i, 'q' || (i % 20), 0, now() - interval '1 day', 1,
-                    'application/json', '{}', NULL, '\\x7b7d', now() - i * interval '1 second'
-             FROM generate_series(1, 100000) i;
-             ANALYZE pgbus.queues, pgbus.messages, pgbus.dead_letters, pgbus.archive;",
-        )
+    f.console
+        .seed_sample(Sample::FULL, false)
         .await
         .expect("seed");
     let seeded = started.elapsed();

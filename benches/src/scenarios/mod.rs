@@ -1,5 +1,6 @@
 //! The scenarios, each one run on a fresh database, and what they share.
 
+pub(crate) mod console;
 pub(crate) mod drain;
 pub(crate) mod enqueue;
 pub(crate) mod groups;
