@@ -1336,22 +1336,24 @@ async fn no_console_query_scans_a_table_on_millions_of_rows() {
         if !seq.is_empty() {
             offenders.push(format!("{name}: Seq Scan on {seq:?}\n{plan:#}"));
         }
-        // A first page's scan window is read through the index the design names for it. (A
-        // later page's range may be nearly empty, e.g. the dead letters' second window
-        // here, when the planner rightly reads it by primary key.)
-        let window_index = match name.split(' ').collect::<Vec<_>>()[..] {
-            [.., "later", "page"] => None,
-            ["list", "ready" | "scheduled" | "in_flight", _, "all" | "filters" | "payload", ..] => {
+        // Every page's scan window, and every batch of a selection, is read through the
+        // index the design names for it, however deep its cursor.
+        let words: Vec<&str> = name.split(' ').collect();
+        let (state, variant) = match words[..] {
+            ["list", state, _, variant, ..] | ["select", state, variant, ..] => (state, variant),
+            _ => ("", ""),
+        };
+        let window_index = match (state, variant) {
+            (_, "id") => None,
+            ("ready" | "scheduled" | "in_flight", "all" | "filters" | "payload") => {
                 Some("messages_queue_id_idx")
             }
-            ["list", "ready" | "scheduled" | "in_flight", _, "group" | "group+filters", ..] => {
+            ("ready" | "scheduled" | "in_flight", "group" | "group+filters") => {
                 Some("messages_group_idx")
             }
-            ["list", "dead", _, "all" | "filters" | "payload", ..] => {
-                Some("dead_letters_queue_id_idx")
-            }
-            ["list", "dead", _, "group" | "group+filters", ..] => Some("dead_letters_group_idx"),
-            ["list", "archived", _, variant, ..] if variant != "id" => Some("archive_queue_id_idx"),
+            ("dead", "all" | "filters" | "payload") => Some("dead_letters_queue_id_idx"),
+            ("dead", "group" | "group+filters") => Some("dead_letters_group_idx"),
+            ("archived", _) => Some("archive_queue_id_idx"),
             _ => None,
         };
         if let Some(index) = window_index {

@@ -18,7 +18,7 @@ use super::audit;
 use super::cursor::{self, Seen};
 use super::list::stored;
 use super::source::{
-    by_group, in_queue, row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER,
+    by_group, in_queue, past_cursor, row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER,
 };
 use super::stmt::Stmt;
 use super::types::{Action, Bound, JobFilter, JobState, Target, MAX_IDS};
@@ -256,6 +256,7 @@ pub(super) fn action_stmt(
 pub(super) fn select_sql(state: JobState, by_group: bool) -> String {
     let Source { table, error, .. } = state.source();
     let (within, key_order) = in_queue(by_group, "ASC");
+    let past = past_cursor(by_group, ">");
     let group = if by_group { "true" } else { GROUP_FILTER };
     let bound = match state {
         JobState::Dead => "(failed_at, id) <= ($11, $3)",
@@ -267,7 +268,7 @@ pub(super) fn select_sql(state: JobState, by_group: bool) -> String {
         "
 SELECT id, content_type, CASE WHEN $9 THEN payload ELSE ''::bytea END AS payload
 FROM {table}
-WHERE {within} AND id > $2 AND {bound}
+WHERE {within} AND {past} AND {bound}
   AND {predicate} AND {ID_FILTER} AND {group}
   AND {filters}
 ORDER BY {key_order}
