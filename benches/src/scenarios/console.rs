@@ -157,7 +157,7 @@ pub(crate) async fn run_once(server: &Server, sample: Sample, calls: usize) -> a
         let console = Console::new(backend);
         let seeding = Instant::now();
         console
-            .seed_sample(sample, true)
+            .seed_sample(sample)
             .await
             .context("seeding the console's sample")?;
         let seed = seeding.elapsed();
@@ -179,6 +179,13 @@ pub(crate) async fn run_once(server: &Server, sample: Sample, calls: usize) -> a
                 let started = Instant::now();
                 call_once(&console, *op, call, &setup, &mut walk).await?;
                 samples.push(ms(started.elapsed()));
+                if ms(started.elapsed()) > 60.0 {
+                    eprintln!(
+                        "DEBUG slow {op:?} call {call} {:.1} ms at {:?}",
+                        ms(started.elapsed()),
+                        std::time::SystemTime::now()
+                    );
+                }
             }
         }
         Ok(Run {

@@ -18,10 +18,10 @@ use super::audit;
 use super::cursor::{self, Seen};
 use super::list::stored;
 use super::source::{
-    by_group, in_queue, past_cursor, row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER,
+    by_group, first_after, in_queue, row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER,
 };
 use super::stmt::Stmt;
-use super::types::{Action, Bound, JobFilter, JobState, Target, MAX_IDS};
+use super::types::{Action, Bound, JobFilter, JobState, Order, Target, MAX_IDS};
 use crate::backend::PgBackend;
 use crate::error::db;
 
@@ -246,34 +246,53 @@ pub(super) fn action_stmt(
     })
 }
 
-/// The next [`SELECT_BATCH`] jobs of a filter's selection after the id `$2` (in the order
-/// of [`in_queue`]), up to what the listing saw (`$3`, and for dead letters `($11, $3)` as
-/// `(failed_at, id)`), locked in id order (the queue's, or its group's: the order of
-/// `locked!`), batch after batch.
+/// The next batch of a filter's selection: the next [`SELECT_BATCH`] rows of the queue (or
+/// group) from the id `$2` on (the first past the last batch, [`first_after`]), in the
+/// order of [`in_queue`] up to what the listing saw (`$3`; for dead letters `($11, $3)` as
+/// `(failed_at, id)`, on the rows read), and of those the filter's jobs (the payload
+/// filter is Rust's), locked in id order (the order of `locked!`).
 ///
-/// Parameters: `$1` queue, `$2` after, `$3` bound id, `$4`-`$8` the filters (see
+/// Like a listing's window, a batch reads a fixed number of index rows and filters them
+/// afterwards, so each statement reads at most [`SELECT_BATCH`] rows however rarely the
+/// filter matches, and its plan (the queue's index from `$2`, stopping after the batch)
+/// does not hang on how many matches the planner expects. Every row has the batch's
+/// `scanned` count and `last_scanned` id, where the next batch starts; a batch without a
+/// match is one row of NULL job columns.
+///
+/// Parameters: `$1` queue, `$2` first id, `$3` bound id, `$4`-`$8` the filters (see
 /// [`FilterValues`]), `$9` with payloads, `$10` batch size, `$11` bound time.
 pub(super) fn select_sql(state: JobState, by_group: bool) -> String {
     let Source { table, error, .. } = state.source();
-    let (within, key_order) = in_queue(by_group, "ASC");
-    let past = past_cursor(by_group, ">");
-    let group = if by_group { "true" } else { GROUP_FILTER };
-    let bound = match state {
-        JobState::Dead => "(failed_at, id) <= ($11, $3)",
-        _ => "id <= $3",
+    // A dead letter's bound is its time (an old job can die late), applied to the rows read.
+    let (to, bound) = match state {
+        JobState::Dead => (None, "(failed_at, id) <= ($11, $3)"),
+        _ => (Some("$3"), "true"),
     };
+    let (within, key_order) = in_queue(by_group, Order::OldestFirst, "$2", to);
+    let group = if by_group { "true" } else { GROUP_FILTER };
     let predicate = state.predicate("visible_at");
     let filters = row_filters(error);
     format!(
         "
-SELECT id, content_type, CASE WHEN $9 THEN payload ELSE ''::bytea END AS payload
-FROM {table}
-WHERE {within} AND {past} AND {bound}
-  AND {predicate} AND {ID_FILTER} AND {group}
-  AND {filters}
-ORDER BY {key_order}
-LIMIT $10
-FOR UPDATE"
+WITH scan AS (
+    SELECT id FROM {table}
+    WHERE {within}
+    ORDER BY {key_order}
+    LIMIT $10
+), edge AS (
+    SELECT count(*) AS scanned, max(id) AS last_scanned FROM scan
+), picked AS (
+    SELECT id, content_type, CASE WHEN $9 THEN payload ELSE ''::bytea END AS payload
+    FROM {table}
+    WHERE id = ANY (ARRAY(SELECT id FROM scan)) AND {bound}
+      AND {predicate} AND {ID_FILTER} AND {group}
+      AND {filters}
+    ORDER BY id
+    FOR UPDATE
+)
+SELECT edge.scanned, edge.last_scanned, picked.id, picked.content_type, picked.payload
+FROM edge LEFT JOIN picked ON true
+ORDER BY picked.id"
     )
 }
 
@@ -290,7 +309,7 @@ pub(super) fn select_stmt(
         select_sql(filter.state, by_group),
     )
     .bind(filter.queue.as_str().to_owned())
-    .bind(after)
+    .bind(first_after(after, Order::OldestFirst))
     .bind(bound_id);
     Ok(FilterValues::of(filter)?
         .bind(stmt)
@@ -401,12 +420,15 @@ async fn on_filter(
             .rows(tx)
             .await
             .map_err(|e| db("selecting jobs", e))?;
-        let Some(last) = rows.last() else {
+        // `edge` is one row, so the statement returns at least one.
+        let Some(head) = rows.first() else {
             return Ok(());
         };
-        after = last.get("id");
+        let scanned: i64 = head.get("scanned");
+        let last_scanned: Option<i64> = head.get("last_scanned");
         let ids: Vec<i64> = rows
             .iter()
+            .filter(|row| row.get::<_, Option<i64>>("id").is_some())
             .filter(|row| {
                 filter
                     .payload
@@ -420,8 +442,11 @@ async fn on_filter(
                 changed.run(tx, stmt).await?;
             }
         }
-        if rows.len() < SELECT_BATCH {
-            return Ok(());
+        match last_scanned {
+            Some(last) if usize::try_from(scanned).is_ok_and(|n| n >= SELECT_BATCH) => {
+                after = last;
+            }
+            _ => return Ok(()),
         }
     }
 }

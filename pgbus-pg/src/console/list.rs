@@ -8,8 +8,8 @@ use tokio_postgres::Row;
 use super::cursor::{self, Seen};
 use super::payload::Stored;
 use super::source::{
-    by_group, in_queue, past_cursor, row_filters, FilterValues, Source, GROUP_FILTER, HOT,
-    ID_FILTER,
+    by_group, first_after, in_queue, row_filters, whole_queue, FilterValues, Source, GROUP_FILTER,
+    HOT, ID_FILTER,
 };
 use super::stmt::Stmt;
 use super::types::{
@@ -24,7 +24,7 @@ const PREVIEW_WHOLE: usize = 16 * 1024;
 const PREVIEW_PART: usize = 1024;
 
 /// The listing of `state` in `order`: the newest (or oldest) [`SCAN_WINDOW`] rows of the
-/// queue after the cursor (`$2`) in the state's table, by its `(queue, id)` index (or
+/// queue from `$2` (the first id past the cursor, [`first_after`]) in the state's table, by its `(queue, id)` index (or
 /// `(queue, group_key, id)` with a group filter: see [`in_queue`]); then the state and the
 /// other filters on those rows only, up to `$9` of them, with their payloads (whole with a
 /// payload filter, `$10`, which Rust applies), each read by its primary key (the scan
@@ -32,7 +32,7 @@ const PREVIEW_PART: usize = 1024;
 /// the scan went, what the listing saw (its bound) and whether the queue exists: its
 /// columns are on every row (on one row of NULL `hit` columns when nothing matched).
 ///
-/// Parameters: `$1` queue, `$2` cursor id, `$3` scan window, `$4`-`$8` the filters (see
+/// Parameters: `$1` queue, `$2` first id, `$3` scan window, `$4`-`$8` the filters (see
 /// [`FilterValues`]), `$9` most rows, `$10` whole payloads.
 pub(super) fn list_sql(state: JobState, order: Order, by_group: bool) -> String {
     let Source {
@@ -42,12 +42,11 @@ pub(super) fn list_sql(state: JobState, order: Order, by_group: bool) -> String 
         error,
         ..
     } = state.source();
-    let (cmp, dir, last) = match order {
-        Order::NewestFirst => ("<", "DESC", "min"),
-        Order::OldestFirst => (">", "ASC", "max"),
+    let (dir, last) = match order {
+        Order::NewestFirst => ("DESC", "min"),
+        Order::OldestFirst => ("ASC", "max"),
     };
-    let (within, key_order) = in_queue(by_group, dir);
-    let past = past_cursor(by_group, cmp);
+    let (within, key_order) = in_queue(by_group, order, "$2", None);
     let hit_group = if by_group { "true" } else { GROUP_FILTER };
     let predicate = state.predicate("at");
     let filters = row_filters("error");
@@ -58,7 +57,7 @@ WITH scan AS (
     SELECT id, priority, group_key, attempts, enqueued_at, {at} AS at,
            {lease} AS lease_until, {error} AS error
     FROM {table}
-    WHERE {within} AND {past} AND {ID_FILTER}
+    WHERE {within} AND {ID_FILTER}
     ORDER BY {key_order}
     LIMIT $3
 ), edge AS (
@@ -101,7 +100,7 @@ fn seen_sql(state: JobState) -> String {
              WHERE queue = $1 ORDER BY failed_at DESC, id DESC LIMIT 1"
         ),
         _ => {
-            let (within, key_order) = in_queue(false, "DESC");
+            let (within, key_order) = whole_queue("DESC");
             format!(
                 "SELECT id AS bound_id, NULL::timestamptz AS bound_at FROM {table}
                  WHERE {within} ORDER BY {key_order} LIMIT 1"
@@ -126,7 +125,7 @@ pub(super) fn list_stmt(
         list_sql(filter.state, order, by_group),
     )
     .bind(filter.queue.as_str().to_owned())
-    .bind(after)
+    .bind(first_after(after, order))
     .bind(SCAN_WINDOW as i64);
     Ok(FilterValues::of(filter)?
         .bind(stmt)
@@ -274,7 +273,7 @@ pub(super) fn counts_stmt(queue: &QueueName) -> Stmt {
         .into_iter()
         .map(|state| format!("count(*) FILTER (WHERE {})", state.predicate("visible_at")))
         .collect();
-    let (within, key_order) = in_queue(false, "ASC");
+    let (within, key_order) = whole_queue("ASC");
     let capped = |state: JobState| {
         format!(
             "(SELECT count(*) FROM (SELECT 1 FROM {} WHERE {within} ORDER BY {key_order}

@@ -101,11 +101,11 @@ impl Console {
 
     /// Writes the console's sample data set into the (fresh, migrated) database: queues
     /// `q0` to `q19` with `sample`'s messages in every state, dead letters, archived jobs
-    /// and audit entries, then `ANALYZE` (`VACUUM ANALYZE` with `vacuum`). What the
+    /// and audit entries, then `VACUUM ANALYZE`. What the
     /// `EXPLAIN` test and the `console` bench scenario run on; not part of the stable API.
     #[doc(hidden)]
-    pub async fn seed_sample(&self, sample: Sample, vacuum: bool) -> Result<()> {
-        sample::seed(&self.backend, sample, vacuum).await
+    pub async fn seed_sample(&self, sample: Sample) -> Result<()> {
+        sample::seed(&self.backend, sample).await
     }
 
     /// `EXPLAIN (FORMAT JSON)` of every statement the console runs, built by the same

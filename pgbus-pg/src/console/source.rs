@@ -5,7 +5,7 @@
 use pgbus_core::{Error, Result};
 
 use super::stmt::Stmt;
-use super::types::{JobFilter, JobState};
+use super::types::{JobFilter, JobState, Order};
 
 /// The table a state's jobs live in and how its columns read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,43 +101,84 @@ pub(super) fn by_group(filter: &JobFilter) -> bool {
     filter.group_key.is_some() && filter.state.source().group_indexed
 }
 
-/// How a statement reads one queue's rows (`$1`; with `by_group`, one group's, `$5`) in id
-/// order, `dir`: its conditions and its `ORDER BY`, which only the table's
-/// `(queue, id)` index (`(queue, group_key, id)` by group) provides.
+/// How a statement reads a whole queue (`$1`) in id order, `dir`, from its newest or oldest
+/// row (what a listing saw, the counts): its conditions and its `ORDER BY`, which only the
+/// table's `(queue, id)` index provides.
 ///
 /// The queue is matched as a range of one value, not with `=`: with `queue = $1` the
 /// planner drops the queue from the order and may read the primary key instead, filtering
 /// on the queue (it did on 2,000,000 rows in 20 queues, since ids follow the rows' physical
 /// order), which reads every other queue's rows on the way: unbounded when the queue's
-/// rows are far apart. Here the scan starts at the cursor's id within the queue and stops
-/// at the queue's end.
-pub(super) fn in_queue(by_group: bool, dir: &str) -> (&'static str, String) {
-    if by_group {
-        (
-            "queue >= $1 AND queue <= $1 AND group_key >= $5 AND group_key <= $5",
-            format!("queue {dir}, group_key {dir}, id {dir}"),
-        )
-    } else {
-        (
-            "queue >= $1 AND queue <= $1",
-            format!("queue {dir}, id {dir}"),
-        )
-    }
+/// rows are far apart.
+pub(super) fn whole_queue(dir: &str) -> (&'static str, String) {
+    (
+        "queue >= $1 AND queue <= $1",
+        format!("queue {dir}, id {dir}"),
+    )
 }
 
-/// The rows of [`in_queue`] past the cursor `$2` in direction `cmp` (`<` or `>`).
+/// How a statement reads one queue's rows (`$1`; with `by_group`, one group's, `$5`) in
+/// `order` by id, from the id `from` on (inclusive; `to`, inclusive, is where the reading
+/// ends, otherwise the queue's or group's end): its conditions and its `ORDER BY`, which
+/// only the table's `(queue, id)` index (`(queue, group_key, id)` by group) provides. A
+/// listing's window starts at its cursor; a selection's batch runs from the last one's
+/// end up to what the listing saw.
 ///
-/// Written as a row comparison over the index's own columns, not as `id < $2`: with a
-/// plain id condition the planner read the primary key for cursors deep in a queue (ids
-/// past them are few, so a range of the primary key, sorted, looked cheaper), filtering out
-/// every other queue's rows of that range: 300,000 rows for a 5,000-row window, 100 ms on
-/// the console's sample. No plan can take a row comparison as a bound of the primary key,
-/// so only the queue's index serves the scan, and it starts at the cursor.
-pub(super) fn past_cursor(by_group: bool, cmp: &str) -> String {
-    if by_group {
-        format!("(queue, group_key, id) {cmp} ($1, $5, $2)")
+/// The ids are bounded by row comparisons over the index's columns, and the queue's other
+/// end by an inclusive comparison of the queue alone:
+///
+/// - No plan can bound the primary key with a row comparison. Compared as `id < $2`, a
+///   cursor deep in a queue made the ids past it look few, and the planner read that range
+///   of the primary key and sorted it, filtering out every other queue's rows (300,000
+///   rows for a 5,000-row window on the console's sample, 100 ms).
+/// - The planner estimates a row comparison from its first column alone. Both comparisons
+///   of the queue are inclusive (`queue <= $1`, `queue >= $1`), so the product of their
+///   estimates is never below the queue's share of the table: the planner may think a
+///   queue larger than it is, never smaller. With a strict comparison, or an equality
+///   beside it, a queue named first or last looked nearly empty, and was read whole by a
+///   bitmap scan and sorted (100,000 rows, 600 ms); thought large, it is read through its
+///   index from the cursor, stopping at the window's end.
+pub(super) fn in_queue(
+    by_group: bool,
+    order: Order,
+    from: &str,
+    to: Option<&str>,
+) -> (String, String) {
+    // By group, the row comparisons do not imply a group key (a row is compared column by
+    // column), which the group index's predicate needs.
+    let (keys, prefix, values, group) = if by_group {
+        (
+            "queue, group_key, id",
+            "queue, group_key",
+            "$1, $5",
+            " AND group_key IS NOT NULL",
+        )
     } else {
-        format!("(queue, id) {cmp} ($1, $2)")
+        ("queue, id", "queue", "$1", "")
+    };
+    let (start, end, dir) = match order {
+        Order::NewestFirst => ("<=", ">=", "DESC"),
+        Order::OldestFirst => (">=", "<=", "ASC"),
+    };
+    let end = match to {
+        Some(to) => format!("({keys}) {end} ({values}, {to})"),
+        None => format!("({prefix}) {end} ({values})"),
+    };
+    (
+        format!("({keys}) {start} ({values}, {from}) AND {end}{group}"),
+        keys.split(", ")
+            .map(|key| format!("{key} {dir}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
+/// The first id a page or batch reads after the row `after` in `order` (the bound of
+/// [`in_queue`] is inclusive).
+pub(super) fn first_after(after: i64, order: Order) -> i64 {
+    match order {
+        Order::NewestFirst => after.saturating_sub(1),
+        Order::OldestFirst => after.saturating_add(1),
     }
 }
 
