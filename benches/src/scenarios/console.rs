@@ -179,13 +179,6 @@ pub(crate) async fn run_once(server: &Server, sample: Sample, calls: usize) -> a
                 let started = Instant::now();
                 call_once(&console, *op, call, &setup, &mut walk).await?;
                 samples.push(ms(started.elapsed()));
-                if ms(started.elapsed()) > 60.0 {
-                    eprintln!(
-                        "DEBUG slow {op:?} call {call} {:.1} ms at {:?}",
-                        ms(started.elapsed()),
-                        std::time::SystemTime::now()
-                    );
-                }
             }
         }
         Ok(Run {
