@@ -1302,10 +1302,10 @@ async fn run_xmin_pinned(
             "A steady load while a long transaction pins the xmin horizon. On a fresh \
              database: a sender `send_batch`es {PER_SEND} no-op messages every {} ms ({rate:.0} \
              jobs/s) and one consumer loop claims at most {CLAIM_SIZE} on a fetcher and acks \
-             them at once (waiting {} ms after a claim that found nothing). After {:.0} s, a \
+             them at once (waiting {} ms after a claim that found nothing). After {} s, a \
              connection of its own opens a `REPEATABLE READ` transaction and runs a query in \
-             it, taking a snapshot that it holds for {:.0} s (vacuum, and pruning, can remove \
-             no row version deleted after it); then the load runs {:.0} s more. Claim \
+             it, taking a snapshot that it holds for {} s (vacuum, and pruning, can remove \
+             no row version deleted after it); then the load runs {} s more. Claim \
              latencies are split by phase; the backlog (sent and not yet acked) and \
              `pg_stat_user_tables.n_dead_tup` of `pgbus.messages` are sampled every 100 ms. \
              Recovery is the time from the snapshot's end until the backlog is back at the \

@@ -700,11 +700,7 @@ fn draw_curve(body: &mut String, y: f64, curve: &Curve, lines: &[Line]) -> f64 {
     let hi = 10f64
         .powf(xs.fold(0.0, f64::max).log10().ceil())
         .max(lo * 10.0);
-    let y_max = points()
-        .map(|(_, s)| s.max)
-        .fold(0.0, f64::max)
-        .max(f64::MIN_POSITIVE)
-        * 1.1;
+    let y_max = nice_ceiling(points().map(|(_, s)| s.max).fold(0.0, f64::max));
     let px =
         |x: f64| left + width * (x.clamp(lo, hi).log10() - lo.log10()) / (hi.log10() - lo.log10());
     let py = |v: f64| bottom - CURVE_HEIGHT * (v / y_max).clamp(0.0, 1.0);
@@ -775,6 +771,20 @@ fn draw_curve(body: &mut String, y: f64, curve: &Curve, lines: &[Line]) -> f64 {
         );
     }
     bottom + 44.0
+}
+
+/// The smallest of 1, 2, 2.5, 4, 5 or 8 times a power of ten at or above `value` (which is
+/// then divided into four gridlines with short labels); 1 for nothing positive.
+fn nice_ceiling(value: f64) -> f64 {
+    if value <= 0.0 || !value.is_finite() {
+        return 1.0;
+    }
+    let power = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 2.5, 4.0, 5.0, 8.0, 10.0]
+        .into_iter()
+        .map(|step| step * power)
+        .find(|nice| *nice >= value)
+        .unwrap_or(10.0 * power)
 }
 
 fn tick_label(value: f64) -> String {
@@ -880,5 +890,67 @@ mod tests {
         assert_eq!(Unit::Millis.format(1.234), "1.23");
         assert_eq!(Unit::Millis.format(512.4), "512");
         assert_eq!(Unit::Connections.format(4.0), "4");
+        assert_eq!(nice_ceiling(29_028.0), 40_000.0);
+        assert_eq!(nice_ceiling(8.78), 10.0);
+        assert_eq!(nice_ceiling(2.0), 2.0);
+        assert_eq!(nice_ceiling(0.0), 1.0);
+    }
+
+    #[test]
+    fn chart_draws_curves_and_ratios_to_the_peer() {
+        let mut report = report();
+        let mut peer = Scenario::new(PEER, "peer");
+        for (id, median) in [
+            (PEER_SEND, 100.0),
+            (PEER_PGBUS_SEND, 50.0),
+            ("pgmq_drain_r2_jobs_per_s", 1000.0),
+            ("pgmq_drain_r4_jobs_per_s", 1100.0),
+        ] {
+            let unit = if id.contains("drain") {
+                Unit::JobsPerSec
+            } else {
+                Unit::MsgsPerSec
+            };
+            peer.figures.push(Figure::new(id, id, unit, vec![median]));
+        }
+        let mut backlog = Scenario::new("backlog", "curve");
+        for (id, value) in [("a", 10.0), ("b", 8.0)] {
+            backlog
+                .figures
+                .push(Figure::new(id, id, Unit::JobsPerSec, vec![value]));
+        }
+        backlog.curves.push(Curve {
+            title: "a curve".to_owned(),
+            x_label: "ready".to_owned(),
+            unit: Unit::JobsPerSec,
+            series: vec![Series {
+                name: "ready only".to_owned(),
+                points: vec![(10_000.0, "a".to_owned()), (100_000.0, "b".to_owned())],
+            }],
+        });
+        report.scenarios.push(peer);
+        report.scenarios.push(backlog);
+        report.rate_against_peer();
+        let drain = report.scenario("drain").unwrap();
+        assert_eq!(drain.ratio_to_pgmq, Some(2200.0 / 1100.0), "best over best");
+        let peer = report.scenario(PEER).unwrap();
+        assert_eq!(
+            peer.figure(PEER_PGBUS_SEND).unwrap().ratio_to_pgmq,
+            Some(0.5)
+        );
+        assert_eq!(peer.figure(PEER_SEND).unwrap().ratio_to_pgmq, None);
+        let md = report.markdown();
+        assert!(md.contains("2.00× pgmq"), "{md}");
+        assert!(
+            md.contains("| a | 10 | 10 | 10 | jobs/s | 1 |  |"),
+            "no raw_sql ratio: {md}"
+        );
+        let svg = report.chart();
+        assert!(svg.contains("<polyline"), "{svg}");
+        assert!(svg.contains(">ready only</text>"), "{svg}");
+        assert!(
+            !svg.contains("backlog: a"),
+            "a curve's figures get no bars: {svg}"
+        );
     }
 }
