@@ -93,7 +93,7 @@ use scenarios::{
     stream_publish, worker_run, xmin_pinned,
 };
 use server::Server;
-use stats::ms;
+use stats::{ms, Summary};
 
 /// Runs every scenario and writes the reports; returns the directory they are in.
 pub async fn run(options: &Options) -> anyhow::Result<PathBuf> {
@@ -1237,7 +1237,7 @@ async fn run_backlog(
         }
         first_rate = first_rate.or(jobs.median());
         let history = usize::from(size.archived > 0);
-        throughput[history].push((x, jobs.id.clone()));
+        throughput[history].extend(jobs.summary().map(|s| (x, s)));
         scenario.figures.push(jobs);
         for (stat, samples, line) in [("p50", p50s, 2 * history), ("p99", p99s, 2 * history + 1)] {
             let figure = Figure::new(
@@ -1246,7 +1246,7 @@ async fn run_backlog(
                 Unit::Millis,
                 samples,
             );
-            latency[line].push((x, figure.id.clone()));
+            latency[line].extend(figure.summary().map(|s| (x, s)));
             scenario.figures.push(figure);
         }
         scenario.figures.push(Figure::new(
@@ -1256,7 +1256,7 @@ async fn run_backlog(
             builds,
         ));
     }
-    let series = |name: &str, points: Vec<(f64, String)>| Series {
+    let series = |name: &str, points: Vec<(f64, Summary)>| Series {
         name: name.to_owned(),
         points,
     };
@@ -1267,6 +1267,7 @@ async fn run_backlog(
              whiskers min to max)"
         ),
         x_label: "ready messages".to_owned(),
+        log_x: true,
         unit: Unit::JobsPerSec,
         series: vec![
             series("ready only", ready),
@@ -1277,6 +1278,7 @@ async fn run_backlog(
     scenario.curves.push(Curve {
         title: "backlog: claim latency by backlog (median of runs, whiskers min to max)".to_owned(),
         x_label: "ready messages".to_owned(),
+        log_x: true,
         unit: Unit::Millis,
         series: vec![
             series("p50", p50),
@@ -1308,8 +1310,8 @@ async fn run_xmin_pinned(
              no row version deleted after it); then the load runs {} s more. Claim \
              latencies are split by phase; the backlog (sent and not yet acked) and \
              `pg_stat_user_tables.n_dead_tup` of `pgbus.messages` are sampled every 100 ms. \
-             Recovery is the time from the snapshot's end until the backlog is back at the \
-             highest it was before the pin. Autovacuum runs with its defaults.",
+             Recovery is the time from the snapshot's end until the backlog is back, for good, \
+             at the highest it was before the pin. Autovacuum runs with its defaults.",
             SEND_EVERY.as_millis(),
             IDLE_WAIT.as_millis(),
             before.as_secs_f64(),
@@ -1346,16 +1348,30 @@ async fn run_xmin_pinned(
         ("pinned", "while pinned", run.pinned),
         ("after", "after the pin", run.after),
     ] {
-        for (stat, value) in [("p50", claims.p50_ms), ("p99", claims.p99_ms)] {
+        for (stat, value) in [
+            ("p50", claims.p50_ms),
+            ("p99", claims.p99_ms),
+            ("mean", claims.mean_ms),
+        ] {
             let mut figure = Figure::new(
                 format!("claim_{stat}_{phase}_ms"),
                 format!("claim {stat}, {when}"),
                 Unit::Millis,
                 vec![value],
             );
-            figure.note = Some(format!("{} claims", thousands(claims.count as i64)));
+            figure.note = Some(format!(
+                "{} claims, {:.1} messages each on average",
+                thousands(claims.count as i64),
+                claims.per_claim
+            ));
             scenario.figures.push(figure);
         }
+        scenario.figures.push(Figure::new(
+            format!("ack_p99_{phase}_ms"),
+            format!("ack p99, {when}"),
+            Unit::Millis,
+            vec![claims.ack_p99_ms],
+        ));
     }
     for (id, label, unit, value) in [
         (
@@ -1369,6 +1385,12 @@ async fn run_xmin_pinned(
             "backlog from the pin on: highest",
             Unit::Messages,
             run.peak_backlog as f64,
+        ),
+        (
+            "backlog_end",
+            "backlog at the end",
+            Unit::Messages,
+            run.final_backlog as f64,
         ),
         (
             "dead_tuples_peak",
@@ -1400,9 +1422,44 @@ async fn run_xmin_pinned(
         ));
     }
     scenario.notes.push(format!(
-        "load kept: {:.0} jobs/s sent, {:.0} jobs/s acked over the run",
-        run.sent_per_s, run.acked_per_s
+        "load kept: {:.0} jobs/s sent, {:.0} jobs/s acked over the run; the snapshot held \
+         from {:.1} s to {:.1} s",
+        run.sent_per_s, run.acked_per_s, run.pin_s.0, run.pin_s.1
     ));
+    let over_time = |name: &str, value: fn(&xmin_pinned::Second) -> f64| Series {
+        name: name.to_owned(),
+        points: run
+            .timeline
+            .iter()
+            .filter_map(|second| Some((second.at_s, Summary::of(&[value(second)])?)))
+            .collect(),
+    };
+    let pin = format!("snapshot held {:.0}–{:.0} s", run.pin_s.0, run.pin_s.1);
+    for (title, unit, series) in [
+        (
+            "backlog (sent, not yet acked; highest per second)",
+            Unit::Messages,
+            over_time("backlog", |s| s.backlog as f64),
+        ),
+        (
+            "claim p99 per second",
+            Unit::Millis,
+            over_time("claim p99", |s| s.claim_p99_ms),
+        ),
+        (
+            "dead tuples in pgbus.messages",
+            Unit::Rows,
+            over_time("n_dead_tup", |s| s.dead_tuples as f64),
+        ),
+    ] {
+        scenario.curves.push(Curve {
+            title: format!("xmin_pinned: {title} over time ({pin})"),
+            x_label: "seconds since the load started".to_owned(),
+            log_x: false,
+            unit,
+            series: vec![series],
+        });
+    }
     Ok(scenario)
 }
 

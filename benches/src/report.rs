@@ -141,22 +141,23 @@ pub(crate) struct Scenario {
     pub(crate) curves: Vec<Curve>,
 }
 
-/// A line chart: each series' figures (their medians, whiskers min to max) over a
-/// quantity on a log scale.
+/// A line chart: each series' values (medians, whiskers min to max) over a quantity.
 #[derive(Debug, Clone)]
 pub(crate) struct Curve {
     pub(crate) title: String,
     /// The quantity along the x axis ("ready messages").
     pub(crate) x_label: String,
+    /// Whether x runs on a log scale (over powers of ten) or linearly from 0.
+    pub(crate) log_x: bool,
     pub(crate) unit: Unit,
     pub(crate) series: Vec<Series>,
 }
 
-/// One line of a [`Curve`]: `(x, figure id)` points.
+/// One line of a [`Curve`]: `(x, value)` points.
 #[derive(Debug, Clone)]
 pub(crate) struct Series {
     pub(crate) name: String,
-    pub(crate) points: Vec<(f64, String)>,
+    pub(crate) points: Vec<(f64, Summary)>,
 }
 
 impl Scenario {
@@ -476,30 +477,11 @@ impl Report {
                 panels.push((title, bars));
             }
         }
-        let curves: Vec<(&Curve, Vec<Line>)> = self
+        let curves: Vec<&Curve> = self
             .scenarios
             .iter()
-            .flat_map(|scenario| {
-                scenario.curves.iter().map(move |curve| {
-                    let lines = curve
-                        .series
-                        .iter()
-                        .enumerate()
-                        .map(|(i, series)| Line {
-                            name: series.name.clone(),
-                            color: PALETTE[i % PALETTE.len()],
-                            points: series
-                                .points
-                                .iter()
-                                .filter_map(|(x, id)| Some((*x, scenario.figure(id)?.summary()?)))
-                                .collect(),
-                        })
-                        .filter(|line| !line.points.is_empty())
-                        .collect();
-                    (curve, lines)
-                })
-            })
-            .filter(|(_, lines): &(_, Vec<Line>)| !lines.is_empty())
+            .flat_map(|scenario| &scenario.curves)
+            .filter(|curve| curve.series.iter().any(|s| !s.points.is_empty()))
             .collect();
         svg(
             &format!("pgbus benchmarks ({} run)", self.plan),
@@ -507,13 +489,6 @@ impl Report {
             &curves,
         )
     }
-}
-
-/// A [`Series`] with its figures' summaries.
-struct Line {
-    name: String,
-    color: &'static str,
-    points: Vec<(f64, Summary)>,
 }
 
 /// Colours of a curve's lines, in order.
@@ -571,7 +546,7 @@ const VALUE_WIDTH: f64 = 130.0;
 const BAR_HEIGHT: f64 = 16.0;
 const ROW: f64 = 22.0;
 
-fn svg(title: &str, panels: &[(&str, Vec<Bar>)], curves: &[(&Curve, Vec<Line>)]) -> String {
+fn svg(title: &str, panels: &[(&str, Vec<Bar>)], curves: &[&Curve]) -> String {
     let plot_left = LABEL_WIDTH;
     let plot_width = WIDTH - LABEL_WIDTH - VALUE_WIDTH;
     let mut body = String::new();
@@ -665,8 +640,8 @@ fn svg(title: &str, panels: &[(&str, Vec<Bar>)], curves: &[(&Curve, Vec<Line>)])
         }
         y = bottom + 24.0;
     }
-    for (curve, lines) in curves {
-        y = draw_curve(&mut body, y, curve, lines);
+    for curve in curves {
+        y = draw_curve(&mut body, y, curve);
     }
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
@@ -683,9 +658,9 @@ const CURVE_LEFT: f64 = 80.0;
 /// Width kept right of a curve's plot for its legend.
 const LEGEND_WIDTH: f64 = 260.0;
 
-/// Draws a line chart below `y` (x on a log scale over powers of ten, y linear from 0);
-/// returns where the next panel starts.
-fn draw_curve(body: &mut String, y: f64, curve: &Curve, lines: &[Line]) -> f64 {
+/// Draws a line chart below `y` (x on a log scale over powers of ten, or linear from 0; y
+/// linear from 0); returns where the next panel starts.
+fn draw_curve(body: &mut String, y: f64, curve: &Curve) -> f64 {
     let title_y = y + 20.0;
     let _ = writeln!(
         body,
@@ -694,18 +669,35 @@ fn draw_curve(body: &mut String, y: f64, curve: &Curve, lines: &[Line]) -> f64 {
     );
     let (top, left) = (title_y + 16.0, CURVE_LEFT);
     let (width, bottom) = (WIDTH - CURVE_LEFT - LEGEND_WIDTH, top + CURVE_HEIGHT);
-    let points = || lines.iter().flat_map(|line| &line.points);
-    let xs = points().map(|(x, _)| *x).filter(|x| *x > 0.0);
-    let lo = 10f64.powf(xs.clone().fold(f64::INFINITY, f64::min).log10().floor());
-    let hi = 10f64
-        .powf(xs.fold(0.0, f64::max).log10().ceil())
-        .max(lo * 10.0);
+    let points = || curve.series.iter().flat_map(|series| &series.points);
+    let x_max = points().map(|(x, _)| *x).fold(0.0, f64::max);
+    // The x axis: where a value lands, and the gridlines.
+    let (px, x_ticks): (Box<dyn Fn(f64) -> f64>, Vec<f64>) = if curve.log_x {
+        let x_min = points()
+            .map(|(x, _)| *x)
+            .filter(|x| *x > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let lo = 10f64.powf(x_min.log10().floor());
+        let hi = 10f64.powf(x_max.log10().ceil()).max(lo * 10.0);
+        let ticks = std::iter::successors(Some(lo), |t| Some(t * 10.0))
+            .take_while(|t| *t <= hi * 1.000_001)
+            .collect();
+        let span = hi.log10() - lo.log10();
+        (
+            Box::new(move |x: f64| left + width * (x.clamp(lo, hi).log10() - lo.log10()) / span),
+            ticks,
+        )
+    } else {
+        let hi = nice_ceiling(x_max);
+        let ticks = (0..=4).map(|step| hi * f64::from(step) / 4.0).collect();
+        (
+            Box::new(move |x: f64| left + width * (x / hi).clamp(0.0, 1.0)),
+            ticks,
+        )
+    };
     let y_max = nice_ceiling(points().map(|(_, s)| s.max).fold(0.0, f64::max));
-    let px =
-        |x: f64| left + width * (x.clamp(lo, hi).log10() - lo.log10()) / (hi.log10() - lo.log10());
     let py = |v: f64| bottom - CURVE_HEIGHT * (v / y_max).clamp(0.0, 1.0);
-    let mut tick = lo;
-    while tick <= hi * 1.000_001 {
+    for tick in x_ticks {
         let tx = px(tick);
         let _ = writeln!(
             body,
@@ -713,7 +705,6 @@ fn draw_curve(body: &mut String, y: f64, curve: &Curve, lines: &[Line]) -> f64 {
             bottom + 12.0,
             tick_label(tick)
         );
-        tick *= 10.0;
     }
     for step in 0..=4 {
         let value = y_max * f64::from(step) / 4.0;
@@ -729,14 +720,16 @@ fn draw_curve(body: &mut String, y: f64, curve: &Curve, lines: &[Line]) -> f64 {
     }
     let _ = writeln!(
         body,
-        r##"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle">{} (log scale); y: {}</text>"##,
+        r##"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle">{}{}; y: {}</text>"##,
         left + width / 2.0,
         bottom + 28.0,
         escape(&curve.x_label),
+        if curve.log_x { " (log scale)" } else { "" },
         curve.unit.as_str()
     );
-    for (i, line) in lines.iter().enumerate() {
-        let mut sorted = line.points.clone();
+    for (i, series) in curve.series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let mut sorted = series.points.clone();
         sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
         let path: Vec<String> = sorted
             .iter()
@@ -744,30 +737,29 @@ fn draw_curve(body: &mut String, y: f64, curve: &Curve, lines: &[Line]) -> f64 {
             .collect();
         let _ = writeln!(
             body,
-            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
-            path.join(" "),
-            line.color
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+            path.join(" ")
         );
-        for (x, s) in &sorted {
-            let (cx, cy) = (px(*x), py(s.median));
-            let _ = writeln!(
-                body,
-                r#"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="{}"/><circle cx="{cx:.1}" cy="{cy:.1}" r="3.5" fill="{}"/>"#,
-                py(s.min),
-                py(s.max),
-                line.color,
-                line.color
-            );
+        // Markers and whiskers where the points are few enough to see.
+        if sorted.len() <= 20 {
+            for (x, s) in &sorted {
+                let (cx, cy) = (px(*x), py(s.median));
+                let _ = writeln!(
+                    body,
+                    r#"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="{color}"/><circle cx="{cx:.1}" cy="{cy:.1}" r="3.5" fill="{color}"/>"#,
+                    py(s.min),
+                    py(s.max)
+                );
+            }
         }
         let ly = top + 10.0 + 18.0 * i as f64;
         let lx = left + width + 16.0;
         let _ = writeln!(
             body,
-            r#"<circle cx="{lx:.1}" cy="{ly:.1}" r="4" fill="{}"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
-            line.color,
+            r#"<circle cx="{lx:.1}" cy="{ly:.1}" r="4" fill="{color}"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
             lx + 10.0,
             ly + 4.0,
-            escape(&line.name)
+            escape(&series.name)
         );
     }
     bottom + 44.0
@@ -919,13 +911,20 @@ mod tests {
                 .figures
                 .push(Figure::new(id, id, Unit::JobsPerSec, vec![value]));
         }
+        let points = backlog
+            .figures
+            .iter()
+            .zip([10_000.0, 100_000.0])
+            .map(|(f, x)| (x, f.summary().unwrap()))
+            .collect();
         backlog.curves.push(Curve {
             title: "a curve".to_owned(),
             x_label: "ready".to_owned(),
+            log_x: true,
             unit: Unit::JobsPerSec,
             series: vec![Series {
                 name: "ready only".to_owned(),
-                points: vec![(10_000.0, "a".to_owned()), (100_000.0, "b".to_owned())],
+                points,
             }],
         });
         report.scenarios.push(peer);

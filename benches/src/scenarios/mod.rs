@@ -132,6 +132,8 @@ pub(crate) struct Cycle {
     pub(crate) claimed: usize,
     /// How long the claim took, round trip included.
     pub(crate) claim: Duration,
+    /// How long the ack took (zero when nothing was claimed).
+    pub(crate) ack: Duration,
 }
 
 impl ClaimAck {
@@ -148,6 +150,7 @@ impl ClaimAck {
         let started = Instant::now();
         let claimed = self.fetcher.claim(&self.queue, max, CLAIM_LEASE).await?;
         let claim = started.elapsed();
+        let acking = Instant::now();
         if !claimed.is_empty() {
             let leases: Vec<Lease> = claimed.iter().map(Message::lease).collect();
             let acked = self.backend.ack(&leases).await?;
@@ -160,6 +163,7 @@ impl ClaimAck {
         Ok(Cycle {
             claimed: claimed.len(),
             claim,
+            ack: acking.elapsed(),
         })
     }
 }

@@ -38,16 +38,44 @@ pub(crate) struct Phases {
     pub(crate) after: Duration,
 }
 
-/// Claim latencies of one phase.
+/// The consumer's cycles in one phase.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Claims {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
+    pub(crate) mean_ms: f64,
     pub(crate) count: usize,
+    /// Messages per claim, on average.
+    pub(crate) per_claim: f64,
+    /// The acks' p99.
+    pub(crate) ack_p99_ms: f64,
+}
+
+/// One cycle of the consumer: when its claim started, how long the claim and the ack
+/// took, and how many messages it claimed.
+#[derive(Debug, Clone, Copy)]
+struct Claimed {
+    at: Instant,
+    claim_ms: f64,
+    ack_ms: f64,
+    messages: usize,
+}
+
+/// One second of the run, for the chart.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Second {
+    /// Seconds since the load started.
+    pub(crate) at_s: f64,
+    /// The highest backlog sampled in it.
+    pub(crate) backlog: u64,
+    /// The last dead-tuple count sampled in it.
+    pub(crate) dead_tuples: i64,
+    /// The p99 of the claims that started in it (0 without claims).
+    pub(crate) claim_p99_ms: f64,
 }
 
 /// One run's figures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct PinnedRun {
     pub(crate) before: Claims,
     pub(crate) pinned: Claims,
@@ -60,12 +88,19 @@ pub(crate) struct PinnedRun {
     /// last count, at the end of the run.
     pub(crate) peak_dead_tuples: i64,
     pub(crate) final_dead_tuples: i64,
-    /// From the snapshot's end until the backlog was back at its steady state; `None`
-    /// when it was not back by the end of the run.
+    /// From the snapshot's end until the backlog was back at its steady state for good
+    /// (the last sample above it, or zero if none was); `None` when it was still above it
+    /// at the end of the run.
     pub(crate) recovery: Option<Duration>,
+    /// The backlog at the end of the run.
+    pub(crate) final_backlog: u64,
     /// Jobs sent and acked per second over the run.
     pub(crate) sent_per_s: f64,
     pub(crate) acked_per_s: f64,
+    /// When the snapshot was taken and released, in seconds since the load started.
+    pub(crate) pin_s: (f64, f64),
+    /// The run second by second.
+    pub(crate) timeline: Vec<Second>,
 }
 
 /// One run on a fresh database: the load for `phases.before`, then the snapshot held for
@@ -109,7 +144,12 @@ pub(crate) async fn run_once(server: &Server, phases: Phases) -> anyhow::Result<
                 while !stop.is_cancelled() {
                     let at = Instant::now();
                     let cycle = consumer.cycle(CLAIM_SIZE).await?;
-                    claims.push((at, ms(cycle.claim)));
+                    claims.push(Claimed {
+                        at,
+                        claim_ms: ms(cycle.claim),
+                        ack_ms: ms(cycle.ack),
+                        messages: cycle.claimed,
+                    });
                     acked.fetch_add(cycle.claimed as u64, Ordering::Relaxed);
                     if cycle.claimed == 0 {
                         tokio::select! {
@@ -177,8 +217,7 @@ pub(crate) async fn run_once(server: &Server, phases: Phases) -> anyhow::Result<
         Ok(summarise(
             &claims,
             &samples,
-            pin_start,
-            pin_end,
+            (started, pin_start, pin_end),
             (sent.load(Ordering::Relaxed), acked.load(Ordering::Relaxed)),
             elapsed,
         ))
@@ -195,24 +234,32 @@ struct Sample {
 }
 
 fn summarise(
-    claims: &[(Instant, f64)],
+    claims: &[Claimed],
     samples: &[Sample],
-    pin_start: Instant,
-    pin_end: Instant,
+    (started, pin_start, pin_end): (Instant, Instant, Instant),
     (sent, acked): (u64, u64),
     elapsed: Duration,
 ) -> PinnedRun {
     let phase = |keep: &dyn Fn(Instant) -> bool| {
-        let latencies: Vec<f64> = claims
+        let cycles: Vec<&Claimed> = claims.iter().filter(|c| keep(c.at)).collect();
+        let latencies: Vec<f64> = cycles.iter().map(|c| c.claim_ms).collect();
+        let acks: Vec<f64> = cycles
             .iter()
-            .filter(|(at, _)| keep(*at))
-            .map(|&(_, ms)| ms)
+            .filter(|c| c.messages > 0)
+            .map(|c| c.ack_ms)
             .collect();
-        percentiles(&latencies, [50.0, 99.0]).map_or(Claims::default(), |[p50, p99]| Claims {
+        let Some([p50, p99]) = percentiles(&latencies, [50.0, 99.0]) else {
+            return Claims::default();
+        };
+        let count = cycles.len();
+        Claims {
             p50_ms: p50,
             p99_ms: p99,
-            count: latencies.len(),
-        })
+            mean_ms: latencies.iter().sum::<f64>() / count as f64,
+            count,
+            per_claim: cycles.iter().map(|c| c.messages).sum::<usize>() as f64 / count as f64,
+            ack_p99_ms: percentiles(&acks, [99.0]).map_or(0.0, |[p]| p),
+        }
     };
     let steady_backlog = samples
         .iter()
@@ -226,10 +273,39 @@ fn summarise(
         .map(|s| s.backlog)
         .max()
         .unwrap_or(0);
-    let recovery = samples
-        .iter()
-        .find(|s| s.at >= pin_end && s.backlog <= steady_backlog)
-        .map(|s| s.at - pin_end);
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= pin_end).collect();
+    let final_backlog = samples.last().map_or(0, |s| s.backlog);
+    // Back for good: after the last sample above the steady state, which must not be the
+    // last sample of the run.
+    let recovery = match after.iter().rposition(|s| s.backlog > steady_backlog) {
+        None => Some(Duration::ZERO),
+        Some(last) => after.get(last + 1).map(|s| s.at - pin_end),
+    };
+    let secs = |at: Instant| at.saturating_duration_since(started).as_secs_f64();
+    let mut timeline: Vec<Second> = Vec::new();
+    for sample in samples {
+        let second = secs(sample.at).floor();
+        match timeline.last_mut() {
+            Some(last) if last.at_s == second => {
+                last.backlog = last.backlog.max(sample.backlog);
+                last.dead_tuples = sample.dead_tuples;
+            }
+            _ => timeline.push(Second {
+                at_s: second,
+                backlog: sample.backlog,
+                dead_tuples: sample.dead_tuples,
+                claim_p99_ms: 0.0,
+            }),
+        }
+    }
+    for second in &mut timeline {
+        let latencies: Vec<f64> = claims
+            .iter()
+            .filter(|c| secs(c.at).floor() == second.at_s)
+            .map(|c| c.claim_ms)
+            .collect();
+        second.claim_p99_ms = percentiles(&latencies, [99.0]).map_or(0.0, |[p]| p);
+    }
     PinnedRun {
         before: phase(&|at| at < pin_start),
         pinned: phase(&|at| at >= pin_start && at < pin_end),
@@ -239,8 +315,11 @@ fn summarise(
         peak_dead_tuples: samples.iter().map(|s| s.dead_tuples).max().unwrap_or(0),
         final_dead_tuples: samples.last().map_or(0, |s| s.dead_tuples),
         recovery,
+        final_backlog,
         sent_per_s: sent as f64 / elapsed.as_secs_f64(),
         acked_per_s: acked as f64 / elapsed.as_secs_f64(),
+        pin_s: (secs(pin_start), secs(pin_end)),
+        timeline,
     }
 }
 
@@ -249,7 +328,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recovery_runs_from_the_pin_end_to_the_steady_backlog() {
+    fn recovery_runs_from_the_pin_end_until_the_backlog_stays_steady() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let sample = |ms, backlog| Sample {
@@ -262,33 +341,39 @@ mod tests {
             sample(100, 30),
             sample(200, 500),
             sample(300, 900),
-            sample(400, 200),
-            sample(500, 25),
+            sample(400, 20),
+            sample(500, 40),
+            sample(1200, 25),
         ];
-        let claims = [(at(50), 1.0), (at(250), 9.0), (at(450), 2.0)];
-        let run = summarise(
-            &claims,
-            &samples,
-            at(150),
-            at(350),
-            (1000, 975),
-            Duration::from_secs(1),
-        );
+        let cycle = |ms, claim_ms, messages| Claimed {
+            at: at(ms),
+            claim_ms,
+            ack_ms: 1.0,
+            messages,
+        };
+        let claims = [cycle(50, 1.0, 10), cycle(250, 9.0, 100), cycle(450, 2.0, 0)];
+        let pin = (t0, at(150), at(350));
+        let run = summarise(&claims, &samples, pin, (1000, 975), Duration::from_secs(1));
         assert_eq!((run.steady_backlog, run.peak_backlog), (30, 900));
-        assert_eq!(run.recovery, Some(Duration::from_millis(150)));
+        assert_eq!(
+            run.recovery,
+            Some(Duration::from_millis(850)),
+            "back for good only after the rise at 500 ms"
+        );
         assert_eq!(
             (run.before.p99_ms, run.pinned.p99_ms, run.after.p99_ms),
             (1.0, 9.0, 2.0)
         );
-        assert_eq!((run.peak_dead_tuples, run.final_dead_tuples), (500, 500));
-        let never = summarise(
-            &claims,
-            &samples[..5],
-            at(150),
-            at(350),
-            (0, 0),
-            Duration::from_secs(1),
+        assert_eq!((run.pinned.per_claim, run.after.ack_p99_ms), (100.0, 0.0));
+        assert_eq!((run.peak_dead_tuples, run.final_dead_tuples), (1200, 1200));
+        assert_eq!(run.timeline.len(), 2, "{:?}", run.timeline);
+        assert_eq!(
+            (run.timeline[0].backlog, run.timeline[0].claim_p99_ms),
+            (900, 9.0)
         );
-        assert_eq!(never.recovery, None);
+        let still_high = summarise(&claims, &samples[..6], pin, (0, 0), Duration::from_secs(1));
+        assert_eq!(still_high.recovery, None);
+        let never_high = summarise(&claims, &samples[..2], pin, (0, 0), Duration::from_secs(1));
+        assert_eq!(never_high.recovery, Some(Duration::ZERO));
     }
 }
