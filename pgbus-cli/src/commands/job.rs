@@ -114,12 +114,13 @@ pub(crate) struct Ids {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("when").required(true).args(["at", "after"])))]
 pub(crate) struct RescheduleArgs {
     /// When, in UTC: 2025-01-31T09:00:00Z.
-    #[arg(long, value_parser = time, required_unless_present = "after", conflicts_with = "after")]
+    #[arg(long, value_name = "TIME", value_parser = time)]
     at: Option<SystemTime>,
     /// Or this long from now (e.g. 10m, 1h 30m).
-    #[arg(long = "in", id = "after", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long = "in", id = "after", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     after: Option<Duration>,
     #[command(flatten)]
     ids: Ids,
