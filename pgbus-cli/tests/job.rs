@@ -51,7 +51,8 @@ fn seeded() -> Seed {
         db.send("tasks", &json!({ "kind": "fine", "n": 1 })),
         db.send("tasks", &json!({ "kind": "fine", "n": 2 })),
     ];
-    let script = r#"read p; case "$p" in *fail*) echo "Boom on $PGBUS_ATTEMPT" >&2; exit 1;; esac"#;
+    // The error ends in a terminal escape, which tables must not pass on raw.
+    let script = r#"read p; case "$p" in *fail*) printf 'Boom on %s\033[0m' "$PGBUS_ATTEMPT" >&2; exit 1;; esac"#;
     db.work_until(&["tasks", "--exec", script], LONG, |db| {
         db.dead("tasks").len() == 3 && db.depth("tasks") == 0
     });
@@ -263,6 +264,11 @@ fn list_shows_each_state_and_filter_in_json_and_in_a_table() {
         assert!(line.contains("exit 1: Boom on 2"), "{line}");
     }
     assert!(lines[1].contains("customer_9"), "{}", lines[1]);
+    assert!(
+        !table.stdout.contains('\u{1b}') && table.stdout.contains("Boom on 2\\u{1b}[0m"),
+        "the escape is shown escaped: {}",
+        table.stdout
+    );
     assert_eq!(
         lines[4],
         "ready 4 · scheduled 1 · in_flight 0 · dead 3 · archived 2"
@@ -381,7 +387,10 @@ fn show_tells_a_dead_jobs_whole_story_in_text_and_json() {
     for (e, n) in errors.iter().zip(1..) {
         let text = e["error"].as_str().expect("an error text");
         assert!(text.starts_with("exit 1: "), "{text}");
-        assert!(text.contains(&format!("Boom on {n}")), "{text}");
+        assert!(
+            text.contains(&format!("Boom on {n}\u{1b}[0m")),
+            "kept whole: {text}"
+        );
         assert!(e["at"].is_string(), "{e:#}");
     }
 
@@ -408,6 +417,8 @@ fn show_tells_a_dead_jobs_whole_story_in_text_and_json() {
     assert!(history[0].trim_start().starts_with("1 "), "{text}");
     assert!(history[0].contains("Boom on 1"), "{text}");
     assert!(history[1].contains("Boom on 2"), "{text}");
+    assert!(!text.contains('\u{1b}'), "escaped: {text}");
+    assert!(text.contains("Boom on 1\\u{1b}[0m"), "{text}");
 
     // The payload whole, as stored.
     let raw = db.ok(&["job", "show", &id.to_string(), "--payload"]).stdout;

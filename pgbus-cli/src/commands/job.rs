@@ -301,7 +301,7 @@ fn detail_text(job: &JobDetail) -> String {
     }
 
     if !job.errors.is_empty() {
-        out.push_str(&format!("\nerrors (the last {})\n", job.errors.len()));
+        out.push_str("\nerrors\n");
         let mut table = Table::new(&[
             ("ATTEMPT", Align::Right),
             ("AT", Align::Left),
