@@ -150,6 +150,13 @@ fn list_shows_each_state_and_filter_in_json_and_in_a_table() {
         listed(&db, &["tasks", "--state", "in_flight"]),
         Vec::<i64>::new()
     );
+    let archived_note = db
+        .ok(&["job", "list", "tasks", "--state", "archived"])
+        .stderr;
+    assert!(
+        !archived_note.contains("keeps no history"),
+        "{archived_note}"
+    );
 
     // Each filter.
     assert_eq!(
@@ -285,6 +292,12 @@ fn a_running_job_is_listed_in_flight_and_shown_with_its_lease() {
     let db = Db::new();
     db.ok(&["queue", "create", "slow"]);
     let id = db.send("slow", &json!({ "sleep": true }));
+    let nothing = db.ok(&["job", "list", "slow", "--state", "archived"]);
+    assert!(
+        nothing.stderr.contains("queue slow keeps no history"),
+        "{}",
+        nothing.stderr
+    );
     let (mut worker, _) = db.spawn(&["work", "slow", "--exec", "sleep 600"]);
     eventually("the job in flight", SHORT, || {
         listed(&db, &["slow", "--state", "in_flight"]) == vec![id]
@@ -607,6 +620,11 @@ fn bad_input_is_one_line_and_changes_nothing() {
         db.run(&["job", "list", "No Such Queue"]),
         1,
         &["No Such Queue"],
+    );
+    one_line_error(
+        db.run(&["job", "list", "no_such_queue"]),
+        1,
+        &["queue no_such_queue does not exist"],
     );
     let too_many: Vec<String> = (1..=10_001).map(|n| n.to_string()).collect();
     let mut args = vec!["job", "cancel"];

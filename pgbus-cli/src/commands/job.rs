@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
-use pgbus_core::{MessageId, OneLine, QueueName};
+use pgbus_core::{MessageId, OneLine, QueueAdmin, QueueName};
 use pgbus_pg::console::{
     Action, Console, Count, Cursor, JobDetail, JobFilter, JobState, JobSummary, Order,
     PayloadMatch, Target, MAX_PAGE, PAYLOAD_SHOWN_MAX,
 };
+use pgbus_pg::PgBackend;
 
 use crate::support::database::Database;
 use crate::support::json::{audit_json, job_detail_json, job_list_json};
@@ -167,10 +168,11 @@ fn reason(err: pgbus_core::Error) -> String {
 
 /// `pgbus job ...`.
 pub(crate) async fn run(command: JobCommand, db: &Database) -> anyhow::Result<ExitCode> {
-    let console = Console::new(db.ready().await?.clone());
+    let backend = db.ready().await?;
+    let console = Console::new(backend.clone());
     let (action, ids) = match command {
         JobCommand::Show(args) => return show(&console, args).await,
-        JobCommand::List(args) => return list(&console, args).await,
+        JobCommand::List(args) => return list(backend, &console, args).await,
         JobCommand::Audit(args) => return audit(&console, args).await,
         JobCommand::Retry(ids) => (Action::RetryNow, ids),
         JobCommand::Cancel(ids) => (Action::Cancel, ids),
@@ -329,8 +331,16 @@ fn at_label(state: JobState) -> &'static str {
 }
 
 /// `job list`.
-async fn list(console: &Console, args: ListArgs) -> anyhow::Result<ExitCode> {
+async fn list(backend: &PgBackend, console: &Console, args: ListArgs) -> anyhow::Result<ExitCode> {
     let queue = QueueName::new(args.queue)?;
+    // A misspelt queue fails, rather than listing nothing.
+    let info = backend.queue_info(&queue).await?;
+    if args.state == JobState::Archived && !info.options.keep_history {
+        output::note(format_args!(
+            "queue {queue} keeps no history, so it archives nothing \
+             (`pgbus queue alter {queue} --keep-history` starts it)"
+        ));
+    }
     let mut filter = JobFilter::new(queue.clone(), args.state);
     filter.id = args.id.map(MessageId);
     filter.group_key = args.group;
