@@ -288,17 +288,26 @@ fn list_shows_each_state_and_filter_in_json_and_in_a_table() {
 }
 
 #[test]
-fn a_running_job_is_listed_in_flight_and_shown_with_its_lease() {
+fn a_running_job_is_shown_with_its_holder_and_cancelled_where_it_runs() {
     let db = Db::new();
-    db.ok(&["queue", "create", "slow"]);
-    let id = db.send("slow", &json!({ "sleep": true }));
+    // A short lease: the worker extends it often, and learns of the cancel at once.
+    db.ok(&["queue", "create", "slow", "--lease", "2s"]);
     let nothing = db.ok(&["job", "list", "slow", "--state", "archived"]);
     assert!(
         nothing.stderr.contains("queue slow keeps no history"),
         "{}",
         nothing.stderr
     );
-    let (mut worker, _) = db.spawn(&["work", "slow", "--exec", "sleep 600"]);
+    let pid_file = db.path("handler.pid");
+    let script = format!("echo $$ > {}; exec sleep 600", sh_quote(&pid_file));
+    let (mut worker, _) = db.spawn(&["work", "slow", "--exec", &script]);
+    // Sent once the worker is registered: a claim names the process it registered as.
+    eventually("the worker registered", SHORT, || {
+        db.stats()["processes"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    });
+    let id = db.send("slow", &json!({ "sleep": true }));
     eventually("the job in flight", SHORT, || {
         listed(&db, &["slow", "--state", "in_flight"]) == vec![id]
     });
@@ -307,12 +316,48 @@ fn a_running_job_is_listed_in_flight_and_shown_with_its_lease() {
     assert_eq!(job["state"], "in_flight");
     assert_eq!(job["attempts"], 1);
     assert!(job["lease_until"].is_string(), "{job:#}");
+    assert_eq!(
+        job["held_by"]["pid"],
+        worker.0.id(),
+        "the holder is the worker process: {job:#}"
+    );
     let shown = db.ok(&["job", "show", &id.to_string()]).stdout;
-    assert!(shown.contains("in_flight"), "{shown}");
-    assert!(shown.contains("lease_until"), "{shown}");
+    for expected in [
+        "in_flight",
+        "lease_until",
+        "held_by",
+        &format!("pid {}", worker.0.id()),
+    ] {
+        assert!(shown.contains(expected), "{expected:?} not in:\n{shown}");
+    }
+
+    // Cancelled: the handler's process ends, the job is gone, the worker goes on.
+    eventually("the handler started", SHORT, || {
+        lines(&pid_file)
+            .first()
+            .is_some_and(|l| l.trim().parse::<u32>().is_ok())
+    });
+    let handler = lines(&pid_file)[0].trim().to_owned();
+    let out = db.ok(&["job", "cancel", &id.to_string()]);
+    assert_eq!(out.stdout, "cancelled 1 of 1\n");
+    eventually("the handler stopped", LONG, || {
+        !std::path::Path::new(&format!("/proc/{handler}")).exists()
+    });
+    assert_eq!(
+        listed(&db, &["slow", "--state", "in_flight"]),
+        Vec::<i64>::new()
+    );
+    assert_eq!(listed(&db, &["slow", "--state", "dead"]), Vec::<i64>::new());
+    one_line_error(db.run(&["job", "show", &id.to_string()]), 1, &["no job"]);
+    assert!(
+        matches!(worker.0.try_wait(), Ok(None)),
+        "the worker runs on"
+    );
     terminate(&worker.0);
-    wait_deadline(&mut worker.0, SHORT);
-    worker.stop();
+    assert!(
+        wait_deadline(&mut worker.0, SHORT).is_some_and(|s| s.success()),
+        "nothing left to drain"
+    );
 }
 
 #[test]
