@@ -354,10 +354,10 @@ async fn list(backend: &PgBackend, console: &Console, args: ListArgs) -> anyhow:
         Order::NewestFirst
     };
     let cursor = args.cursor.map(Cursor);
-    let page = console
-        .list(&filter, order, cursor.as_ref(), usize::from(args.limit))
-        .await?;
-    let counts = console.counts(&queue).await?;
+    let (page, counts) = tokio::try_join!(
+        console.list(&filter, order, cursor.as_ref(), usize::from(args.limit)),
+        console.counts(&queue),
+    )?;
     if args.json {
         println!(
             "{}",
