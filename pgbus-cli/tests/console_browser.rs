@@ -197,12 +197,14 @@ fn jobs_are_filtered_by_group_and_state_and_the_queue_paused_from_the_page() {
     // Pause and resume, each confirmed and in the audit log.
     page.browser.click("#queue-toggle");
     page.browser.wait("the queue paused", |b| {
-        b.js(r##"return !document.querySelector("#queue-paused").hidden;"##) == json!(true)
+        b.js(r##"return document.querySelector("#queue-paused").checkVisibility();"##)
+            == json!(true)
     });
     assert_eq!(db.queue_stats("shop")["paused"], json!(true));
     page.browser.click("#queue-toggle");
     page.browser.wait("the queue resumed", |b| {
-        b.js(r##"return document.querySelector("#queue-paused").hidden;"##) == json!(true)
+        b.js(r##"return document.querySelector("#queue-paused").checkVisibility();"##)
+            == json!(false)
     });
     assert_eq!(db.queue_stats("shop")["paused"], json!(false));
     assert_eq!(page.asked(), ["pause queue shop?", "resume queue shop?"]);
@@ -269,7 +271,7 @@ fn a_retried_dead_job_leaves_the_dead_list_live() {
         r#"#jobs tr[data-id="{first}"] input[type=checkbox]"#
     ));
     page.browser.wait("the paused note", |b| {
-        b.js(r##"return !document.querySelector("#paused-note").hidden;"##) == json!(true)
+        b.js(r##"return document.querySelector("#paused-note").checkVisibility();"##) == json!(true)
     });
     page.browser
         .click(r#"#bulk-actions button[data-action="retry"]"#);
