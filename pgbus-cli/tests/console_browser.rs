@@ -301,18 +301,25 @@ fn a_retried_dead_job_leaves_the_dead_list_live() {
 fn a_cancelled_running_job_stops_its_handler() {
     let db = Db::new();
     db.ok(&["queue", "create", "slow", "--lease", "2s"]);
-    let id = db.send("slow", &json!({ "report": "yearly" }));
     let pid_file = db.path("handler.pid");
     let command = format!("echo $$ > {}; exec sleep 600", sh_quote(&pid_file));
     let (mut worker, _) = db.spawn(&["work", "slow", "--exec", &command]);
+    // Registered first, so its claim names it as the holder.
+    eventually("the worker registered", SHORT, || {
+        db.stats()["processes"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    });
+    let id = db.send("slow", &json!({ "report": "yearly" }));
     let pid = read_pid(&pid_file);
     assert!(running(pid));
 
     let page = Page::open(&db, &format!("queue=slow&state=in_flight&job={id}"));
     page.wait_rows("the running job", &[id]);
+    let holder = format!("pid {})", worker.0.id());
     page.browser.wait("its holder", |b| {
         b.text("#detail-fields")
-            .is_some_and(|t| t.contains("process"))
+            .is_some_and(|t| t.contains(&holder))
     });
     page.browser.screenshot("console-cancel-running-before");
     page.browser
