@@ -361,6 +361,9 @@ impl PgBackend {
         if messages.iter().any(crate::unique::is_keyed) {
             return crate::unique::send_keyed(client, queue, messages, notify).await;
         }
+        if let Some(conn) = pooled.filter(|_| messages.len() >= crate::bulk::BULK_MIN) {
+            return crate::bulk::send(conn, queue, &messages, notify).await;
+        }
         let columns = Columns::new(queue, messages.iter());
         // On a pooled connection the statement is prepared once per connection (one
         // round trip per send, no parse or plan); in the caller's client it goes unnamed
