@@ -154,6 +154,27 @@ fn a_job_is_found_by_its_id() {
         "the view is in the address, to link"
     );
     page.browser.screenshot("console-find-by-id");
+
+    // A large payload: its start is shown, the whole is a download.
+    let big = db.send("orders", &json!({ "blob": "x".repeat(100 * 1024) }));
+    page.browser
+        .js(r##"document.querySelector("#find-id").value = ""; return null;"##);
+    page.browser.type_text("#find-id", &big.to_string());
+    page.browser.click("#find button");
+    page.browser.wait("the download link", |b| {
+        b.js(r##"return document.querySelector("#detail-download").checkVisibility();"##)
+            == json!(true)
+    });
+    let href = page
+        .browser
+        .js(r##"return document.querySelector("#detail-download").getAttribute("href");"##);
+    assert_eq!(href, json!(format!("/api/jobs/{big}/payload")));
+    assert!(
+        page.browser
+            .text("#detail-payload-note")
+            .is_some_and(|n| n.contains("the first part of")),
+        "the cut is said"
+    );
     page.close();
 }
 
