@@ -10,7 +10,7 @@ mod browser;
 use browser::Browser;
 
 #[test]
-fn the_dashboard_shows_queues_live_and_retries_dead_letters() {
+fn the_dashboard_shows_queues_live_and_opens_their_jobs_in_the_console() {
     let db = Db::new();
     let served = Served::start(&db, free_port(), &[], &[]);
     let browser = Browser::start();
@@ -43,84 +43,27 @@ fn the_dashboard_shows_queues_live_and_retries_dead_letters() {
         "3 jobs done in the last minute"
     );
 
-    // A dead letter, retried by a click.
+    // A dead letter is counted, and its count opens the dead jobs in the console.
     db.ok(&["queue", "create", "failing", "--max-attempts", "1"]);
     let id = db.send("failing", &json!({ "order": 42 }));
     db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
-    browser.wait("the failing queue in the dead-letter picker", |b| {
-        b.js(r##"return Array.from(document.querySelectorAll("#dead-queue option"), o => o.value).includes("failing");"##)
-            == json!(true)
-    });
-    browser.js(
-        r##"const s = document.querySelector("#dead-queue"); s.value = "failing"; s.dispatchEvent(new Event("change")); return null;"##,
-    );
-    let row = format!(r#"#dead tr[data-id="{id}"]"#);
-    browser.wait("the dead letter", |b| b.text(&row).is_some());
-    let shown = browser.text(&row).unwrap();
-    assert!(
-        shown.contains(r#"{"order":42}"#),
-        "the payload is shown: {shown}"
-    );
     let dead = r#"tr[data-queue="failing"] td[data-field="dead_lettered"]"#;
     browser.wait("one dead letter in the queue table", |b| {
         b.text(dead).as_deref() == Some("1")
     });
     browser.screenshot("dashboard");
-    browser.click(&format!("{row} button"));
-    browser.wait("the retry confirmed", |b| {
-        b.text("#message")
-            .is_some_and(|m| m.contains("retried 1 in failing"))
+    browser.click(&format!("{dead} a"));
+    browser.wait("the console", |b| {
+        b.js("return location.pathname + location.hash;")
+            == json!("/console#queue=failing&state=dead")
     });
-    browser.wait("the dead letter gone", |b| b.text(&row).is_none());
-    browser.wait("the retried message ready again", |b| {
-        b.text(r#"tr[data-queue="failing"] td[data-field="ready"]"#)
-            .as_deref()
-            == Some("1")
-    });
-    let stats = db.queue_stats("failing");
-    assert_eq!(
-        (stats["ready"].as_u64(), stats["dead_lettered"].as_u64()),
-        (Some(1), Some(0))
-    );
-    browser.screenshot("dashboard-after-retry");
-
-    // "discard listed" asks first, and discards only what the list showed: a dead letter
-    // that arrives after the list was drawn is kept.
-    db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
-    let second = db.send("failing", &json!({ "order": 43 }));
-    db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
-    browser.js(
-        r##"const s = document.querySelector("#dead-queue"); s.dispatchEvent(new Event("change")); return null;"##,
-    );
-    for listed in [id, second] {
-        let row = format!(r#"#dead tr[data-id="{listed}"]"#);
-        browser.wait("the dead letters listed", |b| b.text(&row).is_some());
-    }
-    // The list stays as drawn (the page redraws it every 5 s; a slow machine could
-    // otherwise show the late one before the click).
-    browser.js(
-        r##"const real = window.fetch; window.fetch = (url, options) => String(url).includes("/dead?") ? new Promise(() => {}) : real(url, options); return null;"##,
-    );
-    let late = db.send("failing", &json!({ "order": 44 }));
-    db.work(&["failing", "--exec", "exit 65", "--until-empty"]);
-    assert_eq!(db.dead("failing").len(), 3);
-    browser.js(
-        r##"window.confirm = (question) => { window.asked = question; return true; }; return null;"##,
-    );
-    browser.click("#dead-discard-all");
-    browser.wait("the discard confirmed", |b| {
-        b.text("#message")
-            .is_some_and(|m| m.contains("discarded 2 in failing"))
-    });
-    let asked = browser.js("return window.asked;");
+    let row = format!(r#"#jobs tr[data-id="{id}"]"#);
+    browser.wait("the dead letter in the console", |b| b.text(&row).is_some());
+    let shown = browser.text(&row).unwrap_or_default();
     assert!(
-        asked
-            .as_str()
-            .is_some_and(|q| q.contains("Discard the 2 dead letters")),
-        "{asked}"
+        shown.contains(r#"{"order":42}"#) && shown.contains("exit 65"),
+        "the payload and the error are shown: {shown}"
     );
-    let kept: Vec<i64> = db.dead("failing").into_keys().collect();
-    assert_eq!(kept, [late], "only the late dead letter is kept");
     drop(browser);
     assert!(served.stop().success());
 }
