@@ -13,8 +13,13 @@ function cell(row, text, cls) {
   return td;
 }
 
+// Fills a table's body with a row per item; redrawn only when the items changed, so a
+// row (a link, a button) is not replaced under the pointer for nothing.
 function fill(tableId, items, render, emptyText) {
   const body = document.querySelector("#" + tableId + " tbody");
+  const drawn = JSON.stringify([items || [], emptyText || ""]);
+  if (body.dataset.drawn === drawn) return;
+  body.dataset.drawn = drawn;
   body.replaceChildren();
   if (!items || items.length === 0) {
     const row = body.insertRow();

@@ -127,10 +127,20 @@ impl Browser {
         }
     }
 
+    /// Clicks the element matching `css`; found again when the page redrew it between
+    /// the finding and the click.
     pub fn click(&self, css: &str) {
-        self.runtime
-            .block_on(async { self.client().find(Locator::Css(css)).await?.click().await })
-            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+        let deadline = Instant::now() + VISIBLE;
+        loop {
+            let clicked = self
+                .runtime
+                .block_on(async { self.client().find(Locator::Css(css)).await?.click().await });
+            match clicked {
+                Ok(()) => return,
+                Err(e) if e.to_string().contains("stale element") && Instant::now() < deadline => {}
+                Err(e) => panic!("clicking {css}: {e}"),
+            }
+        }
     }
 
     /// Types `text` into the input matching `css` (after what it holds).
