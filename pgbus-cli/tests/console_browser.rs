@@ -287,13 +287,25 @@ fn a_retried_dead_job_leaves_the_dead_list_live() {
     let page = Page::open(&db, "queue=billing&state=dead");
     page.wait_rows("both dead letters", &[second, first]);
 
+    // Selecting text holds the updates too, until the selection is gone.
+    let note_shown =
+        |b: &Browser| b.js(r##"return document.querySelector("#paused-note").checkVisibility();"##);
+    page.browser.js(
+        r##"getSelection().selectAllChildren(document.querySelector("#jobs tbody")); return null;"##,
+    );
+    page.browser
+        .wait("the paused note", |b| note_shown(b) == json!(true));
+    page.browser
+        .js("getSelection().removeAllRanges(); return null;");
+    page.browser
+        .wait("the paused note gone", |b| note_shown(b) == json!(false));
+
     // Ticked: the live updates wait, and say so.
     page.browser.click(&format!(
         r#"#jobs tr[data-id="{first}"] input[type=checkbox]"#
     ));
-    page.browser.wait("the paused note", |b| {
-        b.js(r##"return document.querySelector("#paused-note").checkVisibility();"##) == json!(true)
-    });
+    page.browser
+        .wait("the paused note", |b| note_shown(b) == json!(true));
     page.browser
         .click(r#"#bulk-actions button[data-action="retry"]"#);
     page.wait_rows("the retried one gone", &[second]);
