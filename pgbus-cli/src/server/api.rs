@@ -34,7 +34,7 @@ use super::error::{bad_request, queue, require_json, ApiError};
 use crate::support::json::dead_json;
 
 /// The OpenAPI 3.1 document of the API, written by hand (a test holds it to the routes).
-pub(crate) const OPENAPI: &str = include_str!("openapi.json");
+const OPENAPI: &str = include_str!("openapi.json");
 
 /// Most dead letters one request lists.
 const DEAD_LISTED_MAX: usize = 1_000;

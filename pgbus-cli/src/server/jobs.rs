@@ -35,7 +35,7 @@ use crate::support::json::{audit_json, counts_json, job_detail_json, page_json};
 /// Jobs on a page when the request does not say.
 const DEFAULT_PAGE: usize = 50;
 /// Most ids one action names (a larger selection is a filter with its bound).
-pub(crate) const MAX_ACTION_IDS: usize = 10_000;
+const MAX_ACTION_IDS: usize = 10_000;
 /// Audit entries per request when it does not say, and at most.
 const DEFAULT_AUDIT: usize = 50;
 const MAX_AUDIT: usize = 500;
