@@ -54,8 +54,20 @@ fn harness_args(args: &BenchArgs, cwd: &Path) -> Vec<OsString> {
     out
 }
 
+/// The harness's cargo features: the full run also measures the peer (`peer_pgmq`, which
+/// pulls in the `pgmq` crate and sqlx); the quick run, CI's, stays without it, quick to
+/// build.
+fn harness_features(args: &BenchArgs) -> &'static [&'static str] {
+    if args.quick {
+        &[]
+    } else {
+        &["--features", "peer"]
+    }
+}
+
 /// Runs `cargo run --release -p pgbus-benches --bin pgbus-bench -- <args>` in the workspace
-/// root with inherited stdio, and exits as it did.
+/// root with inherited stdio (with `--features peer` for the full run), and exits as it
+/// did.
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let cwd = std::env::current_dir().context("could not read the current directory")?;
@@ -68,8 +80,9 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             "pgbus-benches",
             "--bin",
             "pgbus-bench",
-            "--",
         ])
+        .args(harness_features(args))
+        .arg("--")
         .args(harness_args(args, &cwd))
         .status()
         .with_context(|| format!("could not run {}", Path::new(&cargo).display()))?;
@@ -148,5 +161,14 @@ mod tests {
             ["--out", "/tmp/b"].map(OsString::from)
         );
         assert!(harness_args(&BenchArgs::default(), Path::new("/")).is_empty());
+    }
+
+    #[test]
+    fn only_the_full_run_builds_the_peer() {
+        assert_eq!(
+            harness_features(&BenchArgs::default()),
+            ["--features", "peer"]
+        );
+        assert!(harness_features(&parse(&args(&["--quick"])).unwrap()).is_empty());
     }
 }
