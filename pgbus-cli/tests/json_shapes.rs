@@ -303,6 +303,27 @@ fn every_json_output_and_api_answer_has_the_documented_shape() {
             && overview["groups"].as_array().is_some_and(|g| !g.is_empty())
     });
     shapes.insert("GET /api/overview".into(), shape(&get("/api/overview")));
+    // The console's: a listing of jobs in flight, and one shape of the details of a dead
+    // letter (with its attempt history), an event copy and a job in flight.
+    let in_flight = get("/api/jobs?queue=slow&state=in_flight");
+    shapes.insert("GET /api/jobs".into(), shape(&in_flight));
+    let copies = get("/api/jobs?queue=jobs&state=ready");
+    let detail = [&in_flight, &copies]
+        .into_iter()
+        .flat_map(|page| page["jobs"].as_array().cloned().unwrap_or_default())
+        .map(|job| job["id"].as_i64().expect("an id"))
+        .chain([dead_id])
+        .map(|id| shape(&get(&format!("/api/jobs/{id}"))))
+        .reduce(|a, b| merge(&a, &b))
+        .expect("jobs to show");
+    shapes.insert("GET /api/jobs/{id}".into(), detail);
+    shapes.insert(
+        "POST /api/jobs/actions".into(),
+        shape(&post(
+            "/api/jobs/actions",
+            json!({ "action": "priority", "ids": [dead_id], "priority": 1 }),
+        )),
+    );
     shapes.insert(
         "GET /api/queues/{q}/dead".into(),
         shape(&get("/api/queues/failing/dead")),
@@ -318,6 +339,7 @@ fn every_json_output_and_api_answer_has_the_documented_shape() {
         "POST /api/queues/{q}/pause".into(),
         shape(&post("/api/queues/jobs/pause", json!({}))),
     );
+    shapes.insert("GET /api/audit".into(), shape(&get("/api/audit")));
     shapes.insert(
         "an API error".into(),
         shape(&get("/api/queues/No%20Such/dead")),

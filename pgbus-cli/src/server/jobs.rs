@@ -30,7 +30,7 @@ use serde_json::{json, Map, Value};
 use super::app::App;
 use super::auth::Actor;
 use super::error::{bad_request, not_found, queue, require_json, ApiError};
-use crate::support::json::{audit_json, counts_json, job_detail_json, page_json};
+use crate::support::json::{audit_json, job_detail_json, job_list_json};
 
 /// Jobs on a page when the request does not say.
 const DEFAULT_PAGE: usize = 50;
@@ -127,7 +127,7 @@ fn filter(mut params: BTreeMap<String, String>) -> Result<JobFilter, ApiError> {
     Ok(filter)
 }
 
-/// `GET /api/jobs`: one page (`page_json`) and the queue's counts (`"counts"`).
+/// `GET /api/jobs`: one page and the queue's counts, as `pgbus job list --json` prints them.
 async fn list(
     State(app): State<App>,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
@@ -153,9 +153,7 @@ async fn list(
         console.list(&filter, order, cursor.as_ref(), limit),
         console.counts(&filter.queue),
     )?;
-    let mut body = page_json(&page);
-    body["counts"] = counts_json(&counts);
-    Ok(Json(body))
+    Ok(Json(job_list_json(&page, &counts)))
 }
 
 /// `GET /api/jobs/{id}`.
