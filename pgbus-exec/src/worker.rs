@@ -577,12 +577,16 @@ impl<B: Backend> Worker<B> {
             shortest_lease,
             stop_background.clone(),
         ));
+        // Registered before the first claim, so every lease names its holder (a failure
+        // is logged and the heartbeat tries again; claims then name none meanwhile).
+        let mut entry = ProcessEntry::new(Arc::clone(&self.shared), Arc::clone(&report));
+        let interval = self.config.heartbeat_interval;
+        entry.beat(&self.backend, 0, interval).await;
         background.spawn(heartbeat(
             self.backend.clone(),
-            Arc::clone(&self.shared),
-            Arc::clone(&report),
+            entry,
             Arc::clone(&pool),
-            self.config.heartbeat_interval,
+            interval,
             stop_background.clone(),
         ));
 
@@ -1428,19 +1432,18 @@ impl ProcessEntry {
 /// The plain worker's registry heartbeat, on the backend's pool.
 async fn heartbeat<B: Backend>(
     backend: B,
-    shared: Arc<Shared>,
-    report: Arc<Counters>,
+    mut entry: ProcessEntry,
     pool: Arc<dyn ExecutionPool>,
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut entry = ProcessEntry::new(shared, report);
+    // The first beat (the registration) ran before the claims started.
     loop {
-        entry.beat(&backend, pool.metadata().busy, interval).await;
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
+        entry.beat(&backend, pool.metadata().busy, interval).await;
     }
     entry.end(&backend).await;
 }

@@ -190,11 +190,8 @@ async fn claims_record_the_process_that_holds_the_lease() {
         })
         .build_mixed()
         .unwrap();
-    let monitor = worker.monitor();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(worker.run(stop.clone()));
-    let process = registered(&monitor).await;
-
+    // Waiting before the worker starts: its first claims come right after it starts,
+    // and still name it (it registers before claiming).
     let ids = backend
         .send_batch(
             &q,
@@ -206,6 +203,10 @@ async fn claims_record_the_process_that_holds_the_lease() {
         )
         .await
         .unwrap();
+    let monitor = worker.monitor();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    let process = registered(&monitor).await;
     let mut running = Vec::new();
     for _ in &ids {
         let id = tokio::time::timeout(DEADLINE, started.recv())
