@@ -604,6 +604,39 @@ fn actions_change_what_the_lists_show_and_are_audited() {
         ),
         1
     );
+
+    // Changes made outside `pgbus job` are in the log too: a queue's pause and resume, and
+    // `pgbus dlq`'s retry and discard, with what they changed.
+    let before = count(&db.url, "SELECT count(*) FROM pgbus.audit_log");
+    as_tester(&db, &["queue", "pause", "tasks"]).ok();
+    as_tester(&db, &["queue", "resume", "tasks"]).ok();
+    as_tester(&db, &["dlq", "discard", "tasks", "--all"]).ok();
+    assert_eq!(
+        count(&db.url, "SELECT count(*) FROM pgbus.audit_log") - before,
+        3
+    );
+    let audit = db.ok(&["job", "audit", "--json", "--limit", "3"]).json();
+    let entries: Vec<(&str, &str, &Value)> = audit
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or_default(),
+                e["action"].as_str().unwrap_or_default(),
+                &e["detail"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("cli:tester", "discard", &json!({ "all": true })),
+            ("cli:tester", "resume", &json!({})),
+            ("cli:tester", "pause", &json!({})),
+        ],
+        "newest first"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ use pgbus_pg::console::{
 };
 use pgbus_pg::PgBackend;
 
+use crate::support::audit::cli_actor;
 use crate::support::database::Database;
 use crate::support::json::{audit_json, job_detail_json, job_list_json};
 use crate::support::output::{self, Align, Table};
@@ -437,7 +438,7 @@ async fn act(console: &Console, action: &Action, ids: Ids) -> anyhow::Result<Exi
     }
     let asked = distinct.len() as u64;
     let changed = console
-        .act(&actor(), action, &Target::Ids(distinct))
+        .act(&cli_actor(), action, &Target::Ids(distinct))
         .await?;
     let (verb, applies_to) = describe(action);
     println!("{verb} {changed} of {asked}");
@@ -480,15 +481,6 @@ async fn audit(console: &Console, args: AuditArgs) -> anyhow::Result<ExitCode> {
     }
     table.print();
     Ok(ExitCode::SUCCESS)
-}
-
-/// The audit log's actor for the command line: `cli:` and the user, as `$USER` says.
-fn actor() -> String {
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned());
-    format!("cli:{user}")
 }
 
 /// An action's past tense and the states it applies to (as `Action`'s variants say).

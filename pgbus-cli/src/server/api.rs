@@ -23,14 +23,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
-use pgbus_core::{DeadLetters, MessageId, QueueAdmin, Selection};
-use pgbus_pg::console::Console;
+use pgbus_core::{DeadLetters, MessageId, QueueAdmin, QueueName, Selection};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::app::App;
 use super::auth::Actor;
 use super::error::{bad_request, queue, require_json, ApiError};
+use crate::support::audit::{self, dead_selection};
 use crate::support::json::dead_json;
 
 /// The OpenAPI 3.1 document of the API, written by hand (a test holds it to the routes).
@@ -115,6 +115,7 @@ struct DeadSelection {
 async fn dead_action(
     State(app): State<App>,
     Path((name, action)): Path<(String, String)>,
+    actor: Actor,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -141,7 +142,31 @@ async fn dead_action(
             ))
         }
     };
+    recorded(
+        &app,
+        &actor,
+        &action,
+        &queue,
+        n,
+        dead_selection(&ids, selection.all),
+    )
+    .await?;
     Ok(Json(json!({ "queue": queue.as_str(), action: n })).into_response())
+}
+
+/// Writes the audit entry of a change made already; a failure is a 500 that says the
+/// change stands.
+async fn recorded(
+    app: &App,
+    actor: &Actor,
+    action: &str,
+    queue: &QueueName,
+    count: u64,
+    detail: serde_json::Value,
+) -> Result<(), ApiError> {
+    audit::record(&app.backend, actor.0, action, queue, count, detail)
+        .await
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}")))
 }
 
 async fn queue_action(
@@ -165,19 +190,7 @@ async fn queue_action(
     app.backend.set_paused(&queue, paused).await?;
     // After the change, so a refused one (no such queue) is not logged; the change is
     // not undone when the entry fails, the error says so.
-    Console::new(app.backend.clone())
-        .record(actor.0, &action, &queue)
-        .await
-        .map_err(|err| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!(
-                    "{} was {action}d, but its audit log entry was not written: {}",
-                    queue.as_str(),
-                    err.report()
-                ),
-            )
-        })?;
+    recorded(&app, &actor, &action, &queue, 0, json!({})).await?;
     Ok(Json(json!({ "queue": queue.as_str(), "paused": paused })).into_response())
 }
 
