@@ -10,6 +10,24 @@ ALTER TABLE pgbus.messages ADD COLUMN errors jsonb;
 ALTER TABLE pgbus.dead_letters ADD COLUMN errors jsonb;
 ALTER TABLE pgbus.archive ADD COLUMN errors jsonb;
 
+-- `errors` (an attempt history, or NULL) with one more entry, `{"attempt": attempt,
+-- "error": error, "at": now}` (the time as RFC 3339 text in UTC, to the millisecond),
+-- keeping the last 10 entries, oldest first. The entry keeps the first 4096 characters of
+-- the text: the whole text stays in `last_error` (and a dead letter's `error`), and ten
+-- copies of a long stderr would bloat the hot table's rows. The one definition of an entry
+-- that the worker's nack and dead-letter and the console's dead-letter all append. A
+-- single-expression SQL function, so the planner inlines it into the calling statement:
+-- no call overhead, no extra round trip.
+CREATE FUNCTION pgbus.append_error(errors jsonb, attempt int, error text) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT jsonb_path_query_array(
+        coalesce(errors, '[]') || jsonb_build_array(jsonb_build_object(
+            'attempt', attempt,
+            'error', left(error, 4096),
+            'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))),
+        '$[last - 9 to last]')
+$$;
+
 -- The registered process (`pgbus.processes.id`) whose worker claimed the current lease;
 -- meaningful only while `lease_until` is in the future. Not indexed, so a claim that sets
 -- it stays a HOT update.

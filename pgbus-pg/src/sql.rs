@@ -201,6 +201,14 @@ macro_rules! fence {
 /// Ack: delete current deliveries; archive those of history-keeping queues. `$fence` adds
 /// a condition to the delete (see [`fence!`]).
 ///
+/// The rows are locked first, in id order (`ORDER BY ... FOR UPDATE`), and then deleted by
+/// primary key. A delete joined to the array locks in its plan's order, which for a nested
+/// loop over `unnest` is the array's: the order the worker's jobs finished in. The
+/// console's actions on several jobs lock in id order too (`console/actions.rs`,
+/// `locked!`), so an ack and an action on overlapping jobs wait for each other instead of
+/// deadlocking. A row whose attempt changed while the ack waited (claimed again) fails the
+/// re-check and is left alone.
+///
 /// The delete returns only ids and queues: every part of one statement sees the same
 /// snapshot, taken before the delete, so the archive reads the deleted rows' columns from
 /// the table itself, and only when some queue keeps history at all (a one-time check), so
@@ -209,12 +217,18 @@ macro_rules! ack {
     ($fence:expr) => {
         concat!(
             "
-WITH done AS (
-    DELETE FROM pgbus.messages m
-    USING unnest($1::bigint[], $2::int[]) AS l(id, attempt)
-    WHERE m.id = l.id AND m.attempts = l.attempt",
+WITH locked AS (
+    SELECT m.id
+    FROM pgbus.messages m
+    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
+    WHERE m.attempts = l.attempt",
             $fence,
             "
+    ORDER BY m.id
+    FOR UPDATE OF m
+), done AS (
+    DELETE FROM pgbus.messages m
+    WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING m.id, m.queue
 ), archived AS (
     INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts, content_type,
@@ -274,41 +288,19 @@ SELECT (SELECT count(*) FROM extended),
 pub(crate) const EXTEND: &str = extend!("");
 pub(crate) const EXTEND_FENCED: &str = extend!(fence!("4"));
 
-/// `$errors` (a message's attempt history, `jsonb` or NULL) with one more entry,
-/// `{"attempt": $attempt, "error": $error, "at": now}` (the time as RFC 3339 text in UTC,
-/// to the millisecond), keeping the last 10 entries, oldest first. The entry keeps the
-/// first 4096 characters of the text: the whole text stays in `last_error` (and a dead
-/// letter's `error`), and ten copies of a long stderr would bloat the hot table's rows.
-/// Pure jsonb arithmetic in the statement that writes the row: no extra round trip.
-macro_rules! append_error {
-    ($errors:literal, $attempt:literal, $error:literal) => {
-        concat!(
-            "jsonb_path_query_array(coalesce(",
-            $errors,
-            ", '[]') || jsonb_build_array(jsonb_build_object('attempt', ",
-            $attempt,
-            ", 'error', left(",
-            $error,
-            "::text, 4096), 'at', ",
-            "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))), ",
-            "'$[last - 9 to last]')"
-        )
-    };
-}
-
 /// Gives the message back, visible again in `$3` seconds, with error `$4` recorded as its
-/// last error and appended to its attempt history. A give-back without error text (a job
-/// the pool refused, or whose group lost its slot, before its handler ran) is no failed
-/// attempt, so it leaves the history alone.
+/// last error and appended to its attempt history (`pgbus.append_error`, migration 17: the
+/// last 10 entries). A give-back without error text (a job the pool refused, or whose
+/// group lost its slot, before its handler ran) is no failed attempt, so it leaves the
+/// history alone.
 macro_rules! nack {
     ($fence:expr) => {
         concat!(
             "
 UPDATE pgbus.messages m
 SET visible_at = now() + make_interval(secs => $3), lease_until = NULL, last_error = $4,
-    errors = CASE WHEN $4::text IS NULL THEN m.errors ELSE ",
-            append_error!("m.errors", "m.attempts", "$4"),
-            " END
+    errors = CASE WHEN $4::text IS NULL THEN m.errors
+                  ELSE pgbus.append_error(m.errors, m.attempts, $4) END
 WHERE m.id = $1 AND m.attempts = $2",
             $fence
         )
@@ -318,7 +310,7 @@ pub(crate) const NACK: &str = nack!("");
 pub(crate) const NACK_FENCED: &str = nack!(fence!("5"));
 
 /// Moves the message to the dead letters with reason `$3`, which ends its attempt history
-/// (carried along).
+/// (carried along, `pgbus.append_error`).
 macro_rules! dead_letter {
     ($fence:expr) => {
         concat!(
@@ -332,9 +324,7 @@ WITH d AS (
 INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
                                 headers, group_key, payload, error, limit_key, errors)
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-       payload, $3, limit_key, ",
-            append_error!("errors", "attempts", "$3"),
-            "
+       payload, $3, limit_key, pgbus.append_error(errors, attempts, $3)
 FROM d"
         )
     };

@@ -11,10 +11,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pgbus_core::{ContentType, Error, MessageId, NewMessage, Producer, QueueName, QueueOptions};
+use pgbus_core::{
+    Consumer, ContentType, Error, Lease, MessageId, NewMessage, Producer, QueueName, QueueOptions,
+};
 use pgbus_pg::console::{
-    Action, Bound, Console, Cursor, JobFilter, JobState, Order, Page, PayloadMatch, Target,
-    COUNT_CAP, MAX_IDS, PAYLOAD_SHOWN_MAX, SCAN_WINDOW,
+    Action, Bound, Console, Cursor, JobFilter, JobState, Order, Page, PayloadMatch, Sample, Target,
+    COUNT_CAP, ERRORS_KEPT, MAX_IDS, PAYLOAD_SHOWN_MAX, SCAN_WINDOW,
 };
 use pgbus_pg::{connect, PgBackend, PgListener};
 use pgbus_tests::{create, eventually, fresh_backend};
@@ -912,6 +914,180 @@ async fn actions_on_ids_apply_where_the_state_allows() {
     );
 }
 
+/// A dead letter by the console ends the job's attempt history as the worker's does: one
+/// more entry `{"attempt": attempts, "error": "dead-lettered by <actor>", "at": now}`, the
+/// last ten kept (`pgbus.append_error`, which both call).
+#[tokio::test]
+async fn a_console_dead_letter_appends_to_the_attempt_history() {
+    let f = fixture().await;
+    let q = f.queue("history").await;
+    let fresh = f.send(&q, json_message(json!({"n": 1}))).await;
+    let failed = f.send(&q, json_message(json!({"n": 2}))).await;
+    let history: Vec<serde_json::Value> = (1..=ERRORS_KEPT as i64)
+        .map(|n| json!({"attempt": n, "error": format!("error {n}"), "at": "2026-12-06T22:00:00Z"}))
+        .collect();
+    f.sql
+        .execute(
+            "UPDATE pgbus.messages SET errors = $2, attempts = $3 WHERE id = $1",
+            &[
+                &failed,
+                &serde_json::Value::Array(history),
+                &(ERRORS_KEPT as i32),
+            ],
+        )
+        .await
+        .unwrap();
+    let before = SystemTime::now() - Duration::from_secs(60);
+    let target = Target::Ids(vec![MessageId(fresh), MessageId(failed)]);
+    let n = f
+        .console
+        .act("ops@example", &Action::DeadLetter, &target)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+
+    let fresh = f.console.job(MessageId(fresh)).await.unwrap().unwrap();
+    let entries: Vec<(u32, &str)> = fresh
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.error.as_str()))
+        .collect();
+    assert_eq!(entries, [(0, "dead-lettered by ops@example")]);
+    let at = fresh.errors[0].at;
+    assert!(
+        at > before && at < SystemTime::now() + Duration::from_secs(60),
+        "stamped now: {at:?}"
+    );
+
+    let failed = f.console.job(MessageId(failed)).await.unwrap().unwrap();
+    let entries: Vec<(u32, &str)> = failed
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.error.as_str()))
+        .collect();
+    let mut expected: Vec<(u32, String)> = (2..=ERRORS_KEPT as u32)
+        .map(|n| (n, format!("error {n}")))
+        .collect();
+    expected.push((ERRORS_KEPT as u32, "dead-lettered by ops@example".into()));
+    let expected: Vec<(u32, &str)> = expected.iter().map(|(n, e)| (*n, e.as_str())).collect();
+    assert_eq!(entries, expected, "the last ten, the reason last");
+    let stored: i32 = f
+        .sql
+        .query_one(
+            "SELECT jsonb_array_length(errors) FROM pgbus.dead_letters WHERE id = $1",
+            &[&failed.summary.id.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored, ERRORS_KEPT as i32,
+        "trimmed in the row, not only shown"
+    );
+}
+
+/// Whether `err` is PostgreSQL's deadlock error (`40P01`), found along its sources.
+fn is_deadlock(err: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+            if pg.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// A worker's batch ack and console actions on the same running jobs, at the same moment,
+/// round after round: the ack is given its leases in descending id order (a worker acks in
+/// the order its jobs finished), the console its ids in another order, and both lock in id
+/// order, so one waits for the other and neither fails with a deadlock. Every job is
+/// settled once: acked, or changed by the console.
+#[tokio::test]
+async fn acks_and_console_actions_on_the_same_jobs_never_deadlock() {
+    const ROUNDS: usize = 200;
+    const JOBS: usize = 500;
+    let f = fixture().await;
+    let q = f.queue("race").await;
+    let mut deadlocks = Vec::new();
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        let messages = (0..JOBS).map(|n| json_message(json!({ "n": n })));
+        f.backend
+            .send_batch(&q, messages.collect())
+            .await
+            .expect("send");
+        let mut leases: Vec<Lease> = f
+            .backend
+            .claim(&q, JOBS, Duration::from_secs(3600))
+            .await
+            .expect("claim")
+            .into_iter()
+            .map(|m| m.lease())
+            .collect();
+        assert_eq!(leases.len(), JOBS, "round {round}: every job claimed");
+        leases.sort_by_key(|l| std::cmp::Reverse(l.id.0));
+        // The console's ids interleaved from both ends; every other round a filter on the
+        // jobs in flight, up to what its listing saw.
+        let action = if round % 2 == 0 {
+            Action::Cancel
+        } else {
+            Action::DeadLetter
+        };
+        let target = if round % 4 < 2 {
+            let mut ids: Vec<MessageId> = leases.iter().map(|l| l.id).collect();
+            let (low, high) = ids.split_at_mut(JOBS / 2);
+            high.reverse();
+            let ids = low
+                .iter()
+                .zip(high.iter())
+                .flat_map(|(a, b)| [*a, *b])
+                .collect();
+            Target::Ids(ids)
+        } else {
+            let running = filter(&q, JobState::InFlight);
+            let page = f.page(&running, Order::NewestFirst).await;
+            Target::Filter(running, page.bound)
+        };
+        let start = tokio::sync::Barrier::new(2);
+        let ack = async {
+            start.wait().await;
+            f.backend.ack(&leases).await
+        };
+        let act = async {
+            start.wait().await;
+            f.console.act("tester", &action, &target).await
+        };
+        let (acked, acted) =
+            tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(ack, act) })
+                .await
+                .unwrap_or_else(|_| panic!("round {round} never finished"));
+        let mut settled = 0;
+        for outcome in [acked, acted] {
+            match outcome {
+                Ok(n) => settled += n,
+                Err(err) if is_deadlock(&err) => deadlocks.push(format!("round {round}: {err}")),
+                Err(err) => panic!("round {round}: {err}"),
+            }
+        }
+        if deadlocks.is_empty() {
+            assert_eq!(settled, JOBS as u64, "round {round}: each job settled once");
+        }
+        f.sql
+            .batch_execute("DELETE FROM pgbus.messages; DELETE FROM pgbus.dead_letters")
+            .await
+            .expect("clean up");
+    }
+    assert!(
+        deadlocks.is_empty(),
+        "{} deadlocks in {ROUNDS} rounds ({:?}): {deadlocks:?}",
+        deadlocks.len(),
+        started.elapsed()
+    );
+}
+
 /// A retry wakes the queue's workers: a dead letter retried comes back visible now, and a
 /// listening worker hears of it at once rather than at its next poll.
 #[tokio::test]
@@ -1139,42 +1315,14 @@ fn scans(plan: &serde_json::Value, seq: &mut Vec<String>, indexes: &mut BTreeSet
 
 /// Every console statement on 2,000,000 messages in 20 queues (each 60% ready, 30%
 /// scheduled, 10% in flight, a seventh grouped) and 100,000 dead letters (plus 100,000
-/// archived jobs): none scans the hot table or the dead letters whole.
+/// archived jobs; `Sample::FULL`, the `console` bench scenario's data): none scans the hot
+/// table or the dead letters whole.
 #[tokio::test]
 async fn no_console_query_scans_a_table_on_millions_of_rows() {
     let started = Instant::now();
     let f = fixture().await;
-    f.sql
-        .batch_execute(
-            "INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms,
-                 retry_jitter, lease_ms, keep_history, archive_retention_ms)
-             SELECT 'q' || i, 5, 1000, 60000, 0.1, 30000, true, 604800000
-             FROM generate_series(0, 19) i;
-             INSERT INTO pgbus.messages (queue, priority, visible_at, lease_until, attempts,
-                 content_type, group_key, last_error, payload)
-             SELECT 'q' || (i % 20), (i % 3)::smallint,
-                    CASE WHEN i / 20 % 10 BETWEEN 6 AND 8 THEN now() + interval '1 hour'
-                         ELSE now() - interval '1 minute' END,
-                    CASE WHEN i / 20 % 10 = 9 THEN now() + interval '1 hour' END,
-                    CASE WHEN i / 20 % 10 = 9 THEN 1 ELSE 0 END,
-                    'application/json',
-                    CASE WHEN i % 7 = 0 THEN 'g' || (i % 500) END,
-                    CASE WHEN i % 13 = 0 THEN 'boom ' || i END,
-                    convert_to('{\"n\":' || i || '}', 'UTF8')
-             FROM generate_series(1, 2000000) i;
-             INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts,
-                 content_type, headers, group_key, payload, failed_at, error)
-             SELECT 10000000 + i, 'q' || (i % 20), 0, now() - interval '1 day', 5,
-                    'application/json', '{}', CASE WHEN i % 7 = 0 THEN 'g' || (i % 500) END,
-                    '\\x7b7d', now() - i * interval '1 second', 'boom ' || i
-             FROM generate_series(1, 100000) i;
-             INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts,
-                 content_type, headers, group_key, payload, acked_at)
-             SELECT 20000000 + i, 'q' || (i % 20), 0, now() - interval '1 day', 1,
-                    'application/json', '{}', NULL, '\\x7b7d', now() - i * interval '1 second'
-             FROM generate_series(1, 100000) i;
-             ANALYZE pgbus.queues, pgbus.messages, pgbus.dead_letters, pgbus.archive;",
-        )
+    f.console
+        .seed_sample(Sample::FULL, false)
         .await
         .expect("seed");
     let seeded = started.elapsed();
@@ -1194,22 +1342,24 @@ async fn no_console_query_scans_a_table_on_millions_of_rows() {
         if !seq.is_empty() {
             offenders.push(format!("{name}: Seq Scan on {seq:?}\n{plan:#}"));
         }
-        // A first page's scan window is read through the index the design names for it. (A
-        // later page's range may be nearly empty, e.g. the dead letters' second window
-        // here, when the planner rightly reads it by primary key.)
-        let window_index = match name.split(' ').collect::<Vec<_>>()[..] {
-            [.., "later", "page"] => None,
-            ["list", "ready" | "scheduled" | "in_flight", _, "all" | "filters" | "payload", ..] => {
+        // Every page's scan window, and every batch of a selection, is read through the
+        // index the design names for it, however deep its cursor.
+        let words: Vec<&str> = name.split(' ').collect();
+        let (state, variant) = match words[..] {
+            ["list", state, _, variant, ..] | ["select", state, variant, ..] => (state, variant),
+            _ => ("", ""),
+        };
+        let window_index = match (state, variant) {
+            (_, "id") => None,
+            ("ready" | "scheduled" | "in_flight", "all" | "filters" | "payload") => {
                 Some("messages_queue_id_idx")
             }
-            ["list", "ready" | "scheduled" | "in_flight", _, "group" | "group+filters", ..] => {
+            ("ready" | "scheduled" | "in_flight", "group" | "group+filters") => {
                 Some("messages_group_idx")
             }
-            ["list", "dead", _, "all" | "filters" | "payload", ..] => {
-                Some("dead_letters_queue_id_idx")
-            }
-            ["list", "dead", _, "group" | "group+filters", ..] => Some("dead_letters_group_idx"),
-            ["list", "archived", _, variant, ..] if variant != "id" => Some("archive_queue_id_idx"),
+            ("dead", "all" | "filters" | "payload") => Some("dead_letters_queue_id_idx"),
+            ("dead", "group" | "group+filters") => Some("dead_letters_group_idx"),
+            ("archived", _) => Some("archive_queue_id_idx"),
             _ => None,
         };
         if let Some(index) = window_index {

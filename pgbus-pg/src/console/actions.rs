@@ -1,7 +1,8 @@
 //! Actions on ids or on a bounded filter, each in one transaction with its audit entry.
 //!
 //! Every action ends in the same statements over an array of ids, one per table the action
-//! applies to; each statement re-checks what the action needs of a row's state (a retry
+//! applies to; each statement locks its jobs in id order (see `locked!`: no deadlock with
+//! a worker's batch ack) and re-checks what the action needs of a row's state (a retry
 //! skips jobs in flight), so ids in other states are skipped, not refused. A filter first
 //! selects its ids, in batches of [`SELECT_BATCH`] locked with `FOR UPDATE` (claims skip
 //! them), by the filter and the bound in SQL, the payload filter in Rust.
@@ -17,7 +18,7 @@ use super::audit;
 use super::cursor::{self, Seen};
 use super::list::stored;
 use super::source::{
-    by_group, in_queue, row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER,
+    by_group, in_queue, past_cursor, row_filters, FilterValues, Source, GROUP_FILTER, ID_FILTER,
 };
 use super::stmt::Stmt;
 use super::types::{Action, Bound, JobFilter, JobState, Target, MAX_IDS};
@@ -67,15 +68,53 @@ SELECT queue, count(*), (SELECT count(*) FROM wake) FROM ",
     };
 }
 
+/// The jobs `$1` of `table` that `condition` allows, locked in id order, as `locked`.
+///
+/// Every statement that waits for the locks of several jobs takes them in this one order:
+/// the actions here, a filter's selection (`select_sql`, by id within the queue or group),
+/// and the worker's batch ack (`sql::ACK`). Two of them on overlapping jobs then queue
+/// behind each other instead of deadlocking, which they could when each locked in its own
+/// plan's order (an index scan's, a join's, the ack's array order) and took a row the
+/// other wanted next. A row that changed while waiting is re-checked against `condition`
+/// (`FOR UPDATE` reads its latest version); the statement then changes the locked rows by
+/// primary key.
+macro_rules! locked {
+    ($table:literal, $condition:literal) => {
+        concat!(
+            "
+WITH locked AS (
+    SELECT id FROM ",
+            $table,
+            "
+    WHERE id = ANY ($1)",
+            $condition,
+            "
+    ORDER BY id
+    FOR UPDATE
+)"
+        )
+    };
+}
+
+/// Jobs of the hot table that wait (ready or scheduled): a job in flight is its worker's.
+macro_rules! locked_waiting {
+    () => {
+        locked!(
+            "pgbus.messages",
+            " AND NOT coalesce(lease_until > now(), false)"
+        )
+    };
+}
+
 /// Ready and scheduled jobs `$1` become visible at `$2`, or now (a ready job keeps its
 /// earlier time, so a retry never sends it back in the claim order). Jobs in flight are
 /// left alone.
 const HOT_RETRY: &str = concat!(
-    "
-WITH changed AS (
+    locked_waiting!(),
+    ", changed AS (
     UPDATE pgbus.messages
     SET visible_at = coalesce($2, least(visible_at, now()))
-    WHERE id = ANY ($1) AND NOT coalesce(lease_until > now(), false)
+    WHERE id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING queue, visible_at
 )",
     wake!("changed")
@@ -84,9 +123,9 @@ WITH changed AS (
 /// Dead letters `$1` back in the hot table, visible at `$2` or now, with their attempts
 /// reset and their history kept (as `RETRY_DEAD` moves them).
 const DEAD_RETRY: &str = concat!(
-    "
-WITH back AS (
-    DELETE FROM pgbus.dead_letters WHERE id = ANY ($1) RETURNING *
+    locked!("pgbus.dead_letters", ""),
+    ", back AS (
+    DELETE FROM pgbus.dead_letters WHERE id = ANY (ARRAY(SELECT id FROM locked)) RETURNING *
 ), changed AS (
     INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
                                 content_type, headers, group_key, last_error, payload,
@@ -100,54 +139,69 @@ WITH back AS (
 );
 
 /// Ready and scheduled jobs `$1` get priority `$2`.
-const HOT_PRIORITY: &str = "
-WITH changed AS (
+const HOT_PRIORITY: &str = concat!(
+    locked_waiting!(),
+    ", changed AS (
     UPDATE pgbus.messages SET priority = $2
-    WHERE id = ANY ($1) AND NOT coalesce(lease_until > now(), false)
+    WHERE id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING queue
 )
-SELECT queue, count(*) FROM changed GROUP BY queue";
+SELECT queue, count(*) FROM changed GROUP BY queue"
+);
 
-const DEAD_PRIORITY: &str = "
-WITH changed AS (
-    UPDATE pgbus.dead_letters SET priority = $2 WHERE id = ANY ($1) RETURNING queue
+const DEAD_PRIORITY: &str = concat!(
+    locked!("pgbus.dead_letters", ""),
+    ", changed AS (
+    UPDATE pgbus.dead_letters SET priority = $2
+    WHERE id = ANY (ARRAY(SELECT id FROM locked))
+    RETURNING queue
 )
-SELECT queue, count(*) FROM changed GROUP BY queue";
+SELECT queue, count(*) FROM changed GROUP BY queue"
+);
 
 /// Jobs `$1` leave the hot table in any state: what purge does (a batch counts them as
 /// done); a running one's worker finds its lease gone at its next extension.
-const HOT_CANCEL: &str = "
-WITH changed AS (
-    DELETE FROM pgbus.messages WHERE id = ANY ($1) RETURNING queue
+const HOT_CANCEL: &str = concat!(
+    locked!("pgbus.messages", ""),
+    ", changed AS (
+    DELETE FROM pgbus.messages WHERE id = ANY (ARRAY(SELECT id FROM locked)) RETURNING queue
 )
-SELECT queue, count(*) FROM changed GROUP BY queue";
+SELECT queue, count(*) FROM changed GROUP BY queue"
+);
 
-/// Jobs `$1` move to the dead letters with the reason `$2`, their columns copied as the
-/// worker's dead-letter statement copies them.
-const HOT_DEAD_LETTER: &str = "
-WITH gone AS (
-    DELETE FROM pgbus.messages WHERE id = ANY ($1) RETURNING *
+/// Jobs `$1` move to the dead letters with the reason `$2` appended to their attempt
+/// history, their columns copied as the worker's dead-letter statement copies them.
+const HOT_DEAD_LETTER: &str = concat!(
+    locked!("pgbus.messages", ""),
+    ", gone AS (
+    DELETE FROM pgbus.messages WHERE id = ANY (ARRAY(SELECT id FROM locked)) RETURNING *
 ), changed AS (
     INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
                                     headers, group_key, payload, error, limit_key, errors)
     SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-           payload, $2, limit_key, errors
+           payload, $2, limit_key, pgbus.append_error(errors, attempts, $2)
     FROM gone
     RETURNING queue
 )
-SELECT queue, count(*) FROM changed GROUP BY queue";
+SELECT queue, count(*) FROM changed GROUP BY queue"
+);
 
-const DEAD_DISCARD: &str = "
-WITH changed AS (
-    DELETE FROM pgbus.dead_letters WHERE id = ANY ($1) RETURNING queue
+const DEAD_DISCARD: &str = concat!(
+    locked!("pgbus.dead_letters", ""),
+    ", changed AS (
+    DELETE FROM pgbus.dead_letters WHERE id = ANY (ARRAY(SELECT id FROM locked))
+    RETURNING queue
 )
-SELECT queue, count(*) FROM changed GROUP BY queue";
+SELECT queue, count(*) FROM changed GROUP BY queue"
+);
 
-const ARCHIVE_DISCARD: &str = "
-WITH changed AS (
-    DELETE FROM pgbus.archive WHERE id = ANY ($1) RETURNING queue
+const ARCHIVE_DISCARD: &str = concat!(
+    locked!("pgbus.archive", ""),
+    ", changed AS (
+    DELETE FROM pgbus.archive WHERE id = ANY (ARRAY(SELECT id FROM locked)) RETURNING queue
 )
-SELECT queue, count(*) FROM changed GROUP BY queue";
+SELECT queue, count(*) FROM changed GROUP BY queue"
+);
 
 /// The statement of `action` on `table`, if it applies there.
 fn statement(action: &Action, table: Table) -> Option<&'static str> {
@@ -194,13 +248,15 @@ pub(super) fn action_stmt(
 
 /// The next [`SELECT_BATCH`] jobs of a filter's selection after the id `$2` (in the order
 /// of [`in_queue`]), up to what the listing saw (`$3`, and for dead letters `($11, $3)` as
-/// `(failed_at, id)`), locked.
+/// `(failed_at, id)`), locked in id order (the queue's, or its group's: the order of
+/// `locked!`), batch after batch.
 ///
 /// Parameters: `$1` queue, `$2` after, `$3` bound id, `$4`-`$8` the filters (see
 /// [`FilterValues`]), `$9` with payloads, `$10` batch size, `$11` bound time.
 pub(super) fn select_sql(state: JobState, by_group: bool) -> String {
     let Source { table, error, .. } = state.source();
     let (within, key_order) = in_queue(by_group, "ASC");
+    let past = past_cursor(by_group, ">");
     let group = if by_group { "true" } else { GROUP_FILTER };
     let bound = match state {
         JobState::Dead => "(failed_at, id) <= ($11, $3)",
@@ -212,7 +268,7 @@ pub(super) fn select_sql(state: JobState, by_group: bool) -> String {
         "
 SELECT id, content_type, CASE WHEN $9 THEN payload ELSE ''::bytea END AS payload
 FROM {table}
-WHERE {within} AND id > $2 AND {bound}
+WHERE {within} AND {past} AND {bound}
   AND {predicate} AND {ID_FILTER} AND {group}
   AND {filters}
 ORDER BY {key_order}

@@ -58,6 +58,16 @@ fn named(mut stmt: Stmt, name: String) -> Stmt {
     stmt
 }
 
+/// Where the first page of `filter` in `order` ends: its cursor's id, or the start when it
+/// has none.
+async fn first_page_end(backend: &PgBackend, filter: &JobFilter, order: Order) -> Result<i64> {
+    let first = list(backend, filter, order, None, 50).await?;
+    match &first.next {
+        Some(next) => read_cursor(next, filter, order),
+        None => Ok(start(order)),
+    }
+}
+
 pub(super) async fn explain_all(
     backend: &PgBackend,
     queue: &QueueName,
@@ -70,21 +80,30 @@ pub(super) async fn explain_all(
     for state in JobState::ALL {
         for (variant, filter) in variants(queue, state, group_key, id) {
             let state = state.as_str();
-            for order in [Order::NewestFirst, Order::OldestFirst] {
-                let first = list(backend, &filter, order, None, 50).await?;
-                // The second page starts where the first one's cursor says.
-                let later = match &first.next {
-                    Some(next) => read_cursor(next, &filter, order)?,
-                    None => start(order),
-                };
-                for (page, after) in [("first", start(order)), ("later", later)] {
+            // Each order's first page ends where the second page starts, and, for the other
+            // order, a page deep in the queue: its window holds the queue's last rows that
+            // way, a small range of ids, where reading the primary key looks cheap.
+            let newest_end = first_page_end(backend, &filter, Order::NewestFirst).await?;
+            let oldest_end = first_page_end(backend, &filter, Order::OldestFirst).await?;
+            for (order, later, deep) in [
+                (Order::NewestFirst, newest_end, oldest_end),
+                (Order::OldestFirst, oldest_end, newest_end),
+            ] {
+                let pages = [("first", start(order)), ("later", later), ("deep", deep)];
+                for (page, after) in pages {
                     let stmt = list_stmt(&filter, order, after, 50)?;
                     let name = format!("list {state} {order:?} {variant} {page} page");
                     stmts.push(named(stmt, name));
                 }
             }
-            let stmt = select_stmt(&filter, i64::MAX, Some(SystemTime::now()), i64::MIN)?;
-            stmts.push(named(stmt, format!("select {state} {variant}")));
+            // A selection's first batch, and one near the queue's end (batches go up by id).
+            for (batch, after) in [("first", i64::MIN), ("last", newest_end)] {
+                let stmt = select_stmt(&filter, i64::MAX, Some(SystemTime::now()), after)?;
+                stmts.push(named(
+                    stmt,
+                    format!("select {state} {variant} {batch} batch"),
+                ));
+            }
         }
     }
     stmts.push(counts_stmt(queue));

@@ -8,7 +8,8 @@ use tokio_postgres::Row;
 use super::cursor::{self, Seen};
 use super::payload::Stored;
 use super::source::{
-    by_group, in_queue, row_filters, FilterValues, Source, GROUP_FILTER, HOT, ID_FILTER,
+    by_group, in_queue, past_cursor, row_filters, FilterValues, Source, GROUP_FILTER, HOT,
+    ID_FILTER,
 };
 use super::stmt::Stmt;
 use super::types::{
@@ -46,6 +47,7 @@ pub(super) fn list_sql(state: JobState, order: Order, by_group: bool) -> String 
         Order::OldestFirst => (">", "ASC", "max"),
     };
     let (within, key_order) = in_queue(by_group, dir);
+    let past = past_cursor(by_group, cmp);
     let hit_group = if by_group { "true" } else { GROUP_FILTER };
     let predicate = state.predicate("at");
     let filters = row_filters("error");
@@ -56,7 +58,7 @@ WITH scan AS (
     SELECT id, priority, group_key, attempts, enqueued_at, {at} AS at,
            {lease} AS lease_until, {error} AS error
     FROM {table}
-    WHERE {within} AND id {cmp} $2 AND {ID_FILTER}
+    WHERE {within} AND {past} AND {ID_FILTER}
     ORDER BY {key_order}
     LIMIT $3
 ), edge AS (

@@ -28,10 +28,13 @@ mod detail;
 mod explain;
 mod list;
 mod payload;
+mod sample;
 mod source;
 mod stmt;
 mod types;
 
+#[doc(hidden)]
+pub use sample::{Sample, SAMPLE_QUEUES};
 pub use types::{
     Action, AttemptError, AuditEntry, Bound, Count, Cursor, EventOrigin, Holder, JobDetail,
     JobFilter, JobState, JobSummary, Order, Page, PayloadMatch, Target, COUNT_CAP, ERRORS_KEPT,
@@ -103,6 +106,15 @@ impl Console {
     /// The audit log, newest first, at most `limit` entries, with ids below `before`.
     pub async fn audit(&self, limit: usize, before: Option<i64>) -> Result<Vec<AuditEntry>> {
         audit::audit(&self.backend, limit, before).await
+    }
+
+    /// Writes the console's sample data set into the (fresh, migrated) database: queues
+    /// `q0` to `q19` with `sample`'s messages in every state, dead letters, archived jobs
+    /// and audit entries, then `ANALYZE` (`VACUUM ANALYZE` with `vacuum`). What the
+    /// `EXPLAIN` test and the `console` bench scenario run on; not part of the stable API.
+    #[doc(hidden)]
+    pub async fn seed_sample(&self, sample: Sample, vacuum: bool) -> Result<()> {
+        sample::seed(&self.backend, sample, vacuum).await
     }
 
     /// `EXPLAIN (FORMAT JSON)` of every statement the console runs, built by the same

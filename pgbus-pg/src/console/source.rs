@@ -125,6 +125,22 @@ pub(super) fn in_queue(by_group: bool, dir: &str) -> (&'static str, String) {
     }
 }
 
+/// The rows of [`in_queue`] past the cursor `$2` in direction `cmp` (`<` or `>`).
+///
+/// Written as a row comparison over the index's own columns, not as `id < $2`: with a
+/// plain id condition the planner read the primary key for cursors deep in a queue (ids
+/// past them are few, so a range of the primary key, sorted, looked cheaper), filtering out
+/// every other queue's rows of that range: 300,000 rows for a 5,000-row window, 100 ms on
+/// the console's sample. No plan can take a row comparison as a bound of the primary key,
+/// so only the queue's index serves the scan, and it starts at the cursor.
+pub(super) fn past_cursor(by_group: bool, cmp: &str) -> String {
+    if by_group {
+        format!("(queue, group_key, id) {cmp} ($1, $5, $2)")
+    } else {
+        format!("(queue, id) {cmp} ($1, $2)")
+    }
+}
+
 /// The id filter (`$4`).
 pub(super) const ID_FILTER: &str = "($4::bigint IS NULL OR id = $4)";
 
