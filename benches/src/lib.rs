@@ -55,6 +55,10 @@
 //!     READ` snapshot is held for the middle phase (full: 60 s of 180; quick: 5 s of 20):
 //!     claim p50/p99 per phase, backlog peak, dead tuples of `pgbus.messages`, and the
 //!     time the backlog takes to come back after the snapshot ends.
+//! 13. `console`: the operator's console on 2,000,000 messages, 100,000 dead letters and
+//!     100,000 archived jobs: p50/p99 of each page's call (first pages per state and order,
+//!     a group, a rare error filter window by window, a deep cursor, counts, a job's
+//!     detail, the audit log).
 //!
 //! `--only NAME,...` runs some scenarios only.
 //!
@@ -89,8 +93,8 @@ use report::{thousands, Curve, Figure, Report, Scenario, Series, Target, Unit, B
 #[cfg(feature = "peer")]
 use report::{PEER, PEER_DRAIN_PREFIX, PEER_PGBUS_SEND, PEER_SEND};
 use scenarios::{
-    backlog, drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql, stream_fanout,
-    stream_publish, worker_run, xmin_pinned,
+    backlog, console, drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql,
+    stream_fanout, stream_publish, worker_run, xmin_pinned,
 };
 use server::Server;
 use stats::{ms, Summary};
@@ -233,6 +237,11 @@ async fn run_scenarios(
     }
     if options.runs("xmin_pinned") {
         scenarios.push(run_xmin_pinned(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
+    }
+    if options.runs("console") {
+        scenarios.push(console::scenario(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
         note_statements(server, &mut scenarios).await?;
     }
@@ -1598,6 +1607,7 @@ fn targets(report: &Report) -> Vec<Target> {
             }
         }
     }
+    targets.extend(console::target(report));
     targets
 }
 

@@ -14,9 +14,9 @@ Options:
   --only SCENARIOS      Run only these scenarios (comma-separated): raw_sql, drain,
                         peer_pgmq, enqueue, publish_fanout, io_bound, groups,
                         latency, stream_fanout, stream_publish, backlog,
-                        xmin_pinned; raw_sql and drain run together; peer_pgmq
-                        needs the `peer` feature (the full `cargo xtask bench`
-                        builds with it)
+                        xmin_pinned, console; raw_sql and drain run together;
+                        peer_pgmq needs the `peer` feature (the full `cargo xtask
+                        bench` builds with it)
   --database-url URL    Use this server instead of a throwaway local cluster; the bench
                         creates (and drops) one database per scenario run, so the URL's
                         user needs the CREATEDB privilege
@@ -38,6 +38,7 @@ pub(crate) const SCENARIOS: &[&str] = &[
     "stream_publish",
     "backlog",
     "xmin_pinned",
+    "console",
 ];
 
 /// What to run and where to put the results.
@@ -192,6 +193,10 @@ pub(crate) struct Plan {
     pub(crate) backlogs: Vec<BacklogSize>,
     /// `xmin_pinned`: the load alone, then with the snapshot held, then alone again.
     pub(crate) xmin_phases: [Duration; 3],
+    /// `console`: the data set divided by this (1: 2,000,000 messages), and calls
+    /// per operation.
+    pub(crate) console_divisor: i64,
+    pub(crate) console_calls: usize,
 }
 
 /// One backlog of `backlog`, and how many runs (each building it anew) it gets.
@@ -251,6 +256,8 @@ impl Plan {
                     Duration::from_secs(5),
                     Duration::from_millis(7_500),
                 ],
+                console_divisor: 10,
+                console_calls: 30,
             }
         } else {
             Plan {
@@ -293,6 +300,8 @@ impl Plan {
                     backlog(100_000, 5_000_000, 1),
                 ],
                 xmin_phases: [Duration::from_secs(60); 3],
+                console_divisor: 1,
+                console_calls: 200,
             }
         }
     }

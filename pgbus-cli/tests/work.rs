@@ -927,3 +927,62 @@ fn a_send_and_its_job_are_one_trace_exported_over_otlp() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Cancelling a running job
+// ---------------------------------------------------------------------------------------
+
+/// Whether process `pid` runs (a zombie, exited but not yet reaped, does not).
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses.
+    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+    !state.is_some_and(|s| s.starts_with('Z'))
+}
+
+/// Deleting a running job's message (what the console's "cancel" does) cancels the job: the
+/// worker's next lease extension finds the lease gone and says so, and the `--exec`
+/// command's process group is killed, a process it started in the background included.
+/// Nothing is written back for the job.
+#[test]
+fn a_deleted_running_job_has_its_command_killed() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "slow", "--lease", "1s"]);
+    let id = db.send("slow", &json!({ "n": 1 }));
+    let pids = db.path("pids");
+    let written = db.path("pids.tmp");
+    let script = format!(
+        "sleep 300 & echo $$ $! > {tmp}; mv {tmp} {pids}; wait",
+        tmp = sh_quote(&written),
+        pids = sh_quote(&pids)
+    );
+    let (mut worker, stderr) = db.spawn(&["work", "slow", "--exec", &script]);
+    eventually("the command to start", LONG, || pids.exists());
+    let started: Vec<u32> = std::fs::read_to_string(&pids)
+        .expect("the pids file")
+        .split_whitespace()
+        .map(|pid| pid.parse().expect("a pid"))
+        .collect();
+    assert_eq!(started.len(), 2, "the command and its background process");
+    assert!(started.iter().all(|&pid| running(pid)), "{started:?}");
+
+    execute(
+        &db.url,
+        &format!("DELETE FROM pgbus.messages WHERE id = {id}"),
+    );
+    eventually("the command's processes to be gone", LONG, || {
+        started.iter().all(|&pid| !running(pid))
+    });
+    terminate(&worker.0);
+    let status = wait_deadline(&mut worker.0, SHORT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let stderr = stderr.join().expect("the worker's stderr");
+    assert!(
+        stderr.contains(&format!("lease lost: job {id} cancelled")),
+        "{stderr}"
+    );
+    assert_eq!(db.depth("slow"), 0);
+    assert!(db.dead("slow").is_empty(), "nothing written back");
+}

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Backend, ContentType, Error, Fetcher, GroupRecovery, GroupSession, Message, MessageId,
-    NewMessage, ProcessInfo, ProcessRegistry, QueueName, QueueOptions, QueueThroughput,
+    Backend, ContentType, Error, Extension, Fetcher, GroupRecovery, GroupSession, Message,
+    MessageId, NewMessage, ProcessInfo, ProcessRegistry, QueueName, QueueOptions, QueueThroughput,
     RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
 };
 
@@ -37,6 +37,7 @@ macro_rules! conformance_tests {
             concurrent_claimers_claim_each_message_once,
             expired_lease_is_claimed_again_and_fenced,
             extended_lease_keeps_message_hidden,
+            extend_reports_the_leases_lost_elsewhere,
             ack_batch_completes_messages,
             nack_makes_message_visible_after_delay,
             retry_policy_ends_in_dead_letter_queue,
@@ -319,7 +320,11 @@ pub async fn expired_lease_is_claimed_again_and_fenced<B: Backend>(backend: B) {
         .await
         .unwrap());
     assert!(!backend.dead_letter(&stale, "late").await.unwrap());
-    assert_eq!(backend.extend(&[stale], LONG).await.unwrap(), 0);
+    assert_eq!(
+        backend.extend(&[stale], LONG).await.unwrap(),
+        Extension::new(0, vec![stale]),
+        "a lease claimed again is lost"
+    );
     assert_eq!(backend.ack(&[second.lease()]).await.unwrap(), 1);
     assert_eq!(stats_of(&backend, &q).await.depth(), 0);
 }
@@ -329,10 +334,49 @@ pub async fn extended_lease_keeps_message_hidden<B: Backend>(backend: B) {
     let q = queue(&backend, "extend").await;
     backend.send(&q, job(1)).await.unwrap();
     let m = backend.claim(&q, 1, SHORT).await.unwrap().remove(0);
-    assert_eq!(backend.extend(&[m.lease()], LONG).await.unwrap(), 1);
+    assert_eq!(
+        backend.extend(&[m.lease()], LONG).await.unwrap(),
+        Extension::new(1, Vec::new())
+    );
     assert_nothing_claimable_for(&backend, &q, SHORT + SHORT / 4).await;
     assert_eq!(stats_of(&backend, &q).await.in_flight, 1);
     assert_eq!(backend.ack(&[m.lease()]).await.unwrap(), 1);
+}
+
+/// An extension reports which leases are gone, whoever took them: acked, given back or
+/// dead-lettered elsewhere, or claimed again after running out; the current ones it extends.
+pub async fn extend_reports_the_leases_lost_elsewhere<B: Backend>(backend: B) {
+    let q = queue(&backend, "lost").await;
+    backend
+        .send_batch(&q, (1..=5).map(job).collect())
+        .await
+        .unwrap();
+    let claimed = backend.claim(&q, 4, LONG).await.unwrap();
+    let [acked, nacked, dead, current] = [0, 1, 2, 3].map(|i| claimed[i].lease());
+    let expiring = backend.claim(&q, 1, SHORT).await.unwrap().remove(0).lease();
+    assert_eq!(backend.ack(&[acked]).await.unwrap(), 1);
+    assert!(backend.nack(&nacked, LONG, Some("later")).await.unwrap());
+    assert!(backend.dead_letter(&dead, "dead").await.unwrap());
+    let again = claim_eventually(&backend, &q, LONG).await;
+    assert_eq!(
+        (again.id, again.attempts),
+        (expiring.id, expiring.attempt + 1),
+        "claimed again"
+    );
+
+    let all = [acked, nacked, dead, current, expiring, again.lease()];
+    let found = backend.extend(&all, LONG).await.unwrap();
+    assert_eq!(
+        found.extended, 2,
+        "the current and the new lease: {found:?}"
+    );
+    let lost: HashSet<_> = found.lost.iter().copied().collect();
+    assert_eq!(
+        lost,
+        HashSet::from([acked, nacked, dead, expiring]),
+        "{found:?}"
+    );
+    assert_eq!(found.lost.len(), 4, "each lost lease once: {found:?}");
 }
 
 /// One ack call settles many messages; acked messages never come back.
@@ -1015,8 +1059,16 @@ pub async fn groups_are_locked_one_owner_at_a_time_and_run_in_order<B: Backend>(
         ["b"],
         "a is in flight"
     );
-    assert!(owner.extend(&head.lease(), LONG).await.unwrap());
+    assert_eq!(
+        owner.extend(&head.lease(), LONG).await.unwrap(),
+        Extension::new(1, Vec::new())
+    );
     assert!(owner.ack(&head.lease()).await.unwrap());
+    assert_eq!(
+        owner.extend(&head.lease(), LONG).await.unwrap(),
+        Extension::new(0, vec![head.lease()]),
+        "an acked head's lease is lost"
+    );
 
     let second = owner
         .claim_head(&q, "a", LONG)

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use crate::{Lease, Message, MessageId, ProcessRegistry, QueueName, Result};
+use crate::{Extension, Lease, Message, MessageId, ProcessId, ProcessRegistry, QueueName, Result};
 
 /// One in-flight group's own session.
 pub trait GroupSession: Send + 'static {
@@ -31,6 +31,13 @@ pub trait GroupSession: Send + 'static {
         group: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Records the registered process whose worker claims on this session: later claims
+    /// name it as their lease holder (`None`: unknown). Backends that do not record lease
+    /// holders ignore it.
+    fn set_process(&mut self, process: Option<ProcessId>) {
+        let _ = process;
+    }
+
     /// Claims the group's oldest message if it is visible now (`None` when the group is
     /// empty or its head is delayed or leased). Only the lock holder may call it.
     fn claim_head(
@@ -40,8 +47,13 @@ pub trait GroupSession: Send + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Option<Message>>> + Send;
 
-    /// Extends the lease of the running head; `false` when it is no longer current.
-    fn extend(&mut self, lease: &Lease, by: Duration) -> impl Future<Output = Result<bool>> + Send;
+    /// Extends the lease of the running head, or reports it lost (see
+    /// [`Consumer::extend`](crate::Consumer::extend)).
+    fn extend(
+        &mut self,
+        lease: &Lease,
+        by: Duration,
+    ) -> impl Future<Output = Result<Extension>> + Send;
 
     /// Acks the head; `false` when the lease was no longer current.
     fn ack(&mut self, lease: &Lease) -> impl Future<Output = Result<bool>> + Send;

@@ -52,6 +52,7 @@ mod queue;
 mod retry;
 mod schedule;
 mod stream;
+mod text;
 pub mod trace;
 mod unique;
 mod wakeup;
@@ -72,8 +73,8 @@ pub use group::{GroupRecovery, GroupSession, OpenGroupSession, OrphanSightings, 
 pub use limits::{check_limit_key, KeyLimit, Limits};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession, MemoryStreamListener};
 pub use message::{
-    check_delay, check_text, DeadMessage, Headers, Lease, Message, MessageId, NewMessage,
-    Visibility, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY, MAX_GROUP_KEY_LEN,
+    check_delay, check_text, DeadMessage, Extension, Headers, Lease, Message, MessageId,
+    NewMessage, Visibility, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY, MAX_GROUP_KEY_LEN,
 };
 pub use name::{QueueName, MAX_QUEUE_NAME_LEN};
 pub use process::{
@@ -90,6 +91,7 @@ pub use stream::{
     check_stream_texts, Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal,
     StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_EVENT_TYPE_LEN, MAX_STREAM_NAME_LEN,
 };
+pub use text::OneLine;
 pub use unique::{OnConflict, Unique, UniqueStrategy, WHILE_RUNNING_PREFIX};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};
 

@@ -26,8 +26,8 @@ use crate::stream::{
     MAX_EPHEMERAL_BYTES,
 };
 use crate::{
-    ContentType, DeadMessage, Error, Headers, KeyLimit, Lease, Limits, Message, MessageId,
-    NewMessage, OnConflict, OrphanSightings, QueueName, Recovered, Result, Visibility,
+    ContentType, DeadMessage, Error, Extension, Headers, KeyLimit, Lease, Limits, Message,
+    MessageId, NewMessage, OnConflict, OrphanSightings, QueueName, Recovered, Result, Visibility,
     DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
@@ -407,21 +407,27 @@ impl Consumer for MemoryBackend {
         Ok(acked)
     }
 
-    async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
+    async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<Extension> {
         crate::check_delay("a lease", lease)?;
         let expires = SystemTime::now() + lease;
         let mut state = self.lock();
-        let mut extended = 0;
+        // Nothing here is ever busy elsewhere (one lock guards all): every lease is
+        // extended or lost.
+        let mut found = Extension::default();
         for l in leases {
-            if let Some((_, q)) = state.current(l) {
-                let m = q.messages.get_mut(&l.id.0).expect("current lease");
-                if m.leased {
+            let leased = state
+                .current(l)
+                .and_then(|(_, q)| q.messages.get_mut(&l.id.0))
+                .filter(|m| m.leased);
+            match leased {
+                Some(m) => {
                     m.visible_at = expires;
-                    extended += 1;
+                    found.extended += 1;
                 }
+                None => found.lost.push(*l),
             }
         }
-        Ok(extended)
+        Ok(found)
     }
 
     async fn nack(&self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
@@ -811,8 +817,8 @@ impl crate::GroupSession for MemoryGroupSession {
         })
     }
 
-    async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<bool> {
-        Ok(Consumer::extend(&self.backend, std::slice::from_ref(lease), by).await? == 1)
+    async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<Extension> {
+        Consumer::extend(&self.backend, std::slice::from_ref(lease), by).await
     }
 
     async fn ack(&mut self, lease: &Lease) -> Result<bool> {

@@ -271,6 +271,28 @@ pub struct Lease {
     pub attempt: u32,
 }
 
+/// What a lease extension found ([`Consumer::extend`](crate::Consumer::extend),
+/// [`GroupSession::extend`](crate::GroupSession::extend)). A lease neither extended nor
+/// lost was skipped because another statement held its message (being settled or changed
+/// right now): the next extension tells which it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Extension {
+    /// Leases extended.
+    pub extended: u64,
+    /// Leases that are gone for good: their message was settled or deleted, claimed again
+    /// (another attempt), or given back. Whoever runs one should stop: its settlement will
+    /// change nothing.
+    pub lost: Vec<Lease>,
+}
+
+impl Extension {
+    /// What an extension found: `extended` leases extended, `lost` gone.
+    pub fn new(extended: u64, lost: Vec<Lease>) -> Self {
+        Self { extended, lost }
+    }
+}
+
 /// A claimed message.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

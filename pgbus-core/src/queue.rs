@@ -7,8 +7,8 @@ use crate::group::OpenGroupSession;
 use crate::process::ProcessRegistry;
 use crate::wakeup::OpenFetcher;
 use crate::{
-    CircuitBreaker, DeadMessage, Lease, Message, MessageId, NewMessage, QueueName, Result,
-    RetryPolicy,
+    CircuitBreaker, DeadMessage, Extension, Lease, Message, MessageId, NewMessage, QueueName,
+    Result, RetryPolicy,
 };
 
 /// How a queue behaves. Built with consuming setters; defaults suit most queues.
@@ -234,9 +234,15 @@ pub trait Consumer: Send + Sync {
     /// keeps history); returns how many leases were still current.
     fn ack(&self, leases: &[Lease]) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Extends current leases to run out `lease` from now; returns how many were current.
-    fn extend(&self, leases: &[Lease], lease: Duration)
-        -> impl Future<Output = Result<u64>> + Send;
+    /// Extends current leases to run out `lease` from now. Reports how many were extended
+    /// and which are lost (see [`Extension`]), so a worker can stop the jobs whose message
+    /// was taken from them; a lease whose message is busy elsewhere is skipped, never
+    /// waited for.
+    fn extend(
+        &self,
+        leases: &[Lease],
+        lease: Duration,
+    ) -> impl Future<Output = Result<Extension>> + Send;
 
     /// Gives the message back, visible again after `delay`, recording `error`; `false`
     /// when the lease was no longer current.

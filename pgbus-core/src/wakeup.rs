@@ -4,11 +4,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Message, QueueInfo, QueueName, Result};
+use crate::{Message, ProcessId, QueueInfo, QueueName, Result};
 
 /// A claimer that keeps one connection for itself (a worker's fetch loop), instead of
 /// taking a pooled connection for every claim.
 pub trait Fetcher: Send + 'static {
+    /// Records the registered process whose worker claims through this fetcher: later
+    /// claims name it as their lease holder, so operators see who runs a job (`None`:
+    /// unknown). Backends that do not record lease holders ignore it.
+    fn set_process(&mut self, process: Option<ProcessId>) {
+        let _ = process;
+    }
+
     /// Claims like [`Consumer::claim`](crate::Consumer::claim), on this fetcher's own
     /// connection.
     fn claim(

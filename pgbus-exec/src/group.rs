@@ -21,8 +21,8 @@ use crate::handler::{JobContext, Outcome};
 use crate::lane::Lane;
 use crate::mixed::{GroupSlot, Kind, Share};
 use crate::worker::{
-    backoff, load_policies, plan, run_handler, Counters, KillPoolOnDrop, ProcessEntry, Settle,
-    Worker,
+    backoff, load_policies, log_lease_lost, plan, run_handler, Counters, KillPoolOnDrop,
+    ProcessEntry, Settle, Worker,
 };
 use crate::{ExecutionPool, Job, WorkerMonitor, WorkerReport};
 
@@ -497,6 +497,7 @@ async fn drive_group<B: Backend>(
     let handler = Arc::clone(&ctx.worker.handlers[queue]);
     let result = async {
         while !ctx.draining.is_cancelled() {
+            session.set_process(ctx.worker.shared.process.get());
             let Some(message) = session.claim_head(queue, group, *lease_for).await? else {
                 break;
             };
@@ -534,10 +535,15 @@ async fn drive_group<B: Backend>(
             let mut liveness = tokio::time::interval(LIVENESS_CHECK);
             let watched = loop {
                 tokio::select! {
-                    outcome = &mut rx => break Ok(outcome.unwrap_or_else(|_| Outcome::retry("handler panicked"))),
+                    outcome = &mut rx => break Ok(Some(outcome.unwrap_or_else(|_| Outcome::retry("handler panicked")))),
                     _ = heartbeat.tick() => match session.extend(&lease, *lease_for).await {
-                        Ok(true) => crate::telemetry::leases_extended(1),
-                        Ok(false) => tracing::warn!(target: "pgbus::group", group = %group, "lease lost while the handler ran"),
+                        Ok(found) if !found.lost.is_empty() => break Ok(None),
+                        Ok(found) => {
+                            if found.extended == 0 {
+                                tracing::debug!(target: "pgbus::group", group = %group, "lease not extended: its message is busy elsewhere, or the group's lease ran out");
+                            }
+                            crate::telemetry::leases_extended(found.extended);
+                        }
                         Err(err) => break Err(err),
                     },
                     _ = liveness.tick() => {
@@ -552,7 +558,16 @@ async fn drive_group<B: Backend>(
                 }
             };
             let outcome = match watched {
-                Ok(outcome) => outcome,
+                Ok(Some(outcome)) => outcome,
+                Ok(None) => {
+                    // The head is no longer this delivery's (an operator deleted it, or
+                    // recovery gave it back): stop its handler and write nothing for it;
+                    // the group comes round again for whatever follows.
+                    log_lease_lost(&lease);
+                    stop_job.cancel();
+                    let _ = rx.await;
+                    break;
+                }
                 Err(err) => {
                     // The session failed under a running handler, and the group's lock may
                     // have died with it: stop the handler before giving up the group, so

@@ -137,7 +137,9 @@ impl<B> JobContext<B> {
     pub fn headers(&self) -> &Headers {
         &self.headers
     }
-    /// Cancelled when the job times out or the worker stops waiting for it: stop soon.
+    /// Cancelled when the job times out, when the worker stops waiting for it, or when its
+    /// lease is lost (its message was deleted, e.g. an operator cancelled the job, or claimed
+    /// again): stop soon. After a lost lease, nothing the handler returns is written.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancellation
     }

@@ -2,17 +2,17 @@
 //! pool, and settles their outcomes.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pgbus_core::{
-    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, ProcessId, ProcessInfo,
-    ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy, WakeupSource,
+    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, OneLine, ProcessId,
+    ProcessInfo, ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy,
+    WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -288,7 +288,7 @@ impl<B: Backend> WorkerBuilder<B> {
                 capacity: self.config.concurrency,
                 queues: self.handlers.iter().map(|(q, _)| q.clone()).collect(),
                 pool: OnceLock::new(),
-                process: OnceLock::new(),
+                process: ProcessSlot::default(),
                 wakeup_source: self.wakeup_source,
                 runs,
                 idle: Default::default(),
@@ -317,7 +317,7 @@ pub(crate) struct Shared {
     pub(crate) capacity: usize,
     pub(crate) queues: Vec<QueueName>,
     pub(crate) pool: OnceLock<Arc<dyn ExecutionPool>>,
-    pub(crate) process: OnceLock<ProcessId>,
+    pub(crate) process: ProcessSlot,
     pub(crate) wakeup_source: Option<Arc<dyn WakeupSource>>,
     pub(crate) runs: Runs,
     /// Per loop (plain, groups): its queues were empty at its last look.
@@ -345,6 +345,21 @@ impl Shared {
             Runs::Groups => groups.load(Ordering::SeqCst),
             Runs::Both => plain.load(Ordering::SeqCst) && groups.load(Ordering::SeqCst),
         }
+    }
+}
+
+/// The worker's id in the process registry once it has registered, replaced when it
+/// registers again after being pruned as stale. Its claims name it as their lease holder.
+#[derive(Debug, Default)]
+pub(crate) struct ProcessSlot(Mutex<Option<ProcessId>>);
+
+impl ProcessSlot {
+    pub(crate) fn get(&self) -> Option<ProcessId> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, id: ProcessId) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
     }
 }
 
@@ -419,7 +434,7 @@ impl WorkerMonitor {
             capacity: self.shared.capacity,
             busy,
             queues: self.shared.queues.clone(),
-            process: self.shared.process.get().copied(),
+            process: self.shared.process.get(),
             wakeups_live: self.shared.wakeups_live(),
             idle: self.shared.idle(),
             group_sessions: self
@@ -534,7 +549,7 @@ impl<B: Backend> Worker<B> {
         let _ = self.shared.pool.set(Arc::clone(&pool));
         let slot_freed = Arc::clone(&lane.freed);
 
-        let in_flight: Arc<Mutex<HashMap<MessageId, Lease>>> = Arc::default();
+        let in_flight = InFlight::default();
         let report = Arc::clone(&lane.report);
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
@@ -562,12 +577,16 @@ impl<B: Backend> Worker<B> {
             shortest_lease,
             stop_background.clone(),
         ));
+        // Registered before the first claim, so every lease names its holder (a failure
+        // is logged and the heartbeat tries again; claims then name none meanwhile).
+        let mut entry = ProcessEntry::new(Arc::clone(&self.shared), Arc::clone(&report));
+        let interval = self.config.heartbeat_interval;
+        entry.beat(&self.backend, 0, interval).await;
         background.spawn(heartbeat(
             self.backend.clone(),
-            Arc::clone(&self.shared),
-            Arc::clone(&report),
+            entry,
             Arc::clone(&pool),
-            self.config.heartbeat_interval,
+            interval,
             stop_background.clone(),
         ));
 
@@ -784,7 +803,7 @@ struct Fetch<'a, B: Backend> {
     lane: &'a Lane<B>,
     worker: &'a Worker<B>,
     policies: &'a HashMap<QueueName, (RetryPolicy, Duration)>,
-    in_flight: &'a Arc<Mutex<HashMap<MessageId, Lease>>>,
+    in_flight: &'a InFlight,
     settle_tx: &'a mpsc::UnboundedSender<Settlement>,
     jobs_cancel: &'a CancellationToken,
     report: &'a Arc<Counters>,
@@ -802,6 +821,7 @@ impl<B: Backend> Fetch<'_, B> {
             return Ok(Wait::ForSlot { more: false });
         }
         let mut fetcher = self.lane.fetch.lock().await?;
+        fetcher.get().set_process(self.worker.shared.process.get());
         let mut filled = false;
         let mut took = false;
         let start = self.next_queue;
@@ -881,13 +901,19 @@ impl<B: Backend> Fetch<'_, B> {
         // Inserted before the post and removed when the job ends however it ends (settled,
         // cut off at the shutdown deadline, killed, refused), so `keep_leases` never extends
         // the lease of a job that is no longer running.
-        let running = Running::insert(Arc::clone(self.in_flight), lease);
+        let running = Running::insert(Arc::clone(self.in_flight), lease, cancel.clone());
         let job = Box::pin(async move {
-            let _running = running;
             let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
+            let lost = running.finish();
             // Cut off at the shutdown deadline: whatever the handler returned, leave the
             // message leased, to be delivered again when the lease runs out.
             if shutdown_deadline.is_cancelled() {
+                return;
+            }
+            // The message is no longer this job's (deleted by an operator, claimed again):
+            // its settlement would change nothing, so none is written.
+            if lost {
+                tracing::debug!(target: "pgbus::worker", attempt = lease.attempt, job.id = lease.id.0, "the job's lease was lost: its outcome is dropped");
                 return;
             }
             // The receiver outlives every job (the worker waits for the pool to drain
@@ -914,33 +940,78 @@ impl<B: Backend> Fetch<'_, B> {
     }
 }
 
-/// A job's entry in the worker's in-flight map (whose leases `keep_leases` extends),
-/// removed when the job's future is dropped.
+/// The jobs running now, by message: whose leases `keep_leases` extends, and how it stops
+/// those whose lease is lost.
+type InFlight = Arc<Mutex<HashMap<MessageId, RunningJob>>>;
+
+/// A running job, as the lease heartbeat sees it.
+struct RunningJob {
+    lease: Lease,
+    /// The job's [`JobContext::cancellation`] token.
+    cancel: CancellationToken,
+    /// Set (under the map's lock) when the heartbeat found the lease lost.
+    lost: Arc<AtomicBool>,
+}
+
+/// A job's entry in the worker's in-flight map, removed when the job's future ends or is
+/// dropped.
 struct Running {
-    in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>,
-    id: MessageId,
+    in_flight: InFlight,
+    lease: Lease,
+    lost: Arc<AtomicBool>,
 }
 
 impl Running {
-    fn insert(in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>, lease: Lease) -> Self {
+    fn insert(in_flight: InFlight, lease: Lease, cancel: CancellationToken) -> Self {
+        let lost = Arc::new(AtomicBool::new(false));
         in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(lease.id, lease);
+            .insert(
+                lease.id,
+                RunningJob {
+                    lease,
+                    cancel,
+                    lost: Arc::clone(&lost),
+                },
+            );
         Running {
             in_flight,
-            id: lease.id,
+            lease,
+            lost,
         }
+    }
+
+    /// Removes the entry; returns whether the lease was found lost meanwhile (final: once
+    /// the entry is gone, the heartbeat cannot mark it).
+    fn finish(self) -> bool {
+        let lost = Arc::clone(&self.lost);
+        drop(self);
+        lost.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.in_flight
+        let mut in_flight = self
+            .in_flight
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
+            .unwrap_or_else(PoisonError::into_inner);
+        // Only this delivery's entry: a later claim of the same message has its own.
+        if in_flight
+            .get(&self.lease.id)
+            .is_some_and(|job| job.lease == self.lease)
+        {
+            in_flight.remove(&self.lease.id);
+        }
     }
+}
+
+/// Logs that a running job's lease is gone and that its handler is being cancelled: the
+/// message was deleted (an operator cancelled the job), claimed again, or given back.
+pub(crate) fn log_lease_lost(lease: &Lease) {
+    let (id, attempt) = (lease.id.0, lease.attempt);
+    tracing::info!(target: "pgbus::worker", attempt, job.id = id, "lease lost: job {id} cancelled");
 }
 
 /// Runs a handler under the per-job timeout: past it, the job's token is cancelled, its
@@ -1062,14 +1133,14 @@ fn decide(
         Outcome::DeadLetter(reason) => {
             report.dead_lettered.fetch_add(1, Ordering::Relaxed);
             report.throughput.failed(queue);
-            tracing::warn!(target: "pgbus::worker", reason = %OneLine(&reason), job.id = job_id, queue.name = %queue, "dead-lettering");
+            tracing::warn!(target: "pgbus::worker", reason = %OneLine::new(&reason, LOGGED_ERROR), job.id = job_id, queue.name = %queue, "dead-lettering");
             Settle::DeadLetter(reason)
         }
         Outcome::Retry { error, after } => match (policy.decide(attempt), after) {
             (RetryDecision::DeadLetter, _) => {
                 report.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 report.throughput.failed(queue);
-                tracing::warn!(target: "pgbus::worker", attempt, error = %OneLine(&error), job.id = job_id, queue.name = %queue, "attempts used up: dead-lettering");
+                tracing::warn!(target: "pgbus::worker", attempt, error = %OneLine::new(&error, LOGGED_ERROR), job.id = job_id, queue.name = %queue, "attempts used up: dead-lettering");
                 Settle::DeadLetter(error)
             }
             (RetryDecision::RetryAfter(delay), explicit) => {
@@ -1083,39 +1154,10 @@ fn decide(
                 // logged in whole milliseconds (the jitter's nanoseconds are noise).
                 let retry_in =
                     Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                tracing::warn!(target: "pgbus::worker", attempt, retry_in = ?retry_in, error = %OneLine(&error), job.id = job_id, queue.name = %queue, "job failed; retrying");
+                tracing::warn!(target: "pgbus::worker", attempt, retry_in = ?retry_in, error = %OneLine::new(&error, LOGGED_ERROR), job.id = job_id, queue.name = %queue, "job failed; retrying");
                 Settle::Nack(delay, error)
             }
         },
-    }
-}
-
-/// A job's error text on one log line: newlines, tabs, backslashes and other control
-/// characters escaped (`\n`, `\u{1b}`), at most [`LOGGED_ERROR`] bytes of it, then how many
-/// more there were. The text may hold whatever a job wrote, so it is never logged raw.
-struct OneLine<'a>(&'a str);
-
-impl fmt::Display for OneLine<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = self.0;
-        let mut end = text.len().min(LOGGED_ERROR);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        for c in text[..end].chars() {
-            match c {
-                '\n' => f.write_str("\\n")?,
-                '\r' => f.write_str("\\r")?,
-                '\t' => f.write_str("\\t")?,
-                '\\' => f.write_str("\\\\")?,
-                c if c.is_control() => write!(f, "\\u{{{:x}}}", u32::from(c))?,
-                c => write!(f, "{c}")?,
-            }
-        }
-        if end < text.len() {
-            write!(f, "... ({} more bytes)", text.len() - end)?;
-        }
-        Ok(())
     }
 }
 
@@ -1247,10 +1289,11 @@ async fn flush_acks<B: Backend>(backend: &B, acks: &mut AckBatch, report: &Count
 }
 
 /// Extends the leases of running jobs every third of the shortest lease, so a long job is
-/// not delivered again while it is alive.
+/// not delivered again while it is alive; cancels the jobs whose lease the extension
+/// found lost.
 async fn keep_leases<B: Backend>(
     backend: B,
-    in_flight: Arc<Mutex<HashMap<MessageId, Lease>>>,
+    in_flight: InFlight,
     lease: Duration,
     stop: CancellationToken,
 ) {
@@ -1262,18 +1305,40 @@ async fn keep_leases<B: Backend>(
         }
         let leases: Vec<Lease> = in_flight
             .lock()
-            .expect("in-flight map")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
-            .copied()
+            .filter(|job| !job.lost.load(Ordering::SeqCst))
+            .map(|job| job.lease)
             .collect();
         if leases.is_empty() {
             continue;
         }
         match backend.extend(&leases, lease).await {
-            Ok(extended) => telemetry::leases_extended(extended),
+            Ok(found) => {
+                telemetry::leases_extended(found.extended);
+                cancel_lost(&in_flight, &found.lost);
+            }
             Err(err) => {
                 tracing::warn!(target: "pgbus::worker", error = %err.report(), count = leases.len(), "could not extend leases");
             }
+        }
+    }
+}
+
+/// Cancels the jobs whose lease is lost, if they still run that delivery, and marks them
+/// so their outcome is dropped and their lease no longer extended.
+fn cancel_lost(in_flight: &InFlight, lost: &[Lease]) {
+    if lost.is_empty() {
+        return;
+    }
+    let in_flight = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+    for lease in lost {
+        let Some(job) = in_flight.get(&lease.id) else {
+            continue; // ended meanwhile
+        };
+        if job.lease == *lease && !job.lost.swap(true, Ordering::SeqCst) {
+            log_lease_lost(lease);
+            job.cancel.cancel();
         }
     }
 }
@@ -1321,7 +1386,7 @@ impl ProcessEntry {
                 Ok(new) => {
                     let new_id = new.0;
                     self.id = Some(new);
-                    let _ = self.shared.process.set(new);
+                    self.shared.process.set(new);
                     tracing::info!(target: "pgbus::worker", id = new_id, "process registered");
                 }
                 Err(err) => {
@@ -1367,43 +1432,18 @@ impl ProcessEntry {
 /// The plain worker's registry heartbeat, on the backend's pool.
 async fn heartbeat<B: Backend>(
     backend: B,
-    shared: Arc<Shared>,
-    report: Arc<Counters>,
+    mut entry: ProcessEntry,
     pool: Arc<dyn ExecutionPool>,
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut entry = ProcessEntry::new(shared, report);
+    // The first beat (the registration) ran before the claims started.
     loop {
-        entry.beat(&backend, pool.metadata().busy, interval).await;
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
+        entry.beat(&backend, pool.metadata().busy, interval).await;
     }
     entry.end(&backend).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_texts_are_logged_escaped_on_one_line_and_bounded() {
-        assert_eq!(
-            OneLine("exit 3: first\nsecond\tthird \\ \u{1b}[31mred\r").to_string(),
-            "exit 3: first\\nsecond\\tthird \\\\ \\u{1b}[31mred\\r"
-        );
-        assert_eq!(
-            OneLine("naïve \"quoted\" it's").to_string(),
-            "naïve \"quoted\" it's"
-        );
-        let long = format!("{}é{}", "a".repeat(LOGGED_ERROR - 1), "b".repeat(100));
-        let logged = OneLine(&long).to_string();
-        assert_eq!(
-            logged,
-            format!("{}... (102 more bytes)", "a".repeat(LOGGED_ERROR - 1)),
-            "cut at a character boundary"
-        );
-    }
 }

@@ -282,6 +282,64 @@ async fn long_job_keeps_its_lease_alive() {
     assert_eq!((report.started, report.acked), (1, 1));
 }
 
+/// A job whose message is taken from under it (purged here; deleted by an operator on
+/// Postgres) has its token cancelled at the next lease extension; nothing is settled for
+/// it, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_lease_is_lost_is_cancelled() {
+    let (backend, queue) = setup(QueueOptions::default().lease(Duration::from_millis(150))).await;
+    send_numbers(&backend, &queue, 1).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(backend.clone())
+        .concurrency(2)
+        .poll_interval(Duration::from_millis(10))
+        .handle(queue.clone(), {
+            let (started, cancelled) = (started.clone(), cancelled.clone());
+            move |ctx: JobContext<MemoryBackend>, n: u32| {
+                let (started, cancelled) = (started.clone(), cancelled.clone());
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    if n == 0 {
+                        ctx.cancellation().cancelled().await;
+                        cancelled.fetch_add(1, Ordering::SeqCst);
+                        // Whatever it returns now changes nothing.
+                        return Outcome::dead_letter("too late");
+                    }
+                    Outcome::Ack
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    until("the job starts", || started.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(backend.purge_queue(&queue).await.unwrap(), 1);
+    until("the job is cancelled", || {
+        cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    backend
+        .send(&queue, NewMessage::encode(&1).unwrap())
+        .await
+        .unwrap();
+    until("the next job ran", || started.load(Ordering::SeqCst) == 2).await;
+    let start = Instant::now();
+    while depth(&backend).await > 0 {
+        assert!(start.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        (report.started, report.acked, report.dead_lettered),
+        (2, 1, 0),
+        "{report:?}"
+    );
+    assert!(backend.list_dead(&queue, 10).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waker_ends_the_idle_wait() {
     let (backend, queue) = setup(QueueOptions::default()).await;

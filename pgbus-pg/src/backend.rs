@@ -6,10 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use bb8::{Pool, PooledConnection};
 use pgbus_core::{
-    check_delay, CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Headers,
-    Lease, Message, MessageId, NewMessage, Producer, QueueAdmin, QueueInfo, QueueName,
-    QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats, DEFAULT_MAX_PAYLOAD_BYTES,
-    MAX_DELAY,
+    check_delay, CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Extension,
+    Headers, Lease, Message, MessageId, NewMessage, ProcessId, Producer, QueueAdmin, QueueInfo,
+    QueueName, QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats,
+    DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
 };
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, Row};
@@ -361,6 +361,10 @@ impl PgBackend {
         if messages.iter().any(crate::unique::is_keyed) {
             return crate::unique::send_keyed(client, queue, messages, notify).await;
         }
+        let bulk = messages.len() >= crate::bulk::BULK_MIN && self.pooler == Pooler::Session;
+        if let Some(conn) = pooled.filter(|_| bulk) {
+            return crate::bulk::send(conn, queue, &messages, notify).await;
+        }
         let columns = Columns::new(queue, messages.iter());
         // On a pooled connection the statement is prepared once per connection (one
         // round trip per send, no parse or plan); in the caller's client it goes unnamed
@@ -410,18 +414,24 @@ impl PgBackend {
 }
 
 /// Claims on the given connection with `statement` ([`sql::CLAIM`] or
-/// [`sql::CLAIM_LIMITED`]), restoring claim order, which `RETURNING` does not keep.
+/// [`sql::CLAIM_LIMITED`]) for process `holder`, restoring claim order, which `RETURNING`
+/// does not keep.
 pub(crate) async fn claim_on(
     client: &(impl GenericClient + Sync),
     statement: &Reused,
     queue: &QueueName,
     max: usize,
     lease: Duration,
+    holder: Option<ProcessId>,
 ) -> Result<Vec<Message>> {
     let limit = positive(max, "claim size")?;
     check_delay("a lease", lease)?;
+    let holder = holder.map(|id| id.0);
     let rows = statement
-        .query(client, &[&queue.as_str(), &limit, &lease.as_secs_f64()])
+        .query(
+            client,
+            &[&queue.as_str(), &limit, &lease.as_secs_f64(), &holder],
+        )
         .await
         .map_err(|e| db("claiming messages", e))?;
     if rows.is_empty() {
@@ -500,6 +510,20 @@ pub(crate) async fn trip_breaker_on(
         return Err(Error::QueueNotFound(name.clone()));
     }
     Ok(())
+}
+
+/// The row of [`sql::EXTEND`] or [`sql::EXTEND_FENCED`] for `leases`: how many were
+/// extended, and the lost ones (the statement returns their positions, from 1, so two
+/// leases of one message are told apart).
+pub(crate) fn extension_from(row: &Row, leases: &[Lease]) -> Extension {
+    let extended: i64 = row.get(0);
+    let lost = row
+        .get::<_, Vec<i64>>(1)
+        .into_iter()
+        .filter_map(|n| usize::try_from(n - 1).ok().and_then(|i| leases.get(i)))
+        .copied()
+        .collect();
+    Extension::new(u64::try_from(extended).unwrap_or(0), lost)
 }
 
 pub(crate) fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i32>) {
@@ -710,7 +734,8 @@ impl Producer for PgBackend {
 impl Consumer for PgBackend {
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Message>> {
         let statement = Reused::Unnamed(sql::CLAIM);
-        claim_on(&**self.conn().await?, &statement, queue, max, lease).await
+        // A pooled claim is no worker's: its leases name no holder.
+        claim_on(&**self.conn().await?, &statement, queue, max, lease, None).await
     }
 
     async fn ack(&self, leases: &[Lease]) -> Result<u64> {
@@ -730,17 +755,19 @@ impl Consumer for PgBackend {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
-    async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
+    async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<Extension> {
         check_delay("a lease", lease)?;
         if leases.is_empty() {
-            return Ok(0);
+            return Ok(Extension::default());
         }
         let (ids, attempts) = lease_arrays(leases);
-        self.conn()
+        let row = self
+            .conn()
             .await?
-            .exec(sql::EXTEND, &[&ids, &attempts, &lease.as_secs_f64()])
+            .q_one(sql::EXTEND, &[&ids, &attempts, &lease.as_secs_f64()])
             .await
-            .map_err(|e| db("extending leases", e))
+            .map_err(|e| db("extending leases", e))?;
+        Ok(extension_from(&row, leases))
     }
 
     async fn nack(&self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
@@ -967,7 +994,9 @@ mod tests {
             "messages_claim_idx",
             "messages_group_idx",
             "messages_limited_idx",
-            "dead_letters_queue_idx",
+            // Either index led by the queue: `dead_letters_queue_idx` (queue, failed_at,
+            // id) or the console's `dead_letters_queue_id_idx` (queue, id).
+            "dead_letters_queue",
         ] {
             assert!(plan.contains(index), "{index} unused:\n{plan}");
         }

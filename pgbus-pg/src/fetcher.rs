@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pgbus_core::{Fetcher, Message, OpenFetcher, QueueInfo, QueueName, Result};
+use pgbus_core::{Fetcher, Message, OpenFetcher, ProcessId, QueueInfo, QueueName, Result};
 use tokio_postgres::Client;
 
 use crate::backend::claim_on;
@@ -19,6 +19,8 @@ pub struct PgFetcher {
     pooler: Pooler,
     claim: Reused,
     claim_limited: Option<Reused>,
+    /// The registered process its claims name as their lease holder.
+    process: Option<ProcessId>,
 }
 
 impl std::fmt::Debug for PgFetcher {
@@ -58,11 +60,16 @@ impl OpenFetcher for PgBackend {
             pooler,
             claim,
             claim_limited: None,
+            process: None,
         })
     }
 }
 
 impl Fetcher for PgFetcher {
+    fn set_process(&mut self, process: Option<ProcessId>) {
+        self.process = process;
+    }
+
     async fn queue_info(&mut self, queue: &QueueName) -> Result<QueueInfo> {
         crate::backend::queue_info_on(&self.client, queue).await
     }
@@ -88,7 +95,7 @@ impl Fetcher for PgFetcher {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<Message>> {
-        claim_on(&self.client, &self.claim, queue, max, lease).await
+        claim_on(&self.client, &self.claim, queue, max, lease, self.process).await
     }
 
     async fn claim_limited(
@@ -104,6 +111,7 @@ impl Fetcher for PgFetcher {
             queue,
             max,
             lease,
+            self.process,
         )
         .await
     }

@@ -5,12 +5,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use pgbus_core::{
-    check_delay, GroupRecovery, GroupSession, Lease, Message, MessageId, OpenGroupSession,
-    OrphanSightings, QueueName, Recovered, Result,
+    check_delay, Extension, GroupRecovery, GroupSession, Lease, Message, MessageId,
+    OpenGroupSession, OrphanSightings, ProcessId, QueueName, Recovered, Result,
 };
 use tokio_postgres::Client;
 
-use crate::backend::{lease_arrays, message_from, trip_breaker_on};
+use crate::backend::{extension_from, lease_arrays, message_from, trip_breaker_on};
 use crate::error::{db, storable};
 use crate::group_locks::GroupLocks;
 use crate::query::{Reused, Typed};
@@ -28,6 +28,8 @@ pub struct PgGroupSession {
     /// Groups this session has locked: a session advisory lock is re-entrant, so locking
     /// twice would need two unlocks; the set keeps one lock per group.
     held: HashSet<(QueueName, String)>,
+    /// The registered process its claims name as their lease holder.
+    process: Option<i64>,
 }
 
 impl std::fmt::Debug for PgGroupSession {
@@ -91,6 +93,7 @@ impl OpenGroupSession for PgBackend {
             ack,
             lease,
             held: HashSet::new(),
+            process: None,
         })
     }
 
@@ -123,6 +126,10 @@ impl PgGroupSession {
 impl GroupSession for PgGroupSession {
     fn is_alive(&self) -> bool {
         !self.client.is_closed()
+    }
+
+    fn set_process(&mut self, process: Option<ProcessId>) {
+        self.process = process.map(|id| id.0);
     }
 
     async fn try_lock(&mut self, queue: &QueueName, group: &str) -> Result<bool> {
@@ -162,15 +169,19 @@ impl GroupSession for PgGroupSession {
         check_delay("a lease", lease)?;
         self.renew().await?;
         let secs = lease.as_secs_f64();
+        let holder = self.process;
         let row = match self.token() {
             None => {
                 self.claim_head
-                    .query_opt(&self.client, &[&queue.as_str(), &group, &secs])
+                    .query_opt(&self.client, &[&queue.as_str(), &group, &secs, &holder])
                     .await
             }
             Some(token) => {
                 self.claim_head
-                    .query_opt(&self.client, &[&queue.as_str(), &group, &secs, token])
+                    .query_opt(
+                        &self.client,
+                        &[&queue.as_str(), &group, &secs, token, &holder],
+                    )
                     .await
             }
         }
@@ -178,25 +189,26 @@ impl GroupSession for PgGroupSession {
         row.map(|row| message_from(queue, &row)).transpose()
     }
 
-    async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<bool> {
+    async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<Extension> {
         check_delay("a lease", by)?;
         self.renew().await?;
-        let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
+        let leases = std::slice::from_ref(lease);
+        let (ids, attempts) = lease_arrays(leases);
         let secs = by.as_secs_f64();
-        let extended = match self.token() {
+        let row = match self.token() {
             None => {
                 self.client
-                    .exec(sql::EXTEND, &[&ids, &attempts, &secs])
+                    .q_one(sql::EXTEND, &[&ids, &attempts, &secs])
                     .await
             }
             Some(token) => {
                 self.client
-                    .exec(sql::EXTEND_FENCED, &[&ids, &attempts, &secs, token])
+                    .q_one(sql::EXTEND_FENCED, &[&ids, &attempts, &secs, token])
                     .await
             }
         }
         .map_err(|e| db("extending a group lease", e))?;
-        Ok(extended == 1)
+        Ok(extension_from(&row, leases))
     }
 
     async fn ack(&mut self, lease: &Lease) -> Result<bool> {

@@ -53,6 +53,7 @@
 
 mod backend;
 mod batch;
+mod bulk;
 mod cluster;
 mod connect;
 pub mod console;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pgbus_core::{check_limit_key, KeyLimit, Limits, Message, QueueName, Result};
+use pgbus_core::{check_limit_key, KeyLimit, Limits, Message, ProcessId, QueueName, Result};
 use tokio_postgres::Client;
 
 use crate::backend::claim_on;
@@ -64,7 +64,7 @@ impl Limits for PgBackend {
     }
 }
 
-/// The limited claim on a fetcher's connection, its statement prepared on first use (most
+/// The limited claim on a fetcher's connection for process `holder`, its statement prepared on first use (most
 /// workers never see a limited job, and need not prepare it).
 pub(crate) async fn claim_limited(
     client: &Client,
@@ -73,6 +73,7 @@ pub(crate) async fn claim_limited(
     queue: &QueueName,
     max: usize,
     lease: Duration,
+    holder: Option<ProcessId>,
 ) -> Result<Vec<Message>> {
     let statement = match statement {
         Some(statement) => statement,
@@ -82,5 +83,5 @@ pub(crate) async fn claim_limited(
                 .map_err(|e| db("preparing the limited claim", e))?,
         ),
     };
-    claim_on(client, statement, queue, max, lease).await
+    claim_on(client, statement, queue, max, lease, holder).await
 }

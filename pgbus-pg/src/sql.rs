@@ -153,8 +153,9 @@ WITH ins AS (
 SELECT ins.id FROM ins LEFT JOIN wake ON true ORDER BY ins.id";
 
 /// Claim: pick the best claimable rows (visible, and not leased or with the lease run out)
-/// with SKIP LOCKED, lease them, count the attempt. Only unindexed columns change, so the
-/// update can be HOT. `RETURNING` keeps no order: the caller restores it. Grouped and
+/// with SKIP LOCKED, lease them to process `$4` (the claiming worker's registered id, NULL
+/// when unknown), count the attempt. Only unindexed columns change, so the update can be
+/// HOT. `RETURNING` keeps no order: the caller restores it. Grouped and
 /// limited jobs have their own claims.
 ///
 /// The update finds the picked rows by id (`= ANY`), never by a join: its plan is then the
@@ -177,7 +178,8 @@ WITH picked AS (
 )
 UPDATE pgbus.messages m
 SET lease_until = now() + make_interval(secs => $3),
-    attempts = m.attempts + 1
+    attempts = m.attempts + 1,
+    leased_by = $4
 WHERE m.id = ANY (ARRAY(SELECT id FROM picked))
 RETURNING m.id, m.priority, m.visible_at AS was_visible_at, m.lease_until,
           m.attempts, m.enqueued_at, m.content_type, m.headers, m.group_key,
@@ -199,6 +201,14 @@ macro_rules! fence {
 /// Ack: delete current deliveries; archive those of history-keeping queues. `$fence` adds
 /// a condition to the delete (see [`fence!`]).
 ///
+/// The rows are locked first, in id order (`ORDER BY ... FOR UPDATE`), and then deleted by
+/// primary key. A delete joined to the array locks in its plan's order, which for a nested
+/// loop over `unnest` is the array's: the order the worker's jobs finished in. The
+/// console's actions on several jobs lock in id order too (`console/actions.rs`,
+/// `locked!`), so an ack and an action on overlapping jobs wait for each other instead of
+/// deadlocking. A row whose attempt changed while the ack waited (claimed again) fails the
+/// re-check and is left alone.
+///
 /// The delete returns only ids and queues: every part of one statement sees the same
 /// snapshot, taken before the delete, so the archive reads the deleted rows' columns from
 /// the table itself, and only when some queue keeps history at all (a one-time check), so
@@ -207,18 +217,24 @@ macro_rules! ack {
     ($fence:expr) => {
         concat!(
             "
-WITH done AS (
-    DELETE FROM pgbus.messages m
-    USING unnest($1::bigint[], $2::int[]) AS l(id, attempt)
-    WHERE m.id = l.id AND m.attempts = l.attempt",
+WITH locked AS (
+    SELECT m.id
+    FROM pgbus.messages m
+    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
+    WHERE m.attempts = l.attempt",
             $fence,
             "
+    ORDER BY m.id
+    FOR UPDATE OF m
+), done AS (
+    DELETE FROM pgbus.messages m
+    WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING m.id, m.queue
 ), archived AS (
     INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts, content_type,
-                               headers, group_key, payload)
+                               headers, group_key, payload, errors)
     SELECT m.id, m.queue, m.priority, m.enqueued_at, m.attempts, m.content_type,
-           m.headers, m.group_key, m.payload
+           m.headers, m.group_key, m.payload, m.errors
     FROM done d
     JOIN pgbus.queues q ON q.name = d.queue AND q.keep_history
     JOIN pgbus.messages m ON m.id = d.id
@@ -232,38 +248,59 @@ pub(crate) const ACK: &str = ack!("");
 pub(crate) const ACK_FENCED: &str = ack!(fence!("3"));
 
 /// Extends the leases of current deliveries to `$3` seconds from now, skipping rows another
-/// statement holds: those are being settled (acked, retried, dead-lettered), so their
-/// leases no longer matter, and a heartbeat that never waits cannot deadlock with a
-/// worker's batch ack of overlapping leases on another pooled connection (it did, found by
-/// `cargo xtask chaos`: the two locked the shared rows in opposite orders).
+/// statement holds: those are being settled (acked, retried, dead-lettered) or changed, so
+/// their leases are not extended now, and a heartbeat that never waits cannot deadlock with
+/// a worker's batch ack of overlapping leases on another pooled connection (it did, found
+/// by `cargo xtask chaos`: the two locked the shared rows in opposite orders).
+///
+/// Returns how many were extended and the positions (from 1) in `$1`/`$2` of the leases
+/// that are gone: no row of that id and attempt holds a lease any more (settled, deleted by an operator, claimed again,
+/// given back). A skipped row still exists in the statement's snapshot, so it is never
+/// reported lost: a lock is not a loss, and the next heartbeat looks again.
 macro_rules! extend {
     ($fence:expr) => {
         concat!(
             "
-UPDATE pgbus.messages m
-SET lease_until = now() + make_interval(secs => $3)
-FROM (
-    SELECT m.id
-    FROM pgbus.messages m
-    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-    WHERE m.attempts = l.attempt AND m.lease_until IS NOT NULL",
+WITH extended AS (
+    UPDATE pgbus.messages m
+    SET lease_until = now() + make_interval(secs => $3)
+    FROM (
+        SELECT m.id
+        FROM pgbus.messages m
+        JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
+        WHERE m.attempts = l.attempt AND m.lease_until IS NOT NULL",
             $fence,
             "
-    FOR UPDATE OF m SKIP LOCKED
-) leased
-WHERE m.id = leased.id"
+        FOR UPDATE OF m SKIP LOCKED
+    ) leased
+    WHERE m.id = leased.id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM extended),
+       ARRAY(
+           SELECT l.n FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS l(id, attempt, n)
+           WHERE NOT EXISTS (
+               SELECT 1 FROM pgbus.messages m
+               WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL))"
         )
     };
 }
 pub(crate) const EXTEND: &str = extend!("");
 pub(crate) const EXTEND_FENCED: &str = extend!(fence!("4"));
 
+/// Gives the message back, visible again in `$3` seconds, with error `$4` recorded as its
+/// last error and appended to its attempt history (`pgbus.append_error`, migration 17: the
+/// last 10 entries). A give-back without error text (a job the pool refused, or whose
+/// group lost its slot, before its handler ran) is no failed attempt, so it leaves the
+/// history alone.
 macro_rules! nack {
     ($fence:expr) => {
         concat!(
             "
 UPDATE pgbus.messages m
-SET visible_at = now() + make_interval(secs => $3), lease_until = NULL, last_error = $4
+SET visible_at = now() + make_interval(secs => $3), lease_until = NULL, last_error = $4,
+    errors = CASE WHEN $4::text IS NULL THEN m.errors
+                  ELSE pgbus.append_error(m.errors, m.attempts, $4) END
 WHERE m.id = $1 AND m.attempts = $2",
             $fence
         )
@@ -272,6 +309,8 @@ WHERE m.id = $1 AND m.attempts = $2",
 pub(crate) const NACK: &str = nack!("");
 pub(crate) const NACK_FENCED: &str = nack!(fence!("5"));
 
+/// Moves the message to the dead letters with reason `$3`, which ends its attempt history
+/// (carried along, `pgbus.append_error`).
 macro_rules! dead_letter {
     ($fence:expr) => {
         concat!(
@@ -283,9 +322,9 @@ WITH d AS (
     RETURNING m.*
 )
 INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
-                                headers, group_key, payload, error, limit_key)
+                                headers, group_key, payload, error, limit_key, errors)
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-       payload, $3, limit_key
+       payload, $3, limit_key, pgbus.append_error(errors, attempts, $3)
 FROM d"
         )
     };
@@ -302,7 +341,9 @@ ORDER BY failed_at, id
 LIMIT $2";
 
 /// Retry from the dead-letter queue: `$2` NULL means all of the queue. Wakes the
-/// queue's workers when anything came back.
+/// queue's workers when anything came back. The attempt count starts again; the attempt
+/// history comes back with the message (its next failure is attempt 1 again, after the
+/// entries of the earlier run).
 pub(crate) const RETRY_DEAD: &str = "
 WITH r AS (
     DELETE FROM pgbus.dead_letters
@@ -311,9 +352,9 @@ WITH r AS (
 ), ins AS (
     INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
                                 content_type, headers, group_key, last_error, payload,
-                                limit_key)
+                                limit_key, errors)
     SELECT id, queue, priority, now(), 0, enqueued_at, content_type, headers, group_key,
-           error, payload, limit_key
+           error, payload, limit_key, errors
     FROM r
     RETURNING 1
 ), wake AS (
@@ -471,14 +512,18 @@ pub(crate) const TRY_LOCK_GROUP: &str =
 pub(crate) const UNLOCK_GROUP: &str =
     "SELECT pg_advisory_unlock(hashtext('pgbus:' || $1), hashtext($2))";
 
-/// Leases the group's oldest message if it is visible now. Run only by the lock holder.
+/// Leases the group's oldest message if it is visible now to process `$holder` (see
+/// [`CLAIM`]). Run only by the lock holder.
 macro_rules! claim_group_head {
-    ($fence:expr) => {
+    ($holder:literal, $fence:expr) => {
         concat!(
             "
 UPDATE pgbus.messages m
 SET lease_until = now() + make_interval(secs => $3),
-    attempts = m.attempts + 1
+    attempts = m.attempts + 1,
+    leased_by = $",
+            $holder,
+            "
 FROM (
     SELECT id FROM pgbus.messages
     WHERE queue = $1 AND group_key = $2
@@ -496,8 +541,8 @@ RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_
         )
     };
 }
-pub(crate) const CLAIM_GROUP_HEAD: &str = claim_group_head!("");
-pub(crate) const CLAIM_GROUP_HEAD_FENCED: &str = claim_group_head!(fence!("4"));
+pub(crate) const CLAIM_GROUP_HEAD: &str = claim_group_head!("4", "");
+pub(crate) const CLAIM_GROUP_HEAD_FENCED: &str = claim_group_head!("5", fence!("4"));
 
 /// Whether a live worker holds message `m`'s group, in either lock mode: a granted
 /// session advisory lock (advisory mode) or an unexpired lease row (lease mode). Recovery
@@ -695,12 +740,12 @@ FROM ins LEFT JOIN wake ON true
 WHERE NOT EXISTS (SELECT 1 FROM refused)
 ORDER BY ins.id";
 
-/// Claim of jobs with limit keys, as far as the keys' limits allow (see the function in
-/// migration 9); the columns of [`CLAIM`].
+/// Claim of jobs with limit keys, as far as the keys' limits allow, leased to process `$4`
+/// (see the function in migrations 9 and 17); the columns of [`CLAIM`].
 pub(crate) const CLAIM_LIMITED: &str = "
 SELECT id, priority, visible_at AS was_visible_at, lease_until, attempts, enqueued_at,
        content_type, headers, group_key, last_error, payload
-FROM pgbus.claim_limited($1, $2, $3)";
+FROM pgbus.claim_limited($1, $2, $3, $4)";
 
 /// Sets a key's limits; a changed rate starts a new window.
 pub(crate) const SET_LIMIT: &str = "

@@ -44,7 +44,7 @@ async fn a_group_lease_has_one_owner_until_released() {
         "a live lease is exclusive"
     );
     let head = a.claim_head(&q, "g", LONG).await.unwrap().expect("head");
-    assert!(a.extend(&head.lease(), LONG).await.unwrap());
+    assert_eq!(a.extend(&head.lease(), LONG).await.unwrap().extended, 1);
     assert!(a.ack(&head.lease()).await.unwrap());
     a.unlock(&q, "g").await.unwrap();
     assert!(
@@ -94,7 +94,7 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
         .await
         .unwrap());
     assert!(!stale.dead_letter(&head.lease(), "late").await.unwrap());
-    assert!(!stale.extend(&head.lease(), LONG).await.unwrap());
+    assert_eq!(stale.extend(&head.lease(), LONG).await.unwrap().extended, 0);
 
     // The message is still leased to the stale owner's delivery; once no live lease holds
     // its group, recovery frees it for the next owner.

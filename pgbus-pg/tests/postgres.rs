@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use pgbus_core::{
-    Consumer, Error, NewMessage, ProcessInfo, ProcessRegistry, Producer, QueueAdmin, QueueName,
-    QueueOptions, QueueThroughput, Stats,
+    Consumer, Error, Extension, NewMessage, ProcessInfo, ProcessRegistry, Producer, QueueAdmin,
+    QueueName, QueueOptions, QueueThroughput, Stats,
 };
 use pgbus_pg::{connect, test_database, PgBackend, SCHEMA_VERSION};
 
@@ -545,7 +545,7 @@ async fn overlapping_acks_and_lease_extensions_never_deadlock() {
         let extended = extended.unwrap_or_else(|e| panic!("extend: {}", e.report()));
         let acked = acked.unwrap_or_else(|e| panic!("ack: {}", e.report()));
         // Whichever ran first, the ack took every message of the round.
-        assert_eq!(acked, 200, "extended {extended}");
+        assert_eq!(acked, 200, "extended {extended:?}");
     }
     assert_eq!(depth(&backend, &q).await, 0);
 }
@@ -581,9 +581,16 @@ async fn lease_extension_skips_rows_being_settled() {
         .await
         .expect("the extension waited for the locked row")
         .unwrap();
-    assert_eq!(extended, 1);
+    assert_eq!(
+        extended,
+        Extension::new(1, Vec::new()),
+        "a locked row is skipped, not lost"
+    );
     tx.rollback().await.unwrap();
-    assert_eq!(backend.extend(&leases, LEASE).await.unwrap(), 2);
+    assert_eq!(
+        backend.extend(&leases, LEASE).await.unwrap(),
+        Extension::new(2, Vec::new())
+    );
 }
 
 /// A claim of messages sent together updates them in place (HOT updates, no new index
@@ -681,4 +688,87 @@ async fn a_send_after_the_pooled_connection_was_terminated_succeeds() {
         .await
         .expect("a fresh connection replaced the terminated one");
     assert_eq!(depth(&backend, &q).await, 2);
+}
+
+/// A large batch goes by `COPY`, a small one by the one-statement send: both store the
+/// same rows, return the ids in input order, and refuse a missing queue storing nothing.
+#[tokio::test]
+async fn a_large_batch_is_copied_and_stores_what_small_batches_store() {
+    let (backend, url) = backend().await;
+    let copied = queue(&backend, "copied", QueueOptions::default()).await;
+    let unnested = queue(&backend, "unnested", QueueOptions::default()).await;
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
+    let batch = || -> Vec<NewMessage> {
+        (0..1_500u32)
+            .map(|n| {
+                let m = NewMessage::encode(&n).unwrap();
+                match n % 5 {
+                    0 => m.delay(Duration::from_secs(90)),
+                    1 => m.priority(3).header("tenant", "acme"),
+                    2 => m.group(format!("g{}", n % 7)),
+                    3 => m.at(at),
+                    _ => m,
+                }
+            })
+            .collect()
+    };
+    let ids = backend.send_batch(&copied, batch()).await.unwrap();
+    assert!(
+        ids.windows(2).all(|w| w[0].0 < w[1].0),
+        "ids in input order"
+    );
+    // Below the bulk threshold: the one-statement send.
+    for chunk in batch().chunks(500) {
+        backend.send_batch(&unnested, chunk.to_vec()).await.unwrap();
+    }
+
+    let client = connect(&url, "observer").await.unwrap();
+    let rows = |q: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT id, priority, content_type, headers, group_key, payload,
+                            extract(epoch FROM visible_at - enqueued_at)::float8,
+                            visible_at, enqueued_at
+                     FROM pgbus.messages WHERE queue = $1 ORDER BY id",
+                    &[&q],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let (copied_rows, unnested_rows) = (rows("copied").await, rows("unnested").await);
+    assert_eq!(copied_rows.len(), 1_500);
+    assert_eq!(unnested_rows.len(), 1_500);
+    let returned: Vec<i64> = ids.iter().map(|id| id.0).collect();
+    let stored: Vec<i64> = copied_rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        returned, stored,
+        "the returned ids are the stored rows, in order"
+    );
+    type Stored = (i16, String, serde_json::Value, Option<String>, Vec<u8>);
+    let stored_columns =
+        |r: &tokio_postgres::Row| -> Stored { (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)) };
+    for (n, (c, u)) in copied_rows.iter().zip(&unnested_rows).enumerate() {
+        assert_eq!(stored_columns(c), stored_columns(u), "message {n}");
+        if n % 5 == 3 {
+            let (cv, uv): (std::time::SystemTime, std::time::SystemTime) = (c.get(7), u.get(7));
+            assert_eq!((cv, uv), (at, at), "message {n}: run at");
+        } else {
+            // Delays count from the server's clock: the same offset from enqueue.
+            let (cd, ud): (f64, f64) = (c.get(6), u.get(6));
+            assert!((cd - ud).abs() < 0.5, "message {n}: delay {cd} vs {ud}");
+        }
+    }
+
+    let missing = QueueName::new("missing").unwrap();
+    let err = backend.send_batch(&missing, batch()).await.unwrap_err();
+    assert!(matches!(err, Error::QueueNotFound(_)), "{err:?}");
+    let stored: i64 = client
+        .query_one("SELECT count(*) FROM pgbus.messages", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 3_000, "the refused batch stored nothing");
 }

@@ -1,6 +1,7 @@
 //! The scenarios, each one run on a fresh database, and what they share.
 
 pub(crate) mod backlog;
+pub(crate) mod console;
 pub(crate) mod drain;
 pub(crate) mod enqueue;
 pub(crate) mod groups;

@@ -300,7 +300,11 @@ async fn deliver(
             client,
             url,
             max_retry_after,
-        } => post(client, url, *max_retry_after, ctx, body).await,
+        } => tokio::select! {
+            outcome = post(client, url, *max_retry_after, ctx, body) => outcome,
+            // A cancelled job (its lease was lost) stops waiting: the request is dropped.
+            () = ctx.cancellation().cancelled() => Outcome::retry("cancelled"),
+        },
     }
 }
 
@@ -309,7 +313,8 @@ async fn deliver(
 /// the command's stderr, also when it timed out.
 ///
 /// The command runs in a process group of its own, and the group is what ends with the job:
-/// past `timeout`, or at shutdown (the job's future is dropped) it gets SIGTERM, then
+/// past `timeout`, when the job is cancelled (its lease was lost, e.g. an operator cancelled
+/// it), or at shutdown (the job's future is dropped) it gets SIGTERM, then
 /// SIGKILL after [`KILL_GRACE`]; so do processes a command left running in the background
 /// when it exits. The payload is written while stderr is read (a command that writes to
 /// stderr before reading all its input cannot block on a full pipe), and only the last
@@ -350,8 +355,9 @@ async fn run_command(
     let stdin = child.stdin.take();
     let stderr = child.stderr.take();
     let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
+    let cancelled = ctx.cancellation();
     let run = async {
-        let finished = tokio::time::timeout(timeout, async {
+        let waited = async {
             if let Some(mut stdin) = stdin {
                 // One write for the payload and its newline: a command such as `cat >> file`
                 // then appends the whole line at once, never interleaved with another job's.
@@ -363,17 +369,21 @@ async fn run_command(
                 // Dropped here: the command sees the end of its input.
             }
             child.wait().await
-        })
-        .await;
-        let (status, timed_out) = match finished {
-            Ok(status) => (status, false),
-            // Past the job timeout (also one that never read its input): the group gets
+        };
+        let finished = tokio::select! {
+            finished = tokio::time::timeout(timeout, waited) => finished.map_err(|_| Stopped::TimedOut),
+            () = cancelled.cancelled() => Err(Stopped::Cancelled),
+        };
+        let (status, stopped) = match finished {
+            Ok(status) => (status, None),
+            // Past the job timeout (also one that never read its input), or the job was
+            // cancelled (its lease was lost: an operator cancelled it): the group gets
             // SIGTERM, then SIGKILL, and what the command wrote to stderr until then is kept.
-            Err(_) => {
+            Err(stopped) => {
                 if let Some(group) = &group {
                     group.terminate();
                 }
-                (child.wait().await, true)
+                (child.wait().await, Some(stopped))
             }
         };
         // The command is done; what it left running in its group goes too (and lets go of
@@ -382,7 +392,7 @@ async fn run_command(
             group.terminate();
         }
         let _ = exited_tx.send(());
-        (status, timed_out)
+        (status, stopped)
     };
     let read = async {
         let mut kept = Tail::default();
@@ -407,11 +417,15 @@ async fn run_command(
         }
         kept
     };
-    let ((status, timed_out), stderr) = tokio::join!(run, read);
+    let ((status, stopped), stderr) = tokio::join!(run, read);
     let stderr = tail(&stderr.bytes());
-    if timed_out {
-        let after = humantime::format_duration(timeout);
-        return Outcome::retry(format!("timed out after {after}: {stderr}"));
+    match stopped {
+        Some(Stopped::TimedOut) => {
+            let after = humantime::format_duration(timeout);
+            return Outcome::retry(format!("timed out after {after}: {stderr}"));
+        }
+        Some(Stopped::Cancelled) => return Outcome::retry(format!("cancelled: {stderr}")),
+        None => {}
     }
     let status = match status {
         Ok(status) => status,
@@ -425,6 +439,14 @@ async fn run_command(
         Some(code) => Outcome::retry(format!("exit {code}: {stderr}")),
         None => Outcome::retry(format!("killed by a signal: {stderr}")),
     }
+}
+
+/// Why a command was stopped before it exited.
+enum Stopped {
+    /// It ran past the job timeout.
+    TimedOut,
+    /// The job's cancellation token was cancelled.
+    Cancelled,
 }
 
 /// Whether an inherited environment variable is withheld from `--exec` commands: the

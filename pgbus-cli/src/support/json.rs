@@ -1,9 +1,11 @@
 //! The JSON shapes that more than one output shares (`stats --json`, `dlq list --json`,
-//! `cron list --json` and the dashboard API), held by `tests/golden/json_shapes.json`.
+//! `cron list --json`, `job ... --json` and the dashboard API), held by
+//! `tests/golden/json_shapes.json`.
 
 use std::time::SystemTime;
 
 use pgbus_core::{BatchInfo, DeadMessage, ProcessRecord, QueueName, QueueStats, TopicStats};
+use pgbus_pg::console::{AuditEntry, Count, JobDetail, JobState, JobSummary, Page};
 use pgbus_pg::ScheduleInfo;
 use serde_json::{json, Value};
 
@@ -119,6 +121,110 @@ pub(crate) fn schedules_json(schedules: &[ScheduleInfo]) -> serde_json::Value {
                 "missed": s.missed,
                 "last_at": s.last_at.map(rfc3339),
                 "next_at": s.next_at.map(rfc3339),
+            })
+        })
+        .collect()
+}
+
+/// One job of a listing, as `job list --json` and `GET /api/jobs` show it.
+pub(crate) fn job_summary_json(job: &JobSummary) -> Value {
+    json!({
+        "id": job.id.0,
+        "queue": job.queue.as_str(),
+        "state": job.state.as_str(),
+        "priority": job.priority,
+        "group": job.group_key,
+        "attempts": job.attempts,
+        "enqueued_at": rfc3339(job.enqueued_at),
+        "at": rfc3339(job.at),
+        "lease_until": job.lease_until.map(rfc3339),
+        "last_error": job.last_error,
+        "payload_preview": job.payload_preview,
+    })
+}
+
+/// A page of a listing: `{"jobs": [..], "next": cursor or null, "bound": ..}` (the bound is
+/// what a bulk action by this filter passes back, so it touches only what was listed).
+pub(crate) fn page_json(page: &Page) -> Value {
+    json!({
+        "jobs": page.jobs.iter().map(job_summary_json).collect::<Vec<_>>(),
+        "next": page.next.as_ref().map(|c| c.0.as_str()),
+        "bound": page.bound.0,
+    })
+}
+
+/// Per-state counts: `{"ready": {"n": 12, "exact": true}, ..}` (`exact: false` means at
+/// least `n`).
+pub(crate) fn counts_json(counts: &[(JobState, Count)]) -> Value {
+    counts
+        .iter()
+        .map(|(state, count)| {
+            (
+                state.as_str().to_owned(),
+                json!({ "n": count.n, "exact": count.exact }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// A listing with its queue's counts, as `job list --json` and `GET /api/jobs` show it:
+/// [`page_json`] plus `"counts"` ([`counts_json`]).
+pub(crate) fn job_list_json(page: &Page, counts: &[(JobState, Count)]) -> Value {
+    let mut value = page_json(page);
+    if let Value::Object(fields) = &mut value {
+        fields.insert("counts".into(), counts_json(counts));
+    }
+    value
+}
+
+/// Everything about one job, as `job show --json` and `GET /api/jobs/{id}` show it.
+pub(crate) fn job_detail_json(job: &JobDetail) -> Value {
+    let mut value = job_summary_json(&job.summary);
+    let extra = json!({
+        "max_attempts": job.max_attempts,
+        "content_type": job.content_type.mime(),
+        "payload_bytes": job.payload_bytes,
+        "payload": job.payload,
+        "payload_truncated": job.payload_truncated,
+        "headers": job.headers,
+        "errors": job.errors.iter().map(|e| json!({
+            "attempt": e.attempt,
+            "error": e.error,
+            "at": rfc3339(e.at),
+        })).collect::<Vec<_>>(),
+        "held_by": job.held_by.as_ref().map(|h| json!({
+            "process": h.id.0,
+            "hostname": h.hostname,
+            "pid": h.pid,
+        })),
+        "batch": job.batch_id,
+        "unique_key": job.unique_key,
+        "limit_key": job.limit_key,
+        "event": job.event.as_ref().map(|e| json!({
+            "routing_key": e.routing_key,
+            "event_id": e.event_id,
+        })),
+    });
+    if let (Value::Object(fields), Value::Object(more)) = (&mut value, extra) {
+        fields.extend(more);
+    }
+    value
+}
+
+/// The audit log, newest first.
+pub(crate) fn audit_json(entries: &[AuditEntry]) -> Value {
+    entries
+        .iter()
+        .map(|e| {
+            json!({
+                "id": e.id,
+                "at": rfc3339(e.at),
+                "actor": e.actor,
+                "action": e.action,
+                "queue": e.queue,
+                "count": e.count,
+                "detail": e.detail,
             })
         })
         .collect()

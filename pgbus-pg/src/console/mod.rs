@@ -15,334 +15,35 @@
 //! - [`Console::act`]: retry now, reschedule, change priority, cancel, dead-letter, discard,
 //!   on ids or on a filter bounded by what the operator saw ([`Bound`]), written to
 //!   `pgbus.audit_log` in the same transaction ([`Console::audit`] reads it back).
+//!
+//! The console's SQL lives in this directory rather than in `sql.rs`: its listings are
+//! generated per state and order from one template (`list.rs`), and every statement is
+//! built by one function that both the query and [`Console::explain_all`] (the test that
+//! no plan scans a table whole) call.
 
-use std::time::SystemTime;
+mod actions;
+mod audit;
+mod cursor;
+mod detail;
+mod explain;
+mod list;
+mod payload;
+mod sample;
+mod source;
+mod stmt;
+mod types;
 
-use pgbus_core::{ContentType, Error, Headers, MessageId, ProcessId, QueueName, Result};
+#[doc(hidden)]
+pub use sample::{Sample, SAMPLE_QUEUES};
+pub use types::{
+    Action, AttemptError, AuditEntry, Bound, Count, Cursor, EventOrigin, Holder, JobDetail,
+    JobFilter, JobState, JobSummary, Order, Page, PayloadMatch, Target, COUNT_CAP, ERRORS_KEPT,
+    MAX_IDS, MAX_PAGE, PAYLOAD_SHOWN_MAX, SCAN_WINDOW,
+};
+
+use pgbus_core::{ContentType, MessageId, QueueName, Result};
 
 use crate::PgBackend;
-
-/// Most rows of an index one page reads before it stops (a rare filter then returns a
-/// short page and a cursor to go on).
-pub const SCAN_WINDOW: usize = 5_000;
-/// Counts are exact up to this many jobs per state and "at least" beyond.
-pub const COUNT_CAP: u64 = 10_000;
-/// Most jobs one page holds.
-pub const MAX_PAGE: usize = 500;
-/// Longest payload [`Console::job`] returns in [`JobDetail::payload`] (the whole one is
-/// [`Console::payload`]).
-pub const PAYLOAD_SHOWN_MAX: usize = 64 * 1024;
-
-/// Where a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobState {
-    /// In the hot table, visible now, not leased.
-    Ready,
-    /// In the hot table, visible later (delayed, or waiting for a retry).
-    Scheduled,
-    /// In the hot table with a live lease: a worker runs it.
-    InFlight,
-    /// In the dead letters.
-    Dead,
-    /// Completed, in the archive (queues that keep history).
-    Archived,
-}
-
-impl JobState {
-    /// Every state, in the order pages show them.
-    pub const ALL: [JobState; 5] = [
-        JobState::Ready,
-        JobState::Scheduled,
-        JobState::InFlight,
-        JobState::Dead,
-        JobState::Archived,
-    ];
-
-    /// `ready`, `scheduled`, `in_flight`, `dead`, `archived`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Ready => "ready",
-            JobState::Scheduled => "scheduled",
-            JobState::InFlight => "in_flight",
-            JobState::Dead => "dead",
-            JobState::Archived => "archived",
-        }
-    }
-
-    /// Parses [`as_str`](Self::as_str)'s names.
-    pub fn parse(text: &str) -> Result<Self> {
-        JobState::ALL
-            .into_iter()
-            .find(|s| s.as_str() == text)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "unknown job state {text:?} (ready, scheduled, in_flight, dead or archived)"
-                ))
-            })
-    }
-}
-
-/// Page order, by id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Order {
-    /// Highest id first.
-    #[default]
-    NewestFirst,
-    /// Lowest id first.
-    OldestFirst,
-}
-
-/// JSON path equality on a JSON (or MessagePack, decoded) payload: `path` `a.b.0` and a JSON
-/// `value`, parsed from `a.b.0=VALUE` (a VALUE that is not JSON is a string).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PayloadMatch {
-    /// Object keys (and array indexes) from the payload's root.
-    pub path: Vec<String>,
-    /// The value at `path`.
-    pub value: serde_json::Value,
-}
-
-impl PayloadMatch {
-    /// Parses `path=value`.
-    pub fn parse(text: &str) -> Result<Self> {
-        let (path, value) = text.split_once('=').ok_or_else(|| {
-            Error::InvalidArgument(format!("payload filter {text:?} is not PATH=VALUE"))
-        })?;
-        let path: Vec<String> = path.split('.').map(str::to_owned).collect();
-        if path.iter().any(String::is_empty) {
-            return Err(Error::InvalidArgument(format!(
-                "payload filter path {:?} has an empty part",
-                text.split_once('=').map_or(text, |(p, _)| p)
-            )));
-        }
-        let value = serde_json::from_str(value)
-            .unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
-        Ok(Self { path, value })
-    }
-}
-
-/// Which jobs of one queue a listing (or a bulk action) covers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobFilter {
-    /// The queue.
-    pub queue: QueueName,
-    /// The state.
-    pub state: JobState,
-    /// Only this job.
-    pub id: Option<MessageId>,
-    /// Only this ordered group.
-    pub group_key: Option<String>,
-    /// Only this priority.
-    pub priority: Option<i16>,
-    /// Only jobs delivered at least this many times.
-    pub min_attempts: Option<u32>,
-    /// Only jobs whose last error contains this text (case-insensitive).
-    pub error_contains: Option<String>,
-    /// Only payloads with this value at this JSON path.
-    pub payload: Option<PayloadMatch>,
-}
-
-impl JobFilter {
-    /// Every job of `queue` in `state`.
-    pub fn new(queue: QueueName, state: JobState) -> Self {
-        Self {
-            queue,
-            state,
-            id: None,
-            group_key: None,
-            priority: None,
-            min_attempts: None,
-            error_contains: None,
-            payload: None,
-        }
-    }
-}
-
-/// Where the next page starts: opaque text from [`Page::next`], checked when read back
-/// (a cursor from another queue, state or order is refused).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cursor(pub String);
-
-/// What the operator saw when a list was drawn: a bulk action by filter touches only jobs
-/// that were in the filter's state then (ids up to the newest one seen for the hot table
-/// and the archive; dead letters that failed no later than the list was drawn). Opaque
-/// text from [`Page::bound`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bound(pub String);
-
-/// One job in a listing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobSummary {
-    /// Id.
-    pub id: MessageId,
-    /// Queue.
-    pub queue: QueueName,
-    /// State.
-    pub state: JobState,
-    /// Priority.
-    pub priority: i16,
-    /// Ordered group.
-    pub group_key: Option<String>,
-    /// Deliveries so far.
-    pub attempts: u32,
-    /// When it was sent.
-    pub enqueued_at: SystemTime,
-    /// Ready, scheduled, in flight: when it is (was) visible. Dead: when it failed.
-    /// Archived: when it was acked.
-    pub at: SystemTime,
-    /// In flight: when the lease runs out.
-    pub lease_until: Option<SystemTime>,
-    /// The last error (dead letters: the reason).
-    pub last_error: Option<String>,
-    /// The start of the payload as text (JSON, MessagePack decoded to JSON), at most 200
-    /// characters.
-    pub payload_preview: String,
-}
-
-/// One page of a listing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Page {
-    /// The jobs, in the requested order.
-    pub jobs: Vec<JobSummary>,
-    /// The next page, or `None` at the end.
-    pub next: Option<Cursor>,
-    /// For a bulk action on this filter: what this listing saw.
-    pub bound: Bound,
-}
-
-/// A count that stops at [`COUNT_CAP`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Count {
-    /// Jobs counted.
-    pub n: u64,
-    /// `false` when counting stopped at the cap: at least `n`.
-    pub exact: bool,
-}
-
-/// One failed attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttemptError {
-    /// The delivery that failed (1 is the first).
-    pub attempt: u32,
-    /// The error text.
-    pub error: String,
-    /// When.
-    pub at: SystemTime,
-}
-
-/// The worker process holding a lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
-    /// Its registry id.
-    pub id: ProcessId,
-    /// Host name.
-    pub hostname: String,
-    /// OS process id.
-    pub pid: i32,
-}
-
-/// An event copy's origin, for a link to its topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventOrigin {
-    /// The topic (routing key) it was published with.
-    pub routing_key: String,
-    /// The event's id.
-    pub event_id: String,
-}
-
-/// Everything about one job.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobDetail {
-    /// What a listing shows.
-    pub summary: JobSummary,
-    /// The queue's `max_attempts`.
-    pub max_attempts: u32,
-    /// How the payload is encoded.
-    pub content_type: ContentType,
-    /// Payload size in bytes.
-    pub payload_bytes: usize,
-    /// The payload as pretty JSON (MessagePack decoded), or a note when it cannot be
-    /// decoded; at most [`PAYLOAD_SHOWN_MAX`] bytes.
-    pub payload: String,
-    /// `payload` was cut at [`PAYLOAD_SHOWN_MAX`].
-    pub payload_truncated: bool,
-    /// Headers (event envelope, trace context).
-    pub headers: Headers,
-    /// Failed attempts, oldest first (the last 10).
-    pub errors: Vec<AttemptError>,
-    /// In flight: the process whose worker holds the lease, when it is registered.
-    pub held_by: Option<Holder>,
-    /// Its batch.
-    pub batch_id: Option<i64>,
-    /// Its unique key.
-    pub unique_key: Option<String>,
-    /// Its limit key.
-    pub limit_key: Option<String>,
-    /// An event copy's topic and event id.
-    pub event: Option<EventOrigin>,
-}
-
-/// What to do to the selected jobs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Ready, scheduled and dead jobs become ready now (dead ones back in the queue with
-    /// their attempts reset and their history kept).
-    RetryNow,
-    /// Ready, scheduled and dead jobs become visible at this time.
-    Reschedule(SystemTime),
-    /// Ready, scheduled and dead jobs get this priority.
-    SetPriority(i16),
-    /// Jobs in the hot table are deleted; a running one's worker sees its lease gone at its
-    /// next lease extension and cancels the handler's cancellation token.
-    Cancel,
-    /// Jobs in the hot table move to the dead letters (reason: dead-lettered by the actor).
-    DeadLetter,
-    /// Dead and archived jobs are deleted for good.
-    Discard,
-}
-
-impl Action {
-    /// `retry`, `reschedule`, `priority`, `cancel`, `dead_letter`, `discard` (the audit
-    /// log's and the API's names).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Action::RetryNow => "retry",
-            Action::Reschedule(_) => "reschedule",
-            Action::SetPriority(_) => "priority",
-            Action::Cancel => "cancel",
-            Action::DeadLetter => "dead_letter",
-            Action::Discard => "discard",
-        }
-    }
-}
-
-/// The jobs an action applies to.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Target {
-    /// These jobs, wherever they are (each where the action applies to its state).
-    Ids(Vec<MessageId>),
-    /// The jobs of a filter that the listing with this bound saw.
-    Filter(JobFilter, Bound),
-}
-
-/// One audit log entry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditEntry {
-    /// Id (newest is highest).
-    pub id: i64,
-    /// When.
-    pub at: SystemTime,
-    /// Who: a token's name, `loopback`, or `cli:<user>`.
-    pub actor: String,
-    /// [`Action::name`], or `pause` / `resume`.
-    pub action: String,
-    /// The queue, when one.
-    pub queue: Option<String>,
-    /// How many jobs it changed.
-    pub count: u64,
-    /// The selection (`{"ids": [..]}` or `{"filter": {..}, "bound": ..}`) and arguments.
-    pub detail: serde_json::Value,
-}
 
 /// The console's queries and actions on a backend's pool.
 #[derive(Clone)]
@@ -364,49 +65,69 @@ impl Console {
         cursor: Option<&Cursor>,
         limit: usize,
     ) -> Result<Page> {
-        let _ = (&self.backend, filter, order, cursor, limit);
-        Err(not_yet())
+        list::list(&self.backend, filter, order, cursor, limit).await
     }
 
     /// How many jobs of `queue` each state holds (capped at [`COUNT_CAP`]).
     pub async fn counts(&self, queue: &QueueName) -> Result<Vec<(JobState, Count)>> {
-        let _ = queue;
-        Err(not_yet())
+        list::counts(&self.backend, queue).await
     }
 
     /// Job `id` wherever it is, or `None`.
     pub async fn job(&self, id: MessageId) -> Result<Option<JobDetail>> {
-        let _ = id;
-        Err(not_yet())
+        detail::job(&self.backend, id).await
     }
 
     /// Job `id`'s whole payload, or `None`.
     pub async fn payload(&self, id: MessageId) -> Result<Option<(ContentType, Vec<u8>)>> {
-        let _ = id;
-        Err(not_yet())
+        detail::payload(&self.backend, id).await
     }
 
     /// Does `action` to `target` as `actor`, writes the audit entry in the same
     /// transaction; returns how many jobs changed.
     pub async fn act(&self, actor: &str, action: &Action, target: &Target) -> Result<u64> {
-        let _ = (actor, action, target);
-        Err(not_yet())
+        actions::act(&self.backend, actor, action, target).await
     }
 
-    /// Records a queue pause or resume done elsewhere (the audit log covers them too).
-    pub async fn record(&self, actor: &str, action: &str, queue: &QueueName) -> Result<()> {
-        let _ = (actor, action, queue);
-        Err(not_yet())
+    /// Records an action done elsewhere, after it was done: a queue's `pause` or `resume`
+    /// (count 0), or the `retry` or `discard` of its dead letters through
+    /// [`DeadLetters`](pgbus_core::DeadLetters) (`count` changed, `detail` the selection).
+    pub async fn record(
+        &self,
+        actor: &str,
+        action: &str,
+        queue: &QueueName,
+        count: u64,
+        detail: serde_json::Value,
+    ) -> Result<()> {
+        audit::record(&self.backend, actor, action, queue, count, detail).await
     }
 
     /// The audit log, newest first, at most `limit` entries, with ids below `before`.
     pub async fn audit(&self, limit: usize, before: Option<i64>) -> Result<Vec<AuditEntry>> {
-        let _ = (limit, before);
-        Err(not_yet())
+        audit::audit(&self.backend, limit, before).await
     }
-}
 
-// Placeholder while the queries land (this session); removed with them.
-fn not_yet() -> Error {
-    Error::InvalidArgument("the console is not built yet".into())
+    /// Writes the console's sample data set into the (fresh, migrated) database: queues
+    /// `q0` to `q19` with `sample`'s messages in every state, dead letters, archived jobs
+    /// and audit entries, then `ANALYZE` (`VACUUM ANALYZE` with `vacuum`). What the
+    /// `EXPLAIN` test and the `console` bench scenario run on; not part of the stable API.
+    #[doc(hidden)]
+    pub async fn seed_sample(&self, sample: Sample, vacuum: bool) -> Result<()> {
+        sample::seed(&self.backend, sample, vacuum).await
+    }
+
+    /// `EXPLAIN (FORMAT JSON)` of every statement the console runs, built by the same
+    /// functions as the real calls, for `queue` with a sample group key and sample job ids
+    /// (writes are explained, never executed). For the test that no console query scans
+    /// a table whole; not part of the stable API.
+    #[doc(hidden)]
+    pub async fn explain_all(
+        &self,
+        queue: &QueueName,
+        group_key: &str,
+        ids: &[MessageId],
+    ) -> Result<Vec<(String, serde_json::Value)>> {
+        explain::explain_all(&self.backend, queue, group_key, ids).await
+    }
 }
