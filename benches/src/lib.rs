@@ -22,11 +22,12 @@
 //! 3. `drain`: as many no-op jobs as `raw_sql` drained, pre-inserted, drained by pgbus
 //!    workers (2 × 100 like for like, 2 × 500, and one worker × 64); jobs/s and the ratio
 //!    to `raw_sql`, and to the peer when it ran.
-//! 4. `peer_pgmq` (cargo feature `peer`, which the full `cargo xtask bench` enables and
-//!    `--quick` does not: it builds the `pgmq` crate and sqlx): the same jobs through the
-//!    `pgmq` crate (its SQL installed from the crate, no extension), one timed
-//!    `send_batch`, then drained by 2 and 4 readers of `read_batch` 100 + `delete_batch`,
-//!    checked exactly-once; beside it pgbus's `send_batch` of the same jobs in one call.
+//! 4. `peer_pgmq` (when `PGBUS_PEER_BENCH` names the `pgbus-peer-bench` binary of
+//!    `benches/peer/`, which the full `cargo xtask bench` builds and `--quick` does not: it
+//!    builds the `pgmq` crate and sqlx): the same jobs through the `pgmq` crate (its SQL
+//!    installed from the crate, no extension), one timed `send_batch`, then drained by 2
+//!    and 4 readers of `read_batch` 100 + `delete_batch`, checked exactly-once, in that
+//!    child process; beside it pgbus's `send_batch` of the same jobs in one call.
 //!    `ratio_to_pgmq` compares `drain` and the bulk send with it.
 //! 5. `io_bound`: jobs that each wait 50 ms, in `async` and `threads` mode at several
 //!    concurrency levels; jobs/s and the peak number of pgbus connections in
@@ -90,11 +91,10 @@ pub use options::{Command, Options, USAGE};
 
 use options::Plan;
 use report::{thousands, Curve, Figure, Report, Scenario, Series, Target, Unit, BASELINE_FIGURE};
-#[cfg(feature = "peer")]
 use report::{PEER, PEER_DRAIN_PREFIX, PEER_PGBUS_SEND, PEER_SEND};
 use scenarios::{
-    backlog, console, drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql,
-    stream_fanout, stream_publish, worker_run, xmin_pinned,
+    backlog, console, drain, enqueue, groups, io_bound, latency, peer_pgmq, publish_fanout,
+    raw_sql, stream_fanout, stream_publish, worker_run, xmin_pinned,
 };
 use server::Server;
 use stats::{ms, Summary};
@@ -183,18 +183,20 @@ async fn run_scenarios(
         record_load(&scenarios, &mut loads);
         note_statements(server, &mut scenarios).await?;
     }
-    #[cfg(feature = "peer")]
-    if options.runs("peer_pgmq") {
-        scenarios.push(run_peer_pgmq(server, plan, progress).await?);
-        record_load(&scenarios, &mut loads);
-        note_statements(server, &mut scenarios).await?;
+    let mut not_measured = Vec::new();
+    if options.runs(PEER) {
+        match peer_pgmq::peer_binary() {
+            Some(binary) => {
+                scenarios.push(run_peer_pgmq(server, plan, progress, &binary).await?);
+                record_load(&scenarios, &mut loads);
+                note_statements(server, &mut scenarios).await?;
+            }
+            None => {
+                progress.say(format_args!("{PEER} {PEER_NOT_BUILT}"));
+                not_measured.push((PEER.to_owned(), PEER_NOT_BUILT.to_owned()));
+            }
+        }
     }
-    let not_measured = if options.runs("peer_pgmq") && !cfg!(feature = "peer") {
-        progress.say(format_args!("peer_pgmq {PEER_NOT_BUILT}"));
-        vec![("peer_pgmq".to_owned(), PEER_NOT_BUILT.to_owned())]
-    } else {
-        Vec::new()
-    };
     if options.runs("enqueue") {
         scenarios.push(run_enqueue(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
@@ -281,10 +283,10 @@ async fn run_scenarios(
     Ok(report)
 }
 
-/// Why `peer_pgmq` is not in a report: the harness was built without it.
-const PEER_NOT_BUILT: &str = "skipped: the harness was built without the `peer` feature (the \
-     `pgmq` crate and sqlx), as `cargo xtask bench --quick` builds it to stay fast; the full \
-     `cargo xtask bench` enables it";
+/// Why `peer_pgmq` is not in a report: no peer binary was given.
+const PEER_NOT_BUILT: &str = "skipped: `PGBUS_PEER_BENCH` does not name the peer binary \
+     (`benches/peer/`, the `pgmq` crate on sqlx), as `cargo xtask bench --quick` leaves it \
+     unbuilt to stay fast; the full `cargo xtask bench` builds it and sets the variable";
 
 /// Notes the load average for the scenarios added since the last call.
 fn record_load(scenarios: &[Scenario], loads: &mut Vec<String>) {
@@ -484,20 +486,20 @@ async fn run_raw_and_drain(
 
 /// `peer_pgmq`: pgmq's bulk send and its drains at each reader count, with pgbus's bulk
 /// send of the same jobs, alternating run by run.
-#[cfg(feature = "peer")]
 async fn run_peer_pgmq(
     server: &Server,
     plan: &Plan,
     progress: &Progress,
+    binary: &std::path::Path,
 ) -> anyhow::Result<Scenario> {
-    use scenarios::peer_pgmq::{self, READERS, READ_SIZE};
+    use peer_pgmq::{READERS, READ_SIZE};
     let n = plan.drain_jobs;
     let mut pgmq_sends = Vec::new();
     let mut pgbus_sends = Vec::new();
     let mut drains = vec![Vec::new(); READERS.len()];
     for i in 1..=plan.runs {
         for (&readers, rates) in READERS.iter().zip(&mut drains) {
-            let run = peer_pgmq::run_once(server, n, readers).await?;
+            let run = peer_pgmq::run_once(server, binary, n, readers).await?;
             let pgbus = peer_pgmq::pgbus_send_batch(server, n).await?;
             progress.say(format_args!(
                 "peer_pgmq {i}/{}: {n} jobs: pgmq send_batch {:.0} msgs/s (pgbus send_batch \

@@ -15,8 +15,8 @@ Options:
                         peer_pgmq, enqueue, publish_fanout, io_bound, groups,
                         latency, stream_fanout, stream_publish, backlog,
                         xmin_pinned, console; raw_sql and drain run together;
-                        peer_pgmq needs the `peer` feature (the full `cargo xtask
-                        bench` builds with it)
+                        peer_pgmq needs PGBUS_PEER_BENCH, the peer binary of
+                        benches/peer/ (the full `cargo xtask bench` builds it)
   --database-url URL    Use this server instead of a throwaway local cluster; the bench
                         creates (and drops) one database per scenario run, so the URL's
                         user needs the CREATEDB privilege

@@ -17,12 +17,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // pgbus's own warnings (a failed claim, a lost connection) explain odd figures; the
-    // peer's sqlx calls the bulk send it is timed on a slow statement, which is expected.
+    // pgbus's own warnings (a failed claim, a lost connection) explain odd figures.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -7,7 +7,6 @@ pub(crate) mod enqueue;
 pub(crate) mod groups;
 pub(crate) mod io_bound;
 pub(crate) mod latency;
-#[cfg(feature = "peer")]
 pub(crate) mod peer_pgmq;
 pub(crate) mod publish_fanout;
 pub(crate) mod raw_sql;
