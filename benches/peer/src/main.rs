@@ -200,7 +200,7 @@ fn exactly_once(read: &mut [u64], n: usize) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn strings(list: &[&str]) -> impl Iterator<Item = String> + '_ {
+    fn strings<'a>(list: &'a [&'a str]) -> impl Iterator<Item = String> + 'a {
         list.iter().map(|s| (*s).to_owned())
     }
 
