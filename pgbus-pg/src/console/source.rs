@@ -119,7 +119,9 @@ pub(super) fn in_queue(by_group: bool, dir: &str) -> (&'static str, String) {
         )
     } else {
         (
-            "queue >= $1 AND queue <= $1",
+            // `id > 0` (every id) is the predicate of the `(queue, id)` indexes, which only
+            // statements that state it can use (migration 17 says why).
+            "queue >= $1 AND queue <= $1 AND id > 0",
             format!("queue {dir}, id {dir}"),
         )
     }
