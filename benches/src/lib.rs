@@ -20,17 +20,25 @@
 //!    single-row inserts (with and without `pg_notify`) into the same table from as many
 //!    clients, and each send figure's ratio to the raw insert rate.
 //! 3. `drain`: as many no-op jobs as `raw_sql` drained, pre-inserted, drained by pgbus
-//!    workers; jobs/s and the ratio to `raw_sql`.
-//! 4. `io_bound`: jobs that each wait 50 ms, in `async` and `threads` mode at several
+//!    workers (2 × 100 like for like, 2 × 500, and one worker × 64); jobs/s and the ratio
+//!    to `raw_sql`, and to the peer when it ran.
+//! 4. `peer_pgmq` (when `PGBUS_PEER_BENCH` names the `pgbus-peer-bench` binary of
+//!    `benches/peer/`, which the full `cargo xtask bench` builds and `--quick` does not: it
+//!    builds the `pgmq` crate and sqlx): the same jobs through the `pgmq` crate (its SQL
+//!    installed from the crate, no extension), one timed `send_batch`, then drained by 2
+//!    and 4 readers of `read_batch` 100 + `delete_batch`, checked exactly-once, in that
+//!    child process; beside it pgbus's `send_batch` of the same jobs in one call.
+//!    `ratio_to_pgmq` compares `drain` and the bulk send with it.
+//! 5. `io_bound`: jobs that each wait 50 ms, in `async` and `threads` mode at several
 //!    concurrency levels; jobs/s and the peak number of pgbus connections in
 //!    `pg_stat_activity`, sampled every 20 ms by an observer connection.
-//! 5. `groups`: ordered groups (many groups of a few messages) drained by a group worker;
+//! 6. `groups`: ordered groups (many groups of a few messages) drained by a group worker;
 //!    jobs/s, peak connections, and a check that every group ran in order.
-//! 6. `latency`: enqueue-to-start latency (p50/p99/max) of single messages sent to an idle
+//! 7. `latency`: enqueue-to-start latency (p50/p99/max) of single messages sent to an idle
 //!    worker, with a LISTEN wake-up source and with polling only.
-//! 7. `publish_fanout`: events per second published in bulk (`publish_batch`), each to 10
+//! 8. `publish_fanout`: events per second published in bulk (`publish_batch`), each to 10
 //!    bound queues, and the copies per second that makes.
-//! 8. `stream_fanout`: one streamer (`pgbus_stream::Instance` on `PgBackend` and a
+//! 9. `stream_fanout`: one streamer (`pgbus_stream::Instance` on `PgBackend` and a
 //!    `PgStreamListener`, served by its axum endpoint) in a child process of its own
 //!    (`pgbus-bench --streamer`, fresh for each run), with 10,000 SSE clients (1,000 with
 //!    `--quick`) in the harness following one stream over real HTTP; publish-to-parse
@@ -38,10 +46,17 @@
 //!    process's RSS growth per connection.
 //!    The soft open-files limit is raised to the hard limit; when that does not fit the
 //!    clients, fewer connect and the report says how many.
-//! 9. `stream_publish`: durable stream publishes per second from 8 concurrent publishers,
-//!    all to one stream (serialised by its advisory lock) and each to its own stream.
-//!
-//! 10. `console`: the operator's console on 2,000,000 messages, 100,000 dead letters and
+//! 10. `stream_publish`: durable stream publishes per second from 8 concurrent publishers,
+//!     all to one stream (serialised by its advisory lock) and each to its own stream.
+//! 11. `backlog`: claim + ack throughput and claim latency (p50/p99) of one claim loop
+//!     against backlogs of 10k and 100k ready messages (full run: also 1M, 5M, and 100k
+//!     beside 5M archived), each built untimed with one `INSERT ... SELECT
+//!     generate_series`; charted as curves in `chart.svg`.
+//! 12. `xmin_pinned`: a steady 2,000 jobs/s send and claim/ack load while a `REPEATABLE
+//!     READ` snapshot is held for the middle phase (full: 60 s of 180; quick: 5 s of 20):
+//!     claim p50/p99 per phase, backlog peak, dead tuples of `pgbus.messages`, and the
+//!     time the backlog takes to come back after the snapshot ends.
+//! 13. `console`: the operator's console on 2,000,000 messages, 100,000 dead letters and
 //!     100,000 archived jobs: p50/p99 of each page's call (first pages per state and order,
 //!     a group, a rare error filter window by window, a deep cursor, counts, a job's
 //!     detail, the audit log).
@@ -75,13 +90,14 @@ use pgbus_exec::ExecutionMode;
 pub use options::{Command, Options, USAGE};
 
 use options::Plan;
-use report::{thousands, Figure, Report, Scenario, Target, Unit, BASELINE_FIGURE};
+use report::{thousands, Curve, Figure, Report, Scenario, Series, Target, Unit, BASELINE_FIGURE};
+use report::{PEER, PEER_DRAIN_PREFIX, PEER_PGBUS_SEND, PEER_SEND};
 use scenarios::{
-    console, drain, enqueue, groups, io_bound, latency, publish_fanout, raw_sql, stream_fanout,
-    stream_publish, worker_run,
+    backlog, console, drain, enqueue, groups, io_bound, latency, peer_pgmq, publish_fanout,
+    raw_sql, stream_fanout, stream_publish, worker_run, xmin_pinned,
 };
 use server::Server;
-use stats::ms;
+use stats::{ms, Summary};
 
 /// Runs every scenario and writes the reports; returns the directory they are in.
 pub async fn run(options: &Options) -> anyhow::Result<PathBuf> {
@@ -167,6 +183,20 @@ async fn run_scenarios(
         record_load(&scenarios, &mut loads);
         note_statements(server, &mut scenarios).await?;
     }
+    let mut not_measured = Vec::new();
+    if options.runs(PEER) {
+        match peer_pgmq::peer_binary() {
+            Some(binary) => {
+                scenarios.push(run_peer_pgmq(server, plan, progress, &binary).await?);
+                record_load(&scenarios, &mut loads);
+                note_statements(server, &mut scenarios).await?;
+            }
+            None => {
+                progress.say(format_args!("{PEER} {PEER_NOT_BUILT}"));
+                not_measured.push((PEER.to_owned(), PEER_NOT_BUILT.to_owned()));
+            }
+        }
+    }
     if options.runs("enqueue") {
         scenarios.push(run_enqueue(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
@@ -199,6 +229,16 @@ async fn run_scenarios(
     }
     if options.runs("stream_publish") {
         scenarios.push(run_stream_publish(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
+    }
+    if options.runs("backlog") {
+        scenarios.push(run_backlog(server, plan, progress).await?);
+        record_load(&scenarios, &mut loads);
+        note_statements(server, &mut scenarios).await?;
+    }
+    if options.runs("xmin_pinned") {
+        scenarios.push(run_xmin_pinned(server, plan, progress).await?);
         record_load(&scenarios, &mut loads);
         note_statements(server, &mut scenarios).await?;
     }
@@ -235,12 +275,18 @@ async fn run_scenarios(
         conditions,
         scenarios,
         targets: Vec::new(),
-        not_measured: Vec::new(),
+        not_measured,
         wall: Duration::ZERO,
     };
+    report.rate_against_peer();
     report.targets = targets(&report);
     Ok(report)
 }
+
+/// Why `peer_pgmq` is not in a report: no peer binary was given.
+const PEER_NOT_BUILT: &str = "skipped: `PGBUS_PEER_BENCH` does not name the peer binary \
+     (`benches/peer/`, the `pgmq` crate on sqlx), as `cargo xtask bench --quick` leaves it \
+     unbuilt to stay fast; the full `cargo xtask bench` builds it and sets the variable";
 
 /// Notes the load average for the scenarios added since the last call.
 fn record_load(scenarios: &[Scenario], loads: &mut Vec<String>) {
@@ -295,12 +341,13 @@ async fn run_raw_and_drain(
     progress: &Progress,
 ) -> anyhow::Result<(Scenario, Scenario)> {
     let n = plan.drain_jobs;
-    let like_for_like = drain::settings(plan.drain_workers, plan.drain_concurrency);
-    let wide = drain::settings(plan.drain_workers, plan.drain_wide_concurrency);
+    // Like for like with `raw_sql` first (its figure ids carry no suffix), then wider
+    // workers, then one worker at the concurrency a user picks.
+    let variants = drain::variants(plan);
     let mut raw_rates = Vec::new();
     let mut raw_durable_rates = Vec::new();
     let mut startups = Vec::new();
-    let mut drain_runs: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    let mut drain_runs = vec![(Vec::new(), Vec::new()); variants.len()];
     for i in 1..=plan.runs {
         let raw = raw_sql::run_once(server, n, raw_sql::Commits::LikePgbus).await?;
         let durable = raw_sql::run_once(server, n, raw_sql::Commits::Durable).await?;
@@ -311,21 +358,21 @@ async fn run_raw_and_drain(
         ));
         raw_rates.push(raw);
         raw_durable_rates.push(durable);
-        for (settings, (rates, peaks)) in [like_for_like, wide].into_iter().zip(&mut drain_runs) {
+        for (variant, (rates, peaks)) in variants.iter().zip(&mut drain_runs) {
+            let settings = variant.settings;
             let run = worker_run(server, n, settings).await?;
             progress.say(format_args!(
-                "drain   {i}/{}: {n} jobs, {} workers × {}: {:.0} jobs/s, peak {} pgbus \
-                 connections, first job {:.0} ms after start",
+                "drain   {i}/{}: {n} jobs, {}: {:.0} jobs/s, peak {} pgbus connections, first \
+                 job {:.0} ms after start",
                 plan.runs,
-                settings.workers,
-                settings.concurrency,
+                variant.label(),
                 run.jobs_per_s,
                 run.peak_connections,
                 ms(run.startup)
             ));
             rates.push(run.jobs_per_s);
             peaks.push(run.peak_connections as f64);
-            if settings.concurrency == plan.drain_concurrency {
+            if variant.suffix.is_empty() {
                 startups.push(ms(run.startup));
             }
         }
@@ -391,10 +438,13 @@ async fn run_raw_and_drain(
     drain.setting(
         "workers",
         format!(
-            "{} async workers of concurrency {} (like for like), then of {} (wide), sharing \
-             one `PgBackend` (pool of 10) and one `PgListener`; defaults otherwise (ack batch \
-             500, poll interval 1 s)",
-            plan.drain_workers, plan.drain_concurrency, plan.drain_wide_concurrency
+            "{} async workers of concurrency {} (like for like), then of {} (wide), then 1 \
+             worker of {}; the workers of a run share one `PgBackend` (pool of 10) and one \
+             `PgListener`; defaults otherwise (ack batch 500, poll interval 1 s)",
+            plan.drain_workers,
+            plan.drain_concurrency,
+            plan.drain_wide_concurrency,
+            plan.drain_single_concurrency
         ),
     );
     drain.setting(
@@ -403,58 +453,106 @@ async fn run_raw_and_drain(
          returned; the workers' startup (opening the fetch connection, the first claim) is \
          given separately",
     );
-    let [(rates, peaks), (wide_rates, wide_peaks)] = drain_runs;
-    let drain_jobs = Figure::new(
-        "jobs_per_s",
-        format!(
-            "no-op jobs, {} workers × {}",
-            plan.drain_workers, plan.drain_concurrency
-        ),
-        Unit::JobsPerSec,
-        rates,
-    );
-    drain.ratio_to_raw_sql = drain_jobs
-        .median()
-        .zip(raw.figure(BASELINE_FIGURE).and_then(Figure::median))
-        .map(|(d, r)| d / r);
-    drain.figures.push(drain_jobs);
-    drain.figures.push(Figure::new(
-        "peak_connections",
-        format!(
-            "peak pgbus connections, {} workers × {}",
-            plan.drain_workers, plan.drain_concurrency
-        ),
-        Unit::Connections,
-        peaks,
-    ));
-    drain.figures.push(Figure::new(
-        "startup_ms",
-        format!(
-            "worker start to first job, {} workers × {}",
-            plan.drain_workers, plan.drain_concurrency
-        ),
-        Unit::Millis,
-        startups,
-    ));
-    drain.figures.push(Figure::new(
-        format!("jobs_per_s_c{}", plan.drain_wide_concurrency),
-        format!(
-            "no-op jobs, {} workers × {}",
-            plan.drain_workers, plan.drain_wide_concurrency
-        ),
-        Unit::JobsPerSec,
-        wide_rates,
-    ));
-    drain.figures.push(Figure::new(
-        format!("peak_connections_c{}", plan.drain_wide_concurrency),
-        format!(
-            "peak pgbus connections, {} workers × {}",
-            plan.drain_workers, plan.drain_wide_concurrency
-        ),
-        Unit::Connections,
-        wide_peaks,
-    ));
+    let baseline = raw.figure(BASELINE_FIGURE).and_then(Figure::median);
+    for (variant, (rates, peaks)) in variants.iter().zip(drain_runs) {
+        let label = variant.label();
+        let jobs = Figure::new(
+            format!("jobs_per_s{}", variant.suffix),
+            format!("no-op jobs, {label}"),
+            Unit::JobsPerSec,
+            rates,
+        );
+        if variant.suffix.is_empty() {
+            drain.ratio_to_raw_sql = jobs.median().zip(baseline).map(|(d, r)| d / r);
+        }
+        drain.figures.push(jobs);
+        drain.figures.push(Figure::new(
+            format!("peak_connections{}", variant.suffix),
+            format!("peak pgbus connections, {label}"),
+            Unit::Connections,
+            peaks,
+        ));
+        if variant.suffix.is_empty() {
+            drain.figures.push(Figure::new(
+                "startup_ms",
+                format!("worker start to first job, {label}"),
+                Unit::Millis,
+                std::mem::take(&mut startups),
+            ));
+        }
+    }
     Ok((raw, drain))
+}
+
+/// `peer_pgmq`: pgmq's bulk send and its drains at each reader count, with pgbus's bulk
+/// send of the same jobs, alternating run by run.
+async fn run_peer_pgmq(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+    binary: &std::path::Path,
+) -> anyhow::Result<Scenario> {
+    use peer_pgmq::{READERS, READ_SIZE};
+    let n = plan.drain_jobs;
+    let mut pgmq_sends = Vec::new();
+    let mut pgbus_sends = Vec::new();
+    let mut drains = vec![Vec::new(); READERS.len()];
+    for i in 1..=plan.runs {
+        for (&readers, rates) in READERS.iter().zip(&mut drains) {
+            let run = peer_pgmq::run_once(server, binary, n, readers).await?;
+            let pgbus = peer_pgmq::pgbus_send_batch(server, n).await?;
+            progress.say(format_args!(
+                "peer_pgmq {i}/{}: {n} jobs: pgmq send_batch {:.0} msgs/s (pgbus send_batch \
+                 {pgbus:.0} msgs/s), pgmq drain with {readers} readers {:.0} jobs/s",
+                plan.runs, run.send_per_s, run.drain_per_s
+            ));
+            pgmq_sends.push(run.send_per_s);
+            pgbus_sends.push(pgbus);
+            rates.push(run.drain_per_s);
+        }
+    }
+    let mut scenario = Scenario::new(
+        PEER,
+        format!(
+            "A real peer: the `pgmq` crate (its `PGMQueueExt` client on a sqlx pool with the \
+             settings `PGMQueueExt::new` uses, its SQL installed by \
+             `install_sql_from_embedded`, no extension). Per run, on a fresh database: one \
+             `send_batch` of all the jobs (the values `0..n`, which it stores as jsonb), \
+             timed; `VACUUM ANALYZE`; then readers, each in a loop of `read_batch` of {READ_SIZE} \
+             and `delete_batch` of what it read, until a read finds nothing; every value must \
+             come back exactly once and the queue table must be empty. Beside it, on a fresh \
+             database of its own, pgbus's `PgBackend::send_batch` of the same values in one \
+             call, timed the same way (encoding included on both sides). `ratio_to_pgmq` \
+             compares `drain` and the bulk send with the peer, medians over medians."
+        ),
+    );
+    scenario.setting("jobs per run", n);
+    scenario.setting(
+        "timed",
+        "the `send_batch` call; the drain from the first read until every reader found the \
+         queue empty",
+    );
+    scenario.figures.push(Figure::new(
+        PEER_SEND,
+        format!("pgmq send_batch of {}", thousands(n as i64)),
+        Unit::MsgsPerSec,
+        pgmq_sends,
+    ));
+    scenario.figures.push(Figure::new(
+        PEER_PGBUS_SEND,
+        format!("pgbus send_batch of {} (same run)", thousands(n as i64)),
+        Unit::MsgsPerSec,
+        pgbus_sends,
+    ));
+    for (readers, rates) in READERS.into_iter().zip(drains) {
+        scenario.figures.push(Figure::new(
+            format!("{PEER_DRAIN_PREFIX}{readers}_jobs_per_s"),
+            format!("pgmq drain, {readers} readers × read {READ_SIZE} + delete"),
+            Unit::JobsPerSec,
+            rates,
+        ));
+    }
+    Ok(scenario)
 }
 
 async fn run_enqueue(
@@ -1070,6 +1168,312 @@ async fn run_stream_publish(
     Ok(scenario)
 }
 
+async fn run_backlog(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Scenario> {
+    use backlog::{Shape, CLAIM_SIZE, MEASURED_JOBS};
+    let mut scenario = Scenario::new(
+        "backlog",
+        format!(
+            "How claim cost grows with the table. Per run, on a fresh database: a backlog of \
+             ready no-op messages built in one `INSERT ... SELECT generate_series` into \
+             `pgbus.messages` (the columns a plain send fills; with history, first the \
+             archived messages into `pgbus.archive` and the queue set to keep history, so its \
+             acks archive too), then `VACUUM ANALYZE`, neither timed. Then one consumer loop, \
+             as a worker's fetch loop without the pool: claim at most {CLAIM_SIZE} on a \
+             fetcher (the worker's dedicated claim connection), ack them at once on the \
+             backend's pool, again, for {} jobs (half the backlog when that is fewer). \
+             Throughput is jobs over the loop's time; latency is each claim's round trip.",
+            thousands(MEASURED_JOBS as i64)
+        ),
+    );
+    scenario.setting(
+        "backlogs",
+        plan.backlogs
+            .iter()
+            .map(|b| {
+                let shape = Shape {
+                    ready: b.ready,
+                    archived: b.archived,
+                };
+                format!(
+                    "{} ({} run{})",
+                    shape.label(),
+                    b.runs,
+                    if b.runs == 1 { "" } else { "s" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    let mut throughput = [Vec::new(), Vec::new()];
+    let mut latency = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut first_rate = None;
+    for size in &plan.backlogs {
+        let shape = Shape {
+            ready: size.ready,
+            archived: size.archived,
+        };
+        let (mut rates, mut p50s, mut p99s, mut builds) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 1..=size.runs {
+            let run = backlog::run_once(server, shape).await?;
+            progress.say(format_args!(
+                "backlog {i}/{}: {}: {:.0} jobs/s, claim p50 {:.2} ms, p99 {:.2} ms (built in \
+                 {:.1} s)",
+                size.runs,
+                shape.label(),
+                run.jobs_per_s,
+                run.claim_p50_ms,
+                run.claim_p99_ms,
+                run.build_s
+            ));
+            rates.push(run.jobs_per_s);
+            p50s.push(run.claim_p50_ms);
+            p99s.push(run.claim_p99_ms);
+            builds.push(run.build_s);
+        }
+        let (id, label, x) = (shape.id(), shape.label(), size.ready as f64);
+        let mut jobs = Figure::new(
+            format!("claim_ack_{id}_jobs_per_s"),
+            format!("{label}: claim + ack"),
+            Unit::JobsPerSec,
+            rates,
+        );
+        // Every size against the first (the smallest): the curve's slope.
+        if let (Some(first), Some(median)) = (first_rate, jobs.median()) {
+            jobs.note = Some(format!("{:.0}% of the first row", 100.0 * median / first));
+        }
+        first_rate = first_rate.or(jobs.median());
+        let history = usize::from(size.archived > 0);
+        throughput[history].extend(jobs.summary().map(|s| (x, s)));
+        scenario.figures.push(jobs);
+        for (stat, samples, line) in [("p50", p50s, 2 * history), ("p99", p99s, 2 * history + 1)] {
+            let figure = Figure::new(
+                format!("claim_{stat}_{id}_ms"),
+                format!("{label}: claim {stat}"),
+                Unit::Millis,
+                samples,
+            );
+            latency[line].extend(figure.summary().map(|s| (x, s)));
+            scenario.figures.push(figure);
+        }
+        scenario.figures.push(Figure::new(
+            format!("build_{id}_s"),
+            format!("{label}: building it (not timed above)"),
+            Unit::Seconds,
+            builds,
+        ));
+    }
+    let series = |name: &str, points: Vec<(f64, Summary)>| Series {
+        name: name.to_owned(),
+        points,
+    };
+    let [ready, history] = throughput;
+    scenario.curves.push(Curve {
+        title: format!(
+            "backlog: claim {CLAIM_SIZE} + ack throughput by backlog (one loop; median, \
+             whiskers min to max)"
+        ),
+        x_label: "ready messages".to_owned(),
+        log_x: true,
+        unit: Unit::JobsPerSec,
+        series: vec![
+            series("ready only", ready),
+            series("ready + archived history", history),
+        ],
+    });
+    let [p50, p99, history_p50, history_p99] = latency;
+    scenario.curves.push(Curve {
+        title: "backlog: claim latency by backlog (median of runs, whiskers min to max)".to_owned(),
+        x_label: "ready messages".to_owned(),
+        log_x: true,
+        unit: Unit::Millis,
+        series: vec![
+            series("p50", p50),
+            series("p99", p99),
+            series("p50, with archived history", history_p50),
+            series("p99, with archived history", history_p99),
+        ],
+    });
+    Ok(scenario)
+}
+
+async fn run_xmin_pinned(
+    server: &Server,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Scenario> {
+    use xmin_pinned::{Phases, CLAIM_SIZE, IDLE_WAIT, PER_SEND, SEND_EVERY};
+    let [before, pinned, after] = plan.xmin_phases;
+    let rate = PER_SEND as f64 / SEND_EVERY.as_secs_f64();
+    let mut scenario = Scenario::new(
+        "xmin_pinned",
+        format!(
+            "A steady load while a long transaction pins the xmin horizon. On a fresh \
+             database: a sender `send_batch`es {PER_SEND} no-op messages every {} ms ({rate:.0} \
+             jobs/s) and one consumer loop claims at most {CLAIM_SIZE} on a fetcher and acks \
+             them at once (waiting {} ms after a claim that found nothing). After {} s, a \
+             connection of its own opens a `REPEATABLE READ` transaction and runs a query in \
+             it, taking a snapshot that it holds for {} s (vacuum, and pruning, can remove \
+             no row version deleted after it); then the load runs {} s more. Claim \
+             latencies are split by phase; the backlog (sent and not yet acked) and \
+             `pg_stat_user_tables.n_dead_tup` of `pgbus.messages` are sampled every 100 ms. \
+             Recovery is the time from the snapshot's end until the backlog is back, for good, \
+             at the highest it was before the pin. Autovacuum runs with its defaults.",
+            SEND_EVERY.as_millis(),
+            IDLE_WAIT.as_millis(),
+            before.as_secs_f64(),
+            pinned.as_secs_f64(),
+            after.as_secs_f64()
+        ),
+    );
+    scenario.setting("runs", 1);
+    let run = xmin_pinned::run_once(
+        server,
+        Phases {
+            before,
+            pinned,
+            after,
+        },
+    )
+    .await?;
+    progress.say(format_args!(
+        "xmin_pinned: claim p99 {:.2} ms before, {:.2} ms pinned, {:.2} ms after; backlog \
+         steady {}, peak {}; dead tuples peak {}; recovery {}",
+        run.before.p99_ms,
+        run.pinned.p99_ms,
+        run.after.p99_ms,
+        run.steady_backlog,
+        run.peak_backlog,
+        run.peak_dead_tuples,
+        run.recovery.map_or_else(
+            || "not within the run".to_owned(),
+            |r| format!("{:.1} s", r.as_secs_f64())
+        )
+    ));
+    for (phase, when, claims) in [
+        ("before", "before the pin", run.before),
+        ("pinned", "while pinned", run.pinned),
+        ("after", "after the pin", run.after),
+    ] {
+        for (stat, value) in [
+            ("p50", claims.p50_ms),
+            ("p99", claims.p99_ms),
+            ("mean", claims.mean_ms),
+        ] {
+            let mut figure = Figure::new(
+                format!("claim_{stat}_{phase}_ms"),
+                format!("claim {stat}, {when}"),
+                Unit::Millis,
+                vec![value],
+            );
+            figure.note = Some(format!(
+                "{} claims, {:.1} messages each on average",
+                thousands(claims.count as i64),
+                claims.per_claim
+            ));
+            scenario.figures.push(figure);
+        }
+        scenario.figures.push(Figure::new(
+            format!("ack_p99_{phase}_ms"),
+            format!("ack p99, {when}"),
+            Unit::Millis,
+            vec![claims.ack_p99_ms],
+        ));
+    }
+    for (id, label, unit, value) in [
+        (
+            "backlog_steady",
+            "backlog before the pin: highest",
+            Unit::Messages,
+            run.steady_backlog as f64,
+        ),
+        (
+            "backlog_peak",
+            "backlog from the pin on: highest",
+            Unit::Messages,
+            run.peak_backlog as f64,
+        ),
+        (
+            "backlog_end",
+            "backlog at the end",
+            Unit::Messages,
+            run.final_backlog as f64,
+        ),
+        (
+            "dead_tuples_peak",
+            "dead tuples in pgbus.messages: highest",
+            Unit::Rows,
+            run.peak_dead_tuples as f64,
+        ),
+        (
+            "dead_tuples_end",
+            "dead tuples in pgbus.messages: at the end",
+            Unit::Rows,
+            run.final_dead_tuples as f64,
+        ),
+    ] {
+        scenario
+            .figures
+            .push(Figure::new(id, label, unit, vec![value]));
+    }
+    scenario.figures.push(Figure::new(
+        "recovery_s",
+        "recovery: snapshot's end to steady backlog",
+        Unit::Seconds,
+        run.recovery.map(|r| r.as_secs_f64()).into_iter().collect(),
+    ));
+    if run.recovery.is_none() {
+        scenario.notes.push(format!(
+            "the backlog was not back at its steady state {:.0} s after the snapshot ended",
+            after.as_secs_f64()
+        ));
+    }
+    scenario.notes.push(format!(
+        "load kept: {:.0} jobs/s sent, {:.0} jobs/s acked over the run; the snapshot held \
+         from {:.1} s to {:.1} s",
+        run.sent_per_s, run.acked_per_s, run.pin_s.0, run.pin_s.1
+    ));
+    let over_time = |name: &str, value: fn(&xmin_pinned::Second) -> f64| Series {
+        name: name.to_owned(),
+        points: run
+            .timeline
+            .iter()
+            .filter_map(|second| Some((second.at_s, Summary::of(&[value(second)])?)))
+            .collect(),
+    };
+    let pin = format!("snapshot held {:.0}–{:.0} s", run.pin_s.0, run.pin_s.1);
+    for (title, unit, series) in [
+        (
+            "backlog (sent, not yet acked; highest per second)",
+            Unit::Messages,
+            over_time("backlog", |s| s.backlog as f64),
+        ),
+        (
+            "claim p99 per second",
+            Unit::Millis,
+            over_time("claim p99", |s| s.claim_p99_ms),
+        ),
+        (
+            "dead tuples in pgbus.messages",
+            Unit::Rows,
+            over_time("n_dead_tup", |s| s.dead_tuples as f64),
+        ),
+    ] {
+        scenario.curves.push(Curve {
+            title: format!("xmin_pinned: {title} over time ({pin})"),
+            x_label: "seconds since the load started".to_owned(),
+            log_x: false,
+            unit,
+            series: vec![series],
+        });
+    }
+    Ok(scenario)
+}
+
 /// The targets of the benchmarks issue, checked against the report.
 fn targets(report: &Report) -> Vec<Target> {
     let mut targets = Vec::new();
@@ -1078,6 +1482,41 @@ fn targets(report: &Report) -> Vec<Target> {
             target: "`drain` at least as fast as `raw_sql` (ratio ≥ 1.0)".to_owned(),
             measured: format!("{ratio:.2}"),
             met: ratio >= 1.0,
+        });
+    }
+    if let Some(drain) = report.scenario("drain") {
+        if let Some(ratio) = drain.ratio_to_pgmq {
+            targets.push(Target {
+                target: "`drain` at least 2.5× `peer_pgmq`, both at their best settings".to_owned(),
+                measured: format!("{ratio:.2}×"),
+                met: ratio >= 2.5,
+            });
+        }
+        if let Some(ratio) = drain
+            .figures
+            .iter()
+            .find(|f| f.id.starts_with("jobs_per_s_1x"))
+            .and_then(|f| f.ratio_to_pgmq)
+        {
+            targets.push(Target {
+                target: "`drain` with one worker at concurrency 64 at least as fast as \
+                         `peer_pgmq` at its best"
+                    .to_owned(),
+                measured: format!("{ratio:.2}×"),
+                met: ratio >= 1.0,
+            });
+        }
+    }
+    if let Some(ratio) = report
+        .scenario(report::PEER)
+        .and_then(|peer| peer.figure(report::PEER_PGBUS_SEND))
+        .and_then(|f| f.ratio_to_pgmq)
+    {
+        targets.push(Target {
+            target: "bulk `send_batch` at least 1.5× pgmq's `send_batch` of the same jobs"
+                .to_owned(),
+            measured: format!("{ratio:.2}×"),
+            met: ratio >= 1.5,
         });
     }
     if let Some(io) = report.scenario("io_bound") {
@@ -1128,6 +1567,33 @@ fn targets(report: &Report) -> Vec<Target> {
             }
         }
     }
+    if let Some(backlog) = report.scenario("backlog") {
+        backlog_targets(backlog, &mut targets);
+    }
+    if let Some(pinned) = report.scenario("xmin_pinned") {
+        if let Some(p99) = pinned
+            .figure("claim_p99_pinned_ms")
+            .and_then(Figure::median)
+        {
+            targets.push(Target {
+                target: "`xmin_pinned`: claim p99 while the snapshot is held under 50 ms"
+                    .to_owned(),
+                measured: format!("{p99:.2} ms"),
+                met: p99 < 50.0,
+            });
+        }
+        let recovery = pinned.figure("recovery_s").and_then(Figure::median);
+        targets.push(Target {
+            target: "`xmin_pinned`: backlog back to its steady state within 30 s of the \
+                     snapshot's end"
+                .to_owned(),
+            measured: recovery.map_or_else(
+                || "not back by the end of the run".to_owned(),
+                |r| format!("{r:.1} s"),
+            ),
+            met: recovery.is_some_and(|r| r <= 30.0),
+        });
+    }
     if let Some(lat) = report.scenario("latency") {
         let id = latency::Variant::Listen.id();
         for (stat, limit) in [("p50", 3.0), ("p99", 15.0)] {
@@ -1145,4 +1611,44 @@ fn targets(report: &Report) -> Vec<Target> {
     }
     targets.extend(console::target(report));
     targets
+}
+
+/// `backlog`'s targets, at the largest ready-only backlog measured (5 million in the full
+/// run): throughput within 80% of the smallest's, claim p99 under 20 ms.
+fn backlog_targets(backlog: &Scenario, targets: &mut Vec<Target>) {
+    let ready_only: Vec<&Figure> = backlog
+        .figures
+        .iter()
+        .filter(|f| f.id.starts_with("claim_ack_") && !f.id.contains("archived"))
+        .collect();
+    let (Some(smallest), Some(largest)) = (ready_only.first(), ready_only.last()) else {
+        return;
+    };
+    if smallest.id == largest.id {
+        return;
+    }
+    let size = |f: &Figure| f.label.split(':').next().unwrap_or_default().to_owned();
+    if let (Some(small), Some(large)) = (smallest.median(), largest.median()) {
+        targets.push(Target {
+            target: format!(
+                "`backlog`: claim + ack at {} at least 80% of the rate at {} (the issue's: at \
+                 5,000,000)",
+                size(largest),
+                size(smallest)
+            ),
+            measured: format!("{:.0}%", 100.0 * large / small),
+            met: large >= 0.8 * small,
+        });
+    }
+    let p99_id = largest
+        .id
+        .replace("claim_ack_", "claim_p99_")
+        .replace("_jobs_per_s", "_ms");
+    if let Some(p99) = backlog.figure(&p99_id).and_then(Figure::median) {
+        targets.push(Target {
+            target: format!("`backlog`: claim p99 at {} under 20 ms", size(largest)),
+            measured: format!("{p99:.2} ms"),
+            met: p99 < 20.0,
+        });
+    }
 }

@@ -1,6 +1,7 @@
 //! The harness's command line, and the counts each mode runs with.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Usage text of `pgbus-bench` (and of `cargo xtask bench`, which passes its arguments on).
 pub const USAGE: &str = "\
@@ -11,9 +12,11 @@ Runs the pgbus benchmark scenarios and writes report.md, report.json and chart.s
 Options:
   --quick               Fewer jobs and runs: a smoke run that finishes in about a minute
   --only SCENARIOS      Run only these scenarios (comma-separated): raw_sql, drain,
-                        enqueue, publish_fanout, io_bound, groups, latency,
-                        stream_fanout, stream_publish, console; raw_sql and drain
-                        run together
+                        peer_pgmq, enqueue, publish_fanout, io_bound, groups,
+                        latency, stream_fanout, stream_publish, backlog,
+                        xmin_pinned, console; raw_sql and drain run together;
+                        peer_pgmq needs PGBUS_PEER_BENCH, the peer binary of
+                        benches/peer/ (the full `cargo xtask bench` builds it)
   --database-url URL    Use this server instead of a throwaway local cluster; the bench
                         creates (and drops) one database per scenario run, so the URL's
                         user needs the CREATEDB privilege
@@ -25,6 +28,7 @@ Options:
 pub(crate) const SCENARIOS: &[&str] = &[
     "raw_sql",
     "drain",
+    "peer_pgmq",
     "enqueue",
     "publish_fanout",
     "io_bound",
@@ -32,6 +36,8 @@ pub(crate) const SCENARIOS: &[&str] = &[
     "latency",
     "stream_fanout",
     "stream_publish",
+    "backlog",
+    "xmin_pinned",
     "console",
 ];
 
@@ -146,6 +152,8 @@ pub(crate) struct Plan {
     pub(crate) drain_workers: usize,
     pub(crate) drain_concurrency: usize,
     pub(crate) drain_wide_concurrency: usize,
+    /// The concurrency of `drain`'s single worker: the setting a user picks.
+    pub(crate) drain_single_concurrency: usize,
     /// Single sends (or raw rows) per `enqueue` measurement, split between its senders.
     pub(crate) enqueue_sends: usize,
     /// Concurrent senders, and single sends each of them makes.
@@ -181,10 +189,31 @@ pub(crate) struct Plan {
     /// Runs of `stream_publish` per variant (its publishers and publishes are `senders`
     /// and `sends_per_sender`, as for `enqueue`).
     pub(crate) stream_publish_runs: usize,
+    /// The backlogs `backlog` starts from, in chart order.
+    pub(crate) backlogs: Vec<BacklogSize>,
+    /// `xmin_pinned`: the load alone, then with the snapshot held, then alone again.
+    pub(crate) xmin_phases: [Duration; 3],
     /// `console`: the issue's data set divided by this (1: 2,000,000 messages), and calls
     /// per operation.
     pub(crate) console_divisor: i64,
     pub(crate) console_calls: usize,
+}
+
+/// One backlog of `backlog`, and how many runs (each building it anew) it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BacklogSize {
+    pub(crate) ready: usize,
+    /// Archived messages beside the ready ones (0: none).
+    pub(crate) archived: usize,
+    pub(crate) runs: usize,
+}
+
+const fn backlog(ready: usize, archived: usize, runs: usize) -> BacklogSize {
+    BacklogSize {
+        ready,
+        archived,
+        runs,
+    }
 }
 
 impl Plan {
@@ -198,6 +227,7 @@ impl Plan {
                 drain_workers: 2,
                 drain_concurrency: 100,
                 drain_wide_concurrency: 500,
+                drain_single_concurrency: 64,
                 enqueue_sends: 1_280,
                 senders: 8,
                 sends_per_sender: 100,
@@ -220,6 +250,12 @@ impl Plan {
                 stream_spacing_ms: 10,
                 stream_runs: 3,
                 stream_publish_runs: 3,
+                backlogs: vec![backlog(10_000, 0, 2), backlog(100_000, 0, 2)],
+                xmin_phases: [
+                    Duration::from_millis(7_500),
+                    Duration::from_secs(5),
+                    Duration::from_millis(7_500),
+                ],
                 console_divisor: 10,
                 console_calls: 30,
             }
@@ -232,6 +268,7 @@ impl Plan {
                 drain_workers: 2,
                 drain_concurrency: 100,
                 drain_wide_concurrency: 500,
+                drain_single_concurrency: 64,
                 enqueue_sends: 6_400,
                 senders: 8,
                 sends_per_sender: 300,
@@ -254,6 +291,15 @@ impl Plan {
                 stream_spacing_ms: 100,
                 stream_runs: 3,
                 stream_publish_runs: 5,
+                // Building 5 million rows takes minutes: one run each.
+                backlogs: vec![
+                    backlog(10_000, 0, 3),
+                    backlog(100_000, 0, 3),
+                    backlog(1_000_000, 0, 3),
+                    backlog(5_000_000, 0, 1),
+                    backlog(100_000, 5_000_000, 1),
+                ],
+                xmin_phases: [Duration::from_secs(60); 3],
                 console_divisor: 1,
                 console_calls: 200,
             }

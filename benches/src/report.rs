@@ -13,6 +13,15 @@ use crate::stats::Summary;
 pub(crate) const BASELINE: &str = "raw_sql";
 /// The baseline's figure.
 pub(crate) const BASELINE_FIGURE: &str = "jobs_per_s";
+/// Scenarios whose throughputs compare only among themselves (a single claim loop, not a
+/// drain): no ratio to the baseline, no bars; their curves show them.
+pub(crate) const OWN_SCALE: &[&str] = &["backlog", "xmin_pinned"];
+/// The peer's scenario, and its figures that the ratios to the peer read: its bulk send,
+/// pgbus's bulk send of the same jobs, and its drains (one per reader count).
+pub(crate) const PEER: &str = "peer_pgmq";
+pub(crate) const PEER_SEND: &str = "pgmq_send_batch_msgs_per_s";
+pub(crate) const PEER_PGBUS_SEND: &str = "pgbus_send_batch_msgs_per_s";
+pub(crate) const PEER_DRAIN_PREFIX: &str = "pgmq_drain_r";
 
 /// What a figure measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +38,12 @@ pub(crate) enum Unit {
     Connections,
     /// Kibibytes (of memory).
     KiB,
+    /// Messages (a backlog).
+    Messages,
+    /// Table rows (dead tuples).
+    Rows,
+    /// Seconds.
+    Seconds,
 }
 
 impl Unit {
@@ -40,6 +55,9 @@ impl Unit {
             Unit::Micros => "µs",
             Unit::Connections => "connections",
             Unit::KiB => "KiB",
+            Unit::Messages => "messages",
+            Unit::Rows => "rows",
+            Unit::Seconds => "s",
         }
     }
 
@@ -49,7 +67,10 @@ impl Unit {
 
     fn format(self, value: f64) -> String {
         match self {
-            Unit::JobsPerSec | Unit::MsgsPerSec => thousands(value.round() as i64),
+            Unit::JobsPerSec | Unit::MsgsPerSec | Unit::Messages | Unit::Rows => {
+                thousands(value.round() as i64)
+            }
+            Unit::Seconds => format!("{value:.1}"),
             Unit::Millis if value < 10.0 => format!("{value:.2}"),
             Unit::Millis if value < 100.0 => format!("{value:.1}"),
             Unit::Millis => format!("{value:.0}"),
@@ -72,6 +93,8 @@ pub(crate) struct Figure {
     pub(crate) samples: Vec<f64>,
     /// Shown beside the figure (e.g. "92% of ideal").
     pub(crate) note: Option<String>,
+    /// Its median over the peer's (see [`Report::rate_against_peer`]).
+    pub(crate) ratio_to_pgmq: Option<f64>,
 }
 
 impl Figure {
@@ -87,6 +110,7 @@ impl Figure {
             unit,
             samples,
             note: None,
+            ratio_to_pgmq: None,
         }
     }
 
@@ -111,6 +135,29 @@ pub(crate) struct Scenario {
     pub(crate) notes: Vec<String>,
     /// `drain` only: its throughput over `raw_sql`'s (medians).
     pub(crate) ratio_to_raw_sql: Option<f64>,
+    /// `drain` only: its best throughput over the peer's best (medians).
+    pub(crate) ratio_to_pgmq: Option<f64>,
+    /// Line charts of some of its figures (`chart.svg`), beside the bars.
+    pub(crate) curves: Vec<Curve>,
+}
+
+/// A line chart: each series' values (medians, whiskers min to max) over a quantity.
+#[derive(Debug, Clone)]
+pub(crate) struct Curve {
+    pub(crate) title: String,
+    /// The quantity along the x axis ("ready messages").
+    pub(crate) x_label: String,
+    /// Whether x runs on a log scale (over powers of ten) or linearly from 0.
+    pub(crate) log_x: bool,
+    pub(crate) unit: Unit,
+    pub(crate) series: Vec<Series>,
+}
+
+/// One line of a [`Curve`]: `(x, value)` points.
+#[derive(Debug, Clone)]
+pub(crate) struct Series {
+    pub(crate) name: String,
+    pub(crate) points: Vec<(f64, Summary)>,
 }
 
 impl Scenario {
@@ -122,6 +169,8 @@ impl Scenario {
             figures: Vec::new(),
             notes: Vec::new(),
             ratio_to_raw_sql: None,
+            ratio_to_pgmq: None,
+            curves: Vec::new(),
         }
     }
 
@@ -167,10 +216,49 @@ impl Report {
 
     /// A jobs/s figure over the baseline, when both exist.
     fn ratio(&self, scenario: &Scenario, figure: &Figure) -> Option<f64> {
-        if scenario.name == BASELINE || figure.unit != Unit::JobsPerSec {
+        if scenario.name == BASELINE
+            || figure.unit != Unit::JobsPerSec
+            || OWN_SCALE.contains(&scenario.name)
+        {
             return None;
         }
         Some(figure.median()? / self.baseline()?)
+    }
+
+    /// Sets the ratios to the peer, when it ran: every `drain` throughput over the peer's
+    /// best drain (its best reader count), `drain`'s best over the same (both sides' best
+    /// settings), and pgbus's bulk send over the peer's (medians over medians).
+    pub(crate) fn rate_against_peer(&mut self) {
+        let Some(peer) = self.scenario(PEER) else {
+            return;
+        };
+        let best_drain = peer
+            .figures
+            .iter()
+            .filter(|f| f.id.starts_with(PEER_DRAIN_PREFIX))
+            .filter_map(Figure::median)
+            .reduce(f64::max);
+        let send = peer.figure(PEER_SEND).and_then(Figure::median);
+        for scenario in &mut self.scenarios {
+            let (wanted, peer_median): (fn(&Figure) -> bool, _) = match scenario.name {
+                "drain" => (|f| f.unit == Unit::JobsPerSec, best_drain),
+                PEER => (|f| f.id == PEER_PGBUS_SEND, send),
+                _ => continue,
+            };
+            let Some(peer_median) = peer_median else {
+                continue;
+            };
+            for figure in scenario.figures.iter_mut().filter(|f| wanted(f)) {
+                figure.ratio_to_pgmq = figure.median().map(|m| m / peer_median);
+            }
+            if scenario.name == "drain" {
+                scenario.ratio_to_pgmq = scenario
+                    .figures
+                    .iter()
+                    .filter_map(|f| f.ratio_to_pgmq)
+                    .reduce(f64::max);
+            }
+        }
     }
 
     /// Writes `report.md`, `report.json` and `chart.svg` into `dir`.
@@ -237,6 +325,9 @@ impl Report {
                 if let Some(ratio) = self.ratio(scenario, figure) {
                     remarks.push(format!("{ratio:.2}× raw_sql"));
                 }
+                if let Some(ratio) = figure.ratio_to_pgmq {
+                    remarks.push(format!("{ratio:.2}× pgmq"));
+                }
                 remarks.extend(figure.note.clone());
                 let _ = writeln!(
                     md,
@@ -254,6 +345,13 @@ impl Report {
                 let _ = writeln!(
                     md,
                     "\n`ratio_to_raw_sql` (median over median): **{ratio:.2}**"
+                );
+            }
+            if let Some(ratio) = scenario.ratio_to_pgmq {
+                let _ = writeln!(
+                    md,
+                    "\n`ratio_to_pgmq` (best median over the peer's best median): \
+                     **{ratio:.2}**"
                 );
             }
             if !scenario.notes.is_empty() {
@@ -296,6 +394,9 @@ impl Report {
                         if let Some(ratio) = self.ratio(scenario, figure) {
                             entry["ratio_to_raw_sql"] = json!(ratio);
                         }
+                        if let Some(ratio) = figure.ratio_to_pgmq {
+                            entry["ratio_to_pgmq"] = json!(ratio);
+                        }
                         if let Some(note) = &figure.note {
                             entry["note"] = json!(note);
                         }
@@ -311,6 +412,9 @@ impl Report {
                 });
                 if let Some(ratio) = scenario.ratio_to_raw_sql {
                     entry["ratio_to_raw_sql"] = json!(ratio);
+                }
+                if let Some(ratio) = scenario.ratio_to_pgmq {
+                    entry["ratio_to_pgmq"] = json!(ratio);
                 }
                 entry
             })
@@ -352,6 +456,7 @@ impl Report {
                         .figures
                         .iter()
                         .filter(|f| wanted(scenario.name, f.unit))
+                        .filter(|_| !OWN_SCALE.contains(&scenario.name))
                         .filter_map(|figure| {
                             let s = figure.summary()?;
                             Some(Bar {
@@ -372,9 +477,22 @@ impl Report {
                 panels.push((title, bars));
             }
         }
-        svg(&format!("pgbus benchmarks ({} run)", self.plan), &panels)
+        let curves: Vec<&Curve> = self
+            .scenarios
+            .iter()
+            .flat_map(|scenario| &scenario.curves)
+            .filter(|curve| curve.series.iter().any(|s| !s.points.is_empty()))
+            .collect();
+        svg(
+            &format!("pgbus benchmarks ({} run)", self.plan),
+            &panels,
+            &curves,
+        )
     }
 }
+
+/// Colours of a curve's lines, in order.
+const PALETTE: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
 fn pairs(pairs: &[(String, String)]) -> Value {
     Value::Object(
@@ -417,6 +535,7 @@ fn color(scenario: &str, label: &str) -> &'static str {
         "io_bound" => "#ff7f0e",
         "latency" => "#d62728",
         "stream_publish" => "#8c564b",
+        PEER => "#bcbd22",
         _ => "#17becf",
     }
 }
@@ -427,7 +546,7 @@ const VALUE_WIDTH: f64 = 130.0;
 const BAR_HEIGHT: f64 = 16.0;
 const ROW: f64 = 22.0;
 
-fn svg(title: &str, panels: &[(&str, Vec<Bar>)]) -> String {
+fn svg(title: &str, panels: &[(&str, Vec<Bar>)], curves: &[&Curve]) -> String {
     let plot_left = LABEL_WIDTH;
     let plot_width = WIDTH - LABEL_WIDTH - VALUE_WIDTH;
     let mut body = String::new();
@@ -521,6 +640,9 @@ fn svg(title: &str, panels: &[(&str, Vec<Bar>)]) -> String {
         }
         y = bottom + 24.0;
     }
+    for curve in curves {
+        y = draw_curve(&mut body, y, curve);
+    }
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
          <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
@@ -528,6 +650,133 @@ fn svg(title: &str, panels: &[(&str, Vec<Bar>)]) -> String {
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n",
         height = y + 10.0
     )
+}
+
+/// Height of a curve's plot area, and its left margin (the y axis's labels).
+const CURVE_HEIGHT: f64 = 200.0;
+const CURVE_LEFT: f64 = 80.0;
+/// Width kept right of a curve's plot for its legend.
+const LEGEND_WIDTH: f64 = 260.0;
+
+/// Draws a line chart below `y` (x on a log scale over powers of ten, or linear from 0; y
+/// linear from 0); returns where the next panel starts.
+fn draw_curve(body: &mut String, y: f64, curve: &Curve) -> f64 {
+    let title_y = y + 20.0;
+    let _ = writeln!(
+        body,
+        r#"<text x="10" y="{title_y}" font-size="13" font-weight="bold">{}</text>"#,
+        escape(&curve.title)
+    );
+    let (top, left) = (title_y + 16.0, CURVE_LEFT);
+    let (width, bottom) = (WIDTH - CURVE_LEFT - LEGEND_WIDTH, top + CURVE_HEIGHT);
+    let points = || curve.series.iter().flat_map(|series| &series.points);
+    let x_max = points().map(|(x, _)| *x).fold(0.0, f64::max);
+    // The x axis: where a value lands, and the gridlines.
+    let (px, x_ticks): (Box<dyn Fn(f64) -> f64>, Vec<f64>) = if curve.log_x {
+        let x_min = points()
+            .map(|(x, _)| *x)
+            .filter(|x| *x > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let lo = 10f64.powf(x_min.log10().floor());
+        let hi = 10f64.powf(x_max.log10().ceil()).max(lo * 10.0);
+        let ticks = std::iter::successors(Some(lo), |t| Some(t * 10.0))
+            .take_while(|t| *t <= hi * 1.000_001)
+            .collect();
+        let span = hi.log10() - lo.log10();
+        (
+            Box::new(move |x: f64| left + width * (x.clamp(lo, hi).log10() - lo.log10()) / span),
+            ticks,
+        )
+    } else {
+        let hi = nice_ceiling(x_max);
+        let ticks = (0..=4).map(|step| hi * f64::from(step) / 4.0).collect();
+        (
+            Box::new(move |x: f64| left + width * (x / hi).clamp(0.0, 1.0)),
+            ticks,
+        )
+    };
+    let y_max = nice_ceiling(points().map(|(_, s)| s.max).fold(0.0, f64::max));
+    let py = |v: f64| bottom - CURVE_HEIGHT * (v / y_max).clamp(0.0, 1.0);
+    for tick in x_ticks {
+        let tx = px(tick);
+        let _ = writeln!(
+            body,
+            r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{bottom}" stroke="#dddddd"/><text x="{tx:.1}" y="{}" font-size="10" fill="#555555" text-anchor="middle">{}</text>"##,
+            bottom + 12.0,
+            tick_label(tick)
+        );
+    }
+    for step in 0..=4 {
+        let value = y_max * f64::from(step) / 4.0;
+        let ty = py(value);
+        let _ = writeln!(
+            body,
+            r##"<line x1="{left}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#eeeeee"/><text x="{:.1}" y="{:.1}" font-size="10" fill="#555555" text-anchor="end">{}</text>"##,
+            left + width,
+            left - 4.0,
+            ty + 3.0,
+            curve.unit.format(value)
+        );
+    }
+    let _ = writeln!(
+        body,
+        r##"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle">{}{}; y: {}</text>"##,
+        left + width / 2.0,
+        bottom + 28.0,
+        escape(&curve.x_label),
+        if curve.log_x { " (log scale)" } else { "" },
+        curve.unit.as_str()
+    );
+    for (i, series) in curve.series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let mut sorted = series.points.clone();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let path: Vec<String> = sorted
+            .iter()
+            .map(|(x, s)| format!("{:.1},{:.1}", px(*x), py(s.median)))
+            .collect();
+        let _ = writeln!(
+            body,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+            path.join(" ")
+        );
+        // Markers and whiskers where the points are few enough to see.
+        if sorted.len() <= 20 {
+            for (x, s) in &sorted {
+                let (cx, cy) = (px(*x), py(s.median));
+                let _ = writeln!(
+                    body,
+                    r#"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="{color}"/><circle cx="{cx:.1}" cy="{cy:.1}" r="3.5" fill="{color}"/>"#,
+                    py(s.min),
+                    py(s.max)
+                );
+            }
+        }
+        let ly = top + 10.0 + 18.0 * i as f64;
+        let lx = left + width + 16.0;
+        let _ = writeln!(
+            body,
+            r#"<circle cx="{lx:.1}" cy="{ly:.1}" r="4" fill="{color}"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
+            lx + 10.0,
+            ly + 4.0,
+            escape(&series.name)
+        );
+    }
+    bottom + 44.0
+}
+
+/// The smallest of 1, 2, 2.5, 4, 5 or 8 times a power of ten at or above `value` (which is
+/// then divided into four gridlines with short labels); 1 for nothing positive.
+fn nice_ceiling(value: f64) -> f64 {
+    if value <= 0.0 || !value.is_finite() {
+        return 1.0;
+    }
+    let power = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 2.5, 4.0, 5.0, 8.0, 10.0]
+        .into_iter()
+        .map(|step| step * power)
+        .find(|nice| *nice >= value)
+        .unwrap_or(10.0 * power)
 }
 
 fn tick_label(value: f64) -> String {
@@ -633,5 +882,74 @@ mod tests {
         assert_eq!(Unit::Millis.format(1.234), "1.23");
         assert_eq!(Unit::Millis.format(512.4), "512");
         assert_eq!(Unit::Connections.format(4.0), "4");
+        assert_eq!(nice_ceiling(29_028.0), 40_000.0);
+        assert_eq!(nice_ceiling(8.78), 10.0);
+        assert_eq!(nice_ceiling(2.0), 2.0);
+        assert_eq!(nice_ceiling(0.0), 1.0);
+    }
+
+    #[test]
+    fn chart_draws_curves_and_ratios_to_the_peer() {
+        let mut report = report();
+        let mut peer = Scenario::new(PEER, "peer");
+        for (id, median) in [
+            (PEER_SEND, 100.0),
+            (PEER_PGBUS_SEND, 50.0),
+            ("pgmq_drain_r2_jobs_per_s", 1000.0),
+            ("pgmq_drain_r4_jobs_per_s", 1100.0),
+        ] {
+            let unit = if id.contains("drain") {
+                Unit::JobsPerSec
+            } else {
+                Unit::MsgsPerSec
+            };
+            peer.figures.push(Figure::new(id, id, unit, vec![median]));
+        }
+        let mut backlog = Scenario::new("backlog", "curve");
+        for (id, value) in [("a", 10.0), ("b", 8.0)] {
+            backlog
+                .figures
+                .push(Figure::new(id, id, Unit::JobsPerSec, vec![value]));
+        }
+        let points = backlog
+            .figures
+            .iter()
+            .zip([10_000.0, 100_000.0])
+            .map(|(f, x)| (x, f.summary().unwrap()))
+            .collect();
+        backlog.curves.push(Curve {
+            title: "a curve".to_owned(),
+            x_label: "ready".to_owned(),
+            log_x: true,
+            unit: Unit::JobsPerSec,
+            series: vec![Series {
+                name: "ready only".to_owned(),
+                points,
+            }],
+        });
+        report.scenarios.push(peer);
+        report.scenarios.push(backlog);
+        report.rate_against_peer();
+        let drain = report.scenario("drain").unwrap();
+        assert_eq!(drain.ratio_to_pgmq, Some(2200.0 / 1100.0), "best over best");
+        let peer = report.scenario(PEER).unwrap();
+        assert_eq!(
+            peer.figure(PEER_PGBUS_SEND).unwrap().ratio_to_pgmq,
+            Some(0.5)
+        );
+        assert_eq!(peer.figure(PEER_SEND).unwrap().ratio_to_pgmq, None);
+        let md = report.markdown();
+        assert!(md.contains("2.00× pgmq"), "{md}");
+        assert!(
+            md.contains("| a | 10 | 10 | 10 | jobs/s | 1 |  |"),
+            "no raw_sql ratio: {md}"
+        );
+        let svg = report.chart();
+        assert!(svg.contains("<polyline"), "{svg}");
+        assert!(svg.contains(">ready only</text>"), "{svg}");
+        assert!(
+            !svg.contains("backlog: a"),
+            "a curve's figures get no bars: {svg}"
+        );
     }
 }

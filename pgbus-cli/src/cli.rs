@@ -8,7 +8,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    cron, db, demo, dlq, migrate, publish, queue, relay, send, stats, topic, uninstall, work,
+    cron, db, demo, dlq, job, migrate, publish, queue, relay, send, stats, topic, uninstall, work,
 };
 use crate::support::database::{self, Database};
 use crate::support::output;
@@ -128,6 +128,10 @@ pub(crate) enum Command {
     /// Inspect and recover dead-lettered messages.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Find any job (ready, scheduled, in flight, dead-lettered, archived), see its whole
+    /// story, and act on it: what `pgbus serve`'s job pages and `/api/jobs` show and do.
+    #[command(subcommand)]
+    Job(job::JobCommand),
     /// Queue statistics and worker processes.
     Stats(stats::StatsArgs),
     /// Publish to SSE streams, and print their signed URLs.
@@ -259,6 +263,7 @@ impl Cli {
             Command::Publish(args) => publish::run(args, db).await,
             Command::Relay(args) => relay::run(args, db).await,
             Command::Dlq(command) => dlq::run(command, db).await,
+            Command::Job(command) => job::run(command, db).await,
             Command::Stats(args) => stats::run(args, db).await,
             Command::Demo(args) => demo::run(args, db).await,
             #[cfg(feature = "stream")]

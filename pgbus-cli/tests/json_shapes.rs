@@ -20,8 +20,9 @@ fn golden_path() -> PathBuf {
 }
 
 /// The shape of a value: its type names, objects key by key, arrays by the merged shape
-/// of their items. A `payload` is the sender's own JSON (`any`); the keys of a throughput
-/// `series` are queue names (`<queue>`).
+/// of their items. A `payload` is the sender's own JSON and an audit entry's `detail` the
+/// action's (`any`); the keys of a throughput `series` are queue names (`<queue>`), those of
+/// a job's `headers` header names (`<header>`).
 fn shape(value: &Value) -> Value {
     match value {
         Value::Null => json!("null"),
@@ -40,17 +41,9 @@ fn shape(value: &Value) -> Value {
             map.iter()
                 .map(|(k, v)| {
                     let shaped = match k.as_str() {
-                        "payload" => json!("any"),
-                        "series" => {
-                            let queues = v.as_object().into_iter().flat_map(|m| m.values());
-                            let merged = queues.map(shape).reduce(|a, b| merge(&a, &b));
-                            Value::Object(
-                                merged
-                                    .map(|s| ("<queue>".to_owned(), s))
-                                    .into_iter()
-                                    .collect(),
-                            )
-                        }
+                        "payload" | "detail" => json!("any"),
+                        "headers" => keyed_by(v, "<header>"),
+                        "series" => keyed_by(v, "<queue>"),
                         _ => shape(v),
                     };
                     (k.clone(), shaped)
@@ -58,6 +51,19 @@ fn shape(value: &Value) -> Value {
                 .collect::<Map<_, _>>(),
         ),
     }
+}
+
+/// An object whose keys are data (queue names, header names): one `placeholder` key with
+/// the merged shape of its values.
+fn keyed_by(value: &Value, placeholder: &str) -> Value {
+    let values = value.as_object().into_iter().flat_map(|m| m.values());
+    let merged = values.map(shape).reduce(|a, b| merge(&a, &b));
+    Value::Object(
+        merged
+            .map(|s| (placeholder.to_owned(), s))
+            .into_iter()
+            .collect(),
+    )
 }
 
 /// One shape for two items of a list: `null` and a type make the type nullable.
@@ -240,6 +246,10 @@ fn every_json_output_and_api_answer_has_the_documented_shape() {
                 .is_some_and(|q| q.iter().any(|q| q["in_flight"] == 2))
     });
 
+    // A console action, so the audit log has an entry.
+    let dead = dead_id.to_string();
+    db.ok(&["job", "priority", "--to", "1", &dead]);
+
     let mut shapes = Map::new();
     for (name, args) in [
         ("queue list --json", vec!["queue", "list", "--json"]),
@@ -247,9 +257,25 @@ fn every_json_output_and_api_answer_has_the_documented_shape() {
         ("dlq list --json", vec!["dlq", "list", "failing", "--json"]),
         ("cron list --json", vec!["cron", "list", "--json"]),
         ("stats --json", vec!["stats", "--json"]),
+        (
+            "job list --json",
+            vec!["job", "list", "failing", "--state", "dead", "--json"],
+        ),
+        ("job audit --json", vec!["job", "audit", "--json"]),
     ] {
         shapes.insert(name.into(), shape(&db.ok(&args).json()));
     }
+    // One job's detail, merged over a dead letter with an error history and an event copy
+    // with its envelope headers.
+    let copy = db
+        .ok(&["job", "list", "jobs", "--payload", "id=1", "--json"])
+        .json()["jobs"][0]["id"]
+        .to_string();
+    let detail = |id: &str| shape(&db.ok(&["job", "show", id, "--json"]).json());
+    shapes.insert(
+        "job show --json".into(),
+        merge(&detail(&dead), &detail(&copy)),
+    );
 
     let served = Served::start(&db, free_port(), &[], &[]);
     let http = reqwest::blocking::Client::builder()
@@ -277,6 +303,27 @@ fn every_json_output_and_api_answer_has_the_documented_shape() {
             && overview["groups"].as_array().is_some_and(|g| !g.is_empty())
     });
     shapes.insert("GET /api/overview".into(), shape(&get("/api/overview")));
+    // The console's: a listing of jobs in flight, and one shape of the details of a dead
+    // letter (with its attempt history), an event copy and a job in flight.
+    let in_flight = get("/api/jobs?queue=slow&state=in_flight");
+    shapes.insert("GET /api/jobs".into(), shape(&in_flight));
+    let copies = get("/api/jobs?queue=jobs&state=ready");
+    let detail = [&in_flight, &copies]
+        .into_iter()
+        .flat_map(|page| page["jobs"].as_array().cloned().unwrap_or_default())
+        .map(|job| job["id"].as_i64().expect("an id"))
+        .chain([dead_id])
+        .map(|id| shape(&get(&format!("/api/jobs/{id}"))))
+        .reduce(|a, b| merge(&a, &b))
+        .expect("jobs to show");
+    shapes.insert("GET /api/jobs/{id}".into(), detail);
+    shapes.insert(
+        "POST /api/jobs/actions".into(),
+        shape(&post(
+            "/api/jobs/actions",
+            json!({ "action": "priority", "ids": [dead_id], "priority": 1 }),
+        )),
+    );
     shapes.insert(
         "GET /api/queues/{q}/dead".into(),
         shape(&get("/api/queues/failing/dead")),
@@ -292,6 +339,7 @@ fn every_json_output_and_api_answer_has_the_documented_shape() {
         "POST /api/queues/{q}/pause".into(),
         shape(&post("/api/queues/jobs/pause", json!({}))),
     );
+    shapes.insert("GET /api/audit".into(), shape(&get("/api/audit")));
     shapes.insert(
         "an API error".into(),
         shape(&get("/api/queues/No%20Such/dead")),

@@ -52,6 +52,7 @@ mod queue;
 mod retry;
 mod schedule;
 mod stream;
+mod text;
 pub mod trace;
 mod unique;
 mod wakeup;
@@ -90,6 +91,7 @@ pub use stream::{
     check_stream_texts, Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal,
     StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_EVENT_TYPE_LEN, MAX_STREAM_NAME_LEN,
 };
+pub use text::OneLine;
 pub use unique::{OnConflict, Unique, UniqueStrategy, WHILE_RUNNING_PREFIX};
 pub use wakeup::{Fetcher, OpenFetcher, Subscription, WakeFn, WakeupSource};
 

@@ -2,7 +2,6 @@
 //! pool, and settles their outcomes.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -11,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pgbus_core::{
-    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, ProcessId, ProcessInfo,
-    ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy, WakeupSource,
+    panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, OneLine, ProcessId,
+    ProcessInfo, ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy,
+    WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -577,12 +577,16 @@ impl<B: Backend> Worker<B> {
             shortest_lease,
             stop_background.clone(),
         ));
+        // Registered before the first claim, so every lease names its holder (a failure
+        // is logged and the heartbeat tries again; claims then name none meanwhile).
+        let mut entry = ProcessEntry::new(Arc::clone(&self.shared), Arc::clone(&report));
+        let interval = self.config.heartbeat_interval;
+        entry.beat(&self.backend, 0, interval).await;
         background.spawn(heartbeat(
             self.backend.clone(),
-            Arc::clone(&self.shared),
-            Arc::clone(&report),
+            entry,
             Arc::clone(&pool),
-            self.config.heartbeat_interval,
+            interval,
             stop_background.clone(),
         ));
 
@@ -1129,14 +1133,14 @@ fn decide(
         Outcome::DeadLetter(reason) => {
             report.dead_lettered.fetch_add(1, Ordering::Relaxed);
             report.throughput.failed(queue);
-            tracing::warn!(target: "pgbus::worker", reason = %OneLine(&reason), job.id = job_id, queue.name = %queue, "dead-lettering");
+            tracing::warn!(target: "pgbus::worker", reason = %OneLine::new(&reason, LOGGED_ERROR), job.id = job_id, queue.name = %queue, "dead-lettering");
             Settle::DeadLetter(reason)
         }
         Outcome::Retry { error, after } => match (policy.decide(attempt), after) {
             (RetryDecision::DeadLetter, _) => {
                 report.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 report.throughput.failed(queue);
-                tracing::warn!(target: "pgbus::worker", attempt, error = %OneLine(&error), job.id = job_id, queue.name = %queue, "attempts used up: dead-lettering");
+                tracing::warn!(target: "pgbus::worker", attempt, error = %OneLine::new(&error, LOGGED_ERROR), job.id = job_id, queue.name = %queue, "attempts used up: dead-lettering");
                 Settle::DeadLetter(error)
             }
             (RetryDecision::RetryAfter(delay), explicit) => {
@@ -1150,39 +1154,10 @@ fn decide(
                 // logged in whole milliseconds (the jitter's nanoseconds are noise).
                 let retry_in =
                     Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                tracing::warn!(target: "pgbus::worker", attempt, retry_in = ?retry_in, error = %OneLine(&error), job.id = job_id, queue.name = %queue, "job failed; retrying");
+                tracing::warn!(target: "pgbus::worker", attempt, retry_in = ?retry_in, error = %OneLine::new(&error, LOGGED_ERROR), job.id = job_id, queue.name = %queue, "job failed; retrying");
                 Settle::Nack(delay, error)
             }
         },
-    }
-}
-
-/// A job's error text on one log line: newlines, tabs, backslashes and other control
-/// characters escaped (`\n`, `\u{1b}`), at most [`LOGGED_ERROR`] bytes of it, then how many
-/// more there were. The text may hold whatever a job wrote, so it is never logged raw.
-struct OneLine<'a>(&'a str);
-
-impl fmt::Display for OneLine<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = self.0;
-        let mut end = text.len().min(LOGGED_ERROR);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        for c in text[..end].chars() {
-            match c {
-                '\n' => f.write_str("\\n")?,
-                '\r' => f.write_str("\\r")?,
-                '\t' => f.write_str("\\t")?,
-                '\\' => f.write_str("\\\\")?,
-                c if c.is_control() => write!(f, "\\u{{{:x}}}", u32::from(c))?,
-                c => write!(f, "{c}")?,
-            }
-        }
-        if end < text.len() {
-            write!(f, "... ({} more bytes)", text.len() - end)?;
-        }
-        Ok(())
     }
 }
 
@@ -1457,43 +1432,18 @@ impl ProcessEntry {
 /// The plain worker's registry heartbeat, on the backend's pool.
 async fn heartbeat<B: Backend>(
     backend: B,
-    shared: Arc<Shared>,
-    report: Arc<Counters>,
+    mut entry: ProcessEntry,
     pool: Arc<dyn ExecutionPool>,
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut entry = ProcessEntry::new(shared, report);
+    // The first beat (the registration) ran before the claims started.
     loop {
-        entry.beat(&backend, pool.metadata().busy, interval).await;
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
+        entry.beat(&backend, pool.metadata().busy, interval).await;
     }
     entry.end(&backend).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_texts_are_logged_escaped_on_one_line_and_bounded() {
-        assert_eq!(
-            OneLine("exit 3: first\nsecond\tthird \\ \u{1b}[31mred\r").to_string(),
-            "exit 3: first\\nsecond\\tthird \\\\ \\u{1b}[31mred\\r"
-        );
-        assert_eq!(
-            OneLine("naïve \"quoted\" it's").to_string(),
-            "naïve \"quoted\" it's"
-        );
-        let long = format!("{}é{}", "a".repeat(LOGGED_ERROR - 1), "b".repeat(100));
-        let logged = OneLine(&long).to_string();
-        assert_eq!(
-            logged,
-            format!("{}... (102 more bytes)", "a".repeat(LOGGED_ERROR - 1)),
-            "cut at a character boundary"
-        );
-    }
 }

@@ -892,7 +892,10 @@ async fn actions_on_ids_apply_where_the_state_allows() {
     );
 
     // Pauses and resumes done elsewhere are recorded too.
-    f.console.record("loopback", "pause", &q).await.unwrap();
+    f.console
+        .record("loopback", "pause", &q, 0, serde_json::json!({}))
+        .await
+        .unwrap();
     let entry = f.console.audit(1, None).await.unwrap().remove(0);
     assert_eq!(
         (
@@ -903,8 +906,11 @@ async fn actions_on_ids_apply_where_the_state_allows() {
         ("loopback", "pause", Some("acts"))
     );
     invalid(
-        f.console.record("loopback", "drop", &q).await.unwrap_err(),
-        "pause and resume",
+        f.console
+            .record("loopback", "drop", &q, 0, serde_json::json!({}))
+            .await
+            .unwrap_err(),
+        "pause, resume, retry, discard",
     );
 }
 

@@ -190,11 +190,8 @@ async fn claims_record_the_process_that_holds_the_lease() {
         })
         .build_mixed()
         .unwrap();
-    let monitor = worker.monitor();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(worker.run(stop.clone()));
-    let process = registered(&monitor).await;
-
+    // Waiting before the worker starts: its first claims come right after it starts,
+    // and still name it (it registers before claiming).
     let ids = backend
         .send_batch(
             &q,
@@ -206,6 +203,10 @@ async fn claims_record_the_process_that_holds_the_lease() {
         )
         .await
         .unwrap();
+    let monitor = worker.monitor();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    let process = registered(&monitor).await;
     let mut running = Vec::new();
     for _ in &ids {
         let id = tokio::time::timeout(DEADLINE, started.recv())
@@ -329,25 +330,25 @@ async fn cancel_the_victim(
         async move { handled.lock().unwrap().len() == 3 }
     })
     .await;
-    // The later jobs' acks follow their handlers; once they are in, nothing is left: a
-    // write-back of the cancelled job (a dead letter, a row) would stay.
-    eventually(
-        "nothing written back for the cancelled job",
-        DEADLINE,
-        || async {
-            let left: i64 = client
-                .query_one(
-                    "SELECT (SELECT count(*) FROM pgbus.messages)
-                          + (SELECT count(*) FROM pgbus.dead_letters)",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            left == 0
-        },
-    )
+    // The later jobs' acks are settled in batches after their handlers return: wait for
+    // them. The cancelled job must not come back (retried or dead-lettered) meanwhile.
+    let client = &client;
+    eventually("nothing left: the cancelled job was not written back", DEADLINE, || async move {
+        let left: i64 = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM pgbus.messages) + (SELECT count(*) FROM pgbus.dead_letters)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        left == 0
+    })
     .await;
+    assert!(
+        victim.started.try_recv().is_err(),
+        "the cancelled job was delivered again"
+    );
 }
 
 /// A plain worker (1 s leases, so extensions come fast) cancels the handler of a job whose

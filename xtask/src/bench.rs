@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: builds the benchmark harness (`pgbus-bench`, in `benches/`) in
 //! release mode and runs it, streaming its output. The harness does the work; see the
-//! `pgbus-benches` crate docs.
+//! `pgbus-benches` crate docs. For the full run it first builds the pgmq peer
+//! (`pgbus-peer-bench`, `benches/peer/`, a Cargo project outside the workspace) and names
+//! it to the harness in `PGBUS_PEER_BENCH`.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -8,7 +10,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context;
 
-use crate::deps::workspace_root;
+use crate::deps::{target_dir, workspace_root};
 
 /// Options of `cargo xtask bench`, passed on to the harness.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -54,12 +56,67 @@ fn harness_args(args: &BenchArgs, cwd: &Path) -> Vec<OsString> {
     out
 }
 
-/// Runs `cargo run --release -p pgbus-benches --bin pgbus-bench -- <args>` in the workspace
-/// root with inherited stdio, and exits as it did.
+/// The peer's scenario, and the variable that names its binary to the harness.
+const PEER_SCENARIO: &str = "peer_pgmq";
+const PEER_BENCH_ENV: &str = "PGBUS_PEER_BENCH";
+/// The peer's Cargo project, from the workspace root, and the binary it builds.
+const PEER_MANIFEST: &str = "benches/peer/Cargo.toml";
+const PEER_BIN: &str = "pgbus-peer-bench";
+
+/// Whether the run measures the peer (`peer_pgmq`, which builds the `pgmq` crate and
+/// sqlx): the full run does, unless `--only` leaves it out; the quick run, CI's, does
+/// not, to stay quick to build.
+fn measures_peer(args: &BenchArgs) -> bool {
+    !args.quick
+        && args
+            .only
+            .as_deref()
+            .is_none_or(|only| only.split(',').any(|name| name.trim() == PEER_SCENARIO))
+}
+
+/// `cargo` arguments that build the peer in release mode into `target`.
+fn peer_build_args(root: &Path, target: &Path) -> Vec<OsString> {
+    vec![
+        "build".into(),
+        "--release".into(),
+        "--manifest-path".into(),
+        root.join(PEER_MANIFEST).into_os_string(),
+        "--target-dir".into(),
+        target.as_os_str().to_owned(),
+    ]
+}
+
+/// Builds the peer into the workspace's target directory; returns its binary.
+fn build_peer(cargo: &OsString) -> anyhow::Result<PathBuf> {
+    let target = target_dir();
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(peer_build_args(&workspace_root(), &target))
+        .status()
+        .with_context(|| format!("could not run {}", Path::new(cargo).display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "building the pgmq peer ({PEER_MANIFEST}) failed ({status})"
+    );
+    Ok(target
+        .join("release")
+        .join(format!("{PEER_BIN}{}", std::env::consts::EXE_SUFFIX)))
+}
+
+/// Builds the peer when the run measures it, then runs `cargo run --release -p
+/// pgbus-benches --bin pgbus-bench -- <args>` in the workspace root with inherited stdio
+/// (and `PGBUS_PEER_BENCH` naming the peer), and exits as it did.
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let cwd = std::env::current_dir().context("could not read the current directory")?;
-    let status = Command::new(&cargo)
+    let mut harness = Command::new(&cargo);
+    if measures_peer(args) {
+        harness.env(PEER_BENCH_ENV, build_peer(&cargo)?);
+    } else {
+        // A quick run does not measure the peer, even if the caller's environment names one.
+        harness.env_remove(PEER_BENCH_ENV);
+    }
+    let status = harness
         .current_dir(workspace_root())
         .args([
             "run",
@@ -68,8 +125,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             "pgbus-benches",
             "--bin",
             "pgbus-bench",
-            "--",
         ])
+        .arg("--")
         .args(harness_args(args, &cwd))
         .status()
         .with_context(|| format!("could not run {}", Path::new(&cargo).display()))?;
@@ -148,5 +205,34 @@ mod tests {
             ["--out", "/tmp/b"].map(OsString::from)
         );
         assert!(harness_args(&BenchArgs::default(), Path::new("/")).is_empty());
+    }
+
+    #[test]
+    fn only_the_full_run_builds_the_peer() {
+        assert!(measures_peer(&BenchArgs::default()));
+        assert!(!measures_peer(&parse(&args(&["--quick"])).unwrap()));
+        assert!(measures_peer(
+            &parse(&args(&["--only", "drain, peer_pgmq"])).unwrap()
+        ));
+        assert!(!measures_peer(&parse(&args(&["--only", "drain"])).unwrap()));
+        assert!(!measures_peer(
+            &parse(&args(&["--quick", "--only", "peer_pgmq"])).unwrap()
+        ));
+    }
+
+    #[test]
+    fn builds_the_peer_outside_the_workspace_into_its_target_dir() {
+        assert_eq!(
+            peer_build_args(Path::new("/repo"), Path::new("/t")),
+            [
+                "build",
+                "--release",
+                "--manifest-path",
+                "/repo/benches/peer/Cargo.toml",
+                "--target-dir",
+                "/t"
+            ]
+            .map(OsString::from)
+        );
     }
 }

@@ -308,6 +308,13 @@ pub(crate) fn workspace_root() -> PathBuf {
     manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
+/// The workspace's target directory: `$CARGO_TARGET_DIR` if set, else `target/` in the root.
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// Runs `cargo metadata --format-version 1` in `root` (using `$CARGO` if set)
 /// and returns the parsed JSON.
 pub(crate) fn cargo_metadata(root: &Path) -> Result<Value> {

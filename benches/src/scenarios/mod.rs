@@ -1,15 +1,18 @@
 //! The scenarios, each one run on a fresh database, and what they share.
 
+pub(crate) mod backlog;
 pub(crate) mod console;
 pub(crate) mod drain;
 pub(crate) mod enqueue;
 pub(crate) mod groups;
 pub(crate) mod io_bound;
 pub(crate) mod latency;
+pub(crate) mod peer_pgmq;
 pub(crate) mod publish_fanout;
 pub(crate) mod raw_sql;
 pub(crate) mod stream_fanout;
 pub(crate) mod stream_publish;
+pub(crate) mod xmin_pinned;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,9 +20,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use pgbus_core::{NewMessage, QueueAdmin, QueueName, QueueOptions, StreamListener, WakeupSource};
+use pgbus_core::{
+    Consumer, Fetcher, Lease, Message, NewMessage, OpenFetcher, QueueAdmin, QueueName,
+    QueueOptions, StreamListener, WakeupSource,
+};
 use pgbus_exec::{ExecutionMode, JobContext, Worker, WorkerReport};
-use pgbus_pg::{PgBackend, PgListener, PgStreamListener};
+use pgbus_pg::{PgBackend, PgFetcher, PgListener, PgStreamListener};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -105,6 +111,61 @@ pub(crate) async fn vacuum_analyze(client: &Client) -> anyhow::Result<()> {
         .batch_execute("VACUUM ANALYZE")
         .await
         .context("VACUUM ANALYZE")
+}
+
+/// The lease of [`ClaimAck`]'s claims: far longer than any run.
+const CLAIM_LEASE: Duration = Duration::from_secs(60);
+
+/// A consumer of the bench queue in its plainest shape, for the scenarios that time
+/// single claims: claims on a fetcher (a worker's dedicated claim connection, committing as
+/// a worker's does), and acks what it claimed at once on the backend's pool (no-op jobs).
+pub(crate) struct ClaimAck {
+    backend: PgBackend,
+    fetcher: PgFetcher,
+    queue: QueueName,
+}
+
+/// One claim and its ack.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cycle {
+    /// Messages claimed (and acked).
+    pub(crate) claimed: usize,
+    /// How long the claim took, round trip included.
+    pub(crate) claim: Duration,
+    /// How long the ack took (zero when nothing was claimed).
+    pub(crate) ack: Duration,
+}
+
+impl ClaimAck {
+    pub(crate) async fn open(backend: &PgBackend) -> anyhow::Result<Self> {
+        Ok(ClaimAck {
+            backend: backend.clone(),
+            fetcher: backend.open_fetcher().await.context("opening a fetcher")?,
+            queue: queue(),
+        })
+    }
+
+    /// Claims up to `max` messages and acks them.
+    pub(crate) async fn cycle(&mut self, max: usize) -> anyhow::Result<Cycle> {
+        let started = Instant::now();
+        let claimed = self.fetcher.claim(&self.queue, max, CLAIM_LEASE).await?;
+        let claim = started.elapsed();
+        let acking = Instant::now();
+        if !claimed.is_empty() {
+            let leases: Vec<Lease> = claimed.iter().map(Message::lease).collect();
+            let acked = self.backend.ack(&leases).await?;
+            ensure!(
+                acked == leases.len() as u64,
+                "acked {acked} of {} fresh leases",
+                leases.len()
+            );
+        }
+        Ok(Cycle {
+            claimed: claimed.len(),
+            claim,
+            ack: acking.elapsed(),
+        })
+    }
 }
 
 /// A PgListener that is live.

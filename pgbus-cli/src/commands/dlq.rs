@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use pgbus_core::{DeadLetters, MessageId, QueueName, Selection};
 
+use crate::support::audit;
 use crate::support::database::Database;
 use crate::support::json::dead_json;
 use crate::support::output::{Align, Table};
@@ -126,6 +127,9 @@ pub(crate) async fn run(command: DlqCommand, db: &Database) -> anyhow::Result<Ex
             } else {
                 backend.discard_dead(&queue, which).await?
             };
+            let action = if retry { "retry" } else { "discard" };
+            let detail = audit::dead_selection(&ids, selection.all);
+            audit::record(backend, &audit::cli_actor(), action, &queue, n, detail).await?;
             println!("{verb} {n} dead-lettered messages of queue {queue}");
             if !selection.all && n < ids.len() as u64 {
                 anyhow::bail!(

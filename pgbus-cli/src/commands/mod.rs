@@ -9,6 +9,7 @@ pub(crate) mod cron;
 pub(crate) mod db;
 pub(crate) mod demo;
 pub(crate) mod dlq;
+pub(crate) mod job;
 pub(crate) mod migrate;
 pub(crate) mod publish;
 pub(crate) mod queue;

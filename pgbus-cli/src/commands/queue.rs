@@ -8,6 +8,7 @@ use pgbus_core::{CircuitBreaker, Error, QueueAdmin, QueueName, QueueOptions, Ret
 use pgbus_pg::PgBackend;
 use serde_json::json;
 
+use crate::support::audit;
 use crate::support::database::Database;
 use crate::support::output::{Align, Table};
 use crate::support::time::{millis, positive_duration};
@@ -177,18 +178,8 @@ pub(crate) async fn run(command: QueueCommand, db: &Database) -> anyhow::Result<
                 table.print();
             }
         }
-        QueueCommand::Pause { name } => {
-            backend
-                .set_paused(&QueueName::new(name.clone())?, true)
-                .await?;
-            say(format!("paused queue {name}"));
-        }
-        QueueCommand::Resume { name } => {
-            backend
-                .set_paused(&QueueName::new(name.clone())?, false)
-                .await?;
-            say(format!("resumed queue {name}"));
-        }
+        QueueCommand::Pause { name } => pause(backend, &name, true).await?,
+        QueueCommand::Resume { name } => pause(backend, &name, false).await?,
         QueueCommand::Purge { name } => {
             let purged = backend.purge_queue(&QueueName::new(name.clone())?).await?;
             say(format!("purged {purged} messages from queue {name}"));
@@ -323,4 +314,14 @@ fn altered(
         ),
     };
     Ok(options)
+}
+
+/// `queue pause` / `queue resume`, written to the audit log as the console's are.
+async fn pause(backend: &PgBackend, name: &str, paused: bool) -> anyhow::Result<()> {
+    let queue = QueueName::new(name.to_owned())?;
+    backend.set_paused(&queue, paused).await?;
+    let action = if paused { "pause" } else { "resume" };
+    audit::record(backend, &audit::cli_actor(), action, &queue, 0, json!({})).await?;
+    println!("{action}d queue {name}");
+    Ok(())
 }

@@ -1,6 +1,6 @@
-//! The dashboard page and its JSON API.
+//! The dashboard's JSON API (the console's is `jobs.rs`).
 //!
-//! - `GET /`: the dashboard (one static page; no build step).
+//! - `GET /api/openapi.json`: the OpenAPI document of every `/api` route (`openapi.json`).
 //! - `GET /api/overview`: the latest snapshot as JSON.
 //! - `GET /api/live`: the snapshots as SSE `overview` events (no `id:`: a snapshot is not
 //!   a cursor), one per refresh.
@@ -8,11 +8,9 @@
 //!   `pgbus dlq list --json` prints.
 //! - `POST /api/queues/{queue}/dead/retry` and `.../discard`: `{"ids": [..]}` or
 //!   `{"all": true}`.
-//! - `POST /api/queues/{queue}/pause` and `.../resume`.
+//! - `POST /api/queues/{queue}/pause` and `.../resume`, written to the console's audit log.
 //!
-//! Every POST must be `Content-Type: application/json`: a cross-site form cannot send
-//! that without a CORS preflight, which this server never grants, so another page open
-//! in the browser cannot retry or discard on the user's behalf.
+//! Every POST must be `Content-Type: application/json` (see `error::require_json`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -21,55 +19,37 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
-use pgbus_core::{DeadLetters, Error, MessageId, QueueAdmin, QueueName, Selection};
+use pgbus_core::{DeadLetters, MessageId, QueueAdmin, QueueName, Selection};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::app::App;
+use super::auth::Actor;
+use super::error::{bad_request, queue, require_json, ApiError};
+use crate::support::audit::{self, dead_selection};
 use crate::support::json::dead_json;
 
-const DASHBOARD: &str = include_str!("dashboard.html");
+/// The OpenAPI 3.1 document of the API, written by hand (a test holds it to the routes).
+const OPENAPI: &str = include_str!("openapi.json");
 
 /// Most dead letters one request lists.
 const DEAD_LISTED_MAX: usize = 1_000;
 
 pub(crate) fn routes() -> Router<App> {
     Router::new()
-        .route("/", get(|| async { Html(DASHBOARD) }))
+        .route(
+            "/api/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .route("/api/overview", get(overview))
         .route("/api/live", get(live))
         .route("/api/queues/{queue}/dead", get(dead))
         .route("/api/queues/{queue}/dead/{action}", post(dead_action))
         .route("/api/queues/{queue}/{action}", post(queue_action))
-}
-
-/// An API error: a status and one line of JSON saying why.
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<Error> for ApiError {
-    fn from(err: Error) -> Self {
-        let status = match &err {
-            Error::QueueNotFound(_) | Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
-            Error::InvalidQueueName { .. } | Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            _ if err.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self(status, err.report().to_string())
-    }
-}
-
-fn bad_request(why: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, why.into())
 }
 
 fn json_response(body: std::sync::Arc<str>) -> Response {
@@ -105,10 +85,6 @@ async fn live(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, In
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-fn queue(name: String) -> Result<QueueName, ApiError> {
-    QueueName::new(name).map_err(ApiError::from)
-}
-
 async fn dead(
     State(app): State<App>,
     Path(name): Path<String>,
@@ -136,24 +112,10 @@ struct DeadSelection {
     all: bool,
 }
 
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("application/json"));
-    if json {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "POST requests must be Content-Type: application/json".into(),
-        ))
-    }
-}
-
 async fn dead_action(
     State(app): State<App>,
     Path((name, action)): Path<(String, String)>,
+    actor: Actor,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -180,12 +142,37 @@ async fn dead_action(
             ))
         }
     };
+    recorded(
+        &app,
+        &actor,
+        &action,
+        &queue,
+        n,
+        dead_selection(&ids, selection.all),
+    )
+    .await?;
     Ok(Json(json!({ "queue": queue.as_str(), action: n })).into_response())
+}
+
+/// Writes the audit entry of a change made already; a failure is a 500 that says the
+/// change stands.
+async fn recorded(
+    app: &App,
+    actor: &Actor,
+    action: &str,
+    queue: &QueueName,
+    count: u64,
+    detail: serde_json::Value,
+) -> Result<(), ApiError> {
+    audit::record(&app.backend, actor.0, action, queue, count, detail)
+        .await
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}")))
 }
 
 async fn queue_action(
     State(app): State<App>,
     Path((name, action)): Path<(String, String)>,
+    actor: Actor,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
@@ -201,5 +188,81 @@ async fn queue_action(
         }
     };
     app.backend.set_paused(&queue, paused).await?;
+    // After the change, so a refused one (no such queue) is not logged; the change is
+    // not undone when the entry fails, the error says so.
+    recorded(&app, &actor, &action, &queue, 0, json!({})).await?;
     Ok(Json(json!({ "queue": queue.as_str(), "paused": paused })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OPENAPI;
+    use serde_json::Value;
+
+    /// The sources whose routers serve `/api`.
+    const API_SOURCES: [&str; 2] = [include_str!("api.rs"), include_str!("jobs.rs")];
+
+    /// Every `.route("/api/...", get(..)|post(..))` of the sources: (path, method).
+    fn served_routes() -> Vec<(String, String)> {
+        let mut routes = Vec::new();
+        for source in API_SOURCES {
+            // Not the tests (this one names routes in its comments).
+            let source = source.split("#[cfg(test)]").next().unwrap_or(source);
+            for (at, _) in source.match_indices(".route(") {
+                let rest = source[at + ".route(".len()..].trim_start();
+                let Some(rest) = rest.strip_prefix('"') else {
+                    continue;
+                };
+                let Some((path, after)) = rest.split_once('"') else {
+                    continue;
+                };
+                if !path.starts_with("/api") {
+                    continue;
+                }
+                let method = ["get(", "post("]
+                    .into_iter()
+                    .filter_map(|m| after.find(m).map(|i| (i, m)))
+                    .min()
+                    .map(|(_, m)| m.trim_end_matches('(').to_owned())
+                    .expect("a route's method");
+                routes.push((path.to_owned(), method));
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn the_openapi_document_covers_every_api_route_and_no_other() {
+        let document: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(document["openapi"], "3.1.0");
+        let paths = document["paths"].as_object().expect("paths");
+        let served = served_routes();
+        assert!(served.len() >= 11, "the routes were found: {served:?}");
+        for (path, method) in &served {
+            assert!(
+                paths.get(path).and_then(|p| p.get(method)).is_some(),
+                "{} {path} is served but not in openapi.json",
+                method.to_uppercase()
+            );
+        }
+        for (path, operations) in paths {
+            for method in operations.as_object().expect("operations").keys() {
+                assert!(
+                    served.iter().any(|(p, m)| p == path && m == method),
+                    "openapi.json documents {} {path}, which is not served",
+                    method.to_uppercase()
+                );
+            }
+        }
+        // Every reference resolves.
+        let text = OPENAPI;
+        for (at, _) in text.match_indices("\"$ref\": \"#/") {
+            let rest = &text[at + "\"$ref\": \"#/".len()..];
+            let pointer = &rest[..rest.find('"').expect("a closing quote")];
+            assert!(
+                document.pointer(&format!("/{pointer}")).is_some(),
+                "unresolved $ref #/{pointer}"
+            );
+        }
+    }
 }

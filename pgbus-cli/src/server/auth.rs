@@ -3,12 +3,15 @@
 //! once, which sets an HttpOnly, SameSite=Strict cookie. Without one (loopback only):
 //! requests addressed to a loopback host name, which keeps out web pages that reach the
 //! port through DNS rebinding.
+//!
+//! Each request also learns who made it ([`Actor`]), for the console's audit log.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -32,6 +35,30 @@ impl Token {
 
     fn matches(&self, given: &str) -> bool {
         constant_time_eq(self.0.as_bytes(), given.as_bytes())
+    }
+}
+
+/// Who made a request, as the audit log names them: `token` when it carried `--token`,
+/// `loopback` on a server without one (which serves loopback only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "dashboard"), allow(dead_code))]
+pub(crate) struct Actor(pub(crate) &'static str);
+
+impl Actor {
+    const TOKEN: Actor = Actor("token");
+    const LOOPBACK: Actor = Actor("loopback");
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // [`require`] marks the requests it let through; without a token nothing does.
+        Ok(parts
+            .extensions
+            .get::<Actor>()
+            .copied()
+            .unwrap_or(Actor::LOOPBACK))
     }
 }
 
@@ -79,10 +106,15 @@ pub(crate) fn listen_token(
 
 /// Lets a request through when it carries the token; a browser presenting it in the
 /// query gets the cookie and is sent to the same path without it.
-pub(crate) async fn require(State(token): State<Token>, request: Request, next: Next) -> Response {
+pub(crate) async fn require(
+    State(token): State<Token>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if bearer(&request).is_some_and(|t| token.matches(t))
         || cookie(&request).is_some_and(|t| token.matches(t))
     {
+        request.extensions_mut().insert(Actor::TOKEN);
         return next.run(request).await;
     }
     if query_token(&request).is_some_and(|t| token.matches(&t)) {

@@ -1,5 +1,5 @@
-//! The HTTP server of `pgbus serve` and `pgbus demo`: the dashboard at `/`, the JSON API under `/api`, SSE streams at
-//! `/streams/...`, Prometheus text at `/metrics`, `/livez` and `/readyz`.
+//! The HTTP server of `pgbus serve` and `pgbus demo`: the dashboard at `/`, the console at
+//! `/console`, the JSON API under `/api`, SSE streams at `/streams/...`, Prometheus text at `/metrics`, `/livez` and `/readyz`.
 //!
 //! One background task reads a snapshot of the system every `--refresh`; the dashboard,
 //! its live updates and `/metrics` are served from that snapshot, so the database load
@@ -27,7 +27,13 @@ mod api;
 mod app;
 mod auth;
 mod connections;
+#[cfg(feature = "dashboard")]
+mod error;
+#[cfg(feature = "dashboard")]
+mod jobs;
 mod metrics;
+#[cfg(feature = "dashboard")]
+mod pages;
 #[cfg(feature = "metrics")]
 pub(crate) mod scrape;
 mod snapshot;
@@ -129,7 +135,10 @@ pub(crate) async fn start(
     let mut router = Router::new().route("/metrics", get(metrics::metrics));
     #[cfg(feature = "dashboard")]
     {
-        router = router.merge(api::routes());
+        router = router
+            .merge(pages::routes())
+            .merge(api::routes())
+            .merge(jobs::routes());
     }
     if let Some(token) = &token {
         router = router.layer(axum::middleware::from_fn_with_state(

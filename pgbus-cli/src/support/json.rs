@@ -168,6 +168,16 @@ pub(crate) fn counts_json(counts: &[(JobState, Count)]) -> Value {
         .into()
 }
 
+/// A listing with its queue's counts, as `job list --json` and `GET /api/jobs` show it:
+/// [`page_json`] plus `"counts"` ([`counts_json`]).
+pub(crate) fn job_list_json(page: &Page, counts: &[(JobState, Count)]) -> Value {
+    let mut value = page_json(page);
+    if let Value::Object(fields) = &mut value {
+        fields.insert("counts".into(), counts_json(counts));
+    }
+    value
+}
+
 /// Everything about one job, as `job show --json` and `GET /api/jobs/{id}` show it.
 pub(crate) fn job_detail_json(job: &JobDetail) -> Value {
     let mut value = job_summary_json(&job.summary);

@@ -1,6 +1,7 @@
 //! What more than one command needs, one module per concern. Nothing here imports
 //! `crate::commands` or `crate::cli`, so any command can use any of it.
 
+pub(crate) mod audit;
 pub(crate) mod database;
 pub(crate) mod json;
 pub(crate) mod output;

@@ -31,3 +31,10 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Parses an RFC 3339 time in UTC (`2025-01-31T09:00:00Z`; `+00:00` or no zone mean UTC
+/// too, other offsets are refused).
+pub(crate) fn time(text: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(text.trim())
+        .map_err(|e| format!("{e} (expected a UTC time such as 2025-01-31T09:00:00Z)"))
+}

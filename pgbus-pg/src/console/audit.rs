@@ -59,23 +59,31 @@ pub(super) fn read_stmt(limit: usize, before: Option<i64>) -> Stmt {
         .bind(limit as i64)
 }
 
+/// Actions done outside [`Console::act`](super::Console::act) that the log records too:
+/// queue pause and resume, and the dead-letter retry and discard of `pgbus dlq` and the
+/// dead-letter routes of the API.
+pub(super) const RECORDED_ELSEWHERE: [&str; 4] = ["pause", "resume", "retry", "discard"];
+
 pub(super) async fn record(
     backend: &PgBackend,
     actor_name: &str,
     action: &str,
     queue: &QueueName,
+    count: u64,
+    detail: serde_json::Value,
 ) -> Result<()> {
-    if !matches!(action, "pause" | "resume") {
+    if !RECORDED_ELSEWHERE.contains(&action) {
         return Err(Error::InvalidArgument(format!(
-            "only pause and resume are recorded this way, not {action:?}"
+            "only {} are recorded this way, not {action:?}",
+            RECORDED_ELSEWHERE.join(", ")
         )));
     }
     let stmt = insert_stmt(
         &actor(actor_name)?,
         action,
         Some(queue.as_str().to_owned()),
-        0,
-        serde_json::json!({}),
+        count,
+        detail,
     );
     insert(&**backend.conn().await?, stmt).await
 }

@@ -89,9 +89,18 @@ impl Console {
         actions::act(&self.backend, actor, action, target).await
     }
 
-    /// Records a queue pause or resume done elsewhere (the audit log covers them too).
-    pub async fn record(&self, actor: &str, action: &str, queue: &QueueName) -> Result<()> {
-        audit::record(&self.backend, actor, action, queue).await
+    /// Records an action done elsewhere, after it was done: a queue's `pause` or `resume`
+    /// (count 0), or the `retry` or `discard` of its dead letters through
+    /// [`DeadLetters`](pgbus_core::DeadLetters) (`count` changed, `detail` the selection).
+    pub async fn record(
+        &self,
+        actor: &str,
+        action: &str,
+        queue: &QueueName,
+        count: u64,
+        detail: serde_json::Value,
+    ) -> Result<()> {
+        audit::record(&self.backend, actor, action, queue, count, detail).await
     }
 
     /// The audit log, newest first, at most `limit` entries, with ids below `before`.

@@ -112,7 +112,9 @@ pub(super) fn by_group(filter: &JobFilter) -> bool {
 /// rows are far apart.
 pub(super) fn whole_queue(dir: &str) -> (&'static str, String) {
     (
-        "queue >= $1 AND queue <= $1",
+        // `id > 0` (every id) is the predicate of the `(queue, id)` indexes, which only
+        // statements that state it can use (migration 17 says why).
+        "queue >= $1 AND queue <= $1 AND id > 0",
         format!("queue {dir}, id {dir}"),
     )
 }
@@ -144,17 +146,18 @@ pub(super) fn in_queue(
     from: &str,
     to: Option<&str>,
 ) -> (String, String) {
-    // By group, the row comparisons do not imply a group key (a row is compared column by
-    // column), which the group index's predicate needs.
-    let (keys, prefix, values, group) = if by_group {
+    // Each index's predicate, which the statement must state to use it: the row
+    // comparisons imply neither a group key (a row is compared column by column) nor the
+    // `(queue, id)` indexes' `id > 0` (see [`whole_queue`]).
+    let (keys, prefix, values, predicate) = if by_group {
         (
             "queue, group_key, id",
             "queue, group_key",
             "$1, $5",
-            " AND group_key IS NOT NULL",
+            "group_key IS NOT NULL",
         )
     } else {
-        ("queue, id", "queue", "$1", "")
+        ("queue, id", "queue", "$1", "id > 0")
     };
     let (start, end, dir) = match order {
         Order::NewestFirst => ("<=", ">=", "DESC"),
@@ -165,7 +168,7 @@ pub(super) fn in_queue(
         None => format!("({prefix}) {end} ({values})"),
     };
     (
-        format!("({keys}) {start} ({values}, {from}) AND {end}{group}"),
+        format!("({keys}) {start} ({values}, {from}) AND {end} AND {predicate}"),
         keys.split(", ")
             .map(|key| format!("{key} {dir}"))
             .collect::<Vec<_>>()

@@ -18,7 +18,7 @@ use tokio_postgres::{Client, NoTls, Row};
 use super::check::Kill;
 use super::record::{now_ns, SUBCOMMAND};
 use super::report::ScenarioReport;
-use crate::deps::workspace_root;
+use crate::deps::{target_dir, workspace_root};
 
 /// `application_name` of the harness's own pool (sends, publishes): `pgbus:chaos`, left
 /// out of every count of pgbus connections.
@@ -61,9 +61,7 @@ impl Env {
         if !status.success() {
             bail!("cargo build --release --package pgbus-cli failed ({status})");
         }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
+        let target = target_dir();
         let pgbus = bin.join("pgbus");
         copy_executable(&target.join("release/pgbus"), &pgbus)?;
         let handler = bin.join("xtask-chaos-handler");
