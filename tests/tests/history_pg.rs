@@ -3,7 +3,7 @@
 //! the cancellation of a running job whose message was deleted under it.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgbus_core::{
     Consumer, DeadLetters, Lease, NewMessage, Producer, QueueName, QueueOptions, Selection,
@@ -159,14 +159,11 @@ async fn attempt_history_follows_the_message_to_the_dead_letters_back_and_to_the
 
 /// Waits until the worker has registered its process; returns the id.
 async fn registered(monitor: &WorkerMonitor) -> i64 {
-    let start = Instant::now();
-    loop {
-        if let Some(id) = monitor.metadata().process {
-            return id.0;
-        }
-        assert!(start.elapsed() < DEADLINE, "the worker never registered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the worker to register", DEADLINE, || async {
+        monitor.metadata().process.is_some()
+    })
+    .await;
+    monitor.metadata().process.map_or(0, |id| id.0)
 }
 
 /// Every kind of claim (plain, grouped, limited) records the registered process of the
