@@ -58,15 +58,20 @@ async fn depth(backend: &MemoryBackend) -> u64 {
     backend.stats().await.unwrap()[0].depth()
 }
 
-/// Runs the worker until the queue is empty, then stops it.
-async fn run_until_empty(worker: Worker<MemoryBackend>, backend: &MemoryBackend) -> WorkerReport {
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(worker.run(stop.clone()));
+/// Waits until the queue holds nothing (its acks are in).
+async fn drained(backend: &MemoryBackend) {
     let start = Instant::now();
     while depth(backend).await > 0 {
         assert!(start.elapsed() < DEADLINE, "queue never drained");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Runs the worker until the queue is empty, then stops it.
+async fn run_until_empty(worker: Worker<MemoryBackend>, backend: &MemoryBackend) -> WorkerReport {
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    drained(backend).await;
     stop.cancel();
     run.await.unwrap().unwrap()
 }
@@ -272,11 +277,7 @@ async fn long_job_keeps_its_lease_alive() {
     }
     release.notify_one();
     until("the queue drains", || runs.load(Ordering::SeqCst) == 1).await;
-    let start = Instant::now();
-    while depth(&backend).await > 0 {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    drained(&backend).await;
     stop.cancel();
     let report = run.await.unwrap().unwrap();
     assert_eq!((report.started, report.acked), (1, 1));
@@ -325,11 +326,7 @@ async fn a_job_whose_lease_is_lost_is_cancelled() {
         .await
         .unwrap();
     until("the next job ran", || started.load(Ordering::SeqCst) == 2).await;
-    let start = Instant::now();
-    while depth(&backend).await > 0 {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    drained(&backend).await;
     stop.cancel();
     let report = run.await.unwrap().unwrap();
     assert_eq!(
