@@ -1,6 +1,6 @@
 //! The harness's command line, and the counts each mode runs with.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Usage text of `pgbus-bench` (and of `cargo xtask bench`, which passes its arguments on).
@@ -127,12 +127,16 @@ impl Options {
     }
 }
 
-/// `target/bench` under the workspace root.
+/// `target/bench` under the workspace root. `cargo run` names this crate's directory at run
+/// time; the compile-time path is only the fallback (a binary built in another checkout
+/// that shared the target directory would write into that checkout, or fail if it is gone).
 fn default_out_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest
         .parent()
-        .unwrap_or(manifest)
+        .unwrap_or(&manifest)
         .join("target")
         .join("bench")
 }

@@ -302,10 +302,17 @@ pub(crate) fn graph_from_metadata(metadata: &Value) -> Result<Graph> {
     Ok(graph)
 }
 
-/// The workspace root: the parent of this crate's directory.
+/// The workspace root: the parent of this crate's directory. `cargo run` names that
+/// directory at run time; the compile-time path is only the fallback, because a target
+/// directory shared by several checkouts (CI's clean clone reuses the main one's) can run
+/// an xtask binary built in another checkout, whose baked-in path may be gone.
 pub(crate) fn workspace_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.clone(), Path::to_path_buf)
 }
 
 /// The workspace's target directory: `$CARGO_TARGET_DIR` if set, else `target/` in the root.
