@@ -104,6 +104,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "console",
         sql: include_str!("../migrations/0017_console.sql"),
     },
+    Migration {
+        version: 19,
+        name: "queue_check",
+        sql: include_str!("../migrations/0019_queue_check.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.
