@@ -198,21 +198,44 @@ macro_rules! fence {
     };
 }
 
+/// The current deliveries among the leases `($1[i], $2[i])` (message id, attempt), each
+/// row locked with `$lock`: a `FROM` item yielding their ids as `m.id`. `$cond` adds
+/// conditions on the row (`m`), `$fence` the lease-mode fence (see [`fence!`]).
+///
+/// Each lease is looked up by primary key, one after another in id order: the `LATERAL`
+/// subquery with its own locking clause cannot be merged into a join, so the plan is the
+/// same whatever the table's statistics say. A plain join of the table to the array was
+/// planned from them, and with the statistics of an empty table (the normal state of a
+/// queue that keeps up, see migration 18) it scanned the whole array once per row, quadratic
+/// in the number of leases (a heartbeat of 200 leases: 24 ms instead of 1). Id order is the
+/// order the rows are locked in when `$lock` waits: the console's actions on several jobs
+/// lock in id order too (`console/actions.rs`, `locked!`), so an ack and an action on
+/// overlapping jobs wait for each other instead of deadlocking. A row whose attempt
+/// changed while the statement waited (claimed again) fails the re-check and is left out.
+macro_rules! current_deliveries {
+    ($cond:expr, $fence:expr, $lock:expr) => {
+        concat!(
+            "(SELECT l.id, l.attempt FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+          ORDER BY l.id) l
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM pgbus.messages m
+        WHERE m.id = l.id AND m.attempts = l.attempt",
+            $cond,
+            $fence,
+            "
+        ",
+            $lock,
+            "
+    ) m"
+        )
+    };
+}
+
 /// Ack: delete current deliveries; archive those of history-keeping queues. `$fence` adds
 /// a condition to the delete (see [`fence!`]).
 ///
-/// The rows are locked first, in id order (`ORDER BY ... FOR UPDATE`), and then deleted by
-/// primary key. A delete joined to the array locks in its plan's order, which for a nested
-/// loop over `unnest` is the array's: the order the worker's jobs finished in. The
-/// console's actions on several jobs lock in id order too (`console/actions.rs`,
-/// `locked!`), so an ack and an action on overlapping jobs wait for each other instead of
-/// deadlocking. A row whose attempt changed while the ack waited (claimed again) fails the
-/// re-check and is left alone.
-///
-/// The rows are found by `m.id = ANY ($1)` as well as by the join: with the join alone,
-/// how the planner finds them depends on the table's statistics (with statistics calling
-/// the table empty, under a pinned xmin, the bench saw acks of 859 ms p99); the array
-/// condition is a primary-key lookup whatever they say. The lease extension does the same.
+/// The rows are locked first (see [`current_deliveries!`]) and then deleted by primary key
+/// (`= ANY`, a plan that needs no estimate either).
 ///
 /// The delete returns only ids and queues: every part of one statement sees the same
 /// snapshot, taken before the delete, so the archive reads the deleted rows' columns from
@@ -224,13 +247,9 @@ macro_rules! ack {
             "
 WITH locked AS (
     SELECT m.id
-    FROM pgbus.messages m
-    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-    WHERE m.id = ANY ($1) AND m.attempts = l.attempt",
-            $fence,
+    FROM ",
+            current_deliveries!("", $fence, "FOR UPDATE OF m"),
             "
-    ORDER BY m.id
-    FOR UPDATE OF m
 ), done AS (
     DELETE FROM pgbus.messages m
     WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
@@ -256,37 +275,42 @@ pub(crate) const ACK_FENCED: &str = ack!(fence!("3"));
 /// statement holds: those are being settled (acked, retried, dead-lettered) or changed, so
 /// their leases are not extended now, and a heartbeat that never waits cannot deadlock with
 /// a worker's batch ack of overlapping leases on another pooled connection (it did, found
-/// by `cargo xtask chaos`: the two locked the shared rows in opposite orders).
+/// by `cargo xtask chaos`: the two locked the shared rows in opposite orders). The rows are
+/// found as the ack finds them ([`current_deliveries!`]).
 ///
 /// Returns how many were extended and the positions (from 1) in `$1`/`$2` of the leases
 /// that are gone: no row of that id and attempt holds a lease any more (settled, deleted by an operator, claimed again,
 /// given back). A skipped row still exists in the statement's snapshot, so it is never
-/// reported lost: a lock is not a loss, and the next heartbeat looks again.
+/// reported lost: a lock is not a loss, and the next heartbeat looks again. The `OFFSET 0`
+/// keeps that check a primary-key probe per lease: without it the planner may turn it
+/// into an anti-join planned from the statistics, which with those of an empty table
+/// compared every lease with every leased row.
 macro_rules! extend {
     ($fence:expr) => {
         concat!(
             "
-WITH extended AS (
+WITH leased AS (
+    SELECT m.id
+    FROM ",
+            current_deliveries!(
+                " AND m.lease_until IS NOT NULL",
+                $fence,
+                "FOR UPDATE OF m SKIP LOCKED"
+            ),
+            "
+), extended AS (
     UPDATE pgbus.messages m
     SET lease_until = now() + make_interval(secs => $3)
-    FROM (
-        SELECT m.id
-        FROM pgbus.messages m
-        JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-        WHERE m.id = ANY ($1) AND m.attempts = l.attempt AND m.lease_until IS NOT NULL",
-            $fence,
-            "
-        FOR UPDATE OF m SKIP LOCKED
-    ) leased
-    WHERE m.id = leased.id
+    WHERE m.id = ANY (ARRAY(SELECT id FROM leased))
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM extended),
        ARRAY(
            SELECT l.n FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS l(id, attempt, n)
            WHERE NOT EXISTS (
-               SELECT 1 FROM pgbus.messages m
-               WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL))"
+               SELECT FROM pgbus.messages m
+               WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL
+               OFFSET 0))"
         )
     };
 }
@@ -519,6 +543,11 @@ pub(crate) const UNLOCK_GROUP: &str =
 
 /// Leases the group's oldest message if it is visible now to process `$holder` (see
 /// [`CLAIM`]). Run only by the lock holder.
+///
+/// The head's id is a scalar subquery, computed once, and the row is then found by primary
+/// key. As a join, with the statistics of an empty table (see migration 18), the planner
+/// walked the whole table and looked for the head once per row: 3 s per claim over
+/// 50,000 messages.
 macro_rules! claim_group_head {
     ($holder:literal, $fence:expr) => {
         concat!(
@@ -529,13 +558,12 @@ SET lease_until = now() + make_interval(secs => $3),
     leased_by = $",
             $holder,
             "
-FROM (
+WHERE m.id = (
     SELECT id FROM pgbus.messages
     WHERE queue = $1 AND group_key = $2
     ORDER BY id
     LIMIT 1
-) head
-WHERE m.id = head.id
+)
   AND m.visible_at <= now()
   AND (m.lease_until IS NULL OR m.lease_until <= now())
   AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)",
