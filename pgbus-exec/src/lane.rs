@@ -37,11 +37,33 @@ impl<B: OpenFetcher> FetchConn<B> {
 
     /// Waits for the connection, opening it if it is not open.
     pub(crate) async fn lock(&self) -> Result<FetchGuard<'_, B::Fetcher>> {
-        let mut conn = self.conn.lock().await;
-        if conn.is_none() {
-            *conn = Some(self.backend.open_fetcher().await?);
+        self.hold().await.open().await
+    }
+
+    /// Waits for the connection's lock without opening it: taking slots needs the lock,
+    /// not the connection (a worker's claimed-ahead jobs start even while it cannot be
+    /// opened).
+    pub(crate) async fn hold(&self) -> Held<'_, B> {
+        Held {
+            backend: &self.backend,
+            conn: self.conn.lock().await,
         }
-        Ok(FetchGuard(conn))
+    }
+}
+
+/// The locked fetch connection, maybe not open.
+pub(crate) struct Held<'a, B: OpenFetcher> {
+    backend: &'a B,
+    conn: MutexGuard<'a, Option<B::Fetcher>>,
+}
+
+impl<'a, B: OpenFetcher> Held<'a, B> {
+    /// The connection, opened if it is not open.
+    pub(crate) async fn open(mut self) -> Result<FetchGuard<'a, B::Fetcher>> {
+        if self.conn.is_none() {
+            *self.conn = Some(self.backend.open_fetcher().await?);
+        }
+        Ok(FetchGuard(self.conn))
     }
 }
 

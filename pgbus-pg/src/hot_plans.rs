@@ -74,19 +74,25 @@ async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
         ("claim", sql::CLAIM, "'q', 100, 30.0, NULL".to_owned()),
         ("ack", sql::ACK, format!("'{ids}', '{attempts}'")),
         (
-            "ack_fenced",
-            sql::ACK_FENCED,
-            format!("'{ids}', '{attempts}', 'token'"),
+            "group_step",
+            sql::GROUP_STEP,
+            format!(
+                "'q', 'g7', true, '{ids}', '{attempts}', NULL, NULL, NULL, NULL, '{{}}', '{{}}', \
+                 16, 30.0, NULL, true"
+            ),
+        ),
+        (
+            "group_step_fenced",
+            sql::GROUP_STEP_FENCED,
+            format!(
+                "'q', 'g7', true, '{ids}', '{attempts}', NULL, NULL, NULL, NULL, '{{}}', '{{}}', \
+                 16, 30.0, NULL, true, 'token', 30.0"
+            ),
         ),
         (
             "extend",
             sql::EXTEND,
             format!("'{ids}', '{attempts}', 30.0"),
-        ),
-        (
-            "claim_group_head",
-            sql::CLAIM_GROUP_HEAD,
-            "'q', 'g7', 30.0, NULL".to_owned(),
         ),
         (
             "nack",
