@@ -5,9 +5,10 @@
 //! and one kill switch, and divide the slots by a [`Share`].
 //!
 //! **Slots are taken only under the fetch connection's lock.** A loop locks the fetch
-//! connection, counts the free slots, claims at most that many messages (or takes at most
-//! that many groups) and posts them before it lets go, so two loops on one pool never count
-//! the same free slot; a post can then be refused only at shutdown. A group holds its slot
+//! connection, counts the free slots, claims (or takes at most that many groups) and posts
+//! at most that many jobs before it lets go (a plain loop keeps what it claimed ahead for
+//! later, and starts those under the lock too), so two loops on one pool never count the
+//! same free slot; a post can then be refused only at shutdown. A group holds its slot
 //! for its whole run (see `group.rs`), so nothing else posts.
 
 use std::sync::Arc;

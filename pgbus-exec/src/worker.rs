@@ -1,5 +1,5 @@
-//! The worker: claims as many messages as there are free slots, runs them on an execution
-//! pool, and settles their outcomes.
+//! The worker: claims as many messages as there are free slots (plus a few ahead), runs
+//! them on an execution pool, and settles their outcomes.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -531,10 +531,11 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Runs until `shutdown` is cancelled, then stops claiming, lets running jobs finish
-    /// for up to the drain timeout, settles them, and returns. Jobs still running at the
-    /// deadline are cancelled; their messages stay leased in the database and are
-    /// delivered again when the lease runs out.
+    /// Runs until `shutdown` is cancelled, then stops claiming, gives the messages it
+    /// claimed ahead back at once, lets running jobs finish for up to the drain timeout,
+    /// settles them, and returns. Jobs still running at the deadline are cancelled; their
+    /// messages stay leased in the database and are delivered again when the lease runs
+    /// out.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
         let lane = Lane::alone(
             &self.backend,
