@@ -515,14 +515,30 @@ ORDER BY id";
 
 /// Groups whose oldest message is visible now, oldest first, leaving out `$3`. Takes no
 /// lock (locks are taken per group, on the group's own connection).
+///
+/// The heads are found by a skip scan of `messages_group_idx`: one index probe per group
+/// for the first message after the previous group, rather than a read of every grouped
+/// message of the queue (a `DISTINCT ON` over 20,000 messages of 1,000 groups took 20 ms a
+/// call); the cost grows with the groups, not with their messages.
 pub(crate) const GROUP_CANDIDATES: &str = "
+WITH RECURSIVE heads AS (
+    (SELECT group_key, id, visible_at, lease_until
+     FROM pgbus.messages
+     WHERE queue = $1 AND group_key IS NOT NULL
+     ORDER BY group_key, id
+     LIMIT 1)
+    UNION ALL
+    SELECT n.group_key, n.id, n.visible_at, n.lease_until
+    FROM heads h, LATERAL (
+        SELECT group_key, id, visible_at, lease_until
+        FROM pgbus.messages
+        WHERE queue = $1 AND group_key > h.group_key
+        ORDER BY group_key, id
+        LIMIT 1
+    ) n
+)
 SELECT h.group_key
-FROM (
-    SELECT DISTINCT ON (group_key) group_key, id, visible_at, lease_until
-    FROM pgbus.messages
-    WHERE queue = $1 AND group_key IS NOT NULL
-    ORDER BY group_key, id
-) h
+FROM heads h
 WHERE h.visible_at <= now()
   AND (h.lease_until IS NULL OR h.lease_until <= now())
   AND NOT (h.group_key = ANY ($3))
@@ -1218,10 +1234,11 @@ pub(crate) const PRUNE_OUTBOX: &str = prune_older!("pgbus.outbox", "id", "publis
 pub(crate) const OUTBOX_PENDING: &str =
     "SELECT count(*) FROM pgbus.outbox WHERE published_at IS NULL AND error IS NULL";
 
-/// Grouped messages running now, for the dashboard: one row per in-flight group.
+/// Grouped messages running now, for the dashboard: one row per in-flight group, its
+/// oldest leased message (a group's session leases a run of several).
 pub(crate) const GROUPS_IN_FLIGHT: &str = "
-SELECT queue, group_key, id, attempts, lease_until
+SELECT DISTINCT ON (queue, group_key) queue, group_key, id, attempts, lease_until
 FROM pgbus.messages
 WHERE group_key IS NOT NULL AND lease_until > now()
-ORDER BY queue, group_key
+ORDER BY queue, group_key, id
 LIMIT $1";
