@@ -706,6 +706,17 @@ ORDER BY c.id"
     };
 }
 
+/// A column of [`group_step!`]'s gate: a step that settles nothing (a claim, a lock, a
+/// release) commits asynchronously, as the fetch connection's claims do: a lost commit
+/// only makes its messages claimable again. Steps that settle commit durably.
+macro_rules! claim_commits_async {
+    () => {
+        "CASE WHEN cardinality($4::bigint[]) = 0 AND $6::bigint IS NULL
+                AND cardinality($10::bigint[]) = 0
+           THEN set_config('synchronous_commit', 'off', true) END AS commit"
+    };
+}
+
 /// [`group_step!`] with session advisory locks: the gate tries the lock, and the release
 /// unlocks it. (A session lock is released at once, before the statement commits; whoever
 /// takes the group next reads the rows with `FOR UPDATE`, so it waits for this commit.)
@@ -714,7 +725,9 @@ pub(crate) const GROUP_STEP: &str = group_step!(
         "gate AS (
     SELECT CASE WHEN $3 THEN pg_try_advisory_lock(",
         group_lock_key!(),
-        ") ELSE true END AS held
+        ") ELSE true END AS held, ",
+        claim_commits_async!(),
+        "
 )"
     ),
     "",
@@ -739,7 +752,9 @@ pub(crate) const GROUP_STEP_FENCED: &str = group_step!(
     SELECT CASE WHEN $3 THEN EXISTS (SELECT 1 FROM taken)
                 ELSE EXISTS (SELECT 1 FROM pgbus.group_leases g
                              WHERE g.queue = $1 AND g.group_key = $2 AND g.owner = $16
-                               AND g.expires_at > now()) END AS held
+                               AND g.expires_at > now()) END AS held, ",
+        claim_commits_async!(),
+        "
 )"
     ),
     fence!("16"),
@@ -758,21 +773,35 @@ pub(crate) const GROUP_STEP_FENCED: &str = group_step!(
 /// Whether a live worker holds message `m`'s group, in either lock mode: a granted
 /// session advisory lock (advisory mode) or an unexpired lease row (lease mode). Recovery
 /// in either mode leaves such groups alone, so workers of both modes may share a queue, as
-/// during a rolling switch to a transaction-mode pooler.
+/// during a rolling switch to a transaction-mode pooler. The statement must read the locks
+/// first, as `held_locks` ([`held_locks!`]).
 macro_rules! group_held {
     () => {
         "(EXISTS (
-          SELECT 1 FROM pg_locks l
-          WHERE l.locktype = 'advisory'
-            AND l.granted
-            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND l.objsubid = 2
-            AND l.classid = hashtext('pgbus:' || m.queue)::oid
+          SELECT 1 FROM held_locks l
+          WHERE l.classid = hashtext('pgbus:' || m.queue)::oid
             AND l.objid = hashtext(m.group_key)::oid
       ) OR EXISTS (
           SELECT 1 FROM pgbus.group_leases g
           WHERE g.queue = m.queue AND g.group_key = m.group_key AND g.expires_at > now()
       ))"
+    };
+}
+
+/// The granted advisory locks of this database (see [`group_held!`]), read once per
+/// statement: `pg_locks` takes every lock-table partition while it reads them, so read per
+/// message (as a correlated subquery is) it stalled every lock taken meanwhile, the group
+/// sessions' included, for hundreds of milliseconds a pass.
+macro_rules! held_locks {
+    () => {
+        "held_locks AS MATERIALIZED (
+    SELECT l.classid, l.objid
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory'
+      AND l.granted
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.objsubid = 2
+)"
     };
 }
 
@@ -783,7 +812,9 @@ macro_rules! group_held {
 /// every orphaned claim with whether it was freed.
 pub(crate) const RECOVER_GROUPS: &str = concat!(
     "
-WITH orphaned AS (
+WITH ",
+    held_locks!(),
+    ", orphaned AS (
     SELECT m.id, m.attempts
     FROM pgbus.messages m
     WHERE m.queue = ANY ($1)
@@ -817,7 +848,9 @@ pub(crate) const RELEASE_GROUP_LEASE: &str =
 /// expired lease rows.
 pub(crate) const RECOVER_LEASED_GROUPS: &str = concat!(
     "
-WITH freed AS (
+WITH ",
+    held_locks!(),
+    ", freed AS (
     UPDATE pgbus.messages m
     SET lease_until = NULL
     WHERE m.queue = ANY ($1)
