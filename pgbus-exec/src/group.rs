@@ -48,7 +48,9 @@ type GroupKey = (QueueName, String);
 ///   They run one at a time, in order, and are settled together in one round trip that
 ///   also claims the next run; finished messages wait at most about 50 ms for their ack
 ///   however long the rest takes. A failed message's unstarted successors are given back
-///   untouched (their claim's attempt taken back).
+///   untouched (their claim's attempt taken back). If the process dies mid-run, its
+///   unstarted claims come back through recovery with the claim's attempt counted, and a
+///   message finished in its last 50 ms may run again.
 /// - **The lease heartbeat stops before the post-processing writes**: the session extends
 ///   the leases of all its claimed messages while a handler runs, then stops, then settles.
 /// - **Sessions are reused only when clean** (unlocked, no error); after any error the
@@ -539,7 +541,7 @@ struct Run {
     /// Acked messages whose handler discarded them (counted as processed when planned).
     discards: HashSet<MessageId>,
     /// When the oldest message awaiting its settle finished.
-    waiting_since: Option<Instant>,
+    waiting_since: Option<tokio::time::Instant>,
     /// End the run after the current message: give back the rest and release the group.
     stop: bool,
     /// Extends the leases of the run's messages while handlers run.
@@ -582,7 +584,14 @@ impl Run {
     }
 
     fn finished(&mut self) {
-        self.waiting_since.get_or_insert_with(Instant::now);
+        self.waiting_since
+            .get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// When finished messages are settled even while the next one runs: they wait no
+    /// longer than [`SETTLE_WITHIN`].
+    fn settle_due(&self) -> Option<tokio::time::Instant> {
+        self.waiting_since.map(|since| since + SETTLE_WITHIN)
     }
 
     /// Whether to settle before the next message: a dead letter is written at once, and
@@ -590,8 +599,8 @@ impl Run {
     fn settle_now(&self) -> bool {
         self.settle.failed.is_some()
             || self
-                .waiting_since
-                .is_some_and(|since| since.elapsed() >= SETTLE_WITHIN)
+                .settle_due()
+                .is_some_and(|due| due <= tokio::time::Instant::now())
     }
 
     /// What to settle now; when the run ends early, its unstarted messages are given back.
@@ -712,8 +721,21 @@ async fn drive_group<B: Backend>(
         let mut rx = rx;
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         let watched = loop {
+            let settle_due = run.settle_due();
             tokio::select! {
                 outcome = &mut rx => break Ok(Some(outcome.unwrap_or_else(|_| Outcome::retry("handler panicked")))),
+                // Earlier messages of the run that finished are acked while this one runs
+                // long; its own lease is not touched.
+                _ = until(settle_due) => {
+                    let settle = run.take_settle(false);
+                    match session.settle(&settle, GroupNext::Keep).await {
+                        Ok(settled) => {
+                            ctx.count_acked(queue, &settled, &run.discards);
+                            run.discards.clear();
+                        }
+                        Err(err) => break Err(err),
+                    }
+                }
                 _ = run.heartbeat.tick() => match session.extend(&run.leases(lease), lease_for).await {
                     Ok(found) if found.lost.contains(&lease) => break Ok(None),
                     Ok(found) => {

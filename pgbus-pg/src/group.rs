@@ -402,7 +402,8 @@ pub struct GroupInFlight {
     pub queue: String,
     /// The group key.
     pub group: String,
-    /// The running message.
+    /// Its oldest leased message: the running one, or one whose ack is on its way (a
+    /// group's session leases a run of messages).
     pub message: MessageId,
     /// Its attempt.
     pub attempt: u32,
