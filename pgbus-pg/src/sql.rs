@@ -86,6 +86,9 @@ WHERE name = $1";
 
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
 
+/// A dropped queue's messages (the hot table has no foreign key to cascade: migration 19).
+pub(crate) const DROP_QUEUE_MESSAGES: &str = "DELETE FROM pgbus.messages WHERE queue = $1";
+
 /// Which of the ids `$2` are dead letters of queue `$1`.
 pub(crate) const DEAD_IDS: &str = "
 SELECT id FROM pgbus.dead_letters WHERE queue = $1 AND id = ANY ($2)";
