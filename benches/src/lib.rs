@@ -1366,7 +1366,9 @@ async fn run_xmin_pinned(
              latencies are split by phase; the backlog (sent and not yet acked) and \
              `pg_stat_user_tables.n_dead_tup` of `pgbus.messages` are sampled every 100 ms. \
              Recovery is the time from the snapshot's end until the backlog is back, for good, \
-             at the highest it was before the pin. Autovacuum runs with its defaults.",
+             at the highest it was before the pin. Autovacuum runs with the server's \
+             defaults and the hot table's own triggers (migration 18: counts of changes, \
+             vacuum unthrottled).",
             SEND_EVERY.as_millis(),
             IDLE_WAIT.as_millis(),
             before.as_secs_f64(),

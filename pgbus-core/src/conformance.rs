@@ -41,6 +41,7 @@ macro_rules! conformance_tests {
             extend_reports_the_leases_lost_elsewhere,
             ack_batch_completes_messages,
             nack_makes_message_visible_after_delay,
+            release_gives_back_unstarted_claims_uncounted,
             retry_policy_ends_in_dead_letter_queue,
             dead_letter_retry_and_discard,
             undecodable_payload_is_dead_lettered_and_claiming_continues,
@@ -415,6 +416,57 @@ pub async fn nack_makes_message_visible_after_delay<B: Backend>(backend: B) {
     let again = claim_eventually(&backend, &q, LONG).await;
     assert_eq!((again.id, again.attempts), (m.id, 2));
     assert_eq!(again.last_error.as_deref(), Some("boom"));
+}
+
+/// A release gives back claims whose jobs never ran (a worker's claimed-ahead messages at
+/// shutdown): claimable at once, in their old place (not behind messages that became
+/// visible since, as after a nack), their attempt not counted and their last error kept; a
+/// released, settled or stale lease releases nothing.
+pub async fn release_gives_back_unstarted_claims_uncounted<B: Backend>(backend: B) {
+    let q = queue(&backend, "releases").await;
+    for n in 1..=3 {
+        backend.send(&q, job(n)).await.unwrap();
+    }
+    // Message 1 fails once: visible again now, behind 2 and 3, with an error.
+    let failed = backend.claim(&q, 1, LONG).await.unwrap().remove(0);
+    assert!(backend
+        .nack(&failed.lease(), Duration::ZERO, Some("boom"))
+        .await
+        .unwrap());
+    let ahead = backend.claim(&q, 2, LONG).await.unwrap();
+    assert_eq!(numbers(&ahead), [2, 3]);
+    let leases: Vec<_> = ahead.iter().map(Message::lease).collect();
+    assert_eq!(backend.release(&leases).await.unwrap(), 2);
+    assert_eq!(
+        backend.release(&leases).await.unwrap(),
+        0,
+        "a released lease is no longer current"
+    );
+    assert_eq!(backend.release(&[]).await.unwrap(), 0);
+    assert_eq!(stats_of(&backend, &q).await.ready, 3, "released at once");
+
+    let all = backend.claim(&q, 3, LONG).await.unwrap();
+    assert_eq!(numbers(&all), [2, 3, 1], "the released keep their place");
+    let attempts: Vec<u32> = all.iter().map(|m| m.attempts).collect();
+    assert_eq!(attempts, [1, 1, 2], "the released attempt was not counted");
+    assert_eq!(all[2].last_error.as_deref(), Some("boom"));
+
+    assert_eq!(backend.release(&[all[2].lease()]).await.unwrap(), 1);
+    assert_eq!(
+        backend.release(&[failed.lease()]).await.unwrap(),
+        0,
+        "an attempt already given back is not released"
+    );
+    assert_eq!(backend.ack(&[all[0].lease()]).await.unwrap(), 1);
+    assert_eq!(
+        backend.release(&[all[0].lease()]).await.unwrap(),
+        0,
+        "an acked lease is not released"
+    );
+    let again = backend.claim(&q, 3, LONG).await.unwrap();
+    assert_eq!(numbers(&again), [1], "2 is gone, 3 still leased");
+    assert_eq!(again[0].attempts, 2);
+    assert_eq!(again[0].last_error.as_deref(), Some("boom"), "error kept");
 }
 
 /// A handler that keeps failing is retried with the policy, then dead-lettered with the

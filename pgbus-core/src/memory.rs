@@ -78,7 +78,11 @@ struct Stored {
     headers: Headers,
     priority: i16,
     enqueued_at: SystemTime,
+    /// When it becomes claimable; while leased, when the lease runs out.
     visible_at: SystemTime,
+    /// When it had become claimable before its current lease: a release puts it back
+    /// there, in its old place among the others.
+    ready_at: SystemTime,
     leased: bool,
     attempts: u32,
     group_key: Option<String>,
@@ -132,6 +136,7 @@ impl QueueState {
         let m = self.messages.get_mut(&id).expect("claimed message exists");
         m.leased = true;
         m.attempts += 1;
+        m.ready_at = m.visible_at;
         m.visible_at = expires;
         Message {
             id: MessageId(id),
@@ -338,6 +343,7 @@ impl State {
             ids.push(MessageId(id));
             let Some(m) = m else { continue };
             let limit_key = m.limit_key_in(name);
+            let visible_at = visible_at(m.visibility, now);
             queue.messages.insert(
                 id,
                 Stored {
@@ -346,7 +352,8 @@ impl State {
                     headers: m.headers,
                     priority: m.priority,
                     enqueued_at: now,
-                    visible_at: visible_at(m.visibility, now),
+                    visible_at,
+                    ready_at: visible_at,
                     leased: false,
                     attempts: 0,
                     group_key: m.group_key,
@@ -436,6 +443,24 @@ impl Consumer for MemoryBackend {
         Ok(true)
     }
 
+    async fn release(&self, leases: &[Lease]) -> Result<u64> {
+        let mut state = self.lock();
+        let mut released = 0;
+        for lease in leases {
+            let leased = state
+                .current(lease)
+                .and_then(|(_, q)| q.messages.get_mut(&lease.id.0))
+                .filter(|m| m.leased);
+            if let Some(m) = leased {
+                m.leased = false;
+                m.attempts -= 1;
+                m.visible_at = m.ready_at;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<bool> {
         let now = SystemTime::now();
         let mut state = self.lock();
@@ -490,6 +515,7 @@ impl DeadLetters for MemoryBackend {
                     priority: d.priority,
                     enqueued_at: d.enqueued_at,
                     visible_at: now,
+                    ready_at: now,
                     leased: false,
                     attempts: 0,
                     group_key: d.group_key,

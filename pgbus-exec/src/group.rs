@@ -207,7 +207,9 @@ impl<B: Backend> GroupWorker<B> {
             in_flight: Mutex::default(),
             last_active: Mutex::new(tokio::time::Instant::now()),
             share: lane.share.clone(),
-            draining: CancellationToken::new(),
+            // Cancelled with `shutdown` itself, so a group task stops after its current
+            // message even before this loop wakes up to the shutdown.
+            draining: shutdown.child_token(),
             kill: lane.kill.clone(),
         });
 

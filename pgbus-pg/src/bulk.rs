@@ -37,8 +37,7 @@ pub(crate) const BULK_MIN: usize = 1_000;
 
 /// Draws `$1` ids from the hot table's identity sequence, with the server's clock.
 const DRAW_IDS: &str = "
-SELECT now(), ARRAY(SELECT nextval(pg_get_serial_sequence('pgbus.messages', 'id'))
-                    FROM generate_series(1, $1::int))";
+SELECT now(), ARRAY(SELECT nextval('pgbus.messages_id_seq') FROM generate_series(1, $1::int))";
 
 const COPY: &str = "
 COPY pgbus.messages (id, queue, priority, visible_at, content_type, headers, group_key,

@@ -62,6 +62,8 @@ mod error;
 mod fetcher;
 mod group;
 mod group_locks;
+#[cfg(test)]
+mod hot_plans;
 mod limits;
 mod listener;
 mod maintenance;

@@ -104,6 +104,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "console",
         sql: include_str!("../migrations/0017_console.sql"),
     },
+    Migration {
+        version: 18,
+        name: "hot_table_vacuum",
+        sql: include_str!("../migrations/0018_hot_table_vacuum.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

@@ -198,22 +198,45 @@ macro_rules! fence {
     };
 }
 
+/// The current deliveries among the leases `($1[i], $2[i])` (message id, attempt), each
+/// row locked with `$lock`: a `FROM` item yielding their ids as `m.id`. `$cond` adds
+/// conditions on the row (`m`), `$fence` the lease-mode fence (see [`fence!`]).
+///
+/// Each lease is looked up by primary key, one after another in id order: the `LATERAL`
+/// subquery with its own locking clause cannot be merged into a join, so the plan is the
+/// same whatever the table's statistics say. A plain join of the table to the array was
+/// planned from them, and with the statistics of an empty table (the normal state of a
+/// queue that keeps up, see migration 18) it scanned the whole array once per row, quadratic
+/// in the number of leases (a heartbeat of 200 leases: 24 ms instead of 1). Id order is the
+/// order the rows are locked in when `$lock` waits: the console's actions on several jobs
+/// lock in id order too (`console/actions.rs`, `locked!`), so an ack and an action on
+/// overlapping jobs wait for each other instead of deadlocking. A row whose attempt
+/// changed while the statement waited (claimed again) fails the re-check and is left out.
+macro_rules! current_deliveries {
+    ($cond:expr, $fence:expr, $lock:expr) => {
+        concat!(
+            "(SELECT l.id, l.attempt FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+          ORDER BY l.id) l
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM pgbus.messages m
+        WHERE m.id = l.id AND m.attempts = l.attempt",
+            $cond,
+            $fence,
+            "
+        ",
+            $lock,
+            "
+    ) m"
+        )
+    };
+}
+
 /// Ack: delete current deliveries; archive those of history-keeping queues (the archive
 /// insert, `archive_acked!`, reads the deleted rows of the CTE it names; the group
 /// statement, [`group_step!`], archives its acks with it too).
 ///
-/// The rows are locked first, in id order (`ORDER BY ... FOR UPDATE`), and then deleted by
-/// primary key. A delete joined to the array locks in its plan's order, which for a nested
-/// loop over `unnest` is the array's: the order the worker's jobs finished in. The
-/// console's actions on several jobs lock in id order too (`console/actions.rs`,
-/// `locked!`), so an ack and an action on overlapping jobs wait for each other instead of
-/// deadlocking. A row whose attempt changed while the ack waited (claimed again) fails the
-/// re-check and is left alone.
-///
-/// The rows are found by `m.id = ANY ($1)` as well as by the join: with the join alone,
-/// how the planner finds them depends on the table's statistics (with statistics calling
-/// the table empty, under a pinned xmin, the bench saw acks of 859 ms p99); the array
-/// condition is a primary-key lookup whatever they say. The lease extension does the same.
+/// The rows are locked first (see [`current_deliveries!`]) and then deleted by primary key
+/// (`= ANY`, a plan that needs no estimate either).
 ///
 /// The delete returns only ids and queues: every part of one statement sees the same
 /// snapshot, taken before the delete, so the archive reads the deleted rows' columns from
@@ -240,11 +263,9 @@ pub(crate) const ACK: &str = concat!(
     "
 WITH locked AS (
     SELECT m.id
-    FROM pgbus.messages m
-    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-    WHERE m.id = ANY ($1) AND m.attempts = l.attempt
-    ORDER BY m.id
-    FOR UPDATE OF m
+    FROM ",
+    current_deliveries!("", "", "FOR UPDATE OF m"),
+    "
 ), done AS (
     DELETE FROM pgbus.messages m
     WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
@@ -260,37 +281,42 @@ SELECT count(*) FROM done"
 /// statement holds: those are being settled (acked, retried, dead-lettered) or changed, so
 /// their leases are not extended now, and a heartbeat that never waits cannot deadlock with
 /// a worker's batch ack of overlapping leases on another pooled connection (it did, found
-/// by `cargo xtask chaos`: the two locked the shared rows in opposite orders).
+/// by `cargo xtask chaos`: the two locked the shared rows in opposite orders). The rows are
+/// found as the ack finds them ([`current_deliveries!`]).
 ///
 /// Returns how many were extended and the positions (from 1) in `$1`/`$2` of the leases
 /// that are gone: no row of that id and attempt holds a lease any more (settled, deleted by an operator, claimed again,
 /// given back). A skipped row still exists in the statement's snapshot, so it is never
-/// reported lost: a lock is not a loss, and the next heartbeat looks again.
+/// reported lost: a lock is not a loss, and the next heartbeat looks again. The `OFFSET 0`
+/// keeps that check a primary-key probe per lease: without it the planner may turn it
+/// into an anti-join planned from the statistics, which with those of an empty table
+/// compared every lease with every leased row.
 macro_rules! extend {
     ($fence:expr) => {
         concat!(
             "
-WITH extended AS (
+WITH leased AS (
+    SELECT m.id
+    FROM ",
+            current_deliveries!(
+                " AND m.lease_until IS NOT NULL",
+                $fence,
+                "FOR UPDATE OF m SKIP LOCKED"
+            ),
+            "
+), extended AS (
     UPDATE pgbus.messages m
     SET lease_until = now() + make_interval(secs => $3)
-    FROM (
-        SELECT m.id
-        FROM pgbus.messages m
-        JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-        WHERE m.id = ANY ($1) AND m.attempts = l.attempt AND m.lease_until IS NOT NULL",
-            $fence,
-            "
-        FOR UPDATE OF m SKIP LOCKED
-    ) leased
-    WHERE m.id = leased.id
+    WHERE m.id = ANY (ARRAY(SELECT id FROM leased))
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM extended),
        ARRAY(
            SELECT l.n FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS l(id, attempt, n)
            WHERE NOT EXISTS (
-               SELECT 1 FROM pgbus.messages m
-               WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL))"
+               SELECT FROM pgbus.messages m
+               WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL
+               OFFSET 0))"
         )
     };
 }
@@ -328,6 +354,25 @@ UPDATE pgbus.messages m",
     "
 WHERE m.id = $1 AND m.attempts = $2"
 );
+
+/// Gives back claims whose jobs never started (`Consumer::release`: a worker's
+/// claimed-ahead messages when it stops): the lease ends and the claim's attempt is taken
+/// back; `visible_at` is left alone, so the message is claimable at once in the place it
+/// had, and its error history is untouched. Only unindexed columns change (a HOT update).
+/// A row not leased under that attempt (settled, released, claimed again) is left alone.
+/// The rows are locked in id order, as the ack locks them (see [`ACK`]).
+pub(crate) const RELEASE: &str = "
+WITH locked AS (
+    SELECT m.id
+    FROM pgbus.messages m
+    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
+    WHERE m.id = ANY ($1) AND m.attempts = l.attempt AND m.lease_until IS NOT NULL
+    ORDER BY m.id
+    FOR UPDATE OF m
+)
+UPDATE pgbus.messages m
+SET lease_until = NULL, attempts = m.attempts - 1
+WHERE m.id = ANY (ARRAY(SELECT id FROM locked))";
 
 /// Moves the message to the dead letters with reason `$3`, which ends its attempt history
 /// (carried along, `pgbus.append_error`). `bury!` inserts the rows deleted by the CTE it
@@ -599,7 +644,9 @@ pub(crate) const TRY_LEASE_GROUP: &str = take_group_lease!("3", "4", "true");
 ///   failed message `$6`/`$7`, retried after `$8` seconds with error `$9`, or, when `$8` is
 ///   NULL, dead-lettered with reason `$9` (as [`NACK`] and [`DEAD_LETTER`] do); claims never
 ///   started, `$10`/`$11`, given back untouched: lease cleared, the claim's attempt taken
-///   back. All are locked first, in id order, like every statement that waits for rows.
+///   back. All are locked first, in id order, like every statement that waits for rows,
+///   and looked up one by one as [`current_deliveries!`] does, a plan that needs no
+///   statistics.
 /// - Claimed: up to `$12` of the group's oldest messages after those settled here, in id
 ///   order, stopping before the first that is delayed, leased, or given back or retried
 ///   here; leased for `$13` seconds to process `$14`. The candidates are read with `FOR
@@ -620,8 +667,7 @@ WITH ",
             ",
 settling AS (
     SELECT m.id, s.kind
-    FROM pgbus.messages m
-    JOIN (
+    FROM (
         SELECT a.id, a.attempt, 'ack' AS kind
         FROM unnest($4::bigint[], $5::int[]) AS a(id, attempt)
         UNION ALL
@@ -630,12 +676,15 @@ settling AS (
         UNION ALL
         SELECT b.id, b.attempt, 'back'
         FROM unnest($10::bigint[], $11::int[]) AS b(id, attempt)
-    ) s ON m.id = s.id
-    WHERE m.id = ANY ($4 || $10 || $6) AND m.attempts = s.attempt",
+        ORDER BY id
+    ) s
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM pgbus.messages m
+        WHERE m.id = s.id AND m.attempts = s.attempt",
             $fence,
             "
-    ORDER BY m.id
-    FOR UPDATE OF m
+        FOR UPDATE OF m
+    ) m
 ), acked AS (
     DELETE FROM pgbus.messages m
     WHERE m.id = ANY (ARRAY(SELECT id FROM settling WHERE kind = 'ack'))
