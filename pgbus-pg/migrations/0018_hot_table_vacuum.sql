@@ -11,7 +11,7 @@
 -- empty, or by a vacuum that found no live row), so no statement on the hot path may
 -- depend on them: the claims, the acks and the lease extensions are written so that their
 -- plans stay on their indexes with any estimate (see `sql.rs`, and the test
--- `plans_pg.rs`). Storage parameters take only a SHARE UPDATE EXCLUSIVE lock: reads and
+-- `hot_plans.rs` in pgbus-pg). Storage parameters take only a SHARE UPDATE EXCLUSIVE lock: reads and
 -- writes go on while this runs.
 ALTER TABLE pgbus.messages SET (
     autovacuum_vacuum_scale_factor = 0,
