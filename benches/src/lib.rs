@@ -86,6 +86,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pgbus_exec::ExecutionMode;
+use pgbus_pg::GroupLocks;
 
 pub use options::{Command, Options, USAGE};
 
@@ -428,19 +429,22 @@ async fn run_raw_and_drain(
         "drain",
         "The same number of no-op jobs, pre-inserted with `send_batch` (5,000 per \
          statement) and `VACUUM ANALYZE`d, drained end to end by pgbus `Worker`s in one \
-         process: each worker claims as many jobs as it has free slots on its own fetch \
+         process: each worker claims as many jobs as it has free slots (plus the room in \
+         its claim-ahead buffer, a quarter of its slots by default) on its own fetch \
          connection, runs them on the async pool, and its settler acks them in batches on \
          the backend's pool. First like for like with `raw_sql` (as many workers as it has \
-         loops, claims of at most 100), then with wider workers (larger claims and ack \
-         batches). `ratio_to_raw_sql` is the like-for-like median over `raw_sql`'s.",
+         loops, claims of at most 100: nothing claimed ahead), then with wider workers \
+         (larger claims and ack batches). `ratio_to_raw_sql` is the like-for-like median \
+         over `raw_sql`'s.",
     );
     drain.setting("jobs per run", n);
     drain.setting(
         "workers",
         format!(
-            "{} async workers of concurrency {} (like for like), then of {} (wide), then 1 \
-             worker of {}; the workers of a run share one `PgBackend` (pool of 10) and one \
-             `PgListener`; defaults otherwise (ack batch 500, poll interval 1 s)",
+            "{} async workers of concurrency {} (like for like: claim ahead 0), then of {} \
+             (wide), then 1 worker of {}; the workers of a run share one `PgBackend` (pool of \
+             10) and one `PgListener`; defaults otherwise (claim ahead a quarter of the \
+             concurrency, ack batch 500, poll interval 1 s)",
             plan.drain_workers,
             plan.drain_concurrency,
             plan.drain_wide_concurrency,
@@ -814,8 +818,11 @@ async fn run_groups(server: &Server, plan: &Plan, progress: &Progress) -> anyhow
             "Ordered groups: {g} groups × {m} no-op messages, sent round-robin over the groups \
              (5,000 per `send_batch`) and `VACUUM ANALYZE`d, drained by one `GroupWorker` of \
              concurrency {c}: messages of a group run one at a time and in send order, each \
-             in-flight group on its own `pgbus:group` connection holding the group's lock. The \
-             handler checks the order."
+             in-flight group on its own `pgbus:group` connection holding the group's lock \
+             (a session advisory lock, or a lease row), claiming the group's messages in \
+             runs and settling each run with the next claim. The handler checks the order. \
+             Beside it, in the same runs, the plain drain of as many jobs by one `Worker` of \
+             the same concurrency, the yardstick of the ratio."
         ),
     );
     scenario.setting("messages per run", g * m);
@@ -827,50 +834,90 @@ async fn run_groups(server: &Server, plan: &Plan, progress: &Progress) -> anyhow
         "timed",
         "from the first job's start until the last job is acked and the worker has returned",
     );
-    let (mut rates, mut peaks) = (Vec::new(), Vec::new());
-    let mut budget = None;
-    let mut out_of_order = 0;
+    let n = (g * m) as usize;
+    let mut drain_rates = Vec::new();
+    // Per lock mode: rates, peak connections, the budget reported, messages out of order.
+    let mut modes = vec![(Vec::new(), Vec::new(), None, 0u64); groups::LOCK_MODES.len()];
     for i in 1..=plan.groups_runs {
-        let run = groups::run_once(server, g, m, c).await?;
+        let drain = worker_run(server, n, drain::settings(1, c)).await?;
         progress.say(format_args!(
-            "groups {i}/{}: {g} × {m}, concurrency {c}: {:.0} jobs/s, peak {} pgbus \
-             connections (budget {}), {} out of order, first job {:.0} ms after start",
-            plan.groups_runs,
-            run.jobs_per_s,
-            run.peak_connections,
-            run.connection_budget
-                .map_or_else(|| "not reported".to_owned(), |b| b.to_string()),
-            run.out_of_order,
-            ms(run.startup)
+            "groups {i}/{}: plain drain of {n} jobs, 1 worker × {c}: {:.0} jobs/s",
+            plan.groups_runs, drain.jobs_per_s
         ));
-        rates.push(run.jobs_per_s);
-        peaks.push(run.peak_connections as f64);
-        budget = budget.or(run.connection_budget);
-        out_of_order += run.out_of_order;
+        drain_rates.push(drain.jobs_per_s);
+        for ((label, locks), (rates, peaks, budget, out_of_order)) in
+            groups::LOCK_MODES.iter().zip(&mut modes)
+        {
+            let run = groups::run_once(server, g, m, c, *locks).await?;
+            progress.say(format_args!(
+                "groups {i}/{}: {g} × {m}, concurrency {c}, {label}: {:.0} jobs/s ({:.2}× the \
+                 plain drain), peak {} pgbus connections (budget {}), {} out of order, first \
+                 job {:.0} ms after start",
+                plan.groups_runs,
+                run.jobs_per_s,
+                run.jobs_per_s / drain.jobs_per_s,
+                run.peak_connections,
+                run.connection_budget
+                    .map_or_else(|| "not reported".to_owned(), |b| b.to_string()),
+                run.out_of_order,
+                ms(run.startup)
+            ));
+            rates.push(run.jobs_per_s);
+            peaks.push(run.peak_connections as f64);
+            *budget = budget.or(run.connection_budget);
+            *out_of_order += run.out_of_order;
+        }
     }
-    scenario.figures.push(Figure::new(
-        "jobs_per_s",
-        format!("{g} groups × {m}, concurrency {c}"),
+    let drain_figure = Figure::new(
+        "drain_jobs_per_s",
+        format!("plain drain of {n} jobs, 1 worker × {c}"),
         Unit::JobsPerSec,
-        rates,
-    ));
-    let mut peak = Figure::new(
-        "peak_connections",
-        "peak pgbus connections",
-        Unit::Connections,
-        peaks,
+        drain_rates,
     );
-    peak.note = Some(match budget {
-        Some(budget) => format!(
-            "worker's budget {budget} (concurrency + fetch + recovery), plus the process's \
-             listener"
-        ),
-        None => "the worker did not report its budget".to_owned(),
-    });
-    scenario.figures.push(peak);
-    scenario.notes.push(format!(
-        "messages that ran out of their group's order, over all runs: {out_of_order}"
-    ));
+    let drain_median = drain_figure.median();
+    for ((label, locks), (rates, peaks, budget, out_of_order)) in
+        groups::LOCK_MODES.iter().zip(modes)
+    {
+        // The advisory mode, the default, keeps the figure ids of earlier reports.
+        let suffix = match locks {
+            GroupLocks::Advisory => "",
+            _ => "_lease",
+        };
+        let mut jobs = Figure::new(
+            format!("jobs_per_s{suffix}"),
+            format!("{g} groups × {m}, concurrency {c}, {label}"),
+            Unit::JobsPerSec,
+            rates,
+        );
+        if let (Some(groups), Some(drain)) = (jobs.median(), drain_median) {
+            jobs.note = Some(format!(
+                "{:.2}× the plain drain at concurrency {c} (medians)",
+                groups / drain
+            ));
+        }
+        scenario.figures.push(jobs);
+        let mut peak = Figure::new(
+            format!("peak_connections{suffix}"),
+            format!("peak pgbus connections, {label}"),
+            Unit::Connections,
+            peaks,
+        );
+        peak.note = Some(match budget {
+            Some(budget) => format!(
+                "worker's budget {budget} (concurrency + fetch + recovery), plus the \
+                 process's listener"
+            ),
+            None => "the worker did not report its budget".to_owned(),
+        });
+        scenario.figures.push(peak);
+        scenario.figures.push(Figure::new(
+            format!("out_of_order{suffix}"),
+            format!("messages run out of their group's order, {label}"),
+            Unit::Messages,
+            vec![out_of_order as f64],
+        ));
+    }
+    scenario.figures.push(drain_figure);
     Ok(scenario)
 }
 
@@ -1322,7 +1369,9 @@ async fn run_xmin_pinned(
              latencies are split by phase; the backlog (sent and not yet acked) and \
              `pg_stat_user_tables.n_dead_tup` of `pgbus.messages` are sampled every 100 ms. \
              Recovery is the time from the snapshot's end until the backlog is back, for good, \
-             at the highest it was before the pin. Autovacuum runs with its defaults.",
+             at the highest it was before the pin. Autovacuum runs with the server's \
+             defaults and the hot table's own triggers (migration 18: counts of changes, \
+             vacuum unthrottled).",
             SEND_EVERY.as_millis(),
             IDLE_WAIT.as_millis(),
             before.as_secs_f64(),
@@ -1609,8 +1658,43 @@ fn targets(report: &Report) -> Vec<Target> {
             }
         }
     }
+    if let Some(groups) = report.scenario("groups") {
+        groups_targets(groups, &mut targets);
+    }
     targets.extend(console::target(report));
     targets
+}
+
+/// `groups`' target, per lock mode: at least a third of the plain drain at the same
+/// concurrency (medians, same runs), nothing out of order.
+fn groups_targets(groups: &Scenario, targets: &mut Vec<Target>) {
+    let Some(drain) = groups.figure("drain_jobs_per_s").and_then(Figure::median) else {
+        return;
+    };
+    for suffix in ["", "_lease"] {
+        let rate = groups
+            .figure(&format!("jobs_per_s{suffix}"))
+            .and_then(Figure::median);
+        let out_of_order = groups
+            .figure(&format!("out_of_order{suffix}"))
+            .and_then(Figure::median);
+        if let (Some(rate), Some(out_of_order)) = (rate, out_of_order) {
+            let mode = if suffix.is_empty() {
+                "advisory locks"
+            } else {
+                "lease rows"
+            };
+            let ratio = rate / drain;
+            targets.push(Target {
+                target: format!(
+                    "`groups` ({mode}) at least 1/3 of the plain drain at the same \
+                     concurrency, none out of order"
+                ),
+                measured: format!("{ratio:.2}×, {out_of_order:.0} out of order"),
+                met: ratio >= 1.0 / 3.0 && out_of_order == 0.0,
+            });
+        }
+    }
 }
 
 /// `backlog`'s targets, at the largest ready-only backlog measured (5 million in the full

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Backend, ContentType, Error, Extension, Fetcher, GroupRecovery, GroupSession, Message,
-    MessageId, NewMessage, ProcessInfo, ProcessRegistry, QueueName, QueueOptions, QueueThroughput,
-    RetryDecision, RetryPolicy, Selection, DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
+    Backend, ContentType, Error, Extension, Fetcher, GroupNext, GroupRecovery, GroupSession,
+    GroupSettle, Message, MessageId, NewMessage, ProcessInfo, ProcessRegistry, QueueName,
+    QueueOptions, QueueThroughput, RetryDecision, RetryPolicy, Selection,
+    DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
 };
 
 /// Generates one `#[tokio::test]` per conformance case, each given a fresh backend from
@@ -40,6 +41,7 @@ macro_rules! conformance_tests {
             extend_reports_the_leases_lost_elsewhere,
             ack_batch_completes_messages,
             nack_makes_message_visible_after_delay,
+            release_gives_back_unstarted_claims_uncounted,
             retry_policy_ends_in_dead_letter_queue,
             dead_letter_retry_and_discard,
             undecodable_payload_is_dead_lettered_and_claiming_continues,
@@ -55,6 +57,7 @@ macro_rules! conformance_tests {
             processes_register_heartbeat_and_go_stale,
             reported_throughput_shows_in_stats_per_minute,
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
+            a_group_run_is_settled_and_the_next_claimed_in_one_step,
             recovery_frees_the_work_of_a_dead_group_owner,
             unique_keys_hold_until_the_job_leaves,
             while_running_keys_run_one_job_at_a_time,
@@ -413,6 +416,57 @@ pub async fn nack_makes_message_visible_after_delay<B: Backend>(backend: B) {
     let again = claim_eventually(&backend, &q, LONG).await;
     assert_eq!((again.id, again.attempts), (m.id, 2));
     assert_eq!(again.last_error.as_deref(), Some("boom"));
+}
+
+/// A release gives back claims whose jobs never ran (a worker's claimed-ahead messages at
+/// shutdown): claimable at once, in their old place (not behind messages that became
+/// visible since, as after a nack), their attempt not counted and their last error kept; a
+/// released, settled or stale lease releases nothing.
+pub async fn release_gives_back_unstarted_claims_uncounted<B: Backend>(backend: B) {
+    let q = queue(&backend, "releases").await;
+    for n in 1..=3 {
+        backend.send(&q, job(n)).await.unwrap();
+    }
+    // Message 1 fails once: visible again now, behind 2 and 3, with an error.
+    let failed = backend.claim(&q, 1, LONG).await.unwrap().remove(0);
+    assert!(backend
+        .nack(&failed.lease(), Duration::ZERO, Some("boom"))
+        .await
+        .unwrap());
+    let ahead = backend.claim(&q, 2, LONG).await.unwrap();
+    assert_eq!(numbers(&ahead), [2, 3]);
+    let leases: Vec<_> = ahead.iter().map(Message::lease).collect();
+    assert_eq!(backend.release(&leases).await.unwrap(), 2);
+    assert_eq!(
+        backend.release(&leases).await.unwrap(),
+        0,
+        "a released lease is no longer current"
+    );
+    assert_eq!(backend.release(&[]).await.unwrap(), 0);
+    assert_eq!(stats_of(&backend, &q).await.ready, 3, "released at once");
+
+    let all = backend.claim(&q, 3, LONG).await.unwrap();
+    assert_eq!(numbers(&all), [2, 3, 1], "the released keep their place");
+    let attempts: Vec<u32> = all.iter().map(|m| m.attempts).collect();
+    assert_eq!(attempts, [1, 1, 2], "the released attempt was not counted");
+    assert_eq!(all[2].last_error.as_deref(), Some("boom"));
+
+    assert_eq!(backend.release(&[all[2].lease()]).await.unwrap(), 1);
+    assert_eq!(
+        backend.release(&[failed.lease()]).await.unwrap(),
+        0,
+        "an attempt already given back is not released"
+    );
+    assert_eq!(backend.ack(&[all[0].lease()]).await.unwrap(), 1);
+    assert_eq!(
+        backend.release(&[all[0].lease()]).await.unwrap(),
+        0,
+        "an acked lease is not released"
+    );
+    let again = backend.claim(&q, 3, LONG).await.unwrap();
+    assert_eq!(numbers(&again), [1], "2 is gone, 3 still leased");
+    assert_eq!(again[0].attempts, 2);
+    assert_eq!(again[0].last_error.as_deref(), Some("boom"), "error kept");
 }
 
 /// A handler that keeps failing is retried with the policy, then dead-lettered with the
@@ -1041,18 +1095,14 @@ pub async fn groups_are_locked_one_owner_at_a_time_and_run_in_order<B: Backend>(
         "a held group is skipped"
     );
 
-    let head = owner
-        .claim_head(&q, "a", LONG)
-        .await
-        .unwrap()
-        .expect("head of a");
+    let head = one(owner.claim(&q, "a", LONG, 1).await.unwrap());
     assert_eq!(
         (head.decode::<Job>().unwrap().n, head.group_key.as_deref()),
         (1, Some("a"))
     );
     assert!(
-        owner.claim_head(&q, "a", LONG).await.unwrap().is_none(),
-        "one at a time"
+        owner.claim(&q, "a", LONG, 10).await.unwrap().is_empty(),
+        "one run at a time"
     );
     assert_eq!(
         fetcher.group_candidates(&q, 10, &[]).await.unwrap(),
@@ -1060,28 +1110,26 @@ pub async fn groups_are_locked_one_owner_at_a_time_and_run_in_order<B: Backend>(
         "a is in flight"
     );
     assert_eq!(
-        owner.extend(&head.lease(), LONG).await.unwrap(),
+        owner.extend(&[head.lease()], LONG).await.unwrap(),
         Extension::new(1, Vec::new())
     );
-    assert!(owner.ack(&head.lease()).await.unwrap());
+    let settled = owner
+        .settle(&GroupSettle::default().ack([head.lease()]), GroupNext::Keep)
+        .await
+        .unwrap();
+    assert_eq!(settled.acked, [head.id]);
     assert_eq!(
-        owner.extend(&head.lease(), LONG).await.unwrap(),
+        owner.extend(&[head.lease()], LONG).await.unwrap(),
         Extension::new(0, vec![head.lease()]),
         "an acked head's lease is lost"
     );
 
-    let second = owner
-        .claim_head(&q, "a", LONG)
-        .await
-        .unwrap()
-        .expect("next of a");
+    let second = one(owner.claim(&q, "a", LONG, 1).await.unwrap());
     assert_eq!(second.decode::<Job>().unwrap().n, 3, "send order");
-    assert!(owner
-        .nack(&second.lease(), LONG, Some("later"))
-        .await
-        .unwrap());
+    let settle = GroupSettle::default().retry(second.lease(), LONG, Some("later"));
+    assert!(owner.settle(&settle, GroupNext::Keep).await.unwrap().failed);
     assert!(
-        owner.claim_head(&q, "a", LONG).await.unwrap().is_none(),
+        owner.claim(&q, "a", LONG, 10).await.unwrap().is_empty(),
         "a delayed head blocks the group"
     );
     owner.unlock(&q, "a").await.unwrap();
@@ -1101,30 +1149,151 @@ pub async fn groups_are_locked_one_owner_at_a_time_and_run_in_order<B: Backend>(
     }
 
     assert!(owner.try_lock(&q, "b").await.unwrap());
-    let b = owner
-        .claim_head(&q, "b", LONG)
-        .await
-        .unwrap()
-        .expect("head of b");
-    assert!(owner.dead_letter(&b.lease(), "bad").await.unwrap());
+    let b = one(owner.claim(&q, "b", LONG, 10).await.unwrap());
+    let settle = GroupSettle::default().dead_letter(b.lease(), "bad");
+    assert!(owner.settle(&settle, GroupNext::Keep).await.unwrap().failed);
     assert!(
-        owner.claim_head(&q, "b", LONG).await.unwrap().is_none(),
+        owner.claim(&q, "b", LONG, 10).await.unwrap().is_empty(),
         "b is empty"
     );
     assert_eq!(backend.list_dead(&q, 10).await.unwrap().len(), 1);
 }
 
-/// When the session owning a group goes away mid-message, recovery makes the message
+fn one(mut run: Vec<Message>) -> Message {
+    assert_eq!(run.len(), 1, "{run:?}");
+    run.remove(0)
+}
+
+/// A group's run is its oldest messages up to the first delayed one; a settle acks,
+/// fails and gives back in one step and claims the next run, which stops before a retried
+/// or given-back message; given-back messages keep the attempts they had; an empty next
+/// run releases the lock, and so does an explicit release.
+pub async fn a_group_run_is_settled_and_the_next_claimed_in_one_step<B: Backend>(backend: B) {
+    let q = queue(&backend, "runs").await;
+    for n in 1..=6 {
+        backend.send(&q, job(n).group("g")).await.unwrap();
+    }
+    backend
+        .send(&q, job(7).group("g").delay(LONG))
+        .await
+        .unwrap();
+    backend.send(&q, job(8).group("g")).await.unwrap();
+    let mut owner = backend.open_group_session().await.unwrap();
+    let mut other = backend.open_group_session().await.unwrap();
+    let run = owner
+        .lock_and_claim(&q, "g", LONG, 3)
+        .await
+        .unwrap()
+        .expect("unlocked");
+    assert_eq!(numbers(&run), [1, 2, 3], "the oldest, in order, at most 3");
+    assert!(run.iter().all(|m| m.attempts == 1));
+    assert_eq!(
+        other.lock_and_claim(&q, "g", LONG, 3).await.unwrap(),
+        None,
+        "locked"
+    );
+
+    // 1 succeeded, 2 failed (retried now), 3 never started: one step, and the next run
+    // stops before the retried 2.
+    let settle = GroupSettle::default()
+        .ack([run[0].lease()])
+        .retry(run[1].lease(), Duration::ZERO, Some("flaky"))
+        .give_back([run[2].lease()]);
+    let next = GroupNext::Claim {
+        queue: &q,
+        group: "g",
+        lease: LONG,
+        max: 10,
+    };
+    let settled = owner.settle(&settle, next).await.unwrap();
+    assert_eq!(settled.acked, [run[0].id]);
+    assert!(settled.failed);
+    assert_eq!(settled.given_back, 1);
+    assert!(
+        settled.claimed.is_empty(),
+        "nothing after a message retried in the same step: {:?}",
+        numbers(&settled.claimed)
+    );
+    // An empty next run released the lock. The retry is due now: the next owner's run
+    // starts with it, and 3 kept its attempts.
+    let run = other
+        .lock_and_claim(&q, "g", LONG, 3)
+        .await
+        .unwrap()
+        .expect("an empty next run releases the lock");
+    assert_eq!(numbers(&run), [2, 3, 4]);
+    let attempts: Vec<u32> = run.iter().map(|m| m.attempts).collect();
+    assert_eq!(attempts, [2, 1, 1], "a given-back claim counts no attempt");
+
+    // All done: the next run comes in the same step, up to the delayed 7.
+    let next = GroupNext::Claim {
+        queue: &q,
+        group: "g",
+        lease: LONG,
+        max: 10,
+    };
+    let settle = GroupSettle::default().ack(run.iter().map(Message::lease));
+    let settled = other.settle(&settle, next).await.unwrap();
+    assert_eq!(settled.acked.len(), 3);
+    assert_eq!(
+        numbers(&settled.claimed),
+        [5, 6],
+        "the next run, up to the delayed 7"
+    );
+    let run = settled.claimed;
+
+    // 5 done, 6 given back: the next run starts with 6 again, its attempts unchanged.
+    let settle = GroupSettle::default()
+        .ack([run[0].lease()])
+        .give_back([run[1].lease()]);
+    let settled = other.settle(&settle, GroupNext::Keep).await.unwrap();
+    assert_eq!((settled.acked.len(), settled.given_back), (1, 1));
+    let run = other.claim(&q, "g", LONG, 10).await.unwrap();
+    assert_eq!(numbers(&run), [6]);
+    assert_eq!(run[0].attempts, 1);
+    // 6 dead-lettered, then nothing to claim before the delayed 7: the lock goes.
+    let settle = GroupSettle::default().dead_letter(run[0].lease(), "poison");
+    let settled = other.settle(&settle, next).await.unwrap();
+    assert!(settled.failed && settled.claimed.is_empty());
+    assert_eq!(backend.list_dead(&q, 10).await.unwrap().len(), 1);
+    let start = Instant::now();
+    loop {
+        match owner.lock_and_claim(&q, "g", LONG, 10).await.unwrap() {
+            Some(run) => {
+                assert!(run.is_empty(), "7 is delayed: {:?}", numbers(&run));
+                break;
+            }
+            None => assert!(start.elapsed() < DEADLINE, "the lock was never released"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An explicit release, with nothing to settle.
+    assert!(owner.try_lock(&q, "g").await.unwrap());
+    let release = GroupNext::Release {
+        queue: &q,
+        group: "g",
+    };
+    owner
+        .settle(&GroupSettle::default(), release)
+        .await
+        .unwrap();
+    assert!(other.try_lock(&q, "g").await.unwrap(), "released");
+}
+
+/// When the session owning a group goes away mid-run, recovery makes its whole run
 /// claimable again, but only once an earlier pass saw it orphaned for the grace period;
 /// while the owner lives, recovery leaves it alone.
 pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: B) {
     const NEVER: Duration = Duration::from_secs(3600);
     let q = queue(&backend, "recovered").await;
-    backend.send(&q, job(1).group("g")).await.unwrap();
+    for n in 1..=3 {
+        backend.send(&q, job(n).group("g")).await.unwrap();
+    }
     let mut recovery = backend.open_group_recovery().await.unwrap();
     let mut owner = backend.open_group_session().await.unwrap();
     assert!(owner.try_lock(&q, "g").await.unwrap());
-    let head = owner.claim_head(&q, "g", LONG).await.unwrap().unwrap();
+    let run = owner.claim(&q, "g", LONG, 10).await.unwrap();
+    assert_eq!(numbers(&run), [1, 2, 3]);
     let queues = std::slice::from_ref(&q);
     assert_eq!(
         recovery.recover(queues, Duration::ZERO).await.unwrap(),
@@ -1137,7 +1306,7 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
     loop {
         let pass = recovery.recover(queues, NEVER).await.unwrap();
         assert_eq!(pass.freed, 0, "freed before the grace period: {pass:?}");
-        if pass.waiting == 1 {
+        if pass.waiting == 3 {
             break;
         }
         assert!(
@@ -1149,19 +1318,17 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
     assert_eq!(
         recovery.recover(queues, Duration::ZERO).await.unwrap(),
         crate::Recovered {
-            freed: 1,
+            freed: 3,
             waiting: 0
         },
-        "seen orphaned by an earlier pass: freed"
+        "seen orphaned by an earlier pass: the whole run freed"
     );
     let mut next = backend.open_group_session().await.unwrap();
     assert!(next.try_lock(&q, "g").await.unwrap());
-    let again = next
-        .claim_head(&q, "g", LONG)
-        .await
-        .unwrap()
-        .expect("claimable again");
-    assert_eq!((again.id, again.attempts), (head.id, 2));
+    let again = next.claim(&q, "g", LONG, 10).await.unwrap();
+    let again: Vec<(MessageId, u32)> = again.iter().map(|m| (m.id, m.attempts)).collect();
+    let before: Vec<(MessageId, u32)> = run.iter().map(|m| (m.id, 2)).collect();
+    assert_eq!(again, before, "claimable again, in order");
     let info = ProcessInfo::current(vec![q.clone()], "async", 1);
     let id = recovery.register(&info).await.unwrap();
     assert!(

@@ -6,8 +6,9 @@
 //! - the fetch connection lists candidate groups ([`Fetcher::group_candidates`](crate::Fetcher::group_candidates))
 //!   and takes no lock;
 //! - each in-flight group gets a [`GroupSession`] of its own (a dedicated connection for
-//!   Postgres) that locks the group, claims its head message, extends the lease, settles,
-//!   and unlocks; no other task ever uses it;
+//!   Postgres) that locks the group, claims its next run of messages, extends their
+//!   leases, settles them (claiming the next run in the same round trip), and unlocks; no
+//!   other task ever uses it;
 //! - a [`GroupRecovery`] session finds groups whose owner died and makes their work
 //!   claimable again, and carries the process's registry heartbeats so a group worker
 //!   needs no pooled connection at all.
@@ -22,6 +23,12 @@ use std::time::{Duration, Instant};
 use crate::{Extension, Lease, Message, MessageId, ProcessId, ProcessRegistry, QueueName, Result};
 
 /// One in-flight group's own session.
+///
+/// A session claims a group's messages in runs: the group's oldest messages, in id order,
+/// as far as each is visible now and not leased ([`claim`](Self::claim)). Its holder runs
+/// them one after another and [`settle`](Self::settle)s them in one round trip, which can
+/// also claim the next run, so a group of short jobs costs a round trip per run rather than
+/// two per message.
 pub trait GroupSession: Send + 'static {
     /// Tries to take the group's lock without waiting; `false` when another session holds
     /// it (the group is skipped).
@@ -38,40 +45,56 @@ pub trait GroupSession: Send + 'static {
         let _ = process;
     }
 
-    /// Claims the group's oldest message if it is visible now (`None` when the group is
-    /// empty or its head is delayed or leased). Only the lock holder may call it.
-    fn claim_head(
+    /// Claims the group's next run: up to `max` of its oldest messages, in id order,
+    /// stopping before the first that is delayed or leased (so empty when the group is
+    /// empty or its head is delayed or leased, or the queue is paused). Each claim counts
+    /// an attempt. Only the lock holder may call it.
+    fn claim(
         &mut self,
         queue: &QueueName,
         group: &str,
         lease: Duration,
-    ) -> impl Future<Output = Result<Option<Message>>> + Send;
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send;
 
-    /// Extends the lease of the running head, or reports it lost (see
+    /// Takes the group's lock and claims its next run (see [`claim`](Self::claim)); `None`
+    /// when another session holds the lock. An empty run releases the lock again, so
+    /// `Some(vec![])` leaves nothing held. Backends may do it all in one round trip.
+    fn lock_and_claim(
+        &mut self,
+        queue: &QueueName,
+        group: &str,
+        lease: Duration,
+        max: usize,
+    ) -> impl Future<Output = Result<Option<Vec<Message>>>> + Send {
+        async move {
+            if !self.try_lock(queue, group).await? {
+                return Ok(None);
+            }
+            let run = self.claim(queue, group, lease, max).await?;
+            if run.is_empty() {
+                self.unlock(queue, group).await?;
+            }
+            Ok(Some(run))
+        }
+    }
+
+    /// Extends the leases of the session's claimed messages, or reports them lost (see
     /// [`Consumer::extend`](crate::Consumer::extend)).
     fn extend(
         &mut self,
-        lease: &Lease,
+        leases: &[Lease],
         by: Duration,
     ) -> impl Future<Output = Result<Extension>> + Send;
 
-    /// Acks the head; `false` when the lease was no longer current.
-    fn ack(&mut self, lease: &Lease) -> impl Future<Output = Result<bool>> + Send;
-
-    /// Gives the head back, visible after `delay` (the group waits for it).
-    fn nack(
+    /// Settles claimed messages (acks, one failure, give-backs: see [`GroupSettle`]), then
+    /// does what `then` says, all in one round trip. Each settlement acts only while its
+    /// lease is current.
+    fn settle(
         &mut self,
-        lease: &Lease,
-        delay: Duration,
-        error: Option<&str>,
-    ) -> impl Future<Output = Result<bool>> + Send;
-
-    /// Moves the head to the dead-letter queue (the group moves on).
-    fn dead_letter(
-        &mut self,
-        lease: &Lease,
-        reason: &str,
-    ) -> impl Future<Output = Result<bool>> + Send;
+        settle: &GroupSettle,
+        then: GroupNext<'_>,
+    ) -> impl Future<Output = Result<Settled>> + Send;
 
     /// Opens the queue's circuit breaker for `backoff` (see
     /// [`QueueAdmin::trip_breaker`](crate::QueueAdmin::trip_breaker)), on this session so
@@ -91,6 +114,112 @@ pub trait GroupSession: Send + 'static {
     /// Releases the group's lock. Call only after a successful [`try_lock`](Self::try_lock).
     fn unlock(&mut self, queue: &QueueName, group: &str)
         -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What a [`GroupSession::settle`] writes: built with the consuming setters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupSettle {
+    /// Messages whose handlers succeeded: acked.
+    pub ack: Vec<Lease>,
+    /// The message whose handler failed, if one did.
+    pub failed: Option<(Lease, GroupFailure)>,
+    /// Messages claimed but never started: given back untouched, their lease cleared and
+    /// the attempt their claim counted taken back.
+    pub give_back: Vec<Lease>,
+}
+
+impl GroupSettle {
+    /// Acks `leases` too.
+    pub fn ack(mut self, leases: impl IntoIterator<Item = Lease>) -> Self {
+        self.ack.extend(leases);
+        self
+    }
+
+    /// Gives the message back, visible after `delay`, with `error` recorded (the group
+    /// waits for it).
+    pub fn retry(mut self, lease: Lease, delay: Duration, error: Option<&str>) -> Self {
+        let error = error.map(str::to_owned);
+        self.failed = Some((lease, GroupFailure::Retry { delay, error }));
+        self
+    }
+
+    /// Moves the message to the dead letters with `reason` (the group moves on).
+    pub fn dead_letter(mut self, lease: Lease, reason: &str) -> Self {
+        let reason = reason.to_owned();
+        self.failed = Some((lease, GroupFailure::DeadLetter { reason }));
+        self
+    }
+
+    /// Gives `leases` back untouched too.
+    pub fn give_back(mut self, leases: impl IntoIterator<Item = Lease>) -> Self {
+        self.give_back.extend(leases);
+        self
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ack.is_empty() && self.failed.is_none() && self.give_back.is_empty()
+    }
+}
+
+/// How a failed group message is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GroupFailure {
+    /// Given back, visible after `delay`; the group waits for it.
+    Retry {
+        /// When it is due again.
+        delay: Duration,
+        /// The error, recorded as its last error and in its history.
+        error: Option<String>,
+    },
+    /// Moved to the dead letters; the group moves on.
+    DeadLetter {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a [`GroupSession::settle`] does after settling, in the same round trip.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum GroupNext<'a> {
+    /// Keep the lock; claim nothing.
+    Keep,
+    /// Claim the group's next run (see [`GroupSession::claim`]); when it is empty, release
+    /// the lock.
+    Claim {
+        /// The queue.
+        queue: &'a QueueName,
+        /// The group, whose lock the session holds.
+        group: &'a str,
+        /// The new claims' lease.
+        lease: Duration,
+        /// At most this many.
+        max: usize,
+    },
+    /// Release the group's lock.
+    Release {
+        /// The queue.
+        queue: &'a QueueName,
+        /// The group, whose lock the session holds.
+        group: &'a str,
+    },
+}
+
+/// What a [`GroupSession::settle`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Settled {
+    /// The acked messages (those whose lease was still current).
+    pub acked: Vec<MessageId>,
+    /// Whether the failed message was settled (its lease was still current).
+    pub failed: bool,
+    /// How many were given back.
+    pub given_back: u64,
+    /// The next run, for [`GroupNext::Claim`].
+    pub claimed: Vec<Message>,
 }
 
 /// The recovery session of a group worker, which also records its process heartbeats.

@@ -69,7 +69,10 @@ pub use events::{
     RoutingKey, StartAt, TopicPattern, TopicStats, Topics, EVENT_ID_HEADER, MAX_ROUTING_KEY_LEN,
     PUBLISHED_AT_HEADER, ROUTING_CASES, ROUTING_KEY_HEADER,
 };
-pub use group::{GroupRecovery, GroupSession, OpenGroupSession, OrphanSightings, Recovered};
+pub use group::{
+    GroupFailure, GroupNext, GroupRecovery, GroupSession, GroupSettle, OpenGroupSession,
+    OrphanSightings, Recovered, Settled,
+};
 pub use limits::{check_limit_key, KeyLimit, Limits};
 pub use memory::{MemoryBackend, MemoryGroupRecovery, MemoryGroupSession, MemoryStreamListener};
 pub use message::{

@@ -26,9 +26,9 @@ use crate::stream::{
     MAX_EPHEMERAL_BYTES,
 };
 use crate::{
-    ContentType, DeadMessage, Error, Extension, Headers, KeyLimit, Lease, Limits, Message,
-    MessageId, NewMessage, OnConflict, OrphanSightings, QueueName, Recovered, Result, Visibility,
-    DEFAULT_MAX_PAYLOAD_BYTES,
+    ContentType, DeadMessage, Error, Extension, GroupFailure, GroupNext, GroupSettle, Headers,
+    KeyLimit, Lease, Limits, Message, MessageId, NewMessage, OnConflict, OrphanSightings,
+    QueueName, Recovered, Result, Settled, Visibility, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// An in-memory [`Backend`](crate::Backend). Clones share the same state.
@@ -78,7 +78,11 @@ struct Stored {
     headers: Headers,
     priority: i16,
     enqueued_at: SystemTime,
+    /// When it becomes claimable; while leased, when the lease runs out.
     visible_at: SystemTime,
+    /// When it had become claimable before its current lease: a release puts it back
+    /// there, in its old place among the others.
+    ready_at: SystemTime,
     leased: bool,
     attempts: u32,
     group_key: Option<String>,
@@ -132,6 +136,7 @@ impl QueueState {
         let m = self.messages.get_mut(&id).expect("claimed message exists");
         m.leased = true;
         m.attempts += 1;
+        m.ready_at = m.visible_at;
         m.visible_at = expires;
         Message {
             id: MessageId(id),
@@ -146,14 +151,6 @@ impl QueueState {
             last_error: m.last_error.clone(),
             lease_expires_at: expires,
         }
-    }
-
-    /// The oldest message of a group: (id, visible now).
-    fn group_head(&self, group: &str, now: SystemTime) -> Option<(i64, bool)> {
-        self.messages
-            .iter()
-            .find(|(_, m)| m.group_key.as_deref() == Some(group))
-            .map(|(id, m)| (*id, m.visible_at <= now))
     }
 }
 
@@ -346,6 +343,7 @@ impl State {
             ids.push(MessageId(id));
             let Some(m) = m else { continue };
             let limit_key = m.limit_key_in(name);
+            let visible_at = visible_at(m.visibility, now);
             queue.messages.insert(
                 id,
                 Stored {
@@ -354,7 +352,8 @@ impl State {
                     headers: m.headers,
                     priority: m.priority,
                     enqueued_at: now,
-                    visible_at: visible_at(m.visibility, now),
+                    visible_at,
+                    ready_at: visible_at,
                     leased: false,
                     attempts: 0,
                     group_key: m.group_key,
@@ -444,6 +443,24 @@ impl Consumer for MemoryBackend {
         Ok(true)
     }
 
+    async fn release(&self, leases: &[Lease]) -> Result<u64> {
+        let mut state = self.lock();
+        let mut released = 0;
+        for lease in leases {
+            let leased = state
+                .current(lease)
+                .and_then(|(_, q)| q.messages.get_mut(&lease.id.0))
+                .filter(|m| m.leased);
+            if let Some(m) = leased {
+                m.leased = false;
+                m.attempts -= 1;
+                m.visible_at = m.ready_at;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<bool> {
         let now = SystemTime::now();
         let mut state = self.lock();
@@ -498,6 +515,7 @@ impl DeadLetters for MemoryBackend {
                     priority: d.priority,
                     enqueued_at: d.enqueued_at,
                     visible_at: now,
+                    ready_at: now,
                     leased: false,
                     attempts: 0,
                     group_key: d.group_key,
@@ -798,39 +816,77 @@ impl crate::GroupSession for MemoryGroupSession {
         Ok(*holder == self.id)
     }
 
-    async fn claim_head(
+    async fn claim(
         &mut self,
         queue: &QueueName,
         group: &str,
         lease: Duration,
-    ) -> Result<Option<Message>> {
-        crate::check_delay("a lease", lease)?;
-        let now = SystemTime::now();
-        let mut state = self.backend.lock();
-        let q = state.queue_mut(queue)?;
-        if q.closed(now) {
-            return Ok(None);
+        max: usize,
+    ) -> Result<Vec<Message>> {
+        self.claim_run(queue, group, lease, max, &[])
+    }
+
+    async fn extend(&mut self, leases: &[Lease], by: Duration) -> Result<Extension> {
+        Consumer::extend(&self.backend, leases, by).await
+    }
+
+    async fn settle(&mut self, settle: &GroupSettle, then: GroupNext<'_>) -> Result<Settled> {
+        let mut settled = Settled::default();
+        for lease in &settle.ack {
+            if Consumer::ack(&self.backend, std::slice::from_ref(lease)).await? == 1 {
+                settled.acked.push(lease.id);
+            }
         }
-        Ok(match q.group_head(group, now) {
-            Some((id, true)) => Some(q.lease(queue, id, now, lease)),
-            _ => None,
-        })
-    }
-
-    async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<Extension> {
-        Consumer::extend(&self.backend, std::slice::from_ref(lease), by).await
-    }
-
-    async fn ack(&mut self, lease: &Lease) -> Result<bool> {
-        Ok(Consumer::ack(&self.backend, std::slice::from_ref(lease)).await? == 1)
-    }
-
-    async fn nack(&mut self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
-        Consumer::nack(&self.backend, lease, delay, error).await
-    }
-
-    async fn dead_letter(&mut self, lease: &Lease, reason: &str) -> Result<bool> {
-        Consumer::dead_letter(&self.backend, lease, reason).await
+        settled.failed = match &settle.failed {
+            Some((lease, GroupFailure::Retry { delay, error })) => {
+                Consumer::nack(&self.backend, lease, *delay, error.as_deref()).await?
+            }
+            Some((lease, GroupFailure::DeadLetter { reason })) => {
+                Consumer::dead_letter(&self.backend, lease, reason).await?
+            }
+            None => false,
+        };
+        {
+            let now = SystemTime::now();
+            let mut state = self.backend.lock();
+            for lease in &settle.give_back {
+                let Some((_, q)) = state.current(lease) else {
+                    continue;
+                };
+                let m = q.messages.get_mut(&lease.id.0).expect("current lease");
+                if m.leased {
+                    // It was visible when it was claimed.
+                    m.leased = false;
+                    m.visible_at = now;
+                    m.attempts -= 1;
+                    settled.given_back += 1;
+                }
+            }
+        }
+        match then {
+            GroupNext::Keep => {}
+            GroupNext::Claim {
+                queue,
+                group,
+                lease,
+                max,
+            } => {
+                // The run stops before what this step retried or gave back, as it would
+                // had the claim read the group before the settle.
+                let stop: Vec<Lease> = settle
+                    .failed
+                    .iter()
+                    .map(|(lease, _)| *lease)
+                    .chain(settle.give_back.iter().copied())
+                    .collect();
+                settled.claimed = self.claim_run(queue, group, lease, max, &stop)?;
+                if settled.claimed.is_empty() {
+                    self.unlock(queue, group).await?;
+                }
+            }
+            GroupNext::Release { queue, group } => self.unlock(queue, group).await?,
+        }
+        Ok(settled)
     }
 
     async fn trip_breaker(&mut self, queue: &QueueName, backoff: Duration) -> Result<()> {
@@ -844,6 +900,46 @@ impl crate::GroupSession for MemoryGroupSession {
             state.group_locks.remove(&key);
         }
         Ok(())
+    }
+}
+
+impl MemoryGroupSession {
+    /// [`GroupSession::claim`](crate::GroupSession::claim), stopping also before the
+    /// messages of `stop`.
+    fn claim_run(
+        &self,
+        queue: &QueueName,
+        group: &str,
+        lease: Duration,
+        max: usize,
+        stop: &[Lease],
+    ) -> Result<Vec<Message>> {
+        crate::check_delay("a lease", lease)?;
+        let now = SystemTime::now();
+        let mut state = self.backend.lock();
+        // Only the lock holder claims.
+        let key = (queue.clone(), group.to_owned());
+        if state.group_locks.get(&key) != Some(&self.id) {
+            return Ok(Vec::new());
+        }
+        let q = state.queue_mut(queue)?;
+        if q.closed(now) {
+            return Ok(Vec::new());
+        }
+        // A leased message's `visible_at` is its lease's end: the run stops at the first
+        // message that is delayed or leased.
+        let run: Vec<i64> = q
+            .messages
+            .iter()
+            .filter(|(_, m)| m.group_key.as_deref() == Some(group))
+            .take(max)
+            .take_while(|(id, m)| m.visible_at <= now && !stop.iter().any(|l| l.id.0 == **id))
+            .map(|(id, _)| *id)
+            .collect();
+        Ok(run
+            .into_iter()
+            .map(|id| q.lease(queue, id, now, lease))
+            .collect())
     }
 }
 

@@ -257,6 +257,15 @@ pub trait Consumer: Send + Sync {
     /// was no longer current.
     fn dead_letter(&self, lease: &Lease, reason: &str)
         -> impl Future<Output = Result<bool>> + Send;
+
+    /// Gives back claims whose jobs never started (a worker's claimed-ahead messages when
+    /// it stops): each lease ends and the attempt its claim counted is taken back, so the
+    /// message is claimable at once, in the place it had (its visibility time is kept),
+    /// with the attempts and last error it had before. Unlike a [`nack`](Self::nack), no
+    /// attempt is used up and nothing is recorded. Returns how many leases were still
+    /// current (a lease already settled, released or run out and claimed again is left
+    /// alone).
+    fn release(&self, leases: &[Lease]) -> impl Future<Output = Result<u64>> + Send;
 }
 
 /// Inspecting and recovering dead-lettered messages.

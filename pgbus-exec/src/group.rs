@@ -1,15 +1,15 @@
 //! The group worker: ordered processing of messages that carry a group key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pgbus_core::{
-    Backend, Error, Fetcher, GroupRecovery, GroupSession, OpenGroupSession, QueueName, Result,
-    RetryPolicy,
+    Backend, Error, Fetcher, GroupNext, GroupRecovery, GroupSession, GroupSettle, Lease, Message,
+    MessageId, OpenGroupSession, QueueName, Result, RetryPolicy, Settled,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -42,8 +42,17 @@ type GroupKey = (QueueName, String);
 ///   uses it. A group locked elsewhere is skipped.
 /// - **Each in-flight group holds one slot** of the execution pool from its start to its
 ///   end, and runs its handlers in it one after another.
+/// - **A group's messages are claimed in runs**: the group's oldest messages, in id order,
+///   up to the first that is delayed or leased, at most 32, and fewer for slower handlers
+///   (a run's handlers take about 50 ms at most, judged by the queue's recent handlers).
+///   They run one at a time, in order, and are settled together in one round trip that
+///   also claims the next run; finished messages wait at most about 50 ms for their ack
+///   however long the rest takes. A failed message's unstarted successors are given back
+///   untouched (their claim's attempt taken back). If the process dies mid-run, its
+///   unstarted claims come back through recovery with the claim's attempt counted, and a
+///   message finished in its last 50 ms may run again.
 /// - **The lease heartbeat stops before the post-processing writes**: the session extends
-///   the running message's lease while the handler runs, then stops, then settles.
+///   the leases of all its claimed messages while a handler runs, then stops, then settles.
 /// - **Sessions are reused only when clean** (unlocked, no error); after any error the
 ///   session is dropped, which closes its connection, so a query interrupted half-way
 ///   never leaves a session to be reused mid-protocol. A clean session unused for the
@@ -53,13 +62,13 @@ type GroupKey = (QueueName, String);
 /// - **A failed message blocks its group** until its retry is due (order is kept); a
 ///   dead-lettered one lets the group move on.
 /// - **Recovery**: a separate session (`pgbus:recovery`) periodically frees the in-flight
-///   messages of groups whose owner died (its lock is gone), and records this process's
+///   messages of groups whose owner died (its lock is gone), its whole run, and records this process's
 ///   registry heartbeats, so the worker uses no pooled connection.
 /// - **Connection budget**: at most `concurrency + 2` (fetch, recovery, one per in-flight
 ///   group), reported by [`WorkerMetadata::connection_budget`](crate::WorkerMetadata).
 /// - **Shutdown**: stop taking groups, let in-flight groups finish their current message
-///   up to the drain deadline, then cancel the rest; their messages stay leased and are
-///   recovered.
+///   up to the drain deadline (giving back the rest of their runs at once), then cancel the
+///   rest; their messages stay leased and are recovered.
 ///
 /// To run plain and grouped messages of the same queues in one process, on one set of
 /// slots, use a [`MixedWorker`](crate::MixedWorker) rather than a [`Worker`] beside a
@@ -73,6 +82,8 @@ struct GroupContext<B: Backend> {
     worker: Arc<Worker<B>>,
     pool: Arc<dyn ExecutionPool>,
     policies: Policies,
+    /// How long each queue's handlers take, for the size of a group's runs.
+    paces: HashMap<QueueName, Pace>,
     /// Failures in a row per queue, for circuit breakers (counted across all groups).
     breakers: Mutex<Breakers>,
     report: Arc<Counters>,
@@ -184,6 +195,10 @@ impl<B: Backend> GroupWorker<B> {
         let ctx = Arc::new(GroupContext {
             worker: Arc::clone(&worker),
             pool: Arc::clone(&pool),
+            paces: queues
+                .iter()
+                .map(|q| (q.clone(), Pace::default()))
+                .collect(),
             policies,
             breakers: Mutex::new(breakers),
             report: Arc::clone(&lane.report),
@@ -192,7 +207,9 @@ impl<B: Backend> GroupWorker<B> {
             in_flight: Mutex::default(),
             last_active: Mutex::new(tokio::time::Instant::now()),
             share: lane.share.clone(),
-            draining: CancellationToken::new(),
+            // Cancelled with `shutdown` itself, so a group task stops after its current
+            // message even before this loop wakes up to the shutdown.
+            draining: shutdown.child_token(),
             kill: lane.kill.clone(),
         });
 
@@ -479,8 +496,145 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(100);
 /// liveness checks, so the worker whose session died has stopped its handler by then.
 const RECOVERY_GRACE: Duration = Duration::from_secs(1);
 
-/// Lock, then head after head: claim, run with the lease kept alive on this session, stop
-/// the heartbeat, settle. Unlock only what was locked. `Ok(false)`: locked elsewhere.
+/// The most messages a group's run claims at once.
+const MAX_RUN: usize = 32;
+
+/// How long finished messages of a run wait for their ack at most: the run size keeps a
+/// run's handlers within it, and a run that takes longer settles what has finished.
+const SETTLE_WITHIN: Duration = Duration::from_millis(50);
+
+/// How long a queue's handlers take: a moving average, unknown (0) until one has run.
+#[derive(Debug, Default)]
+struct Pace {
+    nanos: AtomicU64,
+}
+
+impl Pace {
+    fn record(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let old = self.nanos.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            took
+        } else {
+            old - old / 8 + took / 8
+        };
+        self.nanos.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// How many messages the next run claims: as many as run within [`SETTLE_WITHIN`], one
+    /// while the pace is unknown.
+    fn run_size(&self) -> usize {
+        match self.nanos.load(Ordering::Relaxed) {
+            0 => 1,
+            nanos => {
+                let fit = SETTLE_WITHIN.as_nanos() / u128::from(nanos);
+                usize::try_from(fit).unwrap_or(MAX_RUN).clamp(1, MAX_RUN)
+            }
+        }
+    }
+}
+
+/// A group's claimed run and what its finished messages await.
+struct Run {
+    /// Claimed, not started yet, in order.
+    unstarted: VecDeque<Message>,
+    /// What the next settle writes.
+    settle: GroupSettle,
+    /// Acked messages whose handler discarded them (counted as processed when planned).
+    discards: HashSet<MessageId>,
+    /// When the oldest message awaiting its settle finished.
+    waiting_since: Option<tokio::time::Instant>,
+    /// End the run after the current message: give back the rest and release the group.
+    stop: bool,
+    /// Extends the leases of the run's messages while handlers run.
+    heartbeat: tokio::time::Interval,
+}
+
+impl Run {
+    fn new(claimed: Vec<Message>, lease: Duration) -> Self {
+        let every = (lease / 3).max(Duration::from_millis(10));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            unstarted: claimed.into(),
+            settle: GroupSettle::default(),
+            discards: HashSet::new(),
+            waiting_since: None,
+            stop: false,
+            heartbeat,
+        }
+    }
+
+    /// Continues with the next claimed run.
+    fn next(&mut self, claimed: Vec<Message>, lease: Duration) {
+        *self = Self::new(claimed, lease);
+    }
+
+    /// The session's claimed messages whose leases a heartbeat extends: the running one,
+    /// the unstarted ones, and the finished ones awaiting their ack.
+    fn leases(&self, running: Lease) -> Vec<Lease> {
+        std::iter::once(running)
+            .chain(self.unstarted.iter().map(Message::lease))
+            .chain(self.settle.ack.iter().copied())
+            .collect()
+    }
+
+    /// Forgets unstarted messages whose lease is lost (an operator deleted them): they do
+    /// not run.
+    fn forget(&mut self, lost: &[Lease]) {
+        self.unstarted.retain(|m| !lost.contains(&m.lease()));
+    }
+
+    fn finished(&mut self) {
+        self.waiting_since
+            .get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// When finished messages are settled even while the next one runs: they wait no
+    /// longer than [`SETTLE_WITHIN`].
+    fn settle_due(&self) -> Option<tokio::time::Instant> {
+        self.waiting_since.map(|since| since + SETTLE_WITHIN)
+    }
+
+    /// Whether to settle before the next message: a dead letter is written at once, and
+    /// finished messages wait no longer than [`SETTLE_WITHIN`].
+    fn settle_now(&self) -> bool {
+        self.settle.failed.is_some()
+            || self
+                .settle_due()
+                .is_some_and(|due| due <= tokio::time::Instant::now())
+    }
+
+    /// What to settle now; when the run ends early, its unstarted messages are given back.
+    fn take_settle(&mut self, ending: bool) -> GroupSettle {
+        self.waiting_since = None;
+        let settle = std::mem::take(&mut self.settle);
+        if ending {
+            settle.give_back(self.unstarted.drain(..).map(|m| m.lease()))
+        } else {
+            settle
+        }
+    }
+}
+
+impl<B: Backend> GroupContext<B> {
+    /// Counts what a settle acked.
+    fn count_acked(&self, queue: &QueueName, settled: &Settled, discards: &HashSet<MessageId>) {
+        let acked = settled.acked.len() as u64;
+        self.report.acked.fetch_add(acked, Ordering::Relaxed);
+        // A discard counted as processed when it was planned.
+        let processed = settled
+            .acked
+            .iter()
+            .filter(|id| !discards.contains(id))
+            .count();
+        self.report.throughput.processed(queue, processed as u64);
+    }
+}
+
+/// Lock and claim the group's first run, then message after message: run each with the
+/// leases kept alive on this session, stop the heartbeat, and settle the run in one round
+/// trip that claims the next. Unlock only what was locked. `Ok(false)`: locked elsewhere.
 async fn drive_group<B: Backend>(
     ctx: &GroupContext<B>,
     session: &mut Session<B>,
@@ -489,143 +643,188 @@ async fn drive_group<B: Backend>(
     jobs: &mpsc::UnboundedSender<Job>,
     slot: &mut Option<GroupSlot>,
 ) -> Result<bool> {
-    if !session.try_lock(queue, group).await? {
+    let (policy, lease_for) = &ctx.policies[queue];
+    let lease_for = *lease_for;
+    let pace = &ctx.paces[queue];
+    let handler = Arc::clone(&ctx.worker.handlers[queue]);
+    session.set_process(ctx.worker.shared.process.get());
+    let Some(claimed) = session
+        .lock_and_claim(queue, group, lease_for, pace.run_size())
+        .await?
+    else {
         tracing::debug!(target: "pgbus::group", group = %group, "group locked elsewhere; skipped");
         return Ok(false);
+    };
+    if claimed.is_empty() {
+        // A stale candidate: its run was claimed or settled since it was listed, and the
+        // lock is released again.
+        return Ok(true);
     }
-    let (policy, lease_for) = &ctx.policies[queue];
-    let handler = Arc::clone(&ctx.worker.handlers[queue]);
-    let result = async {
-        while !ctx.draining.is_cancelled() {
-            session.set_process(ctx.worker.shared.process.get());
-            let Some(message) = session.claim_head(queue, group, *lease_for).await? else {
-                break;
-            };
-            let lease = message.lease();
-            let (tx, rx) = oneshot::channel();
-            let cancel = ctx.kill.child_token();
-            let job_ctx = JobContext::new(&message, cancel.clone(), ctx.worker.backend.clone());
-            let timeout = ctx.worker.config.job_timeout;
-            let handler = Arc::clone(&handler);
-            let stop_job = cancel.clone();
-            let watched = cancel.clone();
-            let job = Box::pin(async move {
-                // Dropped at its next await point when the group's session dies (its lock
-                // went with the connection) or the worker is cut off.
-                tokio::select! {
-                    biased;
-                    outcome = run_handler(handler.as_ref(), job_ctx, &message, timeout, &cancel) => {
-                        let _ = tx.send(outcome);
-                    }
-                    _ = watched.cancelled() => {}
+    let mut run = Run::new(claimed, lease_for);
+    loop {
+        let ending = run.stop || ctx.draining.is_cancelled();
+        if ending || run.unstarted.is_empty() {
+            // Settle, and claim the next run unless this one ended early; a group left
+            // with nothing to claim is released in the same round trip.
+            let then = if ending {
+                GroupNext::Release { queue, group }
+            } else {
+                GroupNext::Claim {
+                    queue,
+                    group,
+                    lease: lease_for,
+                    max: pace.run_size(),
                 }
-            });
-            if jobs.send(job).is_err() {
-                // The group's slot is gone (the pool was killed): give the message back
-                // untouched.
-                session.nack(&lease, Duration::ZERO, None).await?;
-                tracing::debug!(target: "pgbus::group", group = %group, "the group's slot is gone");
-                break;
+            };
+            session.set_process(ctx.worker.shared.process.get());
+            let settle = run.take_settle(ending);
+            let settled = session.settle(&settle, then).await?;
+            ctx.count_acked(queue, &settled, &run.discards);
+            if settled.claimed.is_empty() {
+                return Ok(true);
             }
-            ctx.report.started.fetch_add(1, Ordering::Relaxed);
-            // The heartbeat: extend the lease on this session while the handler runs.
-            let mut rx = rx;
-            let every = (*lease_for / 3).max(Duration::from_millis(10));
-            let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            let mut liveness = tokio::time::interval(LIVENESS_CHECK);
-            let watched = loop {
-                tokio::select! {
-                    outcome = &mut rx => break Ok(Some(outcome.unwrap_or_else(|_| Outcome::retry("handler panicked")))),
-                    _ = heartbeat.tick() => match session.extend(&lease, *lease_for).await {
-                        Ok(found) if !found.lost.is_empty() => break Ok(None),
-                        Ok(found) => {
-                            if found.extended == 0 {
-                                tracing::debug!(target: "pgbus::group", group = %group, "lease not extended: its message is busy elsewhere, or the group's lease ran out");
-                            }
-                            crate::telemetry::leases_extended(found.extended);
+            run.next(settled.claimed, lease_for);
+            continue;
+        }
+        if run.settle_now() {
+            let settle = run.take_settle(false);
+            let settled = session.settle(&settle, GroupNext::Keep).await?;
+            ctx.count_acked(queue, &settled, &run.discards);
+            run.discards.clear();
+        }
+        let Some(message) = run.unstarted.pop_front() else {
+            continue;
+        };
+        let lease = message.lease();
+        let (tx, rx) = oneshot::channel();
+        let cancel = ctx.kill.child_token();
+        let job_ctx = JobContext::new(&message, cancel.clone(), ctx.worker.backend.clone());
+        let timeout = ctx.worker.config.job_timeout;
+        let handler = Arc::clone(&handler);
+        let stop_job = cancel.clone();
+        let watched = cancel.clone();
+        let job = Box::pin(async move {
+            // Dropped at its next await point when the group's session dies (its lock
+            // went with the connection) or the worker is cut off.
+            tokio::select! {
+                biased;
+                outcome = run_handler(handler.as_ref(), job_ctx, &message, timeout, &cancel) => {
+                    let _ = tx.send(outcome);
+                }
+                _ = watched.cancelled() => {}
+            }
+        });
+        if jobs.send(job).is_err() {
+            // The group's slot is gone (the pool was killed): give the message back
+            // untouched, with the rest of the run.
+            run.settle = std::mem::take(&mut run.settle).give_back([lease]);
+            run.stop = true;
+            tracing::debug!(target: "pgbus::group", group = %group, "the group's slot is gone");
+            continue;
+        }
+        ctx.report.started.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        // The heartbeat: extend the run's leases on this session while the handler runs.
+        let mut rx = rx;
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        let watched = loop {
+            let settle_due = run.settle_due();
+            tokio::select! {
+                outcome = &mut rx => break Ok(Some(outcome.unwrap_or_else(|_| Outcome::retry("handler panicked")))),
+                // Earlier messages of the run that finished are acked while this one runs
+                // long; its own lease is not touched.
+                _ = until(settle_due) => {
+                    let settle = run.take_settle(false);
+                    match session.settle(&settle, GroupNext::Keep).await {
+                        Ok(settled) => {
+                            ctx.count_acked(queue, &settled, &run.discards);
+                            run.discards.clear();
                         }
                         Err(err) => break Err(err),
-                    },
-                    _ = liveness.tick() => {
-                        if !session.is_alive() {
-                            break Err(Error::Backend {
-                                message: format!("the session of group {group} closed while its handler ran"),
-                                transient: true,
-                                source: None,
-                            });
-                        }
                     }
                 }
-            };
-            let outcome = match watched {
-                Ok(Some(outcome)) => outcome,
-                Ok(None) => {
-                    // The head is no longer this delivery's (an operator deleted it, or
-                    // recovery gave it back): stop its handler and write nothing for it;
-                    // the group comes round again for whatever follows.
-                    log_lease_lost(&lease);
-                    stop_job.cancel();
-                    let _ = rx.await;
-                    break;
-                }
-                Err(err) => {
-                    // The session failed under a running handler, and the group's lock may
-                    // have died with it: stop the handler before giving up the group, so
-                    // that whoever takes it next does not run beside it (recovery waits
-                    // `RECOVERY_GRACE` before handing the message on).
-                    stop_job.cancel();
-                    let _ = rx.await;
-                    return Err(err);
-                }
-            };
-            // The heartbeat has stopped; now the post-processing writes.
-            let discard = matches!(outcome, Outcome::Discard);
-            let settle = plan(outcome, policy, &lease, queue, &ctx.report);
-            let failed = matches!(settle, Settle::Nack(..) | Settle::DeadLetter(_));
-            let blocked = match settle {
-                Settle::Ack => {
-                    if session.ack(&lease).await? {
-                        ctx.report.acked.fetch_add(1, Ordering::Relaxed);
-                        // A discard counted as processed when it was planned.
-                        if !discard {
-                            ctx.report.throughput.processed(queue, 1);
+                _ = run.heartbeat.tick() => match session.extend(&run.leases(lease), lease_for).await {
+                    Ok(found) if found.lost.contains(&lease) => break Ok(None),
+                    Ok(found) => {
+                        run.forget(&found.lost);
+                        if found.extended == 0 {
+                            tracing::debug!(target: "pgbus::group", group = %group, "leases not extended: their messages are busy elsewhere, or the group's lease ran out");
                         }
+                        crate::telemetry::leases_extended(found.extended);
                     }
-                    false
+                    Err(err) => break Err(err),
+                },
+                _ = liveness.tick() => {
+                    if !session.is_alive() {
+                        break Err(Error::Backend {
+                            message: format!("the session of group {group} closed while its handler ran"),
+                            transient: true,
+                            source: None,
+                        });
+                    }
                 }
-                Settle::Nothing => false,
-                Settle::DeadLetter(reason) => {
-                    session.dead_letter(&lease, &reason).await?;
-                    false
-                }
-                Settle::Nack(delay, error) => {
-                    session.nack(&lease, delay, Some(&error)).await?;
-                    true
-                }
-            };
-            let trip = ctx.breakers.lock().expect("breakers").record(queue, failed);
-            if let Some(backoff) = trip {
-                tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");
-                session.trip_breaker(queue, backoff).await?;
             }
-            // Plain work waiting while the groups hold more than their share of a mixed
-            // worker's slots: give this one up (the group comes round again).
-            let give_up = match (&ctx.share, slot.as_mut()) {
-                (Some(share), Some(slot)) => share.yield_group(slot, ctx.pool.metadata().busy),
-                _ => false,
-            };
-            if blocked || give_up {
-                break;
+        };
+        let outcome = match watched {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => {
+                // The running message is no longer this delivery's (an operator deleted
+                // it, or recovery gave it back): stop its handler and write nothing for
+                // it; the rest of the run is given back and the group comes round again.
+                log_lease_lost(&lease);
+                stop_job.cancel();
+                let _ = rx.await;
+                run.stop = true;
+                continue;
+            }
+            Err(err) => {
+                // The session failed under a running handler, and the group's lock may
+                // have died with it: stop the handler before giving up the group, so
+                // that whoever takes it next does not run beside it (recovery waits
+                // `RECOVERY_GRACE` before handing the message on).
+                stop_job.cancel();
+                let _ = rx.await;
+                return Err(err);
+            }
+        };
+        pace.record(started.elapsed());
+        // The heartbeat has stopped; the post-processing writes wait for the run's settle.
+        let discard = matches!(outcome, Outcome::Discard);
+        let settle = plan(outcome, policy, &lease, queue, &ctx.report);
+        let failed = matches!(settle, Settle::Nack(..) | Settle::DeadLetter(_));
+        let pending = std::mem::take(&mut run.settle);
+        run.settle = match settle {
+            Settle::Ack => {
+                if discard {
+                    run.discards.insert(lease.id);
+                }
+                pending.ack([lease])
+            }
+            Settle::Nothing => pending,
+            Settle::DeadLetter(reason) => pending.dead_letter(lease, &reason),
+            Settle::Nack(delay, error) => {
+                // The group waits for it: the rest of the run goes back.
+                run.stop = true;
+                pending.retry(lease, delay, Some(&error))
+            }
+        };
+        if !run.settle.is_empty() {
+            run.finished();
+        }
+        let trip = ctx.breakers.lock().expect("breakers").record(queue, failed);
+        if let Some(backoff) = trip {
+            tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");
+            session.trip_breaker(queue, backoff).await?;
+            run.stop = true;
+        }
+        // Plain work waiting while the groups hold more than their share of a mixed
+        // worker's slots: give this one up (the group comes round again).
+        if let (Some(share), Some(slot)) = (&ctx.share, slot.as_mut()) {
+            if share.yield_group(slot, ctx.pool.metadata().busy) {
+                run.stop = true;
             }
         }
-        Ok(())
     }
-    .await;
-    // Unlock even after a failed message; after a database error the session is dropped
-    // by the caller, which releases the lock with the connection.
-    result?;
-    session.unlock(queue, group).await?;
-    Ok(true)
 }
 
 /// Frees the work of dead group owners and, unless `lazy`, keeps this process's registry

@@ -5,9 +5,10 @@
 //! and one kill switch, and divide the slots by a [`Share`].
 //!
 //! **Slots are taken only under the fetch connection's lock.** A loop locks the fetch
-//! connection, counts the free slots, claims at most that many messages (or takes at most
-//! that many groups) and posts them before it lets go, so two loops on one pool never count
-//! the same free slot; a post can then be refused only at shutdown. A group holds its slot
+//! connection, counts the free slots, claims (or takes at most that many groups) and posts
+//! at most that many jobs before it lets go (a plain loop keeps what it claimed ahead for
+//! later, and starts those under the lock too), so two loops on one pool never count the
+//! same free slot; a post can then be refused only at shutdown. A group holds its slot
 //! for its whole run (see `group.rs`), so nothing else posts.
 
 use std::sync::Arc;
@@ -37,11 +38,33 @@ impl<B: OpenFetcher> FetchConn<B> {
 
     /// Waits for the connection, opening it if it is not open.
     pub(crate) async fn lock(&self) -> Result<FetchGuard<'_, B::Fetcher>> {
-        let mut conn = self.conn.lock().await;
-        if conn.is_none() {
-            *conn = Some(self.backend.open_fetcher().await?);
+        self.hold().await.open().await
+    }
+
+    /// Waits for the connection's lock without opening it: taking slots needs the lock,
+    /// not the connection (a worker's claimed-ahead jobs start even while it cannot be
+    /// opened).
+    pub(crate) async fn hold(&self) -> Held<'_, B> {
+        Held {
+            backend: &self.backend,
+            conn: self.conn.lock().await,
         }
-        Ok(FetchGuard(conn))
+    }
+}
+
+/// The locked fetch connection, maybe not open.
+pub(crate) struct Held<'a, B: OpenFetcher> {
+    backend: &'a B,
+    conn: MutexGuard<'a, Option<B::Fetcher>>,
+}
+
+impl<'a, B: OpenFetcher> Held<'a, B> {
+    /// The connection, opened if it is not open.
+    pub(crate) async fn open(mut self) -> Result<FetchGuard<'a, B::Fetcher>> {
+        if self.conn.is_none() {
+            *self.conn = Some(self.backend.open_fetcher().await?);
+        }
+        Ok(FetchGuard(self.conn))
     }
 }
 

@@ -40,11 +40,16 @@
 //!
 //! # Behaviour
 //!
-//! - **Claims match free slots.** Each round claims exactly as many messages as the pool
-//!   has free slots, visiting the worker's queues in turn. When every slot is busy the
-//!   worker waits for one to free (the pool's state-change callback); when the queues are
-//!   empty it waits for a wake-up ([`WorkerBuilder::wakeups`]), a freed slot, or the poll
-//!   interval, whichever comes first.
+//! - **Claims match free slots, plus a little.** Each round claims as many messages as
+//!   the pool has free slots plus the room in a small claim-ahead buffer
+//!   ([`WorkerBuilder::claim_ahead`], a quarter of the concurrency by default), visiting
+//!   the worker's queues in turn; a slot that frees starts the buffer's first message at
+//!   once, and the buffer is refilled while the slots are busy, once it is half empty.
+//!   Buffered messages are leased and their leases kept alive like running jobs'. When
+//!   every slot is busy (and the buffer full) the worker waits for one to free (the pool's
+//!   state-change callback); when the queues are empty it waits for a wake-up
+//!   ([`WorkerBuilder::wakeups`]), a freed slot, or the poll interval, whichever comes
+//!   first.
 //! - **Outcomes.** [`Outcome::Ack`] is acked in batches (whatever completed while the
 //!   previous ack ran goes in the next statement). A retry follows the queue's
 //!   [`RetryPolicy`](pgbus_core::RetryPolicy) and dead-letters once attempts are used up;
@@ -64,7 +69,8 @@
 //! - **Leases** of running jobs are extended every third of the lease, so a long job is
 //!   not delivered again while it runs. A job past the per-job timeout is cancelled (its
 //!   [`JobContext::cancellation`] fires) and retried.
-//! - **Shutdown** ([`Worker::run`]'s token): stop claiming, let running jobs finish up to
+//! - **Shutdown** ([`Worker::run`]'s token): stop claiming, give the claimed-ahead
+//!   messages back at once (claimable again, their attempt not counted), let running jobs finish up to
 //!   the drain timeout and settle them, then cancel the rest, whose messages stay leased in
 //!   the database and are delivered again when the lease runs out. Nothing is lost.
 //! - **Processes** register in the backend's process registry and heartbeat with their busy

@@ -1,7 +1,8 @@
-//! The worker: claims as many messages as there are free slots, runs them on an execution
-//! pool, and settles their outcomes.
+//! The worker: claims as many messages as there are free slots (plus a few ahead), runs
+//! them on an execution pool, and settles their outcomes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -109,6 +110,8 @@ pub struct WorkerMetadata {
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) concurrency: usize,
+    /// Plain messages claimed ahead of free slots; `None`: a quarter of the concurrency.
+    pub(crate) claim_ahead: Option<usize>,
     pub(crate) mode: Option<ExecutionMode>,
     pub(crate) poll_interval: Duration,
     pub(crate) lease: Option<Duration>,
@@ -162,6 +165,26 @@ impl<B: Backend> WorkerBuilder<B> {
     /// Jobs run at once; default 10.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.config.concurrency = concurrency;
+        self
+    }
+
+    /// How many plain messages the worker may hold claimed ahead of its free slots, in a
+    /// local buffer, so that a slot that frees starts its next job at once instead of after
+    /// a claim's round trip; default a quarter of the concurrency (rounded down), `0` turns
+    /// it off.
+    ///
+    /// The worker claims for its free slots plus the buffer's room, and refills the buffer
+    /// while its slots are still busy once it is half empty. Buffered messages are leased
+    /// like running ones: their leases are extended with the running jobs', a buffered
+    /// message whose lease is lost (deleted by an operator, say) is dropped without
+    /// running, and when the worker stops, the buffer is given back at once with
+    /// [`Consumer::release`](pgbus_core::Consumer::release) (claimable again straight away,
+    /// the attempt not counted). Claims keep priority order, but a message claimed later
+    /// may wait behind at most this many claimed before it. Jobs with limit keys are never
+    /// buffered (a buffered one would hold its key's slot without running), nor are
+    /// grouped ones (a group worker ignores this setting).
+    pub fn claim_ahead(mut self, messages: usize) -> Self {
+        self.config.claim_ahead = Some(messages);
         self
     }
 
@@ -479,6 +502,7 @@ impl<B: Backend> Worker<B> {
             declarations: Vec::new(),
             config: Config {
                 concurrency: 10,
+                claim_ahead: None,
                 mode: None,
                 poll_interval: Duration::from_secs(1),
                 lease: None,
@@ -507,10 +531,11 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Runs until `shutdown` is cancelled, then stops claiming, lets running jobs finish
-    /// for up to the drain timeout, settles them, and returns. Jobs still running at the
-    /// deadline are cancelled; their messages stay leased in the database and are
-    /// delivered again when the lease runs out.
+    /// Runs until `shutdown` is cancelled, then stops claiming, gives the messages it
+    /// claimed ahead back at once, lets running jobs finish for up to the drain timeout,
+    /// settles them, and returns. Jobs still running at the deadline are cancelled; their
+    /// messages stay leased in the database and are delivered again when the lease runs
+    /// out.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
         let lane = Lane::alone(
             &self.backend,
@@ -606,6 +631,11 @@ impl<B: Backend> Worker<B> {
             jobs_cancel: &jobs_cancel,
             report: &report,
             next_queue: 0,
+            ahead: VecDeque::new(),
+            ahead_size: self
+                .config
+                .claim_ahead
+                .unwrap_or(self.config.concurrency / 4),
         };
         let mut errors = 0u32;
         // When a look at the queues last found less work than slots: a loop sharing its
@@ -652,9 +682,12 @@ impl<B: Backend> Worker<B> {
                     }
                     // Jobs tend to finish in bunches: while fewer than half the slots are
                     // free, give the others a moment, so the next claim fetches many
-                    // messages instead of a few per freed slot.
+                    // messages instead of a few per freed slot. Claimed-ahead jobs start
+                    // at once, though.
                     let deadline = tokio::time::Instant::now() + FILL_LINGER;
-                    while lane.free() < self.config.concurrency.div_ceil(2) {
+                    while fetch.ahead.is_empty()
+                        && lane.free() < self.config.concurrency.div_ceil(2)
+                    {
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = slot_freed.notified() => {}
@@ -677,7 +710,9 @@ impl<B: Backend> Worker<B> {
             }
         }
 
-        // Drain: no new jobs; running ones get until the deadline.
+        // Drain: no new jobs, the claimed-ahead ones given back at once; running ones get
+        // until the deadline.
+        fetch.release_ahead().await;
         lane.set_waiting(false);
         tracing::info!(target: "pgbus::worker", busy = pool.metadata().busy, "stopping: draining running jobs");
         pool.shutdown();
@@ -808,33 +843,49 @@ struct Fetch<'a, B: Backend> {
     jobs_cancel: &'a CancellationToken,
     report: &'a Arc<Counters>,
     next_queue: usize,
+    /// Messages claimed ahead of free slots, in claim order: each freed slot takes the
+    /// first (see [`WorkerBuilder::claim_ahead`]).
+    ahead: VecDeque<Claimed>,
+    /// The most messages `ahead` holds once the free slots are filled.
+    ahead_size: usize,
 }
 
 impl<B: Backend> Fetch<'_, B> {
-    /// Claims exactly as many messages as there are free slots, visiting the queues in
-    /// turn (starting one further each round, so no queue starves the others).
+    /// Starts claimed-ahead messages in the free slots, then claims for the free slots
+    /// plus the buffer's room, visiting the queues in turn (starting one further each
+    /// round, so no queue starves the others). While every slot is busy, it claims only to
+    /// refill a buffer at least half empty, so claims stay large.
     ///
     /// The round holds the fetch connection's lock from counting the free slots to posting
     /// the last job, so a loop sharing the pool cannot take the same slots meanwhile.
     async fn round(&mut self, queues: &[QueueName]) -> Result<Wait> {
-        if self.lane.free() == 0 {
-            return Ok(Wait::ForSlot { more: false });
+        // Starting buffered jobs needs the lock, not the connection: they start even while
+        // the connection cannot be opened.
+        let held = self.lane.fetch.hold().await;
+        self.feed().await;
+        if !self.worth_claiming() {
+            return Ok(Wait::ForSlot {
+                more: !self.ahead.is_empty(),
+            });
         }
-        let mut fetcher = self.lane.fetch.lock().await?;
+        let mut fetcher = held.open().await?;
         fetcher.get().set_process(self.worker.shared.process.get());
         let mut filled = false;
-        let mut took = false;
         let start = self.next_queue;
         self.next_queue = self.next_queue.wrapping_add(1);
         for i in 0..queues.len() {
-            let free = self.lane.free();
-            if free == 0 {
+            if !self.worth_claiming() {
                 break;
             }
+            let free = self.lane.free();
+            let want = free + self.room();
             let queue = &queues[(start + i) % queues.len()];
             let (_, lease) = self.policies[queue];
             let began = Instant::now();
-            let claimed = match fetcher.get().claim(queue, free, lease).await {
+            let claimed = match self
+                .feeding_while(fetcher.get().claim(queue, want, lease))
+                .await
+            {
                 Ok(claimed) => {
                     telemetry::claimed(claimed.len(), began.elapsed());
                     claimed
@@ -845,18 +896,13 @@ impl<B: Backend> Fetch<'_, B> {
                 }
             };
             let mut taken = claimed.len();
-            for message in claimed {
-                self.start(message).await;
-            }
-            // Jobs with limit keys are claimed apart, and only with slots the plain jobs
-            // left free, so a busy queue of plain jobs pays nothing for them.
-            if taken < free {
+            self.take(claimed).await;
+            // Jobs with limit keys are claimed apart, only for slots the plain jobs left
+            // free (so a busy queue of plain jobs pays nothing for them), and never ahead.
+            let spare = self.lane.free();
+            if taken < want && spare > 0 {
                 let began = Instant::now();
-                let limited = match fetcher
-                    .get()
-                    .claim_limited(queue, free - taken, lease)
-                    .await
-                {
+                let limited = match fetcher.get().claim_limited(queue, spare, lease).await {
                     Ok(limited) => {
                         telemetry::claimed(limited.len(), began.elapsed());
                         limited
@@ -867,41 +913,128 @@ impl<B: Backend> Fetch<'_, B> {
                     }
                 };
                 taken += limited.len();
-                for message in limited {
-                    self.start(message).await;
-                }
+                self.take(limited).await;
             }
-            took |= taken > 0;
-            filled |= taken == free;
+            filled |= taken == want;
         }
         drop(fetcher);
-        if took {
-            self.lane.took();
-        }
-        Ok(if self.lane.free() == 0 {
-            Wait::ForSlot { more: filled }
+        let free = self.lane.free();
+        // Work waits for a slot when some is buffered, or when a claim filled the slots.
+        Ok(if !self.ahead.is_empty() || (filled && free == 0) {
+            Wait::ForSlot { more: true }
         } else if filled {
             Wait::No
+        } else if free == 0 && self.ahead_size == 0 {
+            Wait::ForSlot { more: false }
         } else {
             Wait::ForWork
         })
     }
 
+    /// Room in the claim-ahead buffer.
+    fn room(&self) -> usize {
+        self.ahead_size.saturating_sub(self.ahead.len())
+    }
+
+    /// Whether a claim now is worth its round trip: for free slots (the buffer, if any, is
+    /// empty then), or while every slot is busy, to refill a buffer at least half empty.
+    fn worth_claiming(&self) -> bool {
+        self.lane.free() > 0 || (self.ahead_size > 0 && self.room() >= self.ahead_size.div_ceil(2))
+    }
+
+    /// Awaits `claim` (on the fetch connection), meanwhile starting claimed-ahead messages
+    /// in slots as they free: a refill's round trip leaves no slot idle while the buffer
+    /// holds work.
+    async fn feeding_while<T>(&mut self, claim: impl Future<Output = T>) -> T {
+        let mut claim = pin!(claim);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut claim => return done,
+                _ = self.lane.freed.notified(), if !self.ahead.is_empty() => self.feed().await,
+            }
+        }
+    }
+
+    /// Registers newly claimed messages (their leases are kept alive from now on) behind the
+    /// buffered ones, then fills the free slots from the front.
+    async fn take(&mut self, claimed: Vec<Message>) {
+        for message in claimed {
+            let cancel = self.jobs_cancel.child_token();
+            let running =
+                Running::insert(Arc::clone(self.in_flight), message.lease(), cancel.clone());
+            self.ahead.push_back(Claimed {
+                message,
+                cancel,
+                running,
+            });
+        }
+        self.feed().await;
+    }
+
+    /// Starts buffered messages, first claimed first, while slots are free; drops those
+    /// whose lease was found lost meanwhile, without running them.
+    async fn feed(&mut self) {
+        let mut started = false;
+        while self.lane.free() > 0 {
+            let Some(claimed) = self.ahead.pop_front() else {
+                break;
+            };
+            if claimed.running.is_lost() {
+                let lease = claimed.message.lease();
+                tracing::debug!(target: "pgbus::worker", attempt = lease.attempt, job.id = lease.id.0, "a claimed-ahead message's lease was lost: dropped without running");
+                continue;
+            }
+            self.start(claimed).await;
+            started = true;
+        }
+        if started {
+            self.lane.took();
+        }
+    }
+
+    /// Gives the buffered messages back (the worker is stopping): claimable again at once,
+    /// their attempts not counted.
+    async fn release_ahead(&mut self) {
+        let leases: Vec<Lease> = self
+            .ahead
+            .drain(..)
+            .filter(|claimed| !claimed.running.is_lost())
+            .map(|claimed| claimed.message.lease())
+            .collect();
+        // Their entries left the in-flight map with them: their leases are no longer
+        // extended.
+        if leases.is_empty() {
+            return;
+        }
+        match self.worker.backend.release(&leases).await {
+            Ok(released) => {
+                tracing::debug!(target: "pgbus::worker", count = leases.len(), released, "gave the claimed-ahead messages back");
+            }
+            Err(err) => {
+                tracing::warn!(target: "pgbus::worker", error = %err.report(), count = leases.len(), "could not give the claimed-ahead messages back; they return when their leases run out");
+            }
+        }
+    }
+
     /// Hands one claimed message to the pool; gives it back at once if the pool refuses.
-    async fn start(&self, message: Message) {
+    async fn start(&self, claimed: Claimed) {
+        let Claimed {
+            message,
+            cancel,
+            running,
+        } = claimed;
         let lease = message.lease();
         let queue = message.queue.clone();
         let handler = Arc::clone(&self.worker.handlers[&queue]);
-        let cancel = self.jobs_cancel.child_token();
         let shutdown_deadline = self.jobs_cancel.clone();
         let ctx = JobContext::new(&message, cancel.clone(), self.worker.backend.clone());
         let timeout = self.worker.config.job_timeout;
         let settle_tx = self.settle_tx.clone();
         let job_queue = queue.clone();
-        // Inserted before the post and removed when the job ends however it ends (settled,
-        // cut off at the shutdown deadline, killed, refused), so `keep_leases` never extends
-        // the lease of a job that is no longer running.
-        let running = Running::insert(Arc::clone(self.in_flight), lease, cancel.clone());
+        // The in-flight entry (inserted at the claim) is removed when the job ends however
+        // it ends (settled, cut off at the shutdown deadline, killed, refused), so
+        // `keep_leases` never extends the lease of a job that is no longer running.
         let job = Box::pin(async move {
             let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
             let lost = running.finish();
@@ -932,7 +1065,7 @@ impl<B: Backend> Fetch<'_, B> {
                 // Dropping the job drops its `Running`: the lease is no longer extended.
                 drop(refused.job);
                 tracing::debug!(target: "pgbus::worker", reason = ?refused.reason, job.id = lease.id.0, "pool refused a job; giving the message back");
-                if let Err(err) = self.worker.backend.nack(&lease, Duration::ZERO, None).await {
+                if let Err(err) = self.worker.backend.release(&[lease]).await {
                     tracing::warn!(target: "pgbus::worker", error = %err.report(), job.id = lease.id.0, "could not give a refused message back; it returns when its lease runs out");
                 }
             }
@@ -940,11 +1073,20 @@ impl<B: Backend> Fetch<'_, B> {
     }
 }
 
-/// The jobs running now, by message: whose leases `keep_leases` extends, and how it stops
-/// those whose lease is lost.
+/// The jobs running now and the messages claimed ahead for them, by message: whose leases
+/// `keep_leases` extends, and how it stops those whose lease is lost.
 type InFlight = Arc<Mutex<HashMap<MessageId, RunningJob>>>;
 
-/// A running job, as the lease heartbeat sees it.
+/// A claimed message, from its claim (in the claim-ahead buffer, maybe) to its job's end:
+/// its in-flight entry keeps its lease alive all along.
+struct Claimed {
+    message: Message,
+    /// Its job's [`JobContext::cancellation`] token.
+    cancel: CancellationToken,
+    running: Running,
+}
+
+/// A running (or claimed-ahead) job, as the lease heartbeat sees it.
 struct RunningJob {
     lease: Lease,
     /// The job's [`JobContext::cancellation`] token.
@@ -953,8 +1095,8 @@ struct RunningJob {
     lost: Arc<AtomicBool>,
 }
 
-/// A job's entry in the worker's in-flight map, removed when the job's future ends or is
-/// dropped.
+/// A job's entry in the worker's in-flight map, from its claim; removed when the job's
+/// future ends or is dropped, or when the message is dropped from the claim-ahead buffer.
 struct Running {
     in_flight: InFlight,
     lease: Lease,
@@ -980,6 +1122,11 @@ impl Running {
             lease,
             lost,
         }
+    }
+
+    /// Whether the heartbeat has found the lease lost.
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
     }
 
     /// Removes the entry; returns whether the lease was found lost meanwhile (final: once

@@ -337,6 +337,61 @@ async fn a_job_whose_lease_is_lost_is_cancelled() {
     assert!(backend.list_dead(&queue, 10).await.unwrap().is_empty());
 }
 
+/// A message claimed ahead whose lease is lost while it waits (its message purged here,
+/// deleted by an operator on Postgres) is dropped from the buffer without running; the
+/// worker goes on with what comes next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_ahead_message_whose_lease_is_lost_never_runs() {
+    let (backend, queue) = setup(QueueOptions::default().lease(Duration::from_millis(150))).await;
+    send_numbers(&backend, &queue, 2).await;
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let worker = Worker::builder(backend.clone())
+        .concurrency(1)
+        .claim_ahead(1)
+        .poll_interval(Duration::from_millis(10))
+        .handle(queue.clone(), {
+            let ran = ran.clone();
+            move |ctx: JobContext<MemoryBackend>, n: u32| {
+                ran.lock().unwrap().push(n);
+                async move {
+                    if n == 0 {
+                        // Held until the purge takes its lease (and the buffered one's).
+                        ctx.cancellation().cancelled().await;
+                    }
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    until("the first job runs with the second claimed ahead", || {
+        ran.lock().unwrap().len() == 1
+    })
+    .await;
+    let in_flight = || async { backend.stats().await.unwrap()[0].in_flight };
+    let start = Instant::now();
+    while in_flight().await != 2 {
+        assert!(start.elapsed() < DEADLINE, "the second is claimed ahead");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(backend.purge_queue(&queue).await.unwrap(), 2);
+    backend
+        .send(&queue, NewMessage::encode(&2).unwrap())
+        .await
+        .unwrap();
+    until("the next message ran", || ran.lock().unwrap().contains(&2)).await;
+    drained(&backend).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        *ran.lock().unwrap(),
+        [0, 2],
+        "the purged buffered one never ran"
+    );
+    assert_eq!((report.started, report.acked), (2, 1), "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waker_ends_the_idle_wait() {
     let (backend, queue) = setup(QueueOptions::default()).await;

@@ -803,6 +803,18 @@ impl Consumer for PgBackend {
         Ok(updated == 1)
     }
 
+    async fn release(&self, leases: &[Lease]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, attempts) = lease_arrays(leases);
+        self.conn()
+            .await?
+            .exec(sql::RELEASE, &[&ids, &attempts])
+            .await
+            .map_err(|e| db("releasing messages", e))
+    }
+
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<bool> {
         let reason = storable(reason);
         let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));

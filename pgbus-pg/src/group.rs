@@ -5,8 +5,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use pgbus_core::{
-    check_delay, Extension, GroupRecovery, GroupSession, Lease, Message, MessageId,
-    OpenGroupSession, OrphanSightings, ProcessId, QueueName, Recovered, Result,
+    check_delay, Extension, GroupFailure, GroupNext, GroupRecovery, GroupSession, GroupSettle,
+    Lease, Message, MessageId, OpenGroupSession, OrphanSightings, ProcessId, QueueName, Recovered,
+    Result, Settled,
 };
 use tokio_postgres::Client;
 
@@ -21,8 +22,8 @@ use crate::{sql, PgBackend};
 /// releases any lock it still holds. In lease mode it owns lease rows under its token.
 pub struct PgGroupSession {
     client: Client,
-    claim_head: Reused,
-    ack: Reused,
+    /// [`sql::GROUP_STEP`] or its fenced twin: every claim and settlement.
+    step: Reused,
     /// Lease mode: this session's owner token and lease length.
     lease: Option<(String, Duration)>,
     /// Groups this session has locked: a session advisory lock is re-entrant, so locking
@@ -66,31 +67,23 @@ impl OpenGroupSession for PgBackend {
 
     async fn open_group_session(&self) -> Result<PgGroupSession> {
         let client = self.dedicated("group").await?;
-        let (claim_sql, ack_sql, lease) = match self.group_locks() {
-            GroupLocks::Advisory => (sql::CLAIM_GROUP_HEAD, sql::ACK, None),
+        let (step_sql, lease) = match self.group_locks() {
+            GroupLocks::Advisory => (sql::GROUP_STEP, None),
             GroupLocks::Lease { ttl } => {
                 let token: String = client
                     .q_one("SELECT gen_random_uuid()::text", &[])
                     .await
                     .map_err(|e| db("making a lease token", e))?
                     .get(0);
-                (
-                    sql::CLAIM_GROUP_HEAD_FENCED,
-                    sql::ACK_FENCED,
-                    Some((token, ttl)),
-                )
+                (sql::GROUP_STEP_FENCED, Some((token, ttl)))
             }
         };
-        let claim_head = Reused::prepare(&client, claim_sql, self.pooler())
+        let step = Reused::prepare(&client, step_sql, self.pooler())
             .await
-            .map_err(|e| db("preparing the group claim", e))?;
-        let ack = Reused::prepare(&client, ack_sql, self.pooler())
-            .await
-            .map_err(|e| db("preparing the ack", e))?;
+            .map_err(|e| db("preparing the group statement", e))?;
         Ok(PgGroupSession {
             client,
-            claim_head,
-            ack,
+            step,
             lease,
             held: HashSet::new(),
             process: None,
@@ -120,6 +113,95 @@ impl PgGroupSession {
 
     fn token(&self) -> Option<&String> {
         self.lease.as_ref().map(|(token, _)| token)
+    }
+
+    /// Runs [`sql::GROUP_STEP`]: `take` the lock first, settle `settle`, claim up to `max`
+    /// (when `claim` names the queue, group and lease) and `release` the lock when nothing
+    /// was claimed. Returns whether the lock is held (taken or kept) and what was done.
+    async fn step(
+        &mut self,
+        take: bool,
+        settle: &GroupSettle,
+        claim: Option<(&QueueName, &str, Duration, usize)>,
+        release: bool,
+    ) -> Result<(bool, Settled)> {
+        let (queue, group, lease, max) = match claim {
+            Some((queue, group, lease, max)) => (Some(queue), Some(group), lease, max),
+            None => (None, None, Duration::ZERO, 0),
+        };
+        check_delay("a lease", lease)?;
+        let (failed_id, failed_attempt, retry_secs, failed_text) = match &settle.failed {
+            Some((lease, failure)) => {
+                let (secs, text) = match failure {
+                    GroupFailure::Retry { delay, error } => {
+                        check_delay("a retry delay", *delay)?;
+                        (Some(delay.as_secs_f64()), error.as_deref().map(storable))
+                    }
+                    GroupFailure::DeadLetter { reason } => (None, Some(storable(reason))),
+                    _ => (None, None),
+                };
+                let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
+                (Some(lease.id.0), Some(attempt), secs, text)
+            }
+            None => (None, None, None, None),
+        };
+        let failed_text = failed_text.as_deref();
+        let (ack_ids, ack_attempts) = lease_arrays(&settle.ack);
+        let (back_ids, back_attempts) = lease_arrays(&settle.give_back);
+        let queue_name = queue.map(QueueName::as_str);
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let secs = lease.as_secs_f64();
+        let holder = self.process;
+        let params: [&dyn crate::query::Param; 15] = [
+            &queue_name,
+            &group,
+            &take,
+            &ack_ids,
+            &ack_attempts,
+            &failed_id,
+            &failed_attempt,
+            &retry_secs,
+            &failed_text,
+            &back_ids,
+            &back_attempts,
+            &max,
+            &secs,
+            &holder,
+            &release,
+        ];
+        let rows = match &self.lease {
+            None => self.step.query(&self.client, &params).await,
+            Some((token, ttl)) => {
+                let ttl = ttl.as_secs_f64();
+                let mut fenced: Vec<&dyn crate::query::Param> = params.to_vec();
+                fenced.extend([token as &dyn crate::query::Param, &ttl]);
+                self.step.query(&self.client, &fenced).await
+            }
+        }
+        .map_err(|e| db("settling and claiming a group's messages", e))?;
+        // The gate's row is always there, claimed messages or not.
+        let first = rows.first().ok_or_else(|| pgbus_core::Error::Backend {
+            message: "the group statement returned no row".to_owned(),
+            transient: false,
+            source: None,
+        })?;
+        let held: bool = first.get("held");
+        let mut settled = Settled::default();
+        settled.acked = first
+            .get::<_, Vec<i64>>("acked")
+            .into_iter()
+            .map(MessageId)
+            .collect();
+        settled.failed = first.get("failed");
+        settled.given_back = u64::try_from(first.get::<_, i64>("given_back")).unwrap_or(0);
+        if let Some(queue) = queue {
+            for row in &rows {
+                if row.get::<_, Option<i64>>("id").is_some() {
+                    settled.claimed.push(message_from(queue, row)?);
+                }
+            }
+        }
+        Ok((held, settled))
     }
 }
 
@@ -160,39 +242,53 @@ impl GroupSession for PgGroupSession {
         Ok(locked)
     }
 
-    async fn claim_head(
+    async fn claim(
         &mut self,
         queue: &QueueName,
         group: &str,
         lease: Duration,
-    ) -> Result<Option<Message>> {
-        check_delay("a lease", lease)?;
-        self.renew().await?;
-        let secs = lease.as_secs_f64();
-        let holder = self.process;
-        let row = match self.token() {
-            None => {
-                self.claim_head
-                    .query_opt(&self.client, &[&queue.as_str(), &group, &secs, &holder])
-                    .await
-            }
-            Some(token) => {
-                self.claim_head
-                    .query_opt(
-                        &self.client,
-                        &[&queue.as_str(), &group, &secs, token, &holder],
-                    )
-                    .await
-            }
+        max: usize,
+    ) -> Result<Vec<Message>> {
+        // Only the lock holder claims (in advisory mode the statement trusts the session).
+        if !self.held.contains(&(queue.clone(), group.to_owned())) {
+            return Ok(Vec::new());
         }
-        .map_err(|e| db("claiming a group's next message", e))?;
-        row.map(|row| message_from(queue, &row)).transpose()
+        let claim = Some((queue, group, lease, max));
+        let (_, settled) = self
+            .step(false, &GroupSettle::default(), claim, false)
+            .await?;
+        Ok(settled.claimed)
     }
 
-    async fn extend(&mut self, lease: &Lease, by: Duration) -> Result<Extension> {
+    async fn lock_and_claim(
+        &mut self,
+        queue: &QueueName,
+        group: &str,
+        lease: Duration,
+        max: usize,
+    ) -> Result<Option<Vec<Message>>> {
+        let key = (queue.clone(), group.to_owned());
+        if self.held.contains(&key) {
+            return self.claim(queue, group, lease, max).await.map(Some);
+        }
+        let claim = Some((queue, group, lease, max));
+        let (held, settled) = self
+            .step(true, &GroupSettle::default(), claim, false)
+            .await?;
+        if !held {
+            return Ok(None);
+        }
+        self.held.insert(key);
+        if settled.claimed.is_empty() {
+            // A stale candidate: its run was claimed or settled since it was listed.
+            self.unlock(queue, group).await?;
+        }
+        Ok(Some(settled.claimed))
+    }
+
+    async fn extend(&mut self, leases: &[Lease], by: Duration) -> Result<Extension> {
         check_delay("a lease", by)?;
         self.renew().await?;
-        let leases = std::slice::from_ref(lease);
         let (ids, attempts) = lease_arrays(leases);
         let secs = by.as_secs_f64();
         let row = match self.token() {
@@ -207,70 +303,36 @@ impl GroupSession for PgGroupSession {
                     .await
             }
         }
-        .map_err(|e| db("extending a group lease", e))?;
+        .map_err(|e| db("extending group leases", e))?;
         Ok(extension_from(&row, leases))
     }
 
-    async fn ack(&mut self, lease: &Lease) -> Result<bool> {
-        let (ids, attempts) = lease_arrays(std::slice::from_ref(lease));
-        let acked: i64 = match self.token() {
-            None => self.ack.query_one(&self.client, &[&ids, &attempts]).await,
-            Some(token) => {
-                self.ack
-                    .query_one(&self.client, &[&ids, &attempts, token])
-                    .await
+    async fn settle(&mut self, settle: &GroupSettle, then: GroupNext<'_>) -> Result<Settled> {
+        let (claim, release) = match then {
+            GroupNext::Claim {
+                queue,
+                group,
+                lease,
+                max,
+            } => (Some((queue, group, lease, max)), Some((queue, group))),
+            GroupNext::Release { queue, group } => (
+                Some((queue, group, Duration::ZERO, 0)),
+                Some((queue, group)),
+            ),
+            _ => (None, None),
+        };
+        // Only a lock this session holds is released (an unlock of another's would warn),
+        // and only its holder claims.
+        let key = release.map(|(queue, group)| (queue.clone(), group.to_owned()));
+        let holds = key.as_ref().is_some_and(|key| self.held.contains(key));
+        let claim = claim.filter(|_| holds);
+        let (_, settled) = self.step(false, settle, claim, holds).await?;
+        if let Some(key) = key {
+            if settled.claimed.is_empty() {
+                self.held.remove(&key);
             }
         }
-        .map_err(|e| db("acking a group message", e))?
-        .get(0);
-        Ok(acked == 1)
-    }
-
-    async fn nack(&mut self, lease: &Lease, delay: Duration, error: Option<&str>) -> Result<bool> {
-        check_delay("a retry delay", delay)?;
-        let error = error.map(storable);
-        let error = error.as_deref();
-        let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
-        let secs = delay.as_secs_f64();
-        let updated = match self.token() {
-            None => {
-                self.client
-                    .exec(sql::NACK, &[&lease.id.0, &attempt, &secs, &error])
-                    .await
-            }
-            Some(token) => {
-                self.client
-                    .exec(
-                        sql::NACK_FENCED,
-                        &[&lease.id.0, &attempt, &secs, &error, token],
-                    )
-                    .await
-            }
-        }
-        .map_err(|e| db("returning a group message", e))?;
-        Ok(updated == 1)
-    }
-
-    async fn dead_letter(&mut self, lease: &Lease, reason: &str) -> Result<bool> {
-        let reason = &*storable(reason);
-        let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
-        let moved = match self.token() {
-            None => {
-                self.client
-                    .exec(sql::DEAD_LETTER, &[&lease.id.0, &attempt, &reason])
-                    .await
-            }
-            Some(token) => {
-                self.client
-                    .exec(
-                        sql::DEAD_LETTER_FENCED,
-                        &[&lease.id.0, &attempt, &reason, token],
-                    )
-                    .await
-            }
-        }
-        .map_err(|e| db("dead-lettering a group message", e))?;
-        Ok(moved == 1)
+        Ok(settled)
     }
 
     async fn trip_breaker(&mut self, queue: &QueueName, backoff: Duration) -> Result<()> {
@@ -346,7 +408,8 @@ pub struct GroupInFlight {
     pub queue: String,
     /// The group key.
     pub group: String,
-    /// The running message.
+    /// Its oldest leased message: the running one, or one whose ack is on its way (a
+    /// group's session leases a run of messages).
     pub message: MessageId,
     /// Its attempt.
     pub attempt: u32,

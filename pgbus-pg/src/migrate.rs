@@ -105,6 +105,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0017_console.sql"),
     },
     Migration {
+        version: 18,
+        name: "hot_table_vacuum",
+        sql: include_str!("../migrations/0018_hot_table_vacuum.sql"),
+    },
+    Migration {
         version: 19,
         name: "queue_check",
         sql: include_str!("../migrations/0019_queue_check.sql"),

@@ -178,18 +178,6 @@ impl Reused {
         }
     }
 
-    /// The row of the statement, if any.
-    pub(crate) async fn query_opt(
-        &self,
-        client: &(impl GenericClient + Sync),
-        params: &[&dyn Param],
-    ) -> Result<Option<Row>, Error> {
-        match self {
-            Self::Prepared(statement) => client.query_opt(statement, &untyped(params)).await,
-            Self::Unnamed(sql) => client.query_typed_opt(sql, &typed(params)).await,
-        }
-    }
-
     /// The one row of the statement.
     pub(crate) async fn query_one(
         &self,

@@ -201,95 +201,125 @@ macro_rules! fence {
     };
 }
 
-/// Ack: delete current deliveries; archive those of history-keeping queues. `$fence` adds
-/// a condition to the delete (see [`fence!`]).
+/// The current deliveries among the leases `($1[i], $2[i])` (message id, attempt), each
+/// row locked with `$lock`: a `FROM` item yielding their ids as `m.id`. `$cond` adds
+/// conditions on the row (`m`), `$fence` the lease-mode fence (see [`fence!`]).
 ///
-/// The rows are locked first, in id order (`ORDER BY ... FOR UPDATE`), and then deleted by
-/// primary key. A delete joined to the array locks in its plan's order, which for a nested
-/// loop over `unnest` is the array's: the order the worker's jobs finished in. The
-/// console's actions on several jobs lock in id order too (`console/actions.rs`,
-/// `locked!`), so an ack and an action on overlapping jobs wait for each other instead of
-/// deadlocking. A row whose attempt changed while the ack waited (claimed again) fails the
-/// re-check and is left alone.
+/// Each lease is looked up by primary key, one after another in id order: the `LATERAL`
+/// subquery with its own locking clause cannot be merged into a join, so the plan is the
+/// same whatever the table's statistics say. A plain join of the table to the array was
+/// planned from them, and with the statistics of an empty table (the normal state of a
+/// queue that keeps up, see migration 18) it scanned the whole array once per row, quadratic
+/// in the number of leases (a heartbeat of 200 leases: 24 ms instead of 1). Id order is the
+/// order the rows are locked in when `$lock` waits: the console's actions on several jobs
+/// lock in id order too (`console/actions.rs`, `locked!`), so an ack and an action on
+/// overlapping jobs wait for each other instead of deadlocking. A row whose attempt
+/// changed while the statement waited (claimed again) fails the re-check and is left out.
+macro_rules! current_deliveries {
+    ($cond:expr, $fence:expr, $lock:expr) => {
+        concat!(
+            "(SELECT l.id, l.attempt FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+          ORDER BY l.id) l
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM pgbus.messages m
+        WHERE m.id = l.id AND m.attempts = l.attempt",
+            $cond,
+            $fence,
+            "
+        ",
+            $lock,
+            "
+    ) m"
+        )
+    };
+}
+
+/// Ack: delete current deliveries; archive those of history-keeping queues (the archive
+/// insert, `archive_acked!`, reads the deleted rows of the CTE it names; the group
+/// statement, [`group_step!`], archives its acks with it too).
 ///
-/// The rows are found by `m.id = ANY ($1)` as well as by the join: with the join alone,
-/// how the planner finds them depends on the table's statistics (with statistics calling
-/// the table empty, under a pinned xmin, the bench saw acks of 859 ms p99); the array
-/// condition is a primary-key lookup whatever they say. The lease extension does the same.
+/// The rows are locked first (see [`current_deliveries!`]) and then deleted by primary key
+/// (`= ANY`, a plan that needs no estimate either).
 ///
 /// The delete returns only ids and queues: every part of one statement sees the same
 /// snapshot, taken before the delete, so the archive reads the deleted rows' columns from
 /// the table itself, and only when some queue keeps history at all (a one-time check), so
 /// acks of the common, history-less queues pay for no row copies and no join.
-macro_rules! ack {
-    ($fence:expr) => {
+macro_rules! archive_acked {
+    ($acked:literal) => {
         concat!(
             "
+INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts, content_type,
+                           headers, group_key, payload, errors)
+SELECT m.id, m.queue, m.priority, m.enqueued_at, m.attempts, m.content_type,
+       m.headers, m.group_key, m.payload, m.errors
+FROM ",
+            $acked,
+            " d
+JOIN pgbus.queues q ON q.name = d.queue AND q.keep_history
+JOIN pgbus.messages m ON m.id = d.id
+WHERE EXISTS (SELECT 1 FROM pgbus.queues WHERE keep_history)"
+        )
+    };
+}
+pub(crate) const ACK: &str = concat!(
+    "
 WITH locked AS (
     SELECT m.id
-    FROM pgbus.messages m
-    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-    WHERE m.id = ANY ($1) AND m.attempts = l.attempt",
-            $fence,
-            "
-    ORDER BY m.id
-    FOR UPDATE OF m
+    FROM ",
+    current_deliveries!("", "", "FOR UPDATE OF m"),
+    "
 ), done AS (
     DELETE FROM pgbus.messages m
     WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING m.id, m.queue
-), archived AS (
-    INSERT INTO pgbus.archive (id, queue, priority, enqueued_at, attempts, content_type,
-                               headers, group_key, payload, errors)
-    SELECT m.id, m.queue, m.priority, m.enqueued_at, m.attempts, m.content_type,
-           m.headers, m.group_key, m.payload, m.errors
-    FROM done d
-    JOIN pgbus.queues q ON q.name = d.queue AND q.keep_history
-    JOIN pgbus.messages m ON m.id = d.id
-    WHERE EXISTS (SELECT 1 FROM pgbus.queues WHERE keep_history)
+), archived AS (",
+    archive_acked!("done"),
+    "
 )
 SELECT count(*) FROM done"
-        )
-    };
-}
-pub(crate) const ACK: &str = ack!("");
-pub(crate) const ACK_FENCED: &str = ack!(fence!("3"));
+);
 
 /// Extends the leases of current deliveries to `$3` seconds from now, skipping rows another
 /// statement holds: those are being settled (acked, retried, dead-lettered) or changed, so
 /// their leases are not extended now, and a heartbeat that never waits cannot deadlock with
 /// a worker's batch ack of overlapping leases on another pooled connection (it did, found
-/// by `cargo xtask chaos`: the two locked the shared rows in opposite orders).
+/// by `cargo xtask chaos`: the two locked the shared rows in opposite orders). The rows are
+/// found as the ack finds them ([`current_deliveries!`]).
 ///
 /// Returns how many were extended and the positions (from 1) in `$1`/`$2` of the leases
 /// that are gone: no row of that id and attempt holds a lease any more (settled, deleted by an operator, claimed again,
 /// given back). A skipped row still exists in the statement's snapshot, so it is never
-/// reported lost: a lock is not a loss, and the next heartbeat looks again.
+/// reported lost: a lock is not a loss, and the next heartbeat looks again. The `OFFSET 0`
+/// keeps that check a primary-key probe per lease: without it the planner may turn it
+/// into an anti-join planned from the statistics, which with those of an empty table
+/// compared every lease with every leased row.
 macro_rules! extend {
     ($fence:expr) => {
         concat!(
             "
-WITH extended AS (
+WITH leased AS (
+    SELECT m.id
+    FROM ",
+            current_deliveries!(
+                " AND m.lease_until IS NOT NULL",
+                $fence,
+                "FOR UPDATE OF m SKIP LOCKED"
+            ),
+            "
+), extended AS (
     UPDATE pgbus.messages m
     SET lease_until = now() + make_interval(secs => $3)
-    FROM (
-        SELECT m.id
-        FROM pgbus.messages m
-        JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-        WHERE m.id = ANY ($1) AND m.attempts = l.attempt AND m.lease_until IS NOT NULL",
-            $fence,
-            "
-        FOR UPDATE OF m SKIP LOCKED
-    ) leased
-    WHERE m.id = leased.id
+    WHERE m.id = ANY (ARRAY(SELECT id FROM leased))
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM extended),
        ARRAY(
            SELECT l.n FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS l(id, attempt, n)
            WHERE NOT EXISTS (
-               SELECT 1 FROM pgbus.messages m
-               WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL))"
+               SELECT FROM pgbus.messages m
+               WHERE m.id = l.id AND m.attempts = l.attempt AND m.lease_until IS NOT NULL
+               OFFSET 0))"
         )
     };
 }
@@ -300,45 +330,81 @@ pub(crate) const EXTEND_FENCED: &str = extend!(fence!("4"));
 /// last error and appended to its attempt history (`pgbus.append_error`, migration 17: the
 /// last 10 entries). A give-back without error text (a job the pool refused, or whose
 /// group lost its slot, before its handler ran) is no failed attempt, so it leaves the
-/// history alone.
-macro_rules! nack {
-    ($fence:expr) => {
+/// history alone. (`retry_set!`, the `SET` clause, is the group statement's retry too.)
+macro_rules! retry_set {
+    ($delay:literal, $error:literal) => {
         concat!(
             "
-UPDATE pgbus.messages m
-SET visible_at = now() + make_interval(secs => $3), lease_until = NULL, last_error = $4,
-    errors = CASE WHEN $4::text IS NULL THEN m.errors
-                  ELSE pgbus.append_error(m.errors, m.attempts, $4) END
-WHERE m.id = $1 AND m.attempts = $2",
-            $fence
+SET visible_at = now() + make_interval(secs => ",
+            $delay,
+            "), lease_until = NULL,
+    last_error = ",
+            $error,
+            ",
+    errors = CASE WHEN ",
+            $error,
+            "::text IS NULL THEN m.errors
+                  ELSE pgbus.append_error(m.errors, m.attempts, ",
+            $error,
+            ") END"
         )
     };
 }
-pub(crate) const NACK: &str = nack!("");
-pub(crate) const NACK_FENCED: &str = nack!(fence!("5"));
+pub(crate) const NACK: &str = concat!(
+    "
+UPDATE pgbus.messages m",
+    retry_set!("$3", "$4"),
+    "
+WHERE m.id = $1 AND m.attempts = $2"
+);
+
+/// Gives back claims whose jobs never started (`Consumer::release`: a worker's
+/// claimed-ahead messages when it stops): the lease ends and the claim's attempt is taken
+/// back; `visible_at` is left alone, so the message is claimable at once in the place it
+/// had, and its error history is untouched. Only unindexed columns change (a HOT update).
+/// A row not leased under that attempt (settled, released, claimed again) is left alone.
+/// The rows are locked in id order, as the ack locks them (see [`ACK`]).
+pub(crate) const RELEASE: &str = "
+WITH locked AS (
+    SELECT m.id
+    FROM pgbus.messages m
+    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
+    WHERE m.id = ANY ($1) AND m.attempts = l.attempt AND m.lease_until IS NOT NULL
+    ORDER BY m.id
+    FOR UPDATE OF m
+)
+UPDATE pgbus.messages m
+SET lease_until = NULL, attempts = m.attempts - 1
+WHERE m.id = ANY (ARRAY(SELECT id FROM locked))";
 
 /// Moves the message to the dead letters with reason `$3`, which ends its attempt history
-/// (carried along, `pgbus.append_error`).
-macro_rules! dead_letter {
-    ($fence:expr) => {
+/// (carried along, `pgbus.append_error`). `bury!` inserts the rows deleted by the CTE it
+/// names; the group statement buries with it too.
+macro_rules! bury {
+    ($dead:literal, $reason:literal) => {
         concat!(
             "
-WITH d AS (
-    DELETE FROM pgbus.messages m WHERE m.id = $1 AND m.attempts = $2",
-            $fence,
-            "
-    RETURNING m.*
-)
 INSERT INTO pgbus.dead_letters (id, queue, priority, enqueued_at, attempts, content_type,
                                 headers, group_key, payload, error, limit_key, errors)
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
-       payload, $3, limit_key, pgbus.append_error(errors, attempts, $3)
-FROM d"
+       payload, ",
+            $reason,
+            ", limit_key, pgbus.append_error(errors, attempts, ",
+            $reason,
+            ")
+FROM ",
+            $dead
         )
     };
 }
-pub(crate) const DEAD_LETTER: &str = dead_letter!("");
-pub(crate) const DEAD_LETTER_FENCED: &str = dead_letter!(fence!("4"));
+pub(crate) const DEAD_LETTER: &str = concat!(
+    "
+WITH d AS (
+    DELETE FROM pgbus.messages m WHERE m.id = $1 AND m.attempts = $2
+    RETURNING m.*
+)",
+    bury!("d", "$3")
+);
 
 pub(crate) const LIST_DEAD: &str = "
 SELECT id, queue, priority, enqueued_at, attempts, content_type, headers, group_key,
@@ -497,14 +563,30 @@ ORDER BY id";
 
 /// Groups whose oldest message is visible now, oldest first, leaving out `$3`. Takes no
 /// lock (locks are taken per group, on the group's own connection).
+///
+/// The heads are found by a skip scan of `messages_group_idx`: one index probe per group
+/// for the first message after the previous group, rather than a read of every grouped
+/// message of the queue (a `DISTINCT ON` over 20,000 messages of 1,000 groups took 20 ms a
+/// call); the cost grows with the groups, not with their messages.
 pub(crate) const GROUP_CANDIDATES: &str = "
+WITH RECURSIVE heads AS (
+    (SELECT group_key, id, visible_at, lease_until
+     FROM pgbus.messages
+     WHERE queue = $1 AND group_key IS NOT NULL
+     ORDER BY group_key, id
+     LIMIT 1)
+    UNION ALL
+    SELECT n.group_key, n.id, n.visible_at, n.lease_until
+    FROM heads h, LATERAL (
+        SELECT group_key, id, visible_at, lease_until
+        FROM pgbus.messages
+        WHERE queue = $1 AND group_key > h.group_key
+        ORDER BY group_key, id
+        LIMIT 1
+    ) n
+)
 SELECT h.group_key
-FROM (
-    SELECT DISTINCT ON (group_key) group_key, id, visible_at, lease_until
-    FROM pgbus.messages
-    WHERE queue = $1 AND group_key IS NOT NULL
-    ORDER BY group_key, id
-) h
+FROM heads h
 WHERE h.visible_at <= now()
   AND (h.lease_until IS NULL OR h.lease_until <= now())
   AND NOT (h.group_key = ANY ($3))
@@ -512,64 +594,271 @@ WHERE h.visible_at <= now()
 ORDER BY h.id
 LIMIT $2";
 
-/// The group lock: a session advisory lock on (hash of the queue, hash of the group).
-/// Hash collisions only make two groups share a lock (less parallelism, never overlap).
+/// The key of group `$2`'s advisory lock in queue `$1`: (hash of the queue, hash of the
+/// group). Hash collisions only make two groups share a lock (less parallelism, never
+/// overlap).
+macro_rules! group_lock_key {
+    () => {
+        "hashtext('pgbus:' || $1), hashtext($2)"
+    };
+}
+
+/// The group lock: a session advisory lock on [`group_lock_key!`].
 pub(crate) const TRY_LOCK_GROUP: &str =
-    "SELECT pg_try_advisory_lock(hashtext('pgbus:' || $1), hashtext($2))";
+    concat!("SELECT pg_try_advisory_lock(", group_lock_key!(), ")");
 
-pub(crate) const UNLOCK_GROUP: &str =
-    "SELECT pg_advisory_unlock(hashtext('pgbus:' || $1), hashtext($2))";
+pub(crate) const UNLOCK_GROUP: &str = concat!("SELECT pg_advisory_unlock(", group_lock_key!(), ")");
 
-/// Leases the group's oldest message if it is visible now to process `$holder` (see
-/// [`CLAIM`]). Run only by the lock holder.
-macro_rules! claim_group_head {
-    ($holder:literal, $fence:expr) => {
+/// Lease mode: takes group `$2`'s lease row for owner `$owner` for `$ttl` seconds when it
+/// is free, expired, or already ours, `WHERE` `$when`; returns a row when taken.
+macro_rules! take_group_lease {
+    ($owner:literal, $ttl:literal, $when:literal) => {
         concat!(
             "
-UPDATE pgbus.messages m
-SET lease_until = now() + make_interval(secs => $3),
-    attempts = m.attempts + 1,
-    leased_by = $",
-            $holder,
+INSERT INTO pgbus.group_leases AS g (queue, group_key, owner, expires_at)
+SELECT $1, $2, $",
+            $owner,
+            ", now() + make_interval(secs => $",
+            $ttl,
+            ")
+WHERE ",
+            $when,
             "
-FROM (
-    SELECT id FROM pgbus.messages
-    WHERE queue = $1 AND group_key = $2
-    ORDER BY id
-    LIMIT 1
-) head
-WHERE m.id = head.id
-  AND m.visible_at <= now()
-  AND (m.lease_until IS NULL OR m.lease_until <= now())
-  AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)",
-            $fence,
-            "
-RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_type,
-          m.headers, m.group_key, m.last_error, m.payload"
+ON CONFLICT (queue, group_key) DO UPDATE
+SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+WHERE g.expires_at <= now() OR g.owner = EXCLUDED.owner
+RETURNING owner"
         )
     };
 }
-pub(crate) const CLAIM_GROUP_HEAD: &str = claim_group_head!("4", "");
-pub(crate) const CLAIM_GROUP_HEAD_FENCED: &str = claim_group_head!("5", fence!("4"));
+
+/// Lease mode: takes the group's lease row (see [`take_group_lease!`]); the claim and its
+/// renewal are one statement.
+pub(crate) const TRY_LEASE_GROUP: &str = take_group_lease!("3", "4", "true");
+
+/// A group session's one statement for its messages (`pgbus:group`): settle what the
+/// session ran, then claim the group's next run, in one round trip and one commit. Run only
+/// by the session holding the group's lock, or taking it here (`$3`).
+///
+/// - `$3`: take the group's lock first (the gate); otherwise the session holds it already
+///   (in lease mode: its lease must be live, else nothing is claimed).
+/// - Settled, each only while its `(id, attempt)` is current (and, in lease mode, fenced):
+///   acks `$4`/`$5` (deleted, archived for history-keeping queues, as [`ACK`] does); the
+///   failed message `$6`/`$7`, retried after `$8` seconds with error `$9`, or, when `$8` is
+///   NULL, dead-lettered with reason `$9` (as [`NACK`] and [`DEAD_LETTER`] do); claims never
+///   started, `$10`/`$11`, given back untouched: lease cleared, the claim's attempt taken
+///   back. All are locked first, in id order, like every statement that waits for rows,
+///   and looked up one by one as [`current_deliveries!`] does, a plan that needs no
+///   statistics.
+/// - Claimed: up to `$12` of the group's oldest messages after those settled here, in id
+///   order, stopping before the first that is delayed, leased, or given back or retried
+///   here; leased for `$13` seconds to process `$14`. The candidates are read with `FOR
+///   UPDATE`, which returns each row as it is now rather than as the statement's snapshot
+///   saw it: the snapshot is taken before the gate's lock, so a previous owner's last
+///   writes may postdate it, and a row it retried must stop the run, not be skipped.
+/// - `$15`: release the lock when nothing was claimed (also when `$12` is 0).
+///
+/// Returns one row per claimed message (one row of NULLs when none), each carrying whether
+/// the gate holds the lock, the acked ids, whether the failure was settled and how many
+/// were given back.
+macro_rules! group_step {
+    ($gate:expr, $fence:expr, $more:expr, $released:expr) => {
+        concat!(
+            "
+WITH ",
+            $gate,
+            ",
+settling AS (
+    SELECT m.id, s.kind
+    FROM (
+        SELECT a.id, a.attempt, 'ack' AS kind
+        FROM unnest($4::bigint[], $5::int[]) AS a(id, attempt)
+        UNION ALL
+        SELECT $6::bigint, $7::int, CASE WHEN $8::float8 IS NULL THEN 'dead' ELSE 'retry' END
+        WHERE $6::bigint IS NOT NULL
+        UNION ALL
+        SELECT b.id, b.attempt, 'back'
+        FROM unnest($10::bigint[], $11::int[]) AS b(id, attempt)
+        ORDER BY id
+    ) s
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM pgbus.messages m
+        WHERE m.id = s.id AND m.attempts = s.attempt",
+            $fence,
+            "
+        FOR UPDATE OF m
+    ) m
+), acked AS (
+    DELETE FROM pgbus.messages m
+    WHERE m.id = ANY (ARRAY(SELECT id FROM settling WHERE kind = 'ack'))
+    RETURNING m.id, m.queue
+), archived AS (",
+            archive_acked!("acked"),
+            "
+), dead AS (
+    DELETE FROM pgbus.messages m
+    WHERE m.id = (SELECT id FROM settling WHERE kind = 'dead')
+    RETURNING m.*
+), buried AS (",
+            bury!("dead", "$9"),
+            "
+), retried AS (
+    UPDATE pgbus.messages m",
+            retry_set!("$8", "$9"),
+            "
+    WHERE m.id = (SELECT id FROM settling WHERE kind = 'retry')
+    RETURNING m.id
+), given_back AS (
+    UPDATE pgbus.messages m
+    SET lease_until = NULL, attempts = m.attempts - 1
+    WHERE m.id = ANY (ARRAY(SELECT id FROM settling WHERE kind = 'back'))
+    RETURNING m.id
+), run AS (
+    SELECT n.id,
+           n.visible_at <= now() AND (n.lease_until IS NULL OR n.lease_until <= now()) AS ready
+    FROM gate, LATERAL (
+        SELECT id, visible_at, lease_until
+        FROM pgbus.messages
+        WHERE queue = $1 AND group_key = $2 AND gate.held
+          AND id <> ALL (ARRAY(SELECT id FROM settling))
+        ORDER BY id
+        LIMIT $12
+        FOR UPDATE
+    ) n
+), claimed AS (
+    UPDATE pgbus.messages m
+    SET lease_until = now() + make_interval(secs => $13),
+        attempts = m.attempts + 1,
+        leased_by = $14
+    WHERE m.id = ANY (ARRAY(
+        SELECT id FROM run
+        WHERE ready
+          AND id < ALL (ARRAY(
+              SELECT id FROM run WHERE NOT ready
+              UNION ALL
+              SELECT id FROM settling WHERE kind IN ('retry', 'back')))))
+      AND NOT (SELECT paused OR breaker_until > now() FROM pgbus.queues WHERE name = $1)
+    RETURNING m.id, m.priority, m.lease_until, m.attempts, m.enqueued_at, m.content_type,
+              m.headers, m.group_key, m.last_error, m.payload
+)",
+            $more,
+            "
+SELECT gate.held,
+       ARRAY(SELECT id FROM acked) AS acked,
+       EXISTS (SELECT 1 FROM dead) OR EXISTS (SELECT 1 FROM retried) AS failed,
+       (SELECT count(*) FROM given_back) AS given_back,
+       ",
+            $released,
+            " AS released,
+       c.id, c.priority, c.lease_until, c.attempts, c.enqueued_at, c.content_type,
+       c.headers, c.group_key, c.last_error, c.payload
+FROM gate LEFT JOIN claimed c ON true
+ORDER BY c.id"
+        )
+    };
+}
+
+/// A column of [`group_step!`]'s gate: a step that settles nothing (a claim, a lock, a
+/// release) commits asynchronously, as the fetch connection's claims do: a lost commit
+/// only makes its messages claimable again. Steps that settle commit durably.
+macro_rules! claim_commits_async {
+    () => {
+        "CASE WHEN cardinality($4::bigint[]) = 0 AND $6::bigint IS NULL
+                AND cardinality($10::bigint[]) = 0
+           THEN set_config('synchronous_commit', 'off', true) END AS commit"
+    };
+}
+
+/// [`group_step!`] with session advisory locks: the gate tries the lock, and the release
+/// unlocks it. (A session lock is released at once, before the statement commits; whoever
+/// takes the group next reads the rows with `FOR UPDATE`, so it waits for this commit.)
+pub(crate) const GROUP_STEP: &str = group_step!(
+    concat!(
+        "gate AS (
+    SELECT CASE WHEN $3 THEN pg_try_advisory_lock(",
+        group_lock_key!(),
+        ") ELSE true END AS held, ",
+        claim_commits_async!(),
+        "
+)"
+    ),
+    "",
+    "",
+    concat!(
+        "CASE WHEN $15 AND NOT EXISTS (SELECT 1 FROM claimed) THEN pg_advisory_unlock(",
+        group_lock_key!(),
+        ") END"
+    )
+);
+
+/// [`group_step!`] with lease rows owned by token `$16` for `$17` seconds: the gate takes
+/// the lease (or checks that it is still this session's), every write is fenced by it, and
+/// the session's live leases with less than two thirds of `$17` left are renewed (not all
+/// at every step: 32 sessions rewriting their rows on the table's few pages at every step
+/// queued behind each other), and the group's own ends now when it is released.
+pub(crate) const GROUP_STEP_FENCED: &str = group_step!(
+    concat!(
+        "taken AS (",
+        take_group_lease!("16", "17", "$3"),
+        "
+), gate AS (
+    SELECT CASE WHEN $3 THEN EXISTS (SELECT 1 FROM taken)
+                ELSE EXISTS (SELECT 1 FROM pgbus.group_leases g
+                             WHERE g.queue = $1 AND g.group_key = $2 AND g.owner = $16
+                               AND g.expires_at > now()) END AS held, ",
+        claim_commits_async!(),
+        "
+)"
+    ),
+    fence!("16"),
+    "
+, released AS (
+    SELECT $15 AND NOT EXISTS (SELECT 1 FROM claimed) AS released
+), renewed AS (
+    UPDATE pgbus.group_leases g
+    SET expires_at = CASE WHEN r.released AND g.queue = $1 AND g.group_key = $2 THEN now()
+                          ELSE now() + make_interval(secs => $17) END
+    FROM released r
+    WHERE g.owner = $16 AND g.expires_at > now()
+      AND NOT ($3 AND g.queue = $1 AND g.group_key = $2)
+      AND ((r.released AND g.queue = $1 AND g.group_key = $2)
+           OR g.expires_at < now() + make_interval(secs => $17 * 2 / 3))
+)",
+    "(SELECT released FROM released)"
+);
 
 /// Whether a live worker holds message `m`'s group, in either lock mode: a granted
 /// session advisory lock (advisory mode) or an unexpired lease row (lease mode). Recovery
 /// in either mode leaves such groups alone, so workers of both modes may share a queue, as
-/// during a rolling switch to a transaction-mode pooler.
+/// during a rolling switch to a transaction-mode pooler. The statement must read the locks
+/// first, as `held_locks` ([`held_locks!`]).
 macro_rules! group_held {
     () => {
         "(EXISTS (
-          SELECT 1 FROM pg_locks l
-          WHERE l.locktype = 'advisory'
-            AND l.granted
-            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND l.objsubid = 2
-            AND l.classid = hashtext('pgbus:' || m.queue)::oid
+          SELECT 1 FROM held_locks l
+          WHERE l.classid = hashtext('pgbus:' || m.queue)::oid
             AND l.objid = hashtext(m.group_key)::oid
       ) OR EXISTS (
           SELECT 1 FROM pgbus.group_leases g
           WHERE g.queue = m.queue AND g.group_key = m.group_key AND g.expires_at > now()
       ))"
+    };
+}
+
+/// The granted advisory locks of this database (see [`group_held!`]), read once per
+/// statement: `pg_locks` takes every lock-table partition while it reads them, so read per
+/// message (as a correlated subquery is) it stalled every lock taken meanwhile, the group
+/// sessions' included, for hundreds of milliseconds a pass.
+macro_rules! held_locks {
+    () => {
+        "held_locks AS MATERIALIZED (
+    SELECT l.classid, l.objid
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory'
+      AND l.granted
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.objsubid = 2
+)"
     };
 }
 
@@ -580,7 +869,9 @@ macro_rules! group_held {
 /// every orphaned claim with whether it was freed.
 pub(crate) const RECOVER_GROUPS: &str = concat!(
     "
-WITH orphaned AS (
+WITH ",
+    held_locks!(),
+    ", orphaned AS (
     SELECT m.id, m.attempts
     FROM pgbus.messages m
     WHERE m.queue = ANY ($1)
@@ -602,16 +893,6 @@ WITH orphaned AS (
 SELECT o.id, o.attempts, o.id IN (SELECT id FROM freed) AS freed FROM orphaned o"
 );
 
-/// Lease mode: takes the group's lease row when it is free, expired, or already ours; the
-/// claim and its renewal are one statement.
-pub(crate) const TRY_LEASE_GROUP: &str = "
-INSERT INTO pgbus.group_leases AS g (queue, group_key, owner, expires_at)
-VALUES ($1, $2, $3, now() + make_interval(secs => $4))
-ON CONFLICT (queue, group_key) DO UPDATE
-SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
-WHERE g.expires_at <= now() OR g.owner = EXCLUDED.owner
-RETURNING owner";
-
 /// Lease mode: renews every live lease this session owns.
 pub(crate) const RENEW_GROUP_LEASES: &str = "
 UPDATE pgbus.group_leases SET expires_at = now() + make_interval(secs => $2)
@@ -624,7 +905,9 @@ pub(crate) const RELEASE_GROUP_LEASE: &str =
 /// expired lease rows.
 pub(crate) const RECOVER_LEASED_GROUPS: &str = concat!(
     "
-WITH freed AS (
+WITH ",
+    held_locks!(),
+    ", freed AS (
     UPDATE pgbus.messages m
     SET lease_until = NULL
     WHERE m.queue = ANY ($1)
@@ -1041,10 +1324,11 @@ pub(crate) const PRUNE_OUTBOX: &str = prune_older!("pgbus.outbox", "id", "publis
 pub(crate) const OUTBOX_PENDING: &str =
     "SELECT count(*) FROM pgbus.outbox WHERE published_at IS NULL AND error IS NULL";
 
-/// Grouped messages running now, for the dashboard: one row per in-flight group.
+/// Grouped messages running now, for the dashboard: one row per in-flight group, its
+/// oldest leased message (a group's session leases a run of several).
 pub(crate) const GROUPS_IN_FLIGHT: &str = "
-SELECT queue, group_key, id, attempts, lease_until
+SELECT DISTINCT ON (queue, group_key) queue, group_key, id, attempts, lease_until
 FROM pgbus.messages
 WHERE group_key IS NOT NULL AND lease_until > now()
-ORDER BY queue, group_key
+ORDER BY queue, group_key, id
 LIMIT $1";

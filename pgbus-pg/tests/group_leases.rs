@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    GroupRecovery, GroupSession, NewMessage, OpenGroupSession, Producer, QueueAdmin, QueueName,
-    QueueOptions, Stats,
+    GroupNext, GroupRecovery, GroupSession, GroupSettle, Message, NewMessage, OpenGroupSession,
+    Producer, QueueAdmin, QueueName, QueueOptions, Stats,
 };
 use pgbus_pg::{test_database, GroupLocks, PgBackend};
 
@@ -43,15 +43,20 @@ async fn a_group_lease_has_one_owner_until_released() {
         !b.try_lock(&q, "g").await.unwrap(),
         "a live lease is exclusive"
     );
-    let head = a.claim_head(&q, "g", LONG).await.unwrap().expect("head");
-    assert_eq!(a.extend(&head.lease(), LONG).await.unwrap().extended, 1);
-    assert!(a.ack(&head.lease()).await.unwrap());
+    let head = one(a.claim(&q, "g", LONG, 1).await.unwrap());
+    assert_eq!(a.extend(&[head.lease()], LONG).await.unwrap().extended, 1);
+    let acked = a
+        .settle(&GroupSettle::default().ack([head.lease()]), GroupNext::Keep)
+        .await
+        .unwrap()
+        .acked;
+    assert_eq!(acked, [head.id]);
     a.unlock(&q, "g").await.unwrap();
     assert!(
         b.try_lock(&q, "g").await.unwrap(),
         "released: the next owner takes it"
     );
-    let next = b.claim_head(&q, "g", LONG).await.unwrap().expect("next");
+    let next = one(b.claim(&q, "g", LONG, 10).await.unwrap());
     assert_eq!(next.decode::<u32>().unwrap(), 1);
     // Unlike a session advisory lock, a lease survives its owner's connection.
     drop(b);
@@ -71,11 +76,7 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
         .unwrap();
     let mut stale = backend.open_group_session().await.unwrap();
     assert!(stale.try_lock(&q, "g").await.unwrap());
-    let head = stale
-        .claim_head(&q, "g", LONG)
-        .await
-        .unwrap()
-        .expect("head");
+    let head = one(stale.claim(&q, "g", LONG, 10).await.unwrap());
 
     // The owner stalls past its lease; another session takes the group over.
     let mut next = backend.open_group_session().await.unwrap();
@@ -88,17 +89,31 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Every write of the stale owner is fenced off.
-    assert!(!stale.ack(&head.lease()).await.unwrap());
-    assert!(!stale
-        .nack(&head.lease(), Duration::ZERO, Some("late"))
-        .await
-        .unwrap());
-    assert!(!stale.dead_letter(&head.lease(), "late").await.unwrap());
-    assert_eq!(stale.extend(&head.lease(), LONG).await.unwrap().extended, 0);
+    let fenced = [
+        GroupSettle::default().ack([head.lease()]),
+        GroupSettle::default().retry(head.lease(), Duration::ZERO, Some("late")),
+        GroupSettle::default().dead_letter(head.lease(), "late"),
+        GroupSettle::default().give_back([head.lease()]),
+    ];
+    for settle in &fenced {
+        let settled = stale.settle(settle, GroupNext::Keep).await.unwrap();
+        assert!(
+            settled.acked.is_empty() && !settled.failed && settled.given_back == 0,
+            "{settle:?} wrote {settled:?}"
+        );
+    }
+    assert!(
+        stale.claim(&q, "g", LONG, 10).await.unwrap().is_empty(),
+        "a stale owner claims nothing"
+    );
+    assert_eq!(
+        stale.extend(&[head.lease()], LONG).await.unwrap().extended,
+        0
+    );
 
     // The message is still leased to the stale owner's delivery; once no live lease holds
     // its group, recovery frees it for the next owner.
-    assert!(next.claim_head(&q, "g", LONG).await.unwrap().is_none());
+    assert!(next.claim(&q, "g", LONG, 10).await.unwrap().is_empty());
     next.unlock(&q, "g").await.unwrap();
     let mut recovery = backend.open_group_recovery().await.unwrap();
     let recovered = recovery
@@ -107,13 +122,13 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
         .unwrap();
     assert_eq!((recovered.freed, recovered.waiting), (1, 0));
     assert!(next.try_lock(&q, "g").await.unwrap());
-    let again = next
-        .claim_head(&q, "g", LONG)
-        .await
-        .unwrap()
-        .expect("recovered");
+    let again = one(next.claim(&q, "g", LONG, 10).await.unwrap());
     assert_eq!((again.id, again.attempts), (head.id, 2));
-    assert!(next.ack(&again.lease()).await.unwrap());
+    let settle = GroupSettle::default().ack([again.lease()]);
+    assert_eq!(
+        next.settle(&settle, GroupNext::Keep).await.unwrap().acked,
+        [again.id]
+    );
 }
 
 /// Workers of both lock modes on one queue (a rolling switch to a transaction-mode
@@ -134,17 +149,20 @@ async fn recovery_in_either_mode_leaves_the_other_modes_groups_alone() {
     let mut by_lock = advisory.open_group_session().await.unwrap();
     assert!(by_lock.try_lock(&q, "held-by-advisory").await.unwrap());
     let locked = by_lock
-        .claim_head(&q, "held-by-advisory", LONG)
+        .claim(&q, "held-by-advisory", LONG, 10)
         .await
         .unwrap();
-    assert!(locked.is_some());
+    assert_eq!(locked.len(), 1);
     let mut by_lease = leased.open_group_session().await.unwrap();
     assert!(by_lease.try_lock(&q, "held-by-lease").await.unwrap());
-    assert!(by_lease
-        .claim_head(&q, "held-by-lease", LONG)
-        .await
-        .unwrap()
-        .is_some());
+    assert_eq!(
+        by_lease
+            .claim(&q, "held-by-lease", LONG, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Lease-mode recovery frees at once what no lease covers: not the advisory-held group.
     let mut lease_recovery = leased.open_group_recovery().await.unwrap();
@@ -169,4 +187,9 @@ async fn recovery_in_either_mode_leaves_the_other_modes_groups_alone() {
     // Both are still in flight with their owners.
     let stats = leased.stats().await.unwrap();
     assert_eq!(stats[0].in_flight, 2, "{stats:?}");
+}
+
+fn one(mut run: Vec<Message>) -> Message {
+    assert_eq!(run.len(), 1, "{run:?}");
+    run.remove(0)
 }

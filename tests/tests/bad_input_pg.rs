@@ -181,16 +181,18 @@ async fn sql_metacharacters_are_refused_in_names_and_bound_verbatim_in_keys() {
     );
 
     let claimed = backend.claim(&q, 10, LONG).await.unwrap();
-    let grouped = pgbus_core::GroupSession::claim_head(
+    let grouped = pgbus_core::GroupSession::claim(
         &mut pgbus_core::OpenGroupSession::open_group_session(&backend)
             .await
             .unwrap(),
         &q,
         INJECTION,
         LONG,
+        10,
     )
     .await
     .unwrap()
+    .pop()
     .expect("the group's message");
     assert_eq!(grouped.group_key.as_deref(), Some(INJECTION));
     assert_eq!(

@@ -1103,6 +1103,12 @@ async fn worker_killed_mid_group_resumes_in_a_second_worker() {
     })
     .await;
     let observer = connect(&url, "observer").await.unwrap();
+    // The messages of a that A finished are acked while the third runs on.
+    eventually("A acks what it finished", DEADLINE, || async {
+        let (_, left) = untouched(&observer, &q, "a").await;
+        left == i64::from(PER_GROUP) - 2
+    })
+    .await;
     let a_group_pids = pids(&observer, "group").await;
     assert_eq!(a_group_pids.len(), 2);
 
@@ -1150,15 +1156,24 @@ async fn worker_killed_mid_group_resumes_in_a_second_worker() {
 
     assert_eq!(runs_of(&runs, "a"), [(0, 1), (1, 1), (2, 1)]);
     assert_eq!(runs_of(&runs, "b"), [(0, 1)]);
-    assert_eq!(
-        runs_of(&b_runs, "a"),
-        [(2, 2), (3, 1), (4, 1)],
-        "B reruns A's interrupted message, then the rest, in order"
-    );
-    assert_eq!(
-        runs_of(&b_runs, "b"),
-        [(0, 2), (1, 1), (2, 1), (3, 1), (4, 1)]
-    );
+    // B reruns A's interrupted message, then the rest, in order. A's run may have
+    // claimed some of the rest too: recovery gives back its whole run, and a claim that
+    // never started still counts its attempt.
+    let b_a = runs_of(&b_runs, "a");
+    let b_b = runs_of(&b_runs, "b");
+    println!("B ran a: {b_a:?}, b: {b_b:?}");
+    for (runs, first) in [(&b_a, 2), (&b_b, 0)] {
+        let seqs: Vec<u32> = runs.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, (first..PER_GROUP).collect::<Vec<_>>(), "{runs:?}");
+        assert_eq!(
+            runs[0].1, 2,
+            "the interrupted message's second attempt: {runs:?}"
+        );
+        assert!(
+            runs.iter().all(|(_, attempt)| (1..=2).contains(attempt)),
+            "{runs:?}"
+        );
+    }
     assert_eq!((report_b.started, report_b.acked), (8, 8), "{report_b:?}");
     let stats = stats_of(&backend, &q).await;
     assert_eq!((stats.depth(), stats.dead_lettered), (0, 0), "nothing lost");
@@ -1319,4 +1334,165 @@ async fn mixed_worker_opens_group_connections_for_grouped_work_only() {
     assert_eq!(report.acked, 50 + 12 * 5, "{report:?}");
     assert!(gauge.peak() <= CONCURRENCY);
     assert!(backend.processes().await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Runs: a group's messages are claimed several at a time and settled together.
+
+/// The messages claimed with a failed one, after it, are not run: they go back untouched
+/// (no attempt counted, no lease) while the failed one waits for its retry, and then run
+/// in order after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_message_gives_back_the_rest_of_its_run_untouched() {
+    let (backend, url) = fresh_backend(4).await;
+    let retry = RetryPolicy::builder()
+        .base(Duration::from_secs(2))
+        .cap(Duration::from_secs(2))
+        .jitter(0.0)
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let q = create(&backend, "run_fails", QueueOptions::default().retry(retry)).await;
+    send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
+
+    let runs: Runs = Arc::default();
+    let worker = Worker::builder(worker_backend(&url, "worker"))
+        .concurrency(1)
+        .poll_interval(POLL)
+        .handle(q.clone(), {
+            let runs = runs.clone();
+            move |ctx: JobContext<PgBackend>, step: Step| {
+                let runs = runs.clone();
+                async move {
+                    runs.lock()
+                        .unwrap()
+                        .push((step.group.clone(), step.seq, ctx.attempt()));
+                    if (step.seq, ctx.attempt()) == (2, 1) {
+                        Outcome::retry("fails once")
+                    } else {
+                        Outcome::Ack
+                    }
+                }
+            }
+        })
+        .build_groups()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    let observer = connect(&url, "observer").await.unwrap();
+    eventually("the third message fails", DEADLINE, || async {
+        runs_of(&runs, "g").len() == 3
+    })
+    .await;
+    // While the failed message waits for its retry (2 s): the three after it, claimed with
+    // it, are back as they were before their claim.
+    eventually(
+        "the rest of the run is given back untouched",
+        DEADLINE,
+        || async { untouched(&observer, &q, "g").await == (3, 4) },
+    )
+    .await;
+    assert_eq!(
+        runs_of(&runs, "g").len(),
+        3,
+        "nothing ran after the failure"
+    );
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        runs_of(&runs, "g"),
+        [(0, 1), (1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (5, 1)],
+        "the failed message ran again first; the given-back ones kept their attempts"
+    );
+    assert_eq!((report.acked, report.retried), (6, 1), "{report:?}");
+}
+
+/// A worker shutting down while a run is half done gives back the run's unstarted
+/// messages at once (not leased, no attempt counted), after the running one finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_mid_run_gives_back_the_unstarted_at_once() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "run_drains", QueueOptions::default()).await;
+    send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
+
+    let runs: Runs = Arc::default();
+    let (open, gated) = gate();
+    // The second message waits at the gate.
+    let worker = recording_worker(
+        worker_backend(&url, "worker"),
+        &q,
+        1,
+        &runs,
+        gated,
+        |step, _| step.seq == 1,
+    );
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("the second message runs", DEADLINE, || async {
+        runs_of(&runs, "g").len() == 2
+    })
+    .await;
+    let observer = connect(&url, "observer").await.unwrap();
+    let (unclaimed, left) = untouched(&observer, &q, "g").await;
+    println!("while the second runs: {unclaimed} of {left} left unclaimed");
+    stop.cancel();
+    open.send(true).unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(runs_of(&runs, "g"), [(0, 1), (1, 1)]);
+    assert_eq!((report.started, report.acked), (2, 2), "{report:?}");
+    assert_eq!(
+        untouched(&observer, &q, "g").await,
+        (4, 4),
+        "the unstarted messages are back, unleased, no attempt counted"
+    );
+    assert_eq!(advisory_locks(&observer).await, 0, "the group is unlocked");
+}
+
+/// Messages sent to a group while it runs join its later runs, in send order, each run
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_is_kept_across_runs_with_messages_sent_while_the_group_runs() {
+    const FIRST: u32 = 20;
+    const LATER: u32 = 40;
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "run_grows", QueueOptions::default()).await;
+    send_groups(&backend, &q, &["g".to_owned()], FIRST, 100).await;
+
+    let runs: Runs = Arc::default();
+    let (_open, gated) = gate();
+    let worker = recording_worker(
+        worker_backend(&url, "worker"),
+        &q,
+        2,
+        &runs,
+        gated,
+        |_, _| false,
+    );
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("the group runs", DEADLINE, || async {
+        !runs_of(&runs, "g").is_empty()
+    })
+    .await;
+    for seq in FIRST..FIRST + LATER {
+        let step = Step {
+            group: "g".to_owned(),
+            seq,
+        };
+        backend
+            .send(&q, NewMessage::encode(&step).unwrap().group("g"))
+            .await
+            .unwrap();
+    }
+    eventually("every message ran", DEADLINE, || async {
+        runs_of(&runs, "g").len() == (FIRST + LATER) as usize
+    })
+    .await;
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    let expected: Vec<(u32, u32)> = (0..FIRST + LATER).map(|seq| (seq, 1)).collect();
+    assert_eq!(runs_of(&runs, "g"), expected);
+    assert_eq!(report.acked, u64::from(FIRST + LATER), "{report:?}");
 }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    DeadLetters, NewMessage, ProcessRegistry, Producer, QueueName, QueueOptions, RetryPolicy,
+    Consumer, DeadLetters, NewMessage, ProcessRegistry, Producer, QueueName, QueueOptions,
+    RetryPolicy,
 };
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::PgBackend;
@@ -790,4 +791,179 @@ async fn worker_throughput_shows_in_the_per_minute_stats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_worker_throughput_shows_in_the_per_minute_stats() {
     settled_work_shows_in_the_per_minute_stats(true).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Claim ahead: the buffer of messages claimed before a slot frees.
+
+/// The (payload, attempt) of every run, in order.
+type Runs = Arc<Mutex<Vec<(u32, u32)>>>;
+
+/// A worker of one slot and a claim-ahead buffer of `ahead` whose handler records each
+/// payload it runs, with its attempt; the job of payload 0 waits at the gate.
+fn gated_first_job(
+    backend: &PgBackend,
+    q: &QueueName,
+    ahead: usize,
+    gated: tokio::sync::watch::Receiver<bool>,
+) -> (Worker<PgBackend>, Runs) {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let worker = Worker::builder(backend.clone())
+        .concurrency(1)
+        .claim_ahead(ahead)
+        .poll_interval(Duration::from_millis(20))
+        .handle(q.clone(), {
+            let runs = runs.clone();
+            move |ctx: JobContext<PgBackend>, n: u32| {
+                runs.lock().unwrap().push((n, ctx.attempt()));
+                let gated = gated.clone();
+                async move {
+                    if n == 0 {
+                        pass(gated).await;
+                    }
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    (worker, runs)
+}
+
+/// The payloads a handler ran, in order.
+fn payloads(runs: &Mutex<Vec<(u32, u32)>>) -> Vec<u32> {
+    runs.lock().unwrap().iter().map(|(n, _)| *n).collect()
+}
+
+/// Messages claimed ahead are given back the moment the worker is told to stop, while its
+/// running job still holds the drain: claimable at once by anyone (their leases are long),
+/// as the attempt they were before (the claim's attempt is not counted), and never run by
+/// the stopping worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claimed_ahead_messages_are_given_back_at_once_on_shutdown() {
+    let lease = Duration::from_secs(600);
+    let (backend, _url) = fresh_backend(4).await;
+    let q = create(&backend, "ahead_stop", QueueOptions::default().lease(lease)).await;
+    send_numbers(&backend, &q, 4).await;
+    let (open, gated) = gate();
+    let (worker, runs) = gated_first_job(&backend, &q, 3, gated);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually(
+        "one job runs and three wait claimed ahead",
+        DEADLINE,
+        || async { payloads(&runs) == [0] && stats_of(&backend, &q).await.in_flight == 4 },
+    )
+    .await;
+
+    stop.cancel();
+    eventually("the three are given back", DEADLINE, || async {
+        stats_of(&backend, &q).await.ready == 3
+    })
+    .await;
+    assert!(!run.is_finished(), "the gated job still holds the drain");
+    let back = backend.claim(&q, 10, lease).await.unwrap();
+    let back: Vec<(u32, u32)> = back
+        .iter()
+        .map(|m| (m.decode::<u32>().unwrap(), m.attempts))
+        .collect();
+    assert_eq!(
+        back,
+        [(1, 1), (2, 1), (3, 1)],
+        "claimable at once, in order, as their first attempt"
+    );
+
+    open.send(true).unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.started, report.acked), (1, 1), "{report:?}");
+    assert_eq!(payloads(&runs), [0], "the stopping worker ran none of them");
+}
+
+/// A message waiting in the claim-ahead buffer keeps its lease while the job ahead of it
+/// runs for several lease lengths: a competitor claiming all along never gets it, and it
+/// runs once, as its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claimed_ahead_message_keeps_its_lease_while_it_waits() {
+    let lease = Duration::from_millis(600);
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(
+        &backend,
+        "ahead_lease",
+        QueueOptions::default().lease(lease),
+    )
+    .await;
+    send_numbers(&backend, &q, 3).await;
+    let (open, gated) = gate();
+    let (worker, runs) = gated_first_job(&backend, &q, 2, gated);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually(
+        "one job runs and two wait claimed ahead",
+        DEADLINE,
+        || async { payloads(&runs) == [0] && stats_of(&backend, &q).await.in_flight == 3 },
+    )
+    .await;
+
+    let client = pgbus_pg::connect(&url, "test").await.unwrap();
+    let earliest_lease_end = || async {
+        client
+            .query_one(
+                "SELECT min(lease_until) FROM pgbus.messages WHERE queue = $1",
+                &[&q.as_str()],
+            )
+            .await
+            .unwrap()
+            .get::<_, std::time::SystemTime>(0)
+    };
+    let first_end = earliest_lease_end().await;
+    eventually(
+        "every lease was extended past the end of its first lease plus a lease",
+        DEADLINE,
+        || async {
+            let stolen = backend.claim(&q, 10, lease).await.unwrap();
+            assert!(stolen.is_empty(), "a competitor claimed {stolen:?}");
+            earliest_lease_end().await > first_end + lease
+        },
+    )
+    .await;
+
+    open.send(true).unwrap();
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.started, report.acked), (3, 3), "{report:?}");
+    assert_eq!(*runs.lock().unwrap(), [(0, 1), (1, 1), (2, 1)]);
+}
+
+/// Claims ahead keep priority order up to the buffer's size: a high-priority message sent
+/// while the buffer is full of low-priority ones runs right after those (at most the
+/// buffer's size of them), before the rest of the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_ahead_keep_priority_order_within_the_buffer() {
+    let (backend, _url) = fresh_backend(4).await;
+    let q = create(&backend, "ahead_order", QueueOptions::default()).await;
+    send_numbers(&backend, &q, 6).await;
+    let (open, gated) = gate();
+    let (worker, runs) = gated_first_job(&backend, &q, 2, gated);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually(
+        "one job runs and two wait claimed ahead",
+        DEADLINE,
+        || async { payloads(&runs) == [0] && stats_of(&backend, &q).await.in_flight == 3 },
+    )
+    .await;
+    backend
+        .send(&q, NewMessage::encode(&100u32).unwrap().priority(10))
+        .await
+        .unwrap();
+
+    open.send(true).unwrap();
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        payloads(&runs),
+        [0, 1, 2, 100, 3, 4, 5],
+        "behind the running job and the two claimed ahead, before the rest"
+    );
 }

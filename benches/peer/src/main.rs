@@ -1,7 +1,9 @@
 //! `pgbus-peer-bench`: the pgmq side of one `peer_pgmq` run of `pgbus-bench`, in a Cargo
 //! project of its own so that the main workspace never builds pgmq and sqlx.
 //!
-//! `pgbus-peer-bench --database-url URL --jobs N --readers R --read-size S`, on a fresh
+//! `PGBUS_PEER_DATABASE_URL=URL pgbus-peer-bench --jobs N --readers R --read-size S` (the
+//! URL in the environment, not on the command line, where any user's `ps` would see its
+//! password), on a fresh
 //! database that the harness made (and drops): installs pgmq's SQL from the crate itself
 //! (no extension), sends `N` messages (`0..N` as JSON numbers) in one timed `send_batch`,
 //! `VACUUM ANALYZE`s (as every drain of the harness starts), then times `R` readers that
@@ -26,7 +28,11 @@ const APPLICATION_NAME: &str = "pgbus-bench:pgmq";
 /// once unless something fails.
 const VISIBILITY_TIMEOUT_S: i32 = 30;
 
-const USAGE: &str = "usage: pgbus-peer-bench --database-url URL --jobs N --readers R --read-size S";
+/// The environment variable that carries the database URL.
+const DATABASE_URL_ENV: &str = "PGBUS_PEER_DATABASE_URL";
+
+const USAGE: &str =
+    "usage: PGBUS_PEER_DATABASE_URL=URL pgbus-peer-bench --jobs N --readers R --read-size S";
 
 /// What one run is asked to do.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,15 +44,18 @@ struct Args {
 }
 
 impl Args {
-    /// Parses `--flag value` pairs; every flag is required, counts must be positive.
-    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Self> {
-        let (mut database_url, mut jobs, mut readers, mut read_size) = (None, None, None, None);
+    /// Parses `--flag value` pairs beside the URL from the environment; every flag is
+    /// required, counts must be positive.
+    fn parse(
+        mut args: impl Iterator<Item = String>,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let (mut jobs, mut readers, mut read_size) = (None, None, None);
         while let Some(flag) = args.next() {
             let value = args
                 .next()
                 .with_context(|| format!("`{flag}` needs a value"))?;
             match flag.as_str() {
-                "--database-url" => database_url = Some(value),
                 "--jobs" => jobs = Some(positive(&flag, &value)?),
                 "--readers" => readers = Some(positive(&flag, &value)?),
                 "--read-size" => read_size = Some(positive(&flag, &value)?),
@@ -54,7 +63,9 @@ impl Args {
             }
         }
         Ok(Self {
-            database_url: database_url.context("`--database-url` is required")?,
+            database_url: database_url
+                .filter(|url| !url.is_empty())
+                .with_context(|| format!("`{DATABASE_URL_ENV}` is required"))?,
             jobs: jobs.context("`--jobs` is required")?,
             readers: readers.context("`--readers` is required")?,
             read_size: read_size.context("`--read-size` is required")?,
@@ -71,7 +82,10 @@ fn positive<T: FromStr + Default + PartialOrd>(flag: &str, value: &str) -> anyho
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
+    let args = match Args::parse(
+        std::env::args().skip(1),
+        std::env::var(DATABASE_URL_ENV).ok(),
+    ) {
         Ok(args) => args,
         Err(err) => {
             eprintln!("error: {err:#}\n{USAGE}");
@@ -214,16 +228,11 @@ mod tests {
 
     #[test]
     fn parses_every_required_argument_and_refuses_bad_ones() {
-        let parsed = Args::parse(strings(&[
-            "--jobs",
-            "10",
-            "--database-url",
-            "postgres://h/db",
-            "--readers",
-            "2",
-            "--read-size",
-            "100",
-        ]))
+        let url = || Some("postgres://h/db".to_owned());
+        let parsed = Args::parse(
+            strings(&["--jobs", "10", "--readers", "2", "--read-size", "100"]),
+            url(),
+        )
         .unwrap();
         assert_eq!(
             parsed,
@@ -234,10 +243,14 @@ mod tests {
                 read_size: 100,
             }
         );
-        assert!(Args::parse(strings(&["--jobs", "10"])).is_err());
-        assert!(Args::parse(strings(&["--jobs", "0"])).is_err());
-        assert!(Args::parse(strings(&["--readers", "-1"])).is_err());
-        assert!(Args::parse(strings(&["--jobs"])).is_err());
-        assert!(Args::parse(strings(&["--fast", "1"])).is_err());
+        let all = ["--jobs", "10", "--readers", "2", "--read-size", "100"];
+        assert!(Args::parse(strings(&all), None).is_err());
+        assert!(Args::parse(strings(&all), Some(String::new())).is_err());
+        assert!(Args::parse(strings(&["--jobs", "10"]), url()).is_err());
+        assert!(Args::parse(strings(&["--jobs", "0"]), url()).is_err());
+        assert!(Args::parse(strings(&["--readers", "-1"]), url()).is_err());
+        assert!(Args::parse(strings(&["--jobs"]), url()).is_err());
+        assert!(Args::parse(strings(&["--fast", "1"]), url()).is_err());
+        assert!(Args::parse(strings(&["--database-url", "x"]), url()).is_err());
     }
 }

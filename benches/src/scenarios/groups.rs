@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use pgbus_core::{NewMessage, WakeupSource};
 use pgbus_exec::{JobContext, Worker};
-use pgbus_pg::PgBackend;
+use pgbus_pg::{GroupLocks, PgBackend};
 
 use super::{
-    live_listener, on_fresh_database, pgbus_backend, preinsert_messages, queue, rate,
-    worker_backend, Tally,
+    live_listener, on_fresh_database, pgbus_backend, preinsert_messages, queue, rate, Tally,
 };
 use crate::observer::ConnectionObserver;
 use crate::server::Server;
@@ -29,13 +28,26 @@ pub(crate) struct Run {
     pub(crate) startup: Duration,
 }
 
+/// The lock modes the scenario runs, with their labels.
+pub(crate) const LOCK_MODES: [(&str, GroupLocks); 2] = [
+    ("advisory locks", GroupLocks::Advisory),
+    (
+        "lease rows",
+        GroupLocks::Lease {
+            ttl: Duration::from_secs(30),
+        },
+    ),
+];
+
 /// `groups` × `per_group` no-op messages, sent round-robin over the groups (so every group
-/// has work from the start), drained by one group worker of `concurrency`.
+/// has work from the start), drained by one group worker of `concurrency` whose groups
+/// are held by `locks`.
 pub(crate) async fn run_once(
     server: &Server,
     groups: u32,
     per_group: u32,
     concurrency: usize,
+    locks: GroupLocks,
 ) -> anyhow::Result<Run> {
     on_fresh_database(server, |url| async move {
         let messages = (0..per_group).flat_map(move |seq| {
@@ -45,7 +57,7 @@ pub(crate) async fn run_once(
         let backend = {
             let setup_backend = pgbus_backend(&url, |b| b).await?;
             preinsert_messages(&setup_backend, &url, messages).await?;
-            worker_backend(&url)?
+            PgBackend::builder(&url).group_locks(locks).build()?
         };
         let observer = ConnectionObserver::start(&url).await?;
         let listener = live_listener(&url).await?;

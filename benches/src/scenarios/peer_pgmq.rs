@@ -55,8 +55,8 @@ pub(crate) async fn run_once(
 ) -> anyhow::Result<PeerRun> {
     on_fresh_database(server, |url| async move {
         let output = tokio::process::Command::new(binary)
-            .arg("--database-url")
-            .arg(&url)
+            // In the environment, not on the command line (`ps` shows arguments to all).
+            .env("PGBUS_PEER_DATABASE_URL", &url)
             .args(["--jobs", &n.to_string()])
             .args(["--readers", &readers.to_string()])
             .args(["--read-size", &READ_SIZE.to_string()])
