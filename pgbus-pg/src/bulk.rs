@@ -50,14 +50,14 @@ FROM STDIN (FORMAT binary)";
 /// Rows go to the connection in chunks of about this many bytes. tokio-postgres's
 /// `BinaryCopyInWriter` hands over every 4 KiB, and its channel to the connection task
 /// holds one chunk: 200,000 messages were some 5,000 hand-overs between two tasks, each a
-/// wake-up that on a loaded machine waited for a core, so the copy took three to four
-/// times the server's work in wall time.
+/// wake-up that may wait for a core on a busy machine; in 1 MiB chunks they are about 20.
+/// (The bench could not tell the difference in its noise; the server's work dominates.)
 const CHUNK_BYTES: usize = 1 << 20;
 
 /// The binary `COPY` format's header: its signature, no flags, no header extension.
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
-/// The binary `COPY` format's end: a row of -1 fields.
+/// The binary `COPY` format's end: a field count of -1.
 const COPY_TRAILER: i16 = -1;
 
 const COLUMN_TYPES: [Type; 8] = [
