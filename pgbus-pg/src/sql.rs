@@ -86,6 +86,9 @@ WHERE name = $1";
 
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
 
+/// A dropped queue's messages (the hot table has no foreign key to cascade: migration 19).
+pub(crate) const DROP_QUEUE_MESSAGES: &str = "DELETE FROM pgbus.messages WHERE queue = $1";
+
 /// Which of the ids `$2` are dead letters of queue `$1`.
 pub(crate) const DEAD_IDS: &str = "
 SELECT id FROM pgbus.dead_letters WHERE queue = $1 AND id = ANY ($2)";
@@ -790,8 +793,9 @@ pub(crate) const GROUP_STEP: &str = group_step!(
 
 /// [`group_step!`] with lease rows owned by token `$16` for `$17` seconds: the gate takes
 /// the lease (or checks that it is still this session's), every write is fenced by it, and
-/// every live lease of the session is renewed, except the group's own when it is released
-/// (its lease ends now).
+/// the session's live leases with less than two thirds of `$17` left are renewed (not all
+/// at every step: 32 sessions rewriting their rows on the table's few pages at every step
+/// queued behind each other), and the group's own ends now when it is released.
 pub(crate) const GROUP_STEP_FENCED: &str = group_step!(
     concat!(
         "taken AS (",
@@ -808,15 +812,19 @@ pub(crate) const GROUP_STEP_FENCED: &str = group_step!(
     ),
     fence!("16"),
     "
-, renewed AS (
+, released AS (
+    SELECT $15 AND NOT EXISTS (SELECT 1 FROM claimed) AS released
+), renewed AS (
     UPDATE pgbus.group_leases g
-    SET expires_at = CASE WHEN $15 AND g.queue = $1 AND g.group_key = $2
-                               AND NOT EXISTS (SELECT 1 FROM claimed) THEN now()
+    SET expires_at = CASE WHEN r.released AND g.queue = $1 AND g.group_key = $2 THEN now()
                           ELSE now() + make_interval(secs => $17) END
+    FROM released r
     WHERE g.owner = $16 AND g.expires_at > now()
       AND NOT ($3 AND g.queue = $1 AND g.group_key = $2)
+      AND ((r.released AND g.queue = $1 AND g.group_key = $2)
+           OR g.expires_at < now() + make_interval(secs => $17 * 2 / 3))
 )",
-    "$15 AND NOT EXISTS (SELECT 1 FROM claimed)"
+    "(SELECT released FROM released)"
 );
 
 /// Whether a live worker holds message `m`'s group, in either lock mode: a granted
