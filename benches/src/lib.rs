@@ -429,19 +429,22 @@ async fn run_raw_and_drain(
         "drain",
         "The same number of no-op jobs, pre-inserted with `send_batch` (5,000 per \
          statement) and `VACUUM ANALYZE`d, drained end to end by pgbus `Worker`s in one \
-         process: each worker claims as many jobs as it has free slots on its own fetch \
+         process: each worker claims as many jobs as it has free slots (plus the room in \
+         its claim-ahead buffer, a quarter of its slots by default) on its own fetch \
          connection, runs them on the async pool, and its settler acks them in batches on \
          the backend's pool. First like for like with `raw_sql` (as many workers as it has \
-         loops, claims of at most 100), then with wider workers (larger claims and ack \
-         batches). `ratio_to_raw_sql` is the like-for-like median over `raw_sql`'s.",
+         loops, claims of at most 100: nothing claimed ahead), then with wider workers \
+         (larger claims and ack batches). `ratio_to_raw_sql` is the like-for-like median \
+         over `raw_sql`'s.",
     );
     drain.setting("jobs per run", n);
     drain.setting(
         "workers",
         format!(
-            "{} async workers of concurrency {} (like for like), then of {} (wide), then 1 \
-             worker of {}; the workers of a run share one `PgBackend` (pool of 10) and one \
-             `PgListener`; defaults otherwise (ack batch 500, poll interval 1 s)",
+            "{} async workers of concurrency {} (like for like: claim ahead 0), then of {} \
+             (wide), then 1 worker of {}; the workers of a run share one `PgBackend` (pool of \
+             10) and one `PgListener`; defaults otherwise (claim ahead a quarter of the \
+             concurrency, ack batch 500, poll interval 1 s)",
             plan.drain_workers,
             plan.drain_concurrency,
             plan.drain_wide_concurrency,
@@ -1366,7 +1369,8 @@ async fn run_xmin_pinned(
              latencies are split by phase; the backlog (sent and not yet acked) and \
              `pg_stat_user_tables.n_dead_tup` of `pgbus.messages` are sampled every 100 ms. \
              Recovery is the time from the snapshot's end until the backlog is back, for good, \
-             at the highest it was before the pin. Autovacuum runs with the server's \
+             at the highest it was before the pin (one later sample above it moves it there; \
+             the first return is given beside it). Autovacuum runs with the server's \
              defaults and the hot table's own triggers (migration 18: counts of changes, \
              vacuum unthrottled).",
             SEND_EVERY.as_millis(),
@@ -1388,17 +1392,15 @@ async fn run_xmin_pinned(
     .await?;
     progress.say(format_args!(
         "xmin_pinned: claim p99 {:.2} ms before, {:.2} ms pinned, {:.2} ms after; backlog \
-         steady {}, peak {}; dead tuples peak {}; recovery {}",
+         steady {}, peak {}; dead tuples peak {}; recovery {} (first back {})",
         run.before.p99_ms,
         run.pinned.p99_ms,
         run.after.p99_ms,
         run.steady_backlog,
         run.peak_backlog,
         run.peak_dead_tuples,
-        run.recovery.map_or_else(
-            || "not within the run".to_owned(),
-            |r| format!("{:.1} s", r.as_secs_f64())
-        )
+        seconds_or_never(run.recovery),
+        seconds_or_never(run.first_back),
     ));
     for (phase, when, claims) in [
         ("before", "before the pin", run.before),
@@ -1472,6 +1474,15 @@ async fn run_xmin_pinned(
         Unit::Seconds,
         run.recovery.map(|r| r.as_secs_f64()).into_iter().collect(),
     ));
+    scenario.figures.push(Figure::new(
+        "first_back_s",
+        "snapshot's end to the backlog's first return to its steady state",
+        Unit::Seconds,
+        run.first_back
+            .map(|r| r.as_secs_f64())
+            .into_iter()
+            .collect(),
+    ));
     if run.recovery.is_none() {
         scenario.notes.push(format!(
             "the backlog was not back at its steady state {:.0} s after the snapshot ended",
@@ -1518,6 +1529,14 @@ async fn run_xmin_pinned(
         });
     }
     Ok(scenario)
+}
+
+/// A duration in seconds for a progress line, or that it did not happen within the run.
+fn seconds_or_never(duration: Option<Duration>) -> String {
+    duration.map_or_else(
+        || "not within the run".to_owned(),
+        |d| format!("{:.1} s", d.as_secs_f64()),
+    )
 }
 
 /// The targets of the benchmarks issue, checked against the report.

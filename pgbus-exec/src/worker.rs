@@ -919,9 +919,8 @@ impl<B: Backend> Fetch<'_, B> {
         }
         drop(fetcher);
         let free = self.lane.free();
-        Ok(if !self.ahead.is_empty() {
-            Wait::ForSlot { more: true }
-        } else if filled && free == 0 {
+        // Work waits for a slot when some is buffered, or when a claim filled the slots.
+        Ok(if !self.ahead.is_empty() || (filled && free == 0) {
             Wait::ForSlot { more: true }
         } else if filled {
             Wait::No

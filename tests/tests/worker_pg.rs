@@ -796,6 +796,9 @@ async fn group_worker_throughput_shows_in_the_per_minute_stats() {
 // ---------------------------------------------------------------------------------------
 // 8. Claim ahead: the buffer of messages claimed before a slot frees.
 
+/// The (payload, attempt) of every run, in order.
+type Runs = Arc<Mutex<Vec<(u32, u32)>>>;
+
 /// A worker of one slot and a claim-ahead buffer of `ahead` whose handler records each
 /// payload it runs, with its attempt; the job of payload 0 waits at the gate.
 fn gated_first_job(
@@ -803,7 +806,7 @@ fn gated_first_job(
     q: &QueueName,
     ahead: usize,
     gated: tokio::sync::watch::Receiver<bool>,
-) -> (Worker<PgBackend>, Arc<Mutex<Vec<(u32, u32)>>>) {
+) -> (Worker<PgBackend>, Runs) {
     let runs = Arc::new(Mutex::new(Vec::new()));
     let worker = Worker::builder(backend.clone())
         .concurrency(1)

@@ -6,11 +6,13 @@ use pgbus_exec::ExecutionMode;
 use super::{Work, WorkerSettings};
 use crate::options::Plan;
 
-/// `workers` async workers of `concurrency` slots running no-op jobs.
+/// `workers` async workers of `concurrency` slots running no-op jobs, with the worker's
+/// default claim-ahead buffer.
 pub(crate) fn settings(workers: usize, concurrency: usize) -> WorkerSettings {
     WorkerSettings {
         workers,
         concurrency,
+        claim_ahead: None,
         mode: ExecutionMode::Async,
         work: Work::Noop,
     }
@@ -41,8 +43,12 @@ impl Variant {
 /// and ack batches), and one worker at a moderate concurrency.
 pub(crate) fn variants(plan: &Plan) -> Vec<Variant> {
     vec![
+        // Claims of at most `drain_concurrency`, as `raw_sql`'s: nothing claimed ahead.
         Variant {
-            settings: settings(plan.drain_workers, plan.drain_concurrency),
+            settings: WorkerSettings {
+                claim_ahead: Some(0),
+                ..settings(plan.drain_workers, plan.drain_concurrency)
+            },
             suffix: String::new(),
         },
         Variant {

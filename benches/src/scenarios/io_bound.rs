@@ -17,6 +17,7 @@ pub(crate) fn settings(mode: ExecutionMode, concurrency: usize) -> WorkerSetting
     WorkerSettings {
         workers: 1,
         concurrency,
+        claim_ahead: None,
         mode,
         work: match mode {
             ExecutionMode::Threads => Work::BlockingSleep(JOB_WAIT),

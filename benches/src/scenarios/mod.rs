@@ -208,6 +208,8 @@ pub(crate) enum Work {
 pub(crate) struct WorkerSettings {
     pub(crate) workers: usize,
     pub(crate) concurrency: usize,
+    /// The workers' claim-ahead buffer; `None`: the worker's default.
+    pub(crate) claim_ahead: Option<usize>,
     pub(crate) mode: ExecutionMode,
     pub(crate) work: Work,
 }
@@ -310,7 +312,11 @@ pub(crate) async fn drain_with_workers(
     for _ in 0..settings.workers {
         let tally = tally.clone();
         let work = settings.work;
-        let worker = Worker::builder(backend.clone())
+        let mut builder = Worker::builder(backend.clone());
+        if let Some(ahead) = settings.claim_ahead {
+            builder = builder.claim_ahead(ahead);
+        }
+        let worker = builder
             .concurrency(settings.concurrency)
             .execution_mode(settings.mode)
             .wakeups(Arc::clone(listener) as Arc<dyn WakeupSource>)
