@@ -366,18 +366,20 @@ impl PgBackend {
             return crate::bulk::send(conn, queue, &messages, notify).await;
         }
         let columns = Columns::new(queue, messages.iter());
+        // One message takes the statement without arrays.
+        let (send, params) = match columns.row_params(&notify) {
+            Some(row) => (sql::SEND_ONE, row),
+            None => (sql::SEND, columns.params(&notify)),
+        };
         // On a pooled connection the statement is prepared once per connection (one
         // round trip per send, no parse or plan); in the caller's client it goes unnamed
         // with typed parameters (still one round trip, nothing left on its session).
         let statement = match pooled {
-            Some(conn) => conn
-                .reused(sql::SEND)
-                .await
-                .map_err(|e| send_error(queue, e))?,
-            None => Arc::new(Reused::Unnamed(sql::SEND)),
+            Some(conn) => conn.reused(send).await.map_err(|e| send_error(queue, e))?,
+            None => Arc::new(Reused::Unnamed(send)),
         };
         let rows = statement
-            .query(client, &columns.params(&notify))
+            .query(client, &params)
             .await
             .map_err(|e| send_error(queue, e))?;
         Ok(rows.iter().map(|row| MessageId(row.get(0))).collect())

@@ -56,6 +56,25 @@ impl<'a> Columns<'a> {
         c
     }
 
+    /// Parameters `$1` to `$9` of the one-message send (`sql::SEND_ONE`): the values of
+    /// the only row, not arrays. `None` unless there is exactly one row.
+    pub(crate) fn row_params<'p>(&'p self, notify: &'p bool) -> Option<[&'p dyn Param; 9]> {
+        if self.payloads.len() != 1 {
+            return None;
+        }
+        Some([
+            &self.queue,
+            &self.priorities[0],
+            &self.ats[0],
+            &self.delays[0],
+            &self.content_types[0],
+            &self.headers[0],
+            &self.groups[0],
+            &self.payloads[0],
+            notify,
+        ])
+    }
+
     /// Parameters `$1` to `$9`, for a prepared statement or (through `typed`) an unnamed
     /// one.
     pub(crate) fn params<'p>(&'p self, notify: &'p bool) -> [&'p dyn Param; 9] {
