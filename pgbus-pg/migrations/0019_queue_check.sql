@@ -8,9 +8,11 @@
 -- The trigger sees every writer of the table (the Rust sends, `COPY`, the SQL functions,
 -- fan-out publishes, batch callbacks, retries of dead letters, the console).
 --
--- Nothing cascades any more: `drop_queue` deletes the queue row, then, in the same
--- transaction and a later statement (so with a snapshot that sees every send the drop
--- waited for), the queue's messages. The other tables keep their foreign keys.
+-- The cascade is a statement trigger on `pgbus.queues` too: deleting queue rows, by
+-- `drop_queue` or by hand, deletes their messages. The delete inside the trigger is a
+-- statement of its own, so under read committed (which `drop_queue` sets) it takes a
+-- fresh snapshot and sees every send the queue row's delete waited for. The other tables
+-- keep their foreign keys.
 ALTER TABLE pgbus.messages DROP CONSTRAINT messages_queue_fkey;
 
 CREATE FUNCTION pgbus.messages_queue_check() RETURNS trigger
@@ -32,3 +34,15 @@ $$;
 CREATE TRIGGER messages_queue_check AFTER INSERT ON pgbus.messages
     REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION pgbus.messages_queue_check();
+
+CREATE FUNCTION pgbus.queues_drop_messages() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM pgbus.messages m USING dropped d WHERE m.queue = d.name;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER queues_drop_messages AFTER DELETE ON pgbus.queues
+    REFERENCING OLD TABLE AS dropped
+    FOR EACH STATEMENT EXECUTE FUNCTION pgbus.queues_drop_messages();

@@ -652,24 +652,22 @@ impl QueueAdmin for PgBackend {
 
     async fn drop_queue(&self, name: &QueueName) -> Result<bool> {
         let mut conn = self.conn().await?;
-        // Read committed whatever the server's default: the messages' delete must see
-        // the sends that the queue row's delete waited for.
+        // Read committed whatever the server's default: the messages' delete (a trigger's
+        // statement, migration 19) must see the sends that the queue row's delete waited
+        // for.
         let tx = conn
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
             .start()
             .await
             .map_err(|e| db("starting a queue drop", e))?;
-        // The queue row first: it waits for every send that locked it (see migration 19)
-        // and fails every later one, so the delete below, a statement of its own with a
-        // fresh snapshot, leaves no message of the queue behind.
+        // The queue row's delete waits for every send that locked it (see migration 19)
+        // and fails every later one; its trigger then deletes the messages with a fresh
+        // snapshot, leaving none of the queue behind.
         let dropped = tx
             .exec(sql::DROP_QUEUE, &[&name.as_str()])
             .await
             .map_err(|e| db("dropping a queue", e))?;
-        tx.exec(sql::DROP_QUEUE_MESSAGES, &[&name.as_str()])
-            .await
-            .map_err(|e| db("deleting a dropped queue's messages", e))?;
         tx.commit()
             .await
             .map_err(|e| db("committing a queue drop", e))?;

@@ -77,6 +77,24 @@ async fn a_drop_waits_for_an_open_send_and_deletes_its_messages() {
     assert!(matches!(err, Error::QueueNotFound(_)), "{err:?}");
 }
 
+/// A queue row deleted by hand, outside pgbus, takes its messages with it, as the foreign
+/// key's cascade did.
+#[tokio::test]
+async fn a_queue_row_deleted_by_hand_takes_its_messages() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "by_hand", QueueOptions::default()).await;
+    let kept = create(&backend, "kept", QueueOptions::default()).await;
+    backend.send_batch(&q, jobs(3)).await.unwrap();
+    backend.send(&kept, jobs(1).remove(0)).await.unwrap();
+    let operator = connect(&url, "operator").await.unwrap();
+    operator
+        .execute("DELETE FROM pgbus.queues WHERE name = 'by_hand'", &[])
+        .await
+        .unwrap();
+    assert_eq!(stored(&operator, "by_hand").await, 0, "its messages went");
+    assert_eq!(stored(&operator, "kept").await, 1, "other queues untouched");
+}
+
 /// Sends that reach a queue whose drop is under way wait for it; once it commits they
 /// fail as sends to a missing queue, the bulk `COPY` as the one-statement send, and store
 /// nothing.
@@ -104,9 +122,6 @@ async fn sends_behind_an_uncommitted_drop_fail_as_sends_to_a_missing_queue() {
         waiting(&observer, "pool", "").await == 2
     })
     .await;
-    tx.execute("DELETE FROM pgbus.messages WHERE queue = 'dropping'", &[])
-        .await
-        .unwrap();
     tx.commit().await.unwrap();
 
     for send in sends {
