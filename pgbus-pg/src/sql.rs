@@ -251,17 +251,8 @@ macro_rules! current_deliveries {
     };
 }
 
-/// Ack: delete current deliveries; archive those of history-keeping queues (the archive
-/// insert, `archive_acked!`, reads the deleted rows of the CTE it names; the group
-/// statement, [`group_step!`], archives its acks with it too).
-///
-/// The rows are locked first (see [`current_deliveries!`]) and then deleted by primary key
-/// (`= ANY`, a plan that needs no estimate either).
-///
-/// The delete returns only ids and queues: every part of one statement sees the same
-/// snapshot, taken before the delete, so the archive reads the deleted rows' columns from
-/// the table itself, and only when some queue keeps history at all (a one-time check), so
-/// acks of the common, history-less queues pay for no row copies and no join.
+/// Copies the rows deleted by the CTE `$acked` (ids and queues) to the archive when their
+/// queue keeps history; the ack and the group statement ([`group_step!`]) archive with it.
 macro_rules! archive_acked {
     ($acked:literal) => {
         concat!(
@@ -279,6 +270,18 @@ WHERE EXISTS (SELECT 1 FROM pgbus.queues WHERE keep_history)"
         )
     };
 }
+
+/// Ack: delete current deliveries; archive those of history-keeping queues (the archive
+/// insert, `archive_acked!`, reads the deleted rows of the CTE it names; the group
+/// statement, [`group_step!`], archives its acks with it too).
+///
+/// The rows are locked first (see [`current_deliveries!`]) and then deleted by primary key
+/// (`= ANY`, a plan that needs no estimate either).
+///
+/// The delete returns only ids and queues: every part of one statement sees the same
+/// snapshot, taken before the delete, so the archive reads the deleted rows' columns from
+/// the table itself, and only when some queue keeps history at all (a one-time check), so
+/// acks of the common, history-less queues pay for no row copies and no join.
 pub(crate) const ACK: &str = concat!(
     "
 WITH locked AS (
