@@ -1369,7 +1369,8 @@ async fn run_xmin_pinned(
              latencies are split by phase; the backlog (sent and not yet acked) and \
              `pg_stat_user_tables.n_dead_tup` of `pgbus.messages` are sampled every 100 ms. \
              Recovery is the time from the snapshot's end until the backlog is back, for good, \
-             at the highest it was before the pin. Autovacuum runs with the server's \
+             at the highest it was before the pin (one later sample above it moves it there; \
+             the first return is given beside it). Autovacuum runs with the server's \
              defaults and the hot table's own triggers (migration 18: counts of changes, \
              vacuum unthrottled).",
             SEND_EVERY.as_millis(),
@@ -1391,17 +1392,15 @@ async fn run_xmin_pinned(
     .await?;
     progress.say(format_args!(
         "xmin_pinned: claim p99 {:.2} ms before, {:.2} ms pinned, {:.2} ms after; backlog \
-         steady {}, peak {}; dead tuples peak {}; recovery {}",
+         steady {}, peak {}; dead tuples peak {}; recovery {} (first back {})",
         run.before.p99_ms,
         run.pinned.p99_ms,
         run.after.p99_ms,
         run.steady_backlog,
         run.peak_backlog,
         run.peak_dead_tuples,
-        run.recovery.map_or_else(
-            || "not within the run".to_owned(),
-            |r| format!("{:.1} s", r.as_secs_f64())
-        )
+        seconds_or_never(run.recovery),
+        seconds_or_never(run.first_back),
     ));
     for (phase, when, claims) in [
         ("before", "before the pin", run.before),
@@ -1475,6 +1474,15 @@ async fn run_xmin_pinned(
         Unit::Seconds,
         run.recovery.map(|r| r.as_secs_f64()).into_iter().collect(),
     ));
+    scenario.figures.push(Figure::new(
+        "first_back_s",
+        "snapshot's end to the backlog's first return to its steady state",
+        Unit::Seconds,
+        run.first_back
+            .map(|r| r.as_secs_f64())
+            .into_iter()
+            .collect(),
+    ));
     if run.recovery.is_none() {
         scenario.notes.push(format!(
             "the backlog was not back at its steady state {:.0} s after the snapshot ended",
@@ -1521,6 +1529,14 @@ async fn run_xmin_pinned(
         });
     }
     Ok(scenario)
+}
+
+/// A duration in seconds for a progress line, or that it did not happen within the run.
+fn seconds_or_never(duration: Option<Duration>) -> String {
+    duration.map_or_else(
+        || "not within the run".to_owned(),
+        |d| format!("{:.1} s", d.as_secs_f64()),
+    )
 }
 
 /// The targets of the benchmarks issue, checked against the report.

@@ -1094,6 +1094,10 @@ pub async fn groups_are_locked_one_owner_at_a_time_and_run_in_order<B: Backend>(
         !other.try_lock(&q, "a").await.unwrap(),
         "a held group is skipped"
     );
+    assert!(
+        other.claim(&q, "a", LONG, 10).await.unwrap().is_empty(),
+        "only the lock holder claims"
+    );
 
     let head = one(owner.claim(&q, "a", LONG, 1).await.unwrap());
     assert_eq!(

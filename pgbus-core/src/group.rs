@@ -48,7 +48,7 @@ pub trait GroupSession: Send + 'static {
     /// Claims the group's next run: up to `max` of its oldest messages, in id order,
     /// stopping before the first that is delayed or leased (so empty when the group is
     /// empty or its head is delayed or leased, or the queue is paused). Each claim counts
-    /// an attempt. Only the lock holder may call it.
+    /// an attempt. Only the lock holder claims: without the lock, the run is empty.
     fn claim(
         &mut self,
         queue: &QueueName,

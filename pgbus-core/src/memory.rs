@@ -917,6 +917,11 @@ impl MemoryGroupSession {
         crate::check_delay("a lease", lease)?;
         let now = SystemTime::now();
         let mut state = self.backend.lock();
+        // Only the lock holder claims.
+        let key = (queue.clone(), group.to_owned());
+        if state.group_locks.get(&key) != Some(&self.id) {
+            return Ok(Vec::new());
+        }
         let q = state.queue_mut(queue)?;
         if q.closed(now) {
             return Ok(Vec::new());

@@ -43,7 +43,7 @@ type GroupKey = (QueueName, String);
 /// - **Each in-flight group holds one slot** of the execution pool from its start to its
 ///   end, and runs its handlers in it one after another.
 /// - **A group's messages are claimed in runs**: the group's oldest messages, in id order,
-///   up to the first that is delayed or leased, at most 16, and fewer for slower handlers
+///   up to the first that is delayed or leased, at most 32, and fewer for slower handlers
 ///   (a run's handlers take about 50 ms at most, judged by the queue's recent handlers).
 ///   They run one at a time, in order, and are settled together in one round trip that
 ///   also claims the next run; finished messages wait at most about 50 ms for their ack
@@ -497,7 +497,7 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(100);
 const RECOVERY_GRACE: Duration = Duration::from_secs(1);
 
 /// The most messages a group's run claims at once.
-const MAX_RUN: usize = 16;
+const MAX_RUN: usize = 32;
 
 /// How long finished messages of a run wait for their ack at most: the run size keeps a
 /// run's handlers within it, and a run that takes longer settles what has finished.
@@ -655,6 +655,11 @@ async fn drive_group<B: Backend>(
         tracing::debug!(target: "pgbus::group", group = %group, "group locked elsewhere; skipped");
         return Ok(false);
     };
+    if claimed.is_empty() {
+        // A stale candidate: its run was claimed or settled since it was listed, and the
+        // lock is released again.
+        return Ok(true);
+    }
     let mut run = Run::new(claimed, lease_for);
     loop {
         let ending = run.stop || ctx.draining.is_cancelled();
@@ -803,7 +808,9 @@ async fn drive_group<B: Backend>(
                 pending.retry(lease, delay, Some(&error))
             }
         };
-        run.finished();
+        if !run.settle.is_empty() {
+            run.finished();
+        }
         let trip = ctx.breakers.lock().expect("breakers").record(queue, failed);
         if let Some(backoff) = trip {
             tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");

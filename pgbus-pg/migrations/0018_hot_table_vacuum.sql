@@ -10,9 +10,9 @@
 -- The statistics still read "empty" most of the time (they are taken while the table is
 -- empty, or by a vacuum that found no live row), so no statement on the hot path may
 -- depend on them: the claims, the acks and the lease extensions are written so that their
--- plans stay on their indexes with any estimate (see `sql.rs`, and the test
--- `plans_pg.rs`). Storage parameters take only a SHARE UPDATE EXCLUSIVE lock: reads and
--- writes go on while this runs.
+-- plans stay on their indexes with any estimate (see `sql.rs`, and the test in
+-- pgbus-pg's `hot_plans.rs`). Storage parameters take only a SHARE UPDATE EXCLUSIVE lock:
+-- reads and writes go on while this runs.
 ALTER TABLE pgbus.messages SET (
     autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 1000,

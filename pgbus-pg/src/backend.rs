@@ -12,7 +12,7 @@ use pgbus_core::{
     DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
 };
 use tokio_postgres::types::Json;
-use tokio_postgres::{Client, GenericClient, Row};
+use tokio_postgres::{Client, GenericClient, IsolationLevel, Row};
 use tracing::Instrument;
 
 use crate::connect::{ConnectOptions, SecretUrl};
@@ -651,12 +651,26 @@ impl QueueAdmin for PgBackend {
     }
 
     async fn drop_queue(&self, name: &QueueName) -> Result<bool> {
-        let dropped = self
-            .conn()
-            .await?
+        let mut conn = self.conn().await?;
+        // Read committed whatever the server's default: the messages' delete (a trigger's
+        // statement, migration 19) must see the sends that the queue row's delete waited
+        // for.
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(|e| db("starting a queue drop", e))?;
+        // The queue row's delete waits for every send that locked it (see migration 19)
+        // and fails every later one; its trigger then deletes the messages with a fresh
+        // snapshot, leaving none of the queue behind.
+        let dropped = tx
             .exec(sql::DROP_QUEUE, &[&name.as_str()])
             .await
             .map_err(|e| db("dropping a queue", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| db("committing a queue drop", e))?;
         Ok(dropped == 1)
     }
 

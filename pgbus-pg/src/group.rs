@@ -249,6 +249,10 @@ impl GroupSession for PgGroupSession {
         lease: Duration,
         max: usize,
     ) -> Result<Vec<Message>> {
+        // Only the lock holder claims (in advisory mode the statement trusts the session).
+        if !self.held.contains(&(queue.clone(), group.to_owned())) {
+            return Ok(Vec::new());
+        }
         let claim = Some((queue, group, lease, max));
         let (_, settled) = self
             .step(false, &GroupSettle::default(), claim, false)
@@ -317,9 +321,11 @@ impl GroupSession for PgGroupSession {
             ),
             _ => (None, None),
         };
-        // Only a lock this session holds is released (an unlock of another's would warn).
+        // Only a lock this session holds is released (an unlock of another's would warn),
+        // and only its holder claims.
         let key = release.map(|(queue, group)| (queue.clone(), group.to_owned()));
         let holds = key.as_ref().is_some_and(|key| self.held.contains(key));
+        let claim = claim.filter(|_| holds);
         let (_, settled) = self.step(false, settle, claim, holds).await?;
         if let Some(key) = key {
             if settled.claimed.is_empty() {

@@ -24,10 +24,10 @@
 //!   rows (highest priority, then earliest visible, then lowest id), updated in place to
 //!   lease them and count the attempt. Concurrent claimers never block one another and never
 //!   receive the same message while its lease holds.
-//! - **Claims commit asynchronously** (`synchronous_commit = off` on the fetch connection):
-//!   a claim lost in a server crash only makes the message claimable again, which
-//!   at-least-once delivery allows (the attempt count may then undercount by one). Acks,
-//!   sends and dead-letters stay durable.
+//! - **Claims commit asynchronously** (`synchronous_commit = off` on the fetch connection,
+//!   and for a group session's statements that settle nothing): a claim lost in a server
+//!   crash only makes the message claimable again, which at-least-once delivery allows (the
+//!   attempt count may then undercount by one). Acks, sends and dead-letters stay durable.
 //! - **Leases** are a `lease_until` in the future, an unindexed column, so a claim is a HOT
 //!   update; an expired lease makes the message claimable again with no sweeper. Settling operations are fenced by the attempt number.
 //! - **Completed work leaves the hot table**: acked messages are deleted, or moved to

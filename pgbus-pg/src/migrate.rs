@@ -109,6 +109,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "hot_table_vacuum",
         sql: include_str!("../migrations/0018_hot_table_vacuum.sql"),
     },
+    Migration {
+        version: 19,
+        name: "queue_check",
+        sql: include_str!("../migrations/0019_queue_check.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

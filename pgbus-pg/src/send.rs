@@ -97,7 +97,9 @@ pub(crate) fn send_error(queue: &QueueName, err: tokio_postgres::Error) -> Error
     missing_queue(queue, err).unwrap_or_else(|e| db("sending messages", e))
 }
 
-/// Sending to a missing queue trips the foreign key: report it as the missing queue.
+/// Sending to a missing queue fails with SQLSTATE 23503, the foreign-key violation (the
+/// hot table's queue check, migration 19, raises it as its foreign key did; the other
+/// tables' foreign keys still do): report it as the missing queue.
 pub(crate) fn missing_queue(
     queue: &QueueName,
     err: tokio_postgres::Error,

@@ -772,3 +772,31 @@ async fn a_large_batch_is_copied_and_stores_what_small_batches_store() {
         .get(0);
     assert_eq!(stored, 3_000, "the refused batch stored nothing");
 }
+
+/// A bulk send of several megabytes crosses the copy's chunks: every payload arrives whole
+/// and in order.
+#[tokio::test]
+async fn a_bulk_send_of_many_chunks_stores_every_payload() {
+    let (backend, url) = backend().await;
+    let q = queue(&backend, "chunked", QueueOptions::default()).await;
+    // 1,200 payloads of 4 KiB: about 5 MiB, five chunks of the copy.
+    let payload = |n: u32| -> Vec<u8> { (0..4096u32).map(|i| (n + i) as u8).collect() };
+    let messages = (0..1_200u32)
+        .map(|n| NewMessage::raw(payload(n), pgbus_core::ContentType::MessagePack))
+        .collect();
+    let ids = backend.send_batch(&q, messages).await.unwrap();
+
+    let client = connect(&url, "observer").await.unwrap();
+    let rows = client
+        .query(
+            "SELECT id, payload FROM pgbus.messages WHERE queue = 'chunked' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1_200);
+    for (n, (row, id)) in rows.iter().zip(&ids).enumerate() {
+        assert_eq!(row.get::<_, i64>(0), id.0, "message {n}: its returned id");
+        assert_eq!(row.get::<_, Vec<u8>>(1), payload(n as u32), "message {n}");
+    }
+}

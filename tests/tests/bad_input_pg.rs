@@ -181,7 +181,7 @@ async fn sql_metacharacters_are_refused_in_names_and_bound_verbatim_in_keys() {
     );
 
     let claimed = backend.claim(&q, 10, LONG).await.unwrap();
-    let grouped = pgbus_core::GroupSession::claim(
+    let grouped = pgbus_core::GroupSession::lock_and_claim(
         &mut pgbus_core::OpenGroupSession::open_group_session(&backend)
             .await
             .unwrap(),
@@ -192,6 +192,7 @@ async fn sql_metacharacters_are_refused_in_names_and_bound_verbatim_in_keys() {
     )
     .await
     .unwrap()
+    .expect("the group is not locked")
     .pop()
     .expect("the group's message");
     assert_eq!(grouped.group_key.as_deref(), Some(INJECTION));

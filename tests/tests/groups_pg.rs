@@ -1496,3 +1496,66 @@ async fn order_is_kept_across_runs_with_messages_sent_while_the_group_runs() {
     assert_eq!(runs_of(&runs, "g"), expected);
     assert_eq!(report.acked, u64::from(FIRST + LATER), "{report:?}");
 }
+
+/// While a run's message runs longer than the lease, the heartbeat keeps every claimed
+/// message of the run leased, not only the running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_heartbeat_keeps_the_whole_run_leased() {
+    let (backend, url) = fresh_backend(4).await;
+    // A 600 ms lease: extended every 200 ms while a handler runs.
+    let options = QueueOptions::default().lease(Duration::from_millis(600));
+    let q = create(&backend, "run_heartbeat", options).await;
+    send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
+
+    let runs: Runs = Arc::default();
+    let (open, gated) = gate();
+    // The second message (the first of the second run) waits at the gate.
+    let worker = recording_worker(
+        worker_backend(&url, "worker"),
+        &q,
+        1,
+        &runs,
+        gated,
+        |step, _| step.seq == 1,
+    );
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("the second message runs", DEADLINE, || async {
+        runs_of(&runs, "g").len() == 2
+    })
+    .await;
+    let observer = connect(&url, "observer").await.unwrap();
+    let leased = || async {
+        observer
+            .query_one(
+                "SELECT count(*) FILTER (WHERE lease_until > now()), count(*)
+                 FROM pgbus.messages WHERE queue = $1",
+                &[&q.as_str()],
+            )
+            .await
+            .map(|row| (row.get::<_, i64>(0), row.get::<_, i64>(1)))
+            .unwrap()
+    };
+    let (claimed, left) = leased().await;
+    assert!(
+        claimed >= 2,
+        "a run of several was claimed: {claimed} of {left}"
+    );
+    // Over three lease periods the claimed messages stay leased.
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(1_800) {
+        assert_eq!(
+            leased().await.0,
+            claimed,
+            "a claimed message's lease ran out"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    open.send(true).unwrap();
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    let expected: Vec<(u32, u32)> = (0..6).map(|seq| (seq, 1)).collect();
+    assert_eq!(runs_of(&runs, "g"), expected);
+    assert_eq!(report.acked, 6, "{report:?}");
+}

@@ -92,6 +92,11 @@ pub(crate) struct PinnedRun {
     /// (the last sample above it, or zero if none was); `None` when it was still above it
     /// at the end of the run.
     pub(crate) recovery: Option<Duration>,
+    /// From the snapshot's end until the first sample at or below the steady state (zero
+    /// when the first sample after it was); `None` when none was. Beside `recovery`, which
+    /// a single later sample above the steady state (a load spike on a shared machine)
+    /// pushes back to that sample.
+    pub(crate) first_back: Option<Duration>,
     /// The backlog at the end of the run.
     pub(crate) final_backlog: u64,
     /// Jobs sent and acked per second over the run.
@@ -281,6 +286,10 @@ fn summarise(
         None => Some(Duration::ZERO),
         Some(last) => after.get(last + 1).map(|s| s.at - pin_end),
     };
+    let first_back = after
+        .iter()
+        .find(|s| s.backlog <= steady_backlog)
+        .map(|s| s.at.saturating_duration_since(pin_end));
     let secs = |at: Instant| at.saturating_duration_since(started).as_secs_f64();
     let mut timeline: Vec<Second> = Vec::new();
     for sample in samples {
@@ -315,6 +324,7 @@ fn summarise(
         peak_dead_tuples: samples.iter().map(|s| s.dead_tuples).max().unwrap_or(0),
         final_dead_tuples: samples.last().map_or(0, |s| s.dead_tuples),
         recovery,
+        first_back,
         final_backlog,
         sent_per_s: sent as f64 / elapsed.as_secs_f64(),
         acked_per_s: acked as f64 / elapsed.as_secs_f64(),
@@ -361,6 +371,11 @@ mod tests {
             "back for good only after the rise at 500 ms"
         );
         assert_eq!(
+            run.first_back,
+            Some(Duration::from_millis(50)),
+            "first back at 400 ms, 50 ms after the pin's end"
+        );
+        assert_eq!(
             (run.before.p99_ms, run.pinned.p99_ms, run.after.p99_ms),
             (1.0, 9.0, 2.0)
         );
@@ -373,7 +388,9 @@ mod tests {
         );
         let still_high = summarise(&claims, &samples[..6], pin, (0, 0), Duration::from_secs(1));
         assert_eq!(still_high.recovery, None);
+        assert_eq!(still_high.first_back, Some(Duration::from_millis(50)));
         let never_high = summarise(&claims, &samples[..2], pin, (0, 0), Duration::from_secs(1));
         assert_eq!(never_high.recovery, Some(Duration::ZERO));
+        assert_eq!(never_high.first_back, None, "no sample after the pin");
     }
 }
