@@ -1408,17 +1408,25 @@ async fn a_failed_message_gives_back_the_rest_of_its_run_untouched() {
     assert_eq!((report.acked, report.retried), (6, 1), "{report:?}");
 }
 
-/// A worker shutting down while a run is half done gives back the run's unstarted
-/// messages at once (not leased, no attempt counted), after the running one finishes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn shutdown_mid_run_gives_back_the_unstarted_at_once() {
-    let (backend, url) = fresh_backend(4).await;
-    let q = create(&backend, "run_drains", QueueOptions::default()).await;
-    send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
+/// A one-slot group worker on a fresh queue of six messages in group `g`, its second
+/// message (the first of its second run: the first run is one message, the pace being
+/// unknown) held at the gate.
+struct SecondHeld {
+    backend: PgBackend,
+    url: String,
+    q: QueueName,
+    runs: Runs,
+    open: watch::Sender<bool>,
+    stop: CancellationToken,
+    run: JoinHandle<pgbus_core::Result<pgbus_exec::WorkerReport>>,
+}
 
+async fn second_held(name: &str, options: QueueOptions) -> SecondHeld {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, name, options).await;
+    send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
     let runs: Runs = Arc::default();
     let (open, gated) = gate();
-    // The second message waits at the gate.
     let worker = recording_worker(
         worker_backend(&url, "worker"),
         &q,
@@ -1433,6 +1441,30 @@ async fn shutdown_mid_run_gives_back_the_unstarted_at_once() {
         runs_of(&runs, "g").len() == 2
     })
     .await;
+    SecondHeld {
+        backend,
+        url,
+        q,
+        runs,
+        open,
+        stop,
+        run,
+    }
+}
+
+/// A worker shutting down while a run is half done gives back the run's unstarted
+/// messages at once (not leased, no attempt counted), after the running one finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_mid_run_gives_back_the_unstarted_at_once() {
+    let SecondHeld {
+        url,
+        q,
+        runs,
+        open,
+        stop,
+        run,
+        ..
+    } = second_held("run_drains", QueueOptions::default()).await;
     let observer = connect(&url, "observer").await.unwrap();
     let (unclaimed, left) = untouched(&observer, &q, "g").await;
     println!("while the second runs: {unclaimed} of {left} left unclaimed");
@@ -1501,29 +1533,17 @@ async fn order_is_kept_across_runs_with_messages_sent_while_the_group_runs() {
 /// message of the run leased, not only the running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_heartbeat_keeps_the_whole_run_leased() {
-    let (backend, url) = fresh_backend(4).await;
     // A 600 ms lease: extended every 200 ms while a handler runs.
     let options = QueueOptions::default().lease(Duration::from_millis(600));
-    let q = create(&backend, "run_heartbeat", options).await;
-    send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
-
-    let runs: Runs = Arc::default();
-    let (open, gated) = gate();
-    // The second message (the first of the second run) waits at the gate.
-    let worker = recording_worker(
-        worker_backend(&url, "worker"),
-        &q,
-        1,
-        &runs,
-        gated,
-        |step, _| step.seq == 1,
-    );
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(worker.run(stop.clone()));
-    eventually("the second message runs", DEADLINE, || async {
-        runs_of(&runs, "g").len() == 2
-    })
-    .await;
+    let SecondHeld {
+        backend,
+        url,
+        q,
+        runs,
+        open,
+        stop,
+        run,
+    } = second_held("run_heartbeat", options).await;
     let observer = connect(&url, "observer").await.unwrap();
     let leased = || async {
         observer
