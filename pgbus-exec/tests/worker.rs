@@ -44,10 +44,10 @@ async fn send_numbers(backend: &MemoryBackend, queue: &QueueName, n: u32) {
         .unwrap();
 }
 
-/// Waits until `done` holds, polling a cheap in-process condition.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
+/// Waits until `done` holds, polling a cheap condition.
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
-    while !done() {
+    while !done().await {
         assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -263,7 +263,7 @@ async fn long_job_keeps_its_lease_alive() {
         .unwrap();
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
-    until("the job starts", || runs.load(Ordering::SeqCst) == 1).await;
+    until("the job starts", async || runs.load(Ordering::SeqCst) == 1).await;
     // Four lease lengths pass while the job runs; a free slot and a 10 ms poll would pick
     // the message up again if its lease were not extended.
     let start = Instant::now();
@@ -276,7 +276,10 @@ async fn long_job_keeps_its_lease_alive() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     release.notify_one();
-    until("the queue drains", || runs.load(Ordering::SeqCst) == 1).await;
+    until("the queue drains", async || {
+        runs.load(Ordering::SeqCst) == 1
+    })
+    .await;
     drained(&backend).await;
     stop.cancel();
     let report = run.await.unwrap().unwrap();
@@ -315,9 +318,12 @@ async fn a_job_whose_lease_is_lost_is_cancelled() {
         .unwrap();
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
-    until("the job starts", || started.load(Ordering::SeqCst) == 1).await;
+    until("the job starts", async || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
     assert_eq!(backend.purge_queue(&queue).await.unwrap(), 1);
-    until("the job is cancelled", || {
+    until("the job is cancelled", async || {
         cancelled.load(Ordering::SeqCst) == 1
     })
     .await;
@@ -325,7 +331,10 @@ async fn a_job_whose_lease_is_lost_is_cancelled() {
         .send(&queue, NewMessage::encode(&1).unwrap())
         .await
         .unwrap();
-    until("the next job ran", || started.load(Ordering::SeqCst) == 2).await;
+    until("the next job ran", async || {
+        started.load(Ordering::SeqCst) == 2
+    })
+    .await;
     drained(&backend).await;
     stop.cancel();
     let report = run.await.unwrap().unwrap();
@@ -365,22 +374,25 @@ async fn a_claimed_ahead_message_whose_lease_is_lost_never_runs() {
         .unwrap();
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
-    until("the first job runs with the second claimed ahead", || {
-        ran.lock().unwrap().len() == 1
-    })
+    until(
+        "the first job runs with the second claimed ahead",
+        async || ran.lock().unwrap().len() == 1,
+    )
     .await;
     let in_flight = || async { backend.stats().await.unwrap()[0].in_flight };
-    let start = Instant::now();
-    while in_flight().await != 2 {
-        assert!(start.elapsed() < DEADLINE, "the second is claimed ahead");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the second is claimed ahead", async || {
+        in_flight().await == 2
+    })
+    .await;
     assert_eq!(backend.purge_queue(&queue).await.unwrap(), 2);
     backend
         .send(&queue, NewMessage::encode(&2).unwrap())
         .await
         .unwrap();
-    until("the next message ran", || ran.lock().unwrap().contains(&2)).await;
+    until("the next message ran", async || {
+        ran.lock().unwrap().contains(&2)
+    })
+    .await;
     drained(&backend).await;
     stop.cancel();
     let report = run.await.unwrap().unwrap();
@@ -502,7 +514,10 @@ async fn shutdown_drains_running_jobs_and_leaves_the_rest_leased() {
     let monitor = worker.monitor();
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
-    until("all four jobs run", || started.load(Ordering::SeqCst) == 4).await;
+    until("all four jobs run", async || {
+        started.load(Ordering::SeqCst) == 4
+    })
+    .await;
     assert_eq!(monitor.metadata().busy, 4);
     stop.cancel();
     let report = run.await.unwrap().unwrap();
