@@ -70,7 +70,7 @@ async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
     let attempts = array(leases.iter().map(|(_, attempt)| attempt));
     let (first_id, first_attempt) = leases[0];
 
-    let statements: [(&str, &str, String); 6] = [
+    let statements: [(&str, &str, String); 7] = [
         ("claim", sql::CLAIM, "'q', 100, 30.0, NULL".to_owned()),
         ("ack", sql::ACK, format!("'{ids}', '{attempts}'")),
         (
@@ -89,6 +89,7 @@ async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
                  16, 30.0, NULL, true, 'token', 30.0"
             ),
         ),
+        ("release", sql::RELEASE, format!("'{ids}', '{attempts}'")),
         (
             "extend",
             sql::EXTEND,

@@ -383,19 +383,19 @@ WHERE m.id = $1 AND m.attempts = $2"
 /// back; `visible_at` is left alone, so the message is claimable at once in the place it
 /// had, and its error history is untouched. Only unindexed columns change (a HOT update).
 /// A row not leased under that attempt (settled, released, claimed again) is left alone.
-/// The rows are locked in id order, as the ack locks them (see [`ACK`]).
-pub(crate) const RELEASE: &str = "
+/// The rows are found and locked as the ack finds them ([`current_deliveries!`]).
+pub(crate) const RELEASE: &str = concat!(
+    "
 WITH locked AS (
     SELECT m.id
-    FROM pgbus.messages m
-    JOIN unnest($1::bigint[], $2::int[]) AS l(id, attempt) ON m.id = l.id
-    WHERE m.id = ANY ($1) AND m.attempts = l.attempt AND m.lease_until IS NOT NULL
-    ORDER BY m.id
-    FOR UPDATE OF m
+    FROM ",
+    current_deliveries!(" AND m.lease_until IS NOT NULL", "", "FOR UPDATE OF m"),
+    "
 )
 UPDATE pgbus.messages m
 SET lease_until = NULL, attempts = m.attempts - 1
-WHERE m.id = ANY (ARRAY(SELECT id FROM locked))";
+WHERE m.id = ANY (ARRAY(SELECT id FROM locked))"
+);
 
 /// Moves the message to the dead letters with reason `$3`, which ends its attempt history
 /// (carried along, `pgbus.append_error`). `bury!` inserts the rows deleted by the CTE it
