@@ -28,10 +28,31 @@ enum Kind {
 impl Schedule {
     /// A cron expression: five fields (minute to weekday) or six with seconds first
     /// (`*/5 * * * * *` is every five seconds), evaluated in UTC.
+    ///
+    /// An expression that never occurs after now is refused: one with a field that matches
+    /// no value (`,` as the hour), a date that doesn't exist (`0 0 30 2 *`), or only past
+    /// years. croner would search up to 5,000 years for its occurrences on every tick
+    /// (seconds of CPU each for an empty field).
     pub fn cron(expression: &str) -> Result<Self> {
-        let cron = croner::Cron::from_str(expression).map_err(|err| {
-            Error::InvalidArgument(format!("invalid cron expression {expression:?}: {err}"))
-        })?;
+        let invalid = |why: &dyn fmt::Display| {
+            Error::InvalidArgument(format!("invalid cron expression {expression:?}: {why}"))
+        };
+        let cron = croner::Cron::from_str(expression).map_err(|err| invalid(&err))?;
+        let p = &cron.pattern;
+        let fields: [(&str, u32, u32, &dyn Fn(u32) -> bool); 4] = [
+            ("second", 0, 59, &|v| p.second_match(v).unwrap_or(false)),
+            ("minute", 0, 59, &|v| p.minute_match(v).unwrap_or(false)),
+            ("hour", 0, 23, &|v| p.hour_match(v).unwrap_or(false)),
+            ("month", 1, 12, &|v| p.month_match(v).unwrap_or(false)),
+        ];
+        for (field, first, last, matches) in fields {
+            if !(first..=last).any(matches) {
+                return Err(invalid(&format_args!("its {field} field matches no value")));
+            }
+        }
+        if cron.find_next_occurrence(&Utc::now(), false).is_err() {
+            return Err(invalid(&"it never occurs after now"));
+        }
         Ok(Self(Kind::Cron(Box::new(cron))))
     }
 
@@ -313,6 +334,33 @@ mod tests {
         assert_eq!(every_5s.latest_at_or_before(at(64)), Some(at(60)));
         assert!(Schedule::cron("not cron").is_err());
         assert_eq!(minutely.to_string(), "cron * * * * *");
+    }
+
+    #[test]
+    fn cron_expressions_that_never_occur_are_refused() {
+        // An empty seconds field cost croner 7 s per search; the fuzzer found the hour one.
+        for (expression, why) in [
+            (", * * * *", "minute field matches no value"),
+            (", * * * * *", "second field matches no value"),
+            ("* * , * * *", "hour field matches no value"),
+            ("0 0 * , *", "month field matches no value"),
+            ("0 0 30 2 *", "never occurs"),
+            ("0 0 31 2 +1", "never occurs"),
+            ("0 0 , * ,", "never occurs"),
+            ("0 0 0 * * * 2020", "never occurs"),
+        ] {
+            let err = Schedule::cron(expression).unwrap_err().to_string();
+            assert!(err.contains(why), "{expression}: {err}");
+        }
+        // Rare but real: a leap day that is a Monday, the last day of February.
+        for rare in [
+            "0 0 29 2 +1",
+            "0 0 L 2 *",
+            "0 0 * 2 1#5",
+            "0 0 0 * * * 4999",
+        ] {
+            assert!(Schedule::cron(rare).is_ok(), "{rare}");
+        }
     }
 
     /// Expressions with seconds, steps, ranges and lists (and five-field ones), each
