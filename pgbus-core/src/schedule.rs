@@ -15,6 +15,11 @@ use crate::{Error, NewMessage, QueueName, Result};
 /// The longest task name, in bytes.
 pub const MAX_TASK_NAME_LEN: usize = 100;
 
+/// The most missed occurrences one scheduler tick enqueues ([`MissedRuns::CatchUp`]): they
+/// go in one transaction, so a week's downtime of a 10 ms task with an unbounded catch-up
+/// would be one send of 60 million jobs held in memory.
+pub const MAX_CATCH_UP: u32 = 10_000;
+
 /// When a recurring task runs.
 #[derive(Clone)]
 pub struct Schedule(Kind);
@@ -132,7 +137,7 @@ impl Schedule {
     pub fn due(&self, last: SystemTime, now: SystemTime, missed: MissedRuns) -> Vec<SystemTime> {
         let keep = match missed {
             MissedRuns::Skip => 1,
-            MissedRuns::CatchUp(max) => max.max(1) as usize,
+            MissedRuns::CatchUp(max) => max.clamp(1, MAX_CATCH_UP) as usize,
         };
         let mut due = Vec::new();
         let mut at = self.latest_at_or_before(now);
@@ -193,7 +198,8 @@ impl fmt::Debug for Schedule {
 pub enum MissedRuns {
     /// Enqueue only the latest occurrence; the others are skipped.
     Skip,
-    /// Enqueue the missed occurrences too, at most this many (the latest ones).
+    /// Enqueue the missed occurrences too, at most this many (the latest ones), and at
+    /// most [`MAX_CATCH_UP`].
     CatchUp(u32),
 }
 
@@ -323,6 +329,12 @@ pub fn tasks_from_json(text: &str) -> Result<Vec<RecurringTask>> {
             let task =
                 RecurringTask::new(spec.name, QueueName::new(spec.queue)?, schedule, message)?;
             Ok(match spec.catch_up {
+                Some(max) if max > MAX_CATCH_UP => {
+                    return Err(Error::InvalidArgument(format!(
+                        "recurring task {:?}: `catch_up` {max} is more than {MAX_CATCH_UP}",
+                        task.name
+                    )))
+                }
                 Some(max) => task.missed(MissedRuns::CatchUp(max)),
                 None => task,
             })
@@ -533,6 +545,11 @@ mod tests {
             s.due(at(100), at(105), MissedRuns::CatchUp(2)),
             [at(104), at(105)]
         );
+        // A day of 10 ms occurrences, with a catch-up beyond the cap: the cap's latest.
+        let often = Schedule::every(Duration::from_millis(10)).unwrap();
+        let due = often.due(at(0), at(86_400), MissedRuns::CatchUp(u32::MAX));
+        assert_eq!(due.len(), MAX_CATCH_UP as usize);
+        assert_eq!(due.last(), Some(&at(86_400)));
     }
 
     #[test]
@@ -549,6 +566,7 @@ mod tests {
             r#"[{"name": "a", "queue": "Q", "every_secs": 1, "payload": 1}]"#,
             r#"[{"name": "a", "queue": "q", "every_secs": 1, "payload": 1, "typo": 1}]"#,
             r#"{"name": "a"}"#,
+            r#"[{"name": "a", "queue": "q", "every_secs": 1, "payload": 1, "catch_up": 10001}]"#,
         ] {
             assert!(tasks_from_json(bad).is_err(), "{bad}");
         }
