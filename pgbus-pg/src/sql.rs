@@ -817,24 +817,24 @@ pub(crate) const GROUP_STEP: &str = group_step!(
 /// group's own is deleted when it is released.
 ///
 /// The session's live leases are read once (`owned`, a handful of rows through the owner
-/// index) and the gate, the fence of every settled message and the renewal's check read
-/// that copy: the table is a few pages that every session writes at every take and
+/// index, `pgbus.session_leases` of migration 20, whatever the table's size was when the
+/// session planned the statement) and the gate, the fence of every settled message and
+/// the renewal's check read that copy: the table is a few pages that every session writes at every take and
 /// release, and probing it once per settled message (20 share locks a run) queued the
 /// sessions behind each other's writes. The fence is as strong as one read of the table:
 /// the statement's snapshot is the same. Renewal is rare (not every step: 32 sessions
 /// rewriting their rows at every step queued behind each other) and checked first on the
 /// copy. A release deletes the row rather than ending it now: an update wrote a new row
 /// version and two index entries on those same pages, and left a row that only recovery
-/// removed.
+/// removed. (The delete finds the row by key with a plan made from the estimates, a
+/// sequential scan when the session planned on a small table: once a run, not each step.)
 pub(crate) const GROUP_STEP_FENCED: &str = group_step!(
     concat!(
         "taken AS (",
         take_group_lease!("16", "17", "$3"),
         "
 ), owned AS MATERIALIZED (
-    SELECT g.queue, g.group_key, g.expires_at
-    FROM pgbus.group_leases g
-    WHERE g.owner = $16 AND g.expires_at > now()
+    SELECT o.queue, o.group_key, o.expires_at FROM pgbus.session_leases($16) o
 ), gate AS (
     SELECT CASE WHEN $3 THEN EXISTS (SELECT 1 FROM taken)
                 ELSE EXISTS (SELECT 1 FROM owned o WHERE o.queue = $1 AND o.group_key = $2)
