@@ -175,28 +175,41 @@ async fn run_scenarios(
     // every figure.
     let mut loads = Vec::new();
 
+    let mut not_measured = Vec::new();
+    let peer_binary = if options.runs(PEER) {
+        let binary = peer_pgmq::peer_binary();
+        if binary.is_none() {
+            progress.say(format_args!("{PEER} {PEER_NOT_BUILT}"));
+            not_measured.push((PEER.to_owned(), PEER_NOT_BUILT.to_owned()));
+        }
+        binary
+    } else {
+        None
+    };
     let mut drain_median = None;
     if options.runs("raw_sql") || options.runs("drain") {
-        let (raw, drain) = run_raw_and_drain(server, plan, progress).await?;
+        let (raw, drain, peer) =
+            run_raw_and_drain(server, plan, progress, peer_binary.as_deref()).await?;
         drain_median = drain.figure("jobs_per_s").and_then(Figure::median);
         scenarios.push(raw);
         scenarios.push(drain);
+        // The statements of every scenario of the rounds, noted under `drain`.
+        let shared = if peer.is_some() {
+            ", with `raw_sql`'s and `peer_pgmq`'s"
+        } else {
+            ", with `raw_sql`'s"
+        };
+        note_statements_of(server, &mut scenarios, shared).await?;
+        scenarios.extend(peer);
+        record_load(&scenarios, &mut loads);
+    } else if let Some(binary) = &peer_binary {
+        let mut peer = PeerRuns::default();
+        for i in 1..=plan.runs {
+            peer.round(server, plan, progress, binary, i).await?;
+        }
+        scenarios.push(peer.scenario(plan.drain_jobs));
         record_load(&scenarios, &mut loads);
         note_statements(server, &mut scenarios).await?;
-    }
-    let mut not_measured = Vec::new();
-    if options.runs(PEER) {
-        match peer_pgmq::peer_binary() {
-            Some(binary) => {
-                scenarios.push(run_peer_pgmq(server, plan, progress, &binary).await?);
-                record_load(&scenarios, &mut loads);
-                note_statements(server, &mut scenarios).await?;
-            }
-            None => {
-                progress.say(format_args!("{PEER} {PEER_NOT_BUILT}"));
-                not_measured.push((PEER.to_owned(), PEER_NOT_BUILT.to_owned()));
-            }
-        }
     }
     if options.runs("enqueue") {
         scenarios.push(run_enqueue(server, plan, progress).await?);
@@ -304,22 +317,30 @@ const TOP_STATEMENTS: i64 = 5;
 /// server has it) since the previous scenario in the last scenario's notes, so a
 /// regression shows where it came from.
 async fn note_statements(server: &Server, scenarios: &mut [Scenario]) -> anyhow::Result<()> {
-    let (Some(top), Some(scenario)) = (
-        server.top_statements(TOP_STATEMENTS).await?,
-        scenarios.last_mut(),
-    ) else {
+    note_statements_of(server, scenarios, "").await
+}
+
+/// [`note_statements`] of rounds that ran other scenarios beside the last one (`shared`
+/// says which), so room for twice as many statements.
+async fn note_statements_of(
+    server: &Server,
+    scenarios: &mut [Scenario],
+    shared: &str,
+) -> anyhow::Result<()> {
+    let count = if shared.is_empty() {
+        TOP_STATEMENTS
+    } else {
+        2 * TOP_STATEMENTS
+    };
+    let (Some(top), Some(scenario)) = (server.top_statements(count).await?, scenarios.last_mut())
+    else {
         return Ok(());
     };
     for statement in top {
         let query: String = statement.query.chars().take(160).collect();
         scenario.notes.push(format!(
-            "server time (`pg_stat_statements`, all runs{}): {:.0} ms in {} calls, {:.3} ms \
-             per call: `{}{}`",
-            if scenario.name == "drain" {
-                ", with `raw_sql`'s"
-            } else {
-                ""
-            },
+            "server time (`pg_stat_statements`, all runs{shared}): {:.0} ms in {} calls, \
+             {:.3} ms per call: `{}{}`",
             statement.total_ms,
             statement.calls,
             statement.total_ms / statement.calls.max(1) as f64,
@@ -334,13 +355,15 @@ async fn note_statements(server: &Server, scenarios: &mut [Scenario]) -> anyhow:
     Ok(())
 }
 
-/// `raw_sql` and `drain`, alternating run by run so that drifting conditions touch both
-/// alike.
+/// `raw_sql`, `drain` and, with its binary, `peer_pgmq`, alternating run by run so that
+/// drifting conditions touch all alike (a peer measured after the drains, under another
+/// load, once moved `ratio_to_pgmq` from 1.6 to 3).
 async fn run_raw_and_drain(
     server: &Server,
     plan: &Plan,
     progress: &Progress,
-) -> anyhow::Result<(Scenario, Scenario)> {
+    peer_binary: Option<&std::path::Path>,
+) -> anyhow::Result<(Scenario, Scenario, Option<Scenario>)> {
     let n = plan.drain_jobs;
     // Like for like with `raw_sql` first (its figure ids carry no suffix), then wider
     // workers, then one worker at the concurrency a user picks.
@@ -349,6 +372,7 @@ async fn run_raw_and_drain(
     let mut raw_durable_rates = Vec::new();
     let mut startups = Vec::new();
     let mut drain_runs = vec![(Vec::new(), Vec::new()); variants.len()];
+    let mut peer = PeerRuns::default();
     for i in 1..=plan.runs {
         let raw = raw_sql::run_once(server, n, raw_sql::Commits::LikePgbus).await?;
         let durable = raw_sql::run_once(server, n, raw_sql::Commits::Durable).await?;
@@ -376,6 +400,9 @@ async fn run_raw_and_drain(
             if variant.suffix.is_empty() {
                 startups.push(ms(run.startup));
             }
+        }
+        if let Some(binary) = peer_binary {
+            peer.round(server, plan, progress, binary, i).await?;
         }
     }
     let mut raw = Scenario::new(
@@ -485,24 +512,33 @@ async fn run_raw_and_drain(
             ));
         }
     }
-    Ok((raw, drain))
+    let peer = peer_binary.map(|_| peer.scenario(n));
+    Ok((raw, drain, peer))
 }
 
-/// `peer_pgmq`: pgmq's bulk send and its drains at each reader count, with pgbus's bulk
-/// send of the same jobs, alternating run by run.
-async fn run_peer_pgmq(
-    server: &Server,
-    plan: &Plan,
-    progress: &Progress,
-    binary: &std::path::Path,
-) -> anyhow::Result<Scenario> {
-    use peer_pgmq::{READERS, READ_SIZE};
-    let n = plan.drain_jobs;
-    let mut pgmq_sends = Vec::new();
-    let mut pgbus_sends = Vec::new();
-    let mut drains = vec![Vec::new(); READERS.len()];
-    for i in 1..=plan.runs {
-        for (&readers, rates) in READERS.iter().zip(&mut drains) {
+/// `peer_pgmq`'s runs so far: pgmq's bulk send and its drains at each reader count, with
+/// pgbus's bulk send of the same jobs, alternating.
+#[derive(Default)]
+struct PeerRuns {
+    pgmq_sends: Vec<f64>,
+    pgbus_sends: Vec<f64>,
+    /// Drain rates per entry of [`peer_pgmq::READERS`].
+    drains: Vec<Vec<f64>>,
+}
+
+impl PeerRuns {
+    /// Round `i`: a run at each reader count.
+    async fn round(
+        &mut self,
+        server: &Server,
+        plan: &Plan,
+        progress: &Progress,
+        binary: &std::path::Path,
+        i: usize,
+    ) -> anyhow::Result<()> {
+        let n = plan.drain_jobs;
+        self.drains.resize(peer_pgmq::READERS.len(), Vec::new());
+        for (&readers, rates) in peer_pgmq::READERS.iter().zip(&mut self.drains) {
             let run = peer_pgmq::run_once(server, binary, n, readers).await?;
             let pgbus = peer_pgmq::pgbus_send_batch(server, n).await?;
             progress.say(format_args!(
@@ -510,15 +546,24 @@ async fn run_peer_pgmq(
                  {pgbus:.0} msgs/s), pgmq drain with {readers} readers {:.0} jobs/s",
                 plan.runs, run.send_per_s, run.drain_per_s
             ));
-            pgmq_sends.push(run.send_per_s);
-            pgbus_sends.push(pgbus);
+            self.pgmq_sends.push(run.send_per_s);
+            self.pgbus_sends.push(pgbus);
             rates.push(run.drain_per_s);
         }
+        Ok(())
     }
-    let mut scenario = Scenario::new(
-        PEER,
-        format!(
-            "A real peer: the `pgmq` crate (its `PGMQueueExt` client on a sqlx pool with the \
+
+    fn scenario(self, n: usize) -> Scenario {
+        use peer_pgmq::{READERS, READ_SIZE};
+        let PeerRuns {
+            pgmq_sends,
+            pgbus_sends,
+            drains,
+        } = self;
+        let mut scenario = Scenario::new(
+            PEER,
+            format!(
+                "A real peer: the `pgmq` crate (its `PGMQueueExt` client on a sqlx pool with the \
              settings `PGMQueueExt::new` uses, its SQL installed by \
              `install_sql_from_embedded`, no extension). Per run, on a fresh database: one \
              `send_batch` of all the jobs (the values `0..n`, which it stores as jsonb), \
@@ -527,36 +572,39 @@ async fn run_peer_pgmq(
              come back exactly once and the queue table must be empty. Beside it, on a fresh \
              database of its own, pgbus's `PgBackend::send_batch` of the same values in one \
              call, timed the same way (encoding included on both sides). `ratio_to_pgmq` \
-             compares `drain` and the bulk send with the peer, medians over medians."
-        ),
-    );
-    scenario.setting("jobs per run", n);
-    scenario.setting(
-        "timed",
-        "the `send_batch` call; the drain from the first read until every reader found the \
+             compares `drain` and the bulk send with the peer, medians over medians; when \
+             `drain` runs too, each of its rounds is followed by one of this scenario's, so \
+             both see the same conditions."
+            ),
+        );
+        scenario.setting("jobs per run", n);
+        scenario.setting(
+            "timed",
+            "the `send_batch` call; the drain from the first read until every reader found the \
          queue empty",
-    );
-    scenario.figures.push(Figure::new(
-        PEER_SEND,
-        format!("pgmq send_batch of {}", thousands(n as i64)),
-        Unit::MsgsPerSec,
-        pgmq_sends,
-    ));
-    scenario.figures.push(Figure::new(
-        PEER_PGBUS_SEND,
-        format!("pgbus send_batch of {} (same run)", thousands(n as i64)),
-        Unit::MsgsPerSec,
-        pgbus_sends,
-    ));
-    for (readers, rates) in READERS.into_iter().zip(drains) {
+        );
         scenario.figures.push(Figure::new(
-            format!("{PEER_DRAIN_PREFIX}{readers}_jobs_per_s"),
-            format!("pgmq drain, {readers} readers × read {READ_SIZE} + delete"),
-            Unit::JobsPerSec,
-            rates,
+            PEER_SEND,
+            format!("pgmq send_batch of {}", thousands(n as i64)),
+            Unit::MsgsPerSec,
+            pgmq_sends,
         ));
+        scenario.figures.push(Figure::new(
+            PEER_PGBUS_SEND,
+            format!("pgbus send_batch of {} (same run)", thousands(n as i64)),
+            Unit::MsgsPerSec,
+            pgbus_sends,
+        ));
+        for (readers, rates) in READERS.into_iter().zip(drains) {
+            scenario.figures.push(Figure::new(
+                format!("{PEER_DRAIN_PREFIX}{readers}_jobs_per_s"),
+                format!("pgmq drain, {readers} readers × read {READ_SIZE} + delete"),
+                Unit::JobsPerSec,
+                rates,
+            ));
+        }
+        scenario
     }
-    Ok(scenario)
 }
 
 async fn run_enqueue(

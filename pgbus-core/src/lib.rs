@@ -89,7 +89,9 @@ pub use queue::{
     Selection, Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
-pub use schedule::{tasks_from_json, MissedRuns, RecurringTask, Schedule, MAX_TASK_NAME_LEN};
+pub use schedule::{
+    tasks_from_json, MissedRuns, RecurringTask, Schedule, MAX_CATCH_UP, MAX_TASK_NAME_LEN,
+};
 pub use stream::{
     check_stream_texts, Horizon, SignalFn, StreamEvent, StreamListener, StreamName, StreamSignal,
     StreamStore, MAX_EPHEMERAL_BYTES, MAX_STREAM_EVENT_TYPE_LEN, MAX_STREAM_NAME_LEN,

@@ -8,12 +8,17 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, SubsecRound, Utc};
 
 use crate::{Error, NewMessage, QueueName, Result};
 
 /// The longest task name, in bytes.
 pub const MAX_TASK_NAME_LEN: usize = 100;
+
+/// The most missed occurrences one scheduler tick enqueues ([`MissedRuns::CatchUp`]): they
+/// go in one transaction, so a week's downtime of a 10 ms task with an unbounded catch-up
+/// would be one send of 60 million jobs held in memory.
+pub const MAX_CATCH_UP: u32 = 10_000;
 
 /// When a recurring task runs.
 #[derive(Clone)]
@@ -31,26 +36,41 @@ impl Schedule {
     ///
     /// An expression that never occurs after now is refused: one with a field that matches
     /// no value (`,` as the hour), a date that doesn't exist (`0 0 30 2 *`), or only past
-    /// years. croner would search up to 5,000 years for its occurrences on every tick
-    /// (seconds of CPU each for an empty field).
+    /// years. croner would search for its occurrences on every tick until its own limits
+    /// (up to 7 s of CPU for an empty field), so these are found here by cheaper means.
     pub fn cron(expression: &str) -> Result<Self> {
+        Self::cron_at(expression, Utc::now())
+    }
+
+    fn cron_at(expression: &str, now: DateTime<Utc>) -> Result<Self> {
         let invalid = |why: &dyn fmt::Display| {
             Error::InvalidArgument(format!("invalid cron expression {expression:?}: {why}"))
         };
         let cron = croner::Cron::from_str(expression).map_err(|err| invalid(&err))?;
         let p = &cron.pattern;
-        let fields: [(&str, u32, u32, &dyn Fn(u32) -> bool); 4] = [
-            ("second", 0, 59, &|v| p.second_match(v).unwrap_or(false)),
-            ("minute", 0, 59, &|v| p.minute_match(v).unwrap_or(false)),
-            ("hour", 0, 23, &|v| p.hour_match(v).unwrap_or(false)),
-            ("month", 1, 12, &|v| p.month_match(v).unwrap_or(false)),
+        let fields = [
+            (
+                "second",
+                (0..60).any(|v| p.second_match(v).unwrap_or(false)),
+            ),
+            (
+                "minute",
+                (0..60).any(|v| p.minute_match(v).unwrap_or(false)),
+            ),
+            ("hour", (0..24).any(|v| p.hour_match(v).unwrap_or(false))),
+            ("month", (1..=12).any(|v| p.month_match(v).unwrap_or(false))),
         ];
-        for (field, first, last, matches) in fields {
-            if !(first..=last).any(matches) {
-                return Err(invalid(&format_args!("its {field} field matches no value")));
-            }
+        if let Some((field, _)) = fields.iter().find(|(_, matches_some)| !matches_some) {
+            return Err(invalid(&format_args!("its {field} field matches no value")));
         }
-        if cron.find_next_occurrence(&Utc::now(), false).is_err() {
+        if !some_date_matches(&cron, now.year()) {
+            return Err(invalid(&format_args!(
+                "no date matches it in the next {DATE_SEARCH_YEARS} years it allows"
+            )));
+        }
+        // A date exists within those years, so croner's search is short (it steps a day
+        // at a time): it only fails for dates earlier this year of a last allowed year.
+        if cron.find_next_occurrence(&now, false).is_err() {
             return Err(invalid(&"it never occurs after now"));
         }
         Ok(Self(Kind::Cron(Box::new(cron))))
@@ -117,7 +137,7 @@ impl Schedule {
     pub fn due(&self, last: SystemTime, now: SystemTime, missed: MissedRuns) -> Vec<SystemTime> {
         let keep = match missed {
             MissedRuns::Skip => 1,
-            MissedRuns::CatchUp(max) => max.max(1) as usize,
+            MissedRuns::CatchUp(max) => max.clamp(1, MAX_CATCH_UP) as usize,
         };
         let mut due = Vec::new();
         let mut at = self.latest_at_or_before(now);
@@ -131,6 +151,29 @@ impl Schedule {
         due.reverse();
         due
     }
+}
+
+/// How many of a pattern's allowed years [`some_date_matches`] looks through. A day of
+/// the month on a weekday recurs within 40 years (a Monday 29 February: 28 years, 40 across
+/// the 2100 that is no leap year).
+const DATE_SEARCH_YEARS: usize = 60;
+
+/// Whether a date of one of the pattern's first [`DATE_SEARCH_YEARS`] years from `year` on
+/// matches its year, month, day-of-month and weekday fields (croner's own `day_match`, so
+/// `L`, `W`, `#` and the OR or `+` AND of the two day fields count as croner counts them).
+fn some_date_matches(cron: &croner::Cron, year: i32) -> bool {
+    let p = &cron.pattern;
+    let years = (year..=croner::YEAR_UPPER_LIMIT).filter(|&y| p.year_match(y).unwrap_or(false));
+    for year in years.take(DATE_SEARCH_YEARS) {
+        for month in (1..=12).filter(|&m| p.month_match(m).unwrap_or(false)) {
+            let mut days =
+                (1..=31).take_while(|&d| NaiveDate::from_ymd_opt(year, month, d).is_some());
+            if days.any(|d| p.day_match(year, month, d).unwrap_or(false)) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 impl fmt::Display for Schedule {
@@ -155,7 +198,8 @@ impl fmt::Debug for Schedule {
 pub enum MissedRuns {
     /// Enqueue only the latest occurrence; the others are skipped.
     Skip,
-    /// Enqueue the missed occurrences too, at most this many (the latest ones).
+    /// Enqueue the missed occurrences too, at most this many (the latest ones), and at
+    /// most [`MAX_CATCH_UP`].
     CatchUp(u32),
 }
 
@@ -285,6 +329,12 @@ pub fn tasks_from_json(text: &str) -> Result<Vec<RecurringTask>> {
             let task =
                 RecurringTask::new(spec.name, QueueName::new(spec.queue)?, schedule, message)?;
             Ok(match spec.catch_up {
+                Some(max) if max > MAX_CATCH_UP => {
+                    return Err(Error::InvalidArgument(format!(
+                        "recurring task {:?}: `catch_up` {max} is more than {MAX_CATCH_UP}",
+                        task.name
+                    )))
+                }
                 Some(max) => task.missed(MissedRuns::CatchUp(max)),
                 None => task,
             })
@@ -336,6 +386,11 @@ mod tests {
         assert_eq!(minutely.to_string(), "cron * * * * *");
     }
 
+    /// 1 March 2023: in the only year `... 2023` allows, after its 1 January.
+    fn in_2023() -> DateTime<Utc> {
+        at(1_677_628_800).into()
+    }
+
     #[test]
     fn cron_expressions_that_never_occur_are_refused() {
         // An empty seconds field cost croner 7 s per search; the fuzzer found the hour one.
@@ -344,12 +399,17 @@ mod tests {
             (", * * * * *", "second field matches no value"),
             ("* * , * * *", "hour field matches no value"),
             ("0 0 * , *", "month field matches no value"),
-            ("0 0 30 2 *", "never occurs"),
-            ("0 0 31 2 +1", "never occurs"),
-            ("0 0 , * ,", "never occurs"),
-            ("0 0 0 * * * 2020", "never occurs"),
+            ("0 0 30 2 *", "no date matches"),
+            ("0 0 31 2 +1", "no date matches"),
+            ("0 0 , * ,", "no date matches"),
+            // The fuzzer's second: an empty day of the month, any weekday.
+            ("8 4 , 2 *", "no date matches"),
+            ("0 0 0 * * * 2020", "no date matches"),
+            ("0 0 0 1 1 * 2023", "never occurs after now"),
         ] {
-            let err = Schedule::cron(expression).unwrap_err().to_string();
+            let err = Schedule::cron_at(expression, in_2023())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{expression}: {err}");
         }
         // Rare but real: a leap day that is a Monday, the last day of February.
@@ -359,7 +419,7 @@ mod tests {
             "0 0 * 2 1#5",
             "0 0 0 * * * 4999",
         ] {
-            assert!(Schedule::cron(rare).is_ok(), "{rare}");
+            assert!(Schedule::cron_at(rare, in_2023()).is_ok(), "{rare}");
         }
     }
 
@@ -485,6 +545,11 @@ mod tests {
             s.due(at(100), at(105), MissedRuns::CatchUp(2)),
             [at(104), at(105)]
         );
+        // A day of 10 ms occurrences, with a catch-up beyond the cap: the cap's latest.
+        let often = Schedule::every(Duration::from_millis(10)).unwrap();
+        let due = often.due(at(0), at(86_400), MissedRuns::CatchUp(u32::MAX));
+        assert_eq!(due.len(), MAX_CATCH_UP as usize);
+        assert_eq!(due.last(), Some(&at(86_400)));
     }
 
     #[test]
@@ -501,6 +566,7 @@ mod tests {
             r#"[{"name": "a", "queue": "Q", "every_secs": 1, "payload": 1}]"#,
             r#"[{"name": "a", "queue": "q", "every_secs": 1, "payload": 1, "typo": 1}]"#,
             r#"{"name": "a"}"#,
+            r#"[{"name": "a", "queue": "q", "every_secs": 1, "payload": 1, "catch_up": 10001}]"#,
         ] {
             assert!(tasks_from_json(bad).is_err(), "{bad}");
         }
