@@ -79,8 +79,15 @@ pub trait GroupSession: Send + 'static {
         }
     }
 
+    /// How long the group's lock lasts without renewal, when it can lapse at all (a lease
+    /// row; an advisory lock lasts as long as the session): the worker extends its leases,
+    /// which renews the lock too, at least three times within it. `None` by default.
+    fn lock_lasts(&self) -> Option<Duration> {
+        None
+    }
+
     /// Extends the leases of the session's claimed messages, or reports them lost (see
-    /// [`Consumer::extend`](crate::Consumer::extend)).
+    /// [`Consumer::extend`](crate::Consumer::extend)); renews the group's lock too.
     fn extend(
         &mut self,
         leases: &[Lease],

@@ -551,8 +551,9 @@ struct Run {
 }
 
 impl Run {
-    fn new(claimed: Vec<Message>, lease: Duration) -> Self {
-        let every = (lease / 3).max(Duration::from_millis(10));
+    /// A run whose heartbeat beats three times within `beat_within`.
+    fn new(claimed: Vec<Message>, beat_within: Duration) -> Self {
+        let every = (beat_within / 3).max(Duration::from_millis(10));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
@@ -566,8 +567,8 @@ impl Run {
     }
 
     /// Continues with the next claimed run.
-    fn next(&mut self, claimed: Vec<Message>, lease: Duration) {
-        *self = Self::new(claimed, lease);
+    fn next(&mut self, claimed: Vec<Message>, beat_within: Duration) {
+        *self = Self::new(claimed, beat_within);
     }
 
     /// The session's claimed messages whose leases a heartbeat extends: the running one,
@@ -660,7 +661,11 @@ async fn drive_group<B: Backend>(
         // lock is released again.
         return Ok(true);
     }
-    let mut run = Run::new(claimed, lease_for);
+    // The heartbeat renews the group's lock as well: it must beat within the lock's life
+    // too (a 120 s lease's heartbeat every 40 s let a 30 s group lease lapse, and another
+    // session take the group and run the same message).
+    let beat_within = session.lock_lasts().map_or(lease_for, |lock| lease_for.min(lock));
+    let mut run = Run::new(claimed, beat_within);
     loop {
         let ending = run.stop || ctx.draining.is_cancelled();
         if ending || run.unstarted.is_empty() {
@@ -683,7 +688,7 @@ async fn drive_group<B: Backend>(
             if settled.claimed.is_empty() {
                 return Ok(true);
             }
-            run.next(settled.claimed, lease_for);
+            run.next(settled.claimed, beat_within);
             continue;
         }
         if run.settle_now() {

@@ -298,6 +298,10 @@ impl GroupSession for PgGroupSession {
         Ok(Some(settled.claimed))
     }
 
+    fn lock_lasts(&self) -> Option<Duration> {
+        self.lease.as_ref().map(|(_, ttl)| *ttl)
+    }
+
     async fn extend(&mut self, leases: &[Lease], by: Duration) -> Result<Extension> {
         check_delay("a lease", by)?;
         self.renew().await?;

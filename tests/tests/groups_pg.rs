@@ -1422,13 +1422,17 @@ struct SecondHeld {
 }
 
 async fn second_held(name: &str, options: QueueOptions) -> SecondHeld {
+    second_held_with(name, options, GroupLocks::Advisory).await
+}
+
+async fn second_held_with(name: &str, options: QueueOptions, locks: GroupLocks) -> SecondHeld {
     let (backend, url) = fresh_backend(4).await;
     let q = create(&backend, name, options).await;
     send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
     let runs: Runs = Arc::default();
     let (open, gated) = gate();
     let worker = recording_worker(
-        worker_backend(&url, "worker"),
+        worker_backend_with(&url, "worker", locks),
         &q,
         1,
         &runs,
@@ -1577,5 +1581,53 @@ async fn the_heartbeat_keeps_the_whole_run_leased() {
     let report = run.await.unwrap().unwrap();
     let expected: Vec<(u32, u32)> = (0..6).map(|seq| (seq, 1)).collect();
     assert_eq!(runs_of(&runs, "g"), expected);
+    assert_eq!(report.acked, 6, "{report:?}");
+}
+
+/// Lease mode with a group lease shorter than a third of the queue's lease: the heartbeat
+/// beats within the group lease, so it never lapses while a handler runs (it beat every
+/// third of the queue's lease, and the lapsed group was recovered and could be taken by
+/// another session while its message still ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_heartbeat_keeps_a_short_group_lease_alive() {
+    let options = QueueOptions::default().lease(Duration::from_secs(6));
+    let ttl = Duration::from_millis(600);
+    let SecondHeld {
+        backend,
+        url,
+        q,
+        runs,
+        open,
+        stop,
+        run,
+    } = second_held_with("short_group_lease", options, GroupLocks::Lease { ttl }).await;
+    let observer = connect(&url, "observer").await.unwrap();
+    let live_group_leases = || async {
+        observer
+            .query_one(
+                "SELECT count(*) FROM pgbus.group_leases WHERE expires_at > now()",
+                &[],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0))
+            .unwrap()
+    };
+    // Over five group-lease periods (the first heartbeat of a 6 s lease would come after
+    // 2 s), the group stays leased while its second message is held.
+    let window = Instant::now();
+    while window.elapsed() < ttl * 5 {
+        assert_eq!(live_group_leases().await, 1, "the group's lease lapsed");
+        tokio::time::sleep(POLL).await;
+    }
+    open.send(true).unwrap();
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    let expected: Vec<(u32, u32)> = (0..6).map(|seq| (seq, 1)).collect();
+    assert_eq!(
+        runs_of(&runs, "g"),
+        expected,
+        "each message ran once, in order"
+    );
     assert_eq!(report.acked, 6, "{report:?}");
 }
