@@ -115,6 +115,7 @@ mod group;
 mod handler;
 mod lane;
 mod mixed;
+mod pace;
 mod pool;
 mod slots;
 mod subscriber;
