@@ -39,9 +39,9 @@ impl Pace {
         match self.nanos.load(Ordering::Relaxed) {
             0 => None,
             nanos => {
-                let per_slot = WITHIN.as_nanos() / u128::from(nanos);
                 let slots = u128::try_from(slots).unwrap_or(u128::MAX);
-                Some(usize::try_from(per_slot.saturating_mul(slots)).unwrap_or(usize::MAX))
+                let fit = WITHIN.as_nanos().saturating_mul(slots) / u128::from(nanos);
+                Some(usize::try_from(fit).unwrap_or(usize::MAX))
             }
         }
     }
