@@ -37,11 +37,6 @@ use crate::{ExecError, ExecutionMode, ExecutionPool, MixedWorker};
 /// before claiming again: a bound on the latency it trades for batching.
 const FILL_LINGER: Duration = Duration::from_millis(2);
 
-/// How long a claimed-ahead message waits for a slot at most (less when a third of its
-/// lease is shorter) before it is given back: jobs that all outlast the pace that sized
-/// the buffer must not hold it from idle workers.
-const AHEAD_WAIT: Duration = Duration::from_secs(1);
-
 /// The most of a job's error text that a log line carries (the message keeps all of it).
 const LOGGED_ERROR: usize = 1024;
 
@@ -118,6 +113,9 @@ pub(crate) struct Config {
     pub(crate) concurrency: usize,
     /// Plain messages claimed ahead of free slots; `None`: a quarter of the concurrency.
     pub(crate) claim_ahead: Option<usize>,
+    /// How long a claimed-ahead message waits for a slot at most (less when a third of its
+    /// lease is shorter) before it is given back.
+    pub(crate) claim_ahead_wait: Duration,
     pub(crate) mode: Option<ExecutionMode>,
     pub(crate) poll_interval: Duration,
     pub(crate) lease: Option<Duration>,
@@ -186,8 +184,9 @@ impl<B: Backend> WorkerBuilder<B> {
     /// few milliseconds or less). It claims for its free slots plus the buffer's room, and
     /// refills the buffer while its slots are still busy once it is half empty.
     ///
-    /// A buffered message that waits for a slot longer than 1 s (or a third of its lease,
-    /// if shorter) is given back at once with
+    /// A buffered message that waits for a slot longer than 1 s (see
+    /// [`claim_ahead_wait`](Self::claim_ahead_wait); a third of its lease, if shorter) is
+    /// given back at once with
     /// [`Consumer::release`](pgbus_core::Consumer::release) (claimable again straight away
     /// by other workers, the attempt not counted), and the worker claims nothing ahead
     /// again until one of its slots frees: jobs longer than the pace promised never hold
@@ -201,6 +200,15 @@ impl<B: Backend> WorkerBuilder<B> {
     /// grouped ones (a group worker ignores this setting).
     pub fn claim_ahead(mut self, messages: usize) -> Self {
         self.config.claim_ahead = Some(messages);
+        self
+    }
+
+    /// How long a claimed-ahead message may wait for a slot before it is given back (see
+    /// [`claim_ahead`](Self::claim_ahead)); default 1 s, never more than a third of the
+    /// message's lease. Jobs that all outlast the pace that sized the buffer must not hold
+    /// it from idle workers for long: the bound is what a buffered message can lose.
+    pub fn claim_ahead_wait(mut self, wait: Duration) -> Self {
+        self.config.claim_ahead_wait = wait;
         self
     }
 
@@ -305,6 +313,9 @@ impl<B: Backend> WorkerBuilder<B> {
         }
         if self.config.poll_interval.is_zero() || self.config.heartbeat_interval.is_zero() {
             return invalid("poll and heartbeat intervals must be positive");
+        }
+        if self.config.claim_ahead_wait.is_zero() {
+            return invalid("the claim-ahead wait must be positive");
         }
         if self.config.group_idle.is_zero() {
             return invalid("the group idle timeout must be positive");
@@ -519,6 +530,7 @@ impl<B: Backend> Worker<B> {
             config: Config {
                 concurrency: 10,
                 claim_ahead: None,
+                claim_ahead_wait: Duration::from_secs(1),
                 mode: None,
                 poll_interval: Duration::from_secs(1),
                 lease: None,
@@ -1039,7 +1051,7 @@ impl<B: Backend> Fetch<'_, B> {
                 Running::insert(Arc::clone(self.in_flight), message.lease(), cancel.clone());
             let (_, lease) = self.policies[&message.queue];
             self.ahead.push_back(Claimed {
-                give_back_at: now + AHEAD_WAIT.min(lease / 3),
+                give_back_at: now + self.worker.config.claim_ahead_wait.min(lease / 3),
                 message,
                 cancel,
                 running,

@@ -711,6 +711,13 @@ async fn builder_refuses_bad_settings() {
         .handle(queue.clone(), handler)
         .build()
         .is_err());
+    let err = Worker::builder(backend.clone())
+        .handle(queue.clone(), handler)
+        .claim_ahead_wait(Duration::ZERO)
+        .build()
+        .err()
+        .expect("a zero claim-ahead wait is refused");
+    assert!(err.to_string().contains("claim-ahead wait"), "{err}");
     let missing = Worker::builder(backend.clone())
         .handle(QueueName::new("missing").unwrap(), handler)
         .build()
