@@ -7,17 +7,17 @@ use std::time::{Duration, SystemTime};
 use bb8::{Pool, PooledConnection};
 use pgbus_core::{
     check_delay, CircuitBreaker, Consumer, ContentType, DeadLetters, DeadMessage, Error, Extension,
-    Headers, Lease, Message, MessageId, NewMessage, ProcessId, Producer, QueueAdmin, QueueInfo,
-    QueueName, QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats,
-    DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
+    Lease, Message, MessageId, NewMessage, ProcessId, Producer, QueueAdmin, QueueInfo, QueueName,
+    QueueOptions, QueueStats, Result, RetryPolicy, Selection, Stats, DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_DELAY,
 };
-use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient, IsolationLevel, Row};
 use tracing::Instrument;
 
 use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::{db, pool, storable};
 use crate::group_locks::GroupLocks;
+use crate::headers::headers_from;
 use crate::migrate::{self, Uninstalled, SCHEMA_VERSION};
 use crate::notify_limit::NotifyLimiter;
 use crate::pool::PooledClient;
@@ -945,7 +945,7 @@ fn seconds(secs: f64) -> Duration {
 }
 
 pub(crate) fn message_from(queue: &QueueName, row: &Row) -> Result<Message> {
-    let Json(headers): Json<Headers> = row.get("headers");
+    let headers = headers_from(row);
     let mut m = Message::new(
         MessageId(row.get("id")),
         queue.clone(),
@@ -963,7 +963,7 @@ pub(crate) fn message_from(queue: &QueueName, row: &Row) -> Result<Message> {
 }
 
 fn dead_message_from(queue: &QueueName, row: &Row) -> Result<DeadMessage> {
-    let Json(headers): Json<Headers> = row.get("headers");
+    let headers = headers_from(row);
     let mut d = DeadMessage::new(
         MessageId(row.get("id")),
         queue.clone(),

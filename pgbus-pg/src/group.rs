@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 use crate::backend::{extension_from, lease_arrays, message_from, trip_breaker_on};
 use crate::error::{db, storable};
 use crate::group_locks::GroupLocks;
-use crate::query::{Reused, Typed};
+use crate::query::{Pooler, Reused, Typed};
 use crate::{sql, PgBackend};
 
 /// One in-flight group's own connection. In advisory mode it holds the group's session
@@ -67,6 +67,18 @@ impl OpenGroupSession for PgBackend {
 
     async fn open_group_session(&self) -> Result<PgGroupSession> {
         let client = self.dedicated("group").await?;
+        let pooler = self.pooler();
+        // Postgres plans a prepared statement anew for its first five runs before it keeps
+        // a generic plan: for the group statement about 1 ms of planning a run (2–3 times
+        // its execution), on every new session, which a group worker opens by the dozen.
+        // Its generic plan is as good as any (see `hot_plans`). Behind a transaction-mode
+        // pooler a session setting would leak to the next client: planned each time there.
+        if pooler == Pooler::Session {
+            client
+                .batch_execute("SET plan_cache_mode = force_generic_plan")
+                .await
+                .map_err(|e| db("configuring the group connection", e))?;
+        }
         let (step_sql, lease) = match self.group_locks() {
             GroupLocks::Advisory => (sql::GROUP_STEP, None),
             GroupLocks::Lease { ttl } => {
@@ -78,7 +90,7 @@ impl OpenGroupSession for PgBackend {
                 (sql::GROUP_STEP_FENCED, Some((token, ttl)))
             }
         };
-        let step = Reused::prepare(&client, step_sql, self.pooler())
+        let step = Reused::prepare(&client, step_sql, pooler)
             .await
             .map_err(|e| db("preparing the group statement", e))?;
         Ok(PgGroupSession {

@@ -62,6 +62,7 @@ mod error;
 mod fetcher;
 mod group;
 mod group_locks;
+mod headers;
 #[cfg(test)]
 mod hot_plans;
 mod limits;

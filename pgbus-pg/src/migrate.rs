@@ -114,6 +114,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "queue_check",
         sql: include_str!("../migrations/0019_queue_check.sql"),
     },
+    Migration {
+        version: 20,
+        name: "session_leases",
+        sql: include_str!("../migrations/0020_session_leases.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

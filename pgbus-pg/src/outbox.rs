@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgbus_core::{ContentType, Error, EventId, Headers, NewEvent, Result, RetryPolicy, Topics};
-use tokio_postgres::types::Json;
+use pgbus_core::{ContentType, Error, EventId, NewEvent, Result, RetryPolicy, Topics};
 use tokio_postgres::{Client, GenericClient, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{ConnectOptions, SecretUrl};
 use crate::error::db;
+use crate::headers::headers_from;
 use crate::listener::{Notifications, NotifyConnection};
 use crate::query::{Pooler, Typed};
 use crate::topics::{prune_in_batches, EventColumns};
@@ -385,7 +385,7 @@ fn connection_lost(reason: String) -> Error {
 }
 
 fn event_from(row: &Row) -> Result<NewEvent> {
-    let Json(headers): Json<Headers> = row.get("headers");
+    let headers = headers_from(row);
     let id: EventId = row.get::<_, &str>("event_id").parse()?;
     let mut event = NewEvent::raw(
         row.get::<_, String>("routing_key"),

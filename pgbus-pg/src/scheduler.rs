@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pgbus_core::{Error, QueueName, RecurringTask, Result};
+use pgbus_core::{Error, MissedRuns, QueueName, RecurringTask, Result, MAX_CATCH_UP};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -157,6 +157,11 @@ struct Cursor {
     last: SystemTime,
     /// The next occurrence as recorded in the database.
     next: Option<SystemTime>,
+    /// Whether this leader has enqueued the task once: from then on, occurrences that
+    /// fall between two of its ticks (a task more frequent than the tick, a slow tick) are
+    /// due in its steady run, not missed while no scheduler ran, and are all enqueued
+    /// whatever the task's [`MissedRuns`].
+    steady: bool,
 }
 
 impl Scheduler {
@@ -286,6 +291,7 @@ impl Scheduler {
                 Cursor {
                     last: row.get(0),
                     next: None,
+                    steady: false,
                 },
             );
         }
@@ -313,7 +319,12 @@ async fn enqueue_due(
     cursor: &mut Cursor,
     now: SystemTime,
 ) -> Result<()> {
-    let due = task.schedule.due(cursor.last, now, task.missed);
+    let missed = if cursor.steady {
+        MissedRuns::CatchUp(MAX_CATCH_UP)
+    } else {
+        task.missed
+    };
+    let due = task.schedule.due(cursor.last, now, missed);
     let next = task.schedule.next_after(now);
     if due.is_empty() && next == cursor.next {
         return Ok(());
@@ -323,7 +334,7 @@ async fn enqueue_due(
         .await
         .map_err(|e| db("starting a scheduler transaction", e))?;
     let latest = due.last().copied();
-    if let Some(latest) = latest {
+    if !due.is_empty() {
         let fresh: Vec<SystemTime> = tx
             .q(sql::RECORD_RUNS, &[&task.name, &due])
             .await
@@ -337,7 +348,6 @@ async fn enqueue_due(
         let messages = fresh.iter().map(|&at| task.message_for(at)).collect();
         let queue: &QueueName = &task.queue;
         backend.send_batch_in(&tx, queue, messages).await?;
-        cursor.last = latest;
     }
     tx.exec(sql::ADVANCE_TASK, &[&task.name, &latest, &next])
         .await
@@ -345,7 +355,13 @@ async fn enqueue_due(
     tx.commit()
         .await
         .map_err(|e| db("committing recurring jobs", e))?;
+    // Only now: a transaction that failed enqueued nothing, and the next tick must find
+    // the same occurrences due again.
+    if let Some(latest) = latest {
+        cursor.last = latest;
+    }
     cursor.next = next;
+    cursor.steady = true;
     Ok(())
 }
 

@@ -812,37 +812,54 @@ pub(crate) const GROUP_STEP: &str = group_step!(
 );
 
 /// [`group_step!`] with lease rows owned by token `$16` for `$17` seconds: the gate takes
-/// the lease (or checks that it is still this session's), every write is fenced by it, and
-/// the session's live leases with less than two thirds of `$17` left are renewed (not all
-/// at every step: 32 sessions rewriting their rows on the table's few pages at every step
-/// queued behind each other), and the group's own ends now when it is released.
+/// the lease (or checks that it is still this session's), every write is fenced by it, the
+/// session's live leases with less than two thirds of `$17` left are renewed, and the
+/// group's own is deleted when it is released.
+///
+/// The session's live leases are read once (`owned`, a handful of rows through the owner
+/// index, `pgbus.session_leases` of migration 20, whatever the table's size was when the
+/// session planned the statement) and the gate, the fence of every settled message and
+/// the renewal's check read that copy: the table is a few pages that every session writes at every take and
+/// release, and probing it once per settled message (20 share locks a run) queued the
+/// sessions behind each other's writes. The fence is as strong as one read of the table:
+/// the statement's snapshot is the same. Renewal is rare (not every step: 32 sessions
+/// rewriting their rows at every step queued behind each other) and checked first on the
+/// copy. A release deletes the row rather than ending it now: an update wrote a new row
+/// version and two index entries on those same pages, and left a row that only recovery
+/// removed. (The delete finds the row by key with a plan made from the estimates, a
+/// sequential scan when the session planned on a small table: once a run, not each step.)
 pub(crate) const GROUP_STEP_FENCED: &str = group_step!(
     concat!(
         "taken AS (",
         take_group_lease!("16", "17", "$3"),
         "
+), owned AS MATERIALIZED (
+    SELECT o.queue, o.group_key, o.expires_at FROM pgbus.session_leases($16) o
 ), gate AS (
     SELECT CASE WHEN $3 THEN EXISTS (SELECT 1 FROM taken)
-                ELSE EXISTS (SELECT 1 FROM pgbus.group_leases g
-                             WHERE g.queue = $1 AND g.group_key = $2 AND g.owner = $16
-                               AND g.expires_at > now()) END AS held, ",
+                ELSE EXISTS (SELECT 1 FROM owned o WHERE o.queue = $1 AND o.group_key = $2)
+           END AS held, ",
         claim_commits_async!(),
         "
 )"
     ),
-    fence!("16"),
+    "
+  AND EXISTS (SELECT 1 FROM owned o WHERE o.queue = m.queue AND o.group_key = m.group_key)",
     "
 , released AS (
     SELECT $15 AND NOT EXISTS (SELECT 1 FROM claimed) AS released
+), given_up AS (
+    DELETE FROM pgbus.group_leases g
+    WHERE g.queue = $1 AND g.group_key = $2 AND g.owner = $16
+      AND (SELECT released FROM released)
 ), renewed AS (
     UPDATE pgbus.group_leases g
-    SET expires_at = CASE WHEN r.released AND g.queue = $1 AND g.group_key = $2 THEN now()
-                          ELSE now() + make_interval(secs => $17) END
-    FROM released r
+    SET expires_at = now() + make_interval(secs => $17)
     WHERE g.owner = $16 AND g.expires_at > now()
-      AND NOT ($3 AND g.queue = $1 AND g.group_key = $2)
-      AND ((r.released AND g.queue = $1 AND g.group_key = $2)
-           OR g.expires_at < now() + make_interval(secs => $17 * 2 / 3))
+      AND g.expires_at < now() + make_interval(secs => $17 * 2 / 3)
+      AND NOT (($3 OR (SELECT released FROM released)) AND g.queue = $1 AND g.group_key = $2)
+      AND EXISTS (SELECT 1 FROM owned o
+                  WHERE o.expires_at < now() + make_interval(secs => $17 * 2 / 3))
 )",
     "(SELECT released FROM released)"
 );

@@ -1,13 +1,14 @@
 //! Ordered groups in lease mode: row leases with an owner token and expiry, every write
 //! fenced by the token.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use pgbus_core::{
     GroupNext, GroupRecovery, GroupSession, GroupSettle, Message, NewMessage, OpenGroupSession,
     Producer, QueueAdmin, QueueName, QueueOptions, Stats,
 };
-use pgbus_pg::{test_database, GroupLocks, PgBackend};
+use pgbus_pg::{connect, test_database, GroupLocks, PgBackend};
+use tokio_postgres::Client;
 
 const LONG: Duration = Duration::from_secs(600);
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -131,6 +132,103 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
     );
 }
 
+/// A run that ends releases its group in the same statement by deleting the lease row, so
+/// the table holds live leases only, and the next owner takes the group at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_ends_deletes_its_lease_row() {
+    let (backend, q) = lease_backend(LONG).await;
+    let client = connect(backend.url(), "test").await.unwrap();
+    for n in 0..2u32 {
+        backend
+            .send(&q, NewMessage::encode(&n).unwrap().group("g"))
+            .await
+            .unwrap();
+    }
+    let mut a = backend.open_group_session().await.unwrap();
+    let run = a.lock_and_claim(&q, "g", LONG, 10).await.unwrap().unwrap();
+    assert_eq!(run.len(), 2, "{run:?}");
+    assert!(lease_expiry(&client, "g").await.is_some());
+
+    let next = GroupNext::Claim {
+        queue: &q,
+        group: "g",
+        lease: LONG,
+        max: 10,
+    };
+    let settle = GroupSettle::default().ack(run.iter().map(Message::lease));
+    let settled = a.settle(&settle, next).await.unwrap();
+    assert_eq!(settled.acked.len(), 2, "{settled:?}");
+    assert!(settled.claimed.is_empty(), "{settled:?}");
+    assert_eq!(
+        lease_expiry(&client, "g").await,
+        None,
+        "the released lease's row is left behind"
+    );
+
+    backend
+        .send(&q, NewMessage::encode(&2u32).unwrap().group("g"))
+        .await
+        .unwrap();
+    let mut b = backend.open_group_session().await.unwrap();
+    let taken = b.lock_and_claim(&q, "g", LONG, 10).await.unwrap();
+    assert_eq!(taken.map(|run| run.len()), Some(1), "the next owner waits");
+}
+
+/// A group step renews the session's lease only once a third of its time has passed: a
+/// step at once leaves the row alone (no write per step), a later one extends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_renews_the_lease_only_after_a_third_of_its_time() {
+    let ttl = Duration::from_secs(6);
+    let (backend, q) = lease_backend(ttl).await;
+    let client = connect(backend.url(), "test").await.unwrap();
+    for n in 0..2u32 {
+        backend
+            .send(&q, NewMessage::encode(&n).unwrap().group("g"))
+            .await
+            .unwrap();
+    }
+    let mut a = backend.open_group_session().await.unwrap();
+    let head = a.lock_and_claim(&q, "g", LONG, 1).await.unwrap().unwrap();
+    assert_eq!(head.len(), 1, "{head:?}");
+    let taken = lease_expiry(&client, "g").await.unwrap();
+
+    assert!(a.claim(&q, "g", LONG, 0).await.unwrap().is_empty());
+    assert_eq!(
+        lease_expiry(&client, "g").await,
+        Some(taken),
+        "renewed with most of its time left"
+    );
+
+    let start = Instant::now();
+    loop {
+        assert!(a.claim(&q, "g", LONG, 0).await.unwrap().is_empty());
+        if lease_expiry(&client, "g")
+            .await
+            .is_some_and(|expiry| expiry > taken)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the group's steps never renewed its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let next = GroupNext::Claim {
+        queue: &q,
+        group: "g",
+        lease: LONG,
+        max: 10,
+    };
+    let settle = GroupSettle::default().ack(head.iter().map(Message::lease));
+    let settled = a.settle(&settle, next).await.unwrap();
+    assert_eq!(
+        (settled.acked.len(), settled.claimed.len()),
+        (1, 1),
+        "the renewed lease still writes: {settled:?}"
+    );
+}
+
 /// Workers of both lock modes on one queue (a rolling switch to a transaction-mode
 /// pooler): neither mode's recovery frees a group the other mode holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,4 +290,16 @@ async fn recovery_in_either_mode_leaves_the_other_modes_groups_alone() {
 fn one(mut run: Vec<Message>) -> Message {
     assert_eq!(run.len(), 1, "{run:?}");
     run.remove(0)
+}
+
+/// When group `group`'s lease row expires, if there is a row.
+async fn lease_expiry(client: &Client, group: &str) -> Option<SystemTime> {
+    client
+        .query_opt(
+            "SELECT expires_at FROM pgbus.group_leases WHERE group_key = $1",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0))
 }

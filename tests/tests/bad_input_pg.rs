@@ -339,3 +339,42 @@ async fn adversarial_topic_patterns_route_quickly_in_rust_and_in_postgres() {
         started.elapsed()
     );
 }
+
+/// Headers that plain SQL stored as other JSON than an object of strings: claimed, run and
+/// acked like any message (reading them once panicked the worker's claim), a value kept
+/// as its JSON text, a column that is no object read as no headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_of_any_json_written_by_plain_sql_are_read_not_panicked_on() {
+    let db = test_database().await;
+    let backend = PgBackend::connect(db.url()).unwrap();
+    backend.migrate().await.unwrap();
+    let q = create(&backend, "odd_headers", QueueOptions::default()).await;
+    let client = connect(db.url(), "producer").await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO pgbus.messages (queue, visible_at, content_type, headers, payload)
+             VALUES ('odd_headers', now(), 'application/json',
+                     '{\"n\": 1, \"s\": \"x\", \"o\": {\"a\": true}}', '\\x31'),
+                    ('odd_headers', now(), 'application/json', '[1, 2]', '\\x32')",
+        )
+        .await
+        .unwrap();
+    let claimed = backend.claim(&q, 10, LONG).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let headers: Vec<Vec<(&str, &str)>> = claimed
+        .iter()
+        .map(|m| {
+            m.headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        headers,
+        [vec![("n", "1"), ("o", "{\"a\":true}"), ("s", "x")], vec![]]
+    );
+    let leases: Vec<_> = claimed.iter().map(|m| m.lease()).collect();
+    backend.ack(&leases).await.unwrap();
+    assert_eq!(stats_of(&backend, &q).await.ready, 0);
+}

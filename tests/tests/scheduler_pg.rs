@@ -218,3 +218,106 @@ async fn skip_enqueues_only_the_latest_missed_occurrence() {
         "then on schedule again"
     );
 }
+
+/// A task more frequent than the scheduler's tick: every occurrence is enqueued, also
+/// under `MissedRuns::Skip` (which is for occurrences missed while no scheduler ran, not
+/// for those between two ticks of a running one: it once enqueued one in five here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn occurrences_between_ticks_are_all_enqueued_whatever_the_missed_policy() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "frequent", QueueOptions::default()).await;
+    let scheduler =
+        Scheduler::builder(PgBackend::builder(&url).max_connections(2).build().unwrap())
+            .task(task(&q, MissedRuns::Skip))
+            .lease(LEASE)
+            .tick(EVERY * 5)
+            .build()
+            .unwrap();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(scheduler.run(stop.clone()));
+    eventually("20 occurrences enqueued", DEADLINE, || async {
+        recorded(&url).await.0.len() >= 20
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    let (runs, headers) = recorded(&url).await;
+    for pair in runs.windows(2) {
+        assert_eq!(
+            pair[1].duration_since(pair[0]).unwrap(),
+            EVERY,
+            "consecutive occurrences, none skipped"
+        );
+    }
+    assert_eq!(headers.len(), runs.len(), "one job per occurrence");
+}
+
+/// A tick whose transaction fails after the send (here a trigger refuses the cursor's
+/// update, as a cancelled statement would) enqueues nothing, and the next ticks enqueue
+/// those occurrences: the scheduler's cursor once moved before the commit, and they were
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_that_fails_to_commit_loses_no_occurrence() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "failing", QueueOptions::default()).await;
+    let observer = connect(&url, "observer").await.unwrap();
+    observer
+        .batch_execute(
+            "CREATE TABLE public.refuse_advance (refuse boolean);
+             CREATE FUNCTION public.refuse_advance() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM public.refuse_advance) THEN
+                     RAISE EXCEPTION 'refused by the test';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_advance BEFORE UPDATE ON pgbus.schedules
+                 FOR EACH ROW EXECUTE FUNCTION public.refuse_advance();",
+        )
+        .await
+        .unwrap();
+    let running = start(&url, task(&q, MissedRuns::CatchUp(100)));
+    eventually("3 occurrences enqueued", DEADLINE, || async {
+        recorded(&url).await.0.len() >= 3
+    })
+    .await;
+    observer
+        .batch_execute("INSERT INTO public.refuse_advance VALUES (true)")
+        .await
+        .unwrap();
+    let before = recorded(&url).await.0.len();
+    // Five occurrences pass (on the database's clock) while every tick fails.
+    let last = *recorded(&url).await.0.last().unwrap();
+    eventually("five occurrences passed", DEADLINE, || async {
+        let now: SystemTime = observer
+            .query_one("SELECT now()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        now.duration_since(last).unwrap_or_default() > EVERY * 5
+    })
+    .await;
+    assert!(
+        recorded(&url).await.0.len() <= before + 1,
+        "ticks failed meanwhile"
+    );
+    observer
+        .batch_execute("DELETE FROM public.refuse_advance")
+        .await
+        .unwrap();
+    eventually("10 more occurrences enqueued", DEADLINE, || async {
+        recorded(&url).await.0.len() >= before + 10
+    })
+    .await;
+    running.stop.cancel();
+    running.handle.await.unwrap().unwrap();
+    let (runs, headers) = recorded(&url).await;
+    for pair in runs.windows(2) {
+        assert_eq!(
+            pair[1].duration_since(pair[0]).unwrap(),
+            EVERY,
+            "consecutive occurrences, none lost"
+        );
+    }
+    assert_eq!(headers.len(), runs.len(), "one job per occurrence");
+}

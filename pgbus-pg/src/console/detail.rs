@@ -18,6 +18,7 @@ use super::types::{
 };
 use crate::backend::PgBackend;
 use crate::error::db;
+use crate::headers::headers_from;
 
 /// The job `$1` in each table (the first found wins: an id is in one table at a time), with
 /// its queue's `max_attempts` and, while its lease is live, the registered process that
@@ -95,7 +96,7 @@ pub(super) async fn payload(
 }
 
 fn detail_from(row: &Row) -> Result<JobDetail> {
-    let Json(headers): Json<Headers> = row.get("headers");
+    let headers = headers_from(row);
     let bytes: &[u8] = row.get("payload");
     let mime: &str = row.get("content_type");
     let stored = Stored {
