@@ -194,8 +194,8 @@ impl<B: Backend> WorkerBuilder<B> {
     /// leased like running ones: their leases are extended with the running jobs', a
     /// buffered message whose lease is lost (deleted by an operator, say) is dropped
     /// without running, and when the worker stops, the buffer is given back at once, the
-    /// same way. Claims keep priority order, but a message claimed later
-    /// may wait behind at most this many claimed before it. Jobs with limit keys are never
+    /// same way. Claims keep priority order, but a message claimed later may wait behind
+    /// at most this many claimed before it. Jobs with limit keys are never
     /// buffered (a buffered one would hold its key's slot without running), nor are
     /// grouped ones (a group worker ignores this setting).
     pub fn claim_ahead(mut self, messages: usize) -> Self {
@@ -983,8 +983,8 @@ impl<B: Backend> Fetch<'_, B> {
     }
 
     /// The most the claim-ahead buffer may hold now: the setting, capped by what the slots
-    /// are expected to start within [`crate::pace::WITHIN`] at this worker's pace; nothing while
-    /// the pace is unknown or while the buffer is stalled.
+    /// are expected to start within [`crate::pace::WITHIN`] at this worker's pace;
+    /// nothing while the pace is unknown or while the buffer is stalled.
     fn ahead_limit(&self) -> usize {
         if self.stalled || self.ahead_size == 0 {
             return 0;
