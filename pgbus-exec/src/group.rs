@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::breaker::Breakers;
 use crate::handler::{JobContext, Outcome};
 use crate::lane::Lane;
 use crate::mixed::{GroupSlot, Kind, Share};
+use crate::pace::{self, Pace};
 use crate::worker::{
     backoff, load_policies, log_lease_lost, plan, run_handler, Counters, KillPoolOnDrop,
     ProcessEntry, Settle, Worker,
@@ -501,37 +502,12 @@ const MAX_RUN: usize = 32;
 
 /// How long finished messages of a run wait for their ack at most: the run size keeps a
 /// run's handlers within it, and a run that takes longer settles what has finished.
-const SETTLE_WITHIN: Duration = Duration::from_millis(50);
+const SETTLE_WITHIN: Duration = pace::WITHIN;
 
-/// How long a queue's handlers take: a moving average, unknown (0) until one has run.
-#[derive(Debug, Default)]
-struct Pace {
-    nanos: AtomicU64,
-}
-
-impl Pace {
-    fn record(&self, took: Duration) {
-        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
-        let old = self.nanos.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            took
-        } else {
-            old - old / 8 + took / 8
-        };
-        self.nanos.store(new.max(1), Ordering::Relaxed);
-    }
-
-    /// How many messages the next run claims: as many as run within [`SETTLE_WITHIN`], one
-    /// while the pace is unknown.
-    fn run_size(&self) -> usize {
-        match self.nanos.load(Ordering::Relaxed) {
-            0 => 1,
-            nanos => {
-                let fit = SETTLE_WITHIN.as_nanos() / u128::from(nanos);
-                usize::try_from(fit).unwrap_or(MAX_RUN).clamp(1, MAX_RUN)
-            }
-        }
-    }
+/// How many messages a group's next run claims: as many as its one slot runs within
+/// [`SETTLE_WITHIN`], one while the pace is unknown.
+fn run_size(pace: &Pace) -> usize {
+    pace.fits(1).map_or(1, |fit| fit.clamp(1, MAX_RUN))
 }
 
 /// A group's claimed run and what its finished messages await.
@@ -650,7 +626,7 @@ async fn drive_group<B: Backend>(
     let handler = Arc::clone(&ctx.worker.handlers[queue]);
     session.set_process(ctx.worker.shared.process.get());
     let Some(claimed) = session
-        .lock_and_claim(queue, group, lease_for, pace.run_size())
+        .lock_and_claim(queue, group, lease_for, run_size(pace))
         .await?
     else {
         tracing::debug!(target: "pgbus::group", group = %group, "group locked elsewhere; skipped");
@@ -678,7 +654,7 @@ async fn drive_group<B: Backend>(
                     queue,
                     group,
                     lease: lease_for,
-                    max: pace.run_size(),
+                    max: run_size(pace),
                 }
             };
             session.set_process(ctx.worker.shared.process.get());

@@ -45,7 +45,10 @@
 //!   ([`WorkerBuilder::claim_ahead`], a quarter of the concurrency by default), visiting
 //!   the worker's queues in turn; a slot that frees starts the buffer's first message at
 //!   once, and the buffer is refilled while the slots are busy, once it is half empty.
-//!   Buffered messages are leased and their leases kept alive like running jobs'. When
+//!   The buffer holds only what the slots should start within about 50 ms at the
+//!   handlers' measured pace (nothing before a job has finished), and a buffered message
+//!   that waits for a slot longer than [`WorkerBuilder::claim_ahead_wait`] (1 s) is given
+//!   back. Buffered messages are leased and their leases kept alive like running jobs'. When
 //!   every slot is busy (and the buffer full) the worker waits for one to free (the pool's
 //!   state-change callback); when the queues are empty it waits for a wake-up
 //!   ([`WorkerBuilder::wakeups`]), a freed slot, or the poll interval, whichever comes
@@ -115,6 +118,7 @@ mod group;
 mod handler;
 mod lane;
 mod mixed;
+mod pace;
 mod pool;
 mod slots;
 mod subscriber;

@@ -24,6 +24,7 @@ use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
 use crate::lane::Lane;
 use crate::mixed::Kind;
+use crate::pace::Pace;
 use crate::subscriber::Declare;
 use crate::telemetry::{self, Finished};
 #[cfg(feature = "async")]
@@ -112,6 +113,9 @@ pub(crate) struct Config {
     pub(crate) concurrency: usize,
     /// Plain messages claimed ahead of free slots; `None`: a quarter of the concurrency.
     pub(crate) claim_ahead: Option<usize>,
+    /// How long a claimed-ahead message waits for a slot at most (less when a third of its
+    /// lease is shorter) before it is given back.
+    pub(crate) claim_ahead_wait: Duration,
     pub(crate) mode: Option<ExecutionMode>,
     pub(crate) poll_interval: Duration,
     pub(crate) lease: Option<Duration>,
@@ -173,18 +177,38 @@ impl<B: Backend> WorkerBuilder<B> {
     /// a claim's round trip; default a quarter of the concurrency (rounded down), `0` turns
     /// it off.
     ///
-    /// The worker claims for its free slots plus the buffer's room, and refills the buffer
-    /// while its slots are still busy once it is half empty. Buffered messages are leased
-    /// like running ones: their leases are extended with the running jobs', a buffered
-    /// message whose lease is lost (deleted by an operator, say) is dropped without
-    /// running, and when the worker stops, the buffer is given back at once with
-    /// [`Consumer::release`](pgbus_core::Consumer::release) (claimable again straight away,
-    /// the attempt not counted). Claims keep priority order, but a message claimed later
-    /// may wait behind at most this many claimed before it. Jobs with limit keys are never
+    /// The buffer holds only what the busy slots are expected to start soon: the worker
+    /// keeps a moving average of its handlers' durations and buffers at most what its
+    /// `concurrency` slots finish in about 50 ms at that pace (nothing before its first job
+    /// has finished, nothing for jobs that take a second; the whole buffer for jobs of a
+    /// few milliseconds or less). It claims for its free slots plus the buffer's room, and
+    /// refills the buffer while its slots are still busy once it is half empty.
+    ///
+    /// A buffered message that waits for a slot longer than 1 s (see
+    /// [`claim_ahead_wait`](Self::claim_ahead_wait); a third of its lease, if shorter) is
+    /// given back at once with
+    /// [`Consumer::release`](pgbus_core::Consumer::release) (claimable again straight away
+    /// by other workers, the attempt not counted), and the worker claims nothing ahead
+    /// again until one of its slots frees: jobs longer than the pace promised never hold
+    /// messages from idle workers for longer than that. Meanwhile buffered messages are
+    /// leased like running ones: their leases are extended with the running jobs', a
+    /// buffered message whose lease is lost (deleted by an operator, say) is dropped
+    /// without running, and when the worker stops, the buffer is given back at once, the
+    /// same way. Claims keep priority order, but a message claimed later may wait behind
+    /// at most this many claimed before it. Jobs with limit keys are never
     /// buffered (a buffered one would hold its key's slot without running), nor are
     /// grouped ones (a group worker ignores this setting).
     pub fn claim_ahead(mut self, messages: usize) -> Self {
         self.config.claim_ahead = Some(messages);
+        self
+    }
+
+    /// How long a claimed-ahead message may wait for a slot before it is given back (see
+    /// [`claim_ahead`](Self::claim_ahead)); default 1 s, never more than a third of the
+    /// message's lease. Jobs that all outlast the pace that sized the buffer must not hold
+    /// it from idle workers for long: the bound is what a buffered message can lose.
+    pub fn claim_ahead_wait(mut self, wait: Duration) -> Self {
+        self.config.claim_ahead_wait = wait;
         self
     }
 
@@ -289,6 +313,9 @@ impl<B: Backend> WorkerBuilder<B> {
         }
         if self.config.poll_interval.is_zero() || self.config.heartbeat_interval.is_zero() {
             return invalid("poll and heartbeat intervals must be positive");
+        }
+        if self.config.claim_ahead_wait.is_zero() {
+            return invalid("the claim-ahead wait must be positive");
         }
         if self.config.group_idle.is_zero() {
             return invalid("the group idle timeout must be positive");
@@ -503,6 +530,7 @@ impl<B: Backend> Worker<B> {
             config: Config {
                 concurrency: 10,
                 claim_ahead: None,
+                claim_ahead_wait: Duration::from_secs(1),
                 mode: None,
                 poll_interval: Duration::from_secs(1),
                 lease: None,
@@ -636,6 +664,8 @@ impl<B: Backend> Worker<B> {
                 .config
                 .claim_ahead
                 .unwrap_or(self.config.concurrency / 4),
+            pace: Arc::default(),
+            stalled: false,
         };
         let mut errors = 0u32;
         // When a look at the queues last found less work than slots: a loop sharing its
@@ -674,10 +704,13 @@ impl<B: Backend> Worker<B> {
                         let looked_lately =
                             found_empty.is_some_and(|at| at.elapsed() < self.config.poll_interval);
                         lane.set_waiting(more || !looked_lately);
+                        let overdue = fetch.overdue_at();
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
                             _ = slot_freed.notified() => {}
                             _ = lane.turn.notified() => {}
+                            // The next round gives the overdue messages back.
+                            _ = sleep_until_some(overdue) => {}
                         }
                     }
                     // Jobs tend to finish in bunches: while fewer than half the slots are
@@ -732,6 +765,14 @@ impl<B: Backend> Worker<B> {
         background.wait().await;
         kill_on_drop.disarm();
         Ok(report.snapshot())
+    }
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -846,8 +887,14 @@ struct Fetch<'a, B: Backend> {
     /// Messages claimed ahead of free slots, in claim order: each freed slot takes the
     /// first (see [`WorkerBuilder::claim_ahead`]).
     ahead: VecDeque<Claimed>,
-    /// The most messages `ahead` holds once the free slots are filled.
+    /// The most messages `ahead` holds once the free slots are filled (the setting; what
+    /// it holds is also bounded by the pace, see [`Fetch::ahead_limit`]).
     ahead_size: usize,
+    /// How long this worker's handlers take, recorded by its jobs.
+    pace: Arc<Pace>,
+    /// Buffered messages waited too long and were given back: nothing is claimed ahead
+    /// until a slot frees.
+    stalled: bool,
 }
 
 impl<B: Backend> Fetch<'_, B> {
@@ -862,7 +909,11 @@ impl<B: Backend> Fetch<'_, B> {
         // Starting buffered jobs needs the lock, not the connection: they start even while
         // the connection cannot be opened.
         let held = self.lane.fetch.hold().await;
+        if self.lane.free() > 0 {
+            self.stalled = false;
+        }
         self.feed().await;
+        self.release_overdue().await;
         if !self.worth_claiming() {
             return Ok(Wait::ForSlot {
                 more: !self.ahead.is_empty(),
@@ -924,22 +975,56 @@ impl<B: Backend> Fetch<'_, B> {
             Wait::ForSlot { more: true }
         } else if filled {
             Wait::No
-        } else if free == 0 && self.ahead_size == 0 {
+        } else if free == 0 && self.ahead_limit() == 0 {
             Wait::ForSlot { more: false }
         } else {
             Wait::ForWork
         })
     }
 
+    /// The most the claim-ahead buffer may hold now: the setting, capped by what the slots
+    /// are expected to start within [`crate::pace::WITHIN`] at this worker's pace;
+    /// nothing while the pace is unknown or while the buffer is stalled.
+    fn ahead_limit(&self) -> usize {
+        if self.stalled || self.ahead_size == 0 {
+            return 0;
+        }
+        let soon = self.pace.fits(self.worker.config.concurrency).unwrap_or(0);
+        self.ahead_size.min(soon)
+    }
+
     /// Room in the claim-ahead buffer.
     fn room(&self) -> usize {
-        self.ahead_size.saturating_sub(self.ahead.len())
+        self.ahead_limit().saturating_sub(self.ahead.len())
     }
 
     /// Whether a claim now is worth its round trip: for free slots (the buffer, if any, is
     /// empty then), or while every slot is busy, to refill a buffer at least half empty.
     fn worth_claiming(&self) -> bool {
-        self.lane.free() > 0 || (self.ahead_size > 0 && self.room() >= self.ahead_size.div_ceil(2))
+        let limit = self.ahead_limit();
+        self.lane.free() > 0 || (limit > 0 && self.room() >= limit.div_ceil(2))
+    }
+
+    /// When the first buffered message runs out of its wait for a slot.
+    fn overdue_at(&self) -> Option<tokio::time::Instant> {
+        self.ahead.iter().map(|claimed| claimed.give_back_at).min()
+    }
+
+    /// Gives back the buffered messages that waited for a slot longer than their bound
+    /// (no slot freed meanwhile: the jobs ahead take longer than the pace promised), and
+    /// stops claiming ahead until a slot frees, so stuck slots cost one give-back, not one
+    /// per bound.
+    async fn release_overdue(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.ahead.iter().all(|claimed| claimed.give_back_at > now) {
+            return;
+        }
+        let (overdue, waiting) = std::mem::take(&mut self.ahead)
+            .into_iter()
+            .partition(|claimed| claimed.give_back_at <= now);
+        self.ahead = waiting;
+        self.stalled = true;
+        self.give_back(overdue, "waited too long for a slot").await;
     }
 
     /// Awaits `claim` (on the fetch connection), meanwhile starting claimed-ahead messages
@@ -959,11 +1044,14 @@ impl<B: Backend> Fetch<'_, B> {
     /// Registers newly claimed messages (their leases are kept alive from now on) behind the
     /// buffered ones, then fills the free slots from the front.
     async fn take(&mut self, claimed: Vec<Message>) {
+        let now = tokio::time::Instant::now();
         for message in claimed {
             let cancel = self.jobs_cancel.child_token();
             let running =
                 Running::insert(Arc::clone(self.in_flight), message.lease(), cancel.clone());
+            let (_, lease) = self.policies[&message.queue];
             self.ahead.push_back(Claimed {
+                give_back_at: now + self.worker.config.claim_ahead_wait.min(lease / 3),
                 message,
                 cancel,
                 running,
@@ -996,9 +1084,15 @@ impl<B: Backend> Fetch<'_, B> {
     /// Gives the buffered messages back (the worker is stopping): claimable again at once,
     /// their attempts not counted.
     async fn release_ahead(&mut self) {
-        let leases: Vec<Lease> = self
-            .ahead
-            .drain(..)
+        let ahead = std::mem::take(&mut self.ahead);
+        self.give_back(ahead, "the worker stops").await;
+    }
+
+    /// Gives claimed-ahead messages back: claimable again at once, their attempts not
+    /// counted; those whose lease was lost meanwhile are only dropped.
+    async fn give_back(&self, claimed: VecDeque<Claimed>, why: &'static str) {
+        let leases: Vec<Lease> = claimed
+            .into_iter()
             .filter(|claimed| !claimed.running.is_lost())
             .map(|claimed| claimed.message.lease())
             .collect();
@@ -1009,10 +1103,10 @@ impl<B: Backend> Fetch<'_, B> {
         }
         match self.worker.backend.release(&leases).await {
             Ok(released) => {
-                tracing::debug!(target: "pgbus::worker", count = leases.len(), released, "gave the claimed-ahead messages back");
+                tracing::debug!(target: "pgbus::worker", count = leases.len(), released, why, "gave the claimed-ahead messages back");
             }
             Err(err) => {
-                tracing::warn!(target: "pgbus::worker", error = %err.report(), count = leases.len(), "could not give the claimed-ahead messages back; they return when their leases run out");
+                tracing::warn!(target: "pgbus::worker", error = %err.report(), count = leases.len(), why, "could not give the claimed-ahead messages back; they return when their leases run out");
             }
         }
     }
@@ -1023,7 +1117,9 @@ impl<B: Backend> Fetch<'_, B> {
             message,
             cancel,
             running,
+            give_back_at: _,
         } = claimed;
+        let pace = Arc::clone(&self.pace);
         let lease = message.lease();
         let queue = message.queue.clone();
         let handler = Arc::clone(&self.worker.handlers[&queue]);
@@ -1036,7 +1132,9 @@ impl<B: Backend> Fetch<'_, B> {
         // it ends (settled, cut off at the shutdown deadline, killed, refused), so
         // `keep_leases` never extends the lease of a job that is no longer running.
         let job = Box::pin(async move {
+            let began = Instant::now();
             let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
+            pace.record(began.elapsed());
             let lost = running.finish();
             // Cut off at the shutdown deadline: whatever the handler returned, leave the
             // message leased, to be delivered again when the lease runs out.
@@ -1084,6 +1182,8 @@ struct Claimed {
     /// Its job's [`JobContext::cancellation`] token.
     cancel: CancellationToken,
     running: Running,
+    /// When it is given back if it still waits in the buffer for a slot.
+    give_back_at: tokio::time::Instant,
 }
 
 /// A running (or claimed-ahead) job, as the lease heartbeat sees it.

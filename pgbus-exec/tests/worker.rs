@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    DeadLetters, MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions,
-    RetryPolicy, Stats,
+    Consumer, DeadLetters, MemoryBackend, NewMessage, Producer, QueueAdmin, QueueName,
+    QueueOptions, RetryPolicy, Stats,
 };
 use pgbus_exec::CancellationToken;
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
@@ -54,8 +54,21 @@ async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// What the backend's queues hold, all together.
 async fn depth(backend: &MemoryBackend) -> u64 {
-    backend.stats().await.unwrap()[0].depth()
+    backend
+        .stats()
+        .await
+        .unwrap()
+        .iter()
+        .map(|q| q.depth())
+        .sum()
+}
+
+/// Messages of `queue` claimed and leased now.
+async fn in_flight(backend: &MemoryBackend, queue: &QueueName) -> u64 {
+    let stats = backend.stats().await.unwrap();
+    stats.iter().find(|q| q.queue == *queue).unwrap().in_flight
 }
 
 /// Waits until the queue holds nothing (its acks are in).
@@ -346,13 +359,43 @@ async fn a_job_whose_lease_is_lost_is_cancelled() {
     assert!(backend.list_dead(&queue, 10).await.unwrap().is_empty());
 }
 
+/// Sends one message per payload, in order.
+async fn send_payloads(backend: &MemoryBackend, queue: &QueueName, payloads: &[u32]) {
+    backend
+        .send_batch(
+            queue,
+            payloads
+                .iter()
+                .map(|n| NewMessage::encode(n).unwrap())
+                .collect(),
+        )
+        .await
+        .unwrap();
+}
+
+/// The payloads of `messages`, in order.
+fn decoded(messages: &[pgbus_core::Message]) -> Vec<u32> {
+    messages
+        .iter()
+        .map(|m| m.decode::<u32>().unwrap())
+        .collect()
+}
+
+/// Payloads from 100 up are warm-up jobs that return at once, so the worker knows its
+/// handlers' pace (it claims nothing ahead before one has finished).
+const WARM_UP: u32 = 100;
+
 /// A message claimed ahead whose lease is lost while it waits (its message purged here,
 /// deleted by an operator on Postgres) is dropped from the buffer without running; the
-/// worker goes on with what comes next.
+/// worker goes on with what comes next. The worker also works a queue of short leases, so
+/// the lease extension that finds the loss comes every 50 ms, long before the buffered
+/// message's 1 s wait for a slot would give it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claimed_ahead_message_whose_lease_is_lost_never_runs() {
-    let (backend, queue) = setup(QueueOptions::default().lease(Duration::from_millis(150))).await;
-    send_numbers(&backend, &queue, 2).await;
+    let (backend, queue) = setup(QueueOptions::default().lease(Duration::from_secs(60))).await;
+    let short = QueueName::new("short_leases").unwrap();
+    let short_leases = QueueOptions::default().lease(Duration::from_millis(150));
+    backend.create_queue(&short, &short_leases).await.unwrap();
     let ran = Arc::new(Mutex::new(Vec::new()));
     let worker = Worker::builder(backend.clone())
         .concurrency(1)
@@ -370,18 +413,21 @@ async fn a_claimed_ahead_message_whose_lease_is_lost_never_runs() {
                 }
             }
         })
+        .handle(short, |_ctx: JobContext<MemoryBackend>, _n: u32| async {})
         .build()
         .unwrap();
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
+    send_payloads(&backend, &queue, &[WARM_UP]).await;
+    drained(&backend).await;
+    send_numbers(&backend, &queue, 2).await;
     until(
         "the first job runs with the second claimed ahead",
-        async || ran.lock().unwrap().len() == 1,
+        async || ran.lock().unwrap().len() == 2,
     )
     .await;
-    let in_flight = || async { backend.stats().await.unwrap()[0].in_flight };
     until("the second is claimed ahead", async || {
-        in_flight().await == 2
+        in_flight(&backend, &queue).await == 2
     })
     .await;
     assert_eq!(backend.purge_queue(&queue).await.unwrap(), 2);
@@ -398,10 +444,127 @@ async fn a_claimed_ahead_message_whose_lease_is_lost_never_runs() {
     let report = run.await.unwrap().unwrap();
     assert_eq!(
         *ran.lock().unwrap(),
-        [0, 2],
+        [WARM_UP, 0, 2],
         "the purged buffered one never ran"
     );
-    assert_eq!((report.started, report.acked), (2, 1), "{report:?}");
+    assert_eq!((report.started, report.acked), (3, 2), "{report:?}");
+}
+
+/// A worker whose handlers (payloads below [`WARM_UP`]) wait until `gate` is cancelled;
+/// records the payloads it runs.
+fn gated_worker(
+    backend: &MemoryBackend,
+    queue: &QueueName,
+    concurrency: usize,
+    gate: &CancellationToken,
+    slow_warm_up: Duration,
+) -> (Worker<MemoryBackend>, Arc<Mutex<Vec<u32>>>) {
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let worker = Worker::builder(backend.clone())
+        .concurrency(concurrency)
+        .claim_ahead(2)
+        .poll_interval(Duration::from_millis(10))
+        .handle(queue.clone(), {
+            let (ran, gate) = (ran.clone(), gate.clone());
+            move |_ctx: JobContext<MemoryBackend>, n: u32| {
+                ran.lock().unwrap().push(n);
+                let gate = gate.clone();
+                async move {
+                    if n >= WARM_UP {
+                        // The job's length, which sets the worker's pace (not a wait
+                        // for anything).
+                        tokio::time::sleep(slow_warm_up).await;
+                    } else {
+                        gate.cancelled().await;
+                    }
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    (worker, ran)
+}
+
+/// Fast jobs fill the claim-ahead buffer, but when every slot then stays busy (jobs far
+/// longer than the pace promised), the buffered messages go back to the queue after the
+/// bound (1 s here) instead of waiting, leased, for as long as the jobs ahead run: another
+/// consumer claims them while the worker's handlers are still blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_ahead_messages_go_back_while_every_slot_stays_busy() {
+    let lease = Duration::from_secs(60);
+    let (backend, queue) = setup(QueueOptions::default().lease(lease)).await;
+    let gate = CancellationToken::new();
+    let (worker, ran) = gated_worker(&backend, &queue, 2, &gate, Duration::ZERO);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    send_payloads(&backend, &queue, &[WARM_UP, WARM_UP + 1]).await;
+    drained(&backend).await;
+
+    send_payloads(&backend, &queue, &[0, 1, 2, 3]).await;
+    until("two jobs run and two wait claimed ahead", async || {
+        ran.lock().unwrap().len() == 4 && in_flight(&backend, &queue).await == 4
+    })
+    .await;
+    let start = Instant::now();
+    let mut taken = Vec::new();
+    while taken.len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the claimed-ahead messages never came back; another consumer got {:?}",
+            decoded(&taken)
+        );
+        taken.extend(backend.claim(&queue, 10, lease).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(decoded(&taken), [2, 3], "the two buffered messages");
+    assert!(
+        taken.iter().all(|m| m.attempts == 1),
+        "given back uncounted: {taken:?}"
+    );
+    let mut ran = ran.lock().unwrap().clone();
+    ran.sort_unstable();
+    assert_eq!(
+        ran,
+        [0, 1, WARM_UP, WARM_UP + 1],
+        "the worker's handlers are still blocked"
+    );
+
+    gate.cancel();
+    let leases: Vec<_> = taken.iter().map(|m| m.lease()).collect();
+    backend.ack(&leases).await.unwrap();
+    drained(&backend).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.started, report.acked), (4, 4), "{report:?}");
+}
+
+/// Jobs slower than the buffer's window (300 ms: one slot finishes none in 50 ms) are not
+/// claimed ahead at all, nor are any before the first job has finished: while the one slot
+/// runs a blocked job, the two messages behind it stay in the queue for anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_jobs_are_not_claimed_ahead() {
+    let lease = Duration::from_secs(60);
+    let (backend, queue) = setup(QueueOptions::default().lease(lease)).await;
+    let gate = CancellationToken::new();
+    let (worker, ran) = gated_worker(&backend, &queue, 1, &gate, Duration::from_millis(300));
+    send_payloads(&backend, &queue, &[WARM_UP, 0, 1, 2]).await;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    until("the slow job ran and the blocked one runs", async || {
+        ran.lock().unwrap().len() == 2
+    })
+    .await;
+    let taken = backend.claim(&queue, 10, lease).await.unwrap();
+    assert_eq!(decoded(&taken), [1, 2], "nothing was claimed ahead");
+
+    gate.cancel();
+    let leases: Vec<_> = taken.iter().map(|m| m.lease()).collect();
+    backend.ack(&leases).await.unwrap();
+    drained(&backend).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.started, report.acked), (2, 2), "{report:?}");
+    assert_eq!(*ran.lock().unwrap(), [WARM_UP, 0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,6 +711,13 @@ async fn builder_refuses_bad_settings() {
         .handle(queue.clone(), handler)
         .build()
         .is_err());
+    let err = Worker::builder(backend.clone())
+        .handle(queue.clone(), handler)
+        .claim_ahead_wait(Duration::ZERO)
+        .build()
+        .err()
+        .expect("a zero claim-ahead wait is refused");
+    assert!(err.to_string().contains("claim-ahead wait"), "{err}");
     let missing = Worker::builder(backend.clone())
         .handle(QueueName::new("missing").unwrap(), handler)
         .build()
