@@ -640,7 +640,9 @@ async fn drive_group<B: Backend>(
     // The heartbeat renews the group's lock as well: it must beat within the lock's life
     // too (a 120 s lease's heartbeat every 40 s let a 30 s group lease lapse, and another
     // session take the group and run the same message).
-    let beat_within = session.lock_lasts().map_or(lease_for, |lock| lease_for.min(lock));
+    let beat_within = session
+        .lock_lasts()
+        .map_or(lease_for, |lock| lease_for.min(lock));
     let mut run = Run::new(claimed, beat_within);
     loop {
         let ending = run.stop || ctx.draining.is_cancelled();
