@@ -1,6 +1,7 @@
 //! The fetch loop's own connection (`pgbus:fetch`), with the claim statement prepared once
 //! (unless a transaction-mode pooler rules that out).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use pgbus_core::{Fetcher, Message, OpenFetcher, ProcessId, QueueInfo, QueueName, Result};
@@ -21,6 +22,15 @@ pub struct PgFetcher {
     claim_limited: Option<Reused>,
     /// The registered process its claims name as their lease holder.
     process: Option<ProcessId>,
+    /// Per queue, the group where the next candidate window starts (see
+    /// [`sql::GROUP_CANDIDATES`]).
+    group_windows: HashMap<QueueName, String>,
+}
+
+/// Groups one candidate call looks at, for `limit` candidates: a few times the free
+/// sessions, so groups locked elsewhere or running here leave enough behind.
+fn group_window(limit: usize) -> i64 {
+    i64::try_from(limit.saturating_mul(4).clamp(64, 1024)).unwrap_or(1024)
 }
 
 impl std::fmt::Debug for PgFetcher {
@@ -61,6 +71,7 @@ impl OpenFetcher for PgBackend {
             claim,
             claim_limited: None,
             process: None,
+            group_windows: HashMap::new(),
         })
     }
 }
@@ -80,13 +91,23 @@ impl Fetcher for PgFetcher {
         limit: usize,
         exclude: &[String],
     ) -> Result<Vec<String>> {
+        let window = group_window(limit);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
+        let start = self.group_windows.get(queue).map_or("", String::as_str);
+        let row = self
             .client
-            .q(sql::GROUP_CANDIDATES, &[&queue.as_str(), &limit, &exclude])
+            .q_one(
+                sql::GROUP_CANDIDATES,
+                &[&queue.as_str(), &limit, &exclude, &start, &window],
+            )
             .await
             .map_err(|e| db("finding candidate groups", e))?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+        let candidates: Vec<String> = row.get(0);
+        match row.get::<_, Option<String>>(1) {
+            Some(last) => self.group_windows.insert(queue.clone(), last),
+            None => self.group_windows.remove(queue),
+        };
+        Ok(candidates)
     }
 
     async fn claim(

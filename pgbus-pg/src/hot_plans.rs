@@ -164,6 +164,66 @@ async fn the_fenced_group_step_finds_its_leases_by_owner_after_the_table_grew() 
     );
 }
 
+#[tokio::test]
+async fn group_candidates_read_a_window_of_groups_and_go_round() {
+    const MANY_GROUPS: i64 = 2_000;
+    const WINDOW: i64 = 64;
+    let db = crate::test_database().await;
+    let backend = PgBackend::connect(db.url()).expect("backend");
+    backend.migrate().await.expect("migrate");
+    let client = crate::connect(db.url(), "test").await.expect("connect");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms,
+                 retry_jitter, lease_ms, keep_history, archive_retention_ms)
+             VALUES ('q', 5, 1000, 60000, 0.1, 30000, false, 0);
+             INSERT INTO pgbus.messages (queue, visible_at, content_type, payload, group_key)
+             SELECT 'q', now() - interval '1 second', 'application/json', '\\x7b7d',
+                    'g' || lpad((n % {MANY_GROUPS})::text, 5, '0')
+             FROM generate_series(1, 2 * {MANY_GROUPS}) n;
+             ANALYZE pgbus.messages;
+             SET plan_cache_mode = force_generic_plan;"
+        ))
+        .await
+        .expect("setup");
+    let plan = run_explained(
+        &client,
+        "candidates",
+        sql::GROUP_CANDIDATES,
+        &format!("'q', 8, '{{}}', '', {WINDOW}"),
+    )
+    .await;
+    let work = work(&plan);
+    assert!(
+        work < (MANY_GROUPS / 2) as f64,
+        "one call handled {work} rows for a window of {WINDOW} of {MANY_GROUPS} groups:\n{plan:#}"
+    );
+    // Call after call, the windows go round the groups: in less than a round (31 windows
+    // of 64 make 2,000), each call finds 8 groups no earlier call found.
+    let mut start = String::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let row = client
+            .query_one(
+                sql::GROUP_CANDIDATES,
+                &[&"q", &8i64, &Vec::<String>::new(), &start, &WINDOW],
+            )
+            .await
+            .expect("candidates");
+        let candidates: Vec<String> = row.get(0);
+        assert_eq!(candidates.len(), 8);
+        seen.extend(candidates);
+        start = row
+            .get::<_, Option<String>>(1)
+            .expect("a window's last group");
+    }
+    assert_eq!(
+        seen.len(),
+        30 * 8,
+        "every call found groups no call had found"
+    );
+}
+
 /// The table has pages and, by its statistics, no row.
 async fn assert_statistics_say_empty(client: &Client) {
     let row = client
