@@ -119,6 +119,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "session_leases",
         sql: include_str!("../migrations/0020_session_leases.sql"),
     },
+    Migration {
+        version: 21,
+        name: "queue_drop_guards",
+        sql: include_str!("../migrations/0021_queue_drop_guards.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

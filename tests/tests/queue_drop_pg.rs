@@ -95,6 +95,48 @@ async fn a_queue_row_deleted_by_hand_takes_its_messages() {
     assert_eq!(stored(&operator, "kept").await, 1, "other queues untouched");
 }
 
+/// Migration 21: a delete by hand under repeatable read is refused (its cascade would read
+/// an old snapshot and miss the messages of a send that committed while it waited), and
+/// `TRUNCATE pgbus.queues CASCADE` empties the hot table too (it has no foreign key to
+/// cascade through).
+#[tokio::test]
+async fn no_delete_by_hand_leaves_messages_without_their_queue() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "by_hand", QueueOptions::default()).await;
+    backend.send_batch(&q, jobs(3)).await.unwrap();
+    let mut operator = connect(&url, "operator").await.unwrap();
+    let tx = operator
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    let err = tx
+        .execute("DELETE FROM pgbus.queues WHERE name = 'by_hand'", &[])
+        .await
+        .unwrap_err();
+    let message = err.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("read committed")),
+        "{err:?}"
+    );
+    drop(tx);
+    assert_eq!(stored(&operator, "by_hand").await, 3, "nothing was deleted");
+
+    operator
+        .batch_execute("TRUNCATE pgbus.queues CASCADE")
+        .await
+        .unwrap();
+    let left: i64 = operator
+        .query_one("SELECT count(*) FROM pgbus.messages", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the truncate took the messages");
+}
+
 /// Sends that reach a queue whose drop is under way wait for it; once it commits they
 /// fail as sends to a missing queue, the bulk `COPY` as the one-statement send, and store
 /// nothing.
