@@ -1421,6 +1421,24 @@ struct SecondHeld {
     run: JoinHandle<pgbus_core::Result<pgbus_exec::WorkerReport>>,
 }
 
+impl SecondHeld {
+    /// Opens the gate and lets the worker finish: each of the six messages ran once, in
+    /// order, and was acked.
+    async fn finish_in_order(self) {
+        self.open.send(true).unwrap();
+        wait_until_empty(&self.backend, &self.q, DEADLINE).await;
+        self.stop.cancel();
+        let report = self.run.await.unwrap().unwrap();
+        let expected: Vec<(u32, u32)> = (0..6).map(|seq| (seq, 1)).collect();
+        assert_eq!(
+            runs_of(&self.runs, "g"),
+            expected,
+            "each ran once, in order"
+        );
+        assert_eq!(report.acked, 6, "{report:?}");
+    }
+}
+
 async fn second_held(name: &str, options: QueueOptions) -> SecondHeld {
     second_held_with(name, options, GroupLocks::Advisory).await
 }
@@ -1539,16 +1557,9 @@ async fn order_is_kept_across_runs_with_messages_sent_while_the_group_runs() {
 async fn the_heartbeat_keeps_the_whole_run_leased() {
     // A 600 ms lease: extended every 200 ms while a handler runs.
     let options = QueueOptions::default().lease(Duration::from_millis(600));
-    let SecondHeld {
-        backend,
-        url,
-        q,
-        runs,
-        open,
-        stop,
-        run,
-    } = second_held("run_heartbeat", options).await;
-    let observer = connect(&url, "observer").await.unwrap();
+    let held = second_held("run_heartbeat", options).await;
+    let q = &held.q;
+    let observer = connect(&held.url, "observer").await.unwrap();
     let leased = || async {
         observer
             .query_one(
@@ -1575,13 +1586,7 @@ async fn the_heartbeat_keeps_the_whole_run_leased() {
         );
         tokio::time::sleep(POLL).await;
     }
-    open.send(true).unwrap();
-    wait_until_empty(&backend, &q, DEADLINE).await;
-    stop.cancel();
-    let report = run.await.unwrap().unwrap();
-    let expected: Vec<(u32, u32)> = (0..6).map(|seq| (seq, 1)).collect();
-    assert_eq!(runs_of(&runs, "g"), expected);
-    assert_eq!(report.acked, 6, "{report:?}");
+    held.finish_in_order().await;
 }
 
 /// Lease mode with a group lease shorter than a third of the queue's lease: the heartbeat
@@ -1592,16 +1597,8 @@ async fn the_heartbeat_keeps_the_whole_run_leased() {
 async fn the_heartbeat_keeps_a_short_group_lease_alive() {
     let options = QueueOptions::default().lease(Duration::from_secs(6));
     let ttl = Duration::from_millis(600);
-    let SecondHeld {
-        backend,
-        url,
-        q,
-        runs,
-        open,
-        stop,
-        run,
-    } = second_held_with("short_group_lease", options, GroupLocks::Lease { ttl }).await;
-    let observer = connect(&url, "observer").await.unwrap();
+    let held = second_held_with("short_group_lease", options, GroupLocks::Lease { ttl }).await;
+    let observer = connect(&held.url, "observer").await.unwrap();
     let live_group_leases = || async {
         observer
             .query_one(
@@ -1619,15 +1616,5 @@ async fn the_heartbeat_keeps_a_short_group_lease_alive() {
         assert_eq!(live_group_leases().await, 1, "the group's lease lapsed");
         tokio::time::sleep(POLL).await;
     }
-    open.send(true).unwrap();
-    wait_until_empty(&backend, &q, DEADLINE).await;
-    stop.cancel();
-    let report = run.await.unwrap().unwrap();
-    let expected: Vec<(u32, u32)> = (0..6).map(|seq| (seq, 1)).collect();
-    assert_eq!(
-        runs_of(&runs, "g"),
-        expected,
-        "each message ran once, in order"
-    );
-    assert_eq!(report.acked, 6, "{report:?}");
+    held.finish_in_order().await;
 }

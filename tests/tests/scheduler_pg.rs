@@ -68,6 +68,21 @@ async fn recorded(url: &str) -> (Vec<SystemTime>, Vec<String>) {
     (runs, headers)
 }
 
+/// The occurrences recorded and their jobs' headers, after checking that each occurrence
+/// is one `EVERY` after the one before (none missing, none doubled) and has one job.
+async fn consecutive_once(url: &str) -> (Vec<SystemTime>, Vec<String>) {
+    let (runs, headers) = recorded(url).await;
+    for pair in runs.windows(2) {
+        assert_eq!(
+            pair[1].duration_since(pair[0]).unwrap(),
+            EVERY,
+            "consecutive occurrences, none missing, none doubled"
+        );
+    }
+    assert_eq!(headers.len(), runs.len(), "one job per occurrence");
+    (runs, headers)
+}
+
 async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     client: &tokio_postgres::Client,
     sql: &str,
@@ -149,15 +164,7 @@ async fn four_schedulers_enqueue_each_occurrence_once_across_a_leader_kill() {
         }
     }
 
-    let (runs, headers) = recorded(&url).await;
-    for pair in runs.windows(2) {
-        assert_eq!(
-            pair[1].duration_since(pair[0]).unwrap(),
-            EVERY,
-            "consecutive occurrences, none missing, none doubled"
-        );
-    }
-    assert_eq!(headers.len(), runs.len(), "one job per occurrence");
+    let (runs, headers) = consecutive_once(&url).await;
     let distinct: BTreeSet<&String> = headers.iter().collect();
     assert_eq!(
         distinct.len(),
@@ -241,15 +248,7 @@ async fn occurrences_between_ticks_are_all_enqueued_whatever_the_missed_policy()
     .await;
     stop.cancel();
     handle.await.unwrap().unwrap();
-    let (runs, headers) = recorded(&url).await;
-    for pair in runs.windows(2) {
-        assert_eq!(
-            pair[1].duration_since(pair[0]).unwrap(),
-            EVERY,
-            "consecutive occurrences, none skipped"
-        );
-    }
-    assert_eq!(headers.len(), runs.len(), "one job per occurrence");
+    consecutive_once(&url).await;
 }
 
 /// A tick whose transaction fails after the send (here a trigger refuses the cursor's
@@ -311,13 +310,5 @@ async fn a_tick_that_fails_to_commit_loses_no_occurrence() {
     .await;
     running.stop.cancel();
     running.handle.await.unwrap().unwrap();
-    let (runs, headers) = recorded(&url).await;
-    for pair in runs.windows(2) {
-        assert_eq!(
-            pair[1].duration_since(pair[0]).unwrap(),
-            EVERY,
-            "consecutive occurrences, none lost"
-        );
-    }
-    assert_eq!(headers.len(), runs.len(), "one job per occurrence");
+    consecutive_once(&url).await;
 }
