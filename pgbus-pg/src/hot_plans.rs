@@ -27,17 +27,11 @@ const WORK_BOUND: f64 = (MESSAGES / 2) as f64;
 
 #[tokio::test]
 async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
-    let db = crate::test_database().await;
-    let backend = PgBackend::connect(db.url()).expect("backend");
-    backend.migrate().await.expect("migrate");
-    let client = crate::connect(db.url(), "test").await.expect("connect");
+    let (_db, client) = database_with_queue_q().await;
     client
         .batch_execute(&format!(
             "-- The state is forced here; autovacuum must not repair it under the test.
              ALTER TABLE pgbus.messages SET (autovacuum_enabled = false);
-             INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms,
-                 retry_jitter, lease_ms, keep_history, archive_retention_ms)
-             VALUES ('q', 5, 1000, 60000, 0.1, 30000, false, 0);
              {fill}
              DELETE FROM pgbus.messages;
              ANALYZE pgbus.messages;
@@ -131,15 +125,9 @@ async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
 /// follows the estimates: see `sql::GROUP_STEP_FENCED`.)
 #[tokio::test]
 async fn the_fenced_group_step_finds_its_leases_by_owner_after_the_table_grew() {
-    let db = crate::test_database().await;
-    let backend = PgBackend::connect(db.url()).expect("backend");
-    backend.migrate().await.expect("migrate");
-    let client = crate::connect(db.url(), "test").await.expect("connect");
+    let (_db, client) = database_with_queue_q().await;
     // One at a time: VACUUM refuses to run in the implicit transaction of a batch.
     for setup in [
-        "INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms,
-             retry_jitter, lease_ms, keep_history, archive_retention_ms)
-         VALUES ('q', 5, 1000, 60000, 0.1, 30000, false, 0)",
         "VACUUM ANALYZE pgbus.group_leases",
         "SET plan_cache_mode = force_generic_plan",
     ] {
@@ -168,16 +156,10 @@ async fn the_fenced_group_step_finds_its_leases_by_owner_after_the_table_grew() 
 async fn group_candidates_read_a_window_of_groups_and_go_round() {
     const MANY_GROUPS: i64 = 2_000;
     const WINDOW: i64 = 64;
-    let db = crate::test_database().await;
-    let backend = PgBackend::connect(db.url()).expect("backend");
-    backend.migrate().await.expect("migrate");
-    let client = crate::connect(db.url(), "test").await.expect("connect");
+    let (_db, client) = database_with_queue_q().await;
     client
         .batch_execute(&format!(
-            "INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms,
-                 retry_jitter, lease_ms, keep_history, archive_retention_ms)
-             VALUES ('q', 5, 1000, 60000, 0.1, 30000, false, 0);
-             INSERT INTO pgbus.messages (queue, visible_at, content_type, payload, group_key)
+            "INSERT INTO pgbus.messages (queue, visible_at, content_type, payload, group_key)
              SELECT 'q', now() - interval '1 second', 'application/json', '\\x7b7d',
                     'g' || lpad((n % {MANY_GROUPS})::text, 5, '0')
              FROM generate_series(1, 2 * {MANY_GROUPS}) n;
@@ -222,6 +204,23 @@ async fn group_candidates_read_a_window_of_groups_and_go_round() {
         30 * 8,
         "every call found groups no call had found"
     );
+}
+
+/// A migrated test database with queue `q`, and a connection to it.
+async fn database_with_queue_q() -> (crate::TestDatabase, Client) {
+    let db = crate::test_database().await;
+    let backend = PgBackend::connect(db.url()).expect("backend");
+    backend.migrate().await.expect("migrate");
+    let client = crate::connect(db.url(), "test").await.expect("connect");
+    client
+        .batch_execute(
+            "INSERT INTO pgbus.queues (name, max_attempts, retry_base_ms, retry_cap_ms,
+                 retry_jitter, lease_ms, keep_history, archive_retention_ms)
+             VALUES ('q', 5, 1000, 60000, 0.1, 30000, false, 0)",
+        )
+        .await
+        .expect("queue q");
+    (db, client)
 }
 
 /// The table has pages and, by its statistics, no row.

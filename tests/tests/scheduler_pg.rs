@@ -83,6 +83,19 @@ async fn consecutive_once(url: &str) -> (Vec<SystemTime>, Vec<String>) {
     (runs, headers)
 }
 
+/// Waits, on the database's clock, until five occurrences have passed since `last`.
+async fn five_occurrences_after(observer: &tokio_postgres::Client, last: SystemTime) {
+    eventually("five occurrences passed", DEADLINE, || async {
+        let now: SystemTime = observer
+            .query_one("SELECT now()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        now.duration_since(last).unwrap_or_default() > EVERY * 5
+    })
+    .await;
+}
+
 async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     client: &tokio_postgres::Client,
     sql: &str,
@@ -197,15 +210,7 @@ async fn skip_enqueues_only_the_latest_missed_occurrence() {
 
     // Downtime: wait (on the database's clock) until 5 occurrences have passed.
     let observer = connect(&url, "observer").await.unwrap();
-    eventually("five occurrences passed", DEADLINE, || async {
-        let now: SystemTime = observer
-            .query_one("SELECT now()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        now.duration_since(last).unwrap_or_default() > EVERY * 5
-    })
-    .await;
+    five_occurrences_after(&observer, last).await;
     let second = start(&url, task(&q, MissedRuns::Skip));
     eventually("2 more occurrences enqueued", DEADLINE, || async {
         recorded(&url).await.0.len() >= before.len() + 2
@@ -287,15 +292,7 @@ async fn a_tick_that_fails_to_commit_loses_no_occurrence() {
     let before = recorded(&url).await.0.len();
     // Five occurrences pass (on the database's clock) while every tick fails.
     let last = *recorded(&url).await.0.last().unwrap();
-    eventually("five occurrences passed", DEADLINE, || async {
-        let now: SystemTime = observer
-            .query_one("SELECT now()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        now.duration_since(last).unwrap_or_default() > EVERY * 5
-    })
-    .await;
+    five_occurrences_after(&observer, last).await;
     assert!(
         recorded(&url).await.0.len() <= before + 1,
         "ticks failed meanwhile"
