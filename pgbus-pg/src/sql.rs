@@ -101,7 +101,13 @@ WITH u AS (
 )
 SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM wake)";
 
-pub(crate) const PURGE_QUEUE: &str = "DELETE FROM pgbus.messages WHERE queue = $1";
+/// Deletes queue `$1`'s messages, locking them in id order first, as the worker's batch ack
+/// and the console lock theirs, so that a purge beside them queues instead of deadlocking.
+pub(crate) const PURGE_QUEUE: &str = "
+WITH locked AS (
+    SELECT id FROM pgbus.messages WHERE queue = $1 AND id > 0 ORDER BY id FOR UPDATE
+)
+DELETE FROM pgbus.messages m USING locked l WHERE m.id = l.id";
 
 /// The columns a queue's settings are read from.
 macro_rules! queue_columns {
@@ -434,15 +440,32 @@ WHERE queue = $1
 ORDER BY failed_at, id
 LIMIT $2";
 
+/// The dead letters of queue `$1` named by `$2` (NULL: all), locked in id order, as the
+/// console's actions lock them: a retry or discard beside one queues instead of
+/// deadlocking (in its plan's order, `failed_at`'s, it could take a row the other wanted
+/// next while holding one it needed).
+macro_rules! locked_dead {
+    () => {
+        "locked AS (
+    SELECT id FROM pgbus.dead_letters
+    WHERE queue = $1 AND id > 0 AND ($2::bigint[] IS NULL OR id = ANY ($2))
+    ORDER BY id
+    FOR UPDATE
+)"
+    };
+}
+
 /// Retry from the dead-letter queue: `$2` NULL means all of the queue. Wakes the
 /// queue's workers when anything came back. The attempt count starts again; the attempt
 /// history comes back with the message (its next failure is attempt 1 again, after the
 /// entries of the earlier run).
-pub(crate) const RETRY_DEAD: &str = "
-WITH r AS (
-    DELETE FROM pgbus.dead_letters
-    WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY ($2))
-    RETURNING *
+pub(crate) const RETRY_DEAD: &str = concat!(
+    "
+WITH ",
+    locked_dead!(),
+    ", r AS (
+    DELETE FROM pgbus.dead_letters d USING locked l WHERE d.id = l.id
+    RETURNING d.*
 ), ins AS (
     INSERT INTO pgbus.messages (id, queue, priority, visible_at, attempts, enqueued_at,
                                 content_type, headers, group_key, last_error, payload,
@@ -454,10 +477,16 @@ WITH r AS (
 ), wake AS (
     SELECT pg_notify('pgbus_wakeup', $1) WHERE EXISTS (SELECT 1 FROM ins)
 )
-SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)";
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)"
+);
 
-pub(crate) const DISCARD_DEAD: &str = "
-DELETE FROM pgbus.dead_letters WHERE queue = $1 AND ($2::bigint[] IS NULL OR id = ANY ($2))";
+pub(crate) const DISCARD_DEAD: &str = concat!(
+    "
+WITH ",
+    locked_dead!(),
+    "
+DELETE FROM pgbus.dead_letters d USING locked l WHERE d.id = l.id"
+);
 
 /// The counts of messages in each state (columns `ready`, `in_flight`, `scheduled`,
 /// `oldest_ready_secs`, `next_due_secs`), aggregated over rows with `visible_at` and

@@ -1,0 +1,152 @@
+//! Operator statements over many rows (a dead-letter retry or discard, a queue purge)
+//! lock them in id order, as the worker's batch ack and the console's actions do, so
+//! that any two of them on overlapping rows queue behind each other instead of
+//! deadlocking. Checked deterministically: rows whose physical and `failed_at` order is
+//! the reverse of their ids', the higher id held by another transaction; while the
+//! statement waits for it, it must already hold the lower one.
+
+use std::time::Duration;
+
+use pgbus_core::{
+    Consumer, DeadLetters, NewMessage, Producer, QueueAdmin, QueueOptions, Selection,
+};
+use pgbus_pg::{connect, PgBackend};
+use pgbus_tests::{create, eventually, fresh_backend};
+use tokio_postgres::Client;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const LONG: Duration = Duration::from_secs(600);
+
+/// Whether this database's `pgbus:<role>` connections include one waiting for a lock.
+async fn waits_for_a_lock(observer: &Client) -> bool {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'pgbus:%'
+               AND application_name <> 'pgbus:holder' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+}
+
+/// Holds row `high` of `table` in a transaction, runs `statement` (which must reach both
+/// rows), and checks that row `low` is locked while the statement waits for `high`.
+async fn holds_the_lower_id_while_waiting<F>(
+    url: &str,
+    table: &str,
+    (low, high): (i64, i64),
+    statement: F,
+) where
+    F: std::future::Future<Output = u64> + Send + 'static,
+{
+    let mut holder = connect(url, "holder").await.unwrap();
+    let observer = connect(url, "observer").await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE"),
+        &[&high],
+    )
+    .await
+    .unwrap();
+    let running = tokio::spawn(statement);
+    eventually("the statement waits for the held row", DEADLINE, || async {
+        waits_for_a_lock(&observer).await
+    })
+    .await;
+    let probe = observer
+        .execute(
+            &format!("SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE NOWAIT"),
+            &[&low],
+        )
+        .await;
+    let code = probe.as_ref().err().and_then(|e| e.code().cloned());
+    assert_eq!(
+        code,
+        Some(tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE),
+        "the lower id was not locked first: {probe:?}"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(running.await.unwrap(), 2, "both rows were acted on");
+}
+
+/// Two dead letters of queue `name`; the lower id's row rewritten, so it now lies after
+/// the higher one in the table and failed after it.
+async fn two_dead_letters(backend: &PgBackend, url: &str, name: &str) -> (i64, i64) {
+    let q = create(backend, name, QueueOptions::default()).await;
+    backend
+        .send_batch(&q, vec![NewMessage::json(&1).unwrap(); 2])
+        .await
+        .unwrap();
+    let claimed = backend.claim(&q, 2, LONG).await.unwrap();
+    for m in &claimed {
+        assert!(backend.dead_letter(&m.lease(), "test").await.unwrap());
+    }
+    let (low, high) = (
+        claimed[0].id.0.min(claimed[1].id.0),
+        claimed[0].id.0.max(claimed[1].id.0),
+    );
+    let client = connect(url, "setup").await.unwrap();
+    client
+        .execute(
+            "UPDATE pgbus.dead_letters SET failed_at = now() + interval '1 minute' WHERE id = $1",
+            &[&low],
+        )
+        .await
+        .unwrap();
+    (low, high)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_retry_locks_in_id_order() {
+    let (backend, url) = fresh_backend(4).await;
+    let ids = two_dead_letters(&backend, &url, "retried").await;
+    let q = pgbus_core::QueueName::new("retried").unwrap();
+    holds_the_lower_id_while_waiting(&url, "pgbus.dead_letters", ids, async move {
+        backend.retry_dead(&q, Selection::All).await.unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_discard_locks_in_id_order() {
+    let (backend, url) = fresh_backend(4).await;
+    let ids = two_dead_letters(&backend, &url, "discarded").await;
+    let q = pgbus_core::QueueName::new("discarded").unwrap();
+    holds_the_lower_id_while_waiting(&url, "pgbus.dead_letters", ids, async move {
+        backend.discard_dead(&q, Selection::All).await.unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_locks_in_id_order() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "purged", QueueOptions::default()).await;
+    backend
+        .send_batch(&q, vec![NewMessage::json(&1).unwrap(); 2])
+        .await
+        .unwrap();
+    let client = connect(&url, "setup").await.unwrap();
+    let ids: Vec<i64> = client
+        .query("SELECT id FROM pgbus.messages ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    // The lower id's row rewritten: it now lies after the higher one.
+    client
+        .execute(
+            "UPDATE pgbus.messages SET priority = 1 WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    holds_the_lower_id_while_waiting(&url, "pgbus.messages", (ids[0], ids[1]), async move {
+        backend.purge_queue(&q).await.unwrap()
+    })
+    .await;
+}
