@@ -28,15 +28,20 @@ async fn lease_backend(ttl: Duration) -> (PgBackend, QueueName) {
     (backend, queue)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_lease_has_one_owner_until_released() {
-    let (backend, q) = lease_backend(LONG).await;
-    for n in 0..2u32 {
+/// Sends the numbers of `numbers` to group `g`, in order.
+async fn send_to_g(backend: &PgBackend, q: &QueueName, numbers: std::ops::Range<u32>) {
+    for n in numbers {
         backend
-            .send(&q, NewMessage::encode(&n).unwrap().group("g"))
+            .send(q, NewMessage::encode(&n).unwrap().group("g"))
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_lease_has_one_owner_until_released() {
+    let (backend, q) = lease_backend(LONG).await;
+    send_to_g(&backend, &q, 0..2).await;
     let mut a = backend.open_group_session().await.unwrap();
     let mut b = backend.open_group_session().await.unwrap();
     assert!(a.try_lock(&q, "g").await.unwrap());
@@ -71,10 +76,7 @@ async fn a_group_lease_has_one_owner_until_released() {
 async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
     let ttl = Duration::from_millis(300);
     let (backend, q) = lease_backend(ttl).await;
-    backend
-        .send(&q, NewMessage::encode(&7u32).unwrap().group("g"))
-        .await
-        .unwrap();
+    send_to_g(&backend, &q, 7..8).await;
     let mut stale = backend.open_group_session().await.unwrap();
     assert!(stale.try_lock(&q, "g").await.unwrap());
     let head = one(stale.claim(&q, "g", LONG, 10).await.unwrap());
@@ -138,12 +140,7 @@ async fn an_expired_owner_cannot_write_and_its_work_is_recovered() {
 async fn a_run_that_ends_deletes_its_lease_row() {
     let (backend, q) = lease_backend(LONG).await;
     let client = connect(backend.url(), "test").await.unwrap();
-    for n in 0..2u32 {
-        backend
-            .send(&q, NewMessage::encode(&n).unwrap().group("g"))
-            .await
-            .unwrap();
-    }
+    send_to_g(&backend, &q, 0..2).await;
     let mut a = backend.open_group_session().await.unwrap();
     let run = a.lock_and_claim(&q, "g", LONG, 10).await.unwrap().unwrap();
     assert_eq!(run.len(), 2, "{run:?}");
@@ -165,10 +162,7 @@ async fn a_run_that_ends_deletes_its_lease_row() {
         "the released lease's row is left behind"
     );
 
-    backend
-        .send(&q, NewMessage::encode(&2u32).unwrap().group("g"))
-        .await
-        .unwrap();
+    send_to_g(&backend, &q, 2..3).await;
     let mut b = backend.open_group_session().await.unwrap();
     let taken = b.lock_and_claim(&q, "g", LONG, 10).await.unwrap();
     assert_eq!(taken.map(|run| run.len()), Some(1), "the next owner waits");
@@ -181,12 +175,7 @@ async fn a_step_renews_the_lease_only_after_a_third_of_its_time() {
     let ttl = Duration::from_secs(6);
     let (backend, q) = lease_backend(ttl).await;
     let client = connect(backend.url(), "test").await.unwrap();
-    for n in 0..2u32 {
-        backend
-            .send(&q, NewMessage::encode(&n).unwrap().group("g"))
-            .await
-            .unwrap();
-    }
+    send_to_g(&backend, &q, 0..2).await;
     let mut a = backend.open_group_session().await.unwrap();
     let head = a.lock_and_claim(&q, "g", LONG, 1).await.unwrap().unwrap();
     assert_eq!(head.len(), 1, "{head:?}");
