@@ -457,7 +457,7 @@ async fn run_raw_and_drain(
         "The same number of no-op jobs, pre-inserted with `send_batch` (5,000 per \
          statement) and `VACUUM ANALYZE`d, drained end to end by pgbus `Worker`s in one \
          process: each worker claims as many jobs as it has free slots (plus the room in \
-         its claim-ahead buffer, a quarter of its slots by default) on its own fetch \
+         its claim-ahead buffer, at most four per slot by default) on its own fetch \
          connection, runs them on the async pool, and its settler acks them in batches on \
          the backend's pool. First like for like with `raw_sql` (as many workers as it has \
          loops, claims of at most 100: nothing claimed ahead), then with wider workers \
@@ -470,8 +470,8 @@ async fn run_raw_and_drain(
         format!(
             "{} async workers of concurrency {} (like for like: claim ahead 0), then of {} \
              (wide), then 1 worker of {}; the workers of a run share one `PgBackend` (pool of \
-             10) and one `PgListener`; defaults otherwise (claim ahead a quarter of the \
-             concurrency, ack batch 500, poll interval 1 s)",
+             10) and one `PgListener`; defaults otherwise (claim ahead four times the \
+             concurrency, capped by the jobs' pace, ack batch 500, poll interval 1 s)",
             plan.drain_workers,
             plan.drain_concurrency,
             plan.drain_wide_concurrency,

@@ -40,9 +40,9 @@
 //!
 //! # Behaviour
 //!
-//! - **Claims match free slots, plus a little.** Each round claims as many messages as
-//!   the pool has free slots plus the room in a small claim-ahead buffer
-//!   ([`WorkerBuilder::claim_ahead`], a quarter of the concurrency by default), visiting
+//! - **Claims match free slots, plus what the slots start soon.** Each round claims as
+//!   many messages as the pool has free slots plus the room in a claim-ahead buffer
+//!   ([`WorkerBuilder::claim_ahead`], at most four per slot by default), visiting
 //!   the worker's queues in turn; a slot that frees starts the buffer's first message at
 //!   once, and the buffer is refilled while the slots are busy, once it is half empty.
 //!   The buffer holds only what the slots should start within about 50 ms at the

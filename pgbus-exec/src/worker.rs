@@ -37,6 +37,14 @@ use crate::{ExecError, ExecutionMode, ExecutionPool, MixedWorker};
 /// before claiming again: a bound on the latency it trades for batching.
 const FILL_LINGER: Duration = Duration::from_millis(2);
 
+/// The claim-ahead buffer's default ceiling, in messages per slot. The handlers' pace is
+/// what keeps the buffer small where it would cost (slow jobs buffer what the slots finish
+/// in 50 ms, often nothing); the ceiling matters only for jobs faster than a claim's round
+/// trip, where the claim's size is the worker's rate: one worker of 64 slots drained
+/// no-op jobs at about 31,000/s with a buffer of 16, 49,000 with 64 and 61,000 with 256
+/// (no better with 512). See docs/measured.md, "Claim ahead".
+const DEFAULT_AHEAD_PER_SLOT: usize = 4;
+
 /// The most of a job's error text that a log line carries (the message keeps all of it).
 const LOGGED_ERROR: usize = 1024;
 
@@ -111,7 +119,8 @@ pub struct WorkerMetadata {
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) concurrency: usize,
-    /// Plain messages claimed ahead of free slots; `None`: a quarter of the concurrency.
+    /// Plain messages claimed ahead of free slots; `None`: [`DEFAULT_AHEAD_PER_SLOT`] per
+    /// slot.
     pub(crate) claim_ahead: Option<usize>,
     /// How long a claimed-ahead message waits for a slot at most (less when a third of its
     /// lease is shorter) before it is given back.
@@ -174,14 +183,13 @@ impl<B: Backend> WorkerBuilder<B> {
 
     /// How many plain messages the worker may hold claimed ahead of its free slots, in a
     /// local buffer, so that a slot that frees starts its next job at once instead of after
-    /// a claim's round trip; default a quarter of the concurrency (rounded down), `0` turns
-    /// it off.
+    /// a claim's round trip; default four times the concurrency, `0` turns it off.
     ///
     /// The buffer holds only what the busy slots are expected to start soon: the worker
     /// keeps a moving average of its handlers' durations and buffers at most what its
     /// `concurrency` slots finish in about 50 ms at that pace (nothing before its first job
-    /// has finished, nothing for jobs that take a second; the whole buffer for jobs of a
-    /// few milliseconds or less). It claims for its free slots plus the buffer's room, and
+    /// has finished, nothing for jobs that take a second; the whole buffer for jobs of
+    /// 12 ms or less). It claims for its free slots plus the buffer's room, and
     /// refills the buffer while its slots are still busy once it is half empty.
     ///
     /// A buffered message that waits for a slot longer than 1 s (see
@@ -660,10 +668,11 @@ impl<B: Backend> Worker<B> {
             report: &report,
             next_queue: 0,
             ahead: VecDeque::new(),
-            ahead_size: self
-                .config
-                .claim_ahead
-                .unwrap_or(self.config.concurrency / 4),
+            ahead_size: self.config.claim_ahead.unwrap_or(
+                self.config
+                    .concurrency
+                    .saturating_mul(DEFAULT_AHEAD_PER_SLOT),
+            ),
             pace: Arc::default(),
             stalled: false,
         };
