@@ -797,7 +797,10 @@ async fn drive_group<B: Backend>(
         let trip = ctx.breakers.lock().expect("breakers").record(queue, failed);
         if let Some(backoff) = trip {
             tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");
-            session.trip_breaker(queue, backoff).await?;
+            // The breaker is advisory; the run's settle (its retry, its acks) must not be lost.
+            if let Err(err) = session.trip_breaker(queue, backoff).await {
+                tracing::warn!(target: "pgbus::breaker", error = %err.report(), queue.name = %queue, "could not open the circuit breaker");
+            }
             run.stop = true;
         }
         // Plain work waiting while the groups hold more than their share of a mixed

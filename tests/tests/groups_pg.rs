@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    DeadLetters, GroupSession, NewMessage, OpenGroupSession, ProcessRegistry, Producer, QueueName,
-    QueueOptions, RetryPolicy,
+    CircuitBreaker, DeadLetters, GroupSession, NewMessage, OpenGroupSession, ProcessRegistry,
+    Producer, QueueName, QueueOptions, RetryPolicy,
 };
 use pgbus_exec::{GroupWorker, JobContext, Outcome, Worker, WorkerMonitor};
 use pgbus_pg::{connect, GroupLocks, PgBackend};
@@ -1617,4 +1617,122 @@ async fn the_heartbeat_keeps_a_short_group_lease_alive() {
         tokio::time::sleep(POLL).await;
     }
     held.finish_in_order().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. The circuit breaker.
+
+/// A run whose circuit-breaker trip fails (here a trigger refuses it; in production a
+/// statement timeout, say) on a healthy session still settles: the failed message's retry
+/// and the run's finished messages are written at once, not left to their leases (300 s,
+/// past the deadline), and the worker carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_whose_breaker_trip_fails_still_settles() {
+    let (backend, url) = fresh_backend(4).await;
+    // Retried an hour later: the retry, once written, is plainly scheduled, never run again
+    // during the test.
+    let retry = RetryPolicy::builder()
+        .base(Duration::from_secs(3_600))
+        .cap(Duration::from_secs(3_600))
+        .jitter(0.0)
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let options = QueueOptions::default()
+        .retry(retry)
+        .lease(Duration::from_secs(300))
+        .circuit_breaker(CircuitBreaker::new(1, Duration::from_secs(60)).unwrap());
+    let q = create(&backend, "breaker_refused", options).await;
+    // Opening a breaker fails on this database; each attempt is counted in a sequence,
+    // which the failed statement's rollback leaves counted.
+    let observer = connect(&url, "observer").await.unwrap();
+    observer
+        .batch_execute(
+            "CREATE SEQUENCE public.breaker_trips;
+             CREATE FUNCTION public.refuse_breaker() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM nextval('public.breaker_trips');
+                 RAISE EXCEPTION 'the breaker may not open';
+             END $$;
+             CREATE TRIGGER refuse_breaker BEFORE UPDATE ON pgbus.queues FOR EACH ROW
+                 WHEN (OLD.breaker_until IS DISTINCT FROM NEW.breaker_until)
+                 EXECUTE FUNCTION public.refuse_breaker();",
+        )
+        .await
+        .unwrap();
+    send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
+
+    let runs: Runs = Arc::default();
+    let worker = Worker::builder(worker_backend(&url, "worker"))
+        .concurrency(1)
+        .poll_interval(POLL)
+        .handle(q.clone(), {
+            let runs = runs.clone();
+            move |ctx: JobContext<PgBackend>, step: Step| {
+                let runs = runs.clone();
+                async move {
+                    runs.lock()
+                        .unwrap()
+                        .push((step.group.clone(), step.seq, ctx.attempt()));
+                    if step.seq == 2 {
+                        Outcome::retry("downstream is down")
+                    } else {
+                        Outcome::Ack
+                    }
+                }
+            }
+        })
+        .build_groups()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    // `(retried, leased, left)`: the failed message scheduled with its error and unleased,
+    // the messages still leased, and all left.
+    let state = || async {
+        let row = observer
+            .query_one(
+                "SELECT count(*) FILTER (WHERE last_error = 'downstream is down'
+                                           AND lease_until IS NULL AND attempts = 1
+                                           AND visible_at > now() + interval '30 minutes'),
+                        count(*) FILTER (WHERE lease_until IS NOT NULL),
+                        count(*)
+                 FROM pgbus.messages WHERE queue = $1",
+                &[&q.as_str()],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+        )
+    };
+    eventually(
+        "the failed message's retry and the acks before it are written, nothing leased",
+        Duration::from_secs(30),
+        || async { state().await == (1, 0, 4) },
+    )
+    .await;
+    let trips: i64 = observer
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM public.breaker_trips",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(trips, 1, "the worker tried to open the breaker once");
+    assert!(
+        stats_of(&backend, &q).await.breaker_open_for.is_none(),
+        "the breaker stayed shut"
+    );
+    assert_eq!(
+        untouched(&observer, &q, "g").await,
+        (3, 4),
+        "the messages after the failed one are back untouched"
+    );
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(runs_of(&runs, "g"), [(0, 1), (1, 1), (2, 1)]);
+    assert_eq!((report.acked, report.retried), (2, 1), "{report:?}");
 }
