@@ -12,6 +12,17 @@ use crate::error::db;
 use crate::query::{Pooler, Reused, Typed};
 use crate::{sql, PgBackend};
 
+/// The fetch connection's session settings (why the first two: in `open_fetcher`).
+///
+/// `enable_seqscan = off` because the claim's generic plan is made once, at the first
+/// claim, often on an empty table: with no pages, a scan of the whole table looked cheaper
+/// than fetching the picked rows by tuple id, and the plan stayed until autovacuum next
+/// touched the table, reading the whole backlog on every claim meanwhile (the
+/// `hot_plans` test). Every statement here has an index or a tuple id to go by; the
+/// setting only prices the scan out, it forbids nothing.
+pub(crate) const FETCH_SESSION_SETTINGS: &str = "SET synchronous_commit = off; \
+     SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off";
+
 /// A dedicated connection for a worker's claims: one backend session for the life of the
 /// fetch loop instead of a pool checkout per claim. Drop it after an error and open a new
 /// one.
@@ -56,9 +67,7 @@ impl OpenFetcher for PgBackend {
         // and are planned each time.
         if pooler == Pooler::Session {
             client
-                .batch_execute(
-                    "SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan",
-                )
+                .batch_execute(FETCH_SESSION_SETTINGS)
                 .await
                 .map_err(|e| db("configuring the fetch connection", e))?;
         }

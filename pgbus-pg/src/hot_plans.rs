@@ -123,6 +123,37 @@ async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
 /// gate, its fence and its renewal, are still found through the owner index, not by reading
 /// the table. (The step that releases the group deletes its row by key, a plan that still
 /// follows the estimates: see `sql::GROUP_STEP_FENCED`.)
+/// A worker that starts on an empty queue prepares its claim's generic plan while the table
+/// has no pages: the planner then priced a scan of the whole table below finding the
+/// picked rows by their tuple ids (an empty table costs nothing to scan), and the worker
+/// kept that plan until autovacuum next touched the table, reading the whole backlog for
+/// each claim. The fetch connection's settings keep the lookup on the picked rows.
+#[tokio::test]
+async fn the_claim_planned_on_an_empty_table_still_finds_its_rows_by_tuple_id() {
+    let (_db, client) = database_with_queue_q().await;
+    client
+        .batch_execute(crate::fetcher::FETCH_SESSION_SETTINGS)
+        .await
+        .expect("the fetch connection's settings");
+    let values = "'q', 100, 30.0, NULL";
+    // The first execution makes the generic plan, on the table as migrated: no page.
+    run_explained(&client, "claim", sql::CLAIM, values).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO pgbus.messages (queue, visible_at, content_type, payload)
+             SELECT 'q', now() - interval '1 second', 'application/json', '\\x7b7d'
+             FROM generate_series(1, {MESSAGES});"
+        ))
+        .await
+        .expect("a backlog");
+    let plan = explain_prepared(&client, "claim", values).await;
+    let work = work(&plan);
+    assert!(
+        work < WORK_BOUND,
+        "its plan handled {work} rows of a backlog of {MESSAGES}:\n{plan:#}"
+    );
+}
+
 #[tokio::test]
 async fn the_fenced_group_step_finds_its_leases_by_owner_after_the_table_grew() {
     let (_db, client) = database_with_queue_q().await;
