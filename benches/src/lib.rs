@@ -471,7 +471,7 @@ async fn run_raw_and_drain(
             "{} async workers of concurrency {} (like for like: claim ahead 0), then of {} \
              (wide), then 1 worker of {}; the workers of a run share one `PgBackend` (pool of \
              10) and one `PgListener`; defaults otherwise (claim ahead four times the \
-             concurrency, capped by the jobs' pace, ack batch 500, poll interval 1 s)",
+             concurrency, at most 512, capped by the jobs' pace, ack batch 500, poll interval 1 s)",
             plan.drain_workers,
             plan.drain_concurrency,
             plan.drain_wide_concurrency,

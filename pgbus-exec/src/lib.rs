@@ -42,11 +42,11 @@
 //!
 //! - **Claims match free slots, plus what the slots start soon.** Each round claims as
 //!   many messages as the pool has free slots plus the room in a claim-ahead buffer
-//!   ([`WorkerBuilder::claim_ahead`], at most four per slot by default), visiting
+//!   ([`WorkerBuilder::claim_ahead`], four per slot by default, at most 512), visiting
 //!   the worker's queues in turn; a slot that frees starts the buffer's first message at
 //!   once, and the buffer is refilled while the slots are busy, once it is half empty.
 //!   The buffer holds only what the slots should start within about 50 ms at the
-//!   handlers' measured pace (nothing before a job has finished), and a buffered message
+//!   handlers' measured pace on the queue claimed from (nothing before a job has finished), and a buffered message
 //!   that waits for a slot longer than [`WorkerBuilder::claim_ahead_wait`] (1 s) is given
 //!   back. Buffered messages are leased and their leases kept alive like running jobs'. When
 //!   every slot is busy (and the buffer full) the worker waits for one to free (the pool's

@@ -45,6 +45,11 @@ const FILL_LINGER: Duration = Duration::from_millis(2);
 /// (no better with 512). See docs/measured.md, "Claim ahead".
 const DEFAULT_AHEAD_PER_SLOT: usize = 4;
 
+/// The claim-ahead buffer's default ceiling for wide workers: buffered messages are held in
+/// memory, payloads and all, and past a few hundred a claim's size no longer pays (two
+/// workers of 500 slots drained no faster with a buffer of 1,000 than of 125).
+const DEFAULT_AHEAD_MAX: usize = 512;
+
 /// The most of a job's error text that a log line carries (the message keeps all of it).
 const LOGGED_ERROR: usize = 1024;
 
@@ -183,14 +188,16 @@ impl<B: Backend> WorkerBuilder<B> {
 
     /// How many plain messages the worker may hold claimed ahead of its free slots, in a
     /// local buffer, so that a slot that frees starts its next job at once instead of after
-    /// a claim's round trip; default four times the concurrency, `0` turns it off.
+    /// a claim's round trip; default four times the concurrency (at most 512), `0` turns
+    /// it off.
     ///
     /// The buffer holds only what the busy slots are expected to start soon: the worker
-    /// keeps a moving average of its handlers' durations and buffers at most what its
-    /// `concurrency` slots finish in about 50 ms at that pace (nothing before its first job
-    /// has finished, nothing for jobs that take a second; the whole buffer for jobs of
-    /// 12 ms or less). It claims for its free slots plus the buffer's room, and
-    /// refills the buffer while its slots are still busy once it is half empty.
+    /// keeps a moving average of its handlers' durations on each of its queues, and a
+    /// claim on a queue buffers at most what the `concurrency` slots finish in about 50 ms
+    /// at that queue's pace (nothing before a job of that queue has finished, nothing for
+    /// jobs longer than `concurrency` × 50 ms, the whole buffer for jobs of 12 ms or less
+    /// at the default). It claims for its free slots plus the buffer's room, and refills
+    /// the buffer while its slots are still busy once it is half empty.
     ///
     /// A buffered message that waits for a slot longer than 1 s (see
     /// [`claim_ahead_wait`](Self::claim_ahead_wait); a third of its lease, if shorter) is
@@ -671,9 +678,15 @@ impl<B: Backend> Worker<B> {
             ahead_size: self.config.claim_ahead.unwrap_or(
                 self.config
                     .concurrency
-                    .saturating_mul(DEFAULT_AHEAD_PER_SLOT),
+                    .saturating_mul(DEFAULT_AHEAD_PER_SLOT)
+                    .min(DEFAULT_AHEAD_MAX),
             ),
-            pace: Arc::default(),
+            paces: self
+                .shared
+                .queues
+                .iter()
+                .map(|queue| (queue.clone(), Arc::default()))
+                .collect(),
             stalled: false,
         };
         let mut errors = 0u32;
@@ -899,8 +912,9 @@ struct Fetch<'a, B: Backend> {
     /// The most messages `ahead` holds once the free slots are filled (the setting; what
     /// it holds is also bounded by the pace, see [`Fetch::ahead_limit`]).
     ahead_size: usize,
-    /// How long this worker's handlers take, recorded by its jobs.
-    pace: Arc<Pace>,
+    /// How long this worker's handlers take on each of its queues, recorded by its jobs:
+    /// one queue's fast jobs must not size the buffer for another's slow ones.
+    paces: HashMap<QueueName, Arc<Pace>>,
     /// Buffered messages waited too long and were given back: nothing is claimed ahead
     /// until a slot frees.
     stalled: bool,
@@ -923,7 +937,7 @@ impl<B: Backend> Fetch<'_, B> {
         }
         self.feed().await;
         self.release_overdue().await;
-        if !self.worth_claiming() {
+        if !queues.iter().any(|queue| self.worth_claiming(queue)) {
             return Ok(Wait::ForSlot {
                 more: !self.ahead.is_empty(),
             });
@@ -934,12 +948,12 @@ impl<B: Backend> Fetch<'_, B> {
         let start = self.next_queue;
         self.next_queue = self.next_queue.wrapping_add(1);
         for i in 0..queues.len() {
-            if !self.worth_claiming() {
-                break;
+            let queue = &queues[(start + i) % queues.len()];
+            if !self.worth_claiming(queue) {
+                continue;
             }
             let free = self.lane.free();
-            let want = free + self.room();
-            let queue = &queues[(start + i) % queues.len()];
+            let want = free + self.room(queue);
             let (_, lease) = self.policies[queue];
             let began = Instant::now();
             let claimed = match self
@@ -984,34 +998,38 @@ impl<B: Backend> Fetch<'_, B> {
             Wait::ForSlot { more: true }
         } else if filled {
             Wait::No
-        } else if free == 0 && self.ahead_limit() == 0 {
+        } else if free == 0 && queues.iter().all(|queue| self.ahead_limit(queue) == 0) {
             Wait::ForSlot { more: false }
         } else {
             Wait::ForWork
         })
     }
 
-    /// The most the claim-ahead buffer may hold now: the setting, capped by what the slots
-    /// are expected to start within [`crate::pace::WITHIN`] at this worker's pace;
-    /// nothing while the pace is unknown or while the buffer is stalled.
-    fn ahead_limit(&self) -> usize {
+    /// The most the claim-ahead buffer may hold now for a claim on `queue`: the setting,
+    /// capped by what the slots are expected to start within [`crate::pace::WITHIN`] at the
+    /// pace of this worker's jobs on `queue`; nothing while that pace is unknown or while
+    /// the buffer is stalled.
+    fn ahead_limit(&self, queue: &QueueName) -> usize {
         if self.stalled || self.ahead_size == 0 {
             return 0;
         }
-        let soon = self.pace.fits(self.worker.config.concurrency).unwrap_or(0);
+        let soon = self.paces[queue]
+            .fits(self.worker.config.concurrency)
+            .unwrap_or(0);
         self.ahead_size.min(soon)
     }
 
-    /// Room in the claim-ahead buffer.
-    fn room(&self) -> usize {
-        self.ahead_limit().saturating_sub(self.ahead.len())
+    /// Room in the claim-ahead buffer for a claim on `queue`.
+    fn room(&self, queue: &QueueName) -> usize {
+        self.ahead_limit(queue).saturating_sub(self.ahead.len())
     }
 
-    /// Whether a claim now is worth its round trip: for free slots (the buffer, if any, is
-    /// empty then), or while every slot is busy, to refill a buffer at least half empty.
-    fn worth_claiming(&self) -> bool {
-        let limit = self.ahead_limit();
-        self.lane.free() > 0 || (limit > 0 && self.room() >= limit.div_ceil(2))
+    /// Whether a claim on `queue` now is worth its round trip: for free slots (the buffer,
+    /// if any, is empty then), or while every slot is busy, to refill a buffer at least
+    /// half empty.
+    fn worth_claiming(&self, queue: &QueueName) -> bool {
+        let limit = self.ahead_limit(queue);
+        self.lane.free() > 0 || (limit > 0 && self.room(queue) >= limit.div_ceil(2))
     }
 
     /// When the first buffered message runs out of its wait for a slot.
@@ -1128,7 +1146,7 @@ impl<B: Backend> Fetch<'_, B> {
             running,
             give_back_at: _,
         } = claimed;
-        let pace = Arc::clone(&self.pace);
+        let pace = Arc::clone(&self.paces[&message.queue]);
         let lease = message.lease();
         let queue = message.queue.clone();
         let handler = Arc::clone(&self.worker.handlers[&queue]);

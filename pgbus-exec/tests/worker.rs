@@ -567,6 +567,64 @@ async fn slow_jobs_are_not_claimed_ahead() {
     assert_eq!(*ran.lock().unwrap(), [WARM_UP, 0]);
 }
 
+/// The buffer is sized by each queue's own pace: fast jobs on one queue must not let the
+/// worker buffer another queue's jobs, which may take far longer (there they would wait,
+/// leased, until given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_queue_does_not_size_the_buffer_of_a_slow_one() {
+    let lease = Duration::from_secs(60);
+    let options = QueueOptions::default().lease(lease);
+    let (backend, fast) = setup(options.clone()).await;
+    let slow = QueueName::new("slow").unwrap();
+    backend.create_queue(&slow, &options).await.unwrap();
+    let gate = CancellationToken::new();
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let worker = Worker::builder(backend.clone())
+        .concurrency(1)
+        .claim_ahead(2)
+        // Nothing goes back by the bound during the test: what the worker buffers stays
+        // buffered.
+        .claim_ahead_wait(Duration::from_secs(3600))
+        .poll_interval(Duration::from_millis(10))
+        .handle(
+            fast.clone(),
+            |_ctx: JobContext<MemoryBackend>, _n: u32| async {},
+        )
+        .handle(slow.clone(), {
+            let (ran, gate) = (ran.clone(), gate.clone());
+            move |_ctx: JobContext<MemoryBackend>, n: u32| {
+                ran.lock().unwrap().push(n);
+                let gate = gate.clone();
+                async move { gate.cancelled().await }
+            }
+        })
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    // A fast job runs and is acked: the worker's pace on `fast` is known.
+    send_payloads(&backend, &fast, &[WARM_UP]).await;
+    drained(&backend).await;
+    send_payloads(&backend, &slow, &[0, 1, 2]).await;
+    until("the first slow job runs", async || {
+        ran.lock().unwrap().len() == 1
+    })
+    .await;
+    let taken = backend.claim(&slow, 10, lease).await.unwrap();
+    assert_eq!(
+        decoded(&taken),
+        [1, 2],
+        "nothing of the slow queue was claimed ahead"
+    );
+
+    gate.cancel();
+    let leases: Vec<_> = taken.iter().map(|m| m.lease()).collect();
+    backend.ack(&leases).await.unwrap();
+    drained(&backend).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waker_ends_the_idle_wait() {
     let (backend, queue) = setup(QueueOptions::default()).await;
