@@ -124,6 +124,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "queue_drop_guards",
         sql: include_str!("../migrations/0021_queue_drop_guards.sql"),
     },
+    Migration {
+        version: 22,
+        name: "queue_drop_lock_order",
+        sql: include_str!("../migrations/0022_queue_drop_lock_order.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.

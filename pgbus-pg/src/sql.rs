@@ -84,8 +84,9 @@ SET max_attempts = $2, retry_base_ms = $3, retry_cap_ms = $4, retry_jitter = $5,
     breaker_until = CASE WHEN $9 IS NULL THEN '-infinity' ELSE breaker_until END
 WHERE name = $1";
 
-/// Drops a queue; a statement trigger deletes its messages (migration 19), the other
-/// tables' rows go by their foreign keys.
+/// Drops a queue; a statement trigger deletes its messages (migration 19), locking them in
+/// id order first as the ack and the purge do (migration 22); the other tables' rows go by
+/// their foreign keys.
 pub(crate) const DROP_QUEUE: &str = "DELETE FROM pgbus.queues WHERE name = $1";
 
 /// Which of the ids `$2` are dead letters of queue `$1`.

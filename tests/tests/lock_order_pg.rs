@@ -1,9 +1,10 @@
-//! Operator statements over many rows (a dead-letter retry or discard, a queue purge)
-//! lock them in id order, as the worker's batch ack and the console's actions do, so
-//! that any two of them on overlapping rows queue behind each other instead of
-//! deadlocking. Checked deterministically: rows whose physical and `failed_at` order is
-//! the reverse of their ids', the higher id held by another transaction; while the
-//! statement waits for it, it must already hold the lower one.
+//! Operator statements over many rows (a dead-letter retry or discard, a queue purge, the
+//! delete of a dropped or truncated queue's messages) lock them in id order, as the
+//! worker's batch ack and the console's actions do, so that any two of them on overlapping
+//! rows queue behind each other instead of deadlocking. Checked deterministically: rows
+//! whose physical (and `failed_at`, or claim index) order is the reverse of their ids', the
+//! higher id held by another transaction; while the statement waits for it, it must
+//! already hold the lower one.
 
 use std::time::Duration;
 
@@ -147,6 +148,85 @@ async fn a_purge_locks_in_id_order() {
         .unwrap();
     holds_the_lower_id_while_waiting(&url, "pgbus.messages", (ids[0], ids[1]), async move {
         backend.purge_queue(&q).await.unwrap()
+    })
+    .await;
+}
+
+/// Queue `name` with two messages; the lower id's row rewritten with a later `visible_at`,
+/// so it now lies after the higher one in the table and in the claim index (whichever a
+/// delete by queue would read). Returns the ids, lower first.
+async fn two_messages(backend: &PgBackend, url: &str, name: &str) -> (i64, i64) {
+    let q = create(backend, name, QueueOptions::default()).await;
+    backend
+        .send_batch(&q, vec![NewMessage::json(&1).unwrap(); 2])
+        .await
+        .unwrap();
+    let client = connect(url, "setup").await.unwrap();
+    let ids: Vec<i64> = client
+        .query(
+            "SELECT id FROM pgbus.messages WHERE queue = $1 ORDER BY id",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    client
+        .execute(
+            "UPDATE pgbus.messages SET visible_at = visible_at + interval '1 second'
+             WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    (ids[0], ids[1])
+}
+
+/// How many of the two messages of `ids` are gone.
+async fn deleted(client: &Client, (low, high): (i64, i64)) -> u64 {
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgbus.messages WHERE id = ANY ($1)",
+            &[&vec![low, high]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    2 - left.unsigned_abs()
+}
+
+/// The queue drop's messages are deleted by a statement trigger on `pgbus.queues`
+/// (migration 19; id order since migration 22).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_drop_locks_in_id_order() {
+    let (backend, url) = fresh_backend(4).await;
+    let ids = two_messages(&backend, &url, "dropped").await;
+    let q = pgbus_core::QueueName::new("dropped").unwrap();
+    let client = connect(&url, "check").await.unwrap();
+    holds_the_lower_id_while_waiting(&url, "pgbus.messages", ids, async move {
+        assert!(
+            backend.drop_queue(&q).await.unwrap(),
+            "the queue was dropped"
+        );
+        deleted(&client, ids).await
+    })
+    .await;
+}
+
+/// `TRUNCATE pgbus.queues CASCADE` empties the hot table by a trigger of its own
+/// (migration 21; id order since migration 22).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_truncate_locks_in_id_order() {
+    let (backend, url) = fresh_backend(4).await;
+    let ids = two_messages(&backend, &url, "truncated").await;
+    let operator = connect(&url, "operator").await.unwrap();
+    holds_the_lower_id_while_waiting(&url, "pgbus.messages", ids, async move {
+        operator
+            .batch_execute("TRUNCATE pgbus.queues CASCADE")
+            .await
+            .unwrap();
+        deleted(&operator, ids).await
     })
     .await;
 }
