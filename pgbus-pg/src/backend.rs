@@ -808,11 +808,13 @@ impl Consumer for PgBackend {
             return Ok(0);
         }
         let (ids, attempts) = lease_arrays(leases);
-        self.conn()
+        let row = self
+            .conn()
             .await?
-            .exec(sql::RELEASE, &[&ids, &attempts])
+            .q_one(sql::RELEASE, &[&ids, &attempts, &self.notify])
             .await
-            .map_err(|e| db("releasing messages", e))
+            .map_err(|e| db("releasing messages", e))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<bool> {

@@ -85,7 +85,11 @@ async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
                  16, 30.0, NULL, true, 'token', 30.0"
             ),
         ),
-        ("release", sql::RELEASE, format!("'{ids}', '{attempts}'")),
+        (
+            "release",
+            sql::RELEASE,
+            format!("'{ids}', '{attempts}', true"),
+        ),
         (
             "extend",
             sql::EXTEND,

@@ -404,6 +404,10 @@ WHERE m.id = $1 AND m.attempts = $2"
 /// had, and its error history is untouched. Only unindexed columns change (a HOT update).
 /// A row not leased under that attempt (settled, released, claimed again) is left alone.
 /// The rows are found and locked as the ack finds them ([`current_deliveries!`]).
+///
+/// Unless `$3` is false (the backend's sends do not notify), each queue that got messages
+/// back is notified once: they are claimable now, and idle workers would otherwise find
+/// them only at their next poll. Returns how many were given back.
 pub(crate) const RELEASE: &str = concat!(
     "
 WITH locked AS (
@@ -411,10 +415,16 @@ WITH locked AS (
     FROM ",
     current_deliveries!(" AND m.lease_until IS NOT NULL", "", "FOR UPDATE OF m"),
     "
+), released AS (
+    UPDATE pgbus.messages m
+    SET lease_until = NULL, attempts = m.attempts - 1
+    WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
+    RETURNING m.queue, m.visible_at
+), woken AS (
+    SELECT pg_notify('pgbus_wakeup', queue)
+    FROM (SELECT DISTINCT queue FROM released WHERE $3::boolean AND visible_at <= now()) q
 )
-UPDATE pgbus.messages m
-SET lease_until = NULL, attempts = m.attempts - 1
-WHERE m.id = ANY (ARRAY(SELECT id FROM locked))"
+SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM woken)"
 );
 
 /// Moves the message to the dead letters with reason `$3`, which ends its attempt history

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgbus_core::{NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, Stats, WakeupSource};
+use pgbus_core::{
+    Consumer, NewMessage, Producer, QueueAdmin, QueueName, QueueOptions, Stats, WakeupSource,
+};
 use pgbus_exec::{JobContext, Worker, WorkerMonitor, WorkerReport};
 use pgbus_pg::{connect, PgBackend, PgListener};
 use pgbus_tests::{connections, eventually, fresh_backend, queue};
@@ -115,6 +117,43 @@ async fn idle_worker_wakes_on_notify_long_before_the_poll() {
         1,
         "exactly one notification for one send"
     );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+/// Messages given back (`Consumer::release`: a stopping worker's claimed-ahead buffer, or
+/// one whose buffered messages waited too long for a slot) wake idle workers: they are
+/// claimable at once, and without a notification another worker found them only at its
+/// next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn released_messages_wake_an_idle_worker() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "given_back").await;
+    send_numbers(&backend, &q, 1).await;
+    let holder = PgBackend::builder(&url).role("holder").build().unwrap();
+    let held = holder.claim(&q, 1, Duration::from_secs(600)).await.unwrap();
+    assert_eq!(held.len(), 1);
+
+    let listener = Arc::new(PgListener::start(&url).unwrap());
+    assert!(listener.wait_live(WAIT).await);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let hour = Duration::from_secs(3600);
+    let (monitor, run) = start_worker_polling(&backend, &q, &listener, &handled, &stop, hour);
+    eventually("wake-ups are live", WAIT, || async {
+        monitor.metadata().wakeups_live
+    })
+    .await;
+    wait_idle(&monitor).await;
+
+    let leases: Vec<_> = held.iter().map(|m| m.lease()).collect();
+    assert_eq!(holder.release(&leases).await.unwrap(), 1);
+    eventually(
+        "the released message is handled, its worker's poll an hour away",
+        Duration::from_secs(30),
+        || async { handled.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
     stop.cancel();
     run.await.unwrap().unwrap();
 }
