@@ -47,6 +47,18 @@ impl Pace {
     }
 }
 
+/// How many claimed messages a worker of `slots` slots may hold for a queue's jobs, to
+/// start within [`WITHIN`]: at the slower of two paces, the queue's (its jobs take that
+/// long once started) and the worker's over all its queues (its busy slots free at the
+/// pace of whatever runs in them: a queue's fast jobs must not be buffered behind slots
+/// held by another queue's slow ones). Nothing while either pace is unknown.
+pub(crate) fn buffer_for(slots: usize, queue: &Pace, worker: &Pace) -> usize {
+    match (queue.fits(slots), worker.fits(slots)) {
+        (Some(queue), Some(worker)) => queue.min(worker),
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +82,21 @@ mod tests {
         let medium = Pace::default();
         medium.record(Duration::from_millis(200));
         assert_eq!(medium.fits(8), Some(2), "eight slots free one every 25 ms");
+    }
+
+    #[test]
+    fn a_buffer_follows_the_slower_of_the_queue_and_the_worker() {
+        let (fast, slow, unknown) = (Pace::default(), Pace::default(), Pace::default());
+        fast.record(Duration::from_micros(10));
+        slow.record(Duration::from_secs(10));
+        assert_eq!(buffer_for(8, &fast, &fast), 8 * 5_000);
+        assert_eq!(buffer_for(8, &slow, &fast), 0, "a slow queue's jobs");
+        assert_eq!(
+            buffer_for(8, &fast, &slow),
+            0,
+            "fast jobs behind slots busy with slow ones"
+        );
+        assert_eq!(buffer_for(8, &unknown, &fast), 0, "a queue not run yet");
     }
 
     #[test]

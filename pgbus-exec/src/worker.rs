@@ -24,7 +24,7 @@ use crate::breaker::Breakers;
 use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
 use crate::lane::Lane;
 use crate::mixed::Kind;
-use crate::pace::Pace;
+use crate::pace::{self, Pace};
 use crate::subscriber::Declare;
 use crate::telemetry::{self, Finished};
 #[cfg(feature = "async")]
@@ -192,9 +192,10 @@ impl<B: Backend> WorkerBuilder<B> {
     /// it off.
     ///
     /// The buffer holds only what the busy slots are expected to start soon: the worker
-    /// keeps a moving average of its handlers' durations on each of its queues, and a
-    /// claim on a queue buffers at most what the `concurrency` slots finish in about 50 ms
-    /// at that queue's pace (nothing before a job of that queue has finished, nothing for
+    /// keeps moving averages of its handlers' durations, per queue and over all its
+    /// queues, and a claim on a queue buffers at most what the `concurrency` slots finish
+    /// in about 50 ms at the slower of the two (nothing before a job of that queue has
+    /// finished, nothing behind slots busy with another queue's slow jobs, nothing for
     /// jobs longer than `concurrency` × 50 ms, the whole buffer for jobs of 12 ms or less
     /// at the default). It claims for its free slots plus the buffer's room, and refills
     /// the buffer while its slots are still busy once it is half empty.
@@ -687,6 +688,7 @@ impl<B: Backend> Worker<B> {
                 .iter()
                 .map(|queue| (queue.clone(), Arc::default()))
                 .collect(),
+            pace: Arc::default(),
             stalled: false,
         };
         let mut errors = 0u32;
@@ -912,9 +914,10 @@ struct Fetch<'a, B: Backend> {
     /// The most messages `ahead` holds once the free slots are filled (the setting; what
     /// it holds is also bounded by the pace, see [`Fetch::ahead_limit`]).
     ahead_size: usize,
-    /// How long this worker's handlers take on each of its queues, recorded by its jobs:
-    /// one queue's fast jobs must not size the buffer for another's slow ones.
+    /// How long this worker's handlers take on each of its queues, and on all of them,
+    /// recorded by its jobs (see [`pace::buffer_for`]).
     paces: HashMap<QueueName, Arc<Pace>>,
+    pace: Arc<Pace>,
     /// Buffered messages waited too long and were given back: nothing is claimed ahead
     /// until a slot frees.
     stalled: bool,
@@ -1006,16 +1009,17 @@ impl<B: Backend> Fetch<'_, B> {
     }
 
     /// The most the claim-ahead buffer may hold now for a claim on `queue`: the setting,
-    /// capped by what the slots are expected to start within [`crate::pace::WITHIN`] at the
-    /// pace of this worker's jobs on `queue`; nothing while that pace is unknown or while
-    /// the buffer is stalled.
+    /// capped by what the slots are expected to start within [`pace::WITHIN`] (see
+    /// [`pace::buffer_for`]); nothing while the buffer is stalled.
     fn ahead_limit(&self, queue: &QueueName) -> usize {
         if self.stalled || self.ahead_size == 0 {
             return 0;
         }
-        let soon = self.paces[queue]
-            .fits(self.worker.config.concurrency)
-            .unwrap_or(0);
+        let soon = pace::buffer_for(
+            self.worker.config.concurrency,
+            &self.paces[queue],
+            &self.pace,
+        );
         self.ahead_size.min(soon)
     }
 
@@ -1146,7 +1150,10 @@ impl<B: Backend> Fetch<'_, B> {
             running,
             give_back_at: _,
         } = claimed;
-        let pace = Arc::clone(&self.paces[&message.queue]);
+        let paces = [
+            Arc::clone(&self.paces[&message.queue]),
+            Arc::clone(&self.pace),
+        ];
         let lease = message.lease();
         let queue = message.queue.clone();
         let handler = Arc::clone(&self.worker.handlers[&queue]);
@@ -1161,7 +1168,8 @@ impl<B: Backend> Fetch<'_, B> {
         let job = Box::pin(async move {
             let began = Instant::now();
             let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
-            pace.record(began.elapsed());
+            let took = began.elapsed();
+            paces.iter().for_each(|pace| pace.record(took));
             let lost = running.finish();
             // Cut off at the shutdown deadline: whatever the handler returned, leave the
             // message leased, to be delivered again when the lease runs out.

@@ -121,12 +121,6 @@ async fn hot_statements_keep_their_plans_when_the_statistics_say_empty() {
     assert_statistics_say_empty(&client).await;
 }
 
-/// Lease mode's group statement keeps the plan its session made first, when the lease
-/// table may have been empty; the table then fills with other sessions' leases (and, under
-/// churn, with pages of dead rows). The session's own leases, which a step reads for its
-/// gate, its fence and its renewal, are still found through the owner index, not by reading
-/// the table. (The step that releases the group deletes its row by key, a plan that still
-/// follows the estimates: see `sql::GROUP_STEP_FENCED`.)
 /// A worker that starts on an empty queue prepares its claim's generic plan while the table
 /// has no pages: the planner then priced a scan of the whole table below finding the
 /// picked rows by their tuple ids (an empty table costs nothing to scan), and the worker
@@ -158,6 +152,12 @@ async fn the_claim_planned_on_an_empty_table_still_finds_its_rows_by_tuple_id() 
     );
 }
 
+/// Lease mode's group statement keeps the plan its session made first, when the lease
+/// table may have been empty; the table then fills with other sessions' leases (and, under
+/// churn, with pages of dead rows). The session's own leases, which a step reads for its
+/// gate, its fence and its renewal, are still found through the owner index, not by reading
+/// the table. (The step that releases the group deletes its row by key, a plan that still
+/// follows the estimates: see `sql::GROUP_STEP_FENCED`.)
 #[tokio::test]
 async fn the_fenced_group_step_finds_its_leases_by_owner_after_the_table_grew() {
     let (_db, client) = database_with_queue_q().await;
