@@ -986,3 +986,45 @@ fn a_deleted_running_job_has_its_command_killed() {
     assert_eq!(db.depth("slow"), 0);
     assert!(db.dead("slow").is_empty(), "nothing written back");
 }
+
+/// `--claim-ahead 0` turns the claim-ahead buffer off: while the one slot runs a job that
+/// waits, the messages behind it stay unclaimed (by default, once a job has shown the
+/// pace, the claim that takes the waiting job would also lease the next ones).
+#[test]
+fn claim_ahead_zero_claims_only_for_free_slots() {
+    let db = Db::new();
+    db.ok(&["queue", "create", "q"]);
+    let messages: Vec<Value> = (0..4).map(|n| json!({ "n": n })).collect();
+    db.send_stdin(&["send", "q"], json_lines(messages)).ok();
+    let (started, go) = (db.path("started"), db.path("go"));
+    // Message 1 waits for `go`; the others end at once (message 0 sets the pace).
+    let script = format!(
+        "case \"$(cat)\" in *'\"n\":1'*) touch {started}; \
+         while [ ! -e {go} ]; do sleep 0.05; done;; esac",
+        started = sh_quote(&started),
+        go = sh_quote(&go)
+    );
+    let (mut worker, _stderr) = db.spawn(&[
+        "work",
+        "q",
+        "--concurrency",
+        "1",
+        "--claim-ahead",
+        "0",
+        "--exec",
+        &script,
+    ]);
+    eventually("the waiting job to start", LONG, || started.exists());
+    // The claim that took message 1 is committed: what it leased is leased now.
+    let leased = count(
+        &db.url,
+        "SELECT count(*) FROM pgbus.messages WHERE lease_until > now()",
+    );
+    assert_eq!(leased, 1, "only the running job's message is leased");
+
+    std::fs::write(&go, b"").expect("the go file");
+    eventually("every job to end", LONG, || db.depth("q") == 0);
+    terminate(&worker.0);
+    let status = wait_deadline(&mut worker.0, SHORT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
