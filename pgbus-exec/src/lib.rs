@@ -45,10 +45,11 @@
 //!   ([`WorkerBuilder::claim_ahead`], four per slot by default, at most 512), visiting
 //!   the worker's queues in turn; a slot that frees starts the buffer's first message at
 //!   once, and the buffer is refilled while the slots are busy, once it is half empty.
-//!   The buffer holds only what the slots should start within about 50 ms at the
-//!   handlers' measured pace on the queue claimed from (nothing before a job has finished), and a buffered message
+//!   The buffer holds only what the slots should start within about 50 ms at the slower
+//!   of the handlers' measured paces on the queue claimed from and on all the worker's
+//!   queues (nothing before a job of that queue has finished), and a buffered message
 //!   that waits for a slot longer than [`WorkerBuilder::claim_ahead_wait`] (1 s) is given
-//!   back. Buffered messages are leased and their leases kept alive like running jobs'. When
+//!   back, idle workers woken for it. Buffered messages are leased and their leases kept alive like running jobs'. When
 //!   every slot is busy (and the buffer full) the worker waits for one to free (the pool's
 //!   state-change callback); when the queues are empty it waits for a wake-up
 //!   ([`WorkerBuilder::wakeups`]), a freed slot, or the poll interval, whichever comes

@@ -351,6 +351,47 @@ fn recording_worker(
         .unwrap()
 }
 
+/// A one-slot group worker that records every run and retries each message `fails` names
+/// (by its step and attempt) with that error, acking the others.
+fn retrying_worker(
+    url: &str,
+    q: &QueueName,
+    runs: &Runs,
+    fails: fn(&Step, u32) -> Option<&'static str>,
+) -> GroupWorker<PgBackend> {
+    Worker::builder(worker_backend(url, "worker"))
+        .concurrency(1)
+        .poll_interval(POLL)
+        .handle(q.clone(), {
+            let runs = runs.clone();
+            move |ctx: JobContext<PgBackend>, step: Step| {
+                let runs = runs.clone();
+                async move {
+                    runs.lock()
+                        .unwrap()
+                        .push((step.group.clone(), step.seq, ctx.attempt()));
+                    match fails(&step, ctx.attempt()) {
+                        Some(error) => Outcome::retry(error),
+                        None => Outcome::Ack,
+                    }
+                }
+            }
+        })
+        .build_groups()
+        .unwrap()
+}
+
+/// Retries after `delay`, exactly (no jitter), three attempts in all.
+fn fixed_retry(delay: Duration) -> RetryPolicy {
+    RetryPolicy::builder()
+        .base(delay)
+        .cap(delay)
+        .jitter(0.0)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. Each in-flight group runs on its own connection, never the fetch connection.
 
@@ -1345,38 +1386,14 @@ async fn mixed_worker_opens_group_connections_for_grouped_work_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_message_gives_back_the_rest_of_its_run_untouched() {
     let (backend, url) = fresh_backend(4).await;
-    let retry = RetryPolicy::builder()
-        .base(Duration::from_secs(2))
-        .cap(Duration::from_secs(2))
-        .jitter(0.0)
-        .max_attempts(3)
-        .build()
-        .unwrap();
+    let retry = fixed_retry(Duration::from_secs(2));
     let q = create(&backend, "run_fails", QueueOptions::default().retry(retry)).await;
     send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
 
     let runs: Runs = Arc::default();
-    let worker = Worker::builder(worker_backend(&url, "worker"))
-        .concurrency(1)
-        .poll_interval(POLL)
-        .handle(q.clone(), {
-            let runs = runs.clone();
-            move |ctx: JobContext<PgBackend>, step: Step| {
-                let runs = runs.clone();
-                async move {
-                    runs.lock()
-                        .unwrap()
-                        .push((step.group.clone(), step.seq, ctx.attempt()));
-                    if (step.seq, ctx.attempt()) == (2, 1) {
-                        Outcome::retry("fails once")
-                    } else {
-                        Outcome::Ack
-                    }
-                }
-            }
-        })
-        .build_groups()
-        .unwrap();
+    let worker = retrying_worker(&url, &q, &runs, |step, attempt| {
+        ((step.seq, attempt) == (2, 1)).then_some("fails once")
+    });
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
     let observer = connect(&url, "observer").await.unwrap();
@@ -1631,15 +1648,8 @@ async fn a_run_whose_breaker_trip_fails_still_settles() {
     let (backend, url) = fresh_backend(4).await;
     // Retried an hour later: the retry, once written, is plainly scheduled, never run again
     // during the test.
-    let retry = RetryPolicy::builder()
-        .base(Duration::from_secs(3_600))
-        .cap(Duration::from_secs(3_600))
-        .jitter(0.0)
-        .max_attempts(3)
-        .build()
-        .unwrap();
     let options = QueueOptions::default()
-        .retry(retry)
+        .retry(fixed_retry(Duration::from_secs(3_600)))
         .lease(Duration::from_secs(300))
         .circuit_breaker(CircuitBreaker::new(1, Duration::from_secs(60)).unwrap());
     let q = create(&backend, "breaker_refused", options).await;
@@ -1663,27 +1673,9 @@ async fn a_run_whose_breaker_trip_fails_still_settles() {
     send_groups(&backend, &q, &["g".to_owned()], 6, 100).await;
 
     let runs: Runs = Arc::default();
-    let worker = Worker::builder(worker_backend(&url, "worker"))
-        .concurrency(1)
-        .poll_interval(POLL)
-        .handle(q.clone(), {
-            let runs = runs.clone();
-            move |ctx: JobContext<PgBackend>, step: Step| {
-                let runs = runs.clone();
-                async move {
-                    runs.lock()
-                        .unwrap()
-                        .push((step.group.clone(), step.seq, ctx.attempt()));
-                    if step.seq == 2 {
-                        Outcome::retry("downstream is down")
-                    } else {
-                        Outcome::Ack
-                    }
-                }
-            }
-        })
-        .build_groups()
-        .unwrap();
+    let worker = retrying_worker(&url, &q, &runs, |step, _| {
+        (step.seq == 2).then_some("downstream is down")
+    });
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
     // `(retried, leased, left)`: the failed message scheduled with its error and unleased,

@@ -125,28 +125,9 @@ async fn a_dead_letter_discard_locks_in_id_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_locks_in_id_order() {
     let (backend, url) = fresh_backend(4).await;
-    let q = create(&backend, "purged", QueueOptions::default()).await;
-    backend
-        .send_batch(&q, vec![NewMessage::json(&1).unwrap(); 2])
-        .await
-        .unwrap();
-    let client = connect(&url, "setup").await.unwrap();
-    let ids: Vec<i64> = client
-        .query("SELECT id FROM pgbus.messages ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    // The lower id's row rewritten: it now lies after the higher one.
-    client
-        .execute(
-            "UPDATE pgbus.messages SET priority = 1 WHERE id = $1",
-            &[&ids[0]],
-        )
-        .await
-        .unwrap();
-    holds_the_lower_id_while_waiting(&url, "pgbus.messages", (ids[0], ids[1]), async move {
+    let ids = two_messages(&backend, &url, "purged").await;
+    let q = pgbus_core::QueueName::new("purged").unwrap();
+    holds_the_lower_id_while_waiting(&url, "pgbus.messages", ids, async move {
         backend.purge_queue(&q).await.unwrap()
     })
     .await;
