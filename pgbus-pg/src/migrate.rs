@@ -129,6 +129,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "queue_drop_lock_order",
         sql: include_str!("../migrations/0022_queue_drop_lock_order.sql"),
     },
+    Migration {
+        version: 23,
+        name: "ack_without_lock",
+        sql: include_str!("../migrations/0023_ack_without_lock.sql"),
+    },
 ];
 
 /// The schema version this build of pgbus needs.
