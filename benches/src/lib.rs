@@ -371,7 +371,7 @@ async fn run_raw_and_drain(
     let mut raw_rates = Vec::new();
     let mut raw_durable_rates = Vec::new();
     let mut startups = Vec::new();
-    let mut drain_runs = vec![(Vec::new(), Vec::new()); variants.len()];
+    let mut drain_runs = vec![DrainRuns::default(); variants.len()];
     let mut peer = PeerRuns::default();
     for i in 1..=plan.runs {
         let raw = raw_sql::run_once(server, n, raw_sql::Commits::LikePgbus).await?;
@@ -383,20 +383,24 @@ async fn run_raw_and_drain(
         ));
         raw_rates.push(raw);
         raw_durable_rates.push(durable);
-        for (variant, (rates, peaks)) in variants.iter().zip(&mut drain_runs) {
+        for (variant, runs) in variants.iter().zip(&mut drain_runs) {
             let settings = variant.settings;
             let run = worker_run(server, n, settings).await?;
             progress.say(format_args!(
                 "drain   {i}/{}: {n} jobs, {}: {:.0} jobs/s, peak {} pgbus connections, first \
-                 job {:.0} ms after start",
+                 job {:.0} ms after start, CPU per job {:.1} µs client + {:.1} µs server",
                 plan.runs,
                 variant.label(),
                 run.jobs_per_s,
                 run.peak_connections,
-                ms(run.startup)
+                ms(run.startup),
+                run.client_us_per_job,
+                run.server_us_per_job
             ));
-            rates.push(run.jobs_per_s);
-            peaks.push(run.peak_connections as f64);
+            runs.rates.push(run.jobs_per_s);
+            runs.peaks.push(run.peak_connections as f64);
+            runs.client_us.push(run.client_us_per_job);
+            runs.server_us.push(run.server_us_per_job);
             if variant.suffix.is_empty() {
                 startups.push(ms(run.startup));
             }
@@ -484,14 +488,22 @@ async fn run_raw_and_drain(
          returned; the workers' startup (opening the fetch connection, the first claim) is \
          given separately",
     );
+    drain.setting(
+        "CPU per job",
+        "user and system CPU time from the workers' start until they returned, divided by \
+         the jobs: the harness's own (`/proc/self/stat`: pgbus's workers, settlers and \
+         pool, and the bench's connection observer) and the rest of the machine's (`/proc/stat` \
+         less the harness: the server's, on a machine that runs nothing else), in ticks of \
+         10 ms",
+    );
     let baseline = raw.figure(BASELINE_FIGURE).and_then(Figure::median);
-    for (variant, (rates, peaks)) in variants.iter().zip(drain_runs) {
+    for (variant, runs) in variants.iter().zip(drain_runs) {
         let label = variant.label();
         let jobs = Figure::new(
             format!("jobs_per_s{}", variant.suffix),
             format!("no-op jobs, {label}"),
             Unit::JobsPerSec,
-            rates,
+            runs.rates,
         );
         if variant.suffix.is_empty() {
             drain.ratio_to_raw_sql = jobs.median().zip(baseline).map(|(d, r)| d / r);
@@ -501,7 +513,19 @@ async fn run_raw_and_drain(
             format!("peak_connections{}", variant.suffix),
             format!("peak pgbus connections, {label}"),
             Unit::Connections,
-            peaks,
+            runs.peaks,
+        ));
+        drain.figures.push(Figure::new(
+            format!("client_cpu_us_per_job{}", variant.suffix),
+            format!("CPU per job in the harness (pgbus's client side), {label}"),
+            Unit::Micros,
+            runs.client_us,
+        ));
+        drain.figures.push(Figure::new(
+            format!("server_cpu_us_per_job{}", variant.suffix),
+            format!("CPU per job in the rest of the machine (the server's), {label}"),
+            Unit::Micros,
+            runs.server_us,
         ));
         if variant.suffix.is_empty() {
             drain.figures.push(Figure::new(
@@ -514,6 +538,15 @@ async fn run_raw_and_drain(
     }
     let peer = peer_binary.map(|_| peer.scenario(n));
     Ok((raw, drain, peer))
+}
+
+/// One drain variant's figures over the runs.
+#[derive(Debug, Clone, Default)]
+struct DrainRuns {
+    rates: Vec<f64>,
+    peaks: Vec<f64>,
+    client_us: Vec<f64>,
+    server_us: Vec<f64>,
 }
 
 /// `peer_pgmq`'s runs so far: pgmq's bulk send and its drains at each reader count, with

@@ -117,6 +117,54 @@ pub(crate) fn cpu_seconds() -> anyhow::Result<f64> {
     Ok((ticks[0] + ticks[1]) as f64 / 100.0)
 }
 
+/// CPU time the whole machine has spent busy so far (every process and the kernel, all
+/// cores: the `cpu` line of `/proc/stat` less its idle and iowait), in seconds.
+pub(crate) fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|line| line.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    // user nice system idle iowait irq softirq steal (guest time is counted in user).
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("unexpected /proc/stat")?;
+    anyhow::ensure!(ticks.len() == 8, "unexpected /proc/stat");
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
+    Ok(busy as f64 / 100.0)
+}
+
+/// CPU time used while `work` runs: this process's and the rest of the machine's (on a
+/// machine that runs nothing else, the database server's), in seconds.
+pub(crate) async fn cpu_split<T>(
+    work: impl std::future::Future<Output = T>,
+) -> anyhow::Result<(T, CpuSplit)> {
+    let (own, machine) = (cpu_seconds()?, machine_busy_seconds()?);
+    let out = work.await;
+    let own = cpu_seconds()? - own;
+    let machine = machine_busy_seconds()? - machine;
+    Ok((
+        out,
+        CpuSplit {
+            harness: own,
+            rest: (machine - own).max(0.0),
+        },
+    ))
+}
+
+/// CPU seconds spent during a measured stretch (see [`cpu_split`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuSplit {
+    /// This process: the pgbus client side (workers, settlers, pools) and the harness.
+    pub(crate) harness: f64,
+    /// Everything else on the machine: the database server, on a quiet machine.
+    pub(crate) rest: f64,
+}
+
 /// Raises this process's soft limit of open files to its hard limit (children inherit
 /// it); returns the limit now in force.
 pub(crate) fn raise_open_files_limit() -> anyhow::Result<u64> {

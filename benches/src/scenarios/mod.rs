@@ -349,6 +349,10 @@ pub(crate) struct Run {
     pub(crate) jobs_per_s: f64,
     pub(crate) peak_connections: i64,
     pub(crate) startup: Duration,
+    /// CPU microseconds per job: the harness's (the pgbus client side) and the rest of the
+    /// machine's (the server's), from the workers' start until they returned.
+    pub(crate) client_us_per_job: f64,
+    pub(crate) server_us_per_job: f64,
 }
 
 /// On a fresh database: pre-inserts `n` jobs, starts the process's listener, then times
@@ -366,13 +370,17 @@ pub(crate) async fn worker_run(
         };
         let observer = ConnectionObserver::start(&url).await?;
         let listener = live_listener(&url).await?;
-        let drained = drain_with_workers(&backend, &listener, n, settings).await;
+        let (drained, cpu) =
+            crate::system::cpu_split(drain_with_workers(&backend, &listener, n, settings)).await?;
         let peak = observer.finish().await?;
         let drained = drained?;
+        let per_job = |seconds: f64| seconds * 1e6 / drained.acked.max(1) as f64;
         Ok(Run {
             jobs_per_s: rate(drained.acked, drained.elapsed),
             peak_connections: peak,
             startup: drained.startup,
+            client_us_per_job: per_job(cpu.harness),
+            server_us_per_job: per_job(cpu.rest),
         })
     })
     .await
