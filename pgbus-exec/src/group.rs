@@ -19,13 +19,14 @@ use tokio_util::task::TaskTracker;
 use crate::breaker::Breakers;
 use crate::handler::{JobContext, Outcome};
 use crate::lane::Lane;
-use crate::mixed::{GroupSlot, Kind, Share};
 use crate::pace::{self, Pace};
+use crate::report::{Counters, WorkerReport};
+use crate::share::{GroupSlot, Kind, Share};
 use crate::worker::{
-    backoff, load_policies, log_lease_lost, plan, run_handler, Counters, KillPoolOnDrop,
-    ProcessEntry, Settle, Worker,
+    backoff, load_policies, log_lease_lost, plan, run_handler, KillPoolOnDrop, ProcessEntry,
+    Settle, Worker, WorkerMonitor,
 };
-use crate::{ExecutionPool, Job, WorkerMonitor, WorkerReport};
+use crate::{ExecutionPool, Job};
 
 type Session<B> = <B as OpenGroupSession>::Session;
 type Policies = HashMap<QueueName, (RetryPolicy, Duration)>;

@@ -215,6 +215,9 @@ where
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// Declares a subscription's bindings when the worker starts.
+pub(crate) type Declare<B> = Arc<dyn Fn(B) -> BoxFuture<Result<()>> + Send + Sync>;
+
 /// A handler with its payload type erased: decodes, then runs.
 pub(crate) trait ErasedHandler<B>: Send + Sync {
     fn call(&self, ctx: JobContext<B>, message: &Message) -> BoxFuture<Outcome>;

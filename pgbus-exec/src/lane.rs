@@ -13,13 +13,17 @@
 
 use std::sync::Arc;
 
-use pgbus_core::{Backend, OpenFetcher, Result};
+use pgbus_core::{Backend, Error, OpenFetcher, Result};
 use tokio::sync::{Mutex, MutexGuard, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::mixed::{Kind, Share};
-use crate::worker::{new_pool, Counters};
-use crate::{ExecutionMode, ExecutionPool};
+use crate::report::Counters;
+use crate::share::{Kind, Share};
+#[cfg(feature = "async")]
+use crate::AsyncPool;
+#[cfg(feature = "threads")]
+use crate::ThreadPool;
+use crate::{ExecError, ExecutionMode, ExecutionPool};
 
 /// A fetch connection, opened on first use and again after an error, used by one loop at a
 /// time.
@@ -151,4 +155,22 @@ impl<B: Backend> Lane<B> {
             share.took(self.kind, self.pool.metadata().busy);
         }
     }
+}
+
+/// Creates the execution pool for a mode ([`ExecError::NotBuilt`] for a mode this build
+/// lacks).
+pub(crate) fn new_pool(mode: ExecutionMode, capacity: usize) -> Result<Arc<dyn ExecutionPool>> {
+    let pool: Arc<dyn ExecutionPool> = match mode {
+        #[cfg(feature = "async")]
+        ExecutionMode::Async => Arc::new(AsyncPool::new(capacity).map_err(exec)?),
+        #[cfg(feature = "threads")]
+        ExecutionMode::Threads => Arc::new(ThreadPool::new(capacity).map_err(exec)?),
+        #[allow(unreachable_patterns)]
+        other => return Err(exec(ExecError::NotBuilt(other))),
+    };
+    Ok(pool)
+}
+
+pub(crate) fn exec(err: ExecError) -> Error {
+    Error::InvalidArgument(err.to_string())
 }

@@ -115,12 +115,15 @@ compile_error!(
 #[cfg(feature = "async")]
 mod async_pool;
 mod breaker;
+mod builder;
 mod group;
 mod handler;
 mod lane;
 mod mixed;
 mod pace;
 mod pool;
+mod report;
+mod share;
 mod slots;
 mod subscriber;
 mod telemetry;
@@ -131,6 +134,7 @@ mod worker;
 
 #[cfg(feature = "async")]
 pub use async_pool::AsyncPool;
+pub use builder::{default_execution_mode, set_default_execution_mode, WorkerBuilder};
 pub use group::GroupWorker;
 pub use handler::{handler_fn, FnHandler, Handler, IntoOutcome, JobContext, Outcome};
 pub use mixed::MixedWorker;
@@ -138,6 +142,7 @@ pub use pool::{
     ExecError, ExecutionMode, ExecutionPool, Job, PoolMetadata, Refused, RefusedReason,
     StateChangeCallback,
 };
+pub use report::WorkerReport;
 pub use subscriber::Subscription;
 #[cfg(feature = "threads")]
 pub use threads::ThreadPool;
@@ -145,10 +150,7 @@ pub use threads::ThreadPool;
 /// dependency of their own.
 pub use tokio_util::sync::CancellationToken;
 pub use until_empty::{Left, QueueLeft, UntilEmptyReport};
-pub use worker::{
-    default_execution_mode, set_default_execution_mode, Worker, WorkerBuilder, WorkerMetadata,
-    WorkerMonitor, WorkerReport,
-};
+pub use worker::{Worker, WorkerMetadata, WorkerMonitor};
 
 /// The crate README's example, compiled (and run, unless marked `no_run`) as a doc test so
 /// the README cannot drift from the API. Only built by `cargo test --doc`.

@@ -7,16 +7,13 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use pgbus_core::{
-    envelope, Backend, DedupClaim, Deduplication, Event, EventId, Message, QueueName, Result,
-    StartAt, TopicPattern, Topics,
+    envelope, Backend, DedupClaim, Deduplication, Event, EventId, Message, QueueName, StartAt,
+    TopicPattern, Topics,
 };
 use serde::de::DeserializeOwned;
 
+use crate::builder::WorkerBuilder;
 use crate::handler::{BoxFuture, ErasedHandler, IntoOutcome, JobContext, Outcome};
-use crate::WorkerBuilder;
-
-/// Declares a subscription's bindings when the worker starts.
-pub(crate) type Declare<B> = Arc<dyn Fn(B) -> BoxFuture<Result<()>> + Send + Sync>;
 
 /// A subscription: the queue its events are delivered to, and a typed handler per
 /// routing-key pattern bound to it. Register it with [`WorkerBuilder::subscribe`]; the

@@ -17,7 +17,10 @@ use std::time::Duration;
 use pgbus_core::{Backend, Error, QueueName, QueueStats, Result};
 use tokio_util::sync::CancellationToken;
 
-use crate::{GroupWorker, MixedWorker, Worker, WorkerReport};
+use crate::group::GroupWorker;
+use crate::mixed::MixedWorker;
+use crate::report::WorkerReport;
+use crate::worker::Worker;
 
 /// How often the queues are read.
 const CHECK_EVERY: Duration = Duration::from_millis(100);

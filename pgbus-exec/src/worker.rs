@@ -5,15 +5,14 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pgbus_core::{
     panic_message, Backend, Error, Fetcher, Lease, Message, MessageId, OneLine, ProcessId,
-    ProcessInfo, ProcessRegistry, QueueName, QueueThroughput, Result, RetryDecision, RetryPolicy,
-    WakeupSource,
+    ProcessInfo, ProcessRegistry, QueueName, Result, RetryDecision, RetryPolicy, WakeupSource,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -21,17 +20,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::breaker::Breakers;
-use crate::handler::{Erased, ErasedHandler, Handler, IntoOutcome, JobContext, Outcome};
+use crate::handler::{Declare, ErasedHandler, JobContext, Outcome};
 use crate::lane::Lane;
-use crate::mixed::Kind;
 use crate::pace::{self, Pace};
-use crate::subscriber::Declare;
+use crate::report::{Counters, WorkerReport};
+use crate::share::Kind;
 use crate::telemetry::{self, Finished};
-#[cfg(feature = "async")]
-use crate::AsyncPool;
-#[cfg(feature = "threads")]
-use crate::ThreadPool;
-use crate::{ExecError, ExecutionMode, ExecutionPool, MixedWorker};
+use crate::{ExecutionMode, ExecutionPool};
 
 /// How long a busy worker (fewer than half its slots free) waits for half of them to free
 /// before claiming again: a bound on the latency it trades for batching.
@@ -52,47 +47,6 @@ const DEFAULT_AHEAD_MAX: usize = 512;
 
 /// The most of a job's error text that a log line carries (the message keeps all of it).
 const LOGGED_ERROR: usize = 1024;
-
-static DEFAULT_MODE: AtomicU8 = AtomicU8::new(MODE_UNSET);
-const MODE_UNSET: u8 = 0;
-const MODE_ASYNC: u8 = 1;
-const MODE_THREADS: u8 = 2;
-
-/// Sets the execution mode of workers that do not choose one themselves (a mode this
-/// build lacks makes their `build` fail with [`ExecError::NotBuilt`]).
-pub fn set_default_execution_mode(mode: ExecutionMode) {
-    let value = match mode {
-        ExecutionMode::Async => MODE_ASYNC,
-        ExecutionMode::Threads => MODE_THREADS,
-    };
-    DEFAULT_MODE.store(value, Ordering::Relaxed);
-}
-
-/// The execution mode of workers that do not choose one themselves
-/// ([`ExecutionMode::default`] unless set).
-pub fn default_execution_mode() -> ExecutionMode {
-    match DEFAULT_MODE.load(Ordering::Relaxed) {
-        MODE_THREADS => ExecutionMode::Threads,
-        MODE_ASYNC => ExecutionMode::Async,
-        _ => ExecutionMode::default(),
-    }
-}
-
-/// Counts of what a worker did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WorkerReport {
-    /// Messages claimed and handed to the pool.
-    pub started: u64,
-    /// Acked (including those acked in the handler's transaction).
-    pub acked: u64,
-    /// Given back for a retry.
-    pub retried: u64,
-    /// Moved to the dead-letter queue.
-    pub dead_lettered: u64,
-    /// Dropped on the handler's word.
-    pub discarded: u64,
-}
 
 /// What a worker is and how busy it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +74,7 @@ pub struct WorkerMetadata {
     pub connection_budget: Option<usize>,
 }
 
-/// Settings of a worker; see [`WorkerBuilder`].
+/// Settings of a worker; see [`WorkerBuilder`](crate::WorkerBuilder).
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) concurrency: usize,
@@ -141,234 +95,6 @@ pub(crate) struct Config {
     pub(crate) group_idle: Duration,
 }
 
-/// Builds a [`Worker`]: the backend, a handler per queue, and settings.
-pub struct WorkerBuilder<B: Backend> {
-    backend: B,
-    pub(crate) handlers: Vec<(QueueName, Arc<dyn ErasedHandler<B>>)>,
-    /// Subscriptions' bindings, declared when the worker starts.
-    pub(crate) declarations: Vec<Declare<B>>,
-    config: Config,
-    wakeup: Arc<Notify>,
-    wakeup_source: Option<Arc<dyn WakeupSource>>,
-}
-
-impl<B: Backend> WorkerBuilder<B> {
-    /// Registers a typed handler for `queue`.
-    pub fn handler<H: Handler<B>>(mut self, queue: QueueName, handler: H) -> Self {
-        self.handlers
-            .push((queue, Arc::new(Erased(Arc::new(handler)))));
-        self
-    }
-
-    /// Registers an async function or closure `(JobContext<B>, T) -> impl IntoOutcome` as
-    /// the handler for `queue`; `T` is the payload type.
-    pub fn handle<F, T, Fut, R>(self, queue: QueueName, f: F) -> Self
-    where
-        F: Fn(JobContext<B>, T) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = R> + Send,
-        R: IntoOutcome,
-        T: serde::de::DeserializeOwned + Send + 'static,
-    {
-        self.handler(queue, crate::handler::handler_fn(f))
-    }
-
-    /// Where wake-ups come from (for Postgres, the process's one `PgListener`): the idle
-    /// wait ends when one of the worker's queues gets work. Without one, or while it is not
-    /// live, the worker polls every poll interval.
-    pub fn wakeups(mut self, source: Arc<dyn WakeupSource>) -> Self {
-        self.wakeup_source = Some(source);
-        self
-    }
-
-    /// Jobs run at once; default 10.
-    pub fn concurrency(mut self, concurrency: usize) -> Self {
-        self.config.concurrency = concurrency;
-        self
-    }
-
-    /// How many plain messages the worker may hold claimed ahead of its free slots, in a
-    /// local buffer, so that a slot that frees starts its next job at once instead of after
-    /// a claim's round trip; default four times the concurrency (at most 512), `0` turns
-    /// it off.
-    ///
-    /// The buffer holds only what the busy slots are expected to start soon: the worker
-    /// keeps moving averages of its handlers' durations, per queue and over all its
-    /// queues, and a claim on a queue buffers at most what the `concurrency` slots finish
-    /// in about 50 ms at the slower of the two (nothing before a job of that queue has
-    /// finished, nothing behind slots busy with another queue's slow jobs, nothing for
-    /// jobs longer than `concurrency` × 50 ms, the whole buffer for jobs of 12 ms or less
-    /// at the default). It claims for its free slots plus the buffer's room, and refills
-    /// the buffer while its slots are still busy once it is half empty.
-    ///
-    /// A buffered message that waits for a slot longer than 1 s (see
-    /// [`claim_ahead_wait`](Self::claim_ahead_wait); a third of its lease, if shorter) is
-    /// given back at once with
-    /// [`Consumer::release`](pgbus_core::Consumer::release) (claimable again straight away
-    /// by other workers, the attempt not counted), and the worker claims nothing ahead
-    /// again until one of its slots frees: jobs longer than the pace promised never hold
-    /// messages from idle workers for longer than that. Meanwhile buffered messages are
-    /// leased like running ones: their leases are extended with the running jobs', a
-    /// buffered message whose lease is lost (deleted by an operator, say) is dropped
-    /// without running, and when the worker stops, the buffer is given back at once, the
-    /// same way. Claims keep priority order, but a message claimed later may wait behind
-    /// at most this many claimed before it. Jobs with limit keys are never
-    /// buffered (a buffered one would hold its key's slot without running), nor are
-    /// grouped ones (a group worker ignores this setting).
-    pub fn claim_ahead(mut self, messages: usize) -> Self {
-        self.config.claim_ahead = Some(messages);
-        self
-    }
-
-    /// How long a claimed-ahead message may wait for a slot before it is given back (see
-    /// [`claim_ahead`](Self::claim_ahead)); default 1 s, never more than a third of the
-    /// message's lease. Jobs that all outlast the pace that sized the buffer must not hold
-    /// it from idle workers for long: the bound is what a buffered message can lose.
-    pub fn claim_ahead_wait(mut self, wait: Duration) -> Self {
-        self.config.claim_ahead_wait = wait;
-        self
-    }
-
-    /// Threads or async for this worker, overriding the global default
-    /// ([`set_default_execution_mode`]).
-    pub fn execution_mode(mut self, mode: ExecutionMode) -> Self {
-        self.config.mode = Some(mode);
-        self
-    }
-
-    /// Longest idle sleep between claims when no wake-up comes; default 1 s.
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.config.poll_interval = interval;
-        self
-    }
-
-    /// Lease for claims, instead of each queue's own.
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.config.lease = Some(lease);
-        self
-    }
-
-    /// A job running longer is cancelled and retried; default none.
-    pub fn job_timeout(mut self, timeout: Duration) -> Self {
-        self.config.job_timeout = Some(timeout);
-        self
-    }
-
-    /// How long shutdown waits for running jobs; default 30 s.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.config.drain_timeout = timeout;
-        self
-    }
-
-    /// Most acks sent in one statement; default 500.
-    pub fn ack_batch(mut self, size: usize) -> Self {
-        self.config.ack_batch = size;
-        self
-    }
-
-    /// Process registry heartbeat interval; default 10 s. Entries silent for three
-    /// intervals are pruned as stale. Each heartbeat also reports the worker's throughput
-    /// per queue since the last one (see
-    /// [`QueueStats::processed_per_minute`](pgbus_core::QueueStats::processed_per_minute)).
-    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
-        self.config.heartbeat_interval = interval;
-        self
-    }
-
-    /// How long a group session (a `pgbus:group` connection for Postgres) may stay unused
-    /// before it is closed, and how long a [`MixedWorker`] keeps its group recovery
-    /// connection open without grouped work; default 30 s.
-    pub fn group_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.config.group_idle = timeout;
-        self
-    }
-
-    /// Checks the settings and builds a worker for ordered groups: it runs only messages
-    /// that carry a group key, one at a time per group, in send order, across all workers
-    /// and processes (see [`GroupWorker`](crate::GroupWorker)).
-    pub fn build_groups(self) -> Result<crate::GroupWorker<B>> {
-        if !self.declarations.is_empty() {
-            return Err(Error::InvalidArgument(
-                "subscriptions need a plain worker (events carry no group key): use build()".into(),
-            ));
-        }
-        self.build_running(Runs::Groups)
-            .map(crate::GroupWorker::new)
-    }
-
-    /// Checks the settings and builds a worker for every message of its queues, with or
-    /// without a group key, on one set of `concurrency` slots and one process entry (see
-    /// [`MixedWorker`]).
-    pub fn build_mixed(self) -> Result<MixedWorker<B>> {
-        let plain = self.build_running(Runs::Both)?;
-        let groups = Worker {
-            backend: plain.backend.clone(),
-            handlers: plain.handlers.clone(),
-            declarations: Vec::new(),
-            config: plain.config.clone(),
-            wakeup: Arc::new(Notify::new()),
-            shared: Arc::clone(&plain.shared),
-        };
-        Ok(MixedWorker::new(plain, crate::GroupWorker::new(groups)))
-    }
-
-    /// Checks the settings and builds a worker for messages without a group key.
-    pub fn build(self) -> Result<Worker<B>> {
-        self.build_running(Runs::Plain)
-    }
-
-    fn build_running(self, runs: Runs) -> Result<Worker<B>> {
-        let invalid = |what: &str| Err(Error::InvalidArgument(what.to_owned()));
-        if self.handlers.is_empty() {
-            return invalid("a worker needs at least one queue handler");
-        }
-        if self.config.concurrency == 0 {
-            return invalid("concurrency must be at least 1");
-        }
-        if self.config.ack_batch == 0 {
-            return invalid("ack batch must be at least 1");
-        }
-        if self.config.poll_interval.is_zero() || self.config.heartbeat_interval.is_zero() {
-            return invalid("poll and heartbeat intervals must be positive");
-        }
-        if self.config.claim_ahead_wait.is_zero() {
-            return invalid("the claim-ahead wait must be positive");
-        }
-        if self.config.group_idle.is_zero() {
-            return invalid("the group idle timeout must be positive");
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (queue, _) in &self.handlers {
-            if !seen.insert(queue.clone()) {
-                return invalid(&format!("two handlers for queue {queue}"));
-            }
-        }
-        let mode = self
-            .config
-            .mode
-            .unwrap_or_else(default_execution_mode)
-            .check_built()
-            .map_err(exec)?;
-        Ok(Worker {
-            shared: Arc::new(Shared {
-                mode,
-                capacity: self.config.concurrency,
-                queues: self.handlers.iter().map(|(q, _)| q.clone()).collect(),
-                pool: OnceLock::new(),
-                process: ProcessSlot::default(),
-                wakeup_source: self.wakeup_source,
-                runs,
-                idle: Default::default(),
-                group_sessions: OnceLock::new(),
-            }),
-            backend: self.backend,
-            handlers: self.handlers.into_iter().collect(),
-            declarations: self.declarations,
-            config: self.config,
-            wakeup: self.wakeup,
-        })
-    }
-}
-
 /// Which loops a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Runs {
@@ -387,7 +113,7 @@ pub(crate) struct Shared {
     pub(crate) wakeup_source: Option<Arc<dyn WakeupSource>>,
     pub(crate) runs: Runs,
     /// Per loop (plain, groups): its queues were empty at its last look.
-    idle: [std::sync::atomic::AtomicBool; 2],
+    pub(crate) idle: [std::sync::atomic::AtomicBool; 2],
     /// Open group sessions, for a group or mixed worker.
     pub(crate) group_sessions: OnceLock<Arc<std::sync::atomic::AtomicUsize>>,
 }
@@ -451,20 +177,6 @@ impl Drop for KillPoolOnDrop {
             pool.kill();
         }
     }
-}
-
-/// Creates the execution pool for a mode ([`ExecError::NotBuilt`] for a mode this build
-/// lacks).
-pub(crate) fn new_pool(mode: ExecutionMode, capacity: usize) -> Result<Arc<dyn ExecutionPool>> {
-    let pool: Arc<dyn ExecutionPool> = match mode {
-        #[cfg(feature = "async")]
-        ExecutionMode::Async => Arc::new(AsyncPool::new(capacity).map_err(exec)?),
-        #[cfg(feature = "threads")]
-        ExecutionMode::Threads => Arc::new(ThreadPool::new(capacity).map_err(exec)?),
-        #[allow(unreachable_patterns)]
-        other => return Err(exec(ExecError::NotBuilt(other))),
-    };
-    Ok(pool)
 }
 
 /// Each queue's retry policy and lease (the worker's lease setting wins), read on the
@@ -537,31 +249,6 @@ struct Settlement {
 }
 
 impl<B: Backend> Worker<B> {
-    /// A builder with default settings.
-    pub fn builder(backend: B) -> WorkerBuilder<B> {
-        WorkerBuilder {
-            backend,
-            handlers: Vec::new(),
-            declarations: Vec::new(),
-            config: Config {
-                concurrency: 10,
-                claim_ahead: None,
-                claim_ahead_wait: Duration::from_secs(1),
-                mode: None,
-                poll_interval: Duration::from_secs(1),
-                lease: None,
-                job_timeout: None,
-                drain_timeout: Duration::from_secs(30),
-                ack_batch: 500,
-                heartbeat_interval: Duration::from_secs(10),
-                error_backoff_cap: Duration::from_secs(30),
-                group_idle: Duration::from_secs(30),
-            },
-            wakeup: Arc::new(Notify::new()),
-            wakeup_source: None,
-        }
-    }
-
     /// The wake-up hook: notifying it ends the worker's idle wait at once (the LISTEN
     /// listener uses it; anything else may too).
     pub fn waker(&self) -> Arc<Notify> {
@@ -591,7 +278,7 @@ impl<B: Backend> Worker<B> {
     }
 
     /// [`Worker::run`] on `lane`: its pool, fetch connection, report and kill switch, maybe
-    /// shared with a group loop (see [`MixedWorker`]).
+    /// shared with a group loop (see [`MixedWorker`](crate::MixedWorker)).
     pub(crate) async fn run_in(
         self,
         lane: Lane<B>,
@@ -800,10 +487,6 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-pub(crate) fn exec(err: ExecError) -> Error {
-    Error::InvalidArgument(err.to_string())
-}
-
 /// Exponential backoff for database errors: 100 ms doubling to `cap`, with jitter.
 pub(crate) fn backoff(errors: u32, cap: Duration) -> Duration {
     let policy = RetryPolicy::builder()
@@ -813,78 +496,6 @@ pub(crate) fn backoff(errors: u32, cap: Duration) -> Duration {
         .build()
         .expect("valid backoff policy");
     policy.backoff(errors)
-}
-
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) started: AtomicU64,
-    pub(crate) acked: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    pub(crate) discarded: AtomicU64,
-    /// Per queue, for the registry's throughput buckets.
-    pub(crate) throughput: Tallies,
-}
-
-impl Counters {
-    pub(crate) fn snapshot(&self) -> WorkerReport {
-        WorkerReport {
-            started: self.started.load(Ordering::Relaxed),
-            acked: self.acked.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-            discarded: self.discarded.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// What one queue settled since the counts were last taken.
-#[derive(Debug, Default, Clone, Copy)]
-struct Tally {
-    processed: u64,
-    failed: u64,
-}
-
-/// Outcomes per queue since the last heartbeat took them: acks, commits in the handler's
-/// transaction and discards are processed; retries and dead letters are failed attempts.
-#[derive(Debug, Default)]
-pub(crate) struct Tallies(Mutex<HashMap<QueueName, Tally>>);
-
-impl Tallies {
-    pub(crate) fn processed(&self, queue: &QueueName, n: u64) {
-        self.add(queue, n, 0);
-    }
-
-    pub(crate) fn failed(&self, queue: &QueueName) {
-        self.add(queue, 0, 1);
-    }
-
-    fn add(&self, queue: &QueueName, processed: u64, failed: u64) {
-        let mut tallies = self.0.lock().expect("throughput tallies");
-        let tally = match tallies.get_mut(queue) {
-            Some(tally) => tally,
-            None => tallies.entry(queue.clone()).or_default(),
-        };
-        tally.processed = tally.processed.saturating_add(processed);
-        tally.failed = tally.failed.saturating_add(failed);
-    }
-
-    /// Takes every count, leaving none.
-    fn drain(&self) -> Vec<QueueThroughput> {
-        self.0
-            .lock()
-            .expect("throughput tallies")
-            .drain()
-            .map(|(queue, t)| QueueThroughput::new(queue, t.processed, t.failed))
-            .collect()
-    }
-
-    /// Puts back counts that could not be written, to go with the next report.
-    fn restore(&self, counts: &[QueueThroughput]) {
-        for c in counts {
-            self.add(&c.queue, c.processed, c.failed);
-        }
-    }
 }
 
 /// What the claim loop waits for after a round.
@@ -909,7 +520,7 @@ struct Fetch<'a, B: Backend> {
     report: &'a Arc<Counters>,
     next_queue: usize,
     /// Messages claimed ahead of free slots, in claim order: each freed slot takes the
-    /// first (see [`WorkerBuilder::claim_ahead`]).
+    /// first (see [`WorkerBuilder::claim_ahead`](crate::WorkerBuilder::claim_ahead)).
     ahead: VecDeque<Claimed>,
     /// The most messages `ahead` holds once the free slots are filled (the setting; what
     /// it holds is also bounded by the pace, see [`Fetch::ahead_limit`]).
