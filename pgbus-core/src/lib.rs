@@ -37,6 +37,7 @@
 
 #![forbid(unsafe_code)]
 
+mod backend;
 mod batch;
 mod breaker;
 mod codec;
@@ -60,6 +61,7 @@ mod wakeup;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use backend::Backend;
 pub use batch::{BatchCallbacks, BatchId, BatchInfo};
 pub use breaker::CircuitBreaker;
 pub use codec::ContentType;
@@ -85,8 +87,8 @@ pub use process::{
     THROUGHPUT_RETENTION,
 };
 pub use queue::{
-    Backend, Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats,
-    Selection, Stats, TransactionalAck,
+    Consumer, DeadLetters, Producer, QueueAdmin, QueueInfo, QueueOptions, QueueStats, Selection,
+    Stats, TransactionalAck,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyBuilder};
 pub use schedule::{

@@ -3,9 +3,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::group::OpenGroupSession;
-use crate::process::ProcessRegistry;
-use crate::wakeup::OpenFetcher;
 use crate::{
     CircuitBreaker, DeadMessage, Extension, Lease, Message, MessageId, NewMessage, QueueName,
     Result, RetryPolicy,
@@ -302,35 +299,6 @@ pub trait Stats: Send + Sync {
     /// that does not grow with the other queues (what a loop watching a few queues polls).
     /// [`Error::QueueNotFound`](crate::Error::QueueNotFound) when it does not exist.
     fn queue_stats(&self, queue: &QueueName) -> impl Future<Output = Result<QueueStats>> + Send;
-}
-
-/// Everything a worker, a producer and an operator need from a backend.
-pub trait Backend:
-    QueueAdmin
-    + Producer
-    + Consumer
-    + DeadLetters
-    + Stats
-    + ProcessRegistry
-    + OpenFetcher
-    + OpenGroupSession
-    + Clone
-    + 'static
-{
-}
-
-impl<T> Backend for T where
-    T: QueueAdmin
-        + Producer
-        + Consumer
-        + DeadLetters
-        + Stats
-        + ProcessRegistry
-        + OpenFetcher
-        + OpenGroupSession
-        + Clone
-        + 'static
-{
 }
 
 /// Completing a delivery inside a transaction the handler also writes in, so that its
