@@ -78,12 +78,17 @@ async fn clients_joining_at_random_moments_get_every_event_after_their_cursor_on
     let published = Arc::new(Mutex::new(Vec::with_capacity(EVENTS)));
     let (count_tx, count_rx) = watch::channel(0usize);
     let (last_tx, last_rx) = watch::channel(None);
+    // Every client registers before the last event is published: one that registered
+    // after it (its registration slowed by a loaded machine), starting at the newest event
+    // or at the last id, would wait for an event that never comes (seen in CI under load).
+    let registered = Arc::new(watch::channel(0usize).0);
 
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let join_at = rand::rng().random_range(0..EVENTS);
         let (instance, s, published) = (instance.clone(), s.clone(), published.clone());
         let (mut count, last) = (count_rx.clone(), last_rx.clone());
+        let registered = Arc::clone(&registered);
         clients.push(tokio::spawn(async move {
             count.wait_for(|n| *n >= join_at).await.unwrap();
             let start = {
@@ -97,10 +102,18 @@ async fn clients_joining_at_random_moments_get_every_event_after_their_cursor_on
                 }
             };
             let mut events = instance.register(s, start).await.unwrap();
+            registered.send_modify(|n| *n += 1);
             (start, follow(&mut events, last).await)
         }));
     }
     for n in 0..EVENTS {
+        if n == EVENTS - 1 {
+            let mut all_registered = registered.subscribe();
+            tokio::time::timeout(DEADLINE, all_registered.wait_for(|n| *n == CLIENTS))
+                .await
+                .expect("every client registered in time")
+                .expect("the count is kept");
+        }
         let id = backend.publish(&s, "n", &n.to_string()).await.unwrap();
         published.lock().unwrap().push(id);
         count_tx.send_replace(n + 1);
