@@ -106,15 +106,8 @@ pub(crate) fn cpu_seconds() -> anyhow::Result<f64> {
     // Fields after the command name (which may hold spaces) in parentheses; utime and
     // stime are fields 14 and 15, the 12th and 13th after it.
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let ticks: Vec<u64> = after_name
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .context("unexpected /proc/self/stat")?;
-    anyhow::ensure!(ticks.len() == 2, "unexpected /proc/self/stat");
-    Ok((ticks[0] + ticks[1]) as f64 / 100.0)
+    let ticks = tick_fields(after_name, 11, 2, "/proc/self/stat")?;
+    Ok((ticks[0] + ticks[1]) as f64 / TICKS_PER_SECOND)
 }
 
 /// CPU time the whole machine has spent busy so far (every process and the kernel, all
@@ -126,16 +119,25 @@ pub(crate) fn machine_busy_seconds() -> anyhow::Result<f64> {
         .find(|line| line.starts_with("cpu "))
         .context("no cpu line in /proc/stat")?;
     // user nice system idle iowait irq softirq steal (guest time is counted in user).
-    let ticks: Vec<u64> = line
+    let ticks = tick_fields(line, 1, 8, "/proc/stat")?;
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
+    Ok(busy as f64 / TICKS_PER_SECOND)
+}
+
+/// Clock ticks per second in `/proc`'s CPU times: Linux's fixed `USER_HZ`.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The `count` whitespace-separated tick counts of `text` after its first `skip` fields.
+fn tick_fields(text: &str, skip: usize, count: usize, source: &str) -> anyhow::Result<Vec<u64>> {
+    let ticks: Vec<u64> = text
         .split_whitespace()
-        .skip(1)
-        .take(8)
+        .skip(skip)
+        .take(count)
         .map(str::parse)
         .collect::<Result<_, _>>()
-        .context("unexpected /proc/stat")?;
-    anyhow::ensure!(ticks.len() == 8, "unexpected /proc/stat");
-    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
-    Ok(busy as f64 / 100.0)
+        .with_context(|| format!("unexpected {source}"))?;
+    anyhow::ensure!(ticks.len() == count, "unexpected {source}");
+    Ok(ticks)
 }
 
 /// CPU time used while `work` runs: this process's and the rest of the machine's (on a
