@@ -79,10 +79,21 @@ pub(crate) async fn send_keyed(
     params.push((&keys, Type::TEXT_ARRAY));
     params.push((&rejects, Type::BOOL_ARRAY));
     params.push((&limit_keys, Type::TEXT_ARRAY));
-    let rows = client
-        .query_typed(sql::SEND_KEYED, &params)
-        .await
-        .map_err(|e| duplicate(queue, &e).unwrap_or_else(|| send_error(queue, e)))?;
+    let rows = match client.query_typed(sql::SEND_KEYED, &params).await {
+        Ok(rows) => rows,
+        Err(e) => match duplicate(queue, &e) {
+            Some(refused) => {
+                // The server reports the refusal before its statement has rolled back, and
+                // until then the existing job stays locked (the statement locked it to name
+                // it): a worker claiming right after would skip it. An empty statement on
+                // the same connection answers only once the rollback is done. (Inside the
+                // caller's transaction the lock lasts until the caller ends it.)
+                let _ = client.batch_execute("").await;
+                return Err(refused);
+            }
+            None => return Err(send_error(queue, e)),
+        },
+    };
 
     // Keyed rows are matched by key; the unkeyed ones were inserted first, in input order,
     // so their ids (rows come ordered by id) follow it.

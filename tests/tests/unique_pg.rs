@@ -170,3 +170,29 @@ async fn keys_are_released_by_every_way_out_and_never_leak() {
             .unwrap();
     }
 }
+
+/// A refused duplicate returns only once its statement has rolled back: the statement
+/// locks the existing job to name it, and a worker claiming right after the refusal (here
+/// another process's backend) must find that job rather than skip it as locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_duplicate_leaves_the_existing_job_claimable_at_once() {
+    const ROUNDS: usize = 300;
+    let (sender, url) = fresh_backend(2).await;
+    let worker = PgBackend::builder(&url).max_connections(2).build().unwrap();
+    let q = create(&sender, "unique_refused_claim", QueueOptions::default()).await;
+    let existing = sender.send(&q, keyed(1, OnConflict::Reject)).await.unwrap();
+    for round in 0..ROUNDS {
+        let err = sender
+            .send(&q, keyed(1, OnConflict::Reject))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::DuplicateJob { .. }), "{err}");
+        let claimed = worker.claim(&q, 1, DEADLINE).await.unwrap();
+        assert_eq!(
+            claimed.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [existing],
+            "round {round}: the claim right after the refusal found the existing job"
+        );
+        assert_eq!(worker.release(&[claimed[0].lease()]).await.unwrap(), 1);
+    }
+}
