@@ -685,6 +685,7 @@ async fn drive_group<B: Backend>(
         let job_ctx = JobContext::new(&message, cancel.clone(), ctx.worker.backend.clone());
         let timeout = ctx.worker.config.job_timeout;
         let handler = Arc::clone(&handler);
+        let max_attempts = policy.max_attempts();
         let stop_job = cancel.clone();
         let watched = cancel.clone();
         let job = Box::pin(async move {
@@ -692,7 +693,7 @@ async fn drive_group<B: Backend>(
             // went with the connection) or the worker is cut off.
             tokio::select! {
                 biased;
-                outcome = run_handler(handler.as_ref(), job_ctx, &message, timeout, &cancel) => {
+                outcome = run_handler(handler.as_ref(), job_ctx, &message, max_attempts, timeout, &cancel) => {
                     let _ = tx.send(outcome);
                 }
                 _ = watched.cancelled() => {}

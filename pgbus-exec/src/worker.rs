@@ -768,6 +768,7 @@ impl<B: Backend> Fetch<'_, B> {
         let lease = message.lease();
         let queue = message.queue.clone();
         let handler = Arc::clone(&self.worker.handlers[&queue]);
+        let max_attempts = self.policies[&queue].0.max_attempts();
         let shutdown_deadline = self.jobs_cancel.clone();
         let ctx = JobContext::new(&message, cancel.clone(), self.worker.backend.clone());
         let timeout = self.worker.config.job_timeout;
@@ -778,7 +779,15 @@ impl<B: Backend> Fetch<'_, B> {
         // `keep_leases` never extends the lease of a job that is no longer running.
         let job = Box::pin(async move {
             let began = Instant::now();
-            let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
+            let outcome = run_handler(
+                handler.as_ref(),
+                ctx,
+                &message,
+                max_attempts,
+                timeout,
+                &cancel,
+            )
+            .await;
             let took = began.elapsed();
             paces.iter().for_each(|pace| pace.record(took));
             let lost = running.finish();
@@ -912,13 +921,20 @@ pub(crate) fn log_lease_lost(lease: &Lease) {
 /// message as the error (dead-lettered once the attempts are used up, as Sidekiq and Oban
 /// treat a crash): caught here rather than only by the pool, so the job still settles its
 /// message instead of leaving it leased for the life of the worker.
+///
+/// A delivery past the queue's attempts is dead-lettered without running: see
+/// [`past_its_attempts`].
 pub(crate) async fn run_handler<B>(
     handler: &dyn ErasedHandler<B>,
     ctx: JobContext<B>,
     message: &Message,
+    max_attempts: u32,
     timeout: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Outcome {
+    if let Some(outcome) = past_its_attempts(message, max_attempts) {
+        return outcome;
+    }
     let span = telemetry::job_span(message);
     telemetry::job_started(&message.queue, message.enqueued_at);
     let began = Instant::now();
@@ -933,6 +949,25 @@ pub(crate) async fn run_handler<B>(
         telemetry::job_failed(&span);
     }
     outcome
+}
+
+/// The dead letter of a delivery past the queue's attempts. A failure makes the last
+/// attempt a dead letter, so only deliveries that ended without an outcome get past it:
+/// each time, the process running the job died (an abort, a stack overflow, the OOM
+/// killer), hung past its lease or lost its database for longer. Such a job would take
+/// down worker after worker for ever; as Oban's and River's rescuers do, it is
+/// dead-lettered instead, for an operator to look at (and retry, which starts its attempts
+/// anew). Messages claimed ahead in a process that died have that delivery counted too,
+/// though they never started.
+fn past_its_attempts(message: &Message, max: u32) -> Option<Outcome> {
+    (message.attempts > max).then(|| {
+        Outcome::DeadLetter(format!(
+            "delivered {} times, more than its {max} attempts: the deliveries after the last \
+             recorded outcome ended without an outcome (the worker running it died, hung past \
+             its lease or lost the database), so it is not run again",
+            message.attempts
+        ))
+    })
 }
 
 /// [`run_handler`] without the telemetry: the handler under its timeout, its panic

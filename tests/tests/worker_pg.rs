@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    Consumer, DeadLetters, NewMessage, ProcessRegistry, Producer, QueueName, QueueOptions,
-    RetryPolicy,
+    Consumer, DeadLetters, GroupSession, NewMessage, OpenGroupSession, ProcessRegistry, Producer,
+    QueueName, QueueOptions, RetryPolicy,
 };
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::PgBackend;
@@ -183,6 +183,92 @@ async fn failing_handler_dead_letters_after_max_attempts() {
     assert_eq!(dead[0].id, id);
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(dead[0].error, "boom on 7, attempt 3");
+}
+
+/// A message whose deliveries keep ending without an outcome (each worker that claimed it
+/// died: a handler that aborts the process, overflows its stack or is OOM-killed) is
+/// dead-lettered once its attempts are used up, without running again, instead of
+/// crashing worker after worker for ever. Two claims left to expire stand for two crashed
+/// workers; a plain and a group worker then each meet one such message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_again() {
+    let (backend, _url) = fresh_backend(6).await;
+    let retry = RetryPolicy::builder().max_attempts(2).build().unwrap();
+    let options = QueueOptions::default()
+        .retry(retry)
+        .lease(Duration::from_millis(200));
+    let q = create(&backend, "abandoned", options.clone()).await;
+    let grouped = create(&backend, "abandoned_grouped", options).await;
+    let plain = backend
+        .send(&q, NewMessage::encode(&1u32).unwrap())
+        .await
+        .unwrap();
+    let group = backend
+        .send(&grouped, NewMessage::encode(&2u32).unwrap().group("g"))
+        .await
+        .unwrap();
+    // Claims until one returns the message (its previous lease has run out).
+    async fn reclaim<F: std::future::Future<Output = Vec<pgbus_core::Message>>>(
+        mut claim: impl FnMut() -> F,
+    ) -> pgbus_core::Message {
+        let start = Instant::now();
+        loop {
+            if let Some(message) = claim().await.pop() {
+                return message;
+            }
+            assert!(start.elapsed() < DEADLINE, "the message never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let abandon = Duration::from_millis(50);
+    for crashed in 1..=2u32 {
+        let claimed = reclaim(|| async { backend.claim(&q, 1, abandon).await.unwrap() }).await;
+        assert_eq!((claimed.id, claimed.attempts), (plain, crashed));
+        // The group's session goes with its claim, as a dying worker's would.
+        let claimed = reclaim(|| async {
+            let mut session = backend.open_group_session().await.unwrap();
+            session
+                .lock_and_claim(&grouped, "g", abandon, 1)
+                .await
+                .unwrap()
+                .unwrap_or_default()
+        })
+        .await;
+        assert_eq!((claimed.id, claimed.attempts), (group, crashed));
+    }
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let count = |runs: &Arc<AtomicUsize>| {
+        let runs = runs.clone();
+        move |_: JobContext<PgBackend>, _: u32| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<(), BoxError>(()) }
+        }
+    };
+    let worker = Worker::builder(backend.clone())
+        .poll_interval(Duration::from_millis(20))
+        .handle(q.clone(), count(&runs))
+        .handle(grouped.clone(), count(&runs))
+        .build_mixed()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("both messages left their queues", DEADLINE, || async {
+        stats_of(&backend, &q).await.depth() + stats_of(&backend, &grouped).await.depth() == 0
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "neither ran again");
+    for (queue, id) in [(&q, plain), (&grouped, group)] {
+        let dead = backend.list_dead(queue, 10).await.unwrap();
+        assert_eq!((dead.len(), dead[0].id, dead[0].attempts), (1, id, 3));
+        assert!(
+            dead[0].error.contains("without an outcome"),
+            "{}",
+            dead[0].error
+        );
+    }
 }
 
 /// A handler that panics on one message among 1,000: every other message is acked, and the
