@@ -23,8 +23,8 @@ use crate::pace::{self, Pace};
 use crate::report::{Counters, WorkerReport};
 use crate::share::{GroupSlot, Kind, Share};
 use crate::worker::{
-    backoff, load_policies, log_lease_lost, plan, run_handler, KillPoolOnDrop, ProcessEntry,
-    Settle, Worker, WorkerMonitor,
+    backoff, load_policies, log_lease_lost, past_its_attempts, plan, run_handler, KillPoolOnDrop,
+    ProcessEntry, Settle, Worker, WorkerMonitor,
 };
 use crate::{ExecutionPool, Job};
 
@@ -680,12 +680,19 @@ async fn drive_group<B: Backend>(
             continue;
         };
         let lease = message.lease();
+        if let Some(outcome) = past_its_attempts(&message, policy.max_attempts()) {
+            // Not run: dead-lettered with the run's next settle, and the run goes on.
+            if let Settle::DeadLetter(reason) = plan(outcome, policy, &lease, queue, &ctx.report) {
+                run.settle = std::mem::take(&mut run.settle).dead_letter(lease, &reason);
+                run.finished();
+            }
+            continue;
+        }
         let (tx, rx) = oneshot::channel();
         let cancel = ctx.kill.child_token();
         let job_ctx = JobContext::new(&message, cancel.clone(), ctx.worker.backend.clone());
         let timeout = ctx.worker.config.job_timeout;
         let handler = Arc::clone(&handler);
-        let max_attempts = policy.max_attempts();
         let stop_job = cancel.clone();
         let watched = cancel.clone();
         let job = Box::pin(async move {
@@ -693,7 +700,7 @@ async fn drive_group<B: Backend>(
             // went with the connection) or the worker is cut off.
             tokio::select! {
                 biased;
-                outcome = run_handler(handler.as_ref(), job_ctx, &message, max_attempts, timeout, &cancel) => {
+                outcome = run_handler(handler.as_ref(), job_ctx, &message, timeout, &cancel) => {
                     let _ = tx.send(outcome);
                 }
                 _ = watched.cancelled() => {}

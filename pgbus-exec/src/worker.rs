@@ -246,6 +246,9 @@ struct Settlement {
     lease: Lease,
     queue: QueueName,
     outcome: Outcome,
+    /// Whether a handler decided the outcome: only then does it count for the circuit
+    /// breaker (see [`past_its_attempts`]).
+    ran: bool,
 }
 
 impl<B: Backend> Worker<B> {
@@ -767,8 +770,18 @@ impl<B: Backend> Fetch<'_, B> {
         ];
         let lease = message.lease();
         let queue = message.queue.clone();
+        if let Some(outcome) = past_its_attempts(&message, self.policies[&queue].0.max_attempts()) {
+            // The settler dead-letters it; its in-flight entry goes now, with `running`.
+            drop(running);
+            let _ = self.settle_tx.send(Settlement {
+                lease,
+                queue,
+                outcome,
+                ran: false,
+            });
+            return;
+        }
         let handler = Arc::clone(&self.worker.handlers[&queue]);
-        let max_attempts = self.policies[&queue].0.max_attempts();
         let shutdown_deadline = self.jobs_cancel.clone();
         let ctx = JobContext::new(&message, cancel.clone(), self.worker.backend.clone());
         let timeout = self.worker.config.job_timeout;
@@ -779,15 +792,7 @@ impl<B: Backend> Fetch<'_, B> {
         // `keep_leases` never extends the lease of a job that is no longer running.
         let job = Box::pin(async move {
             let began = Instant::now();
-            let outcome = run_handler(
-                handler.as_ref(),
-                ctx,
-                &message,
-                max_attempts,
-                timeout,
-                &cancel,
-            )
-            .await;
+            let outcome = run_handler(handler.as_ref(), ctx, &message, timeout, &cancel).await;
             let took = began.elapsed();
             paces.iter().for_each(|pace| pace.record(took));
             let lost = running.finish();
@@ -808,6 +813,7 @@ impl<B: Backend> Fetch<'_, B> {
                 lease,
                 queue: job_queue,
                 outcome,
+                ran: true,
             });
         });
         match self.lane.pool.post(job) {
@@ -921,20 +927,13 @@ pub(crate) fn log_lease_lost(lease: &Lease) {
 /// message as the error (dead-lettered once the attempts are used up, as Sidekiq and Oban
 /// treat a crash): caught here rather than only by the pool, so the job still settles its
 /// message instead of leaving it leased for the life of the worker.
-///
-/// A delivery past the queue's attempts is dead-lettered without running: see
-/// [`past_its_attempts`].
 pub(crate) async fn run_handler<B>(
     handler: &dyn ErasedHandler<B>,
     ctx: JobContext<B>,
     message: &Message,
-    max_attempts: u32,
     timeout: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Outcome {
-    if let Some(outcome) = past_its_attempts(message, max_attempts) {
-        return outcome;
-    }
     let span = telemetry::job_span(message);
     telemetry::job_started(&message.queue, message.enqueued_at);
     let began = Instant::now();
@@ -951,20 +950,20 @@ pub(crate) async fn run_handler<B>(
     outcome
 }
 
-/// The dead letter of a delivery past the queue's attempts. A failure makes the last
-/// attempt a dead letter, so only deliveries that ended without an outcome get past it:
-/// each time, the process running the job died (an abort, a stack overflow, the OOM
-/// killer), hung past its lease or lost its database for longer. Such a job would take
-/// down worker after worker for ever; as Oban's and River's rescuers do, it is
-/// dead-lettered instead, for an operator to look at (and retry, which starts its attempts
-/// anew). Messages claimed ahead in a process that died have that delivery counted too,
-/// though they never started.
-fn past_its_attempts(message: &Message, max: u32) -> Option<Outcome> {
+/// The dead letter of a delivery past its queue's attempts, which is not run. A failure
+/// makes the last attempt a dead letter, so only deliveries that ended without an outcome
+/// get a message past it: each time, the process running the job died (an abort, a stack
+/// overflow, the OOM killer), was stopped past its drain deadline, or lost its lease or
+/// its group's session. A job that kills its worker would otherwise take down worker after
+/// worker for ever; like Oban's and River's rescuers, pgbus delivers a message at most its
+/// attempts' number of times, and an operator's retry starts them anew. Not running, it
+/// takes no slot and tells neither the handlers' pace nor the circuit breaker anything.
+pub(crate) fn past_its_attempts(message: &Message, max: u32) -> Option<Outcome> {
     (message.attempts > max).then(|| {
         Outcome::DeadLetter(format!(
-            "delivered {} times, more than its {max} attempts: the deliveries after the last \
-             recorded outcome ended without an outcome (the worker running it died, hung past \
-             its lease or lost the database), so it is not run again",
+            "delivery {} of a job with {max} attempts: the deliveries since its last recorded \
+             outcome ended without one (its worker died, was stopped past its drain deadline \
+             or lost its lease), so it is not run again",
             message.attempts
         ))
     })
@@ -1135,7 +1134,12 @@ async fn apply<B: Backend>(
     let discard = matches!(s.outcome, Outcome::Discard);
     let settle = plan(s.outcome, policy, &s.lease, &s.queue, report);
     let failed = matches!(settle, Settle::Nack(..) | Settle::DeadLetter(_));
-    if let Some(backoff) = breakers.record(&s.queue, failed) {
+    let trip = if s.ran {
+        breakers.record(&s.queue, failed)
+    } else {
+        None
+    };
+    if let Some(backoff) = trip {
         let queue = &s.queue;
         tracing::warn!(target: "pgbus::breaker", backoff = ?backoff, queue.name = %queue, "failures in a row: opening the queue's circuit breaker");
         if let Err(err) = backend.trip_breaker(queue, backoff).await {

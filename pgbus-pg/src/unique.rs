@@ -86,8 +86,9 @@ pub(crate) async fn send_keyed(
                 // The server reports the refusal before its statement has rolled back, and
                 // until then the existing job stays locked (the statement locked it to name
                 // it): a worker claiming right after would skip it. An empty statement on
-                // the same connection answers only once the rollback is done. (Inside the
-                // caller's transaction the lock lasts until the caller ends it.)
+                // the same connection answers only once the rollback is done (in the
+                // caller's transaction too: the error aborts it, locks and all, before its
+                // ROLLBACK; an empty statement is answered even in an aborted one).
                 let _ = client.batch_execute("").await;
                 return Err(refused);
             }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgbus_core::{
-    Consumer, DeadLetters, GroupSession, NewMessage, OpenGroupSession, ProcessRegistry, Producer,
-    QueueName, QueueOptions, RetryPolicy,
+    CircuitBreaker, Consumer, DeadLetters, GroupSession, NewMessage, OpenGroupSession,
+    ProcessRegistry, Producer, QueueName, QueueOptions, RetryPolicy,
 };
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::PgBackend;
@@ -194,9 +194,11 @@ async fn failing_handler_dead_letters_after_max_attempts() {
 async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_again() {
     let (backend, _url) = fresh_backend(6).await;
     let retry = RetryPolicy::builder().max_attempts(2).build().unwrap();
+    // A breaker that one failure opens: not running them, the worker reports no failure.
     let options = QueueOptions::default()
         .retry(retry)
-        .lease(Duration::from_millis(200));
+        .lease(Duration::from_millis(200))
+        .circuit_breaker(CircuitBreaker::new(1, Duration::from_secs(600)).unwrap());
     let q = create(&backend, "abandoned", options.clone()).await;
     let grouped = create(&backend, "abandoned_grouped", options).await;
     let plain = backend
@@ -261,10 +263,12 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
     run.await.unwrap().unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 0, "neither ran again");
     for (queue, id) in [(&q, plain), (&grouped, group)] {
+        // The breaker is opened before a failure's settlement is written.
+        assert_eq!(stats_of(&backend, queue).await.breaker_open_for, None);
         let dead = backend.list_dead(queue, 10).await.unwrap();
         assert_eq!((dead.len(), dead[0].id, dead[0].attempts), (1, id, 3));
         assert!(
-            dead[0].error.contains("without an outcome"),
+            dead[0].error.contains("ended without one"),
             "{}",
             dead[0].error
         );
