@@ -197,7 +197,6 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
     // A breaker that one failure opens: not running them, the worker reports no failure.
     let options = QueueOptions::default()
         .retry(retry)
-        .lease(Duration::from_millis(200))
         .circuit_breaker(CircuitBreaker::new(1, Duration::from_secs(600)).unwrap());
     let q = create(&backend, "abandoned", options.clone()).await;
     let grouped = create(&backend, "abandoned_grouped", options).await;
