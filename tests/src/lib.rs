@@ -46,8 +46,24 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    eventually_some(what, deadline, || {
+        let done = check();
+        async move { done.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `poll` until it returns a value, failing after `deadline`.
+pub async fn eventually_some<T, F, Fut>(what: &str, deadline: Duration, mut poll: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let start = Instant::now();
-    while !check().await {
+    loop {
+        if let Some(value) = poll().await {
+            return value;
+        }
         assert!(
             start.elapsed() < deadline,
             "timed out after {deadline:?} waiting until {what}"

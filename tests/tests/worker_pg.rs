@@ -14,7 +14,8 @@ use pgbus_core::{
 use pgbus_exec::{ExecutionMode, JobContext, Outcome, Worker, WorkerReport};
 use pgbus_pg::PgBackend;
 use pgbus_tests::{
-    connections, create, eventually, fresh_backend, gate, pass, stats_of, wait_until_empty, Gauge,
+    connections, create, eventually, eventually_some, fresh_backend, gate, pass, stats_of,
+    wait_until_empty, Gauge,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -208,32 +209,27 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_without_running_aga
         .send(&grouped, NewMessage::encode(&2u32).unwrap().group("g"))
         .await
         .unwrap();
-    // Claims until one returns the message (its previous lease has run out).
-    async fn reclaim<F: std::future::Future<Output = Vec<pgbus_core::Message>>>(
-        mut claim: impl FnMut() -> F,
-    ) -> pgbus_core::Message {
-        let start = Instant::now();
-        loop {
-            if let Some(message) = claim().await.pop() {
-                return message;
-            }
-            assert!(start.elapsed() < DEADLINE, "the message never came back");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    // Claimed again once the previous claim's lease has run out.
     let abandon = Duration::from_millis(50);
     for crashed in 1..=2u32 {
-        let claimed = reclaim(|| async { backend.claim(&q, 1, abandon).await.unwrap() }).await;
+        let claimed = eventually_some("the message is claimable again", DEADLINE, || async {
+            backend.claim(&q, 1, abandon).await.unwrap().pop()
+        })
+        .await;
         assert_eq!((claimed.id, claimed.attempts), (plain, crashed));
         // The group's session goes with its claim, as a dying worker's would.
-        let claimed = reclaim(|| async {
-            let mut session = backend.open_group_session().await.unwrap();
-            session
-                .lock_and_claim(&grouped, "g", abandon, 1)
-                .await
-                .unwrap()
-                .unwrap_or_default()
-        })
+        let claimed = eventually_some(
+            "the group's message is claimable again",
+            DEADLINE,
+            || async {
+                let mut session = backend.open_group_session().await.unwrap();
+                session
+                    .lock_and_claim(&grouped, "g", abandon, 1)
+                    .await
+                    .unwrap()
+                    .and_then(|mut run| run.pop())
+            },
+        )
         .await;
         assert_eq!((claimed.id, claimed.attempts), (group, crashed));
     }
