@@ -764,10 +764,6 @@ impl<B: Backend> Fetch<'_, B> {
             running,
             give_back_at: _,
         } = claimed;
-        let paces = [
-            Arc::clone(&self.paces[&message.queue]),
-            Arc::clone(&self.pace),
-        ];
         let lease = message.lease();
         let queue = message.queue.clone();
         if let Some(outcome) = past_its_attempts(&message, self.policies[&queue].0.max_attempts()) {
@@ -781,6 +777,7 @@ impl<B: Backend> Fetch<'_, B> {
             });
             return;
         }
+        let paces = [Arc::clone(&self.paces[&queue]), Arc::clone(&self.pace)];
         let handler = Arc::clone(&self.worker.handlers[&queue]);
         let shutdown_deadline = self.jobs_cancel.clone();
         let ctx = JobContext::new(&message, cancel.clone(), self.worker.backend.clone());
