@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Backend, ContentType, Error, Extension, Fetcher, GroupNext, GroupRecovery, GroupSession,
-    GroupSettle, Message, MessageId, NewMessage, ProcessInfo, ProcessRegistry, QueueName,
+    GroupSettle, Lease, Message, MessageId, NewMessage, ProcessInfo, ProcessRegistry, QueueName,
     QueueOptions, QueueThroughput, RetryDecision, RetryPolicy, Selection,
     DEFAULT_MAX_PAYLOAD_BYTES, MAX_DELAY,
 };
@@ -59,6 +59,7 @@ macro_rules! conformance_tests {
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             a_group_run_is_settled_and_the_next_claimed_in_one_step,
             recovery_frees_the_work_of_a_dead_group_owner,
+            a_failed_group_sessions_unstarted_claims_are_given_back_uncounted,
             unique_keys_hold_until_the_job_leaves,
             while_running_keys_run_one_job_at_a_time,
             concurrency_limits_count_live_leases,
@@ -1338,6 +1339,53 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
     assert!(
         recovery.heartbeat(id, 1).await.unwrap(),
         "the recovery session records heartbeats"
+    );
+}
+
+/// A group session that failed leaves its run leased, and its group's lock may be gone with
+/// it: another session gives back the claims that never started, without the lock. They
+/// are claimable again with no attempt counted; given back twice, the second does nothing.
+pub async fn a_failed_group_sessions_unstarted_claims_are_given_back_uncounted<B: Backend>(
+    backend: B,
+) {
+    let q = queue(&backend, "failed_session").await;
+    for n in 1..=3 {
+        backend.send(&q, job(n).group("g")).await.unwrap();
+    }
+    let mut failed = backend.open_group_session().await.unwrap();
+    let run = failed
+        .lock_and_claim(&q, "g", LONG, 10)
+        .await
+        .unwrap()
+        .expect("unlocked");
+    assert_eq!(numbers(&run), [1, 2, 3]);
+    drop(failed);
+    let mut fresh = backend.open_group_session().await.unwrap();
+    let leases: Vec<Lease> = run.iter().map(Message::lease).collect();
+    assert_eq!(fresh.give_back(&leases).await.unwrap(), 3);
+    assert_eq!(
+        fresh.give_back(&leases).await.unwrap(),
+        0,
+        "given back already"
+    );
+    // The server notices a closed connection asynchronously: the lock goes when it does.
+    let start = Instant::now();
+    let again = loop {
+        if let Some(run) = fresh.lock_and_claim(&q, "g", LONG, 10).await.unwrap() {
+            break run;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the failed session's lock never went"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(numbers(&again), [1, 2, 3], "claimable again, in order");
+    let attempts: Vec<u32> = again.iter().map(|m| m.attempts).collect();
+    assert_eq!(
+        attempts,
+        [1, 1, 1],
+        "the failed session's claims counted no attempt"
     );
 }
 

@@ -103,6 +103,16 @@ pub trait GroupSession: Send + 'static {
         then: GroupNext<'_>,
     ) -> impl Future<Output = Result<Settled>> + Send;
 
+    /// Gives back claims that a failed session of this worker made and never started:
+    /// each lease is cleared and the attempt its claim counted is taken back, as
+    /// [`Consumer::release`](crate::Consumer::release) does, only while the claim is
+    /// current (one that recovery freed or another session took again is left alone).
+    /// Unlike a give-back in [`settle`](Self::settle) it needs no lock on their group,
+    /// since the failed session's went with it. The group stays blocked by what came
+    /// before them: the failed session's running message stays leased until recovery
+    /// frees it. Returns how many were given back.
+    fn give_back(&mut self, leases: &[Lease]) -> impl Future<Output = Result<u64>> + Send;
+
     /// Opens the queue's circuit breaker for `backoff` (see
     /// [`QueueAdmin::trip_breaker`](crate::QueueAdmin::trip_breaker)), on this session so
     /// the group worker stays within its connection budget.

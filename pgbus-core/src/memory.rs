@@ -826,6 +826,10 @@ impl crate::GroupSession for MemoryGroupSession {
         self.claim_run(queue, group, lease, max, &[])
     }
 
+    async fn give_back(&mut self, leases: &[Lease]) -> Result<u64> {
+        Consumer::release(&self.backend, leases).await
+    }
+
     async fn extend(&mut self, leases: &[Lease], by: Duration) -> Result<Extension> {
         Consumer::extend(&self.backend, leases, by).await
     }

@@ -50,9 +50,11 @@ type GroupKey = (QueueName, String);
 ///   They run one at a time, in order, and are settled together in one round trip that
 ///   also claims the next run; finished messages wait at most about 50 ms for their ack
 ///   however long the rest takes. A failed message's unstarted successors are given back
-///   untouched (their claim's attempt taken back). If the process dies mid-run, its
-///   unstarted claims come back through recovery with the claim's attempt counted, and a
-///   message finished in its last 50 ms may run again.
+///   untouched (their claim's attempt taken back), and so are a run's unstarted messages
+///   when its session fails (on a fresh session: the group's lock may have died with the
+///   old one). If the process dies mid-run, its unstarted claims come back through
+///   recovery with the claim's attempt counted, and a message finished in its last 50 ms
+///   may run again.
 /// - **The lease heartbeat stops before the post-processing writes**: the session extends
 ///   the leases of all its claimed messages while a handler runs, then stops, then settles.
 /// - **Sessions are reused only when clean** (unlocked, no error); after any error the
@@ -68,9 +70,9 @@ type GroupKey = (QueueName, String);
 ///   registry heartbeats, so the worker uses no pooled connection.
 /// - **Connection budget**: at most `concurrency + 2` (fetch, recovery, one per in-flight
 ///   group), reported by [`WorkerMetadata::connection_budget`](crate::WorkerMetadata).
-/// - **Shutdown**: stop taking groups, let in-flight groups finish their current message
-///   up to the drain deadline (giving back the rest of their runs at once), then cancel the
-///   rest; their messages stay leased and are recovered.
+/// - **Shutdown**: stop taking groups and give back the unstarted rest of every run at
+///   once, let in-flight groups finish their current message up to the drain deadline, then
+///   cancel the rest; their messages stay leased and are recovered.
 ///
 /// To run plain and grouped messages of the same queues in one process, on one set of
 /// slots, use a [`MixedWorker`](crate::MixedWorker) rather than a [`Worker`] beside a
@@ -462,13 +464,16 @@ async fn run_group<B: Backend>(
             }
         },
     };
+    // The group's current run, left here when the task ends: after a failure, its
+    // unstarted messages are still this worker's claims.
+    let mut run = None;
     let outcome = tokio::select! {
         // A cut-off wins over whatever the group's task was about to do.
         biased;
         _ = ctx.kill.cancelled() => None,
-        outcome = drive_group(ctx, &mut session, queue, group, &jobs, &mut slot) => Some(outcome),
+        outcome = drive_group(ctx, &mut session, queue, group, &jobs, &mut slot, &mut run) => Some(outcome),
     };
-    let run = match outcome {
+    let failed = match outcome {
         Some(Ok(locked)) => {
             ctx.idle
                 .lock()
@@ -481,14 +486,61 @@ async fn run_group<B: Backend>(
         }
         Some(Err(err)) => {
             tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, "group task failed; its session is closed");
-            GroupRun::Ran
+            true
         }
         // Cut off, possibly mid-query: never reuse this session.
-        None => GroupRun::Ran,
+        None => false,
     };
     drop(session);
     ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
-    run
+    if let Some(run) = run.filter(|_| failed) {
+        tokio::select! {
+            biased;
+            _ = ctx.kill.cancelled() => {}
+            _ = give_back_unstarted(ctx, group, &run.unstarted) => {}
+        }
+    }
+    GroupRun::Ran
+}
+
+/// Gives back the unstarted messages of a run whose session failed, on a fresh session
+/// that takes the failed one's place in the connection budget and joins the idle ones.
+/// They never ran, so the attempt their claim counted is taken back. Left leased, recovery
+/// would free them with it counted, and a message on its last attempt would be
+/// dead-lettered without having run. The run's settles never carry its unstarted messages
+/// until they give them back, so after a failure these are still this worker's claims.
+async fn give_back_unstarted<B: Backend>(
+    ctx: &GroupContext<B>,
+    group: &str,
+    unstarted: &VecDeque<Message>,
+) {
+    if unstarted.is_empty() {
+        return;
+    }
+    let leases: Vec<Lease> = unstarted.iter().map(Message::lease).collect();
+    let mut session = match ctx.worker.backend.open_group_session().await {
+        Ok(session) => session,
+        Err(err) => {
+            tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, count = leases.len(), "could not give back the failed session's unstarted messages; recovery frees them with an attempt counted");
+            return;
+        }
+    };
+    ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
+    match session.give_back(&leases).await {
+        Ok(given_back) => {
+            tracing::debug!(target: "pgbus::group", group = %group, count = leases.len(), given_back, "gave back the failed session's unstarted messages");
+            ctx.idle
+                .lock()
+                .expect("idle sessions")
+                .push((session, tokio::time::Instant::now()));
+            ctx.worker.wakeup.notify_one();
+        }
+        Err(err) => {
+            tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, count = leases.len(), "could not give back the failed session's unstarted messages; recovery frees them with an attempt counted");
+            drop(session);
+            ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// How often a running handler's session is checked for a closed connection.
@@ -620,6 +672,7 @@ async fn drive_group<B: Backend>(
     group: &str,
     jobs: &mpsc::UnboundedSender<Job>,
     slot: &mut Option<GroupSlot>,
+    run: &mut Option<Run>,
 ) -> Result<bool> {
     let (policy, lease_for) = &ctx.policies[queue];
     let lease_for = *lease_for;
@@ -644,7 +697,7 @@ async fn drive_group<B: Backend>(
     let beat_within = session
         .lock_lasts()
         .map_or(lease_for, |lock| lease_for.min(lock));
-    let mut run = Run::new(claimed, beat_within);
+    let run = run.insert(Run::new(claimed, beat_within));
     loop {
         let ending = run.stop || ctx.draining.is_cancelled();
         if ending || run.unstarted.is_empty() {
@@ -727,6 +780,18 @@ async fn drive_group<B: Backend>(
                 // long; its own lease is not touched.
                 _ = until(settle_due) => {
                     let settle = run.take_settle(false);
+                    match session.settle(&settle, GroupNext::Keep).await {
+                        Ok(settled) => {
+                            ctx.count_acked(queue, &settled, &run.discards);
+                            run.discards.clear();
+                        }
+                        Err(err) => break Err(err),
+                    }
+                }
+                // The worker began to stop while this message runs: the rest of the run
+                // goes back now, not after it (which may be past the drain deadline).
+                _ = ctx.draining.cancelled(), if !run.unstarted.is_empty() => {
+                    let settle = run.take_settle(true);
                     match session.settle(&settle, GroupNext::Keep).await {
                         Ok(settled) => {
                             ctx.count_acked(queue, &settled, &run.discards);

@@ -351,6 +351,21 @@ impl GroupSession for PgGroupSession {
         Ok(settled)
     }
 
+    async fn give_back(&mut self, leases: &[Lease]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, attempts) = lease_arrays(leases);
+        // No wake-up: the group worker that gives them back wakes itself, and its group's
+        // head usually stays leased until recovery frees it.
+        let row = self
+            .client
+            .q_one(sql::RELEASE, &[&ids, &attempts, &false])
+            .await
+            .map_err(|e| db("giving back a failed session's claims", e))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
     async fn trip_breaker(&mut self, queue: &QueueName, backoff: Duration) -> Result<()> {
         trip_breaker_on(&self.client, queue, backoff).await
     }

@@ -1491,8 +1491,22 @@ async fn second_held_with(name: &str, options: QueueOptions, locks: GroupLocks) 
     }
 }
 
+/// How many of the four messages after the held second one were claimed with it: the
+/// group's second run claims as many as its pace fits (the first, at an unknown pace, was
+/// one message long).
+async fn claimed_with_the_second(observer: &Client, q: &QueueName) -> i64 {
+    let (unclaimed, left) = untouched(observer, q, "g").await;
+    assert_eq!(left, 5, "the first message is done");
+    let claimed = 4 - unclaimed;
+    assert!(
+        claimed > 0,
+        "the run claimed nothing after the held message"
+    );
+    claimed
+}
+
 /// A worker shutting down while a run is half done gives back the run's unstarted
-/// messages at once (not leased, no attempt counted), after the running one finishes.
+/// messages at once (not leased, no attempt counted), while the running one still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_mid_run_gives_back_the_unstarted_at_once() {
     let SecondHeld {
@@ -1505,9 +1519,18 @@ async fn shutdown_mid_run_gives_back_the_unstarted_at_once() {
         ..
     } = second_held("run_drains", QueueOptions::default()).await;
     let observer = connect(&url, "observer").await.unwrap();
-    let (unclaimed, left) = untouched(&observer, &q, "g").await;
-    println!("while the second runs: {unclaimed} of {left} left unclaimed");
+    claimed_with_the_second(&observer, &q).await;
     stop.cancel();
+    eventually(
+        "the unstarted are given back while the second still runs",
+        DEADLINE,
+        || async { untouched(&observer, &q, "g").await == (4, 5) },
+    )
+    .await;
+    assert!(
+        head_leased(&observer, &q).await,
+        "the second is still running"
+    );
     open.send(true).unwrap();
     let report = run.await.unwrap().unwrap();
     assert_eq!(runs_of(&runs, "g"), [(0, 1), (1, 1)]);
@@ -1518,6 +1541,64 @@ async fn shutdown_mid_run_gives_back_the_unstarted_at_once() {
         "the unstarted messages are back, unleased, no attempt counted"
     );
     assert_eq!(advisory_locks(&observer).await, 0, "the group is unlocked");
+}
+
+/// A group session that fails while a message of its run is running (its connection is
+/// killed) gives the run's unstarted messages back on a fresh session, uncounted: after
+/// recovery frees the interrupted message, it runs again and the others run at their
+/// first attempt. Left to recovery, they would have run at their second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_session_gives_back_the_unstarted_uncounted() {
+    a_failed_session_gives_back(GroupLocks::Advisory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_session_gives_back_the_unstarted_uncounted_in_lease_mode() {
+    // Long enough for the give-back to come first, short enough for recovery to free the
+    // interrupted message soon after (a dead session's lease is not renewed).
+    let ttl = Duration::from_secs(3);
+    a_failed_session_gives_back(GroupLocks::Lease { ttl }).await;
+}
+
+async fn a_failed_session_gives_back(locks: GroupLocks) {
+    let SecondHeld {
+        backend,
+        url,
+        q,
+        runs,
+        open,
+        stop,
+        run,
+    } = second_held_with("session_fails", QueueOptions::default(), locks).await;
+    let observer = connect(&url, "observer").await.unwrap();
+    let claimed = claimed_with_the_second(&observer, &q).await;
+    let group = pids(&observer, "group").await;
+    assert_eq!(group.len(), 1, "one group in flight, one group connection");
+    let victim = *group.iter().next().unwrap();
+    let terminated: bool = observer
+        .query_one("SELECT pg_terminate_backend($1)", &[&victim])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    // The held handler is stopped when the worker sees its session closed; the gate opens
+    // only then, so that it never finishes on the dead session.
+    eventually("the unstarted are given back", DEADLINE, || async {
+        untouched(&observer, &q, "g").await == (4, 5)
+    })
+    .await;
+    open.send(true).unwrap();
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    let mut expected = vec![(0, 1), (1, 1), (1, 2)];
+    expected.extend((2..6).map(|seq| (seq, 1)));
+    assert_eq!(
+        runs_of(&runs, "g"),
+        expected,
+        "the interrupted second ran again, the {claimed} claimed with it once, uncounted"
+    );
+    assert_eq!(report.acked, 6, "{report:?}");
 }
 
 /// Messages sent to a group while it runs join its later runs, in send order, each run
