@@ -1343,15 +1343,18 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
 }
 
 /// A group session that failed leaves its run leased, and its group's lock may be gone with
-/// it: another session gives back the claims that never started, without the lock. They
-/// are claimable again with no attempt counted; given back twice, the second does nothing.
+/// it: another session gives back the claims that never started, without the lock, and
+/// they are claimable again with no attempt counted. A claim given back already, or
+/// freed by recovery meanwhile (which counts its attempt), is left alone.
 pub async fn a_failed_group_sessions_unstarted_claims_are_given_back_uncounted<B: Backend>(
     backend: B,
 ) {
+    const NEVER: Duration = Duration::from_secs(3600);
     let q = queue(&backend, "failed_session").await;
     for n in 1..=3 {
         backend.send(&q, job(n).group("g")).await.unwrap();
     }
+    let mut recovery = backend.open_group_recovery().await.unwrap();
     let mut failed = backend.open_group_session().await.unwrap();
     let run = failed
         .lock_and_claim(&q, "g", LONG, 10)
@@ -1359,33 +1362,56 @@ pub async fn a_failed_group_sessions_unstarted_claims_are_given_back_uncounted<B
         .unwrap()
         .expect("unlocked");
     assert_eq!(numbers(&run), [1, 2, 3]);
+    // 1 was running when the session failed; 2 and 3 never started.
     drop(failed);
     let mut fresh = backend.open_group_session().await.unwrap();
-    let leases: Vec<Lease> = run.iter().map(Message::lease).collect();
-    assert_eq!(fresh.give_back(&leases).await.unwrap(), 3);
+    let unstarted: Vec<Lease> = run[1..].iter().map(Message::lease).collect();
+    assert_eq!(fresh.give_back(&unstarted).await.unwrap(), 2);
     assert_eq!(
-        fresh.give_back(&leases).await.unwrap(),
+        fresh.give_back(&unstarted).await.unwrap(),
         0,
         "given back already"
     );
-    // The server notices a closed connection asynchronously: the lock goes when it does.
+    // Recovery frees the running one once it has seen it without its group's lock (the
+    // server notices a closed connection asynchronously).
+    let queues = std::slice::from_ref(&q);
     let start = Instant::now();
-    let again = loop {
-        if let Some(run) = fresh.lock_and_claim(&q, "g", LONG, 10).await.unwrap() {
-            break run;
+    loop {
+        let pass = recovery.recover(queues, NEVER).await.unwrap();
+        if pass.waiting == 1 {
+            break;
         }
         assert!(
             start.elapsed() < DEADLINE,
-            "the failed session's lock never went"
+            "the failed session's running claim is never seen orphaned: {pass:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+    assert_eq!(
+        recovery
+            .recover(queues, Duration::ZERO)
+            .await
+            .unwrap()
+            .freed,
+        1,
+        "only the running claim was left to recovery"
+    );
+    assert_eq!(
+        fresh.give_back(&[run[0].lease()]).await.unwrap(),
+        0,
+        "a claim recovery freed is not given back"
+    );
+    let again = fresh
+        .lock_and_claim(&q, "g", LONG, 10)
+        .await
+        .unwrap()
+        .expect("the failed session's lock is gone");
     assert_eq!(numbers(&again), [1, 2, 3], "claimable again, in order");
     let attempts: Vec<u32> = again.iter().map(|m| m.attempts).collect();
     assert_eq!(
         attempts,
-        [1, 1, 1],
-        "the failed session's claims counted no attempt"
+        [2, 1, 1],
+        "the running claim counted, the given-back ones not"
     );
 }
 

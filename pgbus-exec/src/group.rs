@@ -51,8 +51,9 @@ type GroupKey = (QueueName, String);
 ///   also claims the next run; finished messages wait at most about 50 ms for their ack
 ///   however long the rest takes. A failed message's unstarted successors are given back
 ///   untouched (their claim's attempt taken back), and so are a run's unstarted messages
-///   when its session fails (on a fresh session: the group's lock may have died with the
-///   old one). If the process dies mid-run, its unstarted claims come back through
+///   when its session fails (on another session: the group's lock may have died with the
+///   old one; what the failing statement was itself giving back or claiming is left to
+///   recovery). If the process dies mid-run, its unstarted claims come back through
 ///   recovery with the claim's attempt counted, and a message finished in its last 50 ms
 ///   may run again.
 /// - **The lease heartbeat stops before the post-processing writes**: the session extends
@@ -494,21 +495,23 @@ async fn run_group<B: Backend>(
     drop(session);
     ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
     if let Some(run) = run.filter(|_| failed) {
-        tokio::select! {
-            biased;
-            _ = ctx.kill.cancelled() => {}
-            _ = give_back_unstarted(ctx, group, &run.unstarted) => {}
-        }
+        give_back_unstarted(ctx, group, &run.unstarted).await;
     }
     GroupRun::Ran
 }
 
-/// Gives back the unstarted messages of a run whose session failed, on a fresh session
-/// that takes the failed one's place in the connection budget and joins the idle ones.
-/// They never ran, so the attempt their claim counted is taken back. Left leased, recovery
-/// would free them with it counted, and a message on its last attempt would be
-/// dead-lettered without having run. The run's settles never carry its unstarted messages
-/// until they give them back, so after a failure these are still this worker's claims.
+/// How long a failed session's run may take to give its unstarted messages back: the
+/// group's slot is held meanwhile, and recovery frees them after [`RECOVERY_GRACE`] anyway
+/// (counted).
+const GIVE_BACK_WITHIN: Duration = Duration::from_secs(5);
+
+/// Gives back the unstarted messages of a run whose session failed, on an idle session
+/// or a fresh one that takes the failed one's place in the connection budget; the session
+/// then joins the idle ones. They never ran, so the attempt their claim counted is taken
+/// back. Left leased, recovery would free them with it counted, and a message on its last
+/// attempt would be dead-lettered without having run. A settle takes the unstarted
+/// messages out of the run before it gives them back, so after a failure these are still
+/// this worker's claims. Given up after [`GIVE_BACK_WITHIN`], or at a cut-off.
 async fn give_back_unstarted<B: Backend>(
     ctx: &GroupContext<B>,
     group: &str,
@@ -518,28 +521,48 @@ async fn give_back_unstarted<B: Backend>(
         return;
     }
     let leases: Vec<Lease> = unstarted.iter().map(Message::lease).collect();
-    let mut session = match ctx.worker.backend.open_group_session().await {
-        Ok(session) => session,
-        Err(err) => {
-            tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, count = leases.len(), "could not give back the failed session's unstarted messages; recovery frees them with an attempt counted");
+    let taken = ctx.idle.lock().expect("idle sessions").pop();
+    let mut session = taken.map(|(session, _)| session);
+    let give_back = async {
+        let session = match &mut session {
+            Some(session) => session,
+            None => {
+                let opened = ctx.worker.backend.open_group_session().await?;
+                ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
+                session.insert(opened)
+            }
+        };
+        session.give_back(&leases).await
+    };
+    let given_back = tokio::select! {
+        biased;
+        _ = ctx.kill.cancelled() => None,
+        given_back = tokio::time::timeout(GIVE_BACK_WITHIN, give_back) => Some(given_back),
+    };
+    match given_back {
+        Some(Ok(Ok(given_back))) => {
+            tracing::debug!(target: "pgbus::group", group = %group, count = leases.len(), given_back, "gave back the failed session's unstarted messages");
+            if let Some(session) = session {
+                ctx.idle
+                    .lock()
+                    .expect("idle sessions")
+                    .push((session, tokio::time::Instant::now()));
+            }
+            ctx.worker.wakeup.notify_one();
             return;
         }
-    };
-    ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
-    match session.give_back(&leases).await {
-        Ok(given_back) => {
-            tracing::debug!(target: "pgbus::group", group = %group, count = leases.len(), given_back, "gave back the failed session's unstarted messages");
-            ctx.idle
-                .lock()
-                .expect("idle sessions")
-                .push((session, tokio::time::Instant::now()));
-            ctx.worker.wakeup.notify_one();
-        }
-        Err(err) => {
+        Some(Ok(Err(err))) => {
             tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, count = leases.len(), "could not give back the failed session's unstarted messages; recovery frees them with an attempt counted");
-            drop(session);
-            ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
         }
+        Some(Err(_)) => {
+            tracing::warn!(target: "pgbus::group", group = %group, count = leases.len(), within = ?GIVE_BACK_WITHIN, "could not give back the failed session's unstarted messages in time; recovery frees them with an attempt counted");
+        }
+        None => {}
+    }
+    // Possibly cut off mid-query: never reuse this session.
+    if let Some(session) = session {
+        drop(session);
+        ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -728,6 +751,10 @@ async fn drive_group<B: Backend>(
             let settled = session.settle(&settle, GroupNext::Keep).await?;
             ctx.count_acked(queue, &settled, &run.discards);
             run.discards.clear();
+            if ctx.draining.is_cancelled() {
+                // The worker began to stop meanwhile: start nothing more.
+                continue;
+            }
         }
         let Some(message) = run.unstarted.pop_front() else {
             continue;
