@@ -59,7 +59,7 @@ macro_rules! conformance_tests {
             groups_are_locked_one_owner_at_a_time_and_run_in_order,
             a_group_run_is_settled_and_the_next_claimed_in_one_step,
             recovery_frees_the_work_of_a_dead_group_owner,
-            a_failed_group_sessions_unstarted_claims_are_given_back_uncounted,
+            a_failed_group_sessions_leftovers_are_settled_without_its_lock,
             unique_keys_hold_until_the_job_leaves,
             while_running_keys_run_one_job_at_a_time,
             concurrency_limits_count_live_leases,
@@ -1343,15 +1343,16 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
 }
 
 /// A group session that failed leaves its run leased, and its group's lock may be gone with
-/// it: another session gives back the claims that never started, without the lock, and
-/// they are claimable again with no attempt counted. A claim given back already, or
-/// freed by recovery meanwhile (which counts its attempt), is left alone.
-pub async fn a_failed_group_sessions_unstarted_claims_are_given_back_uncounted<B: Backend>(
+/// it: another session settles what it left, without the lock. A message that finished is
+/// acked; claims that never started are claimable again with no attempt counted. Settled
+/// twice, the second finds nothing; a claim that recovery freed meanwhile (counting its
+/// attempt) is not given back.
+pub async fn a_failed_group_sessions_leftovers_are_settled_without_its_lock<B: Backend>(
     backend: B,
 ) {
     const NEVER: Duration = Duration::from_secs(3600);
     let q = queue(&backend, "failed_session").await;
-    for n in 1..=3 {
+    for n in 1..=4 {
         backend.send(&q, job(n).group("g")).await.unwrap();
     }
     let mut recovery = backend.open_group_recovery().await.unwrap();
@@ -1361,16 +1362,21 @@ pub async fn a_failed_group_sessions_unstarted_claims_are_given_back_uncounted<B
         .await
         .unwrap()
         .expect("unlocked");
-    assert_eq!(numbers(&run), [1, 2, 3]);
-    // 1 was running when the session failed; 2 and 3 never started.
+    assert_eq!(numbers(&run), [1, 2, 3, 4]);
+    // 1 finished (its ack not written), 2 was running when the session failed, 3 and 4
+    // never started.
     drop(failed);
     let mut fresh = backend.open_group_session().await.unwrap();
-    let unstarted: Vec<Lease> = run[1..].iter().map(Message::lease).collect();
-    assert_eq!(fresh.give_back(&unstarted).await.unwrap(), 2);
+    let finished = [run[0].lease()];
+    let unstarted: Vec<Lease> = run[2..].iter().map(Message::lease).collect();
     assert_eq!(
-        fresh.give_back(&unstarted).await.unwrap(),
-        0,
-        "given back already"
+        fresh.settle_orphans(&finished, &unstarted).await.unwrap(),
+        (1, 2)
+    );
+    assert_eq!(
+        fresh.settle_orphans(&finished, &unstarted).await.unwrap(),
+        (0, 0),
+        "settled already"
     );
     // Recovery frees the running one once it has seen it without its group's lock (the
     // server notices a closed connection asynchronously).
@@ -1397,8 +1403,8 @@ pub async fn a_failed_group_sessions_unstarted_claims_are_given_back_uncounted<B
         "only the running claim was left to recovery"
     );
     assert_eq!(
-        fresh.give_back(&[run[0].lease()]).await.unwrap(),
-        0,
+        fresh.settle_orphans(&[], &[run[1].lease()]).await.unwrap(),
+        (0, 0),
         "a claim recovery freed is not given back"
     );
     let again = fresh
@@ -1406,7 +1412,11 @@ pub async fn a_failed_group_sessions_unstarted_claims_are_given_back_uncounted<B
         .await
         .unwrap()
         .expect("the failed session's lock is gone");
-    assert_eq!(numbers(&again), [1, 2, 3], "claimable again, in order");
+    assert_eq!(
+        numbers(&again),
+        [2, 3, 4],
+        "the rest, claimable again, in order"
+    );
     let attempts: Vec<u32> = again.iter().map(|m| m.attempts).collect();
     assert_eq!(
         attempts,

@@ -103,15 +103,24 @@ pub trait GroupSession: Send + 'static {
         then: GroupNext<'_>,
     ) -> impl Future<Output = Result<Settled>> + Send;
 
-    /// Gives back claims that a failed session of this worker made and never started:
-    /// each lease is cleared and the attempt its claim counted is taken back, as
-    /// [`Consumer::release`](crate::Consumer::release) does, only while the claim is
-    /// current (one that recovery freed or another session took again is left alone).
-    /// Unlike a give-back in [`settle`](Self::settle) it needs no lock on their group,
-    /// since the failed session's went with it. The group stays blocked by what came
-    /// before them: the failed session's running message stays leased until recovery
-    /// frees it. Returns how many were given back.
-    fn give_back(&mut self, leases: &[Lease]) -> impl Future<Output = Result<u64>> + Send;
+    /// Settles what a failed session of this worker left behind, each only while its
+    /// claim is current:
+    /// - `finished`, messages whose handlers succeeded, are acked, as
+    ///   [`Consumer::ack`](crate::Consumer::ack) does (one whose ack landed before the
+    ///   failure is gone already);
+    /// - `unstarted` claims are given back, as [`Consumer::release`](crate::Consumer::release)
+    ///   does: the lease cleared and the attempt the claim counted taken back (one that
+    ///   recovery freed meanwhile, counting that attempt, is left alone).
+    ///
+    /// Unlike [`settle`](Self::settle) it needs no lock on their group, since the failed
+    /// session's may have gone with it. The group stays blocked by what came before them:
+    /// the failed session's running message stays leased until recovery frees it.
+    /// Returns how many were acked and how many given back.
+    fn settle_orphans(
+        &mut self,
+        finished: &[Lease],
+        unstarted: &[Lease],
+    ) -> impl Future<Output = Result<(u64, u64)>> + Send;
 
     /// Opens the queue's circuit breaker for `backoff` (see
     /// [`QueueAdmin::trip_breaker`](crate::QueueAdmin::trip_breaker)), on this session so

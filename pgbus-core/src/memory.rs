@@ -826,8 +826,13 @@ impl crate::GroupSession for MemoryGroupSession {
         self.claim_run(queue, group, lease, max, &[])
     }
 
-    async fn give_back(&mut self, leases: &[Lease]) -> Result<u64> {
-        Consumer::release(&self.backend, leases).await
+    async fn settle_orphans(
+        &mut self,
+        finished: &[Lease],
+        unstarted: &[Lease],
+    ) -> Result<(u64, u64)> {
+        let acked = Consumer::ack(&self.backend, finished).await?;
+        Ok((acked, Consumer::release(&self.backend, unstarted).await?))
     }
 
     async fn extend(&mut self, leases: &[Lease], by: Duration) -> Result<Extension> {

@@ -51,9 +51,9 @@ type GroupKey = (QueueName, String);
 ///   also claims the next run; finished messages wait at most about 50 ms for their ack
 ///   however long the rest takes. A failed message's unstarted successors are given back
 ///   untouched (their claim's attempt taken back), and so are a run's unstarted messages
-///   when its session fails (on another session: the group's lock may have died with the
-///   old one; what the failing statement was itself giving back or claiming is left to
-///   recovery). If the process dies mid-run, its unstarted claims come back through
+///   when its session fails, on another session that also acks the run's finished
+///   messages (the group's lock may have died with the old one; what the failing
+///   statement was itself giving back or claiming is left to recovery). If the process dies mid-run, its unstarted claims come back through
 ///   recovery with the claim's attempt counted, and a message finished in its last 50 ms
 ///   may run again.
 /// - **The lease heartbeat stops before the post-processing writes**: the session extends
@@ -495,35 +495,43 @@ async fn run_group<B: Backend>(
     drop(session);
     ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
     if let Some(run) = run.filter(|_| failed) {
-        give_back_unstarted(ctx, group, &run.unstarted).await;
+        settle_orphans(ctx, queue, group, &run).await;
     }
     GroupRun::Ran
 }
 
-/// How long a failed session's run may take to give its unstarted messages back: the
-/// group's slot is held meanwhile, and recovery frees them after [`RECOVERY_GRACE`] anyway
-/// (counted).
-const GIVE_BACK_WITHIN: Duration = Duration::from_secs(5);
+/// How long a failed session's run may take to settle what it left: the group's slot is
+/// held meanwhile, and recovery frees its messages after [`RECOVERY_GRACE`] anyway.
+const ORPHANS_WITHIN: Duration = Duration::from_secs(5);
 
-/// Gives back the unstarted messages of a run whose session failed, on an idle session
-/// or a fresh one that takes the failed one's place in the connection budget; the session
-/// then joins the idle ones. They never ran, so the attempt their claim counted is taken
-/// back. Left leased, recovery would free them with it counted, and a message on its last
-/// attempt would be dead-lettered without having run. A settle takes the unstarted
-/// messages out of the run before it gives them back, so after a failure these are still
-/// this worker's claims. Given up after [`GIVE_BACK_WITHIN`], or at a cut-off.
-async fn give_back_unstarted<B: Backend>(
+/// Settles what a run whose session failed left behind, on an idle session or a fresh one
+/// that takes the failed one's place in the connection budget (the session then joins the
+/// idle ones): its finished messages are acked and its unstarted ones given back, their
+/// claim's attempt taken back. Left to recovery, all of them would run again with that
+/// attempt counted, and one on its last attempt would be dead-lettered, whether it had
+/// succeeded or never run. A settle takes the unstarted messages out of the run before it
+/// gives them back, so after a failure these are still this worker's claims; the acks of
+/// a settle whose answer never came are acked again (those it wrote are gone). Given up
+/// after [`ORPHANS_WITHIN`], or at a cut-off.
+async fn settle_orphans<B: Backend>(
     ctx: &GroupContext<B>,
+    queue: &QueueName,
     group: &str,
-    unstarted: &VecDeque<Message>,
+    run: &Run,
 ) {
-    if unstarted.is_empty() {
+    let finished: Vec<Lease> = run
+        .acks_in_doubt
+        .iter()
+        .chain(&run.settle.ack)
+        .copied()
+        .collect();
+    let unstarted: Vec<Lease> = run.unstarted.iter().map(Message::lease).collect();
+    if finished.is_empty() && unstarted.is_empty() {
         return;
     }
-    let leases: Vec<Lease> = unstarted.iter().map(Message::lease).collect();
     let taken = ctx.idle.lock().expect("idle sessions").pop();
     let mut session = taken.map(|(session, _)| session);
-    let give_back = async {
+    let settle = async {
         let session = match &mut session {
             Some(session) => session,
             None => {
@@ -532,16 +540,22 @@ async fn give_back_unstarted<B: Backend>(
                 session.insert(opened)
             }
         };
-        session.give_back(&leases).await
+        session.settle_orphans(&finished, &unstarted).await
     };
-    let given_back = tokio::select! {
+    let settled = tokio::select! {
         biased;
         _ = ctx.kill.cancelled() => None,
-        given_back = tokio::time::timeout(GIVE_BACK_WITHIN, give_back) => Some(given_back),
+        settled = tokio::time::timeout(ORPHANS_WITHIN, settle) => Some(settled),
     };
-    match given_back {
-        Some(Ok(Ok(given_back))) => {
-            tracing::debug!(target: "pgbus::group", group = %group, count = leases.len(), given_back, "gave back the failed session's unstarted messages");
+    let (finished, unstarted) = (finished.len(), unstarted.len());
+    match settled {
+        Some(Ok(Ok((acked, given_back)))) => {
+            tracing::debug!(target: "pgbus::group", group = %group, finished, acked, unstarted, given_back, "settled what the failed session left");
+            ctx.report.acked.fetch_add(acked, Ordering::Relaxed);
+            let discarded = run.discards.len() as u64;
+            ctx.report
+                .throughput
+                .processed(queue, acked.saturating_sub(discarded));
             if let Some(session) = session {
                 ctx.idle
                     .lock()
@@ -552,10 +566,10 @@ async fn give_back_unstarted<B: Backend>(
             return;
         }
         Some(Ok(Err(err))) => {
-            tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, count = leases.len(), "could not give back the failed session's unstarted messages; recovery frees them with an attempt counted");
+            tracing::warn!(target: "pgbus::group", error = %err.report(), group = %group, finished, unstarted, "could not settle what the failed session left; recovery frees it with an attempt counted");
         }
         Some(Err(_)) => {
-            tracing::warn!(target: "pgbus::group", group = %group, count = leases.len(), within = ?GIVE_BACK_WITHIN, "could not give back the failed session's unstarted messages in time; recovery frees them with an attempt counted");
+            tracing::warn!(target: "pgbus::group", group = %group, finished, unstarted, within = ?ORPHANS_WITHIN, "could not settle what the failed session left in time; recovery frees it with an attempt counted");
         }
         None => {}
     }
@@ -592,6 +606,9 @@ struct Run {
     unstarted: VecDeque<Message>,
     /// What the next settle writes.
     settle: GroupSettle,
+    /// The acks of the settle on its way: until its answer comes, they may or may not
+    /// have been written.
+    acks_in_doubt: Vec<Lease>,
     /// Acked messages whose handler discarded them (counted as processed when planned).
     discards: HashSet<MessageId>,
     /// When the oldest message awaiting its settle finished.
@@ -611,6 +628,7 @@ impl Run {
         Self {
             unstarted: claimed.into(),
             settle: GroupSettle::default(),
+            acks_in_doubt: Vec::new(),
             discards: HashSet::new(),
             waiting_since: None,
             stop: false,
@@ -685,6 +703,25 @@ impl<B: Backend> GroupContext<B> {
     }
 }
 
+/// Writes what the run has finished on `session` (giving back its unstarted messages when
+/// `ending`), then does what `then` says, in one round trip; counts the acks.
+async fn settle_run<B: Backend>(
+    ctx: &GroupContext<B>,
+    queue: &QueueName,
+    session: &mut Session<B>,
+    run: &mut Run,
+    ending: bool,
+    then: GroupNext<'_>,
+) -> Result<Settled> {
+    let settle = run.take_settle(ending);
+    run.acks_in_doubt.clone_from(&settle.ack);
+    let settled = session.settle(&settle, then).await?;
+    run.acks_in_doubt.clear();
+    ctx.count_acked(queue, &settled, &run.discards);
+    run.discards.clear();
+    Ok(settled)
+}
+
 /// Lock and claim the group's first run, then message after message: run each with the
 /// leases kept alive on this session, stop the heartbeat, and settle the run in one round
 /// trip that claims the next. Unlock only what was locked. `Ok(false)`: locked elsewhere.
@@ -737,9 +774,7 @@ async fn drive_group<B: Backend>(
                 }
             };
             session.set_process(ctx.worker.shared.process.get());
-            let settle = run.take_settle(ending);
-            let settled = session.settle(&settle, then).await?;
-            ctx.count_acked(queue, &settled, &run.discards);
+            let settled = settle_run(ctx, queue, session, run, ending, then).await?;
             if settled.claimed.is_empty() {
                 return Ok(true);
             }
@@ -747,10 +782,7 @@ async fn drive_group<B: Backend>(
             continue;
         }
         if run.settle_now() {
-            let settle = run.take_settle(false);
-            let settled = session.settle(&settle, GroupNext::Keep).await?;
-            ctx.count_acked(queue, &settled, &run.discards);
-            run.discards.clear();
+            settle_run(ctx, queue, session, run, false, GroupNext::Keep).await?;
             if ctx.draining.is_cancelled() {
                 // The worker began to stop meanwhile: start nothing more.
                 continue;
@@ -806,25 +838,15 @@ async fn drive_group<B: Backend>(
                 // Earlier messages of the run that finished are acked while this one runs
                 // long; its own lease is not touched.
                 _ = until(settle_due) => {
-                    let settle = run.take_settle(false);
-                    match session.settle(&settle, GroupNext::Keep).await {
-                        Ok(settled) => {
-                            ctx.count_acked(queue, &settled, &run.discards);
-                            run.discards.clear();
-                        }
-                        Err(err) => break Err(err),
+                    if let Err(err) = settle_run(ctx, queue, session, run, false, GroupNext::Keep).await {
+                        break Err(err);
                     }
                 }
                 // The worker began to stop while this message runs: the rest of the run
                 // goes back now, not after it (which may be past the drain deadline).
                 _ = ctx.draining.cancelled(), if !run.unstarted.is_empty() => {
-                    let settle = run.take_settle(true);
-                    match session.settle(&settle, GroupNext::Keep).await {
-                        Ok(settled) => {
-                            ctx.count_acked(queue, &settled, &run.discards);
-                            run.discards.clear();
-                        }
-                        Err(err) => break Err(err),
+                    if let Err(err) = settle_run(ctx, queue, session, run, true, GroupNext::Keep).await {
+                        break Err(err);
                     }
                 }
                 _ = run.heartbeat.tick() => match session.extend(&run.leases(lease), lease_for).await {

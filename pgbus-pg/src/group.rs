@@ -351,19 +351,35 @@ impl GroupSession for PgGroupSession {
         Ok(settled)
     }
 
-    async fn give_back(&mut self, leases: &[Lease]) -> Result<u64> {
-        if leases.is_empty() {
-            return Ok(0);
+    async fn settle_orphans(
+        &mut self,
+        finished: &[Lease],
+        unstarted: &[Lease],
+    ) -> Result<(u64, u64)> {
+        let count = |row: tokio_postgres::Row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        let mut acked = 0;
+        if !finished.is_empty() {
+            let (ids, attempts) = lease_arrays(finished);
+            let row = self
+                .client
+                .q_one(sql::ACK, &[&ids, &attempts])
+                .await
+                .map_err(|e| db("acking what a failed group session finished", e))?;
+            acked = count(row);
         }
-        let (ids, attempts) = lease_arrays(leases);
-        // No wake-up: the group worker that gives them back wakes itself, and its group's
-        // head usually stays leased until recovery frees it.
-        let row = self
-            .client
-            .q_one(sql::RELEASE, &[&ids, &attempts, &false])
-            .await
-            .map_err(|e| db("giving back a failed session's claims", e))?;
-        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        let mut given_back = 0;
+        if !unstarted.is_empty() {
+            // No wake-up: the group worker wakes itself, and their group's head usually
+            // stays leased until recovery frees it.
+            let (ids, attempts) = lease_arrays(unstarted);
+            let row = self
+                .client
+                .q_one(sql::RELEASE, &[&ids, &attempts, &false])
+                .await
+                .map_err(|e| db("giving back what a failed group session claimed", e))?;
+            given_back = count(row);
+        }
+        Ok((acked, given_back))
     }
 
     async fn trip_breaker(&mut self, queue: &QueueName, backoff: Duration) -> Result<()> {

@@ -1601,6 +1601,88 @@ async fn a_failed_session_gives_back(locks: GroupLocks) {
     assert_eq!(report.acked, 6, "{report:?}");
 }
 
+/// A group session that fails while its settle, carrying the ack of a message that
+/// finished, waits for a row lock (here an observer's; in production a slow server or a
+/// network cut) acks that message on another session: it does not run again. Left to
+/// recovery, it would have run a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_session_acks_what_finished() {
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "ack_in_doubt", QueueOptions::default()).await;
+    send_groups(&backend, &q, &["g".to_owned()], 3, 100).await;
+    let runs: Runs = Arc::default();
+    let (open, gated) = gate();
+    let worker = recording_worker(
+        worker_backend(&url, "worker"),
+        &q,
+        1,
+        &runs,
+        gated,
+        |step, attempt| step.seq == 0 && attempt == 1,
+    );
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    eventually("the first message runs", DEADLINE, || async {
+        runs_of(&runs, "g").len() == 1
+    })
+    .await;
+
+    // While it runs, an observer locks its row: the settle with its ack will wait.
+    let observer = connect(&url, "observer").await.unwrap();
+    let locker = connect(&url, "test").await.unwrap();
+    let first: i64 = observer
+        .query_one(
+            "SELECT min(id) FROM pgbus.messages WHERE queue = $1",
+            &[&q.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM pgbus.messages WHERE id = {first} FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    open.send(true).unwrap();
+    let waiting = || async {
+        observer
+            .query(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'pgbus:group'
+                   AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, i32>(0))
+            .collect::<Vec<_>>()
+    };
+    eventually("the settle waits for the row", DEADLINE, || async {
+        waiting().await.len() == 1
+    })
+    .await;
+    let victim = waiting().await[0];
+    let terminated: bool = observer
+        .query_one("SELECT pg_terminate_backend($1)", &[&victim])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+
+    wait_until_empty(&backend, &q, DEADLINE).await;
+    stop.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        runs_of(&runs, "g"),
+        [(0, 1), (1, 1), (2, 1)],
+        "the finished message was acked, not run again"
+    );
+    assert_eq!(report.acked, 3, "{report:?}");
+}
+
 /// Messages sent to a group while it runs join its later runs, in send order, each run
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
