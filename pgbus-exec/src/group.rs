@@ -138,6 +138,28 @@ impl<B: Backend> GroupContext<B> {
         }
         idle.iter().map(|(_, since)| *since + after).min()
     }
+
+    /// The most recently returned idle session whose connection is still open; closes the
+    /// dead ones it finds on the way (after a server restart, all of them).
+    fn take_idle(&self) -> Option<Session<B>> {
+        let mut idle = self.idle.lock().expect("idle sessions");
+        while let Some((session, _)) = idle.pop() {
+            if session.is_alive() {
+                return Some(session);
+            }
+            drop(session);
+            self.open_sessions.fetch_sub(1, Ordering::SeqCst);
+        }
+        None
+    }
+
+    /// Keeps a clean session for the next group.
+    fn return_idle(&self, session: Session<B>) {
+        self.idle
+            .lock()
+            .expect("idle sessions")
+            .push((session, tokio::time::Instant::now()));
+    }
 }
 
 impl<B: Backend> GroupWorker<B> {
@@ -451,9 +473,8 @@ async fn run_group<B: Backend>(
     jobs: mpsc::UnboundedSender<Job>,
     mut slot: Option<GroupSlot>,
 ) -> GroupRun {
-    let taken = ctx.idle.lock().expect("idle sessions").pop();
-    let mut session = match taken {
-        Some((session, _)) => session,
+    let mut session = match ctx.take_idle() {
+        Some(session) => session,
         None => match ctx.worker.backend.open_group_session().await {
             Ok(session) => {
                 ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
@@ -476,10 +497,7 @@ async fn run_group<B: Backend>(
     };
     let failed = match outcome {
         Some(Ok(locked)) => {
-            ctx.idle
-                .lock()
-                .expect("idle sessions")
-                .push((session, tokio::time::Instant::now()));
+            ctx.return_idle(session);
             if locked {
                 return GroupRun::Ran;
             }
@@ -529,8 +547,7 @@ async fn settle_orphans<B: Backend>(
     if finished.is_empty() && unstarted.is_empty() {
         return;
     }
-    let taken = ctx.idle.lock().expect("idle sessions").pop();
-    let mut session = taken.map(|(session, _)| session);
+    let mut session = ctx.take_idle();
     let settle = async {
         let session = match &mut session {
             Some(session) => session,
@@ -557,10 +574,7 @@ async fn settle_orphans<B: Backend>(
                 .throughput
                 .processed(queue, acked.saturating_sub(discarded));
             if let Some(session) = session {
-                ctx.idle
-                    .lock()
-                    .expect("idle sessions")
-                    .push((session, tokio::time::Instant::now()));
+                ctx.return_idle(session);
             }
             ctx.worker.wakeup.notify_one();
             return;
