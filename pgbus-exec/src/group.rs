@@ -568,6 +568,9 @@ async fn settle_orphans<B: Backend>(
     match settled {
         Some(Ok(Ok((acked, given_back)))) => {
             tracing::debug!(target: "pgbus::group", group = %group, finished, acked, unstarted, given_back, "settled what the failed session left");
+            // Counted from the rows this statement deleted: an ack in doubt that had
+            // landed is not counted (its answer never came), and a discard among the
+            // finished is taken off the processed count whether or not its row was here.
             ctx.report.acked.fetch_add(acked, Ordering::Relaxed);
             let discarded = run.discards.len() as u64;
             ctx.report
