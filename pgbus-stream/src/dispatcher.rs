@@ -56,13 +56,26 @@ impl Client {
     fn push(&mut self, frame: Bytes) -> Push {
         match self.frames.try_send(frame) {
             Ok(()) => Push::Sent,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.flow.lagging.store(true, Ordering::SeqCst);
-                self.blocked_since.get_or_insert_with(Instant::now);
-                Push::Full
-            }
+            Err(mpsc::error::TrySendError::Full(frame)) => self.fell_behind(frame),
             Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
         }
+    }
+
+    /// Its queue was full when `frame` came: it is lagging, and its stream asks for the
+    /// rest when it takes a frame and sees the flag up. A stream that took its last frame
+    /// between the failed send and the flag saw the flag down and has no frame left to
+    /// take, so it would never ask: then the queue is empty, and the flag is taken back
+    /// and the frame sent after all. (The flag goes up with a swap, which reads the
+    /// stream's own swap of it, so the emptied queue is seen whenever that came first.)
+    fn fell_behind(&mut self, frame: Bytes) -> Push {
+        self.flow.lagging.swap(true, Ordering::SeqCst);
+        if self.frames.capacity() == self.frames.max_capacity()
+            && self.flow.lagging.swap(false, Ordering::SeqCst)
+        {
+            return self.push(frame);
+        }
+        self.blocked_since.get_or_insert_with(Instant::now);
+        Push::Full
     }
 
     fn lagging(&self) -> bool {
@@ -411,5 +424,49 @@ impl<S: StreamStore, L: StreamListener> Dispatcher<S, L> {
         for stream in std::mem::take(&mut self.dirty) {
             self.fan_out(&stream).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(capacity: usize) -> (Client, mpsc::Receiver<Bytes>) {
+        let (frames, receiver) = mpsc::channel(capacity);
+        let client = Client {
+            stream: StreamName::new("s").expect("a valid name"),
+            cursor: 0,
+            frames,
+            flow: Arc::default(),
+            blocked_since: None,
+            last_event: Instant::now(),
+        };
+        (client, receiver)
+    }
+
+    #[test]
+    fn a_full_queue_makes_a_connection_lag() {
+        let (mut client, _receiver) = client(1);
+        assert!(matches!(client.push(Bytes::from_static(b"a")), Push::Sent));
+        assert!(matches!(client.push(Bytes::from_static(b"b")), Push::Full));
+        assert!(client.lagging());
+        assert!(client.blocked_since.is_some());
+    }
+
+    /// The stream took every frame before the lagging flag went up (it saw the flag down):
+    /// the frame goes after all, or nothing would ever ask for the rest.
+    #[test]
+    fn a_queue_emptied_before_the_flag_went_up_takes_the_frame() {
+        let (mut client, mut receiver) = client(1);
+        assert!(matches!(client.push(Bytes::from_static(b"a")), Push::Sent));
+        // The send of "b" found the queue full; the stream then took "a".
+        assert_eq!(receiver.try_recv().ok(), Some(Bytes::from_static(b"a")));
+        assert!(matches!(
+            client.fell_behind(Bytes::from_static(b"b")),
+            Push::Sent
+        ));
+        assert!(!client.lagging());
+        assert!(client.blocked_since.is_none());
+        assert_eq!(receiver.try_recv().ok(), Some(Bytes::from_static(b"b")));
     }
 }
