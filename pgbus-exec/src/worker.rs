@@ -955,12 +955,14 @@ pub(crate) async fn run_handler<B>(
 /// worker for ever; like Oban's and River's rescuers, pgbus delivers a message at most its
 /// attempts' number of times, and an operator's retry starts them anew. Not running, it
 /// takes no slot and tells neither the handlers' pace nor the circuit breaker anything.
+/// (Lowering a queue's attempts also puts its messages that had as many deliveries past
+/// them: the operator asked for no more.)
 pub(crate) fn past_its_attempts(message: &Message, max: u32) -> Option<Outcome> {
     (message.attempts > max).then(|| {
         Outcome::DeadLetter(format!(
-            "delivery {} of a job with {max} attempts: the deliveries since its last recorded \
-             outcome ended without one (its worker died, was stopped past its drain deadline \
-             or lost its lease), so it is not run again",
+            "delivery {} of a job with {max} attempts, so it is not run again: the deliveries \
+             since its last recorded outcome ended without one (its worker died, was stopped \
+             past its drain deadline or lost its lease), or its queue's attempts were lowered",
             message.attempts
         ))
     })
