@@ -53,9 +53,9 @@ type GroupKey = (QueueName, String);
 ///   untouched (their claim's attempt taken back), and so are a run's unstarted messages
 ///   when its session fails, on another session that also acks the run's finished
 ///   messages (the group's lock may have died with the old one; what the failing
-///   statement was itself giving back or claiming is left to recovery). If the process dies mid-run, its unstarted claims come back through
-///   recovery with the claim's attempt counted, and a message finished in its last 50 ms
-///   may run again.
+///   statement was itself giving back or claiming is left to recovery). If the process
+///   dies mid-run, its unstarted claims come back through recovery with the claim's
+///   attempt counted, and a message finished in its last 50 ms may run again.
 /// - **The lease heartbeat stops before the post-processing writes**: the session extends
 ///   the leases of all its claimed messages while a handler runs, then stops, then settles.
 /// - **Sessions are reused only when clean** (unlocked, no error); after any error the
