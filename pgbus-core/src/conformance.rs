@@ -1289,7 +1289,6 @@ pub async fn a_group_run_is_settled_and_the_next_claimed_in_one_step<B: Backend>
 /// claimable again, but only once an earlier pass saw it orphaned for the grace period;
 /// while the owner lives, recovery leaves it alone.
 pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: B) {
-    const NEVER: Duration = Duration::from_secs(3600);
     let q = queue(&backend, "recovered").await;
     for n in 1..=3 {
         backend.send(&q, job(n).group("g")).await.unwrap();
@@ -1306,20 +1305,7 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
         "the owner is alive"
     );
     drop(owner);
-    // The server notices a closed connection asynchronously: wait for recovery to see it.
-    let start = Instant::now();
-    loop {
-        let pass = recovery.recover(queues, NEVER).await.unwrap();
-        assert_eq!(pass.freed, 0, "freed before the grace period: {pass:?}");
-        if pass.waiting == 3 {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the dead owner's work is never seen orphaned"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_seen_orphaned(&mut recovery, queues, 3).await;
     assert_eq!(
         recovery.recover(queues, Duration::ZERO).await.unwrap(),
         crate::Recovered {
@@ -1350,7 +1336,6 @@ pub async fn recovery_frees_the_work_of_a_dead_group_owner<B: Backend>(backend: 
 pub async fn a_failed_group_sessions_leftovers_are_settled_without_its_lock<B: Backend>(
     backend: B,
 ) {
-    const NEVER: Duration = Duration::from_secs(3600);
     let q = queue(&backend, "failed_session").await;
     for n in 1..=4 {
         backend.send(&q, job(n).group("g")).await.unwrap();
@@ -1378,21 +1363,9 @@ pub async fn a_failed_group_sessions_leftovers_are_settled_without_its_lock<B: B
         (0, 0),
         "settled already"
     );
-    // Recovery frees the running one once it has seen it without its group's lock (the
-    // server notices a closed connection asynchronously).
+    // Recovery frees the running one once it has seen it without its group's lock.
     let queues = std::slice::from_ref(&q);
-    let start = Instant::now();
-    loop {
-        let pass = recovery.recover(queues, NEVER).await.unwrap();
-        if pass.waiting == 1 {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the failed session's running claim is never seen orphaned: {pass:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_seen_orphaned(&mut recovery, queues, 1).await;
     assert_eq!(
         recovery
             .recover(queues, Duration::ZERO)
@@ -1423,6 +1396,30 @@ pub async fn a_failed_group_sessions_leftovers_are_settled_without_its_lock<B: B
         [2, 1, 1],
         "the running claim counted, the given-back ones not"
     );
+}
+
+/// Runs recovery passes that free nothing (a grace no claim reaches) until `waiting`
+/// claims are seen orphaned. The server notices a closed connection asynchronously, and no
+/// backend says when: recovery is asked again every 20 ms.
+async fn until_seen_orphaned<R: GroupRecovery>(
+    recovery: &mut R,
+    queues: &[QueueName],
+    waiting: u64,
+) {
+    const NEVER: Duration = Duration::from_secs(3600);
+    let start = Instant::now();
+    loop {
+        let pass = recovery.recover(queues, NEVER).await.unwrap();
+        assert_eq!(pass.freed, 0, "freed before the grace period: {pass:?}");
+        if pass.waiting == waiting {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{waiting} claims of a dead owner are never seen orphaned: {pass:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn stream(name: &str) -> crate::StreamName {

@@ -171,6 +171,16 @@ async fn untouched(client: &Client, q: &QueueName, group: &str) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// Terminates the backend of process `pid`, as a server that kills a connection does.
+async fn terminate(observer: &Client, pid: i32) {
+    let terminated: bool = observer
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated, "backend {pid} was not terminated");
+}
+
 /// Whether the queue's oldest message is leased (`false` for an empty queue).
 async fn head_leased(client: &Client, q: &QueueName) -> bool {
     client
@@ -932,12 +942,7 @@ async fn killed_group_connection_resumes_elsewhere_without_loss() {
         "the running message is leased"
     );
     let killed_at = Instant::now();
-    let terminated: bool = observer
-        .query_one("SELECT pg_terminate_backend($1)", &[&victim])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(terminated);
+    terminate(&observer, victim).await;
     eventually("the group connection is gone", DEADLINE, || async {
         !pids(&observer, "group").await.contains(&victim)
     })
@@ -1618,12 +1623,7 @@ async fn a_failed_session_gives_back(locks: GroupLocks) {
     let group = pids(&observer, "group").await;
     assert_eq!(group.len(), 2, "g's session and h's idle one");
     for victim in group {
-        let terminated: bool = observer
-            .query_one("SELECT pg_terminate_backend($1)", &[&victim])
-            .await
-            .unwrap()
-            .get(0);
-        assert!(terminated);
+        terminate(&observer, victim).await;
     }
     // The held handler is stopped when the worker sees its session closed; the gate opens
     // only then, so that it never finishes on the dead session.
@@ -1708,12 +1708,7 @@ async fn a_failed_session_acks_what_finished() {
     })
     .await;
     let victim = waiting().await[0];
-    let terminated: bool = observer
-        .query_one("SELECT pg_terminate_backend($1)", &[&victim])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(terminated);
+    terminate(&observer, victim).await;
     locker.batch_execute("ROLLBACK").await.unwrap();
 
     wait_until_empty(&backend, &q, DEADLINE).await;
