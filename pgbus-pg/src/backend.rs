@@ -498,6 +498,20 @@ fn attempts(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
 }
 
+/// Gives back claims that never started on `client` (see [`Consumer::release`]), waking
+/// the queues that got messages back when `notify`; how many were given back.
+pub(crate) async fn release_on(client: &Client, leases: &[Lease], notify: bool) -> Result<u64> {
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    let (ids, attempts) = lease_arrays(leases);
+    let row = client
+        .q_one(sql::RELEASE, &[&ids, &attempts, &notify])
+        .await
+        .map_err(|e| db("releasing messages", e))?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}
+
 /// Opens a queue's circuit breaker on `client` (see [`QueueAdmin::trip_breaker`]).
 pub(crate) async fn trip_breaker_on(
     client: &Client,
@@ -805,16 +819,10 @@ impl Consumer for PgBackend {
 
     async fn release(&self, leases: &[Lease]) -> Result<u64> {
         if leases.is_empty() {
+            // Not even a pooled connection.
             return Ok(0);
         }
-        let (ids, attempts) = lease_arrays(leases);
-        let row = self
-            .conn()
-            .await?
-            .q_one(sql::RELEASE, &[&ids, &attempts, &self.notify])
-            .await
-            .map_err(|e| db("releasing messages", e))?;
-        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        release_on(&**self.conn().await?, leases, self.notify).await
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<bool> {

@@ -11,7 +11,7 @@ use pgbus_core::{
 };
 use tokio_postgres::Client;
 
-use crate::backend::{extension_from, lease_arrays, message_from, trip_breaker_on};
+use crate::backend::{extension_from, lease_arrays, message_from, release_on, trip_breaker_on};
 use crate::error::{db, storable};
 use crate::group_locks::GroupLocks;
 use crate::query::{Pooler, Reused, Typed};
@@ -356,7 +356,6 @@ impl GroupSession for PgGroupSession {
         finished: &[Lease],
         unstarted: &[Lease],
     ) -> Result<(u64, u64)> {
-        let count = |row: tokio_postgres::Row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
         let mut acked = 0;
         if !finished.is_empty() {
             let (ids, attempts) = lease_arrays(finished);
@@ -365,20 +364,11 @@ impl GroupSession for PgGroupSession {
                 .q_one(sql::ACK, &[&ids, &attempts])
                 .await
                 .map_err(|e| db("acking what a failed group session finished", e))?;
-            acked = count(row);
+            acked = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
         }
-        let mut given_back = 0;
-        if !unstarted.is_empty() {
-            // No wake-up: the group worker wakes itself, and their group's head usually
-            // stays leased until recovery frees it.
-            let (ids, attempts) = lease_arrays(unstarted);
-            let row = self
-                .client
-                .q_one(sql::RELEASE, &[&ids, &attempts, &false])
-                .await
-                .map_err(|e| db("giving back what a failed group session claimed", e))?;
-            given_back = count(row);
-        }
+        // No wake-up: the group worker wakes itself, and their group's head usually stays
+        // leased until recovery frees it.
+        let given_back = release_on(&self.client, unstarted, false).await?;
         Ok((acked, given_back))
     }
 
