@@ -419,7 +419,7 @@ impl GroupRecovery for PgGroupRecovery {
             .collect();
         let rows = self
             .client
-            .q(sql::RECOVER_GROUPS, &[&names, &ids, &attempts])
+            .q(sql::RECOVER_GROUPS, &[&ids, &attempts, &names])
             .await
             .map_err(|e| db("recovering groups of dead owners", e))?;
         let mut freed = 0;

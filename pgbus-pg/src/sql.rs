@@ -994,11 +994,16 @@ macro_rules! held_locks {
     };
 }
 
-/// Advisory mode: lists the in-flight grouped messages of queues `$1` whose group's lock
+/// Advisory mode: lists the in-flight grouped messages of queues `$3` whose group's lock
 /// is gone (its owner died) and frees those among them that are due, the claims
-/// `($2[i], $3[i])` (message id, attempt) seen orphaned by an earlier pass for the grace
+/// `($1[i], $2[i])` (message id, attempt) seen orphaned by an earlier pass for the grace
 /// period. A claim taken again meanwhile has another attempt and is left alone. Returns
 /// every orphaned claim with whether it was freed.
+///
+/// The due claims are locked in id order ([`current_deliveries!`]), as a failed group
+/// session's give-back of the same rows ([`RELEASE`]) locks them: in the scan's order the
+/// two could deadlock, and a give-back chosen as the victim left its messages to be freed
+/// here with their claim's attempt counted.
 pub(crate) const RECOVER_GROUPS: &str = concat!(
     "
 WITH ",
@@ -1006,20 +1011,25 @@ WITH ",
     ", orphaned AS (
     SELECT m.id, m.attempts
     FROM pgbus.messages m
-    WHERE m.queue = ANY ($1)
+    WHERE m.queue = ANY ($3)
       AND m.group_key IS NOT NULL
       AND m.lease_until > now()
       AND NOT ",
     group_held!(),
     "
+), locked AS (
+    SELECT m.id
+    FROM ",
+    current_deliveries!(
+        " AND m.lease_until > now() AND (m.id, m.attempts) IN (SELECT id, attempts FROM orphaned)",
+        "",
+        "FOR UPDATE OF m"
+    ),
+    "
 ), freed AS (
     UPDATE pgbus.messages m
     SET lease_until = NULL
-    FROM orphaned o
-    JOIN unnest($2::bigint[], $3::int[]) AS due (id, attempts) USING (id, attempts)
-    WHERE m.id = o.id
-      AND m.attempts = o.attempts
-      AND m.lease_until > now()
+    WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING m.id
 )
 SELECT o.id, o.attempts, o.id IN (SELECT id FROM freed) AS freed FROM orphaned o"

@@ -243,3 +243,73 @@ async fn a_queue_truncate_locks_in_id_order() {
     })
     .await;
 }
+
+/// Recovery frees a dead owner's grouped claims in id order too, as the give-back of a
+/// failed group session's run (`settle_orphans`) locks the same rows: in plan order the two
+/// could deadlock, and a give-back chosen as the victim left its messages to be freed with
+/// their claim's attempt counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_recovery_locks_in_id_order() {
+    use pgbus_core::{GroupRecovery, OpenGroupSession};
+
+    let (backend, url) = fresh_backend(4).await;
+    let q = create(&backend, "orphaned", QueueOptions::default()).await;
+    backend
+        .send_batch(&q, vec![NewMessage::json(&1).unwrap().group("g"); 2])
+        .await
+        .unwrap();
+    // Both claimed by an owner that died (no lock holds the group); the lower id rewritten
+    // last, so it lies after the higher one in the table.
+    let setup = connect(&url, "setup").await.unwrap();
+    let ids: Vec<i64> = setup
+        .query(
+            "UPDATE pgbus.messages SET attempts = 1, lease_until = now() + interval '1 hour'
+             WHERE queue = 'orphaned' RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let (low, high) = (ids[0].min(ids[1]), ids[0].max(ids[1]));
+    setup
+        .execute(
+            "UPDATE pgbus.messages SET visible_at = visible_at - interval '1 second'
+             WHERE id = $1",
+            &[&low],
+        )
+        .await
+        .unwrap();
+    // Recovery's connection reads the table in physical order, as it would a big table
+    // (a sequential or bitmap scan), not through an index in id order.
+    let database: String = setup
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    setup
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" SET enable_indexscan = off;
+             ALTER DATABASE \"{database}\" SET enable_indexonlyscan = off"
+        ))
+        .await
+        .unwrap();
+    let mut recovery = backend.open_group_recovery().await.unwrap();
+    let queues = [q];
+    // The first pass sees the orphaned claims; the next frees them (no grace).
+    let seen = recovery.recover(&queues, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        (seen.freed, seen.waiting),
+        (0, 2),
+        "both claims seen orphaned"
+    );
+    holds_the_lower_id_while_waiting(&url, "pgbus.messages", (low, high), async move {
+        recovery
+            .recover(&queues, Duration::ZERO)
+            .await
+            .unwrap()
+            .freed
+    })
+    .await;
+}
