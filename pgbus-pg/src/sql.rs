@@ -250,10 +250,23 @@ macro_rules! fence {
 /// `console/actions.rs`, `locked!`), so two of them on overlapping jobs wait for each other
 /// instead of deadlocking. A row whose attempt changed while the statement waited (claimed
 /// again) fails the re-check and is left out.
+///
+/// `current_deliveries!(from $leases, ...)` takes the leases from `$leases`, a `FROM` list
+/// yielding `l.id` and `l.attempt`, instead.
 macro_rules! current_deliveries {
     ($cond:expr, $fence:expr, $lock:expr) => {
+        current_deliveries!(
+            from "unnest($1::bigint[], $2::int[]) AS l(id, attempt)",
+            $cond,
+            $fence,
+            $lock
+        )
+    };
+    (from $leases:expr, $cond:expr, $fence:expr, $lock:expr) => {
         concat!(
-            "(SELECT l.id, l.attempt FROM unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+            "(SELECT l.id, l.attempt FROM ",
+            $leases,
+            "
           ORDER BY l.id) l
     CROSS JOIN LATERAL (
         SELECT m.id FROM pgbus.messages m
@@ -1000,10 +1013,11 @@ macro_rules! held_locks {
 /// period. A claim taken again meanwhile has another attempt and is left alone. Returns
 /// every orphaned claim with whether it was freed.
 ///
-/// The due claims are locked in id order ([`current_deliveries!`]), as a failed group
-/// session's give-back of the same rows ([`RELEASE`]) locks them: in the scan's order the
-/// two could deadlock, and a give-back chosen as the victim left its messages to be freed
-/// here with their claim's attempt counted.
+/// The due claims still orphaned (joined once, by hash: a filter per claim was quadratic)
+/// are locked in id order ([`current_deliveries!`]), as a failed group session's give-back
+/// of the same rows ([`RELEASE`]) and lease-mode recovery ([`RECOVER_LEASED_GROUPS`]) lock
+/// them: in the scan's order two of them could deadlock, and a give-back chosen as the
+/// victim left its messages to be freed here with their claim's attempt counted.
 pub(crate) const RECOVER_GROUPS: &str = concat!(
     "
 WITH ",
@@ -1021,7 +1035,9 @@ WITH ",
     SELECT m.id
     FROM ",
     current_deliveries!(
-        " AND m.lease_until > now() AND (m.id, m.attempts) IN (SELECT id, attempts FROM orphaned)",
+        from "unnest($1::bigint[], $2::int[]) AS l(id, attempt)
+          JOIN orphaned o ON o.id = l.id AND o.attempts = l.attempt",
+        " AND m.lease_until > now()",
         "",
         "FOR UPDATE OF m"
     ),
@@ -1044,20 +1060,28 @@ pub(crate) const RELEASE_GROUP_LEASE: &str =
     "DELETE FROM pgbus.group_leases WHERE queue = $1 AND group_key = $2 AND owner = $3";
 
 /// Lease mode: frees in-flight grouped messages whose group has no live lease, and drops
-/// expired lease rows.
+/// expired lease rows. The rows are locked in id order first, as the give-back
+/// ([`RELEASE`]) and advisory-mode recovery ([`RECOVER_GROUPS`], beside which it runs while
+/// a queue's workers switch modes) lock them, so that none of them deadlocks another.
 pub(crate) const RECOVER_LEASED_GROUPS: &str = concat!(
     "
 WITH ",
     held_locks!(),
-    ", freed AS (
-    UPDATE pgbus.messages m
-    SET lease_until = NULL
+    ", locked AS (
+    SELECT m.id
+    FROM pgbus.messages m
     WHERE m.queue = ANY ($1)
       AND m.group_key IS NOT NULL
       AND m.lease_until > now()
       AND NOT ",
     group_held!(),
     "
+    ORDER BY m.id
+    FOR UPDATE OF m
+), freed AS (
+    UPDATE pgbus.messages m
+    SET lease_until = NULL
+    WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING 1
 ), expired AS (
     DELETE FROM pgbus.group_leases WHERE queue = ANY ($1) AND expires_at <= now()

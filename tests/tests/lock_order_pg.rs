@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use pgbus_core::{
-    Consumer, DeadLetters, NewMessage, Producer, QueueAdmin, QueueOptions, Selection,
+    Consumer, DeadLetters, GroupRecovery, NewMessage, OpenGroupSession, Producer, QueueAdmin,
+    QueueOptions, Selection,
 };
-use pgbus_pg::{connect, PgBackend};
+use pgbus_pg::{connect, GroupLocks, PgBackend};
 use pgbus_tests::{create, eventually, fresh_backend};
 use tokio_postgres::Client;
 
@@ -244,28 +245,27 @@ async fn a_queue_truncate_locks_in_id_order() {
     .await;
 }
 
-/// Recovery frees a dead owner's grouped claims in id order too, as the give-back of a
-/// failed group session's run (`settle_orphans`) locks the same rows: in plan order the two
-/// could deadlock, and a give-back chosen as the victim left its messages to be freed with
-/// their claim's attempt counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_recovery_locks_in_id_order() {
-    use pgbus_core::{GroupRecovery, OpenGroupSession};
-
-    let (backend, url) = fresh_backend(4).await;
-    let q = create(&backend, "orphaned", QueueOptions::default()).await;
+/// Two grouped messages of a new queue `name` claimed by an owner that died (no lock or
+/// lease holds their group), the lower id's row rewritten so it lies after the higher one
+/// in the table, and the database's index scans off so that recovery's connections read
+/// the table in that order, as they would a big table (a sequential or bitmap scan), not
+/// through an index in id order. Returns the queue and the ids, lower first.
+async fn two_orphaned_grouped_claims(
+    backend: &PgBackend,
+    url: &str,
+    name: &str,
+) -> (pgbus_core::QueueName, (i64, i64)) {
+    let q = create(backend, name, QueueOptions::default()).await;
     backend
         .send_batch(&q, vec![NewMessage::json(&1).unwrap().group("g"); 2])
         .await
         .unwrap();
-    // Both claimed by an owner that died (no lock holds the group); the lower id rewritten
-    // last, so it lies after the higher one in the table.
-    let setup = connect(&url, "setup").await.unwrap();
+    let setup = connect(url, "setup").await.unwrap();
     let ids: Vec<i64> = setup
         .query(
             "UPDATE pgbus.messages SET attempts = 1, lease_until = now() + interval '1 hour'
-             WHERE queue = 'orphaned' RETURNING id",
-            &[],
+             WHERE queue = $1 RETURNING id",
+            &[&name],
         )
         .await
         .unwrap()
@@ -281,8 +281,6 @@ async fn group_recovery_locks_in_id_order() {
         )
         .await
         .unwrap();
-    // Recovery's connection reads the table in physical order, as it would a big table
-    // (a sequential or bitmap scan), not through an index in id order.
     let database: String = setup
         .query_one("SELECT current_database()", &[])
         .await
@@ -295,6 +293,17 @@ async fn group_recovery_locks_in_id_order() {
         ))
         .await
         .unwrap();
+    (q, (low, high))
+}
+
+/// Recovery frees a dead owner's grouped claims in id order too, as the give-back of a
+/// failed group session's run (`settle_orphans`) locks the same rows: in plan order the two
+/// could deadlock, and a give-back chosen as the victim left its messages to be freed with
+/// their claim's attempt counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_recovery_locks_in_id_order() {
+    let (backend, url) = fresh_backend(4).await;
+    let (q, ids) = two_orphaned_grouped_claims(&backend, &url, "orphaned").await;
     let mut recovery = backend.open_group_recovery().await.unwrap();
     let queues = [q];
     // The first pass sees the orphaned claims; the next frees them (no grace).
@@ -304,12 +313,31 @@ async fn group_recovery_locks_in_id_order() {
         (0, 2),
         "both claims seen orphaned"
     );
-    holds_the_lower_id_while_waiting(&url, "pgbus.messages", (low, high), async move {
+    holds_the_lower_id_while_waiting(&url, "pgbus.messages", ids, async move {
         recovery
             .recover(&queues, Duration::ZERO)
             .await
             .unwrap()
             .freed
+    })
+    .await;
+}
+
+/// Lease-mode recovery (no grace: an expired lease is one) locks in id order too; it runs
+/// beside advisory-mode recovery while a queue's workers switch modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_group_recovery_locks_in_id_order() {
+    let (backend, url) = fresh_backend(4).await;
+    let (q, ids) = two_orphaned_grouped_claims(&backend, &url, "orphaned").await;
+    let leases = PgBackend::builder(&url)
+        .group_locks(GroupLocks::Lease {
+            ttl: Duration::from_secs(30),
+        })
+        .build()
+        .unwrap();
+    let mut recovery = leases.open_group_recovery().await.unwrap();
+    holds_the_lower_id_while_waiting(&url, "pgbus.messages", ids, async move {
+        recovery.recover(&[q], Duration::ZERO).await.unwrap().freed
     })
     .await;
 }
