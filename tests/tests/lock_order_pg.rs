@@ -143,7 +143,13 @@ async fn two_messages(backend: &PgBackend, url: &str, name: &str) -> (i64, i64) 
         .send_batch(&q, vec![NewMessage::json(&1).unwrap(); 2])
         .await
         .unwrap();
-    let client = connect(url, "setup").await.unwrap();
+    lower_id_rewritten(&connect(url, "setup").await.unwrap(), name).await
+}
+
+/// Rewrites the lower id of queue `name`'s two messages with a later `visible_at`, so it
+/// now lies after the higher one in the table and in the claim index. Returns the ids,
+/// lower first.
+async fn lower_id_rewritten(client: &Client, name: &str) -> (i64, i64) {
     let ids: Vec<i64> = client
         .query(
             "SELECT id FROM pgbus.messages WHERE queue = $1 ORDER BY id",
@@ -261,26 +267,15 @@ async fn two_orphaned_grouped_claims(
         .await
         .unwrap();
     let setup = connect(url, "setup").await.unwrap();
-    let ids: Vec<i64> = setup
-        .query(
+    setup
+        .execute(
             "UPDATE pgbus.messages SET attempts = 1, lease_until = now() + interval '1 hour'
-             WHERE queue = $1 RETURNING id",
+             WHERE queue = $1",
             &[&name],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    let (low, high) = (ids[0].min(ids[1]), ids[0].max(ids[1]));
-    setup
-        .execute(
-            "UPDATE pgbus.messages SET visible_at = visible_at - interval '1 second'
-             WHERE id = $1",
-            &[&low],
-        )
-        .await
         .unwrap();
+    let ids = lower_id_rewritten(&setup, name).await;
     let database: String = setup
         .query_one("SELECT current_database()", &[])
         .await
@@ -293,7 +288,7 @@ async fn two_orphaned_grouped_claims(
         ))
         .await
         .unwrap();
-    (q, (low, high))
+    (q, ids)
 }
 
 /// Recovery frees a dead owner's grouped claims in id order too, as the give-back of a
